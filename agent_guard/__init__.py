@@ -1,0 +1,1 @@
+"""agent-guard: FinOps guardrails for LangChain and LangGraph agents."""

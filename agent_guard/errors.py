@@ -1,0 +1,141 @@
+"""The exceptions agent-guard raises.
+
+Every error names the session, the cap, what was spent and reserved, and what
+to do about it, so the message alone is enough to act on.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+__all__ = [
+    "BudgetExceeded",
+    "GuardError",
+    "LedgerUnavailable",
+    "StepLimitExceeded",
+    "UnknownModelPrice",
+]
+
+# Dimensions measured in nano-USD are shown as dollars in messages.
+_MONEY_DIMENSIONS = frozenset({"usd_nano"})
+
+
+def _show(dimension: str, amount: int) -> str:
+    if dimension in _MONEY_DIMENSIONS:
+        return f"${Decimal(amount) / 10**9:.6f}"
+    return f"{amount:,}"
+
+
+class GuardError(Exception):
+    """Base class of every error agent-guard raises on purpose."""
+
+
+class BudgetExceeded(GuardError):
+    """A call was refused because it does not fit in a cap.
+
+    Nothing was spent on the refused call: the check runs before the provider
+    is contacted.
+    """
+
+    def __init__(
+        self,
+        *,
+        session: str,
+        scope: str,
+        dimension: str,
+        cap: int,
+        spent: int,
+        reserved: int,
+        requested: int,
+        hint: str | None = None,
+    ) -> None:
+        self.session = session
+        self.scope = scope
+        self.dimension = dimension
+        self.cap = cap
+        self.spent = spent
+        self.reserved = reserved
+        self.requested = requested
+        self.hint = hint or self._default_hint()
+        super().__init__(self._message())
+
+    def _default_hint(self) -> str:
+        return (
+            "Raise the cap in Limits(...), start a new session, or lower the call's "
+            "max_tokens so its worst case fits."
+        )
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.cap - self.spent - self.reserved)
+
+    def _message(self) -> str:
+        d = self.dimension
+        return (
+            f"{type(self).__name__}: session {self.session!r} ({self.scope}) cap on {d} is "
+            f"{_show(d, self.cap)}; spent {_show(d, self.spent)}, reserved "
+            f"{_show(d, self.reserved)}, this call needs up to {_show(d, self.requested)} "
+            f"(remaining {_show(d, self.remaining)}). Nothing was spent on this call. {self.hint}"
+        )
+
+    def __reduce__(self):  # keep pickling (multiprocessing) working with keyword-only init
+        return (
+            _rebuild,
+            (
+                type(self),
+                {
+                    "session": self.session,
+                    "scope": self.scope,
+                    "dimension": self.dimension,
+                    "cap": self.cap,
+                    "spent": self.spent,
+                    "reserved": self.reserved,
+                    "requested": self.requested,
+                    "hint": self.hint,
+                },
+            ),
+        )
+
+
+def _rebuild(cls: type[BudgetExceeded], kwargs: dict) -> BudgetExceeded:
+    return cls(**kwargs)
+
+
+class StepLimitExceeded(BudgetExceeded):
+    """A count cap (model calls, tool calls, steps) was reached."""
+
+    def _default_hint(self) -> str:
+        return (
+            "The agent may be looping. Raise the limit in Limits(...) if this much work "
+            "is expected, or start a new session."
+        )
+
+
+class UnknownModelPrice(GuardError):
+    """No price is known for a model, and a dollar cap needs one."""
+
+    def __init__(self, model: str, *, session: str | None = None) -> None:
+        self.model = model
+        self.session = session
+        where = f" in session {session!r}" if session else ""
+        super().__init__(
+            f"No price is known for model {model!r}{where}, and a dollar cap is set, so the "
+            "call was refused before anything was spent. Add a price: "
+            "Guard(prices=PriceBook.default().with_overrides({"
+            f"{model!r}: {{'input_cost_per_token': 2.5e-06, 'output_cost_per_token': 1e-05}}}})), "
+            "or point AGENT_GUARD_PRICES at a JSON/YAML file of the same shape, or set "
+            "Limits(unknown_price='allow') to count its tokens and calls at $0."
+        )
+
+
+class LedgerUnavailable(GuardError):
+    """The ledger backend could not be reached; the call was refused (fail closed)."""
+
+    def __init__(self, url: str, cause: BaseException | None = None) -> None:
+        self.url = url
+        detail = f": {cause!r}" if cause is not None else ""
+        super().__init__(
+            f"The budget ledger at {url} is unavailable{detail}. The call was refused so no "
+            "unaccounted money is spent. Check that the server is running and reachable, "
+            "or use a local ledger (memory:// or sqlite:///path)."
+        )

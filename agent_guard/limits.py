@@ -1,0 +1,133 @@
+"""Declarative caps for one scope (a session, later a user, team or feature).
+
+``Limits`` is plain data: it validates its numbers and translates itself into
+the integer caps the ledger enforces, one per *dimension*.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Literal
+
+from .usage import usd_to_nano
+
+__all__ = ["Dimension", "Limits"]
+
+
+class Dimension:
+    """Names of the counters the ledger keeps per scope."""
+
+    USD_NANO = "usd_nano"
+    TOKENS = "tokens"
+    INPUT_TOKENS = "input_tokens"
+    OUTPUT_TOKENS = "output_tokens"
+    CACHE_READ_TOKENS = "cache_read_tokens"
+    CACHE_CREATION_TOKENS = "cache_creation_tokens"
+    REASONING_TOKENS = "reasoning_tokens"
+    MODEL_CALLS = "model_calls"
+    TOOL_CALLS = "tool_calls"
+    STEPS = "steps"
+
+
+def _check_count(name: str, value: int | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Limits.{name} must be an int or None, got {value!r}")
+    if value < 0:
+        raise ValueError(
+            f"Limits.{name} must be >= 0 (0 refuses every call), got {value}; "
+            "use None for no cap"
+        )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Hard caps for one session.
+
+    Every cap is optional (``None`` = no cap). A call is refused *before* it
+    is made when its worst case does not fit in what is left.
+
+    - ``max_cost_usd``: dollars, exact (a float is read through its repr).
+    - ``max_tokens``: input + output tokens.
+    - ``max_model_calls`` / ``max_tool_calls`` / ``max_steps``: counts.
+    - ``default_max_output_tokens``: the output reserved for a call that sets
+      no ``max_tokens`` of its own (its worst case must be bounded).
+    - ``input_margin``: the token estimate of a prompt is multiplied by
+      ``1 + input_margin`` before it is reserved, to cover tokenizer error.
+    - ``unknown_price``: ``"refuse"`` (default) refuses a call to a model with
+      no known price when a dollar cap is set; ``"allow"`` lets it through
+      and accounts it at $0 (its tokens and calls are still counted).
+    - ``lease_seconds``: how long a reservation may stay open before the
+      ledger reclaims it (a crashed worker's hold comes back then).
+    """
+
+    max_cost_usd: Decimal | float | int | str | None = None
+    max_tokens: int | None = None
+    max_model_calls: int | None = None
+    max_tool_calls: int | None = None
+    max_steps: int | None = None
+    default_max_output_tokens: int = 4096
+    input_margin: float = 0.05
+    unknown_price: Literal["refuse", "allow"] = "refuse"
+    lease_seconds: float = 600.0
+    extra_caps: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_cost_usd is not None:
+            if isinstance(self.max_cost_usd, bool):
+                raise TypeError("Limits.max_cost_usd must be a number, not a bool")
+            try:
+                nanos = usd_to_nano(self.max_cost_usd)
+            except (ArithmeticError, ValueError, TypeError) as exc:
+                raise ValueError(
+                    f"Limits.max_cost_usd must be a finite dollar amount, got "
+                    f"{self.max_cost_usd!r}"
+                ) from exc
+            if nanos < 0:
+                raise ValueError(
+                    f"Limits.max_cost_usd must be >= 0, got {self.max_cost_usd!r}; "
+                    "use None for no dollar cap"
+                )
+        for name in ("max_tokens", "max_model_calls", "max_tool_calls", "max_steps"):
+            _check_count(name, getattr(self, name))
+        _check_count("default_max_output_tokens", self.default_max_output_tokens)
+        if not isinstance(self.input_margin, int | float) or not (
+            math.isfinite(self.input_margin) and self.input_margin >= 0
+        ):
+            raise ValueError(f"Limits.input_margin must be a finite number >= 0, got "
+                             f"{self.input_margin!r}")
+        if self.unknown_price not in ("refuse", "allow"):
+            raise ValueError(
+                f"Limits.unknown_price must be 'refuse' or 'allow', got {self.unknown_price!r}"
+            )
+        if not isinstance(self.lease_seconds, int | float) or not (
+            math.isfinite(self.lease_seconds) and self.lease_seconds > 0
+        ):
+            raise ValueError(f"Limits.lease_seconds must be > 0, got {self.lease_seconds!r}")
+        for name, cap in self.extra_caps.items():
+            _check_count(f"extra_caps[{name!r}]", cap)
+
+    @property
+    def max_cost_nano(self) -> int | None:
+        return None if self.max_cost_usd is None else usd_to_nano(self.max_cost_usd)
+
+    def caps(self) -> dict[str, int]:
+        """The caps as ``{dimension: integer}``, for the ledger."""
+        out: dict[str, int] = {}
+        if self.max_cost_usd is not None:
+            out[Dimension.USD_NANO] = usd_to_nano(self.max_cost_usd)
+        pairs = (
+            (Dimension.TOKENS, self.max_tokens),
+            (Dimension.MODEL_CALLS, self.max_model_calls),
+            (Dimension.TOOL_CALLS, self.max_tool_calls),
+            (Dimension.STEPS, self.max_steps),
+        )
+        for dim, value in pairs:
+            if value is not None:
+                out[dim] = value
+        out.update(self.extra_caps)
+        return out
