@@ -1,0 +1,223 @@
+"""The ledger contract: reserve before a call, settle after.
+
+A ledger keeps, per *scope* (``"session:ticket-42"``, later ``"team:acme:2026-11"``),
+three integer counters per *dimension* (``usd_nano``, ``tokens``,
+``model_calls``...):
+
+- ``spent``: settled amounts;
+- ``reserved``: amounts held by open reservations;
+- ``extra``: cap extensions granted at run time (``extend``).
+
+``reserve`` is atomic across every scope it names: either every scope admits
+the amounts (for every capped dimension with a positive amount,
+``spent + reserved + amount <= cap + extra``) and all are held, or nothing
+changes and a :class:`Denial` says which scope and dimension refused.
+
+A reservation carries a lease. When it expires the ledger gives the held
+amounts back (lazily, on the next ``reserve`` or an explicit
+``reclaim_expired``). ``settle`` and ``release`` are idempotent per
+reservation id: the first one counts, later ones are no-ops. A settle that
+arrives after the lease expired still adds its spend, once.
+
+Backends implement the abstract methods; async twins default to running the
+sync method in a worker thread and are overridden natively where the backend
+has an async client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "Denial",
+    "Ledger",
+    "Reservation",
+    "ScopeCaps",
+    "ScopeTotals",
+    "new_reservation_id",
+]
+
+# How long a settled/released id is remembered so a repeated settle is a no-op.
+DONE_RETENTION_SECONDS = 7 * 24 * 3600
+
+
+def new_reservation_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeCaps:
+    """A scope and its caps (``{dimension: cap}``; absent = uncapped)."""
+
+    scope: str
+    caps: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """An open hold on every scope in ``scopes``."""
+
+    id: str
+    scopes: tuple[str, ...]
+    amounts: Mapping[str, int]
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """Why a reservation was refused: the first scope and dimension that did not fit."""
+
+    scope: str
+    dimension: str
+    cap: int
+    spent: int
+    reserved: int
+    requested: int
+
+    def __bool__(self) -> bool:  # a Denial is a "no"
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeTotals:
+    """The counters of one scope at one moment."""
+
+    scope: str
+    spent: Mapping[str, int]
+    reserved: Mapping[str, int]
+    extra: Mapping[str, int]
+
+    def get_spent(self, dimension: str) -> int:
+        return int(self.spent.get(dimension, 0))
+
+    def get_reserved(self, dimension: str) -> int:
+        return int(self.reserved.get(dimension, 0))
+
+    def get_extra(self, dimension: str) -> int:
+        return int(self.extra.get(dimension, 0))
+
+
+def check_amounts(amounts: Mapping[str, int]) -> None:
+    for dim, value in amounts.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"ledger amount for {dim!r} must be an int, got {value!r}")
+        if value < 0:
+            raise ValueError(f"ledger amount for {dim!r} must be >= 0, got {value}")
+
+
+def first_denial(
+    scopes: Sequence[ScopeCaps],
+    amounts: Mapping[str, int],
+    totals: Mapping[str, ScopeTotals],
+) -> Denial | None:
+    """The pure admission rule, shared by the in-process backends.
+
+    Redis evaluates the same rule in Lua (``lua/reserve.lua``).
+    """
+    for sc in scopes:
+        t = totals[sc.scope]
+        for dim, cap in sc.caps.items():
+            want = amounts.get(dim, 0)
+            if want <= 0:
+                continue
+            spent, held = t.get_spent(dim), t.get_reserved(dim)
+            if spent + held + want > cap + t.get_extra(dim):
+                return Denial(sc.scope, dim, cap + t.get_extra(dim), spent, held, want)
+    return None
+
+
+class Ledger(ABC):
+    """Where budgets are kept. Pick one by URL with :func:`agent_guard.ledger.from_url`."""
+
+    url: str = ""
+
+    # -- the contract ------------------------------------------------------------
+
+    @abstractmethod
+    def reserve(
+        self,
+        scopes: Sequence[ScopeCaps],
+        amounts: Mapping[str, int],
+        *,
+        lease_seconds: float,
+        reservation_id: str | None = None,
+    ) -> Reservation | Denial:
+        """Hold ``amounts`` on every scope, or on none and say why."""
+
+    @abstractmethod
+    def settle(self, reservation: Reservation, actual: Mapping[str, int]) -> bool:
+        """Replace the hold by what was actually spent. True if counted now, False if
+        this reservation was already settled or released."""
+
+    @abstractmethod
+    def release(self, reservation: Reservation) -> bool:
+        """Drop the hold without spending. True if released now."""
+
+    @abstractmethod
+    def charge(
+        self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
+    ) -> Denial | None:
+        """Check and spend in one atomic step (a tool call, a graph step)."""
+
+    @abstractmethod
+    def extend(self, scope: str, dimension: str, amount: int) -> None:
+        """Raise ``scope``'s cap on ``dimension`` by ``amount`` (may be negative)."""
+
+    @abstractmethod
+    def totals(self, scope: str) -> ScopeTotals:
+        """The counters of ``scope`` (zeros for an unknown scope)."""
+
+    @abstractmethod
+    def reclaim_expired(self) -> int:
+        """Give back the holds of every expired reservation; return how many."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    # -- async twins ---------------------------------------------------------------
+
+    async def areserve(
+        self,
+        scopes: Sequence[ScopeCaps],
+        amounts: Mapping[str, int],
+        *,
+        lease_seconds: float,
+        reservation_id: str | None = None,
+    ) -> Reservation | Denial:
+        return await asyncio.to_thread(
+            self.reserve, scopes, amounts, lease_seconds=lease_seconds,
+            reservation_id=reservation_id,
+        )
+
+    async def asettle(self, reservation: Reservation, actual: Mapping[str, int]) -> bool:
+        return await asyncio.to_thread(self.settle, reservation, actual)
+
+    async def arelease(self, reservation: Reservation) -> bool:
+        return await asyncio.to_thread(self.release, reservation)
+
+    async def acharge(
+        self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
+    ) -> Denial | None:
+        return await asyncio.to_thread(self.charge, scopes, amounts)
+
+    async def aextend(self, scope: str, dimension: str, amount: int) -> None:
+        await asyncio.to_thread(self.extend, scope, dimension, amount)
+
+    async def atotals(self, scope: str) -> ScopeTotals:
+        return await asyncio.to_thread(self.totals, scope)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"

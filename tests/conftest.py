@@ -1,0 +1,102 @@
+"""Shared fixtures: ledgers of every backend, a real Redis on loopback."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from agent_guard.ledger import Ledger, MemoryLedger
+
+REDIS_URL = os.environ.get("AGENT_GUARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def redis_available() -> bool:
+    try:
+        import redis
+    except ImportError:
+        return False
+    try:
+        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5)
+        ok = bool(client.ping())
+        client.close()
+        return ok
+    except Exception:
+        return False
+
+
+_REDIS_UP = redis_available()
+
+
+def require_redis() -> None:
+    """Skip on a developer machine without Redis; fail in CI, where .ci/run starts one."""
+    if _REDIS_UP:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"redis-server is not answering at {REDIS_URL}; .ci/run should start it")
+    pytest.skip(f"no redis-server at {REDIS_URL}")
+
+
+@pytest.fixture
+def redis_url() -> str:
+    require_redis()
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_namespace() -> Iterator[str]:
+    """A fresh key namespace; its keys are deleted afterwards."""
+    ns = f"test-{uuid.uuid4().hex[:12]}"
+    yield ns
+    if _REDIS_UP:
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(match=f"*{ns}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+LedgerFactory = Callable[..., Ledger]
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def ledger_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def make_ledger(
+    ledger_kind: str, tmp_path, redis_namespace: str
+) -> Iterator[LedgerFactory]:
+    """Build ledgers of ``ledger_kind`` that share one store (same file / namespace)."""
+    made: list[Ledger] = []
+
+    def factory(**options: object) -> Ledger:
+        if ledger_kind == "memory":
+            if made:  # one process: share the same instance
+                return made[0]
+            ledger: Ledger = MemoryLedger(**options)  # type: ignore[arg-type]
+        elif ledger_kind == "sqlite":
+            from agent_guard.ledger.sqlite import SQLiteLedger
+
+            ledger = SQLiteLedger(str(tmp_path / "ledger.db"), **options)  # type: ignore[arg-type]
+        else:
+            require_redis()
+            from agent_guard.ledger.redis import RedisLedger
+
+            ledger = RedisLedger.from_url(REDIS_URL, namespace=redis_namespace, **options)
+        made.append(ledger)
+        return ledger
+
+    yield factory
+    for ledger in made:
+        ledger.close()
+
+
+@pytest.fixture
+def ledger(make_ledger: LedgerFactory) -> Ledger:
+    return make_ledger()

@@ -1,0 +1,220 @@
+"""The ledger contract, run against every backend (memory, SQLite, real Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from agent_guard.ledger import Denial, Ledger, Reservation, ScopeCaps
+
+USD = "usd_nano"
+CALLS = "model_calls"
+
+
+class FakeClock:
+    def __init__(self, start: float = 1_000_000.0) -> None:
+        self.now = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+
+
+def session(name: str = "s1", **caps: int) -> ScopeCaps:
+    return ScopeCaps(f"session:{name}", caps)
+
+
+def test_reserve_holds_and_settle_spends(ledger: Ledger) -> None:
+    res = ledger.reserve([session(usd_nano=1000)], {USD: 400, CALLS: 1}, lease_seconds=60)
+    assert isinstance(res, Reservation)
+    t = ledger.totals("session:s1")
+    assert (t.get_reserved(USD), t.get_spent(USD)) == (400, 0)
+    assert ledger.settle(res, {USD: 250, CALLS: 1}) is True
+    t = ledger.totals("session:s1")
+    assert (t.get_reserved(USD), t.get_spent(USD), t.get_spent(CALLS)) == (0, 250, 1)
+
+
+def test_settle_twice_counts_once(ledger: Ledger) -> None:
+    res = ledger.reserve([session(usd_nano=1000)], {USD: 400}, lease_seconds=60)
+    assert isinstance(res, Reservation)
+    assert ledger.settle(res, {USD: 300}) is True
+    assert ledger.settle(res, {USD: 300}) is False
+    assert ledger.release(res) is False
+    assert ledger.totals("session:s1").get_spent(USD) == 300
+    assert ledger.totals("session:s1").get_reserved(USD) == 0
+
+
+def test_denial_changes_nothing_and_explains(ledger: Ledger) -> None:
+    ok = ledger.reserve([session(usd_nano=1000)], {USD: 700}, lease_seconds=60)
+    assert isinstance(ok, Reservation)
+    ledger.settle(ok, {USD: 600})
+    denied = ledger.reserve([session(usd_nano=1000)], {USD: 401}, lease_seconds=60)
+    assert isinstance(denied, Denial)
+    assert not denied
+    assert (denied.scope, denied.dimension, denied.cap, denied.spent, denied.reserved,
+            denied.requested) == ("session:s1", USD, 1000, 600, 0, 401)
+    t = ledger.totals("session:s1")
+    assert (t.get_spent(USD), t.get_reserved(USD)) == (600, 0)
+    # exactly what is left still fits
+    assert isinstance(ledger.reserve([session(usd_nano=1000)], {USD: 400}, lease_seconds=60),
+                      Reservation)
+
+
+def test_multi_scope_reservation_is_atomic(ledger: Ledger) -> None:
+    team = ScopeCaps("team:acme", {USD: 500})
+    first = ledger.reserve([session("a", usd_nano=10_000), team], {USD: 400}, lease_seconds=60)
+    assert isinstance(first, Reservation)
+    denied = ledger.reserve([session("b", usd_nano=10_000), team], {USD: 200}, lease_seconds=60)
+    assert isinstance(denied, Denial)
+    assert denied.scope == "team:acme"
+    # the session scope that did fit was not touched
+    assert ledger.totals("session:b").get_reserved(USD) == 0
+    assert ledger.totals("team:acme").get_reserved(USD) == 400
+
+
+def test_release_gives_back(ledger: Ledger) -> None:
+    res = ledger.reserve([session(usd_nano=100)], {USD: 100}, lease_seconds=60)
+    assert isinstance(res, Reservation)
+    assert isinstance(ledger.reserve([session(usd_nano=100)], {USD: 1}, lease_seconds=60), Denial)
+    assert ledger.release(res) is True
+    assert ledger.release(res) is False
+    assert ledger.settle(res, {USD: 100}) is False
+    assert ledger.totals("session:s1").get_reserved(USD) == 0
+    assert ledger.totals("session:s1").get_spent(USD) == 0
+
+
+def test_charge_checks_and_spends_atomically(ledger: Ledger) -> None:
+    caps = [session(tool_calls=2)]
+    assert ledger.charge(caps, {"tool_calls": 1}) is None
+    assert ledger.charge(caps, {"tool_calls": 1}) is None
+    denied = ledger.charge(caps, {"tool_calls": 1})
+    assert isinstance(denied, Denial)
+    assert (denied.cap, denied.spent) == (2, 2)
+    assert ledger.totals("session:s1").get_spent("tool_calls") == 2
+
+
+def test_uncapped_and_zero_amounts_are_not_checked(ledger: Ledger) -> None:
+    res = ledger.reserve([session(usd_nano=10)], {USD: 10, "tokens": 10**12}, lease_seconds=60)
+    assert isinstance(res, Reservation)
+    ledger.settle(res, {USD: 15, "tokens": 10**12})  # provider overran: recorded as is
+    # a capped dimension already over its cap does not block a call that needs none of it
+    assert ledger.charge([session(usd_nano=10)], {"tool_calls": 1}) is None
+    assert isinstance(ledger.charge([session(usd_nano=10)], {USD: 1}), Denial)
+    assert ledger.totals("session:s1").get_spent("tokens") == 10**12
+
+
+def test_extend_raises_the_cap(ledger: Ledger) -> None:
+    assert ledger.charge([session(usd_nano=100)], {USD: 100}) is None
+    assert isinstance(ledger.charge([session(usd_nano=100)], {USD: 50}), Denial)
+    ledger.extend("session:s1", USD, 50)
+    assert ledger.charge([session(usd_nano=100)], {USD: 50}) is None
+    assert ledger.totals("session:s1").get_extra(USD) == 50
+    denied = ledger.charge([session(usd_nano=100)], {USD: 1})
+    assert isinstance(denied, Denial)
+    assert denied.cap == 150
+
+
+def test_expired_lease_is_reclaimed_and_late_settle_counts_once(make_ledger) -> None:
+    clock = FakeClock()
+    ledger = make_ledger(clock=clock)
+    caps = [session(usd_nano=1000)]
+    crashed = ledger.reserve(caps, {USD: 800}, lease_seconds=30)
+    assert isinstance(crashed, Reservation)
+    assert isinstance(ledger.reserve(caps, {USD: 800}, lease_seconds=30), Denial)
+    clock.advance(31)
+    assert ledger.reclaim_expired() == 1
+    assert ledger.totals("session:s1").get_reserved(USD) == 0
+    fresh = ledger.reserve(caps, {USD: 800}, lease_seconds=30)
+    assert isinstance(fresh, Reservation)
+    # the crashed worker comes back and settles after all: counted once, never twice
+    assert ledger.settle(crashed, {USD: 100}) is True
+    assert ledger.settle(crashed, {USD: 100}) is False
+    t = ledger.totals("session:s1")
+    assert (t.get_spent(USD), t.get_reserved(USD)) == (100, 800)
+
+
+def test_reserve_reclaims_lazily(make_ledger) -> None:
+    clock = FakeClock()
+    ledger = make_ledger(clock=clock)
+    caps = [session(usd_nano=1000)]
+    assert isinstance(ledger.reserve(caps, {USD: 1000}, lease_seconds=5), Reservation)
+    clock.advance(6)
+    assert isinstance(ledger.reserve(caps, {USD: 1000}, lease_seconds=5), Reservation)
+
+
+def test_scope_names_do_not_collide(ledger: Ledger) -> None:
+    odd = ["session:a", "session:a:b", "session:a}b{", "session:ü\n*?", "session:a%3Ab"]
+    for i, name in enumerate(odd):
+        assert ledger.charge([ScopeCaps(name, {})], {USD: i + 1}) is None
+    for i, name in enumerate(odd):
+        assert ledger.totals(name).get_spent(USD) == i + 1
+
+
+def test_bad_amounts_are_rejected(ledger: Ledger) -> None:
+    with pytest.raises(ValueError, match="must be >= 0"):
+        ledger.reserve([session()], {USD: -1}, lease_seconds=60)
+    with pytest.raises(TypeError, match="must be an int"):
+        ledger.reserve([session()], {USD: 1.5}, lease_seconds=60)  # type: ignore[dict-item]
+    with pytest.raises(TypeError):
+        ledger.charge([session()], {USD: "3"})  # type: ignore[dict-item]
+
+
+def test_reservation_ids_are_single_use(ledger: Ledger) -> None:
+    res = ledger.reserve([session()], {USD: 1}, lease_seconds=60, reservation_id="fixed-id")
+    assert isinstance(res, Reservation)
+    assert res.id == "fixed-id"
+    with pytest.raises(ValueError, match="already used"):
+        ledger.reserve([session()], {USD: 1}, lease_seconds=60, reservation_id="fixed-id")
+
+
+def test_unknown_scope_totals_are_zero(ledger: Ledger) -> None:
+    t = ledger.totals("session:never-seen")
+    assert t.get_spent(USD) == t.get_reserved(USD) == t.get_extra(USD) == 0
+
+
+def test_concurrent_reservations_never_overshoot(ledger: Ledger) -> None:
+    """64 threads race for a $1.00 cap with $0.07 calls: exactly 14 fit."""
+    cap, each = 1_000_000_000, 70_000_000
+    caps = [session("race", usd_nano=cap)]
+    barrier = threading.Barrier(64)
+
+    def call() -> bool:
+        barrier.wait()
+        res = ledger.reserve(caps, {USD: each, CALLS: 1}, lease_seconds=60)
+        if isinstance(res, Denial):
+            return False
+        assert ledger.settle(res, {USD: each, CALLS: 1})
+        return True
+
+    with ThreadPoolExecutor(64) as pool:
+        admitted = sum(pool.map(lambda _: call(), range(64)))
+    t = ledger.totals("session:race")
+    assert admitted == cap // each == 14
+    assert t.get_spent(USD) == admitted * each <= cap
+    assert t.get_spent(CALLS) == admitted
+    assert t.get_reserved(USD) == 0
+
+
+async def test_async_twins(ledger: Ledger) -> None:
+    caps = [session("async", usd_nano=100)]
+    results = await asyncio.gather(
+        *[ledger.areserve(caps, {USD: 30}, lease_seconds=60) for _ in range(5)]
+    )
+    granted = [r for r in results if isinstance(r, Reservation)]
+    assert len(granted) == 3
+    assert await ledger.asettle(granted[0], {USD: 10}) is True
+    assert await ledger.asettle(granted[0], {USD: 10}) is False
+    assert await ledger.arelease(granted[1]) is True
+    assert await ledger.acharge(caps, {USD: 200}) is not None
+    await ledger.aextend("session:async", USD, 1000)
+    assert await ledger.acharge(caps, {USD: 200}) is None
+    t = await ledger.atotals("session:async")
+    assert (t.get_spent(USD), t.get_reserved(USD)) == (210, 30)
