@@ -1,1 +1,49 @@
-"""agent-guard: FinOps guardrails for LangChain and LangGraph agents."""
+"""agent-guard: FinOps guardrails for LangChain and LangGraph agents.
+
+Hard caps per session on dollars, tokens, model calls and tool calls,
+enforced before a call spends anything, on a ledger shared across threads,
+processes and hosts.
+"""
+
+from .errors import (
+    BudgetExceeded,
+    GuardError,
+    LedgerUnavailable,
+    StepLimitExceeded,
+    UnknownModelPrice,
+)
+from .guard import Admission, Guard, ModelCall
+from .langchain.callback import GuardCallbackHandler, OutputCapExceeded
+from .ledger import Ledger, from_url
+from .limits import Limits
+from .pricing import CostBreakdown, ModelPrice, PriceBook
+from .records import CallRecord, SessionUsage
+from .tokens import TokenCounter
+from .usage import MalformedUsage, Usage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Admission",
+    "BudgetExceeded",
+    "CallRecord",
+    "CostBreakdown",
+    "Guard",
+    "GuardCallbackHandler",
+    "GuardError",
+    "Ledger",
+    "LedgerUnavailable",
+    "Limits",
+    "MalformedUsage",
+    "ModelCall",
+    "ModelPrice",
+    "OutputCapExceeded",
+    "PriceBook",
+    "SessionUsage",
+    "StepLimitExceeded",
+    "TokenCounter",
+    "UnknownModelPrice",
+    "Usage",
+    "__version__",
+    "from_url",
+]

@@ -61,6 +61,8 @@ class Limits:
     - ``unknown_price``: ``"refuse"`` (default) refuses a call to a model with
       no known price when a dollar cap is set; ``"allow"`` lets it through
       and accounts it at $0 (its tokens and calls are still counted).
+    - ``min_output_tokens``: where an adapter can shrink a call's output cap
+      to fit the remaining budget, it never shrinks below this.
     - ``lease_seconds``: how long a reservation may stay open before the
       ledger reclaims it (a crashed worker's hold comes back then).
     """
@@ -71,6 +73,7 @@ class Limits:
     max_tool_calls: int | None = None
     max_steps: int | None = None
     default_max_output_tokens: int = 4096
+    min_output_tokens: int = 64
     input_margin: float = 0.05
     unknown_price: Literal["refuse", "allow"] = "refuse"
     lease_seconds: float = 600.0
@@ -95,6 +98,7 @@ class Limits:
         for name in ("max_tokens", "max_model_calls", "max_tool_calls", "max_steps"):
             _check_count(name, getattr(self, name))
         _check_count("default_max_output_tokens", self.default_max_output_tokens)
+        _check_count("min_output_tokens", self.min_output_tokens)
         if not isinstance(self.input_margin, int | float) or not (
             math.isfinite(self.input_margin) and self.input_margin >= 0
         ):

@@ -1,0 +1,347 @@
+"""``GuardCallbackHandler``: enforce a Guard from LangChain callbacks alone.
+
+Add it to ``callbacks=[...]`` of any chat model, chain, agent or compiled
+graph. It is a *sync* handler with ``raise_error=True`` on purpose: LangChain
+swallows exceptions from async handlers called from sync code, while a sync
+handler's exception propagates from both ``invoke`` and ``ainvoke`` (it runs
+in an executor thread under ``ainvoke``).
+
+- ``on_chat_model_start`` estimates the prompt, reserves the call's worst
+  case and raises :class:`~agent_guard.errors.BudgetExceeded` when it does not
+  fit: the provider is never contacted.
+- ``on_llm_new_token`` counts streamed output and stops the stream once it
+  passes what was reserved.
+- ``on_llm_end`` settles from ``usage_metadata``; without usage it settles
+  from its own count of the answer and marks the record as estimated.
+- ``on_llm_error`` releases the hold (or settles what was already streamed).
+- ``on_tool_start`` counts a tool call, refusing before the tool runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.outputs import ChatGeneration, LLMResult
+
+from ..errors import BudgetExceeded
+from ..guard import Admission, Guard, ModelCall
+from ..ledger import Ledger
+from ..limits import Limits
+from ..records import CallRecord
+from ..usage import MalformedUsage, Usage
+
+__all__ = ["GuardCallbackHandler", "OutputCapExceeded", "session_from_metadata"]
+
+logger = logging.getLogger("agent_guard")
+
+# invocation_params keys that carry a call's output cap, in order of preference
+_MAX_OUTPUT_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens",
+                    "num_predict", "maxOutputTokens")
+_MODEL_KEYS = ("model", "model_name", "model_id", "deployment_name")
+
+
+class OutputCapExceeded(BudgetExceeded):
+    """A stream produced more output than its reservation covered."""
+
+    def _default_hint(self) -> str:
+        return (
+            "The provider streamed past the call's max_tokens. Set max_tokens on the "
+            "model so the provider stops by itself."
+        )
+
+    def _message(self) -> str:
+        return (
+            f"OutputCapExceeded: session {self.session!r}: a streamed answer reached "
+            f"{self.spent:,} output tokens, past the {self.cap:,} reserved for it; the stream "
+            f"was stopped and what was streamed is charged. {self.hint}"
+        )
+
+
+def session_from_metadata(metadata: Mapping[str, Any] | None, default: str | None) -> str:
+    """The session of a run: LangGraph's ``thread_id``, else ``metadata["session_id"]``,
+    else the handler's default."""
+    if metadata:
+        for key in ("thread_id", "session_id"):
+            value = metadata.get(key)
+            if value not in (None, ""):
+                return str(value)
+    return default if default is not None else "default"
+
+
+@dataclass(slots=True)
+class _Run:
+    admission: Admission
+    streamed_tokens: int = 0
+
+
+class GuardCallbackHandler(BaseCallbackHandler):
+    """Enforces a :class:`~agent_guard.Guard` on every model and tool call it sees.
+
+    Give it a ``guard``, or ``limits`` and ``ledger`` to build one. The
+    session is the LangGraph ``thread_id`` of the run, else
+    ``config["metadata"]["session_id"]``, else ``session_id`` given here.
+    """
+
+    raise_error: bool = True
+    run_inline: bool = False
+
+    def __init__(
+        self,
+        guard: Guard | None = None,
+        *,
+        limits: Limits | None = None,
+        ledger: str | Ledger | None = None,
+        session_id: str | None = None,
+        count_tools: bool = True,
+    ) -> None:
+        super().__init__()
+        if guard is None:
+            guard = Guard(limits=limits, ledger=ledger if ledger is not None else "memory://")
+        elif limits is not None or ledger is not None:
+            raise ValueError("pass either guard=... or limits=/ledger=..., not both")
+        self.guard = guard
+        self.session_id = session_id
+        self.count_tools = count_tools
+        self._runs: dict[UUID, _Run] = {}
+        self._lock = threading.Lock()
+
+    # -- model calls -------------------------------------------------------------
+
+    def on_chat_model_start(
+        self,
+        serialized: dict[str, Any],
+        messages: list[list[BaseMessage]],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        params: Mapping[str, Any] = kwargs.get("invocation_params") or {}
+        meta = metadata or {}
+        call = ModelCall(
+            session=session_from_metadata(meta, self.session_id),
+            model=_model_name(params, meta, serialized),
+            provider=meta.get("ls_provider"),
+            messages=[m for prompt in messages for m in prompt],
+            tools=params.get("tools") or None,
+            max_output_tokens=_max_output(params, meta),
+            run_id=str(run_id),
+            node=meta.get("langgraph_node"),
+            tags=tuple(tags or ()),
+        )
+        admission = self.guard.before_model_call(call)
+        with self._lock:
+            self._runs[run_id] = _Run(admission)
+
+    def on_llm_start(
+        self,
+        serialized: dict[str, Any],
+        prompts: list[str],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Legacy text-completion models: the prompt is plain text."""
+        params: Mapping[str, Any] = kwargs.get("invocation_params") or {}
+        meta = metadata or {}
+        model = _model_name(params, meta, serialized)
+        call = ModelCall(
+            session=session_from_metadata(meta, self.session_id),
+            model=model,
+            provider=meta.get("ls_provider"),
+            input_tokens=sum(self.guard.tokens.count_text(p, model) for p in prompts),
+            max_output_tokens=_max_output(params, meta),
+            run_id=str(run_id),
+            node=meta.get("langgraph_node"),
+            tags=tuple(tags or ()),
+        )
+        admission = self.guard.before_model_call(call)
+        with self._lock:
+            self._runs[run_id] = _Run(admission)
+
+    def on_llm_new_token(
+        self,
+        token: str | list[str | dict[str, Any]],
+        *,
+        chunk: Any = None,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kwargs: Any,
+    ) -> None:
+        run = self._runs.get(run_id)
+        if run is None:
+            return
+        model = run.admission.call.model
+        n = self.guard.tokens.count_text(token, model) if isinstance(token, str) and token else 0
+        message = getattr(chunk, "message", None)
+        for tc in getattr(message, "tool_call_chunks", None) or ():
+            n += self.guard.tokens.count_text(
+                (tc.get("name") or "") + (tc.get("args") or ""), model
+            )
+        if n == 0:
+            return
+        with self._lock:
+            run.streamed_tokens += n
+            streamed = run.streamed_tokens
+        cap = run.admission.max_output_tokens
+        if streamed > cap:
+            call = run.admission.call
+            raise OutputCapExceeded(
+                session=call.session, scope=f"call:{call.run_id}", dimension="output_tokens",
+                cap=cap, spent=streamed, reserved=0, requested=streamed,
+            )
+
+    def on_llm_end(
+        self,
+        response: LLMResult,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kwargs: Any,
+    ) -> CallRecord | None:
+        with self._lock:
+            run = self._runs.pop(run_id, None)
+        if run is None:
+            return None
+        usage, response_model, cache_hit, counted = self._read_result(response, run)
+        return self.guard.after_model_call(
+            run.admission, usage, output_tokens=counted, response_model=response_model,
+            cache_hit=cache_hit,
+        )
+
+    def on_llm_error(
+        self,
+        error: BaseException,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kwargs: Any,
+    ) -> None:
+        with self._lock:
+            run = self._runs.pop(run_id, None)
+        if run is not None:
+            self.guard.model_call_failed(run.admission, output_tokens=run.streamed_tokens)
+
+    # -- tools -------------------------------------------------------------------
+
+    def on_tool_start(
+        self,
+        serialized: dict[str, Any],
+        input_str: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        inputs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not self.count_tools:
+            return
+        name = (serialized or {}).get("name") or kwargs.get("name")
+        self.guard.before_tool_call(session_from_metadata(metadata, self.session_id), name)
+
+    # -- reading usage from a result ----------------------------------------------
+
+    def _read_result(
+        self, response: LLMResult, run: _Run
+    ) -> tuple[Usage | None, str | None, bool, int]:
+        """(reported usage or None, response model, LangChain cache hit, counted output)."""
+        usage: Usage | None = None
+        response_model: str | None = None
+        cache_hit = False
+        counted = 0
+        model = run.admission.call.model
+        for generation in _generations(response):
+            message = generation.message if isinstance(generation, ChatGeneration) else None
+            if isinstance(message, AIMessage):
+                meta = message.response_metadata or {}
+                response_model = response_model or meta.get("model_name") or meta.get("model")
+                um = message.usage_metadata
+                if um is not None:
+                    # LangChain's LLM cache replays the original usage with total_cost 0
+                    cache_hit = cache_hit or um.get("total_cost") == 0  # type: ignore[comparison-overlap]
+                    usage = _add(usage, _parse_usage(um, model))
+                counted += self.guard.tokens.count_output(message, model)
+            else:
+                counted += self.guard.tokens.count_text(generation.text or "", model)
+        if usage is None:
+            usage = _usage_from_llm_output(response.llm_output, model)
+        counted = max(counted, run.streamed_tokens)
+        if usage is not None and usage.total_tokens == 0 and counted > 0 and not cache_hit:
+            usage = None  # "0 tokens" for a call that produced output is not believable
+        if response_model is None and response.llm_output:
+            response_model = response.llm_output.get("model_name")
+        return usage, response_model, cache_hit, counted
+
+
+def _generations(response: LLMResult) -> list[Any]:
+    return [g for prompt in response.generations for g in prompt]
+
+
+def _add(a: Usage | None, b: Usage | None) -> Usage | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _parse_usage(um: Mapping[str, Any], model: str) -> Usage | None:
+    try:
+        return Usage.from_usage_metadata(um)
+    except MalformedUsage as exc:
+        logger.warning("agent-guard: unreadable usage for %s (%s); counting tokens instead",
+                       model, exc)
+        return None
+
+
+def _usage_from_llm_output(llm_output: Mapping[str, Any] | None, model: str) -> Usage | None:
+    raw = (llm_output or {}).get("token_usage")
+    if not isinstance(raw, Mapping) or "prompt_tokens" not in raw:
+        return None
+    try:
+        return Usage.from_openai(raw)
+    except MalformedUsage as exc:
+        logger.warning("agent-guard: unreadable token_usage for %s (%s)", model, exc)
+        return None
+
+
+def _model_name(params: Mapping[str, Any], meta: Mapping[str, Any],
+                serialized: Mapping[str, Any] | None) -> str:
+    for key in _MODEL_KEYS:
+        value = params.get(key)
+        if isinstance(value, str) and value:
+            return value
+    value = meta.get("ls_model_name")
+    if isinstance(value, str) and value:
+        return value
+    kwargs = (serialized or {}).get("kwargs") or {}
+    for key in _MODEL_KEYS:
+        value = kwargs.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return "unknown"
+
+
+def _max_output(params: Mapping[str, Any], meta: Mapping[str, Any]) -> int | None:
+    for key in _MAX_OUTPUT_KEYS:
+        value = params.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    value = meta.get("ls_max_tokens")
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
