@@ -6,6 +6,8 @@ Runs offline: a scripted chat model answers with realistic token usage
 
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -78,6 +80,9 @@ def run_demo(
 ) -> DemoResult:
     """Run the runaway agent under a cap and print each call's cost as it happens."""
     console = console or Console()
+    # LangChain logs every exception a callback raises before re-raising it; the demo
+    # shows the refusal itself below.
+    logging.getLogger("langchain_core.callbacks.manager").setLevel(logging.ERROR)
     result = DemoResult()
     guard = Guard(Limits(max_cost_usd=cap_usd, max_tool_calls=100), ledger=ledger)
     cap = Decimal(cap_usd)

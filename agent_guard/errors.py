@@ -20,6 +20,13 @@ __all__ = [
 _MONEY_DIMENSIONS = frozenset({"usd_nano"})
 
 
+_LABELS = {"usd_nano": "cost", "tokens": "tokens (input + output)"}
+
+
+def _label(dimension: str) -> str:
+    return _LABELS.get(dimension, dimension.replace("_", " "))
+
+
 def _show(dimension: str, amount: int) -> str:
     if dimension in _MONEY_DIMENSIONS:
         return f"${Decimal(amount) / 10**9:.6f}"
@@ -72,7 +79,7 @@ class BudgetExceeded(GuardError):
     def _message(self) -> str:
         d = self.dimension
         return (
-            f"{type(self).__name__}: session {self.session!r} ({self.scope}) cap on {d} is "
+            f"{type(self).__name__}: session {self.session!r} ({self.scope}) cap on {_label(d)} is "
             f"{_show(d, self.cap)}; spent {_show(d, self.spent)}, reserved "
             f"{_show(d, self.reserved)}, this call needs up to {_show(d, self.requested)} "
             f"(remaining {_show(d, self.remaining)}). Nothing was spent on this call. {self.hint}"

@@ -66,7 +66,7 @@ def test_create_agent_is_stopped_by_the_dollar_cap() -> None:
 def test_tool_cap_refuses_before_the_tool_body_runs() -> None:
     handler = GuardCallbackHandler(limits=Limits(max_tool_calls=2))
     agent = create_agent(looping_model(), [lookup_order])
-    with pytest.raises(StepLimitExceeded, match="tool_calls"):
+    with pytest.raises(StepLimitExceeded, match="cap on tool calls"):
         agent.invoke({"messages": [("user", "go")]}, config={"callbacks": [handler]})
     assert len(tool_runs) == 2
     assert handler.guard.usage("default").tool_calls == 2
@@ -76,7 +76,7 @@ async def test_create_agent_async_is_stopped_by_the_model_call_cap() -> None:
     llm = looping_model()
     handler = GuardCallbackHandler(limits=Limits(max_model_calls=3), session_id="async")
     agent = create_agent(llm, [lookup_order])
-    with pytest.raises(StepLimitExceeded, match="model_calls"):
+    with pytest.raises(StepLimitExceeded, match="cap on model calls"):
         await agent.ainvoke({"messages": [("user", "go")]}, config={"callbacks": [handler]})
     assert llm.calls == 3
     assert handler.guard.usage("async").model_calls == 3

@@ -78,7 +78,7 @@ def test_count_caps_raise_step_limit() -> None:
     guard = Guard(Limits(max_model_calls=2, max_tool_calls=1))
     for _ in range(2):
         guard.after_model_call(guard.before_model_call(call()), Usage(10, 10))
-    with pytest.raises(StepLimitExceeded, match="model_calls"):
+    with pytest.raises(StepLimitExceeded, match="cap on model calls"):
         guard.before_model_call(call())
     guard.before_tool_call("s", "search")
     with pytest.raises(StepLimitExceeded, match="looping"):
