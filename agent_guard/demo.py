@@ -7,7 +7,6 @@ Runs offline: a scripted chat model answers with realistic token usage
 from __future__ import annotations
 
 import logging
-
 from dataclasses import dataclass, field
 from decimal import Decimal
 
