@@ -40,6 +40,8 @@ TOKENS_PER_TOOL_CALL = 6  # id, type and framing of one function call
 TOKENS_PER_TOOL_SCHEMA = 12  # framing of one function definition in the prompt
 IMAGE_TOKENS = 765  # one high-detail 512px-tile image at OpenAI's published rate
 
+_TEXT_CACHE_SIZE = 8192  # texts whose counts are remembered per TokenCounter
+
 _encodings: dict[str, tiktoken.Encoding] = {}
 _load_lock = threading.Lock()
 
@@ -142,6 +144,7 @@ class TokenCounter:
             raise ValueError(f"fallback_factor must be >= 1, got {fallback_factor!r}")
         self.fallback_factor = fallback_factor
         self._tool_cache: dict[str, int] = {}
+        self._text_cache: dict[tuple[str, str], int] = {}
         self._tool_lock = threading.Lock()
 
     def encoding_name_for(self, model: str) -> str:
@@ -157,8 +160,19 @@ class TokenCounter:
         return -(-int(n * self.fallback_factor * 1000) // 1000)  # ceil without float drift
 
     def _raw(self, text: str, model: str) -> int:
-        enc = get_encoding(_family(model or "")[0])
-        return len(enc.encode_ordinary(text)) if text else 0
+        """Unscaled count, memoised: an agent re-sends its whole history on every call,
+        so most texts were counted on the previous call (str hashes are cached too)."""
+        if not text:
+            return 0
+        name = _family(model or "")[0]
+        key = (name, text)
+        n = self._text_cache.get(key)
+        if n is None:
+            n = len(get_encoding(name).encode_ordinary(text))
+            if len(self._text_cache) >= _TEXT_CACHE_SIZE:
+                self._text_cache.clear()
+            self._text_cache[key] = n
+        return n
 
     def count_text(self, text: str, model: str = "gpt-4o") -> int:
         """Tokens of plain text (special-token markers in user text are plain text)."""
@@ -249,13 +263,13 @@ class TokenCounter:
 
 
 def _get(obj: Any, key: str) -> Any:
-    if isinstance(obj, Mapping):
+    if type(obj) is dict or isinstance(obj, Mapping):  # dict first: Mapping is a slow ABC check
         return obj.get(key)
     return getattr(obj, key, None)
 
 
 def _role(message: Any) -> str:
-    if isinstance(message, Mapping):
+    if type(message) is dict or isinstance(message, Mapping):
         return str(message.get("role", "user"))
     kind = getattr(message, "type", "user")
     return {"human": "user", "ai": "assistant"}.get(kind, kind)
@@ -263,4 +277,4 @@ def _role(message: Any) -> str:
 
 def _tool_calls(message: Any) -> Sequence[Any]:
     calls = _get(message, "tool_calls")
-    return calls if isinstance(calls, list | tuple) else ()
+    return calls if type(calls) is list or isinstance(calls, tuple) else ()

@@ -258,13 +258,15 @@ class GuardCallbackHandler(BaseCallbackHandler):
     def _read_result(
         self, response: LLMResult, run: _Run
     ) -> tuple[Usage | None, str | None, bool, int]:
-        """(reported usage or None, response model, LangChain cache hit, counted output)."""
+        """(reported usage or None, response model, LangChain cache hit, counted output).
+
+        The answer is only counted when the provider reported no usage."""
         usage: Usage | None = None
         response_model: str | None = None
         cache_hit = False
-        counted = 0
         model = run.admission.call.model
-        for generation in _generations(response):
+        generations = _generations(response)
+        for generation in generations:
             message = generation.message if isinstance(generation, ChatGeneration) else None
             if isinstance(message, AIMessage):
                 meta = message.response_metadata or {}
@@ -274,17 +276,21 @@ class GuardCallbackHandler(BaseCallbackHandler):
                     # LangChain's LLM cache replays the original usage with total_cost 0
                     cache_hit = cache_hit or um.get("total_cost") == 0  # type: ignore[comparison-overlap]
                     usage = _add(usage, _parse_usage(um, model))
+        if usage is None:
+            usage = _usage_from_llm_output(response.llm_output, model)
+        if response_model is None and response.llm_output:
+            response_model = response.llm_output.get("model_name")
+        if usage is not None and (usage.total_tokens > 0 or cache_hit):
+            return usage, response_model, cache_hit, run.streamed_tokens
+        counted = 0
+        for generation in generations:
+            message = generation.message if isinstance(generation, ChatGeneration) else None
+            if isinstance(message, AIMessage):
                 counted += self.guard.tokens.count_output(message, model)
             else:
                 counted += self.guard.tokens.count_text(generation.text or "", model)
-        if usage is None:
-            usage = _usage_from_llm_output(response.llm_output, model)
-        counted = max(counted, run.streamed_tokens)
-        if usage is not None and usage.total_tokens == 0 and counted > 0 and not cache_hit:
-            usage = None  # "0 tokens" for a call that produced output is not believable
-        if response_model is None and response.llm_output:
-            response_model = response.llm_output.get("model_name")
-        return usage, response_model, cache_hit, counted
+        # no usage, or "0 tokens" for a call that may have produced output: count it
+        return None, response_model, cache_hit, max(counted, run.streamed_tokens)
 
 
 def _generations(response: LLMResult) -> list[Any]:
