@@ -1,0 +1,61 @@
+"""Worker processes for the multi-process ledger tests (imported by spawned children)."""
+
+from __future__ import annotations
+
+import random
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from agent_guard.ledger import Denial, Ledger, ScopeCaps, from_url
+
+CAP = 1_000_000_000  # $1.00 in nano-USD
+EACH = 70_000_000  # $0.07 worst case per call
+
+
+def open_ledger(url: str, namespace: str | None) -> Ledger:
+    options: dict[str, Any] = {} if namespace is None else {"namespace": namespace}
+    return from_url(url, **options)
+
+
+def race(url: str, namespace: str | None, barrier: Any, threads: int, partial: bool,
+         seed: int) -> tuple[int, int]:
+    """Reserve $0.07 from ``threads`` threads at once; settle the full amount, or a random
+    smaller one. Returns (calls admitted, nano-USD settled)."""
+    ledger = open_ledger(url, namespace)
+    caps = [ScopeCaps("session:shared", {"usd_nano": CAP})]
+    rng = random.Random(seed)
+    amounts = [rng.randint(1, EACH) if partial else EACH for _ in range(threads)]
+    local = threading.Barrier(threads)
+    barrier.wait()
+
+    def call(actual: int) -> int:
+        local.wait()
+        res = ledger.reserve(caps, {"usd_nano": EACH, "model_calls": 1}, lease_seconds=60)
+        if isinstance(res, Denial):
+            return -1
+        ledger.settle(res, {"usd_nano": actual, "model_calls": 1})
+        return actual
+
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(call, amounts))
+    ledger.close()
+    admitted = [r for r in results if r >= 0]
+    return len(admitted), sum(admitted)
+
+
+def reserve_and_hang(url: str, namespace: str | None, lease_seconds: float) -> None:
+    """Reserve, say so on stdout, then hang until killed (a worker that dies mid-call)."""
+    ledger = open_ledger(url, namespace)
+    res = ledger.reserve([ScopeCaps("session:crash", {"usd_nano": CAP})],
+                         {"usd_nano": 800_000_000}, lease_seconds=lease_seconds)
+    assert not isinstance(res, Denial)
+    sys.stdout.write("reserved\n")
+    sys.stdout.flush()
+    time.sleep(3600)
+
+
+if __name__ == "__main__":
+    reserve_and_hang(sys.argv[1], sys.argv[2] or None, float(sys.argv[3]))
