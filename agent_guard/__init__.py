@@ -9,10 +9,11 @@ from .errors import (
     BudgetExceeded,
     GuardError,
     LedgerUnavailable,
+    LoopDetected,
     StepLimitExceeded,
     UnknownModelPrice,
 )
-from .guard import Admission, Guard, ModelCall
+from .guard import Admission, Guard, ModelCall, ThresholdEvent
 from .langchain.callback import GuardCallbackHandler, OutputCapExceeded
 from .ledger import Ledger, from_url
 from .limits import Limits
@@ -34,6 +35,7 @@ __all__ = [
     "Ledger",
     "LedgerUnavailable",
     "Limits",
+    "LoopDetected",
     "MalformedUsage",
     "ModelCall",
     "ModelPrice",
@@ -41,6 +43,7 @@ __all__ = [
     "PriceBook",
     "SessionUsage",
     "StepLimitExceeded",
+    "ThresholdEvent",
     "TokenCounter",
     "UnknownModelPrice",
     "Usage",

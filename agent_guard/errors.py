@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from langgraph.errors import GraphBubbleUp
+
 __all__ = [
     "BudgetExceeded",
     "GuardError",
     "LedgerUnavailable",
+    "LoopDetected",
     "StepLimitExceeded",
     "UnknownModelPrice",
 ]
@@ -24,6 +27,10 @@ _LABELS = {"usd_nano": "cost", "tokens": "tokens (input + output)"}
 
 
 def _label(dimension: str) -> str:
+    if dimension.startswith("repeat:"):
+        return "identical calls of one tool"
+    if dimension.startswith("tool_calls:"):
+        return f"calls of tool {dimension.split(':', 1)[1]!r}"
     return _LABELS.get(dimension, dimension.replace("_", " "))
 
 
@@ -33,8 +40,16 @@ def _show(dimension: str, amount: int) -> str:
     return f"{amount:,}"
 
 
-class GuardError(Exception):
-    """Base class of every error agent-guard raises on purpose."""
+class GuardError(GraphBubbleUp):
+    """Base class of every error agent-guard raises on purpose.
+
+    It derives from LangGraph's ``GraphBubbleUp`` (itself an ``Exception``) so
+    that a refusal is a hard stop: LangGraph's retry policies and node error
+    handlers, ``ToolNode(handle_tool_errors=True)`` and LangChain's retry,
+    fallback and tool-error middleware all re-raise ``GraphBubbleUp``
+    untouched instead of retrying it, answering it with another model or
+    turning it into an error message the agent reads and ignores.
+    """
 
 
 class BudgetExceeded(GuardError):
@@ -115,6 +130,16 @@ class StepLimitExceeded(BudgetExceeded):
         return (
             "The agent may be looping. Raise the limit in Limits(...) if this much work "
             "is expected, or start a new session."
+        )
+
+
+class LoopDetected(StepLimitExceeded):
+    """The same tool was called with the same arguments too many times."""
+
+    def _default_hint(self) -> str:
+        return (
+            "The agent keeps repeating the same tool call; it is probably stuck in a loop. "
+            "Raise Limits(max_repeats=...) if identical calls are expected."
         )
 
 

@@ -18,19 +18,46 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import BudgetExceeded, StepLimitExceeded, UnknownModelPrice
+from .errors import BudgetExceeded, LoopDetected, StepLimitExceeded, UnknownModelPrice
 from .ledger import Denial, Ledger, Reservation, ScopeCaps, from_url
-from .limits import Dimension, Limits
+from .ledger.base import Settlement
+from .limits import Dimension, Limits, repeat_dimension, tool_dimension
 from .pricing import ModelPrice, PriceBook
 from .records import CallRecord, Outcome, SessionUsage
 from .tokens import TokenCounter
 from .usage import Usage
 
-__all__ = ["Admission", "Guard", "ModelCall"]
+__all__ = ["Admission", "Guard", "ModelCall", "ThresholdEvent"]
 
 logger = logging.getLogger("agent_guard")
 
 RecordHook = Callable[[CallRecord], None]
+_NO_ARGS: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class ThresholdEvent:
+    """A session crossed a soft threshold (a fraction of one of its caps)."""
+
+    session: str
+    dimension: str
+    threshold: float
+    spent: int
+    cap: int
+
+    @property
+    def fraction(self) -> float:
+        return self.spent / self.cap if self.cap else 1.0
+
+    def __str__(self) -> str:
+        from .errors import _label, _show
+
+        return (f"session {self.session!r} has used {self.fraction:.0%} of its "
+                f"{_label(self.dimension)} cap ({_show(self.dimension, self.spent)} of "
+                f"{_show(self.dimension, self.cap)}; threshold {self.threshold:.0%})")
+
+
+ThresholdHook = Callable[[ThresholdEvent], None]
 
 # Dimensions whose refusal is about money/tokens (BudgetExceeded) rather than counts.
 _BUDGET_DIMENSIONS = frozenset({Dimension.USD_NANO, Dimension.TOKENS})
@@ -88,7 +115,9 @@ class Guard:
     ``ledger`` is a URL (``memory://``, ``sqlite:///guard.db``,
     ``redis://127.0.0.1:6379/0``) or a :class:`~agent_guard.ledger.Ledger`.
     Guards that share a ledger share budgets, across threads, processes and
-    hosts. ``on_record`` hooks receive a :class:`CallRecord` per model call.
+    hosts. ``on_record`` hooks receive a :class:`CallRecord` per model call;
+    ``on_threshold`` hooks a :class:`ThresholdEvent` once per session and
+    threshold (``Limits.thresholds``, also logged at WARNING).
     """
 
     def __init__(
@@ -99,6 +128,7 @@ class Guard:
         prices: PriceBook | None = None,
         token_counter: TokenCounter | None = None,
         on_record: Sequence[RecordHook] = (),
+        on_threshold: Sequence[ThresholdHook] = (),
     ) -> None:
         self.limits = limits if limits is not None else Limits()
         if not isinstance(self.limits, Limits):
@@ -108,17 +138,24 @@ class Guard:
         self.tokens = token_counter if token_counter is not None else TokenCounter()
         self._hooks: list[RecordHook] = list(on_record)
         self._caps = self.limits.caps()
+        self._threshold_hooks: list[ThresholdHook] = list(on_threshold)
         self._warned_unpriced: set[str] = set()
         self._warn_lock = threading.Lock()
+        self._fired: set[tuple[str, str, float]] = set()
 
     # -- configuration -------------------------------------------------------------
 
     def add_record_hook(self, hook: RecordHook) -> None:
         self._hooks.append(hook)
 
-    def scopes(self, session: str) -> list[ScopeCaps]:
+    def add_threshold_hook(self, hook: ThresholdHook) -> None:
+        self._threshold_hooks.append(hook)
+
+    def scopes(self, session: str, extra_caps: Mapping[str, int] | None = None
+               ) -> list[ScopeCaps]:
         """The scopes a call of ``session`` is charged to, with their caps."""
-        return [ScopeCaps(f"session:{session}", self._caps)]
+        caps = self._caps if not extra_caps else {**self._caps, **extra_caps}
+        return [ScopeCaps(f"session:{session}", caps)]
 
     # -- model calls -----------------------------------------------------------------
 
@@ -168,7 +205,8 @@ class Guard:
         if amounts is None:
             self.ledger.release(admission.reservation)
         else:
-            self.ledger.settle(admission.reservation, amounts)
+            self._check_thresholds(admission.call.session,
+                                   self.ledger.settle(admission.reservation, amounts))
         self._emit(record)
         return record
 
@@ -188,7 +226,8 @@ class Guard:
         if amounts is None:
             await self.ledger.arelease(admission.reservation)
         else:
-            await self.ledger.asettle(admission.reservation, amounts)
+            self._check_thresholds(admission.call.session,
+                                   await self.ledger.asettle(admission.reservation, amounts))
         self._emit(record)
         return record
 
@@ -200,7 +239,8 @@ class Guard:
         if amounts is None:
             self.ledger.release(admission.reservation)
         else:
-            self.ledger.settle(admission.reservation, amounts)
+            self._check_thresholds(admission.call.session,
+                                   self.ledger.settle(admission.reservation, amounts))
         self._emit(record)
         return record
 
@@ -212,20 +252,26 @@ class Guard:
         if amounts is None:
             await self.ledger.arelease(admission.reservation)
         else:
-            await self.ledger.asettle(admission.reservation, amounts)
+            self._check_thresholds(admission.call.session,
+                                   await self.ledger.asettle(admission.reservation, amounts))
         self._emit(record)
         return record
 
     # -- tools and steps -----------------------------------------------------------------
 
-    def before_tool_call(self, session: str, tool: str | None = None) -> None:
-        """Count one tool call, or raise StepLimitExceeded before the tool runs."""
-        denial = self.ledger.charge(self.scopes(session), self._tool_amounts(tool))
+    def before_tool_call(self, session: str, tool: str | None = None,
+                         args: Any = _NO_ARGS) -> None:
+        """Count one tool call, or raise StepLimitExceeded (LoopDetected for the
+        ``max_repeats``-th identical call) before the tool runs."""
+        amounts, extra = self._tool_amounts(tool, args)
+        denial = self.ledger.charge(self.scopes(session, extra), amounts)
         if denial is not None:
             raise self._refusal(session, denial)
 
-    async def abefore_tool_call(self, session: str, tool: str | None = None) -> None:
-        denial = await self.ledger.acharge(self.scopes(session), self._tool_amounts(tool))
+    async def abefore_tool_call(self, session: str, tool: str | None = None,
+                                args: Any = _NO_ARGS) -> None:
+        amounts, extra = self._tool_amounts(tool, args)
+        denial = await self.ledger.acharge(self.scopes(session, extra), amounts)
         if denial is not None:
             raise self._refusal(session, denial)
 
@@ -268,11 +314,45 @@ class Guard:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _tool_amounts(self, tool: str | None) -> dict[str, int]:
+    def _tool_amounts(self, tool: str | None, args: Any
+                      ) -> tuple[dict[str, int], dict[str, int] | None]:
         amounts = {Dimension.TOOL_CALLS: 1}
+        extra: dict[str, int] | None = None
         if tool:
-            amounts[f"{Dimension.TOOL_CALLS}:{tool}"] = 1
-        return amounts
+            amounts[tool_dimension(tool)] = 1
+            if self.limits.max_repeats is not None and args is not _NO_ARGS:
+                repeat = repeat_dimension(tool, args)
+                amounts[repeat] = 1
+                extra = {repeat: self.limits.max_repeats}
+        return amounts, extra
+
+    def _check_thresholds(self, session: str, settled: Settlement) -> None:
+        """Fire each crossed soft threshold once per session (across processes: a
+        marker counter with cap 1 in the ledger decides who fires)."""
+        if not settled or not self.limits.thresholds:
+            return
+        spent = settled.spent.get(f"session:{session}", {})
+        for dim, cap in self._caps.items():
+            if dim not in spent or cap <= 0:
+                continue
+            for t in self.limits.thresholds:
+                key = (session, dim, t)
+                if spent[dim] < cap * t or key in self._fired:
+                    continue
+                if len(self._fired) > 100_000:  # bounded: the ledger marker dedupes anyway
+                    self._fired.clear()
+                self._fired.add(key)
+                marker = f"threshold:{dim}:{t}"
+                if self.ledger.charge(self.scopes(session, {marker: 1}), {marker: 1}) is None:
+                    self._fire(ThresholdEvent(session, dim, t, spent[dim], cap))
+
+    def _fire(self, event: ThresholdEvent) -> None:
+        logger.warning("agent-guard: %s", event)
+        for hook in self._threshold_hooks:
+            try:
+                hook(event)
+            except Exception:
+                logger.exception("agent-guard: threshold hook %r failed", hook)
 
     def _price_for(self, call: ModelCall) -> ModelPrice | None:
         price = self.prices.resolve(call.model, call.provider)
@@ -315,7 +395,11 @@ class Guard:
         return plan.with_output(fitted)
 
     def _refusal(self, session: str, denial: Denial) -> BudgetExceeded:
-        cls = BudgetExceeded if denial.dimension in _BUDGET_DIMENSIONS else StepLimitExceeded
+        cls: type[BudgetExceeded] = StepLimitExceeded
+        if denial.dimension in _BUDGET_DIMENSIONS:
+            cls = BudgetExceeded
+        elif denial.dimension.startswith("repeat:"):
+            cls = LoopDetected
         return cls(
             session=session,
             scope=denial.scope,

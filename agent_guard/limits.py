@@ -6,6 +6,8 @@ the integer caps the ledger enforces, one per *dimension*.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,7 +16,7 @@ from typing import Literal
 
 from .usage import usd_to_nano
 
-__all__ = ["Dimension", "Limits"]
+__all__ = ["Dimension", "Limits", "repeat_dimension", "tool_dimension"]
 
 
 class Dimension:
@@ -30,6 +32,19 @@ class Dimension:
     MODEL_CALLS = "model_calls"
     TOOL_CALLS = "tool_calls"
     STEPS = "steps"
+
+
+def tool_dimension(tool: str) -> str:
+    """The counter of one tool's calls."""
+    return f"{Dimension.TOOL_CALLS}:{tool}"
+
+
+def repeat_dimension(tool: str, args: object) -> str:
+    """The counter of identical calls: same tool, same canonical JSON arguments."""
+    canonical = json.dumps(args, sort_keys=True, separators=(",", ":"), default=str,
+                           ensure_ascii=False)
+    digest = hashlib.sha256(f"{tool}\x00{canonical}".encode()).hexdigest()[:24]
+    return f"repeat:{digest}"
 
 
 def _check_count(name: str, value: int | None) -> None:
@@ -53,7 +68,14 @@ class Limits:
 
     - ``max_cost_usd``: dollars, exact (a float is read through its repr).
     - ``max_tokens``: input + output tokens.
-    - ``max_model_calls`` / ``max_tool_calls`` / ``max_steps``: counts.
+    - ``max_model_calls`` / ``max_steps``: counts (a step is one graph node run).
+    - ``max_tool_calls``: an int for all tools together, or a mapping of tool
+      name to cap, with ``"*"`` for all tools together:
+      ``{"*": 40, "web_search": 5}``.
+    - ``max_repeats``: how many times the same tool may run with the same
+      (canonical JSON) arguments in a session; one more is refused as a loop.
+    - ``thresholds``: fractions of each cap at which a soft-threshold event is
+      emitted once per session (to logging and to ``Guard(on_threshold=...)``).
     - ``default_max_output_tokens``: the output reserved for a call that sets
       no ``max_tokens`` of its own (its worst case must be bounded).
     - ``input_margin``: the token estimate of a prompt is multiplied by
@@ -70,13 +92,15 @@ class Limits:
     max_cost_usd: Decimal | float | int | str | None = None
     max_tokens: int | None = None
     max_model_calls: int | None = None
-    max_tool_calls: int | None = None
+    max_tool_calls: int | Mapping[str, int] | None = None
     max_steps: int | None = None
+    max_repeats: int | None = None
     default_max_output_tokens: int = 4096
     min_output_tokens: int = 64
     input_margin: float = 0.05
     unknown_price: Literal["refuse", "allow"] = "refuse"
     lease_seconds: float = 600.0
+    thresholds: tuple[float, ...] = (0.5, 0.8, 1.0)
     extra_caps: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -95,8 +119,19 @@ class Limits:
                     f"Limits.max_cost_usd must be >= 0, got {self.max_cost_usd!r}; "
                     "use None for no dollar cap"
                 )
-        for name in ("max_tokens", "max_model_calls", "max_tool_calls", "max_steps"):
+        for name in ("max_tokens", "max_model_calls", "max_steps", "max_repeats"):
             _check_count(name, getattr(self, name))
+        if isinstance(self.max_tool_calls, Mapping):
+            for tool, cap in self.max_tool_calls.items():
+                if not isinstance(tool, str) or not tool:
+                    raise TypeError(f"Limits.max_tool_calls keys must be tool names or '*', "
+                                    f"got {tool!r}")
+                _check_count(f"max_tool_calls[{tool!r}]", cap)
+        else:
+            _check_count("max_tool_calls", self.max_tool_calls)
+        for t in self.thresholds:
+            if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= 1:
+                raise ValueError(f"Limits.thresholds must be fractions in (0, 1], got {t!r}")
         _check_count("default_max_output_tokens", self.default_max_output_tokens)
         _check_count("min_output_tokens", self.min_output_tokens)
         if not isinstance(self.input_margin, int | float) or not (
@@ -127,11 +162,15 @@ class Limits:
         pairs = (
             (Dimension.TOKENS, self.max_tokens),
             (Dimension.MODEL_CALLS, self.max_model_calls),
-            (Dimension.TOOL_CALLS, self.max_tool_calls),
             (Dimension.STEPS, self.max_steps),
         )
         for dim, value in pairs:
             if value is not None:
                 out[dim] = value
+        if isinstance(self.max_tool_calls, Mapping):
+            for tool, cap in self.max_tool_calls.items():
+                out[Dimension.TOOL_CALLS if tool == "*" else tool_dimension(tool)] = cap
+        elif self.max_tool_calls is not None:
+            out[Dimension.TOOL_CALLS] = self.max_tool_calls
         out.update(self.extra_caps)
         return out

@@ -37,16 +37,22 @@ def test_reserve_holds_and_settle_spends(ledger: Ledger) -> None:
     assert isinstance(res, Reservation)
     t = ledger.totals("session:s1")
     assert (t.get_reserved(USD), t.get_spent(USD)) == (400, 0)
-    assert ledger.settle(res, {USD: 250, CALLS: 1}) is True
+    settled = ledger.settle(res, {USD: 250, CALLS: 1})
+    assert settled and settled.spent == {"session:s1": {USD: 250, CALLS: 1}}
+    again = ledger.reserve([session(usd_nano=1000)], {USD: 100}, lease_seconds=60)
+    assert isinstance(again, Reservation)
+    assert ledger.settle(again, {USD: 100}).spent == {"session:s1": {USD: 350}}
+    ledger.charge([session()], {USD: 0})  # zero amounts are accepted and change nothing
+    ledger.extend("session:s1", USD, 0)
     t = ledger.totals("session:s1")
-    assert (t.get_reserved(USD), t.get_spent(USD), t.get_spent(CALLS)) == (0, 250, 1)
+    assert (t.get_reserved(USD), t.get_spent(USD), t.get_spent(CALLS)) == (0, 350, 1)
 
 
 def test_settle_twice_counts_once(ledger: Ledger) -> None:
     res = ledger.reserve([session(usd_nano=1000)], {USD: 400}, lease_seconds=60)
     assert isinstance(res, Reservation)
-    assert ledger.settle(res, {USD: 300}) is True
-    assert ledger.settle(res, {USD: 300}) is False
+    assert ledger.settle(res, {USD: 300})
+    assert not ledger.settle(res, {USD: 300})
     assert ledger.release(res) is False
     assert ledger.totals("session:s1").get_spent(USD) == 300
     assert ledger.totals("session:s1").get_reserved(USD) == 0
@@ -86,7 +92,7 @@ def test_release_gives_back(ledger: Ledger) -> None:
     assert isinstance(ledger.reserve([session(usd_nano=100)], {USD: 1}, lease_seconds=60), Denial)
     assert ledger.release(res) is True
     assert ledger.release(res) is False
-    assert ledger.settle(res, {USD: 100}) is False
+    assert not ledger.settle(res, {USD: 100})
     assert ledger.totals("session:s1").get_reserved(USD) == 0
     assert ledger.totals("session:s1").get_spent(USD) == 0
 
@@ -135,8 +141,8 @@ def test_expired_lease_is_reclaimed_and_late_settle_counts_once(make_ledger) -> 
     fresh = ledger.reserve(caps, {USD: 800}, lease_seconds=30)
     assert isinstance(fresh, Reservation)
     # the crashed worker comes back and settles after all: counted once, never twice
-    assert ledger.settle(crashed, {USD: 100}) is True
-    assert ledger.settle(crashed, {USD: 100}) is False
+    assert ledger.settle(crashed, {USD: 100})
+    assert not ledger.settle(crashed, {USD: 100})
     t = ledger.totals("session:s1")
     assert (t.get_spent(USD), t.get_reserved(USD)) == (100, 800)
 
@@ -210,8 +216,8 @@ async def test_async_twins(ledger: Ledger) -> None:
     )
     granted = [r for r in results if isinstance(r, Reservation)]
     assert len(granted) == 3
-    assert await ledger.asettle(granted[0], {USD: 10}) is True
-    assert await ledger.asettle(granted[0], {USD: 10}) is False
+    assert await ledger.asettle(granted[0], {USD: 10})
+    assert not await ledger.asettle(granted[0], {USD: 10})
     assert await ledger.arelease(granted[1]) is True
     assert await ledger.acharge(caps, {USD: 200}) is not None
     await ledger.aextend("session:async", USD, 1000)

@@ -135,7 +135,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if overran:
             actual["usd"] = held.res.amounts.get("usd", 0) + overrun
         ok = self.ledger.settle(held.res, actual)
-        assert ok is (not held.done)
+        assert bool(ok) is (not held.done)
         if ok:
             held.done = True
             for s in held.res.scopes:
@@ -147,7 +147,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(held=holds)
     def settle_again_counts_nothing(self, held: Held) -> None:
         if held.done:
-            assert self.ledger.settle(held.res, {"usd": 5}) is False
+            assert not self.ledger.settle(held.res, {"usd": 5})
             assert self.ledger.release(held.res) is False
 
     @rule(held=consumes(holds))

@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
+from langchain_core.runnables.config import var_child_runnable_config
 
-from ..errors import BudgetExceeded
+from ..errors import BudgetExceeded, GuardError
 from ..guard import Admission, Guard, ModelCall
 from ..ledger import Ledger
 from ..limits import Limits
@@ -111,6 +113,9 @@ class GuardCallbackHandler(BaseCallbackHandler):
         self.count_tools = count_tools
         self._runs: dict[UUID, _Run] = {}
         self._lock = threading.Lock()
+        # parent run id -> the refusal raised under it: a sibling call under the same
+        # parent (a with_fallbacks fallback, a retry) is refused the same way
+        self._refused: OrderedDict[UUID, GuardError] = OrderedDict()
 
     # -- model calls -------------------------------------------------------------
 
@@ -138,9 +143,25 @@ class GuardCallbackHandler(BaseCallbackHandler):
             node=meta.get("langgraph_node"),
             tags=tuple(tags or ()),
         )
-        admission = self.guard.before_model_call(call)
+        admission = self._admit(call, parent_run_id)
         with self._lock:
             self._runs[run_id] = _Run(admission)
+
+    def _admit(self, call: ModelCall, parent_run_id: UUID | None) -> Admission:
+        enclosing = _enclosing_run(parent_run_id)
+        if enclosing is not None:
+            refused = self._refused.get(enclosing)
+            if refused is not None:
+                raise refused
+        try:
+            return self.guard.before_model_call(call)
+        except GuardError as exc:
+            if enclosing is not None:
+                with self._lock:
+                    self._refused[enclosing] = exc
+                    while len(self._refused) > 1024:
+                        self._refused.popitem(last=False)
+            raise
 
     def on_llm_start(
         self,
@@ -167,7 +188,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
             node=meta.get("langgraph_node"),
             tags=tuple(tags or ()),
         )
-        admission = self.guard.before_model_call(call)
+        admission = self._admit(call, parent_run_id)
         with self._lock:
             self._runs[run_id] = _Run(admission)
 
@@ -251,7 +272,9 @@ class GuardCallbackHandler(BaseCallbackHandler):
         if not self.count_tools:
             return
         name = (serialized or {}).get("name") or kwargs.get("name")
-        self.guard.before_tool_call(session_from_metadata(metadata, self.session_id), name)
+        args: Any = inputs if inputs is not None else input_str
+        self.guard.before_tool_call(session_from_metadata(metadata, self.session_id), name,
+                                    args)
 
     # -- reading usage from a result ----------------------------------------------
 
@@ -291,6 +314,19 @@ class GuardCallbackHandler(BaseCallbackHandler):
                 counted += self.guard.tokens.count_text(generation.text or "", model)
         # no usage, or "0 tokens" for a call that may have produced output: count it
         return None, response_model, cache_hit, max(counted, run.streamed_tokens)
+
+
+def _enclosing_run(parent_run_id: UUID | None) -> UUID | None:
+    """The run a model call happens in: its parent, or, when LangChain passed the
+    caller's config on unchanged (``with_fallbacks`` does), the run that set the
+    current child config."""
+    if parent_run_id is not None:
+        return parent_run_id
+    config = var_child_runnable_config.get()
+    manager = config.get("callbacks") if config else None
+    if isinstance(manager, BaseCallbackManager):
+        return manager.parent_run_id
+    return None
 
 
 def _generations(response: LLMResult) -> list[Any]:

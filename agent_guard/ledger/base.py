@@ -38,6 +38,7 @@ __all__ = [
     "Reservation",
     "ScopeCaps",
     "ScopeTotals",
+    "Settlement",
     "new_reservation_id",
 ]
 
@@ -80,6 +81,19 @@ class Denial:
 
     def __bool__(self) -> bool:  # a Denial is a "no"
         return False
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What a settle did: truthy if it counted now (False if the reservation was
+    already finished). ``spent`` is each scope's spent total, after this settle, of
+    the dimensions it settled (empty when it counted nothing)."""
+
+    counted: bool
+    spent: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return self.counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,8 +163,8 @@ class Ledger(ABC):
         """Hold ``amounts`` on every scope, or on none and say why."""
 
     @abstractmethod
-    def settle(self, reservation: Reservation, actual: Mapping[str, int]) -> bool:
-        """Replace the hold by what was actually spent. True if counted now, False if
+    def settle(self, reservation: Reservation, actual: Mapping[str, int]) -> Settlement:
+        """Replace the hold by what was actually spent. Truthy if counted now, falsy if
         this reservation was already settled or released."""
 
     @abstractmethod
@@ -193,7 +207,7 @@ class Ledger(ABC):
             reservation_id=reservation_id,
         )
 
-    async def asettle(self, reservation: Reservation, actual: Mapping[str, int]) -> bool:
+    async def asettle(self, reservation: Reservation, actual: Mapping[str, int]) -> Settlement:
         return await asyncio.to_thread(self.settle, reservation, actual)
 
     async def arelease(self, reservation: Reservation) -> bool:

@@ -20,6 +20,7 @@ from .base import (
     Reservation,
     ScopeCaps,
     ScopeTotals,
+    Settlement,
     check_amounts,
     first_denial,
     new_reservation_id,
@@ -108,17 +109,20 @@ class MemoryLedger(Ledger):
             heapq.heappush(self._leases, (res.expires_at, rid))
             return res
 
-    def settle(self, reservation: Reservation, actual: Mapping[str, int]) -> bool:
+    def settle(self, reservation: Reservation, actual: Mapping[str, int]) -> Settlement:
         check_amounts(actual)
         with self._lock:
             if reservation.id in self._done:
-                return False
+                return Settlement(False)
             held = self._open.pop(reservation.id, None)
             if held is not None:
                 self._unhold(held)
             self._add_spent(reservation.scopes, actual)
             self._done[reservation.id] = self._clock()
-            return True
+            return Settlement(True, {
+                scope: {dim: self._scopes[scope].spent[dim] for dim in actual}
+                for scope in reservation.scopes
+            })
 
     def release(self, reservation: Reservation) -> bool:
         with self._lock:
@@ -170,7 +174,7 @@ class MemoryLedger(Ledger):
         return self.reserve(scopes, amounts, lease_seconds=lease_seconds,
                             reservation_id=reservation_id)
 
-    async def asettle(self, reservation: Reservation, actual: Mapping[str, int]) -> bool:
+    async def asettle(self, reservation: Reservation, actual: Mapping[str, int]) -> Settlement:
         return self.settle(reservation, actual)
 
     async def arelease(self, reservation: Reservation) -> bool:

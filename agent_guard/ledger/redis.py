@@ -38,6 +38,7 @@ from .base import (
     Reservation,
     ScopeCaps,
     ScopeTotals,
+    Settlement,
     check_amounts,
     new_reservation_id,
 )
@@ -155,11 +156,11 @@ class RedisLedger(Ledger):
             raise self._unavailable(exc) from exc
         return self._reserved(reply, scopes, amounts, rid)
 
-    def settle(self, reservation: Reservation, actual: Mapping[str, int]) -> bool:
+    def settle(self, reservation: Reservation, actual: Mapping[str, int]) -> Settlement:
         _check_bound(actual)
         keys, args = self._finish_call("settle", reservation, actual)
         try:
-            return bool(int(self._finish(keys=keys, args=args)))
+            return _settlement(reservation, self._finish(keys=keys, args=args))
         except _UNAVAILABLE as exc:
             raise self._unavailable(exc) from exc
 
@@ -242,12 +243,12 @@ class RedisLedger(Ledger):
             raise self._unavailable(exc) from exc
         return self._reserved(reply, scopes, amounts, rid)
 
-    async def asettle(self, reservation: Reservation, actual: Mapping[str, int]) -> bool:
+    async def asettle(self, reservation: Reservation, actual: Mapping[str, int]) -> Settlement:
         _check_bound(actual)
         _, finish, _ = self._async()
         keys, args = self._finish_call("settle", reservation, actual)
         try:
-            return bool(int(await finish(keys=keys, args=args)))
+            return _settlement(reservation, await finish(keys=keys, args=args))
         except _UNAVAILABLE as exc:
             raise self._unavailable(exc) from exc
 
@@ -300,6 +301,18 @@ def _denial(reply: list[Any], scopes: Sequence[ScopeCaps]) -> Denial:
         x.decode() if isinstance(x, bytes) else x for x in reply)
     return Denial(scopes[int(index) - 1].scope, str(dim), int(cap), int(spent), int(reserved),
                   int(want))
+
+
+def _settlement(reservation: Reservation, reply: Any) -> Settlement:
+    """finish.lua answers 0, or {1, '[{dim: spent, ...} per scope]'}."""
+    if not isinstance(reply, list):
+        return Settlement(False)
+    raw = reply[1].decode() if isinstance(reply[1], bytes) else reply[1]
+    per_scope = json.loads(raw) if raw not in ("", "{}") else []
+    return Settlement(True, {
+        scope: {d: int(v) for d, v in values.items()}
+        for scope, values in zip(reservation.scopes, per_scope, strict=False)
+    })
 
 
 def _totals(scope: str, raw: Mapping[Any, Any]) -> ScopeTotals:

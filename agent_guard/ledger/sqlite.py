@@ -25,6 +25,7 @@ from .base import (
     Reservation,
     ScopeCaps,
     ScopeTotals,
+    Settlement,
     check_amounts,
     first_denial,
     new_reservation_id,
@@ -217,14 +218,17 @@ class SQLiteLedger(Ledger):
             )
             return res
 
-    def settle(self, reservation: Reservation, actual: Mapping[str, int]) -> bool:
+    def settle(self, reservation: Reservation, actual: Mapping[str, int]) -> Settlement:
         check_amounts(actual)
         with self._transaction() as db:
             already, _ = self._finish(db, reservation.id)
             if already:
-                return False
+                return Settlement(False)
             self._add(db, reservation.scopes, actual, spent=1)
-            return True
+            return Settlement(True, {
+                scope: {d: v for d, v in self._totals(db, scope).spent.items() if d in actual}
+                for scope in reservation.scopes
+            })
 
     def release(self, reservation: Reservation) -> bool:
         with self._transaction() as db:

@@ -6,8 +6,9 @@
 -- expiry still knows where to add)
 -- ARGV[1] actual JSON {dim: "amount"}, ARGV[2] reservation id,
 -- ARGV[3] seconds to remember the id as done, ARGV[4] mode: "settle" | "release"
--- Returns 1 if this call counted, 0 if the reservation was already finished
--- (release after expiry: 0, nothing was held any more).
+-- Returns 0 if the reservation was already finished (release after expiry: 0, nothing
+-- was held any more); a release that counted returns 1; a settle that counted returns
+-- {1, JSON list of {dim: spent after} per scope}.
 
 if redis.call('EXISTS', KEYS[3]) == 1 then
   return 0
@@ -30,9 +31,12 @@ if ARGV[4] == 'release' then
   return held
 end
 local actual = cjson.decode(ARGV[1])
+local after = {}
 for i = 4, #KEYS do
+  local spent = {}
   for dim, amt in pairs(actual) do
-    redis.call('HINCRBY', KEYS[i], 's:' .. dim, amt)
+    spent[dim] = tostring(redis.call('HINCRBY', KEYS[i], 's:' .. dim, amt))
   end
+  after[#after + 1] = spent
 end
-return 1
+return {1, cjson.encode(after)}
