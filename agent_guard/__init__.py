@@ -15,6 +15,8 @@ from .errors import (
 )
 from .guard import Admission, Guard, ModelCall, ThresholdEvent
 from .langchain.callback import GuardCallbackHandler, OutputCapExceeded
+from .langchain.middleware import GuardMiddleware
+from .langgraph.graph import GuardedStateGraph, budget_gate, guarded_graph
 from .ledger import Ledger, from_url
 from .limits import Limits
 from .pricing import CostBreakdown, ModelPrice, PriceBook
@@ -32,6 +34,8 @@ __all__ = [
     "Guard",
     "GuardCallbackHandler",
     "GuardError",
+    "GuardMiddleware",
+    "GuardedStateGraph",
     "Ledger",
     "LedgerUnavailable",
     "Limits",
@@ -48,5 +52,7 @@ __all__ = [
     "UnknownModelPrice",
     "Usage",
     "__version__",
+    "budget_gate",
     "from_url",
+    "guarded_graph",
 ]

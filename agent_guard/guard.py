@@ -299,15 +299,29 @@ class Guard:
         return SessionUsage.from_totals(session, await self.ledger.atotals(scope),
                                         self.limits.max_cost_nano)
 
-    def extend(self, session: str, *, usd: Any = None, tokens: int | None = None) -> None:
+    def extend(
+        self,
+        session: str,
+        *,
+        usd: Any = None,
+        tokens: int | None = None,
+        steps: int | None = None,
+        model_calls: int | None = None,
+        tool_calls: int | None = None,
+    ) -> None:
         """Raise this session's caps at run time (e.g. after a human approved more)."""
         from .usage import usd_to_nano
 
         scope = self.scopes(session)[0].scope
         if usd is not None:
             self.ledger.extend(scope, Dimension.USD_NANO, usd_to_nano(usd))
-        if tokens is not None:
-            self.ledger.extend(scope, Dimension.TOKENS, int(tokens))
+        for dim, value in ((Dimension.TOKENS, tokens), (Dimension.STEPS, steps),
+                           (Dimension.MODEL_CALLS, model_calls),
+                           (Dimension.TOOL_CALLS, tool_calls)):
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise TypeError(f"extend {dim} must be an int, got {value!r}")
+                self.ledger.extend(scope, dim, value)
 
     def close(self) -> None:
         self.ledger.close()

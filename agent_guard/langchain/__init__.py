@@ -1,5 +1,7 @@
-"""LangChain adapters: the callback handler (and, later, the agent middleware)."""
+"""LangChain adapters: the callback handler and the create_agent middleware."""
 
 from .callback import GuardCallbackHandler, OutputCapExceeded, session_from_metadata
+from .middleware import GuardMiddleware
 
-__all__ = ["GuardCallbackHandler", "OutputCapExceeded", "session_from_metadata"]
+__all__ = ["GuardCallbackHandler", "GuardMiddleware", "OutputCapExceeded",
+           "session_from_metadata"]

@@ -1,0 +1,277 @@
+"""``GuardMiddleware``: the guard inside LangChain v1's ``create_agent``.
+
+- ``before_model`` counts a step and, after a tool refusal in ``end`` mode,
+  jumps to the end with the explanation.
+- ``wrap_model_call`` reserves the call's worst case before the model runs
+  (and, when the budget is short, lowers the call's ``max_tokens`` to what
+  fits), then settles from the answer's usage.
+- ``wrap_tool_call`` counts the tool call (per tool, and identical repeats)
+  before the tool runs.
+
+Use it *instead of* :class:`GuardCallbackHandler` on the same agent, not with
+it, or each model call is counted twice. It sees the agent's own model and
+tool calls; model calls made elsewhere (inside tools, by other middleware) are
+seen only by the callback handler.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from langchain.agents.middleware import AgentMiddleware, AgentState, ModelRequest, hook_config
+from langchain.agents.middleware.types import ModelResponse
+from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from langgraph.config import get_config
+from langgraph.prebuilt.tool_node import ToolCallRequest
+from langgraph.runtime import Runtime
+from langgraph.types import Command, interrupt
+
+from ..actions import (
+    OnExceed,
+    apply_resume,
+    check_on_exceed,
+    interrupt_payload,
+    stop_message,
+    wants_stop,
+)
+from ..errors import GuardError
+from ..guard import Admission, Guard, ModelCall
+from ..ledger import Ledger
+from ..limits import Limits
+from ..usage import MalformedUsage, Usage
+
+__all__ = ["GuardMiddleware"]
+
+
+def _session(default: str | None) -> str:
+    from ..langgraph.graph import session_of
+
+    try:
+        config = get_config()
+    except RuntimeError:
+        config = {}
+    return session_of(config, default)
+
+
+def _answer(response: Any) -> AIMessage | None:
+    result = getattr(response, "model_response", response)  # ExtendedModelResponse
+    if isinstance(result, AIMessage):
+        return result
+    for message in getattr(result, "result", None) or ():
+        if isinstance(message, AIMessage):
+            return message
+    return None
+
+
+class GuardMiddleware(AgentMiddleware):
+    """Caps, step limits and an action at the cap for a ``create_agent`` agent.
+
+    ``on_exceed``: ``"raise"`` (default), ``"end"`` (the agent answers with the
+    reason and stops), or ``"interrupt"`` (pause; resume with
+    ``Command(resume={"extend_usd": 1.0})`` or ``{"stop": True}``).
+    ``shrink_to_fit`` lowers a call's ``max_tokens`` to what the budget still
+    covers (down to ``Limits.min_output_tokens``) instead of refusing it.
+    """
+
+    def __init__(
+        self,
+        guard: Guard | None = None,
+        *,
+        limits: Limits | None = None,
+        ledger: str | Ledger | None = None,
+        on_exceed: OnExceed = "raise",
+        session_id: str | None = None,
+        shrink_to_fit: bool = True,
+    ) -> None:
+        super().__init__()
+        if guard is None:
+            guard = Guard(limits=limits, ledger=ledger if ledger is not None else "memory://")
+        elif limits is not None or ledger is not None:
+            raise ValueError("pass either guard=... or limits=/ledger=..., not both")
+        self.guard = guard
+        self.on_exceed = check_on_exceed(on_exceed)
+        self.session_id = session_id
+        self.shrink_to_fit = shrink_to_fit
+        self._stopped: dict[str, GuardError] = {}  # session -> tool refusal to end on
+        self._lock = threading.Lock()
+
+    # -- steps and the end jump ------------------------------------------------------
+
+    def _stop_pending(self, session: str) -> dict[str, Any] | None:
+        with self._lock:
+            exc = self._stopped.pop(session, None)
+        if exc is None:
+            return None
+        return {"jump_to": "end", "messages": [stop_message(exc)]}
+
+    @hook_config(can_jump_to=["end"])
+    def before_model(self, state: AgentState, runtime: Runtime) -> dict[str, Any] | None:
+        session = _session(self.session_id)
+        pending = self._stop_pending(session)
+        if pending is not None:
+            return pending
+        while True:
+            try:
+                self.guard.before_step(session)
+                return None
+            except GuardError as exc:
+                if not self._retry_after(exc, session):
+                    return {"jump_to": "end", "messages": [stop_message(exc)]}
+
+    @hook_config(can_jump_to=["end"])
+    async def abefore_model(self, state: AgentState, runtime: Runtime
+                            ) -> dict[str, Any] | None:
+        session = _session(self.session_id)
+        pending = self._stop_pending(session)
+        if pending is not None:
+            return pending
+        while True:
+            try:
+                await self.guard.abefore_step(session)
+                return None
+            except GuardError as exc:
+                if not self._retry_after(exc, session):
+                    return {"jump_to": "end", "messages": [stop_message(exc)]}
+
+    def _retry_after(self, exc: GuardError, session: str) -> bool:
+        """Apply the action; True means the caps were raised and the call may go on."""
+        if self.on_exceed == "raise":
+            raise exc
+        if self.on_exceed == "end":
+            return False
+        resume = interrupt(interrupt_payload(exc, "model"))
+        apply_resume(self.guard, session, resume)
+        return not wants_stop(resume)
+
+    # -- model calls -------------------------------------------------------------------
+
+    def _describe(self, request: ModelRequest, session: str) -> ModelCall:
+        model = request.model
+        ls = model._get_ls_params(**request.model_settings)
+        settings = request.model_settings
+        max_out = (settings.get("max_tokens") or settings.get("max_completion_tokens")
+                   or ls.get("ls_max_tokens"))
+        messages = ([request.system_message] if request.system_message else []) + list(
+            request.messages)
+        tools = [t if isinstance(t, dict) else convert_to_openai_tool(t)
+                 for t in request.tools] or None
+        return ModelCall(
+            session=session,
+            model=str(ls.get("ls_model_name") or getattr(model, "model_name", None)
+                      or getattr(model, "model", None) or "unknown"),
+            provider=ls.get("ls_provider"),
+            messages=messages,
+            tools=tools,
+            max_output_tokens=max_out if isinstance(max_out, int) else None,
+            node="model",
+            can_shrink=self.shrink_to_fit,
+        )
+
+    def _admit(self, request: ModelRequest, session: str
+               ) -> tuple[Admission | None, ModelRequest, Any]:
+        """(admission, request to send, or the response to return instead)."""
+        while True:
+            try:
+                admission = self.guard.before_model_call(self._describe(request, session))
+                break
+            except GuardError as exc:
+                if not self._retry_after(exc, session):
+                    return None, request, ModelResponse(result=[stop_message(exc)])
+        if admission.shrunk:
+            request = request.override(model_settings={
+                **request.model_settings, "max_tokens": admission.max_output_tokens})
+        return admission, request, None
+
+    def _settle(self, admission: Admission, response: Any) -> None:
+        message = _answer(response)
+        usage: Usage | None = None
+        counted = 0
+        cache_hit = False
+        model = None
+        if message is not None:
+            um = message.usage_metadata
+            model = (message.response_metadata or {}).get("model_name")
+            if um is not None:
+                cache_hit = um.get("total_cost") == 0  # type: ignore[comparison-overlap]
+                try:
+                    usage = Usage.from_usage_metadata(um)
+                except MalformedUsage:
+                    usage = None
+            if usage is None or (usage.total_tokens == 0 and not cache_hit):
+                usage = None
+                counted = self.guard.tokens.count_output(message, admission.call.model)
+        self.guard.after_model_call(admission, usage, output_tokens=counted,
+                                    response_model=model, cache_hit=cache_hit)
+
+    def wrap_model_call(self, request: ModelRequest,
+                        handler: Callable[[ModelRequest], Any]) -> Any:
+        session = _session(self.session_id)
+        admission, request, instead = self._admit(request, session)
+        if admission is None:
+            return instead
+        try:
+            response = handler(request)
+        except BaseException:
+            self.guard.model_call_failed(admission)
+            raise
+        self._settle(admission, response)
+        return response
+
+    async def awrap_model_call(self, request: ModelRequest,
+                               handler: Callable[[ModelRequest], Awaitable[Any]]) -> Any:
+        session = _session(self.session_id)
+        admission, request, instead = self._admit(request, session)
+        if admission is None:
+            return instead
+        try:
+            response = await handler(request)
+        except BaseException:
+            await self.guard.amodel_call_failed(admission)
+            raise
+        self._settle(admission, response)
+        return response
+
+    # -- tool calls ---------------------------------------------------------------------
+
+    def _tool_refused(self, exc: GuardError, request: ToolCallRequest, session: str
+                      ) -> ToolMessage | None:
+        """None to retry (caps raised), or the ToolMessage to answer with."""
+        if self._retry_after(exc, session):
+            return None
+        with self._lock:
+            self._stopped[session] = exc  # before_model ends the run with the reason
+        call = request.tool_call
+        return ToolMessage(content=f"Not run: {exc}", tool_call_id=call["id"] or "",
+                           name=call["name"], status="error")
+
+    def wrap_tool_call(self, request: ToolCallRequest,
+                       handler: Callable[[ToolCallRequest], ToolMessage | Command]
+                       ) -> ToolMessage | Command:
+        session = _session(self.session_id)
+        call = request.tool_call
+        while True:
+            try:
+                self.guard.before_tool_call(session, call["name"], call.get("args", {}))
+                return handler(request)
+            except GuardError as exc:
+                answer = self._tool_refused(exc, request, session)
+                if answer is not None:
+                    return answer
+
+    async def awrap_tool_call(self, request: ToolCallRequest,
+                              handler: Callable[[ToolCallRequest],
+                                                Awaitable[ToolMessage | Command]]
+                              ) -> ToolMessage | Command:
+        session = _session(self.session_id)
+        call = request.tool_call
+        while True:
+            try:
+                await self.guard.abefore_tool_call(session, call["name"], call.get("args", {}))
+                return await handler(request)
+            except GuardError as exc:
+                answer = self._tool_refused(exc, request, session)
+                if answer is not None:
+                    return answer
