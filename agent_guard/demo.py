@@ -67,6 +67,7 @@ class DemoResult:
     stopped_by: GuardError | None = None
     total_usd: Decimal = Decimal(0)
     tool_calls: int = 0
+    thresholds: list[str] = field(default_factory=list)
 
 
 def run_demo(
@@ -82,6 +83,7 @@ def run_demo(
     # LangChain logs every exception a callback raises before re-raising it; the demo
     # shows the refusal itself below.
     logging.getLogger("langchain_core.callbacks.manager").setLevel(logging.ERROR)
+    logging.getLogger("agent_guard").setLevel(logging.ERROR)  # thresholds are shown below
     result = DemoResult()
     guard = Guard(Limits(max_cost_usd=cap_usd, max_tool_calls=100), ledger=ledger)
     cap = Decimal(cap_usd)
@@ -102,6 +104,9 @@ def run_demo(
                       f"${record.cost_usd:.6f}", f"${spent:.6f}", f"${cap - spent:.6f}")
 
     guard.add_record_hook(show)
+    guard.add_threshold_hook(
+        lambda e: result.thresholds.append(f"{e.threshold:.0%} of the cap crossed at call "
+                                           f"{len(result.records)}"))
     llm = ScriptedChatModel(model_name=model, respond=_runaway, max_tokens=512,
                             cached_fraction=0.6)
     agent = create_agent(llm, [search_orders, read_policy], system_prompt=SYSTEM_PROMPT)
@@ -117,6 +122,8 @@ def run_demo(
     result.total_usd = usage.cost_usd
     result.tool_calls = usage.tool_calls
     console.print(table)
+    for line in result.thresholds:
+        console.print(f"[yellow]soft threshold:[/yellow] {line}")
     if result.stopped_by is not None:
         console.print(Panel(str(result.stopped_by), title="stopped by agent-guard",
                             border_style="red"))

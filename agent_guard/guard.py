@@ -202,12 +202,14 @@ class Guard:
             admission, usage, output_tokens, response_model,
             "cache_hit" if cache_hit else "ok",
         )
+        settled = None
         if amounts is None:
             self.ledger.release(admission.reservation)
         else:
-            self._check_thresholds(admission.call.session,
-                                   self.ledger.settle(admission.reservation, amounts))
+            settled = self.ledger.settle(admission.reservation, amounts)
         self._emit(record)
+        if settled is not None:
+            self._check_thresholds(admission.call.session, settled)
         return record
 
     async def aafter_model_call(
@@ -223,12 +225,14 @@ class Guard:
             admission, usage, output_tokens, response_model,
             "cache_hit" if cache_hit else "ok",
         )
+        settled = None
         if amounts is None:
             await self.ledger.arelease(admission.reservation)
         else:
-            self._check_thresholds(admission.call.session,
-                                   await self.ledger.asettle(admission.reservation, amounts))
+            settled = await self.ledger.asettle(admission.reservation, amounts)
         self._emit(record)
+        if settled is not None:
+            self._check_thresholds(admission.call.session, settled)
         return record
 
     def model_call_failed(self, admission: Admission, *, output_tokens: int = 0) -> CallRecord:
@@ -236,12 +240,14 @@ class Guard:
         (and so paid for), settle what was streamed, marked as estimated."""
         outcome: Outcome = "aborted" if output_tokens > 0 else "error"
         record, amounts = self._settlement(admission, None, output_tokens, None, outcome)
+        settled = None
         if amounts is None:
             self.ledger.release(admission.reservation)
         else:
-            self._check_thresholds(admission.call.session,
-                                   self.ledger.settle(admission.reservation, amounts))
+            settled = self.ledger.settle(admission.reservation, amounts)
         self._emit(record)
+        if settled is not None:
+            self._check_thresholds(admission.call.session, settled)
         return record
 
     async def amodel_call_failed(
@@ -249,12 +255,14 @@ class Guard:
     ) -> CallRecord:
         outcome: Outcome = "aborted" if output_tokens > 0 else "error"
         record, amounts = self._settlement(admission, None, output_tokens, None, outcome)
+        settled = None
         if amounts is None:
             await self.ledger.arelease(admission.reservation)
         else:
-            self._check_thresholds(admission.call.session,
-                                   await self.ledger.asettle(admission.reservation, amounts))
+            settled = await self.ledger.asettle(admission.reservation, amounts)
         self._emit(record)
+        if settled is not None:
+            self._check_thresholds(admission.call.session, settled)
         return record
 
     # -- tools and steps -----------------------------------------------------------------
