@@ -21,6 +21,15 @@ from .ledger import Ledger, from_url
 from .limits import Limits
 from .pricing import CostBreakdown, ModelPrice, PriceBook
 from .records import CallRecord, SessionUsage
+from .routing import (
+    ModelRouter,
+    RouteDecision,
+    Rule,
+    has_tools,
+    mentions,
+    prompt_tokens_above,
+    when,
+)
 from .tokens import TokenCounter
 from .usage import MalformedUsage, Usage
 
@@ -43,8 +52,11 @@ __all__ = [
     "MalformedUsage",
     "ModelCall",
     "ModelPrice",
+    "ModelRouter",
     "OutputCapExceeded",
     "PriceBook",
+    "RouteDecision",
+    "Rule",
     "SessionUsage",
     "StepLimitExceeded",
     "ThresholdEvent",
@@ -55,4 +67,8 @@ __all__ = [
     "budget_gate",
     "from_url",
     "guarded_graph",
+    "has_tools",
+    "mentions",
+    "prompt_tokens_above",
+    "when",
 ]

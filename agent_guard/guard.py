@@ -88,6 +88,8 @@ class ModelCall:
     node: str | None = None
     tags: tuple[str, ...] = ()
     can_shrink: bool = False
+    tier: str | None = None
+    route: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +160,11 @@ class Guard:
         return [ScopeCaps(f"session:{session}", caps)]
 
     # -- model calls -----------------------------------------------------------------
+
+    def estimate_model_call(self, call: ModelCall) -> int:
+        """The worst case (nano-USD) the guard would reserve for ``call``; reserves
+        nothing."""
+        return self._plan(call).worst_nano
 
     def before_model_call(self, call: ModelCall) -> Admission:
         """Reserve the call's worst case, or raise before anything is spent."""
@@ -492,6 +499,8 @@ class Guard:
             max_output_tokens=admission.max_output_tokens,
             node=call.node,
             tags=call.tags,
+            tier=call.tier,
+            route=call.route,
         )
 
     def _emit(self, record: CallRecord) -> None:

@@ -24,6 +24,7 @@ class CallRecord:
     tokens itself; the call is never recorded at $0 for that reason.
     ``unpriced`` is True when the model had no price and the policy let it
     through at $0. ``saved_nano`` is what a cache hit would have cost.
+    ``tier`` and ``route`` say which router tier took the call and why.
     """
 
     session: str
@@ -42,6 +43,8 @@ class CallRecord:
     max_output_tokens: int | None = None
     node: str | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
+    tier: str | None = None
+    route: str | None = None
 
     @property
     def cost_usd(self) -> Decimal:

@@ -142,6 +142,8 @@ class GuardCallbackHandler(BaseCallbackHandler):
             run_id=str(run_id),
             node=meta.get("langgraph_node"),
             tags=tuple(tags or ()),
+            tier=meta.get("agent_guard_tier"),
+            route=meta.get("agent_guard_route"),
         )
         admission = self._admit(call, parent_run_id)
         with self._lock:

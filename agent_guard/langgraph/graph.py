@@ -174,6 +174,7 @@ def guarded_graph(
     ledger: str | Ledger | None = None,
     on_exceed: OnExceed = "raise",
     session_id: str | None = None,
+    router: Any = None,
     **compile_kwargs: Any,
 ) -> GuardedStateGraph:
     """Compile ``graph`` (a ``StateGraph`` builder, or a compiled graph whose builder,
@@ -181,13 +182,17 @@ def guarded_graph(
 
     The session is the run's ``thread_id`` (else ``metadata["session_id"]``, else
     ``session_id``); caps hold across invocations of a thread. ``compile_kwargs``
-    go to ``StateGraph.compile`` (e.g. ``checkpointer=``).
+    go to ``StateGraph.compile`` (e.g. ``checkpointer=``). A ``router``
+    (:class:`~agent_guard.routing.ModelRouter`) used by the nodes is given this
+    guard, so it can step down to a cheaper tier when the budget runs short.
     """
     on_exceed = check_on_exceed(on_exceed)
     if guard is None:
         guard = Guard(limits=limits, ledger=ledger if ledger is not None else "memory://")
     elif limits is not None or ledger is not None:
         raise ValueError("pass either guard=... or limits=/ledger=..., not both")
+    if router is not None and getattr(router, "guard", None) is None:
+        router.guard = guard
     base_config: dict[str, Any] = {}
     if isinstance(graph, CompiledStateGraph):
         builder = graph.builder
