@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import threading
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables.config import merge_configs
 from langgraph._internal._runnable import RunnableCallable
 from langgraph.graph import END, StateGraph
 from langgraph.graph.state import CompiledStateGraph
-from langgraph.types import Command, interrupt
+from langgraph.types import CachePolicy, Command, interrupt
 
 from ..actions import (
     OnExceed,
@@ -32,6 +34,8 @@ from ..actions import (
     stop_message,
     wants_stop,
 )
+from ..cache.node import NodeCache, content_key, tenant_scope
+from ..cache.result import ResultCache
 from ..errors import GuardError
 from ..guard import Guard
 from ..langchain.callback import GuardCallbackHandler, session_from_metadata
@@ -151,19 +155,27 @@ class GuardedStateGraph(CompiledStateGraph):
         return Command(graph=input.graph, update=input.update, goto=input.goto,
                        resume={i.id: value for i in guard_pending})
 
+    def _tenant(self, config: RunnableConfig | None) -> str:
+        """The run's tenant, for node cache keys (see :mod:`agent_guard.cache.node`)."""
+        if isinstance(self.cache, NodeCache):
+            return self.cache.results.tenant_from(merge_configs(self.config, config))
+        return "_default"
+
     def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
                ) -> Any:
         if isinstance(input, Command) and input.resume is not None and self.checkpointer:
             input = self._normalise(input, config, self.get_state(config or {}).interrupts)
-        return super().stream(input, config, **kwargs)
+        with tenant_scope(self._tenant(config)):
+            yield from super().stream(input, config, **kwargs)
 
     async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
                       ) -> Any:
         if isinstance(input, Command) and input.resume is not None and self.checkpointer:
             snapshot = await self.aget_state(config or {})
             input = self._normalise(input, config, snapshot.interrupts)
-        async for chunk in super().astream(input, config, **kwargs):
-            yield chunk
+        with tenant_scope(self._tenant(config)):
+            async for chunk in super().astream(input, config, **kwargs):
+                yield chunk
 
 
 def guarded_graph(
@@ -175,6 +187,9 @@ def guarded_graph(
     on_exceed: OnExceed = "raise",
     session_id: str | None = None,
     router: Any = None,
+    cache: ResultCache | None = None,
+    cache_nodes: Mapping[str, str] | None = None,
+    cache_ignore: Sequence[str] = (),
     **compile_kwargs: Any,
 ) -> GuardedStateGraph:
     """Compile ``graph`` (a ``StateGraph`` builder, or a compiled graph whose builder,
@@ -185,6 +200,11 @@ def guarded_graph(
     go to ``StateGraph.compile`` (e.g. ``checkpointer=``). A ``router``
     (:class:`~agent_guard.routing.ModelRouter`) used by the nodes is given this
     guard, so it can step down to a cheaper tier when the budget runs short.
+
+    ``cache_nodes`` maps node names to TTL classes of ``cache``: those nodes'
+    results are cached by the *content* of their input (message ids and the
+    state keys in ``cache_ignore`` do not count) and per tenant, so a repeated
+    sub-task is answered without running (or paying for) it again.
     """
     on_exceed = check_on_exceed(on_exceed)
     if guard is None:
@@ -221,6 +241,20 @@ def guarded_graph(
                           explained, lock)
         runnable = RunnableCallable(node.invoke, node.ainvoke, name=name, trace=False)
         wrapped.nodes[name] = dataclasses.replace(spec, runnable=runnable)
+    if cache_nodes:
+        if cache is None:
+            raise ValueError("cache_nodes needs cache=ResultCache(...)")
+        unknown = set(cache_nodes) - set(builder.nodes)
+        if unknown:
+            raise ValueError(f"cache_nodes names unknown nodes {sorted(unknown)}")
+        key_func = functools.partial(content_key, ignore=tuple(cache_ignore))
+        for name, ttl_class in cache_nodes.items():
+            ttl = cache.ttl_for(ttl_class)
+            if cache.cacheable(ttl_class):
+                wrapped.nodes[name] = dataclasses.replace(
+                    wrapped.nodes[name],
+                    cache_policy=CachePolicy(key_func=key_func, ttl=int(ttl) if ttl else None))
+        compile_kwargs["cache"] = NodeCache(cache)
     compiled = wrapped.compile(**compile_kwargs)
     compiled.__class__ = GuardedStateGraph
     callbacks = list(base_config.get("callbacks") or [])

@@ -1,0 +1,232 @@
+"""LLM answer caches for LangChain chat models: exact, and semantic over any Embeddings.
+
+Both implement ``langchain_core.caches.BaseCache`` (``model.cache = ...`` or
+``set_llm_cache``). Generations are stored as LangChain's JSON serialisation
+and read back with ``langchain_core.load.loads`` restricted to core objects;
+nothing is unpickled. Keys carry the namespace and the tenant (``for_tenant``,
+or the ``tenant`` metadata of the graph node making the call).
+
+A cache hit makes LangChain replay the callbacks with the original token
+counts and ``total_cost: 0``; the guard sees that, charges nothing and records
+what the hit saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from langchain_core._api.beta_decorator import LangChainBetaWarning
+from langchain_core.caches import RETURN_VAL_TYPE, BaseCache
+from langchain_core.embeddings import Embeddings
+from langchain_core.load import dumps, loads
+from langchain_core.runnables.config import var_child_runnable_config
+
+from .store import KVStore, key_part, store_from_url
+
+__all__ = ["LLMCache", "SemanticLLMCache", "calibrate"]
+
+# langchain_core marks its JSON (de)serialiser as beta; it is what its own caches use
+warnings.filterwarnings("ignore", message=r"The function `(loads|dumps)` is in beta",
+                        category=LangChainBetaWarning)
+
+
+def _digest(*parts: str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+class LLMCache(BaseCache):
+    """Exact LLM cache: same prompt, same model and parameters (``llm_string``)."""
+
+    def __init__(self, store: str | KVStore = "memory://", *, namespace: str = "default",
+                 ttl: float | None = None, tenant: str | None = None,
+                 tenant_key: str = "tenant") -> None:
+        self.store = store_from_url(store)
+        self.namespace = namespace
+        self.ttl = ttl
+        self.tenant = tenant
+        self.tenant_key = tenant_key
+        self.root = f"agc:{{{key_part(namespace)}}}:llm:"
+
+    def for_tenant(self, tenant: str) -> LLMCache:
+        """The same cache, seen by one tenant only."""
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view.tenant = tenant
+        return view
+
+    def _tenant(self) -> str:
+        if self.tenant is not None:
+            return self.tenant
+        config = var_child_runnable_config.get() or {}
+        value = (config.get("metadata") or {}).get(self.tenant_key)
+        return str(value) if value not in (None, "") else "_default"
+
+    def _prefix(self) -> str:
+        return f"{self.root}t={key_part(self._tenant())}:"
+
+    def _key(self, prompt: str, llm_string: str) -> str:
+        return self._prefix() + "x:" + _digest(prompt, llm_string)
+
+    @staticmethod
+    def _encode(return_val: RETURN_VAL_TYPE) -> str:
+        return dumps(list(return_val))
+
+    @staticmethod
+    def _decode(raw: str | None) -> RETURN_VAL_TYPE | None:
+        if raw is None:
+            return None
+        return loads(raw, allowed_objects="core")
+
+    def lookup(self, prompt: str, llm_string: str) -> RETURN_VAL_TYPE | None:
+        return self._decode(self.store.get(self._key(prompt, llm_string)))
+
+    def update(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
+        self.store.set(self._key(prompt, llm_string), self._encode(return_val), self.ttl)
+
+    def clear(self, **kwargs: Any) -> None:
+        """Forget this namespace's answers (every tenant's)."""
+        self.store.delete_prefix(self.root)
+
+
+def _free_text(prompt: str) -> str | None:
+    """The text of a prompt made only of plain messages, else None: semantic matching
+    never applies to tool calls or tool results, where near-identical text can mean
+    opposite things ("convert 100 USD to EUR" / "convert 100 EUR to USD")."""
+    try:
+        messages = json.loads(prompt)
+    except ValueError:
+        return prompt  # a plain-text (completion) prompt
+    if not isinstance(messages, list):
+        return None
+    texts = []
+    for m in messages:
+        kwargs = m.get("kwargs", {}) if isinstance(m, dict) else {}
+        kind = (m.get("id") or [""])[-1] if isinstance(m, dict) else ""
+        if "Tool" in kind or kwargs.get("tool_calls") or kwargs.get("tool_call_id"):
+            return None
+        content = kwargs.get("content")
+        if not isinstance(content, str):
+            return None
+        texts.append(content)
+    return "\n".join(texts)
+
+
+def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=False))
+    na = math.sqrt(sum(x * x for x in a))
+    nb = math.sqrt(sum(y * y for y in b))
+    return dot / (na * nb) if na and nb else 0.0
+
+
+class SemanticLLMCache(LLMCache):
+    """Exact first, then the most similar earlier free-text prompt to the same model
+    and parameters, if its cosine similarity is at least ``threshold``.
+
+    The default threshold is conservative (0.95): a wrong hit serves a wrong
+    answer. Use :func:`calibrate` on pairs you have labelled to choose one.
+    Calls whose ``llm_string`` carries tools, and prompts with tool calls or
+    tool results, only ever get exact hits. The vector index is in memory and
+    rebuilt from the store (memory, SQLite or Redis) at most every
+    ``refresh_s`` seconds, so other processes' entries are found too.
+    """
+
+    def __init__(self, embeddings: Embeddings, store: str | KVStore = "memory://", *,
+                 threshold: float = 0.95, namespace: str = "default",
+                 ttl: float | None = None, tenant: str | None = None,
+                 tenant_key: str = "tenant", refresh_s: float = 5.0) -> None:
+        super().__init__(store, namespace=namespace, ttl=ttl, tenant=tenant,
+                         tenant_key=tenant_key)
+        if not 0 < threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        self.embeddings = embeddings
+        self.threshold = threshold
+        self.refresh_s = refresh_s
+        self._index: dict[str, list[tuple[list[float], str]]] = {}
+        self._loaded: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def _group(self, llm_string: str) -> str:
+        return self._prefix() + "s:" + _digest(llm_string) + ":"
+
+    def _vectors(self, group: str) -> list[tuple[list[float], str]]:
+        now = time.monotonic()
+        with self._lock:
+            fresh = now - self._loaded.get(group, -math.inf) < self.refresh_s
+            if fresh:
+                return list(self._index.get(group, []))
+        rows = self.store.scan(group)
+        index = []
+        for key, raw in rows:
+            entry = json.loads(raw)
+            index.append((entry["vector"], key))
+        with self._lock:
+            self._index[group] = index
+            self._loaded[group] = now
+        return index
+
+    def lookup(self, prompt: str, llm_string: str) -> RETURN_VAL_TYPE | None:
+        exact = super().lookup(prompt, llm_string)
+        if exact is not None or '"tools"' in llm_string or "'tools'" in llm_string:
+            return exact
+        text = _free_text(prompt)
+        if not text:
+            return None
+        vector = self.embeddings.embed_query(text)
+        best, best_key = 0.0, None
+        for other, key in self._vectors(self._group(llm_string)):
+            score = _cosine(vector, other)
+            if score > best:
+                best, best_key = score, key
+        if best_key is None or best < self.threshold:
+            return None
+        raw = self.store.get(best_key)
+        return None if raw is None else self._decode(json.loads(raw)["value"])
+
+    def update(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
+        super().update(prompt, llm_string, return_val)
+        text = _free_text(prompt)
+        if not text or '"tools"' in llm_string or "'tools'" in llm_string:
+            return
+        vector = self.embeddings.embed_query(text)
+        group = self._group(llm_string)
+        key = group + _digest(prompt)
+        self.store.set(key, json.dumps({"vector": vector, "value": self._encode(return_val)}),
+                       self.ttl)
+        with self._lock:
+            self._index.setdefault(group, []).append((vector, key))
+
+    def clear(self, **kwargs: Any) -> None:
+        super().clear()
+        with self._lock:
+            self._index.clear()
+            self._loaded.clear()
+
+
+def calibrate(embeddings: Embeddings, pairs: Sequence[tuple[str, str, bool]],
+              thresholds: Sequence[float] = (0.8, 0.85, 0.9, 0.95, 0.97, 0.99)
+              ) -> list[dict[str, float]]:
+    """Precision and recall of each threshold on user-labelled pairs
+    ``(prompt_a, prompt_b, same_answer)``: pick the lowest threshold whose
+    precision you can live with."""
+    scores = [(_cosine(embeddings.embed_query(a), embeddings.embed_query(b)), same)
+              for a, b, same in pairs]
+    table = []
+    for t in thresholds:
+        tp = sum(1 for s, same in scores if s >= t and same)
+        fp = sum(1 for s, same in scores if s >= t and not same)
+        fn = sum(1 for s, same in scores if s < t and same)
+        table.append({"threshold": t, "precision": tp / (tp + fp) if tp + fp else 1.0,
+                      "recall": tp / (tp + fn) if tp + fn else 1.0,
+                      "true_hits": tp, "false_hits": fp, "missed": fn})
+    return table

@@ -1,0 +1,208 @@
+"""Key-value stores with TTL for the caches, chosen by URL like the ledgers.
+
+Values are text (JSON written by the caller); nothing read back is ever
+unpickled. ``memory://`` is bounded (LRU eviction, ``max_entries``);
+``sqlite:///path`` and ``redis://`` expire entries by TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote, unquote
+
+__all__ = ["KVStore", "MemoryStore", "RedisStore", "SQLiteStore", "store_from_url"]
+
+
+class KVStore(ABC):
+    """Text values under string keys, with an optional TTL in seconds."""
+
+    @abstractmethod
+    def get(self, key: str) -> str | None: ...
+
+    @abstractmethod
+    def set(self, key: str, value: str, ttl: float | None = None) -> None: ...
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every key starting with ``prefix``; return how many."""
+
+    def scan(self, prefix: str) -> list[tuple[str, str]]:
+        """Every (key, value) under ``prefix`` (for the semantic index)."""
+        raise NotImplementedError
+
+    async def aget(self, key: str) -> str | None:
+        return await asyncio.to_thread(self.get, key)
+
+    async def aset(self, key: str, value: str, ttl: float | None = None) -> None:
+        await asyncio.to_thread(self.set, key, value, ttl)
+
+    async def adelete_prefix(self, prefix: str) -> int:
+        return await asyncio.to_thread(self.delete_prefix, prefix)
+
+    def close(self) -> None:  # noqa: B027 - optional
+        pass
+
+
+class MemoryStore(KVStore):
+    """An LRU dict with per-entry expiry; safe across threads."""
+
+    def __init__(self, max_entries: int = 10_000, *, clock: Callable[[], float] = time.time
+                 ) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.max_entries = max_entries
+        self._clock = clock
+        self._data: OrderedDict[str, tuple[str, float | None]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            item = self._data.get(key)
+            if item is None:
+                return None
+            value, expires = item
+            if expires is not None and expires <= self._clock():
+                del self._data[key]
+                return None
+            self._data.move_to_end(key)
+            return value
+
+    def set(self, key: str, value: str, ttl: float | None = None) -> None:
+        expires = None if ttl is None else self._clock() + ttl
+        with self._lock:
+            self._data[key] = (value, expires)
+            self._data.move_to_end(key)
+            while len(self._data) > self.max_entries:
+                self._data.popitem(last=False)
+
+    def delete_prefix(self, prefix: str) -> int:
+        with self._lock:
+            doomed = [k for k in self._data if k.startswith(prefix)]
+            for k in doomed:
+                del self._data[k]
+            return len(doomed)
+
+    def scan(self, prefix: str) -> list[tuple[str, str]]:
+        now = self._clock()
+        with self._lock:
+            return [(k, v) for k, (v, exp) in self._data.items()
+                    if k.startswith(prefix) and (exp is None or exp > now)]
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class SQLiteStore(KVStore):
+    def __init__(self, path: str, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._clock = clock
+        self._local = threading.local()
+        self._db().execute(
+            "CREATE TABLE IF NOT EXISTS ag_cache (key TEXT PRIMARY KEY, value TEXT NOT NULL, "
+            "expires_at REAL)")
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                                 check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            self._local.db = db
+        return db
+
+    def get(self, key: str) -> str | None:
+        row = self._db().execute("SELECT value, expires_at FROM ag_cache WHERE key = ?",
+                                 (key,)).fetchone()
+        if row is None or (row[1] is not None and row[1] <= self._clock()):
+            return None
+        return str(row[0])
+
+    def set(self, key: str, value: str, ttl: float | None = None) -> None:
+        expires = None if ttl is None else self._clock() + ttl
+        self._db().execute("INSERT OR REPLACE INTO ag_cache (key, value, expires_at) "
+                           "VALUES (?, ?, ?)", (key, value, expires))
+
+    def delete_prefix(self, prefix: str) -> int:
+        cur = self._db().execute("DELETE FROM ag_cache WHERE substr(key, 1, ?) = ?",
+                                 (len(prefix), prefix))
+        return cur.rowcount
+
+    def scan(self, prefix: str) -> list[tuple[str, str]]:
+        rows = self._db().execute(
+            "SELECT key, value FROM ag_cache WHERE substr(key, 1, ?) = ? AND "
+            "(expires_at IS NULL OR expires_at > ?)", (len(prefix), prefix, self._clock()))
+        return [(str(k), str(v)) for k, v in rows]
+
+
+class RedisStore(KVStore):
+    """Keys live under ``agc:{namespace}:``; Redis expires them (``SET ... PX``)."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(
+            url, **{"socket_connect_timeout": 2.0, "socket_timeout": 5.0, **options})
+
+    def get(self, key: str) -> str | None:
+        value = self.client.get(key)
+        return None if value is None else value.decode()
+
+    def set(self, key: str, value: str, ttl: float | None = None) -> None:
+        if ttl is None:
+            self.client.set(key, value)
+        else:
+            self.client.set(key, value, px=max(1, int(ttl * 1000)))
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = list(self.client.scan_iter(match=_glob_escape(prefix) + "*", count=1000))
+        return int(self.client.delete(*keys)) if keys else 0
+
+    def scan(self, prefix: str) -> list[tuple[str, str]]:
+        keys = list(self.client.scan_iter(match=_glob_escape(prefix) + "*", count=1000))
+        if not keys:
+            return []
+        values = self.client.mget(keys)
+        return [(k.decode(), v.decode()) for k, v in zip(keys, values, strict=True)
+                if v is not None]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def store_from_url(url: str | KVStore, **options: Any) -> KVStore:
+    """``memory://`` (``?max_entries=N``), ``sqlite:///path.db``, ``redis://host/db``."""
+    if isinstance(url, KVStore):
+        return url
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme == "memory":
+        query = url.split("?", 1)[1] if "?" in url else ""
+        for part in filter(None, query.split("&")):
+            k, _, v = part.partition("=")
+            if k == "max_entries":
+                options.setdefault("max_entries", int(v))
+        return MemoryStore(**options)
+    if scheme == "sqlite":
+        rest = url.split("://", 1)[1]
+        if not rest.startswith("/") or len(rest) < 2:
+            raise ValueError(f"a SQLite cache URL is sqlite:///path.db, got {url!r}")
+        return SQLiteStore(unquote(rest[1:]), **options)
+    if scheme in ("redis", "rediss", "unix"):
+        return RedisStore(url, **options)
+    raise ValueError(f"cache store must be memory://, sqlite:///path.db or redis://..., got "
+                     f"{url!r}")
+
+
+def key_part(text: str) -> str:
+    """Encode a user-controlled name so it cannot collide or escape its key segment."""
+    return quote(str(text), safe="")
