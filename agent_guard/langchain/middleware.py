@@ -17,7 +17,7 @@ seen only by the callback handler.
 from __future__ import annotations
 
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 from langchain.agents.middleware import AgentMiddleware, AgentState, ModelRequest, hook_config
@@ -37,6 +37,7 @@ from ..actions import (
     stop_message,
     wants_stop,
 )
+from ..cache.result import MISS, ResultCache
 from ..errors import GuardError
 from ..guard import Admission, Guard, ModelCall
 from ..ledger import Ledger
@@ -74,6 +75,10 @@ class GuardMiddleware(AgentMiddleware):
     ``Command(resume={"extend_usd": 1.0})`` or ``{"stop": True}``).
     ``shrink_to_fit`` lowers a call's ``max_tokens`` to what the budget still
     covers (down to ``Limits.min_output_tokens``) instead of refusing it.
+    ``cache`` with ``cache_tools={"web_search": "pricing"}`` answers a repeated
+    tool call (same tenant, same arguments) from the cache without running the
+    tool; the call still counts toward the tool caps and loop detection.
+    ``public_tools`` share results across tenants.
     """
 
     def __init__(
@@ -85,8 +90,19 @@ class GuardMiddleware(AgentMiddleware):
         on_exceed: OnExceed = "raise",
         session_id: str | None = None,
         shrink_to_fit: bool = True,
+        cache: ResultCache | None = None,
+        cache_tools: Mapping[str, str] | None = None,
+        public_tools: Collection[str] = (),
     ) -> None:
         super().__init__()
+        if cache_tools and cache is None:
+            raise ValueError("cache_tools needs cache=ResultCache(...)")
+        for ttl_class in (cache_tools or {}).values():
+            assert cache is not None
+            cache.cacheable(ttl_class)  # fail now on an unknown TTL class
+        self.cache = cache
+        self.cache_tools = dict(cache_tools or {})
+        self.public_tools = frozenset(public_tools)
         if guard is None:
             guard = Guard(limits=limits, ledger=ledger if ledger is not None else "memory://")
         elif limits is not None or ledger is not None:
@@ -247,6 +263,30 @@ class GuardMiddleware(AgentMiddleware):
         return ToolMessage(content=f"Not run: {exc}", tool_call_id=call["id"] or "",
                            name=call["name"], status="error")
 
+    def _cached(self, request: ToolCallRequest) -> tuple[Any, ToolMessage | None]:
+        """(lookup arguments, the cached answer or None)."""
+        call = request.tool_call
+        ttl_class = self.cache_tools.get(call["name"])
+        if self.cache is None or ttl_class is None:
+            return None, None
+        try:
+            tenant = self.cache.tenant_from(get_config())
+        except RuntimeError:
+            tenant = self.cache.tenant_from(None)
+        where = {"tenant": tenant, "ttl_class": ttl_class,
+                 "public": call["name"] in self.public_tools}
+        hit = self.cache.get_tool(call["name"], call.get("args", {}), **where)
+        if hit is MISS:
+            return where, None
+        return where, ToolMessage(content=hit, tool_call_id=call["id"] or "", name=call["name"])
+
+    def _store(self, request: ToolCallRequest, where: Any, result: Any) -> None:
+        if where is None or self.cache is None:
+            return
+        if isinstance(result, ToolMessage) and result.status != "error":
+            call = request.tool_call
+            self.cache.put_tool(call["name"], call.get("args", {}), result.content, **where)
+
     def wrap_tool_call(self, request: ToolCallRequest,
                        handler: Callable[[ToolCallRequest], ToolMessage | Command]
                        ) -> ToolMessage | Command:
@@ -255,7 +295,12 @@ class GuardMiddleware(AgentMiddleware):
         while True:
             try:
                 self.guard.before_tool_call(session, call["name"], call.get("args", {}))
-                return handler(request)
+                where, hit = self._cached(request)
+                if hit is not None:
+                    return hit
+                result = handler(request)
+                self._store(request, where, result)
+                return result
             except GuardError as exc:
                 answer = self._tool_refused(exc, request, session)
                 if answer is not None:
@@ -270,7 +315,12 @@ class GuardMiddleware(AgentMiddleware):
         while True:
             try:
                 await self.guard.abefore_tool_call(session, call["name"], call.get("args", {}))
-                return await handler(request)
+                where, hit = self._cached(request)
+                if hit is not None:
+                    return hit
+                result = await handler(request)
+                self._store(request, where, result)
+                return result
             except GuardError as exc:
                 answer = self._tool_refused(exc, request, session)
                 if answer is not None:
