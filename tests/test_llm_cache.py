@@ -125,13 +125,19 @@ def test_semantic_matching_never_applies_to_tool_calls(server) -> None:
     assert server.request_count == 4
 
 
-def test_semantic_index_is_shared_through_the_store(server, tmp_path) -> None:
-    url = f"sqlite:///{tmp_path / 'sem.db'}"
-    chat(server, SemanticLLMCache(WordEmbeddings(), url, threshold=0.8)).invoke(
-        "What is the capital of France?")
-    other_process = SemanticLLMCache(WordEmbeddings(), url, threshold=0.8)
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_semantic_index_is_shared_through_the_store(server, tmp_path, backend) -> None:
+    if backend == "sqlite":
+        url, ns = f"sqlite:///{tmp_path / 'sem.db'}", "sem"
+    else:
+        require_redis()
+        url, ns = REDIS_URL, f"sem-{uuid.uuid4().hex[:10]}"
+    first = SemanticLLMCache(WordEmbeddings(), url, threshold=0.8, namespace=ns)
+    chat(server, first).invoke("What is the capital of France?")
+    other_process = SemanticLLMCache(WordEmbeddings(), url, threshold=0.8, namespace=ns)
     chat(server, other_process).invoke("what is the capital of france?")
     assert server.request_count == 1
+    first.clear()
 
 
 def test_calibrate_reports_precision_and_recall() -> None:
