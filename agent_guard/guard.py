@@ -209,15 +209,7 @@ class Guard:
             admission, usage, output_tokens, response_model,
             "cache_hit" if cache_hit else "ok",
         )
-        settled = None
-        if amounts is None:
-            self.ledger.release(admission.reservation)
-        else:
-            settled = self.ledger.settle(admission.reservation, amounts)
-        self._emit(record)
-        if settled is not None:
-            self._check_thresholds(admission.call.session, settled)
-        return record
+        return self._close(admission, record, amounts)
 
     async def aafter_model_call(
         self,
@@ -232,21 +224,25 @@ class Guard:
             admission, usage, output_tokens, response_model,
             "cache_hit" if cache_hit else "ok",
         )
-        settled = None
-        if amounts is None:
-            await self.ledger.arelease(admission.reservation)
-        else:
-            settled = await self.ledger.asettle(admission.reservation, amounts)
-        self._emit(record)
-        if settled is not None:
-            self._check_thresholds(admission.call.session, settled)
-        return record
+        return await self._aclose(admission, record, amounts)
 
     def model_call_failed(self, admission: Admission, *, output_tokens: int = 0) -> CallRecord:
         """The call raised. Release the hold; but if output was already streamed
         (and so paid for), settle what was streamed, marked as estimated."""
         outcome: Outcome = "aborted" if output_tokens > 0 else "error"
         record, amounts = self._settlement(admission, None, output_tokens, None, outcome)
+        return self._close(admission, record, amounts)
+
+    async def amodel_call_failed(
+        self, admission: Admission, *, output_tokens: int = 0
+    ) -> CallRecord:
+        outcome: Outcome = "aborted" if output_tokens > 0 else "error"
+        record, amounts = self._settlement(admission, None, output_tokens, None, outcome)
+        return await self._aclose(admission, record, amounts)
+
+    def _close(self, admission: Admission, record: CallRecord,
+               amounts: dict[str, int] | None) -> CallRecord:
+        """Settle (or release, when ``amounts`` is None), report, check thresholds."""
         settled = None
         if amounts is None:
             self.ledger.release(admission.reservation)
@@ -257,11 +253,8 @@ class Guard:
             self._check_thresholds(admission.call.session, settled)
         return record
 
-    async def amodel_call_failed(
-        self, admission: Admission, *, output_tokens: int = 0
-    ) -> CallRecord:
-        outcome: Outcome = "aborted" if output_tokens > 0 else "error"
-        record, amounts = self._settlement(admission, None, output_tokens, None, outcome)
+    async def _aclose(self, admission: Admission, record: CallRecord,
+                      amounts: dict[str, int] | None) -> CallRecord:
         settled = None
         if amounts is None:
             await self.ledger.arelease(admission.reservation)

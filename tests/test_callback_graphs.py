@@ -160,3 +160,17 @@ async def test_state_graph_fan_out_async_never_overshoots_the_dollar_cap() -> No
     assert usage.reserved_nano == 0
     assert usage.model_calls == planner.calls + worker.calls
     assert worker.calls < 50
+
+
+def test_legacy_text_completion_models_are_guarded_too() -> None:
+    from langchain_core.language_models.fake import FakeListLLM
+
+    records = []
+    guard = Guard(Limits(max_model_calls=1), on_record=[records.append])
+    llm = FakeListLLM(responses=["a completion of several words"])
+    assert llm.invoke("complete this", config={"callbacks": [GuardCallbackHandler(guard)]})
+    with pytest.raises(StepLimitExceeded):
+        llm.invoke("again", config={"callbacks": [GuardCallbackHandler(guard)]})
+    [record] = records
+    assert record.usage_estimated and record.usage.output_tokens > 0
+    assert record.usage.input_tokens == guard.tokens.count_text("complete this", "unknown")

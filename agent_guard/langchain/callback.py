@@ -130,13 +130,24 @@ class GuardCallbackHandler(BaseCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        self._start(serialized, run_id, parent_run_id, tags, metadata, kwargs,
+                    messages=[m for prompt in messages for m in prompt])
+
+    def _start(self, serialized: dict[str, Any] | None, run_id: UUID,
+               parent_run_id: UUID | None, tags: list[str] | None,
+               metadata: dict[str, Any] | None, kwargs: Mapping[str, Any], *,
+               messages: list[Any] | None = None, prompts: list[str] | None = None) -> None:
+        """Describe the call, ask the guard (raising on a refusal), remember the run."""
         params: Mapping[str, Any] = kwargs.get("invocation_params") or {}
         meta = metadata or {}
+        model = _model_name(params, meta, serialized)
         call = ModelCall(
             session=session_from_metadata(meta, self.session_id),
-            model=_model_name(params, meta, serialized),
+            model=model,
             provider=meta.get("ls_provider"),
-            messages=[m for prompt in messages for m in prompt],
+            messages=messages or (),
+            input_tokens=None if prompts is None else sum(
+                self.guard.tokens.count_text(p, model) for p in prompts),
             tools=params.get("tools") or None,
             max_output_tokens=_max_output(params, meta),
             run_id=str(run_id),
@@ -177,22 +188,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Legacy text-completion models: the prompt is plain text."""
-        params: Mapping[str, Any] = kwargs.get("invocation_params") or {}
-        meta = metadata or {}
-        model = _model_name(params, meta, serialized)
-        call = ModelCall(
-            session=session_from_metadata(meta, self.session_id),
-            model=model,
-            provider=meta.get("ls_provider"),
-            input_tokens=sum(self.guard.tokens.count_text(p, model) for p in prompts),
-            max_output_tokens=_max_output(params, meta),
-            run_id=str(run_id),
-            node=meta.get("langgraph_node"),
-            tags=tuple(tags or ()),
-        )
-        admission = self._admit(call, parent_run_id)
-        with self._lock:
-            self._runs[run_id] = _Run(admission)
+        self._start(serialized, run_id, parent_run_id, tags, metadata, kwargs, prompts=prompts)
 
     def on_llm_new_token(
         self,
