@@ -89,6 +89,8 @@ class GuardCallbackHandler(BaseCallbackHandler):
     Give it a ``guard``, or ``limits`` and ``ledger`` to build one. The
     session is the LangGraph ``thread_id`` of the run, else
     ``config["metadata"]["session_id"]``, else ``session_id`` given here.
+    ``telemetry`` (a :class:`~agent_guard.telemetry.GuardTelemetry`) turns the
+    runs it sees into OpenTelemetry spans and metrics.
     """
 
     raise_error: bool = True
@@ -102,6 +104,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         ledger: str | Ledger | None = None,
         session_id: str | None = None,
         count_tools: bool = True,
+        telemetry: Any = None,
     ) -> None:
         super().__init__()
         if guard is None:
@@ -111,6 +114,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         self.guard = guard
         self.session_id = session_id
         self.count_tools = count_tools
+        self.telemetry = telemetry  # agent_guard.telemetry.GuardTelemetry, optional
         self._runs: dict[UUID, _Run] = {}
         self._lock = threading.Lock()
         # parent run id -> the refusal raised under it: a sibling call under the same
@@ -156,7 +160,16 @@ class GuardCallbackHandler(BaseCallbackHandler):
             tier=meta.get("agent_guard_tier"),
             route=meta.get("agent_guard_route"),
         )
-        admission = self._admit(call, parent_run_id)
+        if self.telemetry is not None:
+            self.telemetry.chat_start(run_id, parent_run_id, model=model,
+                                      provider=call.provider,
+                                      max_tokens=call.max_output_tokens, session=call.session)
+        try:
+            admission = self._admit(call, parent_run_id)
+        except GuardError as exc:
+            if self.telemetry is not None:
+                self.telemetry.refused(run_id, exc)
+            raise
         with self._lock:
             self._runs[run_id] = _Run(admission)
 
@@ -235,10 +248,21 @@ class GuardCallbackHandler(BaseCallbackHandler):
         if run is None:
             return None
         usage, response_model, cache_hit, counted = self._read_result(response, run)
-        return self.guard.after_model_call(
+        record = self.guard.after_model_call(
             run.admission, usage, output_tokens=counted, response_model=response_model,
             cache_hit=cache_hit,
         )
+        if self.telemetry is not None:
+            self.telemetry.chat_end(run_id, record, _finish_reasons(response),
+                                    self._breakdown(record))
+        return record
+
+    def _breakdown(self, record: CallRecord) -> tuple[Any, Any] | None:
+        price = self.guard.prices.resolve(record.model, record.provider)
+        if price is None or record.outcome == "cache_hit":
+            return None
+        cost = price.cost(record.usage)
+        return cost.prompt_usd, cost.completion_usd
 
     def on_llm_error(
         self,
@@ -251,7 +275,10 @@ class GuardCallbackHandler(BaseCallbackHandler):
         with self._lock:
             run = self._runs.pop(run_id, None)
         if run is not None:
-            self.guard.model_call_failed(run.admission, output_tokens=run.streamed_tokens)
+            record = self.guard.model_call_failed(run.admission,
+                                                  output_tokens=run.streamed_tokens)
+            if self.telemetry is not None:
+                self.telemetry.chat_end(run_id, record)
 
     # -- tools -------------------------------------------------------------------
 
@@ -267,12 +294,54 @@ class GuardCallbackHandler(BaseCallbackHandler):
         inputs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        name = (serialized or {}).get("name") or kwargs.get("name")
+        if self.telemetry is not None:
+            self.telemetry.tool_start(run_id, parent_run_id, str(name),
+                                      kwargs.get("tool_call_id"))
         if not self.count_tools:
             return
-        name = (serialized or {}).get("name") or kwargs.get("name")
         args: Any = inputs if inputs is not None else input_str
-        self.guard.before_tool_call(session_from_metadata(metadata, self.session_id), name,
-                                    args)
+        try:
+            self.guard.before_tool_call(session_from_metadata(metadata, self.session_id),
+                                        name, args)
+        except GuardError as exc:
+            if self.telemetry is not None:
+                self.telemetry.refused(run_id, exc)
+            raise
+
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        if self.telemetry is not None:
+            self.telemetry.tool_end(run_id)
+
+    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        if self.telemetry is not None:
+            self.telemetry.tool_end(run_id, error)
+
+    # -- runs (for telemetry) ---------------------------------------------------------
+
+    def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *,
+                       run_id: UUID, parent_run_id: UUID | None = None,
+                       metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if self.telemetry is None:
+            return
+        meta = metadata or {}
+        name = (meta.get("lc_agent_name") or kwargs.get("name")
+                or (serialized or {}).get("name"))
+        self.telemetry.chain_start(run_id, parent_run_id, name,
+                                   session_from_metadata(meta, self.session_id))
+
+    def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._end_chain(run_id, None)
+
+    def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._end_chain(run_id, error)
+
+    def _end_chain(self, run_id: UUID, error: BaseException | None) -> None:
+        if self.telemetry is None:
+            return
+        session = self.telemetry.root_session(run_id)
+        usage = self.guard.usage(session) if session is not None else None
+        self.telemetry.chain_end(run_id, usage, error)
 
     # -- reading usage from a result ----------------------------------------------
 
@@ -325,6 +394,17 @@ def _enclosing_run(parent_run_id: UUID | None) -> UUID | None:
     if isinstance(manager, BaseCallbackManager):
         return manager.parent_run_id
     return None
+
+
+def _finish_reasons(response: LLMResult) -> list[str]:
+    reasons = []
+    for g in _generations(response):
+        info = g.generation_info or {}
+        meta = getattr(getattr(g, "message", None), "response_metadata", None) or {}
+        reason = info.get("finish_reason") or meta.get("finish_reason")
+        if reason:
+            reasons.append(str(reason))
+    return reasons
 
 
 def _generations(response: LLMResult) -> list[Any]:

@@ -1,0 +1,309 @@
+"""OpenTelemetry spans and metrics for guarded runs, with cost.
+
+Span names and attributes follow the OpenTelemetry GenAI semantic conventions
+(defined here as constants: the ``opentelemetry-semantic-conventions`` GenAI
+constants are deprecated in favour of a separate package):
+
+- ``invoke_agent {name}`` (INTERNAL) per top-level run, carrying the session's
+  cost and remaining budget in ``agent_guard.*`` (never ``gen_ai.usage.*``,
+  which backends sum over spans);
+- ``chat {model}`` (CLIENT) per model call, with usage, cost
+  (``gen_ai.usage.cost`` for Langfuse, ``llm.cost.*`` for OpenInference),
+  the router tier and why, and whether the usage was estimated;
+- ``execute_tool {name}`` (INTERNAL) per tool call.
+
+A call the guard refuses gets its span closed with an error status and an
+``agent_guard.refusal`` event. Message content is never recorded.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from opentelemetry import metrics, trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from ..records import CallRecord
+
+__all__ = ["Attr", "GuardTelemetry", "configure_otlp"]
+
+TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
+                 16777216, 67108864]
+DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                    40.96, 81.92]
+
+
+class Attr:
+    """Attribute names (GenAI semantic conventions, OpenInference, agent-guard)."""
+
+    OPERATION = "gen_ai.operation.name"
+    PROVIDER = "gen_ai.provider.name"
+    REQUEST_MODEL = "gen_ai.request.model"
+    RESPONSE_MODEL = "gen_ai.response.model"
+    REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
+    INPUT_TOKENS = "gen_ai.usage.input_tokens"
+    OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+    CACHE_READ_TOKENS = "gen_ai.usage.cache_read.input_tokens"
+    CACHE_CREATION_TOKENS = "gen_ai.usage.cache_creation.input_tokens"
+    REASONING_TOKENS = "gen_ai.usage.reasoning.output_tokens"
+    FINISH_REASONS = "gen_ai.response.finish_reasons"
+    CONVERSATION_ID = "gen_ai.conversation.id"
+    AGENT_NAME = "gen_ai.agent.name"
+    TOOL_NAME = "gen_ai.tool.name"
+    TOOL_CALL_ID = "gen_ai.tool.call.id"
+    TOKEN_TYPE = "gen_ai.token.type"
+    SESSION_ID = "session.id"
+    COST = "gen_ai.usage.cost"
+    LLM_COST_TOTAL = "llm.cost.total"
+    LLM_COST_PROMPT = "llm.cost.prompt"
+    LLM_COST_COMPLETION = "llm.cost.completion"
+    TIER = "agent_guard.tier"
+    ROUTE = "agent_guard.route"
+    ESTIMATED = "agent_guard.usage_estimated"
+    RESERVED_USD = "agent_guard.reserved_usd"
+    SAVED_USD = "agent_guard.saved_usd"
+    CACHE_HIT = "agent_guard.cache.hit"
+    OUTCOME = "agent_guard.outcome"
+    SESSION_COST_USD = "agent_guard.session.cost_usd"
+    SESSION_REMAINING_USD = "agent_guard.session.remaining_usd"
+    SESSION_MODEL_CALLS = "agent_guard.session.model_calls"
+    SESSION_TOOL_CALLS = "agent_guard.session.tool_calls"
+    SESSION_STEPS = "agent_guard.session.steps"
+
+
+def _usd(value: Decimal) -> float:
+    return float(value)
+
+
+class GuardTelemetry:
+    """Turns a guard's view of a run into spans and metrics.
+
+    Uses the application's global ``TracerProvider``/``MeterProvider`` unless
+    ones are given. ``cost_attributes`` picks which cost attribute names are
+    written (all by default).
+    """
+
+    def __init__(self, tracer_provider: Any = None, meter_provider: Any = None, *,
+                 cost_attributes: tuple[str, ...] = (Attr.COST, Attr.LLM_COST_TOTAL),
+                 agent_name: str = "agent") -> None:
+        self.tracer = trace.get_tracer("agent_guard", tracer_provider=tracer_provider)
+        meter = metrics.get_meter("agent_guard", meter_provider=meter_provider)
+        self.token_usage = meter.create_histogram(
+            "gen_ai.client.token.usage", unit="{token}",
+            description="Tokens used per model call",
+            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
+        self.duration = meter.create_histogram(
+            "gen_ai.client.operation.duration", unit="s",
+            description="Duration of model calls",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+        self.cost = meter.create_counter("agent_guard.cost", unit="USD",
+                                         description="Dollars spent on model calls")
+        self.saved = meter.create_counter("agent_guard.saved_cost", unit="USD",
+                                          description="Dollars saved by cache hits")
+        self.cost_attributes = cost_attributes
+        self.agent_name = agent_name
+        self._spans: dict[UUID, Span] = {}
+        self._anchor: dict[UUID, Span | None] = {}  # run -> the span its children go under
+        self._roots: dict[UUID, str] = {}  # root run -> session
+        self._lock = threading.Lock()
+
+    # -- run tree --------------------------------------------------------------------
+
+    def _parent(self, parent_run_id: UUID | None) -> Span | None:
+        if parent_run_id is None:
+            return None
+        return self._anchor.get(parent_run_id)
+
+    def chain_start(self, run_id: UUID, parent_run_id: UUID | None, name: str | None,
+                    session: str) -> None:
+        if parent_run_id is None:
+            span = self.tracer.start_span(
+                f"invoke_agent {name or self.agent_name}", kind=SpanKind.INTERNAL,
+                attributes={Attr.OPERATION: "invoke_agent",
+                            Attr.AGENT_NAME: name or self.agent_name,
+                            Attr.CONVERSATION_ID: session, Attr.SESSION_ID: session})
+            with self._lock:
+                self._spans[run_id] = span
+                self._anchor[run_id] = span
+                self._roots[run_id] = session
+        else:
+            with self._lock:
+                self._anchor[run_id] = self._anchor.get(parent_run_id)
+
+    def chain_end(self, run_id: UUID, usage: Any = None, error: BaseException | None = None
+                  ) -> None:
+        with self._lock:
+            self._anchor.pop(run_id, None)
+            span = self._spans.pop(run_id, None) if run_id in self._roots else None
+            self._roots.pop(run_id, None)
+        if span is None:
+            return
+        if usage is not None:
+            span.set_attributes({
+                Attr.SESSION_COST_USD: _usd(usage.cost_usd),
+                Attr.SESSION_MODEL_CALLS: usage.model_calls,
+                Attr.SESSION_TOOL_CALLS: usage.tool_calls,
+                Attr.SESSION_STEPS: usage.steps,
+            })
+            if usage.remaining_usd is not None:
+                span.set_attribute(Attr.SESSION_REMAINING_USD, _usd(usage.remaining_usd))
+        if error is not None:
+            span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+            span.record_exception(error)
+        span.end()
+
+    # -- model calls -------------------------------------------------------------------
+
+    def chat_start(self, run_id: UUID, parent_run_id: UUID | None, *, model: str,
+                   provider: str | None, max_tokens: int | None, session: str) -> None:
+        parent = self._parent(parent_run_id)
+        ctx = trace.set_span_in_context(parent) if parent is not None else None
+        attributes: dict[str, Any] = {Attr.OPERATION: "chat", Attr.REQUEST_MODEL: model,
+                                      Attr.CONVERSATION_ID: session, Attr.SESSION_ID: session}
+        if provider:
+            attributes[Attr.PROVIDER] = provider
+        if max_tokens:
+            attributes[Attr.REQUEST_MAX_TOKENS] = max_tokens
+        span = self.tracer.start_span(f"chat {model}", context=ctx, kind=SpanKind.CLIENT,
+                                      attributes=attributes)
+        with self._lock:
+            self._spans[run_id] = span
+
+    def refused(self, run_id: UUID, exc: BaseException) -> None:
+        with self._lock:
+            span = self._spans.pop(run_id, None)
+        if span is None:
+            return
+        span.add_event("agent_guard.refusal", {"agent_guard.reason": type(exc).__name__,
+                                               "agent_guard.message": str(exc)[:500]})
+        span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+        span.end()
+
+    def chat_end(self, run_id: UUID, record: CallRecord | None,
+                 finish_reasons: list[str] | None = None,
+                 breakdown: tuple[Decimal, Decimal] | None = None) -> None:
+        with self._lock:
+            span = self._spans.pop(run_id, None)
+        if span is None:
+            return
+        attrs: dict[str, Any] = {}
+        if record is not None:
+            u = record.usage
+            attrs.update({
+                Attr.RESPONSE_MODEL: record.model, Attr.INPUT_TOKENS: u.input_tokens,
+                Attr.OUTPUT_TOKENS: u.output_tokens,
+                Attr.CACHE_READ_TOKENS: u.cache_read_tokens,
+                Attr.CACHE_CREATION_TOKENS: u.cache_creation_tokens,
+                Attr.REASONING_TOKENS: u.reasoning_tokens,
+                Attr.ESTIMATED: record.usage_estimated, Attr.OUTCOME: record.outcome,
+                Attr.RESERVED_USD: _usd(Decimal(record.reserved_nano) / 10**9),
+                Attr.CACHE_HIT: record.outcome == "cache_hit",
+            })
+            cost = _usd(record.cost_usd)
+            for name in self.cost_attributes:
+                attrs[name] = cost
+            if breakdown is not None and Attr.LLM_COST_TOTAL in self.cost_attributes:
+                attrs[Attr.LLM_COST_PROMPT] = _usd(breakdown[0])
+                attrs[Attr.LLM_COST_COMPLETION] = _usd(breakdown[1])
+            if record.saved_nano:
+                attrs[Attr.SAVED_USD] = _usd(record.saved_usd)
+            if record.tier:
+                attrs[Attr.TIER] = record.tier
+            if record.route:
+                attrs[Attr.ROUTE] = record.route
+            self._measure(record)
+        if finish_reasons:
+            attrs[Attr.FINISH_REASONS] = finish_reasons
+        span.set_attributes(attrs)
+        if record is not None and record.outcome in ("error", "aborted"):
+            span.set_status(Status(StatusCode.ERROR, record.outcome))
+        span.end()
+
+    def _measure(self, record: CallRecord) -> None:
+        common: dict[str, Any] = {Attr.OPERATION: "chat", Attr.REQUEST_MODEL: record.model}
+        if record.provider:
+            common[Attr.PROVIDER] = record.provider
+        if record.tier:
+            common[Attr.TIER] = record.tier
+        u = record.usage
+        self.token_usage.record(u.input_tokens, {**common, Attr.TOKEN_TYPE: "input"})
+        self.token_usage.record(u.output_tokens, {**common, Attr.TOKEN_TYPE: "output"})
+        self.duration.record(max(0.0, record.ended_at - record.started_at), common)
+        if record.cost_nano:
+            self.cost.add(_usd(record.cost_usd), common)
+        if record.saved_nano:
+            self.saved.add(_usd(record.saved_usd), common)
+
+    # -- tools --------------------------------------------------------------------------
+
+    def tool_start(self, run_id: UUID, parent_run_id: UUID | None, name: str,
+                   call_id: str | None) -> None:
+        parent = self._parent(parent_run_id)
+        ctx = trace.set_span_in_context(parent) if parent is not None else None
+        attributes: dict[str, Any] = {Attr.OPERATION: "execute_tool", Attr.TOOL_NAME: name}
+        if call_id:
+            attributes[Attr.TOOL_CALL_ID] = call_id
+        span = self.tracer.start_span(f"execute_tool {name}", context=ctx,
+                                      kind=SpanKind.INTERNAL, attributes=attributes)
+        with self._lock:
+            self._spans[run_id] = span
+
+    def tool_end(self, run_id: UUID, error: BaseException | None = None) -> None:
+        with self._lock:
+            span = self._spans.pop(run_id, None)
+        if span is None:
+            return
+        if error is not None:
+            span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+        span.end()
+
+    def event(self, run_id: UUID | None, name: str, attributes: Mapping[str, Any]) -> None:
+        """An event on the run's nearest span (thresholds, downgrades)."""
+        span = self._anchor.get(run_id) if run_id is not None else None
+        (span or trace.get_current_span()).add_event(name, dict(attributes))
+
+    def root_session(self, run_id: UUID) -> str | None:
+        return self._roots.get(run_id)
+
+    def open_spans(self) -> int:
+        """Spans started and not yet ended (should be 0 between runs)."""
+        return len(self._spans)
+
+
+def configure_otlp(endpoint: str | None = None, *, service_name: str = "agent-guard",
+                   metrics_interval_s: float = 10.0) -> GuardTelemetry:
+    """One line to export to an OTLP/HTTP collector (Jaeger, Langfuse, Phoenix...).
+
+    ``endpoint`` is the collector's base URL (``http://localhost:4318``); with
+    ``None`` the standard ``OTEL_EXPORTER_OTLP_*`` environment variables
+    apply. Installs global providers only if the application has none.
+    """
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    resource = Resource.create({"service.name": service_name})
+    base = endpoint.rstrip("/") if endpoint else None
+    tracer_provider = trace.get_tracer_provider()
+    if not isinstance(tracer_provider, TracerProvider):
+        tracer_provider = TracerProvider(resource=resource)
+        exporter = OTLPSpanExporter(endpoint=f"{base}/v1/traces" if base else None)
+        tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+        trace.set_tracer_provider(tracer_provider)
+    meter_provider = metrics.get_meter_provider()
+    if not isinstance(meter_provider, MeterProvider):
+        reader = PeriodicExportingMetricReader(
+            OTLPMetricExporter(endpoint=f"{base}/v1/metrics" if base else None),
+            export_interval_millis=int(metrics_interval_s * 1000))
+        meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
+        metrics.set_meter_provider(meter_provider)
+    return GuardTelemetry(tracer_provider, meter_provider)
+

@@ -1,0 +1,148 @@
+"""Spans on the wire: a guarded create_agent run exported with the real OTLPSpanExporter to a
+local OTLP/HTTP receiver that decodes the protobuf; metrics through an in-memory reader."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+pytest.importorskip("opentelemetry.sdk")
+
+from langchain.agents import create_agent
+from langchain_core.messages import AIMessage
+from langchain_core.tools import tool
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+from agent_guard import BudgetExceeded, Guard, GuardCallbackHandler, Limits
+from agent_guard.telemetry import Attr, GuardTelemetry
+from agent_guard.testing import ScriptedChatModel
+
+
+class Receiver:
+    """A minimal OTLP/HTTP trace receiver: decodes ExportTraceServiceRequest bodies."""
+
+    def __init__(self) -> None:
+        self.spans: list = []
+        self.content_types: list[str] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.content_types.append(self.headers["Content-Type"])
+                request = ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                for rs in request.resource_spans:
+                    for ss in rs.scope_spans:
+                        receiver.spans.extend(ss.spans)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1/traces"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.httpd.shutdown()
+
+
+def attrs(span) -> dict:
+    out = {}
+    for kv in span.attributes:
+        kind = kv.value.WhichOneof("value")
+        value = getattr(kv.value, kind)
+        out[kv.key] = [x.string_value for x in value.values] if kind == "array_value" else value
+    return out
+
+
+@tool
+def lookup(order: str) -> str:
+    """Look up an order."""
+    return f"order {order}: shipped"
+
+
+def test_a_guarded_agent_run_on_the_wire(receiver: Receiver, caplog) -> None:
+    caplog.set_level(logging.ERROR, logger="langchain_core.callbacks.manager")
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.url)))
+    reader = InMemoryMetricReader()
+    telemetry = GuardTelemetry(provider, MeterProvider(metric_readers=[reader]),
+                               cost_attributes=(Attr.COST, Attr.LLM_COST_TOTAL))
+    guard = Guard(Limits(max_model_calls=2))
+    handler = GuardCallbackHandler(guard, telemetry=telemetry)
+    llm = ScriptedChatModel(model_name="gpt-4o", max_tokens=100, cached_fraction=0.5,
+                            respond=lambda m: AIMessage("", tool_calls=[
+                                {"name": "lookup", "args": {"order": "A1"}, "id": "call_1"}]))
+    agent = create_agent(llm, [lookup], name="support")
+    with pytest.raises(BudgetExceeded):
+        agent.invoke({"messages": [("user", "where is A1?")]},
+                     config={"callbacks": [handler], "configurable": {"thread_id": "t-9"}})
+    provider.force_flush()
+
+    assert receiver.content_types and receiver.content_types[0] == "application/x-protobuf"
+    by_name: dict[str, list] = {}
+    for span in receiver.spans:
+        by_name.setdefault(span.name, []).append(span)
+    [root] = by_name["invoke_agent support"]
+    chats = by_name["chat gpt-4o"]
+    tools = by_name["execute_tool lookup"]
+    assert len(chats) == 3 and len(tools) == 2  # 2 admitted calls + 1 refused; 2 tools
+    assert root.kind == root.SPAN_KIND_INTERNAL and root.parent_span_id == b""
+    for span in chats + tools:
+        assert span.trace_id == root.trace_id and span.parent_span_id == root.span_id
+    assert all(c.kind == c.SPAN_KIND_CLIENT for c in chats)
+
+    ok = [c for c in chats if c.status.code != c.status.STATUS_CODE_ERROR]
+    refused = [c for c in chats if c.status.code == c.status.STATUS_CODE_ERROR]
+    assert len(ok) == 2 and len(refused) == 1
+    assert [e.name for e in refused[0].events] == ["agent_guard.refusal"]
+    a = attrs(ok[0])
+    assert a[Attr.OPERATION] == "chat" and a[Attr.PROVIDER] == "openai"
+    assert a[Attr.REQUEST_MODEL] == "gpt-4o" and a[Attr.RESPONSE_MODEL] == "gpt-4o"
+    assert a[Attr.REQUEST_MAX_TOKENS] == 100
+    assert a[Attr.INPUT_TOKENS] > 0 and a[Attr.OUTPUT_TOKENS] > 0
+    assert a[Attr.CACHE_READ_TOKENS] == a[Attr.INPUT_TOKENS] // 2
+    assert a[Attr.FINISH_REASONS] == ["tool_calls"]
+    assert a[Attr.CONVERSATION_ID] == a[Attr.SESSION_ID] == "t-9"
+    assert a[Attr.COST] == a[Attr.LLM_COST_TOTAL] > 0
+    assert abs(a[Attr.LLM_COST_PROMPT] + a[Attr.LLM_COST_COMPLETION] - a[Attr.COST]) < 1e-9
+    assert a[Attr.ESTIMATED] is False and a[Attr.CACHE_HIT] is False
+    t = attrs(tools[0])
+    assert t[Attr.TOOL_NAME] == "lookup" and t[Attr.TOOL_CALL_ID] == "call_1"
+    r = attrs(root)
+    assert r[Attr.SESSION_MODEL_CALLS] == 2 and r[Attr.SESSION_COST_USD] > 0
+    assert root.status.code == root.status.STATUS_CODE_ERROR
+    assert not any(k.startswith("gen_ai.usage") for k in r)  # backends sum those
+    assert telemetry.open_spans() == 0  # nothing leaked
+    text = " ".join(str(attrs(s)) for s in receiver.spans)
+    assert "where is A1" not in text  # no message content by default
+
+    metrics = {m.name: m for rm in reader.get_metrics_data().resource_metrics
+               for sm in rm.scope_metrics for m in sm.metrics}
+    usage = metrics["gen_ai.client.token.usage"].data.data_points
+    assert {p.attributes[Attr.TOKEN_TYPE] for p in usage} == {"input", "output"}
+    assert usage[0].explicit_bounds[:3] == (1, 4, 16)
+    assert metrics["gen_ai.client.operation.duration"].data.data_points[0].count == 2
+    assert metrics["agent_guard.cost"].data.data_points[0].value == pytest.approx(
+        r[Attr.SESSION_COST_USD])
