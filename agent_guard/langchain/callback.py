@@ -90,7 +90,11 @@ class GuardCallbackHandler(BaseCallbackHandler):
     session is the LangGraph ``thread_id`` of the run, else
     ``config["metadata"]["session_id"]``, else ``session_id`` given here.
     ``telemetry`` (a :class:`~agent_guard.telemetry.GuardTelemetry`) turns the
-    runs it sees into OpenTelemetry spans and metrics.
+    runs it sees into OpenTelemetry spans and metrics. With ``annotate_runs``
+    (default) each answer's ``usage_metadata`` gets ``input_cost``,
+    ``output_cost`` and ``total_cost`` (what LangSmith shows as the run's cost)
+    and its ``response_metadata["agent_guard"]`` the session, tier and cap;
+    put this handler before any LangSmith tracer in ``callbacks``.
     """
 
     raise_error: bool = True
@@ -105,6 +109,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         session_id: str | None = None,
         count_tools: bool = True,
         telemetry: Any = None,
+        annotate_runs: bool = True,
     ) -> None:
         super().__init__()
         if guard is None:
@@ -115,6 +120,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         self.session_id = session_id
         self.count_tools = count_tools
         self.telemetry = telemetry  # agent_guard.telemetry.GuardTelemetry, optional
+        self.annotate_runs = annotate_runs
         self._runs: dict[UUID, _Run] = {}
         self._lock = threading.Lock()
         # parent run id -> the refusal raised under it: a sibling call under the same
@@ -252,14 +258,38 @@ class GuardCallbackHandler(BaseCallbackHandler):
             run.admission, usage, output_tokens=counted, response_model=response_model,
             cache_hit=cache_hit,
         )
+        breakdown = self._breakdown(record)
         if self.telemetry is not None:
-            self.telemetry.chat_end(run_id, record, _finish_reasons(response),
-                                    self._breakdown(record))
+            self.telemetry.chat_end(run_id, record, _finish_reasons(response), breakdown)
+        if self.annotate_runs:
+            self._annotate(response, record, breakdown)
         return record
 
+    def _annotate(self, response: LLMResult, record: CallRecord,
+                  breakdown: tuple[Any, Any] | None) -> None:
+        """Write the computed cost where LangSmith reads it (the run's outputs)."""
+        for generation in _generations(response):
+            message = generation.message if isinstance(generation, ChatGeneration) else None
+            if not isinstance(message, AIMessage):
+                continue
+            if message.usage_metadata is not None and breakdown is not None:
+                usage: Any = message.usage_metadata
+                usage["input_cost"] = float(breakdown[0])
+                usage["output_cost"] = float(breakdown[1])
+                usage["total_cost"] = float(record.cost_usd)
+            cap = self.guard.limits.max_cost_usd
+            message.response_metadata["agent_guard"] = {
+                "session": record.session, "tier": record.tier, "route": record.route,
+                "cost_usd": str(record.cost_usd), "usage_estimated": record.usage_estimated,
+                "cap_usd": None if cap is None else str(cap),
+            }
+            break
+
     def _breakdown(self, record: CallRecord) -> tuple[Any, Any] | None:
+        if record.outcome != "ok" or record.cost_nano == 0:
+            return None
         price = self.guard.prices.resolve(record.model, record.provider)
-        if price is None or record.outcome == "cache_hit":
+        if price is None:
             return None
         cost = price.cost(record.usage)
         return cost.prompt_usd, cost.completion_usd

@@ -1,0 +1,113 @@
+"""LangSmith shows the guard's cost: the real langsmith client posts to a local endpoint and
+the model runs carry input_cost/output_cost/total_cost and the guard's metadata."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from decimal import Decimal
+from email.parser import BytesParser
+from email.policy import HTTP
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from langchain_core.tracers import LangChainTracer
+from langsmith import Client
+
+from agent_guard import Guard, GuardCallbackHandler, Limits
+from agent_guard.testing import ScriptedChatModel
+
+INFO = {"version": "0.10.0", "batch_ingest_config": {
+    "use_multipart_endpoint": True, "size_limit": 100, "size_limit_bytes": 20_971_520,
+    "scale_up_qsize_trigger": 1000, "scale_up_nthreads_limit": 16,
+    "scale_down_nempty_trigger": 4}}
+
+
+class LangSmithSink:
+    """Accepts what the langsmith client sends and keeps every JSON part."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[str, Any]] = []
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _reply(self, payload: Any) -> None:
+                body = json.dumps(payload).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                self._reply(INFO if self.path.startswith("/info") else {})
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                ctype = self.headers.get("Content-Type", "")
+                if ctype.startswith("multipart/"):
+                    message = BytesParser(policy=HTTP).parsebytes(
+                        f"Content-Type: {ctype}\r\n\r\n".encode() + body)
+                    for part in message.iter_parts():
+                        name = part.get_param("name", header="content-disposition")
+                        data = part.get_payload(decode=True)
+                        if data and part.get_content_type() == "application/json":
+                            sink.parts.append((str(name), json.loads(data)))
+                elif body:
+                    sink.parts.append((self.path, json.loads(body)))
+                self._reply({})
+
+            do_PATCH = do_POST
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+
+def find(obj: Any, key: str) -> list[Any]:
+    found = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == key:
+                found.append(v)
+            found.extend(find(v, key))
+    elif isinstance(obj, list):
+        for v in obj:
+            found.extend(find(v, key))
+    return found
+
+
+@pytest.fixture
+def sink() -> Iterator[LangSmithSink]:
+    s = LangSmithSink()
+    yield s
+    s.httpd.shutdown()
+
+
+def test_model_runs_carry_the_guards_cost_and_metadata(sink: LangSmithSink) -> None:
+    client = Client(api_url=sink.url, api_key="test-key")
+    tracer = LangChainTracer(client=client, project_name="agent-guard-test")
+    records: list = []
+    guard = Guard(Limits(max_cost_usd="0.5"), on_record=[records.append])
+    llm = ScriptedChatModel(model_name="gpt-4o", responses=["An answer."], max_tokens=50)
+    llm.invoke("a question", config={"callbacks": [GuardCallbackHandler(guard), tracer],
+                                     "metadata": {"session_id": "ls-1"}})
+    tracer.wait_for_futures()
+    client.flush()
+    [record] = records
+    totals = [v for _, part in sink.parts for v in find(part, "total_cost")]
+    assert totals and Decimal(str(totals[0])) == pytest.approx(record.cost_usd, rel=Decimal("1e-6"))
+    inputs = [v for _, part in sink.parts for v in find(part, "input_cost")]
+    outputs = [v for _, part in sink.parts for v in find(part, "output_cost")]
+    assert inputs[0] > 0 and outputs[0] > 0
+    assert inputs[0] + outputs[0] == pytest.approx(totals[0])
+    meta = [v for _, part in sink.parts for v in find(part, "agent_guard")]
+    assert meta and meta[0]["session"] == "ls-1" and meta[0]["cap_usd"] == "0.5"
