@@ -33,6 +33,7 @@ class Receiver:
     def __init__(self) -> None:
         self.spans: list = []
         self.content_types: list[str] = []
+        self.paths: list[str] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -42,6 +43,12 @@ class Receiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.content_types.append(self.headers["Content-Type"])
+                receiver.paths.append(self.path)
+                if not self.path.endswith("/v1/traces"):
+                    self.send_response(200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 request = ExportTraceServiceRequest()
                 request.ParseFromString(body)
                 for rs in request.resource_spans:
@@ -89,7 +96,7 @@ def test_a_guarded_agent_run_on_the_wire(receiver: Receiver, caplog) -> None:
     reader = InMemoryMetricReader()
     telemetry = GuardTelemetry(provider, MeterProvider(metric_readers=[reader]),
                                cost_attributes=(Attr.COST, Attr.LLM_COST_TOTAL))
-    guard = Guard(Limits(max_model_calls=2))
+    guard = Guard(Limits(max_model_calls=2), on_threshold=[telemetry.on_threshold])
     handler = GuardCallbackHandler(guard, telemetry=telemetry)
     llm = ScriptedChatModel(model_name="gpt-4o", max_tokens=100, cached_fraction=0.5,
                             respond=lambda m: AIMessage("", tool_calls=[
@@ -133,6 +140,8 @@ def test_a_guarded_agent_run_on_the_wire(receiver: Receiver, caplog) -> None:
     r = attrs(root)
     assert r[Attr.SESSION_MODEL_CALLS] == 2 and r[Attr.SESSION_COST_USD] > 0
     assert root.status.code == root.status.STATUS_CODE_ERROR
+    thresholds = [e for e in root.events if e.name == "agent_guard.threshold"]
+    assert [attrs(e)["agent_guard.threshold"] for e in thresholds] == [0.5, 0.8, 1.0]
     assert not any(k.startswith("gen_ai.usage") for k in r)  # backends sum those
     assert telemetry.open_spans() == 0  # nothing leaked
     text = " ".join(str(attrs(s)) for s in receiver.spans)
@@ -146,3 +155,34 @@ def test_a_guarded_agent_run_on_the_wire(receiver: Receiver, caplog) -> None:
     assert metrics["gen_ai.client.operation.duration"].data.data_points[0].count == 2
     assert metrics["agent_guard.cost"].data.data_points[0].value == pytest.approx(
         r[Attr.SESSION_COST_USD])
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_configure_otlp_exports_to_a_collector(receiver: Receiver, how: str) -> None:
+    """In a fresh interpreter: the one-line setup, by argument or by OTEL_* variables."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    base = receiver.url.removesuffix("/v1/traces")
+    arg = repr(base) if how == "argument" else "None"
+    script = textwrap.dedent(f"""
+        from opentelemetry import metrics, trace
+        from agent_guard import Guard, GuardCallbackHandler, Limits
+        from agent_guard.telemetry import configure_otlp
+        from agent_guard.testing import ScriptedChatModel
+        telemetry = configure_otlp({arg}, service_name="svc-under-test")
+        handler = GuardCallbackHandler(Guard(Limits(max_cost_usd=1)), telemetry=telemetry)
+        ScriptedChatModel(model_name="gpt-4o").invoke("hi", config={{"callbacks": [handler]}})
+        trace.get_tracer_provider().force_flush()
+        metrics.get_meter_provider().force_flush()
+    """)
+    env = {**os.environ}
+    if how == "environment":
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = base
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert [s.name for s in receiver.spans] == ["chat gpt-4o"]
+    assert "/v1/metrics" in receiver.paths

@@ -19,7 +19,6 @@ A call the guard refuses gets its span closed with an error status and an
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
@@ -219,6 +218,10 @@ class GuardTelemetry:
         if finish_reasons:
             attrs[Attr.FINISH_REASONS] = finish_reasons
         span.set_attributes(attrs)
+        if record is not None and record.route and (
+                "downgraded" in record.route or "fallback" in record.route):
+            span.add_event("agent_guard.downgrade", {Attr.TIER: record.tier or "",
+                                                     Attr.ROUTE: record.route})
         if record is not None and record.outcome in ("error", "aborted"):
             span.set_status(Status(StatusCode.ERROR, record.outcome))
         span.end()
@@ -261,10 +264,17 @@ class GuardTelemetry:
             span.set_status(Status(StatusCode.ERROR, type(error).__name__))
         span.end()
 
-    def event(self, run_id: UUID | None, name: str, attributes: Mapping[str, Any]) -> None:
-        """An event on the run's nearest span (thresholds, downgrades)."""
-        span = self._anchor.get(run_id) if run_id is not None else None
-        (span or trace.get_current_span()).add_event(name, dict(attributes))
+    def on_threshold(self, event: Any) -> None:
+        """A :class:`~agent_guard.guard.ThresholdEvent` as an event on the open root span
+        of its session (give this to ``Guard(on_threshold=[...])``)."""
+        with self._lock:
+            roots = [self._spans[r] for r, s in self._roots.items()
+                     if s == event.session and r in self._spans]
+        attributes = {"agent_guard.dimension": event.dimension,
+                      "agent_guard.threshold": float(event.threshold),
+                      "agent_guard.spent": int(event.spent), "agent_guard.cap": int(event.cap)}
+        for span in roots[:1] or [trace.get_current_span()]:
+            span.add_event("agent_guard.threshold", attributes)
 
     def root_session(self, run_id: UUID) -> str | None:
         return self._roots.get(run_id)
