@@ -26,7 +26,7 @@ _MONEY_DIMENSIONS = frozenset({"usd_nano"})
 _LABELS = {"usd_nano": "cost", "tokens": "tokens (input + output)"}
 
 
-def _label(dimension: str) -> str:
+def dimension_label(dimension: str) -> str:
     if dimension.startswith("repeat:"):
         return "identical calls of one tool"
     if dimension.startswith("tool_calls:"):
@@ -34,7 +34,7 @@ def _label(dimension: str) -> str:
     return _LABELS.get(dimension, dimension.replace("_", " "))
 
 
-def _show(dimension: str, amount: int) -> str:
+def format_amount(dimension: str, amount: int) -> str:
     if dimension in _MONEY_DIMENSIONS:
         return f"${Decimal(amount) / 10**9:.6f}"
     return f"{amount:,}"
@@ -93,11 +93,16 @@ class BudgetExceeded(GuardError):
 
     def _message(self) -> str:
         d = self.dimension
+
+        def amount(value: int) -> str:
+            return format_amount(d, value)
+
         return (
-            f"{type(self).__name__}: session {self.session!r} ({self.scope}) cap on {_label(d)} is "
-            f"{_show(d, self.cap)}; spent {_show(d, self.spent)}, reserved "
-            f"{_show(d, self.reserved)}, this call needs up to {_show(d, self.requested)} "
-            f"(remaining {_show(d, self.remaining)}). Nothing was spent on this call. {self.hint}"
+            f"{type(self).__name__}: session {self.session!r} ({self.scope}) cap on "
+            f"{dimension_label(d)} is {amount(self.cap)}; spent {amount(self.spent)}, "
+            f"reserved {amount(self.reserved)}, this call needs up to "
+            f"{amount(self.requested)} (remaining {amount(self.remaining)}). "
+            f"Nothing was spent on this call. {self.hint}"
         )
 
     def __reduce__(self):  # keep pickling (multiprocessing) working with keyword-only init

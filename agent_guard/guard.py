@@ -18,14 +18,21 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import BudgetExceeded, LoopDetected, StepLimitExceeded, UnknownModelPrice
+from .errors import (
+    BudgetExceeded,
+    LoopDetected,
+    StepLimitExceeded,
+    UnknownModelPrice,
+    dimension_label,
+    format_amount,
+)
 from .ledger import Denial, Ledger, Reservation, ScopeCaps, from_url
 from .ledger.base import Settlement
 from .limits import Dimension, Limits, repeat_dimension, tool_dimension
 from .pricing import ModelPrice, PriceBook
 from .records import CallRecord, Outcome, SessionUsage
 from .tokens import TokenCounter
-from .usage import Usage
+from .usage import Usage, usd_to_nano
 
 __all__ = ["Admission", "Guard", "ModelCall", "ThresholdEvent"]
 
@@ -50,11 +57,10 @@ class ThresholdEvent:
         return self.spent / self.cap if self.cap else 1.0
 
     def __str__(self) -> str:
-        from .errors import _label, _show
-
+        d = self.dimension
         return (f"session {self.session!r} has used {self.fraction:.0%} of its "
-                f"{_label(self.dimension)} cap ({_show(self.dimension, self.spent)} of "
-                f"{_show(self.dimension, self.cap)}; threshold {self.threshold:.0%})")
+                f"{dimension_label(d)} cap ({format_amount(d, self.spent)} of "
+                f"{format_amount(d, self.cap)}; threshold {self.threshold:.0%})")
 
 
 ThresholdHook = Callable[[ThresholdEvent], None]
@@ -318,8 +324,6 @@ class Guard:
         tool_calls: int | None = None,
     ) -> None:
         """Raise this session's caps at run time (e.g. after a human approved more)."""
-        from .usage import usd_to_nano
-
         scope = self.scopes(session)[0].scope
         if usd is not None:
             self.ledger.extend(scope, Dimension.USD_NANO, usd_to_nano(usd))
