@@ -202,3 +202,39 @@ async def test_async_paths_escape_too() -> None:
         await agent.ainvoke({"messages": [("user", "go")]},
                             config={"callbacks": [GuardCallbackHandler(guard)]})
     assert guard.model_asks == 2
+
+
+def test_with_fallbacks_inside_a_graph_node_does_not_answer_a_refusal() -> None:
+    primary = ScriptedChatModel(model_name="gpt-4o", responses=["primary"], max_tokens=4000)
+    cheap = ScriptedChatModel(model_name="gpt-4o-mini", responses=["cheap"], max_tokens=10)
+    chain = primary.with_fallbacks([cheap])
+    builder = StateGraph(Messages)
+    builder.add_node("model", lambda s: {"messages": [chain.invoke(s["messages"])]})
+    builder.add_edge(START, "model")
+    builder.add_edge("model", END)
+    guard = CountingGuard(Limits(max_cost_usd="0.01"))
+    with pytest.raises(BudgetExceeded):
+        builder.compile().invoke({"messages": [("user", "go")]},
+                                 {"callbacks": [GuardCallbackHandler(guard)]})
+    assert primary.calls == 0 and cheap.calls == 0
+
+
+def test_your_own_code_may_still_catch_a_refusal_and_choose_a_cheaper_model() -> None:
+    strong = ScriptedChatModel(model_name="gpt-4o", responses=["strong"], max_tokens=4000)
+    cheap = ScriptedChatModel(model_name="gpt-4o-mini", responses=["cheap"], max_tokens=10)
+
+    def model(state: Messages) -> dict:
+        try:
+            answer = strong.invoke(state["messages"])
+        except BudgetExceeded:
+            answer = cheap.invoke(state["messages"])
+        return {"messages": [answer]}
+
+    builder = StateGraph(Messages)
+    builder.add_node("model", model)
+    builder.add_edge(START, "model")
+    builder.add_edge("model", END)
+    out = builder.compile().invoke(
+        {"messages": [("user", "go")]},
+        {"callbacks": [GuardCallbackHandler(CountingGuard(Limits(max_cost_usd="0.01")))]})
+    assert out["messages"][-1].content == "cheap" and strong.calls == 0

@@ -123,9 +123,9 @@ class GuardCallbackHandler(BaseCallbackHandler):
         self.annotate_runs = annotate_runs
         self._runs: dict[UUID, _Run] = {}
         self._lock = threading.Lock()
-        # parent run id -> the refusal raised under it: a sibling call under the same
-        # parent (a with_fallbacks fallback, a retry) is refused the same way
-        self._refused: OrderedDict[UUID, GuardError] = OrderedDict()
+        # open Runnable.with_fallbacks runs -> the refusal raised inside (or None): the
+        # fallback model of a refused call is refused the same way
+        self._fallback_runs: OrderedDict[UUID, GuardError | None] = OrderedDict()
 
     # -- model calls -------------------------------------------------------------
 
@@ -180,20 +180,35 @@ class GuardCallbackHandler(BaseCallbackHandler):
             self._runs[run_id] = _Run(admission)
 
     def _admit(self, call: ModelCall, parent_run_id: UUID | None) -> Admission:
-        enclosing = _enclosing_run(parent_run_id)
-        if enclosing is not None:
-            refused = self._refused.get(enclosing)
+        fallbacks = self._enclosing_fallbacks(parent_run_id)
+        if fallbacks is not None:
+            refused = self._fallback_runs.get(fallbacks)
             if refused is not None:
                 raise refused
         try:
             return self.guard.before_model_call(call)
         except GuardError as exc:
-            if enclosing is not None:
+            if fallbacks is not None:
                 with self._lock:
-                    self._refused[enclosing] = exc
-                    while len(self._refused) > 1024:
-                        self._refused.popitem(last=False)
+                    self._fallback_runs[fallbacks] = exc
             raise
+
+    def _enclosing_fallbacks(self, parent_run_id: UUID | None) -> UUID | None:
+        """The open ``with_fallbacks`` run a model call belongs to, if any.
+
+        ``with_fallbacks`` passes its caller's config to each model unchanged, so the
+        call's parent is not the fallbacks run; the child config it sets in the
+        context names it."""
+        if not self._fallback_runs:
+            return None
+        if parent_run_id in self._fallback_runs:
+            return parent_run_id
+        config = var_child_runnable_config.get()
+        manager = config.get("callbacks") if config else None
+        if isinstance(manager, BaseCallbackManager) and (
+                manager.parent_run_id in self._fallback_runs):
+            return manager.parent_run_id
+        return None
 
     def on_llm_start(
         self,
@@ -352,6 +367,11 @@ class GuardCallbackHandler(BaseCallbackHandler):
     def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *,
                        run_id: UUID, parent_run_id: UUID | None = None,
                        metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if _is_fallbacks(serialized, kwargs):
+            with self._lock:
+                self._fallback_runs[run_id] = None
+                while len(self._fallback_runs) > 4096:  # runs that never ended
+                    self._fallback_runs.popitem(last=False)
         if self.telemetry is None:
             return
         meta = metadata or {}
@@ -367,6 +387,9 @@ class GuardCallbackHandler(BaseCallbackHandler):
         self._end_chain(run_id, error)
 
     def _end_chain(self, run_id: UUID, error: BaseException | None) -> None:
+        if self._fallback_runs:
+            with self._lock:
+                self._fallback_runs.pop(run_id, None)
         if self.telemetry is None:
             return
         session = self.telemetry.root_session(run_id)
@@ -413,17 +436,10 @@ class GuardCallbackHandler(BaseCallbackHandler):
         return None, response_model, cache_hit, max(counted, run.streamed_tokens)
 
 
-def _enclosing_run(parent_run_id: UUID | None) -> UUID | None:
-    """The run a model call happens in: its parent, or, when LangChain passed the
-    caller's config on unchanged (``with_fallbacks`` does), the run that set the
-    current child config."""
-    if parent_run_id is not None:
-        return parent_run_id
-    config = var_child_runnable_config.get()
-    manager = config.get("callbacks") if config else None
-    if isinstance(manager, BaseCallbackManager):
-        return manager.parent_run_id
-    return None
+def _is_fallbacks(serialized: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -> bool:
+    ident = (serialized or {}).get("id") or ()
+    return (bool(ident) and ident[-1] == "RunnableWithFallbacks") or (
+        kwargs.get("name") == "RunnableWithFallbacks")
 
 
 def _finish_reasons(response: LLMResult) -> list[str]:
