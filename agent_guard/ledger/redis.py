@@ -1,34 +1,51 @@
 """Redis ledger (``redis://host:6379/0``, ``rediss://``, ``unix://``): several hosts.
 
-Each operation is one Lua script call, so one round trip: ``hold.lua``
-reclaims expired leases and then reserves (or charges) atomically across
-every scope; ``finish.lua`` settles or releases once. All keys of a ledger
-share one hash tag, ``ag:{<namespace>}:``, so multi-scope scripts also run on
-Redis Cluster (shard by namespace). Scope names are percent-encoded into keys,
-so no name can collide with another or leave the hash tag. Stored values are
-integers and JSON, never pickles.
+Every ``reserve``, ``settle``, ``release`` and ``charge`` is exactly one EVALSHA of a
+Lua script in ``lua/`` (``common.lua`` is prepended to each), so each is atomic
+and costs one round trip. ``reserve`` and ``charge`` first give back up to 100
+expired leases, so no separate reclaim call is needed; ``reclaim_expired`` loops
+over ``reclaim.lua`` until none are left. ``extend`` is one ``HINCRBY`` and
+``totals`` one ``HGETALL``.
 
-Amounts must stay below 2**53 (about $9,000,000 in nano-USD per counter):
-Lua compares them as doubles.
+Keys (see ``lua/common.lua``) share one hash tag, ``ag:{<namespace>}:``, so
+multi-scope scripts also run on Redis Cluster (one slot per namespace). Scope
+names are percent-encoded into keys, so no name collides with another or leaves
+the hash tag. Stored values are decimal integers and JSON, never pickles.
 
-Leases use the Redis server's clock (``TIME``) so hosts with skewed clocks
-agree; pass ``clock=`` (tests) to use a client clock instead.
+Exactness: counters change with ``HINCRBY`` (64-bit), but Lua compares doubles,
+so amounts and caps must be below 2**53 (about $9,000,000 in nano-USD); the
+client refuses larger ones with ``ValueError``.
+
+Leases use the Redis server's clock (``TIME`` inside the script) so hosts with
+skewed clocks agree; ``clock=`` (tests) sends the client's time instead.
+
+Retries: redis-py would resend a command after a timeout, running a script
+twice. The ledger's clients do not retry by default (``retries=0``: an error is
+:class:`~agent_guard.errors.LedgerUnavailable` and the call is refused). With
+``retries=N`` a resent reserve, settle or release is recognised by a per-call
+token and answered as the first one was; a resent ``charge`` may count twice
+(never less than once).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
 from importlib import resources
 from typing import Any
 from urllib.parse import quote
 
 import redis
 import redis.asyncio as aredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from ..errors import LedgerUnavailable
 from .base import (
@@ -43,34 +60,78 @@ from .base import (
     new_reservation_id,
 )
 
-__all__ = ["RedisLedger"]
+__all__ = ["MAX_AMOUNT", "RedisLedger"]
 
+# Amounts, caps and extensions must be below this: Lua compares them as doubles.
 MAX_AMOUNT = 2**53
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+RECLAIM_BATCH = 1000
+_SCRIPTS = ("reserve", "settle", "release", "charge", "reclaim")
+_FAILURES = (RedisError, OSError)
+_JSON = {"separators": (",", ":")}
+
+Reply = Any  # what a script call answers (lists, bytes, ints)
 
 
-def _script(name: str) -> str:
-    return (resources.files("agent_guard.ledger") / "lua" / name).read_text()
+@cache
+def script_source(name: str) -> str:
+    """The full text of ``lua/<name>.lua`` as sent to Redis (``common.lua`` + body)."""
+    lua = resources.files("agent_guard.ledger") / "lua"
+    return (lua / "common.lua").read_text() + (lua / f"{name}.lua").read_text()
 
 
-def _check_bound(amounts: Mapping[str, int]) -> None:
+def _int(value: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    if not -MAX_AMOUNT < value < MAX_AMOUNT:
+        raise ValueError(f"{what} must be below 2**53 in magnitude on Redis, got {value}")
+    return value
+
+
+def _check(amounts: Mapping[str, int]) -> None:
     check_amounts(amounts)
     for dim, value in amounts.items():
-        if value >= MAX_AMOUNT:
-            raise ValueError(f"ledger amount for {dim!r} must be < 2**53 on Redis, got {value}")
+        _int(value, f"ledger amount for {dim!r}")
 
 
-def _strings(amounts: Mapping[str, int]) -> dict[str, str]:
-    return {dim: str(int(v)) for dim, v in amounts.items() if v}
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _token() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class _Scripts:
+    """One client and its registered scripts (sync or async alike)."""
+
+    client: Any
+    reserve: Any
+    settle: Any
+    release: Any
+    charge: Any
+    reclaim: Any
+
+    @classmethod
+    def on(cls, client: Any) -> _Scripts:
+        return cls(client, *(client.register_script(script_source(n)) for n in _SCRIPTS))
 
 
 class RedisLedger(Ledger):
+    """Budgets in Redis; see the module docstring for the data layout and guarantees.
+
+    ``client_options`` go to both ``redis.Redis.from_url`` and
+    ``redis.asyncio.Redis.from_url`` (defaults: ``socket_connect_timeout=2``,
+    ``socket_timeout=5``; ``health_check_interval`` etc. pass through).
+    """
+
     def __init__(
         self,
         url: str,
         *,
         namespace: str = "default",
         clock: Callable[[], float] | None = None,
+        retries: int = 0,
         client: redis.Redis | None = None,
         **client_options: Any,
     ) -> None:
@@ -80,17 +141,18 @@ class RedisLedger(Ledger):
         self._raw_url = url
         self.namespace = namespace
         self._clock = clock
-        options = {"socket_connect_timeout": 2.0, "socket_timeout": 5.0, **client_options}
-        self._client_options = options
-        self.client: redis.Redis = client or redis.Redis.from_url(url, **options)
-        self._async_clients: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, tuple[Any, Any, aredis.Redis]
-        ] = weakref.WeakKeyDictionary()
+        self._options: dict[str, Any] = {
+            "socket_connect_timeout": 2.0, "socket_timeout": 5.0, **client_options}
+        self._retries = retries
+        backoff = ExponentialWithJitterBackoff(base=0.01, cap=0.5)
+        self.client: redis.Redis = client or redis.Redis.from_url(
+            url, retry=Retry(backoff, retries), **self._options)
+        self._sync = _Scripts.on(self.client)
+        self._async_by_loop: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, _Scripts] = weakref.WeakKeyDictionary()
         self.prefix = f"ag:{{{quote(namespace, safe='')}}}:"
+        self._open = self.prefix + "open"
         self._leases = self.prefix + "leases"
-        self._hold_src, self._finish_src = _script("hold.lua"), _script("finish.lua")
-        self._hold = self.client.register_script(self._hold_src)
-        self._finish = self.client.register_script(self._finish_src)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisLedger:
@@ -99,32 +161,56 @@ class RedisLedger(Ledger):
     # -- keys and arguments --------------------------------------------------------------
 
     def scope_key(self, scope: str) -> str:
-        return self.prefix + "s:" + quote(scope, safe="")
+        """The HASH of ``scope``'s counters (injective in ``scope``)."""
+        return self.prefix + "s:" + quote(scope, safe="", errors="surrogatepass")
+
+    def _done_key(self, rid: str) -> str:
+        return self.prefix + "done:" + rid
 
     def _now(self) -> str:
         return "" if self._clock is None else repr(float(self._clock()))
 
-    def _hold_call(self, mode: str, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int],
-                   lease_seconds: float, rid: str) -> tuple[list[str], list[str]]:
-        scope_keys = [self.scope_key(sc.scope) for sc in scopes]
-        for sc in scopes:
-            _check_bound(sc.caps)
-        keys = [self._leases, self.prefix + "r:" + rid, self.prefix + "d:" + rid, *scope_keys]
-        payload = json.dumps({"s": scope_keys, "a": _strings(amounts)})
-        caps = json.dumps([{d: str(c) for d, c in sc.caps.items()} for sc in scopes])
-        args = [self.prefix, self._now(), repr(float(lease_seconds)), payload, caps, rid, mode]
-        return keys, args
+    def _caps(self, scopes: Sequence[ScopeCaps]) -> str:
+        return json.dumps([
+            [[dim, str(_int(cap, f"cap on {dim!r} of {sc.scope!r}"))]
+             for dim, cap in sc.caps.items()]
+            for sc in scopes
+        ], **_JSON)
 
-    def _finish_call(self, mode: str, reservation: Reservation, actual: Mapping[str, int]
+    def _reserve_call(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int],
+                      lease_seconds: float, rid: str) -> tuple[list[str], list[str]]:
+        scope_keys = [self.scope_key(sc.scope) for sc in scopes]
+        token = _token()
+        record = json.dumps({"k": scope_keys, "a": {d: str(v) for d, v in amounts.items() if v},
+                             "t": token}, **_JSON)
+        keys = [self._open, self._leases, self._done_key(rid), *scope_keys]
+        return keys, [self._now(), repr(float(lease_seconds)), rid, token, record,
+                      self._caps(scopes)]
+
+    def _charge_call(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
+                     ) -> tuple[list[str], list[str]]:
+        keys = [self._open, self._leases, *(self.scope_key(sc.scope) for sc in scopes)]
+        spend = json.dumps({d: str(v) for d, v in amounts.items() if v}, **_JSON)
+        return keys, [self._now(), self._caps(scopes), spend]
+
+    def _finish_call(self, reservation: Reservation, actual: Mapping[str, int] | None
                      ) -> tuple[list[str], list[str]]:
         rid = reservation.id
-        keys = [self._leases, self.prefix + "r:" + rid, self.prefix + "d:" + rid,
-                *(self.scope_key(s) for s in reservation.scopes)]
-        args = [json.dumps(_strings(actual)), rid, str(DONE_RETENTION_SECONDS), mode]
+        keys = [self._open, self._leases, self._done_key(rid)]
+        args = [rid, _token(), str(DONE_RETENTION_SECONDS)]
+        if actual is not None:
+            keys += [self.scope_key(s) for s in reservation.scopes]
+            for dim, amount in actual.items():
+                args += [dim, str(amount)]
         return keys, args
 
+    def _reclaim_call(self) -> tuple[list[str], list[str]]:
+        return [self._open, self._leases], [self._now(), str(RECLAIM_BATCH)]
+
+    # -- replies ------------------------------------------------------------------------------
+
     @staticmethod
-    def _reserved(reply: list[Any], scopes: Sequence[ScopeCaps], amounts: Mapping[str, int],
+    def _reserved(reply: Reply, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int],
                   rid: str) -> Reservation | Denial:
         status = int(reply[0])
         if status == -1:
@@ -134,8 +220,30 @@ class RedisLedger(Ledger):
         return Reservation(rid, tuple(sc.scope for sc in scopes), dict(amounts),
                            float(reply[1]))
 
+    @staticmethod
+    def _settled(reply: Reply, reservation: Reservation, actual: Mapping[str, int]
+                 ) -> Settlement:
+        if not isinstance(reply, list):
+            return Settlement(False)
+        values = iter(reply[1:])
+        return Settlement(True, {
+            scope: {dim: int(next(values)) for dim in actual} for scope in reservation.scopes
+        })
+
     def _unavailable(self, exc: BaseException) -> LedgerUnavailable:
         return LedgerUnavailable(self.url, exc)
+
+    def _run(self, script: Any, keys: list[str], args: list[str]) -> Reply:
+        try:
+            return script(keys=keys, args=args)
+        except _FAILURES as exc:
+            raise self._unavailable(exc) from exc
+
+    async def _arun(self, script: Any, keys: list[str], args: list[str]) -> Reply:
+        try:
+            return await script(keys=keys, args=args)
+        except _FAILURES as exc:
+            raise self._unavailable(exc) from exc
 
     # -- contract --------------------------------------------------------------------------
 
@@ -147,65 +255,46 @@ class RedisLedger(Ledger):
         lease_seconds: float,
         reservation_id: str | None = None,
     ) -> Reservation | Denial:
-        _check_bound(amounts)
+        _check(amounts)
         rid = reservation_id or new_reservation_id()
-        keys, args = self._hold_call("reserve", scopes, amounts, lease_seconds, rid)
-        try:
-            reply = self._hold(keys=keys, args=args)
-        except _UNAVAILABLE as exc:
-            raise self._unavailable(exc) from exc
-        return self._reserved(reply, scopes, amounts, rid)
+        keys, args = self._reserve_call(scopes, amounts, lease_seconds, rid)
+        return self._reserved(self._run(self._sync.reserve, keys, args), scopes, amounts, rid)
 
     def settle(self, reservation: Reservation, actual: Mapping[str, int]) -> Settlement:
-        _check_bound(actual)
-        keys, args = self._finish_call("settle", reservation, actual)
-        try:
-            return _settlement(reservation, self._finish(keys=keys, args=args))
-        except _UNAVAILABLE as exc:
-            raise self._unavailable(exc) from exc
+        _check(actual)
+        keys, args = self._finish_call(reservation, actual)
+        return self._settled(self._run(self._sync.settle, keys, args), reservation, actual)
 
     def release(self, reservation: Reservation) -> bool:
-        keys, args = self._finish_call("release", reservation, {})
-        try:
-            return bool(int(self._finish(keys=keys, args=args)))
-        except _UNAVAILABLE as exc:
-            raise self._unavailable(exc) from exc
+        keys, args = self._finish_call(reservation, None)
+        return int(self._run(self._sync.release, keys, args)) == 1
 
     def charge(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]) -> Denial | None:
-        _check_bound(amounts)
-        keys, args = self._hold_call("charge", scopes, amounts, 0, new_reservation_id())
-        try:
-            reply = self._hold(keys=keys, args=args)
-        except _UNAVAILABLE as exc:
-            raise self._unavailable(exc) from exc
+        _check(amounts)
+        keys, args = self._charge_call(scopes, amounts)
+        reply = self._run(self._sync.charge, keys, args)
         return _denial(reply, scopes) if int(reply[0]) == 0 else None
 
     def extend(self, scope: str, dimension: str, amount: int) -> None:
-        if isinstance(amount, bool) or not isinstance(amount, int):
-            raise TypeError(f"extend amount must be an int, got {amount!r}")
+        _int(amount, "extend amount")
         try:
             self.client.hincrby(self.scope_key(scope), "x:" + dimension, amount)
-        except _UNAVAILABLE as exc:
+        except _FAILURES as exc:
             raise self._unavailable(exc) from exc
 
     def totals(self, scope: str) -> ScopeTotals:
         try:
             raw = self.client.hgetall(self.scope_key(scope))
-        except _UNAVAILABLE as exc:
+        except _FAILURES as exc:
             raise self._unavailable(exc) from exc
         return _totals(scope, raw)
 
     def reclaim_expired(self) -> int:
         total = 0
         while True:
-            keys, args = self._hold_call("reclaim", [], {}, 0, new_reservation_id())
-            try:
-                reply = self._hold(keys=keys, args=args)
-            except _UNAVAILABLE as exc:
-                raise self._unavailable(exc) from exc
-            n = int(reply[1])
-            total += n
-            if n < 1000:
+            examined, reclaimed = self._run(self._sync.reclaim, *self._reclaim_call())
+            total += int(reclaimed)
+            if int(examined) < RECLAIM_BATCH:
                 return total
 
     def close(self) -> None:
@@ -213,16 +302,16 @@ class RedisLedger(Ledger):
 
     # -- native async twins --------------------------------------------------------------
 
-    def _async(self) -> tuple[Any, Any, aredis.Redis]:
-        """The async client of the running event loop (an asyncio client is bound to
-        the loop it was created on)."""
+    def _async(self) -> _Scripts:
+        """The async client of the running event loop, made on first use (an asyncio
+        client belongs to the loop it was created on)."""
         loop = asyncio.get_running_loop()
-        found = self._async_clients.get(loop)
+        found = self._async_by_loop.get(loop)
         if found is None:
-            client = aredis.Redis.from_url(self._raw_url, **self._client_options)
-            found = (client.register_script(self._hold_src),
-                     client.register_script(self._finish_src), client)
-            self._async_clients[loop] = found
+            retry = AsyncRetry(ExponentialWithJitterBackoff(base=0.01, cap=0.5), self._retries)
+            found = _Scripts.on(aredis.Redis.from_url(self._raw_url, retry=retry,
+                                                      **self._options))
+            self._async_by_loop[loop] = found
         return found
 
     async def areserve(
@@ -233,96 +322,62 @@ class RedisLedger(Ledger):
         lease_seconds: float,
         reservation_id: str | None = None,
     ) -> Reservation | Denial:
-        _check_bound(amounts)
+        _check(amounts)
         rid = reservation_id or new_reservation_id()
-        hold, _, _ = self._async()
-        keys, args = self._hold_call("reserve", scopes, amounts, lease_seconds, rid)
-        try:
-            reply = await hold(keys=keys, args=args)
-        except _UNAVAILABLE as exc:
-            raise self._unavailable(exc) from exc
+        keys, args = self._reserve_call(scopes, amounts, lease_seconds, rid)
+        reply = await self._arun(self._async().reserve, keys, args)
         return self._reserved(reply, scopes, amounts, rid)
 
     async def asettle(self, reservation: Reservation, actual: Mapping[str, int]) -> Settlement:
-        _check_bound(actual)
-        _, finish, _ = self._async()
-        keys, args = self._finish_call("settle", reservation, actual)
-        try:
-            return _settlement(reservation, await finish(keys=keys, args=args))
-        except _UNAVAILABLE as exc:
-            raise self._unavailable(exc) from exc
+        _check(actual)
+        keys, args = self._finish_call(reservation, actual)
+        reply = await self._arun(self._async().settle, keys, args)
+        return self._settled(reply, reservation, actual)
 
     async def arelease(self, reservation: Reservation) -> bool:
-        _, finish, _ = self._async()
-        keys, args = self._finish_call("release", reservation, {})
-        try:
-            return bool(int(await finish(keys=keys, args=args)))
-        except _UNAVAILABLE as exc:
-            raise self._unavailable(exc) from exc
+        keys, args = self._finish_call(reservation, None)
+        return int(await self._arun(self._async().release, keys, args)) == 1
 
     async def acharge(
         self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
     ) -> Denial | None:
-        _check_bound(amounts)
-        hold, _, _ = self._async()
-        keys, args = self._hold_call("charge", scopes, amounts, 0, new_reservation_id())
-        try:
-            reply = await hold(keys=keys, args=args)
-        except _UNAVAILABLE as exc:
-            raise self._unavailable(exc) from exc
+        _check(amounts)
+        keys, args = self._charge_call(scopes, amounts)
+        reply = await self._arun(self._async().charge, keys, args)
         return _denial(reply, scopes) if int(reply[0]) == 0 else None
 
     async def aextend(self, scope: str, dimension: str, amount: int) -> None:
-        if isinstance(amount, bool) or not isinstance(amount, int):
-            raise TypeError(f"extend amount must be an int, got {amount!r}")
-        _, _, client = self._async()
+        _int(amount, "extend amount")
         try:
-            await client.hincrby(self.scope_key(scope), "x:" + dimension, amount)
-        except _UNAVAILABLE as exc:
+            await self._async().client.hincrby(self.scope_key(scope), "x:" + dimension, amount)
+        except _FAILURES as exc:
             raise self._unavailable(exc) from exc
 
     async def atotals(self, scope: str) -> ScopeTotals:
-        _, _, client = self._async()
         try:
-            raw = await client.hgetall(self.scope_key(scope))
-        except _UNAVAILABLE as exc:
+            raw = await self._async().client.hgetall(self.scope_key(scope))
+        except _FAILURES as exc:
             raise self._unavailable(exc) from exc
         return _totals(scope, raw)
 
     async def aclose(self) -> None:
-        found = self._async_clients.pop(asyncio.get_running_loop(), None)
+        found = self._async_by_loop.pop(asyncio.get_running_loop(), None)
         if found is not None:
-            await found[2].aclose()
+            await found.client.aclose()
         self.close()
 
 
-def _denial(reply: list[Any], scopes: Sequence[ScopeCaps]) -> Denial:
-    _, index, dim, cap, spent, reserved, want = (
-        x.decode() if isinstance(x, bytes) else x for x in reply)
-    return Denial(scopes[int(index) - 1].scope, str(dim), int(cap), int(spent), int(reserved),
-                  int(want))
+def _denial(reply: Reply, scopes: Sequence[ScopeCaps]) -> Denial:
+    """``{0, scope index, dim, cap, extra, spent, reserved, requested}`` -> Denial."""
+    _, index, dim, cap, extra, spent, reserved, want = reply
+    return Denial(scopes[int(index) - 1].scope, _text(dim), int(cap) + int(extra), int(spent),
+                  int(reserved), int(want))
 
 
-def _settlement(reservation: Reservation, reply: Any) -> Settlement:
-    """finish.lua answers 0, or {1, '[{dim: spent, ...} per scope]'}."""
-    if not isinstance(reply, list):
-        return Settlement(False)
-    raw = reply[1].decode() if isinstance(reply[1], bytes) else reply[1]
-    per_scope = json.loads(raw) if raw not in ("", "{}") else []
-    return Settlement(True, {
-        scope: {d: int(v) for d, v in values.items()}
-        for scope, values in zip(reservation.scopes, per_scope, strict=False)
-    })
-
-
-def _totals(scope: str, raw: Mapping[Any, Any]) -> ScopeTotals:
-    spent: dict[str, int] = {}
-    reserved: dict[str, int] = {}
-    extra: dict[str, int] = {}
-    target = {"s": spent, "r": reserved, "x": extra}
+def _totals(scope: str, raw: Mapping[bytes | str, bytes | str]) -> ScopeTotals:
+    counters: dict[str, dict[str, int]] = {"s": {}, "r": {}, "x": {}}
     for key, value in raw.items():
-        k = key.decode() if isinstance(key, bytes) else str(key)
-        kind, _, dim = k.partition(":")
-        if kind in target:
-            target[kind][dim] = int(value)
-    return ScopeTotals(scope, spent, reserved, extra)
+        kind, _, dim = _text(key).partition(":")
+        if kind in counters:
+            counters[kind][dim] = int(value)
+    return ScopeTotals(scope, counters["s"], counters["r"], counters["x"])

@@ -1,9 +1,21 @@
 """SQLite ledger (``sqlite:///path/guard.db``): several processes on one host.
 
-Every operation is one ``BEGIN IMMEDIATE`` transaction, which takes SQLite's
-write lock up front, so a reservation's check and hold are atomic across all
-processes using the file. WAL mode lets readers go on meanwhile. Expired
-leases are reclaimed inside the reserving transaction.
+Every write is one ``BEGIN IMMEDIATE`` transaction, which takes SQLite's write
+lock up front, so a reservation's reclaim, check and hold are atomic across all
+threads and processes using the file; waiting for the lock is bounded by
+``busy_timeout_s`` (30 s), after which the call fails closed with
+:class:`~agent_guard.errors.LedgerUnavailable`. WAL mode lets ``totals`` read
+meanwhile. ``synchronous=NORMAL``: a commit survives a crash of the process,
+not necessarily a power cut.
+
+Tables: ``ag_counters`` (scope, dimension) -> spent, reserved, extra as 64-bit
+INTEGERs; ``ag_reservations`` (id -> scopes and amounts as JSON, expires_at);
+``ag_done`` (id, done_at), pruned after ``DONE_RETENTION_SECONDS``. Every
+statement is parameterised, so scope and dimension names can hold anything.
+
+Each thread uses its own connection; ``sqlite:///:memory:`` (one process only)
+uses one connection behind a lock instead, since each connection to
+``:memory:`` would be a separate database.
 """
 
 from __future__ import annotations
@@ -14,7 +26,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from urllib.parse import unquote
 
 from ..errors import LedgerUnavailable
@@ -64,8 +76,12 @@ ON CONFLICT (scope, dimension) DO UPDATE SET
     extra = extra + excluded.extra
 """
 
+_MEMORY = ("", ":memory:")
+
 
 class SQLiteLedger(Ledger):
+    """Budgets in one SQLite file; see the module docstring."""
+
     def __init__(
         self,
         path: str,
@@ -77,16 +93,21 @@ class SQLiteLedger(Ledger):
         self.url = f"sqlite:///{path}"
         self._clock = clock
         self._timeout = busy_timeout_s
+        self._shared = path in _MEMORY
+        self._shared_lock = threading.RLock()
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
-        try:
-            self._connection().executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise LedgerUnavailable(self.url, exc) from exc
+        self._shared_db: sqlite3.Connection | None = None
+        self._pid = os.getpid()
+        with self._transaction() as db:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
 
     @classmethod
     def from_url(cls, url: str, **options: object) -> SQLiteLedger:
+        """``sqlite:///relative.db``, ``sqlite:////abs/path.db`` or ``sqlite:///:memory:``."""
         rest = url.split("://", 1)[1]
         if not rest.startswith("/"):
             raise ValueError(
@@ -101,58 +122,78 @@ class SQLiteLedger(Ledger):
     # -- connections -------------------------------------------------------------------
 
     def _connection(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if os.getpid() != self._pid and not self._shared:
+            # forked: a file's connection must not be shared with the parent process
+            self._pid = os.getpid()
+            self._local = threading.local()
+            self._all = []
+        db: sqlite3.Connection | None = (
+            self._shared_db if self._shared else getattr(self._local, "db", None))
         if db is None:
             try:
-                directory = os.path.dirname(os.path.abspath(self.path))
-                if self.path != ":memory:" and not os.path.isdir(directory):
-                    raise FileNotFoundError(f"directory {directory} does not exist")
+                if self.path not in _MEMORY:
+                    directory = os.path.dirname(os.path.abspath(self.path))
+                    if not os.path.isdir(directory):
+                        raise FileNotFoundError(f"directory {directory} does not exist")
                 db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None,
                                      check_same_thread=False)
+                db.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
-                db.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
             except (sqlite3.Error, OSError) as exc:
                 raise LedgerUnavailable(self.url, exc) from exc
-            self._local.db = db
+            if self._shared:
+                self._shared_db = db
+            else:
+                self._local.db = db
             with self._all_lock:
                 self._all.append(db)
         return db
 
+    def _guard(self) -> AbstractContextManager[object]:
+        return self._shared_lock if self._shared else nullcontext()
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        db = self._connection()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise LedgerUnavailable(self.url, exc) from exc
-        try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException as exc:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
+        """One ``BEGIN IMMEDIATE`` ... ``COMMIT``; sqlite errors -> LedgerUnavailable."""
+        with self._guard():
+            db = self._connection()
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
                 raise LedgerUnavailable(self.url, exc) from exc
-            raise
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException as exc:
+                if db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise LedgerUnavailable(self.url, exc) from exc
+                raise
 
     def close(self) -> None:
         with self._all_lock:
             for db in self._all:
-                db.close()
+                with suppress(sqlite3.Error):
+                    db.close()
             self._all.clear()
         self._local = threading.local()
+        self._shared_db = None
 
     # -- helpers (inside a transaction) ---------------------------------------------------
 
-    def _totals(self, db: sqlite3.Connection, scope: str) -> ScopeTotals:
+    @staticmethod
+    def _totals(db: sqlite3.Connection, scope: str) -> ScopeTotals:
         rows = db.execute(
             "SELECT dimension, spent, reserved, extra FROM ag_counters WHERE scope = ?", (scope,)
         ).fetchall()
         return ScopeTotals(scope, {d: s for d, s, _, _ in rows}, {d: r for d, _, r, _ in rows},
                            {d: x for d, _, _, x in rows})
 
-    def _add(self, db: sqlite3.Connection, scopes: Sequence[str], amounts: Mapping[str, int],
+    @staticmethod
+    def _add(db: sqlite3.Connection, scopes: Sequence[str], amounts: Mapping[str, int],
              *, spent: int = 0, reserved: int = 0) -> None:
         db.executemany(_ADD, [
             (scope, dim, amount * spent, amount * reserved, 0)
@@ -160,6 +201,7 @@ class SQLiteLedger(Ledger):
         ])
 
     def _reclaim(self, db: sqlite3.Connection, now: float) -> int:
+        """Give back every expired hold and forget done ids past their retention."""
         expired = db.execute(
             "SELECT id, scopes, amounts FROM ag_reservations WHERE expires_at <= ?", (now,)
         ).fetchall()
@@ -171,19 +213,18 @@ class SQLiteLedger(Ledger):
         db.execute("DELETE FROM ag_done WHERE done_at < ?", (now - DONE_RETENTION_SECONDS,))
         return len(expired)
 
-    def _finish(self, db: sqlite3.Connection, rid: str) -> tuple[bool, Reservation | None]:
-        """Mark ``rid`` done. (already done before?, the open reservation if any)."""
+    def _finish(self, db: sqlite3.Connection, rid: str) -> tuple[bool, bool]:
+        """Mark ``rid`` done and drop its hold. (finished before?, a hold was dropped?)"""
         if db.execute("SELECT 1 FROM ag_done WHERE id = ?", (rid,)).fetchone():
-            return True, None
-        row = db.execute("SELECT scopes, amounts, expires_at FROM ag_reservations WHERE id = ?",
-                         (rid,)).fetchone()
+            return True, False
         db.execute("INSERT INTO ag_done (id, done_at) VALUES (?, ?)", (rid, self._clock()))
+        row = db.execute("SELECT scopes, amounts FROM ag_reservations WHERE id = ?",
+                         (rid,)).fetchone()
         if row is None:
-            return False, None
+            return False, False
         db.execute("DELETE FROM ag_reservations WHERE id = ?", (rid,))
-        held = Reservation(rid, tuple(json.loads(row[0])), json.loads(row[1]), row[2])
-        self._add(db, held.scopes, held.amounts, reserved=-1)
-        return False, held
+        self._add(db, json.loads(row[0]), json.loads(row[1]), reserved=-1)
+        return False, True
 
     # -- contract ---------------------------------------------------------------------------
 
@@ -199,24 +240,25 @@ class SQLiteLedger(Ledger):
         rid = reservation_id or new_reservation_id()
         with self._transaction() as db:
             now = self._clock()
-            self._reclaim(db, now)
+            self._reclaim(db, now)  # kept even when the id turns out to be used
             used = db.execute(
                 "SELECT 1 FROM ag_reservations WHERE id = ? UNION ALL "
                 "SELECT 1 FROM ag_done WHERE id = ?", (rid, rid)).fetchone()
-            if used:
-                raise ValueError(f"reservation id {rid!r} was already used")
-            totals = {sc.scope: self._totals(db, sc.scope) for sc in scopes}
-            denial = first_denial(scopes, amounts, totals)
-            if denial is not None:
-                return denial
-            res = Reservation(rid, tuple(sc.scope for sc in scopes), dict(amounts),
-                              now + lease_seconds)
-            self._add(db, res.scopes, amounts, reserved=1)
-            db.execute(
-                "INSERT INTO ag_reservations (id, scopes, amounts, expires_at) VALUES (?, ?, ?, ?)",
-                (rid, json.dumps(res.scopes), json.dumps(res.amounts), res.expires_at),
-            )
-            return res
+            if not used:
+                totals = {sc.scope: self._totals(db, sc.scope) for sc in scopes}
+                denial = first_denial(scopes, amounts, totals)
+                if denial is not None:
+                    return denial
+                res = Reservation(rid, tuple(sc.scope for sc in scopes), dict(amounts),
+                                  now + lease_seconds)
+                self._add(db, res.scopes, amounts, reserved=1)
+                db.execute(
+                    "INSERT INTO ag_reservations (id, scopes, amounts, expires_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (rid, json.dumps(res.scopes), json.dumps(res.amounts), res.expires_at),
+                )
+                return res
+        raise ValueError(f"reservation id {rid!r} was already used")
 
     def settle(self, reservation: Reservation, actual: Mapping[str, int]) -> Settlement:
         check_amounts(actual)
@@ -225,15 +267,16 @@ class SQLiteLedger(Ledger):
             if already:
                 return Settlement(False)
             self._add(db, reservation.scopes, actual, spent=1)
+            spent = {scope: self._totals(db, scope).spent for scope in reservation.scopes}
             return Settlement(True, {
-                scope: {d: v for d, v in self._totals(db, scope).spent.items() if d in actual}
+                scope: {dim: int(spent[scope].get(dim, 0)) for dim in actual}
                 for scope in reservation.scopes
             })
 
     def release(self, reservation: Reservation) -> bool:
         with self._transaction() as db:
-            already, held = self._finish(db, reservation.id)
-            return not already and held is not None
+            already, dropped = self._finish(db, reservation.id)
+            return not already and dropped
 
     def charge(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]) -> Denial | None:
         check_amounts(amounts)
@@ -252,11 +295,11 @@ class SQLiteLedger(Ledger):
             db.execute(_ADD, (scope, dimension, 0, 0, amount))
 
     def totals(self, scope: str) -> ScopeTotals:
-        db = self._connection()
-        try:
-            return self._totals(db, scope)
-        except sqlite3.Error as exc:
-            raise LedgerUnavailable(self.url, exc) from exc
+        with self._guard():
+            try:
+                return self._totals(self._connection(), scope)
+            except sqlite3.Error as exc:
+                raise LedgerUnavailable(self.url, exc) from exc
 
     def reclaim_expired(self) -> int:
         with self._transaction() as db:

@@ -1,0 +1,21 @@
+-- Charge: reclaim up to 100 expired leases, then check and spend on every scope, or on
+-- none.
+--
+-- KEYS: open, leases, then the scope hashes
+-- ARGV: now ('' = server TIME), caps JSON [[[dim, "cap"], ...] per scope],
+--       amounts JSON {dim: "amount" (non-zero)}
+-- Reply: {1} | {0, ...denial, see ag_check}
+
+ag_reclaim(KEYS[1], KEYS[2], ag_now(ARGV[1]), 100)
+
+local amounts = cjson.decode(ARGV[3])
+local denial = ag_check(KEYS, 3, cjson.decode(ARGV[2]), amounts)
+if denial then
+  return denial
+end
+for i = 3, #KEYS do
+  for dim, amount in pairs(amounts) do
+    redis.call('HINCRBY', KEYS[i], 's:' .. dim, amount)
+  end
+end
+return {1}

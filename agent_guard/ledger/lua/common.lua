@@ -1,0 +1,79 @@
+-- Helpers shared by every ledger script: the loader (redis.py) prepends this file to
+-- each script, so every script is still one self-contained EVALSHA.
+--
+-- Keys (one hash tag per ledger, so every key lives in one Redis Cluster slot):
+--   ag:{ns}:s:<scope>  HASH    s:<dim> spent, r:<dim> reserved, x:<dim> extra
+--   ag:{ns}:open       HASH    reservation id -> JSON {"k": [scope keys],
+--                              "a": {dim: "amount"}, "t": token of the reserving call}
+--   ag:{ns}:leases     ZSET    reservation id -> expires_at (seconds)
+--   ag:{ns}:done:<id>  STRING  token of the call that finished the id, EX retention
+--
+-- Amounts travel and are stored as decimal strings and change only by HINCRBY (exact
+-- 64-bit integers). Comparisons use tonumber (doubles): exact while cap + extra stays
+-- below 2^53; the client refuses amounts and caps from 2^53 up. Numbers are never
+-- formatted with tostring or cjson.encode, which keep only 14 significant digits.
+
+local function ag_now(arg)
+  if arg ~= '' then
+    return tonumber(arg)
+  end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+-- A double as a string that reads back to the same double.
+local function ag_num(x)
+  return string.format('%.17g', x)
+end
+
+local function ag_unhold(raw)
+  local rec = cjson.decode(raw)
+  for _, key in ipairs(rec.k) do
+    for dim, amount in pairs(rec.a) do
+      redis.call('HINCRBY', key, 'r:' .. dim, '-' .. amount)
+    end
+  end
+end
+
+-- Give back the holds of up to `limit` leases expired at `now`.
+-- Returns how many leases were examined and how many holds were given back.
+local function ag_reclaim(open, leases, now, limit)
+  local ids = redis.call('ZRANGEBYSCORE', leases, '-inf', ag_num(now), 'LIMIT', 0, limit)
+  local reclaimed = 0
+  for _, id in ipairs(ids) do
+    local raw = redis.call('HGET', open, id)
+    if raw then
+      ag_unhold(raw)
+      redis.call('HDEL', open, id)
+      reclaimed = reclaimed + 1
+    end
+  end
+  if #ids > 0 then
+    redis.call('ZREM', leases, unpack(ids))
+  end
+  return #ids, reclaimed
+end
+
+-- The admission rule (agent_guard.ledger.base.first_denial): for every scope, in order,
+-- and every capped dimension, in order, with a positive amount,
+-- spent + reserved + amount <= cap + extra. `caps` is [[[dim, "cap"], ...] per scope],
+-- aligned with keys[first..]. Returns nil, or the denial reply
+-- {0, scope index (1-based), dim, cap, extra, spent, reserved, requested}.
+local function ag_check(keys, first, caps, amounts)
+  for i, scope_caps in ipairs(caps) do
+    local key = keys[first + i - 1]
+    for _, pair in ipairs(scope_caps) do
+      local dim, cap = pair[1], pair[2]
+      local want = amounts[dim]
+      if want and tonumber(want) > 0 then
+        local v = redis.call('HMGET', key, 's:' .. dim, 'r:' .. dim, 'x:' .. dim)
+        local s, r, x = v[1] or '0', v[2] or '0', v[3] or '0'
+        if tonumber(s) + tonumber(r) + tonumber(want) > tonumber(cap) + tonumber(x) then
+          return {0, i, dim, cap, x, s, r, want}
+        end
+      end
+    end
+  end
+  return nil
+end
+

@@ -1,0 +1,39 @@
+-- Reserve: reclaim up to 100 expired leases, then hold the amounts on every scope, or
+-- on none.
+--
+-- KEYS: open, leases, done:<id>, then the scope hashes
+-- ARGV: now ('' = server TIME), lease seconds, id, token (unique per call),
+--       record JSON {"k": [scope keys], "a": {dim: "amount" (non-zero)}, "t": token},
+--       caps JSON [[[dim, "cap"], ...] per scope]
+-- Reply: {1, expires_at} | {0, ...denial, see ag_check} | {-1} (id already used)
+-- The same call sent twice (a client retry after a lost reply) gets the same answer.
+
+local now = ag_now(ARGV[1])
+ag_reclaim(KEYS[1], KEYS[2], now, 100)
+
+local id, token = ARGV[3], ARGV[4]
+local open = redis.call('HGET', KEYS[1], id)
+if open then
+  if cjson.decode(open).t == token then
+    return {1, redis.call('ZSCORE', KEYS[2], id)}
+  end
+  return {-1}
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return {-1}
+end
+
+local rec = cjson.decode(ARGV[5])
+local denial = ag_check(KEYS, 4, cjson.decode(ARGV[6]), rec.a)
+if denial then
+  return denial
+end
+for i = 4, #KEYS do
+  for dim, amount in pairs(rec.a) do
+    redis.call('HINCRBY', KEYS[i], 'r:' .. dim, amount)
+  end
+end
+local expires = ag_num(now + tonumber(ARGV[2]))
+redis.call('HSET', KEYS[1], id, ARGV[5])
+redis.call('ZADD', KEYS[2], expires, id)
+return {1, expires}
