@@ -1,39 +1,73 @@
 """A local OpenAI-compatible chat-completions server for offline tests.
 
-It speaks the wire format the ``openai`` client (and so ``ChatOpenAI``)
-parses: JSON answers, and SSE streams whose usage chunk is sent only when the
-request asks for it with ``stream_options.include_usage``, as OpenAI does.
+It speaks the wire format the ``openai`` client (and so ``ChatOpenAI``) parses:
+``chat.completion`` JSON, and SSE streams of ``chat.completion.chunk`` deltas
+whose usage chunk is sent only when the request asks for it with
+``stream_options.include_usage``, as OpenAI does. Standard library only.
 
     with FakeOpenAIServer([FakeReply("hi", prompt_tokens=12)]) as server:
         llm = ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="test")
+        llm.invoke("hello")
+        assert server.requests[0]["messages"][0]["content"] == "hello"
+
+Token counts a reply leaves as ``None`` are computed from the request with
+:class:`agent_guard.tokens.TokenCounter` (tiktoken) when it is importable, and
+otherwise with a heuristic of 4 characters per token.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import re
+import socket
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
-__all__ = ["FakeOpenAIServer", "FakeReply"]
+__all__ = ["FakeOpenAIServer", "FakeReply", "ReplyScript"]
 
 
 @dataclass
 class FakeReply:
-    """One scripted answer.
+    """One scripted answer of :class:`FakeOpenAIServer`.
 
-    Token counts left as ``None`` are computed: the prompt from the request's
-    messages, the completion from the content and tool calls (with
-    :class:`agent_guard.tokens.TokenCounter`). ``status`` other than 200 sends
-    ``error_body`` (an OpenAI error object) instead.
+    Attributes:
+        content: The answer text.
+        tool_calls: ``{"name": ..., "arguments": dict or JSON string, "id": optional}``
+            each (LangChain's ``{"name", "args", "id"}`` is accepted too). A missing
+            id becomes ``call_<random>``.
+        prompt_tokens: Reported prompt tokens; ``None`` counts the request's
+            messages and tools.
+        completion_tokens: Reported completion tokens; ``None`` counts the content
+            and tool calls, plus ``reasoning_tokens`` (OpenAI includes them).
+        cached_tokens: ``usage.prompt_tokens_details.cached_tokens``.
+        reasoning_tokens: ``usage.completion_tokens_details.reasoning_tokens``.
+        model: Response model name; ``None`` answers the request's model plus the
+            server's ``response_model_suffix`` (unless it already ends in a date).
+        status: HTTP status. Anything but 200 sends ``error_body`` (default: an
+            OpenAI error object for that status); a 429 also carries
+            ``retry-after: 1`` and ``retry-after-ms: 10`` (the ``openai`` client
+            prefers the latter, so a retrying client waits 10 ms).
+        error_body: The JSON body of an error reply, ``{"error": {...}}``.
+        headers: Extra response headers (they override the defaults above).
+        delay_s: Seconds to wait before answering (time to first byte).
+        finish_reason: ``None`` means ``"tool_calls"`` if there are tool calls,
+            else ``"stop"``.
+
+    The server ignores ``max_tokens``: a reply is as long as scripted, which is
+    what a test of an output cap enforced by the client side needs.
     """
 
     content: str = ""
-    tool_calls: Sequence[Mapping[str, Any]] = ()
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cached_tokens: int = 0
@@ -45,233 +79,510 @@ class FakeReply:
     delay_s: float = 0.0
     finish_reason: str | None = None
 
+    def __post_init__(self) -> None:
+        if not 100 <= self.status <= 599:
+            raise ValueError(f"status must be an HTTP status code, got {self.status!r}")
+        for tc in self.tool_calls:
+            if not isinstance(tc, Mapping) or not isinstance(tc.get("name"), str):
+                raise ValueError(f"each tool call needs a 'name' string, got {tc!r}")
+            args = tc.get("arguments", tc.get("args", {}))
+            if not isinstance(args, str | Mapping):
+                raise ValueError(f"tool call arguments must be a dict or a JSON string: {tc!r}")
+        for name in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
 
-Replies = Sequence[FakeReply] | Callable[[dict[str, Any]], FakeReply]
+
+#: A list of replies used in order (the last one repeats once the list is
+#: exhausted; a ``str`` is ``FakeReply(content=...)``), or a function of the
+#: parsed request body.
+ReplyScript = Sequence[FakeReply | str] | Callable[[dict[str, Any]], FakeReply | str]
 
 
 class FakeOpenAIServer:
-    """Serves ``POST /v1/chat/completions`` on 127.0.0.1 from a script.
+    """Serves the OpenAI chat-completions API on ``127.0.0.1`` from a script.
 
-    ``replies`` is a list used in order, the last one repeating once the list
-    is exhausted, or a function of the request body. Every request body is kept
-    in ``requests``. The response model name is the request's plus
-    ``response_model_suffix`` (as OpenAI answers ``gpt-4o`` with a dated name).
+    ``replies`` is a list answered in order, **the last one repeating** once the
+    list is exhausted (an empty list answers ``"ok"``), or a function
+    ``(request_body) -> FakeReply`` for dynamic scripts. Every chat-completion
+    request body is recorded in :attr:`requests`.
+
+    Routes: ``POST /v1/chat/completions`` (JSON, or SSE with ``"stream": true``),
+    ``GET /v1/models``; anything else answers 404 with an OpenAI error object.
+    Use it as a context manager, or call :meth:`start` and :meth:`stop`.
+
+    Args:
+        replies: The script.
+        response_model_suffix: Appended to the request's model for the response's
+            model name, as OpenAI answers ``gpt-4o`` with a dated snapshot.
+        chunk_chars: Characters per streamed content or arguments delta.
+        port: Port to bind, 0 for an ephemeral one.
     """
 
-    def __init__(self, replies: Replies = (), *, response_model_suffix: str = "-2024-08-06",
-                 chunk_chars: int = 8) -> None:
-        self._replies = replies if callable(replies) else list(replies) or [FakeReply("ok")]
+    def __init__(
+        self,
+        replies: ReplyScript = (),
+        *,
+        response_model_suffix: str = "-2024-08-06",
+        chunk_chars: int = 8,
+        port: int = 0,
+    ) -> None:
+        self._replies: ReplyScript = _script(replies)
         self.response_model_suffix = response_model_suffix
-        self.chunk_chars = max(1, chunk_chars)
-        self.requests: list[dict[str, Any]] = []
+        self.chunk_chars = max(1, int(chunk_chars))
+        self._port = port
+        self._requests: list[dict[str, Any]] = []
+        self._cursor = 0
         self._lock = threading.Lock()
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
-    # -- lifecycle -------------------------------------------------------------------
+    # -- lifecycle --------------------------------------------------------------------
 
     def start(self) -> FakeOpenAIServer:
-        server = self
-
-        class Handler(_Handler):
-            owner = server
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
+        """Bind and serve in a daemon thread; returns ``self``."""
+        if self._httpd is not None:
+            raise RuntimeError("the server is already running")
+        self._httpd = _HTTPServer(("127.0.0.1", self._port), _Handler, self)
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
-                                        name="fake-openai-server", daemon=True)
+                                        name=f"fake-openai-server:{self.port}", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
+        """Stop serving and close open connections (idempotent)."""
+        httpd, thread = self._httpd, self._thread
+        self._httpd = self._thread = None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.close_connections()
+        httpd.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
 
     def __enter__(self) -> FakeOpenAIServer:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     @property
-    def base_url(self) -> str:
+    def port(self) -> int:
         if self._httpd is None:
-            raise RuntimeError("the server is not started; use it as a context manager")
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+            raise RuntimeError("the server is not running; use it as a context manager")
+        return int(self._httpd.server_address[1])
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT/v1``, for ``ChatOpenAI(base_url=...)``."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    # -- script and records -----------------------------------------------------------
+
+    @property
+    def replies(self) -> ReplyScript:
+        """The script. Setting it replaces the script: the next request gets its first reply."""
+        return self._replies
+
+    @replies.setter
+    def replies(self, replies: ReplyScript) -> None:
+        with self._lock:
+            self._replies = _script(replies)
+            self._cursor = 0
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """A copy of the parsed JSON bodies of the chat-completion requests, in order."""
+        with self._lock:
+            return list(self._requests)
 
     @property
     def request_count(self) -> int:
         with self._lock:
-            return len(self.requests)
+            return len(self._requests)
 
     def reset(self) -> None:
+        """Forget the recorded requests and start the script over."""
         with self._lock:
-            self.requests.clear()
-
-    # -- scripting -------------------------------------------------------------------
+            self._requests.clear()
+            self._cursor = 0
 
     def _next_reply(self, body: dict[str, Any]) -> FakeReply:
         with self._lock:
-            index = len(self.requests)
-            self.requests.append(body)
-        if callable(self._replies):
-            return self._replies(body)
-        return self._replies[min(index, len(self._replies) - 1)]
+            self._requests.append(body)
+            index, self._cursor = self._cursor, self._cursor + 1
+            script = self._replies
+        if callable(script):
+            reply = script(body)
+        elif script:
+            reply = script[min(index, len(script) - 1)]
+        else:
+            reply = "ok"
+        if isinstance(reply, str):
+            return FakeReply(reply)
+        if not isinstance(reply, FakeReply):
+            raise TypeError(f"a reply must be a FakeReply or a str, got {type(reply).__name__}")
+        return reply
 
 
-def _count_prompt(body: Mapping[str, Any]) -> int:
-    from ..tokens import TokenCounter
+def _script(replies: ReplyScript | FakeReply | str) -> ReplyScript:
+    if isinstance(replies, FakeReply | str):  # one reply, not a sequence of characters
+        return [replies]
+    return replies if callable(replies) else list(replies)
 
-    return TokenCounter().count_messages(body.get("messages") or [], str(body.get("model", "")),
-                                         tools=body.get("tools"))
+
+# -- token estimates (shared with ScriptedChatModel) ---------------------------------------
+# agent_guard.tokens is optional here so the doubles work on their own; without it
+# every count is the explicit heuristic below.
+
+try:
+    from ..tokens import TokenCounter as _TokenCounter
+except ImportError:  # pragma: no cover - tiktoken or agent_guard.tokens unavailable
+    _TokenCounter = None  # type: ignore[assignment,misc]
+
+_counter: Any = _TokenCounter() if _TokenCounter is not None else None
+CHARS_PER_TOKEN = 4  # the heuristic used when agent_guard.tokens is not importable
 
 
-def _count_completion(reply: FakeReply, model: str) -> int:
-    from ..tokens import TokenCounter
+def _heuristic(text: str) -> int:
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
 
-    counter = TokenCounter()
-    n = counter.count_text(reply.content, model)
-    for tc in reply.tool_calls:
-        n += counter.count_text(str(tc.get("name", "")) + _args(tc), model) + 6
+
+def _field(obj: Any, key: str) -> Any:
+    return obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key, None)
+
+
+def _content_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for block in content:
+            if isinstance(block, Mapping) and isinstance(block.get("text"), str):
+                parts.append(block["text"])
+            else:
+                parts.append(block if isinstance(block, str) else json.dumps(block, default=str))
+        return " ".join(parts)
+    return str(content)
+
+
+def _tool_call_text(tc: Any) -> str:
+    fn = _field(tc, "function")
+    if isinstance(fn, Mapping):  # OpenAI shape
+        name, args = fn.get("name", ""), fn.get("arguments", "")
+    else:  # LangChain / FakeReply shape
+        name = _field(tc, "name") or ""
+        args = _field(tc, "args")
+        args = _field(tc, "arguments") if args is None else args
+    return str(name) + (args if isinstance(args, str) else json.dumps(args or {}))
+
+
+def count_text(text: str, model: str) -> int:
+    """Tokens of ``text``: TokenCounter when importable, else ~4 characters a token."""
+    return _counter.count_text(text, model) if _counter is not None else _heuristic(text)
+
+
+def count_prompt(messages: Iterable[Any], model: str,
+                 tools: Sequence[Mapping[str, Any]] | None = None) -> int:
+    """Tokens of a prompt (OpenAI message dicts or LangChain messages, plus tools)."""
+    if _counter is not None:
+        return int(_counter.count_messages(list(messages), model, tools=tools or None))
+    n = 3  # reply priming
+    for message in messages:
+        n += 3 + _heuristic(str(_field(message, "role") or _field(message, "type") or ""))
+        n += _heuristic(_content_text(_field(message, "content")))
+        n += sum(6 + _heuristic(_tool_call_text(tc)) for tc in _field(message, "tool_calls") or ())
+    n += sum(12 + _heuristic(json.dumps(t, default=str)) for t in tools or ())
     return n
 
 
-def _args(tc: Mapping[str, Any]) -> str:
-    args = tc.get("arguments", tc.get("args", {}))
-    return args if isinstance(args, str) else json.dumps(args)
+def count_output(content: Any, tool_calls: Sequence[Any], model: str) -> int:
+    """Tokens of an answer: its text and its tool calls."""
+    if _counter is not None:
+        return int(_counter.count_output({"content": content, "tool_calls": list(tool_calls)},
+                                         model))
+    return _heuristic(_content_text(content)) + sum(
+        6 + _heuristic(_tool_call_text(tc)) for tc in tool_calls)
+
+
+def truncate_to_tokens(text: str, max_tokens: int, model: str) -> str:
+    """The longest prefix of ``text`` that counts at most ``max_tokens`` tokens."""
+    if count_text(text, model) <= max_tokens:
+        return text
+    lo, hi = 0, len(text)  # count_text(text[:lo]) <= max_tokens < count_text(text[:hi])
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if count_text(text[:mid], model) <= max_tokens:
+            lo = mid
+        else:
+            hi = mid
+    return text[:lo]
+
+
+# -- HTTP -----------------------------------------------------------------------------------
+
+_DATED = re.compile(r"-\d{4}-\d{2}-\d{2}$")
+_ERROR_TYPES = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("invalid_request_error", "unsupported_country_region_territory"),
+    404: ("invalid_request_error", "model_not_found"),
+    429: ("requests", "rate_limit_exceeded"),
+}
+
+
+def _error(status: int, message: str | None = None, *, code: str | None = "") -> dict[str, Any]:
+    """An OpenAI error object; ``code=""`` takes the usual code for ``status``."""
+    kind, default_code = _ERROR_TYPES.get(status, ("server_error" if status >= 500 else
+                                                   "invalid_request_error", None))
+    code = default_code if code == "" else code
+    if message is None:
+        message = ("Rate limit reached for requests (scripted)." if status == 429
+                   else f"Scripted error {status}.")
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
+                 owner: FakeOpenAIServer) -> None:
+        self.owner = owner
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Wake handler threads parked on idle keep-alive connections."""
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return  # the client went away (reset, broken pipe, stop()): nothing to report
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
-    owner: FakeOpenAIServer
+    server: _HTTPServer
     protocol_version = "HTTP/1.1"
+    server_version = "fake-openai/1.0"
+    sys_version = ""
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
 
-    def _send_json(self, status: int, payload: Any, headers: Mapping[str, str] = {}) -> None:
+    @property
+    def owner(self) -> FakeOpenAIServer:
+        return self.server.owner
+
+    def _route(self) -> str:
+        path = urlsplit(self.path).path.rstrip("/")
+        return path.removeprefix("/v1")
+
+    def _read_body(self) -> bytes | None:
+        """The request body; ``None`` (after answering an error) if it is not delimited."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            self._send_json(411, _error(411, "Send a Content-Length; chunked bodies are "
+                                             "not supported by the fake server."))
+            return None
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            self._send_json(400, _error(400, "Invalid Content-Length."))
+            return None
+        return self.rfile.read(length)
+
+    def _send_json(self, status: int, payload: Any, headers: Mapping[str, str] | None = None
+                   ) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        for k, v in headers.items():
-            self.send_header(k, v)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
+    def _send_not_found(self) -> None:
+        self._send_json(404, _error(404, f"Invalid URL ({self.command} {self.path})", code=None))
+
+    def _not_found(self) -> None:
+        if self._read_body() is not None:
+            self._send_not_found()
+
+    do_PUT = do_PATCH = do_DELETE = _not_found
+
     def do_GET(self) -> None:
-        if self.path.rstrip("/") == "/v1/models":
-            self._send_json(200, {"object": "list", "data": [
-                {"id": "gpt-4o", "object": "model", "owned_by": "fake"}]})
-        else:
-            self._send_json(404, {"error": {"message": f"no route {self.path}",
-                                            "type": "invalid_request_error"}})
+        if self._route() != "/models":
+            self._not_found()
+            return
+        models = ["gpt-4o", "gpt-4o-mini"]
+        self._send_json(200, {"object": "list", "data": [
+            {"id": m, "object": "model", "created": 0, "owned_by": "agent-guard"}
+            for m in models]})
 
     def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
+        raw = self._read_body()
+        if raw is None:
+            return
+        if self._route() != "/chat/completions":
+            self._send_not_found()
+            return
         try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-        except json.JSONDecodeError:
-            self._send_json(400, {"error": {"message": "invalid JSON body",
-                                            "type": "invalid_request_error"}})
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            self._send_json(400, _error(400, "The request body is not a JSON object."))
             return
-        if self.path.rstrip("/") != "/v1/chat/completions":
-            self._send_json(404, {"error": {"message": f"no route {self.path}",
-                                            "type": "invalid_request_error"}})
+        if not isinstance(body.get("model"), str) or not isinstance(body.get("messages"), list):
+            self._send_json(400, _error(400, "A chat completion needs 'model' (a string) "
+                                             "and 'messages' (a list)."))
             return
-        reply = self.owner._next_reply(body)
-        if reply.delay_s:
+        try:
+            reply = self.owner._next_reply(body)
+        except Exception as exc:  # a bug in a scripted reply function: say so to the client
+            self._send_json(500, _error(500, f"the reply script raised {exc!r}"))
+            return
+        if reply.delay_s > 0:
             time.sleep(reply.delay_s)
         if reply.status != 200:
-            error = reply.error_body or {"error": {"message": "scripted error",
-                                                   "type": "server_error", "code": None}}
-            headers = dict(reply.headers)
-            if reply.status == 429:
-                headers.setdefault("retry-after", "0")
-            self._send_json(reply.status, error, headers)
-            return
-        try:
-            if body.get("stream"):
-                self._stream(body, reply)
-            else:
-                self._send_json(200, self._completion(body, reply), reply.headers)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+            headers = {"retry-after": "1", "retry-after-ms": "10"} if reply.status == 429 else {}
+            headers.update(reply.headers)
+            self._send_json(reply.status, reply.error_body or _error(reply.status), headers)
+        elif body.get("stream"):
+            self._stream(body, reply)
+        else:
+            self._send_json(200, self._completion(body, reply), reply.headers)
 
-    # -- payloads ------------------------------------------------------------------------
+    # -- payloads ---------------------------------------------------------------------
 
     def _model(self, body: Mapping[str, Any], reply: FakeReply) -> str:
-        return reply.model or f"{body.get('model', 'gpt-4o')}{self.owner.response_model_suffix}"
+        if reply.model:
+            return reply.model
+        model = str(body["model"])
+        return model if _DATED.search(model) else model + self.owner.response_model_suffix
 
     def _usage(self, body: Mapping[str, Any], reply: FakeReply) -> dict[str, Any]:
-        model = str(body.get("model", ""))
-        prompt = reply.prompt_tokens if reply.prompt_tokens is not None else _count_prompt(body)
-        completion = (reply.completion_tokens if reply.completion_tokens is not None
-                      else _count_completion(reply, model))
+        model = str(body["model"])
+        prompt = reply.prompt_tokens
+        if prompt is None:
+            prompt = max(reply.cached_tokens,
+                         count_prompt(body["messages"], model, tools=body.get("tools")))
+        completion = reply.completion_tokens
+        if completion is None:
+            completion = count_output(reply.content, reply.tool_calls, model)
+            completion += reply.reasoning_tokens
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": reply.cached_tokens, "audio_tokens": 0},
             "completion_tokens_details": {"reasoning_tokens": reply.reasoning_tokens,
-                                          "audio_tokens": 0},
+                                          "audio_tokens": 0,
+                                          "accepted_prediction_tokens": 0,
+                                          "rejected_prediction_tokens": 0},
         }
 
-    def _tool_calls(self, reply: FakeReply) -> list[dict[str, Any]]:
-        return [
-            {"id": tc.get("id") or f"call_{uuid.uuid4().hex[:12]}", "type": "function",
-             "function": {"name": tc["name"], "arguments": _args(tc)}}
-            for tc in reply.tool_calls
-        ]
+    @staticmethod
+    def _tool_calls(reply: FakeReply) -> list[dict[str, Any]]:
+        calls = []
+        for tc in reply.tool_calls:
+            args = tc.get("arguments", tc.get("args", {}))
+            calls.append({"id": tc.get("id") or f"call_{uuid.uuid4().hex[:24]}",
+                          "type": "function",
+                          "function": {"name": tc["name"],
+                                       "arguments": args if isinstance(args, str)
+                                       else json.dumps(args)}})
+        return calls
 
-    def _finish(self, reply: FakeReply) -> str:
+    @staticmethod
+    def _finish(reply: FakeReply) -> str:
         return reply.finish_reason or ("tool_calls" if reply.tool_calls else "stop")
 
+    def _envelope(self, body: Mapping[str, Any], reply: FakeReply, kind: str) -> dict[str, Any]:
+        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": kind,
+                "created": int(time.time()), "model": self._model(body, reply),
+                "system_fingerprint": "fp_fake"}
+
     def _completion(self, body: Mapping[str, Any], reply: FakeReply) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": reply.content or None}
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": reply.content if reply.content or not reply.tool_calls else None,
+            "refusal": None,
+            "annotations": [],
+        }
         if reply.tool_calls:
             message["tool_calls"] = self._tool_calls(reply)
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:16]}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self._model(body, reply),
-            "system_fingerprint": "fp_fake",
+            **self._envelope(body, reply, "chat.completion"),
             "choices": [{"index": 0, "message": message, "logprobs": None,
                          "finish_reason": self._finish(reply)}],
             "usage": self._usage(body, reply),
         }
 
     def _stream(self, body: Mapping[str, Any], reply: FakeReply) -> None:
+        """SSE over chunked transfer encoding, so the connection stays reusable."""
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        usage = self._usage(body, reply) if include_usage else None  # before any byte is sent
+        tool_calls = self._tool_calls(reply)
         self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
+        self.send_header("Transfer-Encoding", "chunked")
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
         self.end_headers()
-        self.close_connection = True
-        base = {"id": f"chatcmpl-{uuid.uuid4().hex[:16]}", "object": "chat.completion.chunk",
-                "created": int(time.time()), "model": self._model(body, reply),
-                "system_fingerprint": "fp_fake"}
+        base = self._envelope(body, reply, "chat.completion.chunk")
+        if include_usage:
+            base["usage"] = None  # as OpenAI: null on every chunk but the usage one
 
-        def send(choices: list[dict[str, Any]], **extra: Any) -> None:
-            payload = {**base, "choices": choices, **extra}
-            self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
-            self.wfile.flush()
+        def write(data: bytes) -> None:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
-        send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        text, step = reply.content, self.owner.chunk_chars
-        for i in range(0, len(text), step):
-            send([{"index": 0, "delta": {"content": text[i:i + step]}, "finish_reason": None}])
-        for index, tc in enumerate(self._tool_calls(reply)):
-            send([{"index": 0, "finish_reason": None, "delta": {"tool_calls": [
-                {"index": index, "id": tc["id"], "type": "function",
-                 "function": {"name": tc["function"]["name"], "arguments": ""}}]}}])
-            send([{"index": 0, "finish_reason": None, "delta": {"tool_calls": [
-                {"index": index, "function": {"arguments": tc["function"]["arguments"]}}]}}])
-        send([{"index": 0, "delta": {}, "finish_reason": self._finish(reply)}])
-        options = body.get("stream_options") or {}
-        if options.get("include_usage"):
-            send([], usage=self._usage(body, reply))
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
+        def event(choices: list[dict[str, Any]], **extra: Any) -> None:
+            write(b"data: " + json.dumps({**base, "choices": choices, **extra}).encode() + b"\n\n")
+
+        def delta(d: dict[str, Any], finish: str | None = None) -> None:
+            event([{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}])
+
+        step = self.owner.chunk_chars
+        delta({"role": "assistant", "content": "" if reply.content or not reply.tool_calls
+               else None, "refusal": None})
+        for i in range(0, len(reply.content), step):
+            delta({"content": reply.content[i:i + step]})
+        for index, tc in enumerate(tool_calls):
+            fn = tc["function"]
+            delta({"tool_calls": [{"index": index, "id": tc["id"], "type": "function",
+                                   "function": {"name": fn["name"], "arguments": ""}}]})
+            args = fn["arguments"]
+            for i in range(0, len(args), step):
+                delta({"tool_calls": [{"index": index,
+                                       "function": {"arguments": args[i:i + step]}}]})
+        delta({}, self._finish(reply))
+        if usage is not None:
+            event([], usage=usage)
+        write(b"data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
