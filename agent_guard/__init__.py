@@ -1,10 +1,11 @@
 """agent-guard: FinOps guardrails for LangChain and LangGraph agents.
 
-Hard caps per session on dollars, tokens, model calls and tool calls,
-enforced before a call spends anything, on a ledger shared across threads,
-processes and hosts.
+Hard caps per session (and per user, team, feature or globally, per window)
+on dollars, tokens, model calls and tool calls, enforced before a call spends
+anything, on a ledger shared across threads, processes and hosts.
 """
 
+from .budgets import Budgets
 from .errors import (
     BudgetExceeded,
     GuardError,
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Admission",
     "BudgetExceeded",
+    "Budgets",
     "CallRecord",
     "CostBreakdown",
     "Guard",

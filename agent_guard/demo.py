@@ -96,6 +96,8 @@ def run_demo(
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
 
     def show(record: CallRecord) -> None:
+        if record.kind != "model":  # the table shows what costs money
+            return
         result.records.append(record)
         spent = sum((r.cost_usd for r in result.records), Decimal(0))
         u = record.usage

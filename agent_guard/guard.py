@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .budgets import STANDARD_ATTRIBUTES, Budgets, ScopeRef
 from .errors import (
     BudgetExceeded,
     LoopDetected,
@@ -44,21 +45,48 @@ _NO_ARGS: Any = object()
 
 @dataclass(frozen=True, slots=True)
 class ThresholdEvent:
-    """A session crossed a soft threshold (a fraction of one of its caps)."""
+    """A scope crossed a soft threshold (a fraction of one of its caps).
+
+    ``session`` is the session whose call crossed it; ``kind``, ``value`` and
+    ``period`` say which scope (``team``, ``"acme"``, ``"2026-11"``): a
+    threshold fires once per scope, dimension and window period.
+    """
 
     session: str
     dimension: str
     threshold: float
     spent: int
     cap: int
+    scope: str = ""
+    kind: str = "session"
+    value: str | None = None
+    period: str | None = None
+    window: str | None = None
 
     @property
     def fraction(self) -> float:
         return self.spent / self.cap if self.cap else 1.0
 
+    @property
+    def subject(self) -> str:
+        """``session 't-1'``, ``team 'acme' (month 2026-11)``, ``global (day 2026-11-30)``."""
+        value = self.session if self.kind == "session" and self.value is None else self.value
+        who = self.kind if value is None else f"{self.kind} {value!r}"
+        return who if self.period is None else f"{who} ({self.window} {self.period})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready fields (amounts as integers in their dimension's unit)."""
+        return {
+            "session": self.session, "scope": self.scope or f"session:{self.session}",
+            "kind": self.kind, "value": self.value, "window": self.window,
+            "period": self.period, "dimension": self.dimension,
+            "threshold": self.threshold, "spent": self.spent, "cap": self.cap,
+            "fraction": round(self.fraction, 6), "message": str(self),
+        }
+
     def __str__(self) -> str:
         d = self.dimension
-        return (f"session {self.session!r} has used {self.fraction:.0%} of its "
+        return (f"{self.subject} has used {self.fraction:.0%} of its "
                 f"{dimension_label(d)} cap ({format_amount(d, self.spent)} of "
                 f"{format_amount(d, self.cap)}; threshold {self.threshold:.0%})")
 
@@ -96,6 +124,7 @@ class ModelCall:
     can_shrink: bool = False
     tier: str | None = None
     route: str | None = None
+    attributes: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,32 +144,45 @@ class Admission:
     reserved_nano: int
     shrunk: bool = False
     started_at: float = field(default_factory=time.time)
+    scopes: tuple[ScopeRef, ...] = ()
+    attributes: Mapping[str, str] = field(default_factory=dict)
 
 
 class Guard:
     """Budget caps for sessions, enforced before each call spends anything.
 
+    ``limits`` caps each session (:class:`Limits`), or sessions and other scopes
+    together (:class:`~agent_guard.budgets.Budgets`: users, teams, features,
+    globally, per window). ``attributes`` (``{"team": "acme", "feature":
+    "search"}``) say which scopes this guard's calls belong to; a call's own
+    attributes (from its run metadata) override them.
+
     ``ledger`` is a URL (``memory://``, ``sqlite:///guard.db``,
     ``redis://127.0.0.1:6379/0``) or a :class:`~agent_guard.ledger.Ledger`.
     Guards that share a ledger share budgets, across threads, processes and
-    hosts. ``on_record`` hooks receive a :class:`CallRecord` per model call;
-    ``on_threshold`` hooks a :class:`ThresholdEvent` once per session and
-    threshold (``Limits.thresholds``, also logged at WARNING).
+    hosts. ``on_record`` hooks receive a :class:`CallRecord` per model and tool
+    call; ``on_threshold`` hooks a :class:`ThresholdEvent` once per scope,
+    threshold and window (``Limits.thresholds``, also logged at WARNING).
+    ``clock`` (epoch seconds) decides windows and record times; tests inject one.
     """
 
     def __init__(
         self,
-        limits: Limits | None = None,
+        limits: Limits | Budgets | None = None,
         ledger: str | Ledger = "memory://",
         *,
         prices: PriceBook | None = None,
         token_counter: TokenCounter | None = None,
         on_record: Sequence[RecordHook] = (),
         on_threshold: Sequence[ThresholdHook] = (),
+        attributes: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        self.limits = limits if limits is not None else Limits()
-        if not isinstance(self.limits, Limits):
-            raise TypeError(f"limits must be a Limits instance, got {type(limits).__name__}")
+        self.budgets = Budgets.of(limits)
+        self.limits = self.budgets.session
+        self.attributes: dict[str, str] = _check_attributes(attributes or {})
+        self.attribute_names = self.budgets.attribute_names() | STANDARD_ATTRIBUTES
+        self.clock = clock
         self.ledger = from_url(ledger)
         self.prices = prices if prices is not None else PriceBook.default()
         self.tokens = token_counter if token_counter is not None else TokenCounter()
@@ -159,11 +201,21 @@ class Guard:
     def add_threshold_hook(self, hook: ThresholdHook) -> None:
         self._threshold_hooks.append(hook)
 
-    def scopes(self, session: str, extra_caps: Mapping[str, int] | None = None
-               ) -> list[ScopeCaps]:
-        """The scopes a call of ``session`` is charged to, with their caps."""
-        caps = self._caps if not extra_caps else {**self._caps, **extra_caps}
-        return [ScopeCaps(f"session:{session}", caps)]
+    def scopes(self, session: str, extra_caps: Mapping[str, int] | None = None,
+               attributes: Mapping[str, str] | None = None) -> list[ScopeCaps]:
+        """The scopes a call of ``session`` is charged to now, with their caps."""
+        return [r.caps for r in self.scope_refs(session, attributes, extra_caps)]
+
+    def scope_refs(self, session: str, attributes: Mapping[str, str] | None = None,
+                   extra_caps: Mapping[str, int] | None = None) -> list[ScopeRef]:
+        return self.budgets.resolve(session, self.attributes_for(attributes), self.clock(),
+                                    self._caps, extra_caps)
+
+    def attributes_for(self, attributes: Mapping[str, str] | None) -> Mapping[str, str]:
+        """The guard's attributes overridden by a call's own."""
+        if not attributes:
+            return self.attributes
+        return {**self.attributes, **attributes}
 
     # -- model calls -----------------------------------------------------------------
 
@@ -182,7 +234,7 @@ class Guard:
             if isinstance(result, Reservation):
                 return plan.admit(result)
             plan = self._replan_or_raise(plan, result)
-        raise self._refusal(call.session, result)
+        raise self._refusal(call.session, result, plan.refs)
 
     async def abefore_model_call(self, call: ModelCall) -> Admission:
         plan = self._plan(call)
@@ -193,7 +245,7 @@ class Guard:
             if isinstance(result, Reservation):
                 return plan.admit(result)
             plan = self._replan_or_raise(plan, result)
-        raise self._refusal(call.session, result)
+        raise self._refusal(call.session, result, plan.refs)
 
     def after_model_call(
         self,
@@ -256,7 +308,7 @@ class Guard:
             settled = self.ledger.settle(admission.reservation, amounts)
         self._emit(record)
         if settled is not None:
-            self._check_thresholds(admission.call.session, settled)
+            self._check_thresholds(admission.call.session, admission.scopes, settled)
         return record
 
     async def _aclose(self, admission: Admission, record: CallRecord,
@@ -268,50 +320,94 @@ class Guard:
             settled = await self.ledger.asettle(admission.reservation, amounts)
         self._emit(record)
         if settled is not None:
-            self._check_thresholds(admission.call.session, settled)
+            self._check_thresholds(admission.call.session, admission.scopes, settled)
         return record
 
     # -- tools and steps -----------------------------------------------------------------
 
     def before_tool_call(self, session: str, tool: str | None = None,
-                         args: Any = _NO_ARGS) -> None:
+                         args: Any = _NO_ARGS, *,
+                         attributes: Mapping[str, str] | None = None) -> None:
         """Count one tool call, or raise StepLimitExceeded (LoopDetected for the
         ``max_repeats``-th identical call) before the tool runs."""
         amounts, extra = self._tool_amounts(tool, args)
-        denial = self.ledger.charge(self.scopes(session, extra), amounts)
+        refs = self.scope_refs(session, attributes, extra)
+        denial = self.ledger.charge([r.caps for r in refs], amounts)
         if denial is not None:
-            raise self._refusal(session, denial)
+            raise self._refusal(session, denial, refs)
 
     async def abefore_tool_call(self, session: str, tool: str | None = None,
-                                args: Any = _NO_ARGS) -> None:
+                                args: Any = _NO_ARGS, *,
+                                attributes: Mapping[str, str] | None = None) -> None:
         amounts, extra = self._tool_amounts(tool, args)
-        denial = await self.ledger.acharge(self.scopes(session, extra), amounts)
+        refs = self.scope_refs(session, attributes, extra)
+        denial = await self.ledger.acharge([r.caps for r in refs], amounts)
         if denial is not None:
-            raise self._refusal(session, denial)
+            raise self._refusal(session, denial, refs)
 
-    def before_step(self, session: str, n: int = 1) -> None:
+    def tool_call_done(
+        self,
+        session: str,
+        tool: str,
+        *,
+        outcome: Outcome = "ok",
+        saved_nano: int = 0,
+        started_at: float | None = None,
+        run_id: str | None = None,
+        node: str | None = None,
+        tags: Sequence[str] = (),
+        attributes: Mapping[str, str] | None = None,
+    ) -> CallRecord:
+        """Report a finished tool call (``outcome="cache_hit"`` with what the cached
+        result saved): the guard emits its :class:`CallRecord` to ``on_record``."""
+        now = self.clock()
+        refs = self.scope_refs(session, attributes)
+        record = CallRecord(
+            session=session, run_id=run_id, model="", provider=None, usage=Usage(),
+            cost_nano=0, reserved_nano=0, usage_estimated=False, outcome=outcome,
+            started_at=now if started_at is None else started_at, ended_at=now,
+            saved_nano=max(0, int(saved_nano)), node=node, tags=tuple(tags), kind="tool",
+            tool=tool, attributes=self.attributes_for(attributes),
+            scopes=tuple(r.scope for r in refs),
+        )
+        self._emit(record)
+        return record
+
+    def before_step(self, session: str, n: int = 1, *,
+                    attributes: Mapping[str, str] | None = None) -> None:
         """Count ``n`` graph steps, or raise StepLimitExceeded."""
-        denial = self.ledger.charge(self.scopes(session), {Dimension.STEPS: n})
+        refs = self.scope_refs(session, attributes)
+        denial = self.ledger.charge([r.caps for r in refs], {Dimension.STEPS: n})
         if denial is not None:
-            raise self._refusal(session, denial)
+            raise self._refusal(session, denial, refs)
 
-    async def abefore_step(self, session: str, n: int = 1) -> None:
-        denial = await self.ledger.acharge(self.scopes(session), {Dimension.STEPS: n})
+    async def abefore_step(self, session: str, n: int = 1, *,
+                           attributes: Mapping[str, str] | None = None) -> None:
+        refs = self.scope_refs(session, attributes)
+        denial = await self.ledger.acharge([r.caps for r in refs], {Dimension.STEPS: n})
         if denial is not None:
-            raise self._refusal(session, denial)
+            raise self._refusal(session, denial, refs)
 
     # -- reading -------------------------------------------------------------------------
 
     def usage(self, session: str) -> SessionUsage:
         """The session's spend, reservations and counts, as the ledger has them."""
-        scope = self.scopes(session)[0].scope
-        return SessionUsage.from_totals(session, self.ledger.totals(scope),
+        ref = self.budgets.ref("session", session, self.clock())
+        return SessionUsage.from_totals(session, self.ledger.totals(ref.scope),
                                         self.limits.max_cost_nano)
 
     async def ausage(self, session: str) -> SessionUsage:
-        scope = self.scopes(session)[0].scope
-        return SessionUsage.from_totals(session, await self.ledger.atotals(scope),
+        ref = self.budgets.ref("session", session, self.clock())
+        return SessionUsage.from_totals(session, await self.ledger.atotals(ref.scope),
                                         self.limits.max_cost_nano)
+
+    def scope_usage(self, kind: str, value: str | None = None, *,
+                    at: float | None = None) -> SessionUsage:
+        """The spend of one budget scope (``scope_usage("team", "acme")``) in the window
+        holding ``at`` (now by default); ``session`` of the result is the ledger scope."""
+        ref = self.budgets.ref(kind, value, self.clock() if at is None else at)
+        return SessionUsage.from_totals(ref.scope, self.ledger.totals(ref.scope),
+                                        ref.limits.max_cost_nano)
 
     def extend(
         self,
@@ -324,7 +420,7 @@ class Guard:
         tool_calls: int | None = None,
     ) -> None:
         """Raise this session's caps at run time (e.g. after a human approved more)."""
-        scope = self.scopes(session)[0].scope
+        scope = self.budgets.ref("session", session, self.clock()).scope
         if usd is not None:
             self.ledger.extend(scope, Dimension.USD_NANO, usd_to_nano(usd))
         for dim, value in ((Dimension.TOKENS, tokens), (Dimension.STEPS, steps),
@@ -352,25 +448,33 @@ class Guard:
                 extra = {repeat: self.limits.max_repeats}
         return amounts, extra
 
-    def _check_thresholds(self, session: str, settled: Settlement) -> None:
-        """Fire each crossed soft threshold once per session (across processes: a
-        marker counter with cap 1 in the ledger decides who fires)."""
-        if not settled or not self.limits.thresholds:
+    def _check_thresholds(self, session: str, refs: Sequence[ScopeRef],
+                          settled: Settlement) -> None:
+        """Fire each crossed soft threshold once per scope and window (across
+        processes: a marker counter with cap 1 in the scope decides who fires)."""
+        if not settled:
             return
-        spent = settled.spent.get(f"session:{session}", {})
-        for dim, cap in self._caps.items():
-            if dim not in spent or cap <= 0:
+        for ref in refs:
+            thresholds = ref.limits.thresholds
+            spent = settled.spent.get(ref.scope)
+            if not thresholds or not spent:
                 continue
-            for t in self.limits.thresholds:
-                key = (session, dim, t)
-                if spent[dim] < cap * t or key in self._fired:
+            for dim, cap in ref.caps.caps.items():
+                if dim not in spent or cap <= 0:
                     continue
-                if len(self._fired) > 100_000:  # bounded: the ledger marker dedupes anyway
-                    self._fired.clear()
-                self._fired.add(key)
-                marker = f"threshold:{dim}:{t}"
-                if self.ledger.charge(self.scopes(session, {marker: 1}), {marker: 1}) is None:
-                    self._fire(ThresholdEvent(session, dim, t, spent[dim], cap))
+                for t in thresholds:
+                    key = (ref.scope, dim, t)
+                    if spent[dim] < cap * t or key in self._fired:
+                        continue
+                    if len(self._fired) > 100_000:  # bounded: the ledger marker dedupes
+                        self._fired.clear()
+                    self._fired.add(key)
+                    marker = f"threshold:{dim}:{t}"
+                    if self.ledger.charge([ScopeCaps(ref.scope, {marker: 1})],
+                                          {marker: 1}) is None:
+                        self._fire(ThresholdEvent(
+                            session, dim, t, spent[dim], cap, scope=ref.scope, kind=ref.kind,
+                            value=ref.value, period=ref.period, window=ref.limits.window))
 
     def _fire(self, event: ThresholdEvent) -> None:
         logger.warning("agent-guard: %s", event)
@@ -413,19 +517,27 @@ class Guard:
     def _replan_or_raise(self, plan: _Plan, denial: Denial) -> _Plan:
         """After a denial: a smaller output cap that fits, or the refusal."""
         if not plan.call.can_shrink or denial.dimension not in _BUDGET_DIMENSIONS:
-            raise self._refusal(plan.call.session, denial)
+            raise self._refusal(plan.call.session, denial, plan.refs)
         room = denial.cap - denial.spent - denial.reserved
         fitted = plan.largest_output_within(denial.dimension, room)
         if fitted < max(1, self.limits.min_output_tokens) or fitted >= plan.output_tokens:
-            raise self._refusal(plan.call.session, denial)
+            raise self._refusal(plan.call.session, denial, plan.refs)
         return plan.with_output(fitted)
 
-    def _refusal(self, session: str, denial: Denial) -> BudgetExceeded:
+    def _refusal(self, session: str, denial: Denial,
+                 refs: Sequence[ScopeRef] = ()) -> BudgetExceeded:
         cls: type[BudgetExceeded] = StepLimitExceeded
         if denial.dimension in _BUDGET_DIMENSIONS:
             cls = BudgetExceeded
         elif denial.dimension.startswith("repeat:"):
             cls = LoopDetected
+        hint = None
+        ref = next((r for r in refs if r.scope == denial.scope), None)
+        if ref is not None and ref.kind != "session":
+            hint = (f"The {ref.describe()} budget is used up for every session charged to "
+                    f"it. Raise Budgets({ref.kind if ref.kind != 'global' else 'global_'}"
+                    f"=Limits(...))")
+            hint += (", or wait for the next window." if ref.period is not None else ".")
         return cls(
             session=session,
             scope=denial.scope,
@@ -434,6 +546,7 @@ class Guard:
             spent=denial.spent,
             reserved=denial.reserved,
             requested=denial.requested,
+            hint=hint,
         )
 
     def _cost_nano(self, price: ModelPrice | None, usage: Usage) -> int:
@@ -498,6 +611,9 @@ class Guard:
             tags=call.tags,
             tier=call.tier,
             route=call.route,
+            attributes=admission.attributes,
+            scopes=tuple(r.scope for r in admission.scopes),
+            record_id=admission.reservation.id,
         )
 
     def _emit(self, record: CallRecord) -> None:
@@ -506,6 +622,18 @@ class Guard:
                 hook(record)
             except Exception:  # a reporting hook must never break the agent
                 logger.exception("agent-guard: record hook %r failed", hook)
+
+
+def _check_attributes(attributes: Mapping[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in attributes.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"Guard(attributes=...) keys must be non-empty strings, got {key!r}")
+        if not isinstance(value, str | int) or isinstance(value, bool):
+            raise TypeError(f"Guard(attributes={{{key!r}: ...}}) must be a string, got "
+                            f"{value!r}")
+        out[key] = str(value)
+    return out
 
 
 def _amounts(usage: Usage, cost_nano: int) -> dict[str, int]:
@@ -531,6 +659,7 @@ class _Plan:
         "guard",
         "output_tokens",
         "price",
+        "refs",
         "reserved_input",
         "scopes",
         "shrunk",
@@ -545,6 +674,7 @@ class _Plan:
         estimated_input: int,
         reserved_input: int,
         output_tokens: int,
+        refs: list[ScopeRef] | None = None,
     ) -> None:
         self.guard = guard
         self.call = call
@@ -554,7 +684,9 @@ class _Plan:
         self.output_tokens = output_tokens
         self.shrunk = False
         self.worst_nano = self._worst_cost(output_tokens)
-        self.scopes = guard.scopes(call.session)
+        self.refs = refs if refs is not None else guard.scope_refs(call.session,
+                                                                    call.attributes)
+        self.scopes = [r.caps for r in self.refs]
         self.amounts = {
             Dimension.USD_NANO: self.worst_nano,
             Dimension.TOKENS: reserved_input + output_tokens,
@@ -589,7 +721,7 @@ class _Plan:
 
     def with_output(self, output_tokens: int) -> _Plan:
         plan = _Plan(self.guard, self.call, self.price, self.estimated_input,
-                     self.reserved_input, output_tokens)
+                     self.reserved_input, output_tokens, self.refs)
         plan.shrunk = True
         return plan
 
@@ -602,4 +734,7 @@ class _Plan:
             max_output_tokens=self.output_tokens,
             reserved_nano=self.worst_nano,
             shrunk=self.shrunk,
+            started_at=self.guard.clock(),
+            scopes=tuple(self.refs),
+            attributes=self.guard.attributes_for(self.call.attributes),
         )

@@ -12,11 +12,14 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Literal
+from typing import Literal, get_args
 
 from .usage import usd_to_nano
 
-__all__ = ["Dimension", "Limits", "repeat_dimension", "tool_dimension"]
+__all__ = ["WINDOWS", "Dimension", "Limits", "Window", "repeat_dimension", "tool_dimension"]
+
+Window = Literal["hour", "day", "week", "month", "year"]
+WINDOWS: tuple[str, ...] = get_args(Window)
 
 
 class Dimension:
@@ -87,6 +90,10 @@ class Limits:
       to fit the remaining budget, it never shrinks below this.
     - ``lease_seconds``: how long a reservation may stay open before the
       ledger reclaims it (a crashed worker's hold comes back then).
+    - ``window``: ``None`` (the caps hold for the scope's whole life) or a
+      calendar period, ``"hour"``, ``"day"``, ``"week"``, ``"month"`` or
+      ``"year"``, after which the scope starts again from zero (see
+      :class:`~agent_guard.budgets.Budgets`).
     """
 
     max_cost_usd: Decimal | float | int | str | None = None
@@ -102,8 +109,12 @@ class Limits:
     lease_seconds: float = 600.0
     thresholds: tuple[float, ...] = (0.5, 0.8, 1.0)
     extra_caps: Mapping[str, int] = field(default_factory=dict)
+    window: Window | None = None
 
     def __post_init__(self) -> None:
+        if self.window is not None and self.window not in WINDOWS:
+            raise ValueError(f"Limits.window must be one of {', '.join(WINDOWS)} or None, "
+                             f"got {self.window!r}")
         if self.max_cost_usd is not None:
             if isinstance(self.max_cost_usd, bool):
                 raise TypeError("Limits.max_cost_usd must be a number, not a bool")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal
@@ -13,11 +15,17 @@ from .usage import Usage, nano_to_usd
 __all__ = ["CallRecord", "Outcome", "SessionUsage"]
 
 Outcome = Literal["ok", "error", "aborted", "cache_hit"]
+RecordKind = Literal["model", "tool"]
 
 
 @dataclass(frozen=True, slots=True)
 class CallRecord:
-    """One model call as the guard accounted it.
+    """One model or tool call as the guard accounted it.
+
+    ``kind`` is ``"model"`` or ``"tool"`` (then ``tool`` names it and ``model``
+    is empty). ``attributes`` are the call's scope values (user, team,
+    feature...), ``scopes`` the ledger scopes it was charged to, ``record_id``
+    unique per call (the reservation id for model calls).
 
     ``usage_estimated`` is True when the provider reported no usage (for
     example streaming without ``stream_usage``) and the guard counted the
@@ -45,6 +53,11 @@ class CallRecord:
     tags: tuple[str, ...] = field(default_factory=tuple)
     tier: str | None = None
     route: str | None = None
+    kind: RecordKind = "model"
+    tool: str | None = None
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    scopes: tuple[str, ...] = ()
+    record_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def cost_usd(self) -> Decimal:

@@ -57,5 +57,43 @@ def reserve_and_hang(url: str, namespace: str | None, lease_seconds: float) -> N
     time.sleep(3600)
 
 
+TEAM_CAP_USD = "0.01"
+
+
+def team_race(url: str, namespace: str | None, barrier: Any, session: str, threads: int,
+              calls: int, now: float, seed: int) -> tuple[int, int]:
+    """Sessions of one team, in this process, spend against a team monthly cap at the
+    instant ``now``. Returns (calls admitted, nano-USD settled)."""
+    from agent_guard import BudgetExceeded, Guard, Limits, ModelCall, Usage
+    from agent_guard.budgets import Budgets
+
+    guard = Guard(Budgets(session=Limits(max_cost_usd=1),
+                          team=Limits(max_cost_usd=TEAM_CAP_USD, window="month")),
+                  ledger=open_ledger(url, namespace), attributes={"team": "acme"},
+                  clock=lambda: now)
+    rng = random.Random(seed)
+    barrier.wait()
+
+    def worker(i: int) -> tuple[int, int]:
+        admitted = settled = 0
+        for _ in range(calls):
+            call = ModelCall(session=f"{session}-{i}", model="gpt-4o-mini",
+                             input_tokens=1000, max_output_tokens=500)
+            try:
+                admission = guard.before_model_call(call)
+            except BudgetExceeded:
+                continue
+            record = guard.after_model_call(
+                admission, Usage(input_tokens=1000, output_tokens=rng.randint(1, 500)))
+            admitted += 1
+            settled += record.cost_nano
+        return admitted, settled
+
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(worker, range(threads)))
+    guard.close()
+    return sum(a for a, _ in results), sum(s for _, s in results)
+
+
 if __name__ == "__main__":
     reserve_and_hang(sys.argv[1], sys.argv[2] or None, float(sys.argv[3]))

@@ -58,9 +58,9 @@ class CountingGuard(Guard):
         self.model_asks += 1
         return super().before_model_call(call)
 
-    def before_tool_call(self, session, tool=None, args=None):  # type: ignore[override]
+    def before_tool_call(self, session, tool=None, args=None, **kw):  # type: ignore[override]
         self.tool_asks += 1
-        return super().before_tool_call(session, tool, args)
+        return super().before_tool_call(session, tool, args, **kw)
 
 
 def tool_loop() -> ScriptedChatModel:

@@ -183,7 +183,7 @@ def test_bad_limits_are_refused_with_a_clear_message() -> None:
         Limits(unknown_price="maybe")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown ledger scheme"):
         Guard(Limits(), ledger="postgres://x")
-    with pytest.raises(TypeError, match="Limits instance"):
+    with pytest.raises(TypeError, match="limits must be Limits or Budgets"):
         Guard({"max_cost_usd": 1})  # type: ignore[arg-type]
 
 

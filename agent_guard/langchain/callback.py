@@ -32,11 +32,12 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.runnables.config import var_child_runnable_config
 
+from ..budgets import Budgets, attributes_from_metadata
 from ..errors import BudgetExceeded, GuardError
 from ..guard import Admission, Guard, ModelCall
 from ..ledger import Ledger
 from ..limits import Limits
-from ..records import CallRecord
+from ..records import CallRecord, Outcome
 from ..usage import MalformedUsage, Usage
 
 __all__ = ["GuardCallbackHandler", "OutputCapExceeded", "session_from_metadata"]
@@ -83,6 +84,18 @@ class _Run:
     streamed_tokens: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Tool:
+    """A tool run between its start and end, for its usage record."""
+
+    session: str
+    name: str
+    started_at: float
+    attributes: Mapping[str, str]
+    node: str | None
+    tags: tuple[str, ...]
+
+
 class GuardCallbackHandler(BaseCallbackHandler):
     """Enforces a :class:`~agent_guard.Guard` on every model and tool call it sees.
 
@@ -104,7 +117,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         self,
         guard: Guard | None = None,
         *,
-        limits: Limits | None = None,
+        limits: Limits | Budgets | None = None,
         ledger: str | Ledger | None = None,
         session_id: str | None = None,
         count_tools: bool = True,
@@ -126,6 +139,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         # open Runnable.with_fallbacks runs -> the refusal raised inside (or None): the
         # fallback model of a refused call is refused the same way
         self._fallback_runs: OrderedDict[UUID, GuardError | None] = OrderedDict()
+        self._tools: OrderedDict[UUID, _Tool] = OrderedDict()
 
     # -- model calls -------------------------------------------------------------
 
@@ -165,6 +179,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
             tags=tuple(tags or ()),
             tier=meta.get("agent_guard_tier"),
             route=meta.get("agent_guard_route"),
+            attributes=attributes_from_metadata(meta, self.guard.attribute_names),
         )
         if self.telemetry is not None:
             self.telemetry.chat_start(run_id, parent_run_id, model=model,
@@ -343,24 +358,41 @@ class GuardCallbackHandler(BaseCallbackHandler):
         if self.telemetry is not None:
             self.telemetry.tool_start(run_id, parent_run_id, str(name),
                                       kwargs.get("tool_call_id"))
-        if not self.count_tools:
-            return
-        args: Any = inputs if inputs is not None else input_str
-        try:
-            self.guard.before_tool_call(session_from_metadata(metadata, self.session_id),
-                                        name, args)
-        except GuardError as exc:
-            if self.telemetry is not None:
-                self.telemetry.refused(run_id, exc)
-            raise
+        meta = metadata or {}
+        session = session_from_metadata(meta, self.session_id)
+        attributes = attributes_from_metadata(meta, self.guard.attribute_names)
+        if self.count_tools:
+            args: Any = inputs if inputs is not None else input_str
+            try:
+                self.guard.before_tool_call(session, name, args, attributes=attributes)
+            except GuardError as exc:
+                if self.telemetry is not None:
+                    self.telemetry.refused(run_id, exc)
+                raise
+        with self._lock:
+            self._tools[run_id] = _Tool(session, str(name), self.guard.clock(), attributes,
+                                        meta.get("langgraph_node"), tuple(tags or ()))
+            while len(self._tools) > 4096:  # tools that never ended
+                self._tools.popitem(last=False)
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         if self.telemetry is not None:
             self.telemetry.tool_end(run_id)
+        self._tool_done(run_id, "ok")
 
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         if self.telemetry is not None:
             self.telemetry.tool_end(run_id, error)
+        self._tool_done(run_id, "error")
+
+    def _tool_done(self, run_id: UUID, outcome: Outcome) -> None:
+        with self._lock:
+            tool = self._tools.pop(run_id, None)
+        if tool is not None:
+            self.guard.tool_call_done(tool.session, tool.name, outcome=outcome,
+                                      started_at=tool.started_at, run_id=str(run_id),
+                                      node=tool.node, tags=tool.tags,
+                                      attributes=tool.attributes)
 
     # -- runs (for telemetry) ---------------------------------------------------------
 

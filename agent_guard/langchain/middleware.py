@@ -37,24 +37,29 @@ from ..actions import (
     stop_message,
     wants_stop,
 )
+from ..budgets import Budgets, attributes_from_metadata
 from ..cache.result import MISS, ResultCache
 from ..errors import GuardError
 from ..guard import Admission, Guard, ModelCall
 from ..ledger import Ledger
 from ..limits import Limits
+from ..records import Outcome
 from ..usage import MalformedUsage, Usage
 
 __all__ = ["GuardMiddleware"]
 
 
+def _config() -> Mapping[str, Any]:
+    try:
+        return get_config()
+    except RuntimeError:
+        return {}
+
+
 def _session(default: str | None) -> str:
     from ..langgraph.graph import session_of
 
-    try:
-        config = get_config()
-    except RuntimeError:
-        config = {}
-    return session_of(config, default)
+    return session_of(_config(), default)
 
 
 def _answer(response: Any) -> AIMessage | None:
@@ -65,6 +70,11 @@ def _answer(response: Any) -> AIMessage | None:
         if isinstance(message, AIMessage):
             return message
     return None
+
+
+def _outcome(result: Any) -> Outcome:
+    failed = isinstance(result, ToolMessage) and result.status == "error"
+    return "error" if failed else "ok"
 
 
 class GuardMiddleware(AgentMiddleware):
@@ -85,7 +95,7 @@ class GuardMiddleware(AgentMiddleware):
         self,
         guard: Guard | None = None,
         *,
-        limits: Limits | None = None,
+        limits: Limits | Budgets | None = None,
         ledger: str | Ledger | None = None,
         on_exceed: OnExceed = "raise",
         session_id: str | None = None,
@@ -131,7 +141,7 @@ class GuardMiddleware(AgentMiddleware):
             return pending
         while True:
             try:
-                self.guard.before_step(session)
+                self.guard.before_step(session, attributes=self._attributes())
                 return None
             except GuardError as exc:
                 if not self._retry_after(exc, session):
@@ -146,7 +156,7 @@ class GuardMiddleware(AgentMiddleware):
             return pending
         while True:
             try:
-                await self.guard.abefore_step(session)
+                await self.guard.abefore_step(session, attributes=self._attributes())
                 return None
             except GuardError as exc:
                 if not self._retry_after(exc, session):
@@ -184,6 +194,7 @@ class GuardMiddleware(AgentMiddleware):
             max_output_tokens=max_out if isinstance(max_out, int) else None,
             node="model",
             can_shrink=self.shrink_to_fit,
+            attributes=self._attributes(),
         )
 
     def _admit(self, request: ModelRequest, session: str
@@ -287,19 +298,38 @@ class GuardMiddleware(AgentMiddleware):
             call = request.tool_call
             self.cache.put_tool(call["name"], call.get("args", {}), result.content, **where)
 
+    def _attributes(self) -> dict[str, str]:
+        """The run's scope values (team, user, feature...) from its config metadata."""
+        return attributes_from_metadata(_config().get("metadata"), self.guard.attribute_names)
+
+    def _tool_done(self, session: str, request: ToolCallRequest, started: float,
+                   attributes: Mapping[str, str], outcome: Outcome) -> None:
+        self.guard.tool_call_done(session, request.tool_call["name"], started_at=started,
+                                  node="tools", outcome=outcome, attributes=attributes)
+
     def wrap_tool_call(self, request: ToolCallRequest,
                        handler: Callable[[ToolCallRequest], ToolMessage | Command]
                        ) -> ToolMessage | Command:
         session = _session(self.session_id)
+        attributes = self._attributes()
         call = request.tool_call
         while True:
             try:
-                self.guard.before_tool_call(session, call["name"], call.get("args", {}))
+                self.guard.before_tool_call(session, call["name"], call.get("args", {}),
+                                            attributes=attributes)
+                started = self.guard.clock()
                 where, hit = self._cached(request)
                 if hit is not None:
+                    self._tool_done(session, request, started, attributes, "cache_hit")
                     return hit
-                result = handler(request)
+                try:
+                    result = handler(request)
+                except Exception as exc:
+                    if not isinstance(exc, GuardError):
+                        self._tool_done(session, request, started, attributes, "error")
+                    raise
                 self._store(request, where, result)
+                self._tool_done(session, request, started, attributes, _outcome(result))
                 return result
             except GuardError as exc:
                 answer = self._tool_refused(exc, request, session)
@@ -311,15 +341,25 @@ class GuardMiddleware(AgentMiddleware):
                                                 Awaitable[ToolMessage | Command]]
                               ) -> ToolMessage | Command:
         session = _session(self.session_id)
+        attributes = self._attributes()
         call = request.tool_call
         while True:
             try:
-                await self.guard.abefore_tool_call(session, call["name"], call.get("args", {}))
+                await self.guard.abefore_tool_call(session, call["name"], call.get("args", {}),
+                                                   attributes=attributes)
+                started = self.guard.clock()
                 where, hit = self._cached(request)
                 if hit is not None:
+                    self._tool_done(session, request, started, attributes, "cache_hit")
                     return hit
-                result = await handler(request)
+                try:
+                    result = await handler(request)
+                except Exception as exc:
+                    if not isinstance(exc, GuardError):
+                        self._tool_done(session, request, started, attributes, "error")
+                    raise
                 self._store(request, where, result)
+                self._tool_done(session, request, started, attributes, _outcome(result))
                 return result
             except GuardError as exc:
                 answer = self._tool_refused(exc, request, session)

@@ -34,6 +34,7 @@ from ..actions import (
     stop_message,
     wants_stop,
 )
+from ..budgets import Budgets, attributes_from_metadata
 from ..cache.node import NodeCache, content_key, tenant_scope
 from ..cache.result import ResultCache
 from ..errors import GuardError
@@ -101,7 +102,8 @@ class _NodeGuard:
         session = session_of(config, self.default_session)
         while True:
             try:
-                self.guard.before_step(session)
+                self.guard.before_step(session, attributes=attributes_from_metadata(
+                    config.get("metadata"), self.guard.attribute_names))
                 return self.inner.invoke(state, config)
             except GuardError as exc:
                 outcome = self._decide(exc, session, config)
@@ -112,7 +114,8 @@ class _NodeGuard:
         session = session_of(config, self.default_session)
         while True:
             try:
-                await self.guard.abefore_step(session)
+                await self.guard.abefore_step(session, attributes=attributes_from_metadata(
+                    config.get("metadata"), self.guard.attribute_names))
                 return await self.inner.ainvoke(state, config)
             except GuardError as exc:
                 outcome = self._decide(exc, session, config)
@@ -182,7 +185,7 @@ def guarded_graph(
     graph: StateGraph | CompiledStateGraph,
     *,
     guard: Guard | None = None,
-    limits: Limits | None = None,
+    limits: Limits | Budgets | None = None,
     ledger: str | Ledger | None = None,
     on_exceed: OnExceed = "raise",
     session_id: str | None = None,

@@ -1,0 +1,208 @@
+"""Budgets for several scopes at once: the session, and users, teams, features...
+
+``Budgets(session=Limits(...), team=Limits(max_cost_usd=500, window="month"))``
+caps a session and, in the same atomic reservation, the team it belongs to.
+A call is charged to every scope whose *value* is known for it: the session
+always; ``team`` when the guard or the call carries a ``team`` attribute
+(``Guard(attributes={"team": "acme"})`` or ``config={"metadata": {"team":
+"acme"}}``). ``global_`` has no value: every call counts toward it.
+
+A scope with a ``window`` (``"hour"``, ``"day"``, ``"week"``, ``"month"``,
+``"year"``) is kept per calendar period in ``Budgets.timezone`` (UTC by
+default): its ledger scope is ``team:acme@2026-11``, so the next month starts
+from zero and the old month stays readable for reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from urllib.parse import quote
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .ledger import ScopeCaps
+from .limits import WINDOWS, Limits, Window
+
+__all__ = ["STANDARD_ATTRIBUTES", "Budgets", "ScopeRef", "Window", "attributes_from_metadata",
+           "period_of"]
+
+
+# Attribute names a call's metadata may carry for a scope kind.
+ALIASES = {"user_id": "user", "team_id": "team", "project_id": "project",
+           "env": "environment"}
+GLOBAL = "global"
+# Attributes read from run metadata and kept on records even without a budget.
+STANDARD_ATTRIBUTES = frozenset({"user", "team", "project", "feature", "environment",
+                                 "tenant"})
+
+
+def period_of(window: str, when: float, tz: ZoneInfo | None = None
+              ) -> tuple[str, datetime, datetime]:
+    """The calendar period of ``window`` holding the instant ``when`` (epoch
+    seconds): its label (``2026-11``, ``2026-W48``, ``2026-11-30``...) and its
+    start and end (end exclusive), aware datetimes in ``tz`` (UTC when None)."""
+    now = datetime.fromtimestamp(when, tz or UTC)
+    if window == "hour":
+        start = now.replace(minute=0, second=0, microsecond=0)
+        return start.strftime("%Y-%m-%dT%H"), start, _plus(start, hours=1)
+    if window == "day":
+        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start.strftime("%Y-%m-%d"), start, _plus(start, days=1)
+    if window == "week":
+        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        start = _plus(day, days=-day.weekday())
+        year, week, _ = start.isocalendar()
+        return f"{year}-W{week:02d}", start, _plus(start, days=7)
+    if window == "month":
+        start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        nxt = start.replace(year=start.year + 1, month=1) if start.month == 12 else \
+            start.replace(month=start.month + 1)
+        return start.strftime("%Y-%m"), start, nxt
+    if window == "year":
+        start = now.replace(month=1, day=1, hour=0, minute=0, second=0, microsecond=0)
+        return start.strftime("%Y"), start, start.replace(year=start.year + 1)
+    raise ValueError(f"window must be one of {', '.join(WINDOWS)} or None, got {window!r}")
+
+
+def _plus(start: datetime, **delta: float) -> datetime:
+    """Wall-clock arithmetic that stays right across DST changes."""
+    naive = start.replace(tzinfo=None) + timedelta(**delta)
+    return naive.replace(tzinfo=start.tzinfo)
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeRef:
+    """One scope a call is charged to: its kind, value and window period."""
+
+    kind: str
+    value: str | None
+    period: str | None
+    limits: Limits
+    caps: ScopeCaps
+
+    @property
+    def scope(self) -> str:
+        return self.caps.scope
+
+    def describe(self) -> str:
+        """``team 'acme' (month 2026-11)``, ``session 't-1'``, ``global (day 2026-11-30)``."""
+        who = self.kind if self.value is None else f"{self.kind} {self.value!r}"
+        if self.period is not None:
+            who += f" ({self.limits.window} {self.period})"
+        return who
+
+
+class Budgets:
+    """Caps per scope kind. ``session`` holds the policy knobs (output reservation,
+    margins, lease, unknown prices) for every call; the other kinds contribute caps,
+    thresholds and windows.
+
+    Scope kinds are free-form keyword names (``tenant=Limits(...)`` works too);
+    ``global_`` is the kind ``"global"``.
+    """
+
+    __slots__ = ("_tz", "kinds", "session", "timezone")
+
+    def __init__(
+        self,
+        session: Limits | None = None,
+        *,
+        timezone: str = "UTC",
+        global_: Limits | None = None,
+        **scopes: Limits | None,
+    ) -> None:
+        self.session = session if session is not None else Limits()
+        kinds: dict[str, Limits] = {}
+        for kind, limits in {**scopes, GLOBAL: global_}.items():
+            if limits is None:
+                continue
+            if not isinstance(limits, Limits):
+                raise TypeError(f"Budgets({kind}=...) must be a Limits, got "
+                                f"{type(limits).__name__}")
+            if kind in ("session", *ALIASES) or not kind.isidentifier():
+                raise ValueError(f"Budgets: {kind!r} cannot name a scope kind; use "
+                                 f"{ALIASES.get(kind, 'another name')!r}")
+            kinds[kind] = limits
+        if not isinstance(self.session, Limits):
+            raise TypeError(f"Budgets(session=...) must be a Limits, got "
+                            f"{type(self.session).__name__}")
+        self.kinds: Mapping[str, Limits] = kinds
+        self.timezone = timezone
+        try:
+            self._tz = ZoneInfo(timezone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"Budgets(timezone={timezone!r}) is not an IANA time zone "
+                             "name such as 'UTC' or 'Europe/Paris'") from exc
+
+    @classmethod
+    def of(cls, limits: Limits | Budgets | None) -> Budgets:
+        if isinstance(limits, Budgets):
+            return limits
+        if limits is None or isinstance(limits, Limits):
+            return cls(limits)
+        raise TypeError(f"limits must be Limits or Budgets, got {type(limits).__name__}")
+
+    def attribute_names(self) -> frozenset[str]:
+        return frozenset(self.kinds) - {GLOBAL}
+
+    def resolve(self, session: str, attributes: Mapping[str, str], now: float,
+                session_caps: Mapping[str, int], extra: Mapping[str, int] | None = None
+                ) -> list[ScopeRef]:
+        """The scopes a call of ``session`` with ``attributes`` is charged to, at
+        ``now``. ``extra`` caps (per-call counters such as loop detection) apply to
+        the session only."""
+        caps = dict(session_caps) if not extra else {**session_caps, **extra}
+        refs = [self._ref("session", session, self.session, caps, now, raw=True)]
+        for kind, limits in self.kinds.items():
+            value = None if kind == GLOBAL else attributes.get(kind)
+            if kind != GLOBAL and not value:
+                continue
+            refs.append(self._ref(kind, value, limits, limits.caps(), now))
+        return refs
+
+    def ref(self, kind: str, value: str | None, now: float) -> ScopeRef:
+        """The scope of ``kind``/``value`` in the window holding ``now``."""
+        if kind == "session":
+            if value is None:
+                raise ValueError("a session scope needs a session id")
+            return self._ref(kind, value, self.session, self.session.caps(), now, raw=True)
+        limits = self.kinds.get(kind)
+        if limits is None:
+            raise KeyError(f"no budget for scope kind {kind!r}; configured: "
+                           f"{', '.join(['session', *self.kinds])}")
+        return self._ref(kind, None if kind == GLOBAL else value, limits, limits.caps(), now)
+
+    def _ref(self, kind: str, value: str | None, limits: Limits, caps: Mapping[str, int],
+             now: float, raw: bool = False) -> ScopeRef:
+        # session ids stay readable; other values are quoted (no ':' or '@' in them)
+        name = kind if value is None else f"{kind}:{value if raw else quote(value, safe='')}"
+        period = None
+        if limits.window is not None:
+            period = period_of(limits.window, now, self._tz)[0]
+            name = f"{name}@{period}"
+        return ScopeRef(kind, value, period, limits, ScopeCaps(name, caps))
+
+    def __repr__(self) -> str:
+        parts = [f"session={self.session!r}"] + [f"{k}={v!r}" for k, v in self.kinds.items()]
+        return f"Budgets({', '.join(parts)})"
+
+
+def attributes_from_metadata(metadata: Mapping[str, object] | None,
+                             names: frozenset[str]) -> dict[str, str]:
+    """Scope values carried in a run's metadata: keys named after a scope kind
+    (``team``; ``user_id`` for ``user``), or the dict ``metadata["agent_guard"]``."""
+    if not metadata:
+        return {}
+    out: dict[str, str] = {}
+    for key, value in metadata.items():
+        kind = ALIASES.get(key, key)
+        if kind in names and isinstance(value, str | int) and not isinstance(value, bool):
+            out[kind] = str(value)
+    nested = metadata.get("agent_guard")
+    if isinstance(nested, Mapping):
+        for key, value in nested.items():
+            if isinstance(key, str) and isinstance(value, str | int) \
+                    and not isinstance(value, bool):
+                out[ALIASES.get(key, key)] = str(value)
+    return out

@@ -1,0 +1,244 @@
+"""Budgets per user, team, feature and globally, per window, in one atomic reservation."""
+
+from __future__ import annotations
+
+import multiprocessing
+from datetime import UTC, datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from langchain_core.messages import AIMessage
+
+from agent_guard import BudgetExceeded, Guard, GuardCallbackHandler, Limits, ModelCall, Usage
+from agent_guard.budgets import Budgets, attributes_from_metadata, period_of
+from agent_guard.testing import ScriptedChatModel
+from agent_guard.usage import usd_to_nano
+
+from .conftest import LedgerFactory
+from .ledger_workers import TEAM_CAP_USD, open_ledger, team_race
+
+NOV_30 = datetime(2026, 11, 30, 23, 59, tzinfo=UTC).timestamp()
+DEC_1 = datetime(2026, 12, 1, 0, 1, tzinfo=UTC).timestamp()
+
+
+class Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def call(session: str, **kw: object) -> ModelCall:
+    return ModelCall(session=session, model="gpt-4o-mini", input_tokens=1000,
+                     max_output_tokens=500, **kw)  # type: ignore[arg-type]
+
+
+def spend(guard: Guard, session: str, output_tokens: int = 500, **kw: object) -> int:
+    admission = guard.before_model_call(call(session, **kw))
+    return guard.after_model_call(admission, Usage(1000, output_tokens)).cost_nano
+
+
+# -- windows -------------------------------------------------------------------------------
+
+
+def test_periods_of_each_window() -> None:
+    t = datetime(2026, 12, 31, 23, 30, tzinfo=UTC).timestamp()
+    assert period_of("hour", t)[0] == "2026-12-31T23"
+    assert period_of("day", t)[0] == "2026-12-31"
+    assert period_of("week", t)[0] == "2026-W53"
+    assert period_of("month", t)[0] == "2026-12"
+    label, start, end = period_of("year", t)
+    assert (label, start.year, end.year) == ("2026", 2026, 2027)
+    # the same instant is already January 1st in Tokyo
+    assert period_of("month", t, ZoneInfo("Asia/Tokyo"))[0] == "2027-01"
+    with pytest.raises(ValueError, match="window must be one of"):
+        period_of("fortnight", t)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0, max_value=4_102_444_800),
+       st.sampled_from(["hour", "day", "week", "month", "year"]),
+       st.sampled_from(["UTC", "Europe/Paris", "America/New_York", "Australia/Lord_Howe"]))
+def test_every_instant_falls_in_its_period(t: int, window: str, tz: str) -> None:
+    label, start, end = period_of(window, t, ZoneInfo(tz))
+    assert start.timestamp() <= t < end.timestamp()
+    assert period_of(window, start.timestamp(), ZoneInfo(tz))[0] == label
+
+
+def test_bad_budgets_say_what_to_do() -> None:
+    with pytest.raises(ValueError, match=r"Limits\.window must be one of"):
+        Limits(window="weekly")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="must be a Limits"):
+        Budgets(team={"max_cost_usd": 5})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="IANA time zone"):
+        Budgets(timezone="Mars/Olympus")
+    with pytest.raises(ValueError, match="use 'user'"):
+        Budgets(user_id=Limits(max_cost_usd=1))
+    with pytest.raises(TypeError, match="attributes"):
+        Guard(attributes={"team": None})  # type: ignore[dict-item]
+    with pytest.raises(KeyError, match="no budget for scope kind 'team'"):
+        Guard().scope_usage("team", "acme")
+
+
+# -- one atomic reservation across scopes --------------------------------------------------
+
+
+def test_team_month_cap_holds_across_sessions_and_resets_next_month(
+        make_ledger: LedgerFactory) -> None:
+    clock = Clock(NOV_30)
+    guard = Guard(Budgets(session=Limits(max_cost_usd=1),
+                          team=Limits(max_cost_usd="0.002", window="month")),
+                  ledger=make_ledger(), attributes={"team": "acme"}, clock=clock)
+    spent = 0
+    with pytest.raises(BudgetExceeded) as refused:
+        for i in range(100):
+            spent += spend(guard, f"s{i}")  # a new session each time: only the team caps
+    team = guard.scope_usage("team", "acme")
+    assert team.session == "team:acme@2026-11"
+    assert team.cost_nano == spent <= usd_to_nano("0.002")
+    assert team.reserved_nano == 0
+    assert refused.value.scope == "team:acme@2026-11"
+    assert "team 'acme' (month 2026-11)" in str(refused.value)
+    assert "wait for the next window" in str(refused.value)
+    # another team is not affected; the next month starts from zero
+    spend(guard, "other", attributes={"team": "globex"})
+    clock.t = DEC_1
+    spend(guard, "s-dec")
+    assert guard.scope_usage("team", "acme").cost_nano > 0
+    assert guard.scope_usage("team", "acme", at=NOV_30).cost_nano == spent
+
+
+def test_a_refusal_by_any_scope_holds_nothing_on_the_others(make_ledger: LedgerFactory) -> None:
+    guard = Guard(Budgets(session=Limits(max_cost_usd=1), feature=Limits(max_model_calls=2),
+                          global_=Limits(max_cost_usd=1, window="day")),
+                  ledger=make_ledger(), attributes={"feature": "search"})
+    spend(guard, "a")
+    spend(guard, "b")
+    before = guard.scope_usage("global")
+    with pytest.raises(BudgetExceeded) as refused:
+        spend(guard, "c")
+    assert refused.value.scope == "feature:search"
+    after = guard.scope_usage("global")
+    assert (after.cost_nano, after.reserved_nano, after.model_calls) == (
+        before.cost_nano, 0, 2)
+    assert guard.usage("c").model_calls == 0 and guard.usage("c").reserved_nano == 0
+
+
+def test_calls_without_a_value_for_a_scope_skip_it_but_global_counts_all() -> None:
+    guard = Guard(Budgets(team=Limits(max_cost_usd=1), global_=Limits(max_model_calls=10)))
+    spend(guard, "x")  # no team attribute: charged to the session and global only
+    assert guard.scope_usage("global").model_calls == 1
+    assert guard.scope_usage("team", "acme").model_calls == 0
+    assert guard.scope_refs("x")[-1].scope == "global"
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.text(min_size=1, max_size=30))
+def test_scope_values_cannot_collide_or_take_another_window(value: str) -> None:
+    budgets = Budgets(team=Limits(max_cost_usd=1, window="month"), user=Limits(max_tokens=5))
+    [_, team, user] = budgets.resolve("s", {"team": value, "user": value}, NOV_30, {})
+    assert team.scope.startswith("team:") and team.scope.endswith("@2026-11")
+    assert team.scope.count("@") == 1 and team.scope.count(":") == 1
+    assert user.scope.count(":") == 1 and "@" not in user.scope
+    other = budgets.resolve("s", {"team": value + "@2026-11"}, NOV_30, {})[1]
+    assert other.scope != team.scope
+
+
+# -- thresholds per scope and window ---------------------------------------------------------
+
+
+def test_team_thresholds_fire_once_per_window() -> None:
+    clock = Clock(NOV_30)
+    events = []
+    guard = Guard(Budgets(session=Limits(max_cost_usd=1),
+                          team=Limits(max_cost_usd="0.002", window="month",
+                                      thresholds=(0.5,))),
+                  attributes={"team": "acme"}, clock=clock, on_threshold=[events.append])
+    for i in range(3):  # 3 x $0.00045 = 67%
+        spend(guard, f"s{i}")
+    team_events = [e for e in events if e.kind == "team"]
+    assert len(team_events) == 1
+    event = team_events[0]
+    assert (event.value, event.period, event.window) == ("acme", "2026-11", "month")
+    assert event.to_dict()["scope"] == "team:acme@2026-11"
+    assert "team 'acme' (month 2026-11) has used" in str(event)
+    clock.t = DEC_1
+    for i in range(3):
+        spend(guard, f"d{i}")
+    assert [e.period for e in events if e.kind == "team"] == ["2026-11", "2026-12"]
+
+
+# -- attributes from the run's metadata ---------------------------------------------------------
+
+
+def test_attributes_from_metadata() -> None:
+    names = frozenset({"team", "user", "feature"})
+    meta = {"team": "acme", "user_id": 42, "thread_id": "t", "feature": True,
+            "agent_guard": {"feature": "search", "team_id": "globex"}}
+    assert attributes_from_metadata(meta, names) == {
+        "team": "globex", "user": "42", "feature": "search"}
+    assert attributes_from_metadata(None, names) == {}
+
+
+def test_callback_charges_the_team_named_in_config_metadata() -> None:
+    guard = Guard(Budgets(session=Limits(max_cost_usd=1),
+                          team=Limits(max_model_calls=2, window="day")))
+    records = []
+    guard.add_record_hook(records.append)
+    model = ScriptedChatModel(responses=[AIMessage("ok")] * 5, model_name="gpt-4o-mini")
+    handler = GuardCallbackHandler(guard)
+    config = {"callbacks": [handler], "metadata": {"team": "acme", "user_id": "u7",
+                                                   "session_id": "s1"}}
+    model.invoke("hi", config=config)
+    model.invoke("hi", config={**config, "metadata": {"team": "acme", "session_id": "s2"}})
+    with pytest.raises(BudgetExceeded, match="team 'acme'"):
+        model.invoke("hi", config={**config, "metadata": {"team": "acme", "session_id": "s3"}})
+    model.invoke("hi", config={**config, "metadata": {"team": "globex", "session_id": "s3"}})
+    assert [r.attributes for r in records] == [
+        {"team": "acme", "user": "u7"}, {"team": "acme"}, {"team": "globex"}]
+    assert records[0].scopes[0] == "session:s1"
+    assert records[0].scopes[1].startswith("team:acme@")
+
+
+# -- two processes on Redis ------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def shared_url(request: pytest.FixtureRequest, tmp_path: Path, redis_namespace: str
+               ) -> tuple[str, str | None]:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'team.db'}", None
+    from .conftest import REDIS_URL, require_redis
+
+    require_redis()
+    return REDIS_URL, redis_namespace
+
+
+def test_team_month_cap_shared_by_two_processes_holds_exactly_and_resets(
+        shared_url: tuple[str, str | None]) -> None:
+    url, namespace = shared_url
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager, ctx.Pool(2) as pool:
+        barrier = manager.Barrier(2)
+        results = pool.starmap(team_race, [
+            (url, namespace, barrier, f"p{p}", 8, 10, NOV_30, p) for p in range(2)])
+        admitted = sum(a for a, _ in results)
+        settled = sum(s for _, s in results)
+        ledger = open_ledger(url, namespace)
+        nov = ledger.totals("team:acme@2026-11")
+        assert nov.get_spent("usd_nano") == settled <= usd_to_nano(TEAM_CAP_USD)
+        assert nov.get_reserved("usd_nano") == 0
+        assert nov.get_spent("model_calls") == admitted < 160  # the cap stopped some
+        # the worst case ($0.0004575) no longer fits: the cap was reached, not undershot
+        assert usd_to_nano(TEAM_CAP_USD) - settled < 457_500
+        barrier = manager.Barrier(2)
+        december = pool.starmap(team_race, [
+            (url, namespace, barrier, f"q{p}", 2, 2, DEC_1, p) for p in range(2)])
+    dec = ledger.totals("team:acme@2026-12")
+    assert dec.get_spent("model_calls") == sum(a for a, _ in december) == 8
+    assert ledger.totals("team:acme@2026-11").get_spent("usd_nano") == settled
+    ledger.close()
