@@ -265,3 +265,25 @@ def test_bad_arguments_are_refused() -> None:
         guarded_graph(object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="min_remaining_usd"):
         budget_gate(Guard(), next="a")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_handler_of_the_same_guard_given_per_run_does_not_count_twice(mode: str) -> None:
+    import asyncio
+
+    from agent_guard import GuardCallbackHandler
+
+    guard = Guard(Limits(max_cost_usd=1))
+    other = Guard(Limits(max_cost_usd=1))
+    graph = guarded_graph(plan_and_execute(Models(), fanout=3), guard=guard)
+    config = {"configurable": {"thread_id": "dup"},
+              "callbacks": [GuardCallbackHandler(guard), GuardCallbackHandler(other)]}
+    inputs = {"messages": [("user", "go")], "results": []}
+    if mode == "sync":
+        graph.invoke(inputs, config)
+    else:
+        asyncio.run(graph.ainvoke(inputs, config))
+    # one planner call and three workers, counted once by this guard, once by the other
+    assert guard.usage("dup").model_calls == 4
+    assert other.usage("dup").model_calls == 4
+    assert guard.usage("dup").steps == 4

@@ -112,6 +112,8 @@ class GuardCallbackHandler(BaseCallbackHandler):
 
     raise_error: bool = True
     run_inline: bool = False
+    # set on the handler guarded_graph adds; it stands down for a per-run handler
+    _graph_default: bool = False
 
     def __init__(
         self,

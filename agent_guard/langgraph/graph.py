@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
+from langchain_core.callbacks import BaseCallbackManager
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import merge_configs
 from langgraph._internal._runnable import RunnableCallable
@@ -164,8 +165,26 @@ class GuardedStateGraph(CompiledStateGraph):
             return self.cache.results.tenant_from(merge_configs(self.config, config))
         return "_default"
 
+    def _deduplicated(self, config: RunnableConfig | None) -> GuardedStateGraph:
+        """This graph, without its own handler when the run brings a handler of the same
+        guard (both would charge every call)."""
+        own = _handler_of(self.config)
+        if own is None or not getattr(own, "_graph_default", False) or not config:
+            return self
+        given = config.get("callbacks")
+        handlers = given.handlers if isinstance(given, BaseCallbackManager) else given
+        if not any(isinstance(h, GuardCallbackHandler) and h.guard is own.guard
+                   for h in handlers or ()):
+            return self
+        callbacks = [cb for cb in self.config.get("callbacks") or () if cb is not own]
+        return self.copy({"config": {**self.config, "callbacks": callbacks}})
+
     def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
                ) -> Any:
+        graph = self._deduplicated(config)
+        if graph is not self:
+            yield from graph.stream(input, config, **kwargs)
+            return
         if isinstance(input, Command) and input.resume is not None and self.checkpointer:
             input = self._normalise(input, config, self.get_state(config or {}).interrupts)
         with tenant_scope(self._tenant(config)):
@@ -173,6 +192,11 @@ class GuardedStateGraph(CompiledStateGraph):
 
     async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
                       ) -> Any:
+        graph = self._deduplicated(config)
+        if graph is not self:
+            async for chunk in graph.astream(input, config, **kwargs):
+                yield chunk
+            return
         if isinstance(input, Command) and input.resume is not None and self.checkpointer:
             snapshot = await self.aget_state(config or {})
             input = self._normalise(input, config, snapshot.interrupts)
@@ -261,7 +285,9 @@ def guarded_graph(
     compiled = wrapped.compile(**compile_kwargs)
     compiled.__class__ = GuardedStateGraph
     callbacks = list(base_config.get("callbacks") or [])
-    callbacks.insert(0, GuardCallbackHandler(guard, session_id=session_id))
+    own = GuardCallbackHandler(guard, session_id=session_id)
+    own._graph_default = True  # stands down for a handler of the same guard given per run
+    callbacks.insert(0, own)
     return compiled.with_config({**base_config, "callbacks": callbacks})
 
 
