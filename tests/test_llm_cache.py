@@ -150,3 +150,67 @@ def test_calibrate_reports_precision_and_recall() -> None:
     # the swapped conversion has the very same words: no threshold separates it, which is
     # why semantic matching is kept away from tool arguments
     assert high["false_hits"] == 1 and high["true_hits"] == 0 and high["recall"] == 0.0
+
+
+def _conversation(ids: list[str], call_ids: list[str], args: str = "A1") -> str:
+    from langchain_core.load import dumps
+
+    return dumps([
+        HumanMessage("where is my order?", id=ids[0]),
+        AIMessage("", id=ids[1], tool_calls=[
+            {"name": "lookup", "args": {"order": args}, "id": call_ids[0]},
+            {"name": "lookup", "args": {"order": "B2"}, "id": call_ids[1]}],
+            usage_metadata={"input_tokens": 9, "output_tokens": 3, "total_tokens": 12,
+                            "total_cost": 0.01},  # type: ignore[typeddict-unknown-key]
+            response_metadata={"id": ids[1], "model_name": "gpt-4o"}),
+        ToolMessage("A1: shipped", tool_call_id=call_ids[0], id=ids[2]),
+        ToolMessage("B2: lost", tool_call_id=call_ids[1], id=ids[3]),
+    ])
+
+
+def test_the_same_conversation_in_another_run_has_the_same_key() -> None:
+    from agent_guard.cache.llm import canonical_prompt
+
+    one = _conversation(["h1", "a1", "t1", "t2"], ["call_x", "call_y"])
+    two = _conversation(["h9", "a9", "t8", "t9"], ["call_p", "call_q"])
+    assert one != two and canonical_prompt(one) == canonical_prompt(two)
+    # what the model is asked still matters: other arguments, or results swapped between calls
+    assert canonical_prompt(_conversation(["h", "a", "t", "u"], ["c1", "c2"], args="Z9")) \
+        != canonical_prompt(one)
+    swapped = _conversation(["h", "a", "t", "u"], ["c1", "c2"]).replace(
+        '"tool_call_id": "c1"', '"tool_call_id": "TMP"').replace(
+        '"tool_call_id": "c2"', '"tool_call_id": "c1"').replace(
+        '"tool_call_id": "TMP"', '"tool_call_id": "c2"')
+    assert canonical_prompt(swapped) != canonical_prompt(one)
+    assert canonical_prompt("plain text prompt") == "plain text prompt"
+
+
+def test_a_repeated_agent_run_is_answered_from_the_cache_after_the_first_turn() -> None:
+    from langchain.agents import create_agent
+    from langchain_core.tools import tool
+
+    from agent_guard.testing import ScriptedChatModel
+
+    @tool
+    def lookup(order: str) -> str:
+        """Look up an order."""
+        return f"{order}: shipped"
+
+    def respond(messages: list) -> AIMessage:
+        if isinstance(messages[-1], ToolMessage):
+            return AIMessage("Your order has shipped.")
+        return AIMessage("", tool_calls=[{"name": "lookup", "args": {"order": "A1"},
+                                          "id": f"call_{uuid.uuid4().hex[:8]}"}])
+
+    guard = Guard(Limits(max_cost_usd=1))
+    records = []
+    guard.add_record_hook(records.append)
+    model = ScriptedChatModel(model_name="gpt-4o", respond=respond, max_tokens=50,
+                              cache=LLMCache("memory://"))
+    agent = create_agent(model, [lookup])
+    for run in range(2):
+        agent.invoke({"messages": [("user", "where is A1?")]},
+                     config={"callbacks": [GuardCallbackHandler(guard)],
+                             "configurable": {"thread_id": f"r{run}"}})
+    outcomes = [r.outcome for r in records if r.kind == "model"]
+    assert outcomes == ["ok", "ok", "cache_hit", "cache_hit"]

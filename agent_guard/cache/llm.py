@@ -45,6 +45,52 @@ def _digest(*parts: str) -> str:
     return h.hexdigest()
 
 
+# Per-message fields that vary between runs of the same conversation and do not change
+# what the model is asked: message ids (LangGraph's add_messages gives every message a
+# fresh UUID), and what came back with an earlier answer (usage, cost, provider ids).
+_RUN_SPECIFIC = frozenset({"id", "response_metadata", "usage_metadata"})
+
+
+def canonical_prompt(prompt: str) -> str:
+    """A chat prompt (LangChain's serialised message list) without what differs between
+    two runs of the same conversation: message ids, earlier answers' usage and metadata,
+    and tool-call ids (renumbered in order of appearance, so which result answers which
+    call is kept). Anything else, including a plain-text prompt, is returned as is.
+
+    Without this an exact cache never hits after the first turn of a LangGraph agent:
+    every earlier message carries a fresh id and its answer's usage."""
+    if not prompt.startswith("[{"):
+        return prompt
+    try:
+        messages = json.loads(prompt)
+    except ValueError:
+        return prompt
+    call_ids: dict[str, str] = {}
+
+    def renumber(value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        return call_ids.setdefault(value, f"call_{len(call_ids)}")
+
+    for m in messages:
+        kwargs = m.get("kwargs") if isinstance(m, dict) else None
+        if not isinstance(kwargs, dict):
+            return prompt
+        for name in _RUN_SPECIFIC & kwargs.keys():
+            del kwargs[name]
+        for call in kwargs.get("tool_calls") or ():
+            if isinstance(call, dict) and "id" in call:
+                call["id"] = renumber(call["id"])
+        if "tool_call_id" in kwargs:
+            kwargs["tool_call_id"] = renumber(kwargs["tool_call_id"])
+        extra = kwargs.get("additional_kwargs")
+        if isinstance(extra, dict):
+            for call in extra.get("tool_calls") or ():
+                if isinstance(call, dict) and "id" in call:
+                    call["id"] = renumber(call["id"])
+    return json.dumps(messages, sort_keys=True, separators=(",", ":"))
+
+
 class LLMCache(BaseCache):
     """Exact LLM cache: same prompt, same model and parameters (``llm_string``)."""
 
@@ -76,7 +122,7 @@ class LLMCache(BaseCache):
         return f"{self.root}t={key_part(self._tenant())}:"
 
     def _key(self, prompt: str, llm_string: str) -> str:
-        return self._prefix() + "x:" + _digest(prompt, llm_string)
+        return self._prefix() + "x:" + _digest(canonical_prompt(prompt), llm_string)
 
     @staticmethod
     def _encode(return_val: RETURN_VAL_TYPE) -> str:
