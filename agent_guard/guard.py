@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .errors import (
     BudgetExceeded,
@@ -28,6 +28,7 @@ from .errors import (
 )
 from .ledger import Denial, Ledger, Reservation, ScopeCaps, from_url
 from .ledger.base import Settlement
+from .ledger.failover import FailOpenLedger
 from .limits import Dimension, Limits, repeat_dimension, tool_dimension
 from .pricing import ModelPrice, PriceBook
 from .records import CallRecord, Outcome, SessionUsage
@@ -126,6 +127,13 @@ class Guard:
     hosts. ``on_record`` hooks receive a :class:`CallRecord` per model call;
     ``on_threshold`` hooks a :class:`ThresholdEvent` once per session and
     threshold (``Limits.thresholds``, also logged at WARNING).
+
+    ``fail`` is what happens when the ledger backend cannot be reached:
+    ``"closed"`` (default) refuses the call with
+    :class:`~agent_guard.errors.LedgerUnavailable`; ``"open"`` admits it against
+    this process's local view of the caps, journals the spend and reconciles it
+    into the backend when it answers again
+    (:class:`~agent_guard.ledger.failover.FailOpenLedger`).
     """
 
     def __init__(
@@ -137,11 +145,16 @@ class Guard:
         token_counter: TokenCounter | None = None,
         on_record: Sequence[RecordHook] = (),
         on_threshold: Sequence[ThresholdHook] = (),
+        fail: Literal["closed", "open"] = "closed",
     ) -> None:
+        if fail not in ("closed", "open"):
+            raise ValueError(f"fail must be 'closed' or 'open', got {fail!r}")
         self.limits = limits if limits is not None else Limits()
         if not isinstance(self.limits, Limits):
             raise TypeError(f"limits must be a Limits instance, got {type(limits).__name__}")
         self.ledger = from_url(ledger)
+        if fail == "open" and not isinstance(self.ledger, FailOpenLedger):
+            self.ledger = FailOpenLedger(self.ledger)
         self.prices = prices if prices is not None else PriceBook.default()
         self.tokens = token_counter if token_counter is not None else TokenCounter()
         self._hooks: list[RecordHook] = list(on_record)
