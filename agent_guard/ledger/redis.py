@@ -31,8 +31,8 @@ days). With ``scope_ttl_seconds=N`` (or ``?scope_ttl_seconds=N`` in the URL)
 every write to a scope hash, inside the same script, refreshes an ``EXPIRE`` of
 N seconds, and ``done:<id>`` markers are kept min(N, 7 days). The trade-off: a
 session idle for N seconds loses its counters, so its budget resets; and a hold
-whose scope expired is dropped with it. N must exceed the longest lease (the
-client refuses less than 60 s); pick it longer than any session lasts.
+whose scope expired is dropped with it. Pick N longer than any lease and than
+any session lasts.
 """
 
 from __future__ import annotations
@@ -148,8 +148,8 @@ class RedisLedger(Ledger):
 
         if scope_ttl_seconds is not None and (
                 isinstance(scope_ttl_seconds, bool) or not isinstance(scope_ttl_seconds, int)
-                or scope_ttl_seconds < 60):
-            raise ValueError("scope_ttl_seconds must be an int >= 60 (longer than any lease), "
+                or scope_ttl_seconds < 1):
+            raise ValueError("scope_ttl_seconds must be an int >= 1 (and longer than any lease), "
                              f"got {scope_ttl_seconds!r}")
         self.scope_ttl_seconds = scope_ttl_seconds
         self._ttl = str(scope_ttl_seconds or 0)
