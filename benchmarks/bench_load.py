@@ -7,7 +7,7 @@ Every session makes ``--calls`` model-call-shaped reserve + settle pairs (the
 guard's two ledger operations per model call, with the guard's amounts: cost,
 tokens, model calls) against a $1 cap. The sessions are interleaved, so all of
 them are open at once: threads walk their share of the sessions round-robin, and
-the asyncio variant runs one task per session (at most 256 ledger calls in
+the asyncio variant runs one task per session (at most 64 ledger calls in
 flight). Redis runs in ``--processes`` processes of ``--threads`` threads each.
 
 Reported per configuration: sessions, reserve+settle pairs per second, p50/p99
@@ -41,7 +41,7 @@ CAP = 10**9  # $1 in nano-USD
 RESERVE = {"usd_nano": 46_500, "tokens": 155, "model_calls": 1}  # gpt-4o-mini, 100 in / 50 out
 SETTLE = {"usd_nano": 30_000, "tokens": 125, "input_tokens": 100, "output_tokens": 25,
           "model_calls": 1}
-IN_FLIGHT = 256
+IN_FLIGHT = 64  # below redis-py asyncio pool's connection limit
 
 
 def rss_mb() -> float:
