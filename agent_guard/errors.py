@@ -166,13 +166,21 @@ class UnknownModelPrice(GuardError):
 
 
 class LedgerUnavailable(GuardError):
-    """The ledger backend could not be reached; the call was refused (fail closed)."""
+    """The ledger backend could not be reached; the call was refused (fail closed).
 
-    def __init__(self, url: str, cause: BaseException | None = None) -> None:
+    ``Guard(..., fail="open")`` admits calls against local caps instead and reconciles
+    when the backend answers again (:class:`agent_guard.ledger.failover.FailOpenLedger`).
+    """
+
+    def __init__(self, url: str, cause: BaseException | None = None, *,
+                 hint: str | None = None) -> None:
         self.url = url
+        self.cause = cause
         detail = f": {cause!r}" if cause is not None else ""
-        super().__init__(
-            f"The budget ledger at {url} is unavailable{detail}. The call was refused so no "
-            "unaccounted money is spent. Check that the server is running and reachable, "
-            "or use a local ledger (memory:// or sqlite:///path)."
+        self.hint = hint or (
+            "The call was refused so no unaccounted money is spent (Guard(fail='closed'), "
+            "the default). Check that the server is running and reachable and retry; use "
+            "a local ledger (memory:// or sqlite:///path); or, to keep agents running "
+            "through an outage and reconcile afterwards, use Guard(..., fail='open')."
         )
+        super().__init__(f"The budget ledger at {url} is unavailable{detail}. {self.hint}")

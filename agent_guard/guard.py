@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .budgets import STANDARD_ATTRIBUTES, Budgets, ScopeRef
 from .errors import (
@@ -29,6 +29,7 @@ from .errors import (
 )
 from .ledger import Denial, Ledger, Reservation, ScopeCaps, from_url
 from .ledger.base import Settlement
+from .ledger.failover import FailOpenLedger
 from .limits import Dimension, Limits, repeat_dimension, tool_dimension
 from .pricing import ModelPrice, PriceBook
 from .records import CallRecord, Outcome, SessionUsage
@@ -164,6 +165,13 @@ class Guard:
     call; ``on_threshold`` hooks a :class:`ThresholdEvent` once per scope,
     threshold and window (``Limits.thresholds``, also logged at WARNING).
     ``clock`` (epoch seconds) decides windows and record times; tests inject one.
+
+    ``fail`` is what happens when the ledger backend cannot be reached:
+    ``"closed"`` (default) refuses the call with
+    :class:`~agent_guard.errors.LedgerUnavailable`; ``"open"`` admits it against
+    this process's local view of the caps, journals the spend and reconciles it
+    into the backend when it answers again
+    (:class:`~agent_guard.ledger.failover.FailOpenLedger`).
     """
 
     def __init__(
@@ -177,13 +185,18 @@ class Guard:
         on_threshold: Sequence[ThresholdHook] = (),
         attributes: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
+        fail: Literal["closed", "open"] = "closed",
     ) -> None:
+        if fail not in ("closed", "open"):
+            raise ValueError(f"fail must be 'closed' or 'open', got {fail!r}")
         self.budgets = Budgets.of(limits)
         self.limits = self.budgets.session
         self.attributes: dict[str, str] = _check_attributes(attributes or {})
         self.attribute_names = self.budgets.attribute_names() | STANDARD_ATTRIBUTES
         self.clock = clock
         self.ledger = from_url(ledger)
+        if fail == "open" and not isinstance(self.ledger, FailOpenLedger):
+            self.ledger = FailOpenLedger(self.ledger)
         self.prices = prices if prices is not None else PriceBook.default()
         self.tokens = token_counter if token_counter is not None else TokenCounter()
         self._hooks: list[RecordHook] = list(on_record)

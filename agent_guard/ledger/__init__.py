@@ -1,7 +1,8 @@
 """Budget ledgers, chosen by URL.
 
 =============================  =========================================
-``memory://``                  one process (threads, asyncio)
+``memory://``                  one process (threads, asyncio);
+                               ``?max_idle_seconds=&max_scopes=`` bound it
 ``sqlite:///path/guard.db``    several processes on one host
 ``redis://host:6379/0``        several hosts (``rediss://`` for TLS)
 =============================  =========================================
@@ -54,7 +55,7 @@ def redact_url(url: str) -> str:
 
 
 def _memory(url: str, **options: object) -> Ledger:
-    return MemoryLedger(url, **options)  # type: ignore[arg-type]
+    return MemoryLedger.from_url(url, **options)
 
 
 def _sqlite(url: str, **options: object) -> Ledger:

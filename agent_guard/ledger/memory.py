@@ -3,6 +3,15 @@
 Safe across threads and asyncio tasks of one process (no await happens while
 the lock is held). Sessions do not outlive the process: use SQLite or Redis
 for that.
+
+Memory bound: by default every scope is kept for the life of the process. With
+``max_idle_seconds`` (``memory://?max_idle_seconds=3600``) a scope with no open
+reservation that nothing touched for that long is dropped, and with
+``max_scopes`` the least recently used scopes without open reservations are
+dropped beyond that many. Finished reservation ids (which make a repeated
+settle a no-op) are then kept only as long as the idle horizon and at most
+``16 * max_scopes`` of them. The trade-off: an evicted session starts again from
+zero, so its budget resets; pick a horizon longer than any session lasts.
 """
 
 from __future__ import annotations
@@ -10,8 +19,9 @@ from __future__ import annotations
 import heapq
 import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from urllib.parse import parse_qsl, urlsplit
 
 from .base import (
     DONE_RETENTION_SECONDS,
@@ -29,52 +39,137 @@ from .base import (
 __all__ = ["MemoryLedger"]
 
 
+_DONE_FLOOR = 4096  # finished ids are pruned only beyond this many
+
+
 class _Counters:
-    __slots__ = ("extra", "reserved", "spent")
+    __slots__ = ("extra", "holds", "reserved", "spent", "touched")
 
     def __init__(self) -> None:
         self.spent: defaultdict[str, int] = defaultdict(int)
         self.reserved: defaultdict[str, int] = defaultdict(int)
         self.extra: defaultdict[str, int] = defaultdict(int)
+        self.holds = 0  # open reservations on this scope: never evicted while > 0
+        self.touched = 0.0
 
     def snapshot(self, scope: str) -> ScopeTotals:
         return ScopeTotals(scope, dict(self.spent), dict(self.reserved), dict(self.extra))
 
 
 class MemoryLedger(Ledger):
-    def __init__(self, url: str = "memory://", *, clock: Callable[[], float] = time.time) -> None:
+    """In-process budgets; see the module docstring for the eviction policy."""
+
+    def __init__(
+        self,
+        url: str = "memory://",
+        *,
+        clock: Callable[[], float] = time.time,
+        max_idle_seconds: float | None = None,
+        max_scopes: int | None = None,
+    ) -> None:
+        if max_idle_seconds is not None and max_idle_seconds <= 0:
+            raise ValueError(f"max_idle_seconds must be > 0, got {max_idle_seconds}")
+        if max_scopes is not None and max_scopes < 1:
+            raise ValueError(f"max_scopes must be >= 1, got {max_scopes}")
         self.url = url
         self._clock = clock
+        self.max_idle_seconds = max_idle_seconds
+        self.max_scopes = max_scopes
         self._lock = threading.Lock()
-        self._scopes: defaultdict[str, _Counters] = defaultdict(_Counters)
+        self._scopes: OrderedDict[str, _Counters] = OrderedDict()  # least recently used first
         self._open: dict[str, Reservation] = {}
         self._leases: list[tuple[float, str]] = []  # heap of (expires_at, id)
-        self._done: dict[str, float] = {}
+        self._done: dict[str, float] = {}  # finished id -> when, oldest first
+        self._retention = float(DONE_RETENTION_SECONDS)
+        if max_idle_seconds is not None:
+            self._retention = min(self._retention, float(max_idle_seconds))
+        self._max_done = None if max_scopes is None else max(_DONE_FLOOR, 16 * max_scopes)
+        self._next_sweep = 0.0
+        self.evicted = 0  # scopes dropped by the policy so far
+
+    @classmethod
+    def from_url(cls, url: str, **options: object) -> MemoryLedger:
+        """``memory://?max_idle_seconds=3600&max_scopes=100000``; keyword options win."""
+        parsed: dict[str, object] = {}
+        for key, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+            if key == "max_idle_seconds":
+                parsed[key] = float(value)
+            elif key == "max_scopes":
+                parsed[key] = int(value)
+            else:
+                raise ValueError(f"unknown memory:// option {key!r} (known: "
+                                 "max_idle_seconds, max_scopes)")
+        return cls(url, **{**parsed, **options})  # type: ignore[arg-type]
+
+    @property
+    def scope_count(self) -> int:
+        """How many scopes are kept now."""
+        return len(self._scopes)
 
     # -- helpers (lock held) ---------------------------------------------------------
+
+    def _scope(self, scope: str, now: float) -> _Counters:
+        """The counters of ``scope``, created if needed, marked as just used."""
+        counters = self._scopes.get(scope)
+        if counters is None:
+            counters = self._scopes[scope] = _Counters()
+        else:
+            self._scopes.move_to_end(scope)
+        counters.touched = now
+        return counters
 
     def _reclaim_locked(self, now: float) -> int:
         n = 0
         while self._leases and self._leases[0][0] <= now:
             _, rid = heapq.heappop(self._leases)
-            res = self._open.pop(rid, None)
+            res = self._open.get(rid)
             if res is not None and res.expires_at <= now:
+                del self._open[rid]
                 self._unhold(res)
                 n += 1
-        if len(self._done) > 4096:
-            horizon = now - DONE_RETENTION_SECONDS
-            self._done = {k: t for k, t in self._done.items() if t > horizon}
+        self._evict_locked(now)
         return n
+
+    def _evict_locked(self, now: float) -> None:
+        """Apply the policy: drop idle scopes without holds; bound the finished ids."""
+        if len(self._done) > _DONE_FLOOR and (now >= self._next_sweep or (
+                self._max_done is not None and len(self._done) > self._max_done)):
+            horizon = now - self._retention
+            for rid, when in list(self._done.items()):  # insertion order ~ time order
+                over = self._max_done is not None and len(self._done) > self._max_done
+                if when > horizon and not over:
+                    break
+                del self._done[rid]
+        if self.max_idle_seconds is None and self.max_scopes is None:
+            return
+        over_count = self.max_scopes is not None and len(self._scopes) > self.max_scopes
+        if not over_count and now < self._next_sweep:
+            return
+        if self.max_idle_seconds is not None:
+            self._next_sweep = now + self.max_idle_seconds / 8
+        horizon = (now - self.max_idle_seconds if self.max_idle_seconds is not None
+                   else float("-inf"))
+        for scope, counters in list(self._scopes.items()):  # least recently used first
+            over = self.max_scopes is not None and len(self._scopes) > self.max_scopes
+            if counters.touched > horizon and not over:
+                break
+            if counters.holds == 0:
+                del self._scopes[scope]
+                self.evicted += 1
 
     def _unhold(self, res: Reservation) -> None:
         for scope in res.scopes:
-            reserved = self._scopes[scope].reserved
+            counters = self._scopes.get(scope)
+            if counters is None:  # cannot happen: a scope with holds is never evicted
+                continue
+            counters.holds -= 1
             for dim, amount in res.amounts.items():
-                reserved[dim] -= amount
+                counters.reserved[dim] -= amount
 
-    def _add_spent(self, scopes: Sequence[str], actual: Mapping[str, int]) -> None:
+    def _add_spent(self, scopes: Sequence[str], actual: Mapping[str, int], now: float
+                   ) -> None:
         for scope in scopes:
-            spent = self._scopes[scope].spent
+            spent = self._scope(scope, now).spent
             for dim, amount in actual.items():
                 spent[dim] += amount
 
@@ -95,16 +190,18 @@ class MemoryLedger(Ledger):
             self._reclaim_locked(now)
             if rid in self._open or rid in self._done:
                 raise ValueError(f"reservation id {rid!r} was already used")
-            totals = {sc.scope: self._scopes[sc.scope].snapshot(sc.scope) for sc in scopes}
+            totals = {sc.scope: self._scope(sc.scope, now).snapshot(sc.scope)
+                      for sc in scopes}
             denial = first_denial(scopes, amounts, totals)
             if denial is not None:
                 return denial
             res = Reservation(rid, tuple(sc.scope for sc in scopes), dict(amounts),
                               now + lease_seconds)
             for scope in res.scopes:
-                reserved = self._scopes[scope].reserved
+                counters = self._scopes[scope]
+                counters.holds += 1
                 for dim, amount in amounts.items():
-                    reserved[dim] += amount
+                    counters.reserved[dim] += amount
             self._open[rid] = res
             heapq.heappush(self._leases, (res.expires_at, rid))
             return res
@@ -114,11 +211,12 @@ class MemoryLedger(Ledger):
         with self._lock:
             if reservation.id in self._done:
                 return Settlement(False)
+            now = self._clock()
             held = self._open.pop(reservation.id, None)
             if held is not None:
                 self._unhold(held)
-            self._add_spent(reservation.scopes, actual)
-            self._done[reservation.id] = self._clock()
+            self._add_spent(reservation.scopes, actual, now)
+            self._done[reservation.id] = now
             return Settlement(True, {
                 scope: {dim: self._scopes[scope].spent[dim] for dim in actual}
                 for scope in reservation.scopes
@@ -138,18 +236,20 @@ class MemoryLedger(Ledger):
     def charge(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]) -> Denial | None:
         check_amounts(amounts)
         with self._lock:
-            self._reclaim_locked(self._clock())
-            totals = {sc.scope: self._scopes[sc.scope].snapshot(sc.scope) for sc in scopes}
+            now = self._clock()
+            self._reclaim_locked(now)
+            totals = {sc.scope: self._scope(sc.scope, now).snapshot(sc.scope)
+                      for sc in scopes}
             denial = first_denial(scopes, amounts, totals)
             if denial is None:
-                self._add_spent([sc.scope for sc in scopes], amounts)
+                self._add_spent([sc.scope for sc in scopes], amounts, now)
             return denial
 
     def extend(self, scope: str, dimension: str, amount: int) -> None:
         if isinstance(amount, bool) or not isinstance(amount, int):
             raise TypeError(f"extend amount must be an int, got {amount!r}")
         with self._lock:
-            self._scopes[scope].extra[dimension] += amount
+            self._scope(scope, self._clock()).extra[dimension] += amount
 
     def totals(self, scope: str) -> ScopeTotals:
         with self._lock:

@@ -25,6 +25,14 @@ twice. The ledger's clients do not retry by default (``retries=0``: an error is
 ``retries=N`` a resent reserve, settle or release is recognised by a per-call
 token and answered as the first one was; a resent ``charge`` may count twice
 (never less than once).
+
+Memory bound: by default scope hashes live forever (and ``done:<id>`` markers 7
+days). With ``scope_ttl_seconds=N`` (or ``?scope_ttl_seconds=N`` in the URL)
+every write to a scope hash, inside the same script, refreshes an ``EXPIRE`` of
+N seconds, and ``done:<id>`` markers are kept min(N, 7 days). The trade-off: a
+session idle for N seconds loses its counters, so its budget resets; and a hold
+whose scope expired is dropped with it. Pick N longer than any lease and than
+any session lasts.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aredis
@@ -133,9 +141,20 @@ class RedisLedger(Ledger):
         clock: Callable[[], float] | None = None,
         retries: int = 0,
         client: redis.Redis | None = None,
+        scope_ttl_seconds: int | None = None,
         **client_options: Any,
     ) -> None:
         from . import redact_url
+
+        if scope_ttl_seconds is not None and (
+                isinstance(scope_ttl_seconds, bool) or not isinstance(scope_ttl_seconds, int)
+                or scope_ttl_seconds < 1):
+            raise ValueError("scope_ttl_seconds must be an int >= 1 (and longer than any lease), "
+                             f"got {scope_ttl_seconds!r}")
+        self.scope_ttl_seconds = scope_ttl_seconds
+        self._ttl = str(scope_ttl_seconds or 0)
+        self._done_retention = str(min(DONE_RETENTION_SECONDS,
+                                       scope_ttl_seconds or DONE_RETENTION_SECONDS))
 
         self.url = redact_url(url)
         self._raw_url = url
@@ -156,6 +175,14 @@ class RedisLedger(Ledger):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisLedger:
+        """``scope_ttl_seconds`` may come in the URL's query; the rest goes to redis-py."""
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        ttl = [v for k, v in query if k == "scope_ttl_seconds"]
+        if ttl:
+            options.setdefault("scope_ttl_seconds", int(ttl[-1]))
+            url = urlunsplit(parts._replace(query=urlencode(
+                [(k, v) for k, v in query if k != "scope_ttl_seconds"])))
         return cls(url, **options)
 
     # -- keys and arguments --------------------------------------------------------------
@@ -185,19 +212,19 @@ class RedisLedger(Ledger):
                              "t": token}, **_JSON)
         keys = [self._open, self._leases, self._done_key(rid), *scope_keys]
         return keys, [self._now(), repr(float(lease_seconds)), rid, token, record,
-                      self._caps(scopes)]
+                      self._caps(scopes), self._ttl]
 
     def _charge_call(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
                      ) -> tuple[list[str], list[str]]:
         keys = [self._open, self._leases, *(self.scope_key(sc.scope) for sc in scopes)]
         spend = json.dumps({d: str(v) for d, v in amounts.items() if v}, **_JSON)
-        return keys, [self._now(), self._caps(scopes), spend]
+        return keys, [self._now(), self._caps(scopes), spend, self._ttl]
 
     def _finish_call(self, reservation: Reservation, actual: Mapping[str, int] | None
                      ) -> tuple[list[str], list[str]]:
         rid = reservation.id
         keys = [self._open, self._leases, self._done_key(rid)]
-        args = [rid, _token(), str(DONE_RETENTION_SECONDS)]
+        args = [rid, _token(), self._done_retention, self._ttl]
         if actual is not None:
             keys += [self.scope_key(s) for s in reservation.scopes]
             for dim, amount in actual.items():
@@ -205,7 +232,7 @@ class RedisLedger(Ledger):
         return keys, args
 
     def _reclaim_call(self) -> tuple[list[str], list[str]]:
-        return [self._open, self._leases], [self._now(), str(RECLAIM_BATCH)]
+        return [self._open, self._leases], [self._now(), str(RECLAIM_BATCH), self._ttl]
 
     # -- replies ------------------------------------------------------------------------------
 
@@ -277,8 +304,15 @@ class RedisLedger(Ledger):
 
     def extend(self, scope: str, dimension: str, amount: int) -> None:
         _int(amount, "extend amount")
+        key = self.scope_key(scope)
         try:
-            self.client.hincrby(self.scope_key(scope), "x:" + dimension, amount)
+            if self.scope_ttl_seconds is None:
+                self.client.hincrby(key, "x:" + dimension, amount)
+            else:
+                with self.client.pipeline(transaction=True) as pipe:
+                    pipe.hincrby(key, "x:" + dimension, amount)
+                    pipe.expire(key, self.scope_ttl_seconds)
+                    pipe.execute()
         except _FAILURES as exc:
             raise self._unavailable(exc) from exc
 
@@ -348,8 +382,16 @@ class RedisLedger(Ledger):
 
     async def aextend(self, scope: str, dimension: str, amount: int) -> None:
         _int(amount, "extend amount")
+        key = self.scope_key(scope)
+        client = self._async().client
         try:
-            await self._async().client.hincrby(self.scope_key(scope), "x:" + dimension, amount)
+            if self.scope_ttl_seconds is None:
+                await client.hincrby(key, "x:" + dimension, amount)
+            else:
+                async with client.pipeline(transaction=True) as pipe:
+                    pipe.hincrby(key, "x:" + dimension, amount)
+                    pipe.expire(key, self.scope_ttl_seconds)
+                    await pipe.execute()
         except _FAILURES as exc:
             raise self._unavailable(exc) from exc
 

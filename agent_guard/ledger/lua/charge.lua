@@ -3,9 +3,10 @@
 --
 -- KEYS: open, leases, then the scope hashes
 -- ARGV: now ('' = server TIME), caps JSON [[[dim, "cap"], ...] per scope],
---       amounts JSON {dim: "amount" (non-zero)}
+--       amounts JSON {dim: "amount" (non-zero)}, scope ttl seconds (0 = none)
 -- Reply: {1} | {0, ...denial, see ag_check}
 
+ag_ttl = tonumber(ARGV[4])
 ag_reclaim(KEYS[1], KEYS[2], ag_now(ARGV[1]), 100)
 
 local amounts = cjson.decode(ARGV[3])
@@ -17,5 +18,6 @@ for i = 3, #KEYS do
   for dim, amount in pairs(amounts) do
     redis.call('HINCRBY', KEYS[i], 's:' .. dim, amount)
   end
+  ag_touch(KEYS[i])
 end
 return {1}

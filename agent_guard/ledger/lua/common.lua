@@ -8,6 +8,10 @@
 --   ag:{ns}:leases     ZSET    reservation id -> expires_at (seconds)
 --   ag:{ns}:done:<id>  STRING  token of the call that finished the id, EX retention
 --
+-- Scope expiry (RedisLedger(scope_ttl_seconds=N)): every script sets ag_ttl from its
+-- ARGV, and every write to a scope hash refreshes its EXPIRE, so a scope nothing wrote
+-- to for N seconds disappears (its budget resets). 0 = scope hashes never expire.
+--
 -- Amounts travel and are stored as decimal strings and change only by HINCRBY (exact
 -- 64-bit integers). Comparisons use tonumber (doubles): exact while cap + extra stays
 -- below 2^53; the client refuses amounts and caps from 2^53 up. Numbers are never
@@ -26,11 +30,24 @@ local function ag_num(x)
   return string.format('%.17g', x)
 end
 
+local ag_ttl = 0
+
+local function ag_touch(key)
+  if ag_ttl > 0 then
+    redis.call('EXPIRE', key, ag_ttl)
+  end
+end
+
+-- Give a reservation's holds back. A scope hash that expired meanwhile took its holds
+-- with it: nothing is given back there (no negative counter, no key without expiry).
 local function ag_unhold(raw)
   local rec = cjson.decode(raw)
   for _, key in ipairs(rec.k) do
-    for dim, amount in pairs(rec.a) do
-      redis.call('HINCRBY', key, 'r:' .. dim, '-' .. amount)
+    if redis.call('EXISTS', key) == 1 then
+      for dim, amount in pairs(rec.a) do
+        redis.call('HINCRBY', key, 'r:' .. dim, '-' .. amount)
+      end
+      ag_touch(key)
     end
   end
 end

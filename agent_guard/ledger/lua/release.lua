@@ -1,10 +1,11 @@
 -- Release: drop the hold without spending, once per reservation id.
 --
 -- KEYS: open, leases, done:<id>
--- ARGV: id, token (unique per call), retention seconds
+-- ARGV: id, token (unique per call), retention seconds, scope ttl seconds (0 = none)
 -- Reply: 1 if this call dropped a hold; 0 if the id was already finished or its lease
 -- was already reclaimed. The same call sent twice (a client retry) gets the same answer.
 
+ag_ttl = tonumber(ARGV[4])
 local done = redis.call('GET', KEYS[3])
 if done then
   if done == ARGV[2] .. ':1' then

@@ -4,10 +4,11 @@
 -- KEYS: open, leases, done:<id>, then the scope hashes
 -- ARGV: now ('' = server TIME), lease seconds, id, token (unique per call),
 --       record JSON {"k": [scope keys], "a": {dim: "amount" (non-zero)}, "t": token},
---       caps JSON [[[dim, "cap"], ...] per scope]
+--       caps JSON [[[dim, "cap"], ...] per scope], scope ttl seconds (0 = none)
 -- Reply: {1, expires_at} | {0, ...denial, see ag_check} | {-1} (id already used)
 -- The same call sent twice (a client retry after a lost reply) gets the same answer.
 
+ag_ttl = tonumber(ARGV[7])
 local now = ag_now(ARGV[1])
 ag_reclaim(KEYS[1], KEYS[2], now, 100)
 
@@ -32,6 +33,7 @@ for i = 4, #KEYS do
   for dim, amount in pairs(rec.a) do
     redis.call('HINCRBY', KEYS[i], 'r:' .. dim, amount)
   end
+  ag_touch(KEYS[i])
 end
 local expires = ag_num(now + tonumber(ARGV[2]))
 redis.call('HSET', KEYS[1], id, ARGV[5])
