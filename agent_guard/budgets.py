@@ -11,6 +11,12 @@ A scope with a ``window`` (``"hour"``, ``"day"``, ``"week"``, ``"month"``,
 ``"year"``) is kept per calendar period in ``Budgets.timezone`` (UTC by
 default): its ledger scope is ``team:acme@2026-11``, so the next month starts
 from zero and the old month stays readable for reports.
+
+A rolling window (``"24h"``, ``"7d"``, ``"90m"``) is kept in buckets of its unit
+(hours, days, minutes; aligned on UTC): ``team:acme@24h:2026-11-30T21``. A call
+is admitted when the current bucket and the earlier buckets the window covers
+(23 for ``"24h"``) together leave room; spend goes to the current bucket. So a
+``"24h"`` cap holds over the current partial hour plus the 23 hours before it.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .ledger import ScopeCaps
-from .limits import WINDOWS, Limits, Window
+from .limits import WINDOWS, Limits, Window, rolling_window
 
 __all__ = ["STANDARD_ATTRIBUTES", "Budgets", "ScopeRef", "Window", "attributes_from_metadata",
            "period_of"]
@@ -62,7 +68,17 @@ def period_of(window: str, when: float, tz: ZoneInfo | None = None
     if window == "year":
         start = now.replace(month=1, day=1, hour=0, minute=0, second=0, microsecond=0)
         return start.strftime("%Y"), start, start.replace(year=start.year + 1)
-    raise ValueError(f"window must be one of {', '.join(WINDOWS)} or None, got {window!r}")
+    rolling = rolling_window(window)
+    if rolling is not None:  # the current bucket, aligned on UTC
+        unit, _ = rolling
+        start = datetime.fromtimestamp(when // unit * unit, UTC)
+        return _bucket_label(start, unit), start, start + timedelta(seconds=unit)
+    raise ValueError(f"window must be one of {', '.join(WINDOWS)}, a rolling duration "
+                     f"such as '24h', or None; got {window!r}")
+
+
+def _bucket_label(start: datetime, unit: int) -> str:
+    return start.strftime({60: "%Y-%m-%dT%H:%M", 3600: "%Y-%m-%dT%H"}.get(unit, "%Y-%m-%d"))
 
 
 def _plus(start: datetime, **delta: float) -> datetime:
@@ -178,10 +194,23 @@ class Budgets:
         # session ids stay readable; other values are quoted (no ':' or '@' in them)
         name = kind if value is None else f"{kind}:{value if raw else quote(value, safe='')}"
         period = None
-        if limits.window is not None:
-            period = period_of(limits.window, now, self._tz)[0]
-            name = f"{name}@{period}"
-        return ScopeRef(kind, value, period, limits, ScopeCaps(name, caps))
+        history: tuple[str, ...] = ()
+        window = limits.window
+        if window is not None:
+            rolling = rolling_window(window)
+            if rolling is None:
+                period = period_of(window, now, self._tz)[0]
+                name = f"{name}@{period}"
+            else:  # the current bucket, and the earlier ones the window still covers
+                unit, buckets = rolling
+                first = int(now // unit) * unit
+                period = _bucket_label(datetime.fromtimestamp(first, UTC), unit)
+                history = tuple(
+                    f"{name}@{window}:"
+                    f"{_bucket_label(datetime.fromtimestamp(first - i * unit, UTC), unit)}"
+                    for i in range(1, buckets))
+                name = f"{name}@{window}:{period}"
+        return ScopeRef(kind, value, period, limits, ScopeCaps(name, caps, history))
 
     def __repr__(self) -> str:
         parts = [f"session={self.session!r}"] + [f"{k}={v!r}" for k, v in self.kinds.items()]

@@ -27,7 +27,7 @@ from .errors import (
     dimension_label,
     format_amount,
 )
-from .ledger import Denial, Ledger, Reservation, ScopeCaps, from_url
+from .ledger import Denial, Ledger, Reservation, ScopeCaps, ScopeTotals, from_url
 from .ledger.base import Settlement
 from .ledger.failover import FailOpenLedger
 from .limits import Dimension, Limits, repeat_dimension, tool_dimension
@@ -419,8 +419,10 @@ class Guard:
         """The spend of one budget scope (``scope_usage("team", "acme")``) in the window
         holding ``at`` (now by default); ``session`` of the result is the ledger scope."""
         ref = self.budgets.ref(kind, value, self.clock() if at is None else at)
-        return SessionUsage.from_totals(ref.scope, self.ledger.totals(ref.scope),
-                                        ref.limits.max_cost_nano)
+        totals = self.ledger.totals(ref.scope)
+        if ref.caps.history:  # a rolling window: its buckets together
+            totals = _summed(ref.scope, [totals, *map(self.ledger.totals, ref.caps.history)])
+        return SessionUsage.from_totals(ref.scope, totals, ref.limits.max_cost_nano)
 
     def extend(
         self,
@@ -470,8 +472,8 @@ class Guard:
         for ref in refs:
             thresholds = ref.limits.thresholds
             spent = settled.spent.get(ref.scope)
-            if not thresholds or not spent:
-                continue
+            if not thresholds or not spent or ref.caps.history:
+                continue  # rolling windows: the settle sees one bucket, not the window
             for dim, cap in ref.caps.caps.items():
                 if dim not in spent or cap <= 0:
                     continue
@@ -635,6 +637,19 @@ class Guard:
                 hook(record)
             except Exception:  # a reporting hook must never break the agent
                 logger.exception("agent-guard: record hook %r failed", hook)
+
+
+def _summed(scope: str, parts: Sequence[ScopeTotals]) -> ScopeTotals:
+    """One scope's totals made of several (the buckets of a rolling window); extensions
+    are the current bucket's."""
+    spent: dict[str, int] = {}
+    reserved: dict[str, int] = {}
+    for part in parts:
+        for dim, v in part.spent.items():
+            spent[dim] = spent.get(dim, 0) + int(v)
+        for dim, v in part.reserved.items():
+            reserved[dim] = reserved.get(dim, 0) + int(v)
+    return ScopeTotals(scope, spent, reserved, parts[0].extra)
 
 
 def _check_attributes(attributes: Mapping[str, str]) -> dict[str, str]:

@@ -9,17 +9,31 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Literal, get_args
+from typing import Literal
 
 from .usage import usd_to_nano
 
 __all__ = ["WINDOWS", "Dimension", "Limits", "Window", "repeat_dimension", "tool_dimension"]
 
-Window = Literal["hour", "day", "week", "month", "year"]
-WINDOWS: tuple[str, ...] = get_args(Window)
+Window = Literal["hour", "day", "week", "month", "year"] | str
+WINDOWS: tuple[str, ...] = ("hour", "day", "week", "month", "year")
+# A rolling window: a duration in minutes, hours or days ("90m", "24h", "30d").
+ROLLING = re.compile(r"^([1-9][0-9]*)([mhd])$")
+ROLLING_UNITS = {"m": 60, "h": 3600, "d": 86400}
+MAX_ROLLING_BUCKETS = 100
+
+
+def rolling_window(window: str) -> tuple[int, int] | None:
+    """``(bucket seconds, buckets)`` of a rolling window such as ``"24h"`` (24 buckets
+    of an hour), or None for a calendar window."""
+    m = ROLLING.match(window)
+    if m is None:
+        return None
+    return ROLLING_UNITS[m.group(2)], int(m.group(1))
 
 
 class Dimension:
@@ -90,9 +104,11 @@ class Limits:
       to fit the remaining budget, it never shrinks below this.
     - ``lease_seconds``: how long a reservation may stay open before the
       ledger reclaims it (a crashed worker's hold comes back then).
-    - ``window``: ``None`` (the caps hold for the scope's whole life) or a
+    - ``window``: ``None`` (the caps hold for the scope's whole life), a
       calendar period, ``"hour"``, ``"day"``, ``"week"``, ``"month"`` or
-      ``"year"``, after which the scope starts again from zero (see
+      ``"year"``, after which the scope starts again from zero, or a rolling
+      duration, ``"90m"``, ``"24h"``, ``"30d"``: the caps hold for the current
+      minute, hour or day plus the ones before it (see
       :class:`~agent_guard.budgets.Budgets`).
     """
 
@@ -112,9 +128,17 @@ class Limits:
     window: Window | None = None
 
     def __post_init__(self) -> None:
-        if self.window is not None and self.window not in WINDOWS:
-            raise ValueError(f"Limits.window must be one of {', '.join(WINDOWS)} or None, "
-                             f"got {self.window!r}")
+        if self.window is not None:
+            rolling = rolling_window(self.window) if isinstance(self.window, str) else None
+            if self.window not in WINDOWS and rolling is None:
+                raise ValueError(
+                    f"Limits.window must be one of {', '.join(WINDOWS)}, a rolling duration "
+                    f"such as '24h', '7d' or '90m', or None; got {self.window!r}")
+            if rolling is not None and rolling[1] > MAX_ROLLING_BUCKETS:
+                raise ValueError(
+                    f"Limits.window={self.window!r} would sum {rolling[1]} buckets; use a "
+                    f"larger unit (at most {MAX_ROLLING_BUCKETS} of them: e.g. '30d', not "
+                    "'720h')")
         if self.max_cost_usd is not None:
             if isinstance(self.max_cost_usd, bool):
                 raise TypeError("Limits.max_cost_usd must be a number, not a bool")

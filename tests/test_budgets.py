@@ -242,3 +242,64 @@ def test_team_month_cap_shared_by_two_processes_holds_exactly_and_resets(
     assert dec.get_spent("model_calls") == sum(a for a, _ in december) == 8
     assert ledger.totals("team:acme@2026-11").get_spent("usd_nano") == settled
     ledger.close()
+
+
+# -- rolling windows -----------------------------------------------------------------------------
+
+
+def test_a_rolling_24h_cap_counts_the_hours_before_and_frees_them_as_they_pass(
+        make_ledger: LedgerFactory) -> None:
+    start = datetime(2026, 11, 30, 10, 30, tzinfo=UTC).timestamp()
+    clock = Clock(start)
+    guard = Guard(Budgets(session=Limits(), user=Limits(max_model_calls=3, window="24h")),
+                  ledger=make_ledger(), attributes={"user": "u1"}, clock=clock)
+    spend(guard, "a")
+    clock.t = start + 5 * 3600  # 15:30: one more
+    spend(guard, "b")
+    clock.t = start + 20 * 3600  # 06:30 next day: still within 24h of both
+    spend(guard, "c")
+    assert guard.scope_usage("user", "u1").model_calls == 3
+    with pytest.raises(BudgetExceeded) as refused:
+        spend(guard, "d")
+    assert refused.value.spent == 3 and refused.value.scope.startswith("user:u1@24h:")
+    clock.t = start + 24 * 3600  # 10:30 next day: the 10:00 bucket has left the window
+    spend(guard, "e")
+    with pytest.raises(BudgetExceeded):
+        spend(guard, "f")
+    clock.t = start + 29 * 3600 + 1800  # 16:00: the 15:00 bucket has left too
+    spend(guard, "g")
+    assert guard.scope_usage("user", "u1").model_calls == 3  # c, e, g
+
+
+def test_rolling_windows_are_validated() -> None:
+    assert Limits(window="90m").window == "90m"
+    with pytest.raises(ValueError, match="larger unit"):
+        Limits(window="720h")
+    with pytest.raises(ValueError, match="rolling duration"):
+        Limits(window="24 hours")
+    ref = Budgets(team=Limits(max_cost_usd=1, window="7d")).resolve(
+        "s", {"team": "acme"}, NOV_30, {})[1]
+    assert ref.scope == "team:acme@7d:2026-11-30"
+    assert ref.caps.history == tuple(f"team:acme@7d:2026-11-{d}" for d in range(29, 23, -1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 72 * 3600), st.integers(1, 3)), min_size=1,
+                max_size=25))
+def test_a_rolling_window_never_admits_more_than_its_cap_within_any_window(
+        events: list[tuple[int, int]]) -> None:
+    """For any sequence of charges over three days, the steps admitted in any 24 hours
+    (counted in whole buckets, as the window does) never exceed the cap."""
+    clock = Clock(NOV_30)
+    guard = Guard(Budgets(session=Limits(), team=Limits(max_steps=5, window="24h")),
+                  attributes={"team": "t"}, clock=clock)
+    admitted: list[tuple[int, int]] = []
+    for offset, n in sorted(events):
+        clock.t = NOV_30 + offset
+        try:
+            guard.before_step(f"s{offset}", n)
+        except BudgetExceeded:
+            continue
+        admitted.append((int(clock.t // 3600), n))
+    for hour, _ in admitted:
+        assert sum(n for h, n in admitted if hour - 23 <= h <= hour) <= 5

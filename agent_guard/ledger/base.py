@@ -52,10 +52,16 @@ def new_reservation_id() -> str:
 
 @dataclass(frozen=True, slots=True)
 class ScopeCaps:
-    """A scope and its caps (``{dimension: cap}``; absent = uncapped)."""
+    """A scope and its caps (``{dimension: cap}``; absent = uncapped).
+
+    ``history`` names earlier scopes whose spent and reserved amounts also count
+    against these caps (the past buckets of a rolling window); holds and spend
+    go to ``scope`` alone.
+    """
 
     scope: str
     caps: Mapping[str, int] = field(default_factory=dict)
+    history: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +134,8 @@ def first_denial(
     amounts: Mapping[str, int],
     totals: Mapping[str, ScopeTotals],
 ) -> Denial | None:
-    """The pure admission rule, shared by the in-process backends.
+    """The pure admission rule, shared by the in-process backends. ``totals`` holds
+    every scope of ``scopes`` and of their ``history`` (a missing one counts as zero).
 
     Redis evaluates the same rule in Lua (``lua/reserve.lua``).
     """
@@ -139,6 +146,10 @@ def first_denial(
             if want <= 0:
                 continue
             spent, held = t.get_spent(dim), t.get_reserved(dim)
+            for past in sc.history:
+                if past in totals:
+                    spent += totals[past].get_spent(dim)
+                    held += totals[past].get_reserved(dim)
             if spent + held + want > cap + t.get_extra(dim):
                 return Denial(sc.scope, dim, cap + t.get_extra(dim), spent, held, want)
     return None

@@ -108,6 +108,14 @@ class MemoryLedger(Ledger):
 
     # -- helpers (lock held) ---------------------------------------------------------
 
+    def _history(self, scopes: Sequence[ScopeCaps], totals: dict[str, ScopeTotals]) -> None:
+        """Add the totals of the scopes' history (read only: nothing is created)."""
+        for sc in scopes:
+            for past in sc.history:
+                counters = self._scopes.get(past)
+                if counters is not None and past not in totals:
+                    totals[past] = counters.snapshot(past)
+
     def _scope(self, scope: str, now: float) -> _Counters:
         """The counters of ``scope``, created if needed, marked as just used."""
         counters = self._scopes.get(scope)
@@ -192,6 +200,7 @@ class MemoryLedger(Ledger):
                 raise ValueError(f"reservation id {rid!r} was already used")
             totals = {sc.scope: self._scope(sc.scope, now).snapshot(sc.scope)
                       for sc in scopes}
+            self._history(scopes, totals)
             denial = first_denial(scopes, amounts, totals)
             if denial is not None:
                 return denial
@@ -240,6 +249,7 @@ class MemoryLedger(Ledger):
             self._reclaim_locked(now)
             totals = {sc.scope: self._scope(sc.scope, now).snapshot(sc.scope)
                       for sc in scopes}
+            self._history(scopes, totals)
             denial = first_denial(scopes, amounts, totals)
             if denial is None:
                 self._add_spent([sc.scope for sc in scopes], amounts, now)

@@ -197,12 +197,20 @@ class RedisLedger(Ledger):
     def _now(self) -> str:
         return "" if self._clock is None else repr(float(self._clock()))
 
-    def _caps(self, scopes: Sequence[ScopeCaps]) -> str:
-        return json.dumps([
-            [[dim, str(_int(cap, f"cap on {dim!r} of {sc.scope!r}"))]
-             for dim, cap in sc.caps.items()]
-            for sc in scopes
-        ], **_JSON)
+    def _caps(self, scopes: Sequence[ScopeCaps], keys: list[str]) -> str:
+        """The caps argument of a check; past buckets of rolling windows are appended
+        to ``keys`` and named by their (1-based) index."""
+        out: list[Any] = []
+        for sc in scopes:
+            pairs = [[dim, str(_int(cap, f"cap on {dim!r} of {sc.scope!r}"))]
+                     for dim, cap in sc.caps.items()]
+            if sc.history:
+                first = len(keys) + 1
+                keys.extend(self.scope_key(past) for past in sc.history)
+                out.append({"c": pairs, "h": list(range(first, len(keys) + 1))})
+            else:
+                out.append(pairs)
+        return json.dumps(out, **_JSON)
 
     def _reserve_call(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int],
                       lease_seconds: float, rid: str) -> tuple[list[str], list[str]]:
@@ -212,13 +220,13 @@ class RedisLedger(Ledger):
                              "t": token}, **_JSON)
         keys = [self._open, self._leases, self._done_key(rid), *scope_keys]
         return keys, [self._now(), repr(float(lease_seconds)), rid, token, record,
-                      self._caps(scopes), self._ttl]
+                      self._caps(scopes, keys), self._ttl]
 
     def _charge_call(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
                      ) -> tuple[list[str], list[str]]:
         keys = [self._open, self._leases, *(self.scope_key(sc.scope) for sc in scopes)]
         spend = json.dumps({d: str(v) for d, v in amounts.items() if v}, **_JSON)
-        return keys, [self._now(), self._caps(scopes), spend, self._ttl]
+        return keys, [self._now(), self._caps(scopes, keys), spend, self._ttl]
 
     def _finish_call(self, reservation: Reservation, actual: Mapping[str, int] | None
                      ) -> tuple[list[str], list[str]]:

@@ -192,6 +192,14 @@ class SQLiteLedger(Ledger):
         return ScopeTotals(scope, {d: s for d, s, _, _ in rows}, {d: r for d, _, r, _ in rows},
                            {d: x for d, _, _, x in rows})
 
+    @classmethod
+    def _all_totals(cls, db: sqlite3.Connection, scopes: Sequence[ScopeCaps]
+                    ) -> dict[str, ScopeTotals]:
+        """The totals of every scope and of every scope in their history."""
+        names = dict.fromkeys([*(sc.scope for sc in scopes),
+                               *(past for sc in scopes for past in sc.history)])
+        return {name: cls._totals(db, name) for name in names}
+
     @staticmethod
     def _add(db: sqlite3.Connection, scopes: Sequence[str], amounts: Mapping[str, int],
              *, spent: int = 0, reserved: int = 0) -> None:
@@ -245,7 +253,7 @@ class SQLiteLedger(Ledger):
                 "SELECT 1 FROM ag_reservations WHERE id = ? UNION ALL "
                 "SELECT 1 FROM ag_done WHERE id = ?", (rid, rid)).fetchone()
             if not used:
-                totals = {sc.scope: self._totals(db, sc.scope) for sc in scopes}
+                totals = self._all_totals(db, scopes)
                 denial = first_denial(scopes, amounts, totals)
                 if denial is not None:
                     return denial
@@ -282,7 +290,7 @@ class SQLiteLedger(Ledger):
         check_amounts(amounts)
         with self._transaction() as db:
             self._reclaim(db, self._clock())
-            totals = {sc.scope: self._totals(db, sc.scope) for sc in scopes}
+            totals = self._all_totals(db, scopes)
             denial = first_denial(scopes, amounts, totals)
             if denial is None:
                 self._add(db, [sc.scope for sc in scopes], amounts, spent=1)

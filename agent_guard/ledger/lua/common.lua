@@ -79,12 +79,26 @@ end
 local function ag_check(keys, first, caps, amounts)
   for i, scope_caps in ipairs(caps) do
     local key = keys[first + i - 1]
-    for _, pair in ipairs(scope_caps) do
+    -- a scope with a rolling window: {"c": caps, "h": [KEYS index of each past bucket]}
+    local pairs_, history = scope_caps, nil
+    if scope_caps.c then
+      pairs_, history = scope_caps.c, scope_caps.h
+    end
+    for _, pair in ipairs(pairs_) do
       local dim, cap = pair[1], pair[2]
       local want = amounts[dim]
       if want and tonumber(want) > 0 then
         local v = redis.call('HMGET', key, 's:' .. dim, 'r:' .. dim, 'x:' .. dim)
         local s, r, x = v[1] or '0', v[2] or '0', v[3] or '0'
+        if history then
+          local sn, rn = tonumber(s), tonumber(r)
+          for _, k in ipairs(history) do
+            local past = redis.call('HMGET', keys[k], 's:' .. dim, 'r:' .. dim)
+            sn = sn + tonumber(past[1] or '0')
+            rn = rn + tonumber(past[2] or '0')
+          end
+          s, r = ag_num(sn), ag_num(rn)
+        end
         if tonumber(s) + tonumber(r) + tonumber(want) > tonumber(cap) + tonumber(x) then
           return {0, i, dim, cap, x, s, r, want}
         end

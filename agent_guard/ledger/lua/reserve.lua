@@ -1,7 +1,8 @@
 -- Reserve: reclaim up to 100 expired leases, then hold the amounts on every scope, or
 -- on none.
 --
--- KEYS: open, leases, done:<id>, then the scope hashes
+-- KEYS: open, leases, done:<id>, then the scope hashes, then past buckets of rolling
+--       windows (read only, see ag_check)
 -- ARGV: now ('' = server TIME), lease seconds, id, token (unique per call),
 --       record JSON {"k": [scope keys], "a": {dim: "amount" (non-zero)}, "t": token},
 --       caps JSON [[[dim, "cap"], ...] per scope], scope ttl seconds (0 = none)
@@ -25,11 +26,12 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
 end
 
 local rec = cjson.decode(ARGV[5])
-local denial = ag_check(KEYS, 4, cjson.decode(ARGV[6]), rec.a)
+local caps = cjson.decode(ARGV[6])
+local denial = ag_check(KEYS, 4, caps, rec.a)
 if denial then
   return denial
 end
-for i = 4, #KEYS do
+for i = 4, 3 + #caps do
   for dim, amount in pairs(rec.a) do
     redis.call('HINCRBY', KEYS[i], 'r:' .. dim, amount)
   end
