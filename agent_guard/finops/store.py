@@ -436,7 +436,12 @@ class UsageStore(ABC):
             self.flush()
         lo = parse_time(since, what="since")
         hi = parse_time(until, end=True, what="until")
-        out = [r for r in self._read(lo, hi) if _in_window(float(r["started_at"]), lo, hi)]
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for r in self._read(lo, hi):  # a record written twice (a retried batch) counts once
+            if _in_window(float(r["started_at"]), lo, hi) and r["record_id"] not in seen:
+                seen.add(r["record_id"])
+                out.append(r)
         out.sort(key=lambda r: (float(r["started_at"]), r["record_id"]))
         return out
 
@@ -653,7 +658,9 @@ def _split_namespace(url: str) -> tuple[str, str | None]:
 class RedisUsageStore(UsageStore):
     """Rows in the Redis stream ``ag:{namespace}:usage``: one ``XADD`` per record
     (field ``row``, the row as JSON), a pipeline per batch. Reads page through the
-    stream with ``XRANGE`` and filter on the call's start time."""
+    whole stream with ``XRANGE`` (1,000 entries a page) and filter on the call's
+    start time, because entry ids are append times, not call times (an injected
+    clock, a long call); retention keeps the stream bounded."""
 
     def __init__(
         self,
@@ -719,7 +726,8 @@ class RedisUsageStore(UsageStore):
             start = "(" + (last.decode() if isinstance(last, bytes) else last)
 
     def _prune(self, before: float) -> int:
-        return int(self.client.xtrim(self.key, minid=str(max(0, int(before * 1000)))))
+        return int(self.client.xtrim(self.key, minid=str(max(0, int(before * 1000))),
+                                     approximate=False))
 
     def _close(self) -> None:
         if self._owned:
