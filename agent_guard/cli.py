@@ -286,23 +286,25 @@ def report(
             writer.writerow([_csv_value(r.get(h)) for h in header])
         return
 
+    # tables are wide: off a terminal (a pipe, a file) do not squeeze them into 80 columns
+    out = console if console.is_terminal else Console(width=max(console.width, 180))
     window = " ".join(p for p in (f"since {since}" if since else "",
                                   f"until {until}" if until else "") if p) or "(all time)"
     if filters:
         window += " where " + ", ".join(f"{k} in {v}" if len(v) > 1 else f"{k}={v[0]}"
                                         for k, v in filters.items())
     if not totals["calls"]:
-        console.print(f"no calls recorded in {usage_store.url} {window}", highlight=False)
+        out.print(f"no calls recorded in {usage_store.url} {window}", highlight=False)
         return
-    console.print(_totals_table(totals, window))
+    out.print(_totals_table(totals, window))
     for key, group in tables.items():
-        console.print(_group_table(f"cost by {key}", key.split(","), group,
+        out.print(_group_table(f"cost by {key}", key.split(","), group,
                                    totals["cost_nano"]))
-    console.print(_group_table(f"top {len(top_sessions)} sessions by cost", ["session"],
+    out.print(_group_table(f"top {len(top_sessions)} sessions by cost", ["session"],
                                top_sessions, totals["cost_nano"]))
-    console.print(_group_table("trend by day (UTC)", ["day"], by_day, totals["cost_nano"]))
+    out.print(_group_table("trend by day (UTC)", ["day"], by_day, totals["cost_nano"]))
     if any(r["tier"] is not None for r in by_tier):
-        console.print(_group_table("routing mix by tier", ["tier"], by_tier,
+        out.print(_group_table("routing mix by tier", ["tier"], by_tier,
                                    totals["cost_nano"]))
 
 

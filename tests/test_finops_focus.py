@@ -56,7 +56,7 @@ def read(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 
 def test_export_of_a_real_agent_run_is_valid_focus(agent_store, tmp_path) -> None:
-    guard, store, runs = agent_store
+    guard, store, _runs = agent_store
     out = tmp_path / "focus.csv"
     n = export_focus(store, out, billing_account_id="org-123")
     assert validate_focus(out) == []
@@ -65,7 +65,7 @@ def test_export_of_a_real_agent_run_is_valid_focus(agent_store, tmp_path) -> Non
     model_records = [r for r in store.records() if r.kind == "model"]
     assert n == len(rows) == len(model_records)
     # independent checks: the FOCUS 1.0 mandatory set, value formats, exact money
-    assert FOCUS_1_0_MANDATORY <= set(header)
+    assert set(header) >= FOCUS_1_0_MANDATORY
     assert all(c.startswith("x_") for c in set(header) - {c.name for c in FOCUS_COLUMNS})
     for row in rows:
         for name in DECIMALS:
@@ -123,7 +123,7 @@ def test_provider_comes_from_the_price_book_when_missing() -> None:
 
 
 def test_module_spec_requires_what_focus_requires() -> None:
-    assert FOCUS_1_0_MANDATORY <= set(REQUIRED_COLUMNS)
+    assert set(REQUIRED_COLUMNS) >= FOCUS_1_0_MANDATORY
     by_name = {c.name: c for c in FOCUS_COLUMNS}
     assert by_name["BilledCost"].type == "Decimal" and not by_name["BilledCost"].nullable
     assert by_name["ChargePeriodStart"].type == "DateTime"

@@ -83,8 +83,9 @@ def _column(name: str) -> Callable[[Row], Any]:
 
 GROUP_KEYS: dict[str, Callable[[Row], Any]] = {
     **{name: _column(name) for name in (
-        "session", *ATTRIBUTE_COLUMNS, "model", "provider", "node", "tier", "route", "kind",
+        "session", *ATTRIBUTE_COLUMNS, "provider", "node", "tier", "route", "kind",
         "tool", "outcome")},
+    "model": lambda r: r.get("model") or None,  # tool calls have no model
     "hour": _time_key("%Y-%m-%dT%H"),
     "day": _time_key("%Y-%m-%d"),
     "week": _week,
