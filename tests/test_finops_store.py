@@ -118,13 +118,12 @@ def test_guard_records_reach_the_store_through_the_hook(store: UsageStore) -> No
     assert {r["team"] for r in rows} == {"acme"}
 
 
-class BrokenStore(MemoryUsageStore):
-    def _write(self, rows):  # type: ignore[no-untyped-def]
-        raise sqlite3.OperationalError("disk I/O error")
-
-
-def test_a_failing_store_never_breaks_the_agent(caplog: pytest.LogCaptureFixture) -> None:
-    store = BrokenStore()
+def test_a_failing_store_never_breaks_the_agent(tmp_path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    store = UsageStore.from_url(f"sqlite:///{tmp_path / 'usage.db'}")
+    db = sqlite3.connect(tmp_path / "usage.db")
+    db.execute("DROP TABLE ag_usage")  # someone broke the database under the store
+    db.close()
     guard = Guard(Limits(max_cost_usd=1))
     guard.add_record_hook(store.append)
     with caplog.at_level(logging.ERROR, logger="agent_guard"):
@@ -133,7 +132,8 @@ def test_a_failing_store_never_breaks_the_agent(caplog: pytest.LogCaptureFixture
         record = guard.after_model_call(admission, Usage(10, 10))
     assert record.cost_nano > 0 and guard.usage("s").cost_nano == record.cost_nano
     assert store.failed == 1
-    assert "could not append a usage record" in caplog.text
+    assert "could not append a usage record" in caplog.text and "no such table" in caplog.text
+    store.close()
 
 
 def test_unreachable_redis_store_logs_and_counts(caplog: pytest.LogCaptureFixture) -> None:

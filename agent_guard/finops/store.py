@@ -489,32 +489,50 @@ class UsageStore(ABC):
 
 
 class MemoryUsageStore(UsageStore):
-    """Rows in a list, for one process (tests, notebooks, short scripts)."""
+    """Records in a list, for one process (tests, notebooks, short scripts).
+
+    Records are immutable, so this store keeps the objects themselves and makes
+    rows only when read: an append is a lock and a list append."""
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.url = "memory://"
-        self._rows: list[dict[str, Any]] = []
+        self._kept: list[CallRecord] = []
         self._ids: set[str] = set()
         self._rows_lock = threading.Lock()
 
-    def _write(self, rows: Sequence[dict[str, Any]]) -> None:
+    def append(self, record: CallRecord) -> None:
+        if self.background:
+            super().append(record)
+            return
+        try:
+            self._keep([record])
+            self._maybe_prune()
+        except Exception:
+            self.failed += 1
+            logger.exception("agent-guard: could not append a usage record to %s", self.url)
+
+    def _keep(self, records: Iterable[CallRecord]) -> None:
         with self._rows_lock:
-            for row in rows:
-                if row["record_id"] not in self._ids:
-                    self._ids.add(row["record_id"])
-                    self._rows.append(row)
+            for record in records:
+                if record.record_id not in self._ids:
+                    self._ids.add(record.record_id)
+                    self._kept.append(record)
+
+    def _write(self, rows: Sequence[dict[str, Any]]) -> None:
+        self._keep(row_to_record(r) for r in rows)
 
     def _read(self, since: float | None, until: float | None) -> Iterable[dict[str, Any]]:
         with self._rows_lock:
-            return [dict(r) for r in self._rows]
+            kept = list(self._kept)
+        return [record_to_row(r) for r in kept if _in_window(r.started_at, since, until)]
 
     def _prune(self, before: float) -> int:
         with self._rows_lock:
-            keep = [r for r in self._rows if float(r["started_at"]) >= before]
-            gone = len(self._rows) - len(keep)
-            self._rows = keep
-            self._ids = {r["record_id"] for r in keep}
+            keep = [r for r in self._kept if r.started_at >= before]
+            gone = len(self._kept) - len(keep)
+            self._kept = keep
+            self._ids = {r.record_id for r in keep}
         return gone
 
 
