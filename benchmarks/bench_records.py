@@ -9,6 +9,9 @@ Two measurements, both in one run:
    ledger, without a store (the baseline) and with a ``UsageStore`` attached as
    a record hook (synchronous, and ``background=True``). Interleaved rounds, so
    machine noise hits every configuration alike; medians of the rounds.
+   Run twice: with an instant model (CPU-bound: a background writer competes
+   with the agent for the GIL) and with 2 ms of model latency (as a network call:
+   a background writer works while the agent waits).
 2. **Per append**: ``store.append(record)`` alone, on each backend.
 
 For background stores the time excludes the writer thread's work (which runs
@@ -81,8 +84,10 @@ def guarded_configs(tmp: Path, redis_url: str | None
     return configs, baseline, stores
 
 
-def per_call(calls: int, rounds: int, redis_url: str | None) -> dict[str, Any]:
+def per_call(calls: int, rounds: int, redis_url: str | None,
+             latency_s: float = 0.0) -> dict[str, Any]:
     model = make_model()
+    model.latency_s = latency_s
     tmp = Path(tempfile.mkdtemp(prefix="agent-guard-bench-"))
     configs, baseline, stores = guarded_configs(tmp, redis_url)
     for handlers in configs.values():  # warm up
@@ -150,17 +155,20 @@ def main() -> None:
     args = parser.parse_args()
     redis_url = args.redis or None
     calls = per_call(args.calls, args.rounds, redis_url)
+    slow = per_call(args.calls // 2, args.rounds, redis_url, latency_s=0.002)
     appends = per_append(args.appends, redis_url)
-    print(f"per guarded model call, median of {args.rounds} rounds:")
-    print(f"{'configuration':<28}{'us/call':>10}{'added us':>10}{'x no store':>12}")
-    for name, r in calls.items():
-        print(f"{name:<28}{r['us_per_call']:>10.1f}{r['added_us_vs_no_store']:>10.1f}"
-              f"{r['vs_no_store']:>12.3f}")
+    for title, result in (("instant model", calls), ("model with 2 ms latency", slow)):
+        print(f"per guarded model call, {title}, median of {args.rounds} rounds:")
+        print(f"{'configuration':<28}{'us/call':>10}{'added us':>10}{'x no store':>12}")
+        for name, r in result.items():
+            print(f"{name:<28}{r['us_per_call']:>10.1f}{r['added_us_vs_no_store']:>10.1f}"
+                  f"{r['vs_no_store']:>12.3f}")
     print(f"per store.append ({args.appends - 50} records):")
     for name, us in appends.items():
         print(f"  {name:<26}{us:>8.2f} us")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"per_call": calls, "per_append_us": appends}, indent=2))
+    args.json.write_text(json.dumps({"per_call": calls, "per_call_2ms_model": slow,
+                                            "per_append_us": appends}, indent=2))
 
 
 if __name__ == "__main__":
