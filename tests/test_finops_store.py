@@ -261,3 +261,12 @@ def test_bad_retention_and_dates_are_refused() -> None:
         parse_time("30/11/2026")
     assert parse_time("2026-11-30", end=True) == parse_time("2026-12-01")
     assert parse_time("2026-11-30T12:00:00Z") == NOV_30
+
+
+def test_the_store_itself_is_a_record_hook() -> None:
+    store = UsageStore.from_url("memory://")
+    guard = Guard(Limits(max_cost_usd=1), on_record=[store])
+    guard.before_tool_call("s", "search")
+    record = guard.tool_call_done("s", "search")
+    assert store.records() == [record]
+    assert store  # an empty or full store is always truthy

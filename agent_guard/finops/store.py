@@ -344,7 +344,9 @@ class UsageStore(ABC):
             self.failed += 1
             logger.exception("agent-guard: could not append a usage record to %s", self.url)
 
-    __call__ = append
+    def __call__(self, record: CallRecord) -> None:
+        """The store is a record hook itself: ``Guard(on_record=[store])``."""
+        self.append(record)
 
     def extend(self, records: Iterable[CallRecord]) -> None:
         """Keep many records in one write (raises on failure, unlike ``append``)."""
@@ -447,9 +449,6 @@ class UsageStore(ABC):
 
     def records(self, since: TimeLike = None, until: TimeLike = None) -> list[CallRecord]:
         return [row_to_record(r) for r in self.rows(since, until)]
-
-    def __len__(self) -> int:
-        return len(self.rows())
 
     def close(self) -> None:
         """Flush queued records and release connections."""
