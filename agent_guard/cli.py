@@ -14,7 +14,6 @@ from rich.console import Console
 from rich.table import Table
 
 from .finops.report import REPORT_COLUMNS
-from .usage import nano_to_usd
 
 app = typer.Typer(
     help="FinOps guardrails for LangChain and LangGraph agents.",
@@ -322,6 +321,7 @@ def export(
 ) -> None:
     """Export model calls as FinOps FOCUS rows (one per call), and validate the file."""
     from .finops.focus import FOCUS_VERSION, export_focus, validate_focus
+    from .finops.store import format_usd
 
     usage_store = _open_store(store, namespace)
     try:
@@ -336,7 +336,7 @@ def export(
         raise _fail(str(exc)) from exc
     billed = sum((int(r["cost_nano"]) for r in rows if r["kind"] == "model"), 0)
     console.print(f"wrote {n:,} FOCUS {FOCUS_VERSION} rows to {focus} "
-                  f"(BilledCost total ${nano_to_usd(billed)})", highlight=False)
+                  f"(BilledCost total ${format_usd(billed)})", highlight=False)
     if focus.suffix.lower() != ".parquet":
         problems = validate_focus(focus)
         if problems:

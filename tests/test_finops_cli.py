@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from agent_guard import Guard
 from agent_guard.cli import app
 from agent_guard.finops import UsageStore, validate_focus
+from agent_guard.finops.store import format_usd
 
 from .finops_agents import SESSIONS, big_limits, run_agents
 
@@ -88,7 +89,7 @@ def test_export_writes_valid_focus(sqlite_store, tmp_path) -> None:
         rows = list(csv.DictReader(fh))
     assert sum(Decimal(r["BilledCost"]) for r in rows) == Decimal(sum(spent.values())) / 10**9
     assert {r["BillingAccountId"] for r in rows} == {"org-42"}
-    assert f"${Decimal(sum(spent.values())) / 10**9}" in result.output
+    assert f"BilledCost total ${format_usd(sum(spent.values()))}" in result.output
 
 
 @pytest.mark.parametrize(("args", "message"), [
