@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import csv
+import json
+import sys
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from .finops.report import REPORT_COLUMNS
 
 app = typer.Typer(
     help="FinOps guardrails for LangChain and LangGraph agents.",
@@ -87,6 +94,256 @@ def price(
         console.print(f"  cache write ${p.cache_creation * per_m}/M tokens")
     if p.reasoning is not None:
         console.print(f"  reasoning   ${p.reasoning * per_m}/M tokens")
+
+
+# -- FinOps: reports and FOCUS export ---------------------------------------------------------
+
+_STORE_HELP = ("Usage store URL: sqlite:///guard.db (the ledger's file), redis://host:6379/0 "
+               "(?namespace=... as the ledger's), memory://.")
+_DEFAULT_DIMENSIONS = ("model", "team", "user", "feature", "node")
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(2)
+
+
+def _open_store(url: str, namespace: str | None) -> Any:
+    from .finops.store import UsageStore, _sqlite_path
+
+    try:
+        if url.split("://", 1)[0].lower() == "sqlite":
+            path = _sqlite_path(url)
+            if path not in ("", ":memory:") and not Path(path).is_file():
+                raise _fail(f"no usage store at {url!r}: the file {path} does not exist "
+                            f"(give the SQLite file the guard writes, e.g. sqlite:///guard.db)")
+        return UsageStore.from_url(url, namespace=namespace)
+    except ImportError as exc:
+        raise _fail(f"{exc}; install the extra: pip install 'langchain-agent-guard[redis]'"
+                    ) from exc
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+
+
+def _read_rows(store: Any, since: str | None, until: str | None) -> list[dict[str, Any]]:
+    from .ledger import redact_url
+
+    try:
+        return list(store.rows(since, until))
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    except Exception as exc:  # connection refused, unreadable file...
+        raise _fail(f"cannot read the usage store {redact_url(store.url)!r}: "
+                    f"{type(exc).__name__}: {exc}") from exc
+
+
+def _parse_where(items: list[str] | None) -> dict[str, list[str]]:
+    where: dict[str, list[str]] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise _fail(f"--where {item!r} must be KEY=VALUE, e.g. --where team=acme")
+        where.setdefault(key.strip(), []).append(value.strip())
+    return where
+
+
+def _usd(value: str | None) -> str:
+    if value is None:
+        return "-"
+    d = Decimal(value)
+    return f"${d:,.6f}" if abs(d) >= Decimal("0.000001") or d == 0 else f"${d:.9f}"
+
+
+def _pct(value: float) -> str:
+    return f"{value:.1%}"
+
+
+def _mix(mix: dict[str, float]) -> str:
+    return ", ".join(f"{tier} {share:.0%}" for tier, share in mix.items())
+
+
+def _group_table(title: str, names: list[str], rows: list[dict[str, Any]],
+                 total_nano: int) -> Table:
+    table = Table(title=title, title_justify="left")
+    for name in names:
+        table.add_column(name)
+    for col in ("cost", "share", "calls", "cost/call", "sessions", "cost/session", "input",
+                "cached", "output", "reasoning", "cache hits", "saved", "redundant"):
+        table.add_column(col, justify="right")
+    table.add_column("routing")
+    for r in rows:
+        share = r["cost_nano"] / total_nano if total_nano else 0.0
+        table.add_row(
+            *("-" if r[n] is None else str(r[n]) for n in names),
+            _usd(r["cost_usd"]), _pct(share), f"{r['calls']:,}", _usd(r["cost_per_call_usd"]),
+            f"{r['sessions']:,}", _usd(r["cost_per_session_usd"]), f"{r['input_tokens']:,}",
+            f"{r['cache_read_tokens']:,}", f"{r['output_tokens']:,}",
+            f"{r['reasoning_tokens']:,}", _pct(r["cache_hit_rate"]), _usd(r["saved_usd"]),
+            _pct(r["redundant_share"]), _mix(r["routing_mix"]))
+    return table
+
+
+def _totals_table(t: dict[str, Any], window: str) -> Table:
+    table = Table(title=f"usage {window}", title_justify="left")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for name, value in (
+        ("cost", _usd(t["cost_usd"])),
+        ("calls (model / tool)", f"{t['calls']:,} ({t['model_calls']:,} / {t['tool_calls']:,})"),
+        ("sessions", f"{t['sessions']:,}"),
+        ("cost per model call", _usd(t["cost_per_call_usd"])),
+        ("cost per session", _usd(t["cost_per_session_usd"])),
+        ("input tokens", f"{t['input_tokens']:,}"),
+        ("  cached input tokens", f"{t['cache_read_tokens']:,}"),
+        ("  cache-write tokens", f"{t['cache_creation_tokens']:,}"),
+        ("output tokens", f"{t['output_tokens']:,}"),
+        ("  reasoning tokens", f"{t['reasoning_tokens']:,}"),
+        ("cache hits", f"{t['cache_hits']:,} ({_pct(t['cache_hit_rate'])} of calls)"),
+        ("saved by caches", _usd(t["saved_usd"])),
+        ("duplicate paid calls", f"{t['duplicate_calls']:,} ({_usd(t['duplicate_cost_usd'])})"),
+        ("redundant share", f"{_pct(t['redundant_share'])} (cache hits + duplicates)"),
+        ("routing mix", _mix(t["routing_mix"]) or "-"),
+        ("errors / aborted", f"{t['errors']:,} / {t['aborted']:,}"),
+        ("usage estimated by the guard", f"{t['estimated_calls']:,} calls"),
+    ):
+        table.add_row(name, value)
+    return table
+
+
+def _csv_value(value: Any) -> Any:
+    return json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else value
+
+
+@app.command()
+def report(
+    store: Annotated[str, typer.Option(help=_STORE_HELP)],
+    by: Annotated[str | None, typer.Option(
+        help="Group by these keys together, comma-separated: session, user, team, feature, "
+             "project, environment, tenant, model, provider, node, tier, route, kind, tool, "
+             "outcome, hour, day, week, month, attr:<name>. Default: one table each for "
+             "model, team, user, feature and node.")] = None,
+    since: Annotated[str | None, typer.Option(
+        help="Calls started from this date (YYYY-MM-DD, UTC) or ISO date-time.")] = None,
+    until: Annotated[str | None, typer.Option(
+        help="Calls started before this date-time; a date includes that whole day.")] = None,
+    where: Annotated[list[str] | None, typer.Option(
+        help="Only calls with KEY=VALUE (repeat; the same key twice means either).")] = None,
+    top: Annotated[int, typer.Option(min=1, help="Rows in the top-sessions table (and in "
+                                                 "each grouped table).")] = 10,
+    format: Annotated[str, typer.Option(
+        "--format", help="table (rich), json (everything), csv (the grouped rows).")] = "table",
+    namespace: Annotated[str | None, typer.Option(
+        help="Redis key namespace (default: the URL's ?namespace= or 'default').")] = None,
+) -> None:
+    """Cost, calls, tokens, caching, routing and redundancy from the usage store."""
+    from .finops.report import report as build
+
+    if format not in ("table", "json", "csv"):
+        raise _fail(f"--format must be table, json or csv, got {format!r}")
+    filters = _parse_where(where)
+    names = [n.strip() for n in by.split(",") if n.strip()] if by else []
+    try:  # check the keys before reading anything
+        build([], names)
+        build([], (), where=filters, since=since, until=until)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    usage_store = _open_store(store, namespace)
+    try:
+        rows = _read_rows(usage_store, since, until)
+    finally:
+        usage_store.close()
+
+    def grouped(keys: list[str] | tuple[str, ...], limit: int | None = None
+                ) -> list[dict[str, Any]]:
+        return build(rows, keys, where=filters, top=limit)
+
+    totals = grouped(())[0]
+    tables: dict[str, list[dict[str, Any]]] = {}
+    if names:
+        tables[",".join(names)] = grouped(names, top if format == "table" else None)
+    else:
+        for dim in _DEFAULT_DIMENSIONS:
+            group = grouped([dim], top if format == "table" else None)
+            if any(r[dim] is not None for r in group):
+                tables[dim] = group
+    top_sessions = grouped(["session"], top)
+    by_day = grouped(["day"])
+    by_tier = grouped(["tier"])
+
+    if format == "json":
+        print(json.dumps({
+            "store": usage_store.url, "since": since, "until": until, "where": filters,
+            "totals": totals, "groups": tables, "top_sessions": top_sessions,
+            "by_day": by_day, "by_tier": by_tier}, indent=2, sort_keys=False))
+        return
+    if format == "csv":
+        main = tables.get(",".join(names)) if names else grouped(["session"])
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        header = list((main or [{}])[0].keys()) or ["session", *REPORT_COLUMNS]
+        writer.writerow(header)
+        for r in main or []:
+            writer.writerow([_csv_value(r.get(h)) for h in header])
+        return
+
+    # tables are wide: off a terminal (a pipe, a file) do not squeeze them into 80 columns
+    out = console if console.is_terminal else Console(width=max(console.width, 180))
+    window = " ".join(p for p in (f"since {since}" if since else "",
+                                  f"until {until}" if until else "") if p) or "(all time)"
+    if filters:
+        window += " where " + ", ".join(f"{k} in {v}" if len(v) > 1 else f"{k}={v[0]}"
+                                        for k, v in filters.items())
+    if not totals["calls"]:
+        out.print(f"no calls recorded in {usage_store.url} {window}", highlight=False)
+        return
+    out.print(_totals_table(totals, window))
+    for key, group in tables.items():
+        out.print(_group_table(f"cost by {key}", key.split(","), group,
+                                   totals["cost_nano"]))
+    out.print(_group_table(f"top {len(top_sessions)} sessions by cost", ["session"],
+                               top_sessions, totals["cost_nano"]))
+    out.print(_group_table("trend by day (UTC)", ["day"], by_day, totals["cost_nano"]))
+    if any(r["tier"] is not None for r in by_tier):
+        out.print(_group_table("routing mix by tier", ["tier"], by_tier,
+                                   totals["cost_nano"]))
+
+
+@app.command()
+def export(
+    store: Annotated[str, typer.Option(help=_STORE_HELP)],
+    focus: Annotated[Path, typer.Option(
+        help="Write FOCUS 1.2 rows to this file (.csv, or .parquet with pyarrow).")],
+    since: Annotated[str | None, typer.Option(help="Calls started from this date.")] = None,
+    until: Annotated[str | None, typer.Option(
+        help="Calls started before this; a date includes that whole day.")] = None,
+    billing_account: Annotated[str, typer.Option(
+        help="BillingAccountId: your provider organisation or account id.")] = "default",
+    namespace: Annotated[str | None, typer.Option(help="Redis key namespace.")] = None,
+) -> None:
+    """Export model calls as FinOps FOCUS rows (one per call), and validate the file."""
+    from .finops.focus import FOCUS_VERSION, export_focus, validate_focus
+    from .finops.store import format_usd
+
+    usage_store = _open_store(store, namespace)
+    try:
+        rows = _read_rows(usage_store, since, until)
+    finally:
+        usage_store.close()
+    if not focus.parent.is_dir():
+        raise _fail(f"cannot write {focus}: directory {focus.parent} does not exist")
+    try:
+        n = export_focus(rows, focus, billing_account_id=billing_account)
+    except (ImportError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    billed = sum((int(r["cost_nano"]) for r in rows if r["kind"] == "model"), 0)
+    console.print(f"wrote {n:,} FOCUS {FOCUS_VERSION} rows to {focus} "
+                  f"(BilledCost total ${format_usd(billed)})", highlight=False)
+    if focus.suffix.lower() != ".parquet":
+        problems = validate_focus(focus)
+        if problems:
+            for p in problems:
+                console.print(f"[red]invalid:[/red] {p}", highlight=False)
+            raise typer.Exit(1)
+        console.print("validated: every required FOCUS column present, every value typed")
 
 
 def main() -> None:

@@ -618,7 +618,7 @@ class Guard:
             usage_estimated=estimated,
             outcome=outcome,
             started_at=admission.started_at,
-            ended_at=time.time(),
+            ended_at=self.clock(),
             unpriced=admission.price is None,
             saved_nano=saved_nano,
             max_output_tokens=admission.max_output_tokens,
