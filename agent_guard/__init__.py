@@ -14,6 +14,15 @@ from .errors import (
     StepLimitExceeded,
     UnknownModelPrice,
 )
+from .finops import (
+    CallbackAlert,
+    LogAlert,
+    UsageStore,
+    WebhookAlert,
+    export_focus,
+    report,
+    validate_focus,
+)
 from .guard import Admission, Guard, ModelCall, ThresholdEvent
 from .langchain.callback import GuardCallbackHandler, OutputCapExceeded
 from .langchain.middleware import GuardMiddleware
@@ -41,6 +50,7 @@ __all__ = [
     "BudgetExceeded",
     "Budgets",
     "CallRecord",
+    "CallbackAlert",
     "CostBreakdown",
     "Guard",
     "GuardCallbackHandler",
@@ -50,6 +60,7 @@ __all__ = [
     "Ledger",
     "LedgerUnavailable",
     "Limits",
+    "LogAlert",
     "LoopDetected",
     "MalformedUsage",
     "ModelCall",
@@ -65,12 +76,17 @@ __all__ = [
     "TokenCounter",
     "UnknownModelPrice",
     "Usage",
+    "UsageStore",
+    "WebhookAlert",
     "__version__",
     "budget_gate",
+    "export_focus",
     "from_url",
     "guarded_graph",
     "has_tools",
     "mentions",
     "prompt_tokens_above",
+    "report",
+    "validate_focus",
     "when",
 ]
