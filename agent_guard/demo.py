@@ -85,7 +85,13 @@ def run_demo(
     logging.getLogger("langchain_core.callbacks.manager").setLevel(logging.ERROR)
     logging.getLogger("agent_guard").setLevel(logging.ERROR)  # thresholds are shown below
     result = DemoResult()
-    guard = Guard(Limits(max_cost_usd=cap_usd, max_tool_calls=100), ledger=ledger)
+    guard = Guard(Limits(max_cost_usd=cap_usd, max_tool_calls=100), ledger=ledger,
+                  attributes={"team": "support", "feature": "order-status"})
+    store = None
+    if not ledger.startswith("memory:"):  # keep the records for `agent-guard report`
+        from .finops import UsageStore
+
+        store = UsageStore.for_ledger(guard.ledger).attach(guard)
     cap = Decimal(cap_usd)
 
     table = Table(title=f"agent-guard demo: session {session!r}, cap ${cap_usd}",
@@ -121,6 +127,8 @@ def run_demo(
     except GuardError as exc:
         result.stopped_by = exc
     usage = guard.usage(session)
+    if store is not None:
+        store.close()
     result.total_usd = usage.cost_usd
     result.tool_calls = usage.tool_calls
     console.print(table)
