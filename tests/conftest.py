@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -58,6 +59,17 @@ def redis_namespace() -> Iterator[str]:
         if keys:
             client.delete(*keys)
         client.close()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def shared_url(request: pytest.FixtureRequest, tmp_path: Path, redis_namespace: str
+               ) -> tuple[str, str | None]:
+    """(ledger URL, Redis namespace or None) that several processes open: one SQLite
+    file, or one namespace of the test Redis."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'shared.db'}", None
+    require_redis()
+    return REDIS_URL, redis_namespace
 
 
 LedgerFactory = Callable[..., Ledger]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 from datetime import UTC, datetime
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -205,17 +204,6 @@ def test_callback_charges_the_team_named_in_config_metadata() -> None:
 
 
 # -- two processes on Redis ------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def shared_url(request: pytest.FixtureRequest, tmp_path: Path, redis_namespace: str
-               ) -> tuple[str, str | None]:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'team.db'}", None
-    from .conftest import REDIS_URL, require_redis
-
-    require_redis()
-    return REDIS_URL, redis_namespace
 
 
 def test_team_month_cap_shared_by_two_processes_holds_exactly_and_resets(

@@ -32,27 +32,15 @@ LEASE = 2.0  # seconds, for the killed worker
 HELD = 800_000_000  # what the killed worker reserves ($0.80)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def shared(request: pytest.FixtureRequest, tmp_path: Path, redis_namespace: str
-           ) -> tuple[str, str | None]:
-    """(ledger URL, Redis namespace or None) that every process opens."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'shared.db'}", None
-    from .conftest import REDIS_URL, require_redis
-
-    require_redis()
-    return REDIS_URL, redis_namespace
-
-
 def open_ledger(url: str, namespace: str | None) -> Ledger:
     options: dict[str, Any] = {} if namespace is None else {"namespace": namespace}
     return from_url(url, **options)
 
 
 @pytest.mark.parametrize("partial", [False, True], ids=["full-settle", "partial-settle"])
-def test_processes_and_threads_never_overshoot(shared: tuple[str, str | None],
+def test_processes_and_threads_never_overshoot(shared_url: tuple[str, str | None],
                                                partial: bool) -> None:
-    url, namespace = shared
+    url, namespace = shared_url
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager, ctx.Pool(PROCESSES) as pool:
         barrier = manager.Barrier(PROCESSES)  # every process starts racing at once
@@ -74,8 +62,8 @@ def test_processes_and_threads_never_overshoot(shared: tuple[str, str | None],
 
 
 def test_a_killed_worker_s_hold_comes_back_after_its_lease(
-        shared: tuple[str, str | None]) -> None:
-    url, namespace = shared
+        shared_url: tuple[str, str | None]) -> None:
+    url, namespace = shared_url
     worker = Path(__file__).with_name("ledger_workers.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(worker.parents[1]), *sys.path])}
     proc = subprocess.Popen([sys.executable, str(worker), url, namespace or "", str(LEASE)],
