@@ -69,3 +69,41 @@ def test_usage_values_are_validated() -> None:
         Usage(input_tokens=-1)
     with pytest.raises(MalformedUsage):
         Usage(input_tokens=1, output_tokens=1, reasoning_tokens=2)
+
+
+def test_redis_connections_are_bounded_and_an_exhausted_pool_fails_closed(
+        redis_url: str, redis_namespace: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import redis as redis_py
+
+    from agent_guard.ledger import Denial, ScopeCaps
+    from agent_guard.ledger.redis import RedisLedger
+
+    name = f"ag-pool-{redis_namespace}"
+    ledger = RedisLedger(redis_url, namespace=redis_namespace, max_connections=2,
+                         client_name=name)
+    caps = [ScopeCaps("session:pool", {"usd_nano": 10**12})]
+
+    def call(_: int) -> None:
+        res = ledger.reserve(caps, {"usd_nano": 5}, lease_seconds=30)
+        assert not isinstance(res, Denial)
+        ledger.settle(res, {"usd_nano": 5})
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(call, range(200)))  # 16 threads share 2 connections, waiting turns
+    assert ledger.totals("session:pool").get_spent("usd_nano") == 1000
+    admin = redis_py.Redis.from_url(redis_url)
+    mine = [c for c in admin.client_list() if c.get("name") == name]
+    assert 1 <= len(mine) <= 2
+    ledger.close()
+
+    starved = RedisLedger(redis_url, namespace=redis_namespace, max_connections=1,
+                          pool_timeout=0.2)
+    held = starved.client.connection_pool.get_connection()  # the only connection, busy
+    with pytest.raises(LedgerUnavailable, match=r"127\.0\.0\.1"):
+        starved.reserve(caps, {"usd_nano": 5}, lease_seconds=30)
+    starved.client.connection_pool.release(held)
+    assert not isinstance(starved.reserve(caps, {"usd_nano": 5}, lease_seconds=30), Denial)
+    starved.close()
+    admin.close()

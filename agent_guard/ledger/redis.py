@@ -128,9 +128,15 @@ class _Scripts:
 class RedisLedger(Ledger):
     """Budgets in Redis; see the module docstring for the data layout and guarantees.
 
-    ``client_options`` go to both ``redis.Redis.from_url`` and
-    ``redis.asyncio.Redis.from_url`` (defaults: ``socket_connect_timeout=2``,
-    ``socket_timeout=5``; ``health_check_interval`` etc. pass through).
+    ``client_options`` go to the connections of both the sync and the asyncio
+    client (defaults: ``socket_connect_timeout=2``, ``socket_timeout=5``;
+    ``health_check_interval`` etc. pass through).
+
+    Connections come from a blocking pool of ``max_connections`` (64) per client:
+    a thread that finds them all busy waits up to ``pool_timeout`` seconds (5)
+    for one, then the call fails with ``LedgerUnavailable`` (and the guard's
+    ``fail`` policy applies), so a burst of threads never opens an unbounded
+    number of sockets to Redis.
     """
 
     def __init__(
@@ -142,6 +148,8 @@ class RedisLedger(Ledger):
         retries: int = 0,
         client: redis.Redis | None = None,
         scope_ttl_seconds: int | None = None,
+        max_connections: int = 64,
+        pool_timeout: float = 5.0,
         **client_options: Any,
     ) -> None:
         from . import redact_url
@@ -163,9 +171,17 @@ class RedisLedger(Ledger):
         self._options: dict[str, Any] = {
             "socket_connect_timeout": 2.0, "socket_timeout": 5.0, **client_options}
         self._retries = retries
+        self._pool_options: dict[str, Any] = {"max_connections": int(max_connections),
+                                              "timeout": float(pool_timeout)}
+        if self._pool_options["max_connections"] < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections!r}")
         backoff = ExponentialWithJitterBackoff(base=0.01, cap=0.5)
-        self.client: redis.Redis = client or redis.Redis.from_url(
-            url, retry=Retry(backoff, retries), **self._options)
+        if client is None:
+            pool = redis.BlockingConnectionPool.from_url(
+                url, retry=Retry(backoff, retries), **self._pool_options, **self._options)
+            client = redis.Redis(connection_pool=pool)
+            client.auto_close_connection_pool = True
+        self.client: redis.Redis = client
         self._sync = _Scripts.on(self.client)
         self._async_by_loop: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, _Scripts] = weakref.WeakKeyDictionary()
@@ -351,8 +367,11 @@ class RedisLedger(Ledger):
         found = self._async_by_loop.get(loop)
         if found is None:
             retry = AsyncRetry(ExponentialWithJitterBackoff(base=0.01, cap=0.5), self._retries)
-            found = _Scripts.on(aredis.Redis.from_url(self._raw_url, retry=retry,
-                                                      **self._options))
+            pool = aredis.BlockingConnectionPool.from_url(
+                self._raw_url, retry=retry, **self._pool_options, **self._options)
+            client = aredis.Redis(connection_pool=pool)
+            client.auto_close_connection_pool = True
+            found = _Scripts.on(client)
             self._async_by_loop[loop] = found
         return found
 
