@@ -49,9 +49,13 @@ def period_of(window: str, when: float, tz: ZoneInfo | None = None
     seconds): its label (``2026-11``, ``2026-W48``, ``2026-11-30``...) and its
     start and end (end exclusive), aware datetimes in ``tz`` (UTC when None)."""
     now = datetime.fromtimestamp(when, tz or UTC)
-    if window == "hour":
+    if window == "hour":  # absolute hours: a repeated local hour (DST) gets its own label
         start = now.replace(minute=0, second=0, microsecond=0)
-        return start.strftime("%Y-%m-%dT%H"), start, _plus(start, hours=1)
+        end = (start.astimezone(UTC) + timedelta(hours=1)).astimezone(start.tzinfo)
+        label = start.strftime("%Y-%m-%dT%H")
+        if start.utcoffset() != end.utcoffset() or start.fold:
+            label += start.strftime("%z")
+        return label, start, end
     if window == "day":
         start = now.replace(hour=0, minute=0, second=0, microsecond=0)
         return start.strftime("%Y-%m-%d"), start, _plus(start, days=1)
@@ -109,6 +113,21 @@ class ScopeRef:
         return who
 
 
+# The longest a calendar period lasts (a DST change adds an hour).
+_CALENDAR_SECONDS = {"hour": 7200, "day": 90000, "week": 608400, "month": 2682000,
+                     "year": 31626000}
+
+
+def window_seconds(window: str | None) -> float:
+    """How long a scope with this window must be kept (inf: no window, kept forever)."""
+    if window is None:
+        return float("inf")
+    rolling = rolling_window(window)
+    if rolling is not None:
+        return float(rolling[0] * rolling[1])
+    return float(_CALENDAR_SECONDS[window])
+
+
 class Budgets:
     """Caps per scope kind. ``session`` holds the policy knobs (output reservation,
     margins, lease, unknown prices) for every call; the other kinds contribute caps,
@@ -158,6 +177,23 @@ class Budgets:
         if limits is None or isinstance(limits, Limits):
             return cls(limits)
         raise TypeError(f"limits must be Limits or Budgets, got {type(limits).__name__}")
+
+    def check_retention(self, kept_seconds: float | None, what: str) -> None:
+        """Refuse a ledger that forgets idle scopes (after ``kept_seconds``) sooner than a
+        non-session budget's window: the forgotten budget would start again from zero."""
+        if kept_seconds is None:
+            return
+        for kind, limits in self.kinds.items():
+            needed = window_seconds(limits.window)
+            if needed > kept_seconds:
+                keep = "forever (it has no window)" if needed == float("inf") else \
+                    f"for {needed:,.0f} s"
+                raise ValueError(
+                    f"Budgets({kind if kind != GLOBAL else 'global_'}=Limits(window="
+                    f"{limits.window!r})) needs its ledger scopes kept {keep}, but {what} "
+                    f"forgets idle scopes after {kept_seconds:,.0f} s, and a forgotten "
+                    f"{kind} budget would start again from zero. Raise that to at least "
+                    f"{needed:,.0f} s, drop it, or give the budget a shorter window.")
 
     def attribute_names(self) -> frozenset[str]:
         return frozenset(self.kinds) - {GLOBAL}

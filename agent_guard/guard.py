@@ -197,6 +197,7 @@ class Guard:
         self.ledger = from_url(ledger)
         if fail == "open" and not isinstance(self.ledger, FailOpenLedger):
             self.ledger = FailOpenLedger(self.ledger)
+        _check_ledger_retention(self.budgets, self.ledger)
         self.prices = prices if prices is not None else PriceBook.default()
         self.tokens = token_counter if token_counter is not None else TokenCounter()
         self._hooks: list[RecordHook] = list(on_record)
@@ -333,7 +334,7 @@ class Guard:
             settled = await self.ledger.asettle(admission.reservation, amounts)
         self._emit(record)
         if settled is not None:
-            self._check_thresholds(admission.call.session, admission.scopes, settled)
+            await self._acheck_thresholds(admission.call.session, admission.scopes, settled)
         return record
 
     # -- tools and steps -----------------------------------------------------------------
@@ -342,20 +343,38 @@ class Guard:
                          args: Any = _NO_ARGS, *,
                          attributes: Mapping[str, str] | None = None) -> None:
         """Count one tool call, or raise StepLimitExceeded (LoopDetected for the
-        ``max_repeats``-th identical call) before the tool runs."""
-        amounts, extra = self._tool_amounts(tool, args)
-        refs = self.scope_refs(session, attributes, extra)
+        ``max_repeats``-th identical call) before the tool runs.
+
+        The identical-call counter lives in the session scope only (team and global
+        scopes would otherwise gain a counter per distinct call, forever): it is
+        charged first, and given back if the tool caps then refuse the call."""
+        refs = self.scope_refs(session, attributes)
+        amounts, repeat = self._tool_amounts(tool, args, refs[0].scope)
+        if repeat is not None:
+            denial = self.ledger.charge([repeat], dict.fromkeys(repeat.caps, 1))
+            if denial is not None:
+                raise self._refusal(session, denial, refs)
         denial = self.ledger.charge([r.caps for r in refs], amounts)
         if denial is not None:
+            if repeat is not None:
+                for dim in repeat.caps:
+                    self.ledger.extend(repeat.scope, dim, 1)
             raise self._refusal(session, denial, refs)
 
     async def abefore_tool_call(self, session: str, tool: str | None = None,
                                 args: Any = _NO_ARGS, *,
                                 attributes: Mapping[str, str] | None = None) -> None:
-        amounts, extra = self._tool_amounts(tool, args)
-        refs = self.scope_refs(session, attributes, extra)
+        refs = self.scope_refs(session, attributes)
+        amounts, repeat = self._tool_amounts(tool, args, refs[0].scope)
+        if repeat is not None:
+            denial = await self.ledger.acharge([repeat], dict.fromkeys(repeat.caps, 1))
+            if denial is not None:
+                raise self._refusal(session, denial, refs)
         denial = await self.ledger.acharge([r.caps for r in refs], amounts)
         if denial is not None:
+            if repeat is not None:
+                for dim in repeat.caps:
+                    await self.ledger.aextend(repeat.scope, dim, 1)
             raise self._refusal(session, denial, refs)
 
     def tool_call_done(
@@ -451,24 +470,26 @@ class Guard:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _tool_amounts(self, tool: str | None, args: Any
-                      ) -> tuple[dict[str, int], dict[str, int] | None]:
+    def _tool_amounts(self, tool: str | None, args: Any, session_scope: str
+                      ) -> tuple[dict[str, int], ScopeCaps | None]:
+        """The tool call's amounts, and its identical-call counter (session only)."""
         amounts = {Dimension.TOOL_CALLS: 1}
-        extra: dict[str, int] | None = None
+        repeat: ScopeCaps | None = None
         if tool:
             amounts[tool_dimension(tool)] = 1
             if self.limits.max_repeats is not None and args is not _NO_ARGS:
-                repeat = repeat_dimension(tool, args)
-                amounts[repeat] = 1
-                extra = {repeat: self.limits.max_repeats}
-        return amounts, extra
+                repeat = ScopeCaps(session_scope,
+                                   {repeat_dimension(tool, args): self.limits.max_repeats})
+        return amounts, repeat
 
-    def _check_thresholds(self, session: str, refs: Sequence[ScopeRef],
-                          settled: Settlement) -> None:
-        """Fire each crossed soft threshold once per scope and window (across
-        processes: a marker counter with cap 1 in the scope decides who fires)."""
+    def _crossed(self, session: str, refs: Sequence[ScopeRef], settled: Settlement
+                 ) -> list[tuple[ScopeCaps, str, ThresholdEvent]]:
+        """Soft thresholds this settlement crossed and this process has not seen fired:
+        (marker scope, marker dimension, event) each. A marker counter with cap 1 in the
+        scope decides, across processes, who fires (once per scope and window)."""
+        out: list[tuple[ScopeCaps, str, ThresholdEvent]] = []
         if not settled:
-            return
+            return out
         for ref in refs:
             thresholds = ref.limits.thresholds
             spent = settled.spent.get(ref.scope)
@@ -485,11 +506,22 @@ class Guard:
                         self._fired.clear()
                     self._fired.add(key)
                     marker = f"threshold:{dim}:{t}"
-                    if self.ledger.charge([ScopeCaps(ref.scope, {marker: 1})],
-                                          {marker: 1}) is None:
-                        self._fire(ThresholdEvent(
-                            session, dim, t, spent[dim], cap, scope=ref.scope, kind=ref.kind,
-                            value=ref.value, period=ref.period, window=ref.limits.window))
+                    out.append((ScopeCaps(ref.scope, {marker: 1}), marker, ThresholdEvent(
+                        session, dim, t, spent[dim], cap, scope=ref.scope, kind=ref.kind,
+                        value=ref.value, period=ref.period, window=ref.limits.window)))
+        return out
+
+    def _check_thresholds(self, session: str, refs: Sequence[ScopeRef],
+                          settled: Settlement) -> None:
+        for scope, marker, event in self._crossed(session, refs, settled):
+            if self.ledger.charge([scope], {marker: 1}) is None:
+                self._fire(event)
+
+    async def _acheck_thresholds(self, session: str, refs: Sequence[ScopeRef],
+                                 settled: Settlement) -> None:
+        for scope, marker, event in self._crossed(session, refs, settled):
+            if await self.ledger.acharge([scope], {marker: 1}) is None:
+                self._fire(event)
 
     def _fire(self, event: ThresholdEvent) -> None:
         logger.warning("agent-guard: %s", event)
@@ -637,6 +669,19 @@ class Guard:
                 hook(record)
             except Exception:  # a reporting hook must never break the agent
                 logger.exception("agent-guard: record hook %r failed", hook)
+
+
+def _check_ledger_retention(budgets: Budgets, ledger: Ledger) -> None:
+    inner = getattr(ledger, "inner", ledger)  # FailOpenLedger wraps the backend
+    idle = getattr(inner, "max_idle_seconds", None)
+    budgets.check_retention(idle, f"{type(inner).__name__}(max_idle_seconds=...)")
+    ttl = getattr(inner, "scope_ttl_seconds", None)
+    budgets.check_retention(ttl, f"{type(inner).__name__}(scope_ttl_seconds=...)")
+    if getattr(inner, "max_scopes", None) is not None and budgets.kinds:
+        logger.warning(
+            "agent-guard: %s(max_scopes=...) may forget the least recently used scopes, "
+            "including a %s budget, which would then start again from zero",
+            type(inner).__name__, "/".join(budgets.kinds))
 
 
 def _summed(scope: str, parts: Sequence[ScopeTotals]) -> ScopeTotals:

@@ -291,3 +291,74 @@ def test_a_rolling_window_never_admits_more_than_its_cap_within_any_window(
         admitted.append((int(clock.t // 3600), n))
     for hour, _ in admitted:
         assert sum(n for h, n in admitted if hour - 23 <= h <= hour) <= 5
+
+
+# -- review findings ----------------------------------------------------------------------------
+
+
+def test_a_ledger_that_forgets_idle_scopes_too_soon_for_a_window_is_refused() -> None:
+    from agent_guard.ledger import MemoryLedger
+
+    budgets = Budgets(session=Limits(), team=Limits(max_cost_usd=5, window="month"))
+    with pytest.raises(ValueError, match=r"kept for 2,682,000 s.*max_idle_seconds"):
+        Guard(budgets, ledger=MemoryLedger(max_idle_seconds=3600))
+    with pytest.raises(ValueError, match="no window"):
+        Guard(Budgets(team=Limits(max_cost_usd=5)), ledger=MemoryLedger(max_idle_seconds=60))
+    Guard(Budgets(team=Limits(max_cost_usd=5, window="24h")),
+          ledger=MemoryLedger(max_idle_seconds=86400))  # long enough
+    Guard(Limits(max_cost_usd=1), ledger=MemoryLedger(max_idle_seconds=60))  # sessions only
+
+
+def test_identical_call_counters_stay_in_the_session_scope() -> None:
+    guard = Guard(Budgets(session=Limits(max_repeats=1, max_tool_calls=3),
+                          team=Limits(max_tool_calls=100, window="day")),
+                  attributes={"team": "acme"})
+    for i in range(3):
+        guard.before_tool_call("s", "search", {"q": i})
+    team = guard.ledger.totals(guard.scope_refs("s")[1].scope)
+    assert team.get_spent("tool_calls") == 3
+    assert not [d for d in team.spent if d.startswith("repeat:")]
+    with pytest.raises(BudgetExceeded):  # the session's 4th tool call: tool cap
+        guard.before_tool_call("s", "search", {"q": 99})
+    # the refused call's identical-call count was given back: a different cap refused it
+    guard.extend("s", tool_calls=1)
+    guard.before_tool_call("s", "search", {"q": 99})
+
+
+def test_async_settles_write_threshold_markers_without_blocking_the_loop() -> None:
+    import asyncio
+
+    from agent_guard.ledger import MemoryLedger
+
+    class AsyncOnly(MemoryLedger):
+        def charge(self, scopes, amounts):  # type: ignore[no-untyped-def]
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return super().charge(scopes, amounts)
+            raise AssertionError("a sync ledger call on the event loop")
+
+        async def acharge(self, scopes, amounts):  # type: ignore[no-untyped-def]
+            return MemoryLedger.charge(self, scopes, amounts)
+
+    events = []
+    guard = Guard(Limits(max_cost_usd="0.0008", thresholds=(0.5,)), ledger=AsyncOnly(),
+                  on_threshold=[events.append])
+
+    async def main() -> None:
+        admission = await guard.abefore_model_call(call("s"))
+        await guard.aafter_model_call(admission, Usage(1000, 500))
+
+    asyncio.run(main())
+    assert [e.threshold for e in events] == [0.5]
+
+
+def test_a_repeated_local_hour_at_a_dst_change_is_two_hours() -> None:
+    ny = ZoneInfo("America/New_York")
+    first = datetime(2026, 11, 1, 5, 30, tzinfo=UTC).timestamp()  # 01:30 EDT
+    second = datetime(2026, 11, 1, 6, 30, tzinfo=UTC).timestamp()  # 01:30 EST
+    a, b = period_of("hour", first, ny), period_of("hour", second, ny)
+    assert a[0] != b[0]
+    for t, (_, start, end) in ((first, a), (second, b)):
+        assert end.timestamp() - start.timestamp() == 3600
+        assert start.timestamp() <= t < end.timestamp()

@@ -339,3 +339,21 @@ async def test_the_async_path_fails_open_and_reconciles() -> None:
     assert spent(inner.store) == sum(range(10)) + 2
     assert inner.store.totals("session:s").get_reserved(USD) == 0
     await ledger.aclose()
+
+
+def test_open_mode_counts_a_rolling_window_s_past_buckets_and_never_forgets_them() -> None:
+    """Review findings: the local view is seeded with a rolling window's past buckets,
+    and does not forget a scope's spend while the backend is down."""
+    backend = Switch()
+    ledger = FailOpenLedger(backend, retry_interval=3600)
+    past = ScopeCaps("team:a@24h:T10", {USD: 100})
+    res = ledger.reserve([past], {USD: 90}, lease_seconds=60)
+    assert isinstance(res, Reservation)
+    ledger.settle(res, {USD: 90})  # the backend reports 90 spent in bucket T10
+    backend.down = True
+    now = ScopeCaps("team:a@24h:T11", {USD: 100}, history=("team:a@24h:T10",))
+    assert isinstance(ledger.reserve([now], {USD: 90}, lease_seconds=60), Denial)
+    small = ledger.reserve([now], {USD: 10}, lease_seconds=60)
+    assert isinstance(small, Reservation)
+    ledger.settle(small, {USD: 10})
+    assert isinstance(ledger.reserve([now], {USD: 1}, lease_seconds=60), Denial)

@@ -86,7 +86,9 @@ class FailOpenLedger(Ledger):
 
     ``retry_interval``: seconds between two attempts to reach the backend while open.
     ``max_journal``: how many unreconciled entries may wait; beyond it new calls are
-    refused. ``max_idle_seconds`` bounds the local ledger's memory during a long outage.
+    refused. ``max_idle_seconds`` (default: none) lets the local ledger forget idle
+    scopes during a long outage; a forgotten scope is seeded again from the spend last
+    seen on the backend plus what was journaled for it.
     ``clock`` (monotonic seconds) paces the retries; tests pass a fake one.
     """
 
@@ -96,7 +98,7 @@ class FailOpenLedger(Ledger):
         *,
         retry_interval: float = 5.0,
         max_journal: int = 100_000,
-        max_idle_seconds: float | None = 3600.0,
+        max_idle_seconds: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if retry_interval < 0:
@@ -185,12 +187,16 @@ class FailOpenLedger(Ledger):
     def _seed(self, scopes: Sequence[str]) -> None:
         """Give the local view of each scope the spend last seen on the backend (lock held)."""
         for scope in scopes:
-            if scope in self._seeded:
+            if scope in self._seeded and self._local.has_scope(scope):
                 continue
             self._seeded.add(scope)
-            known = self._known.get(scope)
-            if known:
-                self._local.charge([ScopeCaps(scope)], known)  # uncapped: always admitted
+            seed = dict(self._known.get(scope) or {})
+            for entry in self._journal.values():  # settled here during this outage
+                if entry.kind == "settle" and scope in entry.reservation.scopes:
+                    for dim, amount in (entry.actual or {}).items():
+                        seed[dim] = seed.get(dim, 0) + amount
+            if any(seed.values()):
+                self._local.charge([ScopeCaps(scope)], seed)  # uncapped: always admitted
 
     def _remember(self, settled: Settlement) -> None:
         """Keep the spend the backend reported, to seed the local view in an outage."""
@@ -295,7 +301,7 @@ class FailOpenLedger(Ledger):
                        ) -> Reservation | Denial:
         with self._lock:
             self._check_room()
-            self._seed([sc.scope for sc in scopes])
+            self._seed([s for sc in scopes for s in (*sc.history, sc.scope)])
             result = self._local.reserve(scopes, amounts, lease_seconds=lease_seconds,
                                          reservation_id=rid)
             if isinstance(result, Reservation):
@@ -310,7 +316,7 @@ class FailOpenLedger(Ledger):
                       ) -> Denial | None:
         with self._lock:
             self._check_room()
-            self._seed([sc.scope for sc in scopes])
+            self._seed([s for sc in scopes for s in (*sc.history, sc.scope)])
             denial = self._local.charge(scopes, amounts)
             if denial is None:
                 self.admitted_open += 1

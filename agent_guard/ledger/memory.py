@@ -108,12 +108,21 @@ class MemoryLedger(Ledger):
 
     # -- helpers (lock held) ---------------------------------------------------------
 
-    def _history(self, scopes: Sequence[ScopeCaps], totals: dict[str, ScopeTotals]) -> None:
-        """Add the totals of the scopes' history (read only: nothing is created)."""
+    def has_scope(self, scope: str) -> bool:
+        """Whether ``scope`` is kept (not yet seen, or evicted, is False)."""
+        with self._lock:
+            return scope in self._scopes
+
+    def _history(self, scopes: Sequence[ScopeCaps], totals: dict[str, ScopeTotals],
+                 now: float) -> None:
+        """Add the totals of the scopes' history (a rolling window's past buckets), and
+        mark them used: a bucket the window still reads is not idle."""
         for sc in scopes:
             for past in sc.history:
                 counters = self._scopes.get(past)
                 if counters is not None and past not in totals:
+                    counters.touched = now
+                    self._scopes.move_to_end(past)
                     totals[past] = counters.snapshot(past)
 
     def _scope(self, scope: str, now: float) -> _Counters:
@@ -200,7 +209,7 @@ class MemoryLedger(Ledger):
                 raise ValueError(f"reservation id {rid!r} was already used")
             totals = {sc.scope: self._scope(sc.scope, now).snapshot(sc.scope)
                       for sc in scopes}
-            self._history(scopes, totals)
+            self._history(scopes, totals, now)
             denial = first_denial(scopes, amounts, totals)
             if denial is not None:
                 return denial
@@ -249,7 +258,7 @@ class MemoryLedger(Ledger):
             self._reclaim_locked(now)
             totals = {sc.scope: self._scope(sc.scope, now).snapshot(sc.scope)
                       for sc in scopes}
-            self._history(scopes, totals)
+            self._history(scopes, totals, now)
             denial = first_denial(scopes, amounts, totals)
             if denial is None:
                 self._add_spent([sc.scope for sc in scopes], amounts, now)

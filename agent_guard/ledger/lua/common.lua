@@ -96,6 +96,7 @@ local function ag_check(keys, first, caps, amounts)
             local past = redis.call('HMGET', keys[k], 's:' .. dim, 'r:' .. dim)
             sn = sn + tonumber(past[1] or '0')
             rn = rn + tonumber(past[2] or '0')
+            ag_touch(keys[k])  -- a bucket the window still reads is not idle
           end
           s, r = ag_num(sn), ag_num(rn)
         end
