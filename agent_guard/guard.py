@@ -437,7 +437,7 @@ class Guard:
         )
 
     def _cost_nano(self, price: ModelPrice | None, usage: Usage) -> int:
-        return 0 if price is None else price.cost(usage).total_nano
+        return 0 if price is None else price.cost_nano(usage)
 
     def _settlement(
         self,
@@ -567,11 +567,11 @@ class _Plan:
         if self.price is None:
             return 0
         plain = Usage(input_tokens=self.reserved_input, output_tokens=output_tokens)
-        cost = self.price.cost(plain).total_nano
+        cost = self.price.cost_nano(plain)
         if self.price.reasoning is not None:
             reasoning = Usage(input_tokens=self.reserved_input, output_tokens=output_tokens,
                               reasoning_tokens=output_tokens)
-            cost = max(cost, self.price.cost(reasoning).total_nano)
+            cost = max(cost, self.price.cost_nano(reasoning))
         return cost
 
     def largest_output_within(self, dimension: str, room: int) -> int:

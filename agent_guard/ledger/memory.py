@@ -40,6 +40,10 @@ class _Counters:
     def snapshot(self, scope: str) -> ScopeTotals:
         return ScopeTotals(scope, dict(self.spent), dict(self.reserved), dict(self.extra))
 
+    def view(self, scope: str) -> ScopeTotals:
+        """The live counters, uncopied: only for reading under the ledger's lock."""
+        return ScopeTotals(scope, self.spent, self.reserved, self.extra)
+
 
 class MemoryLedger(Ledger):
     def __init__(self, url: str = "memory://", *, clock: Callable[[], float] = time.time) -> None:
@@ -102,7 +106,7 @@ class MemoryLedger(Ledger):
             self._reclaim_locked(now)
             if rid in self._open or rid in self._done:
                 raise ValueError(f"reservation id {rid!r} was already used")
-            totals = {sc.scope: self._scopes[sc.scope].snapshot(sc.scope) for sc in scopes}
+            totals = {sc.scope: self._scopes[sc.scope].view(sc.scope) for sc in scopes}
             denial = first_denial(scopes, amounts, totals)
             if denial is not None:
                 return denial
@@ -146,7 +150,7 @@ class MemoryLedger(Ledger):
         check_amounts(amounts)
         with self._lock:
             self._reclaim_locked(self._clock())
-            totals = {sc.scope: self._scopes[sc.scope].snapshot(sc.scope) for sc in scopes}
+            totals = {sc.scope: self._scopes[sc.scope].view(sc.scope) for sc in scopes}
             denial = first_denial(scopes, amounts, totals)
             if denial is None:
                 self._add_spent([sc.scope for sc in scopes], amounts)
