@@ -10,7 +10,9 @@ constants are deprecated in favour of a separate package):
 - ``chat {model}`` (CLIENT) per model call, with usage, cost
   (``gen_ai.usage.cost`` for Langfuse, ``llm.cost.*`` for OpenInference),
   the router tier and why, and whether the usage was estimated;
-- ``execute_tool {name}`` (INTERNAL) per tool call.
+- ``execute_tool {name}`` (INTERNAL) per tool call, with ``agent_guard.cache.hit``
+  and, for a result served from agent-guard's result cache, what that saved
+  (``agent_guard.cache.saved_usd``).
 
 A call the guard refuses gets its span closed with an error status and an
 ``agent_guard.refusal`` event. Message content is never recorded.
@@ -66,6 +68,7 @@ class Attr:
     RESERVED_USD = "agent_guard.reserved_usd"
     SAVED_USD = "agent_guard.saved_usd"
     CACHE_HIT = "agent_guard.cache.hit"
+    CACHE_SAVED_USD = "agent_guard.cache.saved_usd"
     OUTCOME = "agent_guard.outcome"
     SESSION_COST_USD = "agent_guard.session.cost_usd"
     SESSION_REMAINING_USD = "agent_guard.session.remaining_usd"
@@ -271,13 +274,35 @@ class GuardTelemetry:
                    call_id: str | None) -> None:
         parent = self._parent(parent_run_id)
         ctx = trace.set_span_in_context(parent) if parent is not None else None
-        attributes: dict[str, Any] = {Attr.OPERATION: "execute_tool", Attr.TOOL_NAME: name}
+        attributes: dict[str, Any] = {Attr.OPERATION: "execute_tool", Attr.TOOL_NAME: name,
+                                      Attr.CACHE_HIT: False}
         if call_id:
             attributes[Attr.TOOL_CALL_ID] = call_id
         span = self.tracer.start_span(f"execute_tool {name}", context=ctx,
                                       kind=SpanKind.INTERNAL, attributes=attributes)
         with self._lock:
             self._spans[run_id] = span
+
+    def tool_cache_hit(self, run_id: UUID, saved_nano: int) -> None:
+        """The open tool run ``run_id`` was answered from agent-guard's result cache."""
+        span = self._spans.get(run_id)
+        if span is not None:
+            span.set_attributes({Attr.CACHE_HIT: True,
+                                 Attr.CACHE_SAVED_USD: saved_nano / 1e9})
+
+    def cached_tool_call(self, name: str, call_id: str | None, saved_nano: int,
+                         parent_run_id: UUID | None = None) -> None:
+        """A tool call answered from the cache without running the tool (so no tool run
+        exists for a callback to see): one finished ``execute_tool`` span for it."""
+        parent = self._parent(parent_run_id)
+        ctx = trace.set_span_in_context(parent) if parent is not None else None
+        attributes: dict[str, Any] = {Attr.OPERATION: "execute_tool", Attr.TOOL_NAME: name,
+                                      Attr.CACHE_HIT: True,
+                                      Attr.CACHE_SAVED_USD: saved_nano / 1e9}
+        if call_id:
+            attributes[Attr.TOOL_CALL_ID] = call_id
+        self.tracer.start_span(f"execute_tool {name}", context=ctx, kind=SpanKind.INTERNAL,
+                               attributes=attributes).end()
 
     def tool_end(self, run_id: UUID, error: BaseException | None = None) -> None:
         with self._lock:
