@@ -98,6 +98,12 @@ ThresholdHook = Callable[[ThresholdEvent], None]
 _BUDGET_DIMENSIONS = frozenset({Dimension.USD_NANO, Dimension.TOKENS})
 # How often a shrink-to-fit reservation is retried when a concurrent call takes the room.
 _SHRINK_ATTEMPTS = 3
+# A prompt with long texts not counted yet is reserved with an upper bound of its tokens
+# (their UTF-8 length; see TokenCounter.estimate_messages) only while that reservation is
+# at most this share of what is left under each token and dollar cap (cap minus the spend
+# this process last saw settled). Nearer a cap the prompt is counted exactly, and a
+# reservation with the bound that is denied is retried with the exact count.
+_BOUND_SHARE_OF_ROOM = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +153,9 @@ class Admission:
     started_at: float = field(default_factory=time.time)
     scopes: tuple[ScopeRef, ...] = ()
     attributes: Mapping[str, str] = field(default_factory=dict)
+    #: ``estimated_input_tokens`` is an upper bound (long new texts were not tokenised):
+    #: the guard counts the prompt exactly before settling a call without usage.
+    input_is_bound: bool = False
 
 
 class Guard:
@@ -234,32 +243,32 @@ class Guard:
     # -- model calls -----------------------------------------------------------------
 
     def estimate_model_call(self, call: ModelCall) -> int:
-        """The worst case (nano-USD) the guard would reserve for ``call``; reserves
-        nothing."""
-        return self._plan(call).worst_nano
+        """The worst case (nano-USD) of ``call`` with its prompt counted exactly;
+        reserves nothing."""
+        return self._plan(call, exact=True).worst_nano
 
     def before_model_call(self, call: ModelCall) -> Admission:
         """Reserve the call's worst case, or raise before anything is spent."""
         plan = self._plan(call)
-        for _ in range(_SHRINK_ATTEMPTS):
+        shrinks = 0
+        while True:
             result = self.ledger.reserve(
                 plan.scopes, plan.amounts, lease_seconds=self.limits.lease_seconds
             )
             if isinstance(result, Reservation):
                 return plan.admit(result)
-            plan = self._replan_or_raise(plan, result)
-        raise self._refusal(call.session, result, plan.refs)
+            plan, shrinks = self._after_denial(plan, result, shrinks)
 
     async def abefore_model_call(self, call: ModelCall) -> Admission:
         plan = self._plan(call)
-        for _ in range(_SHRINK_ATTEMPTS):
+        shrinks = 0
+        while True:
             result = await self.ledger.areserve(
                 plan.scopes, plan.amounts, lease_seconds=self.limits.lease_seconds
             )
             if isinstance(result, Reservation):
                 return plan.admit(result)
-            plan = self._replan_or_raise(plan, result)
-        raise self._refusal(call.session, result, plan.refs)
+            plan, shrinks = self._after_denial(plan, result, shrinks)
 
     def after_model_call(
         self,
@@ -320,6 +329,7 @@ class Guard:
             self.ledger.release(admission.reservation)
         else:
             settled = self.ledger.settle(admission.reservation, amounts)
+            self._note_spent(settled)
         self._emit(record)
         if settled is not None:
             self._check_thresholds(admission.call.session, admission.scopes, settled)
@@ -332,6 +342,7 @@ class Guard:
             await self.ledger.arelease(admission.reservation)
         else:
             settled = await self.ledger.asettle(admission.reservation, amounts)
+            self._note_spent(settled)
         self._emit(record)
         if settled is not None:
             await self._acheck_thresholds(admission.call.session, admission.scopes, settled)
@@ -548,18 +559,77 @@ class Guard:
             )
         return None
 
-    def _plan(self, call: ModelCall) -> _Plan:
+    def _plan(self, call: ModelCall, *, exact: bool = False) -> _Plan:
+        """What ``call`` would reserve. Unless ``exact``, a prompt with long texts not yet
+        counted is sized by an upper bound of its tokens while the caps are far."""
+        is_bound = False
         if call.input_tokens is not None:
             estimated_input = int(call.input_tokens)
+        elif exact:
+            estimated_input = self._exact_input(call)
         else:
-            estimated_input = self.tokens.count_messages(call.messages, call.model,
-                                                         tools=call.tools)
-        reserved_input = math.ceil(estimated_input * (1 + self.limits.input_margin))
+            estimated_input, counted = self.tokens.estimate_messages(
+                call.messages, call.model, tools=call.tools)
+            is_bound = not counted
         requested_output = call.max_output_tokens
         if requested_output is None or requested_output <= 0:
             requested_output = self.limits.default_max_output_tokens
         price = self._price_for(call)
-        return _Plan(self, call, price, estimated_input, reserved_input, requested_output)
+        plan = _Plan(self, call, price, estimated_input,
+                     math.ceil(estimated_input * (1 + self.limits.input_margin)),
+                     requested_output)
+        if is_bound:
+            if not self._bound_is_far_from_caps(plan):
+                return self._plan(call, exact=True)
+            plan.input_is_bound = True
+        return plan
+
+    def _exact_input(self, call: ModelCall) -> int:
+        return self.tokens.count_messages(call.messages, call.model, tools=call.tools)
+
+    def _bound_is_far_from_caps(self, plan: _Plan) -> bool:
+        """Whether a reservation sized by the prompt's upper bound stays a small share of
+        the room under every token and dollar cap it is charged against."""
+        hint = self._spent_hint
+        for sc in plan.scopes:
+            seen = hint.get(sc.scope) if hint else None
+            for dim in _BUDGET_DIMENSIONS:
+                cap = sc.caps.get(dim)
+                if cap is None:
+                    continue
+                room = cap - (seen.get(dim, 0) if seen else 0)
+                if plan.amounts.get(dim, 0) > _BOUND_SHARE_OF_ROOM * room:
+                    return False
+        return True
+
+    def _note_spent(self, settled: Settlement) -> None:
+        """Remember each scope's spend as of this settle (a hint for _plan only: other
+        processes spend too, so a denial is still retried with the exact count)."""
+        if not settled or not settled.spent:
+            return
+        hint = self._spent_hint
+        if hint is None:
+            hint = self._spent_hint = {}
+        elif len(hint) > 100_000:
+            hint.clear()
+        for scope, spent in settled.spent.items():
+            hint[scope] = spent
+
+    # scope -> spent amounts last seen settled by this guard; created on first settle
+    _spent_hint: dict[str, Mapping[str, int]] | None = None
+
+    def _after_denial(self, plan: _Plan, denial: Denial, shrinks: int) -> tuple[_Plan, int]:
+        """The plan to try next after ``denial`` (and how many shrinks were tried), or
+        raise the refusal. A plan sized by an upper bound is first retried exactly."""
+        if plan.input_is_bound and denial.dimension in _BUDGET_DIMENSIONS:
+            exact = self._plan(plan.call, exact=True)
+            if plan.shrunk:
+                exact = exact.with_output(min(plan.output_tokens, exact.output_tokens))
+            return exact, shrinks
+        shrinks += 1
+        if shrinks >= _SHRINK_ATTEMPTS:
+            raise self._refusal(plan.call.session, denial)
+        return self._replan_or_raise(plan, denial), shrinks
 
     def _replan_or_raise(self, plan: _Plan, denial: Denial) -> _Plan:
         """After a denial: a smaller output cap that fits, or the refusal."""
@@ -597,7 +667,7 @@ class Guard:
         )
 
     def _cost_nano(self, price: ModelPrice | None, usage: Usage) -> int:
-        return 0 if price is None else price.cost(usage).total_nano
+        return 0 if price is None else price.cost_nano(usage)
 
     def _settlement(
         self,
@@ -616,7 +686,10 @@ class Guard:
             if outcome == "error":  # failed before producing anything: nothing was paid
                 return self._record(admission, Usage(), 0, estimated=False,
                                     outcome=outcome), None
-            usage = Usage(input_tokens=admission.estimated_input_tokens,
+            input_tokens = admission.estimated_input_tokens
+            if admission.input_is_bound:  # reserved with a bound: settle with the count
+                input_tokens = self._exact_input(admission.call)
+            usage = Usage(input_tokens=input_tokens,
                           output_tokens=max(0, int(output_tokens or 0)))
         cost = self._cost_nano(price, usage)
         if outcome == "cache_hit":
@@ -730,6 +803,7 @@ class _Plan:
         "call",
         "estimated_input",
         "guard",
+        "input_is_bound",
         "output_tokens",
         "price",
         "refs",
@@ -756,6 +830,7 @@ class _Plan:
         self.reserved_input = reserved_input
         self.output_tokens = output_tokens
         self.shrunk = False
+        self.input_is_bound = False
         self.worst_nano = self._worst_cost(output_tokens)
         self.refs = refs if refs is not None else guard.scope_refs(call.session,
                                                                     call.attributes)
@@ -772,11 +847,11 @@ class _Plan:
         if self.price is None:
             return 0
         plain = Usage(input_tokens=self.reserved_input, output_tokens=output_tokens)
-        cost = self.price.cost(plain).total_nano
+        cost = self.price.cost_nano(plain)
         if self.price.reasoning is not None:
             reasoning = Usage(input_tokens=self.reserved_input, output_tokens=output_tokens,
                               reasoning_tokens=output_tokens)
-            cost = max(cost, self.price.cost(reasoning).total_nano)
+            cost = max(cost, self.price.cost_nano(reasoning))
         return cost
 
     def largest_output_within(self, dimension: str, room: int) -> int:
@@ -796,6 +871,7 @@ class _Plan:
         plan = _Plan(self.guard, self.call, self.price, self.estimated_input,
                      self.reserved_input, output_tokens, self.refs)
         plan.shrunk = True
+        plan.input_is_bound = self.input_is_bound
         return plan
 
     def admit(self, reservation: Reservation) -> Admission:
@@ -810,4 +886,5 @@ class _Plan:
             started_at=self.guard.clock(),
             scopes=tuple(self.refs),
             attributes=self.guard.attributes_for(self.call.attributes),
+            input_is_bound=self.input_is_bound,
         )

@@ -49,6 +49,7 @@ __all__ = [
     "MessageLike",
     "TokenCounter",
     "get_encoding",
+    "utf8_upper_bound",
 ]
 
 MessageLike: TypeAlias = "BaseMessage | Mapping[str, Any] | str | tuple[str, Any]"
@@ -239,6 +240,46 @@ class _TextCounts:
 
 _TEXT_COUNTS = {name: _TextCounts(name) for name in _BUNDLED_SHA256}
 
+
+# -- a cheap upper bound ----------------------------------------------------------------------
+# Every token of o200k_base and cl100k_base is at least one byte, and encode_ordinary's
+# tokens concatenate to the text's UTF-8 (lone surrogates become U+FFFD, 3 bytes, as
+# "surrogatepass" counts them): so a text's UTF-8 length is never below its token count
+# (property-tested in tests/test_tokens.py). It costs O(1) for ASCII text, where tiktoken
+# costs about a microsecond per few bytes.
+
+# Texts shorter than this are counted exactly even when estimating: that is cheap, it
+# fills the memo for the next call, and the bound (~4x for English) would be loose.
+BOUND_MIN_CHARS = 512
+
+
+def utf8_upper_bound(text: str) -> int:
+    """An upper bound of ``text``'s token count under the bundled encodings (its UTF-8
+    length)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+class _Estimate:
+    """A count function for one estimate: the exact count of a text when it is memoised
+    or short, else its UTF-8 upper bound (noting that the result is then a bound)."""
+
+    __slots__ = ("_counts", "_memo", "exact", "name")
+
+    def __init__(self, counts: _TextCounts) -> None:
+        self._counts = counts
+        self._memo = counts._memo
+        self.name = counts.name  # tool schemas are still counted (and memoised) exactly
+        self.exact = True
+
+    def __call__(self, text: str) -> int:
+        n = self._memo.get(text)
+        if n is not None:
+            return n
+        if len(text) < BOUND_MIN_CHARS:
+            return self._counts(text)
+        self.exact = False
+        return utf8_upper_bound(text)
+
 # Tool schemas by identity: LangChain passes the same schema dicts on every call of a
 # bound model, so a hit skips serialising them. The entry keeps the schema alive and is
 # checked with ``is`` (ids are reused after garbage collection). Schemas are treated as
@@ -355,6 +396,29 @@ class TokenCounter:
                 n += _tool_schema_tokens(tool, count)
         return self._scaled(n, exact)
 
+    def estimate_messages(
+        self,
+        messages: Iterable[MessageLike],
+        model: str = "gpt-4o",
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> tuple[int, bool]:
+        """``(n, exact)``: ``count_messages`` when ``exact``, else an upper bound of it.
+
+        Texts already counted (memoised) and short texts are counted exactly; a long
+        new text adds its UTF-8 length instead of being tokenised. The guard reserves
+        with the bound while a cap is far and counts exactly when it comes near."""
+        enc, exact_family = _family(model or "")
+        counts = _TEXT_COUNTS[enc]
+        count = _Estimate(counts)
+        n = REPLY_PRIMING_TOKENS
+        for message in messages:
+            n += TOKENS_PER_MESSAGE + _message_tokens(message, count)
+        if tools:
+            n += TOOLS_BLOCK_TOKENS
+            for tool in tools:
+                n += _tool_schema_tokens(tool, counts)
+        return self._scaled(n, exact_family), count.exact
+
     def count_output(self, message: BaseMessage | Mapping[str, Any] | str,
                      model: str = "gpt-4o") -> int:
         """Tokens of a generated answer (its text and tool calls), for providers that
@@ -370,6 +434,8 @@ class TokenCounter:
 
 # -- internals (unscaled counts) ------------------------------------------------------------
 
+_Count: TypeAlias = "_TextCounts | _Estimate"  # exact, or exact-or-bound per text
+
 
 def _field(obj: Any, key: str) -> Any:
     if type(obj) is dict or isinstance(obj, Mapping):  # dict first: Mapping is a slow check
@@ -377,7 +443,7 @@ def _field(obj: Any, key: str) -> Any:
     return getattr(obj, key, None)
 
 
-def _message_tokens(message: Any, count: _TextCounts) -> int:
+def _message_tokens(message: Any, count: _Count) -> int:
     """One message without its framing: role, content, name, tool calls, tool call id."""
     if type(message) is dict or isinstance(message, Mapping):
         return _dict_message_tokens(message, count)
@@ -403,7 +469,7 @@ def _message_tokens(message: Any, count: _TextCounts) -> int:
     return n
 
 
-def _dict_message_tokens(message: Mapping[str, Any], count: _TextCounts) -> int:
+def _dict_message_tokens(message: Mapping[str, Any], count: _Count) -> int:
     """The cookbook's rule for an OpenAI message dict: every field's value counted."""
     n = 0
     has_role = False
@@ -432,7 +498,7 @@ def _dict_message_tokens(message: Mapping[str, Any], count: _TextCounts) -> int:
     return n + _tool_calls_tokens(message, count)
 
 
-def _content_tokens(content: Any, count: _TextCounts) -> int:
+def _content_tokens(content: Any, count: _Count) -> int:
     if content is None:
         return 0
     if isinstance(content, str):
@@ -463,7 +529,7 @@ def _image_tokens(block: Mapping[str, Any]) -> int:
     return IMAGE_TOKENS_LOW_DETAIL if detail == "low" else IMAGE_TOKENS
 
 
-def _tool_calls_tokens(message: Any, count: _TextCounts) -> int:
+def _tool_calls_tokens(message: Any, count: _Count) -> int:
     """Tool calls of an assistant message: LangChain ``tool_calls`` (and invalid ones,
     which are sent back too) or OpenAI's ``tool_calls`` / legacy ``function_call``."""
     n = 0

@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import _checkout  # noqa: F401  (this checkout's agent_guard)
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 

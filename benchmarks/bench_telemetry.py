@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import _checkout  # noqa: F401  (this checkout's agent_guard)
 from bench_overhead import PROMPT, EmptyHandler, make_model  # the script's own folder
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader

@@ -224,3 +224,31 @@ async def test_async_twins(ledger: Ledger) -> None:
     assert await ledger.acharge(caps, {USD: 200}) is None
     t = await ledger.atotals("session:async")
     assert (t.get_spent(USD), t.get_reserved(USD)) == (210, 30)
+
+
+def test_memory_ledger_forgets_finished_ids_after_retention_only() -> None:
+    """Finished ids are remembered for DONE_RETENTION_SECONDS (a repeated settle stays a
+    no-op) and then dropped from the oldest end, without rescanning the rest."""
+    from agent_guard.ledger.base import DONE_RETENTION_SECONDS
+    from agent_guard.ledger.memory import MemoryLedger
+
+    clock = FakeClock()
+    ledger = MemoryLedger(clock=clock)
+    caps = [session()]
+    old = []
+    for _ in range(5000):
+        res = ledger.reserve(caps, {CALLS: 1}, lease_seconds=30)
+        assert isinstance(res, Reservation)
+        ledger.settle(res, {CALLS: 1})
+        old.append(res)
+    clock.advance(DONE_RETENTION_SECONDS - 1)
+    ledger.reserve(caps, {CALLS: 1}, lease_seconds=30)
+    assert len(ledger._done) == 5000  # nothing is old enough yet
+    assert not ledger.settle(old[0], {CALLS: 1})  # still a no-op
+    clock.advance(2)
+    recent = ledger.reserve(caps, {CALLS: 1}, lease_seconds=30)
+    assert isinstance(recent, Reservation)
+    ledger.settle(recent, {CALLS: 1})
+    ledger.reserve(caps, {CALLS: 1}, lease_seconds=30)
+    assert list(ledger._done) == [recent.id]
+    assert ledger.totals("session:s1").get_spent(CALLS) == 5001

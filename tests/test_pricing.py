@@ -160,6 +160,16 @@ def test_cost_is_exact_and_monotonic(usage: Usage, extra: int, model: str) -> No
     assert book.cost(model, Usage()).total_nano == 0
 
 
+
+@given(usage=usages,
+       model=st.sampled_from(["gpt-4o", "claude-sonnet-4-5", "gemini-2.5-pro",
+                              "dashscope/qwen-turbo", "o3", "gpt-4o-mini"]))
+def test_cost_nano_is_the_breakdowns_total(usage: Usage, model: str) -> None:
+    """The fast path the guard reserves and settles with equals the breakdown's total
+    (tiers, cache rates and reasoning rates included)."""
+    price = PriceBook.bundled().price(model)
+    assert price.cost_nano(usage) == price.cost(usage).total_nano
+
 def test_usd_to_nano_rounds_up_exactly() -> None:
     assert usd_to_nano("0.1") == 100_000_000
     assert usd_to_nano(0.1) == 100_000_000

@@ -242,3 +242,37 @@ def test_unknown_ttl_class_and_bad_ttl_are_refused() -> None:
         ResultCache(ttl={"x": -1})
     with pytest.raises(ValueError, match="cache_tools needs"):
         GuardMiddleware(cache_tools={"price_of": "x"})
+
+
+async def test_cached_tool_reports_its_hits_as_a_custom_event_on_the_tool_run() -> None:
+    from langchain_core.callbacks import BaseCallbackHandler
+    from langchain_core.tools import tool as make_tool
+
+    from agent_guard.cache.result import CACHE_HIT_EVENT
+
+    class Recorder(BaseCallbackHandler):
+        def __init__(self) -> None:
+            self.tool_runs: list = []
+            self.events: list = []
+
+        def on_tool_start(self, serialized, input_str, *, run_id, **kwargs) -> None:
+            self.tool_runs.append(run_id)
+
+        def on_custom_event(self, name, data, *, run_id, **kwargs) -> None:
+            self.events.append((name, data, run_id))
+
+    @make_tool
+    def search(q: str) -> str:
+        """Search."""
+        return f"results for {q}"
+
+    cache = ResultCache(ttl={"web": 60})
+    cached = cached_tool(search, cache, "web", cost_usd="0.002")
+    rec = Recorder()
+    assert cached.invoke({"q": "x"}) == "results for x"  # no callbacks: no event, no error
+    cached.invoke({"q": "x"}, config={"callbacks": [rec]})
+    await cached.ainvoke({"q": "x"}, config={"callbacks": [rec]})
+    await cached.ainvoke({"q": "new"}, config={"callbacks": [rec]})  # a miss: no event
+    assert [(n, d) for n, d, _ in rec.events] == [
+        (CACHE_HIT_EVENT, {"tool": "search", "saved_nano": 2_000_000})] * 2
+    assert [r for _, _, r in rec.events] == rec.tool_runs[:2]

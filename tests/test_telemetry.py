@@ -186,3 +186,70 @@ def test_configure_otlp_exports_to_a_collector(receiver: Receiver, how: str) -> 
     assert out.returncode == 0, out.stderr
     assert [s.name for s in receiver.spans] == ["chat gpt-4o"]
     assert "/v1/metrics" in receiver.paths
+
+
+def scripted_tool_loop(n_calls: int) -> ScriptedChatModel:
+    """A model that asks for the same lookup ``n_calls`` times, then answers."""
+    seen = {"n": 0}
+
+    def respond(messages):
+        seen["n"] += 1
+        if seen["n"] <= n_calls:
+            return AIMessage("", tool_calls=[{"name": "lookup", "args": {"order": "A1"},
+                                              "id": f"call_{seen['n']}"}])
+        return AIMessage("shipped")
+
+    return ScriptedChatModel(model_name="gpt-4o", max_tokens=100, respond=respond)
+
+
+def tool_spans(receiver: Receiver) -> list:
+    spans = [s for s in receiver.spans if s.name == "execute_tool lookup"]
+    return sorted(spans, key=lambda s: s.start_time_unix_nano)
+
+
+def test_tool_spans_say_when_the_result_cache_answered(receiver: Receiver) -> None:
+    """Callback path: cached_tool tells the handler (a custom event on the tool's run)."""
+    from agent_guard.cache import ResultCache, cached_tool
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.url)))
+    telemetry = GuardTelemetry(provider, MeterProvider(metric_readers=[InMemoryMetricReader()]))
+    handler = GuardCallbackHandler(Guard(Limits(max_cost_usd=1)), telemetry=telemetry)
+    cache = ResultCache(ttl={"orders": 60})
+    agent = create_agent(scripted_tool_loop(2), [cached_tool(lookup, cache, "orders",
+                                                             cost_usd="0.005")])
+    agent.invoke({"messages": [("user", "where is A1?")]}, config={"callbacks": [handler]})
+    provider.force_flush()
+
+    first, second = (attrs(s) for s in tool_spans(receiver))
+    assert first[Attr.CACHE_HIT] is False and Attr.CACHE_SAVED_USD not in first
+    assert second[Attr.CACHE_HIT] is True
+    assert second[Attr.CACHE_SAVED_USD] == pytest.approx(0.005)
+    assert second[Attr.TOOL_CALL_ID] == "call_2"
+    assert cache.stats()["lookup"].hits == 1
+    assert telemetry.open_spans() == 0
+
+
+def test_middleware_cache_hits_get_a_tool_span(receiver: Receiver) -> None:
+    """Middleware path: a hit never runs the tool, so the middleware emits its span."""
+    from agent_guard.cache import ResultCache
+    from agent_guard.langchain import GuardMiddleware
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.url)))
+    telemetry = GuardTelemetry(provider, MeterProvider(metric_readers=[InMemoryMetricReader()]))
+    cache = ResultCache(ttl={"orders": 60})
+    middleware = GuardMiddleware(limits=Limits(max_cost_usd=1), cache=cache,
+                                 cache_tools={"lookup": "orders"}, telemetry=telemetry)
+    agent = create_agent(scripted_tool_loop(3), [lookup], middleware=[middleware])
+    agent.invoke({"messages": [("user", "where is A1?")]})
+    provider.force_flush()
+
+    spans = tool_spans(receiver)
+    assert len(spans) == 2  # the two calls answered from the cache; the first ran the tool
+    for span in spans:
+        a = attrs(span)
+        assert a[Attr.CACHE_HIT] is True and a[Attr.CACHE_SAVED_USD] == 0.0
+        assert a[Attr.OPERATION] == "execute_tool" and a[Attr.TOOL_NAME] == "lookup"
+    assert [attrs(s)[Attr.TOOL_CALL_ID] for s in spans] == ["call_2", "call_3"]
+    assert cache.stats()["lookup"].hits == 2

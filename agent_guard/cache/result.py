@@ -20,16 +20,23 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from langchain_core.callbacks import BaseCallbackManager
+from langchain_core.callbacks.manager import adispatch_custom_event, dispatch_custom_event
 from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import var_child_runnable_config
 from langchain_core.tools import BaseTool, StructuredTool
 
 from ..usage import nano_to_usd, usd_to_nano
 from .store import KVStore, key_part, store_from_url
 
-__all__ = ["TTL", "CacheStats", "ResultCache", "cached_tool"]
+__all__ = ["CACHE_HIT_EVENT", "TTL", "CacheStats", "ResultCache", "cached_tool"]
 
 logger = logging.getLogger("agent_guard")
 MISS: Any = object()
+#: The LangChain custom event a ``cached_tool`` dispatches when it answers from the cache
+#: (data: ``{"tool": name, "saved_nano": int}``); its run_id is the tool's run, so a
+#: callback handler (GuardCallbackHandler's telemetry) can mark that tool span.
+CACHE_HIT_EVENT = "agent_guard.cache_hit"
 
 
 class TTL:
@@ -143,16 +150,23 @@ class ResultCache:
     def get_tool(self, tool: str, args: Any, *, tenant: str, ttl_class: str,
                  version: str | None = None, public: bool = False) -> Any:
         """The cached result, or ``MISS``."""
+        return self.lookup_tool(tool, args, tenant=tenant, ttl_class=ttl_class,
+                                version=version, public=public)[0]
+
+    def lookup_tool(self, tool: str, args: Any, *, tenant: str, ttl_class: str,
+                    version: str | None = None, public: bool = False) -> tuple[Any, int]:
+        """``(cached result or MISS, nano-USD a hit saved)``."""
         if not self.cacheable(ttl_class):
-            return MISS
+            return MISS, 0
         raw = self.store.get(self.tool_key(tool, args, tenant=tenant, version=version,
                                            public=public))
         if raw is None:
             self._count(tool, hit=False)
-            return MISS
+            return MISS, 0
         entry = json.loads(raw)
-        self._count(tool, hit=True, saved_nano=int(entry.get("cost_nano", 0)))
-        return entry["value"]
+        saved = int(entry.get("cost_nano", 0))
+        self._count(tool, hit=True, saved_nano=saved)
+        return entry["value"], saved
 
     def put_tool(self, tool: str, args: Any, value: Any, *, tenant: str, ttl_class: str,
                  version: str | None = None, public: bool = False,
@@ -198,18 +212,25 @@ def cached_tool(
         return tool
     cache.cacheable(ttl_class)  # fail now on an unknown class
 
-    def lookup(kwargs: dict[str, Any], config: RunnableConfig) -> tuple[str, Any]:
+    def lookup(kwargs: dict[str, Any], config: RunnableConfig) -> tuple[str, Any, int]:
         tenant = cache.tenant_from(config)
-        return tenant, cache.get_tool(tool.name, kwargs, tenant=tenant, ttl_class=ttl_class,
-                                      version=version, public=public)
+        hit, saved = cache.lookup_tool(tool.name, kwargs, tenant=tenant, ttl_class=ttl_class,
+                                       version=version, public=public)
+        return tenant, hit, saved
+
+    def hit_event(saved: int) -> dict[str, Any]:
+        return {"tool": tool.name, "saved_nano": saved}
 
     def inner_config(config: RunnableConfig) -> RunnableConfig:
         # the wrapper's own run is the one callbacks see: do not count the tool twice
         return {**config, "callbacks": []}
 
     def run(config: RunnableConfig, **kwargs: Any) -> Any:
-        tenant, hit = lookup(kwargs, config)
+        tenant, hit, saved = lookup(kwargs, config)
         if hit is not MISS:
+            run_config = _tool_run_config()
+            if run_config is not None:
+                dispatch_custom_event(CACHE_HIT_EVENT, hit_event(saved), config=run_config)
             return hit
         result = tool.invoke(kwargs, inner_config(config))
         cache.put_tool(tool.name, kwargs, result, tenant=tenant, ttl_class=ttl_class,
@@ -217,8 +238,12 @@ def cached_tool(
         return result
 
     async def arun(config: RunnableConfig, **kwargs: Any) -> Any:
-        tenant, hit = lookup(kwargs, config)
+        tenant, hit, saved = lookup(kwargs, config)
         if hit is not MISS:
+            run_config = _tool_run_config()
+            if run_config is not None:
+                await adispatch_custom_event(CACHE_HIT_EVENT, hit_event(saved),
+                                             config=run_config)
             return hit
         result = await tool.ainvoke(kwargs, inner_config(config))
         cache.put_tool(tool.name, kwargs, result, tenant=tenant, ttl_class=ttl_class,
@@ -230,3 +255,14 @@ def cached_tool(
         args_schema=tool.args_schema, return_direct=tool.return_direct,
         response_format=tool.response_format,
     )
+
+
+def _tool_run_config() -> RunnableConfig | None:
+    """The config LangChain set for the running tool's children (the ``config`` a tool
+    function receives is its caller's): its callback manager's parent run is the tool
+    run, which an event must name. None outside a run (dispatching would raise)."""
+    config = var_child_runnable_config.get()
+    manager = (config or {}).get("callbacks")
+    if isinstance(manager, BaseCallbackManager) and manager.parent_run_id is not None:
+        return config
+    return None

@@ -33,6 +33,7 @@ from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.runnables.config import var_child_runnable_config
 
 from ..budgets import Budgets, attributes_from_metadata
+from ..cache.result import CACHE_HIT_EVENT
 from ..errors import BudgetExceeded, GuardError
 from ..guard import Admission, Guard, ModelCall
 from ..ledger import Ledger
@@ -376,6 +377,13 @@ class GuardCallbackHandler(BaseCallbackHandler):
                                         meta.get("langgraph_node"), tuple(tags or ()))
             while len(self._tools) > 4096:  # tools that never ended
                 self._tools.popitem(last=False)
+
+    def on_custom_event(self, name: str, data: Any, *, run_id: UUID,
+                        tags: list[str] | None = None,
+                        metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """``cached_tool`` answering from the cache: mark the tool's span as a hit."""
+        if name == CACHE_HIT_EVENT and self.telemetry is not None and isinstance(data, Mapping):
+            self.telemetry.tool_cache_hit(run_id, int(data.get("saved_nano") or 0))
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         if self.telemetry is not None:

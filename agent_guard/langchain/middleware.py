@@ -88,7 +88,10 @@ class GuardMiddleware(AgentMiddleware):
     ``cache`` with ``cache_tools={"web_search": "pricing"}`` answers a repeated
     tool call (same tenant, same arguments) from the cache without running the
     tool; the call still counts toward the tool caps and loop detection.
-    ``public_tools`` share results across tenants.
+    ``public_tools`` share results across tenants. ``telemetry`` (a
+    :class:`~agent_guard.telemetry.GuardTelemetry`) gets an ``execute_tool`` span,
+    with ``agent_guard.cache.hit`` and ``agent_guard.cache.saved_usd``, for each tool
+    call answered from the cache: the tool does not run then, so no callback sees it.
     """
 
     def __init__(
@@ -103,8 +106,10 @@ class GuardMiddleware(AgentMiddleware):
         cache: ResultCache | None = None,
         cache_tools: Mapping[str, str] | None = None,
         public_tools: Collection[str] = (),
+        telemetry: Any = None,
     ) -> None:
         super().__init__()
+        self.telemetry = telemetry
         if cache_tools and cache is None:
             raise ValueError("cache_tools needs cache=ResultCache(...)")
         for ttl_class in (cache_tools or {}).values():
@@ -286,9 +291,11 @@ class GuardMiddleware(AgentMiddleware):
             tenant = self.cache.tenant_from(None)
         where = {"tenant": tenant, "ttl_class": ttl_class,
                  "public": call["name"] in self.public_tools}
-        hit = self.cache.get_tool(call["name"], call.get("args", {}), **where)
+        hit, saved = self.cache.lookup_tool(call["name"], call.get("args", {}), **where)
         if hit is MISS:
             return where, None
+        if self.telemetry is not None:
+            self.telemetry.cached_tool_call(call["name"], call["id"], saved)
         return where, ToolMessage(content=hit, tool_call_id=call["id"] or "", name=call["name"])
 
     def _store(self, request: ToolCallRequest, where: Any, result: Any) -> None:

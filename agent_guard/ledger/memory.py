@@ -55,6 +55,10 @@ class _Counters:
     def snapshot(self, scope: str) -> ScopeTotals:
         return ScopeTotals(scope, dict(self.spent), dict(self.reserved), dict(self.extra))
 
+    def view(self, scope: str) -> ScopeTotals:
+        """The live counters, uncopied: only for reading under the ledger's lock."""
+        return ScopeTotals(scope, self.spent, self.reserved, self.extra)
+
 
 class MemoryLedger(Ledger):
     """In-process budgets; see the module docstring for the eviction policy."""
@@ -79,7 +83,7 @@ class MemoryLedger(Ledger):
         self._scopes: OrderedDict[str, _Counters] = OrderedDict()  # least recently used first
         self._open: dict[str, Reservation] = {}
         self._leases: list[tuple[float, str]] = []  # heap of (expires_at, id)
-        self._done: dict[str, float] = {}  # finished id -> when, oldest first
+        self._done: OrderedDict[str, float] = OrderedDict()  # finished id -> when, oldest first
         self._retention = float(DONE_RETENTION_SECONDS)
         if max_idle_seconds is not None:
             self._retention = min(self._retention, float(max_idle_seconds))
@@ -149,14 +153,15 @@ class MemoryLedger(Ledger):
 
     def _evict_locked(self, now: float) -> None:
         """Apply the policy: drop idle scopes without holds; bound the finished ids."""
-        if len(self._done) > _DONE_FLOOR and (now >= self._next_sweep or (
-                self._max_done is not None and len(self._done) > self._max_done)):
+        done = self._done
+        if len(done) > _DONE_FLOOR:
+            # Only the oldest entries (the front: insertion ~ time order) can be past the
+            # horizon or over the count: drop them from there, O(1) when none is (a full
+            # scan here made every call O(ids settled in the retention period)).
             horizon = now - self._retention
-            for rid, when in list(self._done.items()):  # insertion order ~ time order
-                over = self._max_done is not None and len(self._done) > self._max_done
-                if when > horizon and not over:
-                    break
-                del self._done[rid]
+            while done and (next(iter(done.values())) <= horizon or (
+                    self._max_done is not None and len(done) > self._max_done)):
+                done.popitem(last=False)
         if self.max_idle_seconds is None and self.max_scopes is None:
             return
         over_count = self.max_scopes is not None and len(self._scopes) > self.max_scopes
@@ -207,8 +212,7 @@ class MemoryLedger(Ledger):
             self._reclaim_locked(now)
             if rid in self._open or rid in self._done:
                 raise ValueError(f"reservation id {rid!r} was already used")
-            totals = {sc.scope: self._scope(sc.scope, now).snapshot(sc.scope)
-                      for sc in scopes}
+            totals = {sc.scope: self._scope(sc.scope, now).view(sc.scope) for sc in scopes}
             self._history(scopes, totals, now)
             denial = first_denial(scopes, amounts, totals)
             if denial is not None:
@@ -256,8 +260,7 @@ class MemoryLedger(Ledger):
         with self._lock:
             now = self._clock()
             self._reclaim_locked(now)
-            totals = {sc.scope: self._scope(sc.scope, now).snapshot(sc.scope)
-                      for sc in scopes}
+            totals = {sc.scope: self._scope(sc.scope, now).view(sc.scope) for sc in scopes}
             self._history(scopes, totals, now)
             denial = first_denial(scopes, amounts, totals)
             if denial is None:

@@ -21,7 +21,7 @@ import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ from ..usage import Usage, usd_to_nano
 __all__ = ["CostBreakdown", "ModelPrice", "PriceBook", "PriceTier"]
 
 ENV_VAR = "AGENT_GUARD_PRICES"
+_ZERO = Decimal(0)
+_NANO = Decimal(10**9)
 _TIER_FIELD = re.compile(
     r"^(input_cost_per_token|output_cost_per_token|cache_read_input_token_cost|"
     r"cache_creation_input_token_cost)_above_(\d+)k_tokens$"
@@ -166,15 +168,35 @@ class ModelPrice:
         )
         return replace(base, tiers=tiers)
 
-    def cost(self, usage: Usage) -> CostBreakdown:
-        """The exact cost of ``usage`` at these prices."""
+    def _rates(self, input_tokens: int
+               ) -> tuple[Decimal, Decimal, Decimal | None, Decimal | None, int | None]:
         inp, out, read, write = self.input, self.output, self.cache_read, self.cache_creation
         tier_threshold = None
         for tier in self.tiers:  # ascending: the last exceeded one wins
-            if usage.input_tokens > tier.threshold_tokens:
+            if input_tokens > tier.threshold_tokens:
                 inp, out = tier.input, tier.output
                 read, write = tier.cache_read, tier.cache_creation
                 tier_threshold = tier.threshold_tokens
+        return inp, out, read, write, tier_threshold
+
+    def cost_nano(self, usage: Usage) -> int:
+        """``cost(usage).total_nano`` (the ledger amount) without building the breakdown:
+        the same Decimal sums in the same order, rounded up to the next nano-USD."""
+        inp, out, read, write, _ = self._rates(usage.input_tokens)
+        reasoning_usd = _ZERO
+        plain_output = usage.output_tokens
+        if self.reasoning is not None and usage.reasoning_tokens:
+            reasoning_usd = usage.reasoning_tokens * self.reasoning
+            plain_output -= usage.reasoning_tokens
+        prompt = (usage.uncached_input_tokens * inp
+                  + usage.cache_read_tokens * (read if read is not None else inp)
+                  + usage.cache_creation_tokens * (write if write is not None else inp))
+        total = prompt + (plain_output * out + reasoning_usd)
+        return int((total * _NANO).to_integral_value(rounding=ROUND_CEILING))
+
+    def cost(self, usage: Usage) -> CostBreakdown:
+        """The exact cost of ``usage`` at these prices."""
+        inp, out, read, write, tier_threshold = self._rates(usage.input_tokens)
         reasoning_usd = Decimal(0)
         plain_output = usage.output_tokens
         if self.reasoning is not None and usage.reasoning_tokens:

@@ -10,7 +10,9 @@ constants are deprecated in favour of a separate package):
 - ``chat {model}`` (CLIENT) per model call, with usage, cost
   (``gen_ai.usage.cost`` for Langfuse, ``llm.cost.*`` for OpenInference),
   the router tier and why, and whether the usage was estimated;
-- ``execute_tool {name}`` (INTERNAL) per tool call.
+- ``execute_tool {name}`` (INTERNAL) per tool call, with ``agent_guard.cache.hit``
+  and, for a result served from agent-guard's result cache, what that saved
+  (``agent_guard.cache.saved_usd``).
 
 A call the guard refuses gets its span closed with an error status and an
 ``agent_guard.refusal`` event. Message content is never recorded.
@@ -66,6 +68,7 @@ class Attr:
     RESERVED_USD = "agent_guard.reserved_usd"
     SAVED_USD = "agent_guard.saved_usd"
     CACHE_HIT = "agent_guard.cache.hit"
+    CACHE_SAVED_USD = "agent_guard.cache.saved_usd"
     OUTCOME = "agent_guard.outcome"
     SESSION_COST_USD = "agent_guard.session.cost_usd"
     SESSION_REMAINING_USD = "agent_guard.session.remaining_usd"
@@ -109,6 +112,10 @@ class GuardTelemetry:
         self._anchor: dict[UUID, Span | None] = {}  # run -> the span its children go under
         self._roots: dict[UUID, str] = {}  # root run -> session
         self._lock = threading.Lock()
+        self._llm_cost = Attr.LLM_COST_TOTAL in cost_attributes
+        # (model, provider, tier) -> prebuilt metric attribute dicts, see _metric_attributes
+        self._metric_attrs: dict[tuple[str, str | None, str | None],
+                                 tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
 
     # -- run tree --------------------------------------------------------------------
 
@@ -159,7 +166,7 @@ class GuardTelemetry:
 
     def chat_start(self, run_id: UUID, parent_run_id: UUID | None, *, model: str,
                    provider: str | None, max_tokens: int | None, session: str) -> None:
-        parent = self._parent(parent_run_id)
+        parent = self._anchor.get(parent_run_id) if parent_run_id is not None else None
         ctx = trace.set_span_in_context(parent) if parent is not None else None
         attributes: dict[str, Any] = {Attr.OPERATION: "chat", Attr.REQUEST_MODEL: model,
                                       Attr.CONVERSATION_ID: session, Attr.SESSION_ID: session}
@@ -167,7 +174,7 @@ class GuardTelemetry:
             attributes[Attr.PROVIDER] = provider
         if max_tokens:
             attributes[Attr.REQUEST_MAX_TOKENS] = max_tokens
-        span = self.tracer.start_span(f"chat {model}", context=ctx, kind=SpanKind.CLIENT,
+        span = self.tracer.start_span("chat " + model, context=ctx, kind=SpanKind.CLIENT,
                                       attributes=attributes)
         with self._lock:
             self._spans[run_id] = span
@@ -189,57 +196,77 @@ class GuardTelemetry:
             span = self._spans.pop(run_id, None)
         if span is None:
             return
-        attrs: dict[str, Any] = {}
-        if record is not None:
-            u = record.usage
-            attrs.update({
-                Attr.RESPONSE_MODEL: record.model, Attr.INPUT_TOKENS: u.input_tokens,
-                Attr.OUTPUT_TOKENS: u.output_tokens,
-                Attr.CACHE_READ_TOKENS: u.cache_read_tokens,
-                Attr.CACHE_CREATION_TOKENS: u.cache_creation_tokens,
-                Attr.REASONING_TOKENS: u.reasoning_tokens,
-                Attr.ESTIMATED: record.usage_estimated, Attr.OUTCOME: record.outcome,
-                Attr.RESERVED_USD: _usd(Decimal(record.reserved_nano) / 10**9),
-                Attr.CACHE_HIT: record.outcome == "cache_hit",
-            })
-            cost = _usd(record.cost_usd)
-            for name in self.cost_attributes:
-                attrs[name] = cost
-            if breakdown is not None and Attr.LLM_COST_TOTAL in self.cost_attributes:
-                attrs[Attr.LLM_COST_PROMPT] = _usd(breakdown[0])
-                attrs[Attr.LLM_COST_COMPLETION] = _usd(breakdown[1])
-            if record.saved_nano:
-                attrs[Attr.SAVED_USD] = _usd(record.saved_usd)
-            if record.tier:
-                attrs[Attr.TIER] = record.tier
-            if record.route:
-                attrs[Attr.ROUTE] = record.route
-            self._measure(record)
+        if record is None:
+            if finish_reasons:
+                span.set_attribute(Attr.FINISH_REASONS, finish_reasons)
+            span.end()
+            return
+        u = record.usage
+        # one dict literal, amounts as floats straight from integer nano-USD (n / 1e9 is
+        # the correctly rounded double, as float(Decimal(n) / 10**9) is)
+        attrs: dict[str, Any] = {
+            Attr.RESPONSE_MODEL: record.model, Attr.INPUT_TOKENS: u.input_tokens,
+            Attr.OUTPUT_TOKENS: u.output_tokens,
+            Attr.CACHE_READ_TOKENS: u.cache_read_tokens,
+            Attr.CACHE_CREATION_TOKENS: u.cache_creation_tokens,
+            Attr.REASONING_TOKENS: u.reasoning_tokens,
+            Attr.ESTIMATED: record.usage_estimated, Attr.OUTCOME: record.outcome,
+            Attr.RESERVED_USD: record.reserved_nano / 1e9,
+            Attr.CACHE_HIT: record.outcome == "cache_hit",
+        }
+        cost = record.cost_nano / 1e9
+        for name in self.cost_attributes:
+            attrs[name] = cost
+        if breakdown is not None and self._llm_cost:
+            attrs[Attr.LLM_COST_PROMPT] = _usd(breakdown[0])
+            attrs[Attr.LLM_COST_COMPLETION] = _usd(breakdown[1])
+        if record.saved_nano:
+            attrs[Attr.SAVED_USD] = record.saved_nano / 1e9
+        if record.tier:
+            attrs[Attr.TIER] = record.tier
+        if record.route:
+            attrs[Attr.ROUTE] = record.route
         if finish_reasons:
             attrs[Attr.FINISH_REASONS] = finish_reasons
+        self._measure(record, cost)
         span.set_attributes(attrs)
-        if record is not None and record.route and (
-                "downgraded" in record.route or "fallback" in record.route):
+        if record.route and ("downgraded" in record.route or "fallback" in record.route):
             span.add_event("agent_guard.downgrade", {Attr.TIER: record.tier or "",
                                                      Attr.ROUTE: record.route})
-        if record is not None and record.outcome in ("error", "aborted"):
+        if record.outcome in ("error", "aborted"):
             span.set_status(Status(StatusCode.ERROR, record.outcome))
         span.end()
 
-    def _measure(self, record: CallRecord) -> None:
-        common: dict[str, Any] = {Attr.OPERATION: "chat", Attr.REQUEST_MODEL: record.model}
-        if record.provider:
-            common[Attr.PROVIDER] = record.provider
-        if record.tier:
-            common[Attr.TIER] = record.tier
+    def _metric_attributes(self, record: CallRecord
+                           ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """(common, input-token, output-token) metric attributes of a model, built once
+        per (model, provider, tier) and reused: the instruments only read them."""
+        key = (record.model, record.provider, record.tier)
+        found = self._metric_attrs.get(key)
+        if found is None:
+            common: dict[str, Any] = {Attr.OPERATION: "chat", Attr.REQUEST_MODEL: record.model}
+            if record.provider:
+                common[Attr.PROVIDER] = record.provider
+            if record.tier:
+                common[Attr.TIER] = record.tier
+            found = (common, {**common, Attr.TOKEN_TYPE: "input"},
+                     {**common, Attr.TOKEN_TYPE: "output"})
+            with self._lock:
+                if len(self._metric_attrs) >= 4096:
+                    self._metric_attrs.clear()
+                self._metric_attrs[key] = found
+        return found
+
+    def _measure(self, record: CallRecord, cost: float) -> None:
+        common, input_attrs, output_attrs = self._metric_attributes(record)
         u = record.usage
-        self.token_usage.record(u.input_tokens, {**common, Attr.TOKEN_TYPE: "input"})
-        self.token_usage.record(u.output_tokens, {**common, Attr.TOKEN_TYPE: "output"})
+        self.token_usage.record(u.input_tokens, input_attrs)
+        self.token_usage.record(u.output_tokens, output_attrs)
         self.duration.record(max(0.0, record.ended_at - record.started_at), common)
         if record.cost_nano:
-            self.cost.add(_usd(record.cost_usd), common)
+            self.cost.add(cost, common)
         if record.saved_nano:
-            self.saved.add(_usd(record.saved_usd), common)
+            self.saved.add(record.saved_nano / 1e9, common)
 
     # -- tools --------------------------------------------------------------------------
 
@@ -247,13 +274,35 @@ class GuardTelemetry:
                    call_id: str | None) -> None:
         parent = self._parent(parent_run_id)
         ctx = trace.set_span_in_context(parent) if parent is not None else None
-        attributes: dict[str, Any] = {Attr.OPERATION: "execute_tool", Attr.TOOL_NAME: name}
+        attributes: dict[str, Any] = {Attr.OPERATION: "execute_tool", Attr.TOOL_NAME: name,
+                                      Attr.CACHE_HIT: False}
         if call_id:
             attributes[Attr.TOOL_CALL_ID] = call_id
         span = self.tracer.start_span(f"execute_tool {name}", context=ctx,
                                       kind=SpanKind.INTERNAL, attributes=attributes)
         with self._lock:
             self._spans[run_id] = span
+
+    def tool_cache_hit(self, run_id: UUID, saved_nano: int) -> None:
+        """The open tool run ``run_id`` was answered from agent-guard's result cache."""
+        span = self._spans.get(run_id)
+        if span is not None:
+            span.set_attributes({Attr.CACHE_HIT: True,
+                                 Attr.CACHE_SAVED_USD: saved_nano / 1e9})
+
+    def cached_tool_call(self, name: str, call_id: str | None, saved_nano: int,
+                         parent_run_id: UUID | None = None) -> None:
+        """A tool call answered from the cache without running the tool (so no tool run
+        exists for a callback to see): one finished ``execute_tool`` span for it."""
+        parent = self._parent(parent_run_id)
+        ctx = trace.set_span_in_context(parent) if parent is not None else None
+        attributes: dict[str, Any] = {Attr.OPERATION: "execute_tool", Attr.TOOL_NAME: name,
+                                      Attr.CACHE_HIT: True,
+                                      Attr.CACHE_SAVED_USD: saved_nano / 1e9}
+        if call_id:
+            attributes[Attr.TOOL_CALL_ID] = call_id
+        self.tracer.start_span(f"execute_tool {name}", context=ctx, kind=SpanKind.INTERNAL,
+                               attributes=attributes).end()
 
     def tool_end(self, run_id: UUID, error: BaseException | None = None) -> None:
         with self._lock:
