@@ -97,8 +97,11 @@ class BudgetExceeded(GuardError):
         def amount(value: int) -> str:
             return format_amount(d, value)
 
+        whose = (f"session {self.session!r} ({self.scope})"
+                 if self.scope == f"session:{self.session}" or not self.scope else
+                 f"session {self.session!r} is charged to {self.scope}, whose")
         return (
-            f"{type(self).__name__}: session {self.session!r} ({self.scope}) cap on "
+            f"{type(self).__name__}: {whose} cap on "
             f"{dimension_label(d)} is {amount(self.cap)}; spent {amount(self.spent)}, "
             f"reserved {amount(self.reserved)}, this call needs up to "
             f"{amount(self.requested)} (remaining {amount(self.remaining)}). "

@@ -51,6 +51,18 @@ def test_quickstart_example_runs_offline() -> None:
     assert "session ticket-42: $0.0" in out.stdout
 
 
+def test_team_budget_example_runs_offline() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "team_budget.py")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "refused by team:acme@" in out.stdout
+    webhooks = [line for line in out.stdout.splitlines() if line.startswith("webhook:")]
+    assert len(webhooks) == 2 and "threshold 50%" in webhooks[0] \
+        and "threshold 80%" in webhooks[1]
+    assert "user ana:" in out.stdout and "user ben:" in out.stdout
+    assert "/hooks/T000" not in out.stdout + out.stderr  # the webhook URL is a secret
+
+
 def test_price_command_shows_resolution() -> None:
     result = runner.invoke(app, ["price", "gpt-4o-mini-2025-01-01"])
     assert result.exit_code == 0
