@@ -522,9 +522,10 @@ class Guard:
             spent = settled.spent.get(ref.scope)
             if not thresholds or not spent or ref.caps.history:
                 continue  # rolling windows: the settle sees one bucket, not the window
+            lowest = min(thresholds)
             for dim, cap in ref.caps.caps.items():
-                if dim not in spent or cap <= 0:
-                    continue
+                if dim not in spent or cap <= 0 or spent[dim] < cap * lowest:
+                    continue  # below every threshold (most settles): nothing to check
                 for t in thresholds:
                     key = (ref.scope, dim, t)
                     if spent[dim] < cap * t or key in self._fired:
