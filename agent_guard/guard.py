@@ -104,6 +104,8 @@ _SHRINK_ATTEMPTS = 3
 # this process last saw settled). Nearer a cap the prompt is counted exactly, and a
 # reservation with the bound that is denied is retried with the exact count.
 _BOUND_SHARE_OF_ROOM = 0.1
+# Sessions whose scope refs Guard.scope_refs keeps (cleared when full; rebuilt on demand).
+_SESSION_REFS_MAX = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +217,9 @@ class Guard:
         self._warned_unpriced: set[str] = set()
         self._warn_lock = threading.Lock()
         self._fired: set[tuple[str, str, float]] = set()
+        # session -> its scope refs, when they depend on the session alone (scope_refs)
+        self._session_only = not self.budgets.kinds and self.limits.window is None
+        self._session_refs: dict[str, list[ScopeRef]] = {}
 
     # -- configuration -------------------------------------------------------------
 
@@ -231,6 +236,17 @@ class Guard:
 
     def scope_refs(self, session: str, attributes: Mapping[str, str] | None = None,
                    extra_caps: Mapping[str, int] | None = None) -> list[ScopeRef]:
+        if self._session_only and not extra_caps:
+            # Only a session budget, without a window: the scopes depend on the session
+            # id alone (no attribute selects a scope, no clock picks a period), so they
+            # are resolved once per session instead of on every call.
+            refs = self._session_refs.get(session)
+            if refs is None:
+                refs = self.budgets.resolve(session, self.attributes, self.clock(), self._caps)
+                if len(self._session_refs) >= _SESSION_REFS_MAX:
+                    self._session_refs.clear()
+                self._session_refs[session] = refs
+            return list(refs)
         return self.budgets.resolve(session, self.attributes_for(attributes), self.clock(),
                                     self._caps, extra_caps)
 
@@ -506,9 +522,10 @@ class Guard:
             spent = settled.spent.get(ref.scope)
             if not thresholds or not spent or ref.caps.history:
                 continue  # rolling windows: the settle sees one bucket, not the window
+            lowest = min(thresholds)
             for dim, cap in ref.caps.caps.items():
-                if dim not in spent or cap <= 0:
-                    continue
+                if dim not in spent or cap <= 0 or spent[dim] < cap * lowest:
+                    continue  # below every threshold (most settles): nothing to check
                 for t in thresholds:
                     key = (ref.scope, dim, t)
                     if spent[dim] < cap * t or key in self._fired:
@@ -716,8 +733,10 @@ class Guard:
             run_id=call.run_id,
             model=model or call.model,
             provider=call.provider,
-            usage=Usage(usage.input_tokens, usage.output_tokens, usage.cache_read_tokens,
-                        usage.cache_creation_tokens, usage.reasoning_tokens),
+            # a frozen Usage is kept as is; a subclass is copied to the plain type
+            usage=usage if type(usage) is Usage else Usage(
+                usage.input_tokens, usage.output_tokens, usage.cache_read_tokens,
+                usage.cache_creation_tokens, usage.reasoning_tokens),
             cost_nano=cost_nano,
             reserved_nano=admission.reserved_nano,
             usage_estimated=estimated,

@@ -88,6 +88,14 @@ class Usage:
     reasoning_tokens: int = 0
 
     def __post_init__(self) -> None:
+        i, o = self.input_tokens, self.output_tokens
+        cr, cc, r = self.cache_read_tokens, self.cache_creation_tokens, self.reasoning_tokens
+        # the common case in one expression (exact ints: bool and int subclasses, and
+        # every refusal, take the checks below)
+        if (type(i) is int and type(o) is int and type(cr) is int and type(cc) is int
+                and type(r) is int and cr >= 0 and cc >= 0 and r >= 0
+                and cr + cc <= i and r <= o):
+            return
         for name in self.__slots__:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):

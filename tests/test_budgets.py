@@ -362,3 +362,60 @@ def test_a_repeated_local_hour_at_a_dst_change_is_two_hours() -> None:
     for t, (_, start, end) in ((first, a), (second, b)):
         assert end.timestamp() - start.timestamp() == 3600
         assert start.timestamp() <= t < end.timestamp()
+
+
+# -- the per-session cache of scope refs ----------------------------------------------------
+
+
+def test_session_only_scope_refs_follow_the_session() -> None:
+    """Without other budgets or a window the scopes are resolved once per session (cached)
+    and each session still gets its own scope."""
+    guard = Guard(Limits(max_cost_usd=1, max_model_calls=3))
+    first = guard.scope_refs("a")
+    assert [r.scope for r in first] == ["session:a"]
+    assert [r.scope for r in guard.scope_refs("b")] == ["session:b"]
+    again = guard.scope_refs("a")
+    assert again == first and again is not first  # callers get their own list
+    again.clear()
+    assert [r.scope for r in guard.scope_refs("a")] == ["session:a"]
+    # per-call extra caps (loop detection) are not cached
+    [extra] = guard.scope_refs("a", extra_caps={"repeat:x": 2})
+    assert extra.caps.caps["repeat:x"] == 2
+    assert "repeat:x" not in guard.scope_refs("a")[0].caps.caps
+    # calls of two sessions are charged to their own scope
+    for session in ("a", "b", "a"):
+        guard.after_model_call(guard.before_model_call(call(session)), Usage(10, 5))
+    assert guard.usage("a").model_calls == 2 and guard.usage("b").model_calls == 1
+
+
+def test_many_sessions_keep_the_scope_ref_cache_bounded() -> None:
+    from agent_guard import guard as guard_module
+
+    guard = Guard(Limits(max_model_calls=3))
+    for i in range(guard_module._SESSION_REFS_MAX + 10):
+        assert guard.scope_refs(f"s{i}")[0].scope == f"session:s{i}"
+    assert len(guard._session_refs) <= guard_module._SESSION_REFS_MAX
+
+
+@pytest.mark.parametrize("budgets", [
+    Limits(max_cost_usd=1, window="month"),
+    Budgets(session=Limits(max_cost_usd=1), team=Limits(max_cost_usd=1, window="month")),
+    Budgets(session=Limits(max_cost_usd=1), global_=Limits(max_model_calls=10**6)),
+], ids=["session-window", "team-window", "global"])
+def test_scope_refs_with_windows_or_other_budgets_are_resolved_each_call(
+        budgets: Limits | Budgets) -> None:
+    """A window's period comes from the clock: crossing a month boundary with the same
+    session must give the new month's scope, never a remembered one."""
+    clock = Clock(NOV_30)
+    guard = Guard(budgets, attributes={"team": "acme"}, clock=clock)
+    before = [r.scope for r in guard.scope_refs("s")]
+    clock.t = DEC_1
+    after = [r.scope for r in guard.scope_refs("s")]
+    if isinstance(budgets, Limits) or "team" in budgets.kinds:
+        assert any(s.endswith("@2026-11") for s in before)
+        assert any(s.endswith("@2026-12") for s in after)
+        assert not any(s.endswith("@2026-11") for s in after)
+    else:
+        assert before == after == ["session:s", "global"]
+    guard.after_model_call(guard.before_model_call(call("s")), Usage(10, 5))
+    assert guard.usage("s").model_calls == 1

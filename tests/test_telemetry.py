@@ -253,3 +253,48 @@ def test_middleware_cache_hits_get_a_tool_span(receiver: Receiver) -> None:
         assert a[Attr.OPERATION] == "execute_tool" and a[Attr.TOOL_NAME] == "lookup"
     assert [attrs(s)[Attr.TOOL_CALL_ID] for s in spans] == ["call_2", "call_3"]
     assert cache.stats()["lookup"].hits == 2
+
+
+def test_cost_counters_sum_every_telemetry_of_a_meter_provider() -> None:
+    """agent_guard.cost / saved_cost are observable counters over in-process sums: two
+    GuardTelemetry on one MeterProvider feed one monotonic cumulative Sum per attribute
+    set, with the exact nano-dollar total of the calls (the SDK would ignore a second
+    callback registered under the same name)."""
+    import dataclasses
+    import uuid
+
+    from opentelemetry.sdk.metrics.export import AggregationTemporality
+
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    records: list = []
+    handlers = []
+    for _ in range(2):
+        telemetry = GuardTelemetry(TracerProvider(), meters)
+        guard = Guard(Limits(max_cost_usd=10), on_record=[records.append])
+        handlers.append(GuardCallbackHandler(guard, session_id="s", telemetry=telemetry))
+    llm = ScriptedChatModel(model_name="gpt-4o", max_tokens=50)
+    for i in range(5):
+        llm.invoke(f"question {i}", config={"callbacks": [handlers[i % 2]]})
+    # a cache hit seen by the second telemetry: counted as saved, not spent
+    hit = dataclasses.replace(records[0], outcome="cache_hit", cost_nano=0, saved_nano=1234)
+    run = uuid.uuid4()
+    handlers[1].telemetry.chat_start(run, None, model="gpt-4o", provider=None,
+                                     max_tokens=None, session="s")
+    handlers[1].telemetry.chat_end(run, hit)
+
+    def points(name: str) -> list:
+        data = [m.data for rm in reader.get_metrics_data().resource_metrics
+                for sm in rm.scope_metrics for m in sm.metrics if m.name == name]
+        assert len(data) == 1 and data[0].is_monotonic
+        assert data[0].aggregation_temporality == AggregationTemporality.CUMULATIVE
+        return list(data[0].data_points)
+
+    [cost] = points("agent_guard.cost")
+    assert cost.value == sum(r.cost_nano for r in records) / 1e9 > 0
+    assert cost.attributes == {Attr.OPERATION: "chat", Attr.REQUEST_MODEL: "gpt-4o",
+                               Attr.PROVIDER: records[0].provider}
+    [saved] = points("agent_guard.saved_cost")
+    assert saved.value == 1234 / 1e9
+    for _ in range(2):  # cumulative: collecting again gives the same totals
+        assert points("agent_guard.cost")[0].value == cost.value

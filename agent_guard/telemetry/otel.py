@@ -21,11 +21,14 @@ A call the guard refuses gets its span closed with an error status and an
 from __future__ import annotations
 
 import threading
+import weakref
+from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
 from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from ..records import CallRecord
@@ -81,6 +84,67 @@ def _usd(value: Decimal) -> float:
     return float(value)
 
 
+class _DollarSums:
+    """Cumulative dollars per metric attribute set, kept as exact integer nano-USD and
+    read by an ObservableCounter at each collection.
+
+    ``agent_guard.cost`` and ``agent_guard.saved_cost`` used to be synchronous counters:
+    each ``add`` made the SDK build, clean, copy and hash a measurement on the model
+    call's path. A cumulative monotonic Sum is exported either way (and a reader that
+    prefers delta temporality gets the SDK's deltas of these sums), so the backend sees
+    the same series; the call's path now only adds an integer under a lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._nano: dict[tuple[tuple[str, Any], ...], list[Any]] = {}  # key -> [attrs, nano]
+
+    def add(self, key: tuple[tuple[str, Any], ...], attributes: dict[str, Any],
+            nano: int) -> None:
+        with self._lock:
+            entry = self._nano.get(key)
+            if entry is None:
+                self._nano[key] = [attributes, nano]
+            else:
+                entry[1] += nano
+
+    def observe(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            points = [(attributes, nano) for attributes, nano in self._nano.values()]
+        return [Observation(nano / 1e9, attributes) for attributes, nano in points]
+
+
+# meter provider -> (cost sums, saved sums): one ObservableCounter per name and provider.
+# The SDK keeps the first callback of an instrument name and ignores a second
+# registration's, so every GuardTelemetry on a provider must feed the same sums.
+_SUMS: weakref.WeakKeyDictionary[Any, tuple[_DollarSums, _DollarSums]] = (
+    weakref.WeakKeyDictionary())
+_SUMS_LOCK = threading.Lock()
+
+
+def _dollar_sums(meter: Any, provider: Any) -> tuple[_DollarSums, _DollarSums]:
+    with _SUMS_LOCK:
+        try:
+            found = _SUMS.get(provider)
+        except TypeError:  # not weak-referenceable: this telemetry's own sums
+            found, provider = None, None
+        if found is None:
+            found = (_DollarSums(), _DollarSums())
+            meter.create_observable_counter(
+                "agent_guard.cost", callbacks=[found[0].observe], unit="USD",
+                description="Dollars spent on model calls")
+            meter.create_observable_counter(
+                "agent_guard.saved_cost", callbacks=[found[1].observe], unit="USD",
+                description="Dollars saved by cache hits")
+            if provider is not None:
+                _SUMS[provider] = found
+        return found
+
+
+_MetricAttrs = tuple[dict[str, Any], dict[str, Any], dict[str, Any],
+                     tuple[tuple[str, Any], ...]]
+
+
 class GuardTelemetry:
     """Turns a guard's view of a run into spans and metrics.
 
@@ -102,10 +166,11 @@ class GuardTelemetry:
             "gen_ai.client.operation.duration", unit="s",
             description="Duration of model calls",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
-        self.cost = meter.create_counter("agent_guard.cost", unit="USD",
-                                         description="Dollars spent on model calls")
-        self.saved = meter.create_counter("agent_guard.saved_cost", unit="USD",
-                                          description="Dollars saved by cache hits")
+        # agent_guard.cost and agent_guard.saved_cost: observable counters over sums
+        # shared by every GuardTelemetry of this meter provider (see _DollarSums)
+        self._cost_sums, self._saved_sums = _dollar_sums(
+            meter, meter_provider if meter_provider is not None
+            else metrics.get_meter_provider())
         self.cost_attributes = cost_attributes
         self.agent_name = agent_name
         self._spans: dict[UUID, Span] = {}
@@ -114,8 +179,7 @@ class GuardTelemetry:
         self._lock = threading.Lock()
         self._llm_cost = Attr.LLM_COST_TOTAL in cost_attributes
         # (model, provider, tier) -> prebuilt metric attribute dicts, see _metric_attributes
-        self._metric_attrs: dict[tuple[str, str | None, str | None],
-                                 tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
+        self._metric_attrs: dict[tuple[str, str | None, str | None], _MetricAttrs] = {}
 
     # -- run tree --------------------------------------------------------------------
 
@@ -228,7 +292,7 @@ class GuardTelemetry:
             attrs[Attr.ROUTE] = record.route
         if finish_reasons:
             attrs[Attr.FINISH_REASONS] = finish_reasons
-        self._measure(record, cost)
+        self._measure(record)
         span.set_attributes(attrs)
         if record.route and ("downgraded" in record.route or "fallback" in record.route):
             span.add_event("agent_guard.downgrade", {Attr.TIER: record.tier or "",
@@ -237,10 +301,10 @@ class GuardTelemetry:
             span.set_status(Status(StatusCode.ERROR, record.outcome))
         span.end()
 
-    def _metric_attributes(self, record: CallRecord
-                           ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """(common, input-token, output-token) metric attributes of a model, built once
-        per (model, provider, tier) and reused: the instruments only read them."""
+    def _metric_attributes(self, record: CallRecord) -> _MetricAttrs:
+        """(common, input-token, output-token) metric attributes of a model and the
+        common ones as a hashable key, built once per (model, provider, tier) and
+        reused: the instruments only read them."""
         key = (record.model, record.provider, record.tier)
         found = self._metric_attrs.get(key)
         if found is None:
@@ -250,23 +314,23 @@ class GuardTelemetry:
             if record.tier:
                 common[Attr.TIER] = record.tier
             found = (common, {**common, Attr.TOKEN_TYPE: "input"},
-                     {**common, Attr.TOKEN_TYPE: "output"})
+                     {**common, Attr.TOKEN_TYPE: "output"}, tuple(sorted(common.items())))
             with self._lock:
                 if len(self._metric_attrs) >= 4096:
                     self._metric_attrs.clear()
                 self._metric_attrs[key] = found
         return found
 
-    def _measure(self, record: CallRecord, cost: float) -> None:
-        common, input_attrs, output_attrs = self._metric_attributes(record)
+    def _measure(self, record: CallRecord) -> None:
+        common, input_attrs, output_attrs, key = self._metric_attributes(record)
         u = record.usage
         self.token_usage.record(u.input_tokens, input_attrs)
         self.token_usage.record(u.output_tokens, output_attrs)
         self.duration.record(max(0.0, record.ended_at - record.started_at), common)
-        if record.cost_nano:
-            self.cost.add(cost, common)
-        if record.saved_nano:
-            self.saved.add(record.saved_nano / 1e9, common)
+        if record.cost_nano > 0:
+            self._cost_sums.add(key, common, record.cost_nano)
+        if record.saved_nano > 0:
+            self._saved_sums.add(key, common, record.saved_nano)
 
     # -- tools --------------------------------------------------------------------------
 
