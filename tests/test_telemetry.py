@@ -298,3 +298,109 @@ def test_cost_counters_sum_every_telemetry_of_a_meter_provider() -> None:
     assert saved.value == 1234 / 1e9
     for _ in range(2):  # cumulative: collecting again gives the same totals
         assert points("agent_guard.cost")[0].value == cost.value
+
+
+def content_run(receiver: Receiver, telemetry: GuardTelemetry, provider) -> dict[str, list]:
+    """A create_agent run with a system prompt, one tool call and a final answer."""
+    handler = GuardCallbackHandler(Guard(Limits(max_cost_usd=1)), telemetry=telemetry)
+    agent = create_agent(scripted_tool_loop(1), [lookup], system_prompt="Be brief.")
+    agent.invoke({"messages": [("user", "where is A1?")]}, config={"callbacks": [handler]})
+    provider.force_flush()
+    by_name: dict[str, list] = {}
+    for span in sorted(receiver.spans, key=lambda s: s.start_time_unix_nano):
+        by_name.setdefault(span.name, []).append(attrs(span))
+    assert telemetry.open_spans() == 0
+    return by_name
+
+
+CONTENT_ATTRS = (Attr.INPUT_MESSAGES, Attr.OUTPUT_MESSAGES, Attr.SYSTEM_INSTRUCTIONS,
+                 Attr.TOOL_CALL_ARGUMENTS, Attr.TOOL_CALL_RESULT)
+
+
+def test_message_content_on_spans_when_the_user_opts_in(receiver: Receiver) -> None:
+    """capture_content=True: the conventions' JSON messages, system instructions apart,
+    tool calls and results as parts, and the tool span's arguments and result."""
+    import json
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.url)))
+    telemetry = GuardTelemetry(provider, MeterProvider(metric_readers=[InMemoryMetricReader()]),
+                               capture_content=True)
+    spans = content_run(receiver, telemetry, provider)
+    first, second = spans["chat gpt-4o"]
+    assert json.loads(first[Attr.SYSTEM_INSTRUCTIONS]) == [
+        {"type": "text", "content": "Be brief."}]
+    assert json.loads(first[Attr.INPUT_MESSAGES]) == [
+        {"role": "user", "parts": [{"type": "text", "content": "where is A1?"}]}]
+    assert json.loads(first[Attr.OUTPUT_MESSAGES]) == [
+        {"role": "assistant", "finish_reason": "tool_calls",
+         "parts": [{"type": "tool_call", "name": "lookup", "arguments": {"order": "A1"},
+                    "id": "call_1"}]}]
+    turns = json.loads(second[Attr.INPUT_MESSAGES])
+    assert [t["role"] for t in turns] == ["user", "assistant", "tool"]
+    assert turns[2]["parts"] == [{"type": "tool_call_response", "id": "call_1",
+                                  "response": "order A1: shipped"}]
+    assert json.loads(second[Attr.OUTPUT_MESSAGES])[0]["parts"] == [
+        {"type": "text", "content": "shipped"}]
+    [tool] = spans["execute_tool lookup"]
+    assert json.loads(tool[Attr.TOOL_CALL_ARGUMENTS]) == {"order": "A1"}
+    assert tool[Attr.TOOL_CALL_RESULT] == "order A1: shipped"
+
+
+@pytest.mark.parametrize("env, captured", [(None, False), ("false", False),
+                                           ("NO_CONTENT", False), ("EVENT_ONLY", False),
+                                           ("true", True), ("SPAN_ONLY", True),
+                                           ("span_and_event", True)])
+def test_content_follows_the_conventions_environment_variable(
+        receiver: Receiver, monkeypatch, env: str | None, captured: bool) -> None:
+    from agent_guard.telemetry.content import CAPTURE_CONTENT_ENV
+
+    if env is None:
+        monkeypatch.delenv(CAPTURE_CONTENT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(CAPTURE_CONTENT_ENV, env)
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.url)))
+    telemetry = GuardTelemetry(provider, MeterProvider(metric_readers=[InMemoryMetricReader()]))
+    assert telemetry.capture_content is captured
+    spans = content_run(receiver, telemetry, provider)
+    found = {k for group in spans.values() for a in group for k in a if k in CONTENT_ATTRS}
+    text = str(spans)
+    if captured:
+        assert found == set(CONTENT_ATTRS)
+    else:
+        assert found == set() and "where is A1" not in text and "Be brief" not in text
+    # an explicit argument wins over the environment
+    assert GuardTelemetry(provider, capture_content=False).capture_content is False
+
+
+def test_an_unreadable_content_setting_is_refused(monkeypatch) -> None:
+    from agent_guard.telemetry.content import CAPTURE_CONTENT_ENV
+
+    monkeypatch.setenv(CAPTURE_CONTENT_ENV, "maybe")
+    with pytest.raises(ValueError, match="SPAN_ONLY"):
+        GuardTelemetry(TracerProvider())
+
+
+def test_content_parts_for_multimodal_reasoning_and_legacy_prompts() -> None:
+    """Images are named, not copied; reasoning blocks are their own part; a plain prompt
+    string is a user message."""
+    from langchain_core.messages import HumanMessage
+
+    from agent_guard.telemetry.content import input_messages, output_messages
+
+    image = HumanMessage(content=[
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}])
+    system, rest = input_messages([image, "plain prompt"])
+    assert system == []
+    assert rest == [{"role": "user", "parts": [{"type": "text", "content": "what is this?"},
+                                               {"type": "image_url"}]},
+                    {"role": "user", "parts": [{"type": "text", "content": "plain prompt"}]}]
+    thought = AIMessage(content=[{"type": "reasoning", "reasoning": "think"},
+                                 {"type": "text", "text": "42"}])
+    assert output_messages([thought, "legacy"], ["stop", "length"]) == [
+        {"role": "assistant", "finish_reason": "stop",
+         "parts": [{"type": "reasoning", "content": "think"}, {"type": "text", "content": "42"}]},
+        {"role": "assistant", "finish_reason": "length",
+         "parts": [{"type": "text", "content": "legacy"}]}]

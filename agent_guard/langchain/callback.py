@@ -185,9 +185,11 @@ class GuardCallbackHandler(BaseCallbackHandler):
             attributes=attributes_from_metadata(meta, self.guard.attribute_names),
         )
         if self.telemetry is not None:
-            self.telemetry.chat_start(run_id, parent_run_id, model=model,
-                                      provider=call.provider,
-                                      max_tokens=call.max_output_tokens, session=call.session)
+            self.telemetry.chat_start(
+                run_id, parent_run_id, model=model, provider=call.provider,
+                max_tokens=call.max_output_tokens, session=call.session,
+                messages=(messages if messages is not None else prompts)
+                if self.telemetry.capture_content else None)
         try:
             admission = self._admit(call, parent_run_id)
         except GuardError as exc:
@@ -293,7 +295,10 @@ class GuardCallbackHandler(BaseCallbackHandler):
         )
         breakdown = self._breakdown(record)
         if self.telemetry is not None:
-            self.telemetry.chat_end(run_id, record, _finish_reasons(response), breakdown)
+            self.telemetry.chat_end(
+                run_id, record, _finish_reasons(response), breakdown,
+                output=[getattr(g, "message", None) or g.text for g in _generations(response)]
+                if self.telemetry.capture_content else None)
         if self.annotate_runs:
             self._annotate(response, record, breakdown)
         return record
@@ -360,7 +365,8 @@ class GuardCallbackHandler(BaseCallbackHandler):
         name = (serialized or {}).get("name") or kwargs.get("name")
         if self.telemetry is not None:
             self.telemetry.tool_start(run_id, parent_run_id, str(name),
-                                      kwargs.get("tool_call_id"))
+                                      kwargs.get("tool_call_id"),
+                                      inputs if inputs is not None else input_str)
         meta = metadata or {}
         session = session_from_metadata(meta, self.session_id)
         attributes = attributes_from_metadata(meta, self.guard.attribute_names)
@@ -387,7 +393,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         if self.telemetry is not None:
-            self.telemetry.tool_end(run_id)
+            self.telemetry.tool_end(run_id, result=output)
         self._tool_done(run_id, "ok")
 
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:

@@ -15,7 +15,13 @@ constants are deprecated in favour of a separate package):
   (``agent_guard.cache.saved_usd``).
 
 A call the guard refuses gets its span closed with an error status and an
-``agent_guard.refusal`` event. Message content is never recorded.
+``agent_guard.refusal`` event.
+
+Message content (``gen_ai.input.messages``, ``gen_ai.output.messages``,
+``gen_ai.system_instructions``, ``gen_ai.tool.call.arguments`` and
+``gen_ai.tool.call.result``) is recorded only when the user opts in, with
+``capture_content=True`` or the conventions' environment variable
+``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` (see :mod:`.content`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from ..records import CallRecord
+from . import content as _content
 
 __all__ = ["Attr", "GuardTelemetry", "configure_otlp"]
 
@@ -78,6 +85,12 @@ class Attr:
     SESSION_MODEL_CALLS = "agent_guard.session.model_calls"
     SESSION_TOOL_CALLS = "agent_guard.session.tool_calls"
     SESSION_STEPS = "agent_guard.session.steps"
+    # message content, recorded only with capture_content
+    INPUT_MESSAGES = "gen_ai.input.messages"
+    OUTPUT_MESSAGES = "gen_ai.output.messages"
+    SYSTEM_INSTRUCTIONS = "gen_ai.system_instructions"
+    TOOL_CALL_ARGUMENTS = "gen_ai.tool.call.arguments"
+    TOOL_CALL_RESULT = "gen_ai.tool.call.result"
 
 
 def _usd(value: Decimal) -> float:
@@ -150,12 +163,16 @@ class GuardTelemetry:
 
     Uses the application's global ``TracerProvider``/``MeterProvider`` unless
     ones are given. ``cost_attributes`` picks which cost attribute names are
-    written (all by default).
+    written (all by default). ``capture_content`` records messages, tool
+    arguments and tool results on the spans; ``None`` (the default) reads
+    ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``, which is off unless set.
     """
 
     def __init__(self, tracer_provider: Any = None, meter_provider: Any = None, *,
                  cost_attributes: tuple[str, ...] = (Attr.COST, Attr.LLM_COST_TOTAL),
-                 agent_name: str = "agent") -> None:
+                 agent_name: str = "agent", capture_content: bool | None = None) -> None:
+        self.capture_content = (_content.capture_content_from_env()
+                                if capture_content is None else bool(capture_content))
         self.tracer = trace.get_tracer("agent_guard", tracer_provider=tracer_provider)
         meter = metrics.get_meter("agent_guard", meter_provider=meter_provider)
         self.token_usage = meter.create_histogram(
@@ -229,7 +246,8 @@ class GuardTelemetry:
     # -- model calls -------------------------------------------------------------------
 
     def chat_start(self, run_id: UUID, parent_run_id: UUID | None, *, model: str,
-                   provider: str | None, max_tokens: int | None, session: str) -> None:
+                   provider: str | None, max_tokens: int | None, session: str,
+                   messages: Iterable[Any] | None = None) -> None:
         parent = self._anchor.get(parent_run_id) if parent_run_id is not None else None
         ctx = trace.set_span_in_context(parent) if parent is not None else None
         attributes: dict[str, Any] = {Attr.OPERATION: "chat", Attr.REQUEST_MODEL: model,
@@ -238,6 +256,11 @@ class GuardTelemetry:
             attributes[Attr.PROVIDER] = provider
         if max_tokens:
             attributes[Attr.REQUEST_MAX_TOKENS] = max_tokens
+        if self.capture_content and messages is not None:
+            system, rest = _content.input_messages(messages)
+            if system:
+                attributes[Attr.SYSTEM_INSTRUCTIONS] = _content.to_json(system)
+            attributes[Attr.INPUT_MESSAGES] = _content.to_json(rest)
         span = self.tracer.start_span("chat " + model, context=ctx, kind=SpanKind.CLIENT,
                                       attributes=attributes)
         with self._lock:
@@ -255,11 +278,17 @@ class GuardTelemetry:
 
     def chat_end(self, run_id: UUID, record: CallRecord | None,
                  finish_reasons: list[str] | None = None,
-                 breakdown: tuple[Decimal, Decimal] | None = None) -> None:
+                 breakdown: tuple[Decimal, Decimal] | None = None,
+                 output: Iterable[Any] | None = None) -> None:
+        """``output``: the messages the model returned, one per choice (recorded only
+        with ``capture_content``)."""
         with self._lock:
             span = self._spans.pop(run_id, None)
         if span is None:
             return
+        if self.capture_content and output is not None:
+            span.set_attribute(Attr.OUTPUT_MESSAGES, _content.to_json(
+                _content.output_messages(output, finish_reasons)))
         if record is None:
             if finish_reasons:
                 span.set_attribute(Attr.FINISH_REASONS, finish_reasons)
@@ -335,13 +364,16 @@ class GuardTelemetry:
     # -- tools --------------------------------------------------------------------------
 
     def tool_start(self, run_id: UUID, parent_run_id: UUID | None, name: str,
-                   call_id: str | None) -> None:
+                   call_id: str | None, arguments: Any = None) -> None:
         parent = self._parent(parent_run_id)
         ctx = trace.set_span_in_context(parent) if parent is not None else None
         attributes: dict[str, Any] = {Attr.OPERATION: "execute_tool", Attr.TOOL_NAME: name,
                                       Attr.CACHE_HIT: False}
         if call_id:
             attributes[Attr.TOOL_CALL_ID] = call_id
+        if self.capture_content and arguments is not None:
+            attributes[Attr.TOOL_CALL_ARGUMENTS] = (
+                arguments if isinstance(arguments, str) else _content.to_json(arguments))
         span = self.tracer.start_span(f"execute_tool {name}", context=ctx,
                                       kind=SpanKind.INTERNAL, attributes=attributes)
         with self._lock:
@@ -368,11 +400,16 @@ class GuardTelemetry:
         self.tracer.start_span(f"execute_tool {name}", context=ctx, kind=SpanKind.INTERNAL,
                                attributes=attributes).end()
 
-    def tool_end(self, run_id: UUID, error: BaseException | None = None) -> None:
+    def tool_end(self, run_id: UUID, error: BaseException | None = None,
+                 result: Any = None) -> None:
         with self._lock:
             span = self._spans.pop(run_id, None)
         if span is None:
             return
+        if self.capture_content and result is not None:
+            result = getattr(result, "content", result)  # a ToolMessage: its content
+            span.set_attribute(Attr.TOOL_CALL_RESULT,
+                               result if isinstance(result, str) else _content.to_json(result))
         if error is not None:
             span.set_status(Status(StatusCode.ERROR, type(error).__name__))
         span.end()
