@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -188,6 +189,26 @@ def test_parquet_export_with_pyarrow(tmp_path) -> None:
     table = pq.read_table(out)
     assert set(REQUIRED_COLUMNS) <= set(table.column_names)
     assert sum(table.column("BilledCost").to_pylist()) == Decimal("0.002469135")
+    # typed columns, and the same values as the CSV export of the same records
+    import pyarrow as pa
+
+    assert table.schema.field("BilledCost").type == pa.decimal128(38, 9)
+    start_type = table.schema.field("ChargePeriodStart").type
+    assert pa.types.is_timestamp(start_type) and start_type.tz == "UTC"  # Parquet: ms
+    assert table.schema.field("x_InputTokens").type == pa.int64()
+    export_focus([make_record(0), make_record(1)], tmp_path / "out.csv")
+    assert validate_focus(tmp_path / "out.csv") == []
+    with (tmp_path / "out.csv").open(newline="", encoding="utf-8") as fh:
+        csv_rows = list(csv.DictReader(fh))
+    for csv_row, pq_row in zip(csv_rows, table.to_pylist(), strict=True):
+        for name, text in csv_row.items():
+            value = pq_row[name]
+            if value is None:
+                assert text == "", name
+            elif isinstance(value, datetime):
+                assert value.strftime("%Y-%m-%dT%H:%M:%SZ") == text, name
+            else:
+                assert str(value) == text or Decimal(text) == value, name
 
 
 def test_bad_export_options() -> None:
