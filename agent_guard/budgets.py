@@ -17,6 +17,8 @@ A rolling window (``"24h"``, ``"7d"``, ``"90m"``) is kept in buckets of its unit
 is admitted when the current bucket and the earlier buckets the window covers
 (23 for ``"24h"``) together leave room; spend goes to the current bucket. So a
 ``"24h"`` cap holds over the current partial hour plus the 23 hours before it.
+Its soft thresholds are judged on the whole window and fire at most once per
+window length.
 """
 
 from __future__ import annotations

@@ -217,6 +217,9 @@ class Guard:
         self._warned_unpriced: set[str] = set()
         self._warn_lock = threading.Lock()
         self._fired: set[tuple[str, str, float]] = set()
+        # a rolling window's current bucket -> what its earlier buckets had spent when
+        # first read (past buckets change only by late settles), for its thresholds
+        self._past_spent: dict[str, dict[str, int]] = {}
         # session -> its scope refs, when they depend on the session alone (scope_refs)
         self._session_only = not self.budgets.kinds and self.limits.window is None
         self._session_refs: dict[str, list[ScopeRef]] = {}
@@ -520,33 +523,63 @@ class Guard:
         for ref in refs:
             thresholds = ref.limits.thresholds
             spent = settled.spent.get(ref.scope)
-            if not thresholds or not spent or ref.caps.history:
-                continue  # rolling windows: the settle sees one bucket, not the window
+            if not thresholds or not spent:
+                continue
+            past = self._past_spent.get(ref.scope) if ref.caps.history else None
             lowest = min(thresholds)
             for dim, cap in ref.caps.caps.items():
-                if dim not in spent or cap <= 0 or spent[dim] < cap * lowest:
+                if dim not in spent or cap <= 0:
+                    continue
+                used = spent[dim] + past.get(dim, 0) if past else spent[dim]
+                if used < cap * lowest:
                     continue  # below every threshold (most settles): nothing to check
                 for t in thresholds:
                     key = (ref.scope, dim, t)
-                    if spent[dim] < cap * t or key in self._fired:
+                    if used < cap * t or key in self._fired:
                         continue
                     if len(self._fired) > 100_000:  # bounded: the ledger marker dedupes
                         self._fired.clear()
                     self._fired.add(key)
                     marker = f"threshold:{dim}:{t}"
-                    out.append((ScopeCaps(ref.scope, {marker: 1}), marker, ThresholdEvent(
-                        session, dim, t, spent[dim], cap, scope=ref.scope, kind=ref.kind,
-                        value=ref.value, period=ref.period, window=ref.limits.window)))
+                    # a rolling window's marker counts over the window's buckets: once
+                    # per window length, not once per bucket
+                    out.append((ScopeCaps(ref.scope, {marker: 1}, ref.caps.history), marker,
+                                ThresholdEvent(session, dim, t, used, cap, scope=ref.scope,
+                                               kind=ref.kind, value=ref.value,
+                                               period=ref.period, window=ref.limits.window)))
         return out
+
+    def _unread_windows(self, refs: Sequence[ScopeRef], settled: Settlement
+                        ) -> list[ScopeRef]:
+        """Rolling windows with thresholds whose earlier buckets this guard has not read
+        since their current bucket began (one read per bucket and process)."""
+        if not settled:
+            return []
+        return [ref for ref in refs if ref.caps.history and ref.limits.thresholds
+                and ref.scope in settled.spent and ref.scope not in self._past_spent]
+
+    def _keep_past(self, ref: ScopeRef, buckets: Sequence[ScopeTotals]) -> None:
+        sums: dict[str, int] = {}
+        for totals in buckets:
+            for dim, amount in totals.spent.items():
+                sums[dim] = sums.get(dim, 0) + int(amount)
+        with self._warn_lock:
+            if len(self._past_spent) >= 10_000:
+                self._past_spent.clear()
+            self._past_spent[ref.scope] = sums
 
     def _check_thresholds(self, session: str, refs: Sequence[ScopeRef],
                           settled: Settlement) -> None:
+        for ref in self._unread_windows(refs, settled):
+            self._keep_past(ref, [self.ledger.totals(p) for p in ref.caps.history])
         for scope, marker, event in self._crossed(session, refs, settled):
             if self.ledger.charge([scope], {marker: 1}) is None:
                 self._fire(event)
 
     async def _acheck_thresholds(self, session: str, refs: Sequence[ScopeRef],
                                  settled: Settlement) -> None:
+        for ref in self._unread_windows(refs, settled):
+            self._keep_past(ref, [await self.ledger.atotals(p) for p in ref.caps.history])
         for scope, marker, event in self._crossed(session, refs, settled):
             if await self.ledger.acharge([scope], {marker: 1}) is None:
                 self._fire(event)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 from datetime import UTC, datetime
+from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -169,6 +170,47 @@ def test_team_thresholds_fire_once_per_window() -> None:
     for i in range(3):
         spend(guard, f"d{i}")
     assert [e.period for e in events if e.kind == "team"] == ["2026-11", "2026-12"]
+
+
+@pytest.mark.parametrize("path", ["sync", "async"])
+def test_rolling_window_thresholds_count_the_earlier_buckets_and_fire_once_per_window(
+        make_ledger: LedgerFactory, path: str) -> None:
+    """A 3h rolling cap: the threshold is judged on the whole window (not the current
+    hour alone), fires once while its marker stays in the window, and again once the
+    hour that fired has left it."""
+    import asyncio
+
+    start = datetime(2026, 11, 30, 10, 30, tzinfo=UTC).timestamp()
+    clock = Clock(start)
+    events = []
+    guard = Guard(Budgets(session=Limits(),
+                          user=Limits(max_cost_usd="0.002", window="3h",
+                                      thresholds=(0.5, 0.8))),
+                  ledger=make_ledger(), attributes={"user": "u1"}, clock=clock,
+                  on_threshold=[events.append])
+
+    async def aspend(session: str) -> None:
+        admission = await guard.abefore_model_call(call(session))
+        await guard.aafter_model_call(admission, Usage(1000, 500))
+
+    def at(hours: float, *sessions: str) -> list[tuple[float, str]]:
+        clock.t = start + hours * 3600
+        for session in sessions:  # $0.00045 each: 22.5% of the cap
+            if path == "sync":
+                spend(guard, session)
+            else:
+                asyncio.run(aspend(session))
+        return [(e.threshold, e.period) for e in events if e.kind == "user"]
+
+    assert at(0, "a") == []                       # 10:30  22.5%
+    assert at(1, "b") == []                       # 11:30  45% of 10:00-12:59
+    assert at(2, "c") == [(0.5, "2026-11-30T12")]  # 12:30  67.5%: the hours before count
+    assert at(2.2, "d") == [(0.5, "2026-11-30T12"), (0.8, "2026-11-30T12")]  # 90%
+    assert at(3, "e") == [(0.5, "2026-11-30T12"), (0.8, "2026-11-30T12")]  # 13:30 90%,
+    assert guard.scope_usage("user", "u1").cost_usd == Decimal("0.0018")  # still fired
+    assert at(6, "f", "g")[2:] == []              # 16:30: 45% of 14:00-16:59
+    assert at(6.5, "h")[2:] == [(0.5, "2026-11-30T17")]  # 17:00, 12:00 long gone: again
+    assert all(e.window == "3h" and e.value == "u1" for e in events if e.kind == "user")
 
 
 # -- attributes from the run's metadata ---------------------------------------------------------
