@@ -280,6 +280,21 @@ class _Estimate:
         self.exact = False
         return utf8_upper_bound(text)
 
+def _prompt_tokens(messages: Iterable[MessageLike],
+                   tools: Sequence[Mapping[str, Any]] | None,
+                   count: _Count, schema_count: _TextCounts) -> int:
+    """A prompt's tokens before scaling: messages counted with ``count``, tool schemas
+    (always exactly) with ``schema_count``."""
+    n = REPLY_PRIMING_TOKENS
+    for message in messages:
+        n += TOKENS_PER_MESSAGE + _message_tokens(message, count)
+    if tools:
+        n += TOOLS_BLOCK_TOKENS
+        for tool in tools:
+            n += _tool_schema_tokens(tool, schema_count)
+    return n
+
+
 # Tool schemas by identity: LangChain passes the same schema dicts on every call of a
 # bound model, so a hit skips serialising them. The entry keeps the schema alive and is
 # checked with ``is`` (ids are reused after garbage collection). Schemas are treated as
@@ -387,14 +402,7 @@ class TokenCounter:
         OpenAI-format tool schemas sent with it (``invocation_params["tools"]``)."""
         enc, exact = _family(model or "")
         count = _TEXT_COUNTS[enc]
-        n = REPLY_PRIMING_TOKENS
-        for message in messages:
-            n += TOKENS_PER_MESSAGE + _message_tokens(message, count)
-        if tools:
-            n += TOOLS_BLOCK_TOKENS
-            for tool in tools:
-                n += _tool_schema_tokens(tool, count)
-        return self._scaled(n, exact)
+        return self._scaled(_prompt_tokens(messages, tools, count, count), exact)
 
     def estimate_messages(
         self,
@@ -410,13 +418,7 @@ class TokenCounter:
         enc, exact_family = _family(model or "")
         counts = _TEXT_COUNTS[enc]
         count = _Estimate(counts)
-        n = REPLY_PRIMING_TOKENS
-        for message in messages:
-            n += TOKENS_PER_MESSAGE + _message_tokens(message, count)
-        if tools:
-            n += TOOLS_BLOCK_TOKENS
-            for tool in tools:
-                n += _tool_schema_tokens(tool, counts)
+        n = _prompt_tokens(messages, tools, count, counts)
         return self._scaled(n, exact_family), count.exact
 
     def count_output(self, message: BaseMessage | Mapping[str, Any] | str,
