@@ -3,6 +3,10 @@ empty callback handler vs OpenLLMetry's opentelemetry-instrumentation-langchain.
 
     python benchmarks/bench_telemetry.py [--calls 1000] [--rounds 7]
 
+"OTel SDK alone" is a handler doing only the SDK work the guard's telemetry asks for
+(the same span attributes and histogram points, no agent-guard code): the floor
+that any exporter of the issue's attributes pays, caps or not.
+
 All configurations invoke the same in-process chat model on the same prompt,
 in interleaved rounds, with spans going to an SDK TracerProvider whose
 exporter drops them (so export cost is equal and small). OpenLLMetry is
@@ -21,13 +25,15 @@ from typing import Any
 
 import _checkout  # noqa: F401  (this checkout's agent_guard)
 from bench_overhead import PROMPT, EmptyHandler, make_model  # the script's own folder
+from langchain_core.callbacks import BaseCallbackHandler
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import SpanKind
 
 from agent_guard import Guard, GuardCallbackHandler, Limits
-from agent_guard.telemetry import GuardTelemetry
+from agent_guard.telemetry import Attr, GuardTelemetry
 
 
 class DropExporter(SpanExporter):
@@ -37,6 +43,42 @@ class DropExporter(SpanExporter):
     def export(self, spans: Sequence[Any]) -> SpanExportResult:
         self.count += len(spans)
         return SpanExportResult.SUCCESS
+
+
+class SdkOnlyHandler(BaseCallbackHandler):
+    """The floor: only the OpenTelemetry SDK work the guard's telemetry asks for per
+    model call (one CLIENT span with the same attribute names and value types, the
+    same three histogram points), with no agent-guard code and no caps."""
+
+    def __init__(self, provider: Any, meters: Any) -> None:
+        self.tracer = provider.get_tracer("floor")
+        meter = meters.get_meter("floor")
+        self.tokens = meter.create_histogram("gen_ai.client.token.usage")
+        self.duration = meter.create_histogram("gen_ai.client.operation.duration")
+        self.spans: dict[Any, Any] = {}
+        self.common = {Attr.OPERATION: "chat", Attr.REQUEST_MODEL: "gpt-4o",
+                       Attr.PROVIDER: "openai"}
+
+    def on_chat_model_start(self, serialized: Any, messages: Any, *, run_id: Any,
+                            **kwargs: Any) -> None:
+        self.spans[run_id] = self.tracer.start_span(
+            "chat gpt-4o", kind=SpanKind.CLIENT,
+            attributes={**self.common, Attr.CONVERSATION_ID: "b", Attr.SESSION_ID: "b",
+                        Attr.REQUEST_MAX_TOKENS: 100})
+
+    def on_llm_end(self, response: Any, *, run_id: Any, **kwargs: Any) -> None:
+        span = self.spans.pop(run_id)
+        span.set_attributes({
+            Attr.RESPONSE_MODEL: "gpt-4o", Attr.INPUT_TOKENS: 120, Attr.OUTPUT_TOKENS: 20,
+            Attr.CACHE_READ_TOKENS: 0, Attr.CACHE_CREATION_TOKENS: 0,
+            Attr.REASONING_TOKENS: 0, Attr.ESTIMATED: False, Attr.OUTCOME: "ok",
+            Attr.RESERVED_USD: 0.0013, Attr.CACHE_HIT: False, Attr.COST: 0.0005,
+            Attr.LLM_COST_TOTAL: 0.0005, Attr.LLM_COST_PROMPT: 0.0003,
+            Attr.LLM_COST_COMPLETION: 0.0002, Attr.FINISH_REASONS: ["stop"]})
+        self.tokens.record(120, {**self.common, Attr.TOKEN_TYPE: "input"})
+        self.tokens.record(20, {**self.common, Attr.TOKEN_TYPE: "output"})
+        self.duration.record(0.001, self.common)
+        span.end()
 
 
 def timed(model: Any, handlers: list[Any], n: int) -> float:
@@ -80,14 +122,17 @@ def main() -> None:
     guard = Guard(Limits(max_cost_usd=10**6, max_tokens=10**12, max_model_calls=10**9))
     guarded = [GuardCallbackHandler(guard, session_id="b", telemetry=telemetry)]
     plain_guard = [GuardCallbackHandler(Guard(guard.limits), session_id="b")]
+    floor = [SdkOnlyHandler(provider, MeterProvider(metric_readers=[InMemoryMetricReader()]))]
     per = args.calls
     times: dict[str, list[float]] = {"no callbacks": [], "empty handler": [],
+                                     "OTel SDK alone": [],
                                      "guard, no telemetry": [], "guard + telemetry": []}
-    for handlers in ([], guarded, plain_guard):  # warm-up
+    for handlers in ([], guarded, plain_guard, floor):  # warm-up
         timed(model, handlers, 100)
     for _ in range(args.rounds):
         times["no callbacks"].append(timed(model, [], per))
         times["empty handler"].append(timed(model, [EmptyHandler()], per))
+        times["OTel SDK alone"].append(timed(model, floor, per))
         times["guard, no telemetry"].append(timed(model, plain_guard, per))
         times["guard + telemetry"].append(timed(model, guarded, per))
     med = {k: statistics.median(v) for k, v in times.items()}
