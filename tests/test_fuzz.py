@@ -3,8 +3,10 @@ and the ledger stays consistent. A fixed budget of examples, so CI time is bound
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -100,3 +102,42 @@ def test_odd_sessions_tools_and_sizes_keep_the_ledger_consistent(session, tool, 
     assert u.reserved_nano == 0 and 0 <= u.cost_nano <= 10**9
     assert u.tool_calls == 1  # the identical second call was refused as a repeat
     assert guard.usage(session + "\x00other").cost_nano == 0  # no bleed between names
+
+
+any_text = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF),
+                   max_size=300)
+
+
+@FUZZ
+@given(turns=st.lists(any_text, min_size=1, max_size=4),
+       repeat=st.sampled_from([1, 1, 1000, 20_000]), use_async=st.booleans())
+def test_any_unicode_prompt_through_a_real_chat_model_is_charged_or_refused(
+        turns: list[str], repeat: int, use_async: bool) -> None:
+    """Arbitrary code points (lone surrogates, NUL, private use, astral) and prompts up
+    to a few MB, through GuardCallbackHandler on a LangChain chat model: the call is
+    charged and settled, or refused before it runs; nothing stays reserved."""
+    from langchain_core.messages import HumanMessage
+
+    from agent_guard import BudgetExceeded, GuardCallbackHandler
+    from agent_guard.testing import ScriptedChatModel
+
+    guard = Guard(Limits(max_cost_usd="0.05", max_tokens=400_000))
+    handler = GuardCallbackHandler(guard, session_id="fuzz")
+    model = ScriptedChatModel(model_name="gpt-4o", max_tokens=50)
+    messages = [HumanMessage(t * repeat) for t in turns]
+    config: Any = {"callbacks": [handler]}
+    try:
+        if use_async:
+            asyncio.run(model.ainvoke(messages, config=config))
+        else:
+            model.invoke(messages, config=config)
+    except BudgetExceeded as exc:
+        assert exc.dimension in ("usd_nano", "tokens") and exc.requested > 0
+        assert guard.usage("fuzz").model_calls == 0  # refused before it ran
+    else:
+        u = guard.usage("fuzz")
+        assert u.model_calls == 1 and u.cost_nano > 0
+        assert u.cost_nano <= 50_000_000  # the caps held
+        assert u.input_tokens + u.output_tokens <= 400_000
+    after = guard.usage("fuzz")
+    assert after.reserved_nano == 0 and after.reserved_tokens == 0
