@@ -107,3 +107,45 @@ def test_redis_connections_are_bounded_and_an_exhausted_pool_fails_closed(
     assert not isinstance(starved.reserve(caps, {"usd_nano": 5}, lease_seconds=30), Denial)
     starved.close()
     admin.close()
+
+
+def test_an_asyncio_run_per_task_does_not_leave_redis_connections_behind(
+        redis_url: str, redis_namespace: str) -> None:
+    """A worker that runs each task with asyncio.run gets a new event loop, and so a new
+    async pool, per task: each pool is closed when its loop shuts down, so the
+    connections on the server stay at one per live loop, not one per task."""
+    import asyncio
+    import gc
+
+    import redis as redis_py
+
+    from agent_guard.ledger import Denial, ScopeCaps
+    from agent_guard.ledger.redis import RedisLedger
+
+    name = f"ag-loops-{redis_namespace}"
+    ledger = RedisLedger(redis_url, namespace=redis_namespace, client_name=name)
+    caps = [ScopeCaps("session:loops", {"usd_nano": 10**12})]
+    admin = redis_py.Redis.from_url(redis_url)
+
+    def mine() -> int:
+        return sum(1 for c in admin.client_list() if c.get("name") == name)
+
+    async def task() -> int:
+        res = await ledger.areserve(caps, {"usd_nano": 3}, lease_seconds=30)
+        assert not isinstance(res, Denial)
+        await ledger.asettle(res, {"usd_nano": 3})
+        return mine()  # this loop's connection is open while the loop runs
+
+    during = [asyncio.run(task()) for _ in range(25)]
+    gc.collect()
+    assert during == [1] * 25  # the earlier loops' connections were already closed
+    assert mine() == 0 and len(ledger._async_by_loop) == 0
+    assert ledger.totals("session:loops").get_spent("usd_nano") == 75
+
+    async def closed_early() -> None:  # aclose inside the loop, then the loop ends
+        await task()
+        await ledger.aclose()
+
+    asyncio.run(closed_early())
+    assert mine() == 0
+    admin.close()

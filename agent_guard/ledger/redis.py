@@ -38,6 +38,7 @@ any session lasts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 import weakref
@@ -185,6 +186,8 @@ class RedisLedger(Ledger):
         self._sync = _Scripts.on(self.client)
         self._async_by_loop: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, _Scripts] = weakref.WeakKeyDictionary()
+        self._async_closers: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
         self.prefix = f"ag:{{{quote(namespace, safe='')}}}:"
         self._open = self.prefix + "open"
         self._leases = self.prefix + "leases"
@@ -362,7 +365,8 @@ class RedisLedger(Ledger):
 
     def _async(self) -> _Scripts:
         """The async client of the running event loop, made on first use (an asyncio
-        client belongs to the loop it was created on)."""
+        client belongs to the loop it was created on) and closed when the loop shuts
+        down (see :func:`_close_at_loop_shutdown`)."""
         loop = asyncio.get_running_loop()
         found = self._async_by_loop.get(loop)
         if found is None:
@@ -373,6 +377,8 @@ class RedisLedger(Ledger):
             client.auto_close_connection_pool = True
             found = _Scripts.on(client)
             self._async_by_loop[loop] = found
+            self._async_closers[loop] = _close_at_loop_shutdown(
+                weakref.ref(self._async_by_loop), loop, client)
         return found
 
     async def areserve(
@@ -430,10 +436,41 @@ class RedisLedger(Ledger):
         return _totals(scope, raw)
 
     async def aclose(self) -> None:
-        found = self._async_by_loop.pop(asyncio.get_running_loop(), None)
-        if found is not None:
-            await found.client.aclose()
+        loop = asyncio.get_running_loop()
+        self._async_by_loop.pop(loop, None)
+        closer = self._async_closers.pop(loop, None)
+        if closer is not None:
+            await closer.aclose()  # closes this loop's client
         self.close()
+
+
+def _close_at_loop_shutdown(clients: Callable[[], Any], loop: asyncio.AbstractEventLoop,
+                            client: Any) -> Any:
+    """An async generator, started here, whose ``finally`` closes ``client``.
+
+    An asyncio client belongs to one loop, so each loop gets its own pool. A worker that
+    calls ``asyncio.run`` per task made a new loop, and so a new pool with an open
+    connection, per task; and the pool, holding the loop through its connections, was
+    never collected. Event loops finalise the async generators started in them when they
+    shut down (``asyncio.run`` and pytest-asyncio call ``shutdown_asyncgens``), which
+    closes the client while its loop still runs. The generator is advanced to its
+    ``yield`` synchronously, in the running loop, so its first-iteration hook
+    registers it with that loop.
+    """
+
+    async def closer() -> Any:
+        try:
+            yield
+        finally:
+            found = clients()
+            if found is not None:
+                found.pop(loop, None)
+            await client.aclose()
+
+    gen = closer()
+    with contextlib.suppress(StopIteration):  # ran to the yield: started, suspended
+        gen.__anext__().send(None)
+    return gen
 
 
 def _denial(reply: Reply, scopes: Sequence[ScopeCaps]) -> Denial:
