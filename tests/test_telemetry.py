@@ -404,3 +404,73 @@ def test_content_parts_for_multimodal_reasoning_and_legacy_prompts() -> None:
          "parts": [{"type": "reasoning", "content": "think"}, {"type": "text", "content": "42"}]},
         {"role": "assistant", "finish_reason": "length",
          "parts": [{"type": "text", "content": "legacy"}]}]
+
+
+def test_content_roles_of_chunks_chat_messages_and_tool_images() -> None:
+    from langchain_core.messages import (
+        ChatMessage,
+        HumanMessageChunk,
+        SystemMessageChunk,
+        ToolMessage,
+        ToolMessageChunk,
+    )
+
+    from agent_guard.telemetry.content import input_messages
+
+    system, rest = input_messages([
+        SystemMessageChunk(content="be brief"), ChatMessage(role="developer", content="dev"),
+        HumanMessageChunk(content="hi"), ChatMessage(role="user", content="there"),
+        ToolMessageChunk(content="chunked", tool_call_id="c1"),
+        ToolMessage(content=[{"type": "text", "text": "a screenshot"},
+                             {"type": "image", "base64": "QUJD" * 1000,
+                              "mime_type": "image/png"}], tool_call_id="c2")])
+    assert system == [{"type": "text", "content": "be brief"},
+                      {"type": "text", "content": "dev"}]
+    assert [m["role"] for m in rest] == ["user", "user", "tool", "tool"]
+    assert rest[2]["parts"] == [{"type": "tool_call_response", "response": "chunked",
+                                 "id": "c1"}]
+    assert rest[3]["parts"][0]["response"] == [{"type": "text", "content": "a screenshot"},
+                                               {"type": "image"}]  # named, not copied
+
+
+def test_content_that_json_cannot_hold_is_written_as_text_and_never_fails_a_call(
+        receiver: Receiver, caplog) -> None:
+    """Non-string keys and cycles become text; a value whose str() itself fails is left
+    off the span with a warning, and the tool call, its span and its record complete."""
+    import datetime
+    import json
+
+    from agent_guard.telemetry.content import to_json
+
+    cyclic: list = [1]
+    cyclic.append(cyclic)
+    assert json.loads(to_json({datetime.date(2026, 1, 1): "new year", (1, 2): "pair"})) == {
+        "2026-01-01": "new year", "(1, 2)": "pair"}
+    assert json.loads(to_json(cyclic))[0] == 1
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no str")
+
+    @tool
+    def odd(x: int) -> dict:
+        """Return something JSON cannot hold."""
+        return {Unprintable(): x}
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.url)))
+    telemetry = GuardTelemetry(provider, MeterProvider(metric_readers=[InMemoryMetricReader()]),
+                               capture_content=True)
+    records: list = []
+    handler = GuardCallbackHandler(Guard(Limits(max_tool_calls=5), on_record=[records.append]),
+                                   session_id="s", telemetry=telemetry)
+    with caplog.at_level(logging.WARNING, logger="agent_guard"):
+        result = odd.invoke({"x": 3}, config={"callbacks": [handler]})
+    provider.force_flush()
+    assert list(result.values()) == [3]
+    [span] = [attrs(s) for s in receiver.spans if s.name == "execute_tool odd"]
+    assert json.loads(span[Attr.TOOL_CALL_ARGUMENTS]) == {"x": 3}
+    assert Attr.TOOL_CALL_RESULT not in span
+    assert "message content left off a span" in caplog.text
+    assert telemetry.open_spans() == 0
+    assert [r.kind for r in records] == ["tool"] and records[0].outcome == "ok"

@@ -29,8 +29,12 @@ __all__ = ["CAPTURE_CONTENT_ENV", "capture_content_from_env", "input_messages",
 CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 _ON = {"true", "1", "yes", "on", "span_only", "span_and_event"}
 _OFF = {"", "false", "0", "no", "off", "no_content", "event_only"}
-_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool",
-          "function": "tool", "developer": "system", "AIMessageChunk": "assistant"}
+# LangChain message types (and the ``role`` of a ChatMessage) -> the conventions' roles;
+# chunks (``AIMessageChunk``...) are looked up without their suffix
+_ROLES = {"human": "user", "user": "user", "ai": "assistant", "assistant": "assistant",
+          "system": "system", "developer": "system", "tool": "tool", "function": "tool",
+          "HumanMessage": "user", "AIMessage": "assistant", "SystemMessage": "system",
+          "ToolMessage": "tool", "FunctionMessage": "tool"}
 
 
 def capture_content_from_env() -> bool:
@@ -78,12 +82,19 @@ def _tool_call_parts(message: Any) -> list[dict[str, Any]]:
     return parts
 
 
+def _role(message: Any) -> str:
+    kind = str(getattr(message, "type", "") or "").removesuffix("Chunk")
+    if kind in ("chat", "ChatMessage"):  # a ChatMessage names its role
+        kind = str(getattr(message, "role", "") or "user")
+    return _ROLES.get(kind, kind or "user")
+
+
 def _message(message: Any) -> dict[str, Any]:
-    kind = str(getattr(message, "type", "") or "")
-    role = _ROLES.get(kind, getattr(message, "role", None) or kind or "user")
+    role = _role(message)
     content = getattr(message, "content", message)
     if role == "tool":
-        part: dict[str, Any] = {"type": "tool_call_response", "response": content}
+        response = content if isinstance(content, str) else _text_parts(content)
+        part: dict[str, Any] = {"type": "tool_call_response", "response": response}
         call_id = getattr(message, "tool_call_id", None)
         if call_id:
             part["id"] = call_id
@@ -125,5 +136,21 @@ def output_messages(messages: Iterable[Any], finish_reasons: list[str] | None = 
 
 
 def to_json(value: Any) -> str:
-    """Compact JSON; what JSON cannot hold is written as its ``str``."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    """Compact JSON; what JSON cannot hold (values, keys, cycles) is written as its
+    ``str``. Never raises for a value whose ``str`` works."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    except (TypeError, ValueError):  # non-string keys, a cycle
+        return json.dumps(_plain(value, 0), ensure_ascii=False, separators=(",", ":"),
+                          default=str)
+
+
+def _plain(value: Any, depth: int) -> Any:
+    """``value`` with string keys only, nested at most 32 deep (deeper, or a cycle: str)."""
+    if depth > 32:
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, depth + 1) for v in value]
+    return value

@@ -26,9 +26,10 @@ Message content (``gen_ai.input.messages``, ``gen_ai.output.messages``,
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
@@ -41,6 +42,8 @@ from ..records import CallRecord
 from . import content as _content
 
 __all__ = ["Attr", "GuardTelemetry", "configure_otlp"]
+
+logger = logging.getLogger("agent_guard")
 
 TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
                  16777216, 67108864]
@@ -95,6 +98,35 @@ class Attr:
 
 def _usd(value: Decimal) -> float:
     return float(value)
+
+
+def _content_attributes(build: Callable[..., dict[str, str]], *args: Any) -> dict[str, str]:
+    """Message-content attributes made by ``build``. Telemetry never fails the call it
+    describes: content it cannot write is logged and left out."""
+    try:
+        return build(*args)
+    except Exception:
+        logger.warning("agent-guard: message content left off a span", exc_info=True)
+        return {}
+
+
+def _input_content(messages: Iterable[Any]) -> dict[str, str]:
+    system, rest = _content.input_messages(messages)
+    out = {Attr.INPUT_MESSAGES: _content.to_json(rest)}
+    if system:
+        out[Attr.SYSTEM_INSTRUCTIONS] = _content.to_json(system)
+    return out
+
+
+def _output_content(output: Iterable[Any], finish_reasons: list[str] | None
+                    ) -> dict[str, str]:
+    return {Attr.OUTPUT_MESSAGES: _content.to_json(
+        _content.output_messages(output, finish_reasons))}
+
+
+def _tool_content(name: str, value: Any) -> dict[str, str]:
+    """A tool call's arguments or result: text as is, anything else as JSON."""
+    return {name: value if isinstance(value, str) else _content.to_json(value)}
 
 
 class _DollarSums:
@@ -257,10 +289,7 @@ class GuardTelemetry:
         if max_tokens:
             attributes[Attr.REQUEST_MAX_TOKENS] = max_tokens
         if self.capture_content and messages is not None:
-            system, rest = _content.input_messages(messages)
-            if system:
-                attributes[Attr.SYSTEM_INSTRUCTIONS] = _content.to_json(system)
-            attributes[Attr.INPUT_MESSAGES] = _content.to_json(rest)
+            attributes.update(_content_attributes(_input_content, messages))
         span = self.tracer.start_span("chat " + model, context=ctx, kind=SpanKind.CLIENT,
                                       attributes=attributes)
         with self._lock:
@@ -287,8 +316,7 @@ class GuardTelemetry:
         if span is None:
             return
         if self.capture_content and output is not None:
-            span.set_attribute(Attr.OUTPUT_MESSAGES, _content.to_json(
-                _content.output_messages(output, finish_reasons)))
+            span.set_attributes(_content_attributes(_output_content, output, finish_reasons))
         if record is None:
             if finish_reasons:
                 span.set_attribute(Attr.FINISH_REASONS, finish_reasons)
@@ -372,8 +400,8 @@ class GuardTelemetry:
         if call_id:
             attributes[Attr.TOOL_CALL_ID] = call_id
         if self.capture_content and arguments is not None:
-            attributes[Attr.TOOL_CALL_ARGUMENTS] = (
-                arguments if isinstance(arguments, str) else _content.to_json(arguments))
+            attributes.update(_content_attributes(_tool_content, Attr.TOOL_CALL_ARGUMENTS,
+                                                  arguments))
         span = self.tracer.start_span(f"execute_tool {name}", context=ctx,
                                       kind=SpanKind.INTERNAL, attributes=attributes)
         with self._lock:
@@ -407,9 +435,8 @@ class GuardTelemetry:
         if span is None:
             return
         if self.capture_content and result is not None:
-            result = getattr(result, "content", result)  # a ToolMessage: its content
-            span.set_attribute(Attr.TOOL_CALL_RESULT,
-                               result if isinstance(result, str) else _content.to_json(result))
+            span.set_attributes(_content_attributes(_tool_content, Attr.TOOL_CALL_RESULT,
+                                                    getattr(result, "content", result)))
         if error is not None:
             span.set_status(Status(StatusCode.ERROR, type(error).__name__))
         span.end()
