@@ -470,7 +470,7 @@ class Guard:
         ref = self.budgets.ref(kind, value, self.clock() if at is None else at)
         totals = self.ledger.totals(ref.scope)
         if ref.caps.history:  # a rolling window: its buckets together
-            totals = _summed(ref.scope, [totals, *map(self.ledger.totals, ref.caps.history)])
+            totals = _summed(ref.scope, [totals, *self.ledger.totals_many(ref.caps.history)])
         return SessionUsage.from_totals(ref.scope, totals, ref.limits.max_cost_nano)
 
     def extend(
@@ -571,7 +571,7 @@ class Guard:
     def _check_thresholds(self, session: str, refs: Sequence[ScopeRef],
                           settled: Settlement) -> None:
         for ref in self._unread_windows(refs, settled):
-            self._keep_past(ref, [self.ledger.totals(p) for p in ref.caps.history])
+            self._keep_past(ref, self.ledger.totals_many(ref.caps.history))
         for scope, marker, event in self._crossed(session, refs, settled):
             if self.ledger.charge([scope], {marker: 1}) is None:
                 self._fire(event)
@@ -579,7 +579,7 @@ class Guard:
     async def _acheck_thresholds(self, session: str, refs: Sequence[ScopeRef],
                                  settled: Settlement) -> None:
         for ref in self._unread_windows(refs, settled):
-            self._keep_past(ref, [await self.ledger.atotals(p) for p in ref.caps.history])
+            self._keep_past(ref, await self.ledger.atotals_many(ref.caps.history))
         for scope, marker, event in self._crossed(session, refs, settled):
             if await self.ledger.acharge([scope], {marker: 1}) is None:
                 self._fire(event)

@@ -186,6 +186,21 @@ def test_unknown_scope_totals_are_zero(ledger: Ledger) -> None:
     assert t.get_spent(USD) == t.get_reserved(USD) == t.get_extra(USD) == 0
 
 
+def test_totals_many_reads_each_scope_in_order(ledger: Ledger) -> None:
+    assert ledger.charge([session("a")], {USD: 5}) is None
+    res = ledger.reserve([session("b")], {USD: 7}, lease_seconds=60)
+    assert isinstance(res, Reservation)
+    ledger.extend("session:c", USD, 9)
+    names = ["session:c", "session:never", "session:b", "session:a"]
+    many = ledger.totals_many(names)
+    assert many == [ledger.totals(n) for n in names]
+    assert [(t.scope, t.get_spent(USD), t.get_reserved(USD), t.get_extra(USD))
+            for t in many] == [("session:c", 0, 0, 9), ("session:never", 0, 0, 0),
+                               ("session:b", 0, 7, 0), ("session:a", 5, 0, 0)]
+    assert asyncio.run(ledger.atotals_many(names)) == many
+    assert ledger.totals_many([]) == []
+
+
 def test_concurrent_reservations_never_overshoot(ledger: Ledger) -> None:
     """64 threads race for a $1.00 cap with $0.07 calls: exactly 14 fit."""
     cap, each = 1_000_000_000, 70_000_000

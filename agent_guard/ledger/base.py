@@ -199,6 +199,10 @@ class Ledger(ABC):
     def totals(self, scope: str) -> ScopeTotals:
         """The counters of ``scope`` (zeros for an unknown scope)."""
 
+    def totals_many(self, scopes: Sequence[str]) -> list[ScopeTotals]:
+        """``totals`` of each scope, in order (one round trip where the backend can)."""
+        return [self.totals(scope) for scope in scopes]
+
     @abstractmethod
     def reclaim_expired(self) -> int:
         """Give back the holds of every expired reservation; return how many."""
@@ -237,6 +241,9 @@ class Ledger(ABC):
 
     async def atotals(self, scope: str) -> ScopeTotals:
         return await asyncio.to_thread(self.totals, scope)
+
+    async def atotals_many(self, scopes: Sequence[str]) -> list[ScopeTotals]:
+        return [await self.atotals(scope) for scope in scopes]
 
     async def aclose(self) -> None:
         self.close()

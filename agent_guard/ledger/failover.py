@@ -436,6 +436,16 @@ class FailOpenLedger(Ledger):
             self._seed([scope])
             return self._local.totals(scope)
 
+    def totals_many(self, scopes: Sequence[str]) -> list[ScopeTotals]:
+        if not self.is_open:
+            try:
+                return self.inner.totals_many(scopes)
+            except LedgerUnavailable as exc:
+                self._go_open(exc)
+        with self._lock:
+            self._seed(list(scopes))
+            return [self._local.totals(scope) for scope in scopes]
+
     def reclaim_expired(self) -> int:
         n = self._local.reclaim_expired()
         if self._use_backend():
@@ -537,6 +547,16 @@ class FailOpenLedger(Ledger):
         with self._lock:
             self._seed([scope])
             return self._local.totals(scope)
+
+    async def atotals_many(self, scopes: Sequence[str]) -> list[ScopeTotals]:
+        if not self.is_open:
+            try:
+                return await self.inner.atotals_many(scopes)
+            except LedgerUnavailable as exc:
+                self._go_open(exc)
+        with self._lock:
+            self._seed(list(scopes))
+            return [self._local.totals(scope) for scope in scopes]
 
     async def aclose(self) -> None:
         if self.pending:

@@ -350,6 +350,16 @@ class RedisLedger(Ledger):
             raise self._unavailable(exc) from exc
         return _totals(scope, raw)
 
+    def totals_many(self, scopes: Sequence[str]) -> list[ScopeTotals]:
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for scope in scopes:
+                    pipe.hgetall(self.scope_key(scope))
+                raws = pipe.execute()
+        except _FAILURES as exc:
+            raise self._unavailable(exc) from exc
+        return [_totals(scope, raw) for scope, raw in zip(scopes, raws, strict=True)]
+
     def reclaim_expired(self) -> int:
         total = 0
         while True:
@@ -370,6 +380,12 @@ class RedisLedger(Ledger):
         loop = asyncio.get_running_loop()
         found = self._async_by_loop.get(loop)
         if found is None:
+            # loops closed without shutting down their async generators (a bare
+            # loop.close()) never ran their closer: drop their clients, whose sockets the
+            # transports close when collected
+            for old in [old for old in self._async_closers if old.is_closed()]:
+                self._async_by_loop.pop(old, None)
+                self._async_closers.pop(old, None)
             retry = AsyncRetry(ExponentialWithJitterBackoff(base=0.01, cap=0.5), self._retries)
             pool = aredis.BlockingConnectionPool.from_url(
                 self._raw_url, retry=retry, **self._pool_options, **self._options)
@@ -378,7 +394,8 @@ class RedisLedger(Ledger):
             found = _Scripts.on(client)
             self._async_by_loop[loop] = found
             self._async_closers[loop] = _close_at_loop_shutdown(
-                weakref.ref(self._async_by_loop), loop, client)
+                (weakref.ref(self._async_by_loop), weakref.ref(self._async_closers)),
+                loop, client)
         return found
 
     async def areserve(
@@ -435,6 +452,16 @@ class RedisLedger(Ledger):
             raise self._unavailable(exc) from exc
         return _totals(scope, raw)
 
+    async def atotals_many(self, scopes: Sequence[str]) -> list[ScopeTotals]:
+        try:
+            async with self._async().client.pipeline(transaction=False) as pipe:
+                for scope in scopes:
+                    pipe.hgetall(self.scope_key(scope))
+                raws = await pipe.execute()
+        except _FAILURES as exc:
+            raise self._unavailable(exc) from exc
+        return [_totals(scope, raw) for scope, raw in zip(scopes, raws, strict=True)]
+
     async def aclose(self) -> None:
         loop = asyncio.get_running_loop()
         self._async_by_loop.pop(loop, None)
@@ -444,8 +471,8 @@ class RedisLedger(Ledger):
         self.close()
 
 
-def _close_at_loop_shutdown(clients: Callable[[], Any], loop: asyncio.AbstractEventLoop,
-                            client: Any) -> Any:
+def _close_at_loop_shutdown(registries: tuple[Callable[[], Any], ...],
+                            loop: asyncio.AbstractEventLoop, client: Any) -> Any:
     """An async generator, started here, whose ``finally`` closes ``client``.
 
     An asyncio client belongs to one loop, so each loop gets its own pool. A worker that
@@ -462,9 +489,12 @@ def _close_at_loop_shutdown(clients: Callable[[], Any], loop: asyncio.AbstractEv
         try:
             yield
         finally:
-            found = clients()
-            if found is not None:
-                found.pop(loop, None)
+            # forget the loop everywhere: an entry (this generator included) that still
+            # refers to its loop would keep that loop alive as long as the ledger
+            for registry in registries:
+                found = registry()
+                if found is not None:
+                    found.pop(loop, None)
             await client.aclose()
 
     gen = closer()
