@@ -384,7 +384,7 @@ class Guard:
             denial = self.ledger.charge([repeat], dict.fromkeys(repeat.caps, 1))
             if denial is not None:
                 raise self._refusal(session, denial, refs)
-        denial = self.ledger.charge([r.caps for r in refs], amounts)
+        denial = self._charge(session, refs, amounts)
         if denial is not None:
             if repeat is not None:
                 for dim in repeat.caps:
@@ -400,7 +400,7 @@ class Guard:
             denial = await self.ledger.acharge([repeat], dict.fromkeys(repeat.caps, 1))
             if denial is not None:
                 raise self._refusal(session, denial, refs)
-        denial = await self.ledger.acharge([r.caps for r in refs], amounts)
+        denial = await self._acharge(session, refs, amounts)
         if denial is not None:
             if repeat is not None:
                 for dim in repeat.caps:
@@ -439,14 +439,14 @@ class Guard:
                     attributes: Mapping[str, str] | None = None) -> None:
         """Count ``n`` graph steps, or raise StepLimitExceeded."""
         refs = self.scope_refs(session, attributes)
-        denial = self.ledger.charge([r.caps for r in refs], {Dimension.STEPS: n})
+        denial = self._charge(session, refs, {Dimension.STEPS: n})
         if denial is not None:
             raise self._refusal(session, denial, refs)
 
     async def abefore_step(self, session: str, n: int = 1, *,
                            attributes: Mapping[str, str] | None = None) -> None:
         refs = self.scope_refs(session, attributes)
-        denial = await self.ledger.acharge([r.caps for r in refs], {Dimension.STEPS: n})
+        denial = await self._acharge(session, refs, {Dimension.STEPS: n})
         if denial is not None:
             raise self._refusal(session, denial, refs)
 
@@ -511,6 +511,36 @@ class Guard:
                 repeat = ScopeCaps(session_scope,
                                    {repeat_dimension(tool, args): self.limits.max_repeats})
         return amounts, repeat
+
+    @staticmethod
+    def _watched(refs: Sequence[ScopeRef], amounts: Mapping[str, int]) -> bool:
+        """Whether a soft threshold watches a capped dimension of ``amounts``."""
+        return any(ref.limits.thresholds and any(dim in ref.caps.caps for dim in amounts)
+                   for ref in refs)
+
+    def _charge(self, session: str, refs: Sequence[ScopeRef], amounts: Mapping[str, int]
+                ) -> Denial | None:
+        """Charge counts (steps, tool calls) to every scope; when a soft threshold watches
+        them, read the totals in the same step and fire what the charge crossed."""
+        scopes = [r.caps for r in refs]
+        if not self._watched(refs, amounts):
+            return self.ledger.charge(scopes, amounts)
+        result = self.ledger.charge_read(scopes, amounts)
+        if isinstance(result, Denial):
+            return result
+        self._check_thresholds(session, refs, result)
+        return None
+
+    async def _acharge(self, session: str, refs: Sequence[ScopeRef],
+                       amounts: Mapping[str, int]) -> Denial | None:
+        scopes = [r.caps for r in refs]
+        if not self._watched(refs, amounts):
+            return await self.ledger.acharge(scopes, amounts)
+        result = await self.ledger.acharge_read(scopes, amounts)
+        if isinstance(result, Denial):
+            return result
+        await self._acheck_thresholds(session, refs, result)
+        return None
 
     def _crossed(self, session: str, refs: Sequence[ScopeRef], settled: Settlement
                  ) -> list[tuple[ScopeCaps, str, ThresholdEvent]]:

@@ -213,6 +213,36 @@ def test_rolling_window_thresholds_count_the_earlier_buckets_and_fire_once_per_w
     assert all(e.window == "3h" and e.value == "u1" for e in events if e.kind == "user")
 
 
+@pytest.mark.parametrize("path", ["sync", "async"])
+def test_steps_and_tool_calls_cross_soft_thresholds_too(make_ledger: LedgerFactory,
+                                                        path: str) -> None:
+    """Thresholds watch every capped dimension, counts included: steps and tool calls
+    are charged and read in one ledger step, and fire once per scope and window."""
+    import asyncio
+
+    events = []
+    guard = Guard(Budgets(session=Limits(max_steps=4, max_tool_calls=10, thresholds=(0.5,)),
+                          team=Limits(max_tool_calls=4, window="day", thresholds=(0.75,))),
+                  ledger=make_ledger(), attributes={"team": "acme"}, clock=Clock(NOV_30),
+                  on_threshold=[events.append])
+
+    async def aturns() -> None:
+        for i in range(3):
+            await guard.abefore_step("s")
+            await guard.abefore_tool_call("s", "search", {"q": i})
+
+    if path == "async":
+        asyncio.run(aturns())
+    else:
+        for i in range(3):
+            guard.before_step("s")
+            guard.before_tool_call("s", "search", {"q": i})
+    seen = [(e.kind, e.dimension, e.threshold, e.spent, e.cap) for e in events]
+    assert seen == [("session", "steps", 0.5, 2, 4), ("team", "tool_calls", 0.75, 3, 4)]
+    assert "has used 50% of its" in str(events[0]) and "step" in str(events[0])
+    assert events[1].period == "2026-11-30"
+
+
 # -- attributes from the run's metadata ---------------------------------------------------------
 
 

@@ -186,6 +186,21 @@ def test_unknown_scope_totals_are_zero(ledger: Ledger) -> None:
     assert t.get_spent(USD) == t.get_reserved(USD) == t.get_extra(USD) == 0
 
 
+def test_charge_read_returns_the_spent_totals_after_the_charge(ledger: Ledger) -> None:
+    from agent_guard.ledger import Settlement
+
+    caps = [session("cr", steps=5), ScopeCaps("team:t", {})]
+    assert ledger.charge(caps, {"steps": 2}) is None
+    first = ledger.charge_read(caps, {"steps": 2, "tool_calls": 0})
+    assert isinstance(first, Settlement) and first
+    assert first.spent["session:cr"]["steps"] == 4 and first.spent["team:t"]["steps"] == 4
+    denied = ledger.charge_read(caps, {"steps": 2})
+    assert isinstance(denied, Denial) and denied.spent == 4  # nothing spent
+    again = asyncio.run(ledger.acharge_read(caps, {"steps": 1}))
+    assert isinstance(again, Settlement) and again.spent["session:cr"]["steps"] == 5
+    assert ledger.totals("team:t").get_spent("steps") == 5
+
+
 def test_totals_many_reads_each_scope_in_order(ledger: Ledger) -> None:
     assert ledger.charge([session("a")], {USD: 5}) is None
     res = ledger.reserve([session("b")], {USD: 7}, lease_seconds=60)

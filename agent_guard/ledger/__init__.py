@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
-from .base import Denial, Ledger, Reservation, ScopeCaps, ScopeTotals
+from .base import Denial, Ledger, Reservation, ScopeCaps, ScopeTotals, Settlement
 from .memory import MemoryLedger
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "Reservation",
     "ScopeCaps",
     "ScopeTotals",
+    "Settlement",
     "from_url",
     "redact_url",
     "register_scheme",

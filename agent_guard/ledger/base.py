@@ -132,6 +132,13 @@ def check_amounts(amounts: Mapping[str, int]) -> None:
             raise ValueError(f"ledger amount for {dim!r} must be >= 0, got {value}")
 
 
+def spent_after(names: Sequence[str], amounts: Mapping[str, int],
+                totals: Sequence[ScopeTotals]) -> Settlement:
+    """A charge's :class:`Settlement`: each scope's spent of the charged dimensions."""
+    return Settlement(True, {name: {dim: t.get_spent(dim) for dim in amounts}
+                             for name, t in zip(names, totals, strict=True)})
+
+
 def first_denial(
     scopes: Sequence[ScopeCaps],
     amounts: Mapping[str, int],
@@ -199,6 +206,17 @@ class Ledger(ABC):
     def totals(self, scope: str) -> ScopeTotals:
         """The counters of ``scope`` (zeros for an unknown scope)."""
 
+    def charge_read(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
+                    ) -> Denial | Settlement:
+        """``charge``, and when it spent, each scope's spent total after it of the charged
+        dimensions (what soft thresholds read). Backends that can read it in the same
+        atomic step do; this default reads it right after."""
+        denial = self.charge(scopes, amounts)
+        if denial is not None:
+            return denial
+        names = [sc.scope for sc in scopes]
+        return spent_after(names, amounts, self.totals_many(names))
+
     def totals_many(self, scopes: Sequence[str]) -> list[ScopeTotals]:
         """``totals`` of each scope, in order (one round trip where the backend can)."""
         return [self.totals(scope) for scope in scopes]
@@ -244,6 +262,14 @@ class Ledger(ABC):
 
     async def atotals_many(self, scopes: Sequence[str]) -> list[ScopeTotals]:
         return [await self.atotals(scope) for scope in scopes]
+
+    async def acharge_read(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
+                           ) -> Denial | Settlement:
+        denial = await self.acharge(scopes, amounts)
+        if denial is not None:
+            return denial
+        names = [sc.scope for sc in scopes]
+        return spent_after(names, amounts, await self.atotals_many(names))
 
     async def aclose(self) -> None:
         self.close()

@@ -60,6 +60,7 @@ from .base import (
     ScopeTotals,
     Settlement,
     new_reservation_id,
+    spent_after,
 )
 from .memory import MemoryLedger
 
@@ -418,6 +419,27 @@ class FailOpenLedger(Ledger):
                 return denial
         return self._charge_local(scopes, amounts)
 
+    def charge_read(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
+                    ) -> Denial | Settlement:
+        if self._use_backend():
+            try:
+                result = self.inner.charge_read(scopes, amounts)
+            except LedgerUnavailable as exc:
+                self._go_open(exc)
+            else:
+                self._go_closed()
+                return result
+        return self._charged_locally(scopes, amounts)
+
+    def _charged_locally(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
+                         ) -> Denial | Settlement:
+        denial = self._charge_local(scopes, amounts)
+        if denial is not None:
+            return denial
+        names = [sc.scope for sc in scopes]
+        with self._lock:
+            return spent_after(names, amounts, [self._local.totals(n) for n in names])
+
     def extend(self, scope: str, dimension: str, amount: int) -> None:
         self.inner.extend(scope, dimension, amount)  # not journaled: raises while down
         with self._lock:
@@ -531,6 +553,18 @@ class FailOpenLedger(Ledger):
                 self._go_closed()
                 return denial
         return self._charge_local(scopes, amounts)
+
+    async def acharge_read(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
+                           ) -> Denial | Settlement:
+        if await self._ause_backend():
+            try:
+                result = await self.inner.acharge_read(scopes, amounts)
+            except LedgerUnavailable as exc:
+                self._go_open(exc)
+            else:
+                self._go_closed()
+                return result
+        return self._charged_locally(scopes, amounts)
 
     async def aextend(self, scope: str, dimension: str, amount: int) -> None:
         await self.inner.aextend(scope, dimension, amount)

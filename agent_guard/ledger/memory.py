@@ -256,6 +256,11 @@ class MemoryLedger(Ledger):
             return True
 
     def charge(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]) -> Denial | None:
+        result = self.charge_read(scopes, amounts)
+        return result if isinstance(result, Denial) else None
+
+    def charge_read(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
+                    ) -> Denial | Settlement:
         check_amounts(amounts)
         with self._lock:
             now = self._clock()
@@ -263,9 +268,12 @@ class MemoryLedger(Ledger):
             totals = {sc.scope: self._scope(sc.scope, now).view(sc.scope) for sc in scopes}
             self._history(scopes, totals, now)
             denial = first_denial(scopes, amounts, totals)
-            if denial is None:
-                self._add_spent([sc.scope for sc in scopes], amounts, now)
-            return denial
+            if denial is not None:
+                return denial
+            self._add_spent([sc.scope for sc in scopes], amounts, now)
+            return Settlement(True, {
+                sc.scope: {dim: self._scopes[sc.scope].spent[dim] for dim in amounts}
+                for sc in scopes})
 
     def extend(self, scope: str, dimension: str, amount: int) -> None:
         if isinstance(amount, bool) or not isinstance(amount, int):
@@ -306,6 +314,10 @@ class MemoryLedger(Ledger):
         self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
     ) -> Denial | None:
         return self.charge(scopes, amounts)
+
+    async def acharge_read(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
+                           ) -> Denial | Settlement:
+        return self.charge_read(scopes, amounts)
 
     async def aextend(self, scope: str, dimension: str, amount: int) -> None:
         self.extend(scope, dimension, amount)

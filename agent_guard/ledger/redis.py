@@ -244,8 +244,19 @@ class RedisLedger(Ledger):
     def _charge_call(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
                      ) -> tuple[list[str], list[str]]:
         keys = [self._open, self._leases, *(self.scope_key(sc.scope) for sc in scopes)]
-        spend = json.dumps({d: str(v) for d, v in amounts.items() if v}, **_JSON)
-        return keys, [self._now(), self._caps(scopes, keys), spend, self._ttl]
+        spend = {d: str(v) for d, v in amounts.items() if v}
+        return keys, [self._now(), self._caps(scopes, keys), json.dumps(spend, **_JSON),
+                      self._ttl, *spend]
+
+    @staticmethod
+    def _charged(reply: Reply, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
+                 ) -> Denial | Settlement:
+        if int(reply[0]) == 0:
+            return _denial(reply, scopes)
+        dims = [d for d, v in amounts.items() if v]
+        values = iter(reply[1:])
+        return Settlement(True, {sc.scope: {dim: int(next(values)) for dim in dims}
+                                 for sc in scopes})
 
     def _finish_call(self, reservation: Reservation, actual: Mapping[str, int] | None
                      ) -> tuple[list[str], list[str]]:
@@ -328,6 +339,12 @@ class RedisLedger(Ledger):
         keys, args = self._charge_call(scopes, amounts)
         reply = self._run(self._sync.charge, keys, args)
         return _denial(reply, scopes) if int(reply[0]) == 0 else None
+
+    def charge_read(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
+                    ) -> Denial | Settlement:
+        _check(amounts)
+        keys, args = self._charge_call(scopes, amounts)
+        return self._charged(self._run(self._sync.charge, keys, args), scopes, amounts)
 
     def extend(self, scope: str, dimension: str, amount: int) -> None:
         _int(amount, "extend amount")
@@ -429,6 +446,13 @@ class RedisLedger(Ledger):
         keys, args = self._charge_call(scopes, amounts)
         reply = await self._arun(self._async().charge, keys, args)
         return _denial(reply, scopes) if int(reply[0]) == 0 else None
+
+    async def acharge_read(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
+                           ) -> Denial | Settlement:
+        _check(amounts)
+        keys, args = self._charge_call(scopes, amounts)
+        reply = await self._arun(self._async().charge, keys, args)
+        return self._charged(reply, scopes, amounts)
 
     async def aextend(self, scope: str, dimension: str, amount: int) -> None:
         _int(amount, "extend amount")

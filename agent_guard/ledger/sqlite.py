@@ -41,6 +41,7 @@ from .base import (
     check_amounts,
     first_denial,
     new_reservation_id,
+    spent_after,
 )
 
 __all__ = ["SQLiteLedger"]
@@ -287,14 +288,21 @@ class SQLiteLedger(Ledger):
             return not already and dropped
 
     def charge(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]) -> Denial | None:
+        result = self.charge_read(scopes, amounts)
+        return result if isinstance(result, Denial) else None
+
+    def charge_read(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
+                    ) -> Denial | Settlement:
         check_amounts(amounts)
         with self._transaction() as db:
             self._reclaim(db, self._clock())
             totals = self._all_totals(db, scopes)
             denial = first_denial(scopes, amounts, totals)
-            if denial is None:
-                self._add(db, [sc.scope for sc in scopes], amounts, spent=1)
-            return denial
+            if denial is not None:
+                return denial
+            names = [sc.scope for sc in scopes]
+            self._add(db, names, amounts, spent=1)
+            return spent_after(names, amounts, [self._totals(db, n) for n in names])
 
     def extend(self, scope: str, dimension: str, amount: int) -> None:
         if isinstance(amount, bool) or not isinstance(amount, int):

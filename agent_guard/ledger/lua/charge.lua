@@ -3,8 +3,10 @@
 --
 -- KEYS: open, leases, then the scope hashes, then past buckets of rolling windows
 -- ARGV: now ('' = server TIME), caps JSON [[[dim, "cap"], ...] per scope],
---       amounts JSON {dim: "amount" (non-zero)}, scope ttl seconds (0 = none)
--- Reply: {1} | {0, ...denial, see ag_check}
+--       amounts JSON {dim: "amount" (non-zero)}, scope ttl seconds (0 = none),
+--       then the charged dimensions' names, in the order the reply lists them
+-- Reply: {1, spent after the charge of each scope (in KEYS order) and each named
+--         dimension} | {0, ...denial, see ag_check}
 
 ag_ttl = tonumber(ARGV[4])
 ag_reclaim(KEYS[1], KEYS[2], ag_now(ARGV[1]), 100)
@@ -15,10 +17,14 @@ local denial = ag_check(KEYS, 3, caps, amounts)
 if denial then
   return denial
 end
+local reply = {1}
 for i = 3, 2 + #caps do
   for dim, amount in pairs(amounts) do
     redis.call('HINCRBY', KEYS[i], 's:' .. dim, amount)
   end
   ag_touch(KEYS[i])
+  for j = 5, #ARGV do
+    reply[#reply + 1] = redis.call('HGET', KEYS[i], 's:' .. ARGV[j]) or '0'
+  end
 end
-return {1}
+return reply
