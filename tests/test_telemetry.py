@@ -230,14 +230,19 @@ def test_tool_spans_say_when_the_result_cache_answered(receiver: Receiver) -> No
     assert telemetry.open_spans() == 0
 
 
-def test_middleware_cache_hits_get_a_tool_span(receiver: Receiver) -> None:
-    """Middleware path: a hit never runs the tool, so the middleware emits its span."""
+@pytest.mark.parametrize("capture", [False, True])
+def test_middleware_cache_hits_get_a_tool_span(receiver: Receiver, capture: bool) -> None:
+    """Middleware path: a hit never runs the tool, so the middleware emits its span
+    (with the call's arguments and the cached result when content is captured)."""
+    import json
+
     from agent_guard.cache import ResultCache
     from agent_guard.langchain import GuardMiddleware
 
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.url)))
-    telemetry = GuardTelemetry(provider, MeterProvider(metric_readers=[InMemoryMetricReader()]))
+    telemetry = GuardTelemetry(provider, MeterProvider(metric_readers=[InMemoryMetricReader()]),
+                               capture_content=capture)
     cache = ResultCache(ttl={"orders": 60})
     middleware = GuardMiddleware(limits=Limits(max_cost_usd=1), cache=cache,
                                  cache_tools={"lookup": "orders"}, telemetry=telemetry)
@@ -251,6 +256,11 @@ def test_middleware_cache_hits_get_a_tool_span(receiver: Receiver) -> None:
         a = attrs(span)
         assert a[Attr.CACHE_HIT] is True and a[Attr.CACHE_SAVED_USD] == 0.0
         assert a[Attr.OPERATION] == "execute_tool" and a[Attr.TOOL_NAME] == "lookup"
+        if capture:
+            assert json.loads(a[Attr.TOOL_CALL_ARGUMENTS]) == {"order": "A1"}
+            assert a[Attr.TOOL_CALL_RESULT] == "order A1: shipped"
+        else:
+            assert not set(a) & set(CONTENT_ATTRS)
     assert [attrs(s)[Attr.TOOL_CALL_ID] for s in spans] == ["call_2", "call_3"]
     assert cache.stats()["lookup"].hits == 2
 

@@ -295,7 +295,8 @@ class GuardMiddleware(AgentMiddleware):
         if hit is MISS:
             return where, None
         if self.telemetry is not None:
-            self.telemetry.cached_tool_call(call["name"], call["id"], saved)
+            self.telemetry.cached_tool_call(call["name"], call["id"], saved,
+                                            arguments=call.get("args"), result=hit)
         return where, ToolMessage(content=hit, tool_call_id=call["id"] or "", name=call["name"])
 
     def _store(self, request: ToolCallRequest, where: Any, result: Any) -> None:

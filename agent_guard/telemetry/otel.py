@@ -415,9 +415,11 @@ class GuardTelemetry:
                                  Attr.CACHE_SAVED_USD: saved_nano / 1e9})
 
     def cached_tool_call(self, name: str, call_id: str | None, saved_nano: int,
-                         parent_run_id: UUID | None = None) -> None:
+                         parent_run_id: UUID | None = None, *, arguments: Any = None,
+                         result: Any = None) -> None:
         """A tool call answered from the cache without running the tool (so no tool run
-        exists for a callback to see): one finished ``execute_tool`` span for it."""
+        exists for a callback to see): one finished ``execute_tool`` span for it, with
+        its arguments and cached result when content is captured."""
         parent = self._parent(parent_run_id)
         ctx = trace.set_span_in_context(parent) if parent is not None else None
         attributes: dict[str, Any] = {Attr.OPERATION: "execute_tool", Attr.TOOL_NAME: name,
@@ -425,6 +427,13 @@ class GuardTelemetry:
                                       Attr.CACHE_SAVED_USD: saved_nano / 1e9}
         if call_id:
             attributes[Attr.TOOL_CALL_ID] = call_id
+        if self.capture_content:
+            if arguments is not None:
+                attributes.update(_content_attributes(_tool_content, Attr.TOOL_CALL_ARGUMENTS,
+                                                      arguments))
+            if result is not None:
+                attributes.update(_content_attributes(_tool_content, Attr.TOOL_CALL_RESULT,
+                                                      result))
         self.tracer.start_span(f"execute_tool {name}", context=ctx, kind=SpanKind.INTERNAL,
                                attributes=attributes).end()
 
