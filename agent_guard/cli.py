@@ -125,11 +125,15 @@ def _open_store(url: str, namespace: str | None) -> Any:
         raise _fail(str(exc)) from exc
 
 
-def _read_rows(store: Any, since: str | None, until: str | None) -> list[dict[str, Any]]:
+def _read_rows(store: Any, since: str | None, until: str | None, tz: Any = None
+               ) -> list[dict[str, Any]]:
+    from .finops.store import parse_time
     from .ledger import redact_url
 
     try:
-        return list(store.rows(since, until))
+        lo = parse_time(since, what="since", tz=tz)
+        hi = parse_time(until, end=True, what="until", tz=tz)
+        return list(store.rows(lo, hi))
     except ValueError as exc:
         raise _fail(str(exc)) from exc
     except Exception as exc:  # connection refused, unreadable file...
@@ -223,9 +227,12 @@ def report(
              "outcome, hour, day, week, month, attr:<name>. Default: one table each for "
              "model, team, user, feature and node.")] = None,
     since: Annotated[str | None, typer.Option(
-        help="Calls started from this date (YYYY-MM-DD, UTC) or ISO date-time.")] = None,
+        help="Calls started from this date (YYYY-MM-DD, in --tz) or ISO date-time.")] = None,
     until: Annotated[str | None, typer.Option(
         help="Calls started before this date-time; a date includes that whole day.")] = None,
+    tz: Annotated[str, typer.Option(
+        "--tz", help="Time zone of dates and of the hour/day/week/month keys (an IANA "
+                     "name; use your budgets' Budgets(timezone=...)).")] = "UTC",
     where: Annotated[list[str] | None, typer.Option(
         help="Only calls with KEY=VALUE (repeat; the same key twice means either).")] = None,
     top: Annotated[int, typer.Option(min=1, help="Rows in the top-sessions table (and in "
@@ -237,25 +244,29 @@ def report(
 ) -> None:
     """Cost, calls, tokens, caching, routing and redundancy from the usage store."""
     from .finops.report import report as build
+    from .finops.report import zone
+    from .ledger import redact_url
 
     if format not in ("table", "json", "csv"):
         raise _fail(f"--format must be table, json or csv, got {format!r}")
     filters = _parse_where(where)
     names = [n.strip() for n in by.split(",") if n.strip()] if by else []
     try:  # check the keys before reading anything
+        clock = zone(tz)
         build([], names)
         build([], (), where=filters, since=since, until=until)
     except ValueError as exc:
         raise _fail(str(exc)) from exc
     usage_store = _open_store(store, namespace)
     try:
-        rows = _read_rows(usage_store, since, until)
+        rows = _read_rows(usage_store, since, until, clock)
     finally:
         usage_store.close()
+    store_url = redact_url(usage_store.url)
 
     def grouped(keys: list[str] | tuple[str, ...], limit: int | None = None
                 ) -> list[dict[str, Any]]:
-        return build(rows, keys, where=filters, top=limit)
+        return build(rows, keys, where=filters, top=limit, tz=clock)
 
     totals = grouped(())[0]
     tables: dict[str, list[dict[str, Any]]] = {}
@@ -272,14 +283,14 @@ def report(
 
     if format == "json":
         print(json.dumps({
-            "store": usage_store.url, "since": since, "until": until, "where": filters,
+            "store": store_url, "since": since, "until": until, "tz": tz, "where": filters,
             "totals": totals, "groups": tables, "top_sessions": top_sessions,
             "by_day": by_day, "by_tier": by_tier}, indent=2, sort_keys=False))
         return
     if format == "csv":
         main = tables.get(",".join(names)) if names else grouped(["session"])
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        header = list((main or [{}])[0].keys()) or ["session", *REPORT_COLUMNS]
+        header = list((main or [{}])[0].keys()) or [*(names or ["session"]), *REPORT_COLUMNS]
         writer.writerow(header)
         for r in main or []:
             writer.writerow([_csv_value(r.get(h)) for h in header])
@@ -293,7 +304,7 @@ def report(
         window += " where " + ", ".join(f"{k} in {v}" if len(v) > 1 else f"{k}={v[0]}"
                                         for k, v in filters.items())
     if not totals["calls"]:
-        out.print(f"no calls recorded in {usage_store.url} {window}", highlight=False)
+        out.print(f"no calls recorded in {store_url} {window}", highlight=False)
         return
     out.print(_totals_table(totals, window))
     for key, group in tables.items():
@@ -301,7 +312,7 @@ def report(
                                    totals["cost_nano"]))
     out.print(_group_table(f"top {len(top_sessions)} sessions by cost", ["session"],
                                top_sessions, totals["cost_nano"]))
-    out.print(_group_table("trend by day (UTC)", ["day"], by_day, totals["cost_nano"]))
+    out.print(_group_table(f"trend by day ({tz})", ["day"], by_day, totals["cost_nano"]))
     if any(r["tier"] is not None for r in by_tier):
         out.print(_group_table("routing mix by tier", ["tier"], by_tier,
                                    totals["cost_nano"]))
@@ -334,6 +345,8 @@ def export(
         n = export_focus(rows, focus, billing_account_id=billing_account)
     except (ImportError, ValueError) as exc:
         raise _fail(str(exc)) from exc
+    except OSError as exc:  # a directory, no permission, a full disk
+        raise _fail(f"cannot write {focus}: {exc.strerror or exc}") from exc
     billed = sum((int(r["cost_nano"]) for r in rows if r["kind"] == "model"), 0)
     console.print(f"wrote {n:,} FOCUS {FOCUS_VERSION} rows to {focus} "
                   f"(BilledCost total ${format_usd(billed)})", highlight=False)

@@ -102,11 +102,22 @@ def test_export_writes_valid_focus(sqlite_store, tmp_path) -> None:
     (["report", "--store", "memory://", "--format", "xml"], "table, json or csv"),
     (["report", "--store", "redis://127.0.0.1:1/0"], "cannot read the usage store"),
     (["export", "--store", "memory://", "--focus", "/no/such/dir/f.csv"], "does not exist"),
+    (["export", "--store", "memory://", "--focus", "/tmp"], "cannot write /tmp"),
+    (["report", "--store", "memory://", "--tz", "Mars/Olympus"], "unknown time zone"),
+    (["report", "--store", "redis://127.0.0.1:1/0?password=hunter2"],
+     "cannot read the usage store"),
 ])
 def test_bad_input_gets_a_clear_error(args: list[str], message: str) -> None:
     result = invoke(*args)
     assert result.exit_code == 2, result.output
     assert message in result.output
+    assert "hunter2" not in result.output and "Traceback" not in result.output
+
+
+def test_an_empty_csv_report_is_headed_by_its_keys() -> None:
+    result = invoke("report", "--store", "memory://", "--by", "team,model", "--format", "csv")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].startswith("team,model,calls,")
 
 
 def test_report_and_export_on_redis(redis_url: str, redis_namespace: str, tmp_path) -> None:

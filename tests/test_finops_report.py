@@ -220,3 +220,30 @@ def test_report_totals_equal_the_sqlite_ledger_exactly(ops: list[dict]) -> None:
         _check_against_ledger(guard, store, ops)
         store.close()
         guard.close()
+
+
+def test_reports_follow_the_budgets_time_zone() -> None:
+    """A call at 23:30 UTC on Nov 30 is December in Paris: with tz= the report's months,
+    days and bare-date filters agree with a Paris-time budget's period."""
+    from datetime import UTC
+    from zoneinfo import ZoneInfo
+
+    late = datetime(2026, 11, 30, 23, 30, tzinfo=UTC).timestamp()
+    records: list = []
+    guard = Guard(Budgets(session=Limits(), team=Limits(max_cost_usd=5, window="month"),
+                          timezone="Europe/Paris"),
+                  attributes={"team": "acme"}, clock=lambda: late, on_record=[records.append])
+    admission = guard.before_model_call(ModelCall(session="s", model="gpt-4o-mini",
+                                                  input_tokens=100, max_output_tokens=10))
+    guard.after_model_call(admission, Usage(100, 10))
+    assert "team:acme@2026-12" in records[0].scopes
+    assert [r["month"] for r in report(records, "month")] == ["2026-11"]  # UTC by default
+    paris = report(records, ("team", "month"), tz="Europe/Paris")
+    assert [(r["team"], r["month"]) for r in paris] == [("acme", "2026-12")]
+    assert paris[0]["cost_nano"] == guard.scope_usage("team", "acme").cost_nano > 0
+    assert totals(records, since="2026-12-01", tz="Europe/Paris")["calls"] == 1
+    assert totals(records, since="2026-12-01")["calls"] == 0
+    assert totals(records, until="2026-11-30", tz=ZoneInfo("Europe/Paris"))["calls"] == 0
+    assert totals(records, since="20261201", tz="Europe/Paris")["calls"] == 1
+    with pytest.raises(ValueError, match="unknown time zone"):
+        report(records, "day", tz="Nowhere/Special")

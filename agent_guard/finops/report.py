@@ -50,9 +50,10 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ..records import CallRecord
 from ..usage import NANO_PER_USD
@@ -68,13 +69,21 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _time_key(fmt: str) -> Callable[[Row], str]:
-    return lambda r: datetime.fromtimestamp(float(r["started_at"]), UTC).strftime(fmt)
+def _time_key(fmt: str, tz: tzinfo = UTC) -> Callable[[Row], str]:
+    return lambda r: datetime.fromtimestamp(float(r["started_at"]), tz).strftime(fmt)
 
 
-def _week(r: Row) -> str:
-    year, week, _ = datetime.fromtimestamp(float(r["started_at"]), UTC).isocalendar()
-    return f"{year}-W{week:02d}"
+def _week_key(tz: tzinfo = UTC) -> Callable[[Row], str]:
+    def week(r: Row) -> str:
+        year, number, _ = datetime.fromtimestamp(float(r["started_at"]), tz).isocalendar()
+        return f"{year}-W{number:02d}"
+    return week
+
+
+def _time_keys(tz: tzinfo) -> dict[str, Callable[[Row], str]]:
+    """hour/day/week/month of a call's start, on the clock of ``tz``."""
+    return {"hour": _time_key("%Y-%m-%dT%H", tz), "day": _time_key("%Y-%m-%d", tz),
+            "week": _week_key(tz), "month": _time_key("%Y-%m", tz)}
 
 
 def _column(name: str) -> Callable[[Row], Any]:
@@ -86,10 +95,7 @@ GROUP_KEYS: dict[str, Callable[[Row], Any]] = {
         "session", *ATTRIBUTE_COLUMNS, "provider", "node", "tier", "route", "kind",
         "tool", "outcome")},
     "model": lambda r: r.get("model") or None,  # tool calls have no model
-    "hour": _time_key("%Y-%m-%dT%H"),
-    "day": _time_key("%Y-%m-%d"),
-    "week": _week,
-    "month": _time_key("%Y-%m"),
+    **_time_keys(UTC),
 }
 _TIME_KEYS = frozenset({"hour", "day", "week", "month"})
 
@@ -107,7 +113,9 @@ _TOKENS = ("input_tokens", "cache_read_tokens", "cache_creation_tokens", "output
            "reasoning_tokens", "total_tokens")
 
 
-def _key_fn(name: str) -> Callable[[Row], Any]:
+def _key_fn(name: str, tz: tzinfo = UTC) -> Callable[[Row], Any]:
+    if name in _TIME_KEYS and tz is not UTC:
+        return _time_keys(tz)[name]
     if name in GROUP_KEYS:
         return GROUP_KEYS[name]
     if name.startswith("attr:") and len(name) > 5:
@@ -129,11 +137,25 @@ def _group_names(group_by: str | Sequence[str] | None) -> list[str]:
     return out
 
 
-def _as_rows(source: Source, since: TimeLike, until: TimeLike) -> list[Row]:
+def zone(tz: str | tzinfo | None) -> tzinfo:
+    """A tzinfo from an IANA name (None: UTC), or a clear error."""
+    if tz is None or tz in ("UTC", "utc", "Z"):
+        return UTC
+    if isinstance(tz, tzinfo):
+        return tz
+    try:
+        return ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown time zone {tz!r}: use an IANA name such as "
+                         "'Europe/Paris' or 'UTC'") from exc
+
+
+def _as_rows(source: Source, since: TimeLike, until: TimeLike, tz: tzinfo = UTC
+             ) -> list[Row]:
+    lo = parse_time(since, what="since", tz=tz)
+    hi = parse_time(until, end=True, what="until", tz=tz)
     if isinstance(source, UsageStore):
-        return source.rows(since, until)
-    lo = parse_time(since, what="since")
-    hi = parse_time(until, end=True, what="until")
+        return source.rows(lo, hi)
     rows: list[Row] = []
     for item in source:
         row = record_to_row(item) if isinstance(item, CallRecord) else item
@@ -144,10 +166,10 @@ def _as_rows(source: Source, since: TimeLike, until: TimeLike) -> list[Row]:
     return rows
 
 
-def _matches(where: Mapping[str, Any]) -> Callable[[Row], bool]:
+def _matches(where: Mapping[str, Any], tz: tzinfo = UTC) -> Callable[[Row], bool]:
     tests: list[tuple[Callable[[Row], Any], frozenset[str] | None]] = []
     for name, wanted in where.items():
-        fn = _key_fn(name)
+        fn = _key_fn(name, tz)
         if wanted is None:
             tests.append((fn, None))
         elif isinstance(wanted, str | int | float):
@@ -281,6 +303,7 @@ def report(
     until: TimeLike = None,
     where: Mapping[str, Any] | None = None,
     top: int | None = None,
+    tz: str | tzinfo | None = None,
 ) -> list[dict[str, Any]]:
     """Group the calls of ``source`` (a :class:`UsageStore`, rows or records).
 
@@ -290,18 +313,22 @@ def report(
     ``day``, ``week``, ``month``) or ``attr:<name>`` for any other attribute; a
     tuple groups by all of them, ``()`` gives one row of totals. ``since`` /
     ``until``: the calls' start time, ``until`` exclusive (a bare date includes
-    that whole day, UTC). ``where``: key -> value (or several values, or None
-    for "not set"). ``top``: keep the first N rows.
+    that whole day). ``where``: key -> value (or several values, or None
+    for "not set"). ``top``: keep the first N rows. ``tz`` (an IANA name or a
+    tzinfo; UTC by default) is the clock of bare dates and of the hour, day,
+    week and month keys: give a budget's ``Budgets(timezone=...)`` to report
+    the same months it caps.
     """
+    clock = zone(tz)
     names = _group_names(group_by)
-    keys = [_key_fn(n) for n in names]
+    keys = [_key_fn(n, clock) for n in names]
     if where:
         _group_names(list(where))
     if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
         raise ValueError(f"top must be a positive integer, got {top!r}")
-    rows = _as_rows(source, since, until)
+    rows = _as_rows(source, since, until, clock)
     if where:
-        ok = _matches(where)
+        ok = _matches(where, clock)
         rows = [r for r in rows if ok(r)]
     dupes = _duplicates(rows)
     groups: dict[tuple[Any, ...], _Acc] = {}
@@ -323,9 +350,10 @@ def report(
 
 
 def totals(source: Source, *, since: TimeLike = None, until: TimeLike = None,
-           where: Mapping[str, Any] | None = None) -> dict[str, Any]:
+           where: Mapping[str, Any] | None = None, tz: str | tzinfo | None = None
+           ) -> dict[str, Any]:
     """One row: every call of ``source`` in the window, together."""
-    return report(source, (), since=since, until=until, where=where)[0]
+    return report(source, (), since=since, until=until, where=where, tz=tz)[0]
 
 
 def to_dataframe(rows: Iterable[Mapping[str, Any]]) -> Any:

@@ -51,7 +51,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext, suppress
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
@@ -192,13 +192,16 @@ def row_to_record(row: Mapping[str, Any]) -> CallRecord:
     )
 
 
-def parse_time(value: TimeLike, *, end: bool = False, what: str = "time") -> float | None:
+def parse_time(value: TimeLike, *, end: bool = False, what: str = "time",
+               tz: tzinfo | None = None) -> float | None:
     """Epoch seconds from a datetime, a date, an ISO string or a number.
 
-    A date alone (``2026-11-01``) is midnight UTC; with ``end=True`` it is the
-    *next* midnight, so ``until="2026-11-30"`` includes the whole of that day.
-    Naive datetimes are UTC.
+    A date alone (``2026-11-01``, or ``20261101``) is midnight in ``tz`` (UTC by
+    default); with ``end=True`` it is the *next* midnight, so
+    ``until="2026-11-30"`` includes the whole of that day. Naive datetimes are in
+    ``tz`` too.
     """
+    zone = tz or UTC
     if value is None or value == "":
         return None
     if isinstance(value, bool):
@@ -206,21 +209,22 @@ def parse_time(value: TimeLike, *, end: bool = False, what: str = "time") -> flo
     if isinstance(value, int | float):
         return float(value)
     if isinstance(value, datetime):
-        dt = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        dt = value if value.tzinfo is not None else value.replace(tzinfo=zone)
         return dt.timestamp()
     if isinstance(value, date):
-        dt = datetime(value.year, value.month, value.day, tzinfo=UTC)
-        return dt.timestamp() + (_DAY_S if end else 0.0)
+        day = value + timedelta(days=1) if end else value
+        return datetime(day.year, day.month, day.day, tzinfo=zone).timestamp()
     if isinstance(value, str):
         text = value.strip()
         try:
-            if len(text) == 10:
-                return parse_time(date.fromisoformat(text), end=end, what=what)
-            return parse_time(datetime.fromisoformat(text.replace("Z", "+00:00")), what=what)
+            if len(text) in (8, 10) and text.replace("-", "").isdigit():
+                return parse_time(date.fromisoformat(text), end=end, what=what, tz=zone)
+            return parse_time(datetime.fromisoformat(text.replace("Z", "+00:00")), what=what,
+                              tz=zone)
         except ValueError:
             pass
         raise ValueError(
-            f"{what} {value!r} is not a date: use YYYY-MM-DD (a whole day, UTC) or an ISO "
+            f"{what} {value!r} is not a date: use YYYY-MM-DD (a whole day) or an ISO "
             f"8601 date and time such as 2026-11-01T09:30:00Z")
     raise ValueError(f"{what} must be a date, a datetime or epoch seconds, got {value!r}")
 

@@ -13,7 +13,7 @@ Third parties add a scheme with :func:`register_scheme`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .base import Denial, Ledger, Reservation, ScopeCaps, ScopeTotals, Settlement
 from .memory import MemoryLedger
@@ -40,19 +40,33 @@ def register_scheme(scheme: str, factory: LedgerFactory) -> None:
     _SCHEMES[scheme.lower()] = factory
 
 
+# query parameters that carry credentials (redis-py reads ?password= like the user info)
+_SECRET_PARAMS = frozenset({"password", "pass", "pwd", "token", "secret", "key", "apikey",
+                            "api_key", "access_token", "auth"})
+
+
 def redact_url(url: str) -> str:
-    """The URL without its password, safe for messages and logs."""
+    """The URL without its password (in the user info or the query), safe for messages
+    and logs."""
     try:
         parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            host = parts.hostname or ""
+            if parts.port:
+                host = f"{host}:{parts.port}"
+            netloc = (f"{parts.username}:***@" if parts.username else ":***@") + host
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None:
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() in _SECRET_PARAMS for k, _ in pairs):
+            query = "&".join(f"{k}=***" if k.lower() in _SECRET_PARAMS else
+                             urlencode({k: v}) for k, v in pairs)
+    if netloc == parts.netloc and query == parts.query:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _memory(url: str, **options: object) -> Ledger:
