@@ -153,6 +153,8 @@ def _write(path: Path, rows: list[dict[str, str]]) -> None:
     ("ListUnitPrice", "0.5", "ListUnitPrice x PricingQuantity"),
     ("ConsumedUnit", "", "ConsumedUnit must not be null on a Usage row"),
     ("ChargePeriodEnd", "2026-11-30T11:00:00Z", "after ChargePeriodStart"),
+    ("ServiceSubcategory", "Virtual Machines", "belongs to 'Compute', not 'AI and Machine"),
+    ("ServiceSubcategory", "Whatever", "not a FOCUS service subcategory"),
 ])
 def test_validator_catches_each_kind_of_problem(tmp_path, column: str, value: str,
                                                 message: str) -> None:
@@ -161,6 +163,18 @@ def test_validator_catches_each_kind_of_problem(tmp_path, column: str, value: st
     _write(path, [{**good, column: value}])
     problems = validate_focus(path)
     assert problems and any(message in p for p in problems), problems
+
+
+def test_validator_accepts_what_focus_allows_and_stops_at_short_rows(tmp_path) -> None:
+    (good,) = focus_rows([make_record(0)])
+    path = tmp_path / "ok.csv"
+    _write(path, [{**good, "ConsumedQuantity": "1.05E3", "ServiceSubcategory": "AI Platforms"},
+                  {**good, "ServiceCategory": "Compute", "ServiceSubcategory": "Containers"}])
+    assert validate_focus(path) == []
+    header = ",".join(good)
+    short = ",".join(list(good.values())[:5])
+    path.write_text(f"{header}\n{short}\n", encoding="utf-8")
+    assert validate_focus(path) == ["line 2: fewer values than columns"]
 
 
 def test_validator_reports_missing_and_unknown_columns(tmp_path) -> None:

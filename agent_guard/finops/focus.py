@@ -73,8 +73,29 @@ SERVICE_CATEGORIES = (
     "Management and Governance", "Media", "Migration", "Mobile", "Networking", "Security",
     "Storage", "Web", "Other",
 )
-AI_SUBCATEGORIES = ("Bots", "Generative AI", "Machine Learning", "Natural Language Processing",
-                    "Other (AI and Machine Learning)")
+AI_SUBCATEGORIES = ("AI Platforms", "Bots", "Generative AI", "Machine Learning",
+                    "Natural Language Processing", "Other (AI and Machine Learning)")
+# ServiceSubcategory -> its one ServiceCategory (FOCUS: each subcategory has one parent);
+# every category also has "Other (<category>)"
+SERVICE_SUBCATEGORIES: dict[str, str] = {
+    **dict.fromkeys(AI_SUBCATEGORIES, "AI and Machine Learning"),
+    **dict.fromkeys(("Analytics Platform", "Business Intelligence", "Data Processing",
+                     "Search", "Streaming Analytics"), "Analytics"),
+    **dict.fromkeys(("Containers", "End User Computing", "Quantum", "Serverless Compute",
+                     "Virtual Machines"), "Compute"),
+    **dict.fromkeys(("Caching", "Data Warehouse", "Relational", "NoSQL", "Ledger",
+                     "Time Series"), "Databases"),
+    **dict.fromkeys(("API Management", "Messaging", "Workflow Automation"), "Integration"),
+    **dict.fromkeys(("Administration", "Architecture", "Compliance", "Cost Management",
+                     "Data Governance", "Disaster Recovery", "Observability", "Support"),
+                    "Management and Governance"),
+    **dict.fromkeys(("Content Delivery", "Data Transfer", "Load Balancing",
+                     "Network Management", "Network Security"), "Networking"),
+    **dict.fromkeys(("CSPM", "Credentials", "SIEM", "Threat Detection"), "Security"),
+    **dict.fromkeys(("Backups", "Bulk Transfer", "Disk", "Files", "Object Storage"),
+                    "Storage"),
+    **{f"Other ({c})": c for c in SERVICE_CATEGORIES},
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +186,8 @@ _PROVIDERS = {
     "xai": "xAI", "fireworks": "Fireworks AI", "together": "Together AI", "ollama": "Ollama",
 }
 
-_DECIMAL = re.compile(r"-?\d+(\.\d+)?")
+# FOCUS numeric format: optional sign, digits, optional fraction, optional "mEn" exponent
+_DECIMAL = re.compile(r"-?\d+(\.\d+)?(E[-+]?\d+)?")
 _DATETIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 _CURRENCY = re.compile(r"[A-Z]{3}")
 
@@ -362,7 +384,7 @@ def _check_value(col: FocusColumn, value: str) -> str | None:
         return f"{value!r} is not one of {', '.join(col.allowed)}"
     if col.type == "Decimal":
         if not _DECIMAL.fullmatch(value):
-            return f"{value!r} is not a decimal (digits, one optional point, optional '-')"
+            return f"{value!r} is not a decimal (digits, an optional point and E exponent)"
     elif col.type == "DateTime":
         if not _DATETIME.fullmatch(value):
             return f"{value!r} is not a UTC date-time YYYY-MM-DDTHH:MM:SSZ"
@@ -392,10 +414,13 @@ def _check_row(row: Mapping[str, str]) -> Iterable[str]:
     if "BillingCurrency" in names and row["BillingCurrency"] and \
             not _CURRENCY.fullmatch(row["BillingCurrency"]):
         yield f"BillingCurrency {row['BillingCurrency']!r} is not an ISO 4217 code"
-    if row.get("ServiceCategory") == "AI and Machine Learning" and \
-            row.get("ServiceSubcategory") not in AI_SUBCATEGORIES:
-        yield (f"ServiceSubcategory {row.get('ServiceSubcategory')!r} is not a subcategory "
-               f"of AI and Machine Learning")
+    category, sub = row.get("ServiceCategory"), row.get("ServiceSubcategory")
+    if sub:
+        parent = SERVICE_SUBCATEGORIES.get(sub)
+        if parent is None:
+            yield f"ServiceSubcategory {sub!r} is not a FOCUS service subcategory"
+        elif category and parent != category:
+            yield f"ServiceSubcategory {sub!r} belongs to {parent!r}, not {category!r}"
     try:
         cs, ce = _dt(row["ChargePeriodStart"]), _dt(row["ChargePeriodEnd"])
         bs, be = _dt(row["BillingPeriodStart"]), _dt(row["BillingPeriodEnd"])
@@ -453,6 +478,9 @@ def validate_focus(path: str | Path, *, max_problems: int = 50) -> list[str]:
         for n, row in enumerate(reader, start=2):
             if None in row:
                 problems.append(f"line {n}: more values than columns")
+                continue
+            if None in row.values():
+                problems.append(f"line {n}: fewer values than columns")
                 continue
             for name, value in row.items():
                 col = COLUMNS_BY_NAME.get(name)
