@@ -27,7 +27,7 @@ from .errors import (
     dimension_label,
     format_amount,
 )
-from .ledger import Denial, Ledger, Reservation, ScopeCaps, ScopeTotals, from_url
+from .ledger import Denial, Ledger, Reservation, ScopeCaps, ScopeTotals, from_url, redact_url
 from .ledger.base import Settlement
 from .ledger.failover import FailOpenLedger
 from .limits import Dimension, Limits, repeat_dimension, tool_dimension
@@ -63,6 +63,9 @@ class ThresholdEvent:
     value: str | None = None
     period: str | None = None
     window: str | None = None
+    # which ledger holds the scope (its redacted URL and namespace): two guards on
+    # different ledgers may have scopes of the same name that are different budgets
+    ledger: str = ""
 
     @property
     def fraction(self) -> float:
@@ -217,6 +220,7 @@ class Guard:
         self._warned_unpriced: set[str] = set()
         self._warn_lock = threading.Lock()
         self._fired: set[tuple[str, str, float]] = set()
+        self._ledger_id = _ledger_identity(self.ledger)
         # a rolling window's current bucket -> what its earlier buckets had spent when
         # first read (past buckets change only by late settles), for its thresholds
         self._past_spent: dict[str, dict[str, int]] = {}
@@ -576,7 +580,8 @@ class Guard:
                     out.append((ScopeCaps(ref.scope, {marker: 1}, ref.caps.history), marker,
                                 ThresholdEvent(session, dim, t, used, cap, scope=ref.scope,
                                                kind=ref.kind, value=ref.value,
-                                               period=ref.period, window=ref.limits.window)))
+                                               period=ref.period, window=ref.limits.window,
+                                               ledger=self._ledger_id)))
         return out
 
     def _unread_windows(self, refs: Sequence[ScopeRef], settled: Settlement
@@ -837,6 +842,16 @@ def _check_ledger_retention(budgets: Budgets, ledger: Ledger) -> None:
             "agent-guard: %s(max_scopes=...) may forget the least recently used scopes, "
             "including a %s budget, which would then start again from zero",
             type(inner).__name__, "/".join(budgets.kinds))
+
+
+def _ledger_identity(ledger: Ledger) -> str:
+    """Which budgets a ledger holds: its redacted URL and key namespace; an in-process
+    ledger is its own (two ``memory://`` ledgers are different budgets)."""
+    inner = getattr(ledger, "inner", ledger)  # a fail-open wrapper: the backend's
+    url = redact_url(getattr(inner, "url", "") or "")
+    if not url or url.startswith("memory:"):
+        return f"{url or type(inner).__name__}#{id(inner):x}"
+    return f"{url}#{getattr(inner, 'prefix', '')}"
 
 
 def _summed(scope: str, parts: Sequence[ScopeTotals]) -> ScopeTotals:

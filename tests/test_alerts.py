@@ -32,13 +32,15 @@ class Clock:
         return self.t
 
 
-def team_guard(clock: Clock, hooks: list[Callable[[ThresholdEvent], None]]) -> Guard:
+def team_guard(clock: Clock, hooks: list[Callable[[ThresholdEvent], None]],
+               ledger: Any = None) -> Guard:
     """Each call costs $0.00045: the team's $0.002 a month crosses 50% at the 3rd
     call (68%) and 80% at the 4th (90%); a 5th does not fit."""
     return Guard(Budgets(session=Limits(max_cost_usd=1),
                          team=Limits(max_cost_usd="0.002", window="month",
                                      thresholds=(0.5, 0.8))),
-                 attributes={"team": "acme"}, clock=clock, on_threshold=hooks)
+                 ledger or "memory://", attributes={"team": "acme"}, clock=clock,
+                 on_threshold=hooks)
 
 
 def spend(guard: Guard, session: str) -> CallRecord:
@@ -207,12 +209,12 @@ def test_webhook_sends_each_threshold_once_per_window_as_slack_json(
     assert r.requests[0]["path"] == f"/services/T0/B0/{r.token}"
     assert r.requests[0]["headers"]["Content-Type"] == "application/json"
 
-    # The same month again from a guard created anew (its memory:// ledger has no
-    # marker of what fired), with the same handler or a new one on the same URL:
-    # nothing is sent twice.
-    again = team_guard(clock, [alert, WebhookAlert(r.url)])
+    # The same month again from a guard created anew on the same ledger, with the same
+    # handler or a new one on the same URL: nothing is sent twice.
+    again = team_guard(clock, [alert, WebhookAlert(r.url)], guard.ledger)
     for i in range(4):
-        spend(again, f"r{i}")
+        with pytest.raises(BudgetExceeded):  # the same team budget, used up
+            spend(again, f"r{i}")
     # The next month's window starts from zero and alerts again.
     clock.t = DEC_1
     for i in range(3):
@@ -420,9 +422,11 @@ def test_log_alert_logs_once_per_threshold_with_the_fields(
     guard = team_guard(Clock(NOV_30), [LogAlert(name, "ERROR")])
     for i in range(4):
         spend(guard, f"s{i}")
-    again = team_guard(Clock(NOV_30), [LogAlert(name, "ERROR")])  # same destination
+    again = team_guard(Clock(NOV_30), [LogAlert(name, "ERROR")],  # same destination
+                       guard.ledger)
     for i in range(4):
-        spend(again, f"r{i}")
+        with pytest.raises(BudgetExceeded):
+            spend(again, f"r{i}")
     mine = [rec for rec in caplog.records if rec.name == name]
     assert [rec.levelno for rec in mine] == [logging.ERROR] * 2
     assert mine[0].getMessage() == (
@@ -439,11 +443,35 @@ def test_callback_alert_gets_each_event_once() -> None:
     guard = team_guard(Clock(NOV_30), [CallbackAlert(events.append)])
     for i in range(4):
         spend(guard, f"s{i}")
-    again = team_guard(Clock(NOV_30), [CallbackAlert(events.append)])
+    again = team_guard(Clock(NOV_30), [CallbackAlert(events.append)], guard.ledger)
     for i in range(4):
-        spend(again, f"r{i}")
+        with pytest.raises(BudgetExceeded):  # the same team budget: already spent
+            spend(again, f"r{i}")
     assert [(e.threshold, e.session, e.period) for e in events] == [
         (0.5, "s2", "2026-11"), (0.8, "s3", "2026-11")]
+
+
+def test_the_same_scope_name_on_another_ledger_is_another_budget_and_alerts(
+        redis_url: str) -> None:
+    """Two tenants' guards on separate Redis namespaces (or separate memory ledgers)
+    both have a team 'acme' this month: each budget's crossing is its own alert, even
+    through one process-wide handler."""
+    from agent_guard.ledger.redis import RedisLedger
+
+    events: list[ThresholdEvent] = []
+    hook = CallbackAlert(events.append)
+    ledgers = [RedisLedger(redis_url, namespace=f"alerts-{uuid.uuid4().hex}")
+               for _ in range(2)]
+    for n, ledger in enumerate([*ledgers, None, None]):
+        guard = team_guard(Clock(NOV_30), [hook], ledger)
+        for i in range(3):
+            spend(guard, f"t{n}-{i}")
+    assert [(e.threshold, e.session) for e in events] == [
+        (0.5, f"t{n}-2") for n in range(4)]
+    assert len({e.ledger for e in events}) == 4 and "{alerts-" in events[0].ledger
+    for ledger in ledgers:
+        ledger.client.delete(*ledger.client.keys(ledger.prefix + "*"))
+        ledger.close()
 
 
 def test_a_raising_callback_is_logged_and_the_agent_goes_on(

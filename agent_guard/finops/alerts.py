@@ -17,9 +17,11 @@ threshold and window period, and across processes its ledger decides which
 process fires. A handler adds a second, in-process guarantee: by default
 (``dedupe="process"``) the same destination (one webhook URL and format, one
 logger and level, one callback function) is sent an alert for a given
-(scope, dimension, threshold, period) at most once in the life of the
-process, even when the guard is created again (a fresh ``memory://`` ledger
-has no record of what was already sent) or the handler itself is. With
+(ledger, scope, dimension, threshold, period) at most once in the life of the
+process, even when the guard or the handler is created again. The ledger is
+part of the key (``ThresholdEvent.ledger``: its redacted URL and namespace, or
+the instance for ``memory://``): the same scope name in another ledger is
+another budget. With
 ``dedupe="instance"`` the memory belongs to the handler object only. Delivery
 is at most once: an alert that was queued and then failed is not sent again.
 
@@ -117,7 +119,8 @@ class _Alert:
 
     def __call__(self, event: ThresholdEvent) -> None:
         try:
-            key = (self._destination(), event.scope or f"session:{event.session}",
+            key = (self._destination(), getattr(event, "ledger", ""),
+                   event.scope or f"session:{event.session}",
                    event.dimension, float(event.threshold), event.period)
             if self._sent.claim(key) and not self._deliver(event):
                 self._sent.release(key)
