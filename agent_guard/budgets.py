@@ -31,6 +31,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .ledger import ScopeCaps
 from .limits import WINDOWS, Limits, Window, rolling_window
+from .records import utf8_text
 
 __all__ = ["STANDARD_ATTRIBUTES", "Budgets", "ScopeRef", "Window", "attributes_from_metadata",
            "period_of"]
@@ -229,8 +230,11 @@ class Budgets:
 
     def _ref(self, kind: str, value: str | None, limits: Limits, caps: Mapping[str, int],
              now: float, raw: bool = False) -> ScopeRef:
-        # session ids stay readable; other values are quoted (no ':' or '@' in them)
-        name = kind if value is None else f"{kind}:{value if raw else quote(value, safe='')}"
+        # session ids stay readable (text UTF-8 cannot hold escaped, for SQLite); other
+        # values are quoted (no ':' or '@' in them)
+        shown = value if value is None or not raw else utf8_text(value)
+        name = kind if value is None else (
+            f"{kind}:{shown if raw else quote(value, safe='', errors='surrogatepass')}")
         period = None
         history: tuple[str, ...] = ()
         window = limits.window

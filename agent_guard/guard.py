@@ -777,11 +777,12 @@ class Guard:
             usage = Usage(input_tokens=input_tokens,
                           output_tokens=max(0, int(output_tokens or 0)))
         cost = self._cost_nano(price, usage)
+        priced = price is not None
         if outcome == "cache_hit":
             return self._record(admission, usage, 0, estimated=estimated, outcome=outcome,
-                                saved_nano=cost, model=response_model), None
+                                saved_nano=cost, model=response_model, priced=priced), None
         record = self._record(admission, usage, cost, estimated=estimated, outcome=outcome,
-                              model=response_model)
+                              model=response_model, priced=priced)
         return record, _amounts(usage, cost)
 
     def _record(
@@ -794,7 +795,9 @@ class Guard:
         outcome: Outcome,
         saved_nano: int = 0,
         model: str | None = None,
+        priced: bool | None = None,
     ) -> CallRecord:
+        """``priced``: whether the settled price was known (default: the admission's)."""
         call = admission.call
         return CallRecord(
             session=call.session,
@@ -811,7 +814,7 @@ class Guard:
             outcome=outcome,
             started_at=admission.started_at,
             ended_at=self.clock(),
-            unpriced=admission.price is None,
+            unpriced=(admission.price is None) if priced is None else not priced,
             saved_nano=saved_nano,
             max_output_tokens=admission.max_output_tokens,
             node=call.node,

@@ -12,7 +12,7 @@ from .ledger import ScopeTotals
 from .limits import Dimension
 from .usage import Usage, nano_to_usd
 
-__all__ = ["CallRecord", "Outcome", "SessionUsage"]
+__all__ = ["CallRecord", "Outcome", "SessionUsage", "utf8_text"]
 
 Outcome = Literal["ok", "error", "aborted", "cache_hit"]
 RecordKind = Literal["model", "tool"]
@@ -132,3 +132,15 @@ class SessionUsage:
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+
+def utf8_text(text: str) -> str:
+    """``text`` as UTF-8 can hold it: a lone surrogate (what a byte that was not UTF-8
+    decodes to with ``surrogateescape``) becomes its ``\\udcxx`` escape, so the SQLite
+    ledger, the usage stores and CSV files take the name instead of failing on it.
+    Valid text is returned unchanged."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text

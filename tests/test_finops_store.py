@@ -270,3 +270,40 @@ def test_the_store_itself_is_a_record_hook() -> None:
     record = guard.tool_call_done("s", "search")
     assert store.records() == [record]
     assert store  # an empty or full store is always truthy
+
+
+def test_text_utf8_cannot_hold_is_escaped_not_dropped(store: UsageStore, tmp_path) -> None:
+    """A lone surrogate (what surrogateescape makes of a byte that was not UTF-8) in a
+    session or scope value: the guard admits the call on a SQLite ledger, every store
+    keeps the record, and the FOCUS export writes it."""
+    from agent_guard import Budgets, Guard, Limits, ModelCall
+    from agent_guard.finops import export_focus
+
+    odd = b"caf\xe9".decode("utf-8", "surrogateescape")
+    records: list[CallRecord] = []
+    guard = Guard(Budgets(session=Limits(max_cost_usd=1),
+                          team=Limits(max_cost_usd=5, window="month")),
+                  f"sqlite:///{tmp_path / 'ledger.db'}", attributes={"team": odd},
+                  on_record=[records.append, store.append])
+    admission = guard.before_model_call(ModelCall(session=odd, model="gpt-4o",
+                                                  input_tokens=10, max_output_tokens=10))
+    guard.after_model_call(admission, Usage(10, 5))
+    assert guard.scope_usage("team", odd).cost_nano == records[0].cost_nano > 0
+    [row] = store.rows()
+    assert row["session"] == row["team"] == "caf\\udce9"
+    assert store.failed == 0
+    assert export_focus(store, tmp_path / "focus.csv") == 1
+    guard.close()
+
+
+def test_a_call_priced_by_its_response_model_is_not_unpriced() -> None:
+    """Admitted under an alias the price book does not know, settled at the price of
+    the model the provider says answered: the record is priced."""
+    from agent_guard import Guard, Limits, ModelCall
+
+    records: list[CallRecord] = []
+    guard = Guard(Limits(max_cost_usd=1, unknown_price="allow"), on_record=[records.append])
+    admission = guard.before_model_call(ModelCall(session="s", model="my-alias",
+                                                  input_tokens=100, max_output_tokens=10))
+    guard.after_model_call(admission, Usage(100, 10), response_model="gpt-4o")
+    assert records[0].cost_nano > 0 and records[0].unpriced is False

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from ..ledger import Ledger, MemoryLedger, redact_url
-from ..records import CallRecord
+from ..records import CallRecord, utf8_text
 from ..usage import NANO_PER_USD, Usage
 
 if TYPE_CHECKING:
@@ -120,7 +120,9 @@ def record_to_row(record: CallRecord) -> dict[str, Any]:
     tenant) also get a column each. ``day`` is the UTC date the call started.
     """
     u = record.usage
-    attributes = dict(record.attributes)
+    # SQLite, Redis and CSV take UTF-8 only: text it cannot hold is escaped (utf8_text)
+    attributes = {utf8_text(str(k)): utf8_text(v) if isinstance(v, str) else v
+                  for k, v in record.attributes.items()}
     row: dict[str, Any] = {
         "v": ROW_VERSION,
         "record_id": record.record_id,
@@ -156,8 +158,11 @@ def record_to_row(record: CallRecord) -> dict[str, Any]:
     for name in ATTRIBUTE_COLUMNS:
         row[name] = attributes.get(name)
     row["attributes"] = json.dumps(attributes, sort_keys=True, **_JSON)  # type: ignore[arg-type]
-    row["tags"] = json.dumps(list(record.tags), **_JSON)  # type: ignore[arg-type]
-    row["scopes"] = json.dumps(list(record.scopes), **_JSON)  # type: ignore[arg-type]
+    row["tags"] = json.dumps([utf8_text(t) for t in record.tags], **_JSON)  # type: ignore[arg-type]
+    row["scopes"] = json.dumps([utf8_text(t) for t in record.scopes], **_JSON)  # type: ignore[arg-type]
+    for key, value in row.items():
+        if type(value) is str and not value.isascii():
+            row[key] = utf8_text(value)
     return row
 
 
