@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Annotated, TypedDict
+import operator
+from typing import Annotated, Any, TypedDict
 
 import pytest
 from langchain.agents import create_agent
 from langchain_core.messages import AIMessage, AnyMessage
+from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import tool
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
@@ -276,3 +278,81 @@ async def test_cached_tool_reports_its_hits_as_a_custom_event_on_the_tool_run() 
     assert [(n, d) for n, d, _ in rec.events] == [
         (CACHE_HIT_EVENT, {"tool": "search", "saved_nano": 2_000_000})] * 2
     assert [r for _, _, r in rec.events] == rec.tool_runs[:2]
+
+
+def test_node_cache_keys_stay_with_their_tenant_however_the_stream_is_consumed() -> None:
+    """Two tenants' graph streams consumed in turn in one thread, step by step from a
+    thread pool, or interleaved as async streams: each tenant's cached node answers
+    for that tenant only (a ContextVar set inside a generator would leak between
+    them)."""
+    import asyncio
+
+    from langgraph.graph import END, START, StateGraph
+
+    ran: list[str] = []
+
+    def step(state: TenantState) -> dict:
+        return {"out": []}
+
+    def answer(state: TenantState, config: RunnableConfig) -> dict:
+        tenant = config["metadata"]["tenant"]
+        ran.append(tenant)
+        return {"out": [f"secret-of-{tenant}"]}
+
+    builder = StateGraph(TenantState)
+    builder.add_node("prep", step)
+    builder.add_node("mid", step)
+    builder.add_node("answer", answer)
+    builder.add_edge(START, "prep")
+    builder.add_edge("prep", "mid")
+    builder.add_edge("mid", "answer")
+    builder.add_edge("answer", END)
+
+    def fresh() -> Any:
+        ran.clear()
+        return guarded_graph(builder, limits=Limits(max_steps=100),
+                             cache=ResultCache(ttl={"c": 600}), cache_nodes={"answer": "c"})
+
+    def cfg(tenant: str, n: int) -> Any:
+        return {"configurable": {"thread_id": f"{tenant}-{n}"}, "metadata": {"tenant": tenant}}
+
+    def last(chunks: list) -> list:
+        return chunks[-1]["answer"]["out"]
+
+    graph = fresh()
+    a, b = graph.stream({"q": "x"}, cfg("A", 1)), graph.stream({"q": "x"}, cfg("B", 1))
+    next(a), next(b)
+    assert (last(list(a)), last(list(b))) == (["secret-of-A"], ["secret-of-B"])
+    assert graph.invoke({"q": "x"}, cfg("B", 2))["out"] == ["secret-of-B"]  # a cache hit
+    assert ran == ["A", "B"]
+
+    async def drained(gen: Any) -> list:
+        out = []
+        while (item := await asyncio.to_thread(next, gen, None)) is not None:
+            out.append(item)
+        return out
+
+    async def by_thread_pool() -> tuple[list, list]:
+        return (await drained(graph.stream({"q": "x"}, cfg("A", 3))),
+                await drained(graph.stream({"q": "x"}, cfg("B", 3))))
+
+    graph = fresh()
+    got_a, got_b = asyncio.run(by_thread_pool())
+    assert (last(got_a), last(got_b)) == (["secret-of-A"], ["secret-of-B"])
+
+    async def interleaved_async() -> tuple[list, list]:
+        sa, sb = graph.astream({"q": "x"}, cfg("A", 4)), graph.astream({"q": "x"}, cfg("B", 4))
+        first = [await sa.__anext__(), await sb.__anext__()]
+        rest_a = [c async for c in sa]
+        rest_b = [c async for c in sb]
+        return [first[0], *rest_a], [first[1], *rest_b]
+
+    graph = fresh()
+    got_a, got_b = asyncio.run(interleaved_async())
+    assert (last(got_a), last(got_b)) == (["secret-of-A"], ["secret-of-B"])
+    assert sorted(ran) == ["A", "B"]
+
+
+class TenantState(TypedDict):
+    q: str
+    out: Annotated[list, operator.add]

@@ -13,8 +13,7 @@ import asyncio
 import base64
 import contextvars
 import json
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from langchain_core.messages import BaseMessage
@@ -23,7 +22,7 @@ from langgraph.cache.base import BaseCache, FullKey, Namespace
 from .result import ResultCache, canonical_json
 from .store import key_part
 
-__all__ = ["NodeCache", "content_key", "tenant_scope"]
+__all__ = ["NodeCache", "astream_as_tenant", "content_key", "stream_as_tenant"]
 
 _TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("agent_guard_node_cache_tenant",
                                                               default="_default")
@@ -31,17 +30,49 @@ _TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("agent_guard_node_
 _SAFE_ENCODINGS = frozenset({"json", "msgpack", "bytes", "bytearray", "null"})
 
 
-@contextmanager
-def tenant_scope(tenant: str) -> Iterator[None]:
-    """Cache keys made inside are the ``tenant``'s."""
-    token = _TENANT.set(tenant)
+def stream_as_tenant(tenant: str, start: Callable[[], Iterator[Any]]) -> Iterator[Any]:
+    """Iterate ``start()`` with node cache keys made as ``tenant``'s, on every step.
+
+    A generator has no context of its own: a ContextVar set inside it lands in the
+    context of whoever calls ``next()``, so two streams consumed in turn, or one
+    consumed from a thread pool step by step, would make keys under each other's
+    tenant. The stream runs in a context of its own, entered for each step."""
+    ctx = contextvars.copy_context()
+    ctx.run(_TENANT.set, tenant)
+    it = ctx.run(start)
     try:
-        yield
+        while True:
+            try:
+                chunk = ctx.run(next, it)
+            except StopIteration:
+                return
+            yield chunk
     finally:
-        try:
-            _TENANT.reset(token)
-        except ValueError:  # consumed in another context (e.g. a generator moved threads)
-            _TENANT.set("_default")
+        ctx.run(getattr(it, "close", lambda: None))
+
+
+async def astream_as_tenant(tenant: str, start: Callable[[], AsyncIterator[Any]]
+                            ) -> AsyncIterator[Any]:
+    """The async twin of :func:`stream_as_tenant`: each step runs as a task in the
+    stream's own context."""
+    ctx = contextvars.copy_context()
+    ctx.run(_TENANT.set, tenant)
+    agen = ctx.run(start)
+    try:
+        while True:
+            try:
+                chunk = await asyncio.create_task(_anext(agen), context=ctx)
+            except StopAsyncIteration:
+                return
+            yield chunk
+    finally:
+        closer = getattr(agen, "aclose", None)
+        if closer is not None:
+            await asyncio.create_task(closer(), context=ctx)
+
+
+async def _anext(agen: AsyncIterator[Any]) -> Any:
+    return await agen.__anext__()
 
 
 def _content(value: Any, ignore: frozenset[str]) -> Any:

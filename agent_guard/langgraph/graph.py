@@ -36,7 +36,7 @@ from ..actions import (
     wants_stop,
 )
 from ..budgets import Budgets, attributes_from_metadata
-from ..cache.node import NodeCache, content_key, tenant_scope
+from ..cache.node import NodeCache, astream_as_tenant, content_key, stream_as_tenant
 from ..cache.result import ResultCache
 from ..errors import GuardError
 from ..guard import Guard
@@ -187,8 +187,9 @@ class GuardedStateGraph(CompiledStateGraph):
             return
         if isinstance(input, Command) and input.resume is not None and self.checkpointer:
             input = self._normalise(input, config, self.get_state(config or {}).interrupts)
-        with tenant_scope(self._tenant(config)):
-            yield from super().stream(input, config, **kwargs)
+        parent = super()
+        yield from stream_as_tenant(self._tenant(config),
+                                    lambda: parent.stream(input, config, **kwargs))
 
     async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
                       ) -> Any:
@@ -200,9 +201,10 @@ class GuardedStateGraph(CompiledStateGraph):
         if isinstance(input, Command) and input.resume is not None and self.checkpointer:
             snapshot = await self.aget_state(config or {})
             input = self._normalise(input, config, snapshot.interrupts)
-        with tenant_scope(self._tenant(config)):
-            async for chunk in super().astream(input, config, **kwargs):
-                yield chunk
+        parent = super()
+        async for chunk in astream_as_tenant(
+                self._tenant(config), lambda: parent.astream(input, config, **kwargs)):
+            yield chunk
 
 
 def guarded_graph(
