@@ -100,6 +100,39 @@ def test_tenants_do_not_share_answers(server) -> None:
     assert server.request_count == 2
 
 
+@pytest.mark.parametrize("cache_kind", ["exact", "semantic"])
+def test_a_model_called_directly_keeps_each_tenants_answers_apart(server,
+                                                                  cache_kind: str) -> None:
+    """The tenant in the call's own config metadata (no graph or chain around it, so no
+    runnable context) decides the cache entry, sync, async and batched."""
+    import asyncio
+
+    cache = LLMCache() if cache_kind == "exact" else SemanticLLMCache(WordEmbeddings(),
+                                                                       threshold=0.8)
+    llm = chat(server, cache)
+
+    def as_tenant(tenant: str) -> dict:
+        return {"metadata": {"tenant": tenant}}
+
+    llm.invoke("secret plan?", config=as_tenant("acme"))
+    llm.invoke("secret plan?", config=as_tenant("globex"))
+    assert server.request_count == 2  # globex was not served acme's answer
+    llm.invoke("secret plan?", config=as_tenant("acme"))
+    assert server.request_count == 2  # acme's own entry
+
+    async def both() -> None:
+        await llm.ainvoke("budget?", config=as_tenant("acme"))
+        await llm.ainvoke("budget?", config=as_tenant("globex"))
+        await llm.ainvoke("budget?", config=as_tenant("globex"))
+
+    asyncio.run(both())
+    assert server.request_count == 4
+    llm.batch(["roadmap?", "roadmap?"], config=[as_tenant("acme"), as_tenant("globex")])
+    assert server.request_count == 6
+    llm.invoke("secret plan?")  # no tenant at all: the shared default entry
+    assert server.request_count == 7
+
+
 def test_semantic_hits_paraphrases_above_the_threshold_only(server) -> None:
     cache = SemanticLLMCache(WordEmbeddings(), threshold=0.8)
     llm = chat(server, cache)

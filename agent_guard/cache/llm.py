@@ -13,17 +13,21 @@ what the hit saved.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import hashlib
 import json
 import math
+import sys
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from langchain_core._api.beta_decorator import LangChainBetaWarning
 from langchain_core.caches import RETURN_VAL_TYPE, BaseCache
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.embeddings import Embeddings
 from langchain_core.load import dumps, loads
 from langchain_core.runnables.config import var_child_runnable_config
@@ -91,6 +95,36 @@ def canonical_prompt(prompt: str) -> str:
     return json.dumps(messages, sort_keys=True, separators=(",", ":"))
 
 
+# the tenant an async lookup resolved in its coroutine, for the thread doing the I/O
+_PINNED_TENANT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "agent_guard_llm_cache_tenant", default=None)
+_FRAMES_UP = 12  # lookup -> (Semantic) -> _key/_group -> _prefix -> _tenant -> here
+
+
+def _run_metadata() -> Mapping[str, Any] | None:
+    """The metadata of the LLM run whose cache lookup or update is on the stack.
+
+    LangChain calls ``cache.lookup(prompt, llm_string)`` from
+    ``BaseChatModel._generate_with_cache(..., run_manager=...)`` with nothing else; the
+    run manager there holds the call's metadata (its own config's and inherited)."""
+    frame = sys._getframe(2)
+    for _ in range(_FRAMES_UP):
+        if frame is None:
+            return None
+        manager = frame.f_locals.get("run_manager") if "run_manager" in \
+            frame.f_code.co_varnames else None
+        if isinstance(manager, CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun):
+            return manager.metadata or {}
+        frame = frame.f_back
+    return None
+
+
+async def _in_executor_as(tenant: str, fn: Callable[..., Any], *args: Any) -> Any:
+    ctx = contextvars.copy_context()
+    ctx.run(_PINNED_TENANT.set, tenant)
+    return await asyncio.get_running_loop().run_in_executor(None, ctx.run, fn, *args)
+
+
 class LLMCache(BaseCache):
     """Exact LLM cache: same prompt, same model and parameters (``llm_string``)."""
 
@@ -112,11 +146,29 @@ class LLMCache(BaseCache):
         return view
 
     def _tenant(self) -> str:
+        """The tenant of the model call being served: this view's (``for_tenant``),
+        else the call's metadata ``tenant_key`` as its run manager has it (a model
+        invoked directly sets no runnable context, so that is the only place the call's
+        own ``config={"metadata": ...}`` can be read), else the enclosing runnable's
+        config, else ``_default``."""
         if self.tenant is not None:
             return self.tenant
-        config = var_child_runnable_config.get() or {}
-        value = (config.get("metadata") or {}).get(self.tenant_key)
+        pinned = _PINNED_TENANT.get()
+        if pinned is not None:
+            return pinned
+        metadata = _run_metadata()
+        if metadata is None:
+            config = var_child_runnable_config.get() or {}
+            metadata = config.get("metadata") or {}
+        value = metadata.get(self.tenant_key)
         return str(value) if value not in (None, "") else "_default"
+
+    async def alookup(self, prompt: str, llm_string: str) -> RETURN_VAL_TYPE | None:
+        return await _in_executor_as(self._tenant(), self.lookup, prompt, llm_string)
+
+    async def aupdate(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE
+                      ) -> None:
+        await _in_executor_as(self._tenant(), self.update, prompt, llm_string, return_val)
 
     def _prefix(self) -> str:
         return f"{self.root}t={key_part(self._tenant())}:"
