@@ -163,3 +163,45 @@ def test_an_asyncio_run_per_task_does_not_leave_redis_connections_behind(
     asyncio.run(closed_early())
     assert mine() == 0
     admin.close()
+
+
+def test_sqlite_connections_do_not_pile_up_with_threads(tmp_path) -> None:
+    """Each Runnable.batch makes a new thread pool: 300 short-lived threads use the SQLite
+    ledger, cache and usage store, and the connections (and file descriptors) kept
+    stay a handful, not one per thread."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agent_guard import Guard, Limits, ModelCall, Usage
+    from agent_guard.cache.store import SQLiteStore
+    from agent_guard.finops import UsageStore
+    from agent_guard.sqlite_pool import IDLE_CONNECTIONS
+
+    path = tmp_path / "guard.db"
+    guard = Guard(Limits(max_cost_usd=100), f"sqlite:///{path}")
+    store = UsageStore.for_ledger(guard.ledger)
+    guard.add_record_hook(store.append)
+    cache = SQLiteStore(str(tmp_path / "cache.db"))
+
+    def call(i: int) -> None:
+        admission = guard.before_model_call(ModelCall(session=f"s{i % 7}", model="gpt-4o-mini",
+                                                      input_tokens=10, max_output_tokens=5))
+        guard.after_model_call(admission, Usage(10, 5))
+        cache.set(f"k{i}", "v")
+        assert cache.get(f"k{i}") == "v"
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    call(0)
+    before = fds()
+    for batch in range(30):  # a new pool of 10 threads each time, as batch() does
+        with ThreadPoolExecutor(10) as pool:
+            list(pool.map(call, range(batch * 10 + 1, batch * 10 + 11)))
+    for pool_of in (guard.ledger._pool, store._pool, cache._pool):
+        assert pool_of.open_connections <= IDLE_CONNECTIONS
+    assert fds() - before <= 3 * 2 * IDLE_CONNECTIONS  # was 2 per thread: ~1,800
+    assert len(store.rows()) == 301
+    guard.close()
+    store.close()
+    cache.close()

@@ -279,8 +279,8 @@ class LedgerMachine(RuleBasedStateMachine):
         if self.backend == "memory":
             got = [set(ledger._open)]
         elif self.backend == "sqlite":
-            got = [{r for (r,) in ledger._connection().execute(
-                "SELECT id FROM ag_reservations")}]
+            with ledger._pool.connection() as db:
+                got = [{r for (r,) in db.execute("SELECT id FROM ag_reservations")}]
         else:
             got = [{i.decode() for i in ledger.client.hkeys(ledger.prefix + "open")},
                    {i.decode() for i in ledger.client.zrange(ledger.prefix + "leases", 0, -1)}]

@@ -8,7 +8,6 @@ unpickled. ``memory://`` is bounded (LRU eviction, ``max_entries``);
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -16,6 +15,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, unquote
+
+from ..sqlite_pool import SQLitePool
 
 __all__ = ["KVStore", "MemoryStore", "RedisStore", "SQLiteStore", "store_from_url"]
 
@@ -103,39 +104,40 @@ class SQLiteStore(KVStore):
     def __init__(self, path: str, *, clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self._clock = clock
-        self._local = threading.local()
-        self._db().execute(
-            "CREATE TABLE IF NOT EXISTS ag_cache (key TEXT PRIMARY KEY, value TEXT NOT NULL, "
-            "expires_at REAL)")
+        self._pool = SQLitePool(path)
+        with self._pool.connection() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS ag_cache (key TEXT PRIMARY KEY, "
+                       "value TEXT NOT NULL, expires_at REAL)")
 
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
-                                 check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            self._local.db = db
-        return db
+    def _execute(self, sql: str, args: tuple[Any, ...]) -> tuple[list[Any], int]:
+        """One autocommitted statement: (its rows, fetched before the connection goes
+        back to the pool; the rows it changed)."""
+        with self._pool.connection() as db:
+            cur = db.execute(sql, args)
+            return cur.fetchall(), cur.rowcount
+
+    def close(self) -> None:
+        self._pool.close()
 
     def get(self, key: str) -> str | None:
-        row = self._db().execute("SELECT value, expires_at FROM ag_cache WHERE key = ?",
-                                 (key,)).fetchone()
+        rows, _ = self._execute("SELECT value, expires_at FROM ag_cache WHERE key = ?", (key,))
+        row = rows[0] if rows else None
         if row is None or (row[1] is not None and row[1] <= self._clock()):
             return None
         return str(row[0])
 
     def set(self, key: str, value: str, ttl: float | None = None) -> None:
         expires = None if ttl is None else self._clock() + ttl
-        self._db().execute("INSERT OR REPLACE INTO ag_cache (key, value, expires_at) "
-                           "VALUES (?, ?, ?)", (key, value, expires))
+        self._execute("INSERT OR REPLACE INTO ag_cache (key, value, expires_at) "
+                      "VALUES (?, ?, ?)", (key, value, expires))
 
     def delete_prefix(self, prefix: str) -> int:
-        cur = self._db().execute("DELETE FROM ag_cache WHERE substr(key, 1, ?) = ?",
-                                 (len(prefix), prefix))
-        return cur.rowcount
+        _, changed = self._execute("DELETE FROM ag_cache WHERE substr(key, 1, ?) = ?",
+                                   (len(prefix), prefix))
+        return changed
 
     def scan(self, prefix: str) -> list[tuple[str, str]]:
-        rows = self._db().execute(
+        rows, _ = self._execute(
             "SELECT key, value FROM ag_cache WHERE substr(key, 1, ?) = ? AND "
             "(expires_at IS NULL OR expires_at > ?)", (len(prefix), prefix, self._clock()))
         return [(str(k), str(v)) for k, v in rows]

@@ -50,13 +50,14 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import nullcontext, suppress
+from contextlib import suppress
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from ..ledger import Ledger, MemoryLedger, redact_url
 from ..records import CallRecord, utf8_text
+from ..sqlite_pool import SQLitePool, is_memory_path
 from ..usage import NANO_PER_USD, Usage
 
 if TYPE_CHECKING:
@@ -577,8 +578,8 @@ class SQLiteUsageStore(UsageStore):
 
     Each row is one parameterised ``INSERT OR IGNORE`` keyed by ``record_id`` (so a
     record appended twice is kept once); the full row is JSON in column ``row``
-    beside indexed ``started_at`` and ``session``. Each thread uses its own
-    connection (WAL, ``synchronous=NORMAL``, as the ledger).
+    beside indexed ``started_at`` and ``session``. Connections come from a small pool any
+    thread takes from (WAL, ``synchronous=NORMAL``, as the ledger).
     """
 
     def __init__(self, path: str, *, busy_timeout_s: float = 30.0, **options: Any) -> None:
@@ -586,47 +587,21 @@ class SQLiteUsageStore(UsageStore):
         self.path = path
         self.url = f"sqlite:///{path}"
         self._timeout = busy_timeout_s
-        self._memory = path in ("", ":memory:")
-        self._local = threading.local()
-        self._shared: sqlite3.Connection | None = None
-        self._db_lock = threading.RLock()
-        self._all: list[sqlite3.Connection] = []
-        self._pid = os.getpid()
+        self._memory = is_memory_path(path)
+        self._pool = SQLitePool(path, timeout=busy_timeout_s)
         if not self._memory:
             directory = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(directory):
                 raise ValueError(f"cannot open the usage store {self.url!r}: directory "
                                  f"{directory} does not exist")
-        with self._db_lock:
-            db = self._connection()
+        with self._pool.connection() as db:
             for statement in _SQLITE_SCHEMA:
                 db.execute(statement)
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._memory:
-            if self._shared is None:
-                self._shared = sqlite3.connect(":memory:", isolation_level=None,
-                                               check_same_thread=False)
-            return self._shared
-        if os.getpid() != self._pid:
-            self._pid, self._local, self._all = os.getpid(), threading.local(), []
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None,
-                                 check_same_thread=False)
-            db.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-            with self._db_lock:
-                self._all.append(db)
-        return db
 
     def _write(self, rows: Sequence[dict[str, Any]]) -> None:
         params = [(r["record_id"], r["started_at"], r["session"], r["kind"], r["model"] or "",
                    r["cost_nano"], json.dumps(r, **_JSON)) for r in rows]  # type: ignore[arg-type]
-        with self._db_lock if self._memory else nullcontext():
-            db = self._connection()
+        with self._pool.connection() as db:
             if len(params) == 1:
                 db.execute(_SQLITE_INSERT, params[0])  # autocommit: one implicit transaction
                 return
@@ -651,25 +626,18 @@ class SQLiteUsageStore(UsageStore):
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY started_at, record_id"
-        with self._db_lock if self._memory else nullcontext():
-            rows = self._connection().execute(sql, args).fetchall()
+        with self._pool.connection() as db:
+            rows = db.execute(sql, args).fetchall()
         for (text,) in rows:
             yield json.loads(text)
 
     def _prune(self, before: float) -> int:
-        with self._db_lock if self._memory else nullcontext():
-            cur = self._connection().execute("DELETE FROM ag_usage WHERE started_at < ?",
-                                             (before,))
+        with self._pool.connection() as db:
+            cur = db.execute("DELETE FROM ag_usage WHERE started_at < ?", (before,))
             return int(cur.rowcount)
 
     def _close(self) -> None:
-        with self._db_lock:
-            for db in [*self._all, *([self._shared] if self._shared else [])]:
-                with suppress(sqlite3.Error):
-                    db.close()
-            self._all.clear()
-            self._shared = None
-            self._local = threading.local()
+        self._pool.close()
 
 
 def _split_namespace(url: str) -> tuple[str, str | None]:

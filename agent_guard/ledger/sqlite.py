@@ -21,15 +21,14 @@ uses one connection behind a lock instead, since each connection to
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from contextlib import contextmanager, suppress
 from urllib.parse import unquote
 
 from ..errors import LedgerUnavailable
+from ..sqlite_pool import SQLitePool
 from .base import (
     DONE_RETENTION_SECONDS,
     Denial,
@@ -77,7 +76,6 @@ ON CONFLICT (scope, dimension) DO UPDATE SET
     extra = extra + excluded.extra
 """
 
-_MEMORY = ("", ":memory:")
 
 
 class SQLiteLedger(Ledger):
@@ -93,14 +91,8 @@ class SQLiteLedger(Ledger):
         self.path = path
         self.url = f"sqlite:///{path}"
         self._clock = clock
-        self._timeout = busy_timeout_s
-        self._shared = path in _MEMORY
-        self._shared_lock = threading.RLock()
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._all_lock = threading.Lock()
-        self._shared_db: sqlite3.Connection | None = None
-        self._pid = os.getpid()
+        self._pool = SQLitePool(path, timeout=busy_timeout_s,
+                                open_error=lambda exc: LedgerUnavailable(self.url, exc))
         with self._transaction() as db:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -122,43 +114,10 @@ class SQLiteLedger(Ledger):
 
     # -- connections -------------------------------------------------------------------
 
-    def _connection(self) -> sqlite3.Connection:
-        if os.getpid() != self._pid and not self._shared:
-            # forked: a file's connection must not be shared with the parent process
-            self._pid = os.getpid()
-            self._local = threading.local()
-            self._all = []
-        db: sqlite3.Connection | None = (
-            self._shared_db if self._shared else getattr(self._local, "db", None))
-        if db is None:
-            try:
-                if self.path not in _MEMORY:
-                    directory = os.path.dirname(os.path.abspath(self.path))
-                    if not os.path.isdir(directory):
-                        raise FileNotFoundError(f"directory {directory} does not exist")
-                db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None,
-                                     check_same_thread=False)
-                db.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")
-            except (sqlite3.Error, OSError) as exc:
-                raise LedgerUnavailable(self.url, exc) from exc
-            if self._shared:
-                self._shared_db = db
-            else:
-                self._local.db = db
-            with self._all_lock:
-                self._all.append(db)
-        return db
-
-    def _guard(self) -> AbstractContextManager[object]:
-        return self._shared_lock if self._shared else nullcontext()
-
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` ... ``COMMIT``; sqlite errors -> LedgerUnavailable."""
-        with self._guard():
-            db = self._connection()
+        with self._pool.connection() as db:
             try:
                 db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
@@ -175,13 +134,7 @@ class SQLiteLedger(Ledger):
                 raise
 
     def close(self) -> None:
-        with self._all_lock:
-            for db in self._all:
-                with suppress(sqlite3.Error):
-                    db.close()
-            self._all.clear()
-        self._local = threading.local()
-        self._shared_db = None
+        self._pool.close()
 
     # -- helpers (inside a transaction) ---------------------------------------------------
 
@@ -311,9 +264,9 @@ class SQLiteLedger(Ledger):
             db.execute(_ADD, (scope, dimension, 0, 0, amount))
 
     def totals(self, scope: str) -> ScopeTotals:
-        with self._guard():
+        with self._pool.connection() as db:
             try:
-                return self._totals(self._connection(), scope)
+                return self._totals(db, scope)
             except sqlite3.Error as exc:
                 raise LedgerUnavailable(self.url, exc) from exc
 
