@@ -304,13 +304,24 @@ def test_a_call_admitted_while_open_and_settled_after_recovery_counts_once() -> 
     assert spent(inner.store) == 90
 
 
-def test_extend_is_not_journaled_and_close_reports_what_is_lost(
+def test_extend_is_journaled_and_close_reports_what_is_lost(
         caplog: pytest.LogCaptureFixture) -> None:
-    ledger, inner, _ = make()
+    """An extend while the backend is away raises the local cap and is replayed (a
+    guard gives back an identical-call count this way); entries still pending at close
+    are reported."""
+    ledger, inner, clock = make()
     inner.down = True
-    with pytest.raises(LedgerUnavailable):
-        ledger.extend("session:s", USD, 10)
+    ledger.extend("session:s", USD, 10)
+    assert ledger.totals("session:s").get_extra(USD) == 10
     assert ledger.charge(CAPS, {USD: 3}) is None
+    assert ledger.pending == 2
+    inner.down = False
+    clock.advance(5)
+    assert ledger.reconcile()
+    t = inner.totals("session:s")
+    assert (t.get_extra(USD), t.get_spent(USD)) == (10, 3)
+    inner.down = True
+    assert ledger.charge(CAPS, {USD: 1}) is None
     with caplog.at_level(logging.ERROR, logger="agent_guard"):
         ledger.close()
     assert "1 journaled entries not reconciled" in caplog.text
@@ -357,3 +368,21 @@ def test_open_mode_counts_a_rolling_window_s_past_buckets_and_never_forgets_them
     assert isinstance(small, Reservation)
     ledger.settle(small, {USD: 10})
     assert isinstance(ledger.reserve([now], {USD: 1}, lease_seconds=60), Denial)
+
+
+def test_counts_charged_before_an_outage_are_not_granted_again() -> None:
+    """Steps, tool calls and identical-call counters are charged, not settled: what the
+    backend reported for them seeds the local view, so an outage does not hand a
+    session that used up its step cap a fresh one (sync and async)."""
+    ledger, inner, clock = make()
+    steps = [ScopeCaps("session:s", {"steps": 3})]
+    for _ in range(2):
+        assert ledger.charge(steps, {"steps": 1}) is None
+    assert asyncio.run(ledger.acharge(steps, {"steps": 1})) is None
+    inner.down = True
+    assert isinstance(ledger.charge(steps, {"steps": 1}), Denial)
+    assert isinstance(asyncio.run(ledger.acharge(steps, {"steps": 1})), Denial)
+    inner.down = False
+    clock.advance(5)
+    assert ledger.reconcile()
+    assert inner.totals("session:s").get_spent("steps") == 3

@@ -74,10 +74,11 @@ _KNOWN_SCOPES = 10_000
 
 @dataclass(frozen=True, slots=True)
 class JournalEntry:
-    """One operation to replay into the backend: ``settle(reservation, actual)`` or,
-    when ``actual`` is None, ``release(reservation)``."""
+    """One operation to replay into the backend: ``settle(reservation, actual)``;
+    when ``actual`` is None, ``release(reservation)``; for ``extend``, each
+    ``extend(scope, dimension, amount)`` of ``actual`` on the reservation's one scope."""
 
-    kind: Literal["settle", "release"]
+    kind: Literal["settle", "release", "extend"]
     reservation: Reservation
     actual: Mapping[str, int] | None = None
 
@@ -249,7 +250,10 @@ class FailOpenLedger(Ledger):
                         return True
                     key, entry = next(iter(self._journal.items()))
                 try:
-                    if entry.actual is None:
+                    if entry.kind == "extend":
+                        for dim, amount in (entry.actual or {}).items():
+                            self.inner.extend(entry.reservation.scopes[0], dim, amount)
+                    elif entry.actual is None:
                         self.inner.release(entry.reservation)
                     else:
                         self._remember(self.inner.settle(entry.reservation, entry.actual))
@@ -409,15 +413,10 @@ class FailOpenLedger(Ledger):
         return self._release_local(reservation)
 
     def charge(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]) -> Denial | None:
-        if self._use_backend():
-            try:
-                denial = self.inner.charge(scopes, amounts)
-            except LedgerUnavailable as exc:
-                self._go_open(exc)
-            else:
-                self._go_closed()
-                return denial
-        return self._charge_local(scopes, amounts)
+        # through charge_read: the counts the backend reports (steps, tool calls, repeat
+        # counters) seed the local view in an outage, as settled spend does
+        result = self.charge_read(scopes, amounts)
+        return result if isinstance(result, Denial) else None
 
     def charge_read(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
                     ) -> Denial | Settlement:
@@ -428,6 +427,8 @@ class FailOpenLedger(Ledger):
                 self._go_open(exc)
             else:
                 self._go_closed()
+                if isinstance(result, Settlement):
+                    self._remember(result)
                 return result
         return self._charged_locally(scopes, amounts)
 
@@ -441,10 +442,29 @@ class FailOpenLedger(Ledger):
             return spent_after(names, amounts, [self._local.totals(n) for n in names])
 
     def extend(self, scope: str, dimension: str, amount: int) -> None:
-        self.inner.extend(scope, dimension, amount)  # not journaled: raises while down
+        if self._use_backend():
+            try:
+                self.inner.extend(scope, dimension, amount)
+            except LedgerUnavailable as exc:
+                self._go_open(exc)
+            else:
+                self._go_closed()
+                with self._lock:
+                    if scope in self._seeded:
+                        self._local.extend(scope, dimension, amount)
+                return
+        self._extend_local(scope, dimension, amount)
+
+    def _extend_local(self, scope: str, dimension: str, amount: int) -> None:
+        """While open: raise the cap here and journal it (a guard gives back an
+        identical-call count this way when another cap refuses the call)."""
         with self._lock:
-            if scope in self._seeded:
-                self._local.extend(scope, dimension, amount)
+            self._check_room()
+            self._seed([scope])
+            self._local.extend(scope, dimension, amount)
+            key = f"failopen-extend:{uuid.uuid4().hex}"
+            self._journal_add(key, JournalEntry("extend", Reservation(key, (scope,), {}, 0.0),
+                                                {dimension: amount}))
 
     def totals(self, scope: str) -> ScopeTotals:
         """The backend's totals; while open, this process's local view (seeded spend +
@@ -544,15 +564,8 @@ class FailOpenLedger(Ledger):
     async def acharge(
         self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
     ) -> Denial | None:
-        if await self._ause_backend():
-            try:
-                denial = await self.inner.acharge(scopes, amounts)
-            except LedgerUnavailable as exc:
-                self._go_open(exc)
-            else:
-                self._go_closed()
-                return denial
-        return self._charge_local(scopes, amounts)
+        result = await self.acharge_read(scopes, amounts)
+        return result if isinstance(result, Denial) else None
 
     async def acharge_read(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
                            ) -> Denial | Settlement:
@@ -563,14 +576,24 @@ class FailOpenLedger(Ledger):
                 self._go_open(exc)
             else:
                 self._go_closed()
+                if isinstance(result, Settlement):
+                    self._remember(result)
                 return result
         return self._charged_locally(scopes, amounts)
 
     async def aextend(self, scope: str, dimension: str, amount: int) -> None:
-        await self.inner.aextend(scope, dimension, amount)
-        with self._lock:
-            if scope in self._seeded:
-                self._local.extend(scope, dimension, amount)
+        if await self._ause_backend():
+            try:
+                await self.inner.aextend(scope, dimension, amount)
+            except LedgerUnavailable as exc:
+                self._go_open(exc)
+            else:
+                self._go_closed()
+                with self._lock:
+                    if scope in self._seeded:
+                        self._local.extend(scope, dimension, amount)
+                return
+        self._extend_local(scope, dimension, amount)
 
     async def atotals(self, scope: str) -> ScopeTotals:
         if not self.is_open:
