@@ -11,6 +11,7 @@ from decimal import Decimal
 
 import pytest
 from langchain_core.caches import InMemoryCache
+from langchain_core.messages import HumanMessage
 from langchain_openai import ChatOpenAI
 
 from agent_guard import BudgetExceeded, Guard, GuardCallbackHandler, Limits, OutputCapExceeded
@@ -57,6 +58,25 @@ def test_invoke_records_the_exact_cost(server: FakeOpenAIServer) -> None:
     assert usage.cost_nano == record.cost_nano and usage.reserved_nano == 0
     assert (usage.input_tokens, usage.output_tokens, usage.cached_tokens) == (1200, 300, 1024)
     assert usage.model_calls == 1
+
+
+def test_n_choices_are_charged_once_and_reserved_for_all() -> None:
+    """n=3: OpenAI reports one usage for the request (all choices' output in it) and
+    langchain-openai attaches it to every choice: charged once; the reservation covers
+    three choices' worth of max_tokens."""
+    reply = FakeReply(content="one of three", prompt_tokens=100, completion_tokens=20)
+    with FakeOpenAIServer(replies=[reply]) as srv:
+        records = []
+        handler = guarded()
+        handler.guard.add_record_hook(records.append)
+        result = model(srv, n=3).generate([[HumanMessage("pick a name")]],
+                                          callbacks=[handler])
+    assert len(result.generations[0]) == 3
+    [record] = records
+    assert (record.usage.input_tokens, record.usage.output_tokens) == (100, 60)
+    assert record.cost_nano == expected_nano(100, 60)
+    assert record.max_output_tokens == 3 * 400
+    assert handler.guard.usage("t1").cost_nano == record.cost_nano
 
 
 def test_stream_with_usage_chunk_records_the_exact_cost(server: FakeOpenAIServer) -> None:

@@ -457,16 +457,24 @@ class GuardCallbackHandler(BaseCallbackHandler):
         cache_hit = False
         model = run.admission.call.model
         generations = _generations(response)
-        for generation in generations:
-            message = generation.message if isinstance(generation, ChatGeneration) else None
-            if isinstance(message, AIMessage):
+        for choices in response.generations:  # one list of choices per prompt
+            seen: list[Any] = []
+            for generation in choices:
+                message = generation.message if isinstance(generation, ChatGeneration) \
+                    else None
+                if not isinstance(message, AIMessage):
+                    continue
                 meta = message.response_metadata or {}
                 response_model = response_model or meta.get("model_name") or meta.get("model")
                 um = message.usage_metadata
-                if um is not None:
-                    # LangChain's LLM cache replays the original usage with total_cost 0
-                    cache_hit = cache_hit or um.get("total_cost") == 0  # type: ignore[comparison-overlap]
-                    usage = _add(usage, _parse_usage(um, model))
+                if um is None or um in seen:
+                    # n > 1: providers (OpenAI) attach the request's whole usage to every
+                    # choice; the same usage twice is one request's, counted once
+                    continue
+                seen.append(um)
+                # LangChain's LLM cache replays the original usage with total_cost 0
+                cache_hit = cache_hit or um.get("total_cost") == 0  # type: ignore[comparison-overlap]
+                usage = _add(usage, _parse_usage(um, model))
         if usage is None:
             usage = _usage_from_llm_output(response.llm_output, model)
         if response_model is None and response.llm_output:
@@ -551,11 +559,14 @@ def _model_name(params: Mapping[str, Any], meta: Mapping[str, Any],
 
 
 def _max_output(params: Mapping[str, Any], meta: Mapping[str, Any]) -> int | None:
+    """The call's worst-case output: its max tokens, times ``n`` choices."""
+    n = params.get("n")
+    choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
     for key in _MAX_OUTPUT_KEYS:
         value = params.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+            return value * choices
     value = meta.get("ls_max_tokens")
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
+        return value * choices
     return None

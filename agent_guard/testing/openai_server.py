@@ -536,11 +536,17 @@ class _Handler(BaseHTTPRequestHandler):
         }
         if reply.tool_calls:
             message["tool_calls"] = self._tool_calls(reply)
+        n = body.get("n")
+        choices = min(n, 16) if isinstance(n, int) and n > 1 else 1
+        usage = self._usage(body, reply)
+        if choices > 1:  # as OpenAI: one usage for the request, every choice's output in it
+            usage["completion_tokens"] *= choices
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return {
             **self._envelope(body, reply, "chat.completion"),
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": self._finish(reply)}],
-            "usage": self._usage(body, reply),
+            "choices": [{"index": i, "message": message, "logprobs": None,
+                         "finish_reason": self._finish(reply)} for i in range(choices)],
+            "usage": usage,
         }
 
     def _stream(self, body: Mapping[str, Any], reply: FakeReply) -> None:
