@@ -14,6 +14,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from typing import Any, Literal
 from .budgets import STANDARD_ATTRIBUTES, Budgets, ScopeRef
 from .errors import (
     BudgetExceeded,
+    LedgerUnavailable,
     LoopDetected,
     StepLimitExceeded,
     UnknownModelPrice,
@@ -220,6 +222,8 @@ class Guard:
         self._warned_unpriced: set[str] = set()
         self._warn_lock = threading.Lock()
         self._fired: set[tuple[str, str, float]] = set()
+        # finished calls whose settle found the ledger unavailable (settle_pending)
+        self._unsettled: deque[tuple[Reservation, dict[str, int]]] = deque()
         self._ledger_id = _ledger_identity(self.ledger)
         # a rolling window's current bucket -> what its earlier buckets had spent when
         # first read (past buckets change only by late settles), for its thresholds
@@ -272,6 +276,8 @@ class Guard:
 
     def before_model_call(self, call: ModelCall) -> Admission:
         """Reserve the call's worst case, or raise before anything is spent."""
+        if self._unsettled:
+            self.settle_pending()
         plan = self._plan(call)
         shrinks = 0
         while True:
@@ -283,6 +289,8 @@ class Guard:
             plan, shrinks = self._after_denial(plan, result, shrinks)
 
     async def abefore_model_call(self, call: ModelCall) -> Admission:
+        if self._unsettled:
+            await self.asettle_pending()
         plan = self._plan(call)
         shrinks = 0
         while True:
@@ -351,8 +359,12 @@ class Guard:
         if amounts is None:
             self.ledger.release(admission.reservation)
         else:
-            settled = self.ledger.settle(admission.reservation, amounts)
-            self._note_spent(settled)
+            try:
+                settled = self.ledger.settle(admission.reservation, amounts)
+            except LedgerUnavailable as exc:
+                self._keep_unsettled(admission.reservation, amounts, exc)
+            else:
+                self._note_spent(settled)
         self._emit(record)
         if settled is not None:
             self._check_thresholds(admission.call.session, admission.scopes, settled)
@@ -364,8 +376,12 @@ class Guard:
         if amounts is None:
             await self.ledger.arelease(admission.reservation)
         else:
-            settled = await self.ledger.asettle(admission.reservation, amounts)
-            self._note_spent(settled)
+            try:
+                settled = await self.ledger.asettle(admission.reservation, amounts)
+            except LedgerUnavailable as exc:
+                self._keep_unsettled(admission.reservation, amounts, exc)
+            else:
+                self._note_spent(settled)
         self._emit(record)
         if settled is not None:
             await self._acheck_thresholds(admission.call.session, admission.scopes, settled)
@@ -500,7 +516,55 @@ class Guard:
                 self.ledger.extend(scope, dim, value)
 
     def close(self) -> None:
+        if self._unsettled and not self.settle_pending():
+            logger.error("agent-guard: closing with %d settled calls the ledger never "
+                         "counted (%s is unavailable)", len(self._unsettled),
+                         redact_url(getattr(self.ledger, "url", "") or ""))
         self.ledger.close()
+
+    @property
+    def pending_settles(self) -> int:
+        """Finished calls whose spend the ledger has not taken yet (it was unavailable)."""
+        return len(self._unsettled)
+
+    def settle_pending(self) -> bool:
+        """Settle the calls whose settle found the ledger unavailable (done before every
+        model call; a settle is idempotent and counts after its lease too). True when
+        none is left."""
+        while self._unsettled:
+            reservation, amounts = self._unsettled[0]
+            try:
+                self._note_spent(self.ledger.settle(reservation, amounts))
+            except LedgerUnavailable:
+                return False
+            self._pop_unsettled(reservation)
+        return True
+
+    async def asettle_pending(self) -> bool:
+        while self._unsettled:
+            reservation, amounts = self._unsettled[0]
+            try:
+                self._note_spent(await self.ledger.asettle(reservation, amounts))
+            except LedgerUnavailable:
+                return False
+            self._pop_unsettled(reservation)
+        return True
+
+    def _pop_unsettled(self, reservation: Reservation) -> None:
+        with self._warn_lock:
+            if self._unsettled and self._unsettled[0][0] is reservation:
+                self._unsettled.popleft()
+
+    def _keep_unsettled(self, reservation: Reservation, amounts: dict[str, int],
+                        exc: LedgerUnavailable) -> None:
+        """The call ran and the provider billed it, but the settle found the ledger
+        unavailable: keep it to settle later rather than lose it (its hold would expire
+        and the spend would never be counted)."""
+        with self._warn_lock:
+            self._unsettled.append((reservation, amounts))
+        logger.error("agent-guard: a finished call's spend could not be settled (%s); "
+                     "it is kept and settled before the next call (%d pending)",
+                     exc, len(self._unsettled))
 
     # -- internals -------------------------------------------------------------------------
 

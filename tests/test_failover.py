@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -386,3 +387,42 @@ def test_counts_charged_before_an_outage_are_not_granted_again() -> None:
     clock.advance(5)
     assert ledger.reconcile()
     assert inner.totals("session:s").get_spent("steps") == 3
+
+
+@pytest.mark.parametrize("path", ["sync", "async"])
+def test_a_settle_that_finds_the_ledger_down_is_kept_and_counted_later(path: str) -> None:
+    """fail='closed': the model answered (the provider billed it), then the ledger blips
+    at settle time. The call returns its record, the spend is kept, and it is settled
+    before the next call, after the reservation's lease has run out too."""
+    from agent_guard import Guard, Limits, ModelCall, Usage
+
+    inner = Switch()
+    guard = Guard(Limits(max_cost_usd=1, lease_seconds=0.01), inner)
+    call = ModelCall(session="s", model="gpt-4o", input_tokens=100, max_output_tokens=50)
+
+    async def arun() -> object:
+        admission = await guard.abefore_model_call(call)
+        inner.down = True
+        record = await guard.aafter_model_call(admission, Usage(100, 50))
+        inner.down = False
+        await asyncio.sleep(0.05)
+        inner.reclaim_expired()  # the hold is given back at lease expiry...
+        await guard.abefore_model_call(call)  # ...and the spend settled before this one
+        return record
+
+    if path == "sync":
+        admission = guard.before_model_call(call)
+        inner.down = True
+        record = guard.after_model_call(admission, Usage(100, 50))
+        assert guard.pending_settles == 1
+        with pytest.raises(LedgerUnavailable):  # closed: no new call while it is down
+            guard.before_model_call(call)
+        inner.down = False
+        time.sleep(0.05)
+        inner.reclaim_expired()
+        guard.before_model_call(call)
+    else:
+        record = asyncio.run(arun())
+    assert record.cost_nano > 0  # type: ignore[attr-defined]
+    assert guard.pending_settles == 0
+    assert inner.totals("session:s").get_spent("usd_nano") == record.cost_nano  # type: ignore[attr-defined]
