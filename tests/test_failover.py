@@ -426,3 +426,22 @@ def test_a_settle_that_finds_the_ledger_down_is_kept_and_counted_later(path: str
     assert record.cost_nano > 0  # type: ignore[attr-defined]
     assert guard.pending_settles == 0
     assert inner.totals("session:s").get_spent("usd_nano") == record.cost_nano  # type: ignore[attr-defined]
+
+
+def test_calls_admitted_in_an_outage_are_held_on_the_backend_when_it_returns() -> None:
+    """A call admitted locally during the outage is still running when the backend
+    answers again: its hold is placed there before closing, so the backend does not
+    admit another call into the same room; its settle then finishes that hold."""
+    ledger, inner, clock = make()
+    inner.down = True
+    running = ledger.reserve(CAPS, {USD: 800}, lease_seconds=600)
+    assert isinstance(running, Reservation)
+    inner.down = False
+    clock.advance(5)
+    assert isinstance(ledger.reserve(CAPS, {USD: 800}, lease_seconds=600), Denial)
+    assert not ledger.is_open
+    assert inner.totals("session:s").get_reserved(USD) == 800
+    assert ledger.settle(running, {USD: 700})
+    t = inner.totals("session:s")
+    assert (t.get_spent(USD), t.get_reserved(USD)) == (700, 0)
+    assert isinstance(ledger.reserve(CAPS, {USD: 300}, lease_seconds=60), Reservation)

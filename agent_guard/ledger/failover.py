@@ -42,6 +42,7 @@ counted locally and replayed: it may count twice, never zero times.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -117,6 +118,7 @@ class FailOpenLedger(Ledger):
         self._replay_lock = threading.Lock()
         self._journal: OrderedDict[str, JournalEntry] = OrderedDict()
         self._open_res: dict[str, Reservation] = {}  # issued by this decorator, not finished
+        self._local_only: set[str] = set()  # of those, admitted here while open
         self._known: OrderedDict[str, dict[str, int]] = OrderedDict()  # scope -> last spent
         self._local = self._new_local()
         self._seeded: set[str] = set()
@@ -247,7 +249,7 @@ class FailOpenLedger(Ledger):
             while True:
                 with self._lock:
                     if not self._journal:
-                        return True
+                        break
                     key, entry = next(iter(self._journal.items()))
                 try:
                     if entry.kind == "extend":
@@ -265,8 +267,35 @@ class FailOpenLedger(Ledger):
                 with self._lock:
                     self._journal.pop(key, None)
                     self.reconciled += 1
+            try:
+                self._hold_on_backend()
+            except LedgerUnavailable as exc:
+                with self._lock:
+                    self._last_error = exc
+                    self._next_attempt = self._clock() + self.retry_interval
+                return False
+            return True
         finally:
             self._replay_lock.release()
+
+    def _hold_on_backend(self) -> None:
+        """Hold on the backend the reservations admitted locally during the outage and
+        still running, before closing again: otherwise the backend, not knowing them,
+        would admit other calls into the same room (uncapped, same ids: their settles
+        then finish these holds)."""
+        now = time.time()
+        with self._lock:
+            pending = [self._open_res[rid] for rid in self._local_only
+                       if rid in self._open_res]
+            self._local_only.intersection_update(self._open_res)
+        for res in pending:
+            left = res.expires_at - now
+            if left > 0:
+                with contextlib.suppress(ValueError):  # the backend took it before a reply
+                    self.inner.reserve([ScopeCaps(s) for s in res.scopes],  # was lost
+                                       res.amounts, lease_seconds=left, reservation_id=res.id)
+            with self._lock:
+                self._local_only.discard(res.id)
 
     def reconcile(self) -> bool:
         """Try the backend now (ignoring ``retry_interval``): replay the journal and, if
@@ -311,6 +340,7 @@ class FailOpenLedger(Ledger):
                                          reservation_id=rid)
             if isinstance(result, Reservation):
                 self._track(result)
+                self._local_only.add(result.id)
                 self.admitted_open += 1
             elif attempted:  # the backend may have taken the hold before the reply was lost
                 self._journal_add(rid, JournalEntry("release", Reservation(
