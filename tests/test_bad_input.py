@@ -205,3 +205,15 @@ def test_sqlite_connections_do_not_pile_up_with_threads(tmp_path) -> None:
     guard.close()
     store.close()
     cache.close()
+
+
+def test_a_redis_ledger_url_may_name_its_namespace(redis_url: str) -> None:
+    """As the usage store's URL does: ?namespace= picks the key space."""
+    from agent_guard import Guard, Limits
+
+    guard = Guard(Limits(max_cost_usd=1), f"{redis_url}?namespace=url-ns&scope_ttl_seconds=60")
+    try:
+        assert guard.ledger.prefix == "ag:{url-ns}:"  # type: ignore[attr-defined]
+        assert guard.ledger.scope_ttl_seconds == 60  # type: ignore[attr-defined]
+    finally:
+        guard.close()

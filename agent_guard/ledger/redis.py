@@ -194,14 +194,18 @@ class RedisLedger(Ledger):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisLedger:
-        """``scope_ttl_seconds`` may come in the URL's query; the rest goes to redis-py."""
+        """``namespace`` and ``scope_ttl_seconds`` may come in the URL's query (as for
+        the usage store's URL); the rest goes to redis-py."""
         parts = urlsplit(url)
         query = parse_qsl(parts.query, keep_blank_values=True)
-        ttl = [v for k, v in query if k == "scope_ttl_seconds"]
-        if ttl:
-            options.setdefault("scope_ttl_seconds", int(ttl[-1]))
+        ours = {k: v for k, v in query if k in ("namespace", "scope_ttl_seconds")}
+        if "scope_ttl_seconds" in ours:
+            options.setdefault("scope_ttl_seconds", int(ours["scope_ttl_seconds"]))
+        if ours.get("namespace"):
+            options.setdefault("namespace", ours["namespace"])
+        if ours:
             url = urlunsplit(parts._replace(query=urlencode(
-                [(k, v) for k, v in query if k != "scope_ttl_seconds"])))
+                [(k, v) for k, v in query if k not in ours])))
         return cls(url, **options)
 
     # -- keys and arguments --------------------------------------------------------------
