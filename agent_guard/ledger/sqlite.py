@@ -13,9 +13,10 @@ INTEGERs; ``ag_reservations`` (id -> scopes and amounts as JSON, expires_at);
 ``ag_done`` (id, done_at), pruned after ``DONE_RETENTION_SECONDS``. Every
 statement is parameterised, so scope and dimension names can hold anything.
 
-Each thread uses its own connection; ``sqlite:///:memory:`` (one process only)
-uses one connection behind a lock instead, since each connection to
-``:memory:`` would be a separate database.
+Connections come from a small pool any thread borrows from for one transaction
+(:mod:`agent_guard.sqlite_pool`); ``sqlite:///:memory:`` (one process only) uses
+one connection behind a lock instead, since each connection to ``:memory:``
+would be a separate database.
 """
 
 from __future__ import annotations
