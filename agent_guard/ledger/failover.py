@@ -251,32 +251,29 @@ class FailOpenLedger(Ledger):
                     if not self._journal:
                         break
                     key, entry = next(iter(self._journal.items()))
-                try:
-                    if entry.kind == "extend":
-                        for dim, amount in (entry.actual or {}).items():
-                            self.inner.extend(entry.reservation.scopes[0], dim, amount)
-                    elif entry.actual is None:
-                        self.inner.release(entry.reservation)
-                    else:
-                        self._remember(self.inner.settle(entry.reservation, entry.actual))
-                except LedgerUnavailable as exc:
-                    with self._lock:
-                        self._last_error = exc
-                        self._next_attempt = self._clock() + self.retry_interval
-                    return False
+                self._apply(entry)
                 with self._lock:
                     self._journal.pop(key, None)
                     self.reconciled += 1
-            try:
-                self._hold_on_backend()
-            except LedgerUnavailable as exc:
-                with self._lock:
-                    self._last_error = exc
-                    self._next_attempt = self._clock() + self.retry_interval
-                return False
+            self._hold_on_backend()
             return True
+        except LedgerUnavailable as exc:
+            with self._lock:
+                self._last_error = exc
+                self._next_attempt = self._clock() + self.retry_interval
+            return False
         finally:
             self._replay_lock.release()
+
+    def _apply(self, entry: JournalEntry) -> None:
+        """One journaled operation, on the backend."""
+        if entry.kind == "extend":
+            for dim, amount in (entry.actual or {}).items():
+                self.inner.extend(entry.reservation.scopes[0], dim, amount)
+        elif entry.actual is None:
+            self.inner.release(entry.reservation)
+        else:
+            self._remember(self.inner.settle(entry.reservation, entry.actual))
 
     def _hold_on_backend(self) -> None:
         """Hold on the backend the reservations admitted locally during the outage and
