@@ -256,11 +256,16 @@ class MemoryLedger(Ledger):
             return True
 
     def charge(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]) -> Denial | None:
-        result = self.charge_read(scopes, amounts)
+        result = self._charge(scopes, amounts, read=False)
         return result if isinstance(result, Denial) else None
 
     def charge_read(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
                     ) -> Denial | Settlement:
+        return self._charge(scopes, amounts, read=True)
+
+    def _charge(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int], *,
+                read: bool) -> Denial | Settlement:
+        """Check and spend on every scope or none; ``read``: report the new totals."""
         check_amounts(amounts)
         with self._lock:
             now = self._clock()
@@ -271,6 +276,8 @@ class MemoryLedger(Ledger):
             if denial is not None:
                 return denial
             self._add_spent([sc.scope for sc in scopes], amounts, now)
+            if not read:
+                return Settlement(True)
             return Settlement(True, {
                 sc.scope: {dim: self._scopes[sc.scope].spent[dim] for dim in amounts}
                 for sc in scopes})

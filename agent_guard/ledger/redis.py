@@ -245,12 +245,14 @@ class RedisLedger(Ledger):
         return keys, [self._now(), repr(float(lease_seconds)), rid, token, record,
                       self._caps(scopes, keys), self._ttl]
 
-    def _charge_call(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
-                     ) -> tuple[list[str], list[str]]:
+    def _charge_call(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int],
+                     read: bool = False) -> tuple[list[str], list[str]]:
+        """``read``: name the charged dimensions, so the script returns their new
+        totals (a plain charge skips those reads)."""
         keys = [self._open, self._leases, *(self.scope_key(sc.scope) for sc in scopes)]
         spend = {d: str(v) for d, v in amounts.items() if v}
         return keys, [self._now(), self._caps(scopes, keys), json.dumps(spend, **_JSON),
-                      self._ttl, *spend]
+                      self._ttl, *(spend if read else ())]
 
     @staticmethod
     def _charged(reply: Reply, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
@@ -347,7 +349,7 @@ class RedisLedger(Ledger):
     def charge_read(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
                     ) -> Denial | Settlement:
         _check(amounts)
-        keys, args = self._charge_call(scopes, amounts)
+        keys, args = self._charge_call(scopes, amounts, read=True)
         return self._charged(self._run(self._sync.charge, keys, args), scopes, amounts)
 
     def extend(self, scope: str, dimension: str, amount: int) -> None:
@@ -454,7 +456,7 @@ class RedisLedger(Ledger):
     async def acharge_read(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
                            ) -> Denial | Settlement:
         _check(amounts)
-        keys, args = self._charge_call(scopes, amounts)
+        keys, args = self._charge_call(scopes, amounts, read=True)
         reply = await self._arun(self._async().charge, keys, args)
         return self._charged(reply, scopes, amounts)
 

@@ -242,11 +242,17 @@ class SQLiteLedger(Ledger):
             return not already and dropped
 
     def charge(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]) -> Denial | None:
-        result = self.charge_read(scopes, amounts)
+        result = self._charge(scopes, amounts, read=False)
         return result if isinstance(result, Denial) else None
 
     def charge_read(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
                     ) -> Denial | Settlement:
+        return self._charge(scopes, amounts, read=True)
+
+    def _charge(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int], *,
+                read: bool) -> Denial | Settlement:
+        """Check and spend on every scope or none, in one transaction; ``read``: report
+        the new totals from the same transaction."""
         check_amounts(amounts)
         with self._transaction() as db:
             self._reclaim(db, self._clock())
@@ -256,6 +262,8 @@ class SQLiteLedger(Ledger):
                 return denial
             names = [sc.scope for sc in scopes]
             self._add(db, names, amounts, spent=1)
+            if not read:
+                return Settlement(True)
             return spent_after(names, amounts, [self._totals(db, n) for n in names])
 
     def extend(self, scope: str, dimension: str, amount: int) -> None:

@@ -4,7 +4,7 @@
 -- KEYS: open, leases, then the scope hashes, then past buckets of rolling windows
 -- ARGV: now ('' = server TIME), caps JSON [[[dim, "cap"], ...] per scope],
 --       amounts JSON {dim: "amount" (non-zero)}, scope ttl seconds (0 = none),
---       then the charged dimensions' names, in the order the reply lists them
+--       then, to read them back, the charged dimensions' names (none: no reads)
 -- Reply: {1, spent after the charge of each scope (in KEYS order) and each named
 --         dimension} | {0, ...denial, see ag_check}
 
