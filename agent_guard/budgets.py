@@ -230,11 +230,12 @@ class Budgets:
 
     def _ref(self, kind: str, value: str | None, limits: Limits, caps: Mapping[str, int],
              now: float, raw: bool = False) -> ScopeRef:
-        # session ids stay readable (text UTF-8 cannot hold escaped, for SQLite); other
-        # values are quoted (no ':' or '@' in them)
-        shown = value if value is None or not raw else utf8_text(value)
-        name = kind if value is None else (
-            f"{kind}:{shown if raw else quote(value, safe='', errors='surrogatepass')}")
+        if value is None:
+            name = kind
+        elif raw:  # session ids stay readable (text UTF-8 cannot hold escaped, for SQLite)
+            name = f"{kind}:{utf8_text(value)}"
+        else:  # other values are quoted (no ':' or '@' in them)
+            name = f"{kind}:{quote(value, safe='', errors='surrogatepass')}"
         period = None
         history: tuple[str, ...] = ()
         window = limits.window

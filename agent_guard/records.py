@@ -139,6 +139,8 @@ def utf8_text(text: str) -> str:
     decodes to with ``surrogateescape``) becomes its ``\\udcxx`` escape, so the SQLite
     ledger, the usage stores and CSV files take the name instead of failing on it.
     Valid text is returned unchanged."""
+    if text.isascii():
+        return text
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

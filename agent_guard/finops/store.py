@@ -162,7 +162,7 @@ def record_to_row(record: CallRecord) -> dict[str, Any]:
     row["tags"] = json.dumps([utf8_text(t) for t in record.tags], **_JSON)  # type: ignore[arg-type]
     row["scopes"] = json.dumps([utf8_text(t) for t in record.scopes], **_JSON)  # type: ignore[arg-type]
     for key, value in row.items():
-        if type(value) is str and not value.isascii():
+        if type(value) is str:
             row[key] = utf8_text(value)
     return row
 
