@@ -373,3 +373,68 @@ async def test_scripted_model_async() -> None:
     assert msg.content == merged.content == "async answer"
     assert usage(msg) == usage(merged)
     assert model.calls == 2
+
+
+# -- what the fake provider bills ----------------------------------------------------------
+
+
+def test_billed_records_usage_with_hidden_reasoning_even_when_the_stream_has_no_usage() -> None:
+    from agent_guard.pricing import PriceBook
+
+    reply = FakeReply("the answer", prompt_tokens=40, cached_tokens=16, reasoning_tokens=300)
+    with FakeOpenAIServer([reply, FakeReply(status=429), FakeReply(status=500)]) as server:
+        answer = merge(chat(server).stream("hi"))  # no stream_options: no usage chunk
+        assert answer.usage_metadata is None
+        with pytest.raises(openai.RateLimitError):
+            chat(server).invoke("refused")
+        with pytest.raises(openai.InternalServerError):
+            chat(server).invoke("failed")
+        bills = server.billed
+    assert len(bills) == 1  # error replies are not billed
+    (bill,) = bills
+    assert (bill.model, bill.prompt_tokens, bill.cached_tokens, bill.reasoning_tokens,
+            bill.stream) == ("gpt-4o-2024-08-06", 40, 16, 300, True)
+    from agent_guard.testing.openai_server import count_output
+
+    assert bill.completion_tokens == 300 + count_output("the answer", [], "gpt-4o") > 300
+    prices = PriceBook.default()
+    assert server.billed_nano(prices) == prices.cost("gpt-4o", bill.usage()).total_nano > 0
+    assert server.billed_usage() == bill.usage()
+
+
+def test_billed_counts_every_choice_once() -> None:
+    with FakeOpenAIServer([FakeReply("ab", prompt_tokens=5, completion_tokens=3,
+                                     reasoning_tokens=2)]) as server:
+        msg = chat(server, n=2).invoke("hi")
+    assert usage(msg)["output_tokens"] == 6
+    assert [(b.completion_tokens, b.reasoning_tokens) for b in server.billed] == [(6, 4)]
+
+
+def test_an_answer_the_client_gave_up_on_is_billed_in_full() -> None:
+    """A client timeout during generation, and a stream closed early: both billed."""
+    slow = FakeReply("late answer", prompt_tokens=10, completion_tokens=20, delay_s=0.3)
+    cut = FakeReply("x" * 400, prompt_tokens=10, completion_tokens=100, chunk_delay_s=0.01)
+    with FakeOpenAIServer([slow, cut]) as server:
+        with pytest.raises(openai.APITimeoutError):
+            chat(server, timeout=0.05).invoke("hi")
+        stream = chat(server).stream("hi")
+        next(stream), next(stream)
+        stream.close()
+        assert [(b.prompt_tokens, b.completion_tokens) for b in server.billed] == [
+            (10, 20), (10, 100)]
+        server.reset()
+        assert server.billed == [] and server.billed_nano() == 0
+
+
+def test_record_billed_is_the_one_way_in_and_checks_its_input() -> None:
+    with FakeOpenAIServer() as server:
+        server.record_billed("gpt-4o", prompt_tokens=3, completion_tokens=4,
+                             endpoint="responses", stream=True)
+        assert [b.endpoint for b in server.billed] == ["responses"]
+        with pytest.raises(ValueError, match="reasoning_tokens"):
+            server.record_billed("gpt-4o", prompt_tokens=1, completion_tokens=1,
+                                 reasoning_tokens=2)
+        with pytest.raises(ValueError, match="prompt_tokens"):
+            server.record_billed("gpt-4o", prompt_tokens=-1, completion_tokens=1)
+    with pytest.raises(ValueError, match="chunk_delay_s"):
+        FakeReply(chunk_delay_s=-1)

@@ -2,7 +2,9 @@
 
 - :class:`FakeOpenAIServer` with :class:`FakeReply`: a local OpenAI-compatible
   chat-completions server (JSON and SSE) to point the real ``ChatOpenAI`` at,
-  so the provider's own request and parsing code runs.
+  so the provider's own request and parsing code runs. ``server.billed`` records
+  what a real provider would bill (hidden reasoning and answers the client gave
+  up on included); ``server.billed_nano(prices)`` prices it.
 - :class:`ScriptedChatModel`: an in-process ``BaseChatModel`` that answers from a
   script with realistic ``usage_metadata``, model name and provider.
 
@@ -14,7 +16,7 @@
     model = ScriptedChatModel(model_name="gpt-4o", responses=["The answer is 42."])
 """
 
-from .openai_server import FakeOpenAIServer, FakeReply, ReplyScript
+from .openai_server import BilledRequest, FakeOpenAIServer, FakeReply, ReplyScript
 from .scripted_model import ScriptedChatModel
 
-__all__ = ["FakeOpenAIServer", "FakeReply", "ReplyScript", "ScriptedChatModel"]
+__all__ = ["BilledRequest", "FakeOpenAIServer", "FakeReply", "ReplyScript", "ScriptedChatModel"]

@@ -13,6 +13,18 @@ whose usage chunk is sent only when the request asks for it with
 Token counts a reply leaves as ``None`` are computed from the request with
 :class:`agent_guard.tokens.TokenCounter` (tiktoken) when it is importable, and
 otherwise with a heuristic of 4 characters per token.
+
+**What a real provider would bill.** :attr:`FakeOpenAIServer.billed` holds one
+:class:`BilledRequest` per request the server accepted (status 200) and so
+generated an answer for, in full: hidden reasoning tokens included, and also when
+the client stopped waiting (a client timeout, a disconnect, a cancelled task, a
+stream closed early), since a provider that has started generating bills the
+answer whatever the client does. It is recorded when the request is accepted,
+before any delay or byte, so a test may read it as soon as the client gave up.
+Error replies (4xx/5xx) are not billed. :meth:`FakeOpenAIServer.billed_nano`
+prices the total with a :class:`~agent_guard.pricing.PriceBook`, so a test can
+assert ``charged >= billed``. Every endpoint records through the single
+:meth:`FakeOpenAIServer.record_billed`.
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["FakeOpenAIServer", "FakeReply", "ReplyScript"]
+__all__ = ["BilledRequest", "FakeOpenAIServer", "FakeReply", "ReplyScript"]
 
 
 @dataclass
@@ -58,7 +70,11 @@ class FakeReply:
             prefers the latter, so a retrying client waits 10 ms).
         error_body: The JSON body of an error reply, ``{"error": {...}}``.
         headers: Extra response headers (they override the defaults above).
-        delay_s: Seconds to wait before answering (time to first byte).
+        delay_s: Seconds to wait before answering (time to first byte). The
+            request is billed before the wait, so a client that times out during it
+            has still been billed (see :attr:`FakeOpenAIServer.billed`).
+        chunk_delay_s: Seconds to wait before each streamed chunk after the first,
+            for tests that cut a stream (``break``, ``aclose()``, a timeout).
         finish_reason: ``None`` means ``"tool_calls"`` if there are tool calls,
             else ``"stop"``.
 
@@ -77,6 +93,7 @@ class FakeReply:
     error_body: Mapping[str, Any] | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
+    chunk_delay_s: float = 0.0
     finish_reason: str | None = None
 
     def __post_init__(self) -> None:
@@ -88,10 +105,60 @@ class FakeReply:
             args = tc.get("arguments", tc.get("args", {}))
             if not isinstance(args, str | Mapping):
                 raise ValueError(f"tool call arguments must be a dict or a JSON string: {tc!r}")
+        for name in ("delay_s", "chunk_delay_s"):
+            delay = getattr(self, name)
+            if not isinstance(delay, int | float) or not math.isfinite(delay) or delay < 0:
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {delay!r}")
         for name in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class BilledRequest:
+    """What a provider bills for one request it generated an answer for.
+
+    The OpenAI convention: ``prompt_tokens`` includes ``cached_tokens`` and
+    ``completion_tokens`` includes ``reasoning_tokens`` (hidden reasoning is billed
+    as output although it is never sent).
+
+    Attributes:
+        model: The model the response names (the one a price is looked up for).
+        prompt_tokens: Every prompt token, cached ones included.
+        completion_tokens: Every generated token, reasoning included, for all choices.
+        cached_tokens: Prompt tokens read from the provider's prompt cache.
+        reasoning_tokens: Hidden reasoning tokens (part of ``completion_tokens``).
+        endpoint: ``"chat.completions"`` or another endpoint's name.
+        stream: Whether the answer was requested as a stream.
+    """
+
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    endpoint: str = "chat.completions"
+    stream: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.cached_tokens > self.prompt_tokens:
+            raise ValueError("cached_tokens are part of prompt_tokens; they cannot exceed it")
+        if self.reasoning_tokens > self.completion_tokens:
+            raise ValueError("reasoning_tokens are part of completion_tokens; "
+                             "they cannot exceed it")
+
+    def usage(self) -> Any:
+        """The billed tokens as an :class:`agent_guard.usage.Usage`."""
+        from ..usage import Usage
+
+        return Usage(input_tokens=self.prompt_tokens, output_tokens=self.completion_tokens,
+                     cache_read_tokens=self.cached_tokens,
+                     reasoning_tokens=self.reasoning_tokens)
 
 
 #: A list of replies used in order (the last one repeats once the list is
@@ -133,6 +200,7 @@ class FakeOpenAIServer:
         self.chunk_chars = max(1, int(chunk_chars))
         self._port = port
         self._requests: list[dict[str, Any]] = []
+        self._billed: list[BilledRequest] = []
         self._cursor = 0
         self._lock = threading.Lock()
         self._httpd: _HTTPServer | None = None
@@ -204,10 +272,55 @@ class FakeOpenAIServer:
             return len(self._requests)
 
     def reset(self) -> None:
-        """Forget the recorded requests and start the script over."""
+        """Forget the recorded requests and bills and start the script over."""
         with self._lock:
             self._requests.clear()
+            self._billed.clear()
             self._cursor = 0
+
+    # -- what a provider would bill ---------------------------------------------------
+
+    @property
+    def billed(self) -> list[BilledRequest]:
+        """A copy of the bills, one per answered request, in the order they were accepted."""
+        with self._lock:
+            return list(self._billed)
+
+    def record_billed(self, model: str, *, prompt_tokens: int, completion_tokens: int,
+                      cached_tokens: int = 0, reasoning_tokens: int = 0,
+                      endpoint: str = "chat.completions", stream: bool = False
+                      ) -> BilledRequest:
+        """Record that the provider bills one request (every endpoint calls this once
+        per request it generates an answer for, before sending anything)."""
+        bill = BilledRequest(model=model, prompt_tokens=prompt_tokens,
+                             completion_tokens=completion_tokens, cached_tokens=cached_tokens,
+                             reasoning_tokens=reasoning_tokens, endpoint=endpoint,
+                             stream=stream)
+        with self._lock:
+            self._billed.append(bill)
+        return bill
+
+    def billed_usage(self) -> Any:
+        """The billed tokens summed over every request, as an ``agent_guard.usage.Usage``."""
+        from ..usage import Usage
+
+        total = Usage()
+        for bill in self.billed:
+            total = total + bill.usage()
+        return total
+
+    def billed_nano(self, prices: Any = None) -> int:
+        """The billed total in nano-USD, each request priced by its response model.
+
+        ``prices`` is an :class:`agent_guard.pricing.PriceBook` (the one the guard
+        uses, e.g. ``guard.prices``); ``None`` is ``PriceBook.default()``. A model
+        without a price raises :class:`agent_guard.errors.UnknownModelPrice`.
+        """
+        if prices is None:
+            from ..pricing import PriceBook
+
+            prices = PriceBook.default()
+        return sum(int(prices.cost(bill.model, bill.usage()).total_nano) for bill in self.billed)
 
     def _next_reply(self, body: dict[str, Any]) -> FakeReply:
         with self._lock:
@@ -466,6 +579,16 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # a bug in a scripted reply function: say so to the client
             self._send_json(500, _error(500, f"the reply script raised {exc!r}"))
             return
+        usage: dict[str, Any] = {}
+        if reply.status == 200:  # accepted: billed in full whatever the client does next
+            usage = self._usage(body, reply)
+            self.owner.record_billed(
+                self._model(body, reply),
+                prompt_tokens=usage["prompt_tokens"],
+                completion_tokens=usage["completion_tokens"],
+                cached_tokens=usage["prompt_tokens_details"]["cached_tokens"],
+                reasoning_tokens=usage["completion_tokens_details"]["reasoning_tokens"],
+                stream=bool(body.get("stream")))
         if reply.delay_s > 0:
             time.sleep(reply.delay_s)
         if reply.status != 200:
@@ -473,9 +596,9 @@ class _Handler(BaseHTTPRequestHandler):
             headers.update(reply.headers)
             self._send_json(reply.status, reply.error_body or _error(reply.status), headers)
         elif body.get("stream"):
-            self._stream(body, reply)
+            self._stream(body, reply, usage)
         else:
-            self._send_json(200, self._completion(body, reply), reply.headers)
+            self._send_json(200, self._completion(body, reply, usage), reply.headers)
 
     # -- payloads ---------------------------------------------------------------------
 
@@ -485,7 +608,13 @@ class _Handler(BaseHTTPRequestHandler):
         model = str(body["model"])
         return model if _DATED.search(model) else model + self.owner.response_model_suffix
 
+    @staticmethod
+    def _choices(body: Mapping[str, Any]) -> int:
+        n = body.get("n")
+        return min(n, 16) if isinstance(n, int) and n > 1 and not body.get("stream") else 1
+
     def _usage(self, body: Mapping[str, Any], reply: FakeReply) -> dict[str, Any]:
+        """The request's usage; as OpenAI, one usage whose output covers every choice."""
         model = str(body["model"])
         prompt = reply.prompt_tokens
         if prompt is None:
@@ -495,12 +624,14 @@ class _Handler(BaseHTTPRequestHandler):
         if completion is None:
             completion = count_output(reply.content, reply.tool_calls, model)
             completion += reply.reasoning_tokens
+        choices = self._choices(body)
+        completion *= choices
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": reply.cached_tokens, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": reply.reasoning_tokens,
+            "completion_tokens_details": {"reasoning_tokens": reply.reasoning_tokens * choices,
                                           "audio_tokens": 0,
                                           "accepted_prediction_tokens": 0,
                                           "rejected_prediction_tokens": 0},
@@ -527,7 +658,8 @@ class _Handler(BaseHTTPRequestHandler):
                 "created": int(time.time()), "model": self._model(body, reply),
                 "system_fingerprint": "fp_fake"}
 
-    def _completion(self, body: Mapping[str, Any], reply: FakeReply) -> dict[str, Any]:
+    def _completion(self, body: Mapping[str, Any], reply: FakeReply, usage: dict[str, Any]
+                    ) -> dict[str, Any]:
         message: dict[str, Any] = {
             "role": "assistant",
             "content": reply.content if reply.content or not reply.tool_calls else None,
@@ -536,12 +668,7 @@ class _Handler(BaseHTTPRequestHandler):
         }
         if reply.tool_calls:
             message["tool_calls"] = self._tool_calls(reply)
-        n = body.get("n")
-        choices = min(n, 16) if isinstance(n, int) and n > 1 else 1
-        usage = self._usage(body, reply)
-        if choices > 1:  # as OpenAI: one usage for the request, every choice's output in it
-            usage["completion_tokens"] *= choices
-            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        choices = self._choices(body)
         return {
             **self._envelope(body, reply, "chat.completion"),
             "choices": [{"index": i, "message": message, "logprobs": None,
@@ -549,10 +676,10 @@ class _Handler(BaseHTTPRequestHandler):
             "usage": usage,
         }
 
-    def _stream(self, body: Mapping[str, Any], reply: FakeReply) -> None:
+    def _stream(self, body: Mapping[str, Any], reply: FakeReply, usage: dict[str, Any]
+                ) -> None:
         """SSE over chunked transfer encoding, so the connection stays reusable."""
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        usage = self._usage(body, reply) if include_usage else None  # before any byte is sent
         tool_calls = self._tool_calls(reply)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -571,7 +698,12 @@ class _Handler(BaseHTTPRequestHandler):
         def event(choices: list[dict[str, Any]], **extra: Any) -> None:
             write(b"data: " + json.dumps({**base, "choices": choices, **extra}).encode() + b"\n\n")
 
+        sent = [0]
+
         def delta(d: dict[str, Any], finish: str | None = None) -> None:
+            if sent[0] and reply.chunk_delay_s > 0:
+                time.sleep(reply.chunk_delay_s)
+            sent[0] += 1
             event([{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}])
 
         step = self.owner.chunk_chars
@@ -588,7 +720,7 @@ class _Handler(BaseHTTPRequestHandler):
                 delta({"tool_calls": [{"index": index,
                                        "function": {"arguments": args[i:i + step]}}]})
         delta({}, self._finish(reply))
-        if usage is not None:
+        if include_usage:
             event([], usage=usage)
         write(b"data: [DONE]\n\n")
         self.wfile.write(b"0\r\n\r\n")
