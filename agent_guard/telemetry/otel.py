@@ -26,27 +26,32 @@ Message content (``gen_ai.input.messages``, ``gen_ai.output.messages``,
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from opentelemetry import metrics, trace
+from opentelemetry import metrics as metrics_api
+from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from ..records import CallRecord
 from . import content as _content
 
-__all__ = ["Attr", "GuardTelemetry", "configure_otlp"]
+__all__ = ["Attr", "ExportStatus", "GuardTelemetry", "configure_otlp", "exporter_names"]
 
 logger = logging.getLogger("agent_guard")
 
 TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
                  16777216, 67108864]
+# the Phoenix project a span goes to (an OpenInference resource attribute)
+PROJECT_NAME = "openinference.project.name"
 DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
                     40.96, 81.92]
 
@@ -205,8 +210,12 @@ class GuardTelemetry:
                  agent_name: str = "agent", capture_content: bool | None = None) -> None:
         self.capture_content = (_content.capture_content_from_env()
                                 if capture_content is None else bool(capture_content))
+        self._tracer_provider = tracer_provider
+        self._meter_provider = meter_provider
+        # set by configure_otlp: what its exporters did (see flush)
+        self.export_status: ExportStatus | None = None
         self.tracer = trace.get_tracer("agent_guard", tracer_provider=tracer_provider)
-        meter = metrics.get_meter("agent_guard", meter_provider=meter_provider)
+        meter = metrics_api.get_meter("agent_guard", meter_provider=meter_provider)
         self.token_usage = meter.create_histogram(
             "gen_ai.client.token.usage", unit="{token}",
             description="Tokens used per model call",
@@ -219,7 +228,7 @@ class GuardTelemetry:
         # shared by every GuardTelemetry of this meter provider (see _DollarSums)
         self._cost_sums, self._saved_sums = _dollar_sums(
             meter, meter_provider if meter_provider is not None
-            else metrics.get_meter_provider())
+            else metrics_api.get_meter_provider())
         self.cost_attributes = cost_attributes
         self.agent_name = agent_name
         self._spans: dict[UUID, Span] = {}
@@ -465,41 +474,251 @@ class GuardTelemetry:
     def root_session(self, run_id: UUID) -> str | None:
         return self._roots.get(run_id)
 
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Export what is buffered now. False when a provider could not finish in
+        ``timeout_s`` or, for telemetry set up by :func:`configure_otlp`, when an export
+        failed since the previous flush (the failure itself is logged)."""
+        ok = True
+        for provider in (self._tracer_provider or trace.get_tracer_provider(),
+                         self._meter_provider or metrics_api.get_meter_provider()):
+            force_flush = getattr(provider, "force_flush", None)
+            if callable(force_flush):
+                ok = force_flush(int(timeout_s * 1000)) is not False and ok
+        if self.export_status is not None:
+            ok = self.export_status.take_ok() and ok
+        return ok
+
     def open_spans(self) -> int:
         """Spans started and not yet ended (should be 0 between runs)."""
         return len(self._spans)
 
 
-def configure_otlp(endpoint: str | None = None, *, service_name: str = "agent-guard",
-                   metrics_interval_s: float = 10.0) -> GuardTelemetry:
-    """One line to export to an OTLP/HTTP collector (Jaeger, Langfuse, Phoenix...).
+_EXPORTERS = ("otlp", "console", "none")
 
-    ``endpoint`` is the collector's base URL (``http://localhost:4318``); with
-    ``None`` the standard ``OTEL_EXPORTER_OTLP_*`` environment variables
-    apply. Installs global providers only if the application has none.
+
+def exporter_names(variable: str, switch: bool | None, *,
+                   environ: Mapping[str, str] | None = None) -> list[str]:
+    """The exporters ``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER`` ask for, as the
+    OpenTelemetry SDK reads them (a comma-separated list; ``otlp`` when unset; ``none``
+    for nothing), overridden by an explicit ``switch``: ``False`` exports nothing,
+    ``True`` exports even when the variable says ``none`` (by OTLP then)."""
+    env = os.environ if environ is None else environ
+    raw = env.get(variable)
+    names = [n.strip().lower() for n in (raw or "otlp").split(",") if n.strip()]
+    for name in names:
+        if name not in _EXPORTERS:
+            raise ValueError(
+                f"{variable}={raw!r}: configure_otlp sets up otlp, console or none "
+                f"(comma-separated); install your own providers for {name!r}")
+    names = [n for n in dict.fromkeys(names) if n != "none"]
+    if switch is False:
+        return []
+    if switch is True and not names:
+        return ["otlp"]
+    return names
+
+
+class ExportStatus:
+    """What the exporters set up by :func:`configure_otlp` have done: each failure is
+    logged once per failing streak (``WARNING`` on logger ``agent_guard``), naming the
+    signal, the endpoint, the collector's answer and the usual fix."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.exported = {"traces": 0, "metrics": 0}
+        self.failures = {"traces": 0, "metrics": 0}
+        self.last_error: str | None = None
+        self._failing: set[str] = set()
+        self._failed_since_flush = False
+
+    def note(self, signal: str, endpoint: str, ok: bool, items: int, reason: str) -> None:
+        with self._lock:
+            if ok:
+                self.exported[signal] += items
+                recovered = signal in self._failing
+                self._failing.discard(signal)
+            else:
+                self.failures[signal] += 1
+                self._failed_since_flush = True
+                first = signal not in self._failing
+                self._failing.add(signal)
+                self.last_error = f"{signal} to {endpoint}: {reason}"
+        if ok:
+            if recovered:
+                logger.warning("agent-guard: %s export to %s works again", signal, endpoint)
+            return
+        if first:
+            hint = ("the collector may take traces only (Phoenix, Jaeger): pass "
+                    "configure_otlp(metrics=False) or set OTEL_METRICS_EXPORTER=none"
+                    if signal == "metrics" else
+                    "is the collector running there, and does it take OTLP/HTTP?")
+            lost = f"; {items} spans lost" if signal == "traces" else ""
+            logger.warning("agent-guard: %s export to %s failed (%s)%s; %s",
+                           signal, endpoint, reason, lost, hint)
+
+    def take_ok(self) -> bool:
+        """True when no export failed since the last call."""
+        with self._lock:
+            ok = not self._failed_since_flush
+            self._failed_since_flush = False
+            return ok
+
+
+def _reason(result: Any) -> str:
+    if result is None:
+        return "no answer"
+    status, why, error = (getattr(result, "status_code", None), getattr(result, "reason", None),
+                          getattr(result, "error", None))
+    if status is not None:
+        return f"HTTP {status} {why or ''}".strip()
+    return str(error or why or "no answer")
+
+
+def _watched(exporter: Any, signal: str, status: ExportStatus, count: Callable[[Any], int]
+             ) -> Any:
+    """``exporter`` whose exports report to ``status`` (the collector's answer is read
+    from the OTLP/HTTP client when it has one)."""
+    endpoint = str(getattr(exporter, "_endpoint", "") or "the collector")
+    client = getattr(exporter, "_client", None)
+    answers: list[Any] = []
+    send = getattr(client, "export", None)
+    if callable(send):
+        def export_and_keep(data: Any, *args: Any, **kwargs: Any) -> Any:
+            result = send(data, *args, **kwargs)
+            answers[:] = [result]
+            return result
+        with contextlib.suppress(AttributeError):
+            client.export = export_and_keep  # type: ignore[union-attr]
+    export = exporter.export
+
+    def watched_export(batch: Any, *args: Any, **kwargs: Any) -> Any:
+        answers.clear()
+        result = export(batch, *args, **kwargs)
+        ok = getattr(result, "name", "") == "SUCCESS"
+        status.note(signal, endpoint, ok, count(batch),
+                    "" if ok else _reason(answers[0] if answers else None))
+        return result
+
+    exporter.export = watched_export
+    return exporter
+
+
+def _metric_batch_size(data: Any) -> int:
+    return 1
+
+
+def configure_otlp(endpoint: str | None = None, *, service_name: str | None = None,
+                   project: str | None = None, metrics: bool | None = None,
+                   traces: bool | None = None,
+                   resource_attributes: Mapping[str, Any] | None = None,
+                   metrics_interval_s: float = 10.0, **telemetry_options: Any
+                   ) -> GuardTelemetry:
+    """Export a guard's spans and metrics over OTLP/HTTP (Jaeger, Phoenix, Langfuse, an
+    OpenTelemetry Collector...), set up from the standard variables as the SDK would.
+
+    - ``endpoint``: the collector's base URL (``http://localhost:4318``); ``None`` lets
+      ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_{TRACES,METRICS}_ENDPOINT``
+      and the other ``OTEL_EXPORTER_OTLP_*`` variables decide.
+    - ``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER``: ``otlp`` (default),
+      ``console`` or ``none``. ``metrics=False`` / ``traces=False`` turn a signal off
+      whatever they say; a traces-only collector (Phoenix, Jaeger) wants
+      ``metrics=False``.
+    - The resource: ``OTEL_RESOURCE_ATTRIBUTES`` and ``OTEL_SERVICE_NAME`` are read;
+      ``service_name`` (else ``agent-guard`` when neither names one) and
+      ``resource_attributes`` are added over them; ``project`` (else
+      ``PHOENIX_PROJECT_NAME``) is the Phoenix project (``openinference.project.name``).
+    - A failed export is logged once per failing streak, with the collector's answer;
+      ``telemetry.flush()`` returns False after one.
+
+    Global providers are installed only if the application has none (an application
+    that set up OpenTelemetry keeps its own). Other keyword arguments go to
+    :class:`GuardTelemetry` (``metric_attributes``, ``capture_content``...).
     """
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    resource = Resource.create({"service.name": service_name})
+    trace_exporters = exporter_names("OTEL_TRACES_EXPORTER", traces)
+    metric_exporters = exporter_names("OTEL_METRICS_EXPORTER", metrics)
+    attributes: dict[str, Any] = dict(resource_attributes or {})
+    if service_name is not None:
+        attributes["service.name"] = service_name
+    elif not os.environ.get("OTEL_SERVICE_NAME") and "service.name=" not in (
+            os.environ.get("OTEL_RESOURCE_ATTRIBUTES") or ""):
+        attributes.setdefault("service.name", "agent-guard")
+    project = project or os.environ.get("PHOENIX_PROJECT_NAME")
+    if project:
+        attributes[PROJECT_NAME] = project
+    resource = Resource.create(attributes)
     base = endpoint.rstrip("/") if endpoint else None
-    tracer_provider = trace.get_tracer_provider()
-    if not isinstance(tracer_provider, TracerProvider):
-        tracer_provider = TracerProvider(resource=resource)
-        exporter = OTLPSpanExporter(endpoint=f"{base}/v1/traces" if base else None)
-        tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
-        trace.set_tracer_provider(tracer_provider)
-    meter_provider = metrics.get_meter_provider()
-    if not isinstance(meter_provider, MeterProvider):
-        reader = PeriodicExportingMetricReader(
-            OTLPMetricExporter(endpoint=f"{base}/v1/metrics" if base else None),
-            export_interval_millis=int(metrics_interval_s * 1000))
-        meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
-        metrics.set_meter_provider(meter_provider)
-    return GuardTelemetry(tracer_provider, meter_provider)
+    status = ExportStatus()
 
+    tracer_provider: Any = trace.NoOpTracerProvider()
+    if trace_exporters:
+        tracer_provider = trace.get_tracer_provider()
+        if not _is_sdk(tracer_provider, "trace"):
+            tracer_provider = _tracer_provider(resource, trace_exporters, base, status)
+            trace.set_tracer_provider(tracer_provider)
+    meter_provider: Any = metrics_api.NoOpMeterProvider()
+    if metric_exporters:
+        meter_provider = metrics_api.get_meter_provider()
+        if not _is_sdk(meter_provider, "metrics"):
+            meter_provider = _meter_provider(resource, metric_exporters, base, status,
+                                             metrics_interval_s)
+            metrics_api.set_meter_provider(meter_provider)
+    telemetry = GuardTelemetry(tracer_provider, meter_provider, **telemetry_options)
+    telemetry.export_status = status
+    return telemetry
+
+
+def _is_sdk(provider: Any, signal: str) -> bool:
+    if signal == "trace":
+        from opentelemetry.sdk.trace import TracerProvider
+        return isinstance(provider, TracerProvider)
+    from opentelemetry.sdk.metrics import MeterProvider
+    return isinstance(provider, MeterProvider)
+
+
+def _tracer_provider(resource: Any, names: list[str], base: str | None,
+                     status: ExportStatus) -> Any:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        ConsoleSpanExporter,
+        SimpleSpanProcessor,
+    )
+
+    provider = TracerProvider(resource=resource)
+    for name in names:
+        if name == "console":
+            provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+            continue
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=f"{base}/v1/traces" if base else None)
+        provider.add_span_processor(BatchSpanProcessor(
+            _watched(exporter, "traces", status, len)))
+    return provider
+
+
+def _meter_provider(resource: Any, names: list[str], base: str | None,
+                    status: ExportStatus, interval_s: float) -> Any:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import (
+        ConsoleMetricExporter,
+        PeriodicExportingMetricReader,
+    )
+
+    readers = []
+    for name in names:
+        if name == "console":
+            exporter: Any = ConsoleMetricExporter()
+        else:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+                OTLPMetricExporter,
+            )
+
+            exporter = _watched(
+                OTLPMetricExporter(endpoint=f"{base}/v1/metrics" if base else None),
+                "metrics", status, _metric_batch_size)
+        readers.append(PeriodicExportingMetricReader(
+            exporter, export_interval_millis=int(interval_s * 1000)))
+    return MeterProvider(resource=resource, metric_readers=readers)
