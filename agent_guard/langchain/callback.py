@@ -189,7 +189,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
                 run_id, parent_run_id, model=model, provider=call.provider,
                 max_tokens=call.max_output_tokens, session=call.session,
                 messages=(messages if messages is not None else prompts)
-                if self.telemetry.capture_content else None)
+                if self.telemetry.capture_content else None, attributes=call.attributes)
         try:
             admission = self._admit(call, parent_run_id)
         except GuardError as exc:
@@ -363,13 +363,14 @@ class GuardCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         name = (serialized or {}).get("name") or kwargs.get("name")
-        if self.telemetry is not None:
-            self.telemetry.tool_start(run_id, parent_run_id, str(name),
-                                      kwargs.get("tool_call_id"),
-                                      inputs if inputs is not None else input_str)
         meta = metadata or {}
         session = session_from_metadata(meta, self.session_id)
         attributes = attributes_from_metadata(meta, self.guard.attribute_names)
+        if self.telemetry is not None:
+            self.telemetry.tool_start(run_id, parent_run_id, str(name),
+                                      kwargs.get("tool_call_id"),
+                                      inputs if inputs is not None else input_str,
+                                      session=session, attributes=attributes)
         if self.count_tools:
             args: Any = inputs if inputs is not None else input_str
             try:
@@ -425,8 +426,10 @@ class GuardCallbackHandler(BaseCallbackHandler):
         meta = metadata or {}
         name = (meta.get("lc_agent_name") or kwargs.get("name")
                 or (serialized or {}).get("name"))
-        self.telemetry.chain_start(run_id, parent_run_id, name,
-                                   session_from_metadata(meta, self.session_id))
+        self.telemetry.chain_start(
+            run_id, parent_run_id, name, session_from_metadata(meta, self.session_id),
+            attributes_from_metadata(meta, self.guard.attribute_names)
+            if parent_run_id is None else None)
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
         self._end_chain(run_id, None)

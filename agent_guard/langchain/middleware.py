@@ -62,6 +62,16 @@ def _session(default: str | None) -> str:
     return session_of(_config(), default)
 
 
+def _parent_run_id() -> Any:
+    """The LangChain run the current node runs in (the tools node), if any: a tool call
+    answered from the cache gets its span under that run's."""
+    try:
+        manager = get_config().get("callbacks")
+    except RuntimeError:
+        return None
+    return getattr(manager, "parent_run_id", None)
+
+
 def _answer(response: Any) -> AIMessage | None:
     result = getattr(response, "model_response", response)  # ExtendedModelResponse
     if isinstance(result, AIMessage):
@@ -295,8 +305,9 @@ class GuardMiddleware(AgentMiddleware):
         if hit is MISS:
             return where, None
         if self.telemetry is not None:
-            self.telemetry.cached_tool_call(call["name"], call["id"], saved,
-                                            arguments=call.get("args"), result=hit)
+            self.telemetry.cached_tool_call(
+                call["name"], call["id"], saved, _parent_run_id(), arguments=call.get("args"),
+                result=hit, session=_session(self.session_id), attributes=self._attributes())
         return where, ToolMessage(content=hit, tool_call_id=call["id"] or "", name=call["name"])
 
     def _store(self, request: ToolCallRequest, where: Any, result: Any) -> None:

@@ -93,12 +93,36 @@ class Attr:
     SESSION_MODEL_CALLS = "agent_guard.session.model_calls"
     SESSION_TOOL_CALLS = "agent_guard.session.tool_calls"
     SESSION_STEPS = "agent_guard.session.steps"
+    # who and what the call was for: user.id (OpenTelemetry, OpenInference, Langfuse), the
+    # guard's other scopes as agent_guard.<kind> (team, tenant, feature, project...)
+    USER_ID = "user.id"
+    SCOPE_PREFIX = "agent_guard."
+    # OpenInference (Phoenix, Arize)
+    OI_SPAN_KIND = "openinference.span.kind"
+    OI_METADATA = "metadata"
+    LLM_MODEL_NAME = "llm.model_name"
+    LLM_PROVIDER = "llm.provider"
+    LLM_SYSTEM = "llm.system"
+    LLM_TOKENS_PROMPT = "llm.token_count.prompt"
+    LLM_TOKENS_COMPLETION = "llm.token_count.completion"
+    LLM_TOKENS_TOTAL = "llm.token_count.total"
+    LLM_TOKENS_CACHE_READ = "llm.token_count.prompt_details.cache_read"
+    LLM_TOKENS_CACHE_WRITE = "llm.token_count.prompt_details.cache_write"
+    LLM_TOKENS_REASONING = "llm.token_count.completion_details.reasoning"
+    OI_TOOL_NAME = "tool.name"
+    OI_TOOL_ID = "tool.id"
     # message content, recorded only with capture_content
     INPUT_MESSAGES = "gen_ai.input.messages"
     OUTPUT_MESSAGES = "gen_ai.output.messages"
     SYSTEM_INSTRUCTIONS = "gen_ai.system_instructions"
     TOOL_CALL_ARGUMENTS = "gen_ai.tool.call.arguments"
     TOOL_CALL_RESULT = "gen_ai.tool.call.result"
+
+
+def scope_attribute(kind: str) -> str:
+    """The span and metric attribute of a scope kind: ``user.id`` for ``user``,
+    ``agent_guard.<kind>`` for the others (``agent_guard.team``...)."""
+    return Attr.USER_ID if kind == "user" else Attr.SCOPE_PREFIX + kind
 
 
 def _usd(value: Decimal) -> float:
@@ -203,11 +227,23 @@ class GuardTelemetry:
     written (all by default). ``capture_content`` records messages, tool
     arguments and tool results on the spans; ``None`` (the default) reads
     ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``, which is off unless set.
+
+    Every span carries who it was for: ``session.id``, ``user.id`` and the guard's
+    other scopes (``agent_guard.team``, ``agent_guard.tenant``, ``agent_guard.feature``,
+    ``agent_guard.project``, ``agent_guard.environment``...) read from the run's
+    metadata, plus OpenInference's ``metadata`` JSON of them. Metrics are broken down
+    by the scope kinds in ``metric_attributes`` only (``team`` and ``feature`` by
+    default: a per-user breakdown is opt-in, its cardinality is the number of users).
+    ``openinference`` (default on) also writes the OpenInference names Phoenix and
+    Arize read (``openinference.span.kind``, ``llm.model_name``, ``llm.provider``,
+    ``llm.token_count.*``, ``llm.cost.*``, ``tool.name``).
     """
 
     def __init__(self, tracer_provider: Any = None, meter_provider: Any = None, *,
                  cost_attributes: tuple[str, ...] = (Attr.COST, Attr.LLM_COST_TOTAL),
-                 agent_name: str = "agent", capture_content: bool | None = None) -> None:
+                 agent_name: str = "agent", capture_content: bool | None = None,
+                 metric_attributes: Iterable[str] = ("team", "feature"),
+                 openinference: bool = True) -> None:
         self.capture_content = (_content.capture_content_from_env()
                                 if capture_content is None else bool(capture_content))
         self._tracer_provider = tracer_provider
@@ -235,9 +271,35 @@ class GuardTelemetry:
         self._anchor: dict[UUID, Span | None] = {}  # run -> the span its children go under
         self._roots: dict[UUID, str] = {}  # root run -> session
         self._lock = threading.Lock()
-        self._llm_cost = Attr.LLM_COST_TOTAL in cost_attributes
+        self._llm_cost = Attr.LLM_COST_TOTAL in cost_attributes or openinference
+        self.openinference = openinference
+        self.metric_attributes = tuple(metric_attributes)
+        for kind in self.metric_attributes:
+            if not isinstance(kind, str) or not kind:
+                raise ValueError(f"metric_attributes: {kind!r} is not a scope kind name")
+        # scope values -> their span attributes, see _scope_span_attributes
+        self._scope_attrs: dict[tuple[tuple[str, str], ...], dict[str, Any]] = {}
         # (model, provider, tier) -> prebuilt metric attribute dicts, see _metric_attributes
-        self._metric_attrs: dict[tuple[str, str | None, str | None], _MetricAttrs] = {}
+        self._metric_attrs: dict[tuple[Any, ...], _MetricAttrs] = {}
+
+    # -- attribution -------------------------------------------------------------------
+
+    def _scope_span_attributes(self, scopes: Mapping[str, str] | None) -> dict[str, Any]:
+        """``user.id``, ``agent_guard.<kind>`` and OpenInference ``metadata`` for a
+        call's scope values, built once per distinct set."""
+        if not scopes:
+            return {}
+        key = tuple(scopes.items())
+        found = self._scope_attrs.get(key)
+        if found is None:
+            found = {scope_attribute(k): v for k, v in key}
+            if self.openinference:
+                found[Attr.OI_METADATA] = _content.to_json(dict(sorted(key)))
+            with self._lock:
+                if len(self._scope_attrs) >= 4096:
+                    self._scope_attrs.clear()
+                self._scope_attrs[key] = found
+        return found
 
     # -- run tree --------------------------------------------------------------------
 
@@ -247,13 +309,19 @@ class GuardTelemetry:
         return self._anchor.get(parent_run_id)
 
     def chain_start(self, run_id: UUID, parent_run_id: UUID | None, name: str | None,
-                    session: str) -> None:
+                    session: str, attributes: Mapping[str, str] | None = None) -> None:
+        """``attributes``: the run's scope values (user, team...), read for a root run."""
         if parent_run_id is None:
+            span_attributes: dict[str, Any] = {
+                Attr.OPERATION: "invoke_agent", Attr.AGENT_NAME: name or self.agent_name,
+                Attr.CONVERSATION_ID: session, Attr.SESSION_ID: session}
+            if self.openinference:
+                span_attributes[Attr.OI_SPAN_KIND] = "AGENT"
+            if attributes:
+                span_attributes.update(self._scope_span_attributes(attributes))
             span = self.tracer.start_span(
                 f"invoke_agent {name or self.agent_name}", kind=SpanKind.INTERNAL,
-                attributes={Attr.OPERATION: "invoke_agent",
-                            Attr.AGENT_NAME: name or self.agent_name,
-                            Attr.CONVERSATION_ID: session, Attr.SESSION_ID: session})
+                attributes=span_attributes)
             with self._lock:
                 self._spans[run_id] = span
                 self._anchor[run_id] = span
@@ -288,11 +356,22 @@ class GuardTelemetry:
 
     def chat_start(self, run_id: UUID, parent_run_id: UUID | None, *, model: str,
                    provider: str | None, max_tokens: int | None, session: str,
-                   messages: Iterable[Any] | None = None) -> None:
+                   messages: Iterable[Any] | None = None,
+                   attributes: Mapping[str, str] | None = None) -> None:
+        """``attributes``: the call's scope values (user, team, feature...)."""
         parent = self._anchor.get(parent_run_id) if parent_run_id is not None else None
         ctx = trace.set_span_in_context(parent) if parent is not None else None
-        attributes: dict[str, Any] = {Attr.OPERATION: "chat", Attr.REQUEST_MODEL: model,
-                                      Attr.CONVERSATION_ID: session, Attr.SESSION_ID: session}
+        scopes = attributes
+        attributes = {Attr.OPERATION: "chat", Attr.REQUEST_MODEL: model,
+                      Attr.CONVERSATION_ID: session, Attr.SESSION_ID: session}
+        if self.openinference:
+            attributes[Attr.OI_SPAN_KIND] = "LLM"
+            attributes[Attr.LLM_MODEL_NAME] = model
+            if provider:
+                attributes[Attr.LLM_PROVIDER] = provider
+                attributes[Attr.LLM_SYSTEM] = provider
+        if scopes:
+            attributes.update(self._scope_span_attributes(scopes))
         if provider:
             attributes[Attr.PROVIDER] = provider
         if max_tokens:
@@ -358,6 +437,18 @@ class GuardTelemetry:
             attrs[Attr.ROUTE] = record.route
         if finish_reasons:
             attrs[Attr.FINISH_REASONS] = finish_reasons
+        if self.openinference:
+            attrs.update({
+                Attr.LLM_MODEL_NAME: record.model,
+                Attr.LLM_TOKENS_PROMPT: u.input_tokens,
+                Attr.LLM_TOKENS_COMPLETION: u.output_tokens,
+                Attr.LLM_TOKENS_TOTAL: u.input_tokens + u.output_tokens,
+                Attr.LLM_TOKENS_CACHE_READ: u.cache_read_tokens,
+                Attr.LLM_TOKENS_CACHE_WRITE: u.cache_creation_tokens,
+                Attr.LLM_TOKENS_REASONING: u.reasoning_tokens,
+                Attr.LLM_COST_TOTAL: cost})
+        if record.attributes:
+            attrs.update(self._scope_span_attributes(record.attributes))
         self._measure(record)
         span.set_attributes(attrs)
         if record.route and ("downgraded" in record.route or "fallback" in record.route):
@@ -369,9 +460,11 @@ class GuardTelemetry:
 
     def _metric_attributes(self, record: CallRecord) -> _MetricAttrs:
         """(common, input-token, output-token) metric attributes of a model and the
-        common ones as a hashable key, built once per (model, provider, tier) and
-        reused: the instruments only read them."""
-        key = (record.model, record.provider, record.tier)
+        common ones as a hashable key, built once per (model, provider, tier, values of
+        the ``metric_attributes`` scopes) and reused: the instruments only read them."""
+        scopes = record.attributes
+        values = tuple(scopes.get(k) for k in self.metric_attributes) if scopes else ()
+        key = (record.model, record.provider, record.tier, values)
         found = self._metric_attrs.get(key)
         if found is None:
             common: dict[str, Any] = {Attr.OPERATION: "chat", Attr.REQUEST_MODEL: record.model}
@@ -379,6 +472,9 @@ class GuardTelemetry:
                 common[Attr.PROVIDER] = record.provider
             if record.tier:
                 common[Attr.TIER] = record.tier
+            for kind, value in zip(self.metric_attributes, values, strict=False):
+                if value is not None:
+                    common[scope_attribute(kind)] = value
             found = (common, {**common, Attr.TOKEN_TYPE: "input"},
                      {**common, Attr.TOKEN_TYPE: "output"}, tuple(sorted(common.items())))
             with self._lock:
@@ -400,14 +496,31 @@ class GuardTelemetry:
 
     # -- tools --------------------------------------------------------------------------
 
-    def tool_start(self, run_id: UUID, parent_run_id: UUID | None, name: str,
-                   call_id: str | None, arguments: Any = None) -> None:
-        parent = self._parent(parent_run_id)
-        ctx = trace.set_span_in_context(parent) if parent is not None else None
+    def _tool_attributes(self, name: str, call_id: str | None, hit: bool,
+                         session: str | None, scopes: Mapping[str, str] | None
+                         ) -> dict[str, Any]:
         attributes: dict[str, Any] = {Attr.OPERATION: "execute_tool", Attr.TOOL_NAME: name,
-                                      Attr.CACHE_HIT: False}
+                                      Attr.CACHE_HIT: hit}
+        if self.openinference:
+            attributes[Attr.OI_SPAN_KIND] = "TOOL"
+            attributes[Attr.OI_TOOL_NAME] = name
+            if call_id:
+                attributes[Attr.OI_TOOL_ID] = call_id
         if call_id:
             attributes[Attr.TOOL_CALL_ID] = call_id
+        if session is not None:
+            attributes[Attr.SESSION_ID] = attributes[Attr.CONVERSATION_ID] = session
+        if scopes:
+            attributes.update(self._scope_span_attributes(scopes))
+        return attributes
+
+    def tool_start(self, run_id: UUID, parent_run_id: UUID | None, name: str,
+                   call_id: str | None, arguments: Any = None, *, session: str | None = None,
+                   attributes: Mapping[str, str] | None = None) -> None:
+        """``attributes``: the call's scope values (user, team, feature...)."""
+        parent = self._parent(parent_run_id)
+        ctx = trace.set_span_in_context(parent) if parent is not None else None
+        attributes = self._tool_attributes(name, call_id, False, session, attributes)
         if self.capture_content and arguments is not None:
             attributes.update(_content_attributes(_tool_content, Attr.TOOL_CALL_ARGUMENTS,
                                                   arguments))
@@ -425,17 +538,15 @@ class GuardTelemetry:
 
     def cached_tool_call(self, name: str, call_id: str | None, saved_nano: int,
                          parent_run_id: UUID | None = None, *, arguments: Any = None,
-                         result: Any = None) -> None:
+                         result: Any = None, session: str | None = None,
+                         attributes: Mapping[str, str] | None = None) -> None:
         """A tool call answered from the cache without running the tool (so no tool run
         exists for a callback to see): one finished ``execute_tool`` span for it, with
         its arguments and cached result when content is captured."""
         parent = self._parent(parent_run_id)
         ctx = trace.set_span_in_context(parent) if parent is not None else None
-        attributes: dict[str, Any] = {Attr.OPERATION: "execute_tool", Attr.TOOL_NAME: name,
-                                      Attr.CACHE_HIT: True,
-                                      Attr.CACHE_SAVED_USD: saved_nano / 1e9}
-        if call_id:
-            attributes[Attr.TOOL_CALL_ID] = call_id
+        attributes = self._tool_attributes(name, call_id, True, session, attributes)
+        attributes[Attr.CACHE_SAVED_USD] = saved_nano / 1e9
         if self.capture_content:
             if arguments is not None:
                 attributes.update(_content_attributes(_tool_content, Attr.TOOL_CALL_ARGUMENTS,
