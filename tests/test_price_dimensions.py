@@ -1,0 +1,280 @@
+"""Every billing dimension a provider bills is priced, and the worst case of a call is
+priced at the dearest rate it could incur (issue 16, "Charged less").
+
+Rates are typed literally from the providers' price lists (the same numbers as LiteLLM's
+table), never read from the code under test.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+import zlib
+from decimal import Decimal as D
+from typing import Any
+
+import pytest
+from langchain_core.messages import HumanMessage, SystemMessage
+
+from agent_guard import Guard, Limits, PriceBook, Usage
+from agent_guard.guard import ModelCall
+from agent_guard.tokens import TokenCounter
+
+
+@pytest.fixture(scope="module")
+def book() -> PriceBook:
+    return PriceBook.bundled()
+
+
+# -- thresholds and tiers -------------------------------------------------------------------
+
+def test_xai_threshold_is_inclusive_at_200k(book: PriceBook) -> None:
+    # xAI bills the long-context rates from 200,000 prompt tokens on (LiteLLM marks the
+    # provider's thresholds inclusive)
+    at = book.cost("xai/grok-4.3", Usage(input_tokens=200_000, output_tokens=1000))
+    assert at.total_usd == 200_000 * D("2.5e-06") + 1000 * D("5e-06")
+    below = book.cost("xai/grok-4.3", Usage(input_tokens=199_999, output_tokens=1000))
+    assert below.total_usd == 199_999 * D("1.25e-06") + 1000 * D("2.5e-06")
+
+
+def test_other_providers_thresholds_stay_exclusive(book: PriceBook) -> None:
+    at = book.cost("gemini-2.5-pro", Usage(input_tokens=200_000, output_tokens=1000))
+    assert at.total_usd == 200_000 * D("1.25e-06") + 1000 * D("1e-05")
+
+
+HAIKU_TIERS: dict[str, Any] = {
+    "litellm_provider": "opencode_go", "mode": "chat",
+    "input_cost_per_token": 1e-07, "output_cost_per_token": 5e-07,
+    "cache_read_input_token_cost": 1e-08, "cache_creation_input_token_cost": 1.25e-07,
+    "tiered_pricing": [
+        {"range": [0, 100000], "input_cost_per_token": 1e-07, "output_cost_per_token": 5e-07,
+         "cache_read_input_token_cost": 1e-08, "cache_creation_input_token_cost": 1.25e-07},
+        {"range": [100000, 1000000], "input_cost_per_token": 5e-07,
+         "output_cost_per_token": 2.5e-06, "cache_read_input_token_cost": 5e-08,
+         "cache_creation_input_token_cost": 6.25e-07},
+    ],
+}
+
+
+def test_tiered_pricing_ranges_are_kept() -> None:
+    book = PriceBook.from_litellm({"opencode_go/claude-haiku-5-5": HAIKU_TIERS})
+    first = book.cost("opencode_go/claude-haiku-5-5", Usage(input_tokens=100_000,
+                                                            output_tokens=10))
+    assert first.total_usd == 100_000 * D("1e-07") + 10 * D("5e-07")
+    second = book.cost("opencode_go/claude-haiku-5-5",
+                       Usage(input_tokens=150_000, output_tokens=10, cache_read_tokens=50_000))
+    assert second.total_usd == (100_000 * D("5e-07") + 50_000 * D("5e-08")
+                                + 10 * D("2.5e-06"))
+    # above the last range: the last (dearest) tier
+    beyond = book.cost("opencode_go/claude-haiku-5-5", Usage(input_tokens=2_000_000))
+    assert beyond.total_usd == 2_000_000 * D("5e-07")
+
+
+def test_a_model_priced_only_by_ranges_is_in_the_bundled_table(book: PriceBook) -> None:
+    # dashscope/qwen-flash has no flat rate, only its range table
+    cost = book.cost("dashscope/qwen-flash", Usage(input_tokens=300_000, output_tokens=100))
+    assert cost.total_usd == 300_000 * D("2.5e-07") + 100 * D("2e-06")
+
+
+# -- cache writes ---------------------------------------------------------------------------
+
+def test_one_hour_cache_writes_are_priced_as_one_hour(book: PriceBook) -> None:
+    # langchain-anthropic: cache_creation 0, the writes by duration beside it
+    um = {"input_tokens": 48_715, "output_tokens": 100, "total_tokens": 48_815,
+          "input_token_details": {"cache_read": 0, "cache_creation": 0,
+                                  "ephemeral_5m_input_tokens": 0,
+                                  "ephemeral_1h_input_tokens": 48_615}}
+    usage = Usage.from_usage_metadata(um)
+    assert usage.cache_creation_tokens == 48_615
+    assert usage.cache_creation_1h_tokens == 48_615
+    cost = book.cost("claude-sonnet-4-5", usage)
+    assert cost.total_usd == 100 * D("3e-06") + 48_615 * D("6e-06") + 100 * D("1.5e-05")
+
+
+def test_five_minute_and_one_hour_writes_together(book: PriceBook) -> None:
+    um = {"input_tokens": 3000, "output_tokens": 0,
+          "input_token_details": {"cache_creation": 2000, "ephemeral_5m_input_tokens": 1500,
+                                  "ephemeral_1h_input_tokens": 500}}
+    usage = Usage.from_usage_metadata(um)
+    cost = book.cost("claude-sonnet-4-5", usage)
+    assert cost.total_usd == 1000 * D("3e-06") + 1500 * D("3.75e-06") + 500 * D("6e-06")
+
+
+def _anthropic_call(ttl: str | None) -> ModelCall:
+    marker: dict[str, Any] = {"type": "ephemeral"}
+    if ttl:
+        marker["ttl"] = ttl
+    big = "lorem ipsum dolor sit amet " * 400
+    return ModelCall(session="s", model="claude-sonnet-4-5", provider="anthropic",
+                     messages=[SystemMessage(content=[{"type": "text", "text": big,
+                                                       "cache_control": marker}]),
+                               HumanMessage("hi")],
+                     max_output_tokens=10)
+
+
+@pytest.mark.parametrize(("ttl", "rate"), [(None, D("3.75e-06")), ("5m", D("3.75e-06")),
+                                            ("1h", D("6e-06"))])
+def test_the_worst_case_reserves_marked_prompts_at_the_write_rate(ttl: str | None,
+                                                                   rate: D) -> None:
+    guard = Guard(Limits(max_usd=100))
+    admission = guard.before_model_call(_anthropic_call(ttl))
+    prompt = guard.tokens.count_messages(_anthropic_call(ttl).messages, "claude-sonnet-4-5")
+    # every reserved prompt token may be written to the cache
+    assert admission.reserved_nano >= prompt * rate * 10**9
+    guard.after_model_call(admission, Usage(input_tokens=prompt, output_tokens=10,
+                                            cache_creation_tokens=prompt - 10,
+                                            cache_creation_1h_tokens=(prompt - 10) if ttl == "1h"
+                                            else 0))
+
+
+def test_a_cache_write_never_passes_a_cap_the_reservation_fitted() -> None:
+    # the issue's case: a 48,615-token write, cap between the plain and the write price
+    call = _anthropic_call(None)
+    guard = Guard(Limits(max_usd=0.16))
+    prompt = guard.tokens.count_messages(call.messages, call.model)
+    write_cost = prompt * D("3.75e-06") + 10 * D("1.5e-05")
+    try:
+        admission = guard.before_model_call(call)
+    except Exception:
+        assert write_cost > D("0.16") * D("0.9")  # refused: fine if the write could not fit
+        return
+    assert admission.reserved_nano >= write_cost * 10**9
+
+
+# -- service tiers --------------------------------------------------------------------------
+
+def _lc_usage(raw: dict[str, Any], tier: str | None) -> dict[str, Any]:
+    from langchain_openai.chat_models.base import _create_usage_metadata
+
+    return dict(_create_usage_metadata(raw, tier))
+
+
+RAW = {"prompt_tokens": 10_000, "completion_tokens": 2000, "total_tokens": 12_000,
+       "prompt_tokens_details": {"cached_tokens": 4000},
+       "completion_tokens_details": {"reasoning_tokens": 500}}
+
+
+def test_priority_usage_keys_are_priced_at_priority_rates(book: PriceBook) -> None:
+    usage = Usage.from_usage_metadata(_lc_usage(RAW, "priority"))
+    assert usage.service_tier == "priority"
+    assert (usage.cache_read_tokens, usage.reasoning_tokens) == (4000, 500)
+    cost = book.cost("gpt-4o", usage)
+    assert cost.total_usd == 6000 * D("4.25e-06") + 4000 * D("2.125e-06") + 2000 * D("1.7e-05")
+
+
+def test_flex_usage_is_priced_at_flex_rates(book: PriceBook) -> None:
+    usage = Usage.from_usage_metadata(_lc_usage(RAW, "flex"))
+    assert usage.service_tier == "flex"
+    cost = book.cost("o3", usage)
+    assert cost.total_usd == 6000 * D("1e-06") + 4000 * D("2.5e-07") + 2000 * D("4e-06")
+
+
+def test_standard_usage_is_unchanged(book: PriceBook) -> None:
+    usage = Usage.from_usage_metadata(_lc_usage(RAW, None))
+    assert usage.service_tier is None
+    cost = book.cost("gpt-4o", usage)
+    assert cost.total_usd == 6000 * D("2.5e-06") + 4000 * D("1.25e-06") + 2000 * D("1e-05")
+
+
+def test_a_priority_request_is_reserved_at_priority_rates() -> None:
+    guard = Guard(Limits(max_usd=100))
+    call = ModelCall(session="s", model="gpt-4o", messages=[HumanMessage("hi")],
+                     max_output_tokens=1000, params={"service_tier": "priority"})
+    admission = guard.before_model_call(call)
+    assert admission.reserved_nano >= 1000 * D("1.7e-05") * 10**9
+    plain = guard.before_model_call(ModelCall(session="t", model="gpt-4o",
+                                              messages=[HumanMessage("hi")],
+                                              max_output_tokens=1000))
+    assert plain.reserved_nano < 1000 * D("1.7e-05") * 10**9
+
+
+# -- audio ----------------------------------------------------------------------------------
+
+def test_audio_tokens_in_and_out_are_priced_at_audio_rates(book: PriceBook) -> None:
+    um = {"input_tokens": 1200, "output_tokens": 6000, "total_tokens": 7200,
+          "input_token_details": {"audio": 1000}, "output_token_details": {"audio": 5800}}
+    usage = Usage.from_usage_metadata(um)
+    assert (usage.audio_input_tokens, usage.audio_output_tokens) == (1000, 5800)
+    cost = book.cost("gpt-audio", usage)
+    assert cost.total_usd == (200 * D("2.5e-06") + 1000 * D("3.2e-05")
+                              + 200 * D("1e-05") + 5800 * D("6.4e-05"))
+
+
+def test_an_audio_answer_is_reserved_at_the_audio_output_rate() -> None:
+    guard = Guard(Limits(max_usd=100))
+    call = ModelCall(session="s", model="gpt-audio", messages=[HumanMessage("speak")],
+                     max_output_tokens=1000, params={"modalities": ["text", "audio"]})
+    assert guard.before_model_call(call).reserved_nano >= 1000 * D("6.4e-05") * 10**9
+
+
+# -- images ---------------------------------------------------------------------------------
+
+def png(width: int, height: int) -> str:
+    """A data URL of a real (tiny, blank) PNG header of this size."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    data = (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk
+            + struct.pack(">I", zlib.crc32(chunk)))
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def image_message(url: str, detail: str | None = None) -> HumanMessage:
+    spec: dict[str, Any] = {"url": url}
+    if detail:
+        spec["detail"] = detail
+    return HumanMessage(content=[{"type": "image_url", "image_url": spec}])
+
+
+@pytest.mark.parametrize(("model", "size", "detail", "tokens"), [
+    ("gpt-4o-mini", (1024, 1024), "high", 25_501),  # 2833 + 4 x 5667
+    ("gpt-4o-mini", (1024, 1024), "low", 2_833),
+    ("gpt-4o", (1024, 1024), "high", 765),  # 85 + 4 x 170
+    ("gpt-4o", (2048, 4096), "high", 1_105),  # 768 x 1536 -> 6 tiles
+    ("gpt-4o", (1024, 1024), "low", 85),
+    ("gpt-4o", (1024, 1024), None, 765),  # auto: counted as high
+    ("gpt-4.1-mini", (1024, 1024), "high", 1_659),  # 1024 patches x 1.62
+])
+def test_images_are_counted_by_size_and_detail(model: str, size: tuple[int, int],
+                                               detail: str | None, tokens: int) -> None:
+    counter = TokenCounter()
+    empty = counter.count_messages([HumanMessage(content=[])], model)
+    with_image = counter.count_messages([image_message(png(*size), detail)], model)
+    assert with_image - empty == tokens
+
+
+def test_an_image_of_unknown_size_is_counted_at_its_family_bound() -> None:
+    counter = TokenCounter()
+    empty = counter.count_messages([HumanMessage(content=[])], "gpt-4o-mini")
+    unknown = counter.count_messages([image_message("https://example.com/x.png", "high")],
+                                     "gpt-4o-mini")
+    assert unknown - empty >= 2833 + 8 * 5667  # the largest image high detail allows
+
+
+def test_four_images_on_gpt_4o_mini_do_not_pass_the_cap() -> None:
+    guard = Guard(Limits(max_usd=0.005))
+    msg = HumanMessage(content=[{"type": "image_url",
+                                 "image_url": {"url": png(1024, 1024), "detail": "high"}}] * 4)
+    call = ModelCall(session="s", model="gpt-4o-mini", messages=[msg], max_output_tokens=100)
+    with pytest.raises(Exception, match="budget|cap|exceed"):
+        guard.before_model_call(call)  # 4 x 25,501 tokens at $0.15/M = $0.0153
+
+
+# -- structured output ------------------------------------------------------------------------
+
+SCHEMA = {"type": "json_schema", "json_schema": {"name": "Answer", "strict": True, "schema": {
+    "type": "object",
+    "properties": {f"field_{i}": {"type": "string", "description": f"the {i}th detail of the "
+                                  "answer, in one plain sentence"} for i in range(40)},
+    "required": [f"field_{i}" for i in range(40)], "additionalProperties": False}}}
+
+
+def test_a_json_schema_response_format_is_in_the_prompt_estimate() -> None:
+    counter = TokenCounter()
+    messages = [HumanMessage("fill the form")]
+    plain = counter.count_messages(messages, "gpt-4o")
+    with_format = counter.count_messages(messages, "gpt-4o", params={"response_format": SCHEMA})
+    schema_tokens = counter.count_text(str(SCHEMA["json_schema"]["schema"]))  # type: ignore[index]
+    assert with_format - plain >= schema_tokens * 0.5
+    estimate, _ = counter.estimate_messages(messages, "gpt-4o",
+                                            params={"response_format": SCHEMA})
+    assert estimate == with_format
