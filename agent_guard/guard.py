@@ -35,7 +35,7 @@ from .ledger.failover import FailOpenLedger
 from .limits import Dimension, Limits, repeat_dimension, tool_dimension
 from .pricing import ModelPrice, PriceBook
 from .records import CallRecord, Outcome, SessionUsage
-from .tokens import TokenCounter
+from .tokens import RequestFeatures, TokenCounter, request_features
 from .usage import Usage, usd_to_nano
 
 __all__ = ["Admission", "Guard", "ModelCall", "ThresholdEvent"]
@@ -139,6 +139,10 @@ class ModelCall:
     tier: str | None = None
     route: str | None = None
     attributes: Mapping[str, str] = field(default_factory=dict)
+    #: the call's request parameters (LangChain ``invocation_params``): what the prompt
+    #: estimate and the worst case read besides the messages (``response_format``,
+    #: ``service_tier``, ``modalities``, ``cache_control``, ``tool_choice``)
+    params: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -718,7 +722,7 @@ class Guard:
             estimated_input = self._exact_input(call)
         else:
             estimated_input, counted = self.tokens.estimate_messages(
-                call.messages, call.model, tools=call.tools)
+                call.messages, call.model, tools=call.tools, params=call.params)
             is_bound = not counted
         requested_output = call.max_output_tokens
         if requested_output is None or requested_output <= 0:
@@ -734,7 +738,8 @@ class Guard:
         return plan
 
     def _exact_input(self, call: ModelCall) -> int:
-        return self.tokens.count_messages(call.messages, call.model, tools=call.tools)
+        return self.tokens.count_messages(call.messages, call.model, tools=call.tools,
+                                          params=call.params)
 
     def _bound_is_far_from_caps(self, plan: _Plan) -> bool:
         """Whether a reservation sized by the prompt's upper bound stays a small share of
@@ -966,6 +971,7 @@ class _Plan:
         "amounts",
         "call",
         "estimated_input",
+        "features",
         "guard",
         "input_is_bound",
         "output_tokens",
@@ -986,7 +992,10 @@ class _Plan:
         reserved_input: int,
         output_tokens: int,
         refs: list[ScopeRef] | None = None,
+        features: RequestFeatures | None = None,
     ) -> None:
+        self.features = features if features is not None else request_features(
+            call.messages, call.tools, call.params)
         self.guard = guard
         self.call = call
         self.price = price
@@ -1006,17 +1015,16 @@ class _Plan:
         }
 
     def _worst_cost(self, output_tokens: int) -> int:
-        """Every prompt token uncached, every output token at the dearer of the
-        output and reasoning rates."""
+        """Every prompt token at the dearest input-side rate the call could bill (cache
+        writes when it marks blocks for caching, audio, images, its service tier), every
+        output token at the dearest of the output, reasoning (and audio) rates."""
         if self.price is None:
             return 0
-        plain = Usage(input_tokens=self.reserved_input, output_tokens=output_tokens)
-        cost = self.price.cost_nano(plain)
-        if self.price.reasoning is not None:
-            reasoning = Usage(input_tokens=self.reserved_input, output_tokens=output_tokens,
-                              reasoning_tokens=output_tokens)
-            cost = max(cost, self.price.cost_nano(reasoning))
-        return cost
+        f = self.features
+        return self.price.worst_cost_nano(
+            self.reserved_input, output_tokens, service_tier=f.service_tier,
+            cache_write=f.cache_write, audio_input=f.audio_input, image_input=f.image_input,
+            audio_output=f.audio_output)
 
     def largest_output_within(self, dimension: str, room: int) -> int:
         """The largest output cap whose worst case fits in ``room`` of ``dimension``."""
@@ -1033,7 +1041,7 @@ class _Plan:
 
     def with_output(self, output_tokens: int) -> _Plan:
         plan = _Plan(self.guard, self.call, self.price, self.estimated_input,
-                     self.reserved_input, output_tokens, self.refs)
+                     self.reserved_input, output_tokens, self.refs, self.features)
         plan.shrunk = True
         plan.input_is_bound = self.input_is_bound
         return plan

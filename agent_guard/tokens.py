@@ -21,10 +21,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import re
 import threading
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from importlib import resources
@@ -47,8 +49,10 @@ __all__ = [
     "TOOLS_BLOCK_TOKENS",
     "EncodingIntegrityError",
     "MessageLike",
+    "RequestFeatures",
     "TokenCounter",
     "get_encoding",
+    "request_features",
     "utf8_upper_bound",
 ]
 
@@ -67,6 +71,17 @@ REPLY_PRIMING_TOKENS = 3  # <|start|>assistant<|message|> before the reply
 # this estimate says 130.
 TOKENS_PER_TOOL_SCHEMA = 7
 TOOLS_BLOCK_TOKENS = 12
+# OpenAI models see tool schemas rendered as a TypeScript namespace
+# ("namespace functions { // description \n type name = (_: { ... }) => any; }"): the
+# rendering's tokens plus 9 reproduce the API's prompt_tokens, 4 fewer when the prompt
+# has a system message (the cookbook's example: 101 on gpt-4o, 105 on gpt-4).
+FUNCTIONS_BLOCK_TOKENS = 9
+FUNCTIONS_SYSTEM_SHARED_TOKENS = 4
+# A json_schema response_format (with_structured_output): the schema's compact JSON plus
+# this framing. OpenAI does not publish how it renders the schema; a stated bound.
+RESPONSE_FORMAT_TOKENS = 10
+# tool_choice naming one function: its name plus this framing; "none": 1 token.
+TOOL_CHOICE_TOKENS = 4
 # A tool call in an assistant message: function name + JSON arguments + this framing
 # (call id, type, delimiters). Not published; a small, stated approximation.
 TOKENS_PER_TOOL_CALL = 6
@@ -282,17 +297,37 @@ class _Estimate:
 
 def _prompt_tokens(messages: Iterable[MessageLike],
                    tools: Sequence[Mapping[str, Any]] | None,
-                   count: _Count, schema_count: _TextCounts) -> int:
+                   count: _Count, schema_count: _TextCounts, model: str = "gpt-4o",
+                   params: Mapping[str, Any] | None = None) -> int:
     """A prompt's tokens before scaling: messages counted with ``count``, tool schemas
-    (always exactly) with ``schema_count``."""
+    and response formats (always exactly) with ``schema_count``."""
     n = REPLY_PRIMING_TOKENS
+    image = _image_rule(model)
+    has_system = False
     for message in messages:
-        n += TOKENS_PER_MESSAGE + _message_tokens(message, count)
+        n += TOKENS_PER_MESSAGE + _message_tokens(message, count, image)
+        if tools and not has_system:
+            has_system = _is_system(message)
     if tools:
-        n += TOOLS_BLOCK_TOKENS
-        for tool in tools:
-            n += _tool_schema_tokens(tool, schema_count)
+        if _family(model)[1]:  # OpenAI: the schemas as its TypeScript-like namespace
+            n += schema_count(_functions_namespace(tools)) + FUNCTIONS_BLOCK_TOKENS
+            if has_system:  # the namespace joins the system message's framing
+                n -= FUNCTIONS_SYSTEM_SHARED_TOKENS
+        else:
+            n += TOOLS_BLOCK_TOKENS
+            for tool in tools:
+                n += _tool_schema_tokens(tool, schema_count)
+    if params:
+        n += _params_tokens(params, schema_count)
     return n
+
+
+def _is_system(message: Any) -> bool:
+    if type(message) is dict or isinstance(message, Mapping):
+        return message.get("role") in ("system", "developer") or message.get("type") == "system"
+    if isinstance(message, tuple) and len(message) == 2:
+        return str(message[0]) in ("system", "developer")
+    return getattr(message, "type", None) == "system"
 
 
 # Tool schemas by identity: LangChain passes the same schema dicts on every call of a
@@ -397,18 +432,23 @@ class TokenCounter:
         messages: Iterable[MessageLike],
         model: str = "gpt-4o",
         tools: Sequence[Mapping[str, Any]] | None = None,
+        params: Mapping[str, Any] | None = None,
     ) -> int:
         """Tokens of a chat prompt: LangChain messages or OpenAI-style dicts, plus the
-        OpenAI-format tool schemas sent with it (``invocation_params["tools"]``)."""
+        OpenAI-format tool schemas sent with it (``invocation_params["tools"]``) and what
+        else of the request's ``params`` the model reads (``response_format``,
+        ``tool_choice``)."""
         enc, exact = _family(model or "")
         count = _TEXT_COUNTS[enc]
-        return self._scaled(_prompt_tokens(messages, tools, count, count), exact)
+        return self._scaled(_prompt_tokens(messages, tools, count, count, model or "",
+                                           params), exact)
 
     def estimate_messages(
         self,
         messages: Iterable[MessageLike],
         model: str = "gpt-4o",
         tools: Sequence[Mapping[str, Any]] | None = None,
+        params: Mapping[str, Any] | None = None,
     ) -> tuple[int, bool]:
         """``(n, exact)``: ``count_messages`` when ``exact``, else an upper bound of it.
 
@@ -418,7 +458,7 @@ class TokenCounter:
         enc, exact_family = _family(model or "")
         counts = _TEXT_COUNTS[enc]
         count = _Estimate(counts)
-        n = _prompt_tokens(messages, tools, count, counts)
+        n = _prompt_tokens(messages, tools, count, counts, model or "", params)
         return self._scaled(n, exact_family), count.exact
 
     def count_output(self, message: BaseMessage | Mapping[str, Any] | str,
@@ -429,7 +469,7 @@ class TokenCounter:
         count = _TEXT_COUNTS[enc]
         if isinstance(message, str):
             return self._scaled(count(message), exact)
-        n = _content_tokens(_field(message, "content"), count)
+        n = _content_tokens(_field(message, "content"), count, _image_rule(model or ""))
         n += _tool_calls_tokens(message, count)
         return self._scaled(n, exact)
 
@@ -445,20 +485,21 @@ def _field(obj: Any, key: str) -> Any:
     return getattr(obj, key, None)
 
 
-def _message_tokens(message: Any, count: _Count) -> int:
+def _message_tokens(message: Any, count: _Count, image: _ImageRule = None) -> int:
     """One message without its framing: role, content, name, tool calls, tool call id."""
     if type(message) is dict or isinstance(message, Mapping):
-        return _dict_message_tokens(message, count)
+        return _dict_message_tokens(message, count, image)
     if isinstance(message, str):  # LangChain reads a bare string as a user message
         return count("user") + count(message)
     if isinstance(message, tuple) and len(message) == 2:  # ("user", "hi")
         role, content = message
-        return count(_ROLE_OF_TYPE.get(str(role), str(role))) + _content_tokens(content, count)
+        return count(_ROLE_OF_TYPE.get(str(role), str(role))) + _content_tokens(content, count,
+                                                                                image)
     # A BaseMessage. Fields are read by type: a missing attribute costs ~1.6 us on a
     # pydantic model (it raises inside), more than the rest of the message together.
     kind = getattr(message, "type", "user")
     role = _ROLE_OF_TYPE.get(kind) or getattr(message, "role", None) or kind  # ChatMessage
-    n = count(str(role)) + _content_tokens(getattr(message, "content", None), count)
+    n = count(str(role)) + _content_tokens(getattr(message, "content", None), count, image)
     name = getattr(message, "name", None)
     if name:
         n += TOKENS_PER_NAME + count(str(name))
@@ -471,7 +512,8 @@ def _message_tokens(message: Any, count: _Count) -> int:
     return n
 
 
-def _dict_message_tokens(message: Mapping[str, Any], count: _Count) -> int:
+def _dict_message_tokens(message: Mapping[str, Any], count: _Count,
+                         image: _ImageRule = None) -> int:
     """The cookbook's rule for an OpenAI message dict: every field's value counted."""
     n = 0
     has_role = False
@@ -486,7 +528,7 @@ def _dict_message_tokens(message: Mapping[str, Any], count: _Count) -> int:
                 has_role = True
                 n += count(_ROLE_OF_TYPE.get(str(value), str(value)))
         elif key == "content":
-            n += _content_tokens(value, count)
+            n += _content_tokens(value, count, image)
         elif key == "name":
             n += TOKENS_PER_NAME + count(str(value))
         elif key in ("tool_calls", "function_call", "invalid_tool_calls"):
@@ -500,7 +542,7 @@ def _dict_message_tokens(message: Mapping[str, Any], count: _Count) -> int:
     return n + _tool_calls_tokens(message, count)
 
 
-def _content_tokens(content: Any, count: _Count) -> int:
+def _content_tokens(content: Any, count: _Count, image: _ImageRule = None) -> int:
     if content is None:
         return 0
     if isinstance(content, str):
@@ -516,7 +558,7 @@ def _content_tokens(content: Any, count: _Count) -> int:
                 if kind in _TEXT_BLOCKS and isinstance(text, str):
                     n += count(text)
                 elif kind in _IMAGE_BLOCKS:
-                    n += _image_tokens(block)
+                    n += _image_tokens(block, image)
                 else:  # reasoning, tool_use, file, audio, ...: their JSON
                     n += count(_json(block))
             else:
@@ -525,10 +567,174 @@ def _content_tokens(content: Any, count: _Count) -> int:
     return count(str(content))
 
 
-def _image_tokens(block: Mapping[str, Any]) -> int:
+def _image_tokens(block: Mapping[str, Any], rule: _ImageRule = None) -> int:
+    """An image's tokens by its model family's published rule, its size (read from the
+    header of a base64 image) and its detail; the family's largest image when the size
+    is unknown (a URL)."""
     spec = block.get("image_url")
     detail = spec.get("detail") if isinstance(spec, Mapping) else block.get("detail")
-    return IMAGE_TOKENS_LOW_DETAIL if detail == "low" else IMAGE_TOKENS
+    source = block.get("source")
+    data = (spec.get("url") if isinstance(spec, Mapping) else spec) or block.get("url") \
+        or block.get("base64") or block.get("data") or (
+            source.get("data") if isinstance(source, Mapping) else None)
+    size = _image_size(data) if isinstance(data, str) else None
+    return _rule_tokens(rule or _DEFAULT_IMAGE_RULE, size, detail)
+
+
+# -- images -----------------------------------------------------------------------------------
+# OpenAI's published rules ("Images and vision", calculating costs):
+# - tile models: low detail costs the base; high (and auto, counted as high here) scales
+#   the image into 2048x2048, then its shortest side to 768, and adds a tile's tokens per
+#   512px tile covering it;
+# - patch models: one 32px patch a token, at most 1,536 patches (the image scaled down to
+#   fit), times the model's multiplier.
+# Other providers: Anthropic's rule (width x height / 750 after fitting the long side into
+# 1,568px), and never less than OpenAI's gpt-4o tiles: a stated bound, not a published
+# rule for those models (Gemini tiles large images at 258 tokens per 768px tile).
+_TILES: tuple[tuple[re.Pattern[str], int, int], ...] = (
+    (re.compile(r"gpt-4o-mini"), 2833, 5667),
+    (re.compile(r"gpt-5(\.\d+)?-(mini|nano)"), -1, -1),  # patches, below
+    (re.compile(r"gpt-5"), 70, 140),
+    (re.compile(r"gpt-4\.1-(mini|nano)"), -1, -1),
+    (re.compile(r"computer-use"), 65, 129),
+    (re.compile(r"o4-mini"), -1, -1),
+    (re.compile(r"o1|o3(?!-mini)"), 75, 150),
+    (re.compile(r"gpt-4o|gpt-4\.1|gpt-4\.5|gpt-4-turbo|gpt-4-vision|chatgpt"), 85, 170),
+)
+_PATCH_MULTIPLIER: tuple[tuple[re.Pattern[str], float], ...] = (
+    (re.compile(r"gpt-5(\.\d+)?-mini|gpt-4\.1-mini"), 1.62),
+    (re.compile(r"gpt-5(\.\d+)?-nano|gpt-4\.1-nano"), 2.46),
+    (re.compile(r"o4-mini"), 1.72),
+)
+IMAGE_MAX_PATCHES = 1536
+ANTHROPIC_IMAGE_MAX_SIDE = 1568
+#: an image of unknown size on a model with no published rule
+IMAGE_TOKENS_UNKNOWN_FAMILY = 1600
+
+_ImageRule: TypeAlias = "tuple[str, float, float] | None"
+_DEFAULT_IMAGE_RULE = ("other", 85, 170)
+
+
+@lru_cache(maxsize=1024)
+def _image_rule(model: str) -> tuple[str, float, float]:
+    """("tiles", base, per tile), ("patches", multiplier, 0) or ("other", 85, 170)."""
+    name = model.strip().lower().rsplit("/", 1)[-1]
+    if not _family(model)[1]:
+        return _DEFAULT_IMAGE_RULE
+    for pattern, base, tile in _TILES:
+        if pattern.match(name):
+            if base < 0:
+                for p, multiplier in _PATCH_MULTIPLIER:
+                    if p.match(name):
+                        return ("patches", multiplier, 0)
+            return ("tiles", base, tile)
+    return ("tiles", 85, 170)  # an OpenAI model without a published rule: gpt-4o's
+
+
+def _tiles(base: float, tile: float, size: tuple[int, int] | None, detail: Any) -> int:
+    if detail == "low":
+        return int(base)
+    if size is None:
+        return int(base + 8 * tile)  # the largest: 768 x 2048 after scaling
+    w, h = size
+    if max(w, h) > 2048:
+        w, h = w * 2048 / max(w, h), h * 2048 / max(w, h)
+    if min(w, h) > 768:
+        w, h = w * 768 / min(w, h), h * 768 / min(w, h)
+    return int(base + math.ceil(w / 512) * math.ceil(h / 512) * tile)
+
+
+def _patches(multiplier: float, size: tuple[int, int] | None) -> int:
+    if size is None:
+        patches = IMAGE_MAX_PATCHES
+    else:
+        w, h = size
+        patches = math.ceil(w / 32) * math.ceil(h / 32)
+        if patches > IMAGE_MAX_PATCHES:
+            r = math.sqrt(32 * 32 * IMAGE_MAX_PATCHES / (w * h))
+            r *= min(math.floor(w * r / 32) / (w * r / 32), math.floor(h * r / 32) / (h * r / 32))
+            patches = min(math.ceil(w * r / 32) * math.ceil(h * r / 32), IMAGE_MAX_PATCHES)
+    return math.ceil(patches * multiplier)
+
+
+def _rule_tokens(rule: tuple[str, float, float], size: tuple[int, int] | None,
+                 detail: Any) -> int:
+    kind, a, b = rule
+    if kind == "tiles":
+        return _tiles(a, b, size, detail)
+    if kind == "patches":
+        return _patches(a, size)
+    if size is None:
+        return IMAGE_TOKENS_UNKNOWN_FAMILY
+    w, h = size
+    if max(w, h) > ANTHROPIC_IMAGE_MAX_SIDE:
+        w, h = (w * ANTHROPIC_IMAGE_MAX_SIDE / max(w, h), h * ANTHROPIC_IMAGE_MAX_SIDE / max(w, h))
+    return max(math.ceil(w * h / 750), _tiles(a, b, size, "high"))
+
+
+_HEADER_CHARS = 65_536  # base64 characters decoded to find an image's size
+
+
+@lru_cache(maxsize=256)
+def _image_size(data: str) -> tuple[int, int] | None:
+    """(width, height) from the header of a base64 PNG, GIF, WebP or JPEG (a data URL or
+    bare base64); None when it cannot be read (a URL, another format)."""
+    if data.startswith("data:"):
+        comma = data.find(",")
+        if comma < 0 or ";base64" not in data[:comma]:
+            return None
+        data = data[comma + 1:]
+    elif data.startswith(("http://", "https://")):
+        return None
+    head = data[:_HEADER_CHARS]
+    head = head[:len(head) - len(head) % 4]
+    try:
+        raw = base64.b64decode(head, validate=False)
+    except ValueError:
+        return None
+    return _header_size(raw)
+
+
+def _header_size(raw: bytes) -> tuple[int, int] | None:
+    import struct
+
+    try:
+        if raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR":
+            w, h = struct.unpack(">II", raw[16:24])
+            return w, h
+        if raw[:6] in (b"GIF87a", b"GIF89a"):
+            w, h = struct.unpack("<HH", raw[6:10])
+            return w, h
+        if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+            chunk = raw[12:16]
+            if chunk == b"VP8 ":
+                w, h = struct.unpack("<HH", raw[26:30])
+                return w & 0x3FFF, h & 0x3FFF
+            if chunk == b"VP8L":
+                b = raw[21:25]
+                return (1 + (((b[1] & 0x3F) << 8) | b[0]),
+                        1 + (((b[3] & 0xF) << 10) | (b[2] << 2) | ((b[1] & 0xC0) >> 6)))
+            if chunk == b"VP8X":
+                return (1 + int.from_bytes(raw[24:27], "little"),
+                        1 + int.from_bytes(raw[27:30], "little"))
+        if raw[:2] == b"\xff\xd8":
+            i = 2
+            while i + 9 < len(raw):
+                if raw[i] != 0xFF:
+                    i += 1
+                    continue
+                marker = raw[i + 1]
+                if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+                    i += 1 if marker == 0xFF else 2
+                    continue
+                length = struct.unpack(">H", raw[i + 2:i + 4])[0]
+                if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                    h, w = struct.unpack(">HH", raw[i + 5:i + 9])
+                    return w, h
+                i += 2 + length
+    except (struct.error, IndexError):
+        return None
+    return None
 
 
 def _tool_calls_tokens(message: Any, count: _Count) -> int:
@@ -584,3 +790,233 @@ def _tool_schema_tokens(tool: Mapping[str, Any] | Any, count: _TextCounts) -> in
             _tool_memo.clear()
         _tool_memo[key] = (tool, n)
     return n
+
+
+# -- OpenAI's rendering of tool schemas ------------------------------------------------------
+
+_render_memo: dict[int, tuple[object, str]] = {}
+_SKIP_KEYS = frozenset({"type", "description", "enum", "properties", "required", "items",
+                        "title", "additionalProperties", "$schema", "$defs", "definitions",
+                        "anyOf", "oneOf", "allOf", "$ref", "strict", "const"})
+
+
+def _functions_namespace(tools: Sequence[Any]) -> str:
+    """The tools as OpenAI shows them to the model: a TypeScript-like namespace."""
+    parts = ["namespace functions {", ""]
+    for tool in tools:
+        hit = _render_memo.get(id(tool))
+        if hit is not None and hit[0] is tool:
+            parts.append(hit[1])
+            continue
+        text = _render_function(_function_schema(tool))
+        with _tool_memo_lock:
+            if len(_render_memo) >= _TOOL_MEMO_ENTRIES:
+                _render_memo.clear()
+            _render_memo[id(tool)] = (tool, text)
+        parts.append(text)
+    parts.append("} // namespace functions")
+    return "\n".join(parts)
+
+
+def _function_schema(tool: Any) -> Mapping[str, Any]:
+    if isinstance(tool, Mapping):
+        fn = tool.get("function")
+        return fn if isinstance(fn, Mapping) else tool
+    try:  # a BaseTool, function or pydantic class, as bind_tools accepts
+        from langchain_core.utils.function_calling import convert_to_openai_tool
+
+        return convert_to_openai_tool(tool)["function"]  # type: ignore[no-any-return]
+    except Exception:
+        return {"name": str(tool)}
+
+
+def _render_function(fn: Mapping[str, Any]) -> str:
+    lines = []
+    description = fn.get("description")
+    if description:
+        lines.append(f"// {description}")
+    params = fn.get("parameters")
+    name = fn.get("name") or ""
+    if isinstance(params, Mapping) and params.get("properties"):
+        defs = params.get("$defs") or params.get("definitions") or {}
+        lines.append(f"type {name} = (_: {{")
+        lines.append(_render_properties(params, 0, defs))
+        lines.append("}) => any;")
+    else:
+        lines.append(f"type {name} = () => any;")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _render_properties(obj: Mapping[str, Any], indent: int, defs: Mapping[str, Any]) -> str:
+    lines = []
+    required = obj.get("required") or ()
+    properties = obj.get("properties") or {}
+    if not isinstance(properties, Mapping):
+        return _json(properties)
+    for name, param in properties.items():
+        if not isinstance(param, Mapping):
+            lines.append(f"{name}: {_json(param)},")
+            continue
+        param = _deref(param, defs)
+        if param.get("description") and indent < 2:
+            lines.append(f"// {param['description']}")
+        # keys OpenAI does not document rendering (default, minimum, format, ...):
+        # counted as comments, so the estimate stays above the real count
+        for key, value in param.items():
+            if key not in _SKIP_KEYS:
+                lines.append(f"// {key}: {_json(value)}")
+        mark = "" if name in required else "?"
+        lines.append(f"{name}{mark}: {_render_type(param, indent, defs)},")
+    return "\n".join(" " * indent + line for line in lines)
+
+
+def _deref(param: Mapping[str, Any], defs: Mapping[str, Any]) -> Mapping[str, Any]:
+    ref = param.get("$ref")
+    if isinstance(ref, str) and isinstance(defs, Mapping):
+        target = defs.get(ref.rsplit("/", 1)[-1])
+        if isinstance(target, Mapping):
+            return {**target, **{k: v for k, v in param.items() if k != "$ref"}}
+    return param
+
+
+def _render_type(param: Mapping[str, Any], indent: int, defs: Mapping[str, Any],
+                 depth: int = 0) -> str:
+    if depth > 8:
+        return _json(param)
+    param = _deref(param, defs)
+    for key in ("anyOf", "oneOf"):
+        options = param.get(key)
+        if isinstance(options, list) and options:
+            return " | ".join(_render_type(o, indent, defs, depth + 1) if isinstance(
+                o, Mapping) else _json(o) for o in options)
+    if "const" in param:
+        return _json(param["const"])
+    kind = param.get("type")
+    if isinstance(kind, list):
+        return " | ".join(_render_type({**param, "type": k}, indent, defs, depth + 1)
+                          for k in kind)
+    enum = param.get("enum")
+    if isinstance(enum, list) and enum:
+        return " | ".join(_json(v) for v in enum)
+    if kind == "string":
+        return "string"
+    if kind in ("number", "integer"):
+        return "number"
+    if kind in ("boolean", "null"):
+        return str(kind)
+    if kind == "object" or "properties" in param:
+        if not param.get("properties"):
+            return "object"
+        return "\n".join(["{", _render_properties(param, indent + 2, defs), "}"])
+    if kind == "array":
+        items = param.get("items")
+        if isinstance(items, Mapping):
+            return f"{_render_type(items, indent, defs, depth + 1)}[]"
+        return "any[]"
+    return "any" if not kind else _json(param)
+
+
+def _params_tokens(params: Mapping[str, Any], count: _TextCounts) -> int:
+    """What the request's parameters add to the prompt: a structured-output schema
+    (``response_format`` or the Responses API's ``text.format``) and a forced tool."""
+    n = 0
+    fmt = params.get("response_format")
+    text = params.get("text")
+    if fmt is None and isinstance(text, Mapping):
+        fmt = text.get("format")
+    if fmt is not None:
+        n += _response_format_tokens(fmt, count)
+    choice = params.get("tool_choice")
+    if choice == "none":
+        n += 1
+    elif isinstance(choice, Mapping):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, Mapping) else choice.get("name")
+        n += TOOL_CHOICE_TOKENS + count(str(name or ""))
+    return n
+
+
+def _response_format_tokens(fmt: Any, count: _TextCounts) -> int:
+    if isinstance(fmt, Mapping):
+        kind = fmt.get("type")
+        if kind == "text":
+            return 0
+        if kind == "json_schema":
+            schema = fmt.get("json_schema") or {k: v for k, v in fmt.items() if k != "type"}
+            return RESPONSE_FORMAT_TOKENS + count(_json(schema))
+        return count(_json(fmt))
+    to_schema = getattr(fmt, "model_json_schema", None)  # a pydantic class
+    if callable(to_schema):
+        try:
+            return RESPONSE_FORMAT_TOKENS + count(_json(to_schema()))
+        except Exception:
+            pass
+    return RESPONSE_FORMAT_TOKENS + count(_json(fmt) if not isinstance(fmt, type) else
+                                          repr(getattr(fmt, "__annotations__", fmt)))
+
+
+# -- what a request could bill besides text tokens ----------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class RequestFeatures:
+    """The billing dimensions a request could incur besides plain text tokens, read from
+    its messages and parameters: the worst case prices its prompt and output with them."""
+
+    cache_write: str | None = None  # "5m" or "1h": blocks are marked for caching
+    audio_input: bool = False
+    image_input: bool = False
+    audio_output: bool = False
+    service_tier: str | None = None
+
+
+_PLAIN = RequestFeatures()
+_AUDIO_BLOCKS = frozenset({"input_audio", "audio"})
+
+
+def request_features(messages: Iterable[Any], tools: Sequence[Any] | None = None,
+                     params: Mapping[str, Any] | None = None) -> RequestFeatures:
+    """Cache markers (Anthropic ``cache_control``, with its ``ttl``), audio and image
+    inputs, an audio answer (``modalities``/``audio``), the requested ``service_tier``."""
+    ttl: str | None = None
+    audio = image = False
+
+    def mark(marker: Any) -> None:
+        nonlocal ttl
+        if isinstance(marker, Mapping):
+            ttl = "1h" if marker.get("ttl") == "1h" or ttl == "1h" else "5m"
+
+    for message in messages:
+        content = _field(message, "content") if not isinstance(message, str | tuple) else (
+            message[1] if isinstance(message, tuple) and len(message) == 2 else None)
+        extra = _field(message, "additional_kwargs") if not isinstance(
+            message, Mapping | str | tuple) else None
+        if isinstance(extra, Mapping) and "cache_control" in extra:
+            mark(extra["cache_control"])
+        if isinstance(message, Mapping) and "cache_control" in message:
+            mark(message["cache_control"])
+        if isinstance(content, list | tuple):
+            for block in content:
+                if isinstance(block, Mapping):
+                    if "cache_control" in block:
+                        mark(block["cache_control"])
+                    kind = block.get("type")
+                    if kind in _IMAGE_BLOCKS:
+                        image = True
+                    elif kind in _AUDIO_BLOCKS:
+                        audio = True
+    for tool in tools or ():
+        if isinstance(tool, Mapping) and "cache_control" in tool:
+            mark(tool["cache_control"])
+    p = params or {}
+    if "cache_control" in p:
+        mark(p["cache_control"])
+    modalities = p.get("modalities")
+    audio_out = bool(p.get("audio")) or (isinstance(modalities, list | tuple)
+                                         and "audio" in modalities)
+    tier = p.get("service_tier")
+    tier = tier if isinstance(tier, str) and tier not in ("auto", "default") else None
+    if ttl is None and not audio and not image and not audio_out and tier is None:
+        return _PLAIN
+    return RequestFeatures(cache_write=ttl, audio_input=audio, image_input=image,
+                           audio_output=audio_out, service_tier=tier)

@@ -49,6 +49,20 @@ def nano_to_usd(nanos: int) -> Decimal:
     return Decimal(int(nanos)) / NANO_PER_USD
 
 
+#: Service tiers priced apart from the standard one, as usage reports them.
+_TIERS = ("priority", "flex")
+
+
+def _dearer_tier(a: str | None, b: str | None) -> str | None:
+    """The tier to price a sum of two usages at: priority if either ran there, standard
+    if either did, flex only if both did (flex is the cheapest)."""
+    if a == b:
+        return a
+    if "priority" in (a, b):
+        return "priority"
+    return None
+
+
 class MalformedUsage(ValueError):
     """Usage reported by a provider could not be read (negative, NaN, not a number...)."""
 
@@ -86,6 +100,16 @@ class Usage:
     cache_read_tokens: int = 0
     cache_creation_tokens: int = 0
     reasoning_tokens: int = 0
+    #: the part of ``cache_creation_tokens`` written for one hour (Anthropic bills 2x
+    #: the input rate for those, 1.25x for 5-minute writes)
+    cache_creation_1h_tokens: int = 0
+    #: audio and image tokens among ``input_tokens`` / ``output_tokens``
+    audio_input_tokens: int = 0
+    audio_output_tokens: int = 0
+    image_input_tokens: int = 0
+    image_output_tokens: int = 0
+    #: the service tier the provider billed (``"priority"``, ``"flex"``); None: standard
+    service_tier: str | None = None
 
     def __post_init__(self) -> None:
         i, o = self.input_tokens, self.output_tokens
@@ -94,9 +118,17 @@ class Usage:
         # every refusal, take the checks below)
         if (type(i) is int and type(o) is int and type(cr) is int and type(cc) is int
                 and type(r) is int and cr >= 0 and cc >= 0 and r >= 0
-                and cr + cc <= i and r <= o):
+                and cr + cc <= i and r <= o and not self.cache_creation_1h_tokens
+                and not self.audio_input_tokens and not self.audio_output_tokens
+                and not self.image_input_tokens and not self.image_output_tokens
+                and self.service_tier is None):
             return
+        if self.service_tier is not None and not isinstance(self.service_tier, str):
+            raise MalformedUsage(f"Usage.service_tier must be a string or None, "
+                                 f"got {self.service_tier!r}")
         for name in self.__slots__:
+            if name == "service_tier":
+                continue
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise MalformedUsage(f"Usage.{name} must be an int, got {value!r}")
@@ -113,6 +145,18 @@ class Usage:
                 f"reasoning_tokens ({self.reasoning_tokens}) exceed output_tokens "
                 f"({self.output_tokens}); output_tokens must include reasoning"
             )
+        if self.cache_creation_1h_tokens > self.cache_creation_tokens:
+            raise MalformedUsage(
+                f"cache_creation_1h_tokens ({self.cache_creation_1h_tokens}) exceed "
+                f"cache_creation_tokens ({self.cache_creation_tokens}); the 1-hour writes "
+                "are a part of all cache writes")
+        if self.audio_input_tokens + self.image_input_tokens > self.input_tokens:
+            raise MalformedUsage("audio + image input tokens exceed input_tokens; "
+                                 "input_tokens must include them")
+        if (self.reasoning_tokens + self.audio_output_tokens + self.image_output_tokens
+                > self.output_tokens):
+            raise MalformedUsage("reasoning + audio + image output tokens exceed "
+                                 "output_tokens; output_tokens must include them")
 
     @property
     def total_tokens(self) -> int:
@@ -132,6 +176,12 @@ class Usage:
             self.cache_read_tokens + other.cache_read_tokens,
             self.cache_creation_tokens + other.cache_creation_tokens,
             self.reasoning_tokens + other.reasoning_tokens,
+            self.cache_creation_1h_tokens + other.cache_creation_1h_tokens,
+            self.audio_input_tokens + other.audio_input_tokens,
+            self.audio_output_tokens + other.audio_output_tokens,
+            self.image_input_tokens + other.image_input_tokens,
+            self.image_output_tokens + other.image_output_tokens,
+            _dearer_tier(self.service_tier, other.service_tier),
         )
 
     # -- constructors from the shapes providers and LangChain report -------------
@@ -145,12 +195,32 @@ class Usage:
         details_out = um.get("output_token_details") or {}
         if not isinstance(details_in, Mapping) or not isinstance(details_out, Mapping):
             raise MalformedUsage("input_token_details/output_token_details must be mappings")
+        # ChatOpenAI names the details of a priority or flex call "priority_cache_read",
+        # "flex_reasoning"..., and adds "priority"/"flex" counts (the tokens of that tier)
+        tier = next((t for t in _TIERS for d in (details_in, details_out)
+                     for key in d if key == t or key.startswith(t + "_")), None)
+
+        def detail(details: Mapping[str, Any], key: str) -> int:
+            n = _count(details, key)
+            return n if n or tier is None else _count(details, f"{tier}_{key}")
+
+        # Anthropic (langchain-anthropic): writes by duration beside "cache_creation",
+        # which may then be 0
+        five_min = _count(details_in, "ephemeral_5m_input_tokens")
+        one_hour = _count(details_in, "ephemeral_1h_input_tokens")
         return cls(
             input_tokens=_count(um, "input_tokens"),
             output_tokens=_count(um, "output_tokens"),
-            cache_read_tokens=_count(details_in, "cache_read"),
-            cache_creation_tokens=_count(details_in, "cache_creation"),
-            reasoning_tokens=_count(details_out, "reasoning"),
+            cache_read_tokens=detail(details_in, "cache_read"),
+            cache_creation_tokens=max(detail(details_in, "cache_creation"),
+                                      five_min + one_hour),
+            reasoning_tokens=detail(details_out, "reasoning"),
+            cache_creation_1h_tokens=one_hour,
+            audio_input_tokens=_count(details_in, "audio"),
+            audio_output_tokens=_count(details_out, "audio"),
+            image_input_tokens=_count(details_in, "image"),
+            image_output_tokens=_count(details_out, "image"),
+            service_tier=tier,
         )
 
     @classmethod
@@ -162,11 +232,18 @@ class Usage:
         """
         prompt_details = raw.get("prompt_tokens_details") or {}
         completion_details = raw.get("completion_tokens_details") or {}
+        tier = raw.get("service_tier")  # not in OpenAI's usage; the response's, if merged
         return cls(
             input_tokens=_count(raw, "prompt_tokens"),
             output_tokens=_count(raw, "completion_tokens"),
             cache_read_tokens=_count(prompt_details, "cached_tokens"),
+            cache_creation_tokens=_count(prompt_details, "cache_write_tokens"),
             reasoning_tokens=_count(completion_details, "reasoning_tokens"),
+            audio_input_tokens=_count(prompt_details, "audio_tokens"),
+            audio_output_tokens=_count(completion_details, "audio_tokens"),
+            image_input_tokens=_count(prompt_details, "image_tokens"),
+            image_output_tokens=_count(completion_details, "image_tokens"),
+            service_tier=tier if tier in _TIERS else None,
         )
 
     @classmethod
@@ -178,9 +255,17 @@ class Usage:
         """
         cache_read = _count(raw, "cache_read_input_tokens")
         cache_creation = _count(raw, "cache_creation_input_tokens")
+        by_ttl = raw.get("cache_creation") or {}
+        one_hour = _count(by_ttl, "ephemeral_1h_input_tokens") if isinstance(
+            by_ttl, Mapping) else 0
+        cache_creation = max(cache_creation, one_hour + (_count(
+            by_ttl, "ephemeral_5m_input_tokens") if isinstance(by_ttl, Mapping) else 0))
+        tier = raw.get("service_tier")
         return cls(
             input_tokens=_count(raw, "input_tokens") + cache_read + cache_creation,
             output_tokens=_count(raw, "output_tokens"),
             cache_read_tokens=cache_read,
             cache_creation_tokens=cache_creation,
+            cache_creation_1h_tokens=one_hour,
+            service_tier=tier if tier in _TIERS else None,
         )

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from langchain_core.messages import HumanMessage, SystemMessage
 
-from agent_guard import Guard, Limits, PriceBook, Usage
+from agent_guard import BudgetExceeded, Guard, Limits, PriceBook, Usage
 from agent_guard.guard import ModelCall
 from agent_guard.tokens import TokenCounter
 
@@ -116,7 +116,7 @@ def _anthropic_call(ttl: str | None) -> ModelCall:
                                             ("1h", D("6e-06"))])
 def test_the_worst_case_reserves_marked_prompts_at_the_write_rate(ttl: str | None,
                                                                    rate: D) -> None:
-    guard = Guard(Limits(max_usd=100))
+    guard = Guard(Limits(max_cost_usd=100))
     admission = guard.before_model_call(_anthropic_call(ttl))
     prompt = guard.tokens.count_messages(_anthropic_call(ttl).messages, "claude-sonnet-4-5")
     # every reserved prompt token may be written to the cache
@@ -128,17 +128,16 @@ def test_the_worst_case_reserves_marked_prompts_at_the_write_rate(ttl: str | Non
 
 
 def test_a_cache_write_never_passes_a_cap_the_reservation_fitted() -> None:
-    # the case: a 48,615-token write, cap between the plain and the write price
+    # the case: a cap between the plain price of the prompt and its write price
     call = _anthropic_call(None)
-    guard = Guard(Limits(max_usd=0.16))
+    guard = Guard(Limits(max_cost_usd=1))
     prompt = guard.tokens.count_messages(call.messages, call.model)
-    write_cost = prompt * D("3.75e-06") + 10 * D("1.5e-05")
-    try:
-        admission = guard.before_model_call(call)
-    except Exception:
-        assert write_cost > D("0.16") * D("0.9")  # refused: fine if the write could not fit
-        return
-    assert admission.reserved_nano >= write_cost * 10**9
+    plain = prompt * D("3e-06") + 10 * D("1.5e-05")
+    written = prompt * D("3.75e-06") + 10 * D("1.5e-05")
+    cap = (plain + written) / 2
+    guard = Guard(Limits(max_cost_usd=cap, input_margin=0))
+    with pytest.raises(BudgetExceeded):  # today's code reserved the plain price: admitted
+        guard.before_model_call(call)
 
 
 # -- service tiers --------------------------------------------------------------------------
@@ -177,7 +176,7 @@ def test_standard_usage_is_unchanged(book: PriceBook) -> None:
 
 
 def test_a_priority_request_is_reserved_at_priority_rates() -> None:
-    guard = Guard(Limits(max_usd=100))
+    guard = Guard(Limits(max_cost_usd=100))
     call = ModelCall(session="s", model="gpt-4o", messages=[HumanMessage("hi")],
                      max_output_tokens=1000, params={"service_tier": "priority"})
     admission = guard.before_model_call(call)
@@ -201,7 +200,7 @@ def test_audio_tokens_in_and_out_are_priced_at_audio_rates(book: PriceBook) -> N
 
 
 def test_an_audio_answer_is_reserved_at_the_audio_output_rate() -> None:
-    guard = Guard(Limits(max_usd=100))
+    guard = Guard(Limits(max_cost_usd=100))
     call = ModelCall(session="s", model="gpt-audio", messages=[HumanMessage("speak")],
                      max_output_tokens=1000, params={"modalities": ["text", "audio"]})
     assert guard.before_model_call(call).reserved_nano >= 1000 * D("6.4e-05") * 10**9
@@ -251,11 +250,11 @@ def test_an_image_of_unknown_size_is_counted_at_its_family_bound() -> None:
 
 
 def test_four_images_on_gpt_4o_mini_do_not_pass_the_cap() -> None:
-    guard = Guard(Limits(max_usd=0.005))
+    guard = Guard(Limits(max_cost_usd=0.005))
     msg = HumanMessage(content=[{"type": "image_url",
                                  "image_url": {"url": png(1024, 1024), "detail": "high"}}] * 4)
     call = ModelCall(session="s", model="gpt-4o-mini", messages=[msg], max_output_tokens=100)
-    with pytest.raises(Exception, match="budget|cap|exceed"):
+    with pytest.raises(BudgetExceeded):
         guard.before_model_call(call)  # 4 x 25,501 tokens at $0.15/M = $0.0153
 
 
@@ -278,3 +277,55 @@ def test_a_json_schema_response_format_is_in_the_prompt_estimate() -> None:
     estimate, _ = counter.estimate_messages(messages, "gpt-4o",
                                             params={"response_format": SCHEMA})
     assert estimate == with_format
+
+
+# -- through LangChain: what the provider is sent reaches the estimate and the worst case --------
+
+@pytest.fixture
+def server():  # type: ignore[no-untyped-def]
+    from agent_guard.testing import FakeOpenAIServer
+
+    with FakeOpenAIServer(['{"field_0": "x"}']) as s:
+        yield s
+
+
+@pytest.mark.parametrize("path", ["invoke", "ainvoke"])
+def test_structured_output_schema_is_reserved_through_the_callback(server, path: str) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from langchain_openai import ChatOpenAI
+
+    from agent_guard import GuardCallbackHandler
+
+    seen: list[Any] = []
+    handler = GuardCallbackHandler(limits=Limits(max_cost_usd=1), session_id="s")
+    original = handler.guard.before_model_call
+    handler.guard.before_model_call = lambda call: seen.append(call) or original(call)  # type: ignore[method-assign]
+    llm = ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="x", max_tokens=50)
+    structured = llm.with_structured_output(SCHEMA["json_schema"]["schema"] | {  # type: ignore[index]
+        "title": "Answer", "description": "the form"}, method="json_schema")
+    config = {"callbacks": [handler]}
+    if path == "invoke":
+        structured.invoke("fill the form", config=config)
+    else:
+        asyncio.run(structured.ainvoke("fill the form", config=config))
+    [call] = seen
+    counter = TokenCounter()
+    plain = counter.count_messages(call.messages, "gpt-4o")
+    assert counter.count_messages(call.messages, "gpt-4o", params=call.params) - plain > 300
+
+
+def test_a_priority_chat_openai_is_reserved_at_priority_rates(server) -> None:  # type: ignore[no-untyped-def]
+    from langchain_openai import ChatOpenAI
+
+    from agent_guard import GuardCallbackHandler
+
+    reserved: list[int] = []
+    handler = GuardCallbackHandler(limits=Limits(max_cost_usd=1), session_id="s")
+    original = handler.guard.before_model_call
+    handler.guard.before_model_call = lambda call: (  # type: ignore[method-assign]
+        lambda a: reserved.append(a.reserved_nano) or a)(original(call))
+    llm = ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="x", max_tokens=1000,
+                     service_tier="priority")
+    llm.invoke("hi", config={"callbacks": [handler]})
+    assert reserved[0] >= 1000 * D("1.7e-05") * 10**9

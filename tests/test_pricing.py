@@ -24,7 +24,7 @@ def book() -> PriceBook:
 
 
 def test_snapshot_is_dated_and_large(book: PriceBook) -> None:
-    assert book.snapshot_date == "2026-11-24"
+    assert book.snapshot_date == "2026-12-02"
     assert len(book) > 1000
     assert PriceBook.bundled() is book  # loaded once
 

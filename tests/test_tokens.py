@@ -29,7 +29,6 @@ from langchain_core.messages import (
 
 from agent_guard import tokens
 from agent_guard.tokens import (
-    IMAGE_TOKENS,
     IMAGE_TOKENS_LOW_DETAIL,
     REPLY_PRIMING_TOKENS,
     TOKENS_PER_MESSAGE,
@@ -347,11 +346,19 @@ def test_tool_calls_tool_results_and_tools_add_tokens() -> None:
     base = [HumanMessage("look up order 42")]
     plain = counter.count_messages(base)
     with_tools = counter.count_messages(base, tools=[WEATHER_TOOL])
-    schema = json.dumps(WEATHER_TOOL["function"], separators=(",", ":"))
-    assert with_tools == plain + tokens.TOOLS_BLOCK_TOKENS + tokens.TOKENS_PER_TOOL_SCHEMA + (
-        counter.count_text(schema))
+    # OpenAI models: the schemas as OpenAI renders them, plus the block's framing
+    namespace = tokens._functions_namespace([WEATHER_TOOL])
+    assert namespace.startswith("namespace functions {") and "unit?: " in namespace
+    assert with_tools == plain + counter.count_text(namespace) + tokens.FUNCTIONS_BLOCK_TOKENS
     two_tools = counter.count_messages(base, tools=[WEATHER_TOOL, {**WEATHER_TOOL}])
-    assert two_tools - with_tools == with_tools - plain - tokens.TOOLS_BLOCK_TOKENS
+    assert two_tools == plain + counter.count_text(tokens._functions_namespace(
+        [WEATHER_TOOL, WEATHER_TOOL])) + tokens.FUNCTIONS_BLOCK_TOKENS
+    # other providers: the compact JSON of each schema, framed, times the factor
+    schema = json.dumps(WEATHER_TOOL["function"], separators=(",", ":"))
+    claude = counter.count_messages(base, "claude-sonnet-4-5", tools=[WEATHER_TOOL])
+    claude_plain = counter.count_messages(base, "claude-sonnet-4-5")
+    assert claude >= claude_plain + tokens.TOOLS_BLOCK_TOKENS + tokens.TOKENS_PER_TOOL_SCHEMA + (
+        counter.count_text(schema))
 
     call = AIMessage("", tool_calls=[{"name": "lookup", "args": {"id": "42"}, "id": "c1"}])
     no_call = counter.count_messages([*base, AIMessage("")])
@@ -377,18 +384,23 @@ def test_the_tool_estimate_is_the_api_count() -> None:
 def test_tool_schema_counts_are_memoised_by_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     counter = TokenCounter()
     tool = json.loads(json.dumps(WEATHER_TOOL))  # a fresh object
-    first = counter.count_messages([], tools=[tool])
-    assert first == REPLY_PRIMING_TOKENS + tokens.TOOLS_BLOCK_TOKENS + 85  # 7 + 78 (JSON)
-    assert tokens._tool_memo[(id(tool), "o200k_base")] == (tool, 85)
+    first = counter.count_messages([], "claude-sonnet-4-5", tools=[tool])
+    assert first == -(-(REPLY_PRIMING_TOKENS + tokens.TOOLS_BLOCK_TOKENS + 85) * 12 // 10)
+    assert tokens._tool_memo[(id(tool), "o200k_base")] == (tool, 85)  # 7 + 78 (JSON)
+    on_4o = counter.count_messages([], "gpt-4o", tools=[tool])
+    assert tokens._render_memo[id(tool)][0] is tool
 
     def no_serialising(value: Any) -> str:
         raise AssertionError("a memoised schema was serialised again")
 
     monkeypatch.setattr(tokens, "_json", no_serialising)
-    assert counter.count_messages([], tools=[tool]) == first
+    monkeypatch.setattr(tokens, "_render_function", no_serialising)
+    assert counter.count_messages([], "claude-sonnet-4-5", tools=[tool]) == first
+    assert counter.count_messages([], "gpt-4o", tools=[tool]) == on_4o
     monkeypatch.undo()
-    assert counter.count_messages([], tools=[json.loads(json.dumps(WEATHER_TOOL))]) == first
-    assert counter.count_messages([], "gpt-4", tools=[tool]) == first - 1  # its own encoding
+    fresh = json.loads(json.dumps(WEATHER_TOOL))
+    assert counter.count_messages([], "claude-sonnet-4-5", tools=[fresh]) == first
+    assert counter.count_messages([], "gpt-4o", tools=[fresh]) == on_4o
 
 
 def test_langchain_tools_are_counted_as_their_openai_schema() -> None:
@@ -412,12 +424,13 @@ def test_content_blocks_images_and_unknown_blocks() -> None:
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     low = {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "low"}}
     v1_image = {"type": "image", "url": "https://x/y.png"}
+    largest = 85 + 8 * 170  # gpt-4o, size unknown: the largest image high detail allows
     assert counter.count_messages([HumanMessage(content=[question, image])]) == (
-        text_only + IMAGE_TOKENS)
+        text_only + largest)
     assert counter.count_messages([HumanMessage(content=[question, low])]) == (
         text_only + IMAGE_TOKENS_LOW_DETAIL)
     assert counter.count_messages([HumanMessage(content=[question, v1_image])]) == (
-        text_only + IMAGE_TOKENS)
+        text_only + largest)
     odd = {"type": "reasoning", "reasoning": "think step by step"}
     assert counter.count_messages([HumanMessage(content=[question, odd])]) == (
         text_only + counter.count_text(json.dumps(odd, separators=(",", ":"))))

@@ -183,6 +183,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
             tier=meta.get("agent_guard_tier"),
             route=meta.get("agent_guard_route"),
             attributes=attributes_from_metadata(meta, self.guard.attribute_names),
+            params=params,
         )
         if self.telemetry is not None:
             self.telemetry.chat_start(

@@ -210,6 +210,7 @@ class GuardMiddleware(AgentMiddleware):
             node="model",
             can_shrink=self.shrink_to_fit,
             attributes=self._attributes(),
+            params=_request_params(model, settings),
         )
 
     def _admit(self, request: ModelRequest, session: str
@@ -384,3 +385,13 @@ class GuardMiddleware(AgentMiddleware):
                 answer = self._tool_refused(exc, request, session)
                 if answer is not None:
                     return answer
+
+
+def _request_params(model: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The request's parameters as the provider gets them: the model's defaults
+    (``service_tier``, ``response_format`` bound on it...) and this call's settings."""
+    try:
+        defaults = getattr(model, "_default_params", None)
+    except Exception:  # a property of another provider's model that cannot be read
+        defaults = None
+    return {**(defaults if isinstance(defaults, Mapping) else {}), **settings}

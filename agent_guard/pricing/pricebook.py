@@ -1,16 +1,28 @@
 """Model prices with LiteLLM's field names and semantics, exact to the token.
 
-A price is per token, as an exact ``Decimal``. The cost of one call is:
+A price is per token, as an exact ``Decimal``. The cost of one call follows LiteLLM's
+``generic_cost_per_token`` (the reference it is tested against, see
+``docs/price-conformance.md``), for every dimension a chat call bills:
 
-- uncached prompt tokens at ``input_cost_per_token``;
-- cache reads at ``cache_read_input_token_cost`` (else the input rate);
-- cache writes at ``cache_creation_input_token_cost`` (else the input rate);
-- output tokens at ``output_cost_per_token``, except that when
-  ``output_cost_per_reasoning_token`` is set the reasoning tokens (a part of
-  the output tokens) are charged at that rate instead: each token once;
-- when the prompt (all input tokens, cached included) is *above* a tier's
-  threshold (``*_above_128k_tokens``...), that tier's rates apply to the whole
-  request, input and output; the highest exceeded threshold wins.
+- uncached text prompt tokens at ``input_cost_per_token``; cache reads at
+  ``cache_read_input_token_cost``; cache writes at ``cache_creation_input_token_cost``,
+  1-hour writes at ``cache_creation_input_token_cost_above_1hr`` (a missing cache rate
+  is the input rate; Fireworks AI's missing read rate is half of it, as it bills);
+- audio and image tokens at their own rates (``input_cost_per_audio_token``,
+  ``output_cost_per_audio_token``, ``input_cost_per_image_token``...) when the model has
+  them, else as text;
+- output tokens at ``output_cost_per_token``, reasoning tokens (a part of the output)
+  at ``output_cost_per_reasoning_token`` when set: each token once;
+- a service tier (``priority``, ``flex``...) reads the ``_<tier>`` variant of each rate
+  when there is one;
+- when the prompt (all input tokens, cached included) is above a threshold
+  (``*_above_128k_tokens``...), that threshold's rates apply to the whole request; at
+  the threshold too for providers that bill so (xAI);
+- a ``tiered_pricing`` range table picks one range by the prompt size
+  (``start < prompt <= end``; beyond the last range, the last) for the whole request.
+
+Not priced (documented in ``docs/pricing.md``): time-of-day ``off_peak_pricing``
+(the standard, dearer rates are charged), batch rates, regional uplifts.
 """
 
 from __future__ import annotations
@@ -20,7 +32,7 @@ import os
 import re
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
@@ -29,7 +41,7 @@ from typing import Any
 from ..errors import UnknownModelPrice
 from ..usage import Usage, usd_to_nano
 
-__all__ = ["CostBreakdown", "ModelPrice", "PriceBook", "PriceTier"]
+__all__ = ["CostBreakdown", "ModelPrice", "PriceBook", "PriceTier", "Rates"]
 
 ENV_VAR = "AGENT_GUARD_PRICES"
 _ZERO = Decimal(0)
@@ -44,6 +56,18 @@ _TIER_ATTR = {
     "cache_read_input_token_cost": "cache_read",
     "cache_creation_input_token_cost": "cache_creation",
 }
+# LiteLLM's service tiers and the suffix of their rates ("fast" bills as priority)
+_SERVICE_TIER_SUFFIX = {"flex": "flex", "balanced": "balanced", "priority": "priority",
+                        "fast": "priority", "ultrafast": "ultrafast"}
+_SUFFIXES = ("_ultrafast", "_priority", "_balanced", "_flex", "_fast", "_auto")
+_NON_STANDARD = (*_SUFFIXES, "_batches")
+_THRESHOLD_PREFIXES = tuple(f"{p}_above_" for p in _TIER_ATTR)
+_THRESHOLD = re.compile(r"_above_(\d+(?:\.\d+)?)(k?)_tokens")
+#: providers whose long-context rates apply from the threshold on (LiteLLM's rule)
+INCLUSIVE_THRESHOLD_PROVIDERS = frozenset({"xai"})
+#: providers that bill cache reads at a share of the input rate when no read rate is set
+DEFAULT_CACHE_READ_SHARE = {"fireworks_ai": Decimal("0.5")}
+_ONE_HOUR_WRITE = "cache_creation_input_token_cost_above_1hr"
 _DATE_SUFFIXES = (
     re.compile(r"-\d{4}-\d{2}-\d{2}$"),  # gpt-4o-mini-2025-01-01
     re.compile(r"-\d{8}$"),  # claude-3-5-sonnet-20241022
@@ -69,6 +93,10 @@ def _price(model: str, field: str, value: Any) -> Decimal:
     return d
 
 
+def _is_rate_field(key: str) -> bool:
+    return "cost" in key and not key.startswith("search_context")
+
+
 @dataclass(frozen=True, slots=True)
 class PriceTier:
     """Rates that apply to the whole request when the prompt exceeds ``threshold_tokens``."""
@@ -81,8 +109,36 @@ class PriceTier:
 
 
 @dataclass(frozen=True, slots=True)
+class RangeTier:
+    """One range of a ``tiered_pricing`` table: ``start < prompt tokens <= end``."""
+
+    start: Decimal
+    end: Decimal
+    rates: Mapping[str, Decimal]
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """The per-token rates one request bills at (after tiers, thresholds, ranges)."""
+
+    input: Decimal
+    output: Decimal
+    cache_read: Decimal
+    cache_write: Decimal
+    cache_write_1h: Decimal
+    reasoning: Decimal
+    audio_input: Decimal
+    audio_output: Decimal
+    image_input: Decimal
+    image_output: Decimal
+    threshold: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class CostBreakdown:
-    """The exact cost of one call, by kind of token, and its ledger amount."""
+    """The exact cost of one call, by kind of token, and its ledger amount.
+
+    Audio and image tokens are in ``input_usd`` / ``output_usd``."""
 
     model: str
     input_usd: Decimal
@@ -91,6 +147,7 @@ class CostBreakdown:
     output_usd: Decimal
     reasoning_usd: Decimal
     tier_threshold: int | None = None
+    service_tier: str | None = None
 
     @property
     def prompt_usd(self) -> Decimal:
@@ -112,7 +169,12 @@ class CostBreakdown:
 
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
-    """Per-token prices of one model."""
+    """Per-token prices of one model.
+
+    ``input`` ... ``tiers`` are the standard rates (kept for readers); ``fields`` holds
+    every rate of the LiteLLM entry (service tiers, audio, images, thresholds) and
+    ``ranges`` its ``tiered_pricing`` table, which :meth:`rates` resolves per request.
+    """
 
     model: str
     provider: str | None
@@ -124,93 +186,326 @@ class ModelPrice:
     tiers: tuple[PriceTier, ...] = ()
     max_input_tokens: int | None = None
     max_output_tokens: int | None = None
+    fields: Mapping[str, Decimal] = field(default_factory=dict, compare=False, repr=False)
+    ranges: tuple[RangeTier, ...] = ()
+    inclusive_thresholds: bool = False
+    _memo: dict[tuple[Any, ...], Any] = field(
+        default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_litellm(cls, name: str, entry: Mapping[str, Any]) -> ModelPrice:
         if not isinstance(entry, Mapping):
             raise ValueError(f"price of {name!r} must be a mapping of LiteLLM fields")
+        ranges = _ranges(name, entry.get("tiered_pricing"))
         for required in ("input_cost_per_token", "output_cost_per_token"):
-            if required not in entry:
+            if required not in entry and not (ranges and required in ranges[0].rates):
                 raise ValueError(
                     f"price of {name!r} needs {required!r} (USD per token), e.g. "
                     "{'input_cost_per_token': 2.5e-06, 'output_cost_per_token': 1e-05}"
                 )
-
-        def opt(field: str) -> Decimal | None:
-            return None if entry.get(field) is None else _price(name, field, entry[field])
-
-        base = cls(
-            model=name,
-            provider=entry.get("litellm_provider"),
-            input=_price(name, "input_cost_per_token", entry["input_cost_per_token"]),
-            output=_price(name, "output_cost_per_token", entry["output_cost_per_token"]),
-            cache_read=opt("cache_read_input_token_cost"),
-            cache_creation=opt("cache_creation_input_token_cost"),
-            reasoning=opt("output_cost_per_reasoning_token"),
-            max_input_tokens=_int_or_none(entry.get("max_input_tokens")),
-            max_output_tokens=_int_or_none(entry.get("max_output_tokens")),
-        )
+        fields: dict[str, Decimal] = {}
+        for key, value in entry.items():
+            if not isinstance(key, str) or not _is_rate_field(key) or value is None:
+                continue
+            if isinstance(value, Mapping | list | tuple):
+                continue  # off_peak_pricing, search_context_cost_per_query...: not per token
+            fields[key] = _price(name, key, value)
+        first = ranges[0].rates if ranges else {}
+        base_in = fields.get("input_cost_per_token", first.get("input_cost_per_token"))
+        base_out = fields.get("output_cost_per_token", first.get("output_cost_per_token"))
+        if base_in is None or base_out is None:  # a range table without text rates
+            raise ValueError(f"price of {name!r} needs input_cost_per_token and "
+                             "output_cost_per_token (flat or in its first range)")
         thresholds: dict[int, dict[str, Decimal]] = {}
-        for field, value in entry.items():
-            m = _TIER_FIELD.match(field)
-            if m and value is not None:
-                rates = thresholds.setdefault(int(m.group(2)) * 1000, {})
-                rates[_TIER_ATTR[m.group(1)]] = _price(name, field, value)
+        for key, value in fields.items():
+            m = _TIER_FIELD.match(key)
+            if m:
+                thresholds.setdefault(int(m.group(2)) * 1000, {})[_TIER_ATTR[m.group(1)]] = value
+        cache_read = fields.get("cache_read_input_token_cost")
+        cache_creation = fields.get("cache_creation_input_token_cost")
         tiers = tuple(
             PriceTier(
                 threshold_tokens=t,
-                input=r.get("input", base.input),
-                output=r.get("output", base.output),
-                cache_read=r.get("cache_read", base.cache_read),
-                cache_creation=r.get("cache_creation", base.cache_creation),
+                input=r.get("input", base_in),
+                output=r.get("output", base_out),
+                cache_read=r.get("cache_read", cache_read),
+                cache_creation=r.get("cache_creation", cache_creation),
             )
             for t, r in sorted(thresholds.items())
         )
-        return replace(base, tiers=tiers)
+        provider = entry.get("litellm_provider")
+        provider = provider if isinstance(provider, str) else None
+        if (cache_read is None and provider in DEFAULT_CACHE_READ_SHARE
+                and "input_cost_per_token" in fields):
+            cache_read = fields["cache_read_input_token_cost"] = (
+                fields["input_cost_per_token"] * DEFAULT_CACHE_READ_SHARE[provider])
+        return cls(
+            model=name,
+            provider=provider,
+            input=base_in,
+            output=base_out,
+            cache_read=cache_read,
+            cache_creation=cache_creation,
+            reasoning=fields.get("output_cost_per_reasoning_token"),
+            tiers=tiers,
+            max_input_tokens=_int_or_none(entry.get("max_input_tokens")),
+            max_output_tokens=_int_or_none(entry.get("max_output_tokens")),
+            fields=fields,
+            ranges=ranges,
+            inclusive_thresholds=provider in INCLUSIVE_THRESHOLD_PROVIDERS,
+        )
 
-    def _rates(self, input_tokens: int
-               ) -> tuple[Decimal, Decimal, Decimal | None, Decimal | None, int | None]:
-        inp, out, read, write = self.input, self.output, self.cache_read, self.cache_creation
-        tier_threshold = None
-        for tier in self.tiers:  # ascending: the last exceeded one wins
-            if input_tokens > tier.threshold_tokens:
-                inp, out = tier.input, tier.output
-                read, write = tier.cache_read, tier.cache_creation
-                tier_threshold = tier.threshold_tokens
-        return inp, out, read, write, tier_threshold
+    # -- rates ------------------------------------------------------------------------
+
+    def _get(self, key: str, default: Decimal | None) -> Decimal | None:
+        """A rate by LiteLLM key; a service-tier key falls back to its standard key."""
+        value = self.fields.get(key)
+        if value is not None:
+            return value
+        for suffix in _SUFFIXES:
+            if suffix in key:
+                value = self.fields.get(key.replace(suffix, ""))
+                return default if value is None else value
+        return default
+
+    def _range_for(self, input_tokens: int) -> RangeTier | None:
+        if not self.ranges or input_tokens <= 0:
+            return None
+        for r in self.ranges:  # sorted by start
+            if r.start < input_tokens <= r.end:
+                return r if "input_cost_per_token" in r.rates else None
+        last = self.ranges[-1]
+        return last if "input_cost_per_token" in last.rates else None
+
+    def rates(self, input_tokens: int, service_tier: str | None = None) -> Rates:
+        """The rates a request with ``input_tokens`` prompt tokens bills at."""
+        suffix = _SERVICE_TIER_SUFFIX.get(service_tier.lower()) if service_tier else None
+        rng = self._range_for(input_tokens)
+        if rng is not None:
+            key: tuple[Any, ...] = (suffix, "range", rng.start)
+        else:
+            key = (suffix, "above", self._crossed(input_tokens, suffix))
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._range_rates(rng, suffix) if rng is not None else self._flat_rates(
+                key[2], suffix)
+            if len(self._memo) < 256:
+                self._memo[key] = hit
+        return hit  # type: ignore[no-any-return]
+
+    def _thresholds(self, suffix: str | None) -> tuple[tuple[Decimal, str], ...]:
+        """(tokens, text) of the ``_above_<text>_tokens`` thresholds that apply to a
+        request of this service tier, ascending (memoised)."""
+        memo_key = (suffix, "thresholds")
+        hit = self._memo.get(memo_key)
+        if hit is not None:
+            return hit  # type: ignore[no-any-return]
+        out = set()
+        for key in self.fields:
+            if not key.startswith(_THRESHOLD_PREFIXES) or "_tokens" not in key:
+                continue
+            if key.endswith(_NON_STANDARD) and not (suffix and key.endswith("_" + suffix)):
+                continue
+            text = key.rsplit("_above_", 1)[1].split("_tokens")[0]
+            try:
+                value = Decimal(text.replace("k", "")) * (1000 if "k" in text else 1)
+            except InvalidOperation:
+                continue
+            out.add((value, text))
+        result = tuple(sorted(out))
+        self._memo[memo_key] = result  # type: ignore[assignment]
+        return result
+
+    def _crossed(self, input_tokens: int, suffix: str | None) -> int | None:
+        crossed = None
+        for value, _ in self._thresholds(suffix):
+            if input_tokens > value or (self.inclusive_thresholds and input_tokens == value):
+                crossed = int(value)
+        return crossed
+
+    def _key(self, base: str, suffix: str | None) -> str:
+        return f"{base}_{suffix}" if suffix else base
+
+    def _flat_rates(self, threshold: int | None, suffix: str | None) -> Rates:
+        get = self._get
+        inp = get(self._key("input_cost_per_token", suffix), _ZERO) or _ZERO
+        out = get(self._key("output_cost_per_token", suffix), _ZERO) or _ZERO
+        if out == 0:
+            out = self.fields.get("output_cost_per_image_token", out)
+        write = get(self._key("cache_creation_input_token_cost", suffix), None)
+        read = get(self._key("cache_read_input_token_cost", suffix), None)
+        one_hour_keys = [self._key(_ONE_HOUR_WRITE, suffix)]
+        if threshold is not None:
+            for value, text in self._thresholds(suffix):
+                if value > threshold:
+                    break
+                inp = get(self._key(f"input_cost_per_token_above_{text}_tokens", suffix),
+                          inp) or _ZERO
+                out = get(self._key(f"output_cost_per_token_above_{text}_tokens", suffix),
+                          out) or _ZERO
+                write = get(self._key(
+                    f"cache_creation_input_token_cost_above_{text}_tokens", suffix), write)
+                read = get(self._key(f"cache_read_input_token_cost_above_{text}_tokens",
+                                     suffix), read)
+                preferred = [self._key(f"{_ONE_HOUR_WRITE}_above_{text}_tokens", suffix),
+                             f"{_ONE_HOUR_WRITE}_above_{text}_tokens"]
+                one_hour_keys = [k for k in preferred if k in self.fields] or one_hour_keys
+        read = inp if read is None else read
+        explicit = get(self._key("explicit_cache_read_input_token_cost", suffix), None)
+        if explicit is not None and explicit > read:  # explicit (Gemini) caches: dearer
+            read = explicit
+        write = inp if write is None else write
+        write_1h = next((v for v in (get(k, None) for k in one_hour_keys) if v is not None),
+                        write)
+        return Rates(
+            input=inp, output=out, cache_read=read, cache_write=write,
+            cache_write_1h=write_1h,
+            reasoning=self._reasoning(suffix, out),
+            audio_input=self._modality("input_cost_per_audio_token", suffix, inp),
+            audio_output=self.fields.get("output_cost_per_audio_token", out),
+            image_input=self._modality("input_cost_per_image_token", suffix, inp),
+            image_output=self.fields.get("output_cost_per_image_token", out),
+            threshold=threshold,
+        )
+
+    def _range_rates(self, rng: RangeTier, suffix: str | None) -> Rates:
+        r = rng.rates
+        inp = r["input_cost_per_token"]
+        out = r.get("output_cost_per_token", self.fields.get("output_cost_per_token", _ZERO))
+        write = r.get("cache_creation_input_token_cost", inp)
+        if "output_cost_per_reasoning_token" in r or "output_cost_per_token" in r:
+            reasoning = r.get("output_cost_per_reasoning_token", r.get("output_cost_per_token",
+                                                                       _ZERO))
+        else:
+            reasoning = self._reasoning(suffix, out)
+        return Rates(
+            input=inp, output=out,
+            cache_read=r.get("cache_read_input_token_cost", inp),
+            cache_write=write,
+            cache_write_1h=r.get(_ONE_HOUR_WRITE, write),
+            reasoning=reasoning,
+            audio_input=self._modality("input_cost_per_audio_token", suffix, inp),
+            audio_output=self.fields.get("output_cost_per_audio_token", out),
+            image_input=self._modality("input_cost_per_image_token", suffix, inp),
+            image_output=self.fields.get("output_cost_per_image_token", out),
+            threshold=None,
+        )
+
+    def _reasoning(self, suffix: str | None, out: Decimal) -> Decimal:
+        tier_key = self._key("output_cost_per_reasoning_token", suffix)
+        if tier_key in self.fields:
+            return self.fields[tier_key]
+        if suffix and self._key("output_cost_per_token", suffix) in self.fields:
+            return out
+        return self.fields.get("output_cost_per_reasoning_token", out)
+
+    def _modality(self, base: str, suffix: str | None, text_rate: Decimal) -> Decimal:
+        tiered = self._key(base, suffix)
+        if tiered in self.fields:
+            return self.fields[tiered]
+        return self.fields.get(base, text_rate)
+
+    # -- costs ------------------------------------------------------------------------
+
+    def _parts(self, usage: Usage) -> tuple[Decimal, Decimal, Decimal, Decimal, Decimal,
+                                            Rates]:
+        r = self.rates(usage.input_tokens, usage.service_tier)
+        cached = usage.cache_read_tokens + usage.cache_creation_tokens
+        uncached = max(usage.input_tokens - cached, 0)
+        audio_in = min(usage.audio_input_tokens, uncached)
+        image_in = min(usage.image_input_tokens, uncached - audio_in)
+        text_in = uncached - audio_in - image_in
+        input_usd = text_in * r.input + audio_in * r.audio_input + image_in * r.image_input
+        write_1h = min(usage.cache_creation_1h_tokens, usage.cache_creation_tokens)
+        write_usd = ((usage.cache_creation_tokens - write_1h) * r.cache_write
+                     + write_1h * r.cache_write_1h)
+        read_usd = usage.cache_read_tokens * r.cache_read
+        special = usage.reasoning_tokens + usage.audio_output_tokens + usage.image_output_tokens
+        if not special:
+            return input_usd, read_usd, write_usd, usage.output_tokens * r.output, _ZERO, r
+        text_out = max(usage.output_tokens - special, 0)
+        output_usd = (text_out * r.output + usage.audio_output_tokens * r.audio_output
+                      + usage.image_output_tokens * r.image_output)
+        return input_usd, read_usd, write_usd, output_usd, usage.reasoning_tokens * r.reasoning, r
 
     def cost_nano(self, usage: Usage) -> int:
         """``cost(usage).total_nano`` (the ledger amount) without building the breakdown:
         the same Decimal sums in the same order, rounded up to the next nano-USD."""
-        inp, out, read, write, _ = self._rates(usage.input_tokens)
-        reasoning_usd = _ZERO
-        plain_output = usage.output_tokens
-        if self.reasoning is not None and usage.reasoning_tokens:
-            reasoning_usd = usage.reasoning_tokens * self.reasoning
-            plain_output -= usage.reasoning_tokens
-        prompt = (usage.uncached_input_tokens * inp
-                  + usage.cache_read_tokens * (read if read is not None else inp)
-                  + usage.cache_creation_tokens * (write if write is not None else inp))
-        total = prompt + (plain_output * out + reasoning_usd)
+        inp, read, write, out, reasoning, _ = self._parts(usage)
+        total = (inp + read + write) + (out + reasoning)
         return int((total * _NANO).to_integral_value(rounding=ROUND_CEILING))
 
     def cost(self, usage: Usage) -> CostBreakdown:
         """The exact cost of ``usage`` at these prices."""
-        inp, out, read, write, tier_threshold = self._rates(usage.input_tokens)
-        reasoning_usd = Decimal(0)
-        plain_output = usage.output_tokens
-        if self.reasoning is not None and usage.reasoning_tokens:
-            reasoning_usd = usage.reasoning_tokens * self.reasoning
-            plain_output -= usage.reasoning_tokens
+        inp, read, write, out, reasoning, r = self._parts(usage)
         return CostBreakdown(
             model=self.model,
-            input_usd=usage.uncached_input_tokens * inp,
-            cache_read_usd=usage.cache_read_tokens * (read if read is not None else inp),
-            cache_creation_usd=usage.cache_creation_tokens * (write if write is not None else inp),
-            output_usd=plain_output * out,
-            reasoning_usd=reasoning_usd,
-            tier_threshold=tier_threshold,
+            input_usd=inp,
+            cache_read_usd=read,
+            cache_creation_usd=write,
+            output_usd=out,
+            reasoning_usd=reasoning,
+            tier_threshold=r.threshold,
+            service_tier=usage.service_tier,
         )
+
+    def worst_cost_nano(self, input_tokens: int, output_tokens: int, *,
+                        service_tier: str | None = None, cache_write: str | None = None,
+                        audio_input: bool = False, image_input: bool = False,
+                        audio_output: bool = False) -> int:
+        """The most a call with up to ``input_tokens`` prompt and ``output_tokens``
+        output tokens can cost: every prompt token at the dearest input-side rate it could
+        bill at (a cache write when ``cache_write`` is ``"5m"``/``"1h"``, audio or image
+        rates when the prompt has them), every output token at the dearest of the output,
+        reasoning (and audio) rates. A requested tier is priced at the dearer of its
+        rates and the standard ones (a provider may serve it at either)."""
+        tiers: list[str | None] = [None]
+        if service_tier and service_tier.lower() in _SERVICE_TIER_SUFFIX:
+            tiers.append(service_tier)
+        in_rate = out_rate = _ZERO
+        for tier in tiers:
+            r = self.rates(input_tokens, tier)
+            candidates = [r.input]
+            if cache_write:
+                candidates.append(r.cache_write)
+                if cache_write == "1h":
+                    candidates.append(r.cache_write_1h)
+            if audio_input:
+                candidates.append(r.audio_input)
+            if image_input:
+                candidates.append(r.image_input)
+            in_rate = max(in_rate, *candidates)
+            outs = [r.output, r.reasoning]
+            if audio_output:
+                outs.append(r.audio_output)
+            if "output_cost_per_image_token" in self.fields:
+                outs.append(r.image_output)
+            out_rate = max(out_rate, *outs)
+        total = input_tokens * in_rate + output_tokens * out_rate
+        return int((total * _NANO).to_integral_value(rounding=ROUND_CEILING))
+
+
+def _ranges(name: str, table: Any) -> tuple[RangeTier, ...]:
+    if table is None:
+        return ()
+    if not isinstance(table, list):
+        raise ValueError(f"price of {name!r}: tiered_pricing must be a list of ranges")
+    out = []
+    for tier in table:
+        if not isinstance(tier, Mapping):
+            raise ValueError(f"price of {name!r}: each tiered_pricing range is a mapping")
+        bounds = tier.get("range")
+        if (not isinstance(bounds, list | tuple) or len(bounds) != 2
+                or any(isinstance(b, bool) or not isinstance(b, int | float | Decimal)
+                       for b in bounds)):
+            continue  # LiteLLM skips a range it cannot read, too
+        start, end = (Decimal(str(b)) for b in bounds)
+        if not (start.is_finite() and end.is_finite()):
+            continue
+        rates = {k: _price(name, f"tiered_pricing.{k}", v) for k, v in tier.items()
+                 if k != "range" and _is_rate_field(k) and v is not None}
+        out.append(RangeTier(start, end, rates))
+    return tuple(sorted(out, key=lambda r: r.start))
 
 
 def _int_or_none(value: Any) -> int | None:
