@@ -270,3 +270,14 @@ def test_a_guarded_agent_run_in_phoenix(phoenix: str) -> None:
                        "costSummary { total { cost } } } } }", id=span["id"])
         assert data["node"]["costSummary"]["total"]["cost"] == pytest.approx(
             record["cost_nano"] / 1e9, abs=1e-12)
+
+
+def test_the_phoenix_example_shows_the_ledgers_cost(phoenix: str) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "examples/phoenix/guarded_run.py")],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PHOENIX_URL": phoenix, "PYTHONPATH": str(ROOT),
+                              "PHOENIX_PROJECT_NAME": "example"})
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stdout.splitlines() if x.startswith("ledger:"))
+    ledger, shown = (part.split("$")[1].split()[0] for part in line.split(";"))
+    assert float(ledger) > 0 and float(shown) == pytest.approx(float(ledger), abs=1e-12)

@@ -1,20 +1,22 @@
-"""Send a guarded agent run to Jaeger (or any OTLP/HTTP collector).
+"""Send a guarded agent run to Jaeger v2 (or any OTLP/HTTP collector that takes traces).
 
     docker compose -f examples/jaeger/docker-compose.yml up -d
     python examples/jaeger/guarded_run.py            # then open http://localhost:16686
 
-OTEL_EXPORTER_OTLP_ENDPOINT and the other OTEL_* variables are honoured when no
-endpoint is given. Runs offline on agent-guard's scripted model.
+``AGENT_GUARD_OTLP`` names the collector (default ``http://localhost:4318``); the
+standard ``OTEL_*`` variables (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``...)
+apply as well. Jaeger takes traces only, so no metrics are sent. Runs offline on
+agent-guard's scripted model. Exits 1, saying why, when the spans did not get there.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from langchain.agents import create_agent
 from langchain_core.messages import AIMessage
 from langchain_core.tools import tool
-from opentelemetry import trace
 
 from agent_guard import BudgetExceeded, Guard, GuardCallbackHandler, Limits
 from agent_guard.telemetry import configure_otlp
@@ -27,9 +29,9 @@ def lookup(order: str) -> str:
     return f"order {order}: delayed at the depot"
 
 
-def main() -> None:
-    telemetry = configure_otlp(os.environ.get("AGENT_GUARD_OTLP", "http://localhost:4318"),
-                               service_name="agent-guard-demo")
+def main() -> int:
+    endpoint = os.environ.get("AGENT_GUARD_OTLP", "http://localhost:4318")
+    telemetry = configure_otlp(endpoint, service_name="agent-guard-demo", metrics=False)
     guard = Guard(Limits(max_cost_usd="0.02"), on_threshold=[telemetry.on_threshold])
     llm = ScriptedChatModel(model_name="gpt-4o", max_tokens=256, respond=lambda m: AIMessage(
         "Checking again.", tool_calls=[{"name": "lookup", "args": {"order": "A1001"},
@@ -38,12 +40,20 @@ def main() -> None:
     try:
         agent.invoke({"messages": [("user", "Where is A1001?")]},
                      config={"callbacks": [GuardCallbackHandler(guard, telemetry=telemetry)],
+                             "metadata": {"user_id": "ann", "team": "support",
+                                          "feature": "order-status"},
                              "configurable": {"thread_id": "ticket-42"}})
     except BudgetExceeded as exc:
         print(f"stopped: {exc}")
-    trace.get_tracer_provider().force_flush()  # type: ignore[attr-defined]
-    print("spans sent; open http://localhost:16686 and pick service agent-guard-demo")
+    if not telemetry.flush():
+        status = telemetry.export_status
+        print(f"the spans did not reach {endpoint}: "
+              f"{status.last_error if status else 'export failed'}", file=sys.stderr)
+        return 1
+    print(f"spans sent to {endpoint}; open http://localhost:16686 and pick service "
+          "agent-guard-demo (search tags: session.id=ticket-42, user.id=ann)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
