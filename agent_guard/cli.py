@@ -109,11 +109,13 @@ def _fail(message: str) -> typer.Exit:
 
 
 def _open_store(url: str, namespace: str | None) -> Any:
-    from .finops.store import UsageStore, _sqlite_path
+    from .finops.store import UsageStore
+    from .stores import parse_url
 
     try:
-        if url.split("://", 1)[0].lower() == "sqlite":
-            path = _sqlite_path(url)
+        parsed = parse_url(url, "usage")
+        if parsed.backend == "sqlite":
+            path = parsed.path or ""
             if path not in ("", ":memory:") and not Path(path).is_file():
                 raise _fail(f"no usage store at {url!r}: the file {path} does not exist "
                             f"(give the SQLite file the guard writes, e.g. sqlite:///guard.db)")

@@ -221,8 +221,9 @@ def test_node_cache_hits_across_invocations_on_message_state(store_url,
 def test_node_cache_refuses_pickled_entries() -> None:
     cache = ResultCache(ttl={"f": 60})
     nodes = NodeCache(cache)
-    nodes.set({(("ns", "n"), "k"): ({"x": 1}, 60)})
-    assert nodes.get([(("ns", "n"), "k")]) == {(("ns", "n"), "k"): {"x": 1}}
+    writes = [("messages", [AIMessage("hi")]), ("count", 1)]
+    nodes.set({(("ns", "n"), "k"): (writes, 60)})
+    assert nodes.get([(("ns", "n"), "k")]) == {(("ns", "n"), "k"): writes}
     key = nodes._key(("ns", "n"), "k")
     cache.store.set(key, json.dumps({"enc": "pickle", "data": "gASVAAAAAAAAAAA="}))
     assert nodes.get([(("ns", "n"), "k")]) == {}

@@ -1,10 +1,12 @@
 """LLM answer caches for LangChain chat models: exact, and semantic over any Embeddings.
 
 Both implement ``langchain_core.caches.BaseCache`` (``model.cache = ...`` or
-``set_llm_cache``). Generations are stored as LangChain's JSON serialisation
-and read back with ``langchain_core.load.loads`` restricted to core objects;
-nothing is unpickled. Keys carry the namespace and the tenant (``for_tenant``,
-or the ``tenant`` metadata of the graph node making the call).
+``set_llm_cache``). Generations are written and read with the allow-list
+serializer (:mod:`.serde`: generations, messages and plain data, nothing else is
+constructed; nothing is unpickled). An entry that cannot be read back, or a store
+that fails or is slow, is a miss (counted in :meth:`LLMCache.stats`, logged once per
+cause): the model is called. Keys carry the namespace and the tenant
+(``for_tenant``, or the ``tenant`` metadata of the graph node making the call).
 
 A cache hit makes LangChain replay the callbacks with the original token
 counts and ``total_cost: 0``; the guard sees that, charges nothing and records
@@ -15,30 +17,28 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import hashlib
 import json
 import math
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from langchain_core._api.beta_decorator import LangChainBetaWarning
 from langchain_core.caches import RETURN_VAL_TYPE, BaseCache
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.embeddings import Embeddings
-from langchain_core.load import dumps, loads
+from langchain_core.outputs import Generation
 from langchain_core.runnables.config import var_child_runnable_config
 
+from .result import CacheStats
+from .safety import DEFAULT_RETRY_AFTER, CacheIO, Failure
+from .serde import DEFAULT_MAX_BYTES, UndecodableEntry, loads_value
 from .store import KVStore, key_part, store_from_url
 
 __all__ = ["LLMCache", "SemanticLLMCache", "calibrate"]
-
-# langchain_core marks its JSON (de)serialiser as beta; it is what its own caches use
-warnings.filterwarnings("ignore", message=r"The function `(loads|dumps)` is in beta",
-                        category=LangChainBetaWarning)
 
 
 def _digest(*parts: str) -> str:
@@ -126,17 +126,44 @@ async def _in_executor_as(tenant: str, fn: Callable[..., Any], *args: Any) -> An
 
 
 class LLMCache(BaseCache):
-    """Exact LLM cache: same prompt, same model and parameters (``llm_string``)."""
+    """Exact LLM cache: same prompt, same model and parameters (``llm_string``).
 
-    def __init__(self, store: str | KVStore = "memory://", *, namespace: str = "default",
+    ``store`` as for :class:`~agent_guard.cache.ResultCache` (``namespace``
+    defaults to the URL's ``?namespace=``, else ``default``); ``max_bytes`` bounds
+    an entry; after a store error the store is left alone ``retry_after`` seconds.
+    """
+
+    def __init__(self, store: str | KVStore = "memory://", *, namespace: str | None = None,
                  ttl: float | None = None, tenant: str | None = None,
-                 tenant_key: str = "tenant") -> None:
+                 tenant_key: str = "tenant", max_bytes: int = DEFAULT_MAX_BYTES,
+                 retry_after: float = DEFAULT_RETRY_AFTER) -> None:
         self.store = store_from_url(store)
-        self.namespace = namespace
+        self.namespace = namespace or self.store.namespace or "default"
         self.ttl = ttl
         self.tenant = tenant
         self.tenant_key = tenant_key
-        self.root = f"agc:{{{key_part(namespace)}}}:llm:"
+        self.max_bytes = max_bytes
+        self.io = CacheIO.of(self.store)
+        self.io.retry_after = retry_after
+        self.root = f"agc:{{{key_part(self.namespace)}}}:llm:"
+        self._stats = CacheStats()
+        self._stats_lock = threading.Lock()
+
+    def stats(self) -> CacheStats:
+        """Hits, misses (and why) of this cache (every tenant, this process)."""
+        with self._stats_lock:
+            return dataclasses.replace(self._stats)
+
+    def _count(self, hit: bool, failure: Failure | None = None) -> None:
+        with self._stats_lock:
+            if hit:
+                self._stats.hits += 1
+                return
+            self._stats.misses += 1
+            if failure is Failure.ERROR:
+                self._stats.errors += 1
+            elif failure is Failure.UNDECODABLE:
+                self._stats.undecodable += 1
 
     def for_tenant(self, tenant: str) -> LLMCache:
         """The same cache, seen by one tenant only."""
@@ -176,25 +203,50 @@ class LLMCache(BaseCache):
     def _key(self, prompt: str, llm_string: str) -> str:
         return self._prefix() + "x:" + _digest(canonical_prompt(prompt), llm_string)
 
-    @staticmethod
-    def _encode(return_val: RETURN_VAL_TYPE) -> str:
-        return dumps(list(return_val))
+    def _encode(self, return_val: RETURN_VAL_TYPE) -> str | None:
+        text = self.io.encode(list(return_val), "an LLM answer", self.max_bytes)
+        if text is None:
+            with self._stats_lock:
+                self._stats.unstorable += 1
+        return text
 
-    @staticmethod
-    def _decode(raw: str | None) -> RETURN_VAL_TYPE | None:
-        if raw is None:
+    def _decode(self, raw: Any) -> RETURN_VAL_TYPE | None:
+        """The generations in an entry's text, or None (refused and logged)."""
+        try:
+            value = loads_value(raw, max_bytes=self.max_bytes)
+        except UndecodableEntry as exc:
+            self.io.refused(str(exc), "LLM answer")
             return None
-        return loads(raw, allowed_objects="core")
+        if type(value) is not list or not value or \
+                not all(isinstance(g, Generation) for g in value):
+            self.io.refused("not a list of generations", "LLM answer")
+            return None
+        return value
+
+    def _read(self, key: str) -> tuple[RETURN_VAL_TYPE | None, Failure | None]:
+        raw, failure = self.io.read_text(key, self.max_bytes)
+        if raw is None:
+            return None, failure
+        found = self._decode(raw)
+        return found, None if found is not None else Failure.UNDECODABLE
+
+    def _exact(self, prompt: str, llm_string: str) -> tuple[RETURN_VAL_TYPE | None,
+                                                           Failure | None]:
+        return self._read(self._key(prompt, llm_string))
 
     def lookup(self, prompt: str, llm_string: str) -> RETURN_VAL_TYPE | None:
-        return self._decode(self.store.get(self._key(prompt, llm_string)))
+        found, failure = self._exact(prompt, llm_string)
+        self._count(found is not None, failure)
+        return found
 
     def update(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
-        self.store.set(self._key(prompt, llm_string), self._encode(return_val), self.ttl)
+        text = self._encode(return_val)
+        if text is not None:
+            self.io.write_text(self._key(prompt, llm_string), text, self.ttl)
 
     def clear(self, **kwargs: Any) -> None:
         """Forget this namespace's answers (every tenant's)."""
-        self.store.delete_prefix(self.root)
+        self.io.delete_prefix(self.root)
 
 
 def _free_text(prompt: str) -> str | None:
@@ -240,11 +292,13 @@ class SemanticLLMCache(LLMCache):
     """
 
     def __init__(self, embeddings: Embeddings, store: str | KVStore = "memory://", *,
-                 threshold: float = 0.95, namespace: str = "default",
+                 threshold: float = 0.95, namespace: str | None = None,
                  ttl: float | None = None, tenant: str | None = None,
-                 tenant_key: str = "tenant", refresh_s: float = 5.0) -> None:
+                 tenant_key: str = "tenant", refresh_s: float = 5.0,
+                 max_bytes: int = DEFAULT_MAX_BYTES,
+                 retry_after: float = DEFAULT_RETRY_AFTER) -> None:
         super().__init__(store, namespace=namespace, ttl=ttl, tenant=tenant,
-                         tenant_key=tenant_key)
+                         tenant_key=tenant_key, max_bytes=max_bytes, retry_after=retry_after)
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
         self.embeddings = embeddings
@@ -263,44 +317,91 @@ class SemanticLLMCache(LLMCache):
             fresh = now - self._loaded.get(group, -math.inf) < self.refresh_s
             if fresh:
                 return list(self._index.get(group, []))
-        rows = self.store.scan(group)
+        rows = self.io.scan(group)
+        if rows is None:  # the store failed: use what is known
+            with self._lock:
+                return list(self._index.get(group, []))
         index = []
         for key, raw in rows:
-            entry = json.loads(raw)
-            index.append((entry["vector"], key))
+            entry = self._semantic_entry(raw)
+            if entry is not None:
+                index.append((entry["vector"], key))
         with self._lock:
             self._index[group] = index
             self._loaded[group] = now
         return index
 
+    def _semantic_entry(self, raw: Any) -> dict[str, Any] | None:
+        """``{"vector": [numbers], "answer": [generations]}`` or None (refused)."""
+        try:
+            entry = loads_value(raw, max_bytes=self.max_bytes)
+        except UndecodableEntry as exc:
+            self.io.refused(str(exc), "semantic LLM entry")
+            return None
+        vector = entry.get("vector") if type(entry) is dict else None
+        answer = entry.get("answer") if type(entry) is dict else None
+        if type(vector) is not list or not all(type(x) in (int, float) for x in vector) or \
+                type(answer) is not list or not answer or \
+                not all(isinstance(g, Generation) for g in answer):
+            self.io.refused("not a semantic entry", "semantic LLM entry")
+            return None
+        return entry
+
+    def _embed(self, text: str) -> list[float] | None:
+        try:
+            return list(self.embeddings.embed_query(text))
+        except Exception as exc:  # the embeddings are part of the cache: a miss
+            self.io._once(("embeddings", type(exc).__name__),
+                          "agent-guard: embeddings failed in the semantic cache (%s: %s); "
+                          "exact matches only", type(exc).__name__, exc)
+            return None
+
     def lookup(self, prompt: str, llm_string: str) -> RETURN_VAL_TYPE | None:
-        exact = super().lookup(prompt, llm_string)
+        exact, failure = self._exact(prompt, llm_string)
         if exact is not None or '"tools"' in llm_string or "'tools'" in llm_string:
+            self._count(exact is not None, failure)
             return exact
+        found, semantic_failure = self._semantic(prompt, llm_string)
+        self._count(found is not None, failure or semantic_failure)
+        return found
+
+    def _semantic(self, prompt: str, llm_string: str
+                  ) -> tuple[RETURN_VAL_TYPE | None, Failure | None]:
         text = _free_text(prompt)
         if not text:
-            return None
-        vector = self.embeddings.embed_query(text)
+            return None, None
+        vector = self._embed(text)
+        if vector is None:
+            return None, Failure.ERROR
         best, best_key = 0.0, None
         for other, key in self._vectors(self._group(llm_string)):
             score = _cosine(vector, other)
             if score > best:
                 best, best_key = score, key
         if best_key is None or best < self.threshold:
-            return None
-        raw = self.store.get(best_key)
-        return None if raw is None else self._decode(json.loads(raw)["value"])
+            return None, None
+        raw, failure = self.io.read_text(best_key, self.max_bytes)
+        if raw is None:
+            return None, failure
+        entry = self._semantic_entry(raw)
+        if entry is None:
+            return None, Failure.UNDECODABLE
+        return entry["answer"], None
 
     def update(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
         super().update(prompt, llm_string, return_val)
         text = _free_text(prompt)
         if not text or '"tools"' in llm_string or "'tools'" in llm_string:
             return
-        vector = self.embeddings.embed_query(text)
+        vector = self._embed(text)
+        if vector is None:
+            return
         group = self._group(llm_string)
         key = group + _digest(prompt)
-        self.store.set(key, json.dumps({"vector": vector, "value": self._encode(return_val)}),
-                       self.ttl)
+        entry = self.io.encode({"vector": vector, "answer": list(return_val)},
+                               "an LLM answer", self.max_bytes)
+        if entry is None or not self.io.write_text(key, entry, self.ttl):
+            return
         with self._lock:
             self._index.setdefault(group, []).append((vector, key))
 

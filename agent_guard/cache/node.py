@@ -5,14 +5,18 @@
 ids (``add_messages`` gives every new message a fresh UUID, so LangGraph's
 default pickle key never hits across runs on a message state). The key also
 carries the tenant of the run, which ``guarded_graph`` sets for the run.
+
+A node's cached value is its writes (``[(channel, value), ...]``), written and read
+with the allow-list serializer (:mod:`.serde`), never LangGraph's default one
+(which rebuilds any importable type from msgpack extension data). Writes holding
+anything else are not cached; an entry that cannot be read, or a store that fails,
+is a miss, and the node runs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextvars
-import json
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -20,14 +24,13 @@ from langchain_core.messages import BaseMessage
 from langgraph.cache.base import BaseCache, FullKey, Namespace
 
 from .result import ResultCache, canonical_json
+from .safety import Failure
 from .store import key_part
 
 __all__ = ["NodeCache", "astream_as_tenant", "content_key", "stream_as_tenant"]
 
 _TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("agent_guard_node_cache_tenant",
                                                               default="_default")
-# serialisation formats a cached node value may come back in; never "pickle"
-_SAFE_ENCODINGS = frozenset({"json", "msgpack", "bytes", "bytearray", "null"})
 
 
 def stream_as_tenant(tenant: str, start: Callable[[], Iterator[Any]]) -> Iterator[Any]:
@@ -103,8 +106,9 @@ def content_key(state: Any, *, ignore: Sequence[str] = ()) -> str:
 class NodeCache(BaseCache[Any]):
     """LangGraph's node cache on a :class:`ResultCache`'s store (memory, SQLite, Redis).
 
-    Values are LangGraph's own JSON/msgpack serialisation (``pickle_fallback``
-    off); an entry claiming to be a pickle is ignored, never loaded.
+    Values go through the allow-list serializer of :mod:`.serde` (LangGraph's
+    ``serde`` is not used); a refused entry or a failing store is a miss, counted
+    under ``node:<name>`` in the result cache's ``stats()``.
     """
 
     def __init__(self, results: ResultCache) -> None:
@@ -115,39 +119,38 @@ class NodeCache(BaseCache[Any]):
     def _key(self, ns: Namespace, key: str) -> str:
         return self.prefix + ":".join(key_part(p) for p in ns) + "|" + key_part(key)
 
-    def _decode(self, raw: str | None) -> Any:
-        if raw is None:
-            return None
-        entry = json.loads(raw)
-        if entry.get("enc") not in _SAFE_ENCODINGS:
-            return None
-        return self.serde.loads_typed((entry["enc"], base64.b64decode(entry["data"])))
-
     def get(self, keys: Sequence[FullKey]) -> dict[FullKey, Any]:
         found: dict[FullKey, Any] = {}
+        io = self.results.io
         for ns, key in keys:
-            value = self._decode(self.results.store.get(self._key(ns, key)))
             node = ns[-1] if ns else "?"
-            self.results._count(f"node:{node}", hit=value is not None)
+            value, failure = io.read(self._key(ns, key), self.results.max_bytes,
+                                     "node result")
+            if failure is None and value is not None and not _writes(value):
+                io.refused("not a list of (channel, value) writes", "node result")
+                value, failure = None, Failure.UNDECODABLE
+            self.results._count(f"node:{node}", hit=value is not None, failure=failure)
             if value is not None:
                 found[(ns, key)] = value
         return found
 
     def set(self, pairs: Mapping[FullKey, tuple[Any, int | None]]) -> None:
+        io = self.results.io
         for (ns, key), (value, ttl) in pairs.items():
-            enc, data = self.serde.dumps_typed(value)
-            if enc not in _SAFE_ENCODINGS:
+            node = ns[-1] if ns else "?"
+            text = io.encode(value, f"the result of node {node!r}", self.results.max_bytes)
+            if text is None:
+                self.results._unstorable(f"node:{node}")
                 continue
-            text = json.dumps({"enc": enc, "data": base64.b64encode(data).decode()})
-            self.results.store.set(self._key(ns, key), text, ttl)
+            io.write_text(self._key(ns, key), text, ttl)
 
     def clear(self, namespaces: Sequence[Namespace] | None = None) -> None:
+        io = self.results.io
         if namespaces is None:
-            self.results.store.delete_prefix(self.prefix)
+            io.delete_prefix(self.prefix)
             return
         for ns in namespaces:
-            self.results.store.delete_prefix(
-                self.prefix + ":".join(key_part(p) for p in ns) + "|")
+            io.delete_prefix(self.prefix + ":".join(key_part(p) for p in ns) + "|")
 
     async def aget(self, keys: Sequence[FullKey]) -> dict[FullKey, Any]:
         return await asyncio.to_thread(self.get, keys)
@@ -157,3 +160,9 @@ class NodeCache(BaseCache[Any]):
 
     async def aclear(self, namespaces: Sequence[Namespace] | None = None) -> None:
         await asyncio.to_thread(self.clear, namespaces)
+
+
+def _writes(value: Any) -> bool:
+    """What LangGraph caches for a node: a list of ``(channel, value)`` pairs."""
+    return type(value) is list and all(
+        type(w) is tuple and len(w) == 2 and type(w[0]) is str for w in value)

@@ -4,11 +4,20 @@ A key is the namespace, the tenant, the tool's name and version, and the
 SHA-256 of the canonical JSON of its arguments. The tenant is read from the
 call's config metadata (``tenant`` by default) and a tool's results are only
 shared across tenants when the tool is declared ``public``. Tools with side
-effects are never cached; errors are never cached; values are stored as JSON.
+effects are never cached; errors are never cached; values are written with the
+allow-list serializer (:mod:`.serde`), so reading one constructs nothing else.
+
+A store that fails, or an entry that cannot be read back, is a miss (counted in
+:meth:`ResultCache.stats`, logged once per cause; see :mod:`.safety`): the tool
+runs, and the agent goes on.
+
+TTL classes out of the box (:data:`DEFAULT_TTL`): ``factual`` 30 days, ``daily``
+24 hours, ``realtime`` never cached; ``ttl=`` adds classes or replaces these.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,9 +36,11 @@ from langchain_core.runnables.config import var_child_runnable_config
 from langchain_core.tools import BaseTool, StructuredTool
 
 from ..usage import nano_to_usd, usd_to_nano
+from .safety import DEFAULT_RETRY_AFTER, CacheIO, Failure
+from .serde import DEFAULT_MAX_BYTES
 from .store import KVStore, key_part, store_from_url
 
-__all__ = ["CACHE_HIT_EVENT", "TTL", "CacheStats", "ResultCache", "cached_tool"]
+__all__ = ["CACHE_HIT_EVENT", "DEFAULT_TTL", "TTL", "CacheStats", "ResultCache", "cached_tool"]
 
 logger = logging.getLogger("agent_guard")
 MISS: Any = object()
@@ -59,11 +70,27 @@ class TTL:
         return n * 86400.0
 
 
+#: TTL classes every cache has unless ``ttl=`` replaces them (seconds; None: never cached).
+DEFAULT_TTL: dict[str, float | None] = {
+    "factual": TTL.days(30),  # reference data, documentation, definitions
+    "daily": TTL.hours(24),  # prices, rankings, anything refreshed daily
+    "realtime": None,  # quotes, stock, weather: never cached
+}
+
+
 @dataclass
 class CacheStats:
+    """``misses`` counts every lookup that was not a hit; of those, ``errors`` the
+    ones whose store failed (or was being left alone after failing) and
+    ``undecodable`` the ones whose entry was refused. ``unstorable``: results
+    that could not be written (not on the serializer's allow-list, too large)."""
+
     hits: int = 0
     misses: int = 0
     saved_nano: int = 0
+    errors: int = 0
+    undecodable: int = 0
+    unstorable: int = 0
 
     @property
     def saved_usd(self) -> Decimal:
@@ -84,31 +111,41 @@ class ResultCache:
     """Tool and sub-task results, per namespace, tenant and TTL class.
 
     ``ttl`` maps class names to seconds (``None`` = never cached, e.g. for
-    real-time data). ``store`` is ``memory://`` (LRU-bounded by
-    ``max_entries``), ``sqlite:///cache.db`` or ``redis://...``.
+    real-time data), on top of :data:`DEFAULT_TTL`. ``store`` is ``memory://``
+    (LRU-bounded by ``max_entries``), ``sqlite:///cache.db`` or ``redis://...``
+    (see :func:`~agent_guard.cache.store.store_from_url`); ``namespace`` defaults to
+    the URL's ``?namespace=``, else ``default``. ``max_bytes`` bounds an entry;
+    after a store error the store is left alone ``retry_after`` seconds.
     """
 
     def __init__(
         self,
         store: str | KVStore = "memory://",
         *,
-        namespace: str = "default",
+        namespace: str | None = None,
         ttl: Mapping[str, float | None] | None = None,
         tenant_key: str = "tenant",
-        max_entries: int = 10_000,
+        max_entries: int | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        retry_after: float = DEFAULT_RETRY_AFTER,
     ) -> None:
         options: dict[str, Any] = {}
-        if isinstance(store, str) and store.startswith("memory://"):
+        if max_entries is not None:
+            if not (isinstance(store, str) and store.lower().startswith("memory://")):
+                raise ValueError("max_entries bounds a memory:// store only")
             options["max_entries"] = max_entries
         self.store = store_from_url(store, **options)
-        self.namespace = namespace
-        self.ttl = dict(ttl or {})
+        self.namespace = namespace or self.store.namespace or "default"
+        self.ttl = {**DEFAULT_TTL, **(ttl or {})}
         for cls, seconds in self.ttl.items():
             if seconds is not None and not seconds > 0:
                 raise ValueError(f"TTL of class {cls!r} must be > 0 seconds or None, "
                                  f"got {seconds!r}")
         self.tenant_key = tenant_key
-        self.prefix = f"agc:{{{key_part(namespace)}}}:"
+        self.max_bytes = max_bytes
+        self.io = CacheIO.of(self.store)
+        self.io.retry_after = retry_after
+        self.prefix = f"agc:{{{key_part(self.namespace)}}}:"
         self._stats: defaultdict[str, CacheStats] = defaultdict(CacheStats)
         self._lock = threading.Lock()
 
@@ -138,7 +175,8 @@ class ResultCache:
 
     # -- reading and writing ------------------------------------------------------------
 
-    def _count(self, tool: str, *, hit: bool, saved_nano: int = 0) -> None:
+    def _count(self, tool: str, *, hit: bool, saved_nano: int = 0,
+               failure: Failure | None = None) -> None:
         with self._lock:
             stats = self._stats[tool]
             if hit:
@@ -146,6 +184,14 @@ class ResultCache:
                 stats.saved_nano += saved_nano
             else:
                 stats.misses += 1
+                if failure is Failure.ERROR:
+                    stats.errors += 1
+                elif failure is Failure.UNDECODABLE:
+                    stats.undecodable += 1
+
+    def _unstorable(self, name: str) -> None:
+        with self._lock:
+            self._stats[name].unstorable += 1
 
     def get_tool(self, tool: str, args: Any, *, tenant: str, ttl_class: str,
                  version: str | None = None, public: bool = False) -> Any:
@@ -155,43 +201,53 @@ class ResultCache:
 
     def lookup_tool(self, tool: str, args: Any, *, tenant: str, ttl_class: str,
                     version: str | None = None, public: bool = False) -> tuple[Any, int]:
-        """``(cached result or MISS, nano-USD a hit saved)``."""
+        """``(cached result or MISS, nano-USD a hit saved)``; never raises for the
+        store's sake (a failure is a miss)."""
         if not self.cacheable(ttl_class):
             return MISS, 0
-        raw = self.store.get(self.tool_key(tool, args, tenant=tenant, version=version,
-                                           public=public))
-        if raw is None:
+        key = self.tool_key(tool, args, tenant=tenant, version=version, public=public)
+        entry, failure = self.io.read(key, self.max_bytes, "tool result")
+        if entry is None and failure is None:
             self._count(tool, hit=False)
             return MISS, 0
-        entry = json.loads(raw)
-        saved = int(entry.get("cost_nano", 0))
+        if failure is None and not _tool_entry(entry):
+            self.io.refused("not a tool entry", "tool result")
+            failure = Failure.UNDECODABLE
+        if failure is not None:
+            self._count(tool, hit=False, failure=failure)
+            return MISS, 0
+        saved = entry["cost_nano"]
         self._count(tool, hit=True, saved_nano=saved)
-        return entry["value"], saved
+        return entry["result"], saved
 
     def put_tool(self, tool: str, args: Any, value: Any, *, tenant: str, ttl_class: str,
                  version: str | None = None, public: bool = False,
                  cost_usd: Any = None) -> bool:
-        """Store a result; False when it is not cacheable (class or value)."""
+        """Store a result; False when it is not cached (class, value, or the store)."""
         if not self.cacheable(ttl_class):
             return False
-        try:
-            text = json.dumps({"value": value, "at": time.time(),
-                               "cost_nano": usd_to_nano(cost_usd) if cost_usd else 0})
-        except (TypeError, ValueError):
-            logger.debug("agent-guard: result of %s is not JSON; not cached", tool)
+        text = self.io.encode({"result": value, "at": time.time(),
+                               "cost_nano": usd_to_nano(cost_usd) if cost_usd else 0},
+                              f"a result of {tool}", self.max_bytes)
+        if text is None:
+            self._unstorable(tool)
             return False
-        self.store.set(self.tool_key(tool, args, tenant=tenant, version=version,
-                                     public=public), text, self.ttl[ttl_class])
-        return True
+        key = self.tool_key(tool, args, tenant=tenant, version=version, public=public)
+        return self.io.write_text(key, text, self.ttl[ttl_class])
 
     def stats(self) -> dict[str, CacheStats]:
-        """Hits, misses and saved dollars per tool of this namespace (this process)."""
+        """Hits, misses (and why) and saved dollars per tool, and per ``node:<name>``
+        for node results, of this namespace (this process)."""
         with self._lock:
-            return {k: CacheStats(v.hits, v.misses, v.saved_nano)
-                    for k, v in self._stats.items()}
+            return {k: dataclasses.replace(v) for k, v in self._stats.items()}
 
     def clear(self) -> int:
-        return self.store.delete_prefix(self.prefix)
+        return self.io.delete_prefix(self.prefix)
+
+
+def _tool_entry(entry: Any) -> bool:
+    return (type(entry) is dict and "result" in entry and type(entry.get("cost_nano")) is int
+            and entry["cost_nano"] >= 0)
 
 
 def cached_tool(

@@ -1,8 +1,15 @@
 """Key-value stores with TTL for the caches, chosen by URL like the ledgers.
 
-Values are text (JSON written by the caller); nothing read back is ever
-unpickled. ``memory://`` is bounded (LRU eviction, ``max_entries``);
-``sqlite:///path`` and ``redis://`` expire entries by TTL.
+Values are text written by the caches (:mod:`.serde`); nothing read back is ever
+unpickled, and what a store returns is checked by the cache that reads it
+(:mod:`.safety`): another writer may have put anything there. ``memory://`` is
+bounded (LRU eviction, ``?max_entries=``); ``sqlite:///path.db`` (``?timeout=``)
+and ``redis://`` expire entries by TTL. URLs follow :mod:`agent_guard.stores`:
+``?namespace=`` names the cache; an unknown option raises.
+
+A store raises what its backend raises; the caches turn that into a miss. The Redis
+store's client comes from :func:`agent_guard.stores.redis_client` with the cache
+profile (short timeouts, a bounded pool, no retries).
 """
 
 from __future__ import annotations
@@ -14,18 +21,26 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
-from ..sqlite_pool import SQLitePool
+from ..stores import open_store
+from ..stores.redis import CACHE, redis_client
+from ..stores.sqlite import SQLitePool
 
 __all__ = ["KVStore", "MemoryStore", "RedisStore", "SQLiteStore", "store_from_url"]
 
 
 class KVStore(ABC):
-    """Text values under string keys, with an optional TTL in seconds."""
+    """Text values under string keys, with an optional TTL in seconds.
+
+    ``get`` returns what is stored: text, or whatever another writer left (bytes
+    that are not UTF-8...); the caches check it. ``namespace`` is the cache
+    namespace a URL named (``?namespace=``), else None."""
+
+    namespace: str | None = None
 
     @abstractmethod
-    def get(self, key: str) -> str | None: ...
+    def get(self, key: str) -> Any: ...
 
     @abstractmethod
     def set(self, key: str, value: str, ttl: float | None = None) -> None: ...
@@ -101,10 +116,15 @@ class MemoryStore(KVStore):
 
 
 class SQLiteStore(KVStore):
-    def __init__(self, path: str, *, clock: Callable[[], float] = time.time) -> None:
+    """Table ``ag_cache`` of a SQLite file; ``timeout`` is the busy timeout in seconds
+    (short: a cache that waits long for a lock is worse than a miss)."""
+
+    def __init__(self, path: str, *, timeout: float = 1.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.path = path
+        self.url = f"sqlite:///{path}"
         self._clock = clock
-        self._pool = SQLitePool(path)
+        self._pool = SQLitePool(path, timeout=timeout)
         with self._pool.connection() as db:
             db.execute("CREATE TABLE IF NOT EXISTS ag_cache (key TEXT PRIMARY KEY, "
                        "value TEXT NOT NULL, expires_at REAL)")
@@ -119,12 +139,12 @@ class SQLiteStore(KVStore):
     def close(self) -> None:
         self._pool.close()
 
-    def get(self, key: str) -> str | None:
+    def get(self, key: str) -> Any:
         rows, _ = self._execute("SELECT value, expires_at FROM ag_cache WHERE key = ?", (key,))
         row = rows[0] if rows else None
         if row is None or (row[1] is not None and row[1] <= self._clock()):
             return None
-        return str(row[0])
+        return row[0]
 
     def set(self, key: str, value: str, ttl: float | None = None) -> None:
         expires = None if ttl is None else self._clock() + ttl
@@ -140,21 +160,24 @@ class SQLiteStore(KVStore):
         rows, _ = self._execute(
             "SELECT key, value FROM ag_cache WHERE substr(key, 1, ?) = ? AND "
             "(expires_at IS NULL OR expires_at > ?)", (len(prefix), prefix, self._clock()))
-        return [(str(k), str(v)) for k, v in rows]
+        return [(str(k), v) for k, v in rows]
 
 
 class RedisStore(KVStore):
-    """Keys live under ``agc:{namespace}:``; Redis expires them (``SET ... PX``)."""
+    """Keys live under ``agc:{namespace}:``; Redis expires them (``SET ... PX``).
 
-    def __init__(self, url: str, **options: Any) -> None:
-        import redis
+    ``options`` go to :func:`agent_guard.stores.redis_client` (``socket_timeout``,
+    ``max_connections``...); ``client`` uses a client you built instead."""
 
-        self.client = redis.Redis.from_url(
-            url, **{"socket_connect_timeout": 2.0, "socket_timeout": 5.0, **options})
+    def __init__(self, url: str, *, client: Any = None, **options: Any) -> None:
+        from ..stores.url import redact_url
 
-    def get(self, key: str) -> str | None:
-        value = self.client.get(key)
-        return None if value is None else value.decode()
+        self.url = redact_url(url)
+        self.client = client if client is not None else \
+            redis_client(url, profile=CACHE, **options)
+
+    def get(self, key: str) -> Any:
+        return _text(self.client.get(key))
 
     def set(self, key: str, value: str, ttl: float | None = None) -> None:
         if ttl is None:
@@ -166,16 +189,26 @@ class RedisStore(KVStore):
         keys = list(self.client.scan_iter(match=_glob_escape(prefix) + "*", count=1000))
         return int(self.client.delete(*keys)) if keys else 0
 
-    def scan(self, prefix: str) -> list[tuple[str, str]]:
+    def scan(self, prefix: str) -> list[tuple[str, Any]]:
         keys = list(self.client.scan_iter(match=_glob_escape(prefix) + "*", count=1000))
         if not keys:
             return []
         values = self.client.mget(keys)
-        return [(k.decode(), v.decode()) for k, v in zip(keys, values, strict=True)
+        return [(k.decode(), _text(v)) for k, v in zip(keys, values, strict=True)
                 if v is not None]
 
     def close(self) -> None:
         self.client.close()
+
+
+def _text(value: Any) -> Any:
+    """UTF-8 text as ``str``; other bytes as they are (the cache refuses them)."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return value
+    return value
 
 
 def _glob_escape(text: str) -> str:
@@ -183,26 +216,13 @@ def _glob_escape(text: str) -> str:
 
 
 def store_from_url(url: str | KVStore, **options: Any) -> KVStore:
-    """``memory://`` (``?max_entries=N``), ``sqlite:///path.db``, ``redis://host/db``."""
+    """``memory://`` (``?max_entries=N``), ``sqlite:///path.db`` (``?timeout=S``),
+    ``redis://host/db`` (redis-py's options); ``?namespace=`` on each. Keyword options
+    win over the URL's; an unknown option raises naming the known ones."""
     if isinstance(url, KVStore):
         return url
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if scheme == "memory":
-        query = url.split("?", 1)[1] if "?" in url else ""
-        for part in filter(None, query.split("&")):
-            k, _, v = part.partition("=")
-            if k == "max_entries":
-                options.setdefault("max_entries", int(v))
-        return MemoryStore(**options)
-    if scheme == "sqlite":
-        rest = url.split("://", 1)[1]
-        if not rest.startswith("/") or len(rest) < 2:
-            raise ValueError(f"a SQLite cache URL is sqlite:///path.db, got {url!r}")
-        return SQLiteStore(unquote(rest[1:]), **options)
-    if scheme in ("redis", "rediss", "unix"):
-        return RedisStore(url, **options)
-    raise ValueError(f"cache store must be memory://, sqlite:///path.db or redis://..., got "
-                     f"{url!r}")
+    store: KVStore = open_store(url, "cache", **options)
+    return store
 
 
 def key_part(text: str) -> str:

@@ -53,11 +53,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import suppress
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote
 
 from ..ledger import Ledger, MemoryLedger, redact_url
 from ..records import CallRecord, utf8_text
-from ..sqlite_pool import SQLitePool, is_memory_path
+from ..stores import open_store, parse_url
+from ..stores.redis import USAGE, redis_client
+from ..stores.sqlite import SQLitePool, is_memory_path
 from ..usage import NANO_PER_USD, Usage
 
 if TYPE_CHECKING:
@@ -285,26 +287,17 @@ class UsageStore(ABC):
         """``memory://``, ``sqlite:///usage.db`` (``sqlite:////abs/path.db``) or
         ``redis://host:6379/0`` (``rediss://``, ``unix://``; the key namespace from
         ``namespace=`` or the URL's ``?namespace=``, default ``default``, as the
-        ledger's). ``options`` go to the backend (``background=True``...)."""
+        ledger's). ``retention_days`` may come in the URL's query too; keywords win;
+        an unknown option raises (see :mod:`agent_guard.stores`). ``options`` go to
+        the backend (``background=True``...)."""
         if isinstance(url, UsageStore):
             return url
-        if not isinstance(url, str) or "://" not in url:
-            raise ValueError(
-                f"a usage store is a URL such as 'memory://', 'sqlite:///guard.db' or "
-                f"'redis://127.0.0.1:6379/0'; got {url!r}")
-        scheme = url.split("://", 1)[0].lower()
-        if scheme == "memory":
-            return MemoryUsageStore(retention_days=retention_days, **options)
-        if scheme == "sqlite":
-            return SQLiteUsageStore(_sqlite_path(url), retention_days=retention_days,
-                                    **options)
-        if scheme in ("redis", "rediss", "unix"):
-            url, ns = _split_namespace(url)
-            return RedisUsageStore(url, namespace=namespace or ns or "default",
-                                   retention_days=retention_days, **options)
-        raise ValueError(
-            f"unknown usage store scheme {scheme + '://'!r} in {redact_url(url)!r}; use "
-            f"memory://, sqlite:///path.db or redis://host:6379/0")
+        if retention_days is not None:
+            options["retention_days"] = retention_days
+        if namespace is not None and parse_url(url, "usage").backend == "redis":
+            options["namespace"] = namespace  # only Redis keeps usage under a namespace
+        store: UsageStore = open_store(url, "usage", **options)
+        return store
 
     @staticmethod
     def for_ledger(ledger: Ledger | str, *, retention_days: float | None = None,
@@ -562,17 +555,6 @@ _SQLITE_INSERT = ("INSERT OR IGNORE INTO ag_usage (record_id, started_at, sessio
                   "cost_nano, row) VALUES (?, ?, ?, ?, ?, ?, ?)")
 
 
-def _sqlite_path(url: str) -> str:
-    rest = url.split("://", 1)[1]
-    if not rest.startswith("/"):
-        raise ValueError(f"a SQLite store URL is sqlite:///relative/path.db or "
-                         f"sqlite:////abs/path.db, got {url!r}")
-    path = unquote(rest[1:].split("?", 1)[0])
-    if not path:
-        raise ValueError(f"the SQLite store URL {url!r} names no file")
-    return path
-
-
 class SQLiteUsageStore(UsageStore):
     """Rows in the ``ag_usage`` table of a SQLite file (the ledger's, or its own).
 
@@ -640,15 +622,6 @@ class SQLiteUsageStore(UsageStore):
         self._pool.close()
 
 
-def _split_namespace(url: str) -> tuple[str, str | None]:
-    """The URL without ``namespace=`` in its query, and that namespace."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    ns = next((v for k, v in query if k == "namespace"), None)
-    rest = [(k, v) for k, v in query if k != "namespace"]
-    return urlunsplit(parts._replace(query=urlencode(rest))), ns
-
-
 class RedisUsageStore(UsageStore):
     """Rows in the Redis stream ``ag:{namespace}:usage``: one ``XADD`` per record
     (field ``row``, the row as JSON), a pipeline per batch. Reads page through the
@@ -672,10 +645,7 @@ class RedisUsageStore(UsageStore):
         super().__init__(**store_options)
         self.url = redact_url(url)
         if client is None:
-            import redis
-
-            client = redis.Redis.from_url(url, **{"socket_connect_timeout": 2.0,
-                                                  "socket_timeout": 5.0, **options})
+            client = redis_client(url, profile=USAGE, **options)
             self._owned = True
         else:
             self._owned = False

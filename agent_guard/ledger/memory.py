@@ -21,7 +21,6 @@ import threading
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from urllib.parse import parse_qsl, urlsplit
 
 from .base import (
     DONE_RETENTION_SECONDS,
@@ -94,16 +93,12 @@ class MemoryLedger(Ledger):
     @classmethod
     def from_url(cls, url: str, **options: object) -> MemoryLedger:
         """``memory://?max_idle_seconds=3600&max_scopes=100000``; keyword options win."""
-        parsed: dict[str, object] = {}
-        for key, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
-            if key == "max_idle_seconds":
-                parsed[key] = float(value)
-            elif key == "max_scopes":
-                parsed[key] = int(value)
-            else:
-                raise ValueError(f"unknown memory:// option {key!r} (known: "
-                                 "max_idle_seconds, max_scopes)")
-        return cls(url, **{**parsed, **options})  # type: ignore[arg-type]
+        from ..stores import parse_url
+
+        parsed = parse_url(url, "ledger")
+        if parsed.backend != "memory":
+            raise ValueError(f"not a memory:// URL: {parsed.redacted!r}")
+        return cls(url, **{**parsed.kind_options, **options})  # type: ignore[arg-type]
 
     @property
     def scope_count(self) -> int:

@@ -47,16 +47,13 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote
 
 import redis
-import redis.asyncio as aredis
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from ..errors import LedgerUnavailable
+from ..stores.redis import LEDGER, REDIS_ERRORS, redis_client
+from ..stores.url import redact_url
 from .base import (
     DONE_RETENTION_SECONDS,
     Denial,
@@ -75,7 +72,7 @@ __all__ = ["MAX_AMOUNT", "RedisLedger"]
 MAX_AMOUNT = 2**53
 RECLAIM_BATCH = 1000
 _SCRIPTS = ("reserve", "settle", "release", "charge", "reclaim")
-_FAILURES = (RedisError, OSError)
+_FAILURES = REDIS_ERRORS
 _JSON = {"separators": (",", ":")}
 
 Reply = Any  # what a script call answers (lists, bytes, ints)
@@ -149,11 +146,10 @@ class RedisLedger(Ledger):
         retries: int = 0,
         client: redis.Redis | None = None,
         scope_ttl_seconds: int | None = None,
-        max_connections: int = 64,
-        pool_timeout: float = 5.0,
+        max_connections: int | None = None,
+        pool_timeout: float | None = None,
         **client_options: Any,
     ) -> None:
-        from . import redact_url
 
         if scope_ttl_seconds is not None and (
                 isinstance(scope_ttl_seconds, bool) or not isinstance(scope_ttl_seconds, int)
@@ -169,19 +165,12 @@ class RedisLedger(Ledger):
         self._raw_url = url
         self.namespace = namespace
         self._clock = clock
-        self._options: dict[str, Any] = {
-            "socket_connect_timeout": 2.0, "socket_timeout": 5.0, **client_options}
-        self._retries = retries
-        self._pool_options: dict[str, Any] = {"max_connections": int(max_connections),
-                                              "timeout": float(pool_timeout)}
-        if self._pool_options["max_connections"] < 1:
-            raise ValueError(f"max_connections must be >= 1, got {max_connections!r}")
-        backoff = ExponentialWithJitterBackoff(base=0.01, cap=0.5)
+        # one recipe for the sync client and each event loop's async client
+        self._client_args: dict[str, Any] = {
+            "profile": LEDGER, "retries": retries, "max_connections": max_connections,
+            "pool_timeout": pool_timeout, **client_options}
         if client is None:
-            pool = redis.BlockingConnectionPool.from_url(
-                url, retry=Retry(backoff, retries), **self._pool_options, **self._options)
-            client = redis.Redis(connection_pool=pool)
-            client.auto_close_connection_pool = True
+            client = redis_client(url, **self._client_args)
         self.client: redis.Redis = client
         self._sync = _Scripts.on(self.client)
         self._async_by_loop: weakref.WeakKeyDictionary[
@@ -195,18 +184,14 @@ class RedisLedger(Ledger):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisLedger:
         """``namespace`` and ``scope_ttl_seconds`` may come in the URL's query (as for
-        the usage store's URL); the rest goes to redis-py."""
-        parts = urlsplit(url)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        ours = {k: v for k, v in query if k in ("namespace", "scope_ttl_seconds")}
-        if "scope_ttl_seconds" in ours:
-            options.setdefault("scope_ttl_seconds", int(ours["scope_ttl_seconds"]))
-        if ours.get("namespace"):
-            options.setdefault("namespace", ours["namespace"])
-        if ours:
-            url = urlunsplit(parts._replace(query=urlencode(
-                [(k, v) for k, v in query if k not in ours])))
-        return cls(url, **options)
+        the usage store's URL), beside redis-py's options; keyword options win; any
+        other option raises (see :mod:`agent_guard.stores`)."""
+        from ..stores import parse_url
+
+        parsed = parse_url(url, "ledger")
+        if parsed.backend != "redis":
+            raise ValueError(f"not a Redis URL: {parsed.redacted!r}")
+        return cls(parsed.client_url, **{**parsed.kind_options, **options})
 
     # -- keys and arguments --------------------------------------------------------------
 
@@ -409,11 +394,7 @@ class RedisLedger(Ledger):
             for old in [old for old in self._async_closers if old.is_closed()]:
                 self._async_by_loop.pop(old, None)
                 self._async_closers.pop(old, None)
-            retry = AsyncRetry(ExponentialWithJitterBackoff(base=0.01, cap=0.5), self._retries)
-            pool = aredis.BlockingConnectionPool.from_url(
-                self._raw_url, retry=retry, **self._pool_options, **self._options)
-            client = aredis.Redis(connection_pool=pool)
-            client.auto_close_connection_pool = True
+            client = redis_client(self._raw_url, asynchronous=True, **self._client_args)
             found = _Scripts.on(client)
             self._async_by_loop[loop] = found
             self._async_closers[loop] = _close_at_loop_shutdown(

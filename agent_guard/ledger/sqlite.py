@@ -14,7 +14,7 @@ INTEGERs; ``ag_reservations`` (id -> scopes and amounts as JSON, expires_at);
 statement is parameterised, so scope and dimension names can hold anything.
 
 Connections come from a small pool any thread borrows from for one transaction
-(:mod:`agent_guard.sqlite_pool`); ``sqlite:///:memory:`` (one process only) uses
+(:mod:`agent_guard.stores.sqlite`); ``sqlite:///:memory:`` (one process only) uses
 one connection behind a lock instead, since each connection to ``:memory:``
 would be a separate database.
 """
@@ -26,10 +26,9 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from urllib.parse import unquote
 
 from ..errors import LedgerUnavailable
-from ..sqlite_pool import SQLitePool
+from ..stores.sqlite import SQLitePool
 from .base import (
     DONE_RETENTION_SECONDS,
     Denial,
@@ -101,17 +100,16 @@ class SQLiteLedger(Ledger):
 
     @classmethod
     def from_url(cls, url: str, **options: object) -> SQLiteLedger:
-        """``sqlite:///relative.db``, ``sqlite:////abs/path.db`` or ``sqlite:///:memory:``."""
-        rest = url.split("://", 1)[1]
-        if not rest.startswith("/"):
-            raise ValueError(
-                f"a SQLite ledger URL is sqlite:///relative/path.db or sqlite:////abs/path.db, "
-                f"got {url!r}"
-            )
-        path = unquote(rest[1:].split("?", 1)[0])
-        if not path:
-            raise ValueError(f"the SQLite ledger URL {url!r} names no file")
-        return cls(path, **options)  # type: ignore[arg-type]
+        """``sqlite:///relative.db``, ``sqlite:////abs/path.db`` or ``sqlite:///:memory:``
+        (``?timeout=`` is the busy timeout in seconds; keyword options win)."""
+        from ..stores import parse_url
+
+        parsed = parse_url(url, "ledger")
+        if parsed.backend != "sqlite" or parsed.path is None:
+            raise ValueError(f"not a sqlite:/// URL: {parsed.redacted!r}")
+        if "timeout" in parsed.options:
+            options.setdefault("busy_timeout_s", parsed.options["timeout"])
+        return cls(parsed.path, **options)  # type: ignore[arg-type]
 
     # -- connections -------------------------------------------------------------------
 

@@ -1,0 +1,109 @@
+"""The one way agent-guard builds a Redis client (ledger, caches, usage store).
+
+Every client sits on a *blocking* pool of at most ``max_connections`` sockets: a
+thread that finds them all busy waits up to ``pool_timeout`` seconds for one, then
+gets an error, so a burst of threads never opens an unbounded number of sockets.
+Every socket has a connect and a read timeout. redis-py's own retries are off by
+default (``retries=0``): a resent command could run a ledger script twice, and a
+cache would rather miss than wait.
+
+Each kind of store has its defaults (:data:`LEDGER`, :data:`CACHE`, :data:`USAGE`);
+a cache's are short, because a cache that answers slowly is worse than a miss.
+Precedence: the profile's defaults, then the URL's query, then keyword arguments.
+
+Errors: :data:`REDIS_ERRORS` is what a failed command raises (redis-py's errors and
+socket errors); the ledger turns them into ``LedgerUnavailable``, a cache into a
+miss, the usage store into a counted failure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["CACHE", "LEDGER", "REDIS_ERRORS", "UNREACHABLE_ERRORS", "USAGE", "RedisProfile",
+           "redis_client"]
+
+
+@dataclass(frozen=True)
+class RedisProfile:
+    """Defaults of one kind of store's Redis clients (seconds, sockets)."""
+
+    socket_connect_timeout: float
+    socket_timeout: float
+    max_connections: int
+    pool_timeout: float
+
+
+LEDGER = RedisProfile(socket_connect_timeout=2.0, socket_timeout=5.0, max_connections=64,
+                      pool_timeout=5.0)
+USAGE = RedisProfile(socket_connect_timeout=2.0, socket_timeout=5.0, max_connections=16,
+                     pool_timeout=5.0)
+CACHE = RedisProfile(socket_connect_timeout=0.5, socket_timeout=0.5, max_connections=32,
+                     pool_timeout=0.5)
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    try:
+        from redis.exceptions import RedisError
+    except ImportError:  # pragma: no cover - redis is an optional extra
+        return (OSError,)
+    return (RedisError, OSError)
+
+
+def _unreachable() -> tuple[type[BaseException], ...]:
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+    except ImportError:  # pragma: no cover
+        return (OSError, TimeoutError)
+    return (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
+
+
+#: What a failed Redis command raises.
+REDIS_ERRORS: tuple[type[BaseException], ...] = _errors()
+#: The part of those that means "down or slow" (no reply), not "replied with an error"
+#: (``WRONGTYPE``, ``OOM``, ``NOPERM``...).
+UNREACHABLE_ERRORS: tuple[type[BaseException], ...] = _unreachable()
+
+
+def redis_client(url: str, *, profile: RedisProfile = LEDGER, asynchronous: bool = False,
+                 retries: int = 0, max_connections: int | None = None,
+                 pool_timeout: float | None = None, **options: Any) -> Any:
+    """A ``redis.Redis`` (or ``redis.asyncio.Redis`` with ``asynchronous=True``) for
+    ``url`` on a bounded blocking pool; ``options`` go to the connections
+    (``socket_timeout``, ``health_check_interval``, ``ssl_ca_certs``...)."""
+    import redis
+    import redis.asyncio as aredis
+    from redis.asyncio.connection import parse_url as aparse_url
+    from redis.asyncio.retry import Retry as AsyncRetry
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.connection import parse_url
+    from redis.retry import Retry
+
+    url_kwargs: dict[str, Any] = dict((aparse_url if asynchronous else parse_url)(url))
+    url_max = url_kwargs.pop("max_connections", None)
+    url_timeout = url_kwargs.pop("timeout", None)
+    size = max_connections if max_connections is not None else \
+        url_max if url_max is not None else profile.max_connections
+    wait = pool_timeout if pool_timeout is not None else \
+        url_timeout if url_timeout is not None else profile.pool_timeout
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"max_connections must be an int >= 1, got {size!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+    kwargs: dict[str, Any] = {"socket_connect_timeout": profile.socket_connect_timeout,
+                              "socket_timeout": profile.socket_timeout,
+                              **url_kwargs, **options}
+    backoff = ExponentialWithJitterBackoff(base=0.01, cap=0.5)
+    if asynchronous:
+        pool: Any = aredis.BlockingConnectionPool(
+            max_connections=size, timeout=float(wait), retry=AsyncRetry(backoff, retries),
+            **kwargs)
+        client: Any = aredis.Redis(connection_pool=pool)
+    else:
+        pool = redis.BlockingConnectionPool(max_connections=size, timeout=float(wait),
+                                            retry=Retry(backoff, retries), **kwargs)
+        client = redis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True
+    return client

@@ -1,0 +1,313 @@
+"""One URL dialect for every store: ledgers, caches and usage stores.
+
+A URL names a *backend* by its scheme (``memory://``, ``sqlite:///path.db``,
+``redis://host:6379/0``, ``rediss://``, ``unix://``) and carries options in its
+query. Two sorts of options are read:
+
+- the backend's own, the same for every kind of store: ``?timeout=`` (seconds to
+  wait for a lock or a connection) for SQLite; for Redis the options redis-py
+  reads from a URL (``socket_timeout``, ``socket_connect_timeout``,
+  ``max_connections``, ``timeout`` for a free pooled connection, ``db``,
+  ``client_name``, ``ssl_*`` ...);
+- the options of one kind of store (``max_entries`` for a memory cache,
+  ``retention_days`` for a usage store, ``namespace`` ...), registered with the
+  scheme's factory.
+
+Any other option raises ``ValueError`` naming the options that are known, before
+anything is opened or created. Keyword arguments given beside a URL win over its
+query; the query wins over defaults.
+
+The registry maps ``(kind, scheme)`` to a factory ``factory(parsed, **options)``
+and a scheme to its backend. A new backend (say Redis Cluster,
+``redis+cluster://``) is one :func:`register_backend` and one :func:`register` per
+kind of store.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+__all__ = ["KINDS", "Backend", "StoreURL", "known_options", "known_schemes", "open_store",
+           "parse_url", "redact_url", "register", "register_backend"]
+
+#: The kinds of store a URL can name.
+KINDS = ("ledger", "cache", "usage")
+_NOUN = {"ledger": "ledger", "cache": "cache store", "usage": "usage store"}
+
+Converter = Callable[[str], Any]
+
+
+# -- option converters ---------------------------------------------------------------------
+
+
+def as_int(text: str) -> int:
+    return int(text.strip())
+
+
+def as_float(text: str) -> float:
+    value = float(text.strip())
+    if not math.isfinite(value):
+        raise ValueError("not a finite number")
+    return value
+
+
+def as_str(text: str) -> str:
+    return text
+
+
+def as_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("not a boolean")
+
+
+# -- redaction --------------------------------------------------------------------------------
+
+# query parameters that carry credentials (redis-py reads ?password= like the user info)
+_SECRET_PARAMS = frozenset({"password", "pass", "pwd", "token", "secret", "key", "apikey",
+                            "api_key", "access_token", "auth", "ssl_password"})
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password (in the user info or the query), safe for messages
+    and logs."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            host = parts.hostname or ""
+            if parts.port:
+                host = f"{host}:{parts.port}"
+            netloc = (f"{parts.username}:***@" if parts.username else ":***@") + host
+    except ValueError:
+        return "<unparseable url>"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() in _SECRET_PARAMS for k, _ in pairs):
+            query = "&".join(f"{k}=***" if k.lower() in _SECRET_PARAMS else
+                             urlencode({k: v}) for k, v in pairs)
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+# -- backends and the registry --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A family of schemes: the query options its client reads (for every kind of
+    store) and how a URL names a location (``locate`` returns the SQLite path, or
+    None, or raises ``ValueError``)."""
+
+    name: str
+    client_options: Mapping[str, Converter]
+    locate: Callable[[SplitResult, str], str | None]
+
+
+@dataclass(frozen=True)
+class StoreURL:
+    """A parsed store URL.
+
+    ``options`` holds every query option, converted (the backend's and the
+    kind's); ``kind_options`` only the kind's, which become keyword arguments of
+    the factory. ``path`` is the file of a SQLite URL (percent-decoded, no query).
+    ``client_url`` is the URL to hand to the backend's client: the kind's options
+    removed from its query (a Redis URL keeps redis-py's)."""
+
+    kind: str
+    scheme: str
+    backend: str
+    url: str
+    path: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    kind_options: dict[str, Any] = field(default_factory=dict)
+    client_url: str = ""
+
+    @property
+    def redacted(self) -> str:
+        return redact_url(self.url)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    factory: Callable[..., Any]
+    options: Mapping[str, Converter] | None  # None: the factory reads the raw URL itself
+
+
+_BACKENDS: dict[str, Backend] = {}
+_REGISTRY: dict[tuple[str, str], _Entry] = {}
+
+
+def register_backend(scheme: str, backend: Backend) -> None:
+    """Make ``scheme://`` URLs parse as ``backend``'s."""
+    _BACKENDS[scheme.lower()] = backend
+
+
+def register(kind: str, scheme: str, factory: Callable[..., Any], *,
+             options: Mapping[str, Converter] | None) -> None:
+    """Build a store of ``kind`` from ``scheme://`` URLs with
+    ``factory(parsed: StoreURL, **options)``; ``options`` are the query options of
+    that kind (beside the backend's), each with its converter.
+
+    ``options=None`` registers a factory that reads its URL itself (a third-party
+    backend): it is called as ``factory(url: str, **keywords)``, unchecked."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    scheme = scheme.lower()
+    if options is not None and scheme not in _BACKENDS:
+        raise ValueError(f"no backend is registered for {scheme}://; "
+                         f"call register_backend first")
+    _REGISTRY[(kind, scheme)] = _Entry(factory, options)
+
+
+def known_schemes(kind: str) -> list[str]:
+    return sorted(s for k, s in _REGISTRY if k == kind)
+
+
+def known_options(kind: str, scheme: str) -> list[str]:
+    entry = _REGISTRY.get((kind, scheme.lower()))
+    if entry is None or entry.options is None:
+        return []
+    backend = _BACKENDS[scheme.lower()]
+    return sorted({*backend.client_options, *entry.options})
+
+
+def _example(kind: str) -> str:
+    return (f"a {_NOUN[kind]} is a URL such as 'memory://', 'sqlite:///guard.db' or "
+            f"'redis://127.0.0.1:6379/0'")
+
+
+def parse_url(url: str, kind: str) -> StoreURL:
+    """Parse and check ``url`` as a ``kind`` store's URL (``ValueError`` if the scheme
+    or an option is unknown, or a value does not convert)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not isinstance(url, str) or "://" not in url:
+        raise ValueError(f"{_example(kind)}; got {url!r}")
+    scheme = url.split("://", 1)[0].lower()
+    entry = _REGISTRY.get((kind, scheme))
+    if entry is None:
+        known = ", ".join(f"{s}://" for s in known_schemes(kind))
+        raise ValueError(f"unknown {_NOUN[kind]} scheme {scheme + '://'!r} in "
+                         f"{redact_url(url)!r}; known: {known}")
+    if entry.options is None:
+        return StoreURL(kind, scheme, "", url, client_url=url)
+    backend = _BACKENDS[scheme]
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise ValueError(f"cannot parse the {_NOUN[kind]} URL {redact_url(url)!r}: {exc}"
+                         ) from None
+    spec: dict[str, Converter] = {**backend.client_options, **entry.options}
+    options: dict[str, Any] = {}
+    kind_options: dict[str, Any] = {}
+    client_query: list[tuple[str, str]] = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        convert = spec.get(key)
+        if convert is None:
+            raise ValueError(
+                f"unknown {scheme}:// option {key!r} in the {_NOUN[kind]} URL "
+                f"{redact_url(url)!r}; "
+                f"known: {', '.join(sorted(spec)) or '(none)'}")
+        try:
+            options[key] = convert(value)
+        except (TypeError, ValueError) as exc:
+            shown = "***" if key.lower() in _SECRET_PARAMS else repr(value)
+            raise ValueError(f"option {key!r} of the {_NOUN[kind]} URL "
+                             f"{redact_url(url)!r} must be {_what(convert)}, got {shown}"
+                             f" ({exc})") from None
+        if key in entry.options:
+            kind_options[key] = options[key]
+        else:
+            client_query.append((key, value))
+    path = backend.locate(parts, url)
+    client_url = urlunsplit(parts._replace(query=urlencode(client_query)))
+    return StoreURL(kind, scheme, backend.name, url, path, options, kind_options, client_url)
+
+
+def _what(convert: Converter) -> str:
+    return {as_int: "an integer", as_float: "a number", as_bool: "a boolean",
+            as_str: "text"}.get(convert, "valid")
+
+
+def open_store(url: str, kind: str, **keywords: Any) -> Any:
+    """Build the ``kind`` store ``url`` names; ``keywords`` win over the URL's options."""
+    parsed = parse_url(url, kind)
+    entry = _REGISTRY[(kind, parsed.scheme)]
+    if entry.options is None:
+        return entry.factory(url, **keywords)
+    return entry.factory(parsed, **{**parsed.kind_options, **keywords})
+
+
+# -- the built-in backends --------------------------------------------------------------------
+
+
+def _locate_memory(parts: SplitResult, url: str) -> None:
+    if parts.netloc or parts.path not in ("", "/") or parts.fragment:
+        raise ValueError(f"a memory URL names no place (memory:// or memory://?option=...), "
+                         f"got {redact_url(url)!r}")
+    return None
+
+
+def _locate_sqlite(parts: SplitResult, url: str) -> str:
+    if parts.netloc or not parts.path.startswith("/"):
+        raise ValueError(f"a SQLite URL is sqlite:///relative/path.db, sqlite:////abs/path.db "
+                         f"or sqlite:///:memory:, got {url!r}")
+    if parts.fragment:
+        raise ValueError(f"the SQLite URL {url!r} has a '#': percent-encode it as %23 in a "
+                         f"file name")
+    path = unquote(parts.path[1:])
+    if not path:
+        raise ValueError(f"the SQLite URL {url!r} names no file")
+    return path
+
+
+def _locate_redis(parts: SplitResult, url: str) -> None:
+    if parts.fragment:
+        raise ValueError(f"a Redis URL has no fragment, got {redact_url(url)!r}")
+    return None
+
+
+def _redis_client_options() -> dict[str, Converter]:
+    """What redis-py reads from a URL's query (see ``redis.connection.parse_url``)."""
+    from redis.connection import URL_QUERY_ARGUMENT_PARSERS
+
+    opts: dict[str, Converter] = {k: v for k, v in URL_QUERY_ARGUMENT_PARSERS.items()
+                                  if k != "retry_on_error"}
+    for name in ("username", "password", "client_name", "lib_name", "lib_version",
+                 "ssl_keyfile", "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs",
+                 "ssl_ca_path", "ssl_ca_data", "ssl_password", "ssl_ciphers"):
+        opts[name] = as_str
+    return opts
+
+
+MEMORY = Backend("memory", {}, _locate_memory)
+SQLITE = Backend("sqlite", {"timeout": as_float}, _locate_sqlite)
+
+
+def _redis_backend() -> Backend:
+    try:
+        options = _redis_client_options()
+    except ImportError:  # redis is an optional extra: the URL still parses
+        options = {"socket_timeout": as_float, "socket_connect_timeout": as_float,
+                   "max_connections": as_int, "timeout": as_float, "db": as_int}
+    return Backend("redis", options, _locate_redis)
+
+
+REDIS = _redis_backend()
+#: The schemes of a single Redis server (``redis+cluster://`` will be another backend).
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+register_backend("memory", MEMORY)
+register_backend("sqlite", SQLITE)
+for _scheme in REDIS_SCHEMES:
+    register_backend(_scheme, REDIS)

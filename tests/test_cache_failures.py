@@ -1,0 +1,194 @@
+"""A cache is an optimisation, never a new way to fail: a backend that is down is a miss
+(counted, logged once per cause, quick), and TTL classes work out of the box. Plus the
+allow-list serializer of node and LLM entries, value by value."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import pytest
+from langchain_core.documents import Document
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    HumanMessage,
+    RemoveMessage,
+    SystemMessage,
+    ToolMessage,
+)
+from langchain_core.outputs import ChatGeneration, Generation
+from langchain_core.tools import tool
+from langchain_openai import ChatOpenAI
+from langgraph.types import Send
+
+from agent_guard.cache import TTL, LLMCache, NodeCache, ResultCache, cached_tool
+from agent_guard.cache.serde import (
+    DEFAULT_MAX_BYTES,
+    UndecodableEntry,
+    UnencodableValue,
+    dumps_value,
+    loads_value,
+)
+from agent_guard.testing import FakeOpenAIServer, FakeReply
+
+DOWN = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+runs: list[str] = []
+
+
+@tool
+def price_of(item: str) -> str:
+    """Look up today's price of an item."""
+    runs.append(item)
+    return f"{item}: $9.99"
+
+
+@pytest.fixture(autouse=True)
+def _clear() -> None:
+    runs.clear()
+
+
+# -- a backend that is down ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_tool_cache_whose_redis_is_down_answers_every_call(mode: str, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="agent_guard")
+    cache = ResultCache(DOWN, ttl={"pricing": 60})
+    cached = cached_tool(price_of, cache, "pricing")
+    started = time.monotonic()
+    for _ in range(5):
+        out = asyncio.run(cached.ainvoke({"item": "mug"})) if mode == "async" else \
+            cached.invoke({"item": "mug"})
+        assert out == "mug: $9.99"
+    assert time.monotonic() - started < 5  # bounded: no 5 x socket timeouts
+    assert runs == ["mug"] * 5
+    stats = cache.stats()["price_of"]
+    assert (stats.hits, stats.misses) == (0, 5) and stats.errors == 5
+    down = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(down) == 1, [r.getMessage() for r in caplog.records]  # once per cause
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_an_llm_cache_whose_redis_is_down_answers_every_call(mode: str) -> None:
+    cache = LLMCache(DOWN)
+    with FakeOpenAIServer([FakeReply("Paris.", prompt_tokens=9, completion_tokens=2)]) as srv:
+        llm = ChatOpenAI(model="gpt-4o", base_url=srv.base_url, api_key="x", max_retries=0,
+                         cache=cache)
+
+        async def three() -> list:
+            return [await llm.ainvoke("capital?") for _ in range(3)]
+
+        outs = asyncio.run(three()) if mode == "async" else \
+            [llm.invoke("capital?") for _ in range(3)]
+        assert [o.content for o in outs] == ["Paris."] * 3
+        assert srv.request_count == 3
+    stats = cache.stats()
+    assert (stats.hits, stats.misses) == (0, 3) and stats.errors >= 3
+
+
+def test_a_node_cache_whose_redis_is_down_is_empty() -> None:
+    nodes = NodeCache(ResultCache(DOWN, ttl={"f": 60}))
+    key = (("answer",), "k")
+    nodes.set({key: ([("messages", [AIMessage("hi")])], 60)})
+    assert nodes.get([key]) == {}
+    assert asyncio.run(nodes.aget([key])) == {}
+    nodes.clear()
+    assert nodes.results.stats()["node:answer"].errors == 2
+
+
+def test_a_cache_that_cannot_store_a_value_still_answers() -> None:
+    @tool
+    def odd(item: str) -> Any:
+        """Returns something JSON cannot hold."""
+        runs.append(item)
+        return {item: object()}
+
+    cache = ResultCache(ttl={"f": 60})
+    cached = cached_tool(odd, cache, "f")
+    cached.invoke({"item": "a"})
+    cached.invoke({"item": "a"})
+    assert runs == ["a", "a"]
+
+
+# -- TTL classes out of the box ------------------------------------------------------------
+
+
+def test_ttl_classes_are_there_without_configuration_and_overridable() -> None:
+    cache = ResultCache()
+    assert cache.ttl_for("factual") == TTL.days(30)
+    assert cache.ttl_for("daily") == TTL.hours(24)
+    assert not cache.cacheable("realtime")
+    cached = cached_tool(price_of, cache, "factual")
+    cached.invoke({"item": "mug"})
+    cached.invoke({"item": "mug"})
+    assert runs == ["mug"]
+    live = cached_tool(price_of, cache, "realtime")
+    live.invoke({"item": "mug"})
+    live.invoke({"item": "mug"})
+    assert runs == ["mug", "mug", "mug"]
+    custom = ResultCache(ttl={"daily": TTL.hours(1), "pricing": 60})
+    assert custom.ttl_for("daily") == TTL.hours(1) and custom.ttl_for("pricing") == 60
+    assert custom.ttl_for("factual") == TTL.days(30)  # defaults stay unless replaced
+    with pytest.raises(ValueError, match=r"unknown TTL class 'nope'.*daily.*factual"):
+        custom.ttl_for("nope")
+
+
+# -- the serializer --------------------------------------------------------------------------
+
+
+ALLOWED: list[Any] = [
+    None, True, 0, -7, 2**70, 1.5, "text", "", [], {}, [1, "a", None],
+    {"a": {"b": [1, 2]}}, (1, "x"), {"$t": "not a tag", "x": 1}, {1: "int key"},
+    AIMessage("hi", id="m1", tool_calls=[{"name": "f", "args": {"x": 1}, "id": "c1"}],
+              usage_metadata={"input_tokens": 3, "output_tokens": 2, "total_tokens": 5}),
+    AIMessageChunk("chunk"), HumanMessage("q", name="ann"), SystemMessage("sys"),
+    ToolMessage("42", tool_call_id="c1"), RemoveMessage(id="m1"),
+    Document("page", metadata={"source": "a.txt"}, id="d1"),
+    Send("worker", {"task": 1}),
+    [("messages", [AIMessage("hi")]), ("branch:to:tools", None)],
+    [Generation(text="t"), ChatGeneration(message=AIMessage("a"))],
+]
+
+
+@pytest.mark.parametrize("value", ALLOWED, ids=lambda v: type(v).__name__)
+def test_allowed_values_round_trip(value: Any) -> None:
+    back = loads_value(dumps_value(value))
+    assert back == value and type(back) is type(value)
+
+
+class Custom:
+    pass
+
+
+@pytest.mark.parametrize("value", [Custom(), {"x": Custom()}, {1, 2}, b"raw", float("nan"),
+                                   time, {(1, 2): 3}],
+                         ids=["object", "nested", "set", "bytes", "nan", "module", "tuple-key"])
+def test_anything_else_is_not_encoded(value: Any) -> None:
+    with pytest.raises(UnencodableValue):
+        dumps_value(value)
+
+
+@pytest.mark.parametrize("text", [
+    '{"v": 1, "value": {"$t": "message", "data": {"type": "os.system", "data": {}}}}',
+    '{"v": 1, "value": {"$t": "import", "module": "os"}}',
+    '{"v": 1, "value": {"$t": "send", "node": 3, "arg": null}}',
+    '{"v": 1, "value": {"$t": "message", "data": {"type": "ai", "data": {"content": 5}}}}',
+    '{"v": 1, "value": {"$t": "dict", "items": [[[1], 2]]}}',
+    '{"v": 2, "value": 1}', '{"value": 1}', "[]", '"x"', "{", "",
+    '{"v": 1, "value": ' + "[" * 5000 + "]" * 5000 + "}",
+])
+def test_hostile_or_malformed_text_is_refused(text: str) -> None:
+    with pytest.raises(UndecodableEntry):
+        loads_value(text)
+
+
+def test_oversized_text_is_refused_without_parsing() -> None:
+    text = dumps_value("x" * 100)
+    assert loads_value(text, max_bytes=len(text)) == "x" * 100
+    with pytest.raises(UndecodableEntry, match="bytes"):
+        loads_value(text, max_bytes=len(text) - 1)
+    with pytest.raises(UnencodableValue):
+        dumps_value("x" * DEFAULT_MAX_BYTES)

@@ -1,0 +1,191 @@
+"""One URL dialect for ledgers, caches and usage stores: one parser and scheme registry
+(unknown schemes and options raise, naming the known ones; SQLite query parameters are
+options, not part of the file name) and one Redis client factory (bounded pool,
+timeouts) behind all three."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+
+from agent_guard.cache import LLMCache, ResultCache, store_from_url
+from agent_guard.cache.store import MemoryStore, RedisStore, SQLiteStore
+from agent_guard.finops.store import UsageStore
+from agent_guard.ledger import from_url as ledger_from_url
+from agent_guard.stores import StoreURL, known_schemes, parse_url
+
+from .conftest import REDIS_URL, require_redis
+
+KINDS = ["ledger", "cache", "usage"]
+
+
+def build(kind: str, url: str, **options):
+    if kind == "ledger":
+        return ledger_from_url(url, **options)
+    if kind == "cache":
+        return store_from_url(url, **options)
+    return UsageStore.from_url(url, **options)
+
+
+def close(obj) -> None:
+    obj.close()
+
+
+# -- SQLite: the query is options, never the file name ---------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sqlite_query_parameters_are_options_not_part_of_the_file_name(kind: str,
+                                                                       tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cache.db'}?timeout=5"
+    obj = build(kind, url)
+    try:
+        names = sorted(p.name for p in tmp_path.iterdir())
+        assert "cache.db" in names and not any("?" in n for n in names), names
+        pool = obj._pool
+        assert pool.timeout == 5.0 and pool.path == str(tmp_path / "cache.db")
+    finally:
+        close(obj)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_percent_encoded_sqlite_path_is_decoded_once(kind: str, tmp_path: Path) -> None:
+    obj = build(kind, f"sqlite:///{tmp_path}/my%20cache.db")
+    try:
+        assert (tmp_path / "my cache.db").exists()
+    finally:
+        close(obj)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("url", ["sqlite:///{tmp}/x.db?timeout=5&tiemout=6",
+                                 "sqlite:///{tmp}/x.db?busy=1"])
+def test_unknown_sqlite_options_raise_listing_the_known_ones(kind: str, url: str,
+                                                             tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown .*option .* known: .*timeout"):
+        build(kind, url.format(tmp=tmp_path))
+    assert not (tmp_path / "x.db").exists()  # refused before anything was created
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_bad_sqlite_option_value_is_a_clear_error(kind: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"timeout.*'soon'"):
+        build(kind, f"sqlite:///{tmp_path}/x.db?timeout=soon")
+
+
+# -- memory: options of each kind, typos refused ----------------------------------------------
+
+
+def test_memory_cache_option_is_read_and_a_typo_is_refused() -> None:
+    store = store_from_url("memory://?max_entries=5")
+    assert isinstance(store, MemoryStore) and store.max_entries == 5
+    with pytest.raises(ValueError, match=r"unknown .*option 'max_entrys'.*known: .*max_entries"):
+        store_from_url("memory://?max_entrys=5")
+    with pytest.raises(ValueError, match="max_entrys"):
+        ResultCache("memory://?max_entrys=5")
+
+
+def test_usage_store_reads_its_url_options_and_refuses_typos() -> None:
+    store = UsageStore.from_url("memory://?retention_days=3")
+    assert store.retention_days == 3
+    with pytest.raises(ValueError, match=r"unknown .*option 'retention_dayz'.*retention_days"):
+        UsageStore.from_url("memory://?retention_dayz=3")
+    # a keyword given beside the URL wins, as for the ledgers
+    assert UsageStore.from_url("memory://?retention_days=3", retention_days=7).retention_days \
+        == 7
+
+
+def test_memory_ledger_typo_is_refused_as_before() -> None:
+    with pytest.raises(ValueError, match=r"unknown .*option 'max_scope'.*max_scopes"):
+        ledger_from_url("memory://?max_scope=5")
+
+
+# -- Redis: one factory ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unknown_redis_options_raise_before_connecting(kind: str) -> None:
+    with pytest.raises(ValueError, match=r"unknown .*option 'sokcet_timeout'.*socket_timeout"):
+        build(kind, "redis://127.0.0.1:1/0?sokcet_timeout=1")
+
+
+def test_redis_options_of_redis_py_and_ours_are_accepted() -> None:
+    parsed = parse_url("redis://u:pw@127.0.0.1:6379/3?socket_timeout=1.5&namespace=ns"
+                       "&max_connections=7", kind="cache")
+    assert isinstance(parsed, StoreURL)
+    assert parsed.options["namespace"] == "ns"
+    assert parsed.options["socket_timeout"] == 1.5
+    assert parsed.options["max_connections"] == 7
+    assert "namespace" not in parsed.client_url and "pw" in parsed.client_url
+    assert "pw" not in parsed.redacted
+
+
+def client_of(kind: str, obj):
+    if kind == "ledger":
+        return obj.client
+    if kind == "cache":
+        return obj.client
+    return obj.client
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_redis_client_has_a_bounded_pool_and_timeouts(kind: str) -> None:
+    require_redis()
+    obj = build(kind, REDIS_URL + "?max_connections=9")
+    try:
+        pool = client_of(kind, obj).connection_pool
+        assert isinstance(pool, redis.BlockingConnectionPool)
+        assert pool.max_connections == 9
+        kwargs = pool.connection_kwargs
+        assert kwargs["socket_timeout"] and kwargs["socket_connect_timeout"]
+    finally:
+        close(obj)
+
+
+def test_the_cache_client_has_short_timeouts() -> None:
+    require_redis()
+    store = store_from_url(REDIS_URL)
+    assert isinstance(store, RedisStore)
+    kwargs = store.client.connection_pool.connection_kwargs
+    assert kwargs["socket_timeout"] <= 1 and kwargs["socket_connect_timeout"] <= 1
+    store.close()
+
+
+def test_the_namespace_in_a_cache_url_names_the_cache() -> None:
+    require_redis()
+    cache = ResultCache(REDIS_URL + "?namespace=shop")
+    assert cache.namespace == "shop"
+    llm = LLMCache(REDIS_URL + "?namespace=shop")
+    assert llm.namespace == "shop"
+    cache.store.close()
+    llm.store.close()
+
+
+# -- the registry ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unknown_scheme_lists_the_known_ones(kind: str) -> None:
+    with pytest.raises(ValueError, match=r"unknown .*scheme 'mongodb://'.*memory://.*redis://"):
+        build(kind, "mongodb://localhost/x")
+
+
+def test_every_kind_knows_the_same_schemes() -> None:
+    for kind in KINDS:
+        assert {"memory", "sqlite", "redis", "rediss", "unix"} <= set(known_schemes(kind))
+
+
+def test_the_old_import_path_of_the_sqlite_pool_still_works() -> None:
+    from agent_guard.sqlite_pool import SQLitePool as Old
+    from agent_guard.stores.sqlite import SQLitePool as New
+
+    assert Old is New
+
+
+def test_cache_sqlite_memory_path() -> None:
+    store = store_from_url("sqlite:///:memory:")
+    assert isinstance(store, SQLiteStore)
+    store.set("k", "v")
+    assert store.get("k") == "v"
