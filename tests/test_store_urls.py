@@ -189,3 +189,13 @@ def test_cache_sqlite_memory_path() -> None:
     assert isinstance(store, SQLiteStore)
     store.set("k", "v")
     assert store.get("k") == "v"
+
+
+def test_a_usage_store_next_to_a_redis_ledger_url_reads_the_ledgers_options() -> None:
+    require_redis()
+    store = UsageStore.for_ledger(REDIS_URL + "?namespace=shop&scope_ttl_seconds=60")
+    try:
+        assert store.key == "ag:{shop}:usage"
+        assert isinstance(store.client.connection_pool, redis.BlockingConnectionPool)
+    finally:
+        store.close()

@@ -306,8 +306,11 @@ class UsageStore(ABC):
         ledger's file, the ``usage`` stream in a Redis ledger's namespace, memory
         for a memory ledger (or a SQLite ledger in ``:memory:``)."""
         if isinstance(ledger, str):
-            if ledger.split("://", 1)[0].lower() in ("redis", "rediss", "unix"):
-                return UsageStore.from_url(ledger, retention_days=retention_days, **options)
+            parsed = parse_url(ledger, "ledger")
+            if parsed.backend == "redis":  # the ledger's server and namespace
+                return RedisUsageStore(
+                    parsed.client_url, namespace=parsed.kind_options.get("namespace") or
+                    "default", retention_days=retention_days, **options)
             from ..ledger import from_url
 
             ledger = from_url(ledger)
