@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import pickle
 import time
 from typing import Any
 
 import pytest
 from langchain_core.documents import Document
+from langchain_core.embeddings import Embeddings
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -24,7 +27,15 @@ from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from langgraph.types import Send
 
-from agent_guard.cache import TTL, LLMCache, NodeCache, ResultCache, cached_tool
+from agent_guard.cache import (
+    TTL,
+    LLMCache,
+    MemoryStore,
+    NodeCache,
+    ResultCache,
+    SemanticLLMCache,
+    cached_tool,
+)
 from agent_guard.cache.serde import (
     DEFAULT_MAX_BYTES,
     UndecodableEntry,
@@ -192,3 +203,50 @@ def test_oversized_text_is_refused_without_parsing() -> None:
         loads_value(text, max_bytes=len(text) - 1)
     with pytest.raises(UnencodableValue):
         dumps_value("x" * DEFAULT_MAX_BYTES)
+
+
+class Letters(Embeddings):
+    """Letter counts: paraphrases with the same letters are close."""
+
+    def embed_query(self, text: str) -> list[float]:
+        return [float(text.lower().count(c)) for c in "abcdefghijklmnopqrstuvwxyz"]
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return [self.embed_query(t) for t in texts]
+
+
+@pytest.mark.parametrize("payload", [
+    pickle.dumps(os.getcwd, protocol=5), b"\x81\xa1v\xc7\x03\x01abc", '{"vector": [1], "value":',
+    '{"v": 1, "value": {"vector": ["x"], "answer": []}}',
+    '{"v": 1, "value": {"vector": [1.0], "answer": [{"$t": "send", "node": "n", "arg": 1}]}}',
+], ids=["pickle", "msgpack", "truncated", "bad-vector", "not-generations"])
+def test_semantic_entries_that_cannot_be_read_are_misses(payload: Any) -> None:
+    cache = SemanticLLMCache(Letters(), threshold=0.9, refresh_s=0)
+    llm_string = "model=gpt-4o"
+    cache.update("what is the capital of france", llm_string,
+                 [ChatGeneration(message=AIMessage("Paris"))])
+    hit = cache.lookup("what is the capital of france?", llm_string)  # a paraphrase
+    assert hit is not None and hit[0].text == "Paris"
+    store = cache.store
+    assert isinstance(store, MemoryStore)
+    with store._lock:
+        for key in list(store._data):
+            store._data[key] = (payload, None)  # type: ignore[assignment]
+    assert cache.lookup("what is the capital of france?", llm_string) is None
+    assert cache.lookup("what is the capital of france", llm_string) is None
+    stats = cache.stats()
+    assert stats.hits == 1 and stats.misses == 2 and stats.undecodable == 2
+
+
+def test_failing_embeddings_make_the_semantic_cache_exact_only() -> None:
+    class Broken(Embeddings):
+        def embed_query(self, text: str) -> list[float]:
+            raise ConnectionError("embeddings API down")
+
+        def embed_documents(self, texts: list[str]) -> list[list[float]]:
+            raise ConnectionError("embeddings API down")
+
+    cache = SemanticLLMCache(Broken())
+    cache.update("hello", "m", [Generation(text="hi")])
+    assert cache.lookup("hello", "m") == [Generation(text="hi")]
+    assert cache.lookup("hello there", "m") is None

@@ -311,25 +311,29 @@ class SemanticLLMCache(LLMCache):
     def _group(self, llm_string: str) -> str:
         return self._prefix() + "s:" + _digest(llm_string) + ":"
 
-    def _vectors(self, group: str) -> list[tuple[list[float], str]]:
+    def _vectors(self, group: str) -> tuple[list[tuple[list[float], str]], bool]:
+        """The group's ``(vector, key)`` index, and whether reading it refused entries."""
         now = time.monotonic()
         with self._lock:
             fresh = now - self._loaded.get(group, -math.inf) < self.refresh_s
             if fresh:
-                return list(self._index.get(group, []))
+                return list(self._index.get(group, [])), False
         rows = self.io.scan(group)
         if rows is None:  # the store failed: use what is known
             with self._lock:
-                return list(self._index.get(group, []))
+                return list(self._index.get(group, [])), False
         index = []
+        refused = False
         for key, raw in rows:
             entry = self._semantic_entry(raw)
-            if entry is not None:
+            if entry is None:
+                refused = True
+            else:
                 index.append((entry["vector"], key))
         with self._lock:
             self._index[group] = index
             self._loaded[group] = now
-        return index
+        return index, refused
 
     def _semantic_entry(self, raw: Any) -> dict[str, Any] | None:
         """``{"vector": [numbers], "answer": [generations]}`` or None (refused)."""
@@ -374,12 +378,13 @@ class SemanticLLMCache(LLMCache):
         if vector is None:
             return None, Failure.ERROR
         best, best_key = 0.0, None
-        for other, key in self._vectors(self._group(llm_string)):
+        index, refused = self._vectors(self._group(llm_string))
+        for other, key in index:
             score = _cosine(vector, other)
             if score > best:
                 best, best_key = score, key
         if best_key is None or best < self.threshold:
-            return None, None
+            return None, Failure.UNDECODABLE if refused else None
         raw, failure = self.io.read_text(best_key, self.max_bytes)
         if raw is None:
             return None, failure
