@@ -40,7 +40,8 @@ SCRIPT = textwrap.dedent("""
 OTEL_VARS = ("OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER", "OTEL_SERVICE_NAME",
              "OTEL_RESOURCE_ATTRIBUTES", "OTEL_EXPORTER_OTLP_ENDPOINT",
              "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
-             "OTEL_EXPORTER_OTLP_PROTOCOL", "PHOENIX_PROJECT_NAME")
+             "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+             "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "PHOENIX_PROJECT_NAME")
 
 
 def run(receiver: OtlpReceiver, env: dict[str, str] | None = None, **kwargs: Any
@@ -177,3 +178,32 @@ def test_exporter_names_from_the_environment_and_the_switch(
 
     environ = {} if value is None else {"OTEL_METRICS_EXPORTER": value}
     assert exporter_names("OTEL_METRICS_EXPORTER", switch, environ=environ) == expected
+
+
+@pytest.mark.parametrize("env, refused", [
+    ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "OTEL_EXPORTER_OTLP_PROTOCOL"),
+    ({"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
+    ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL":
+      "http/protobuf", "OTEL_METRICS_EXPORTER": "none"}, None),
+    ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_TRACES_EXPORTER": "console",
+      "OTEL_METRICS_EXPORTER": "none"}, None),
+])
+def test_a_protocol_other_than_otlp_http_is_refused_clearly(monkeypatch, env: dict,
+                                                             refused: str | None) -> None:
+    from agent_guard.telemetry.otel import _check_protocol, exporter_names
+
+    for name in OTEL_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    def check() -> None:
+        for signal in ("TRACES", "METRICS"):
+            if "otlp" in exporter_names(f"OTEL_{signal}_EXPORTER", None):
+                _check_protocol(signal)
+
+    if refused is None:
+        check()
+    else:
+        with pytest.raises(ValueError, match=f"{refused}=.*http/protobuf"):
+            check()

@@ -749,6 +749,9 @@ def configure_otlp(endpoint: str | None = None, *, service_name: str | None = No
 
     trace_exporters = exporter_names("OTEL_TRACES_EXPORTER", traces)
     metric_exporters = exporter_names("OTEL_METRICS_EXPORTER", metrics)
+    for signal, names in (("TRACES", trace_exporters), ("METRICS", metric_exporters)):
+        if "otlp" in names:
+            _check_protocol(signal)
     attributes: dict[str, Any] = dict(resource_attributes or {})
     if service_name is not None:
         attributes["service.name"] = service_name
@@ -778,6 +781,20 @@ def configure_otlp(endpoint: str | None = None, *, service_name: str | None = No
     telemetry = GuardTelemetry(tracer_provider, meter_provider, **telemetry_options)
     telemetry.export_status = status
     return telemetry
+
+
+def _check_protocol(signal: str) -> None:
+    """configure_otlp exports OTLP over HTTP with protobuf; refuse a variable asking for
+    another protocol rather than send HTTP to a gRPC port."""
+    for variable in (f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        value = (os.environ.get(variable) or "").strip()
+        if value:
+            if value.lower() != "http/protobuf":
+                raise ValueError(
+                    f"{variable}={value!r}: configure_otlp exports OTLP over HTTP "
+                    "(http/protobuf, port 4318); for gRPC set up your own providers with "
+                    "the gRPC exporter and pass them to GuardTelemetry")
+            return
 
 
 def _is_sdk(provider: Any, signal: str) -> bool:
