@@ -85,7 +85,8 @@ def price(
                       "PriceBook.with_overrides(...) or AGENT_GUARD_PRICES=prices.yaml")
         raise typer.Exit(1)
     per_m = 1_000_000
-    console.print(f"{model!r} -> {p.model!r} ({p.provider}), snapshot {book.snapshot_date}")
+    console.print(f"{model!r} -> {p.model!r} ({p.provider})")
+    console.print(f"  prices as of {book.snapshot_date}{_age(book.snapshot_date)}")
     console.print(f"  input  ${p.input * per_m}/M tokens")
     console.print(f"  output ${p.output * per_m}/M tokens")
     if p.cache_read is not None:
@@ -94,6 +95,81 @@ def price(
         console.print(f"  cache write ${p.cache_creation * per_m}/M tokens")
     if p.reasoning is not None:
         console.print(f"  reasoning   ${p.reasoning * per_m}/M tokens")
+    shown = {"input_cost_per_token", "output_cost_per_token", "cache_read_input_token_cost",
+             "cache_creation_input_token_cost", "output_cost_per_reasoning_token"}
+    for key, value in sorted(p.fields.items()):
+        if key not in shown:
+            console.print(f"  {key} ${value * per_m}/M tokens")
+    for r in p.ranges:
+        console.print(f"  prompt in ({r.start}, {r.end}]: " + ", ".join(
+            f"{k} ${v * per_m}/M" for k, v in sorted(r.rates.items())))
+
+
+#: prices older than this are flagged by ``agent-guard price``
+STALE_AFTER_DAYS = 90
+
+
+def _age(date: str | None) -> str:
+    import datetime as dt
+
+    try:
+        days = (dt.date.today() - dt.date.fromisoformat(str(date))).days
+    except ValueError:
+        return ""
+    if days > STALE_AFTER_DAYS:
+        return (f" ({days} days old) [yellow]warning: prices may have changed since; "
+                "refresh them with `agent-guard prices update`[/yellow]")
+    return f" ({days} days old)"
+
+
+prices_app = typer.Typer(help="The price table: refresh it from LiteLLM's price list.",
+                         no_args_is_help=True)
+app.add_typer(prices_app, name="prices")
+
+
+@prices_app.command("update")
+def prices_update(
+    source: Annotated[str | None, typer.Option(
+        "--from", help="The installed LiteLLM (default), a LiteLLM price JSON or wheel, or "
+                       "an http(s) URL of the JSON.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Where to write the table (default: $AGENT_GUARD_PRICES, else the user file "
+             "the guard reads).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Show what would change; write nothing.")
+                       ] = False,
+    show: Annotated[int, typer.Option(help="Changed models listed (0: none).")] = 20,
+) -> None:
+    """Rebuild the price table from LiteLLM's price list and show what changed."""
+    import datetime as dt
+    import os
+
+    from .pricing import PriceBook
+    from .pricing.pricebook import ENV_VAR
+    from .pricing.refresh import build_table, diff_tables, dump_snapshot, load_source
+
+    try:
+        raw, origin, version = load_source(source)
+        table = build_table(raw)
+        PriceBook.from_litellm(table)  # every entry must price
+    except (OSError, ValueError) as exc:
+        raise _fail(f"cannot read prices from {source or 'the installed LiteLLM'}: {exc}") from exc
+    target = out or Path(os.environ.get(ENV_VAR) or PriceBook.user_prices_path())
+    current = PriceBook.default()
+    change = diff_tables(current._raw, table)
+    console.print(f"{len(table)} models from {origin}; current table as of "
+                  f"{current.snapshot_date}: {len(change.added)} added, "
+                  f"{len(change.removed)} removed, {len(change.changed)} changed")
+    for name, fields in list(change.changed.items())[:show]:
+        console.print(f"  {name}: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in
+                                                fields.items()))
+    if dry_run:
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(dump_snapshot(table, version=version, date=dt.date.today().isoformat(),
+                                    source=origin))
+    note = "" if target == Path(os.environ.get(ENV_VAR) or PriceBook.user_prices_path()) else (
+        f" (the guard reads it with {ENV_VAR}={target})")
+    console.print(f"wrote {target}{note}")
 
 
 # -- FinOps: reports and FOCUS export ---------------------------------------------------------

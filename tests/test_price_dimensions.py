@@ -329,3 +329,31 @@ def test_a_priority_chat_openai_is_reserved_at_priority_rates(server) -> None:  
                      service_tier="priority")
     llm.invoke("hi", config={"callbacks": [handler]})
     assert reserved[0] >= 1000 * D("1.7e-05") * 10**9
+
+
+# -- prices update ----------------------------------------------------------------------------
+
+def test_prices_update_writes_the_table_the_guard_reads(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from agent_guard.cli import app
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.delenv("AGENT_GUARD_PRICES", raising=False)
+    source = tmp_path / "litellm.json"
+    source.write_text(_json.dumps({"acme-chat": {
+        "litellm_provider": "acme", "mode": "chat", "input_cost_per_token": 1e-06,
+        "output_cost_per_token": 2e-06, "input_cost_per_token_priority": 3e-06},
+        "acme-embed": {"mode": "embedding", "input_cost_per_token": 1e-08}}))
+    result = CliRunner().invoke(app, ["prices", "update", "--from", str(source)])
+    assert result.exit_code == 0, result.output
+    assert "1 models" in result.output and "1 added" in result.output
+    book = PriceBook.default()
+    assert book.price("acme-chat").fields["input_cost_per_token_priority"] == D("3e-06")
+    assert "gpt-4o" not in book  # the written table replaces the bundled one
+    shown = CliRunner().invoke(app, ["price", "acme-chat"])
+    assert "prices as of" in shown.output and "input_cost_per_token_priority" in shown.output
+    bad = CliRunner().invoke(app, ["prices", "update", "--from", str(tmp_path / "none.json")])
+    assert bad.exit_code != 0 and "cannot read prices" in bad.output

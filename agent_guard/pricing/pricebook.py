@@ -532,6 +532,19 @@ def _read_file(path: str | os.PathLike[str]) -> Mapping[str, Any]:
     return data.get("models", data) if "_meta" in data else data
 
 
+def _read_snapshot_file(path: str | os.PathLike[str]) -> tuple[str | None, dict[str, Any]] | None:
+    """(snapshot date, models) when ``path`` is a whole dated table, else None."""
+    p = Path(path)
+    if p.suffix.lower() != ".json":
+        return None
+    data = json.loads(p.read_text(), parse_float=Decimal)
+    meta = data.get("_meta") if isinstance(data, Mapping) else None
+    if isinstance(meta, Mapping) and meta.get("snapshot_date") and isinstance(
+            data.get("models"), Mapping):
+        return str(meta["snapshot_date"]), dict(data["models"])
+    return None
+
+
 class PriceBook:
     """Prices by model name, with LiteLLM-compatible entries and name resolution."""
 
@@ -567,12 +580,27 @@ class PriceBook:
 
     @classmethod
     def default(cls) -> PriceBook:
-        """The bundled snapshot plus overrides from ``$AGENT_GUARD_PRICES`` if set."""
+        """The bundled snapshot, or the table ``agent-guard prices update`` wrote, plus
+        overrides: from ``$AGENT_GUARD_PRICES`` if set, else from
+        :meth:`user_prices_path` if that file exists. A file written by ``prices update``
+        (a whole dated table) replaces the bundled snapshot; any other file is merged
+        over it field by field."""
         book = cls.bundled()
-        path = os.environ.get(ENV_VAR)
+        path = os.environ.get(ENV_VAR) or (
+            str(cls.user_prices_path()) if cls.user_prices_path().is_file() else None)
         if path:
+            snapshot = _read_snapshot_file(path)
+            if snapshot is not None:
+                return cls.from_litellm(snapshot[1], snapshot[0])
             book = book.with_overrides(path)
         return book
+
+    @staticmethod
+    def user_prices_path() -> Path:
+        """Where ``agent-guard prices update`` writes by default:
+        ``$XDG_CONFIG_HOME/agent-guard/prices.json`` (``~/.config/...``)."""
+        base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+        return Path(base) / "agent-guard" / "prices.json"
 
     def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]] | str | os.PathLike[str]
                        ) -> PriceBook:
