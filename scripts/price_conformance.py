@@ -244,8 +244,17 @@ def main() -> None:
     parser.add_argument("--usages", type=int, default=15)
     parser.add_argument("--check", action="store_true",
                         help="do not write; fail on an under-charge or an undocumented model")
+    parser.add_argument("--json", action="store_true",
+                        help="do not write; print the results as JSON")
     args = parser.parse_args()
     report = run(args.usages)
+    if args.json:
+        import json
+
+        print(json.dumps({"litellm_version": report.litellm_version, "results": [
+            {"model": r.model, "usages": r.usages, "differ": r.differ, "under": r.under,
+             "reason": r.reason, "example": r.example} for r in report.results]}))
+        return
     print(f"LiteLLM {report.litellm_version}: {len(report.results)} models, "
           f"{len(report.differing)} differ, {len(report.under)} charged less")
     for r in report.under:
