@@ -300,6 +300,18 @@ class FakeOpenAIServer:
             self._billed.append(bill)
         return bill
 
+    def wait_billed(self, count: int, timeout: float = 5.0) -> list[BilledRequest]:
+        """The bills once there are at least ``count`` (a client that timed out may return
+        before the server has read its request); ``TimeoutError`` if they do not come."""
+        deadline = time.monotonic() + timeout
+        while True:
+            bills = self.billed
+            if len(bills) >= count:
+                return bills
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{len(bills)} requests billed, expected {count}")
+            time.sleep(0.005)
+
     def billed_usage(self) -> Any:
         """The billed tokens summed over every request, as an ``agent_guard.usage.Usage``."""
         from ..usage import Usage

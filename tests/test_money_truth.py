@@ -1,0 +1,440 @@
+"""Money truth, lifecycle and billing half (issue 13): the ledger against the provider's bill.
+
+Every test drives the real ``ChatOpenAI`` (and ``create_agent`` / LangGraph graphs where
+they apply) against ``FakeOpenAIServer``, which records what a real provider would bill
+(answers the client gave up on included), on a memory and a Redis ledger, and asserts:
+
+- spent <= cap;
+- nothing is reserved once the run is over;
+- charged >= billed (``server.billed_nano``);
+- charged <= the stated conservative bound: what the calls reserved (an abandoned call
+  is charged its reserved worst case, never more).
+
+The rules are in docs/money-truth.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, TypedDict
+
+import openai
+import pytest
+from langchain.agents import create_agent
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import HumanMessage
+from langchain_openai import ChatOpenAI
+from langgraph.graph import END, START, StateGraph
+
+from agent_guard import BudgetExceeded, Guard, GuardCallbackHandler, Limits, guarded_graph
+from agent_guard.ledger import Ledger
+from agent_guard.records import CallRecord
+from agent_guard.testing import FakeOpenAIServer, FakeReply
+
+from .conftest import REDIS_URL, require_redis
+
+SESSION = "money"
+MAX_TOKENS = 100
+ANSWER = FakeReply("Paris is the capital of France.", completion_tokens=60)
+
+
+# -- fixtures and checks -------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "redis"])
+def ledger(request: pytest.FixtureRequest, redis_namespace: str) -> Iterator[Ledger]:
+    from agent_guard.ledger import MemoryLedger
+
+    if request.param == "memory":
+        made: Ledger = MemoryLedger()
+    else:
+        require_redis()
+        from agent_guard.ledger.redis import RedisLedger
+
+        made = RedisLedger.from_url(REDIS_URL, namespace=redis_namespace)
+    yield made
+    made.close()
+
+
+class Books:
+    """A guard on ``ledger`` with a dollar cap, and the records it emitted."""
+
+    def __init__(self, ledger: Ledger, cap_usd: float = 1.0, **limits: Any) -> None:
+        self.records: list[CallRecord] = []
+        self.guard = Guard(Limits(max_cost_usd=cap_usd, **limits), ledger=ledger,
+                           on_record=[self.records.append])
+        self.cap_nano = self.guard.limits.max_cost_nano
+
+    def handler(self, **kw: Any) -> GuardCallbackHandler:
+        return GuardCallbackHandler(self.guard, session_id=SESSION, **kw)
+
+    def model_records(self) -> list[CallRecord]:
+        return [r for r in self.records if r.kind == "model"]
+
+    def settle_check(self, server: FakeOpenAIServer, *, timeout: float = 5.0) -> int:
+        """Wait until nothing is reserved (a cancelled call is finished by its task's end
+        or by the lease keeper), then check the four promises; return what was charged."""
+        deadline = time.monotonic() + timeout
+        usage = self.guard.usage(SESSION)
+        while usage.reserved_nano and time.monotonic() < deadline:
+            time.sleep(0.02)
+            usage = self.guard.usage(SESSION)
+        billed = server.billed_nano(self.guard.prices)
+        bound = sum(r.reserved_nano for r in self.model_records())
+        assert usage.reserved_nano == 0, "a hold outlived the run"
+        assert usage.cost_nano <= self.cap_nano, "spend passed the cap"
+        assert usage.cost_nano >= billed, (
+            f"charged {usage.cost_nano} < billed {billed} ({len(server.billed)} requests)")
+        assert usage.cost_nano <= bound, f"charged {usage.cost_nano} > reserved {bound}"
+        return usage.cost_nano
+
+
+def chat(server: FakeOpenAIServer, **kw: Any) -> ChatOpenAI:
+    kw.setdefault("max_retries", 0)
+    return ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="test",
+                      max_tokens=MAX_TOKENS, **kw)
+
+
+@pytest.fixture(autouse=True)
+def quick_sdk_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The openai SDK waits 0.5 s and more between its own retries; 10 ms is enough here."""
+    monkeypatch.setattr("openai._base_client.INITIAL_RETRY_DELAY", 0.01)
+
+
+def slow(delay: float = 3.0) -> FakeReply:
+    """An answer the client gives up on: the server bills it when the request arrives."""
+    return FakeReply(ANSWER.content, completion_tokens=ANSWER.completion_tokens, delay_s=delay)
+
+
+def streamed(chunks: int = 40, delay: float = 0.02) -> FakeReply:
+    return FakeReply("word " * chunks, completion_tokens=80, chunk_delay_s=delay)
+
+
+# -- row 1: cancellation skips the model's end callbacks --------------------------------------
+
+
+def test_wait_for_around_ainvoke_charges_the_answer_and_frees_the_hold(ledger: Ledger) -> None:
+    books = Books(ledger)
+    with FakeOpenAIServer([slow()]) as server:
+        async def run() -> None:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    chat(server).ainvoke("hi", config={"callbacks": [books.handler()]}), 0.5)
+
+        asyncio.run(run())
+        server.wait_billed(1)
+        books.settle_check(server)
+    [record] = books.model_records()
+    assert record.usage_estimated and record.outcome == "aborted"
+
+
+@pytest.mark.parametrize("cut", ["break_aclose", "timeout"])
+def test_agent_astream_cut_charges_what_the_provider_billed(ledger: Ledger, cut: str) -> None:
+    books = Books(ledger)
+    reply = streamed() if cut == "break_aclose" else slow()
+    with FakeOpenAIServer([reply]) as server:
+        agent = create_agent(chat(server), tools=[])
+        config = {"callbacks": [books.handler()]}
+        inputs = {"messages": [HumanMessage("hi")]}
+
+        async def run() -> None:
+            if cut == "break_aclose":
+                stream = agent.astream(inputs, config, stream_mode="messages")
+                async for _ in stream:
+                    break
+                await stream.aclose()
+            else:
+                async def consume() -> None:
+                    async for _ in agent.astream(inputs, config, stream_mode="updates"):
+                        pass
+
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(consume(), 0.5)
+
+        asyncio.run(run())
+        server.wait_billed(1)
+        books.settle_check(server)
+    assert all(r.usage_estimated for r in books.model_records())
+
+
+class Fan(TypedDict, total=False):
+    answer: str
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_async_fan_out_whose_sibling_raises(ledger: Ledger, guarded: bool) -> None:
+    books = Books(ledger)
+    with FakeOpenAIServer([slow()]) as server:
+        model = chat(server)
+
+        async def ask(state: Fan) -> Fan:
+            return {"answer": str((await model.ainvoke("hi")).content)}
+
+        async def boom(state: Fan) -> Fan:
+            while not server.request_count:  # the other branch's request was sent
+                await asyncio.sleep(0.01)
+            raise ValueError("a sibling failed")
+
+        builder = StateGraph(Fan)
+        builder.add_node("ask", ask)
+        builder.add_node("boom", boom)
+        builder.add_edge(START, "ask")
+        builder.add_edge(START, "boom")
+        builder.add_edge("ask", END)
+        builder.add_edge("boom", END)
+        if guarded:
+            graph: Any = guarded_graph(builder, guard=books.guard, session_id=SESSION)
+            config: dict[str, Any] = {}
+        else:
+            graph = builder.compile()
+            config = {"callbacks": [books.handler()]}
+
+        with pytest.raises(ValueError, match="sibling"):
+            asyncio.run(graph.ainvoke({}, config))
+        server.wait_billed(1)
+        books.settle_check(server)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_stream_closed_early_is_charged_as_billed(ledger: Ledger, mode: str) -> None:
+    """The provider goes on generating after the client hangs up: the full answer is
+    billed, so a cut stream is charged its reserved output, not what was read."""
+    books = Books(ledger)
+    with FakeOpenAIServer([streamed()]) as server:
+        model = chat(server)
+        config = {"callbacks": [books.handler()]}
+        if mode == "sync":
+            stream = model.stream("hi", config)
+            next(stream), next(stream)
+            stream.close()
+        else:
+            async def run() -> None:
+                astream = model.astream("hi", config)
+                await anext(astream)
+                await anext(astream)
+                await astream.aclose()
+
+            asyncio.run(run())
+        books.settle_check(server)
+    [record] = books.model_records()
+    assert record.usage_estimated
+
+
+# -- row 2: read timeouts after the request was sent, retried by with_retry ----------------------
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_read_timeouts_retried_by_with_retry_are_each_charged(ledger: Ledger,
+                                                               mode: str) -> None:
+    probe = Books(ledger)
+    with FakeOpenAIServer([slow()]) as server:
+        worst = probe.guard.estimate_model_call(_call(server, "hi"))
+        books = Books(ledger, cap_usd=4.5 * worst / 1e9)  # room for 4 attempts, not 6
+        model = chat(server, timeout=0.05).with_retry(
+            stop_after_attempt=6, wait_exponential_jitter=False,
+            retry_if_exception_type=(openai.APITimeoutError,))
+        config = {"callbacks": [books.handler()]}
+        with pytest.raises((openai.APITimeoutError, BudgetExceeded)) as caught:
+            if mode == "sync":
+                model.invoke("hi", config)
+            else:
+                asyncio.run(model.ainvoke("hi", config))
+        assert caught.type is BudgetExceeded  # the cap stops the retries
+        assert len(server.wait_billed(4)) == 4
+        books.settle_check(server)
+    records = books.model_records()
+    assert len(records) == 4 and all(r.usage_estimated for r in records)
+
+
+def _call(server: FakeOpenAIServer, text: str) -> Any:
+    from agent_guard.guard import ModelCall
+
+    return ModelCall(session=SESSION, model="gpt-4o", provider="openai",
+                     messages=[HumanMessage(text)], max_output_tokens=MAX_TOKENS)
+
+
+# -- row 3: the SDK's own retries inside one guarded call ------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("last", ["timeout", "answer"])
+def test_sdk_retries_after_timeouts_are_charged(ledger: Ledger, mode: str, last: str) -> None:
+    books = Books(ledger)
+    final = slow() if last == "timeout" else ANSWER
+    with FakeOpenAIServer([slow(), slow(), final]) as server:
+        model = chat(server, timeout=0.1, max_retries=2)
+        config = {"callbacks": [books.handler()]}
+
+        def run() -> None:
+            if mode == "sync":
+                model.invoke("hi", config)
+            else:
+                asyncio.run(model.ainvoke("hi", config))
+
+        if last == "timeout":
+            with pytest.raises(openai.APITimeoutError):
+                run()
+        else:
+            run()
+        assert len(server.wait_billed(3)) == 3  # one guarded call, three requests billed
+        books.settle_check(server)
+    assert len(books.model_records()) == 1
+
+
+# -- row 7: another callback raises; several prompts in one generate --------------------------
+
+
+class Raiser(BaseCallbackHandler):
+    raise_error = True
+
+    def __init__(self, event: str) -> None:
+        self.event = event
+
+    def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
+        if self.event == "start":
+            raise RuntimeError("user callback failed at start")
+
+    def on_llm_end(self, *args: Any, **kwargs: Any) -> None:
+        if self.event == "end":
+            raise RuntimeError("user callback failed at end")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("where", ["model", "agent"])
+@pytest.mark.parametrize("event", ["start", "end"])
+def test_another_callback_raising_leaks_nothing(ledger: Ledger, mode: str, where: str,
+                                                event: str) -> None:
+    books = Books(ledger)
+    with FakeOpenAIServer([ANSWER]) as server:
+        # start: the user's callback runs after the guard's; end: before it
+        handlers = ([books.handler(), Raiser("start")] if event == "start"
+                    else [Raiser("end"), books.handler()])
+        runnable: Any = chat(server)
+        inputs: Any = "hi"
+        if where == "agent":
+            runnable = create_agent(runnable, tools=[])
+            inputs = {"messages": [HumanMessage("hi")]}
+        with pytest.raises(RuntimeError, match="user callback"):
+            if mode == "sync":
+                runnable.invoke(inputs, {"callbacks": handlers})
+            else:
+                asyncio.run(runnable.ainvoke(inputs, {"callbacks": handlers}))
+        assert len(server.billed) == (1 if event == "end" else 0)
+        books.settle_check(server)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_generate_with_a_refused_prompt_holds_nothing(ledger: Ledger, mode: str) -> None:
+    probe = Books(ledger)
+    with FakeOpenAIServer([ANSWER]) as server:
+        worst = probe.guard.estimate_model_call(_call(server, "first"))
+        books = Books(ledger, cap_usd=1.5 * worst / 1e9)  # one prompt fits, not two
+        prompts = [[HumanMessage("first")], [HumanMessage("other")]]
+        with pytest.raises(BudgetExceeded):
+            if mode == "sync":
+                chat(server).generate(prompts, callbacks=[books.handler()])
+            else:
+                asyncio.run(chat(server).agenerate(prompts, callbacks=[books.handler()]))
+        assert server.billed == []
+        assert books.settle_check(server) == 0
+
+
+# -- row 8: one request seen by several handlers or guards -------------------------------------
+
+
+class Q(TypedDict, total=False):
+    question: str
+    answer: str
+
+
+def _graph(model: ChatOpenAI) -> StateGraph:
+    def ask(state: Q) -> Q:
+        return {"answer": str(model.invoke(state["question"]).content)}
+
+    async def aask(state: Q) -> Q:
+        return {"answer": str((await model.ainvoke(state["question"])).content)}
+
+    from langgraph._internal._runnable import RunnableCallable
+
+    builder = StateGraph(Q)
+    builder.add_node("ask", RunnableCallable(ask, aask))
+    builder.add_edge(START, "ask")
+    builder.add_edge("ask", END)
+    return builder
+
+
+def _sub_then_outer(model: ChatOpenAI, inner_guard: Guard) -> StateGraph:
+    inner = guarded_graph(_graph(model), guard=inner_guard, session_id=SESSION)
+    outer = StateGraph(Q)
+    outer.add_node("inner", inner)
+    outer.add_edge(START, "inner")
+    outer.add_edge("inner", END)
+    return outer
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("shape", ["model_and_invoke", "guarded_graph_with_config",
+                                   "guarded_subgraph_other_guard"])
+def test_one_request_is_charged_once(ledger: Ledger, mode: str, shape: str) -> None:
+    books = Books(ledger)
+    with FakeOpenAIServer([ANSWER]) as server:
+        inputs: Any = {"question": "hi"}
+        if shape == "model_and_invoke":
+            runnable: Any = chat(server, callbacks=[books.handler()])
+            inputs = "hi"
+            config: dict[str, Any] = {"callbacks": [books.handler()]}
+        elif shape == "guarded_graph_with_config":
+            runnable = guarded_graph(_graph(chat(server)), guard=books.guard,
+                                     session_id=SESSION).with_config(
+                callbacks=[books.handler()])
+            config = {}
+        else:
+            other = Guard(Limits(max_cost_usd=1.0), ledger=ledger,
+                          on_record=[books.records.append])
+            runnable = guarded_graph(_sub_then_outer(chat(server), other), guard=books.guard,
+                                     session_id=SESSION)
+            config = {}
+        if mode == "sync":
+            runnable.invoke(inputs, config)
+        else:
+            asyncio.run(runnable.ainvoke(inputs, config))
+        assert len(server.billed) == 1
+        charged = books.settle_check(server)
+        assert charged == server.billed_nano(books.guard.prices)
+    assert len(books.model_records()) == 1
+    assert books.guard.usage(SESSION).model_calls == 1
+
+
+# -- row 9: a call longer than its lease keeps its hold ----------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_long_call_keeps_its_hold_past_the_lease(ledger: Ledger, mode: str) -> None:
+    probe = Books(ledger)
+    with FakeOpenAIServer([slow(1.0), ANSWER]) as server:
+        worst = probe.guard.estimate_model_call(_call(server, "hi"))
+        books = Books(ledger, cap_usd=1.5 * worst / 1e9, lease_seconds=0.3)
+        config = {"callbacks": [books.handler()]}
+        second: list[BaseException | None] = []
+
+        def later() -> None:
+            time.sleep(0.6)  # twice the lease into the first call
+            try:
+                chat(server).invoke("hi", config)
+                second.append(None)
+            except BudgetExceeded as exc:
+                second.append(exc)
+
+        thread = threading.Thread(target=later)
+        thread.start()
+        if mode == "sync":
+            chat(server).invoke("hi", config)
+        else:
+            asyncio.run(chat(server).ainvoke("hi", config))
+        thread.join()
+        assert isinstance(second[0], BudgetExceeded), "a second call was admitted"
+        server.wait_billed(1)
+        books.settle_check(server)
