@@ -10,18 +10,20 @@ that awaits the ledger instead of blocking on it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .budgets import STANDARD_ATTRIBUTES, Budgets, ScopeRef
 from .errors import (
     BudgetExceeded,
+    GuardError,
     LedgerUnavailable,
     LoopDetected,
     StepLimitExceeded,
@@ -123,6 +125,14 @@ class ModelCall:
     ``max_completion_tokens``); ``None`` means the policy default is reserved.
     ``can_shrink`` says the adapter can lower the call's output cap, so a
     call that does not fit may be admitted with a smaller one.
+
+    ``attempts`` is how many requests the provider's client may send for this one
+    call (1 + its own retries, e.g. the OpenAI SDK's ``max_retries``): a request
+    that timed out may have been billed, so each attempt is reserved.
+
+    ``run_id`` names the request: every ``before_model_call`` of guards on the same
+    ledger with the same ``run_id`` while it is open joins one admission, so one
+    request is reserved and charged once however many handlers see it.
     """
 
     session: str
@@ -143,6 +153,67 @@ class ModelCall:
     #: estimate and the worst case read besides the messages (``response_format``,
     #: ``service_tier``, ``modalities``, ``cache_control``, ``tool_choice``)
     params: Mapping[str, Any] = field(default_factory=dict)
+    attempts: int = 1
+
+
+class _CallState:
+    """What every holder of one admission shares: it ends exactly once."""
+
+    __slots__ = ("key", "lock", "record")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.record: CallRecord | None = None
+        self.key: tuple[str, str] | None = None
+
+
+class _Pending:
+    """A request being admitted or open, that other guards on its ledger may join."""
+
+    __slots__ = ("admission", "error", "ready")
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.admission: Admission | None = None
+        self.error: BaseException | None = None
+
+
+# (ledger identity, run id) -> the request's admission while it is open. A LangChain
+# model run executes in one process, so one process-wide registry sees every handler
+# and guard that sees the run; the ledger identity keeps guards of different budgets
+# apart. Entries leave when the call ends (settled, released or abandoned).
+_OPEN_REQUESTS: dict[tuple[str, str], _Pending] = {}
+_OPEN_LOCK = threading.Lock()
+# How long a second holder of a request waits for the first one's reservation.
+_JOIN_WAIT_SECONDS = 30.0
+
+
+def certainly_not_billed(error: BaseException) -> bool:
+    """Whether a failed call certainly cost nothing at the provider.
+
+    True for an HTTP status error (4xx, 429, 5xx: the provider answered with an error
+    before generating) and for a connection that could not be made (the request was
+    never sent). A timeout, a reset, a cancellation or anything else after the
+    request may have been sent is not: the provider may have generated (and billed)
+    the whole answer."""
+    status = getattr(error, "status_code", None)
+    if status is None:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+    if isinstance(status, int) and not isinstance(status, bool) and 400 <= status <= 599:
+        return True
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if type(current).__name__ in _NOT_SENT:
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+# exception class names (httpx, the standard library) of a request that was never sent
+_NOT_SENT = frozenset({"ConnectError", "ConnectTimeout", "ConnectionRefusedError",
+                       "UnsupportedProtocol", "InvalidURL", "LocalProtocolError"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +238,18 @@ class Admission:
     #: ``estimated_input_tokens`` is an upper bound (long new texts were not tokenised):
     #: the guard counts the prompt exactly before settling a call without usage.
     input_is_bound: bool = False
+    #: shared by every holder of this admission; set once the call is finished
+    state: _CallState = field(default_factory=_CallState, compare=False, repr=False)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the call was settled or released (by any holder)."""
+        return self.state.record is not None
+
+    @property
+    def attempt_nano(self) -> int:
+        """The worst case of one attempt (``reserved_nano`` covers every attempt)."""
+        return self.reserved_nano // max(1, self.call.attempts)
 
 
 class Guard:
@@ -279,31 +362,96 @@ class Guard:
         return self._plan(call, exact=True).worst_nano
 
     def before_model_call(self, call: ModelCall) -> Admission:
-        """Reserve the call's worst case, or raise before anything is spent."""
-        if self._unsettled:
-            self.settle_pending()
-        plan = self._plan(call)
-        shrinks = 0
-        while True:
-            result = self.ledger.reserve(
-                plan.scopes, plan.amounts, lease_seconds=self.limits.lease_seconds
-            )
-            if isinstance(result, Reservation):
-                return plan.admit(result)
-            plan, shrinks = self._after_denial(plan, result, shrinks)
+        """Reserve the call's worst case, or raise before anything is spent.
+
+        A call whose ``run_id`` is already open on this ledger (another handler or
+        guard saw the same request first) gets that request's admission: one request
+        is reserved and charged once."""
+        key, pending = self._claim(call)
+        if pending is not None:
+            if not pending.ready.is_set():
+                pending.ready.wait(_JOIN_WAIT_SECONDS)
+            return self._joined(call, pending)
+        try:
+            if self._unsettled:
+                self.settle_pending()
+            plan = self._plan(call)
+            shrinks = 0
+            while True:
+                result = self.ledger.reserve(
+                    plan.scopes, plan.amounts, lease_seconds=self.limits.lease_seconds
+                )
+                if isinstance(result, Reservation):
+                    return self._opened(key, plan.admit(result))
+                plan, shrinks = self._after_denial(plan, result, shrinks)
+        except BaseException as exc:
+            self._not_opened(key, exc)
+            raise
 
     async def abefore_model_call(self, call: ModelCall) -> Admission:
-        if self._unsettled:
-            await self.asettle_pending()
-        plan = self._plan(call)
-        shrinks = 0
-        while True:
-            result = await self.ledger.areserve(
-                plan.scopes, plan.amounts, lease_seconds=self.limits.lease_seconds
-            )
-            if isinstance(result, Reservation):
-                return plan.admit(result)
-            plan, shrinks = self._after_denial(plan, result, shrinks)
+        key, pending = self._claim(call)
+        if pending is not None:
+            if not pending.ready.is_set():
+                await asyncio.to_thread(pending.ready.wait, _JOIN_WAIT_SECONDS)
+            return self._joined(call, pending)
+        try:
+            if self._unsettled:
+                await self.asettle_pending()
+            plan = self._plan(call)
+            shrinks = 0
+            while True:
+                result = await self.ledger.areserve(
+                    plan.scopes, plan.amounts, lease_seconds=self.limits.lease_seconds
+                )
+                if isinstance(result, Reservation):
+                    return self._opened(key, plan.admit(result))
+                plan, shrinks = self._after_denial(plan, result, shrinks)
+        except BaseException as exc:
+            self._not_opened(key, exc)
+            raise
+
+    # -- one request, one admission ---------------------------------------------------
+
+    def _claim(self, call: ModelCall) -> tuple[tuple[str, str] | None, _Pending | None]:
+        """(the request's key, the pending admission to join or None to open one)."""
+        if not call.run_id:
+            return None, None
+        key = (self._ledger_id, call.run_id)
+        with _OPEN_LOCK:
+            pending = _OPEN_REQUESTS.get(key)
+            if pending is None:
+                _OPEN_REQUESTS[key] = _Pending()
+                return key, None
+            return key, pending
+
+    def _joined(self, call: ModelCall, pending: _Pending) -> Admission:
+        if pending.error is not None:
+            raise pending.error
+        if pending.admission is None:  # the first holder is stuck: admit on its own
+            return self.before_model_call(replace(call, run_id=None))
+        return pending.admission
+
+    @staticmethod
+    def _opened(key: tuple[str, str] | None, admission: Admission) -> Admission:
+        if key is not None:
+            admission.state.key = key
+            with _OPEN_LOCK:
+                pending = _OPEN_REQUESTS.get(key)
+            if pending is not None:
+                pending.admission = admission
+                pending.ready.set()
+        return admission
+
+    @staticmethod
+    def _not_opened(key: tuple[str, str] | None, exc: BaseException) -> None:
+        if key is None:
+            return
+        with _OPEN_LOCK:
+            pending = _OPEN_REQUESTS.pop(key, None)
+        if pending is not None:
+            pending.error = exc
+            pending.ready.set()
+
 
     def after_model_call(
         self,
@@ -313,18 +461,22 @@ class Guard:
         output_tokens: int | None = None,
         response_model: str | None = None,
         cache_hit: bool = False,
+        retried: int = 0,
     ) -> CallRecord:
         """Settle the reservation with what the call actually used.
 
         ``usage`` is what the provider reported; when it is ``None`` the
         guard settles from its own count (``output_tokens``, counted by the
         adapter from the answer) and marks the record as estimated. A cache
-        hit releases the reservation and records what it saved.
+        hit releases the reservation and records what it saved. ``retried``
+        earlier attempts that may have been billed (the provider client retried
+        after timeouts) are each charged one attempt's worst case, estimated.
         """
         record, amounts = self._settlement(
             admission, usage, output_tokens, response_model,
             "cache_hit" if cache_hit else "ok",
         )
+        record, amounts = self._with_retries(admission, record, amounts, retried)
         return self._close(admission, record, amounts)
 
     async def aafter_model_call(
@@ -335,40 +487,104 @@ class Guard:
         output_tokens: int | None = None,
         response_model: str | None = None,
         cache_hit: bool = False,
+        retried: int = 0,
     ) -> CallRecord:
         record, amounts = self._settlement(
             admission, usage, output_tokens, response_model,
             "cache_hit" if cache_hit else "ok",
         )
+        record, amounts = self._with_retries(admission, record, amounts, retried)
         return await self._aclose(admission, record, amounts)
 
-    def model_call_failed(self, admission: Admission, *, output_tokens: int = 0) -> CallRecord:
-        """The call raised. Release the hold; but if output was already streamed
-        (and so paid for), settle what was streamed, marked as estimated."""
-        outcome: Outcome = "aborted" if output_tokens > 0 else "error"
-        record, amounts = self._settlement(admission, None, output_tokens, None, outcome)
+    def model_call_failed(self, admission: Admission, *, output_tokens: int = 0,
+                          error: BaseException | None = None) -> CallRecord:
+        """The call raised ``error``. Only a call the provider certainly did not bill
+        (:func:`certainly_not_billed`: an HTTP status error, a connection never made)
+        is released; one that may have been billed (a timeout, a reset, a
+        cancellation, a stream closed early) is charged its reserved worst case,
+        marked estimated (:meth:`model_call_abandoned`). A guard's own stop (a
+        ``GuardError``), or no ``error`` given, settles what was streamed (nothing
+        streamed: released)."""
+        record, amounts = self._failure(admission, output_tokens, error)
         return self._close(admission, record, amounts)
 
     async def amodel_call_failed(
-        self, admission: Admission, *, output_tokens: int = 0
+        self, admission: Admission, *, output_tokens: int = 0,
+        error: BaseException | None = None,
     ) -> CallRecord:
-        outcome: Outcome = "aborted" if output_tokens > 0 else "error"
-        record, amounts = self._settlement(admission, None, output_tokens, None, outcome)
+        record, amounts = self._failure(admission, output_tokens, error)
         return await self._aclose(admission, record, amounts)
+
+    def model_call_abandoned(self, admission: Admission) -> CallRecord:
+        """The call ended without a result or an error the adapter could read (it was
+        cancelled, its run was dropped, another callback failed): it may have been
+        billed in full, so it is charged what was reserved for it (every attempt's
+        worst case), marked estimated and ``aborted``. A no-op once the call ended."""
+        record, amounts = self._abandoned(admission)
+        return self._close(admission, record, amounts)
+
+    async def amodel_call_abandoned(self, admission: Admission) -> CallRecord:
+        record, amounts = self._abandoned(admission)
+        return await self._aclose(admission, record, amounts)
+
+    def _failure(self, admission: Admission, output_tokens: int,
+                 error: BaseException | None) -> tuple[CallRecord, dict[str, int] | None]:
+        if (error is not None and not isinstance(error, GuardError)
+                and not certainly_not_billed(error)):
+            return self._abandoned(admission)
+        outcome: Outcome = "aborted" if output_tokens > 0 else "error"
+        return self._settlement(admission, None, output_tokens, None, outcome)
+
+    def _abandoned(self, admission: Admission) -> tuple[CallRecord, dict[str, int]]:
+        """Charge what was reserved: the prompt with its margin and the full output, for
+        every attempt the provider client may have sent."""
+        attempts = max(1, admission.call.attempts)
+        held = admission.reservation.amounts
+        output = admission.max_output_tokens * attempts
+        prompt = max(0, int(held.get(Dimension.TOKENS, 0)) - output)
+        usage = Usage(input_tokens=prompt, output_tokens=output)
+        record = self._record(admission, usage, admission.reserved_nano, estimated=True,
+                              outcome="aborted")
+        amounts = _amounts(usage, admission.reserved_nano)
+        return record, amounts
+
+    def _with_retries(self, admission: Admission, record: CallRecord,
+                      amounts: dict[str, int] | None, retried: int
+                      ) -> tuple[CallRecord, dict[str, int] | None]:
+        retried = min(max(0, int(retried)), max(1, admission.call.attempts) - 1)
+        if not retried or amounts is None:
+            return record, amounts
+        attempts = max(1, admission.call.attempts)
+        per_tokens = int(admission.reservation.amounts.get(Dimension.TOKENS, 0)) // attempts
+        extra_out = admission.max_output_tokens * retried
+        extra = Usage(input_tokens=max(0, per_tokens - admission.max_output_tokens) * retried,
+                      output_tokens=extra_out)
+        usage = record.usage + extra
+        cost = record.cost_nano + admission.attempt_nano * retried
+        record = replace(record, usage=usage, cost_nano=cost, usage_estimated=True)
+        calls = amounts.get(Dimension.MODEL_CALLS, 1)
+        return record, {**_amounts(usage, cost), Dimension.MODEL_CALLS: calls}
 
     def _close(self, admission: Admission, record: CallRecord,
                amounts: dict[str, int] | None) -> CallRecord:
-        """Settle (or release, when ``amounts`` is None), report, check thresholds."""
+        """Settle (or release, when ``amounts`` is None), report, check thresholds; once
+        per admission, whoever of its holders comes first."""
+        first = self._finish(admission, record)
+        if first is not record:
+            return first
         settled = None
-        if amounts is None:
-            self.ledger.release(admission.reservation)
-        else:
-            try:
-                settled = self.ledger.settle(admission.reservation, amounts)
-            except LedgerUnavailable as exc:
-                self._keep_unsettled(admission.reservation, amounts, exc)
+        try:
+            if amounts is None:
+                self.ledger.release(admission.reservation)
             else:
-                self._note_spent(settled)
+                try:
+                    settled = self.ledger.settle(admission.reservation, amounts)
+                except LedgerUnavailable as exc:
+                    self._keep_unsettled(admission.reservation, amounts, exc)
+                else:
+                    self._note_spent(settled)
+        finally:
+            _forget(admission)
         self._emit(record)
         if settled is not None:
             self._check_thresholds(admission.call.session, admission.scopes, settled)
@@ -376,20 +592,36 @@ class Guard:
 
     async def _aclose(self, admission: Admission, record: CallRecord,
                       amounts: dict[str, int] | None) -> CallRecord:
+        first = self._finish(admission, record)
+        if first is not record:
+            return first
         settled = None
-        if amounts is None:
-            await self.ledger.arelease(admission.reservation)
-        else:
-            try:
-                settled = await self.ledger.asettle(admission.reservation, amounts)
-            except LedgerUnavailable as exc:
-                self._keep_unsettled(admission.reservation, amounts, exc)
+        try:
+            if amounts is None:
+                await self.ledger.arelease(admission.reservation)
             else:
-                self._note_spent(settled)
+                try:
+                    settled = await self.ledger.asettle(admission.reservation, amounts)
+                except LedgerUnavailable as exc:
+                    self._keep_unsettled(admission.reservation, amounts, exc)
+                else:
+                    self._note_spent(settled)
+        finally:
+            _forget(admission)
         self._emit(record)
         if settled is not None:
             await self._acheck_thresholds(admission.call.session, admission.scopes, settled)
         return record
+
+    @staticmethod
+    def _finish(admission: Admission, record: CallRecord) -> CallRecord:
+        """Claim the end of ``admission`` for ``record``; the record it already ended
+        with if another holder came first."""
+        state = admission.state
+        with state.lock:
+            if state.record is None:
+                state.record = record
+            return state.record
 
     # -- tools and steps -----------------------------------------------------------------
 
@@ -951,6 +1183,16 @@ def _check_attributes(attributes: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def _forget(admission: Admission) -> None:
+    """The request is over: a later handler of the same run id admits anew."""
+    key = admission.state.key
+    if key is not None:
+        with _OPEN_LOCK:
+            pending = _OPEN_REQUESTS.get(key)
+            if pending is not None and pending.admission is admission:
+                del _OPEN_REQUESTS[key]
+
+
 def _amounts(usage: Usage, cost_nano: int) -> dict[str, int]:
     return {
         Dimension.USD_NANO: cost_nano,
@@ -969,6 +1211,7 @@ class _Plan:
 
     __slots__ = (
         "amounts",
+        "attempts",
         "call",
         "estimated_input",
         "features",
@@ -1004,13 +1247,15 @@ class _Plan:
         self.output_tokens = output_tokens
         self.shrunk = False
         self.input_is_bound = False
-        self.worst_nano = self._worst_cost(output_tokens)
+        # every attempt the provider client may send is reserved (ModelCall.attempts)
+        self.attempts = max(1, int(call.attempts))
+        self.worst_nano = self._worst_cost(output_tokens) * self.attempts
         self.refs = refs if refs is not None else guard.scope_refs(call.session,
                                                                     call.attributes)
         self.scopes = [r.caps for r in self.refs]
         self.amounts = {
             Dimension.USD_NANO: self.worst_nano,
-            Dimension.TOKENS: reserved_input + output_tokens,
+            Dimension.TOKENS: (reserved_input + output_tokens) * self.attempts,
             Dimension.MODEL_CALLS: 1,
         }
 
@@ -1028,6 +1273,7 @@ class _Plan:
 
     def largest_output_within(self, dimension: str, room: int) -> int:
         """The largest output cap whose worst case fits in ``room`` of ``dimension``."""
+        room //= self.attempts
         if dimension == Dimension.TOKENS:
             return min(self.output_tokens, room - self.reserved_input)
         lo, hi = 0, self.output_tokens  # the cost is monotonic in output tokens

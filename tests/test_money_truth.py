@@ -98,6 +98,18 @@ def chat(server: FakeOpenAIServer, **kw: Any) -> ChatOpenAI:
                       max_tokens=MAX_TOKENS, **kw)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def warm() -> None:
+    """Load the tokenizer and the OpenAI client once, so a test's client timeouts
+    measure the provider, not the first import."""
+    from agent_guard.tokens import TokenCounter
+
+    TokenCounter().count_text("warm up", "gpt-4o")
+    with FakeOpenAIServer(["ok"]) as server:
+        chat(server).invoke("warm up")
+        asyncio.run(chat(server).ainvoke("warm up"))
+
+
 @pytest.fixture(autouse=True)
 def quick_sdk_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """The openai SDK waits 0.5 s and more between its own retries; 10 ms is enough here."""

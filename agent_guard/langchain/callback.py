@@ -13,16 +13,32 @@ in an executor thread under ``ainvoke``).
   passes what was reserved.
 - ``on_llm_end`` settles from ``usage_metadata``; without usage it settles
   from its own count of the answer and marks the record as estimated.
-- ``on_llm_error`` releases the hold (or settles what was already streamed).
+- ``on_llm_error`` releases the hold only when the provider certainly did not
+  bill (an HTTP status error, a connection never made); a timeout, a reset or a
+  cancellation is charged the reserved worst case, marked estimated.
 - ``on_tool_start`` counts a tool call, refusing before the tool runs.
+
+Every reservation ends exactly once, also on the paths where LangChain skips
+``on_llm_end``/``on_llm_error`` (cancellation, another handler's exception): an
+open model run is ended when its parent run ends, or when the asyncio task or the
+stack frame it ran in is gone (:mod:`agent_guard.keeper`, which also renews the
+hold of a call that runs longer than its lease). See docs/money-truth.md.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
 import logging
+import os
+import sys
 import threading
+import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -36,6 +52,7 @@ from ..budgets import Budgets, attributes_from_metadata
 from ..cache.result import CACHE_HIT_EVENT
 from ..errors import BudgetExceeded, GuardError
 from ..guard import Admission, Guard, ModelCall
+from ..keeper import keeper
 from ..ledger import Ledger
 from ..limits import Limits
 from ..records import CallRecord, Outcome
@@ -49,6 +66,21 @@ logger = logging.getLogger("agent_guard")
 _MAX_OUTPUT_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens",
                     "num_predict", "maxOutputTokens")
 _MODEL_KEYS = ("model", "model_name", "model_id", "deployment_name")
+# Chat model classes whose provider SDK retries by itself when the model sets no
+# max_retries (the openai, anthropic and groq clients: 2 retries)
+_SDK_DEFAULT_RETRIES = {"ChatOpenAI": 2, "AzureChatOpenAI": 2, "ChatDeepSeek": 2,
+                        "ChatXAI": 2, "ChatAnthropic": 2, "ChatGroq": 2}
+# How many open model runs a handler remembers; beyond, the oldest is ended as abandoned
+_MAX_OPEN_RUNS = 10_000
+# How many chain/tool runs (for their parent links) and refused batches it remembers
+_MAX_PARENTS = 10_000
+_MAX_REFUSED_BATCHES = 1024
+# LangChain's chat and LLM model code: the frame a synchronous model call runs in
+_MODEL_CODE_DIR = os.sep + os.path.join("langchain_core", "language_models") + os.sep
+# The asyncio task that dispatched a callback event (see GuardCallbackHandler.run_inline)
+_CALLING_TASK: ContextVar[Any] = ContextVar("agent_guard_calling_task", default=None)
+# LangChain's own dispatch tasks, which are not the task the model call runs in
+_DISPATCH_CORO_NAMES = frozenset({"ahandle_event", "_ahandle_event_for_handler"})
 
 
 class OutputCapExceeded(BudgetExceeded):
@@ -83,6 +115,12 @@ def session_from_metadata(metadata: Mapping[str, Any] | None, default: str | Non
 class _Run:
     admission: Admission
     streamed_tokens: int = 0
+    parent: UUID | None = None
+    # the invocation_params object every prompt of one generate() shares (kept, so its
+    # id stays unique while the run is open), or None for a single prompt
+    batch: Any = None
+    started: float = 0.0  # time.monotonic()
+    timeout: float | None = None  # the client's request timeout, for retried attempts
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +150,20 @@ class GuardCallbackHandler(BaseCallbackHandler):
     """
 
     raise_error: bool = True
-    run_inline: bool = False
     # set on the handler guarded_graph adds; it stands down for a per-run handler
     _graph_default: bool = False
+
+    @property
+    def run_inline(self) -> bool:
+        """False: on async paths the handler runs in an executor thread, off the loop.
+
+        LangChain's async dispatch reads this attribute in the task that makes the
+        call, just before it copies the context for the executor; the handler notes
+        that task there, so a call cancelled with its task (``asyncio.wait_for``, a
+        stream closed early, a failed sibling branch), whose end callbacks never come,
+        is still ended (``agent_guard.keeper``)."""
+        _note_calling_task()
+        return False
 
     def __init__(
         self,
@@ -143,6 +192,10 @@ class GuardCallbackHandler(BaseCallbackHandler):
         # fallback model of a refused call is refused the same way
         self._fallback_runs: OrderedDict[UUID, GuardError | None] = OrderedDict()
         self._tools: OrderedDict[UUID, _Tool] = OrderedDict()
+        # chain and tool runs -> their parent run, to end the model runs under a run
+        # that ended; generate() batches one of whose prompts was refused
+        self._parents: OrderedDict[UUID, UUID | None] = OrderedDict()
+        self._refused_batches: OrderedDict[int, tuple[Any, GuardError]] = OrderedDict()
 
     # -- model calls -------------------------------------------------------------
 
@@ -184,7 +237,10 @@ class GuardCallbackHandler(BaseCallbackHandler):
             route=meta.get("agent_guard_route"),
             attributes=attributes_from_metadata(meta, self.guard.attribute_names),
             params=params,
+            attempts=_attempts(serialized),
         )
+        batch_size = kwargs.get("batch_size")
+        batch = params if isinstance(batch_size, int) and batch_size > 1 else None
         if self.telemetry is not None:
             self.telemetry.chat_start(
                 run_id, parent_run_id, model=model, provider=call.provider,
@@ -192,13 +248,122 @@ class GuardCallbackHandler(BaseCallbackHandler):
                 messages=(messages if messages is not None else prompts)
                 if self.telemetry.capture_content else None, attributes=call.attributes)
         try:
+            if batch is not None:
+                self._raise_if_batch_refused(batch)
             admission = self._admit(call, parent_run_id)
         except GuardError as exc:
             if self.telemetry is not None:
                 self.telemetry.refused(run_id, exc)
+            if batch is not None:
+                self._refuse_batch(batch, exc)
             raise
+        run = _Run(admission, parent=parent_run_id, batch=batch, started=time.monotonic(),
+                   timeout=_timeout(serialized))
+        refused: tuple[Any, GuardError] | None = None
+        dropped: list[tuple[UUID, _Run]] = []
         with self._lock:
-            self._runs[run_id] = _Run(admission)
+            if batch is not None:
+                refused = self._refused_batches.get(id(batch))
+            if refused is None:
+                self._runs[run_id] = run
+                while len(self._runs) > _MAX_OPEN_RUNS:  # runs nothing ever ended
+                    oldest = next(iter(self._runs))
+                    dropped.append((oldest, self._runs.pop(oldest)))
+        for old_id, old in dropped:
+            self._end_abandoned(old_id, old)
+        if refused is not None:  # a sibling prompt was refused meanwhile: never sent
+            self.guard.model_call_failed(admission)
+            raise refused[1]
+        self._watch(run_id, run)
+
+    # -- every run ends once ---------------------------------------------------------
+
+    def _watch(self, run_id: UUID, run: _Run) -> None:
+        """Hand the run to the lease keeper with how to tell it is still running: the
+        stack frame of a synchronous call, else the asyncio task of an async one."""
+        frame = _model_frame()
+        on_stop = _StopCallback(self, run_id)
+        if frame is not None:
+            if frame.f_code.co_flags & inspect.CO_GENERATOR:  # a stream between chunks
+                keeper.watch(self, self.guard, run.admission, on_stop=on_stop)
+            else:
+                keeper.watch(self, self.guard, run.admission, on_stop=on_stop,
+                             thread_id=threading.get_ident(), frame=frame)
+            return
+        ref = _CALLING_TASK.get()
+        task = ref() if ref is not None else None
+        if task is None:
+            keeper.watch(self, self.guard, run.admission, on_stop=on_stop)
+            return
+        # a task already done (another handler raised while this one was reserving)
+        # cannot be running the call: the keeper ends the run on its next look
+        keeper.watch(self, self.guard, run.admission, on_stop=on_stop, task=task)
+        with contextlib.suppress(RuntimeError):  # a closed loop: the keeper polls anyway
+            task.get_loop().call_soon_threadsafe(task.add_done_callback, _poke_keeper)
+
+    def _stopped(self, run_id: UUID) -> None:
+        """The keeper saw the run's call end or stop: forget it; if nothing ended it,
+        end it as abandoned."""
+        with self._lock:
+            run = self._runs.pop(run_id, None)
+        if run is not None:
+            self._end_abandoned(run_id, run)
+
+    def _end_abandoned(self, run_id: UUID, run: _Run) -> None:
+        if run.admission.finished:
+            return
+        record = self.guard.model_call_abandoned(run.admission)
+        if self.telemetry is not None:
+            self.telemetry.chat_end(run_id, record)
+
+    def _end_runs_under(self, parent: UUID) -> None:
+        """A chain or tool run ended: the model runs under it that are still open never
+        got their end callbacks (cancelled, or another handler raised). End them."""
+        orphans: list[tuple[UUID, _Run]] = []
+        with self._lock:
+            if self._runs:
+                for rid, run in list(self._runs.items()):
+                    if self._is_under(run.parent, parent):
+                        orphans.append((rid, self._runs.pop(rid)))
+            self._parents.pop(parent, None)
+        for rid, run in orphans:
+            self._end_abandoned(rid, run)
+
+    def _is_under(self, run: UUID | None, ancestor: UUID) -> bool:
+        for _ in range(256):  # lock held; parent links are acyclic, bounded anyway
+            if run is None:
+                return False
+            if run == ancestor:
+                return True
+            run = self._parents.get(run)
+        return False
+
+    def _note_parent(self, run_id: UUID, parent_run_id: UUID | None) -> None:
+        if parent_run_id is None:
+            return
+        with self._lock:
+            self._parents[run_id] = parent_run_id
+            while len(self._parents) > _MAX_PARENTS:
+                self._parents.popitem(last=False)
+
+    def _raise_if_batch_refused(self, batch: Any) -> None:
+        refused = self._refused_batches.get(id(batch))
+        if refused is not None:
+            raise refused[1]
+
+    def _refuse_batch(self, batch: Any, exc: GuardError) -> None:
+        """A prompt of a generate() with several was refused: the call raises before any
+        prompt is sent, so the holds of its sibling prompts are released."""
+        with self._lock:
+            self._refused_batches[id(batch)] = (batch, exc)
+            while len(self._refused_batches) > _MAX_REFUSED_BATCHES:
+                self._refused_batches.popitem(last=False)
+            siblings = [(rid, run) for rid, run in self._runs.items()
+                        if run.batch is batch and run.streamed_tokens == 0]
+            for rid, _ in siblings:
+                del self._runs[rid]
+        for _, run in siblings:
+            self.guard.model_call_failed(run.admission)
 
     def _admit(self, call: ModelCall, parent_run_id: UUID | None) -> Admission:
         fallbacks = self._enclosing_fallbacks(parent_run_id)
@@ -257,6 +422,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         run = self._runs.get(run_id)
         if run is None:
             return
+        keeper.touch(self, run.admission)
         model = run.admission.call.model
         n = self.guard.tokens.count_text(token, model) if isinstance(token, str) and token else 0
         message = getattr(chunk, "message", None)
@@ -292,7 +458,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         usage, response_model, cache_hit, counted = self._read_result(response, run)
         record = self.guard.after_model_call(
             run.admission, usage, output_tokens=counted, response_model=response_model,
-            cache_hit=cache_hit,
+            cache_hit=cache_hit, retried=_retried(run),
         )
         breakdown = self._breakdown(record)
         if self.telemetry is not None:
@@ -345,7 +511,8 @@ class GuardCallbackHandler(BaseCallbackHandler):
             run = self._runs.pop(run_id, None)
         if run is not None:
             record = self.guard.model_call_failed(run.admission,
-                                                  output_tokens=run.streamed_tokens)
+                                                  output_tokens=run.streamed_tokens,
+                                                  error=error)
             if self.telemetry is not None:
                 self.telemetry.chat_end(run_id, record)
 
@@ -364,6 +531,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         name = (serialized or {}).get("name") or kwargs.get("name")
+        self._note_parent(run_id, parent_run_id)
         meta = metadata or {}
         session = session_from_metadata(meta, self.session_id)
         attributes = attributes_from_metadata(meta, self.guard.attribute_names)
@@ -404,6 +572,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         self._tool_done(run_id, "error")
 
     def _tool_done(self, run_id: UUID, outcome: Outcome) -> None:
+        self._end_runs_under(run_id)
         with self._lock:
             tool = self._tools.pop(run_id, None)
         if tool is not None:
@@ -417,6 +586,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
     def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *,
                        run_id: UUID, parent_run_id: UUID | None = None,
                        metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self._note_parent(run_id, parent_run_id)
         if _is_fallbacks(serialized, kwargs):
             with self._lock:
                 self._fallback_runs[run_id] = None
@@ -439,6 +609,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         self._end_chain(run_id, error)
 
     def _end_chain(self, run_id: UUID, error: BaseException | None) -> None:
+        self._end_runs_under(run_id)
         if self._fallback_runs:
             with self._lock:
                 self._fallback_runs.pop(run_id, None)
@@ -574,3 +745,85 @@ def _max_output(params: Mapping[str, Any], meta: Mapping[str, Any]) -> int | Non
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value * choices
     return None
+
+
+class _StopCallback:
+    """``on_stop`` for the keeper (a small object, not a closure over the frame)."""
+
+    __slots__ = ("handler", "run_id")
+
+    def __init__(self, handler: GuardCallbackHandler, run_id: UUID) -> None:
+        self.handler = handler
+        self.run_id = run_id
+
+    def __call__(self) -> None:
+        self.handler._stopped(self.run_id)
+
+
+def _poke_keeper(_: Any) -> None:
+    keeper.poke()
+
+
+def _note_calling_task() -> None:
+    """Remember the running asyncio task in the context LangChain copies to run a
+    handler in an executor (skipping LangChain's own short-lived dispatch tasks)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running loop: a sync path
+        return
+    if task is None:
+        return
+    name = getattr(task.get_coro(), "__name__", "")
+    if name in _DISPATCH_CORO_NAMES:
+        return
+    ref = _CALLING_TASK.get()
+    if ref is None or ref() is not task:
+        _CALLING_TASK.set(weakref.ref(task))
+
+
+def _model_frame() -> Any:
+    """The frame of the synchronous model call this callback runs in (its
+    ``generate`` or ``stream``), or None (an async call: the handler runs in an
+    executor thread)."""
+    frame = sys._getframe(2)
+    for _ in range(32):
+        if frame is None:
+            return None
+        if _MODEL_CODE_DIR in frame.f_code.co_filename:
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def _attempts(serialized: Mapping[str, Any] | None) -> int:
+    """Requests the provider client may send for one call: 1 + its own retries (the
+    model's ``max_retries``, else its SDK's default)."""
+    kwargs = (serialized or {}).get("kwargs") or {}
+    retries = kwargs.get("max_retries") if isinstance(kwargs, Mapping) else None
+    if isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0:
+        return 1 + retries
+    ident = (serialized or {}).get("id") or ()
+    if retries is None and ident and isinstance(ident, list | tuple):
+        return 1 + _SDK_DEFAULT_RETRIES.get(str(ident[-1]), 0)
+    return 1
+
+
+def _timeout(serialized: Mapping[str, Any] | None) -> float | None:
+    """The client's request timeout in seconds, when it is one number."""
+    kwargs = (serialized or {}).get("kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        return None
+    for key in ("request_timeout", "timeout", "default_request_timeout"):
+        value = kwargs.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return float(value)
+    return None
+
+
+def _retried(run: _Run) -> int:
+    """Attempts before the answer that may have been billed: a call that was not
+    streamed and took longer than its client's timeout retried after a timeout (the
+    client's retries happen inside one LangChain call)."""
+    if run.timeout is None or run.streamed_tokens or run.admission.call.attempts <= 1:
+        return 0
+    return int((time.monotonic() - run.started) // run.timeout)

@@ -257,8 +257,8 @@ class GuardMiddleware(AgentMiddleware):
             return instead
         try:
             response = handler(request)
-        except BaseException:
-            self.guard.model_call_failed(admission)
+        except BaseException as exc:
+            self.guard.model_call_failed(admission, error=exc)
             raise
         self._settle(admission, response)
         return response
@@ -271,8 +271,8 @@ class GuardMiddleware(AgentMiddleware):
             return instead
         try:
             response = await handler(request)
-        except BaseException:
-            await self.guard.amodel_call_failed(admission)
+        except BaseException as exc:
+            await self.guard.amodel_call_failed(admission, error=exc)
             raise
         self._settle(admission, response)
         return response

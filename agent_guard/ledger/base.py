@@ -15,7 +15,8 @@ changes and a :class:`Denial` says which scope and dimension refused.
 
 A reservation carries a lease. When it expires the ledger gives the held
 amounts back (lazily, on the next ``reserve`` or an explicit
-``reclaim_expired``). ``settle`` and ``release`` are idempotent per
+``reclaim_expired``); ``renew`` pushes the lease of a reservation that is still
+open (a long call keeps its hold while it runs). ``settle`` and ``release`` are idempotent per
 reservation id: the first one counts, later ones are no-ops. A settle that
 arrives after the lease expired still adds its spend, once.
 
@@ -220,6 +221,17 @@ class Ledger(ABC):
     def totals_many(self, scopes: Sequence[str]) -> list[ScopeTotals]:
         """``totals`` of each scope, in order (one round trip where the backend can)."""
         return [self.totals(scope) for scope in scopes]
+
+    def renew(self, reservation: Reservation, lease_seconds: float) -> Reservation | None:
+        """Push an open reservation's lease to ``now + lease_seconds`` (a call that is still
+        running keeps its hold). The renewed reservation, or None when it is no longer
+        open (settled, released or reclaimed: nothing is held again). A backend that
+        cannot renew returns None; its holds then last one lease, as before."""
+        return None
+
+    async def arenew(self, reservation: Reservation, lease_seconds: float
+                     ) -> Reservation | None:
+        return await asyncio.to_thread(self.renew, reservation, lease_seconds)
 
     @abstractmethod
     def reclaim_expired(self) -> int:

@@ -439,6 +439,22 @@ class FailOpenLedger(Ledger):
                 return released
         return self._release_local(reservation)
 
+    def renew(self, reservation: Reservation, lease_seconds: float) -> Reservation | None:
+        """On the backend when it answers; a hold taken locally in an outage is renewed
+        in the local view (it is journaled with its own lease)."""
+        if self._use_backend():
+            try:
+                renewed = self.inner.renew(reservation, lease_seconds)
+            except LedgerUnavailable as exc:
+                self._go_open(exc)
+            else:
+                self._go_closed()
+                if renewed is not None:
+                    self._track(renewed)
+                return renewed
+        with self._lock:
+            return self._local.renew(reservation, lease_seconds)
+
     def charge(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]) -> Denial | None:
         # through charge_read: the counts the backend reports (steps, tool calls, repeat
         # counters) seed the local view in an outage, as settled spend does

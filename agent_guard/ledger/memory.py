@@ -21,6 +21,7 @@ import threading
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 from .base import (
     DONE_RETENTION_SECONDS,
@@ -250,6 +251,17 @@ class MemoryLedger(Ledger):
             self._unhold(held)
             return True
 
+    def renew(self, reservation: Reservation, lease_seconds: float) -> Reservation | None:
+        with self._lock:
+            now = self._clock()
+            held = self._open.get(reservation.id)
+            if held is None or held.expires_at <= now:  # finished, or its lease is over
+                return None
+            renewed = replace(held, expires_at=max(held.expires_at, now + lease_seconds))
+            self._open[reservation.id] = renewed
+            heapq.heappush(self._leases, (renewed.expires_at, reservation.id))
+            return renewed
+
     def charge(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]) -> Denial | None:
         result = self._charge(scopes, amounts, read=False)
         return result if isinstance(result, Denial) else None
@@ -323,6 +335,10 @@ class MemoryLedger(Ledger):
 
     async def aextend(self, scope: str, dimension: str, amount: int) -> None:
         self.extend(scope, dimension, amount)
+
+    async def arenew(self, reservation: Reservation, lease_seconds: float
+                     ) -> Reservation | None:
+        return self.renew(reservation, lease_seconds)
 
     async def atotals(self, scope: str) -> ScopeTotals:
         return self.totals(scope)

@@ -43,7 +43,7 @@ import json
 import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -71,7 +71,7 @@ __all__ = ["MAX_AMOUNT", "RedisLedger"]
 # Amounts, caps and extensions must be below this: Lua compares them as doubles.
 MAX_AMOUNT = 2**53
 RECLAIM_BATCH = 1000
-_SCRIPTS = ("reserve", "settle", "release", "charge", "reclaim")
+_SCRIPTS = ("reserve", "settle", "release", "charge", "reclaim", "renew")
 _FAILURES = REDIS_ERRORS
 _JSON = {"separators": (",", ":")}
 
@@ -117,6 +117,7 @@ class _Scripts:
     release: Any
     charge: Any
     reclaim: Any
+    renew: Any
 
     @classmethod
     def on(cls, client: Any) -> _Scripts:
@@ -260,6 +261,11 @@ class RedisLedger(Ledger):
                 args += [dim, str(amount)]
         return keys, args
 
+    def _renew_call(self, reservation: Reservation, lease_seconds: float
+                    ) -> tuple[list[str], list[str]]:
+        return [self._open, self._leases], [self._now(), repr(float(lease_seconds)),
+                                            reservation.id]
+
     def _reclaim_call(self) -> tuple[list[str], list[str]]:
         return [self._open, self._leases], [self._now(), str(RECLAIM_BATCH), self._ttl]
 
@@ -324,6 +330,10 @@ class RedisLedger(Ledger):
     def release(self, reservation: Reservation) -> bool:
         keys, args = self._finish_call(reservation, None)
         return int(self._run(self._sync.release, keys, args)) == 1
+
+    def renew(self, reservation: Reservation, lease_seconds: float) -> Reservation | None:
+        reply = self._run(self._sync.renew, *self._renew_call(reservation, lease_seconds))
+        return None if reply is None else replace(reservation, expires_at=float(reply))
 
     def charge(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]) -> Denial | None:
         _check(amounts)
@@ -425,6 +435,12 @@ class RedisLedger(Ledger):
     async def arelease(self, reservation: Reservation) -> bool:
         keys, args = self._finish_call(reservation, None)
         return int(await self._arun(self._async().release, keys, args)) == 1
+
+    async def arenew(self, reservation: Reservation, lease_seconds: float
+                     ) -> Reservation | None:
+        reply = await self._arun(self._async().renew,
+                                 *self._renew_call(reservation, lease_seconds))
+        return None if reply is None else replace(reservation, expires_at=float(reply))
 
     async def acharge(
         self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]

@@ -26,6 +26,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import replace
 
 from ..errors import LedgerUnavailable
 from ..stores.sqlite import SQLitePool
@@ -238,6 +239,18 @@ class SQLiteLedger(Ledger):
         with self._transaction() as db:
             already, dropped = self._finish(db, reservation.id)
             return not already and dropped
+
+    def renew(self, reservation: Reservation, lease_seconds: float) -> Reservation | None:
+        with self._transaction() as db:
+            now = self._clock()
+            row = db.execute("SELECT expires_at FROM ag_reservations WHERE id = ?",
+                             (reservation.id,)).fetchone()
+            if row is None or row[0] <= now:  # finished, or its lease is over
+                return None
+            expires = max(float(row[0]), now + lease_seconds)
+            db.execute("UPDATE ag_reservations SET expires_at = ? WHERE id = ?",
+                       (expires, reservation.id))
+            return replace(reservation, expires_at=expires)
 
     def charge(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]) -> Denial | None:
         result = self._charge(scopes, amounts, read=False)

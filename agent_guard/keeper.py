@@ -1,0 +1,185 @@
+"""Keep the holds of running calls, and end the calls nobody else will end.
+
+A reservation has a lease so that a crashed worker's hold comes back. A call that
+runs longer than the lease would then lose its hold while it runs (another call is
+admitted into room that is still owed), and a call whose adapter never hears how it
+ended (LangChain skips the end callbacks on cancellation and on another handler's
+error) would keep its hold for the whole lease and be charged nothing.
+
+:class:`LeaseKeeper` is one daemon thread per process. An adapter *watches* an
+admission and says how to tell that the call is still running:
+
+- ``task``: the asyncio task the call runs in (running while not done);
+- ``thread_id`` and ``frame``: a synchronous call's thread and the stack frame of
+  the call (running while that frame is on the thread's stack);
+- ``touched``: neither is known (e.g. a generator between two chunks): running
+  while :meth:`LeaseKeeper.touch` was called since the last renewal.
+
+While the call runs, its lease is renewed every third of ``lease_seconds``. Once
+it is over, or ended by anyone, the watch is dropped and ``on_stop`` is called: the
+adapter forgets the call, and charges it as abandoned
+(``Guard.model_call_abandoned``) if nobody ended it. A call with no way to tell is
+never renewed: its lease ends it, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from .errors import LedgerUnavailable
+
+__all__ = ["LeaseKeeper", "keeper"]
+
+logger = logging.getLogger("agent_guard")
+
+#: how often the keeper looks whether watched calls are still running (seconds)
+POLL_SECONDS = 0.05
+
+
+@dataclass(slots=True, eq=False)
+class _Watch:
+    guard: Any  # agent_guard.guard.Guard (not imported: the guard imports this module)
+    admission: Any
+    on_stop: Callable[[], Any] | None
+    task: Any = None
+    thread_id: int | None = None
+    frame: FrameType | None = None
+    touched: bool = False
+    renew_at: float = 0.0
+    renewed: list[float] = field(default_factory=list)  # monotonic times, for tests
+
+    def knows_liveness(self) -> bool:
+        return self.task is not None or self.frame is not None or self.touched
+
+
+class LeaseKeeper:
+    """Renews the leases of watched calls while they run; ends those that stopped."""
+
+    def __init__(self, poll_seconds: float = POLL_SECONDS) -> None:
+        self.poll_seconds = poll_seconds
+        self._watches: dict[tuple[int, int], _Watch] = {}
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def watch(self, owner: object, guard: Any, admission: Any, *,
+              on_stop: Callable[[], Any] | None = None, task: Any = None,
+              thread_id: int | None = None, frame: FrameType | None = None) -> None:
+        """Keep ``admission``'s hold while its call runs; ``on_stop()`` once the call is
+        over or ended (one watch per ``owner`` and admission)."""
+        lease = float(guard.limits.lease_seconds)
+        w = _Watch(guard, admission, on_stop, task, thread_id, frame,
+                   renew_at=time.monotonic() + lease / 3)
+        with self._cond:
+            self._watches[(id(admission.state), id(owner))] = w
+            self._ensure_thread()
+            self._cond.notify()
+
+    def touch(self, owner: object, admission: Any) -> None:
+        """The call showed it is running (a streamed chunk arrived)."""
+        w = self._watches.get((id(admission.state), id(owner)))
+        if w is not None:
+            w.touched = True
+
+    def poke(self) -> None:
+        """Look now (a watched task finished)."""
+        with self._cond:
+            self._cond.notify()
+
+    @property
+    def watching(self) -> int:
+        return len(self._watches)
+
+    def check(self) -> None:
+        """One pass: drop ended calls, end stopped ones, renew running ones due."""
+        now = time.monotonic()
+        frames: dict[int, FrameType] | None = None
+        with self._cond:
+            watches = list(self._watches.items())
+        for key, w in watches:
+            over = bool(w.admission.finished)
+            if over:
+                pass
+            elif w.task is not None:
+                over = bool(w.task.done())
+            elif w.frame is not None:
+                if frames is None:
+                    frames = sys._current_frames()
+                over = not _on_stack(frames.get(w.thread_id or 0), w.frame)
+            if over:
+                self._drop(key, w)
+                if w.on_stop is not None:
+                    try:
+                        w.on_stop()
+                    except Exception:
+                        logger.exception("agent-guard: ending an abandoned call failed")
+                continue
+            if now >= w.renew_at and w.knows_liveness():
+                self._renew(w, now)
+
+    def _renew(self, w: _Watch, now: float) -> None:
+        lease = float(w.guard.limits.lease_seconds)
+        w.renew_at = now + lease / 3
+        if w.task is None and w.frame is None:
+            if not w.touched:
+                return  # no sign of life since the last renewal: let the lease decide
+            w.touched = False
+        try:
+            renewed = w.guard.ledger.renew(w.admission.reservation, lease)
+        except LedgerUnavailable as exc:
+            logger.warning("agent-guard: could not renew a running call's hold (%s)", exc)
+            return
+        except Exception:
+            logger.exception("agent-guard: renewing a running call's hold failed")
+            return
+        if renewed is None and not w.admission.finished:
+            logger.warning(
+                "agent-guard: the hold of a running call (session %r) expired before it was "
+                "renewed; raise Limits.lease_seconds", w.admission.call.session)
+        w.renewed.append(now)
+
+    def _drop(self, key: tuple[int, int], w: _Watch) -> None:
+        with self._cond:
+            if self._watches.get(key) is w:
+                del self._watches[key]
+
+    def _ensure_thread(self) -> None:
+        import os
+
+        pid = os.getpid()
+        if self._thread is not None and self._thread.is_alive() and self._pid == pid:
+            return
+        self._pid = pid
+        self._thread = threading.Thread(target=self._run, name="agent-guard-lease-keeper",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._watches:
+                    self._cond.wait()
+                self._cond.wait(self.poll_seconds)
+            try:
+                self.check()
+            except Exception:  # the keeper must outlive any one bad call
+                logger.exception("agent-guard: lease keeper pass failed")
+
+
+def _on_stack(top: FrameType | None, frame: FrameType) -> bool:
+    while top is not None:
+        if top is frame:
+            return True
+        top = top.f_back
+    return False
+
+
+#: the process-wide keeper every adapter uses
+keeper = LeaseKeeper()
