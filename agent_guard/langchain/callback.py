@@ -293,6 +293,9 @@ class GuardCallbackHandler(BaseCallbackHandler):
         ref = _CALLING_TASK.get()
         task = ref() if ref is not None else None
         if task is None:
+            if ref is not None:  # the task is gone already: the call cannot be running
+                self._stopped(run_id)
+                return
             keeper.watch(self, self.guard, run.admission, on_stop=on_stop)
             return
         # a task already done (another handler raised while this one was reserving)
