@@ -4,8 +4,10 @@ empty callback handler vs OpenLLMetry's opentelemetry-instrumentation-langchain.
     python benchmarks/bench_telemetry.py [--calls 1000] [--rounds 7]
 
 "OTel SDK alone" is a handler doing only the SDK work the guard's telemetry asks for
-(the same span attributes and histogram points, no agent-guard code): the floor
-that any exporter of the issue's attributes pays, caps or not.
+(the same span attributes, read from a real guarded call, and the same histogram
+points, no agent-guard code): the floor that any exporter of those attributes pays,
+caps or not. "guard + tel., no OI" leaves out the OpenInference names
+(``GuardTelemetry(openinference=False)``).
 
 All configurations invoke the same in-process chat model on the same prompt,
 in interleaved rounds, with spans going to an SDK TracerProvider whose
@@ -28,7 +30,7 @@ from bench_overhead import PROMPT, EmptyHandler, make_model  # the script's own 
 from langchain_core.callbacks import BaseCallbackHandler
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind
 
@@ -45,36 +47,62 @@ class DropExporter(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
+class _Capture(SpanProcessor):
+    """Keeps the attributes of the first model-call span at its start and at its end."""
+
+    def __init__(self) -> None:
+        self.start: dict[str, Any] | None = None
+        self.end: dict[str, Any] | None = None
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        if self.start is None and span.name.startswith("chat "):
+            self.start = dict(span.attributes)
+
+    def on_end(self, span: Any) -> None:
+        if self.end is None and span.name.startswith("chat "):
+            self.end = dict(span.attributes)
+
+
+def guard_span_attributes(model: Any, **options: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(start, end) attributes of the span GuardTelemetry(**options) writes for one call of
+    ``model``, read from a real guarded call, so the floor writes exactly the same."""
+    capture = _Capture()
+    provider = TracerProvider()
+    provider.add_span_processor(capture)
+    telemetry = GuardTelemetry(provider, MeterProvider(metric_readers=[InMemoryMetricReader()]),
+                               **options)
+    handler = GuardCallbackHandler(Guard(Limits(max_cost_usd=10)), session_id="b",
+                                   telemetry=telemetry)
+    model.invoke(PROMPT, config={"callbacks": [handler]})
+    assert capture.start is not None and capture.end is not None
+    return capture.start, {k: v for k, v in capture.end.items()
+                           if capture.start.get(k, object()) != v}
+
+
 class SdkOnlyHandler(BaseCallbackHandler):
     """The floor: only the OpenTelemetry SDK work the guard's telemetry asks for per
-    model call (one CLIENT span with the same attribute names and value types, the
-    same three histogram points), with no agent-guard code and no caps."""
+    model call (one CLIENT span with the same attributes, set at the same moments, and
+    the same three histogram points), with no agent-guard code and no caps."""
 
-    def __init__(self, provider: Any, meters: Any) -> None:
+    def __init__(self, provider: Any, meters: Any, start: dict[str, Any],
+                 end: dict[str, Any]) -> None:
         self.tracer = provider.get_tracer("floor")
         meter = meters.get_meter("floor")
         self.tokens = meter.create_histogram("gen_ai.client.token.usage")
         self.duration = meter.create_histogram("gen_ai.client.operation.duration")
         self.spans: dict[Any, Any] = {}
+        self.start, self.end = start, end
         self.common = {Attr.OPERATION: "chat", Attr.REQUEST_MODEL: "gpt-4o",
                        Attr.PROVIDER: "openai"}
 
     def on_chat_model_start(self, serialized: Any, messages: Any, *, run_id: Any,
                             **kwargs: Any) -> None:
         self.spans[run_id] = self.tracer.start_span(
-            "chat gpt-4o", kind=SpanKind.CLIENT,
-            attributes={**self.common, Attr.CONVERSATION_ID: "b", Attr.SESSION_ID: "b",
-                        Attr.REQUEST_MAX_TOKENS: 100})
+            "chat gpt-4o", kind=SpanKind.CLIENT, attributes=dict(self.start))
 
     def on_llm_end(self, response: Any, *, run_id: Any, **kwargs: Any) -> None:
         span = self.spans.pop(run_id)
-        span.set_attributes({
-            Attr.RESPONSE_MODEL: "gpt-4o", Attr.INPUT_TOKENS: 120, Attr.OUTPUT_TOKENS: 20,
-            Attr.CACHE_READ_TOKENS: 0, Attr.CACHE_CREATION_TOKENS: 0,
-            Attr.REASONING_TOKENS: 0, Attr.ESTIMATED: False, Attr.OUTCOME: "ok",
-            Attr.RESERVED_USD: 0.0013, Attr.CACHE_HIT: False, Attr.COST: 0.0005,
-            Attr.LLM_COST_TOTAL: 0.0005, Attr.LLM_COST_PROMPT: 0.0003,
-            Attr.LLM_COST_COMPLETION: 0.0002, Attr.FINISH_REASONS: ["stop"]})
+        span.set_attributes(dict(self.end))
         self.tokens.record(120, {**self.common, Attr.TOKEN_TYPE: "input"})
         self.tokens.record(20, {**self.common, Attr.TOKEN_TYPE: "output"})
         self.duration.record(0.001, self.common)
@@ -122,12 +150,17 @@ def main() -> None:
     guard = Guard(Limits(max_cost_usd=10**6, max_tokens=10**12, max_model_calls=10**9))
     guarded = [GuardCallbackHandler(guard, session_id="b", telemetry=telemetry)]
     plain_guard = [GuardCallbackHandler(Guard(guard.limits), session_id="b")]
-    floor = [SdkOnlyHandler(provider, MeterProvider(metric_readers=[InMemoryMetricReader()]))]
+    floor = [SdkOnlyHandler(provider, MeterProvider(metric_readers=[InMemoryMetricReader()]),
+                            *guard_span_attributes(model))]
+    lean = GuardTelemetry(provider, MeterProvider(metric_readers=[InMemoryMetricReader()]),
+                          openinference=False)
+    guarded_lean = [GuardCallbackHandler(Guard(guard.limits), session_id="b", telemetry=lean)]
     per = args.calls
     times: dict[str, list[float]] = {"no callbacks": [], "empty handler": [],
                                      "OTel SDK alone": [],
-                                     "guard, no telemetry": [], "guard + telemetry": []}
-    for handlers in ([], guarded, plain_guard, floor):  # warm-up
+                                     "guard, no telemetry": [], "guard + telemetry": [],
+                                     "guard + tel., no OI": []}
+    for handlers in ([], guarded, plain_guard, floor, guarded_lean):  # warm-up
         timed(model, handlers, 100)
     for _ in range(args.rounds):
         times["no callbacks"].append(timed(model, [], per))
@@ -135,6 +168,7 @@ def main() -> None:
         times["OTel SDK alone"].append(timed(model, floor, per))
         times["guard, no telemetry"].append(timed(model, plain_guard, per))
         times["guard + telemetry"].append(timed(model, guarded, per))
+        times["guard + tel., no OI"].append(timed(model, guarded_lean, per))
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["no callbacks"]
     added = {k: v - base for k, v in med.items()}
