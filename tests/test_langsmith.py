@@ -111,3 +111,62 @@ def test_model_runs_carry_the_guards_cost_and_metadata(sink: LangSmithSink) -> N
     assert inputs[0] + outputs[0] == pytest.approx(totals[0])
     meta = [v for _, part in sink.parts for v in find(part, "agent_guard")]
     assert meta and meta[0]["session"] == "ls-1" and meta[0]["cap_usd"] == "0.5"
+
+
+@pytest.mark.parametrize("how", ["invoke", "ainvoke"])
+def test_tool_runs_carry_their_cost_and_cache_savings(sink: LangSmithSink, how: str) -> None:
+    """A cached tool's LangSmith run: the run that called the tool costs its price
+    (extra.metadata.usage_metadata.total_cost, LangSmith's "Other" cost); the run answered
+    from the cache costs 0 and says what it saved."""
+    import asyncio
+
+    from langchain.agents import create_agent
+    from langchain_core.messages import AIMessage
+    from langchain_core.tools import tool
+
+    from agent_guard.cache import ResultCache, cached_tool
+
+    @tool
+    def lookup(order: str) -> str:
+        """Look up an order."""
+        return f"order {order}: shipped"
+
+    seen = {"n": 0}
+
+    def respond(messages: Any) -> AIMessage:
+        seen["n"] += 1
+        if seen["n"] <= 2:
+            return AIMessage("", tool_calls=[{"name": "lookup", "args": {"order": "A1"},
+                                              "id": f"call_{seen['n']}"}])
+        return AIMessage("shipped")
+
+    client = Client(api_url=sink.url, api_key="test-key")
+    tracer = LangChainTracer(client=client, project_name="agent-guard-test")
+    cache = ResultCache(ttl={"orders": 60})
+    agent = create_agent(ScriptedChatModel(model_name="gpt-4o", respond=respond),
+                         [cached_tool(lookup, cache, "orders", cost_usd="0.005")])
+    config: Any = {"callbacks": [GuardCallbackHandler(Guard(Limits(max_cost_usd=1))), tracer]}
+    inputs = {"messages": [("user", "where is A1?")]}
+    if how == "invoke":
+        agent.invoke(inputs, config=config)
+    else:
+        asyncio.run(agent.ainvoke(inputs, config=config))
+    tracer.wait_for_futures()
+    client.flush()
+    runs: dict[str, dict] = {}  # run id -> the run, its extra as last sent (post, patch)
+    for name, part in sink.parts:
+        _, run_id, *field = name.split(".")
+        run = runs.setdefault(run_id, {})
+        if field:
+            run[field[0]] = part
+        else:
+            run.update({k: v for k, v in part.items() if k != "extra"})
+    # the agent's tool runs (a run cached_tool makes of the wrapped tool sits inside one)
+    tools = [r for r in runs.values() if r.get("run_type") == "tool"
+             and runs.get(r.get("parent_run_id") or "", {}).get("run_type") != "tool"]
+    assert len(tools) == 2
+    meta = sorted((r["extra"]["metadata"] for r in tools),
+                  key=lambda m: m["agent_guard"]["cache_hit"])
+    assert [m["usage_metadata"]["total_cost"] for m in meta] == [0.005, 0.0]
+    assert [m["agent_guard"] for m in meta] == [{"cache_hit": False, "saved_usd": 0.0},
+                                               {"cache_hit": True, "saved_usd": 0.005}]

@@ -35,6 +35,7 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import var_child_runnable_config
 from langchain_core.tools import BaseTool, StructuredTool
 
+from ..telemetry.langsmith import note_tool_run
 from ..usage import nano_to_usd, usd_to_nano
 from .safety import DEFAULT_RETRY_AFTER, CacheIO, Failure
 from .serde import DEFAULT_MAX_BYTES
@@ -287,10 +288,12 @@ def cached_tool(
             run_config = _tool_run_config()
             if run_config is not None:
                 dispatch_custom_event(CACHE_HIT_EVENT, hit_event(saved), config=run_config)
+            note_tool_run(cost_usd=0, cache_hit=True, saved_nano=saved)
             return hit
         result = tool.invoke(kwargs, inner_config(config))
         cache.put_tool(tool.name, kwargs, result, tenant=tenant, ttl_class=ttl_class,
                        version=version, public=public, cost_usd=cost_usd)
+        note_tool_run(cost_usd=cost_usd, cache_hit=False)
         return result
 
     async def arun(config: RunnableConfig, **kwargs: Any) -> Any:
@@ -300,10 +303,12 @@ def cached_tool(
             if run_config is not None:
                 await adispatch_custom_event(CACHE_HIT_EVENT, hit_event(saved),
                                              config=run_config)
+            note_tool_run(cost_usd=0, cache_hit=True, saved_nano=saved)
             return hit
         result = await tool.ainvoke(kwargs, inner_config(config))
         cache.put_tool(tool.name, kwargs, result, tenant=tenant, ttl_class=ttl_class,
                        version=version, public=public, cost_usd=cost_usd)
+        note_tool_run(cost_usd=cost_usd, cache_hit=False)
         return result
 
     return StructuredTool.from_function(
