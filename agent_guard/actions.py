@@ -11,10 +11,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from langchain_core.messages import AIMessage
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 
 from .errors import BudgetExceeded, GuardError
 from .usage import nano_to_usd
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 __all__ = [
     "PAYLOAD_MARKER",
     "OnExceed",
+    "Stop",
+    "answer_tool_calls",
     "apply_resume",
     "check_on_exceed",
     "interrupt_payload",
@@ -32,6 +35,8 @@ __all__ = [
     "stop_message",
     "wants_stop",
 ]
+
+logger = logging.getLogger("agent_guard")
 
 OnExceed = Literal["raise", "end", "interrupt"]
 PAYLOAD_MARKER = "agent_guard"
@@ -50,15 +55,67 @@ def _money(exc: BudgetExceeded, amount: int) -> Any:
     return str(nano_to_usd(amount)) if exc.dimension == "usd_nano" else amount
 
 
+class Stop:
+    """Why a run was stopped: the refusal's text and numbers.
+
+    Built from the refusal itself, or from the payload of the pause a human answered
+    with ``{"stop": True}`` (the refusal object is gone by then)."""
+
+    __slots__ = ("details", "text")
+
+    def __init__(self, text: str, details: Mapping[str, Any]) -> None:
+        self.text = text
+        self.details = dict(details)
+
+    @classmethod
+    def of(cls, exc: GuardError) -> Stop:
+        details: dict[str, Any] = {"reason": type(exc).__name__}
+        if isinstance(exc, BudgetExceeded):
+            details.update(session=exc.session, dimension=exc.dimension,
+                           cap=_money(exc, exc.cap), spent=_money(exc, exc.spent),
+                           needed=_money(exc, exc.requested))
+        return cls(str(exc), details)
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> Stop:
+        keys = ("reason", "session", "dimension", "cap", "spent", "needed")
+        return cls(str(payload.get("message", "")),
+                   {k: payload[k] for k in keys if k in payload})
+
+    def message(self, id: str | None = None) -> AIMessage:
+        return AIMessage(content=f"Stopped by agent-guard. {self.text}", name=STOP_MESSAGE_NAME,
+                         response_metadata={PAYLOAD_MARKER: dict(self.details)}, id=id)
+
+
 def stop_message(exc: GuardError) -> AIMessage:
     """The final message of a run ended by the guard, for a chat UI to show."""
-    details: dict[str, Any] = {"reason": type(exc).__name__}
-    if isinstance(exc, BudgetExceeded):
-        details.update(session=exc.session, dimension=exc.dimension,
-                       cap=_money(exc, exc.cap), spent=_money(exc, exc.spent),
-                       needed=_money(exc, exc.requested))
-    return AIMessage(content=f"Stopped by agent-guard. {exc}", name=STOP_MESSAGE_NAME,
-                     response_metadata={PAYLOAD_MARKER: details})
+    return Stop.of(exc).message()
+
+
+def answer_tool_calls(messages: Sequence[Any], stop: Stop) -> list[ToolMessage]:
+    """A ``ToolMessage`` for each tool call of the last assistant turn that has none.
+
+    Chat APIs refuse a history in which an assistant message's tool calls are not
+    each answered by a tool message right after it (OpenAI: ``400 ... tool_call_ids
+    did not have response messages``); a run stopped between the two would leave the
+    thread unusable. Only the last assistant message with tool calls can be pending
+    (anything else after it means the history was already past it)."""
+    for i in range(len(messages) - 1, -1, -1):
+        message = messages[i]
+        if isinstance(message, AIMessage) and message.tool_calls:
+            after = messages[i + 1:]
+            if not all(isinstance(m, ToolMessage) for m in after):
+                return []
+            answered = {m.tool_call_id for m in after}
+            return [ToolMessage(
+                content=f"Not run: the run was stopped by agent-guard. {stop.text}",
+                tool_call_id=call["id"], name=call["name"], status="error",
+                id=f"agent-guard-{call['id']}")
+                for call in message.tool_calls
+                if call.get("id") and call["id"] not in answered]
+        if not isinstance(message, ToolMessage) and isinstance(message, BaseMessage):
+            return []
+    return []
 
 
 def interrupt_payload(exc: GuardError, node: str | None) -> dict[str, Any]:
@@ -85,8 +142,13 @@ def wants_stop(resume: Any) -> bool:
     return isinstance(resume, Mapping) and bool(resume.get("stop"))
 
 
-def apply_resume(guard: Guard, session: str, resume: Any) -> bool:
-    """Apply the cap extensions a resume value asks for; True if it asked for any."""
+def apply_resume(guard: Guard, session: str, resume: Any, dimension: str | None = None
+                 ) -> bool:
+    """Apply the cap extensions a resume value asks for; True if it asked for any.
+
+    ``dimension`` is the one that refused (from the pause's payload): after a
+    per-tool refusal (``tool_calls:<tool>``), ``extend_tool_calls`` raises that
+    tool's cap too, or the extension could never let the run go on."""
     if not isinstance(resume, Mapping):
         return False
     asked = {k: resume[k] for k in _EXTENSIONS if resume.get(k) is not None}
@@ -95,4 +157,50 @@ def apply_resume(guard: Guard, session: str, resume: Any) -> bool:
                      steps=asked.get("extend_steps"),
                      model_calls=asked.get("extend_model_calls"),
                      tool_calls=asked.get("extend_tool_calls"))
+        more = asked.get("extend_tool_calls")
+        if more is not None and dimension and dimension.startswith("tool_calls:"):
+            scope = guard.budgets.ref("session", session, guard.clock()).scope
+            guard.ledger.extend(scope, dimension, more)
     return bool(asked)
+
+
+# -- the log: one line per refusal ----------------------------------------------------------
+
+_CALLBACK_ERROR = "Error in %s.%s callback: %s"
+
+
+def _guard_error_names() -> set[str]:
+    names: set[str] = set()
+    todo: list[type] = [GuardError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+class _QuietRefusals(logging.Filter):
+    """Drop LangChain's ``Error in GuardCallbackHandler.on_chat_model_start callback``
+    warning for a deliberate refusal.
+
+    LangChain logs every exception a callback raises, even with ``raise_error=True``
+    (``langchain_core.callbacks.manager.handle_event``); a refusal is not an error of
+    the handler, and the adapters say what they did with it in one line of their own
+    (or the caller gets the exception)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != _CALLBACK_ERROR or not isinstance(record.args, tuple) \
+                or len(record.args) != 3:
+            return True
+        raised = str(record.args[2]).split("(", 1)[0]
+        return raised not in _guard_error_names()
+
+
+def quiet_langchain_refusals() -> None:
+    """Install the filter once on LangChain's callback-manager logger."""
+    target = logging.getLogger("langchain_core.callbacks.manager")
+    if not any(isinstance(f, _QuietRefusals) for f in target.filters):
+        target.addFilter(_QuietRefusals())
+
+
+quiet_langchain_refusals()

@@ -2,11 +2,26 @@
 
 Every node is wrapped so that it counts one step before it runs and turns a
 refusal (raised by the guard's callback handler on a model or tool call
-inside it, or by the step count) into the chosen action: ``raise``, ``end``
-(return the state so far plus a final message, ``Command(goto=END)``) or
-``interrupt`` (LangGraph ``interrupt()``; resuming with
-``Command(resume={"extend_usd": 1.0})`` raises the cap and re-runs the node,
-``Command(resume={"stop": True})`` ends).
+inside it, or by the step count) into the chosen action. A refusal ends the
+*whole run* whatever the graph's edges (see ``docs/graph-control.md``):
+
+- each run (one ``invoke``/``stream``/``astream``/``batch`` item, subgraphs
+  included) carries a :class:`_Run` in its config; the refused node marks it
+  stopped and returns no update;
+- every edge out of a node (static, conditional, ``Send`` fan-outs) is
+  rewritten to lead, once the run is stopped, to a final node that answers
+  the tool calls left without a ``ToolMessage`` and adds the explanation (or
+  straight to END when the state has no ``messages``); nodes already
+  scheduled return at once without counting or paying, and a callback gate
+  refuses any model or tool call started after the stop;
+- ``raise`` ends the run the same way (the thread's history stays valid) and
+  then raises the refusal from ``invoke``/``stream``; ``interrupt`` pauses the
+  run with LangGraph ``interrupt()`` (``Command(resume={"extend_usd": 1.0})``
+  raises the cap and re-runs the node, ``Command(resume={"stop": True})`` ends
+  as ``end`` does).
+
+Compiled ``StateGraph`` s used as nodes are guarded the same way, on the same
+run, so their node runs are steps too.
 """
 
 from __future__ import annotations
@@ -15,24 +30,30 @@ import copy
 import dataclasses
 import functools
 import threading
+import uuid
+from collections import defaultdict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
-from langchain_core.callbacks import BaseCallbackManager
+from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
 from langchain_core.runnables import Runnable, RunnableConfig
-from langchain_core.runnables.config import merge_configs
+from langchain_core.runnables.config import merge_configs, var_child_runnable_config
 from langgraph._internal._runnable import RunnableCallable
-from langgraph.graph import END, StateGraph
+from langgraph.errors import GraphInterrupt
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph._branch import BranchSpec
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import CachePolicy, Command, interrupt
 
 from ..actions import (
     OnExceed,
+    Stop,
+    answer_tool_calls,
     apply_resume,
     check_on_exceed,
     interrupt_payload,
     is_guard_payload,
-    stop_message,
+    logger,
     wants_stop,
 )
 from ..budgets import Budgets, attributes_from_metadata
@@ -48,6 +69,9 @@ from ..usage import usd_to_nano
 __all__ = ["GuardedStateGraph", "budget_gate", "guarded_graph", "session_of"]
 
 _RESUME = "agent_guard_resume"  # what a normalised resume value carries
+_RUN_KEY = "__agent_guard_run__"  # configurable key of the run ("__": never checkpointed)
+FINAL_NODE = "agent_guard_end"  # answers pending tool calls and explains, then END
+_STOPPED = "__agent_guard_stopped__"  # a branch's answer once the run is stopped
 
 
 def session_of(config: RunnableConfig | None, default: str | None = None) -> str:
@@ -60,68 +84,330 @@ def session_of(config: RunnableConfig | None, default: str | None = None) -> str
     return session_from_metadata(meta, default)
 
 
+class RunHalted(GuardError):
+    """A model or tool call started after the run was stopped or paused (internal)."""
+
+
+class _Run:
+    """One run of a guarded graph and its subgraphs: stopped, paused, or going on.
+
+    It lives in ``config["configurable"]`` for the length of one top-level
+    ``stream``/``astream`` call (``invoke``, ``batch`` and ``astream_events`` go
+    through them), never in a checkpoint: a later invocation of the same thread
+    is a new run."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.stop: Stop | None = None
+        self.error: GuardError | None = None  # to raise at the end (on_exceed="raise")
+        self.paused: tuple[GuardError, str] | None = None
+        self.message_id = f"agent-guard-stop-{uuid.uuid4().hex}"
+
+    @property
+    def halted(self) -> bool:
+        return self.stop is not None or self.paused is not None
+
+    def end(self, exc: GuardError, *, reraise: bool) -> bool:
+        """Mark the run stopped by ``exc``; True the first time."""
+        with self._lock:
+            if self.stop is not None:
+                return False
+            self.stop = Stop.of(exc)
+            self.error = exc if reraise else None
+            return True
+
+    def end_from(self, stop: Stop) -> None:
+        with self._lock:
+            if self.stop is None:
+                self.stop = stop
+
+    def pause(self, exc: GuardError, node: str) -> bool:
+        """Mark the run paused by ``exc``; True the first time."""
+        with self._lock:
+            if self.paused is not None:
+                return False
+            self.paused = (exc, node)
+            return True
+
+
+def _run_of(config: Mapping[str, Any] | None) -> _Run | None:
+    run = ((config or {}).get("configurable") or {}).get(_RUN_KEY)
+    return run if isinstance(run, _Run) else None
+
+
+def _with_run(config: RunnableConfig | None) -> tuple[RunnableConfig, _Run, bool]:
+    """The config carrying this run's :class:`_Run`; True if this call started the run."""
+    config = dict(config or {})
+    run = _run_of(config)
+    if run is not None:
+        return config, run, False  # type: ignore[return-value]
+    run = _Run()
+    config["configurable"] = {**(config.get("configurable") or {}), _RUN_KEY: run}
+    return config, run, True  # type: ignore[return-value]
+
+
+class _RunGate(BaseCallbackHandler):
+    """Refuses any model or tool call started once the run is stopped or paused.
+
+    The node wrappers stop nodes that have not started; this stops branches of the
+    same superstep that were already running when another branch was refused."""
+
+    raise_error: bool = True
+    run_inline: bool = True
+
+    @staticmethod
+    def _check() -> None:
+        run = _run_of(var_child_runnable_config.get())
+        if run is not None and run.halted:
+            raise RunHalted("the run was stopped or paused by agent-guard")
+
+    def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
+        self._check()
+
+    def on_llm_start(self, *args: Any, **kwargs: Any) -> None:
+        self._check()
+
+    def on_tool_start(self, *args: Any, **kwargs: Any) -> None:
+        self._check()
+
+
+_RETRY = object()
+
+
 class _NodeGuard:
     """Wraps one node: count the step, run it, act on a refusal."""
 
     def __init__(self, name: str, inner: Runnable, guard: Guard, on_exceed: OnExceed,
-                 has_messages: bool, default_session: str | None,
-                 explained: dict[str, Any], lock: threading.Lock) -> None:
+                 default_session: str | None, subgraph: bool) -> None:
         self.name = name
         self.inner = inner
         self.guard = guard
         self.on_exceed = on_exceed
-        self.has_messages = has_messages
         self.default_session = default_session
-        self.explained = explained
-        self.lock = lock
+        self.subgraph = subgraph  # a guarded subgraph ends (or pauses) by itself
 
-    def _end(self, exc: GuardError, session: str, config: RunnableConfig) -> Command:
-        """Go to END; the explanation is added once per session and superstep."""
-        step = (config.get("metadata") or {}).get("langgraph_step")
-        with self.lock:
-            first = self.explained.get(session) != step
-            self.explained[session] = step
-        update = {"messages": [stop_message(exc)]} if self.has_messages and first else {}
-        return Command(goto=END, update=update)
-
-    def _decide(self, exc: GuardError, session: str, config: RunnableConfig) -> Any:
-        """None to retry the node, or what the node returns instead."""
-        if self.on_exceed == "raise":
+    def _stopped(self, run: _Run | None, exc: GuardError, session: str) -> None:
+        """``end``/``raise``: mark the run stopped; this node writes nothing."""
+        if run is None:  # not run through GuardedStateGraph: nothing else can stop it
             raise exc
-        if self.on_exceed == "end":
-            return self._end(exc, session, config)
-        resume = interrupt(interrupt_payload(exc, self.name))
+        if run.end(exc, reraise=self.on_exceed == "raise") and self.on_exceed == "end":
+            logger.warning("agent-guard: %s The run of session %r ended at node %r "
+                           "(on_exceed='end').", exc, session, self.name)
+
+    def _pause(self, run: _Run | None, exc: GuardError, session: str) -> Any:
+        """``interrupt``: pause; the resume value once resumed."""
+        payload = interrupt_payload(exc, self.name)
+        try:
+            return interrupt(payload)
+        except GraphInterrupt:
+            if run is not None and run.pause(exc, self.name):
+                logger.warning("agent-guard: %s The run of session %r paused at node %r "
+                               "(on_exceed='interrupt'); resume with "
+                               "Command(resume={'extend_usd': ...}) or "
+                               "Command(resume={'stop': True}).", exc, session, self.name)
+            raise
+
+    def _decide(self, exc: GuardError, run: _Run | None, session: str) -> Any:
+        """``_RETRY`` to run the node again (caps raised), or what the node returns."""
+        if isinstance(exc, RunHalted):
+            if run is not None and run.paused is not None and run.stop is None:
+                exc = run.paused[0]  # a sibling paused: pause here too, for the same reason
+            else:
+                return None
+        if self.on_exceed != "interrupt":
+            self._stopped(run, exc, session)
+            return None
+        resume = self._pause(run, exc, session)
         if isinstance(resume, Mapping) and _RESUME in resume:
             resume = resume[_RESUME]  # extensions were applied once, by the graph
-        else:
-            apply_resume(self.guard, session, resume)  # resumed by interrupt id
+        else:  # resumed by interrupt id
+            apply_resume(self.guard, session, resume, getattr(exc, "dimension", None))
         if wants_stop(resume):
-            return self._end(exc, session, config)
-        return None
+            if run is not None:
+                run.end(exc, reraise=False)
+            return None
+        return _RETRY
+
+    def _skip(self, run: _Run | None) -> bool:
+        """The run is over: this node must not run (a guarded subgraph still runs, to end
+        its own state cleanly; its nodes skip)."""
+        return run is not None and run.stop is not None and not self.subgraph
 
     def invoke(self, state: Any, config: RunnableConfig) -> Any:
+        run = _run_of(config)
+        if self._skip(run):
+            return None
+        if self.subgraph and run is not None and run.stop is not None:
+            return self.inner.invoke(state, config)
         session = session_of(config, self.default_session)
         while True:
             try:
+                if run is not None and run.halted:
+                    raise RunHalted("the run was paused by agent-guard")
                 self.guard.before_step(session, attributes=attributes_from_metadata(
                     config.get("metadata"), self.guard.attribute_names))
                 return self.inner.invoke(state, config)
             except GuardError as exc:
-                outcome = self._decide(exc, session, config)
-                if outcome is not None:
+                outcome = self._decide(exc, run, session)
+                if outcome is not _RETRY:
                     return outcome
 
     async def ainvoke(self, state: Any, config: RunnableConfig) -> Any:
+        run = _run_of(config)
+        if self._skip(run):
+            return None
+        if self.subgraph and run is not None and run.stop is not None:
+            return await self.inner.ainvoke(state, config)
         session = session_of(config, self.default_session)
         while True:
             try:
+                if run is not None and run.halted:
+                    raise RunHalted("the run was paused by agent-guard")
                 await self.guard.abefore_step(session, attributes=attributes_from_metadata(
                     config.get("metadata"), self.guard.attribute_names))
                 return await self.inner.ainvoke(state, config)
             except GuardError as exc:
-                outcome = self._decide(exc, session, config)
-                if outcome is not None:
+                outcome = self._decide(exc, run, session)
+                if outcome is not _RETRY:
                     return outcome
+
+
+def _final_node(state: Any, config: RunnableConfig) -> Any:
+    """After a stop: answer the tool calls left open, then say why (once per run: the
+    message's id is the run's, so a subgraph's and its parent's explanations merge)."""
+    run = _run_of(config)
+    if run is None or run.stop is None:
+        return None
+    messages = state.get("messages") if isinstance(state, Mapping) else getattr(
+        state, "messages", None)
+    if not isinstance(messages, list):
+        return None
+    return {"messages": [*answer_tool_calls(messages, run.stop),
+                         run.stop.message(id=run.message_id)]}
+
+
+def _stop_route(path: Runnable, on_stop: Hashable, on_exceed: OnExceed) -> Runnable:
+    """A conditional edge's function that leads to ``on_stop`` once the run is stopped
+    (a refusal inside the function itself stops the run too)."""
+
+    def refused(exc: GuardError, config: RunnableConfig) -> Hashable:
+        run = _run_of(config)
+        if run is None:
+            raise exc
+        if not isinstance(exc, RunHalted):  # no pause from an edge: it ends the run
+            run.end(exc, reraise=on_exceed == "raise")
+        return on_stop
+
+    def route(state: Any, config: RunnableConfig) -> Any:
+        run = _run_of(config)
+        if run is not None and run.stop is not None:
+            return on_stop
+        try:
+            return path.invoke(state, config)
+        except GuardError as exc:
+            return refused(exc, config)
+
+    async def aroute(state: Any, config: RunnableConfig) -> Any:
+        run = _run_of(config)
+        if run is not None and run.stop is not None:
+            return on_stop
+        try:
+            return await path.ainvoke(state, config)
+        except GuardError as exc:
+            return refused(exc, config)
+
+    return RunnableCallable(route, aroute, name=path.get_name(), trace=False)
+
+
+def _route_stops(builder: StateGraph, final: str, on_exceed: OnExceed) -> None:
+    """Rewrite every edge out of a node so that a stopped run goes to ``final``.
+
+    Static edges ``a -> b`` become conditional edges of ``a`` (same targets while
+    the run goes on); conditional edges and ``Send`` fan-outs are wrapped. Edges
+    from START, joins (``add_edge([a, b], c)``: ``c`` skips) and edges out of
+    ``final`` are kept."""
+    branches: defaultdict[str, dict[str, BranchSpec]] = defaultdict(dict)
+    for source, specs in builder.branches.items():
+        for name, spec in specs.items():
+            ends = None if spec.ends is None else {**spec.ends, _STOPPED: final}
+            on_stop = final if ends is None else _STOPPED
+            branches[source][name] = BranchSpec(
+                path=_stop_route(spec.path, on_stop, on_exceed), ends=ends,
+                input_schema=spec.input_schema)
+    targets: defaultdict[str, list[str]] = defaultdict(list)
+    kept: set[tuple[str, str]] = set()
+    for source, target in builder.edges:
+        if source == START:
+            kept.add((source, target))
+        else:
+            targets[source].append(target)
+    for source, ends in targets.items():
+        fixed = sorted(ends)
+
+        def static(state: Any, _fixed: list[str] = fixed) -> list[str]:
+            return _fixed
+
+        path = RunnableCallable(static, name=f"{source}_edges", trace=False)
+        name = "agent_guard_edges"
+        branches[source][name] = BranchSpec(
+            path=_stop_route(path, _STOPPED, on_exceed),
+            ends={**{t: t for t in fixed}, _STOPPED: final})
+    builder.edges = kept
+    builder.branches = branches
+
+
+def _guard_builder(builder: StateGraph, guard: Guard, on_exceed: OnExceed,
+                   session_id: str | None) -> StateGraph:
+    """A copy of ``builder`` with every node wrapped, guarded subgraphs and stop routes."""
+    if FINAL_NODE in builder.nodes:
+        raise ValueError(f"the graph already has a node named {FINAL_NODE!r}")
+    has_messages = "messages" in builder.channels
+    wrapped = copy.copy(builder)
+    wrapped.nodes = {}
+    wrapped.edges = set(builder.edges)
+    wrapped.waiting_edges = set(builder.waiting_edges)
+    wrapped.branches = defaultdict(dict, {k: dict(v) for k, v in builder.branches.items()})
+    for name, spec in builder.nodes.items():
+        if spec.is_error_handler:
+            wrapped.nodes[name] = spec
+            continue
+        inner = spec.runnable
+        subgraph = _guard_subgraph(inner, guard, on_exceed, session_id)
+        node = _NodeGuard(name, subgraph or inner, guard, on_exceed, session_id,
+                          subgraph is not None)
+        runnable = RunnableCallable(node.invoke, node.ainvoke, name=name, trace=False)
+        wrapped.nodes[name] = dataclasses.replace(spec, runnable=runnable)
+    final = END
+    if has_messages:
+        final = FINAL_NODE
+        wrapped.add_node(FINAL_NODE, _final_node, input_schema=builder.state_schema)
+    _route_stops(wrapped, final, on_exceed)
+    if has_messages:
+        wrapped.edges.add((FINAL_NODE, END))
+    return wrapped
+
+
+def _guard_subgraph(runnable: Any, guard: Guard, on_exceed: OnExceed,
+                    session_id: str | None) -> Runnable | None:
+    """A compiled ``StateGraph`` used as a node, guarded on the parent's run (its node
+    runs count as steps; a refusal inside it ends it cleanly), or None."""
+    if not isinstance(runnable, CompiledStateGraph) or isinstance(runnable, GuardedStateGraph):
+        return None
+    inner = _compile(runnable, guard, on_exceed, session_id, {})
+    config = {k: v for k, v in (runnable.config or {}).items() if k != "callbacks"}
+    return inner.with_config(config) if config else inner
+
+
+def _compile(graph: CompiledStateGraph, guard: Guard, on_exceed: OnExceed,
+             session_id: str | None, compile_kwargs: dict[str, Any]) -> GuardedStateGraph:
+    kept = {"checkpointer": graph.checkpointer, "store": graph.store, "cache": graph.cache,
+            "interrupt_before": graph.interrupt_before_nodes or None,
+            "interrupt_after": graph.interrupt_after_nodes or None,
+            "debug": graph.debug, "name": graph.name}
+    kwargs = {**{k: v for k, v in kept.items() if v is not None}, **compile_kwargs}
+    compiled = _guard_builder(graph.builder, guard, on_exceed, session_id).compile(**kwargs)
+    compiled.__class__ = GuardedStateGraph
+    return compiled  # type: ignore[return-value]
 
 
 def _handler_of(config: Mapping[str, Any] | None) -> GuardCallbackHandler | None:
@@ -136,28 +422,37 @@ def _handler_of(config: Mapping[str, Any] | None) -> GuardCallbackHandler | None
 class GuardedStateGraph(CompiledStateGraph):
     """A compiled graph returned by :func:`guarded_graph`.
 
-    It behaves as the original; in addition, resuming a run paused by the guard
-    with ``Command(resume={"extend_usd": 1.0})`` applies the extension once and
-    answers every pending guard pause (a fan-out may have paused several
-    branches at once, which plain LangGraph would only take by interrupt id).
+    It behaves as the original, except that a refusal ends (or pauses) the whole
+    run (see :mod:`agent_guard.langgraph.graph`). ``invoke``'s result carries
+    ``"__agent_guard__"`` (the reason and the numbers) when the guard ended the
+    run. Resuming a run paused by the guard with ``Command(resume={"extend_usd":
+    1.0})`` applies the extension once and answers every pending guard pause (a
+    fan-out may have paused several branches at once, which plain LangGraph would
+    only take by interrupt id); ``Command(resume={"stop": True})`` ends the run
+    before any paused node runs again.
     """
 
-    def _normalise(self, input: Any, config: RunnableConfig | None, pending: tuple) -> Any:
+    def _normalise(self, input: Any, config: RunnableConfig | None, pending: tuple
+                   ) -> tuple[Any, Stop | None]:
+        """(the input to run, the stop a resume asks for)."""
         if not isinstance(input, Command) or input.resume is None:
-            return input
+            return input, None
         ids = {i.id for i in pending}
         resume = input.resume
         if isinstance(resume, Mapping) and resume and set(resume) <= ids:
-            return input  # already answered by interrupt id
+            return input, None  # already answered by interrupt id
         guard_pending = [i for i in pending if is_guard_payload(i.value)]
         if not guard_pending or len(guard_pending) != len(pending):
-            return input
+            return input, None
+        first = guard_pending[0].value
         handler = _handler_of(self.config)
         if handler is not None:
-            apply_resume(handler.guard, session_of(config, handler.session_id), resume)
+            apply_resume(handler.guard, session_of(config, handler.session_id), resume,
+                         first.get("dimension"))
         value = {_RESUME: dict(resume) if isinstance(resume, Mapping) else resume}
-        return Command(graph=input.graph, update=input.update, goto=input.goto,
-                       resume={i.id: value for i in guard_pending})
+        normalised = Command(graph=input.graph, update=input.update, goto=input.goto,
+                             resume={i.id: value for i in guard_pending})
+        return normalised, Stop.from_payload(first) if wants_stop(resume) else None
 
     def _tenant(self, config: RunnableConfig | None) -> str:
         """The run's tenant, for node cache keys (see :mod:`agent_guard.cache.node`)."""
@@ -179,32 +474,64 @@ class GuardedStateGraph(CompiledStateGraph):
         callbacks = [cb for cb in self.config.get("callbacks") or () if cb is not own]
         return self.copy({"config": {**self.config, "callbacks": callbacks}})
 
+    @staticmethod
+    def _finish(run: _Run, output: Any) -> Any:
+        if run.error is not None:
+            raise run.error
+        if run.stop is not None and isinstance(output, dict):
+            output = {**output, "__agent_guard__": {"message": run.stop.text,
+                                                    **run.stop.details}}
+        return output
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+               ) -> Any:
+        config, run, owner = _with_run(config)
+        output = super().invoke(input, config, **kwargs)
+        return self._finish(run, output) if owner else output
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+                      ) -> Any:
+        config, run, owner = _with_run(config)
+        output = await super().ainvoke(input, config, **kwargs)
+        return self._finish(run, output) if owner else output
+
     def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
                ) -> Any:
+        config, run, owner = _with_run(config)
         graph = self._deduplicated(config)
         if graph is not self:
             yield from graph.stream(input, config, **kwargs)
-            return
-        if isinstance(input, Command) and input.resume is not None and self.checkpointer:
-            input = self._normalise(input, config, self.get_state(config or {}).interrupts)
-        parent = super()
-        yield from stream_as_tenant(self._tenant(config),
-                                    lambda: parent.stream(input, config, **kwargs))
+        else:
+            if isinstance(input, Command) and input.resume is not None and self.checkpointer:
+                input, stop = self._normalise(input, config,
+                                              self.get_state(config).interrupts)
+                if stop is not None:
+                    run.end_from(stop)
+            parent = super()
+            yield from stream_as_tenant(self._tenant(config),
+                                        lambda: parent.stream(input, config, **kwargs))
+        if owner and run.error is not None:
+            raise run.error
 
     async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
                       ) -> Any:
+        config, run, owner = _with_run(config)
         graph = self._deduplicated(config)
         if graph is not self:
             async for chunk in graph.astream(input, config, **kwargs):
                 yield chunk
-            return
-        if isinstance(input, Command) and input.resume is not None and self.checkpointer:
-            snapshot = await self.aget_state(config or {})
-            input = self._normalise(input, config, snapshot.interrupts)
-        parent = super()
-        async for chunk in astream_as_tenant(
-                self._tenant(config), lambda: parent.astream(input, config, **kwargs)):
-            yield chunk
+        else:
+            if isinstance(input, Command) and input.resume is not None and self.checkpointer:
+                snapshot = await self.aget_state(config)
+                input, stop = self._normalise(input, config, snapshot.interrupts)
+                if stop is not None:
+                    run.end_from(stop)
+            parent = super()
+            async for chunk in astream_as_tenant(
+                    self._tenant(config), lambda: parent.astream(input, config, **kwargs)):
+                yield chunk
+        if owner and run.error is not None:
+            raise run.error
 
 
 def guarded_graph(
@@ -257,19 +584,7 @@ def guarded_graph(
         raise TypeError(f"guarded_graph takes a StateGraph or a compiled graph, got "
                         f"{type(graph).__name__}")
 
-    has_messages = "messages" in builder.channels
-    explained: dict[str, Any] = {}
-    lock = threading.Lock()
-    wrapped = copy.copy(builder)
-    wrapped.nodes = {}
-    for name, spec in builder.nodes.items():
-        if spec.is_error_handler:
-            wrapped.nodes[name] = spec
-            continue
-        node = _NodeGuard(name, spec.runnable, guard, on_exceed, has_messages, session_id,
-                          explained, lock)
-        runnable = RunnableCallable(node.invoke, node.ainvoke, name=name, trace=False)
-        wrapped.nodes[name] = dataclasses.replace(spec, runnable=runnable)
+    wrapped = _guard_builder(builder, guard, on_exceed, session_id)
     if cache_nodes:
         if cache is None:
             raise ValueError("cache_nodes needs cache=ResultCache(...)")
@@ -289,7 +604,7 @@ def guarded_graph(
     callbacks = list(base_config.get("callbacks") or [])
     own = GuardCallbackHandler(guard, session_id=session_id)
     own._graph_default = True  # stands down for a handler of the same guard given per run
-    callbacks.insert(0, own)
+    callbacks[:0] = [_RunGate(), own]  # the gate first: a halted run reserves nothing
     return compiled.with_config({**base_config, "callbacks": callbacks})
 
 

@@ -187,6 +187,11 @@ class FakeOpenAIServer:
         port: Port to bind, 0 for an ephemeral one.
     """
 
+    #: Refuse (400, OpenAI's error) a history whose assistant tool calls are not each
+    #: answered by a following ``tool`` message, or with a ``tool`` message answering no
+    #: call, as OpenAI does. Set to ``False`` on an instance to accept any history.
+    check_tool_history: bool = True
+
     def __init__(
         self,
         replies: ReplyScript = (),
@@ -471,6 +476,47 @@ def _error(status: int, message: str | None = None, *, code: str | None = "") ->
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
+def tool_history_error(messages: Sequence[Any]) -> dict[str, Any] | None:
+    """OpenAI's 400 for a chat history it refuses over tool calls, or ``None``.
+
+    An assistant message with ``tool_calls`` must be followed, before any other
+    message, by one ``tool`` message per ``tool_call_id``; a ``tool`` message must
+    answer a call of the assistant message before it. The messages and ``param``
+    are OpenAI's (Chat Completions API, 2025-2026)."""
+    pending: list[str] = []  # unanswered ids of the last assistant message with tool calls
+    opened_at = 0
+    answerable: set[str] = set()
+    for index, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, Mapping) else None
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if call_id not in answerable:
+                return {"error": {
+                    "message": "Invalid parameter: messages with role 'tool' must be a "
+                               "response to a preceeding message with 'tool_calls'.",
+                    "type": "invalid_request_error", "param": f"messages.[{index}].role",
+                    "code": None}}
+            if call_id in pending:
+                pending.remove(call_id)
+            continue
+        if pending:
+            break
+        answerable = set()
+        calls = message.get("tool_calls") if role == "assistant" else None
+        if calls:
+            pending = [str(_field(tc, "id")) for tc in calls]
+            answerable = set(pending)
+            opened_at = index
+    if pending:
+        return {"error": {
+            "message": "An assistant message with 'tool_calls' must be followed by tool "
+                       "messages responding to each 'tool_call_id'. The following "
+                       f"tool_call_ids did not have response messages: {', '.join(pending)}",
+            "type": "invalid_request_error", "param": f"messages.[{opened_at}].role",
+            "code": None}}
+    return None
+
+
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -585,6 +631,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(body.get("model"), str) or not isinstance(body.get("messages"), list):
             self._send_json(400, _error(400, "A chat completion needs 'model' (a string) "
                                              "and 'messages' (a list)."))
+            return
+        invalid = self.owner.check_tool_history and tool_history_error(body["messages"])
+        if invalid:  # as OpenAI: refused before any reply is used, nothing billed or recorded
+            self._send_json(400, invalid)
             return
         try:
             reply = self.owner._next_reply(body)
