@@ -102,7 +102,7 @@ TOOLS = [search, lookup]
 def model(server: FakeOpenAIServer) -> ChatOpenAI:
     # its own async client: each cell runs in its own event loop
     return ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="x", max_tokens=40,
-                      max_retries=0, http_async_client=httpx.AsyncClient())
+                      max_retries=0, http_async_client=httpx.AsyncClient(verify=False))
 
 
 # -- the shapes ------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def loop_shape(server, repeat):
 
     def work(state: LoopState) -> dict:
         n = state.get("n", 0)
-        answer = llm.invoke(f"step {n}").content
+        answer = llm.invoke(f"step {n}: {BRIEF}").content
         found = search.invoke({"query": "same" if repeat else f"q{n}"})
         return {"n": n + 1, "answers": [f"{answer}:{found}"]}
 

@@ -363,6 +363,7 @@ def _guard_builder(builder: StateGraph, guard: Guard, on_exceed: OnExceed,
         raise ValueError(f"the graph already has a node named {FINAL_NODE!r}")
     has_messages = "messages" in builder.channels
     wrapped = copy.copy(builder)
+    wrapped.compiled = False  # a copy of a compiled graph's builder: nodes are added below
     wrapped.nodes = {}
     wrapped.edges = set(builder.edges)
     wrapped.waiting_edges = set(builder.waiting_edges)

@@ -554,6 +554,9 @@ class _HTTPServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
     protocol_version = "HTTP/1.1"
+    # headers and body are separate writes: without TCP_NODELAY, Nagle plus the client's
+    # delayed ACK hold every reply ~40 ms on loopback (measured 47 ms -> 2.4 ms a request)
+    disable_nagle_algorithm = True
     server_version = "fake-openai/1.0"
     sys_version = ""
 
