@@ -356,6 +356,8 @@ def test_max_steps_counts_node_runs_inside_a_subgraph(server, sub_checkpointer,
 @pytest.mark.parametrize("action", ["end", "stop"])
 def test_one_log_line_per_refusal(server, caplog, action: str) -> None:
     caplog.set_level(logging.DEBUG)
+    for name in ("agent_guard", "langchain_core.callbacks.manager"):  # others may set them
+        caplog.set_level(logging.DEBUG, logger=name)
     server.replies = script(repeat=False)
     guard = spy_guard(server, Limits(max_model_calls=3))
     app = guarded_graph(loop_shape(server, False), guard=guard,
