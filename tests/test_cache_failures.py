@@ -250,3 +250,19 @@ def test_failing_embeddings_make_the_semantic_cache_exact_only() -> None:
     cache.update("hello", "m", [Generation(text="hi")])
     assert cache.lookup("hello", "m") == [Generation(text="hi")]
     assert cache.lookup("hello there", "m") is None
+
+
+@pytest.mark.parametrize("kwargs", [{"max_bytes": 0}, {"retry_after": -1},
+                                    {"retry_after": float("inf")}, {"max_bytes": 1.5}])
+def test_settings_that_cannot_work_are_refused(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        ResultCache(**kwargs)
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        LLMCache(**kwargs)
+
+
+def test_max_entries_bounds_a_memory_store_only(tmp_path) -> None:
+    with pytest.raises(ValueError, match="memory:// store only"):
+        ResultCache(f"sqlite:///{tmp_path / 'c.db'}", max_entries=5)
+    with pytest.raises(ValueError, match="ttl must be > 0"):
+        LLMCache(ttl=0)

@@ -252,3 +252,61 @@ def test_a_hostile_entry_is_a_miss_that_runs_nothing(kind: str, payload: str, mo
             results.clear()
             results.store.close()
     assert not canary.exists()
+
+
+# -- the middleware's tool cache ----------------------------------------------------------
+
+
+def agent_script(request: dict) -> FakeReply:
+    """Call price_of once, then answer with what it said."""
+    last = request["messages"][-1]
+    if last["role"] == "tool":
+        return FakeReply(f"It costs {last['content']}", prompt_tokens=30, completion_tokens=6)
+    return FakeReply(tool_calls=[{"name": "price_of", "arguments": {"item": "mug"}}],
+                     prompt_tokens=20, completion_tokens=8)
+
+
+MIDDLEWARE_PAYLOADS = ["pickle-protocol-5", "msgpack-ext-raw", "truncated-json",
+                       "invalid-utf8", "valid-format-wrong-type", "valid-format-bad-list"]
+
+
+@pytest.mark.parametrize("payload", MIDDLEWARE_PAYLOADS)
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+def test_a_hostile_entry_under_a_middleware_tool_key_is_a_miss(kind: str, payload: str,
+                                                                tmp_path: Path,
+                                                                redis_namespace: str) -> None:
+    from langchain.agents import create_agent
+
+    from agent_guard import GuardMiddleware
+    from agent_guard.cache.serde import dumps_value
+
+    canary = tmp_path / "canary"
+    results = ResultCache(make_store(kind, tmp_path), namespace=redis_namespace,
+                          ttl={"pricing": 3600.0})
+    with FakeOpenAIServer(agent_script) as srv:
+        llm = ChatOpenAI(model="gpt-4o", base_url=srv.base_url, api_key="x", max_retries=0,
+                         max_tokens=50)
+        mw = GuardMiddleware(limits=Limits(max_tool_calls=10), cache=results,
+                             cache_tools={"price_of": "pricing"})
+        agent = create_agent(llm, [price_of], middleware=[mw])
+
+        def ask() -> str:
+            out = agent.invoke({"messages": [("user", "price of a mug?")]},
+                               {"metadata": {"tenant": "acme"}})
+            return str(out["messages"][-1].content)
+
+        try:
+            assert ask() == "It costs mug: $9.99" and runs == ["mug"]
+            keys = [k for k in keys_of(results.store) if ":tool:" in k]
+            assert len(keys) == 1
+            hostile = {
+                "valid-format-wrong-type": dumps_value({"result": {"x": 1}, "cost_nano": 0}),
+                "valid-format-bad-list": dumps_value({"result": [1, None], "cost_nano": 0}),
+            }.get(payload) or payloads(str(canary), value_of(results.store, keys[0]))[payload]
+            plant(results.store, keys[0], hostile)
+            assert ask() == "It costs mug: $9.99" and runs == ["mug", "mug"]
+            assert not canary.exists()
+            assert ask() == "It costs mug: $9.99" and runs == ["mug", "mug"]  # rewritten
+        finally:
+            results.clear()
+            results.store.close()

@@ -199,3 +199,13 @@ def test_a_usage_store_next_to_a_redis_ledger_url_reads_the_ledgers_options() ->
         assert isinstance(store.client.connection_pool, redis.BlockingConnectionPool)
     finally:
         store.close()
+
+
+def test_the_redis_factory_refuses_options_it_does_not_know() -> None:
+    from agent_guard.ledger.redis import RedisLedger
+    from agent_guard.stores import redis_client
+
+    with pytest.raises(ValueError, match=r"unknown Redis client option\(s\) namespace"):
+        RedisLedger("redis://127.0.0.1:1/0?namespace=x")  # from_url reads it; this does not
+    with pytest.raises(ValueError, match=r"known: .*socket_timeout"):
+        redis_client("redis://127.0.0.1:1/0?decode_responses=1")

@@ -34,7 +34,7 @@ from langchain_core.outputs import Generation
 from langchain_core.runnables.config import var_child_runnable_config
 
 from .result import CacheStats
-from .safety import DEFAULT_RETRY_AFTER, CacheIO, Failure
+from .safety import DEFAULT_RETRY_AFTER, CacheIO, Failure, check_settings
 from .serde import DEFAULT_MAX_BYTES, UndecodableEntry, loads_value
 from .store import KVStore, key_part, store_from_url
 
@@ -137,6 +137,9 @@ class LLMCache(BaseCache):
                  ttl: float | None = None, tenant: str | None = None,
                  tenant_key: str = "tenant", max_bytes: int = DEFAULT_MAX_BYTES,
                  retry_after: float = DEFAULT_RETRY_AFTER) -> None:
+        check_settings(max_bytes, retry_after)
+        if ttl is not None and not ttl > 0:
+            raise ValueError(f"ttl must be > 0 seconds or None, got {ttl!r}")
         self.store = store_from_url(store)
         self.namespace = namespace or self.store.namespace or "default"
         self.ttl = ttl

@@ -17,7 +17,9 @@ TTL classes out of the box (:data:`DEFAULT_TTL`): ``factual`` 30 days, ``daily``
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -37,7 +39,7 @@ from langchain_core.tools import BaseTool, StructuredTool
 
 from ..telemetry.langsmith import note_tool_run
 from ..usage import nano_to_usd, usd_to_nano
-from .safety import DEFAULT_RETRY_AFTER, CacheIO, Failure
+from .safety import DEFAULT_RETRY_AFTER, CacheIO, Failure, check_settings
 from .serde import DEFAULT_MAX_BYTES
 from .store import KVStore, key_part, store_from_url
 
@@ -130,6 +132,7 @@ class ResultCache:
         max_bytes: int = DEFAULT_MAX_BYTES,
         retry_after: float = DEFAULT_RETRY_AFTER,
     ) -> None:
+        check_settings(max_bytes, retry_after)
         options: dict[str, Any] = {}
         if max_entries is not None:
             if not (isinstance(store, str) and store.lower().startswith("memory://")):
@@ -297,7 +300,8 @@ def cached_tool(
         return result
 
     async def arun(config: RunnableConfig, **kwargs: Any) -> Any:
-        tenant, hit, saved = lookup(kwargs, config)
+        # the store's I/O runs in a thread: a slow cache never blocks the event loop
+        tenant, hit, saved = await asyncio.to_thread(lookup, kwargs, config)
         if hit is not MISS:
             run_config = _tool_run_config()
             if run_config is not None:
@@ -306,8 +310,9 @@ def cached_tool(
             note_tool_run(cost_usd=0, cache_hit=True, saved_nano=saved)
             return hit
         result = await tool.ainvoke(kwargs, inner_config(config))
-        cache.put_tool(tool.name, kwargs, result, tenant=tenant, ttl_class=ttl_class,
-                       version=version, public=public, cost_usd=cost_usd)
+        await asyncio.to_thread(functools.partial(
+            cache.put_tool, tool.name, kwargs, result, tenant=tenant, ttl_class=ttl_class,
+            version=version, public=public, cost_usd=cost_usd))
         note_tool_run(cost_usd=cost_usd, cache_hit=False)
         return result
 

@@ -34,7 +34,7 @@ from ..stores.redis import UNREACHABLE_ERRORS
 from ..stores.url import redact_url
 from .serde import DEFAULT_MAX_BYTES, UndecodableEntry, UnencodableValue, dumps_value, loads_value
 
-__all__ = ["DEFAULT_RETRY_AFTER", "CacheIO", "Failure"]
+__all__ = ["DEFAULT_RETRY_AFTER", "CacheIO", "Failure", "check_settings"]
 
 logger = logging.getLogger("agent_guard")
 T = TypeVar("T")
@@ -44,6 +44,15 @@ DEFAULT_RETRY_AFTER = 1.0
 _MISSING: Any = object()
 # no answer at all (as opposed to an error reply): leave the store alone a while
 _UNREACHABLE = (*UNREACHABLE_ERRORS, sqlite3.OperationalError)
+
+
+def check_settings(max_bytes: int, retry_after: float) -> None:
+    """Refuse settings of a cache that cannot work (``ValueError``)."""
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise ValueError(f"max_bytes must be an int >= 1, got {max_bytes!r}")
+    if isinstance(retry_after, bool) or not isinstance(retry_after, int | float) or \
+            not 0 <= retry_after < float("inf"):
+        raise ValueError(f"retry_after must be a number of seconds >= 0, got {retry_after!r}")
 
 
 class Failure(Enum):

@@ -305,11 +305,18 @@ class GuardMiddleware(AgentMiddleware):
         hit, saved = self.cache.lookup_tool(call["name"], call.get("args", {}), **where)
         if hit is MISS:
             return where, None
+        # what the cache holds is a ToolMessage's content (text, or a list of text and
+        # content blocks); anything else is another writer's entry: a miss
+        if not (isinstance(hit, str) or (isinstance(hit, list) and
+                all(isinstance(part, str | dict) for part in hit))):
+            self.cache.io.refused("not a tool message's content", "tool result")
+            return where, None
+        answer = ToolMessage(content=hit, tool_call_id=call["id"] or "", name=call["name"])
         if self.telemetry is not None:
             self.telemetry.cached_tool_call(
                 call["name"], call["id"], saved, _parent_run_id(), arguments=call.get("args"),
                 result=hit, session=_session(self.session_id), attributes=self._attributes())
-        return where, ToolMessage(content=hit, tool_call_id=call["id"] or "", name=call["name"])
+        return where, answer
 
     def _store(self, request: ToolCallRequest, where: Any, result: Any) -> None:
         if where is None or self.cache is None:

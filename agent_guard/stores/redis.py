@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 __all__ = ["CACHE", "LEDGER", "REDIS_ERRORS", "UNREACHABLE_ERRORS", "USAGE", "RedisProfile",
            "redis_client"]
@@ -81,6 +82,13 @@ def redis_client(url: str, *, profile: RedisProfile = LEDGER, asynchronous: bool
     from redis.connection import parse_url
     from redis.retry import Retry
 
+    from .url import REDIS, redact_url
+
+    unknown = sorted({k for k, _ in parse_qsl(urlsplit(url).query)} -
+                     set(REDIS.client_options))
+    if unknown:  # agent-guard's own options are read by parse_url(url, kind), not here
+        raise ValueError(f"unknown Redis client option(s) {', '.join(unknown)} in "
+                         f"{redact_url(url)!r}; known: {', '.join(sorted(REDIS.client_options))}")
     url_kwargs: dict[str, Any] = dict((aparse_url if asynchronous else parse_url)(url))
     url_max = url_kwargs.pop("max_connections", None)
     url_timeout = url_kwargs.pop("timeout", None)
