@@ -278,7 +278,6 @@ def test_a_hostile_entry_under_a_middleware_tool_key_is_a_miss(kind: str, payloa
     from langchain.agents import create_agent
 
     from agent_guard import GuardMiddleware
-    from agent_guard.cache.serde import dumps_value
 
     canary = tmp_path / "canary"
     results = ResultCache(make_store(kind, tmp_path), namespace=redis_namespace,
@@ -299,10 +298,13 @@ def test_a_hostile_entry_under_a_middleware_tool_key_is_a_miss(kind: str, payloa
             assert ask() == "It costs mug: $9.99" and runs == ["mug"]
             keys = [k for k in keys_of(results.store) if ":tool:" in k]
             assert len(keys) == 1
-            hostile = {
-                "valid-format-wrong-type": dumps_value({"result": {"x": 1}, "cost_nano": 0}),
-                "valid-format-bad-list": dumps_value({"result": [1, None], "cost_nano": 0}),
-            }.get(payload) or payloads(str(canary), value_of(results.store, keys[0]))[payload]
+            if payload.startswith("valid-format"):  # well formed, not a tool's content
+                from agent_guard.cache.serde import dumps_value
+
+                result = {"x": 1} if payload == "valid-format-wrong-type" else [1, None]
+                hostile: str | bytes = dumps_value({"result": result, "cost_nano": 0})
+            else:
+                hostile = payloads(str(canary), value_of(results.store, keys[0]))[payload]
             plant(results.store, keys[0], hostile)
             assert ask() == "It costs mug: $9.99" and runs == ["mug", "mug"]
             assert not canary.exists()
