@@ -270,10 +270,11 @@ MIDDLEWARE_PAYLOADS = ["pickle-protocol-5", "msgpack-ext-raw", "truncated-json",
                        "invalid-utf8", "valid-format-wrong-type", "valid-format-bad-list"]
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize("payload", MIDDLEWARE_PAYLOADS)
 @pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
 def test_a_hostile_entry_under_a_middleware_tool_key_is_a_miss(kind: str, payload: str,
-                                                                tmp_path: Path,
+                                                                mode: str, tmp_path: Path,
                                                                 redis_namespace: str) -> None:
     from langchain.agents import create_agent
 
@@ -289,9 +290,13 @@ def test_a_hostile_entry_under_a_middleware_tool_key_is_a_miss(kind: str, payloa
                              cache_tools={"price_of": "pricing"})
         agent = create_agent(llm, [price_of], middleware=[mw])
 
+        loop = asyncio.new_event_loop() if mode == "async" else None
+
         def ask() -> str:
-            out = agent.invoke({"messages": [("user", "price of a mug?")]},
-                               {"metadata": {"tenant": "acme"}})
+            question = {"messages": [("user", "price of a mug?")]}
+            config = {"metadata": {"tenant": "acme"}}
+            out = loop.run_until_complete(agent.ainvoke(question, config)) if loop else \
+                agent.invoke(question, config)
             return str(out["messages"][-1].content)
 
         try:
@@ -310,5 +315,7 @@ def test_a_hostile_entry_under_a_middleware_tool_key_is_a_miss(kind: str, payloa
             assert not canary.exists()
             assert ask() == "It costs mug: $9.99" and runs == ["mug", "mug"]  # rewritten
         finally:
+            if loop is not None:
+                loop.close()
             results.clear()
             results.store.close()

@@ -16,6 +16,7 @@ seen only by the callback handler.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
@@ -375,7 +376,8 @@ class GuardMiddleware(AgentMiddleware):
                 await self.guard.abefore_tool_call(session, call["name"], call.get("args", {}),
                                                    attributes=attributes)
                 started = self.guard.clock()
-                where, hit = self._cached(request)
+                # the cache's I/O in a thread: a slow cache store never blocks the loop
+                where, hit = await asyncio.to_thread(self._cached, request)
                 if hit is not None:
                     self._tool_done(session, request, started, attributes, "cache_hit")
                     return hit
@@ -385,7 +387,7 @@ class GuardMiddleware(AgentMiddleware):
                     if not isinstance(exc, GuardError):
                         self._tool_done(session, request, started, attributes, "error")
                     raise
-                self._store(request, where, result)
+                await asyncio.to_thread(self._store, request, where, result)
                 self._tool_done(session, request, started, attributes, _outcome(result))
                 return result
             except GuardError as exc:
