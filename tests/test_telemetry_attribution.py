@@ -83,8 +83,13 @@ def run_agent(server: FakeOpenAIServer, handler: GuardCallbackHandler, how: str,
             pass
 
 
-@pytest.mark.parametrize("how", ["invoke", "ainvoke", "stream"])
-def test_every_span_says_who_the_call_was_for(receiver: OtlpReceiver, how: str) -> None:
+@pytest.mark.parametrize("how, metadata", [
+    ("invoke", METADATA), ("ainvoke", METADATA), ("stream", METADATA),
+    ("invoke", SCOPES),  # the scope kinds' own names
+    ("ainvoke", {"agent_guard": SCOPES}),  # the nested dict
+])
+def test_every_span_says_who_the_call_was_for(receiver: OtlpReceiver, how: str,
+                                               metadata: dict) -> None:
     """Root, model calls (the refused one too) and tools carry session.id, user.id and the
     guard's scopes, plus OpenInference's metadata JSON of them; the records agree."""
     telemetry, provider, _ = wire(receiver)
@@ -92,7 +97,7 @@ def test_every_span_says_who_the_call_was_for(receiver: OtlpReceiver, how: str) 
     guard = Guard(Limits(max_model_calls=2), on_record=[records.append])
     handler = GuardCallbackHandler(guard, telemetry=telemetry)
     with FakeOpenAIServer([CALL]) as server, pytest.raises(BudgetExceeded):
-        run_agent(server, handler, how, METADATA, "t-1")
+        run_agent(server, handler, how, metadata, "t-1")
     provider.force_flush()
 
     spans = {(s.name, s.span_id): kv(s.attributes) for s in receiver.spans}
@@ -248,3 +253,33 @@ def test_a_middleware_cache_hit_span_sits_in_the_run_with_its_attribution(
     assert hit.trace_id == root.trace_id and hit.parent_span_id == root.span_id
     a = kv(hit.attributes)
     assert a[Attr.SESSION_ID] == "t-mw" and {k: a.get(k) for k in SPAN_SCOPES} == SPAN_SCOPES
+
+
+def test_a_guarded_graph_run_says_who_it_was_for(receiver: OtlpReceiver) -> None:
+    """guarded_graph: the handler passed with the run (carrying telemetry) replaces the
+    graph's own; its spans carry the run's scopes."""
+    from langgraph.graph import START, MessagesState, StateGraph
+
+    from agent_guard import guarded_graph
+
+    telemetry, provider, _ = wire(receiver)
+    guard = Guard(Limits(max_cost_usd=1))
+    with FakeOpenAIServer([FakeReply(content="shipped")]) as server:
+        llm = ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="x", max_tokens=50)
+
+        def model(state: MessagesState) -> dict:
+            return {"messages": [llm.invoke(state["messages"])]}
+
+        builder = StateGraph(MessagesState)
+        builder.add_node("model", model)
+        builder.add_edge(START, "model")
+        graph = guarded_graph(builder, guard=guard)
+        graph.invoke({"messages": [("user", "where is A1?")]},
+                     config={"callbacks": [GuardCallbackHandler(guard, telemetry=telemetry)],
+                             "metadata": METADATA, "configurable": {"thread_id": "t-g"}})
+    provider.force_flush()
+    names = sorted(s.name for s in receiver.spans)
+    assert names[0] == "chat gpt-4o" and names[1].startswith("invoke_agent")
+    for span in receiver.spans:
+        a = kv(span.attributes)
+        assert a[Attr.SESSION_ID] == "t-g" and {k: a.get(k) for k in SPAN_SCOPES} == SPAN_SCOPES
