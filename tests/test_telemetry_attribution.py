@@ -226,8 +226,9 @@ def test_openinference_names_can_be_turned_off(receiver: OtlpReceiver) -> None:
         assert a["user.id"] == "u-7"  # attribution stays
 
 
+@pytest.mark.parametrize("how", ["invoke", "ainvoke"])
 def test_a_middleware_cache_hit_span_sits_in_the_run_with_its_attribution(
-        receiver: OtlpReceiver) -> None:
+        receiver: OtlpReceiver, how: str) -> None:
     """GuardMiddleware answers a repeated tool call from the cache (the tool never runs);
     its span goes under the run's root span, with session, user and scopes."""
     from agent_guard.cache import ResultCache
@@ -241,10 +242,14 @@ def test_a_middleware_cache_hit_span_sits_in_the_run_with_its_attribution(
     with FakeOpenAIServer([CALL, CALL, FakeReply(content="shipped")]) as server:
         llm = ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="x", max_tokens=50)
         agent = create_agent(llm, [lookup], middleware=[middleware], name="support")
-        agent.invoke({"messages": [("user", "where is A1?")]},
-                     config={"callbacks": [GuardCallbackHandler(guard, telemetry=telemetry,
-                                                                count_tools=False)],
-                             "metadata": METADATA, "configurable": {"thread_id": "t-mw"}})
+        config: Any = {"callbacks": [GuardCallbackHandler(guard, telemetry=telemetry,
+                                                          count_tools=False)],
+                       "metadata": METADATA, "configurable": {"thread_id": "t-mw"}}
+        inputs = {"messages": [("user", "where is A1?")]}
+        if how == "invoke":
+            agent.invoke(inputs, config=config)
+        else:
+            asyncio.run(agent.ainvoke(inputs, config=config))
     provider.force_flush()
     [root] = [s for s in receiver.spans if s.name == "invoke_agent support"]
     hits = [s for s in receiver.spans if kv(s.attributes).get(Attr.CACHE_HIT) is True]
