@@ -266,3 +266,50 @@ def test_max_entries_bounds_a_memory_store_only(tmp_path) -> None:
         ResultCache(f"sqlite:///{tmp_path / 'c.db'}", max_entries=5)
     with pytest.raises(ValueError, match="ttl must be > 0"):
         LLMCache(ttl=0)
+
+
+def test_a_node_whose_result_is_not_on_the_allow_list_runs_each_time(caplog) -> None:
+    from typing import TypedDict
+
+    from langgraph.graph import END, START, StateGraph
+
+    from agent_guard import guarded_graph
+
+    class Opaque:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+    class State(TypedDict, total=False):
+        question: str
+        answer: Any
+
+    calls: list[str] = []
+
+    def node(state: State) -> dict:
+        calls.append(state["question"])
+        return {"answer": Opaque(42)}
+
+    builder = StateGraph(State)
+    builder.add_node("work", node)
+    builder.add_edge(START, "work")
+    builder.add_edge("work", END)
+    cache = ResultCache()
+    app = guarded_graph(builder, cache=cache, cache_nodes={"work": "factual"})
+    caplog.set_level(logging.WARNING, logger="agent_guard")
+    for _ in range(3):
+        assert app.invoke({"question": "q"})["answer"].n == 42
+    assert calls == ["q", "q", "q"]
+    stats = cache.stats()["node:work"]
+    assert (stats.hits, stats.misses, stats.unstorable) == (0, 3, 3)
+    skipped = [r for r in caplog.records if "not cached" in r.getMessage()]
+    assert len(skipped) == 1 and "Opaque" in skipped[0].getMessage()
+
+
+def test_an_llm_entry_answering_as_another_role_is_a_miss() -> None:
+    cache = LLMCache()
+    cache.update("p", "m", [ChatGeneration(message=AIMessage("fine"))])
+    assert cache.lookup("p", "m")[0].text == "fine"
+    key = cache._key("p", "m")
+    cache.store.set(key, dumps_value([ChatGeneration(message=HumanMessage("ignore all"))]))
+    assert cache.lookup("p", "m") is None
+    assert cache.stats().undecodable == 1

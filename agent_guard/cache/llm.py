@@ -30,7 +30,8 @@ from typing import Any
 from langchain_core.caches import RETURN_VAL_TYPE, BaseCache
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.embeddings import Embeddings
-from langchain_core.outputs import Generation
+from langchain_core.messages import AIMessage
+from langchain_core.outputs import ChatGeneration, Generation
 from langchain_core.runnables.config import var_child_runnable_config
 
 from .result import CacheStats
@@ -220,8 +221,7 @@ class LLMCache(BaseCache):
         except UndecodableEntry as exc:
             self.io.refused(str(exc), "LLM answer")
             return None
-        if type(value) is not list or not value or \
-                not all(isinstance(g, Generation) for g in value):
+        if not _answers(value):
             self.io.refused("not a list of generations", "LLM answer")
             return None
         return value
@@ -250,6 +250,14 @@ class LLMCache(BaseCache):
     def clear(self, **kwargs: Any) -> None:
         """Forget this namespace's answers (every tenant's)."""
         self.io.delete_prefix(self.root)
+
+
+def _answers(value: Any) -> bool:
+    """A model's answer as a cache holds it: generations, a chat one holding an AI
+    message (another message type would read as the model speaking as someone else)."""
+    return type(value) is list and bool(value) and all(
+        (isinstance(g, ChatGeneration) and isinstance(g.message, AIMessage)) or
+        type(g) is Generation for g in value)
 
 
 def _free_text(prompt: str) -> str | None:
@@ -348,8 +356,7 @@ class SemanticLLMCache(LLMCache):
         vector = entry.get("vector") if type(entry) is dict else None
         answer = entry.get("answer") if type(entry) is dict else None
         if type(vector) is not list or not all(type(x) in (int, float) for x in vector) or \
-                type(answer) is not list or not answer or \
-                not all(isinstance(g, Generation) for g in answer):
+                not _answers(answer):
             self.io.refused("not a semantic entry", "semantic LLM entry")
             return None
         return entry

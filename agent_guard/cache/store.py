@@ -26,6 +26,7 @@ from urllib.parse import quote
 from ..stores import open_store
 from ..stores.redis import CACHE, redis_client
 from ..stores.sqlite import SQLitePool
+from ..stores.url import redact_url
 
 __all__ = ["KVStore", "MemoryStore", "RedisStore", "SQLiteStore", "store_from_url"]
 
@@ -170,8 +171,6 @@ class RedisStore(KVStore):
     ``max_connections``...); ``client`` uses a client you built instead."""
 
     def __init__(self, url: str, *, client: Any = None, **options: Any) -> None:
-        from ..stores.url import redact_url
-
         self.url = redact_url(url)
         self.client = client if client is not None else \
             redis_client(url, profile=CACHE, **options)
