@@ -227,7 +227,7 @@ class LLMCache(BaseCache):
         return value
 
     def _read(self, key: str) -> tuple[RETURN_VAL_TYPE | None, Failure | None]:
-        raw, failure = self.io.read_text(key, self.max_bytes)
+        raw, failure = self.io.read_text(key)
         if raw is None:
             return None, failure
         found = self._decode(raw)
@@ -395,7 +395,7 @@ class SemanticLLMCache(LLMCache):
                 best, best_key = score, key
         if best_key is None or best < self.threshold:
             return None, Failure.UNDECODABLE if refused else None
-        raw, failure = self.io.read_text(best_key, self.max_bytes)
+        raw, failure = self.io.read_text(best_key)
         if raw is None:
             return None, failure
         entry = self._semantic_entry(raw)

@@ -128,8 +128,8 @@ class CacheIO:
         self._down_until = 0.0
         return result
 
-    def read_text(self, key: str, max_bytes: int = DEFAULT_MAX_BYTES
-                  ) -> tuple[str | None, Failure | None]:
+    def read_text(self, key: str) -> tuple[str | None, Failure | None]:
+        """The entry's text (size and format are the reader's to check)."""
         raw = self._call("read", self.store.get, key)
         if raw is _MISSING:
             return None, Failure.ERROR
@@ -144,7 +144,7 @@ class CacheIO:
              ) -> tuple[Any, Failure | None]:
         """``(value, None)`` on a hit, ``(None, None)`` on an honest miss,
         ``(None, Failure)`` when the store failed or the entry was refused."""
-        raw, failure = self.read_text(key, max_bytes)
+        raw, failure = self.read_text(key)
         if raw is None:
             return None, failure
         try:
