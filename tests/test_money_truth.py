@@ -450,3 +450,65 @@ def test_a_long_call_keeps_its_hold_past_the_lease(ledger: Ledger, mode: str) ->
         assert isinstance(second[0], BudgetExceeded), "a second call was admitted"
         server.wait_billed(1)
         books.settle_check(server)
+
+
+# -- what is released: only what the provider certainly did not bill --------------------------
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("status", [400, 429, 500, 503])
+def test_an_http_error_before_generation_is_released(ledger: Ledger, mode: str,
+                                                     status: int) -> None:
+    books = Books(ledger)
+    with FakeOpenAIServer([FakeReply(status=status)]) as server:
+        with pytest.raises(openai.APIStatusError):
+            if mode == "sync":
+                chat(server).invoke("hi", {"callbacks": [books.handler()]})
+            else:
+                asyncio.run(chat(server).ainvoke("hi", {"callbacks": [books.handler()]}))
+        assert server.billed == []
+        assert books.settle_check(server) == 0
+    [record] = books.model_records()
+    assert record.outcome == "error" and record.cost_nano == 0
+
+
+def test_a_request_never_sent_is_released(ledger: Ledger) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    books = Books(ledger)
+    model = ChatOpenAI(model="gpt-4o", base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                       max_retries=0, max_tokens=MAX_TOKENS)
+    with pytest.raises(openai.APIConnectionError):
+        model.invoke("hi", {"callbacks": [books.handler()]})
+    usage = books.guard.usage(SESSION)
+    assert (usage.cost_nano, usage.reserved_nano) == (0, 0)
+
+
+@pytest.mark.parametrize("cut", ["wait_for", "aclose"])
+def test_the_middleware_charges_a_cancelled_call(ledger: Ledger, cut: str) -> None:
+    """GuardMiddleware ends its own calls; a cancellation is charged, not released."""
+    from agent_guard import GuardMiddleware
+
+    books = Books(ledger)
+    reply = slow() if cut == "wait_for" else streamed()
+    with FakeOpenAIServer([reply]) as server:
+        agent = create_agent(chat(server), tools=[],
+                             middleware=[GuardMiddleware(books.guard, session_id=SESSION)])
+        inputs = {"messages": [HumanMessage("hi")]}
+
+        async def run() -> None:
+            if cut == "wait_for":
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(agent.ainvoke(inputs), 0.5)
+            else:
+                stream = agent.astream(inputs, stream_mode="messages")
+                async for _ in stream:
+                    break
+                await stream.aclose()
+
+        asyncio.run(run())
+        server.wait_billed(1)
+        books.settle_check(server)
