@@ -315,20 +315,51 @@ def test_structured_output_schema_is_reserved_through_the_callback(server, path:
     assert counter.count_messages(call.messages, "gpt-4o", params=call.params) - plain > 300
 
 
-def test_a_priority_chat_openai_is_reserved_at_priority_rates(server) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("adapter", ["callback", "middleware"])
+@pytest.mark.parametrize("feature", ["priority", "structured", "audio_answer"])
+def test_what_the_provider_is_sent_reaches_the_worst_case(server, adapter: str,  # type: ignore[no-untyped-def]
+                                                          feature: str) -> None:
+    """A priority tier, a json_schema response format and an audio answer set on the
+    model reach the guard's reservation, through the callback and the middleware."""
+    from langchain.agents import create_agent
     from langchain_openai import ChatOpenAI
 
-    from agent_guard import GuardCallbackHandler
+    from agent_guard import GuardCallbackHandler, GuardMiddleware
 
-    reserved: list[int] = []
-    handler = GuardCallbackHandler(limits=Limits(max_cost_usd=1), session_id="s")
-    original = handler.guard.before_model_call
-    handler.guard.before_model_call = lambda call: (  # type: ignore[method-assign]
-        lambda a: reserved.append(a.reserved_nano) or a)(original(call))
-    llm = ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="x", max_tokens=1000,
-                     service_tier="priority")
-    llm.invoke("hi", config={"callbacks": [handler]})
-    assert reserved[0] >= 1000 * D("1.7e-05") * 10**9
+    kwargs: dict[str, Any] = {"max_tokens": 1000}
+    if feature == "priority":
+        kwargs["service_tier"] = "priority"
+    elif feature == "structured":
+        kwargs["model_kwargs"] = {"response_format": SCHEMA}
+    else:
+        kwargs["model_kwargs"] = {"modalities": ["text", "audio"]}
+    model = "gpt-audio" if feature == "audio_answer" else "gpt-4o"
+    llm = ChatOpenAI(model=model, base_url=server.base_url, api_key="x", **kwargs)
+    plain_llm = ChatOpenAI(model=model, base_url=server.base_url, api_key="x", max_tokens=1000)
+    reserved: dict[str, list[Any]] = {"with": [], "plain": []}
+
+    def spy(guard: Guard, into: list[Any]) -> None:
+        original = guard.before_model_call
+        guard.before_model_call = lambda call: (  # type: ignore[method-assign]
+            lambda a: into.append(a) or a)(original(call))
+
+    for key, chat in (("with", llm), ("plain", plain_llm)):
+        if adapter == "callback":
+            handler = GuardCallbackHandler(limits=Limits(max_cost_usd=10), session_id=key)
+            spy(handler.guard, reserved[key])
+            chat.invoke("hi", config={"callbacks": [handler]})
+        else:
+            mw = GuardMiddleware(limits=Limits(max_cost_usd=10))
+            spy(mw.guard, reserved[key])
+            create_agent(chat, [], middleware=[mw]).invoke(
+                {"messages": [("user", "hi")]}, {"configurable": {"thread_id": key}})
+    with_feature, plain = reserved["with"][0], reserved["plain"][0]
+    if feature == "priority":
+        assert with_feature.reserved_nano >= 1000 * D("1.7e-05") * 10**9 > plain.reserved_nano
+    elif feature == "structured":
+        assert with_feature.estimated_input_tokens - plain.estimated_input_tokens > 300
+    else:
+        assert with_feature.reserved_nano >= 1000 * D("6.4e-05") * 10**9 > plain.reserved_nano
 
 
 # -- prices update ----------------------------------------------------------------------------
@@ -357,3 +388,23 @@ def test_prices_update_writes_the_table_the_guard_reads(tmp_path, monkeypatch) -
     assert "prices as of" in shown.output and "input_cost_per_token_priority" in shown.output
     bad = CliRunner().invoke(app, ["prices", "update", "--from", str(tmp_path / "none.json")])
     assert bad.exit_code != 0 and "cannot read prices" in bad.output
+
+
+def test_price_shows_the_age_of_the_prices_and_warns_when_old(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from agent_guard.cli import app
+    from agent_guard.pricing.refresh import dump_snapshot
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.delenv("AGENT_GUARD_PRICES", raising=False)
+    fresh = CliRunner().invoke(app, ["price", "gpt-4o"])
+    assert "prices as of " + PriceBook.bundled().snapshot_date in fresh.output  # type: ignore[operator]
+    path = PriceBook.user_prices_path()
+    path.parent.mkdir(parents=True)
+    path.write_text(dump_snapshot({"gpt-4o": {"input_cost_per_token": D("2.5e-06"),
+                                              "output_cost_per_token": D("1e-05")}},
+                                  version="1.0.0", date="2025-01-01"))
+    old = CliRunner().invoke(app, ["price", "gpt-4o"], env={"COLUMNS": "200"})
+    assert "prices as of 2025-01-01" in old.output and "warning" in old.output
+    assert "agent-guard prices update" in old.output

@@ -375,10 +375,12 @@ def test_the_tool_estimate_is_the_api_count() -> None:
     messages = [{"role": "system", "content": "You are a helpful assistant that can answer "
                                               "to questions about the weather."},
                 {"role": "user", "content": "What's the weather like in San Francisco?"}]
-    on_4o = counter.count_messages(messages, "gpt-4o", tools=[WEATHER_TOOL])
-    on_4 = counter.count_messages(messages, "gpt-4", tools=[WEATHER_TOOL])
-    assert on_4o == 101
-    assert on_4 == 105
+    # the API's prompt_tokens as the cookbook prints them, per model
+    for model, api in (("gpt-4o", 101), ("gpt-4o-mini", 101), ("gpt-4", 105),
+                       ("gpt-3.5-turbo", 105)):
+        assert counter.count_messages(messages, model, tools=[WEATHER_TOOL]) == api, model
+        estimate, exact = counter.estimate_messages(messages, model, tools=[WEATHER_TOOL])
+        assert (estimate, exact) == (api, True)
 
 
 def test_tool_schema_counts_are_memoised_by_identity(monkeypatch: pytest.MonkeyPatch) -> None:
