@@ -25,6 +25,7 @@ never renewed: its lease ends it, as before.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -78,9 +79,16 @@ class LeaseKeeper:
         w = _Watch(guard, admission, on_stop, task, thread_id, frame,
                    renew_at=time.monotonic() + lease / 3)
         with self._cond:
+            idle = not self._watches
             self._watches[(id(admission.state), id(owner))] = w
             self._ensure_thread()
-            self._cond.notify()
+            if idle:  # otherwise the keeper is polling already: no wake-up per call
+                self._cond.notify()
+
+    def unwatch(self, owner: object, admission: Any) -> None:
+        """The owner ended the call itself: stop watching it (no ``on_stop``)."""
+        with self._cond:
+            self._watches.pop((id(admission.state), id(owner)), None)
 
     def touch(self, owner: object, admission: Any) -> None:
         """The call showed it is running (a streamed chunk arrived)."""
@@ -151,8 +159,6 @@ class LeaseKeeper:
                 del self._watches[key]
 
     def _ensure_thread(self) -> None:
-        import os
-
         pid = os.getpid()
         if self._thread is not None and self._thread.is_alive() and self._pid == pid:
             return

@@ -64,12 +64,15 @@ class Books:
 
     def __init__(self, ledger: Ledger, cap_usd: float = 1.0, **limits: Any) -> None:
         self.records: list[CallRecord] = []
+        self.handlers: list[GuardCallbackHandler] = []
         self.guard = Guard(Limits(max_cost_usd=cap_usd, **limits), ledger=ledger,
                            on_record=[self.records.append])
         self.cap_nano = self.guard.limits.max_cost_nano
 
     def handler(self, **kw: Any) -> GuardCallbackHandler:
-        return GuardCallbackHandler(self.guard, session_id=SESSION, **kw)
+        handler = GuardCallbackHandler(self.guard, session_id=SESSION, **kw)
+        self.handlers.append(handler)
+        return handler
 
     def model_records(self) -> list[CallRecord]:
         return [r for r in self.records if r.kind == "model"]
@@ -79,12 +82,14 @@ class Books:
         or by the lease keeper), then check the four promises; return what was charged."""
         deadline = time.monotonic() + timeout
         usage = self.guard.usage(SESSION)
-        while usage.reserved_nano and time.monotonic() < deadline:
+        while (usage.reserved_nano or any(h.open_runs for h in self.handlers)) \
+                and time.monotonic() < deadline:
             time.sleep(0.02)
             usage = self.guard.usage(SESSION)
         billed = server.billed_nano(self.guard.prices)
         bound = sum(r.reserved_nano for r in self.model_records())
         assert usage.reserved_nano == 0, "a hold outlived the run"
+        assert not any(h.open_runs for h in self.handlers), "a handler kept a run"
         assert usage.cost_nano <= self.cap_nano, "spend passed the cap"
         assert usage.cost_nano >= billed, (
             f"charged {usage.cost_nano} < billed {billed} ({len(server.billed)} requests)")

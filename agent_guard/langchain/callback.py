@@ -278,6 +278,12 @@ class GuardCallbackHandler(BaseCallbackHandler):
 
     # -- every run ends once ---------------------------------------------------------
 
+    @property
+    def open_runs(self) -> int:
+        """Model runs this handler holds a reservation for now (0 once a run is over)."""
+        with self._lock:
+            return len(self._runs)
+
     def _watch(self, run_id: UUID, run: _Run) -> None:
         """Hand the run to the lease keeper with how to tell it is still running: the
         stack frame of a synchronous call, else the asyncio task of an async one."""
@@ -458,6 +464,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
             run = self._runs.pop(run_id, None)
         if run is None:
             return None
+        keeper.unwatch(self, run.admission)
         usage, response_model, cache_hit, counted = self._read_result(response, run)
         record = self.guard.after_model_call(
             run.admission, usage, output_tokens=counted, response_model=response_model,
@@ -513,6 +520,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         with self._lock:
             run = self._runs.pop(run_id, None)
         if run is not None:
+            keeper.unwatch(self, run.admission)
             record = self.guard.model_call_failed(run.admission,
                                                   output_tokens=run.streamed_tokens,
                                                   error=error)
