@@ -181,23 +181,33 @@ class Fan(TypedDict, total=False):
     answer: str
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize("guarded", [False, True])
-def test_async_fan_out_whose_sibling_raises(ledger: Ledger, guarded: bool) -> None:
+def test_a_fan_out_whose_sibling_raises(ledger: Ledger, guarded: bool, mode: str) -> None:
+    from langgraph._internal._runnable import RunnableCallable
+
     books = Books(ledger)
-    with FakeOpenAIServer([slow()]) as server:
+    with FakeOpenAIServer([slow(0.5)]) as server:
         model = chat(server)
 
-        async def ask(state: Fan) -> Fan:
+        def ask(state: Fan) -> Fan:
+            return {"answer": str(model.invoke("hi").content)}
+
+        async def aask(state: Fan) -> Fan:
             return {"answer": str((await model.ainvoke("hi")).content)}
 
-        async def boom(state: Fan) -> Fan:
-            while not server.request_count:  # the other branch's request was sent
+        def boom(state: Fan) -> Fan:
+            server.wait_billed(1)  # the other branch's request was sent
+            raise ValueError("a sibling failed")
+
+        async def aboom(state: Fan) -> Fan:
+            while not server.request_count:
                 await asyncio.sleep(0.01)
             raise ValueError("a sibling failed")
 
         builder = StateGraph(Fan)
-        builder.add_node("ask", ask)
-        builder.add_node("boom", boom)
+        builder.add_node("ask", RunnableCallable(ask, aask))
+        builder.add_node("boom", RunnableCallable(boom, aboom))
         builder.add_edge(START, "ask")
         builder.add_edge(START, "boom")
         builder.add_edge("ask", END)
@@ -210,7 +220,10 @@ def test_async_fan_out_whose_sibling_raises(ledger: Ledger, guarded: bool) -> No
             config = {"callbacks": [books.handler()]}
 
         with pytest.raises(ValueError, match="sibling"):
-            asyncio.run(graph.ainvoke({}, config))
+            if mode == "sync":
+                graph.invoke({}, config)
+            else:
+                asyncio.run(graph.ainvoke({}, config))
         server.wait_billed(1)
         books.settle_check(server)
 

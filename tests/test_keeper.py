@@ -1,0 +1,124 @@
+"""The lease keeper: renews running calls, ends calls that stopped, leaves the rest alone."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+
+from agent_guard import Guard, Limits
+from agent_guard.guard import ModelCall
+from agent_guard.keeper import LeaseKeeper
+
+OWNER = object()
+
+
+def admitted(guard: Guard) -> object:
+    return guard.before_model_call(ModelCall(session="s", model="gpt-4o", input_tokens=100,
+                                             max_output_tokens=100))
+
+
+def due(keeper: LeaseKeeper) -> None:
+    for w in keeper._watches.values():
+        w.renew_at = 0.0
+
+
+def test_a_running_sync_call_is_renewed_and_ended_when_its_frame_returns() -> None:
+    guard = Guard(Limits(max_cost_usd=1, lease_seconds=30))
+    keeper = LeaseKeeper()
+    stopped: list[str] = []
+    inside, leave = threading.Event(), threading.Event()
+    adm: list[object] = []
+
+    def call() -> None:  # the "model call": its frame is on this thread's stack
+        adm.append(admitted(guard))
+        keeper.watch(OWNER, guard, adm[0], on_stop=lambda: stopped.append("stop"),
+                     thread_id=threading.get_ident(), frame=sys._getframe())
+        inside.set()
+        leave.wait(5)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    inside.wait(5)
+    before = adm[0].reservation.expires_at  # type: ignore[attr-defined]
+    due(keeper)
+    keeper.check()
+    [w] = keeper._watches.values()
+    assert w.renewed and stopped == []
+    assert guard.ledger._open[adm[0].reservation.id].expires_at >= before  # type: ignore
+    leave.set()
+    thread.join()
+    keeper.check()
+    assert stopped == ["stop"] and keeper.watching == 0
+
+
+def test_a_cancelled_task_ends_its_call() -> None:
+    guard = Guard(Limits(max_cost_usd=1))
+    keeper = LeaseKeeper()
+    stopped: list[str] = []
+
+    async def main() -> None:
+        async def call() -> None:
+            keeper.watch(OWNER, guard, admitted(guard), on_stop=lambda: stopped.append("x"),
+                         task=asyncio.current_task())
+            await asyncio.sleep(10)
+
+        task = asyncio.ensure_future(call())
+        await asyncio.sleep(0.01)
+        keeper.check()
+        assert stopped == []
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+    keeper.check()
+    assert stopped == ["x"]
+
+
+def test_a_call_nobody_can_see_is_not_renewed_until_it_shows_life() -> None:
+    guard = Guard(Limits(max_cost_usd=1))
+    keeper = LeaseKeeper()
+    adm = admitted(guard)
+    keeper.watch(OWNER, guard, adm)
+    due(keeper)
+    keeper.check()
+    [w] = keeper._watches.values()
+    assert w.renewed == []  # no sign of life: the lease decides, as before
+    keeper.touch(OWNER, adm)
+    due(keeper)
+    keeper.check()
+    assert len(w.renewed) == 1
+
+
+def test_an_ended_call_is_dropped_and_unwatch_forgets() -> None:
+    guard = Guard(Limits(max_cost_usd=1))
+    keeper = LeaseKeeper()
+    stops: list[int] = []
+    adm = admitted(guard)
+    keeper.watch(OWNER, guard, adm, on_stop=lambda: stops.append(1))
+    guard.model_call_failed(adm)  # type: ignore[arg-type]
+    keeper.check()
+    assert stops == [1] and keeper.watching == 0
+    other = admitted(guard)
+    keeper.watch(OWNER, guard, other, on_stop=lambda: stops.append(2))
+    keeper.unwatch(OWNER, other)
+    keeper.check()
+    assert stops == [1]
+
+
+def test_the_handler_bounds_its_open_runs(monkeypatch) -> None:
+    """Runs nothing ever ends are bounded: past the bound the oldest is ended
+    (charged as abandoned), so the handler's memory stays flat."""
+    from uuid import uuid4
+
+    from agent_guard import GuardCallbackHandler
+    from agent_guard.langchain import callback
+
+    monkeypatch.setattr(callback, "_MAX_OPEN_RUNS", 3)
+    handler = GuardCallbackHandler(limits=Limits(max_cost_usd=1), session_id="s")
+    params = {"model": "gpt-4o", "max_tokens": 10}
+    for _ in range(5):
+        handler.on_chat_model_start({}, [[]], run_id=uuid4(), invocation_params=params)
+    assert handler.open_runs == 3
+    usage = handler.guard.usage("s")
+    assert usage.model_calls == 2 and usage.cost_nano > 0  # the two oldest, charged
