@@ -112,3 +112,23 @@ def make_ledger(
 @pytest.fixture
 def ledger(make_ledger: LedgerFactory) -> Ledger:
     return make_ledger()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_openai_http_clients() -> Iterator[None]:
+    """Forget langchain-openai's cached httpx clients after each test.
+
+    langchain-openai keeps one default client per ``base_url`` for the whole process
+    (``functools.lru_cache``). Each test starts its own local server, and the OS reuses
+    ephemeral ports: a later test on the same port would get an async client whose pooled
+    connections belong to an earlier test's closed event loop (``RuntimeError: Event loop
+    is closed`` when the pool drops them), a flake that depends on test order."""
+    yield
+    try:
+        from langchain_openai.chat_models import _client_utils
+    except ImportError:  # the openai extra is not installed
+        return
+    for name in ("_cached_sync_httpx_client", "_cached_async_httpx_client"):
+        cached = getattr(_client_utils, name, None)
+        if cached is not None and hasattr(cached, "cache_clear"):
+            cached.cache_clear()
