@@ -313,3 +313,26 @@ def test_an_llm_entry_answering_as_another_role_is_a_miss() -> None:
     cache.store.set(key, dumps_value([ChatGeneration(message=HumanMessage("ignore all"))]))
     assert cache.lookup("p", "m") is None
     assert cache.stats().undecodable == 1
+
+
+def test_a_locked_sqlite_cache_does_not_fail_the_call(tmp_path, caplog) -> None:
+    import sqlite3
+
+    caplog.set_level(logging.WARNING, logger="agent_guard")
+    path = tmp_path / "cache.db"
+    cache = ResultCache(f"sqlite:///{path}?timeout=0.05", retry_after=0)
+    cached = cached_tool(price_of, cache, "daily")
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
+    try:
+        assert cached.invoke({"item": "mug"}) == "mug: $9.99"  # the write times out
+        assert cached.invoke({"item": "mug"}) == "mug: $9.99"
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert runs == ["mug", "mug"]
+    assert any("unavailable on write (OperationalError" in r.getMessage()
+               for r in caplog.records)
+    assert cached.invoke({"item": "mug"}) == "mug: $9.99"  # unlocked: written now
+    assert cached.invoke({"item": "mug"}) == "mug: $9.99"
+    assert runs == ["mug", "mug", "mug"] and cache.stats()["price_of"].hits == 1
