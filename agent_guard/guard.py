@@ -1052,8 +1052,11 @@ class Guard:
             hint=hint,
         )
 
-    def _cost_nano(self, price: ModelPrice | None, usage: Usage) -> int:
-        return 0 if price is None else price.cost_nano(usage)
+    def _cost_nano(self, price: ModelPrice | None, usage: Usage,
+                   during: tuple[float, float] | None = None) -> int:
+        """``during``: the call's start and end (off-peak rates apply to a call that ran
+        wholly inside an off-peak window)."""
+        return 0 if price is None else price.cost_nano(usage, during)
 
     def _settlement(
         self,
@@ -1077,7 +1080,7 @@ class Guard:
                 input_tokens = self._exact_input(admission.call)
             usage = Usage(input_tokens=input_tokens,
                           output_tokens=max(0, int(output_tokens or 0)))
-        cost = self._cost_nano(price, usage)
+        cost = self._cost_nano(price, usage, (admission.started_at, self.clock()))
         priced = price is not None
         if outcome == "cache_hit":
             return self._record(admission, usage, 0, estimated=estimated, outcome=outcome,

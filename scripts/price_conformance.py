@@ -18,6 +18,7 @@ import contextlib
 import os
 import random
 import sys
+import time
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -146,8 +147,8 @@ def reason_for(name: str, entry: Mapping[str, Any], provider: str, under: bool) 
         return ("LiteLLM's DeepSeek calculator prices cache writes at 0; agent-guard at the "
                 "input rate (DeepSeek bills uncached tokens at the input rate)")
     if "off_peak_pricing" in entry:
-        return ("time-of-day `off_peak_pricing`: LiteLLM prices by the clock, agent-guard "
-                "charges the standard (dearer) rates")
+        return ("time-of-day `off_peak_pricing` at a window's edge: the two clocks read "
+                "apart")
     if "explicit_cache_read_input_token_cost" in entry:
         return ("explicit cache reads: agent-guard prices every cache read at the dearer "
                 "explicit-cache rate (LangChain does not report which cache was read)")
@@ -179,7 +180,8 @@ def run(n: int, only: set[str] | None = None) -> Report:
         price = ModelPrice.from_litellm(name, entry)
         for usage in usages(name, entry, n):
             result.usages += 1
-            ours = price.cost(usage).total_usd
+            now = time.time()  # LiteLLM prices off-peak windows by the clock too
+            ours = price.cost(usage, (now, now)).total_usd
             try:
                 theirs = litellm_cost(litellm, name, provider, usage)
             except Exception:  # LiteLLM cannot price it (its own routing)

@@ -76,6 +76,40 @@ def test_a_model_priced_only_by_ranges_is_in_the_bundled_table(book: PriceBook) 
     assert cost.total_usd == 300_000 * D("2.5e-07") + 100 * D("2e-06")
 
 
+# -- off-peak -------------------------------------------------------------------------------
+
+SATURDAY_NOON = 1_796_472_000.0  # 2026-12-05 12:00 UTC: DeepSeek off-peak all day
+WEDNESDAY_2AM = 1_796_176_800.0  # 2026-12-02 02:00 UTC: peak (off-peak 00-01, 04-06, 10-24)
+
+
+def test_off_peak_rates_apply_to_a_call_wholly_off_peak(book: PriceBook) -> None:
+    price = book.price("deepseek/deepseek-v4-flash")
+    usage = Usage(input_tokens=10_000, output_tokens=1000, cache_read_tokens=4000)
+    standard = 6000 * D("3e-07") + 4000 * D("6e-09") + 1000 * D("1.2e-06")
+    off = 6000 * D("1.5e-07") + 4000 * D("3e-09") + 1000 * D("6e-07")
+    assert price.cost(usage).total_usd == standard  # no time given: the dearer rates
+    assert price.cost(usage, (SATURDAY_NOON, SATURDAY_NOON + 60)).total_usd == off
+    assert price.cost(usage, (WEDNESDAY_2AM, WEDNESDAY_2AM + 60)).total_usd == standard
+    # started at peak (03:59), ended off-peak (04:01): the standard rates
+    assert price.cost(usage, (WEDNESDAY_2AM + 7140, WEDNESDAY_2AM + 7260)).total_usd == standard
+
+
+@pytest.mark.parametrize(("start", "off_peak"), [(SATURDAY_NOON, True), (WEDNESDAY_2AM, False)])
+def test_the_guard_settles_off_peak_calls_at_off_peak_rates(start: float, off_peak: bool) -> None:
+    now = [start]
+    guard = Guard(Limits(max_cost_usd=1), clock=lambda: now[0])
+    call = ModelCall(session="s", model="deepseek/deepseek-v4-flash",
+                     messages=[HumanMessage("hi")], max_output_tokens=1000)
+    admission = guard.before_model_call(call)
+    now[0] += 30
+    record = guard.after_model_call(admission, Usage(input_tokens=10_000, output_tokens=1000))
+    expected = (10_000 * D("1.5e-07") + 1000 * D("6e-07")) if off_peak else (
+        10_000 * D("3e-07") + 1000 * D("1.2e-06"))
+    assert record.cost_nano == expected * 10**9
+    # the reservation was the standard (dearer) price: the worst case
+    assert admission.reserved_nano >= (10 * D("3e-07") + 1000 * D("1.2e-06")) * 10**9
+
+
 # -- cache writes ---------------------------------------------------------------------------
 
 def test_one_hour_cache_writes_are_priced_as_one_hour(book: PriceBook) -> None:

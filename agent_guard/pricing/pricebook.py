@@ -21,8 +21,9 @@ A price is per token, as an exact ``Decimal``. The cost of one call follows Lite
 - a ``tiered_pricing`` range table picks one range by the prompt size
   (``start < prompt <= end``; beyond the last range, the last) for the whole request.
 
-Not priced (documented in ``docs/pricing.md``): time-of-day ``off_peak_pricing``
-(the standard, dearer rates are charged), batch rates, regional uplifts.
+Time-of-day ``off_peak_pricing`` applies when the caller says when the call ran
+(``during``) and all of it was off-peak; the worst case always uses the standard rates.
+Not priced (documented in ``docs/pricing.md``): batch rates, regional uplifts.
 """
 
 from __future__ import annotations
@@ -189,6 +190,9 @@ class ModelPrice:
     fields: Mapping[str, Decimal] = field(default_factory=dict, compare=False, repr=False)
     ranges: tuple[RangeTier, ...] = ()
     inclusive_thresholds: bool = False
+    #: LiteLLM's ``off_peak_pricing``: rates that replace the standard ones while one of
+    #: its time windows is open
+    off_peak: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
     _memo: dict[tuple[Any, ...], Any] = field(
         default_factory=dict, compare=False, repr=False)
 
@@ -253,6 +257,7 @@ class ModelPrice:
             fields=fields,
             ranges=ranges,
             inclusive_thresholds=provider in INCLUSIVE_THRESHOLD_PROVIDERS,
+            off_peak=_off_peak(name, entry.get("off_peak_pricing"), provider),
         )
 
     # -- rates ------------------------------------------------------------------------
@@ -407,9 +412,30 @@ class ModelPrice:
 
     # -- costs ------------------------------------------------------------------------
 
-    def _parts(self, usage: Usage) -> tuple[Decimal, Decimal, Decimal, Decimal, Decimal,
-                                            Rates]:
-        r = self.rates(usage.input_tokens, usage.service_tier)
+    def _at(self, r: Rates, during: tuple[float, float] | None) -> Rates:
+        """Off-peak rates when the whole call (``during``: its start and end, epoch
+        seconds) ran inside one of the model's off-peak windows."""
+        op = self.off_peak
+        if op is None or during is None or not _all_off_peak(op, during):
+            return r
+        rates = op["rates"]
+        inp = rates.get("input_cost_per_token", r.input)
+        out = rates.get("output_cost_per_token", r.output)
+        return Rates(
+            input=inp, output=out,
+            cache_read=rates.get("cache_read_input_token_cost",
+                                 inp if r.cache_read == r.input else r.cache_read),
+            cache_write=rates.get("cache_creation_input_token_cost",
+                                  inp if r.cache_write == r.input else r.cache_write),
+            cache_write_1h=r.cache_write_1h,
+            reasoning=rates.get("output_cost_per_reasoning_token",
+                                out if r.reasoning == r.output else r.reasoning),
+            audio_input=r.audio_input, audio_output=r.audio_output,
+            image_input=r.image_input, image_output=r.image_output, threshold=r.threshold)
+
+    def _parts(self, usage: Usage, during: tuple[float, float] | None = None
+               ) -> tuple[Decimal, Decimal, Decimal, Decimal, Decimal, Rates]:
+        r = self._at(self.rates(usage.input_tokens, usage.service_tier), during)
         cached = usage.cache_read_tokens + usage.cache_creation_tokens
         uncached = max(usage.input_tokens - cached, 0)
         audio_in = min(usage.audio_input_tokens, uncached)
@@ -428,16 +454,20 @@ class ModelPrice:
                       + usage.image_output_tokens * r.image_output)
         return input_usd, read_usd, write_usd, output_usd, usage.reasoning_tokens * r.reasoning, r
 
-    def cost_nano(self, usage: Usage) -> int:
+    def cost_nano(self, usage: Usage, during: tuple[float, float] | None = None) -> int:
         """``cost(usage).total_nano`` (the ledger amount) without building the breakdown:
-        the same Decimal sums in the same order, rounded up to the next nano-USD."""
-        inp, read, write, out, reasoning, _ = self._parts(usage)
+        the same Decimal sums in the same order, rounded up to the next nano-USD.
+
+        ``during`` (start, end) in epoch seconds: a call that ran wholly inside an
+        off-peak window of the model is priced at its off-peak rates; without it, or
+        when any part of the call was at peak, at the standard (dearer) rates."""
+        inp, read, write, out, reasoning, _ = self._parts(usage, during)
         total = (inp + read + write) + (out + reasoning)
         return int((total * _NANO).to_integral_value(rounding=ROUND_CEILING))
 
-    def cost(self, usage: Usage) -> CostBreakdown:
-        """The exact cost of ``usage`` at these prices."""
-        inp, read, write, out, reasoning, r = self._parts(usage)
+    def cost(self, usage: Usage, during: tuple[float, float] | None = None) -> CostBreakdown:
+        """The exact cost of ``usage`` at these prices (``during``: see :meth:`cost_nano`)."""
+        inp, read, write, out, reasoning, r = self._parts(usage, during)
         return CostBreakdown(
             model=self.model,
             input_usd=inp,
@@ -483,6 +513,95 @@ class ModelPrice:
             out_rate = max(out_rate, *outs)
         total = input_tokens * in_rate + output_tokens * out_rate
         return int((total * _NANO).to_integral_value(rounding=ROUND_CEILING))
+
+
+# -- off-peak windows (LiteLLM's off_peak_pricing) -----------------------------------------------
+
+_WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
+_WEEKDAYS = {"mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6, "sun": 7}
+#: a call is checked for being off-peak at its start, its end and this often in between
+_OFF_PEAK_STEP_S = 300
+
+
+def _windows(value: Any) -> list[tuple[int, int]]:
+    out = []
+    for text in ([value] if isinstance(value, str) else value if isinstance(value, list) else []):
+        m = _WINDOW.match(text) if isinstance(text, str) else None
+        if m:
+            a, b, c, d = (int(x) for x in m.groups())
+            out.append((a * 60 + b, c * 60 + d))
+    return out
+
+
+def _weekday(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 7:
+        return value
+    if isinstance(value, str):
+        return _WEEKDAYS.get(value.strip().lower()[:3])
+    return None
+
+
+def _off_peak(name: str, block: Any, provider: str | None) -> dict[str, Any] | None:
+    """The parsed ``off_peak_pricing`` block: rates, every-day windows, weekday rules."""
+    if not isinstance(block, Mapping):
+        return None
+    rates = {k: _price(name, f"off_peak_pricing.{k}", v) for k, v in block.items()
+             if _is_rate_field(k) and v is not None and not isinstance(v, Mapping | list)}
+    if provider in DEFAULT_CACHE_READ_SHARE and "cache_read_input_token_cost" not in rates \
+            and "input_cost_per_token" in rates:
+        rates["cache_read_input_token_cost"] = (rates["input_cost_per_token"]
+                                                * DEFAULT_CACHE_READ_SHARE[provider])
+    rules = []
+    for rule in block.get("windows") or ():
+        if isinstance(rule, Mapping):
+            days = rule.get("weekdays")
+            rules.append((_windows(rule.get("hours_utc")),
+                          None if days is None else {d for d in map(_weekday, days or ())
+                                                     if d is not None}))
+    tz = block.get("weekday_timezone")
+    return {"rates": rates, "hours": _windows(block.get("hours_utc")), "rules": rules,
+            "tz": tz if isinstance(tz, str) else None}
+
+
+def _in(windows: list[tuple[int, int]], minute: int) -> bool:
+    for start, end in windows:
+        if start == end or (start < end and start <= minute < end) or (
+                start > end and (minute >= start or minute < end)):
+            return True
+    return False
+
+
+def _is_off_peak_at(op: Mapping[str, Any], epoch: float) -> bool:
+    import datetime as dt
+
+    utc = dt.datetime.fromtimestamp(epoch, dt.UTC)
+    minute = utc.hour * 60 + utc.minute
+    if op["hours"] and _in(op["hours"], minute):
+        return True
+    if not op["rules"]:
+        return False
+    local = utc
+    if op["tz"]:
+        try:
+            from zoneinfo import ZoneInfo
+
+            local = utc.astimezone(ZoneInfo(op["tz"]))
+        except (ValueError, KeyError, OSError):
+            local = utc
+    return any((days is None or local.isoweekday() in days) and _in(hours, minute)
+               for hours, days in op["rules"])
+
+
+def _all_off_peak(op: Mapping[str, Any], during: tuple[float, float]) -> bool:
+    start, end = during
+    if not (start <= end) or end - start > 86_400:
+        return False
+    t = start
+    while t < end:
+        if not _is_off_peak_at(op, t):
+            return False
+        t += _OFF_PEAK_STEP_S
+    return _is_off_peak_at(op, end)
 
 
 def _ranges(name: str, table: Any) -> tuple[RangeTier, ...]:
