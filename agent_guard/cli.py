@@ -140,12 +140,17 @@ def prices_update(
     show: Annotated[int, typer.Option(help="Changed models listed (0: none).")] = 20,
 ) -> None:
     """Rebuild the price table from LiteLLM's price list and show what changed."""
-    import datetime as dt
     import os
 
     from .pricing import PriceBook
     from .pricing.pricebook import ENV_VAR
-    from .pricing.refresh import build_table, diff_tables, dump_snapshot, load_source
+    from .pricing.refresh import (
+        build_table,
+        diff_tables,
+        dump_snapshot,
+        load_source,
+        source_date,
+    )
 
     try:
         raw, origin, version = load_source(source)
@@ -165,7 +170,7 @@ def prices_update(
     if dry_run:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(dump_snapshot(table, version=version, date=dt.date.today().isoformat(),
+    target.write_text(dump_snapshot(table, version=version, date=source_date(source),
                                     source=origin))
     note = "" if target == Path(os.environ.get(ENV_VAR) or PriceBook.user_prices_path()) else (
         f" (the guard reads it with {ENV_VAR}={target})")

@@ -446,3 +446,57 @@ def test_price_shows_the_age_of_the_prices_and_warns_when_old(tmp_path, monkeypa
     old = CliRunner().invoke(app, ["price", "gpt-4o"], env={"COLUMNS": "200"})
     assert "prices as of 2025-01-01" in old.output and "warning" in old.output
     assert "agent-guard prices update" in old.output
+
+
+def test_prices_update_reads_a_url_and_dry_run_writes_nothing(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import http.server
+    import json as _json
+    import threading
+
+    from typer.testing import CliRunner
+
+    from agent_guard.cli import app
+
+    body = _json.dumps({"gpt-4o": {"litellm_provider": "openai", "mode": "chat",
+                                   "input_cost_per_token": 3e-06,
+                                   "output_cost_per_token": 1e-05}}).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+        monkeypatch.delenv("AGENT_GUARD_PRICES", raising=False)
+        url = f"http://127.0.0.1:{server.server_address[1]}/prices.json"
+        dry = CliRunner().invoke(app, ["prices", "update", "--from", url, "--dry-run"],
+                                 env={"COLUMNS": "200"})
+        assert dry.exit_code == 0, dry.output
+        assert "input_cost_per_token 0.0000025 -> 0.000003" in dry.output  # what changed
+        assert not PriceBook.user_prices_path().exists()
+        out = tmp_path / "mine.json"
+        done = CliRunner().invoke(app, ["prices", "update", "--from", url, "--out", str(out)])
+        assert done.exit_code == 0 and out.exists()
+        monkeypatch.setenv("AGENT_GUARD_PRICES", str(out))
+        assert PriceBook.default().price("gpt-4o").input == D("3e-06")
+        import datetime as dt
+
+        assert PriceBook.default().snapshot_date == dt.date.today().isoformat()  # fetched now
+        # rebuilding from one of our snapshots keeps its date (its prices are that old)
+        again = tmp_path / "again.json"
+        old = tmp_path / "old.json"
+        old.write_text(out.read_text().replace(dt.date.today().isoformat(), "2025-01-01"))
+        CliRunner().invoke(app, ["prices", "update", "--from", str(old), "--out", str(again)])
+        monkeypatch.setenv("AGENT_GUARD_PRICES", str(again))
+        assert PriceBook.default().snapshot_date == "2025-01-01"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["TableDiff", "build_table", "diff_tables", "dump_snapshot", "load_source",
-           "read_snapshot"]
+           "read_snapshot", "source_date"]
 
 MODES = frozenset({"chat", "responses", "completion"})
 KEEP = ("litellm_provider", "mode", "max_input_tokens", "max_output_tokens")
@@ -125,6 +125,32 @@ def load_source(source: str | None, *, timeout: float = 30.0
         version = path.name.split("-")[1]
         return _parse(text, str(path)), f"litellm {version} ({path.name})", version
     return _parse(path.read_text(), str(path)), str(path), None
+
+
+def source_date(source: str | None) -> str:
+    """The date of a price list, as near as can be told offline: the date inside one of
+    our snapshots, the date of a wheel's price file (when the wheel records one), the
+    modification date of a file or of the installed LiteLLM's file (its install date);
+    today for a URL (fetched now)."""
+    today = dt.date.today().isoformat()
+    try:
+        if source in (None, "litellm"):
+            path, _ = installed_litellm()
+            return dt.date.fromtimestamp(path.stat().st_mtime).isoformat()
+        assert source is not None
+        if source.startswith(("http://", "https://")):
+            return today
+        path = Path(source)
+        if path.suffix == ".whl":
+            with zipfile.ZipFile(path) as wheel:
+                y, m, d, *_ = wheel.getinfo(f"litellm/{LITELLM_FILE}").date_time
+            return dt.date(y, m, d).isoformat() if y > 2000 else today  # 1980: unknown
+        meta, _ = read_snapshot(path) if path.suffix == ".json" else ({}, {})
+        if meta.get("snapshot_date"):
+            return str(meta["snapshot_date"])
+        return dt.date.fromtimestamp(path.stat().st_mtime).isoformat()
+    except (OSError, ValueError, KeyError, AttributeError):
+        return today
 
 
 def dump_snapshot(models: Mapping[str, Mapping[str, Any]], *, version: str | None,
