@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 pytest.importorskip("opentelemetry.sdk")
@@ -66,10 +67,17 @@ def wire(receiver: OtlpReceiver, **options: Any
     return telemetry, provider, reader
 
 
+def own_async_client() -> httpx.AsyncClient:
+    """A client of this test's own: langchain-openai caches its default async client per
+    base URL, and one left bound to a closed event loop (asyncio.run) breaks a later test
+    whose server gets the same port."""
+    return httpx.AsyncClient()
+
+
 def run_agent(server: FakeOpenAIServer, handler: GuardCallbackHandler, how: str,
               metadata: dict, thread: str) -> None:
     llm = ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="x", max_tokens=50,
-                     stream_usage=True)
+                     stream_usage=True, http_async_client=own_async_client())
     agent = create_agent(llm, [lookup], name="support")
     config = {"callbacks": [handler], "metadata": metadata,
               "configurable": {"thread_id": thread}}
@@ -240,7 +248,8 @@ def test_a_middleware_cache_hit_span_sits_in_the_run_with_its_attribution(
     middleware = GuardMiddleware(guard, cache=cache, cache_tools={"lookup": "orders"},
                                  telemetry=telemetry)
     with FakeOpenAIServer([CALL, CALL, FakeReply(content="shipped")]) as server:
-        llm = ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="x", max_tokens=50)
+        llm = ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="x", max_tokens=50,
+                         http_async_client=own_async_client())
         agent = create_agent(llm, [lookup], middleware=[middleware], name="support")
         config: Any = {"callbacks": [GuardCallbackHandler(guard, telemetry=telemetry,
                                                           count_tools=False)],
