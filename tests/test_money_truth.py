@@ -148,10 +148,10 @@ def test_wait_for_around_ainvoke_charges_the_answer_and_frees_the_hold(ledger: L
     assert record.usage_estimated and record.outcome == "aborted"
 
 
-@pytest.mark.parametrize("cut", ["break_aclose", "timeout"])
+@pytest.mark.parametrize("cut", ["break_aclose", "timeout", "events_aclose"])
 def test_agent_astream_cut_charges_what_the_provider_billed(ledger: Ledger, cut: str) -> None:
     books = Books(ledger)
-    reply = streamed() if cut == "break_aclose" else slow()
+    reply = slow() if cut == "timeout" else streamed()
     with FakeOpenAIServer([reply]) as server:
         agent = create_agent(chat(server), tools=[])
         config = {"callbacks": [books.handler()]}
@@ -163,6 +163,12 @@ def test_agent_astream_cut_charges_what_the_provider_billed(ledger: Ledger, cut:
                 async for _ in stream:
                     break
                 await stream.aclose()
+            elif cut == "events_aclose":
+                events = agent.astream_events(inputs, config, version="v2")
+                async for event in events:
+                    if event["event"] == "on_chat_model_stream":
+                        break
+                await events.aclose()
             else:
                 async def consume() -> None:
                     async for _ in agent.astream(inputs, config, stream_mode="updates"):
@@ -335,13 +341,14 @@ class Raiser(BaseCallbackHandler):
 @pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize("where", ["model", "agent"])
 @pytest.mark.parametrize("event", ["start", "end"])
+@pytest.mark.parametrize("order", ["user_first", "guard_first"])
 def test_another_callback_raising_leaks_nothing(ledger: Ledger, mode: str, where: str,
-                                                event: str) -> None:
+                                                event: str, order: str) -> None:
     books = Books(ledger)
     with FakeOpenAIServer([ANSWER]) as server:
-        # start: the user's callback runs after the guard's; end: before it
-        handlers = ([books.handler(), Raiser("start")] if event == "start"
-                    else [Raiser("end"), books.handler()])
+        handlers: list[Any] = [Raiser(event), books.handler()]
+        if order == "guard_first":
+            handlers.reverse()
         runnable: Any = chat(server)
         inputs: Any = "hi"
         if where == "agent":
@@ -444,14 +451,14 @@ def test_one_request_is_charged_once(ledger: Ledger, mode: str, shape: str) -> N
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_long_call_keeps_its_hold_past_the_lease(ledger: Ledger, mode: str) -> None:
     probe = Books(ledger)
-    with FakeOpenAIServer([slow(1.0), ANSWER]) as server:
+    with FakeOpenAIServer([slow(1.5), ANSWER]) as server:
         worst = probe.guard.estimate_model_call(_call(server, "hi"))
-        books = Books(ledger, cap_usd=1.5 * worst / 1e9, lease_seconds=0.3)
+        books = Books(ledger, cap_usd=1.5 * worst / 1e9, lease_seconds=0.6)
         config = {"callbacks": [books.handler()]}
         second: list[BaseException | None] = []
 
         def later() -> None:
-            time.sleep(0.6)  # twice the lease into the first call
+            time.sleep(1.0)  # well past the lease into the first call
             try:
                 chat(server).invoke("hi", config)
                 second.append(None)
