@@ -40,6 +40,25 @@ def require_redis() -> None:
     pytest.skip(f"no redis-server at {REDIS_URL}")
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real 3-node Redis Cluster on loopback (``redis+cluster://...``) for the session.
+
+    Skipped on a developer machine without ``redis-server``/``redis-cli``; in CI it fails
+    (``.ci/run`` installs redis-server, which brings redis-cli)."""
+    from agent_guard.testing.redis_cluster import ClusterUnavailable, LocalRedisCluster
+
+    cluster = LocalRedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+    except (ClusterUnavailable, OSError) as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"the test Redis Cluster did not start: {exc}")
+        pytest.skip(f"no Redis Cluster: {exc}")
+    yield cluster.url
+    cluster.stop()
+
+
 @pytest.fixture
 def redis_url() -> str:
     require_redis()
@@ -61,13 +80,15 @@ def redis_namespace() -> Iterator[str]:
         client.close()
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "redis_cluster"])
 def shared_url(request: pytest.FixtureRequest, tmp_path: Path, redis_namespace: str
                ) -> tuple[str, str | None]:
     """(ledger URL, Redis namespace or None) that several processes open: one SQLite
-    file, or one namespace of the test Redis."""
+    file, or one namespace of the test Redis, or of the test Redis Cluster."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'shared.db'}", None
+    if request.param == "redis_cluster":
+        return request.getfixturevalue("redis_cluster_url"), redis_namespace
     require_redis()
     return REDIS_URL, redis_namespace
 
@@ -75,14 +96,14 @@ def shared_url(request: pytest.FixtureRequest, tmp_path: Path, redis_namespace: 
 LedgerFactory = Callable[..., Ledger]
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "redis_cluster"])
 def ledger_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 @pytest.fixture
 def make_ledger(
-    ledger_kind: str, tmp_path, redis_namespace: str
+    ledger_kind: str, tmp_path, redis_namespace: str, request: pytest.FixtureRequest
 ) -> Iterator[LedgerFactory]:
     """Build ledgers of ``ledger_kind`` that share one store (same file / namespace)."""
     made: list[Ledger] = []
@@ -96,6 +117,11 @@ def make_ledger(
             from agent_guard.ledger.sqlite import SQLiteLedger
 
             ledger = SQLiteLedger(str(tmp_path / "ledger.db"), **options)  # type: ignore[arg-type]
+        elif ledger_kind == "redis_cluster":
+            from agent_guard.ledger.redis import RedisLedger
+
+            ledger = RedisLedger.from_url(request.getfixturevalue("redis_cluster_url"),
+                                          namespace=redis_namespace, **options)
         else:
             require_redis()
             from agent_guard.ledger.redis import RedisLedger

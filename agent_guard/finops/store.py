@@ -60,6 +60,7 @@ from ..records import CallRecord, utf8_text
 from ..stores import open_store, parse_url
 from ..stores.redis import USAGE, redis_client
 from ..stores.sqlite import SQLitePool, is_memory_path
+from ..stores.url import REDIS_BACKENDS
 from ..usage import NANO_PER_USD, Usage
 
 if TYPE_CHECKING:
@@ -294,7 +295,7 @@ class UsageStore(ABC):
             return url
         if retention_days is not None:
             options["retention_days"] = retention_days
-        if namespace is not None and parse_url(url, "usage").backend == "redis":
+        if namespace is not None and parse_url(url, "usage").backend in REDIS_BACKENDS:
             options["namespace"] = namespace  # only Redis keeps usage under a namespace
         store: UsageStore = open_store(url, "usage", **options)
         return store
@@ -307,7 +308,7 @@ class UsageStore(ABC):
         for a memory ledger (or a SQLite ledger in ``:memory:``)."""
         if isinstance(ledger, str):
             parsed = parse_url(ledger, "ledger")
-            if parsed.backend == "redis":  # the ledger's server and namespace
+            if parsed.backend in REDIS_BACKENDS:  # the ledger's server and namespace
                 return RedisUsageStore(
                     parsed.client_url, namespace=parsed.kind_options.get("namespace") or
                     "default", retention_days=retention_days, **options)

@@ -53,7 +53,7 @@ import redis
 
 from ..errors import LedgerUnavailable
 from ..stores.redis import LEDGER, REDIS_ERRORS, redis_client
-from ..stores.url import redact_url
+from ..stores.url import REDIS_BACKENDS, redact_url
 from .base import (
     DONE_RETENTION_SECONDS,
     Denial,
@@ -190,7 +190,7 @@ class RedisLedger(Ledger):
         from ..stores import parse_url
 
         parsed = parse_url(url, "ledger")
-        if parsed.backend != "redis":
+        if parsed.backend not in REDIS_BACKENDS:
             raise ValueError(f"not a Redis URL: {parsed.redacted!r}")
         return cls(parsed.client_url, **{**parsed.kind_options, **options})
 
@@ -293,6 +293,11 @@ class RedisLedger(Ledger):
         })
 
     def _unavailable(self, exc: BaseException) -> LedgerUnavailable:
+        if isinstance(exc, redis.exceptions.MovedError | redis.exceptions.AskError):
+            return LedgerUnavailable(self.url, exc, hint=(
+                "This server is a Redis Cluster node: a redis:// client reaches only the "
+                "slots it owns. Name the cluster with a "
+                "redis+cluster://host:port[,host:port...] URL."))
         return LedgerUnavailable(self.url, exc)
 
     def _run(self, script: Any, keys: list[str], args: list[str]) -> Reply:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .url import REDIS_SCHEMES, StoreURL, as_float, as_int, as_str, register
+from .url import ALL_REDIS_SCHEMES, StoreURL, as_float, as_int, as_str, register
 
 __all__: list[str] = []
 
@@ -54,7 +54,7 @@ def _redis_ledger(url: StoreURL, **options: Any) -> Any:
 register("ledger", "memory", _memory_ledger,
          options={"max_idle_seconds": as_float, "max_scopes": as_int})
 register("ledger", "sqlite", _sqlite_ledger, options={})
-for _scheme in REDIS_SCHEMES:
+for _scheme in ALL_REDIS_SCHEMES:
     register("ledger", _scheme, _redis_ledger,
              options={"namespace": as_str, "scope_ttl_seconds": as_int})
 
@@ -93,7 +93,7 @@ def _redis_cache(url: StoreURL, namespace: str | None = None, **options: Any) ->
 register("cache", "memory", _memory_cache,
          options={"max_entries": as_int, "namespace": as_str})
 register("cache", "sqlite", _sqlite_cache, options={"namespace": as_str})
-for _scheme in REDIS_SCHEMES:
+for _scheme in ALL_REDIS_SCHEMES:
     register("cache", _scheme, _redis_cache, options={"namespace": as_str})
 
 
@@ -125,7 +125,7 @@ def _redis_usage(url: StoreURL, **options: Any) -> Any:
 
 register("usage", "memory", _memory_usage, options={"retention_days": as_float})
 register("usage", "sqlite", _sqlite_usage, options={"retention_days": as_float})
-for _scheme in REDIS_SCHEMES:
+for _scheme in ALL_REDIS_SCHEMES:
     register("usage", _scheme, _redis_usage,
              options={"retention_days": as_float, "namespace": as_str,
                       "max_records": as_int})

@@ -82,8 +82,12 @@ def redis_client(url: str, *, profile: RedisProfile = LEDGER, asynchronous: bool
     from redis.connection import parse_url
     from redis.retry import Retry
 
-    from .url import REDIS, redact_url
+    from .url import REDIS, REDIS_CLUSTER_SCHEMES, redact_url
 
+    if url.split("://", 1)[0].lower() in REDIS_CLUSTER_SCHEMES:
+        return _cluster_client(url, profile=profile, asynchronous=asynchronous,
+                               retries=retries, max_connections=max_connections,
+                               pool_timeout=pool_timeout, **options)
     unknown = sorted({k for k, _ in parse_qsl(urlsplit(url).query)} -
                      set(REDIS.client_options))
     if unknown:  # agent-guard's own options are read by parse_url(url, kind), not here
@@ -115,3 +119,72 @@ def redis_client(url: str, *, profile: RedisProfile = LEDGER, asynchronous: bool
         client = redis.Redis(connection_pool=pool)
     client.auto_close_connection_pool = True
     return client
+
+
+def _cluster_client(url: str, *, profile: RedisProfile, asynchronous: bool, retries: int,
+                    max_connections: int | None, pool_timeout: float | None,
+                    **options: Any) -> Any:
+    """A ``redis.cluster.RedisCluster`` (or ``redis.asyncio.cluster.RedisCluster``) for a
+    ``redis+cluster://host:port[,host:port...]`` URL.
+
+    The same bounds as one Redis, per node: at most ``max_connections`` sockets to each
+    node, connect and read timeouts, ``retries`` (0 by default) for the cluster client's
+    own retries after a timeout or a dropped connection (a MOVED or ASK redirection is
+    always followed: it resends nothing that ran). The sync client waits up to
+    ``pool_timeout`` for a free socket of a node; redis-py's asyncio cluster client
+    cannot wait, so there a command that finds every socket of its node busy fails at
+    once (``MaxConnectionsError``, a :data:`REDIS_ERRORS`)."""
+    import redis
+    import redis.asyncio as aredis
+    from redis.asyncio.retry import Retry as AsyncRetry
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.connection import parse_url
+    from redis.retry import Retry
+
+    from .url import REDIS, cluster_nodes, redact_url
+
+    parts = urlsplit(url)
+    unknown = sorted({k for k, _ in parse_qsl(parts.query)} - set(REDIS.client_options))
+    if unknown:
+        raise ValueError(f"unknown Redis client option(s) {', '.join(unknown)} in "
+                         f"{redact_url(url)!r}; known: {', '.join(sorted(REDIS.client_options))}")
+    nodes = cluster_nodes(url)
+    tls = parts.scheme.lower().startswith("rediss")
+    # redis-py reads the credentials and the query of a one-node URL
+    userinfo = parts.netloc.rpartition("@")[0]
+    single = (f"{'rediss' if tls else 'redis'}://{userinfo + '@' if userinfo else ''}"
+              f"{nodes[0][0]}:{nodes[0][1]}/0" + (f"?{parts.query}" if parts.query else ""))
+    url_kwargs: dict[str, Any] = dict(parse_url(single))
+    for name in ("host", "port", "path"):
+        url_kwargs.pop(name, None)
+    if url_kwargs.pop("db", 0) not in (0, None):
+        raise ValueError(f"a Redis Cluster has one database (0): {redact_url(url)!r}")
+    url_max = url_kwargs.pop("max_connections", None)
+    url_timeout = url_kwargs.pop("timeout", None)
+    size = max_connections if max_connections is not None else \
+        url_max if url_max is not None else profile.max_connections
+    wait = pool_timeout if pool_timeout is not None else \
+        url_timeout if url_timeout is not None else profile.pool_timeout
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"max_connections must be an int >= 1, got {size!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+    kwargs: dict[str, Any] = {"socket_connect_timeout": profile.socket_connect_timeout,
+                              "socket_timeout": profile.socket_timeout,
+                              **url_kwargs, **options}
+    backoff = ExponentialWithJitterBackoff(base=0.01, cap=0.5)
+    if asynchronous:
+        from redis.asyncio.cluster import ClusterNode as AsyncNode
+
+        kwargs.pop("connection_class", None)
+        return aredis.RedisCluster(
+            startup_nodes=[AsyncNode(h, p) for h, p in nodes], max_connections=size,
+            retry=AsyncRetry(backoff, retries), **kwargs)
+    from redis.cluster import ClusterNode
+
+    # the url= path makes redis-py build each node's pool with connection_pool_class
+    first = f"{'rediss' if tls else 'redis'}://{nodes[0][0]}:{nodes[0][1]}"
+    return redis.RedisCluster(
+        url=first, startup_nodes=[ClusterNode(h, p) for h, p in nodes[1:]],
+        connection_pool_class=redis.BlockingConnectionPool, max_connections=size,
+        timeout=float(wait), retry=Retry(backoff, retries), **kwargs)

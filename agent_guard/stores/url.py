@@ -82,9 +82,7 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
         netloc = parts.netloc
         if parts.password is not None:
-            host = parts.hostname or ""
-            if parts.port:
-                host = f"{host}:{parts.port}"
+            host = netloc.rpartition("@")[2]  # every host:port (a cluster names several)
             netloc = (f"{parts.username}:***@" if parts.username else ":***@") + host
     except ValueError:
         return "<unparseable url>"
@@ -304,10 +302,48 @@ def _redis_backend() -> Backend:
 
 
 REDIS = _redis_backend()
-#: The schemes of a single Redis server (``redis+cluster://`` will be another backend).
+#: The schemes of a single Redis server.
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _locate_cluster(parts: SplitResult, url: str) -> None:
+    """``redis+cluster://[user:pass@]host:port[,host:port...][/0]``: the nodes to learn
+    the cluster's layout from (one is enough; more survive one being down)."""
+    _locate_redis(parts, url)
+    if parts.path not in ("", "/", "/0"):
+        raise ValueError(f"a Redis Cluster has one database (0); the URL names "
+                         f"{parts.path!r}: {redact_url(url)!r}")
+    cluster_nodes(url)  # raises ValueError on a malformed node list
+    return None
+
+
+def cluster_nodes(url: str) -> list[tuple[str, int]]:
+    """The ``(host, port)`` pairs a ``redis+cluster://`` URL names (port 6379 if none)."""
+    netloc = urlsplit(url).netloc.rpartition("@")[2]
+    nodes: list[tuple[str, int]] = []
+    for item in netloc.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep:
+            host, port = item.strip(), "6379"
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"a Redis Cluster URL is redis+cluster://host:port[,host:port...], "
+                             f"got {redact_url(url)!r}")
+        nodes.append((host, int(port)))
+    return nodes
+
+
+#: Redis Cluster: redis-py's ``RedisCluster`` (and its asyncio twin), the same options
+#: as one Redis (``db`` may only be 0).
+REDIS_CLUSTER = Backend("redis-cluster", REDIS.client_options, _locate_cluster)
+REDIS_CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+#: Every scheme the Redis stores (ledger, caches, usage) accept.
+ALL_REDIS_SCHEMES = REDIS_SCHEMES + REDIS_CLUSTER_SCHEMES
+REDIS_BACKENDS = ("redis", "redis-cluster")
 
 register_backend("memory", MEMORY)
 register_backend("sqlite", SQLITE)
 for _scheme in REDIS_SCHEMES:
     register_backend(_scheme, REDIS)
+for _scheme in REDIS_CLUSTER_SCHEMES:
+    register_backend(_scheme, REDIS_CLUSTER)

@@ -1,0 +1,118 @@
+"""A throwaway Redis Cluster on loopback, for tests and benchmarks.
+
+``LocalRedisCluster(workdir, nodes=3).start()`` runs ``nodes`` ``redis-server
+--cluster-enabled yes`` processes on free loopback ports (each also needs its bus port,
+``port + 10000``), joins them with ``redis-cli --cluster create ... --cluster-replicas 0``
+and waits for ``cluster_state:ok`` on every node; ``stop()`` kills them. ``url`` is the
+``redis+cluster://`` URL naming every node. Nothing persists (``--save ''``,
+``--appendonly no``); each node's ``nodes-<port>.conf`` lives in ``workdir``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+__all__ = ["ClusterUnavailable", "LocalRedisCluster"]
+
+
+class ClusterUnavailable(RuntimeError):
+    """The binaries are missing or the cluster did not come up."""
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` loopback ports whose bus ports (``+10000``) are free as well."""
+    ports: list[int] = []
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port + 10000 < 65536 and port not in ports and _port_free(port + 10000):
+            ports.append(port)
+            if len(ports) == count:
+                return ports
+    raise ClusterUnavailable("no free loopback ports for a cluster")
+
+
+class LocalRedisCluster:
+    def __init__(self, workdir: Path | str, *, nodes: int = 3) -> None:
+        self.workdir = Path(workdir)
+        self.nodes = nodes
+        self.ports: list[int] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def start(self, timeout: float = 30.0) -> LocalRedisCluster:
+        server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+        if not server or not cli:
+            raise ClusterUnavailable("redis-server and redis-cli must be installed")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.ports = _free_ports(self.nodes)
+        try:
+            for port in self.ports:
+                self.procs.append(subprocess.Popen(
+                    [server, "--port", str(port), "--bind", "127.0.0.1",
+                     "--cluster-enabled", "yes",
+                     "--cluster-config-file", str(self.workdir / f"nodes-{port}.conf"),
+                     "--dir", str(self.workdir), "--save", "", "--appendonly", "no",
+                     "--daemonize", "no"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            deadline = time.monotonic() + timeout
+            for port in self.ports:
+                self._wait(port, deadline, lambda out: out.strip() == "PONG", "PING")
+            created = subprocess.run(
+                [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                 "--cluster-replicas", "0", "--cluster-yes"],
+                capture_output=True, text=True, timeout=timeout)
+            if created.returncode != 0:
+                raise ClusterUnavailable(f"redis-cli --cluster create failed: "
+                                         f"{created.stdout[-500:]}{created.stderr[-500:]}")
+            for port in self.ports:
+                self._wait(port, deadline, lambda out: "cluster_state:ok" in out,
+                           "CLUSTER", "INFO")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait(self, port: int, deadline: float, ready: object, *command: str) -> None:
+        cli = shutil.which("redis-cli") or "redis-cli"
+        while True:
+            out = subprocess.run([cli, "-p", str(port), *command], capture_output=True,
+                                 text=True, timeout=10).stdout
+            if ready(out):  # type: ignore[operator]
+                return
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                raise ClusterUnavailable(f"node {port} not ready: {out.strip()[:200]!r}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        self.procs = []
+
+    def __enter__(self) -> LocalRedisCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

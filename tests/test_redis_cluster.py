@@ -1,0 +1,221 @@
+"""Ledger, caches and usage store on a real 3-node Redis Cluster (``redis+cluster://``).
+
+The cluster is the session fixture ``redis_cluster_url`` (tests/conftest.py): three
+``redis-server --cluster-enabled yes`` on loopback joined by ``redis-cli --cluster
+create``. The ledger contract, process and property suites also run on it through the
+``redis_cluster`` ledger kind; this file covers what is specific to a cluster: the URL,
+the client's bounds, a plain ``redis://`` URL pointed at a node, keys spread across
+nodes, and the caches and usage store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import redis
+from redis.cluster import RedisCluster
+
+from agent_guard import Guard, Limits
+from agent_guard.cache import LLMCache, ResultCache, store_from_url
+from agent_guard.errors import BudgetExceeded, LedgerUnavailable
+from agent_guard.finops.store import UsageStore
+from agent_guard.guard import ModelCall
+from agent_guard.ledger import ScopeCaps, from_url
+from agent_guard.ledger.redis import RedisLedger
+from agent_guard.stores import parse_url, redis_client
+from agent_guard.usage import Usage
+
+
+def ns() -> str:
+    return f"cl-{uuid.uuid4().hex[:10]}"
+
+
+def cluster_nodes(url: str) -> list[tuple[str, int]]:
+    """The nodes of the fixture's URL, read here independently of the library."""
+    hosts = url.split("://", 1)[1].split("?", 1)[0].split("/", 1)[0]
+    return [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in hosts.split(",")]
+
+
+def first_node(url: str) -> tuple[str, int]:
+    return cluster_nodes(url)[0]
+
+
+# -- the URL -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ledger", "cache", "usage"])
+def test_a_cluster_url_parses_for_every_kind_of_store(kind: str) -> None:
+    parsed = parse_url("redis+cluster://127.0.0.1:7000,127.0.0.1:7001?socket_timeout=2", kind)
+    assert parsed.backend == "redis-cluster"
+    from agent_guard.stores.url import cluster_nodes as parsed_nodes
+
+    assert parsed_nodes(parsed.url) == [("127.0.0.1", 7000), ("127.0.0.1", 7001)]
+    assert parsed.options["socket_timeout"] == 2.0
+
+
+@pytest.mark.parametrize("bad", ["redis+cluster://127.0.0.1:7000/3",
+                                 "redis+cluster://127.0.0.1:x",
+                                 "redis+cluster://127.0.0.1:7000?bogus=1"])
+def test_a_bad_cluster_url_is_refused_before_connecting(bad: str) -> None:
+    with pytest.raises(ValueError):
+        from_url(bad)
+
+
+def test_the_password_of_a_cluster_url_is_redacted() -> None:
+    from agent_guard.stores import redact_url
+
+    shown = redact_url("redis+cluster://u:s3cret@10.0.0.1:7000,10.0.0.2:7000")
+    assert "s3cret" not in shown and "10.0.0.2:7000" in shown
+
+
+def test_the_cluster_client_keeps_the_bounds_of_one_redis(redis_cluster_url: str) -> None:
+    client = redis_client(redis_cluster_url + "?socket_timeout=0.7&max_connections=3")
+    try:
+        assert isinstance(client, RedisCluster)
+        client.ping()
+        node = client.get_nodes()[0].redis_connection
+        pool = node.connection_pool
+        assert isinstance(pool, redis.BlockingConnectionPool)
+        assert pool.max_connections == 3
+        assert pool.connection_kwargs["socket_timeout"] == 0.7
+        assert client.retry.get_retries() == 0  # a timed-out script is never resent
+    finally:
+        client.close()
+
+
+# -- the ledger ---------------------------------------------------------------------------
+
+
+def test_the_ledger_runs_on_a_cluster_url(redis_cluster_url: str) -> None:
+    ledger = from_url(redis_cluster_url, namespace=ns())
+    try:
+        caps = [ScopeCaps("session:a", {"usd_nano": 100}), ScopeCaps("global", {"usd_nano": 150})]
+        first = ledger.reserve(caps, {"usd_nano": 100}, lease_seconds=30)
+        assert first
+        assert not ledger.reserve(caps, {"usd_nano": 60}, lease_seconds=30)
+        assert ledger.settle(first, {"usd_nano": 40})
+        assert ledger.totals("global").get_spent("usd_nano") == 40
+        assert ledger.totals("global").get_reserved("usd_nano") == 0
+    finally:
+        ledger.close()
+
+
+def test_the_async_ledger_runs_on_a_cluster_url(redis_cluster_url: str) -> None:
+    ledger = from_url(redis_cluster_url, namespace=ns())
+
+    async def main() -> None:
+        caps = [ScopeCaps("session:a", {"usd_nano": 100})]
+        r = await ledger.areserve(caps, {"usd_nano": 70}, lease_seconds=30)
+        assert r
+        assert not await ledger.areserve(caps, {"usd_nano": 40}, lease_seconds=30)
+        assert await ledger.asettle(r, {"usd_nano": 70})
+        assert (await ledger.atotals("session:a")).get_spent("usd_nano") == 70
+        await ledger.aextend("session:a", "usd_nano", 5)
+        assert (await ledger.atotals_many(["session:a"]))[0].extra == {"usd_nano": 5}
+        await ledger.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        ledger.close()
+
+
+def test_a_guard_on_a_cluster_url_admits_and_refuses_at_the_cap(redis_cluster_url: str) -> None:
+    guard = Guard(Limits(max_cost_usd="0.001"), ledger=from_url(redis_cluster_url, namespace=ns()))
+    call = ModelCall("s1", "gpt-4o-mini", input_tokens=100, max_output_tokens=50)
+    admitted = 0
+    settled = 0
+    for _ in range(200):
+        try:
+            adm = guard.before_model_call(call)
+        except BudgetExceeded:
+            break
+        settled += guard.after_model_call(adm, Usage(100, 50)).cost_nano
+        admitted += 1
+    assert 0 < admitted < 200
+    scope = guard.scopes("s1")[0].scope
+    assert guard.ledger.totals(scope).get_spent("usd_nano") == settled <= 1_000_000
+    guard.ledger.close()
+
+
+@pytest.mark.parametrize("namespace", ["default", "acme", "t-3"])
+def test_a_plain_redis_url_on_a_cluster_node_says_to_use_redis_cluster(
+        redis_cluster_url: str, namespace: str) -> None:
+    """Every namespace's slot lives on one of three nodes: through the wrong node a
+    plain client gets MOVED. The error names the fix."""
+    host, _ = first_node(redis_cluster_url)
+    refused = 0
+    for port in (p for _, p in cluster_nodes(redis_cluster_url)):
+        ledger = RedisLedger(f"redis://{host}:{port}/0", namespace=namespace)
+        try:
+            ledger.reserve([ScopeCaps("session:x", {"usd_nano": 10})], {"usd_nano": 1},
+                           lease_seconds=5)
+        except LedgerUnavailable as exc:
+            refused += 1
+            assert "redis+cluster://" in str(exc)
+        finally:
+            ledger.close()
+    assert refused == 2  # the two nodes that do not own the namespace's slot
+
+
+# -- caches and the usage store -------------------------------------------------------------
+
+
+def test_the_cache_store_on_a_cluster(redis_cluster_url: str) -> None:
+    store = store_from_url(redis_cluster_url, namespace=ns())
+    try:
+        cache = ResultCache(store)
+        from agent_guard.cache.result import MISS
+
+        for i in range(20):
+            assert cache.get_tool("t", {"i": i}, tenant="a", ttl_class="factual") is MISS
+            assert cache.put_tool("t", {"i": i}, i * 2, tenant="a", ttl_class="factual")
+        assert [cache.get_tool("t", {"i": i}, tenant="a", ttl_class="factual")
+                for i in range(20)] == [i * 2 for i in range(20)]
+        assert cache.stats()["t"].errors == 0
+        assert cache.clear() == 20
+        assert cache.get_tool("t", {"i": 1}, tenant="a", ttl_class="factual") is MISS
+    finally:
+        store.close()
+
+
+def test_the_llm_cache_store_on_a_cluster(redis_cluster_url: str) -> None:
+    store = store_from_url(redis_cluster_url)
+    try:
+        llm = LLMCache(store, namespace=ns())
+        from langchain_core.outputs import Generation
+
+        assert llm.lookup("p", "m") is None
+        llm.update("p", "m", [Generation(text="hi")])
+        hit = llm.lookup("p", "m")
+        assert hit is not None and hit[0].text == "hi"
+        llm.clear()
+        assert llm.lookup("p", "m") is None
+    finally:
+        store.close()
+
+
+def test_the_usage_store_on_a_cluster(redis_cluster_url: str) -> None:
+    from agent_guard.records import CallRecord
+
+    name = ns()
+    store = UsageStore.from_url(redis_cluster_url, namespace=name)
+    try:
+        guard = Guard(Limits(max_cost_usd="1"))
+        store.attach(guard)
+        adm = guard.before_model_call(ModelCall("u1", "gpt-4o-mini", input_tokens=10,
+                                                max_output_tokens=5))
+        record: CallRecord = guard.after_model_call(adm, Usage(10, 5))
+        store.flush()
+        assert [r.record_id for r in store.records()] == [record.record_id]
+    finally:
+        store.close()
+    again = UsageStore.for_ledger(f"{redis_cluster_url}?namespace={name}")
+    try:
+        assert len(list(again.rows())) == 1
+    finally:
+        again.close()
+
+
