@@ -39,6 +39,9 @@ from .conftest import REDIS_URL, require_redis
 SESSION = "money"
 MAX_TOKENS = 100
 ANSWER = FakeReply("Paris is the capital of France.", completion_tokens=60)
+# when a client-side timeout cuts a call the provider is still answering (slow(): 5 s);
+# long enough for the request to be sent on a loaded machine
+CUT_AFTER = 1.5
 
 
 # -- fixtures and checks -------------------------------------------------------------------
@@ -121,7 +124,7 @@ def quick_sdk_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("openai._base_client.INITIAL_RETRY_DELAY", 0.01)
 
 
-def slow(delay: float = 3.0) -> FakeReply:
+def slow(delay: float = 5.0) -> FakeReply:
     """An answer the client gives up on: the server bills it when the request arrives."""
     return FakeReply(ANSWER.content, completion_tokens=ANSWER.completion_tokens, delay_s=delay)
 
@@ -139,7 +142,7 @@ def test_wait_for_around_ainvoke_charges_the_answer_and_frees_the_hold(ledger: L
         async def run() -> None:
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(
-                    chat(server).ainvoke("hi", config={"callbacks": [books.handler()]}), 0.5)
+                    chat(server).ainvoke("hi", config={"callbacks": [books.handler()]}), CUT_AFTER)
 
         asyncio.run(run())
         server.wait_billed(1)
@@ -175,7 +178,7 @@ def test_agent_astream_cut_charges_what_the_provider_billed(ledger: Ledger, cut:
                         pass
 
                 with pytest.raises(asyncio.TimeoutError):
-                    await asyncio.wait_for(consume(), 0.5)
+                    await asyncio.wait_for(consume(), CUT_AFTER)
 
         asyncio.run(run())
         server.wait_billed(1)
@@ -527,7 +530,7 @@ def test_the_middleware_charges_a_cancelled_call(ledger: Ledger, cut: str) -> No
         async def run() -> None:
             if cut == "wait_for":
                 with pytest.raises(asyncio.TimeoutError):
-                    await asyncio.wait_for(agent.ainvoke(inputs), 0.5)
+                    await asyncio.wait_for(agent.ainvoke(inputs), CUT_AFTER)
             else:
                 stream = agent.astream(inputs, stream_mode="messages")
                 async for _ in stream:
