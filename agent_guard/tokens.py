@@ -314,12 +314,38 @@ def _prompt_tokens(messages: Iterable[MessageLike],
             if has_system:  # the namespace joins the system message's framing
                 n -= FUNCTIONS_SYSTEM_SHARED_TOKENS
         else:
-            n += TOOLS_BLOCK_TOKENS
+            n += TOOLS_BLOCK_TOKENS + anthropic_tool_system_tokens(model)
             for tool in tools:
                 n += _tool_schema_tokens(tool, schema_count)
     if params:
         n += _params_tokens(params, schema_count)
     return n
+
+
+# Anthropic adds a tool-use system prompt whenever tools are sent, billed as input and never
+# in the messages; its size per model family (Anthropic's tool-use pricing page, the larger
+# of its tool_choice auto / any counts), and Claude 3 Opus's 530 for a Claude not listed.
+_ANTHROPIC_TOOL_SYSTEM = (
+    (re.compile(r"claude-3-opus"), 530),
+    (re.compile(r"claude-3-sonnet"), 235),
+    (re.compile(r"claude-3(-5)?-haiku"), 340),
+    (re.compile(r"claude-(3-5|3-7|3\.5|3\.7)-sonnet|claude-(sonnet|opus|haiku)-[4-9]"
+                r"|claude-[4-9]"), 346),
+)
+ANTHROPIC_TOOL_SYSTEM_UNKNOWN = 530
+
+
+@lru_cache(maxsize=512)
+def anthropic_tool_system_tokens(model: str) -> int:
+    """Tokens of Anthropic's hidden tool-use system prompt for ``model`` (0: not Claude)."""
+    name = model.strip().lower()
+    if "claude" not in name:
+        return 0
+    name = name[name.index("claude"):]
+    for pattern, tokens in _ANTHROPIC_TOOL_SYSTEM:
+        if pattern.match(name):
+            return tokens
+    return ANTHROPIC_TOOL_SYSTEM_UNKNOWN
 
 
 def _is_system(message: Any) -> bool:

@@ -357,8 +357,13 @@ def test_tool_calls_tool_results_and_tools_add_tokens() -> None:
     schema = json.dumps(WEATHER_TOOL["function"], separators=(",", ":"))
     claude = counter.count_messages(base, "claude-sonnet-4-5", tools=[WEATHER_TOOL])
     claude_plain = counter.count_messages(base, "claude-sonnet-4-5")
+    # ... and Anthropic's hidden tool-use system prompt (346 tokens on Claude 4.x)
     assert claude >= claude_plain + tokens.TOOLS_BLOCK_TOKENS + tokens.TOKENS_PER_TOOL_SCHEMA + (
-        counter.count_text(schema))
+        counter.count_text(schema)) + 346
+    for model, hidden in (("claude-3-opus-20240229", 530), ("anthropic/claude-3-5-haiku", 340),
+                          ("bedrock/anthropic.claude-sonnet-4-5-v1:0", 346),
+                          ("claude-next", 530), ("gemini-2.5-pro", 0)):
+        assert tokens.anthropic_tool_system_tokens(model) == hidden, model
 
     call = AIMessage("", tool_calls=[{"name": "lookup", "args": {"id": "42"}, "id": "c1"}])
     no_call = counter.count_messages([*base, AIMessage("")])
@@ -387,7 +392,7 @@ def test_tool_schema_counts_are_memoised_by_identity(monkeypatch: pytest.MonkeyP
     counter = TokenCounter()
     tool = json.loads(json.dumps(WEATHER_TOOL))  # a fresh object
     first = counter.count_messages([], "claude-sonnet-4-5", tools=[tool])
-    assert first == -(-(REPLY_PRIMING_TOKENS + tokens.TOOLS_BLOCK_TOKENS + 85) * 12 // 10)
+    assert first == -(-(REPLY_PRIMING_TOKENS + tokens.TOOLS_BLOCK_TOKENS + 346 + 85) * 12 // 10)
     assert tokens._tool_memo[(id(tool), "o200k_base")] == (tool, 85)  # 7 + 78 (JSON)
     on_4o = counter.count_messages([], "gpt-4o", tools=[tool])
     assert tokens._render_memo[id(tool)][0] is tool
