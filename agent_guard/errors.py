@@ -163,8 +163,10 @@ class UnknownModelPrice(GuardError):
             "call was refused before anything was spent. Add a price: "
             "Guard(prices=PriceBook.default().with_overrides({"
             f"{model!r}: {{'input_cost_per_token': 2.5e-06, 'output_cost_per_token': 1e-05}}}})), "
-            "or point AGENT_GUARD_PRICES at a JSON/YAML file of the same shape, or set "
-            "Limits(unknown_price='allow') to count its tokens and calls at $0."
+            "or point AGENT_GUARD_PRICES at a JSON/YAML file of the same shape, or state "
+            "one conservative price for every unpriced model: Limits(unknown_price="
+            "{'input_cost_per_token': ..., 'output_cost_per_token': ...}). Without a "
+            "dollar cap, Limits(unknown_price='allow') counts its tokens and calls at $0."
         )
 
 

@@ -307,6 +307,13 @@ class Guard:
         self._caps = self.limits.caps()
         self._threshold_hooks: list[ThresholdHook] = list(on_threshold)
         self._warned_unpriced: set[str] = set()
+        # a model without a price: reserved at the stated price, else refused under a
+        # dollar cap of any scope (Limits.unknown_price)
+        self._unknown_price = self.limits.unknown_model_price()
+        self._dollar_capped = any(
+            lim.max_cost_usd is not None
+            for lim in (self.budgets.session, *self.budgets.kinds.values()))
+        self._warned_no_usage: set[str] = set()
         self._warn_lock = threading.Lock()
         self._fired: set[tuple[str, str, float]] = set()
         # finished calls whose settle found the ledger unavailable (settle_pending)
@@ -928,21 +935,25 @@ class Guard:
                 logger.exception("agent-guard: threshold hook %r failed", hook)
 
     def _price_for(self, call: ModelCall) -> ModelPrice | None:
+        """The call's price. A model without one is reserved at the stated
+        ``Limits.unknown_price``; without a stated price it is refused when a dollar cap
+        applies to it (never admitted at $0 and charged later), else counted at $0."""
         price = self.prices.resolve(call.model, call.provider)
         if price is not None:
             return price
-        if Dimension.USD_NANO in self._caps and self.limits.unknown_price == "refuse":
+        stated = self._unknown_price
+        if stated is None and self._dollar_capped:
             raise UnknownModelPrice(call.model, session=call.session)
         with self._warn_lock:
             first = call.model not in self._warned_unpriced
             self._warned_unpriced.add(call.model)
         if first:
             logger.warning(
-                "agent-guard: no price for model %r; its calls are counted at $0 "
-                "(add a price with PriceBook.with_overrides or AGENT_GUARD_PRICES)",
-                call.model,
-            )
-        return None
+                "agent-guard: no price for model %r; its calls are %s (add a price with "
+                "PriceBook.with_overrides or AGENT_GUARD_PRICES)", call.model,
+                "counted at $0" if stated is None else
+                "reserved and settled at Limits.unknown_price")
+        return stated
 
     def _plan(self, call: ModelCall, *, exact: bool = False) -> _Plan:
         """What ``call`` would reserve. Unless ``exact``, a prompt with long texts not yet
@@ -1078,16 +1089,40 @@ class Guard:
             input_tokens = admission.estimated_input_tokens
             if admission.input_is_bound:  # reserved with a bound: settle with the count
                 input_tokens = self._exact_input(admission.call)
-            usage = Usage(input_tokens=input_tokens,
-                          output_tokens=max(0, int(output_tokens or 0)))
+            usage = self._unreported_usage(admission, price, input_tokens,
+                                           max(0, int(output_tokens or 0)))
         cost = self._cost_nano(price, usage, (admission.started_at, self.clock()))
-        priced = price is not None
+        priced = price is not None and price is not self._unknown_price
         if outcome == "cache_hit":
             return self._record(admission, usage, 0, estimated=estimated, outcome=outcome,
                                 saved_nano=cost, model=response_model, priced=priced), None
         record = self._record(admission, usage, cost, estimated=estimated, outcome=outcome,
                               model=response_model, priced=priced)
         return record, _amounts(usage, cost)
+
+    def _unreported_usage(self, admission: Admission, price: ModelPrice | None,
+                          input_tokens: int, counted_output: int) -> Usage:
+        """The usage of a call whose provider reported none, from what was counted.
+
+        A model that bills hidden reasoning (LiteLLM's ``supports_reasoning``) may have
+        billed reasoning tokens that no stream shows: it is settled at no less than its
+        reserved output, the tokens beyond what was counted as reasoning."""
+        if price is None or not (price.supports_reasoning or (
+                admission.price is not None and admission.price.supports_reasoning)):
+            return Usage(input_tokens=input_tokens, output_tokens=counted_output)
+        output = max(counted_output, admission.max_output_tokens)
+        model = admission.call.model
+        with self._warn_lock:
+            first = model not in self._warned_no_usage
+            self._warned_no_usage.add(model)
+        if first:
+            logger.warning(
+                "agent-guard: %r reported no usage and may bill hidden reasoning tokens: "
+                "its calls are settled at their reserved output (%d tokens here). Ask the "
+                "provider for usage to be charged exactly (ChatOpenAI(stream_usage=True) "
+                "when streaming).", model, admission.max_output_tokens)
+        return Usage(input_tokens=input_tokens, output_tokens=output,
+                     reasoning_tokens=output - counted_output)
 
     def _record(
         self,
@@ -1118,7 +1153,8 @@ class Guard:
             outcome=outcome,
             started_at=admission.started_at,
             ended_at=self.clock(),
-            unpriced=(admission.price is None) if priced is None else not priced,
+            unpriced=(admission.price is None or admission.price is self._unknown_price)
+            if priced is None else not priced,
             saved_nano=saved_nano,
             max_output_tokens=admission.max_output_tokens,
             node=call.node,

@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
 
 from .usage import usd_to_nano
 
@@ -97,9 +97,15 @@ class Limits:
       no ``max_tokens`` of its own (its worst case must be bounded).
     - ``input_margin``: the token estimate of a prompt is multiplied by
       ``1 + input_margin`` before it is reserved, to cover tokenizer error.
-    - ``unknown_price``: ``"refuse"`` (default) refuses a call to a model with
-      no known price when a dollar cap is set; ``"allow"`` lets it through
-      and accounts it at $0 (its tokens and calls are still counted).
+    - ``unknown_price``: what a call to a model with no known price does.
+      ``"refuse"`` (default) refuses it when a dollar cap applies to the call
+      (:class:`~agent_guard.errors.UnknownModelPrice`); ``"allow"`` lets it
+      through at $0 (its tokens and calls are still counted), and is only
+      accepted without a dollar cap, since the cap could not hold; a mapping of
+      LiteLLM price fields (``{"input_cost_per_token": 1e-05,
+      "output_cost_per_token": 4e-05}``) is one stated, conservative price: such
+      calls are reserved at it and settled at it, or at the price of the model
+      the response names when that one is known.
     - ``min_output_tokens``: where an adapter can shrink a call's output cap
       to fit the remaining budget, it never shrinks below this.
     - ``lease_seconds``: how long a reservation may stay open before the
@@ -121,7 +127,7 @@ class Limits:
     default_max_output_tokens: int = 4096
     min_output_tokens: int = 64
     input_margin: float = 0.05
-    unknown_price: Literal["refuse", "allow"] = "refuse"
+    unknown_price: Literal["refuse", "allow"] | Mapping[str, Any] = "refuse"
     lease_seconds: float = 600.0
     thresholds: tuple[float, ...] = (0.5, 0.8, 1.0)
     extra_caps: Mapping[str, int] = field(default_factory=dict)
@@ -174,16 +180,44 @@ class Limits:
         ):
             raise ValueError(f"Limits.input_margin must be a finite number >= 0, got "
                              f"{self.input_margin!r}")
-        if self.unknown_price not in ("refuse", "allow"):
-            raise ValueError(
-                f"Limits.unknown_price must be 'refuse' or 'allow', got {self.unknown_price!r}"
-            )
+        self._check_unknown_price()
         if not isinstance(self.lease_seconds, int | float) or not (
             math.isfinite(self.lease_seconds) and self.lease_seconds > 0
         ):
             raise ValueError(f"Limits.lease_seconds must be > 0, got {self.lease_seconds!r}")
         for name, cap in self.extra_caps.items():
             _check_count(f"extra_caps[{name!r}]", cap)
+
+    def _check_unknown_price(self) -> None:
+        if isinstance(self.unknown_price, Mapping):
+            from .pricing import ModelPrice
+
+            try:
+                ModelPrice.from_litellm("unknown_price", self.unknown_price)
+            except ValueError as exc:
+                raise ValueError(f"Limits.unknown_price: {exc}") from exc
+            return
+        if self.unknown_price not in ("refuse", "allow"):
+            raise ValueError(
+                "Limits.unknown_price must be 'refuse', 'allow' or a price mapping such as "
+                "{'input_cost_per_token': 1e-05, 'output_cost_per_token': 4e-05}, got "
+                f"{self.unknown_price!r}")
+        if self.unknown_price == "allow" and self.max_cost_usd is not None:
+            raise ValueError(
+                "Limits(unknown_price='allow') admits a model without a price at $0, so "
+                f"max_cost_usd={self.max_cost_usd!r} could not hold for it (its answer would "
+                "be charged later, or never). State one conservative price for unpriced "
+                "models, unknown_price={'input_cost_per_token': ..., "
+                "'output_cost_per_token': ...}; or add the model's price "
+                "(PriceBook.with_overrides, AGENT_GUARD_PRICES); or keep 'refuse'.")
+
+    def unknown_model_price(self) -> Any:
+        """The stated price of models without one (a ``ModelPrice``), or None."""
+        if not isinstance(self.unknown_price, Mapping):
+            return None
+        from .pricing import ModelPrice
+
+        return ModelPrice.from_litellm("unknown_price", self.unknown_price)
 
     @property
     def max_cost_nano(self) -> int | None:

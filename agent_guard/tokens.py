@@ -453,6 +453,18 @@ class TokenCounter:
         enc, exact = _family(model or "")
         return self._scaled(_TEXT_COUNTS[enc](text), exact)
 
+    def count_text_unscaled(self, text: str, model: str = "gpt-4o") -> int:
+        """Tokens of plain text with the bundled encoding, *without* ``fallback_factor``:
+        a best guess rather than an upper bound. Streamed output is summed this way, then
+        scaled once with :meth:`scale` (a per-chunk ceiling would count every one-token
+        chunk as two)."""
+        return _TEXT_COUNTS[_family(model or "")[0]](text)
+
+    def scale(self, n: int, model: str = "gpt-4o") -> int:
+        """``n`` unscaled tokens as this counter reports them for ``model``: times
+        ``fallback_factor``, rounded up, when its tokenizer is not bundled."""
+        return self._scaled(n, _family(model or "")[1])
+
     def count_messages(
         self,
         messages: Iterable[MessageLike],

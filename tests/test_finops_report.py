@@ -117,6 +117,8 @@ def test_to_dataframe_with_real_pandas() -> None:
 
 # -- totals equal the ledger's, to the nano-dollar ---------------------------------------------
 
+# what the guard reserves and settles a model without a price at (Limits.unknown_price)
+STATED_PRICE = {"input_cost_per_token": 1e-05, "output_cost_per_token": 4e-05}
 MODELS = ("gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet-20241022", "o3-mini", "no-such-model")
 model_call = st.fixed_dictionaries({
     "kind": st.just("model"),
@@ -143,7 +145,7 @@ tool_call = st.fixed_dictionaries({
 
 def _run(ops: list[dict], ledger: str, store: UsageStore) -> Guard:
     now = [NOV_30]
-    guard = Guard(Budgets(session=Limits(max_cost_usd=10**6, unknown_price="allow"),
+    guard = Guard(Budgets(session=Limits(max_cost_usd=10**6, unknown_price=STATED_PRICE),
                           team=Limits(max_cost_usd=10**6, window="day")),
                   ledger=ledger, clock=lambda: now[0])
     store.attach(guard)

@@ -94,13 +94,23 @@ def test_unknown_model_price_is_an_explicit_decision(caplog) -> None:
     assert "acme-llm-9000" in msg and "with_overrides" in msg and "AGENT_GUARD_PRICES" in msg
     assert guard.usage("s").reserved_nano == 0
 
-    lenient = Guard(Limits(max_cost_usd=1, unknown_price="allow"))
+    with pytest.raises(ValueError, match="could not hold"):
+        Limits(max_cost_usd=1, unknown_price="allow")  # $0 under a dollar cap: refused
+
+    lenient = Guard(Limits(max_tokens=10_000, unknown_price="allow"))  # no dollar cap
     with caplog.at_level(logging.WARNING, logger="agent_guard"):
         adm = lenient.before_model_call(call(model="acme-llm-9000"))
     assert "no price for model 'acme-llm-9000'" in caplog.text
     record = lenient.after_model_call(adm, Usage(100, 50))
     assert record.unpriced and record.cost_nano == 0
     assert lenient.usage("s").output_tokens == 50
+
+    stated = {"input_cost_per_token": 1e-05, "output_cost_per_token": 4e-05}
+    conservative = Guard(Limits(max_cost_usd=1, unknown_price=stated))
+    adm = conservative.before_model_call(call(model="acme-llm-9000"))
+    assert adm.reserved_nano > 0 and conservative.usage("s").reserved_nano == adm.reserved_nano
+    record = conservative.after_model_call(adm, Usage(100, 50))
+    assert record.unpriced and record.cost_nano == 100 * 10_000 + 50 * 40_000
 
     priced = Guard(
         Limits(max_cost_usd=1),

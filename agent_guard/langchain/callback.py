@@ -114,13 +114,55 @@ def session_from_metadata(metadata: Mapping[str, Any] | None, default: str | Non
 @dataclass(slots=True)
 class _Run:
     admission: Admission
-    streamed_tokens: int = 0
+    streamed_tokens: int = 0  # streamed output as charged (tokenizer factor applied)
+    streamed_unscaled: int = 0  # the same, counted without the factor
     parent: UUID | None = None
     # the invocation_params object every prompt of one generate() shares (kept, so its
     # id stays unique while the run is open), or None for a single prompt
     batch: Any = None
     started: float = 0.0  # time.monotonic()
     timeout: float | None = None  # the client's request timeout, for retried attempts
+
+
+# streamed content blocks whose text is generated output (tool-call blocks are counted
+# from the chunk's tool_call_chunks, once)
+_TEXT_BLOCK_KEYS = {"text": "text", "output_text": "text", "refusal": "refusal",
+                    "thinking": "thinking", "reasoning": "reasoning"}
+
+
+def _streamed_texts(message: Any, token: Any) -> list[str]:
+    """The generated text of one streamed chunk, in every content shape: a plain string,
+    content blocks (text, refusal, reasoning with its summary, Anthropic thinking), and
+    reasoning that providers put beside the content (``reasoning_content``)."""
+    content = getattr(message, "content", None) if message is not None else token
+    texts: list[str] = []
+    if isinstance(content, str):
+        texts.append(content)
+    elif isinstance(content, list):
+        for block in content:
+            if isinstance(block, str):
+                texts.append(block)
+            elif isinstance(block, Mapping):
+                texts.extend(_block_texts(block))
+    extra = getattr(message, "additional_kwargs", None) or {}
+    if isinstance(extra.get("reasoning_content"), str):  # DeepSeek, vLLM, OpenRouter...
+        texts.append(extra["reasoning_content"])
+    if isinstance(extra.get("reasoning"), Mapping):  # Responses API, output_version v0
+        texts.extend(_block_texts(extra["reasoning"]))
+    return texts
+
+
+def _block_texts(block: Mapping[str, Any]) -> list[str]:
+    kind = block.get("type")
+    key = _TEXT_BLOCK_KEYS.get(kind) if isinstance(kind, str) else None
+    texts = []
+    if key is not None and isinstance(block.get(key), str):
+        texts.append(block[key])
+    if kind == "reasoning":  # the Responses API's summary parts
+        for part in block.get("summary") or ():
+            if isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+    return texts
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,19 +475,26 @@ class GuardCallbackHandler(BaseCallbackHandler):
             return
         keeper.touch(self, run.admission)
         model = run.admission.call.model
-        n = self.guard.tokens.count_text(token, model) if isinstance(token, str) and token else 0
+        # The chunk's message is what was streamed, whatever ``token`` is: a str, or
+        # (``output_version="v1"``, the Responses API, Anthropic) a list of content blocks.
         message = getattr(chunk, "message", None)
+        counter = self.guard.tokens
+        n = sum(counter.count_text_unscaled(text, model)
+                for text in _streamed_texts(message, token) if text)
         for tc in getattr(message, "tool_call_chunks", None) or ():
-            n += self.guard.tokens.count_text(
-                (tc.get("name") or "") + (tc.get("args") or ""), model
-            )
+            n += counter.count_text_unscaled((tc.get("name") or "") + (tc.get("args") or ""),
+                                             model)
         if n == 0:
             return
         with self._lock:
-            run.streamed_tokens += n
-            streamed = run.streamed_tokens
+            run.streamed_unscaled += n
+            unscaled = run.streamed_unscaled
+            # the tokenizer factor applies to the total, once (see TokenCounter.scale)
+            run.streamed_tokens = streamed = counter.scale(unscaled, model)
         cap = run.admission.max_output_tokens
-        if streamed > cap:
+        # Stop on the best count (no safety factor): a provider that honours max_tokens
+        # is never cut short by the factor; what was streamed is charged with it.
+        if unscaled > cap:
             call = run.admission.call
             raise OutputCapExceeded(
                 session=call.session, scope=f"call:{call.run_id}", dimension="output_tokens",

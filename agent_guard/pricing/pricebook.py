@@ -193,6 +193,9 @@ class ModelPrice:
     #: LiteLLM's ``off_peak_pricing``: rates that replace the standard ones while one of
     #: its time windows is open
     off_peak: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    #: LiteLLM's ``supports_reasoning``: the model may bill hidden reasoning tokens that
+    #: no stream shows, so a call that reports no usage is settled at its reserved output.
+    supports_reasoning: bool = False
     _memo: dict[tuple[Any, ...], Any] = field(
         default_factory=dict, compare=False, repr=False)
 
@@ -258,6 +261,7 @@ class ModelPrice:
             ranges=ranges,
             inclusive_thresholds=provider in INCLUSIVE_THRESHOLD_PROVIDERS,
             off_peak=_off_peak(name, entry.get("off_peak_pricing"), provider),
+            supports_reasoning=entry.get("supports_reasoning") is True,
         )
 
     # -- rates ------------------------------------------------------------------------

@@ -29,6 +29,9 @@ __all__ = ["TableDiff", "build_table", "diff_tables", "dump_snapshot", "load_sou
 
 MODES = frozenset({"chat", "responses", "completion"})
 KEEP = ("litellm_provider", "mode", "max_input_tokens", "max_output_tokens")
+# kept only when true: the model may bill hidden reasoning tokens, so a call of it that
+# reports no usage is settled at its reserved output (docs/money-truth.md)
+FLAGS = ("supports_reasoning",)
 LITELLM_FILE = "model_prices_and_context_window_backup.json"
 SOURCE = f"litellm {LITELLM_FILE}"
 
@@ -53,6 +56,9 @@ def select(entry: Any) -> dict[str, Any] | None:
         value = entry.get(key)
         if (isinstance(value, str) if key in ("litellm_provider", "mode") else _is_number(value)):
             out[key] = value
+    for key in FLAGS:
+        if entry.get(key) is True:
+            out[key] = True
     for key, value in entry.items():
         if "cost" in key and _is_number(value):
             out[key] = value

@@ -61,7 +61,12 @@ class FakeReply:
         completion_tokens: Reported completion tokens; ``None`` counts the content
             and tool calls, plus ``reasoning_tokens`` (OpenAI includes them).
         cached_tokens: ``usage.prompt_tokens_details.cached_tokens``.
-        reasoning_tokens: ``usage.completion_tokens_details.reasoning_tokens``.
+        reasoning_tokens: ``usage.completion_tokens_details.reasoning_tokens``: hidden
+            reasoning, billed as output and never sent (the Responses API's
+            ``output_tokens_details.reasoning_tokens``).
+        reasoning_summary: The Responses API's reasoning summary text (a
+            ``reasoning`` output item, streamed as ``response.reasoning_summary_text``
+            deltas); it is part of ``reasoning_tokens`` (raised to cover it).
         model: Response model name; ``None`` answers the request's model plus the
             server's ``response_model_suffix`` (unless it already ends in a date).
         status: HTTP status. Anything but 200 sends ``error_body`` (default: an
@@ -88,6 +93,7 @@ class FakeReply:
     completion_tokens: int | None = None
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    reasoning_summary: str = ""
     model: str | None = None
     status: int = 200
     error_body: Mapping[str, Any] | None = None
@@ -621,7 +627,8 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self._read_body()
         if raw is None:
             return
-        if self._route() != "/chat/completions":
+        route = self._route()
+        if route not in ("/chat/completions", "/responses"):
             self._send_not_found()
             return
         try:
@@ -630,6 +637,9 @@ class _Handler(BaseHTTPRequestHandler):
             body = None
         if not isinstance(body, dict):
             self._send_json(400, _error(400, "The request body is not a JSON object."))
+            return
+        if route == "/responses":
+            self._responses(body)
             return
         if not isinstance(body.get("model"), str) or not isinstance(body.get("messages"), list):
             self._send_json(400, _error(400, "A chat completion needs 'model' (a string) "
@@ -789,3 +799,184 @@ class _Handler(BaseHTTPRequestHandler):
             event([], usage=usage)
         write(b"data: [DONE]\n\n")
         self.wfile.write(b"0\r\n\r\n")
+
+    # -- the Responses API (POST /v1/responses) -----------------------------------------
+
+    def _responses(self, body: dict[str, Any]) -> None:
+        """``POST /v1/responses`` as OpenAI answers it: a ``response`` object, or (with
+        ``"stream": true``) its SSE events, ``response.created`` to
+        ``response.completed`` (whose response carries the usage)."""
+        if not isinstance(body.get("model"), str) or not isinstance(body.get("input"),
+                                                                     str | list):
+            self._send_json(400, _error(400, "A response needs 'model' (a string) and "
+                                             "'input' (a string or a list of items)."))
+            return
+        try:
+            reply = self.owner._next_reply(body)
+        except Exception as exc:  # a bug in a scripted reply function: say so to the client
+            self._send_json(500, _error(500, f"the reply script raised {exc!r}"))
+            return
+        if reply.status == 200:  # accepted: billed in full whatever the client does next
+            usage = self._responses_usage(body, reply)
+            _bill(self.owner, self._model(body, reply), endpoint="responses",
+                  stream=bool(body.get("stream")),
+                  prompt_tokens=usage["input_tokens"],
+                  completion_tokens=usage["output_tokens"],
+                  cached_tokens=usage["input_tokens_details"]["cached_tokens"],
+                  reasoning_tokens=usage["output_tokens_details"]["reasoning_tokens"])
+        if reply.delay_s > 0:
+            time.sleep(reply.delay_s)
+        if reply.status != 200:
+            headers = {"retry-after": "1", "retry-after-ms": "10"} if reply.status == 429 else {}
+            headers.update(reply.headers)
+            self._send_json(reply.status, reply.error_body or _error(reply.status), headers)
+        elif body.get("stream"):
+            self._responses_stream(body, reply)
+        else:
+            response = self._response_object(body, reply, "completed")
+            response["output"] = self._response_items(reply)
+            self._send_json(200, response, reply.headers)
+
+    def _responses_usage(self, body: Mapping[str, Any], reply: FakeReply) -> dict[str, Any]:
+        model = str(body["model"])
+        prompt = reply.prompt_tokens
+        if prompt is None:
+            items = body["input"]
+            messages = [{"role": "user", "content": items}] if isinstance(items, str) \
+                else list(items)
+            if isinstance(body.get("instructions"), str):
+                messages.insert(0, {"role": "system", "content": body["instructions"]})
+            prompt = max(reply.cached_tokens,
+                         count_prompt(messages, model, tools=body.get("tools")))
+        reasoning = max(reply.reasoning_tokens,
+                        count_text(reply.reasoning_summary, model)
+                        if reply.reasoning_summary else 0)
+        completion = reply.completion_tokens
+        if completion is None:
+            completion = count_output(reply.content, reply.tool_calls, model) + reasoning
+        reasoning = min(reasoning, completion)
+        return {
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": reply.cached_tokens,
+                                     "cache_write_tokens": 0},
+            "output_tokens": completion,
+            "output_tokens_details": {"reasoning_tokens": reasoning},
+            "total_tokens": prompt + completion,
+        }
+
+    def _response_object(self, body: Mapping[str, Any], reply: FakeReply, status: str,
+                         response_id: str | None = None) -> dict[str, Any]:
+        done = status == "completed"
+        return {
+            "id": response_id or f"resp_{uuid.uuid4().hex[:24]}", "object": "response",
+            "created_at": int(time.time()), "status": status, "error": None,
+            "incomplete_details": None, "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"),
+            "model": self._model(body, reply), "output": [],
+            "parallel_tool_calls": True, "previous_response_id": None,
+            "reasoning": body.get("reasoning") or {"effort": None, "summary": None},
+            "store": bool(body.get("store", True)), "temperature": 1.0,
+            "text": body.get("text") or {"format": {"type": "text"}},
+            "tool_choice": body.get("tool_choice") or "auto",
+            "tools": body.get("tools") or [], "top_p": 1.0, "truncation": "disabled",
+            "usage": self._responses_usage(body, reply) if done else None,
+            "user": None, "metadata": {},
+        }
+
+    def _response_items(self, reply: FakeReply) -> list[dict[str, Any]]:
+        """The output items of a finished response: reasoning (when the reply has
+        hidden reasoning or a summary), the message, then the function calls."""
+        items: list[dict[str, Any]] = []
+        if reply.reasoning_tokens or reply.reasoning_summary:
+            summary = ([{"type": "summary_text", "text": reply.reasoning_summary}]
+                       if reply.reasoning_summary else [])
+            items.append({"id": f"rs_{uuid.uuid4().hex[:24]}", "type": "reasoning",
+                          "summary": summary})
+        if reply.content or not reply.tool_calls:
+            items.append({"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message",
+                          "status": "completed", "role": "assistant",
+                          "content": [{"type": "output_text", "text": reply.content,
+                                       "annotations": [], "logprobs": []}]})
+        for tc in self._tool_calls(reply):
+            fn = tc["function"]
+            items.append({"id": f"fc_{uuid.uuid4().hex[:24]}", "type": "function_call",
+                          "status": "completed", "call_id": tc["id"], "name": fn["name"],
+                          "arguments": fn["arguments"]})
+        return items
+
+    def _responses_stream(self, body: Mapping[str, Any], reply: FakeReply) -> None:
+        """The Responses API's SSE events, in the order OpenAI sends them."""
+        response = self._response_object(body, reply, "in_progress")
+        items = self._response_items(reply)  # ids fixed before any byte is sent
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        sequence = 0
+        pause = float(getattr(reply, "chunk_delay_s", 0.0) or 0.0)
+
+        def event(kind: str, **data: Any) -> None:
+            nonlocal sequence
+            if pause and sequence > 1:
+                time.sleep(pause)
+            payload = json.dumps({"type": kind, "sequence_number": sequence, **data})
+            sequence += 1
+            chunk = f"event: {kind}\ndata: {payload}\n\n".encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+
+        step = self.owner.chunk_chars
+        event("response.created", response=response)
+        event("response.in_progress", response=response)
+        for index, item in enumerate(items):
+            where = {"output_index": index, "item_id": item["id"]}
+            if item["type"] == "reasoning":
+                event("response.output_item.added", output_index=index,
+                      item={**item, "summary": []})
+                for s, part in enumerate(item["summary"]):
+                    text = part["text"]
+                    event("response.reasoning_summary_part.added", **where, summary_index=s,
+                          part={"type": "summary_text", "text": ""})
+                    for i in range(0, len(text), step):
+                        event("response.reasoning_summary_text.delta", **where,
+                              summary_index=s, delta=text[i:i + step])
+                    event("response.reasoning_summary_text.done", **where, summary_index=s,
+                          text=text)
+                    event("response.reasoning_summary_part.done", **where, summary_index=s,
+                          part=part)
+            elif item["type"] == "message":
+                event("response.output_item.added", output_index=index,
+                      item={**item, "status": "in_progress", "content": []})
+                part = item["content"][0]
+                text = part["text"]
+                event("response.content_part.added", **where, content_index=0,
+                      part={**part, "text": ""})
+                for i in range(0, len(text), step):
+                    event("response.output_text.delta", **where, content_index=0,
+                          delta=text[i:i + step], logprobs=[])
+                event("response.output_text.done", **where, content_index=0, text=text,
+                      logprobs=[])
+                event("response.content_part.done", **where, content_index=0, part=part)
+            else:  # function_call
+                args = item["arguments"]
+                event("response.output_item.added", output_index=index,
+                      item={**item, "status": "in_progress", "arguments": ""})
+                for i in range(0, len(args), step):
+                    event("response.function_call_arguments.delta", **where,
+                          delta=args[i:i + step])
+                event("response.function_call_arguments.done", **where, arguments=args)
+            event("response.output_item.done", output_index=index, item=item)
+        done = self._response_object(body, reply, "completed", response["id"])
+        done["output"] = items
+        event("response.completed", response=done)
+        self.wfile.write(b"0\r\n\r\n")
+
+
+def _bill(owner: FakeOpenAIServer, model: str, **usage: Any) -> None:
+    """Record what the provider bills for one accepted request (the server's billing
+    record, when this version of the server keeps one)."""
+    record = getattr(owner, "record_billed", None)
+    if record is not None:
+        record(model, **usage)
