@@ -11,6 +11,7 @@ from .errors import (
     GuardError,
     LedgerUnavailable,
     LoopDetected,
+    SessionRequired,
     StepLimitExceeded,
     UnknownModelPrice,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "RouteDecision",
     "Rule",
     "SessionUsage",
+    "SessionRequired",
     "StepLimitExceeded",
     "ThresholdEvent",
     "TokenCounter",

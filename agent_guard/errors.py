@@ -15,6 +15,7 @@ __all__ = [
     "GuardError",
     "LedgerUnavailable",
     "LoopDetected",
+    "SessionRequired",
     "StepLimitExceeded",
     "UnknownModelPrice",
 ]
@@ -168,6 +169,23 @@ class UnknownModelPrice(GuardError):
             "{'input_cost_per_token': ..., 'output_cost_per_token': ...}). Without a "
             "dollar cap, Limits(unknown_price='allow') counts its tokens and calls at $0."
         )
+
+
+class SessionRequired(GuardError):
+    """A run names no session, so no session's caps could be applied to it.
+
+    Runs without a session are never pooled silently (one user's spend would refuse
+    another's calls): the call is refused before anything is spent."""
+
+    def __init__(self, where: str = "this run") -> None:
+        super().__init__(
+            f"agent-guard: {where} has no session, so no caps can be applied to it and "
+            "nothing was spent. Name the session of each run: "
+            "config={'configurable': {'thread_id': 'user-42'}} (LangGraph's thread), or "
+            "config={'metadata': {'session_id': 'user-42'}}; or give the guard a fixed "
+            "session on purpose: GuardCallbackHandler(..., session_id='shared') / "
+            "GuardMiddleware(..., session_id=...) / guarded_graph(..., session_id=...), "
+            "which pools every run without a session into that one budget.")
 
 
 class LedgerUnavailable(GuardError):

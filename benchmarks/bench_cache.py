@@ -59,7 +59,7 @@ def run(name: str, subtasks: list[tuple[str, str]], store: str | None) -> dict[s
     model = ScriptedChatModel(model_name="gpt-4o", max_tokens=300, cache=llm_cache or False,
                               responses=["Refunds within 30 days; keep the receipt. " * 4])
     tool_ = cached_tool(search, tool_cache, "web", cost_usd=SEARCH_COST) if tool_cache else search
-    cfg = {"callbacks": [GuardCallbackHandler(guard)]}
+    cfg = {"callbacks": [GuardCallbackHandler(guard, session_id="bench")]}
     tool_runs = 0
     t0 = time.perf_counter()
     for question, query in subtasks:

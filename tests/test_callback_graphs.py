@@ -52,7 +52,7 @@ def _reset_tool_runs():
 
 def test_create_agent_is_stopped_by_the_dollar_cap() -> None:
     llm = looping_model()
-    handler = GuardCallbackHandler(limits=Limits(max_cost_usd="0.02"))
+    handler = GuardCallbackHandler(limits=Limits(max_cost_usd="0.02"), session_id="default")
     agent = create_agent(llm, [lookup_order], system_prompt="You are a support agent.")
     with pytest.raises(BudgetExceeded):
         agent.invoke({"messages": [("user", "where is my order?")]},
@@ -64,7 +64,7 @@ def test_create_agent_is_stopped_by_the_dollar_cap() -> None:
 
 
 def test_tool_cap_refuses_before_the_tool_body_runs() -> None:
-    handler = GuardCallbackHandler(limits=Limits(max_tool_calls=2))
+    handler = GuardCallbackHandler(limits=Limits(max_tool_calls=2), session_id="default")
     agent = create_agent(looping_model(), [lookup_order])
     with pytest.raises(StepLimitExceeded, match="cap on tool calls"):
         agent.invoke({"messages": [("user", "go")]}, config={"callbacks": [handler]})
@@ -126,7 +126,7 @@ def test_state_graph_caps_hold_across_invocations_of_a_thread() -> None:
     worker = ScriptedChatModel(model_name="gpt-4o", responses=["ok"], max_tokens=100)
     graph = plan_and_execute(planner, worker, fanout=3)
     guard = Guard(Limits(max_model_calls=6))
-    handler = GuardCallbackHandler(guard)
+    handler = GuardCallbackHandler(guard, session_id="default")
     cfg = {"callbacks": [handler], "configurable": {"thread_id": "T"}}
     graph.invoke({"task": "ship it", "results": []}, cfg)
     assert guard.usage("T").model_calls == 4
@@ -145,7 +145,7 @@ async def test_state_graph_fan_out_async_never_overshoots_the_dollar_cap() -> No
                                latency_s=0.005)
     graph = plan_and_execute(planner, worker, fanout=50)
     guard = Guard(Limits(max_cost_usd="0.01"))
-    handler = GuardCallbackHandler(guard)
+    handler = GuardCallbackHandler(guard, session_id="default")
     with pytest.raises(BudgetExceeded):
         await graph.ainvoke({"task": "t", "results": []},
                             {"callbacks": [handler], "configurable": {"thread_id": "F"}})
@@ -168,9 +168,9 @@ def test_legacy_text_completion_models_are_guarded_too() -> None:
     records = []
     guard = Guard(Limits(max_model_calls=1), on_record=[records.append])
     llm = FakeListLLM(responses=["a completion of several words"])
-    assert llm.invoke("complete this", config={"callbacks": [GuardCallbackHandler(guard)]})
+    assert llm.invoke("complete this", config={"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
     with pytest.raises(StepLimitExceeded):
-        llm.invoke("again", config={"callbacks": [GuardCallbackHandler(guard)]})
+        llm.invoke("again", config={"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
     [record] = records
     assert record.usage_estimated and record.usage.output_tokens > 0
     assert record.usage.input_tokens == guard.tokens.count_text("complete this", "unknown")

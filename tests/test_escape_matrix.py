@@ -81,7 +81,7 @@ def run_agent(middleware, limits: Limits, model=None):
     agent = create_agent(model or tool_loop(), [work], middleware=middleware)
     with pytest.raises(GuardError) as info:
         agent.invoke({"messages": [("user", "go")]},
-                     config={"callbacks": [GuardCallbackHandler(guard)]})
+                     config={"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
     return guard, info.value
 
 
@@ -129,7 +129,7 @@ def test_tool_node_with_handle_tool_errors_does_not_swallow_a_refusal() -> None:
     guard = CountingGuard(Limits(max_tool_calls=2))
     with pytest.raises(StepLimitExceeded):
         builder.compile().invoke({"messages": [("user", "go")]},
-                                 {"callbacks": [GuardCallbackHandler(guard)],
+                                 {"callbacks": [GuardCallbackHandler(guard, session_id="default")],
                                   "recursion_limit": 50})
     assert ran == ["work(0)", "work(1)"] and guard.tool_asks == 3
 
@@ -140,7 +140,7 @@ def test_with_fallbacks_does_not_answer_a_refusal() -> None:
     guard = CountingGuard(Limits(max_cost_usd="0.01"))  # 4000 gpt-4o tokens do not fit
     with pytest.raises(BudgetExceeded) as info:
         primary.with_fallbacks([cheap]).invoke(
-            "hi", config={"callbacks": [GuardCallbackHandler(guard)]})
+            "hi", config={"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
     assert info.value.dimension == "usd_nano"
     assert primary.calls == 0 and cheap.calls == 0  # the cheap fallback would have fit
 
@@ -151,7 +151,7 @@ async def test_with_fallbacks_does_not_answer_a_refusal_async() -> None:
     guard = CountingGuard(Limits(max_cost_usd="0.01"))
     with pytest.raises(BudgetExceeded):
         await primary.with_fallbacks([cheap]).ainvoke(
-            "hi", config={"callbacks": [GuardCallbackHandler(guard)]})
+            "hi", config={"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
     assert primary.calls == 0 and cheap.calls == 0
 
 
@@ -182,7 +182,7 @@ def test_langgraph_default_retry_policy_does_not_retry_a_refusal() -> None:
     graph, llm, _ = graph_with(retry=RetryPolicy(initial_interval=0.0, max_attempts=3))
     guard = CountingGuard(Limits(max_model_calls=0))
     with pytest.raises(StepLimitExceeded):
-        graph.invoke({"messages": [("user", "go")]}, {"callbacks": [GuardCallbackHandler(guard)]})
+        graph.invoke({"messages": [("user", "go")]}, {"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
     assert ran == ["node"] and guard.model_asks == 1 and llm.calls == 0
 
 
@@ -190,7 +190,7 @@ def test_node_error_handler_does_not_recover_from_a_refusal() -> None:
     graph, llm, handled = graph_with(error_handler=True)
     guard = CountingGuard(Limits(max_model_calls=0))
     with pytest.raises(StepLimitExceeded):
-        graph.invoke({"messages": [("user", "go")]}, {"callbacks": [GuardCallbackHandler(guard)]})
+        graph.invoke({"messages": [("user", "go")]}, {"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
     assert handled == [] and llm.calls == 0
 
 
@@ -200,7 +200,7 @@ async def test_async_paths_escape_too() -> None:
                          middleware=[ModelRetryMiddleware(initial_delay=0, max_retries=3)])
     with pytest.raises(StepLimitExceeded):
         await agent.ainvoke({"messages": [("user", "go")]},
-                            config={"callbacks": [GuardCallbackHandler(guard)]})
+                            config={"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
     assert guard.model_asks == 2
 
 
@@ -215,7 +215,7 @@ def test_with_fallbacks_inside_a_graph_node_does_not_answer_a_refusal() -> None:
     guard = CountingGuard(Limits(max_cost_usd="0.01"))
     with pytest.raises(BudgetExceeded):
         builder.compile().invoke({"messages": [("user", "go")]},
-                                 {"callbacks": [GuardCallbackHandler(guard)]})
+                                 {"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
     assert primary.calls == 0 and cheap.calls == 0
 
 
@@ -236,5 +236,5 @@ def test_your_own_code_may_still_catch_a_refusal_and_choose_a_cheaper_model() ->
     builder.add_edge("model", END)
     out = builder.compile().invoke(
         {"messages": [("user", "go")]},
-        {"callbacks": [GuardCallbackHandler(CountingGuard(Limits(max_cost_usd="0.01")))]})
+        {"callbacks": [GuardCallbackHandler(CountingGuard(Limits(max_cost_usd="0.01")), session_id="default")]})
     assert out["messages"][-1].content == "cheap" and strong.calls == 0

@@ -83,7 +83,7 @@ def test_exact_hits_are_free_and_recorded_as_savings(server) -> None:
     records: list = []
     guard.add_record_hook(records.append)
     llm = chat(server, LLMCache())
-    cfg = {"callbacks": [GuardCallbackHandler(guard)]}
+    cfg = {"callbacks": [GuardCallbackHandler(guard, session_id="default")]}
     llm.invoke("What is the capital of France?", config=cfg)
     llm.invoke("What is the capital of France?", config=cfg)
     assert server.request_count == 1
@@ -243,7 +243,7 @@ def test_a_repeated_agent_run_is_answered_from_the_cache_after_the_first_turn() 
     agent = create_agent(model, [lookup])
     for run in range(2):
         agent.invoke({"messages": [("user", "where is A1?")]},
-                     config={"callbacks": [GuardCallbackHandler(guard)],
+                     config={"callbacks": [GuardCallbackHandler(guard, session_id="default")],
                              "configurable": {"thread_id": f"r{run}"}})
     outcomes = [r.outcome for r in records if r.kind == "model"]
     assert outcomes == ["ok", "ok", "cache_hit", "cache_hit"]

@@ -70,7 +70,7 @@ CFG = {"configurable": {"thread_id": "t"}}
 def test_end_answers_with_the_reason_and_holds_the_cap() -> None:
     llm = looping()
     mw = GuardMiddleware(limits=Limits(max_cost_usd="0.01"), on_exceed="end",
-                         shrink_to_fit=False)
+                         shrink_to_fit=False, session_id="default")
     out = agent_with(mw, llm).invoke({"messages": [("user", "go")]}, CFG)
     last = out["messages"][-1]
     assert last.name == "agent-guard" and "BudgetExceeded" in last.content
@@ -80,7 +80,7 @@ def test_end_answers_with_the_reason_and_holds_the_cap() -> None:
 
 
 def test_raise_reaches_the_caller() -> None:
-    mw = GuardMiddleware(limits=Limits(max_model_calls=2))
+    mw = GuardMiddleware(limits=Limits(max_model_calls=2), session_id="default")
     with pytest.raises(StepLimitExceeded):
         agent_with(mw).invoke({"messages": [("user", "go")]}, CFG)
 
@@ -90,7 +90,7 @@ def test_shrink_to_fit_lowers_max_tokens_instead_of_refusing() -> None:
     guard = Guard(Limits(max_cost_usd="0.002", input_margin=0, min_output_tokens=10),
                   on_record=[records.append])
     llm = ScriptedChatModel(model_name="gpt-4o", responses=["word " * 400], max_tokens=400)
-    out = agent_with(GuardMiddleware(guard), llm).invoke({"messages": [("user", "talk")]}, CFG)
+    out = agent_with(GuardMiddleware(guard, session_id="default"), llm).invoke({"messages": [("user", "talk")]}, CFG)
     [record] = records
     assert record.max_output_tokens < 400  # shrunk to what $0.002 covers
     assert record.usage.output_tokens == record.max_output_tokens  # the model was told
@@ -100,7 +100,7 @@ def test_shrink_to_fit_lowers_max_tokens_instead_of_refusing() -> None:
 
 def test_interrupt_then_extend_then_stop() -> None:
     llm = looping()
-    mw = GuardMiddleware(limits=Limits(max_model_calls=2), on_exceed="interrupt")
+    mw = GuardMiddleware(limits=Limits(max_model_calls=2), on_exceed="interrupt", session_id="default")
     agent = agent_with(mw, llm, checkpointer=InMemorySaver())
     paused = agent.invoke({"messages": [("user", "go")]}, CFG)
     assert paused["__interrupt__"][0].value["dimension"] == "model_calls"
@@ -112,7 +112,7 @@ def test_interrupt_then_extend_then_stop() -> None:
 
 
 async def test_async_end_and_tool_caps() -> None:
-    mw = GuardMiddleware(limits=Limits(max_tool_calls={"*": 10, "search": 2}), on_exceed="end")
+    mw = GuardMiddleware(limits=Limits(max_tool_calls={"*": 10, "search": 2}), on_exceed="end", session_id="default")
     out = await agent_with(mw).ainvoke({"messages": [("user", "go")]}, CFG)
     assert runs == ["search:q0", "search:q1"]
     assert out["messages"][-1].name == "agent-guard"
@@ -120,7 +120,7 @@ async def test_async_end_and_tool_caps() -> None:
 
 
 def test_thread_counts_persist_across_invocations() -> None:
-    mw = GuardMiddleware(limits=Limits(max_model_calls=3), on_exceed="end")
+    mw = GuardMiddleware(limits=Limits(max_model_calls=3), on_exceed="end", session_id="default")
     agent = agent_with(mw, looping(), checkpointer=InMemorySaver())
     agent.invoke({"messages": [("user", "go")]}, CFG)
     assert mw.guard.usage("t").model_calls == 3
@@ -139,17 +139,17 @@ def test_a_repeated_identical_tool_call_is_stopped_at_max_repeats(adapter: str) 
         agent = create_agent(llm, [search, lookup])
         with pytest.raises(LoopDetected) as info:
             agent.invoke({"messages": [("user", "go")]},
-                         {"callbacks": [GuardCallbackHandler(limits=limits)]})
+                         {"callbacks": [GuardCallbackHandler(limits=limits, session_id="default")]})
         assert "repeating the same tool call" in str(info.value)
     else:
         with pytest.raises(LoopDetected):
-            agent_with(GuardMiddleware(limits=limits), llm).invoke(
+            agent_with(GuardMiddleware(limits=limits, session_id="default"), llm).invoke(
                 {"messages": [("user", "go")]}, CFG)
     assert runs == ["search:same"] * 3
 
 
 def test_different_arguments_are_not_repeats() -> None:
-    handler = GuardCallbackHandler(limits=Limits(max_repeats=1, max_tool_calls=6))
+    handler = GuardCallbackHandler(limits=Limits(max_repeats=1, max_tool_calls=6), session_id="default")
     with pytest.raises(StepLimitExceeded) as info:
         create_agent(looping(), [search]).invoke({"messages": [("user", "go")]},
                                                  {"callbacks": [handler]})
@@ -168,7 +168,7 @@ def test_soft_thresholds_fire_once_per_session_and_threshold(tmp_path, caplog) -
         guard = first if i % 2 else second
         agent = create_agent(ScriptedChatModel(model_name="gpt-4o", responses=["done"]), [])
         agent.invoke({"messages": [("user", "hi")]},
-                     {"callbacks": [GuardCallbackHandler(guard)],
+                     {"callbacks": [GuardCallbackHandler(guard, session_id="default")],
                       "configurable": {"thread_id": "s"}})
     got = [(e.dimension, e.threshold, e.spent) for e in events]
     assert got == [("model_calls", 0.5, 5), ("model_calls", 0.8, 8), ("model_calls", 1.0, 10)]
@@ -182,6 +182,6 @@ def test_dollar_thresholds_and_budget_refusal_message() -> None:
     guard = Guard(Limits(max_cost_usd="0.01", thresholds=(0.25,)), on_threshold=[events.append])
     with pytest.raises(BudgetExceeded):
         create_agent(looping(), [search]).invoke(
-            {"messages": [("user", "go")]}, {"callbacks": [GuardCallbackHandler(guard)]})
+            {"messages": [("user", "go")]}, {"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
     assert len(events) == 1 and events[0].dimension == "usd_nano"
     assert events[0].spent >= 2_500_000 and "25%" in str(events[0])

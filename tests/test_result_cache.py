@@ -161,7 +161,7 @@ def looping(item: str = "mug") -> ScriptedChatModel:
 def test_middleware_answers_repeated_tool_calls_from_the_cache() -> None:
     cache = ResultCache(ttl={"pricing": 3600})
     mw = GuardMiddleware(limits=Limits(max_tool_calls=10), cache=cache,
-                         cache_tools={"price_of": "pricing"})
+                         cache_tools={"price_of": "pricing"}, session_id="default")
     out = create_agent(looping(), [price_of], middleware=[mw]).invoke(
         {"messages": [("user", "price?")]}, tenant("acme"))
     assert runs == ["mug"]
@@ -177,7 +177,7 @@ def test_cached_tool_in_an_agent_counts_each_call_once() -> None:
     cache = ResultCache(ttl={"pricing": 3600})
     guard = Guard(Limits(max_repeats=5))
     create_agent(looping(), [cached_tool(price_of, cache, "pricing")]).invoke(
-        {"messages": [("user", "price?")]}, {"callbacks": [GuardCallbackHandler(guard)]})
+        {"messages": [("user", "price?")]}, {"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
     assert runs == ["mug"] and guard.usage("default").tool_calls == 3
 
 
@@ -203,7 +203,7 @@ def test_node_cache_hits_across_invocations_on_message_state(store_url,
     cache = ResultCache(store_url, namespace=redis_namespace,
                         ttl={"factual": TTL.days(30)})
     guard = Guard(Limits(max_cost_usd=1))
-    app = guarded_graph(research_graph(llm), guard=guard, cache=cache,
+    app = guarded_graph(research_graph(llm), guard=guard, cache=cache, session_id="default",
                         cache_nodes={"research": "factual"}, cache_ignore=["request_id"])
     question = {"messages": [("user", "What changed in the EU AI Act?")]}
     first = app.invoke({**question, "request_id": "r1"}, tenant("acme"))
@@ -244,7 +244,7 @@ def test_unknown_ttl_class_and_bad_ttl_are_refused() -> None:
     with pytest.raises(ValueError, match="must be > 0"):
         ResultCache(ttl={"x": -1})
     with pytest.raises(ValueError, match="cache_tools needs"):
-        GuardMiddleware(cache_tools={"price_of": "x"})
+        GuardMiddleware(cache_tools={"price_of": "x"}, session_id="default")
 
 
 async def test_cached_tool_reports_its_hits_as_a_custom_event_on_the_tool_run() -> None:

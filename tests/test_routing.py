@@ -134,7 +134,7 @@ def test_downgrade_happens_exactly_when_the_remaining_budget_crosses_the_thresho
         server: FakeOpenAIServer) -> None:
     guard = Guard(Limits(max_cost_usd="0.02"))
     router = router_for(server, guard=guard, downgrade_below_usd="0.008")
-    handler = GuardCallbackHandler(guard)
+    handler = GuardCallbackHandler(guard, session_id="default")
     expected, records = [], []
     guard.add_record_hook(records.append)
     for _ in range(12):
@@ -154,7 +154,7 @@ def test_downgrade_happens_exactly_when_the_remaining_budget_crosses_the_thresho
 def test_strong_tier_that_does_not_fit_steps_down(server: FakeOpenAIServer) -> None:
     guard = Guard(Limits(max_cost_usd="0.001"))  # 100 gpt-4o output tokens alone cost $0.001
     router = router_for(server, guard=guard)
-    decision = router.route("go", {"tags": ["executor"]})
+    decision = router.route("go", {"tags": ["executor"], "metadata": {"session_id": "s"}})
     assert decision.tier == "cheap" and decision.downgraded
     assert set(decision.estimates_usd) == {"cheap", "strong"}
     assert decision.estimates_usd["strong"] > Decimal("0.001") > decision.estimates_usd["cheap"]
@@ -171,7 +171,7 @@ def test_a_429_from_the_strong_tier_falls_back_to_the_cheap_one() -> None:
         records: list = []
         guard.add_record_hook(records.append)
         router = router_for(srv, retry_attempts=2, retry_initial_delay=0.01)
-        out = router.invoke("hi", config={"callbacks": [GuardCallbackHandler(guard)]})
+        out = router.invoke("hi", config={"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
         assert out.content == "cheap answer"
         assert sent_models(srv) == ["gpt-4o", "gpt-4o", "gpt-4o-mini"]  # retried, then fell
         assert [r.outcome for r in records] == ["error", "error", "ok"]
@@ -185,7 +185,7 @@ def test_a_guard_refusal_is_never_retried_nor_answered_by_a_cheaper_tier(
     guard = Guard(Limits(max_cost_usd="0.0001"))  # the cheap tier fits, the strong one does not
     router = router_for(server, retry_attempts=3)  # no guard: it cannot step down itself
     with pytest.raises(BudgetExceeded):
-        router.invoke("hi", config={"callbacks": [GuardCallbackHandler(guard)]})
+        router.invoke("hi", config={"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
     assert server.request_count == 0
 
 

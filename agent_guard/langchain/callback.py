@@ -50,7 +50,7 @@ from langchain_core.runnables.config import var_child_runnable_config
 
 from ..budgets import Budgets, attributes_from_metadata
 from ..cache.result import CACHE_HIT_EVENT
-from ..errors import BudgetExceeded, GuardError
+from ..errors import BudgetExceeded, GuardError, SessionRequired
 from ..guard import Admission, Guard, ModelCall
 from ..keeper import keeper
 from ..ledger import Ledger
@@ -102,13 +102,23 @@ class OutputCapExceeded(BudgetExceeded):
 
 def session_from_metadata(metadata: Mapping[str, Any] | None, default: str | None) -> str:
     """The session of a run: LangGraph's ``thread_id``, else ``metadata["session_id"]``,
-    else the handler's default."""
+    else the adapter's ``session_id`` (an explicit choice to pool runs without one).
+
+    Raises :class:`~agent_guard.errors.SessionRequired` when there is none: a run is
+    never pooled into a session it did not name."""
+    session = _named_session(metadata, default)
+    if session is None:
+        raise SessionRequired()
+    return session
+
+
+def _named_session(metadata: Mapping[str, Any] | None, default: str | None) -> str | None:
     if metadata:
         for key in ("thread_id", "session_id"):
             value = metadata.get(key)
             if value not in (None, ""):
                 return str(value)
-    return default if default is not None else "default"
+    return default if default not in (None, "") else None
 
 
 @dataclass(slots=True)
@@ -658,7 +668,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         name = (meta.get("lc_agent_name") or kwargs.get("name")
                 or (serialized or {}).get("name"))
         self.telemetry.chain_start(
-            run_id, parent_run_id, name, session_from_metadata(meta, self.session_id),
+            run_id, parent_run_id, name, _named_session(meta, self.session_id) or "",
             attributes_from_metadata(meta, self.guard.attribute_names)
             if parent_run_id is None else None)
 

@@ -3,7 +3,8 @@
 It speaks the wire format the ``openai`` client (and so ``ChatOpenAI``) parses:
 ``chat.completion`` JSON, and SSE streams of ``chat.completion.chunk`` deltas
 whose usage chunk is sent only when the request asks for it with
-``stream_options.include_usage``, as OpenAI does. Standard library only.
+``stream_options.include_usage``, as OpenAI does; and the Responses API
+(``POST /v1/responses``, JSON and its SSE events). Standard library only.
 
     with FakeOpenAIServer([FakeReply("hi", prompt_tokens=12)]) as server:
         llm = ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="test")
@@ -182,7 +183,12 @@ class FakeOpenAIServer:
     request body is recorded in :attr:`requests`.
 
     Routes: ``POST /v1/chat/completions`` (JSON, or SSE with ``"stream": true``),
-    ``GET /v1/models``; anything else answers 404 with an OpenAI error object.
+    ``POST /v1/responses`` (the Responses API, for ``ChatOpenAI(use_responses_api=True)``:
+    a ``response`` object, or its SSE events from ``response.created`` to
+    ``response.completed``, which carries the usage with
+    ``output_tokens_details.reasoning_tokens``; a reply with hidden reasoning or a
+    ``reasoning_summary`` answers a ``reasoning`` item first), ``GET /v1/models``;
+    anything else answers 404 with an OpenAI error object.
     Use it as a context manager, or call :meth:`start` and :meth:`stop`.
 
     Args:
@@ -818,12 +824,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if reply.status == 200:  # accepted: billed in full whatever the client does next
             usage = self._responses_usage(body, reply)
-            _bill(self.owner, self._model(body, reply), endpoint="responses",
-                  stream=bool(body.get("stream")),
-                  prompt_tokens=usage["input_tokens"],
-                  completion_tokens=usage["output_tokens"],
-                  cached_tokens=usage["input_tokens_details"]["cached_tokens"],
-                  reasoning_tokens=usage["output_tokens_details"]["reasoning_tokens"])
+            self.owner.record_billed(
+                self._model(body, reply), endpoint="responses",
+                stream=bool(body.get("stream")), prompt_tokens=usage["input_tokens"],
+                completion_tokens=usage["output_tokens"],
+                cached_tokens=usage["input_tokens_details"]["cached_tokens"],
+                reasoning_tokens=usage["output_tokens_details"]["reasoning_tokens"])
         if reply.delay_s > 0:
             time.sleep(reply.delay_s)
         if reply.status != 200:
@@ -916,7 +922,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         sequence = 0
-        pause = float(getattr(reply, "chunk_delay_s", 0.0) or 0.0)
+        pause = reply.chunk_delay_s
 
         def event(kind: str, **data: Any) -> None:
             nonlocal sequence
@@ -973,10 +979,3 @@ class _Handler(BaseHTTPRequestHandler):
         event("response.completed", response=done)
         self.wfile.write(b"0\r\n\r\n")
 
-
-def _bill(owner: FakeOpenAIServer, model: str, **usage: Any) -> None:
-    """Record what the provider bills for one accepted request (the server's billing
-    record, when this version of the server keeps one)."""
-    record = getattr(owner, "record_billed", None)
-    if record is not None:
-        record(model, **usage)
