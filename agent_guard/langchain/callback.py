@@ -243,6 +243,8 @@ class GuardCallbackHandler(BaseCallbackHandler):
         # open Runnable.with_fallbacks runs -> the refusal raised inside (or None): the
         # fallback model of a refused call is refused the same way
         self._fallback_runs: OrderedDict[UUID, GuardError | None] = OrderedDict()
+        # chain runs (and nested with_fallbacks runs) inside an open with_fallbacks run
+        self._inside_fallbacks: OrderedDict[UUID, UUID] = OrderedDict()
         self._tools: OrderedDict[UUID, _Tool] = OrderedDict()
         # chain and tool runs -> their parent run, to end the model runs under a run
         # that ended; generate() batches one of whose prompts was refused
@@ -427,34 +429,54 @@ class GuardCallbackHandler(BaseCallbackHandler):
             self.guard.model_call_failed(run.admission)
 
     def _admit(self, call: ModelCall, parent_run_id: UUID | None) -> Admission:
+        fallbacks = self._refuse_inside_refused_fallbacks(parent_run_id)
+        try:
+            return self.guard.before_model_call(call)
+        except GuardError as exc:
+            self._fallbacks_refused(fallbacks, exc)
+            raise
+
+    def _refuse_inside_refused_fallbacks(self, parent_run_id: UUID | None) -> UUID | None:
+        """The open ``with_fallbacks`` run a run belongs to (or None); raises the refusal
+        when a call inside it was refused: its fallbacks (a chain, a model, a function,
+        a tool) never run instead of the refused call."""
         fallbacks = self._enclosing_fallbacks(parent_run_id)
         if fallbacks is not None:
             refused = self._fallback_runs.get(fallbacks)
             if refused is not None:
                 raise refused
-        try:
-            return self.guard.before_model_call(call)
-        except GuardError as exc:
-            if fallbacks is not None:
-                with self._lock:
+        return fallbacks
+
+    def _fallbacks_refused(self, fallbacks: UUID | None, exc: GuardError) -> None:
+        """A call inside ``fallbacks`` was refused: so is every fallback of it and of the
+        ``with_fallbacks`` runs around it."""
+        with self._lock:
+            while fallbacks is not None and fallbacks in self._fallback_runs:
+                if self._fallback_runs[fallbacks] is None:
                     self._fallback_runs[fallbacks] = exc
-            raise
+                fallbacks = self._inside_fallbacks.get(fallbacks)
 
     def _enclosing_fallbacks(self, parent_run_id: UUID | None) -> UUID | None:
-        """The open ``with_fallbacks`` run a model call belongs to, if any.
+        """The open ``with_fallbacks`` run a run belongs to, if any.
 
-        ``with_fallbacks`` passes its caller's config to each model unchanged, so the
-        call's parent is not the fallbacks run; the child config it sets in the
-        context names it."""
+        ``with_fallbacks`` passes its caller's config to each runnable unchanged, so a
+        fallback's parent is not the fallbacks run; the child config it sets in the
+        context names it. A run deeper inside (a model in ``prompt | model``) finds it
+        through its parent chain's entry in ``_inside_fallbacks``."""
         if not self._fallback_runs:
             return None
         if parent_run_id in self._fallback_runs:
             return parent_run_id
         config = var_child_runnable_config.get()
         manager = config.get("callbacks") if config else None
-        if isinstance(manager, BaseCallbackManager) and (
-                manager.parent_run_id in self._fallback_runs):
-            return manager.parent_run_id
+        context_parent = manager.parent_run_id if isinstance(
+            manager, BaseCallbackManager) else None
+        if context_parent in self._fallback_runs:
+            return context_parent
+        for run in (parent_run_id, context_parent):
+            found = self._inside_fallbacks.get(run) if run is not None else None
+            if found is not None and found in self._fallback_runs:
+                return found
         return None
 
     def on_llm_start(
@@ -601,6 +623,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         name = (serialized or {}).get("name") or kwargs.get("name")
+        fallbacks = self._refuse_inside_refused_fallbacks(parent_run_id)
         self._note_parent(run_id, parent_run_id)
         meta = metadata or {}
         session = session_from_metadata(meta, self.session_id)
@@ -615,6 +638,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
             try:
                 self.guard.before_tool_call(session, name, args, attributes=attributes)
             except GuardError as exc:
+                self._fallbacks_refused(fallbacks, exc)
                 if self.telemetry is not None:
                     self.telemetry.refused(run_id, exc)
                 raise
@@ -656,6 +680,13 @@ class GuardCallbackHandler(BaseCallbackHandler):
     def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *,
                        run_id: UUID, parent_run_id: UUID | None = None,
                        metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if self._fallback_runs:  # a fallback that is a chain or a function: refused too
+            enclosing = self._refuse_inside_refused_fallbacks(parent_run_id)
+            if enclosing is not None:
+                with self._lock:
+                    self._inside_fallbacks[run_id] = enclosing
+                    while len(self._inside_fallbacks) > 4096:  # runs that never ended
+                        self._inside_fallbacks.popitem(last=False)
         self._note_parent(run_id, parent_run_id)
         if _is_fallbacks(serialized, kwargs):
             with self._lock:
@@ -680,9 +711,10 @@ class GuardCallbackHandler(BaseCallbackHandler):
 
     def _end_chain(self, run_id: UUID, error: BaseException | None) -> None:
         self._end_runs_under(run_id)
-        if self._fallback_runs:
+        if self._fallback_runs or self._inside_fallbacks:
             with self._lock:
                 self._fallback_runs.pop(run_id, None)
+                self._inside_fallbacks.pop(run_id, None)
         if self.telemetry is None:
             return
         session = self.telemetry.root_session(run_id)
