@@ -181,8 +181,9 @@ class SessionRequired(GuardError):
         super().__init__(
             f"agent-guard: {where} has no session, so no caps can be applied to it and "
             "nothing was spent. Name the session of each run: "
-            "config={'configurable': {'thread_id': 'user-42'}} (LangGraph's thread), or "
-            "config={'metadata': {'session_id': 'user-42'}}; or give the guard a fixed "
+            "config={'metadata': {'session_id': 'user-42'}} (any chain, model or agent), "
+            "or a LangGraph graph's thread, config={'configurable': {'thread_id': "
+            "'user-42'}}; or give the guard a fixed "
             "session on purpose: GuardCallbackHandler(..., session_id='shared') / "
             "GuardMiddleware(..., session_id=...) / guarded_graph(..., session_id=...), "
             "which pools every run without a session into that one budget.")

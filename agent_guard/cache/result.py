@@ -26,7 +26,9 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -43,7 +45,8 @@ from .safety import DEFAULT_RETRY_AFTER, CacheIO, Failure, check_settings
 from .serde import DEFAULT_MAX_BYTES
 from .store import KVStore, key_part, store_from_url
 
-__all__ = ["CACHE_HIT_EVENT", "DEFAULT_TTL", "TTL", "CacheStats", "ResultCache", "cached_tool"]
+__all__ = ["CACHE_HIT_EVENT", "DEFAULT_TTL", "TTL", "CacheStats", "ResultCache", "cached_tool",
+           "collecting_cache_hits"]
 
 logger = logging.getLogger("agent_guard")
 MISS: Any = object()
@@ -51,6 +54,27 @@ MISS: Any = object()
 #: (data: ``{"tool": name, "saved_nano": int}``); its run_id is the tool's run, so a
 #: callback handler (GuardCallbackHandler's telemetry) can mark that tool span.
 CACHE_HIT_EVENT = "agent_guard.cache_hit"
+# what each cached_tool hit saved (nano-USD), for an adapter that sees no callbacks
+_HITS: ContextVar[list[int] | None] = ContextVar("agent_guard_cache_hits", default=None)
+
+
+@contextmanager
+def collecting_cache_hits() -> Iterator[list[int]]:
+    """Collect what every ``cached_tool`` answering from the cache inside this block
+    saved (nano-USD, one entry per hit): ``GuardMiddleware`` records a tool call that
+    ran this way as a cache hit, as the callback handler does from the hit's event."""
+    sink: list[int] = []
+    token = _HITS.set(sink)
+    try:
+        yield sink
+    finally:
+        _HITS.reset(token)
+
+
+def _note_hit(saved: int) -> None:
+    sink = _HITS.get()
+    if sink is not None:
+        sink.append(saved)
 
 
 class TTL:
@@ -288,6 +312,7 @@ def cached_tool(
     def run(config: RunnableConfig, **kwargs: Any) -> Any:
         tenant, hit, saved = lookup(kwargs, config)
         if hit is not MISS:
+            _note_hit(saved)
             run_config = _tool_run_config()
             if run_config is not None:
                 dispatch_custom_event(CACHE_HIT_EVENT, hit_event(saved), config=run_config)
@@ -303,6 +328,7 @@ def cached_tool(
         # the store's I/O runs in a thread: a slow cache never blocks the event loop
         tenant, hit, saved = await asyncio.to_thread(lookup, kwargs, config)
         if hit is not MISS:
+            _note_hit(saved)
             run_config = _tool_run_config()
             if run_config is not None:
                 await adispatch_custom_event(CACHE_HIT_EVENT, hit_event(saved),

@@ -39,7 +39,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from uuid import UUID
 
@@ -158,7 +158,7 @@ def _streamed_texts(message: Any, token: Any) -> list[str]:
     if isinstance(extra.get("reasoning_content"), str):  # DeepSeek, vLLM, OpenRouter...
         texts.append(extra["reasoning_content"])
     if isinstance(extra.get("reasoning"), Mapping):  # Responses API, output_version v0
-        texts.extend(_block_texts(extra["reasoning"]))
+        texts.extend(_block_texts({**extra["reasoning"], "type": "reasoning"}))
     return texts
 
 
@@ -185,6 +185,8 @@ class _Tool:
     attributes: Mapping[str, str]
     node: str | None
     tags: tuple[str, ...]
+    cache_hit: bool = False  # a cached_tool answered from its cache (CACHE_HIT_EVENT)
+    saved_nano: int = 0
 
 
 class GuardCallbackHandler(BaseCallbackHandler):
@@ -651,9 +653,21 @@ class GuardCallbackHandler(BaseCallbackHandler):
     def on_custom_event(self, name: str, data: Any, *, run_id: UUID,
                         tags: list[str] | None = None,
                         metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        """``cached_tool`` answering from the cache: mark the tool's span as a hit."""
-        if name == CACHE_HIT_EVENT and self.telemetry is not None and isinstance(data, Mapping):
-            self.telemetry.tool_cache_hit(run_id, int(data.get("saved_nano") or 0))
+        """``cached_tool`` answering from the cache: the tool's record (and span) is a
+        cache hit, with what it saved."""
+        if name != CACHE_HIT_EVENT or not isinstance(data, Mapping):
+            return
+        try:
+            saved = max(0, int(data.get("saved_nano") or 0))
+        except (TypeError, ValueError):
+            saved = 0
+        with self._lock:
+            tool = self._tools.get(run_id)
+            if tool is not None:
+                self._tools[run_id] = replace(tool, cache_hit=True,
+                                              saved_nano=tool.saved_nano + saved)
+        if self.telemetry is not None:
+            self.telemetry.tool_cache_hit(run_id, saved)
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         if self.telemetry is not None:
@@ -670,7 +684,10 @@ class GuardCallbackHandler(BaseCallbackHandler):
         with self._lock:
             tool = self._tools.pop(run_id, None)
         if tool is not None:
+            if tool.cache_hit and outcome == "ok":
+                outcome = "cache_hit"
             self.guard.tool_call_done(tool.session, tool.name, outcome=outcome,
+                                      saved_nano=tool.saved_nano if tool.cache_hit else 0,
                                       started_at=tool.started_at, run_id=str(run_id),
                                       node=tool.node, tags=tool.tags,
                                       attributes=tool.attributes)

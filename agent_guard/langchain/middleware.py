@@ -39,7 +39,7 @@ from ..actions import (
     wants_stop,
 )
 from ..budgets import Budgets, attributes_from_metadata
-from ..cache.result import MISS, ResultCache
+from ..cache.result import MISS, ResultCache, collecting_cache_hits
 from ..errors import GuardError
 from ..guard import Admission, Guard, ModelCall
 from ..ledger import Ledger
@@ -291,12 +291,12 @@ class GuardMiddleware(AgentMiddleware):
         return ToolMessage(content=f"Not run: {exc}", tool_call_id=call["id"] or "",
                            name=call["name"], status="error")
 
-    def _cached(self, request: ToolCallRequest) -> tuple[Any, ToolMessage | None]:
-        """(lookup arguments, the cached answer or None)."""
+    def _cached(self, request: ToolCallRequest) -> tuple[Any, ToolMessage | None, int]:
+        """(lookup arguments, the cached answer or None, what the answer saved)."""
         call = request.tool_call
         ttl_class = self.cache_tools.get(call["name"])
         if self.cache is None or ttl_class is None:
-            return None, None
+            return None, None, 0
         try:
             tenant = self.cache.tenant_from(get_config())
         except RuntimeError:
@@ -305,19 +305,19 @@ class GuardMiddleware(AgentMiddleware):
                  "public": call["name"] in self.public_tools}
         hit, saved = self.cache.lookup_tool(call["name"], call.get("args", {}), **where)
         if hit is MISS:
-            return where, None
+            return where, None, 0
         # what the cache holds is a ToolMessage's content (text, or a list of text and
         # content blocks); anything else is another writer's entry: a miss
         if not (isinstance(hit, str) or (isinstance(hit, list) and
                 all(isinstance(part, str | dict) for part in hit))):
             self.cache.io.refused("not a tool message's content", "tool result")
-            return where, None
+            return where, None, 0
         answer = ToolMessage(content=hit, tool_call_id=call["id"] or "", name=call["name"])
         if self.telemetry is not None:
             self.telemetry.cached_tool_call(
                 call["name"], call["id"], saved, _parent_run_id(), arguments=call.get("args"),
                 result=hit, session=_session(self.session_id), attributes=self._attributes())
-        return where, answer
+        return where, answer, saved
 
     def _store(self, request: ToolCallRequest, where: Any, result: Any) -> None:
         if where is None or self.cache is None:
@@ -331,9 +331,16 @@ class GuardMiddleware(AgentMiddleware):
         return attributes_from_metadata(_config().get("metadata"), self.guard.attribute_names)
 
     def _tool_done(self, session: str, request: ToolCallRequest, started: float,
-                   attributes: Mapping[str, str], outcome: Outcome) -> None:
+                   attributes: Mapping[str, str], outcome: Outcome,
+                   hits: list[int] | None = None) -> None:
+        """Record the tool call; a ``cached_tool`` that answered from its cache inside
+        it (``hits``) makes it a cache hit with what that saved."""
+        saved = 0
+        if hits and outcome == "ok":
+            outcome, saved = "cache_hit", sum(hits)
         self.guard.tool_call_done(session, request.tool_call["name"], started_at=started,
-                                  node="tools", outcome=outcome, attributes=attributes)
+                                  node="tools", outcome=outcome, saved_nano=saved,
+                                  attributes=attributes)
 
     def wrap_tool_call(self, request: ToolCallRequest,
                        handler: Callable[[ToolCallRequest], ToolMessage | Command]
@@ -346,18 +353,20 @@ class GuardMiddleware(AgentMiddleware):
                 self.guard.before_tool_call(session, call["name"], call.get("args", {}),
                                             attributes=attributes)
                 started = self.guard.clock()
-                where, hit = self._cached(request)
+                where, hit, saved = self._cached(request)
                 if hit is not None:
-                    self._tool_done(session, request, started, attributes, "cache_hit")
+                    self._tool_done(session, request, started, attributes, "ok", [saved])
                     return hit
                 try:
-                    result = handler(request)
+                    with collecting_cache_hits() as hits:
+                        result = handler(request)
                 except Exception as exc:
                     if not isinstance(exc, GuardError):
                         self._tool_done(session, request, started, attributes, "error")
                     raise
                 self._store(request, where, result)
-                self._tool_done(session, request, started, attributes, _outcome(result))
+                self._tool_done(session, request, started, attributes, _outcome(result),
+                                hits)
                 return result
             except GuardError as exc:
                 answer = self._tool_refused(exc, request, session)
@@ -377,18 +386,20 @@ class GuardMiddleware(AgentMiddleware):
                                                    attributes=attributes)
                 started = self.guard.clock()
                 # the cache's I/O in a thread: a slow cache store never blocks the loop
-                where, hit = await asyncio.to_thread(self._cached, request)
+                where, hit, saved = await asyncio.to_thread(self._cached, request)
                 if hit is not None:
-                    self._tool_done(session, request, started, attributes, "cache_hit")
+                    self._tool_done(session, request, started, attributes, "ok", [saved])
                     return hit
                 try:
-                    result = await handler(request)
+                    with collecting_cache_hits() as hits:
+                        result = await handler(request)
                 except Exception as exc:
                     if not isinstance(exc, GuardError):
                         self._tool_done(session, request, started, attributes, "error")
                     raise
                 await asyncio.to_thread(self._store, request, where, result)
-                self._tool_done(session, request, started, attributes, _outcome(result))
+                self._tool_done(session, request, started, attributes, _outcome(result),
+                                hits)
                 return result
             except GuardError as exc:
                 answer = self._tool_refused(exc, request, session)
