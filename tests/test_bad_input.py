@@ -54,7 +54,8 @@ def test_malformed_usage_is_replaced_by_a_count_never_zero(bad, caplog) -> None:
                                       tool_calls=[], invalid_tool_calls=[],
                                       response_metadata={}, additional_kwargs={})
     llm = ScriptedChatModel(model_name="gpt-4o", responses=[reply])
-    llm.invoke("question", config={"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
+    llm.invoke("question", config={"callbacks": [GuardCallbackHandler(guard,
+                                                                      session_id="default")]})
     [record] = records
     assert record.usage_estimated and record.cost_nano > 0
     assert record.usage.output_tokens >= 5

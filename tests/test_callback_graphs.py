@@ -168,9 +168,11 @@ def test_legacy_text_completion_models_are_guarded_too() -> None:
     records = []
     guard = Guard(Limits(max_model_calls=1), on_record=[records.append])
     llm = FakeListLLM(responses=["a completion of several words"])
-    assert llm.invoke("complete this", config={"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
+    assert llm.invoke("complete this", config={"callbacks": [GuardCallbackHandler(guard,
+                                                                                  session_id="default")]})
     with pytest.raises(StepLimitExceeded):
-        llm.invoke("again", config={"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
+        llm.invoke("again", config={"callbacks": [GuardCallbackHandler(guard,
+                                                                       session_id="default")]})
     [record] = records
     assert record.usage_estimated and record.usage.output_tokens > 0
     assert record.usage.input_tokens == guard.tokens.count_text("complete this", "unknown")

@@ -182,7 +182,8 @@ def test_langgraph_default_retry_policy_does_not_retry_a_refusal() -> None:
     graph, llm, _ = graph_with(retry=RetryPolicy(initial_interval=0.0, max_attempts=3))
     guard = CountingGuard(Limits(max_model_calls=0))
     with pytest.raises(StepLimitExceeded):
-        graph.invoke({"messages": [("user", "go")]}, {"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
+        graph.invoke({"messages": [("user", "go")]}, {"callbacks": [GuardCallbackHandler(guard,
+                                                                                         session_id="default")]})
     assert ran == ["node"] and guard.model_asks == 1 and llm.calls == 0
 
 
@@ -190,7 +191,8 @@ def test_node_error_handler_does_not_recover_from_a_refusal() -> None:
     graph, llm, handled = graph_with(error_handler=True)
     guard = CountingGuard(Limits(max_model_calls=0))
     with pytest.raises(StepLimitExceeded):
-        graph.invoke({"messages": [("user", "go")]}, {"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
+        graph.invoke({"messages": [("user", "go")]}, {"callbacks": [GuardCallbackHandler(guard,
+                                                                                         session_id="default")]})
     assert handled == [] and llm.calls == 0
 
 
@@ -200,7 +202,8 @@ async def test_async_paths_escape_too() -> None:
                          middleware=[ModelRetryMiddleware(initial_delay=0, max_retries=3)])
     with pytest.raises(StepLimitExceeded):
         await agent.ainvoke({"messages": [("user", "go")]},
-                            config={"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
+                            config={"callbacks": [GuardCallbackHandler(guard,
+                                                                       session_id="default")]})
     assert guard.model_asks == 2
 
 
@@ -236,5 +239,6 @@ def test_your_own_code_may_still_catch_a_refusal_and_choose_a_cheaper_model() ->
     builder.add_edge("model", END)
     out = builder.compile().invoke(
         {"messages": [("user", "go")]},
-        {"callbacks": [GuardCallbackHandler(CountingGuard(Limits(max_cost_usd="0.01")), session_id="default")]})
+        {"callbacks": [GuardCallbackHandler(CountingGuard(Limits(max_cost_usd="0.01")),
+                                            session_id="default")]})
     assert out["messages"][-1].content == "cheap" and strong.calls == 0

@@ -302,7 +302,8 @@ def test_a_call_priced_by_its_response_model_is_not_unpriced() -> None:
     from agent_guard import Guard, Limits, ModelCall
 
     records: list[CallRecord] = []
-    guard = Guard(Limits(max_cost_usd=1, unknown_price={"input_cost_per_token": 1e-05, "output_cost_per_token": 4e-05}), on_record=[records.append])
+    stated = {"input_cost_per_token": 1e-05, "output_cost_per_token": 4e-05}
+    guard = Guard(Limits(max_cost_usd=1, unknown_price=stated), on_record=[records.append])
     admission = guard.before_model_call(ModelCall(session="s", model="my-alias",
                                                   input_tokens=100, max_output_tokens=10))
     guard.after_model_call(admission, Usage(100, 10), response_model="gpt-4o")

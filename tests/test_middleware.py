@@ -90,7 +90,7 @@ def test_shrink_to_fit_lowers_max_tokens_instead_of_refusing() -> None:
     guard = Guard(Limits(max_cost_usd="0.002", input_margin=0, min_output_tokens=10),
                   on_record=[records.append])
     llm = ScriptedChatModel(model_name="gpt-4o", responses=["word " * 400], max_tokens=400)
-    out = agent_with(GuardMiddleware(guard, session_id="default"), llm).invoke({"messages": [("user", "talk")]}, CFG)
+    out = agent_with(GuardMiddleware(guard), llm).invoke({"messages": [("user", "talk")]}, CFG)
     [record] = records
     assert record.max_output_tokens < 400  # shrunk to what $0.002 covers
     assert record.usage.output_tokens == record.max_output_tokens  # the model was told
@@ -100,7 +100,8 @@ def test_shrink_to_fit_lowers_max_tokens_instead_of_refusing() -> None:
 
 def test_interrupt_then_extend_then_stop() -> None:
     llm = looping()
-    mw = GuardMiddleware(limits=Limits(max_model_calls=2), on_exceed="interrupt", session_id="default")
+    mw = GuardMiddleware(limits=Limits(max_model_calls=2), on_exceed="interrupt",
+                         session_id="default")
     agent = agent_with(mw, llm, checkpointer=InMemorySaver())
     paused = agent.invoke({"messages": [("user", "go")]}, CFG)
     assert paused["__interrupt__"][0].value["dimension"] == "model_calls"
@@ -112,7 +113,8 @@ def test_interrupt_then_extend_then_stop() -> None:
 
 
 async def test_async_end_and_tool_caps() -> None:
-    mw = GuardMiddleware(limits=Limits(max_tool_calls={"*": 10, "search": 2}), on_exceed="end", session_id="default")
+    mw = GuardMiddleware(limits=Limits(max_tool_calls={"*": 10, "search": 2}), on_exceed="end",
+                         session_id="default")
     out = await agent_with(mw).ainvoke({"messages": [("user", "go")]}, CFG)
     assert runs == ["search:q0", "search:q1"]
     assert out["messages"][-1].name == "agent-guard"
@@ -149,7 +151,8 @@ def test_a_repeated_identical_tool_call_is_stopped_at_max_repeats(adapter: str) 
 
 
 def test_different_arguments_are_not_repeats() -> None:
-    handler = GuardCallbackHandler(limits=Limits(max_repeats=1, max_tool_calls=6), session_id="default")
+    handler = GuardCallbackHandler(limits=Limits(max_repeats=1, max_tool_calls=6),
+                                   session_id="default")
     with pytest.raises(StepLimitExceeded) as info:
         create_agent(looping(), [search]).invoke({"messages": [("user", "go")]},
                                                  {"callbacks": [handler]})
@@ -182,6 +185,7 @@ def test_dollar_thresholds_and_budget_refusal_message() -> None:
     guard = Guard(Limits(max_cost_usd="0.01", thresholds=(0.25,)), on_threshold=[events.append])
     with pytest.raises(BudgetExceeded):
         create_agent(looping(), [search]).invoke(
-            {"messages": [("user", "go")]}, {"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
+            {"messages": [("user", "go")]}, {"callbacks": [GuardCallbackHandler(guard,
+                                                                                session_id="default")]})
     assert len(events) == 1 and events[0].dimension == "usd_nano"
     assert events[0].spent >= 2_500_000 and "25%" in str(events[0])

@@ -26,8 +26,8 @@ from langgraph.graph.message import add_messages
 from langgraph.prebuilt import ToolNode
 
 from agent_guard import (
-    Budgets,
     BudgetExceeded,
+    Budgets,
     CallRecord,
     Guard,
     GuardCallbackHandler,
@@ -161,8 +161,8 @@ def streamed_text(chunks: list[Any]) -> str:
 
 # -- row 4: content-block streams are counted, stopped at the reservation, charged when cut --
 
-# (ChatOpenAI options, what the answer streams). Old code: every shape here streamed past
-# the 4,096 reserved tokens without a stop (nothing counted in content-block chunks).
+# ChatOpenAI options and what the answer streams. Old code: every one streamed past the
+# 4,096 reserved tokens without a stop (nothing counted in content-block chunks).
 SHAPES = {
     "responses": {"use_responses_api": True},
     "responses-v1": {"use_responses_api": True, "output_version": "v1"},
@@ -473,7 +473,8 @@ def test_a_run_without_a_session_is_refused_before_it_spends(path: str) -> None:
 
 def test_pooling_runs_without_a_session_is_an_explicit_choice() -> None:
     """GuardCallbackHandler(session_id=...) pools such runs on purpose; a run's own
-    session still wins. (Old code: both runs landed in 'default'.)"""
+    session still wins. (Old code passed this too: it guards that the documented
+    opt-in keeps working now that a run without a session is refused.)"""
     guard = Guard(Limits(max_cost_usd=1))
     with FakeOpenAIServer([FakeReply("hi", prompt_tokens=10, completion_tokens=2)]) as server:
         llm = chat(server, max_tokens=10)

@@ -177,7 +177,8 @@ def test_cached_tool_in_an_agent_counts_each_call_once() -> None:
     cache = ResultCache(ttl={"pricing": 3600})
     guard = Guard(Limits(max_repeats=5))
     create_agent(looping(), [cached_tool(price_of, cache, "pricing")]).invoke(
-        {"messages": [("user", "price?")]}, {"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
+        {"messages": [("user", "price?")]}, {"callbacks": [GuardCallbackHandler(guard,
+                                                                                session_id="default")]})
     assert runs == ["mug"] and guard.usage("default").tool_calls == 3
 
 

@@ -171,7 +171,8 @@ def test_a_429_from_the_strong_tier_falls_back_to_the_cheap_one() -> None:
         records: list = []
         guard.add_record_hook(records.append)
         router = router_for(srv, retry_attempts=2, retry_initial_delay=0.01)
-        out = router.invoke("hi", config={"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
+        out = router.invoke("hi", config={"callbacks": [GuardCallbackHandler(guard,
+                                                                             session_id="default")]})
         assert out.content == "cheap answer"
         assert sent_models(srv) == ["gpt-4o", "gpt-4o", "gpt-4o-mini"]  # retried, then fell
         assert [r.outcome for r in records] == ["error", "error", "ok"]
@@ -185,7 +186,8 @@ def test_a_guard_refusal_is_never_retried_nor_answered_by_a_cheaper_tier(
     guard = Guard(Limits(max_cost_usd="0.0001"))  # the cheap tier fits, the strong one does not
     router = router_for(server, retry_attempts=3)  # no guard: it cannot step down itself
     with pytest.raises(BudgetExceeded):
-        router.invoke("hi", config={"callbacks": [GuardCallbackHandler(guard, session_id="default")]})
+        router.invoke("hi", config={"callbacks": [GuardCallbackHandler(guard,
+                                                                       session_id="default")]})
     assert server.request_count == 0
 
 

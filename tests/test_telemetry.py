@@ -173,7 +173,8 @@ def test_configure_otlp_exports_to_a_collector(receiver: Receiver, how: str) -> 
         from agent_guard.telemetry import configure_otlp
         from agent_guard.testing import ScriptedChatModel
         telemetry = configure_otlp({arg}, service_name="svc-under-test")
-        handler = GuardCallbackHandler(Guard(Limits(max_cost_usd=1)), telemetry=telemetry, session_id="default")
+        handler = GuardCallbackHandler(Guard(Limits(max_cost_usd=1)), telemetry=telemetry,
+                                       session_id="default")
         ScriptedChatModel(model_name="gpt-4o").invoke("hi", config={{"callbacks": [handler]}})
         trace.get_tracer_provider().force_flush()
         metrics.get_meter_provider().force_flush()
@@ -214,7 +215,8 @@ def test_tool_spans_say_when_the_result_cache_answered(receiver: Receiver) -> No
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.url)))
     telemetry = GuardTelemetry(provider, MeterProvider(metric_readers=[InMemoryMetricReader()]))
-    handler = GuardCallbackHandler(Guard(Limits(max_cost_usd=1)), telemetry=telemetry, session_id="default")
+    handler = GuardCallbackHandler(Guard(Limits(max_cost_usd=1)), telemetry=telemetry,
+                                   session_id="default")
     cache = ResultCache(ttl={"orders": 60})
     agent = create_agent(scripted_tool_loop(2), [cached_tool(lookup, cache, "orders",
                                                              cost_usd="0.005")])
@@ -245,7 +247,8 @@ def test_middleware_cache_hits_get_a_tool_span(receiver: Receiver, capture: bool
                                capture_content=capture)
     cache = ResultCache(ttl={"orders": 60})
     middleware = GuardMiddleware(limits=Limits(max_cost_usd=1), cache=cache,
-                                 cache_tools={"lookup": "orders"}, telemetry=telemetry, session_id="default")
+                                 cache_tools={"lookup": "orders"}, telemetry=telemetry,
+ session_id="default")
     agent = create_agent(scripted_tool_loop(3), [lookup], middleware=[middleware])
     agent.invoke({"messages": [("user", "where is A1?")]})
     provider.force_flush()
@@ -312,7 +315,8 @@ def test_cost_counters_sum_every_telemetry_of_a_meter_provider() -> None:
 
 def content_run(receiver: Receiver, telemetry: GuardTelemetry, provider) -> dict[str, list]:
     """A create_agent run with a system prompt, one tool call and a final answer."""
-    handler = GuardCallbackHandler(Guard(Limits(max_cost_usd=1)), telemetry=telemetry, session_id="default")
+    handler = GuardCallbackHandler(Guard(Limits(max_cost_usd=1)), telemetry=telemetry,
+                                   session_id="default")
     agent = create_agent(scripted_tool_loop(1), [lookup], system_prompt="Be brief.")
     agent.invoke({"messages": [("user", "where is A1?")]}, config={"callbacks": [handler]})
     provider.force_flush()
