@@ -186,7 +186,7 @@ def build(store_url: str, namespace: str, server: FakeOpenAIServer):
         builder.add_edge(START, "answer")
         builder.add_edge("answer", END)
         return guarded_graph(builder, guard=Guard(Limits(max_cost_usd=1)), cache=results,
-                             cache_nodes={"answer": "factual"})
+                             cache_nodes={"answer": "factual"}, session_id="hostile")
 
     return results, llm_cache, graph(answer), graph(aanswer)
 

@@ -26,7 +26,8 @@ SCRIPT = textwrap.dedent("""
     from agent_guard.testing import ScriptedChatModel
     kwargs = json.loads(sys.argv[1])
     telemetry = configure_otlp(**kwargs)
-    handler = GuardCallbackHandler(Guard(Limits(max_cost_usd=1)), telemetry=telemetry)
+    handler = GuardCallbackHandler(Guard(Limits(max_cost_usd=1)), telemetry=telemetry,
+                                   session_id="setup")
     ScriptedChatModel(model_name="gpt-4o").invoke("hi", config={"callbacks": [handler]})
     flushed = telemetry.flush() if hasattr(telemetry, "flush") else None
     for provider in (trace.get_tracer_provider(), metrics.get_meter_provider()):
