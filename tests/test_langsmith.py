@@ -145,7 +145,8 @@ def test_tool_runs_carry_their_cost_and_cache_savings(sink: LangSmithSink, how: 
     cache = ResultCache(ttl={"orders": 60})
     agent = create_agent(ScriptedChatModel(model_name="gpt-4o", respond=respond),
                          [cached_tool(lookup, cache, "orders", cost_usd="0.005")])
-    config: Any = {"callbacks": [GuardCallbackHandler(Guard(Limits(max_cost_usd=1))), tracer]}
+    config: Any = {"callbacks": [GuardCallbackHandler(Guard(Limits(max_cost_usd=1))), tracer],
+                   "metadata": {"session_id": "s"}}
     inputs = {"messages": [("user", "where is A1?")]}
     if how == "invoke":
         agent.invoke(inputs, config=config)
