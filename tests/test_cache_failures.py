@@ -294,7 +294,8 @@ def test_a_node_whose_result_is_not_on_the_allow_list_runs_each_time(caplog) -> 
     builder.add_edge(START, "work")
     builder.add_edge("work", END)
     cache = ResultCache()
-    app = guarded_graph(builder, cache=cache, cache_nodes={"work": "factual"})
+    app = guarded_graph(builder, cache=cache, cache_nodes={"work": "factual"},
+                        session_id="failures")
     caplog.set_level(logging.WARNING, logger="agent_guard")
     for _ in range(3):
         assert app.invoke({"question": "q"})["answer"].n == 42

@@ -287,7 +287,7 @@ def test_a_hostile_entry_under_a_middleware_tool_key_is_a_miss(kind: str, payloa
         llm = ChatOpenAI(model="gpt-4o", base_url=srv.base_url, api_key="x", max_retries=0,
                          max_tokens=50)
         mw = GuardMiddleware(limits=Limits(max_tool_calls=10), cache=results,
-                             cache_tools={"price_of": "pricing"})
+                             cache_tools={"price_of": "pricing"}, session_id="hostile")
         agent = create_agent(llm, [price_of], middleware=[mw])
 
         loop = asyncio.new_event_loop() if mode == "async" else None
