@@ -406,3 +406,123 @@ def test_the_server_refuses_unanswered_tool_calls_as_openai_does(server) -> None
         llm.invoke([HumanMessage("hi"), asked])
     finally:
         server.check_tool_history = True
+
+
+# -- every way in: stream, astream, astream_events, batch; with and without a checkpointer ---
+
+ENTRIES = ["invoke", "stream", "stream_messages", "astream", "astream_events", "batch",
+           "abatch"]
+
+
+def _consume(app, entry: str, inputs: dict, cfg: dict) -> list:
+    """Run ``app`` through ``entry``; the list of final states (one per input)."""
+    async def agen(stream) -> list:
+        return [chunk async for chunk in stream]
+
+    if entry == "invoke":
+        return [app.invoke(inputs, cfg)]
+    if entry == "stream":
+        return [list(app.stream(inputs, cfg, stream_mode="values"))[-1]]
+    if entry == "stream_messages":
+        chunks = list(app.stream(inputs, cfg, stream_mode=["messages", "values"]))
+        return [[c for mode, c in chunks if mode == "values"][-1]]
+    if entry == "astream":
+        return [asyncio.run(agen(app.astream(inputs, cfg, stream_mode="values")))[-1]]
+    if entry == "astream_events":
+        events = asyncio.run(agen(app.astream_events(inputs, cfg, version="v2")))
+        ends = [e for e in events if e["event"] == "on_chain_end" and not e["parent_ids"]]
+        return [ends[-1]["data"]["output"]]
+    second = {**cfg, "configurable": {"thread_id": cfg["configurable"]["thread_id"] + "-2"}}
+    if entry == "batch":
+        return app.batch([inputs, inputs], [cfg, second])
+    return asyncio.run(app.abatch([inputs, inputs], [cfg, second]))
+
+
+@pytest.mark.parametrize("checkpointer", [True, False], ids=["saver", "no-saver"])
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("shape", ["agent", "fanout"])
+def test_end_stops_whatever_the_way_in(server, shape: str, entry: str,
+                                       checkpointer: bool) -> None:
+    if shape == "fanout" and entry == "stream_messages":
+        pytest.skip("LangGraph 1.2.24 deadlocks with max_concurrency=1 and "
+                    "stream_mode='messages' (a plain create_agent does too); without it, "
+                    "'after the refusal' is a race between concurrent branches")
+    server.replies = script(repeat=False)
+    guard = spy_guard(server, Limits(max_tool_calls=3))
+    app = guarded_graph(SHAPES[shape](server, False), guard=guard, on_exceed="end",
+                        checkpointer=InMemorySaver() if checkpointer else None)
+    cfg = {"configurable": {"thread_id": f"way-{shape}-{entry}-{checkpointer}"},
+           **RECURSION}
+    if shape == "fanout":
+        cfg["max_concurrency"] = 1  # one branch at a time: "after the refusal" is defined
+    finals = _consume(app, entry, inputs_for(shape), cfg)
+    threads = 2 if entry.endswith("batch") else 1
+    assert len(guard.refusals) == threads  # one refusal per run
+    assert server.request_count == guard.refusals[-1]  # nothing paid after either
+    plain = ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="x", max_retries=0)
+    for final in finals:
+        messages = final["messages"]
+        assert messages[-1].name == "agent-guard"
+        plain.invoke([*messages, HumanMessage("and now?")])  # the history is valid
+        if entry in ("invoke", "batch", "abatch"):
+            assert final["__agent_guard__"]["dimension"] == "tool_calls"
+
+
+@pytest.mark.parametrize("entry", ["invoke", "stream", "astream", "astream_events"])
+def test_raise_comes_after_the_history_is_made_valid(server, entry: str) -> None:
+    server.replies = script(repeat=False)
+    guard = spy_guard(server, Limits(max_tool_calls=3))
+    app = guarded_graph(agent_shape(server, False), guard=guard, on_exceed="raise",
+                        checkpointer=InMemorySaver())
+    cfg = {"configurable": {"thread_id": f"raise-{entry}"}, **RECURSION}
+    with pytest.raises(GuardError, match="cap on tool calls"):
+        _consume(app, entry, inputs_for("agent"), cfg)
+    assert server.request_count == guard.refusals[0]
+    assert_history_accepted(server, app, cfg, "agent")
+
+
+def test_a_branch_already_running_is_stopped_at_its_next_call(server) -> None:
+    """Two branches of one superstep: ``slow`` is inside its node when ``fast`` is
+    refused; its model call, started after the stop, never reaches the server."""
+    import threading
+
+    server.replies = ["ok"]
+    server.reset()
+    refused = threading.Event()
+
+    class Signalling(SpyGuard):
+        def _refusal(self, *args: Any, **kwargs: Any) -> Any:
+            exc = super()._refusal(*args, **kwargs)
+            refused.set()
+            return exc
+
+    guard = Signalling(Limits(max_model_calls=0), ledger="memory://")
+    guard.server, guard.refusals = server, []
+    llm = model(server)
+    slow_started: list[bool] = []
+
+    class S(TypedDict):
+        messages: Annotated[list[AnyMessage], add_messages]
+
+    def fast(state: S) -> dict:
+        return {"messages": [llm.invoke("fast")]}
+
+    def slow(state: S) -> dict:
+        slow_started.append(True)
+        assert refused.wait(5)
+        import time
+        time.sleep(0.05)  # let the refused branch mark the run stopped
+        return {"messages": [llm.invoke("slow")]}
+
+    builder = StateGraph(S)
+    builder.add_node("fast", fast)
+    builder.add_node("slow", slow)
+    builder.add_edge(START, "fast")
+    builder.add_edge(START, "slow")
+    builder.add_edge("fast", END)
+    builder.add_edge("slow", END)
+    app = guarded_graph(builder, guard=guard, on_exceed="end")
+    out = app.invoke({"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "b"}})
+    assert slow_started and server.request_count == 0
+    assert len(guard.refusals) == 1  # the gate's refusal is not a second cap refusal
+    assert [m.name for m in out["messages"]] == [None, "agent-guard"]
