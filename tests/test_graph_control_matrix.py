@@ -526,3 +526,46 @@ def test_a_branch_already_running_is_stopped_at_its_next_call(server) -> None:
     assert slow_started and server.request_count == 0
     assert len(guard.refusals) == 1  # the gate's refusal is not a second cap refusal
     assert [m.name for m in out["messages"]] == [None, "agent-guard"]
+
+
+# -- GuardMiddleware: the same promises inside create_agent ---------------------------------
+
+def run_middleware_cell(server, kind: str, action: str, mode: str) -> SpyGuard:
+    from agent_guard import GuardMiddleware
+
+    limits, extension = KINDS[kind]
+    server.replies = script(repeat=kind == "repeats")
+    guard = spy_guard(server, limits)
+    on_exceed = {"raise": "raise", "end": "end"}.get(action, "interrupt")
+    agent = create_agent(model(server), TOOLS, checkpointer=InMemorySaver(),
+                         middleware=[GuardMiddleware(guard, on_exceed=on_exceed,
+                                                     shrink_to_fit=False)])
+    cfg = {"configurable": {"thread_id": f"mw-{kind}-{action}-{mode}"}, **RECURSION}
+    call = Caller(mode)
+    try:
+        if action == "raise":
+            with pytest.raises(GuardError):
+                call(agent, inputs_for("agent"), cfg)
+        else:
+            out = call(agent, inputs_for("agent"), cfg)
+            if action != "end":
+                assert out.get("__interrupt__"), "the run should pause at the refusal"
+                if action == "extend":
+                    out = call(agent, Command(resume=extension), cfg)
+                    assert out.get("__interrupt__"), "the next refusal pauses again"
+                    guard.refusals[:] = [server.request_count]
+                out = call(agent, Command(resume={"stop": True}), cfg)
+            assert "__interrupt__" not in out
+    finally:
+        call.close()
+    assert guard.refusals, "the guard never refused"
+    assert server.request_count == guard.refusals[0], "paid calls after the refusal"
+    assert_history_accepted(server, agent, cfg, "agent")
+    return guard
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize(("kind", "action"),
+                         [(k, a) for _, k, a in cells() if _ == "agent"])
+def test_the_middleware_stops_too(server, kind: str, action: str, mode: str) -> None:
+    run_middleware_cell(server, kind, action, mode)

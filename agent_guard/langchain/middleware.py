@@ -6,7 +6,9 @@
   (and, when the budget is short, lowers the call's ``max_tokens`` to what
   fits), then settles from the answer's usage.
 - ``wrap_tool_call`` counts the tool call (per tool, and identical repeats)
-  before the tool runs.
+  before the tool runs; a refused call is answered with a "Not run"
+  ``ToolMessage`` (the history stays valid for the provider) and the action
+  (``raise``, ``end``, ``interrupt``) is taken once, in the next ``before_model``.
 
 Use it *instead of* :class:`GuardCallbackHandler` on the same agent, not with
 it, or each model call is counted twice. It sees the agent's own model and
@@ -26,6 +28,7 @@ from langchain.agents.middleware.types import ModelResponse
 from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.config import get_config
+from langgraph.errors import GraphInterrupt
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.runtime import Runtime
 from langgraph.types import Command, interrupt
@@ -35,6 +38,7 @@ from ..actions import (
     apply_resume,
     check_on_exceed,
     interrupt_payload,
+    logger,
     stop_message,
     wants_stop,
 )
@@ -71,6 +75,11 @@ def _parent_run_id() -> Any:
     except RuntimeError:
         return None
     return getattr(manager, "parent_run_id", None)
+
+
+def _log_end(exc: GuardError, session: str) -> None:
+    logger.warning("agent-guard: %s The run of session %r ended (on_exceed='end').",
+                   exc, session)
 
 
 def _answer(response: Any) -> AIMessage | None:
@@ -143,11 +152,41 @@ class GuardMiddleware(AgentMiddleware):
     # -- steps and the end jump ------------------------------------------------------
 
     def _stop_pending(self, session: str) -> dict[str, Any] | None:
+        """Act on a tool refusal of the last turn, here, once for all its tool calls.
+
+        The refused calls were answered with a "Not run" ``ToolMessage`` (so the
+        history stays valid whatever happens next); ``end`` ends here, ``raise``
+        raises here, ``interrupt`` pauses here (one pause for the turn, however many
+        of its parallel tool calls were refused: LangGraph takes a single
+        ``Command(resume=...)`` only for a single pending interrupt). After an
+        extension the model runs again and sees which calls were not run."""
         with self._lock:
-            exc = self._stopped.pop(session, None)
+            exc = self._stopped.get(session)
         if exc is None:
             return None
+        if self.on_exceed == "raise":
+            self._stopped.pop(session, None)
+            raise exc
+        if self.on_exceed == "interrupt":
+            resume = self._pause(exc, session, "tools")
+            with self._lock:
+                self._stopped.pop(session, None)
+            apply_resume(self.guard, session, resume, getattr(exc, "dimension", None))
+            if not wants_stop(resume):
+                return None
+        else:
+            with self._lock:
+                self._stopped.pop(session, None)
+            _log_end(exc, session)
         return {"jump_to": "end", "messages": [stop_message(exc)]}
+
+    def _pause(self, exc: GuardError, session: str, node: str) -> Any:
+        try:
+            return interrupt(interrupt_payload(exc, node))
+        except GraphInterrupt:
+            logger.warning("agent-guard: %s The run of session %r paused "
+                           "(on_exceed='interrupt').", exc, session)
+            raise
 
     @hook_config(can_jump_to=["end"])
     def before_model(self, state: AgentState, runtime: Runtime) -> dict[str, Any] | None:
@@ -183,8 +222,9 @@ class GuardMiddleware(AgentMiddleware):
         if self.on_exceed == "raise":
             raise exc
         if self.on_exceed == "end":
+            _log_end(exc, session)
             return False
-        resume = interrupt(interrupt_payload(exc, "model"))
+        resume = self._pause(exc, session, "model")
         apply_resume(self.guard, session, resume)
         return not wants_stop(resume)
 
@@ -282,11 +322,9 @@ class GuardMiddleware(AgentMiddleware):
 
     def _tool_refused(self, exc: GuardError, request: ToolCallRequest, session: str
                       ) -> ToolMessage | None:
-        """None to retry (caps raised), or the ToolMessage to answer with."""
-        if self._retry_after(exc, session):
-            return None
+        """The ToolMessage to answer with; the action waits for ``before_model``."""
         with self._lock:
-            self._stopped[session] = exc  # before_model ends the run with the reason
+            self._stopped.setdefault(session, exc)  # before_model acts on it
         call = request.tool_call
         return ToolMessage(content=f"Not run: {exc}", tool_call_id=call["id"] or "",
                            name=call["name"], status="error")
