@@ -23,6 +23,7 @@ Pruned cells (and why):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import operator
 from typing import Annotated, Any, TypedDict
@@ -186,7 +187,9 @@ def subgraph_shape(server, repeat, sub_checkpointer: Any = None):
 
 
 SHAPES = {"agent": agent_shape, "react": react_shape, "loop": loop_shape,
-          "fanout": fanout_shape, "subgraph": subgraph_shape}
+          "fanout": fanout_shape, "subgraph": subgraph_shape,
+          # a sub-agent that keeps its own history per thread (compile(checkpointer=True))
+          "subgraph_own": functools.partial(subgraph_shape, sub_checkpointer=True)}
 
 # -- the refusal kinds, and the extension that lets the run go on --------------------------
 
@@ -236,6 +239,10 @@ class Caller:
             self.loop.close()
 
 
+def inputs_for_shape(shape: str) -> dict:
+    return inputs_for("subgraph" if shape.startswith("subgraph") else shape)
+
+
 def assert_history_accepted(server: FakeOpenAIServer, app, cfg, shape: str) -> None:
     if shape == "loop":
         return  # no messages in this state
@@ -275,7 +282,7 @@ def _run_cell(server, shape: str, kind: str, action: str, call: Caller,
         # one branch at a time, so "after the refusal" is well defined; concurrent
         # branches: test_a_branch_already_running_is_stopped_at_its_next_call
         cfg["max_concurrency"] = 1
-    inputs = inputs_for(shape)
+    inputs = inputs_for_shape(shape)
     try:
         if action == "raise":
             with pytest.raises(GuardError):
@@ -481,7 +488,8 @@ def test_raise_comes_after_the_history_is_made_valid(server, entry: str) -> None
     assert_history_accepted(server, app, cfg, "agent")
 
 
-def test_a_branch_already_running_is_stopped_at_its_next_call(server) -> None:
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_branch_already_running_is_stopped_at_its_next_call(server, mode: str) -> None:
     """Two branches of one superstep: ``slow`` is inside its node when ``fast`` is
     refused; its model call, started after the stop, never reaches the server."""
     import threading
@@ -504,11 +512,15 @@ def test_a_branch_already_running_is_stopped_at_its_next_call(server) -> None:
     class S(TypedDict):
         messages: Annotated[list[AnyMessage], add_messages]
 
+    inside = threading.Event()
+
     def fast(state: S) -> dict:
+        assert inside.wait(5)  # refused only once the other branch is inside its node
         return {"messages": [llm.invoke("fast")]}
 
     def slow(state: S) -> dict:
         slow_started.append(True)
+        inside.set()
         assert refused.wait(5)
         import time
         time.sleep(0.05)  # let the refused branch mark the run stopped
@@ -522,7 +534,11 @@ def test_a_branch_already_running_is_stopped_at_its_next_call(server) -> None:
     builder.add_edge("fast", END)
     builder.add_edge("slow", END)
     app = guarded_graph(builder, guard=guard, on_exceed="end")
-    out = app.invoke({"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "b"}})
+    call = Caller(mode)
+    try:
+        out = call(app, {"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "b"}})
+    finally:
+        call.close()
     assert slow_started and server.request_count == 0
     assert len(guard.refusals) == 1  # the gate's refusal is not a second cap refusal
     assert [m.name for m in out["messages"]] == [None, "agent-guard"]
@@ -569,3 +585,32 @@ def run_middleware_cell(server, kind: str, action: str, mode: str) -> SpyGuard:
                          [(k, a) for _, k, a in cells() if _ == "agent"])
 def test_the_middleware_stops_too(server, kind: str, action: str, mode: str) -> None:
     run_middleware_cell(server, kind, action, mode)
+
+
+@pytest.mark.parametrize("shape", ["agent", "react", "subgraph", "subgraph_own"])
+def test_the_thread_goes_on_after_an_end(server, shape: str) -> None:
+    """After an end and more budget, the same thread continues against the server (a
+    sub-agent with its own checkpointer keeps its history too: it must be valid)."""
+    server.replies = script(repeat=False)
+    guard = spy_guard(server, Limits(max_tool_calls=3))
+    app = guarded_graph(SHAPES[shape](server, False), guard=guard, on_exceed="end",
+                        checkpointer=InMemorySaver())
+    cfg = {"configurable": {"thread_id": f"again-{shape}"}, **RECURSION}
+    app.invoke(inputs_for_shape(shape), cfg)
+    guard.extend(f"again-{shape}", tool_calls=3)
+    before = server.request_count
+    out = app.invoke({"messages": [HumanMessage("go on")]}, cfg)  # a 400 would raise
+    assert server.request_count > before and len(guard.refusals) == 2
+    assert out["messages"][-1].name == "agent-guard"
+    assert_history_accepted(server, app, cfg, shape)
+
+
+def test_a_graph_without_messages_gets_the_reason_in_the_result(server) -> None:
+    server.replies = script(repeat=False)
+    guard = spy_guard(server, Limits(max_model_calls=2))
+    app = guarded_graph(loop_shape(server, False), guard=guard, on_exceed="end")
+    out = app.invoke(inputs_for("loop"), {"configurable": {"thread_id": "nomsg"}, **RECURSION})
+    assert out["n"] == 2 and len(out["answers"]) == 2
+    reason = out["__agent_guard__"]
+    assert reason["dimension"] == "model_calls" and reason["cap"] == 2
+    assert "cap on model calls is 2" in reason["message"]
