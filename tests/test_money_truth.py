@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, TypedDict
 
+import httpx
 import openai
 import pytest
 from langchain.agents import create_agent
@@ -101,9 +102,12 @@ class Books:
 
 
 def chat(server: FakeOpenAIServer, **kw: Any) -> ChatOpenAI:
+    """``ChatOpenAI`` on ``server``, with an async client of its own: langchain-openai
+    caches its default one per base URL, and one bound to the closed loop of an earlier
+    ``asyncio.run`` would break a later test whose server gets the same port."""
     kw.setdefault("max_retries", 0)
     return ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="test",
-                      max_tokens=MAX_TOKENS, **kw)
+                      max_tokens=MAX_TOKENS, http_async_client=httpx.AsyncClient(), **kw)
 
 
 @pytest.fixture(scope="module", autouse=True)
