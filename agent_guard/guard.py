@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -186,6 +187,16 @@ _OPEN_REQUESTS: dict[tuple[str, str], _Pending] = {}
 _OPEN_LOCK = threading.Lock()
 # How long a second holder of a request waits for the first one's reservation.
 _JOIN_WAIT_SECONDS = 30.0
+
+
+def _forget_open_requests_after_fork() -> None:
+    global _OPEN_LOCK
+    _OPEN_REQUESTS.clear()  # the parent's requests are the parent's to end
+    _OPEN_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_open_requests_after_fork)
 
 
 def certainly_not_billed(error: BaseException) -> bool:

@@ -167,6 +167,13 @@ class LeaseKeeper:
                                         daemon=True)
         self._thread.start()
 
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's calls are not this process's to renew or
+        end (their threads and tasks are not here)."""
+        self._watches = {}
+        self._cond = threading.Condition()
+        self._thread = None
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -189,3 +196,5 @@ def _on_stack(top: FrameType | None, frame: FrameType) -> bool:
 
 #: the process-wide keeper every adapter uses
 keeper = LeaseKeeper()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=keeper._after_fork)

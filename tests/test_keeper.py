@@ -122,3 +122,25 @@ def test_the_handler_bounds_its_open_runs(monkeypatch) -> None:
     assert handler.open_runs == 3
     usage = handler.guard.usage("s")
     assert usage.model_calls == 2 and usage.cost_nano > 0  # the two oldest, charged
+
+
+def test_a_forked_child_does_not_end_its_parents_calls() -> None:
+    import os
+
+    from agent_guard import guard as guard_module
+    from agent_guard.keeper import keeper
+
+    if not hasattr(os, "fork"):
+        return
+    guard = Guard(Limits(max_cost_usd=1))
+    adm = guard.before_model_call(ModelCall(session="s", model="gpt-4o", input_tokens=10,
+                                            max_output_tokens=10, run_id="forked"))
+    keeper.watch(OWNER, guard, adm, task=None)
+    pid = os.fork()
+    if pid == 0:  # the child: nothing of the parent's is watched or open
+        ok = keeper.watching == 0 and not guard_module._OPEN_REQUESTS
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    keeper.unwatch(OWNER, adm)
+    guard.model_call_failed(adm)  # type: ignore[arg-type]
+    assert os.WEXITSTATUS(status) == 0
