@@ -614,3 +614,42 @@ def test_a_graph_without_messages_gets_the_reason_in_the_result(server) -> None:
     reason = out["__agent_guard__"]
     assert reason["dimension"] == "model_calls" and reason["cap"] == 2
     assert "cap on model calls is 2" in reason["message"]
+
+
+@pytest.mark.parametrize("own_cache", [False, True], ids=["cache_nodes", "compiled-cache"])
+def test_a_refused_node_is_not_cached(server, own_cache: bool) -> None:
+    """A node refused (or skipped) in one run must not be answered from the node cache in
+    the next: its empty writes would end that run without a refusal."""
+    from langgraph.cache.memory import InMemoryCache
+    from langgraph.types import CachePolicy
+
+    from agent_guard.cache.result import ResultCache
+
+    server.replies = ["findings"]
+    llm = model(server)
+
+    def research(state: MessagesState) -> dict:
+        return {"messages": [llm.invoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("research", research,
+                     cache_policy=CachePolicy(key_func=lambda s: str(s["messages"][-1].content))
+                     if own_cache else None)
+    builder.add_edge(START, "research")
+    builder.add_edge("research", END)
+    guard = spy_guard(server, Limits(max_model_calls=0))
+    if own_cache:
+        app = guarded_graph(builder.compile(cache=InMemoryCache()), guard=guard,
+                            on_exceed="end")
+    else:
+        app = guarded_graph(builder, guard=guard, on_exceed="end",
+                            cache=ResultCache("memory://"), cache_nodes={"research": "factual"})
+    cfg = {"configurable": {"thread_id": f"cached-{own_cache}"}}
+    question = {"messages": [HumanMessage("what changed?")]}
+    assert app.invoke(question, cfg)["messages"][-1].name == "agent-guard"
+    guard.extend(f"cached-{own_cache}", model_calls=2)
+    before = server.request_count
+    out = app.invoke(question, cfg)  # same input: a cached refusal would skip the node
+    assert out["messages"][-1].content == "findings" and server.request_count == before + 1
+    out = app.invoke(question, cfg)  # and a real answer is cached as before
+    assert out["messages"][-1].content == "findings" and server.request_count == before + 1

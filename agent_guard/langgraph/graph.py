@@ -10,8 +10,8 @@ inside it, or by the step count) into the chosen action. A refusal ends the
   stopped and returns no update;
 - every edge out of a node (static, conditional, ``Send`` fan-outs) is
   rewritten to lead, once the run is stopped, to a final node that answers
-  the tool calls left without a ``ToolMessage`` and adds the explanation (or
-  straight to END when the state has no ``messages``); nodes already
+  the tool calls left without a ``ToolMessage`` and adds the explanation (it
+  writes nothing when the state has no ``messages``); nodes already
   scheduled return at once without counting or paying, and a callback gate
   refuses any model or tool call started after the stop;
 - ``raise`` ends the run the same way (the thread's history stays valid) and
@@ -39,6 +39,7 @@ from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import merge_configs, var_child_runnable_config
 from langgraph._internal._runnable import RunnableCallable
+from langgraph.cache.base import BaseCache
 from langgraph.errors import GraphInterrupt
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph._branch import BranchSpec
@@ -361,7 +362,6 @@ def _guard_builder(builder: StateGraph, guard: Guard, on_exceed: OnExceed,
     """A copy of ``builder`` with every node wrapped, guarded subgraphs and stop routes."""
     if FINAL_NODE in builder.nodes:
         raise ValueError(f"the graph already has a node named {FINAL_NODE!r}")
-    has_messages = "messages" in builder.channels
     wrapped = copy.copy(builder)
     wrapped.compiled = False  # a copy of a compiled graph's builder: nodes are added below
     wrapped.nodes = {}
@@ -378,14 +378,62 @@ def _guard_builder(builder: StateGraph, guard: Guard, on_exceed: OnExceed,
                           subgraph is not None)
         runnable = RunnableCallable(node.invoke, node.ainvoke, name=name, trace=False)
         wrapped.nodes[name] = dataclasses.replace(spec, runnable=runnable)
-    final = END
-    if has_messages:
-        final = FINAL_NODE
-        wrapped.add_node(FINAL_NODE, _final_node, input_schema=builder.state_schema)
-    _route_stops(wrapped, final, on_exceed)
-    if has_messages:
-        wrapped.edges.add((FINAL_NODE, END))
+    # the final node also exists without messages (it writes nothing then): every
+    # write a stopped run makes carries its route, which no cache may keep
+    wrapped.add_node(FINAL_NODE, _final_node, input_schema=builder.state_schema)
+    _route_stops(wrapped, FINAL_NODE, on_exceed)
+    wrapped.edges.add((FINAL_NODE, END))
     return wrapped
+
+
+_STOP_ROUTE = f"branch:to:{FINAL_NODE}"
+
+
+def _storable(writes: Any) -> bool:
+    """A node's writes that may be cached: not empty, and not made in a stopped run (a
+    skipped node's nothing, or a result routed to the final node, replayed by a later
+    run, would end that run without a refusal)."""
+    try:
+        return bool(writes) and not any(w[0] == _STOP_ROUTE for w in writes)
+    except (TypeError, IndexError):
+        return False
+
+
+class _StopAwareCache(BaseCache[Any]):
+    """The graph's node cache, minus what a refusal produced (see :func:`_storable`)."""
+
+    def __init__(self, inner: BaseCache[Any]) -> None:
+        super().__init__(serde=inner.serde)
+        self.inner = inner
+
+    def get(self, keys: Sequence[Any]) -> dict[Any, Any]:
+        return self.inner.get(keys)
+
+    async def aget(self, keys: Sequence[Any]) -> dict[Any, Any]:
+        return await self.inner.aget(keys)
+
+    def set(self, pairs: Mapping[Any, tuple[Any, int | None]]) -> None:
+        kept = {k: v for k, v in pairs.items() if _storable(v[0])}
+        if kept:
+            self.inner.set(kept)
+
+    async def aset(self, pairs: Mapping[Any, tuple[Any, int | None]]) -> None:
+        kept = {k: v for k, v in pairs.items() if _storable(v[0])}
+        if kept:
+            await self.inner.aset(kept)
+
+    def clear(self, namespaces: Sequence[Any] | None = None) -> None:
+        self.inner.clear(namespaces)
+
+    async def aclear(self, namespaces: Sequence[Any] | None = None) -> None:
+        await self.inner.aclear(namespaces)
+
+
+def _stop_aware(kwargs: dict[str, Any]) -> dict[str, Any]:
+    cache = kwargs.get("cache")
+    if isinstance(cache, BaseCache) and not isinstance(cache, _StopAwareCache):
+        kwargs = {**kwargs, "cache": _StopAwareCache(cache)}
+    return kwargs
 
 
 def _guard_subgraph(runnable: Any, guard: Guard, on_exceed: OnExceed,
@@ -406,7 +454,8 @@ def _compile(graph: CompiledStateGraph, guard: Guard, on_exceed: OnExceed,
             "interrupt_after": graph.interrupt_after_nodes or None,
             "debug": graph.debug, "name": graph.name}
     kwargs = {**{k: v for k, v in kept.items() if v is not None}, **compile_kwargs}
-    compiled = _guard_builder(graph.builder, guard, on_exceed, session_id).compile(**kwargs)
+    compiled = _guard_builder(graph.builder, guard, on_exceed, session_id).compile(
+        **_stop_aware(kwargs))
     compiled.__class__ = GuardedStateGraph
     return compiled  # type: ignore[return-value]
 
@@ -457,8 +506,9 @@ class GuardedStateGraph(CompiledStateGraph):
 
     def _tenant(self, config: RunnableConfig | None) -> str:
         """The run's tenant, for node cache keys (see :mod:`agent_guard.cache.node`)."""
-        if isinstance(self.cache, NodeCache):
-            return self.cache.results.tenant_from(merge_configs(self.config, config))
+        cache = self.cache.inner if isinstance(self.cache, _StopAwareCache) else self.cache
+        if isinstance(cache, NodeCache):
+            return cache.results.tenant_from(merge_configs(self.config, config))
         return "_default"
 
     def _deduplicated(self, config: RunnableConfig | None) -> GuardedStateGraph:
@@ -600,7 +650,7 @@ def guarded_graph(
                     wrapped.nodes[name],
                     cache_policy=CachePolicy(key_func=key_func, ttl=int(ttl) if ttl else None))
         compile_kwargs["cache"] = NodeCache(cache)
-    compiled = wrapped.compile(**compile_kwargs)
+    compiled = wrapped.compile(**_stop_aware(compile_kwargs))
     compiled.__class__ = GuardedStateGraph
     callbacks = list(base_config.get("callbacks") or [])
     own = GuardCallbackHandler(guard, session_id=session_id)
