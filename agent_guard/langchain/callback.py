@@ -56,16 +56,13 @@ from ..keeper import keeper
 from ..ledger import Ledger
 from ..limits import Limits
 from ..records import CallRecord, Outcome
-from ..usage import MalformedUsage, Usage
+from ..usage import Usage
+from .call import max_output, model_name, read_answer
 
 __all__ = ["GuardCallbackHandler", "OutputCapExceeded", "session_from_metadata"]
 
 logger = logging.getLogger("agent_guard")
 
-# invocation_params keys that carry a call's output cap, in order of preference
-_MAX_OUTPUT_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens",
-                    "num_predict", "maxOutputTokens")
-_MODEL_KEYS = ("model", "model_name", "model_id", "deployment_name")
 # Chat model classes whose provider SDK retries by itself when the model sets no
 # max_retries (the openai, anthropic and groq clients: 2 retries)
 _SDK_DEFAULT_RETRIES = {"ChatOpenAI": 2, "AzureChatOpenAI": 2, "ChatDeepSeek": 2,
@@ -276,7 +273,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         """Describe the call, ask the guard (raising on a refusal), remember the run."""
         params: Mapping[str, Any] = kwargs.get("invocation_params") or {}
         meta = metadata or {}
-        model = _model_name(params, meta, serialized)
+        model = model_name(params, meta, serialized)
         call = ModelCall(
             session=session_from_metadata(meta, self.session_id),
             model=model,
@@ -285,7 +282,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
             input_tokens=None if prompts is None else sum(
                 self.guard.tokens.count_text(p, model) for p in prompts),
             tools=params.get("tools") or None,
-            max_output_tokens=_max_output(params, meta),
+            max_output_tokens=max_output(params, meta),
             run_id=str(run_id),
             node=meta.get("langgraph_node"),
             tags=tuple(tags or ()),
@@ -743,47 +740,12 @@ class GuardCallbackHandler(BaseCallbackHandler):
     def _read_result(
         self, response: LLMResult, run: _Run
     ) -> tuple[Usage | None, str | None, bool, int]:
-        """(reported usage or None, response model, LangChain cache hit, counted output).
-
-        The answer is only counted when the provider reported no usage."""
-        usage: Usage | None = None
-        response_model: str | None = None
-        cache_hit = False
-        model = run.admission.call.model
-        generations = _generations(response)
-        for choices in response.generations:  # one list of choices per prompt
-            seen: list[Any] = []
-            for generation in choices:
-                message = generation.message if isinstance(generation, ChatGeneration) \
-                    else None
-                if not isinstance(message, AIMessage):
-                    continue
-                meta = message.response_metadata or {}
-                response_model = response_model or meta.get("model_name") or meta.get("model")
-                um = message.usage_metadata
-                if um is None or um in seen:
-                    # n > 1: providers (OpenAI) attach the request's whole usage to every
-                    # choice; the same usage twice is one request's, counted once
-                    continue
-                seen.append(um)
-                # LangChain's LLM cache replays the original usage with total_cost 0
-                cache_hit = cache_hit or um.get("total_cost") == 0  # type: ignore[comparison-overlap]
-                usage = _add(usage, _parse_usage(um, model))
-        if usage is None:
-            usage = _usage_from_llm_output(response.llm_output, model)
-        if response_model is None and response.llm_output:
-            response_model = response.llm_output.get("model_name")
-        if usage is not None and (usage.total_tokens > 0 or cache_hit):
-            return usage, response_model, cache_hit, run.streamed_tokens
-        counted = 0
-        for generation in generations:
-            message = generation.message if isinstance(generation, ChatGeneration) else None
-            if isinstance(message, AIMessage):
-                counted += self.guard.tokens.count_output(message, model)
-            else:
-                counted += self.guard.tokens.count_text(generation.text or "", model)
-        # no usage, or "0 tokens" for a call that may have produced output: count it
-        return None, response_model, cache_hit, max(counted, run.streamed_tokens)
+        """(reported usage or None, response model, LangChain cache hit, counted output),
+        read as the middleware reads its answers (:func:`agent_guard.langchain.call.
+        read_answer`)."""
+        return read_answer(response.generations, response.llm_output,
+                           run.admission.call.model, self.guard.tokens,
+                           run.streamed_tokens).as_tuple()
 
 
 def _is_fallbacks(serialized: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -> bool:
@@ -805,65 +767,6 @@ def _finish_reasons(response: LLMResult) -> list[str]:
 
 def _generations(response: LLMResult) -> list[Any]:
     return [g for prompt in response.generations for g in prompt]
-
-
-def _add(a: Usage | None, b: Usage | None) -> Usage | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a + b
-
-
-def _parse_usage(um: Mapping[str, Any], model: str) -> Usage | None:
-    try:
-        return Usage.from_usage_metadata(um)
-    except MalformedUsage as exc:
-        logger.warning("agent-guard: unreadable usage for %s (%s); counting tokens instead",
-                       model, exc)
-        return None
-
-
-def _usage_from_llm_output(llm_output: Mapping[str, Any] | None, model: str) -> Usage | None:
-    raw = (llm_output or {}).get("token_usage")
-    if not isinstance(raw, Mapping) or "prompt_tokens" not in raw:
-        return None
-    try:
-        return Usage.from_openai(raw)
-    except MalformedUsage as exc:
-        logger.warning("agent-guard: unreadable token_usage for %s (%s)", model, exc)
-        return None
-
-
-def _model_name(params: Mapping[str, Any], meta: Mapping[str, Any],
-                serialized: Mapping[str, Any] | None) -> str:
-    for key in _MODEL_KEYS:
-        value = params.get(key)
-        if isinstance(value, str) and value:
-            return value
-    value = meta.get("ls_model_name")
-    if isinstance(value, str) and value:
-        return value
-    kwargs = (serialized or {}).get("kwargs") or {}
-    for key in _MODEL_KEYS:
-        value = kwargs.get(key)
-        if isinstance(value, str) and value:
-            return value
-    return "unknown"
-
-
-def _max_output(params: Mapping[str, Any], meta: Mapping[str, Any]) -> int | None:
-    """The call's worst-case output: its max tokens, times ``n`` choices."""
-    n = params.get("n")
-    choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
-    for key in _MAX_OUTPUT_KEYS:
-        value = params.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value * choices
-    value = meta.get("ls_max_tokens")
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value * choices
-    return None
 
 
 class _StopCallback:

@@ -49,7 +49,7 @@ from ..guard import Admission, Guard, ModelCall
 from ..ledger import Ledger
 from ..limits import Limits
 from ..records import Outcome
-from ..usage import MalformedUsage, Usage
+from .call import Answer, choices, max_output, model_name, read_answer, with_output_cap
 
 __all__ = ["GuardMiddleware"]
 
@@ -232,27 +232,46 @@ class GuardMiddleware(AgentMiddleware):
 
     def _describe(self, request: ModelRequest, session: str) -> ModelCall:
         model = request.model
-        ls = model._get_ls_params(**request.model_settings)
         settings = request.model_settings
-        max_out = (settings.get("max_tokens") or settings.get("max_completion_tokens")
-                   or ls.get("ls_max_tokens"))
+        ls = model._get_ls_params(**settings)
+        params = _request_params(model, settings)
         messages = ([request.system_message] if request.system_message else []) + list(
             request.messages)
         tools = [t if isinstance(t, dict) else convert_to_openai_tool(t)
                  for t in request.tools] or None
+        name = model_name(params, ls)
+        if name == "unknown":
+            name = str(getattr(model, "model_name", None) or getattr(model, "model", None)
+                       or "unknown")
         return ModelCall(
             session=session,
-            model=str(ls.get("ls_model_name") or getattr(model, "model_name", None)
-                      or getattr(model, "model", None) or "unknown"),
+            model=name,
             provider=ls.get("ls_provider"),
             messages=messages,
             tools=tools,
-            max_output_tokens=max_out if isinstance(max_out, int) else None,
+            max_output_tokens=max_output(params, ls),
             node="model",
             can_shrink=self.shrink_to_fit,
             attributes=self._attributes(),
-            params=_request_params(model, settings),
+            params=params,
         )
+
+    def _bounded(self, request: ModelRequest, admission: Admission) -> ModelRequest:
+        """The request to send: when the model sets no output cap, or the budget covers
+        only part of it, the cap reserved, per choice, in the field its provider's
+        request really carries."""
+        call = admission.call
+        if call.max_output_tokens is not None and not admission.shrunk:
+            return request
+        per_choice = max(1, admission.max_output_tokens // choices(call.params))
+        model, settings = with_output_cap(request.model, request.model_settings, per_choice)
+        return request.override(model=model, model_settings=settings)
+
+    def _refused(self, exc: GuardError, session: str) -> Any:
+        """None to try again (caps raised), or the response that ends the run."""
+        if self._retry_after(exc, session):
+            return None
+        return ModelResponse(result=[stop_message(exc)])
 
     def _admit(self, request: ModelRequest, session: str
                ) -> tuple[Admission | None, ModelRequest, Any]:
@@ -262,33 +281,39 @@ class GuardMiddleware(AgentMiddleware):
                 admission = self.guard.before_model_call(self._describe(request, session))
                 break
             except GuardError as exc:
-                if not self._retry_after(exc, session):
-                    return None, request, ModelResponse(result=[stop_message(exc)])
-        if admission.shrunk:
-            request = request.override(model_settings={
-                **request.model_settings, "max_tokens": admission.max_output_tokens})
-        return admission, request, None
+                instead = self._refused(exc, session)
+                if instead is not None:
+                    return None, request, instead
+        return admission, self._bounded(request, admission), None
+
+    async def _aadmit(self, request: ModelRequest, session: str
+                      ) -> tuple[Admission | None, ModelRequest, Any]:
+        while True:
+            try:
+                admission = await self.guard.abefore_model_call(
+                    self._describe(request, session))
+                break
+            except GuardError as exc:
+                instead = self._refused(exc, session)
+                if instead is not None:
+                    return None, request, instead
+        return admission, self._bounded(request, admission), None
+
+    def _read(self, admission: Admission, response: Any) -> Answer:
+        message = _answer(response)
+        return read_answer([[message]] if message is not None else [], None,
+                           admission.call.model, self.guard.tokens)
 
     def _settle(self, admission: Admission, response: Any) -> None:
-        message = _answer(response)
-        usage: Usage | None = None
-        counted = 0
-        cache_hit = False
-        model = None
-        if message is not None:
-            um = message.usage_metadata
-            model = (message.response_metadata or {}).get("model_name")
-            if um is not None:
-                cache_hit = um.get("total_cost") == 0  # type: ignore[comparison-overlap]
-                try:
-                    usage = Usage.from_usage_metadata(um)
-                except MalformedUsage:
-                    usage = None
-            if usage is None or (usage.total_tokens == 0 and not cache_hit):
-                usage = None
-                counted = self.guard.tokens.count_output(message, admission.call.model)
-        self.guard.after_model_call(admission, usage, output_tokens=counted,
-                                    response_model=model, cache_hit=cache_hit)
+        answer = self._read(admission, response)
+        self.guard.after_model_call(admission, answer.usage, output_tokens=answer.counted,
+                                    response_model=answer.model, cache_hit=answer.cache_hit)
+
+    async def _asettle(self, admission: Admission, response: Any) -> None:
+        answer = self._read(admission, response)
+        await self.guard.aafter_model_call(
+            admission, answer.usage, output_tokens=answer.counted,
+            response_model=answer.model, cache_hit=answer.cache_hit)
 
     def wrap_model_call(self, request: ModelRequest,
                         handler: Callable[[ModelRequest], Any]) -> Any:
@@ -307,7 +332,7 @@ class GuardMiddleware(AgentMiddleware):
     async def awrap_model_call(self, request: ModelRequest,
                                handler: Callable[[ModelRequest], Awaitable[Any]]) -> Any:
         session = _session(self.session_id)
-        admission, request, instead = self._admit(request, session)
+        admission, request, instead = await self._aadmit(request, session)
         if admission is None:
             return instead
         try:
@@ -315,7 +340,7 @@ class GuardMiddleware(AgentMiddleware):
         except BaseException as exc:
             await self.guard.amodel_call_failed(admission, error=exc)
             raise
-        self._settle(admission, response)
+        await self._asettle(admission, response)
         return response
 
     # -- tool calls ---------------------------------------------------------------------
