@@ -191,3 +191,9 @@ def test_module_cache_is_shared(monkeypatch) -> None:
     monkeypatch.setattr(pricebook_module, "_BUNDLED", None)
     first = PriceBook.bundled()
     assert PriceBook.bundled() is first
+
+
+def test_the_snapshot_carries_upstreams_fix_of_jais(book: PriceBook) -> None:
+    # LiteLLM 1.109.1 listed azure_ai/jais-30b-chat at 1000x its price ($3,200/M input)
+    jais = book.price("azure_ai/jais-30b-chat")
+    assert (jais.input, jais.output) == (D("3.2e-06"), D("9.71e-06"))
