@@ -68,7 +68,7 @@ class Report:
         return [r for r in self.results if r.under]
 
 
-def _sizes(entry: Mapping[str, Any], rng: random.Random) -> list[int]:
+def _edges(entry: Mapping[str, Any]) -> list[int]:
     edges = set(THRESHOLDS)
     for key in entry:
         if "_above_" in key and key.endswith("k_tokens"):
@@ -78,19 +78,19 @@ def _sizes(entry: Mapping[str, Any], rng: random.Random) -> list[int]:
         bounds = tier.get("range") if isinstance(tier, Mapping) else None
         if isinstance(bounds, list) and len(bounds) == 2:
             edges.add(int(bounds[1]))
-    sizes = [rng.randint(1, 5000)]
-    for edge in sorted(edges):
-        sizes += [edge - 1, edge, edge + 1]
-    return sizes
+    return sorted(edges)
 
 
 def usages(name: str, entry: Mapping[str, Any], n: int) -> Iterator[Usage]:
-    """``n`` usages over every dimension; the first ones sit on the thresholds."""
+    """``n`` usages over every dimension; the 2nd, 3rd... sit exactly on the thresholds
+    (128k, 200k, 272k and the model's own), the others near them or below."""
     rng = random.Random(zlib.crc32(name.encode()))
-    sizes = _sizes(entry, rng)
+    edges = _edges(entry)
+    near = [e + d for e in edges for d in (-1, 0, 1)]
     for i in range(n):
-        size = sizes[i] if i < len(sizes) and i % 2 == 1 else rng.choice(
-            [rng.randint(1, 20_000), rng.choice(sizes)])
+        # first: exactly on each threshold (inclusive or not), then anywhere near or below
+        size = edges[i - 1] if 1 <= i <= len(edges) else rng.choice(
+            [rng.randint(1, 20_000), rng.choice(near)])
         read = rng.choice([0, 0, rng.randint(0, size // 2)])
         write = rng.choice([0, rng.randint(0, (size - read) // 2)])
         write_1h = rng.choice([0, write, rng.randint(0, write)])
@@ -153,8 +153,12 @@ def reason_for(name: str, entry: Mapping[str, Any], provider: str, under: bool) 
         return ("explicit cache reads: agent-guard prices every cache read at the dearer "
                 "explicit-cache rate (LangChain does not report which cache was read)")
     if any(k.startswith("cache_creation_input_token_cost_above_1hr_above_") for k in entry):
-        return ("1-hour writes above a threshold: agent-guard uses the threshold's 1-hour "
-                "rate, LiteLLM the base 1-hour rate")
+        return ("1-hour writes above a threshold under a service tier: agent-guard uses the "
+                "threshold's 1-hour rate, LiteLLM the tier's base 1-hour rate")
+    if any(k.startswith("input_cost_per_audio_token_above_") for k in entry):
+        return ("audio tokens in a long prompt: agent-guard charges the dearer of the base "
+                "and the long-prompt audio rates; LiteLLM's Vertex calculator reads the "
+                "long-prompt one, its generic one the base one")
     if name.startswith("gemini-exp"):
         return "LiteLLM prices this experimental Gemini model at $0; agent-guard at its table rates"
     return "unclassified (see the example)"

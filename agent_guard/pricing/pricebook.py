@@ -344,6 +344,7 @@ class ModelPrice:
         write = get(self._key("cache_creation_input_token_cost", suffix), None)
         read = get(self._key("cache_read_input_token_cost", suffix), None)
         one_hour_keys = [self._key(_ONE_HOUR_WRITE, suffix)]
+        audio_above: Decimal | None = None
         if threshold is not None:
             for value, text in self._thresholds(suffix):
                 if value > threshold:
@@ -359,6 +360,8 @@ class ModelPrice:
                 preferred = [self._key(f"{_ONE_HOUR_WRITE}_above_{text}_tokens", suffix),
                              f"{_ONE_HOUR_WRITE}_above_{text}_tokens"]
                 one_hour_keys = [k for k in preferred if k in self.fields] or one_hour_keys
+                audio_above = get(self._key(f"input_cost_per_audio_token_above_{text}_tokens",
+                                            suffix), audio_above)
         read = inp if read is None else read
         explicit = get(self._key("explicit_cache_read_input_token_cost", suffix), None)
         if explicit is not None and explicit > read:  # explicit (Gemini) caches: dearer
@@ -370,7 +373,10 @@ class ModelPrice:
             input=inp, output=out, cache_read=read, cache_write=write,
             cache_write_1h=write_1h,
             reasoning=self._reasoning(suffix, out),
-            audio_input=self._modality("input_cost_per_audio_token", suffix, inp),
+            # a long-prompt audio rate (Gemini): the dearer of it and the base audio rate,
+            # as LiteLLM's generic and Vertex calculators read one or the other
+            audio_input=max(self._modality("input_cost_per_audio_token", suffix, inp),
+                            audio_above if audio_above is not None else _ZERO),
             audio_output=self.fields.get("output_cost_per_audio_token", out),
             image_input=self._modality("input_cost_per_image_token", suffix, inp),
             image_output=self.fields.get("output_cost_per_image_token", out),
