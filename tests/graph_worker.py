@@ -51,4 +51,9 @@ def config(guard: Guard) -> dict[str, Any]:
 
 if __name__ == "__main__":
     graph, guard = build(sys.argv[1], Path(sys.argv[2]))
-    graph.invoke({"messages": [("user", "Plan, patch and test the fix.")]}, config(guard))
+    # "sync": each step's checkpoint is written before the next step starts. With LangGraph's
+    # default ("async") a kill during "c" can come before "b"'s checkpoint is on disk, and the
+    # resume then runs "b" again: a fifth request, paid and charged, which is right but not
+    # what this test measures.
+    graph.invoke({"messages": [("user", "Plan, patch and test the fix.")]}, config(guard),
+                 durability="sync")
