@@ -200,6 +200,19 @@ class ModelRouter(BaseChatModel):
     session_id: str | None = None
     bound_tools: tuple[Any, ...] | None = None
     _bound: dict[str, Any] = PrivateAttr(default_factory=dict)
+    # shared by every copy (bind_tools, with_structured_output...): a guard given to the
+    # router later (guarded_graph(router=...)) reaches the copies made before
+    _family: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "guard":
+            self._family["guard"] = value
+
+    def _guard(self) -> Guard | None:
+        """This router's guard, or the one its family (the router it was copied from,
+        or a copy) was given since."""
+        return self.guard if self.guard is not None else self._family.get("guard")
 
     def model_post_init(self, __context: Any) -> None:
         if not self.tiers:
@@ -212,6 +225,8 @@ class ModelRouter(BaseChatModel):
                 raise ValueError(f"ModelRouter {where} names tier {tier!r}; tiers are {names}")
         if self.default is None:
             self.default = names[-1]
+        if self.guard is not None:
+            self._family["guard"] = self.guard
 
     @property
     def _llm_type(self) -> str:
@@ -237,7 +252,8 @@ class ModelRouter(BaseChatModel):
         return None
 
     def _context(self, messages: list[BaseMessage], config: RunnableConfig) -> RouteContext:
-        counter = self.guard.tokens if self.guard is not None else None
+        guard = self._guard()
+        counter = guard.tokens if guard is not None else None
         model = _ls(self.tiers[self.default]).get("ls_model_name") or "gpt-4o"  # type: ignore[index]
         return RouteContext(messages, self._tool_schemas(), config, str(model),
                             _counter=counter)
@@ -249,19 +265,20 @@ class ModelRouter(BaseChatModel):
         return [t if isinstance(t, dict) else convert_to_openai_tool(t) for t in tools]
 
     def _estimate(self, tier: str, ctx: RouteContext, session: str) -> int | None:
-        if self.guard is None:
+        guard = self._guard()
+        if guard is None:
             return None
         ls = _ls(self.tiers[tier])
         call = ModelCall(session=session, model=str(ls.get("ls_model_name") or tier),
                          provider=ls.get("ls_provider"), messages=ctx.messages,
                          tools=ctx.tools or None, max_output_tokens=ls.get("ls_max_tokens"))
         try:
-            return self.guard.estimate_model_call(call)
+            return guard.estimate_model_call(call)
         except GuardError:
             return None
 
-    def route(self, input: LanguageModelInput, config: RunnableConfig | None = None
-              ) -> RouteDecision:
+    def route(self, input: LanguageModelInput, config: RunnableConfig | None = None,
+              *, usage: Any = None) -> RouteDecision:
         """Decide the tier of a call (without making it)."""
         config = ensure_config(config)
         ctx = self._context(self._convert_input(input).to_messages(), config)
@@ -279,20 +296,36 @@ class ModelRouter(BaseChatModel):
                 chosen = (tier, "classifier")
         if chosen is None:
             chosen = (str(self.default), "default")
-        return self._fit(chosen[0], chosen[1], ctx, config)
+        return self._fit(chosen[0], chosen[1], ctx, config,
+                         usage if usage is not None else self._usage(config))
+
+    async def aroute(self, input: LanguageModelInput, config: RunnableConfig | None = None
+                     ) -> RouteDecision:
+        """:meth:`route` reading the budget with the async ledger operations."""
+        config = ensure_config(config)
+        usage = None
+        guard = self._guard()
+        if guard is not None and guard.limits.max_cost_nano is not None:
+            usage = await guard.ausage(self._session(config))
+        return self.route(input, config, usage=usage)
 
     def _session(self, config: RunnableConfig) -> str:
         from .langgraph.graph import session_of
 
         return session_of(config, self.session_id)
 
-    def _fit(self, tier: str, reason: str, ctx: RouteContext, config: RunnableConfig
-             ) -> RouteDecision:
+    def _usage(self, config: RunnableConfig) -> Any:
+        guard = self._guard()
+        if guard is None or guard.limits.max_cost_nano is None:
+            return None
+        return guard.usage(self._session(config))
+
+    def _fit(self, tier: str, reason: str, ctx: RouteContext, config: RunnableConfig,
+             usage: Any) -> RouteDecision:
         """Step down to the strongest cheaper tier that fits the remaining budget."""
-        if self.guard is None or self.guard.limits.max_cost_nano is None:
+        if usage is None:
             return RouteDecision(tier, reason, tier)
         session = self._session(config)
-        usage = self.guard.usage(session)
         remaining = (usage.cap_nano or 0) - usage.cost_nano - usage.reserved_nano
         names = list(self.tiers)
         estimates = {t: self._estimate(t, ctx, session) for t in names[: names.index(tier) + 1]}
@@ -333,10 +366,17 @@ class ModelRouter(BaseChatModel):
     def _plan(self, input: LanguageModelInput, config: RunnableConfig | None
               ) -> tuple[RunnableConfig, RouteDecision, list[str]]:
         config = ensure_config(config)
-        decision = self.route(input, config)
+        return config, *self._fallbacks(self.route(input, config))
+
+    async def _aplan(self, input: LanguageModelInput, config: RunnableConfig | None
+                     ) -> tuple[RunnableConfig, RouteDecision, list[str]]:
+        config = ensure_config(config)
+        return config, *self._fallbacks(await self.aroute(input, config))
+
+    def _fallbacks(self, decision: RouteDecision) -> tuple[RouteDecision, list[str]]:
         names = list(self.tiers)
         fallbacks = names[: names.index(decision.tier)][::-1] if self.fallback else []
-        return config, decision, fallbacks
+        return decision, fallbacks
 
     def _retrying(self, runnable: Runnable) -> Runnable:
         """LangChain's with_retry for the attempts after the first (the first is made
@@ -390,7 +430,7 @@ class ModelRouter(BaseChatModel):
 
     async def ainvoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
                       stop: list[str] | None = None, **kwargs: Any) -> AIMessage:
-        config, decision, fallbacks = self._plan(input, config)
+        config, decision, fallbacks = await self._aplan(input, config)
         if stop is not None:
             kwargs["stop"] = stop
         while True:
@@ -413,7 +453,7 @@ class ModelRouter(BaseChatModel):
     async def astream(self, input: LanguageModelInput, config: RunnableConfig | None = None,
                       *, stop: list[str] | None = None, **kwargs: Any
                       ) -> AsyncIterator[BaseMessageChunk]:
-        config, decision, _ = self._plan(input, config)
+        config, decision, _ = await self._aplan(input, config)
         if stop is not None:
             kwargs["stop"] = stop
         async for chunk in self._runnable(decision.tier, kwargs).astream(

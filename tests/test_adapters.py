@@ -8,6 +8,7 @@ was sent (``server.requests``) and billed (``server.billed``)."""
 from __future__ import annotations
 
 import asyncio
+from contextvars import ContextVar
 from typing import Any
 
 import pytest
@@ -123,3 +124,146 @@ def test_n_choices_are_reserved_and_bounded_per_choice(mode: str, own_cap: int |
     (record,) = spy.models()
     assert record.usage.output_tokens == 150  # three choices billed, three charged
     assert record.cost_nano <= admission.reserved_nano
+
+
+# -- 3. async paths use the async ledger operations ---------------------------------------
+
+_IN_ASYNC_OP: ContextVar[bool] = ContextVar("in_async_op", default=False)
+_SYNC_OPS = ("reserve", "settle", "release", "charge", "charge_read", "extend", "totals",
+             "totals_many", "renew")
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class LoopStrictLedger(MemoryLedger):
+    """Raises when a sync operation runs on a running event loop outside an async one
+    (a Redis or SQLite ledger would block the loop there)."""
+
+    blocked: list[str]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocked = []
+
+    def __getattribute__(self, name: str) -> Any:
+        attr = super().__getattribute__(name)
+        if name in _SYNC_OPS and _loop_running() and not _IN_ASYNC_OP.get():
+            super().__getattribute__("blocked").append(name)
+            raise AssertionError(f"sync ledger op {name!r} on a running event loop")
+        if name.startswith("a") and name[1:] in _SYNC_OPS:
+            async def wrapped(*args: Any, **kwargs: Any) -> Any:
+                token = _IN_ASYNC_OP.set(True)
+                try:
+                    return await attr(*args, **kwargs)
+                finally:
+                    _IN_ASYNC_OP.reset(token)
+            return wrapped
+        return attr
+
+
+def test_the_strict_ledger_catches_a_sync_op_on_the_loop() -> None:
+    ledger = LoopStrictLedger()
+
+    async def sync_on_loop() -> None:
+        ledger.totals("x")
+
+    with pytest.raises(AssertionError):
+        asyncio.run(sync_on_loop())
+    asyncio.run(ledger.atotals("x"))  # the async op is fine
+    ledger.totals("x")  # and the sync op off the loop
+
+
+def test_the_async_agent_uses_async_ledger_ops_only() -> None:
+    from langchain_core.tools import tool
+
+    @tool
+    def lookup(city: str) -> str:
+        """Look a city up."""
+        return f"{city}: 2M people"
+
+    ledger = LoopStrictLedger()
+    guard = Guard(Limits(max_cost_usd=1, max_tool_calls=5), ledger=ledger)
+    replies = [FakeReply(tool_calls=[{"name": "lookup", "arguments": {"city": "Paris"}}]),
+               FakeReply("Paris has 2M people.")]
+    with FakeOpenAIServer(replies) as server:
+        model = ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="x",
+                           max_retries=0, max_tokens=100)
+        agent = create_agent(model, tools=[lookup], middleware=[GuardMiddleware(guard)])
+        asyncio.run(agent.ainvoke({"messages": [HumanMessage("Paris?")]},
+                                  {"configurable": {"thread_id": SESSION}}))
+        assert len(server.requests) == 2
+    assert ledger.blocked == []
+    usage = guard.usage(SESSION)
+    assert usage.model_calls == 2 and usage.tool_calls == 1 and usage.reserved_nano == 0
+
+
+def test_the_router_ainvoke_uses_async_ledger_ops_only() -> None:
+    from agent_guard.routing import ModelRouter
+
+    ledger = LoopStrictLedger()
+    guard = Guard(Limits(max_cost_usd=1), ledger=ledger)
+    with FakeOpenAIServer(["Paris."]) as server:
+        tiers = {name: ChatOpenAI(model=name, base_url=server.base_url, api_key="x",
+                                  max_retries=0, max_tokens=100)
+                 for name in ("gpt-4o-mini", "gpt-4o")}
+        router = ModelRouter(tiers=tiers, guard=guard, session_id=SESSION)
+
+        async def both() -> tuple[Any, list[Any]]:
+            answer = await router.ainvoke("Capital of France?")
+            return answer, [c async for c in router.astream("Capital of France?")]
+
+        answer, chunks = asyncio.run(both())
+    assert answer.content == "Paris." and chunks
+    assert ledger.blocked == []
+
+
+# -- 6. router copies keep its guard; guarded_graph exposes it ------------------------------
+
+
+@pytest.mark.parametrize("copy", ["bind_tools", "with_structured_output", "with_config"])
+def test_a_router_copy_made_before_guarded_graph_gets_the_guard(copy: str) -> None:
+    from langchain_core.tools import tool
+    from langgraph.graph import START, MessagesState, StateGraph
+    from pydantic import BaseModel
+
+    from agent_guard import guarded_graph
+    from agent_guard.routing import ModelRouter
+
+    @tool
+    def lookup(city: str) -> str:
+        """Look a city up."""
+        return city
+
+    class City(BaseModel):
+        name: str
+
+    reply = FakeReply(tool_calls=[{"name": "City", "arguments": {"name": "Paris"}}])
+    with FakeOpenAIServer([reply]) as server:
+        tiers = {name: ChatOpenAI(model=name, base_url=server.base_url, api_key="x",
+                                  max_retries=0, max_tokens=1000)
+                 for name in ("gpt-4o-mini", "gpt-4o")}
+        router = ModelRouter(tiers=tiers)
+        bound: Any = {"bind_tools": lambda: router.bind_tools([lookup]),
+                      "with_structured_output": lambda: router.with_structured_output(City),
+                      "with_config": lambda: router.with_config(tags=["x"])}[copy]()
+
+        def node(state: MessagesState) -> dict[str, Any]:
+            out = bound.invoke(state["messages"])
+            return {"messages": [out if not isinstance(out, City) else ("ai", out.name)]}
+
+        builder = StateGraph(MessagesState)
+        builder.add_node("answer", node)
+        builder.add_edge(START, "answer")
+        # $0.006 left: gpt-4o's 1,000-token worst case ($0.01) does not fit; the mini does
+        app = guarded_graph(builder, limits=Limits(max_cost_usd="0.006"), router=router)
+        assert app.guard is router.guard
+        app.invoke({"messages": [("user", "Capital of France?")]},
+                   {"configurable": {"thread_id": SESSION}})
+        assert [r["model"] for r in server.requests] == ["gpt-4o-mini"]
+        assert app.guard.usage(SESSION).model_calls == 1

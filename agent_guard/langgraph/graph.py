@@ -480,7 +480,16 @@ class GuardedStateGraph(CompiledStateGraph):
     fan-out may have paused several branches at once, which plain LangGraph would
     only take by interrupt id); ``Command(resume={"stop": True})`` ends the run
     before any paused node runs again.
+
+    ``app.guard`` is the graph's :class:`~agent_guard.Guard` (its usage, limits and
+    ledger: ``app.guard.usage(thread_id)``).
     """
+
+    @property
+    def guard(self) -> Guard | None:
+        """The guard every node of this graph runs under."""
+        handler = _handler_of(self.config)
+        return handler.guard if handler is not None else None
 
     def _normalise(self, input: Any, config: RunnableConfig | None, pending: tuple
                    ) -> tuple[Any, Stop | None]:
