@@ -16,7 +16,7 @@ from langchain.agents import create_agent
 from langchain_core.messages import HumanMessage
 from langchain_openai import ChatOpenAI
 
-from agent_guard import Guard, GuardMiddleware, Limits
+from agent_guard import Guard, GuardCallbackHandler, GuardMiddleware, Limits
 from agent_guard.guard import Admission
 from agent_guard.ledger import Ledger, MemoryLedger
 from agent_guard.records import CallRecord
@@ -267,3 +267,73 @@ def test_a_router_copy_made_before_guarded_graph_gets_the_guard(copy: str) -> No
                    {"configurable": {"thread_id": SESSION}})
         assert [r["model"] for r in server.requests] == ["gpt-4o-mini"]
         assert app.guard.usage(SESSION).model_calls == 1
+
+
+# -- 5. LangSmith's costs never break LangChain's usage arithmetic --------------------------
+
+
+def _annotated_answers(server: FakeOpenAIServer, n: int, how: str) -> list[Any]:
+    guard = Guard(Limits(max_cost_usd=1))
+    model = ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="x", max_retries=0,
+                       max_tokens=100, stream_usage=True)
+    config: Any = {"callbacks": [GuardCallbackHandler(guard, session_id=SESSION)]}
+    if how == "invoke":
+        return [model.invoke("Capital of France?", config) for _ in range(n)]
+    if how == "ainvoke":
+        async def go() -> list[Any]:
+            return [await model.ainvoke("Capital of France?", config) for _ in range(n)]
+        return asyncio.run(go())
+    answers = []
+    for _ in range(n):  # stream: the answer LangChain hands the handler, summed chunks
+        total = None
+        for chunk in model.stream("Capital of France?", config):
+            total = chunk if total is None else total + chunk
+        answers.append(total)
+    return answers
+
+
+@pytest.mark.parametrize("how", ["invoke", "ainvoke"])
+def test_costs_are_on_the_answer_and_add_usage_keeps_ints(how: str) -> None:
+    from langchain_core.messages.ai import add_usage
+
+    with FakeOpenAIServer([FakeReply("Paris.", completion_tokens=7)]) as server:
+        answers = _annotated_answers(server, 3, how)
+        billed = server.billed
+    for answer in answers:  # where LangSmith reads a model run's cost
+        assert answer.usage_metadata["total_cost"] > 0
+        assert answer.usage_metadata["input_cost"] + answer.usage_metadata["output_cost"] \
+            == pytest.approx(answer.usage_metadata["total_cost"])
+    total = None
+    for answer in answers:
+        total = add_usage(total, answer.usage_metadata)
+    assert total is not None
+    assert total["output_tokens"] == 21 == sum(b.completion_tokens for b in billed)
+    assert all(isinstance(v, int) for v in total.values() if not isinstance(v, dict))
+
+
+def test_annotated_chunks_still_add_up() -> None:
+    from langchain_core.messages import AIMessageChunk
+
+    with FakeOpenAIServer([FakeReply("Paris.", completion_tokens=7)]) as server:
+        answers = _annotated_answers(server, 2, "invoke")
+    chunks = []
+    for answer in answers:
+        chunk = AIMessageChunk(content=answer.content)
+        chunk.usage_metadata = answer.usage_metadata  # as the handler left it
+        chunks.append(chunk)
+    summed = chunks[0] + chunks[1]
+    assert summed.usage_metadata is not None
+    assert summed.usage_metadata["output_tokens"] == 14
+
+
+@pytest.mark.parametrize("how", ["invoke", "ainvoke", "stream"])
+def test_get_usage_metadata_callback_counts_every_call(how: str) -> None:
+    from langchain_core.callbacks import get_usage_metadata_callback
+
+    with FakeOpenAIServer([FakeReply("Paris.", completion_tokens=7)]) as server:
+        with get_usage_metadata_callback() as cb:
+            _annotated_answers(server, 3, how)
+        billed = server.billed
+    (usage,) = cb.usage_metadata.values()
+    assert usage["output_tokens"] == 21 == sum(b.completion_tokens for b in billed)
+    assert usage["input_tokens"] == sum(b.prompt_tokens for b in billed)

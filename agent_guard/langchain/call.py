@@ -205,3 +205,30 @@ def usage_from_llm_output(llm_output: Mapping[str, Any] | None, model: str) -> U
     except MalformedUsage as exc:
         logger.warning("agent-guard: unreadable token_usage for %s (%s)", model, exc)
         return None
+
+
+COST_KEYS = frozenset({"input_cost", "output_cost", "total_cost"})
+
+
+class CostedUsage(dict):  # type: ignore[type-arg]
+    """An answer's ``usage_metadata`` with agent-guard's costs (floats, dollars) beside
+    the token counts, where LangSmith reads a model run's cost.
+
+    LangChain's own arithmetic (``add_usage``, ``AIMessageChunk + AIMessageChunk``,
+    ``get_usage_metadata_callback``) adds every key it iterates and refuses floats, so
+    iteration shows the token counts only; the costs stay readable by key
+    (``usage["total_cost"]``) and in every serialisation (JSON, orjson, ``dumpd``,
+    pickle), which read the dict's items directly."""
+
+    __slots__ = ()
+
+    def __iter__(self) -> Any:
+        return (k for k in dict.__iter__(self) if k not in COST_KEYS)
+
+
+def with_costs(usage: Mapping[str, Any], costs: Mapping[str, float]) -> CostedUsage:
+    """``usage`` with ``costs`` (``input_cost``, ``output_cost``, ``total_cost``)."""
+    costed = CostedUsage((k, v) for k, v in usage.items() if k not in COST_KEYS)
+    for key, value in costs.items():
+        dict.__setitem__(costed, key, value)
+    return costed

@@ -57,7 +57,7 @@ from ..ledger import Ledger
 from ..limits import Limits
 from ..records import CallRecord, Outcome
 from ..usage import Usage
-from .call import max_output, model_name, read_answer
+from .call import max_output, model_name, read_answer, with_costs
 
 __all__ = ["GuardCallbackHandler", "OutputCapExceeded", "session_from_metadata"]
 
@@ -568,10 +568,10 @@ class GuardCallbackHandler(BaseCallbackHandler):
             if not isinstance(message, AIMessage):
                 continue
             if message.usage_metadata is not None and breakdown is not None:
-                usage: Any = message.usage_metadata
-                usage["input_cost"] = float(breakdown[0])
-                usage["output_cost"] = float(breakdown[1])
-                usage["total_cost"] = float(record.cost_usd)
+                # ints stay what LangChain adds up: the costs are kept out of iteration
+                message.usage_metadata = with_costs(message.usage_metadata, {  # type: ignore[assignment]
+                    "input_cost": float(breakdown[0]), "output_cost": float(breakdown[1]),
+                    "total_cost": float(record.cost_usd)})
             cap = self.guard.limits.max_cost_usd
             message.response_metadata["agent_guard"] = {
                 "session": record.session, "tier": record.tier, "route": record.route,
