@@ -2,6 +2,9 @@
 
 - ``"raise"``: the :class:`~agent_guard.errors.GuardError` reaches the caller.
 - ``"end"``: the run stops with its state so far plus a final message saying why.
+
+Either way the *whole* run stops, whatever the graph's edges, and every tool
+call left open is answered (``docs/graph-control.md``).
 - ``"interrupt"``: the graph pauses with LangGraph's ``interrupt()``; the payload
   says what was spent, the cap, and what the next step needs. Resume with
   ``Command(resume={"extend_usd": 1.0})`` (also ``extend_tokens``,

@@ -259,6 +259,13 @@ def assert_history_accepted(server: FakeOpenAIServer, app, cfg, shape: str) -> N
             assert answered == {tc["id"] for tc in m.tool_calls}
 
 
+def progress(usage: Any, kind: str) -> int:
+    """How much of the capped thing the session has done."""
+    return {"dollars": usage.cost_nano, "tokens": usage.total_tokens,
+            "model_calls": usage.model_calls, "tool_calls": usage.tool_calls,
+            "per_tool": usage.tool_calls, "steps": usage.steps}[kind]
+
+
 def run_cell(server, shape: str, kind: str, action: str, mode: str,
              ledger: Any = "memory://") -> SpyGuard:
     call = Caller(mode)
@@ -294,11 +301,12 @@ def _run_cell(server, shape: str, kind: str, action: str, call: Caller,
             else:
                 assert out.get("__interrupt__"), "the run should pause at the refusal"
                 if action == "extend":
-                    paused_at = server.request_count
+                    session = cfg["configurable"]["thread_id"]
+                    paused_at = server.request_count, progress(guard.usage(session), kind)
                     out = call(app, Command(resume=extension), cfg)
                     assert out.get("__interrupt__"), "the next refusal pauses again"
-                    assert server.request_count > paused_at or kind in (
-                        "tool_calls", "per_tool", "steps"), "the extension let it go on"
+                    # the extension let the run go on: more of what was capped was done
+                    assert progress(guard.usage(session), kind) > paused_at[1]
                     guard.refusals.clear()
                     guard.refusals.append(server.request_count)
                 out = call(app, Command(resume={"stop": True}), cfg)
@@ -359,6 +367,27 @@ def test_max_steps_counts_node_runs_inside_a_subgraph(server, sub_checkpointer,
 
 
 # -- the log -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("action", ["end", "stop"])
+def test_one_log_line_per_refusal_with_the_middleware(server, caplog, action: str) -> None:
+    from agent_guard import GuardMiddleware
+
+    for name in ("agent_guard", "langchain_core.callbacks.manager"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    server.replies = script(repeat=False)
+    guard = spy_guard(server, Limits(max_tool_calls=3))
+    agent = create_agent(model(server), TOOLS, checkpointer=InMemorySaver(), middleware=[
+        GuardMiddleware(guard, on_exceed="end" if action == "end" else "interrupt")])
+    cfg = {"configurable": {"thread_id": f"mwlog-{action}"}, **RECURSION}
+    agent.invoke(inputs_for("agent"), cfg)
+    if action == "stop":
+        agent.invoke(Command(resume={"stop": True}), cfg)
+    ours = [r for r in caplog.records if r.name.startswith("agent_guard")
+            and "Exceeded" in r.getMessage()]
+    assert len(ours) == len(guard.refusals) == 1
+    assert not [r for r in caplog.records if r.name.startswith("langchain_core")
+                and "callback" in r.getMessage()]
+
 
 @pytest.mark.parametrize("action", ["end", "stop"])
 def test_one_log_line_per_refusal(server, caplog, action: str) -> None:
@@ -567,8 +596,11 @@ def run_middleware_cell(server, kind: str, action: str, mode: str) -> SpyGuard:
             if action != "end":
                 assert out.get("__interrupt__"), "the run should pause at the refusal"
                 if action == "extend":
+                    session = cfg["configurable"]["thread_id"]
+                    before = progress(guard.usage(session), kind)
                     out = call(agent, Command(resume=extension), cfg)
                     assert out.get("__interrupt__"), "the next refusal pauses again"
+                    assert progress(guard.usage(session), kind) > before
                     guard.refusals[:] = [server.request_count]
                 out = call(agent, Command(resume={"stop": True}), cfg)
             assert "__interrupt__" not in out
