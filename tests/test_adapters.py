@@ -337,3 +337,66 @@ def test_get_usage_metadata_callback_counts_every_call(how: str) -> None:
     (usage,) = cb.usage_metadata.values()
     assert usage["output_tokens"] == 21 == sum(b.completion_tokens for b in billed)
     assert usage["input_tokens"] == sum(b.prompt_tokens for b in billed)
+
+
+# -- 2. each attempt under the middleware is admitted at its own price ----------------------
+
+
+def _fallback_agent(server: FakeOpenAIServer, spy: Spy, kind: str) -> Any:
+    from langchain.agents.middleware import ModelFallbackMiddleware, ModelRetryMiddleware
+
+    def model(name: str) -> ChatOpenAI:
+        return ChatOpenAI(model=name, base_url=server.base_url, api_key="x", max_retries=0,
+                          max_tokens=100)
+
+    inner = (ModelFallbackMiddleware(model("gpt-4o")) if kind == "fallback"
+             else ModelRetryMiddleware(max_retries=1, initial_delay=0, jitter=False))
+    return create_agent(model("gpt-4o-mini"), tools=[],
+                        middleware=[GuardMiddleware(spy.guard), inner])
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("kind", ["fallback", "retry"])
+def test_each_attempt_is_admitted_at_its_own_price(mode: str, kind: str) -> None:
+    spy = Spy(Limits(max_cost_usd=1))
+    # the first attempt fails at the provider (not billed), the second answers
+    replies = [FakeReply(status=500), FakeReply("Paris.", completion_tokens=7)]
+    with FakeOpenAIServer(replies) as server:
+        agent = _fallback_agent(server, spy, kind)
+        inputs = {"messages": [HumanMessage("Capital of France?")]}
+        config = {"configurable": {"thread_id": SESSION}}
+        if mode == "sync":
+            agent.invoke(inputs, config)
+        else:
+            asyncio.run(agent.ainvoke(inputs, config))
+        sent = [r["model"] for r in server.requests]
+        billed = server.billed_nano(spy.guard.prices)
+    second = "gpt-4o" if kind == "fallback" else "gpt-4o-mini"
+    assert sent == ["gpt-4o-mini", second]
+    assert [a.call.model for a in spy.admissions] == sent
+    usage = spy.guard.usage(SESSION)
+    # the failed attempt was not billed: released, not counted; the answer is charged
+    assert usage.reserved_nano == 0 and usage.model_calls == 1
+    assert usage.cost_nano >= billed > 0
+    records = spy.models()
+    assert [r.outcome for r in records] == ["error", "ok"]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_fallback_that_does_not_fit_is_refused(mode: str) -> None:
+    # $0.0008: gpt-4o-mini's 100-token worst case fits; gpt-4o's ($0.001+) does not
+    spy = Spy(Limits(max_cost_usd="0.0008"))
+    replies = [FakeReply(status=500), FakeReply("Paris.", completion_tokens=7)]
+    with FakeOpenAIServer(replies) as server:
+        agent = _fallback_agent(server, spy, "fallback")
+        inputs = {"messages": [HumanMessage("Capital of France?")]}
+        config = {"configurable": {"thread_id": SESSION}}
+        from agent_guard import BudgetExceeded
+        with pytest.raises(BudgetExceeded):
+            if mode == "sync":
+                agent.invoke(inputs, config)
+            else:
+                asyncio.run(agent.ainvoke(inputs, config))
+        assert [r["model"] for r in server.requests] == ["gpt-4o-mini"]
+    usage = spy.guard.usage(SESSION)
+    assert usage.reserved_nano == 0 and usage.cost_nano <= spy.guard.limits.max_cost_nano

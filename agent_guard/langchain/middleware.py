@@ -19,13 +19,19 @@ seen only by the callback handler.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
+from dataclasses import replace
 from typing import Any
+from uuid import UUID
 
 from langchain.agents.middleware import AgentMiddleware, AgentState, ModelRequest, hook_config
 from langchain.agents.middleware.types import ModelResponse
-from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langchain_core.outputs import LLMResult
+from langchain_core.runnables.config import var_child_runnable_config
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.config import get_config
 from langgraph.errors import GraphInterrupt
@@ -321,12 +327,18 @@ class GuardMiddleware(AgentMiddleware):
         admission, request, instead = self._admit(request, session)
         if admission is None:
             return instead
+        gate = _AttemptGate(self, admission)
         try:
-            response = handler(request)
+            with gate.installed():
+                response = handler(request)
         except BaseException as exc:
-            self.guard.model_call_failed(admission, error=exc)
+            gate.end_open(exc)
+            if not admission.finished:
+                self.guard.model_call_failed(admission, error=exc)
             raise
-        self._settle(admission, response)
+        gate.end_open(None)
+        if not admission.finished:  # no attempt was seen (the gate saw no model run)
+            self._settle(admission, response)
         return response
 
     async def awrap_model_call(self, request: ModelRequest,
@@ -335,12 +347,20 @@ class GuardMiddleware(AgentMiddleware):
         admission, request, instead = await self._aadmit(request, session)
         if admission is None:
             return instead
+        gate = _AttemptGate(self, admission)
         try:
-            response = await handler(request)
+            with gate.installed():
+                response = await handler(request)
         except BaseException as exc:
-            await self.guard.amodel_call_failed(admission, error=exc)
+            if gate.open_attempts():
+                await asyncio.to_thread(gate.end_open, exc)
+            if not admission.finished:
+                await self.guard.amodel_call_failed(admission, error=exc)
             raise
-        await self._asettle(admission, response)
+        if gate.open_attempts():
+            await asyncio.to_thread(gate.end_open, None)
+        if not admission.finished:
+            await self._asettle(admission, response)
         return response
 
     # -- tool calls ---------------------------------------------------------------------
@@ -478,3 +498,103 @@ def _request_params(model: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
     except Exception:  # a property of another provider's model that cannot be read
         defaults = None
     return {**(defaults if isinstance(defaults, Mapping) else {}), **settings}
+
+
+class _AttemptGate(BaseCallbackHandler):
+    """Admits each model attempt made inside one ``wrap_model_call`` at its own price.
+
+    Middleware inside ``GuardMiddleware`` (``ModelFallbackMiddleware``,
+    ``ModelRetryMiddleware``) calls the model again, or another model, within the one
+    request the middleware admitted. The gate is a callback handler on that call's
+    config: the first attempt at the admitted model uses the middleware's admission;
+    every other attempt is admitted at its own model's price (raising the refusal before
+    it is sent) and settled from its own answer, with the reading the callback handler
+    uses. A sync handler: on async paths LangChain runs it in an executor thread, so its
+    ledger operations never block the event loop."""
+
+    raise_error: bool = True
+    run_inline: bool = False
+
+    def __init__(self, middleware: GuardMiddleware, admission: Admission) -> None:
+        super().__init__()
+        self.middleware = middleware
+        self.guard = middleware.guard
+        self.admission = admission
+        self.first_used = False
+        self.runs: dict[UUID, Admission] = {}
+        self.lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        config = var_child_runnable_config.get() or {}
+        callbacks = config.get("callbacks")
+        if isinstance(callbacks, BaseCallbackManager):
+            manager: Any = callbacks.copy()
+            manager.add_handler(self, inherit=False)
+        elif isinstance(callbacks, list):
+            manager = [*callbacks, self]
+        else:
+            manager = [self]
+        token = var_child_runnable_config.set({**config, "callbacks": manager})
+        try:
+            yield
+        finally:
+            var_child_runnable_config.reset(token)
+
+    def open_attempts(self) -> bool:
+        return bool(self.runs)
+
+    def on_chat_model_start(self, serialized: dict[str, Any],
+                            messages: list[list[BaseMessage]], *, run_id: UUID,
+                            metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        params: Mapping[str, Any] = kwargs.get("invocation_params") or {}
+        meta = metadata or {}
+        model = model_name(params, meta, serialized)
+        with self.lock:
+            first = not self.first_used
+            self.first_used = True
+        if first and model == self.admission.call.model:
+            with self.lock:
+                self.runs[run_id] = self.admission
+            return
+        if first:  # an inner middleware changed the model: the admission is not used
+            self.guard.model_call_failed(self.admission)
+        call = self.admission.call
+        attempt = replace(
+            call, model=model, provider=meta.get("ls_provider") or call.provider,
+            messages=[m for prompt in messages for m in prompt],
+            tools=params.get("tools") or None, max_output_tokens=max_output(params, meta),
+            can_shrink=False, run_id=str(run_id), params=params)
+        admission = self.guard.before_model_call(attempt)  # a refusal raises here
+        with self.lock:
+            self.runs[run_id] = admission
+
+    def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+        with self.lock:
+            admission = self.runs.pop(run_id, None)
+        if admission is None or admission.finished:
+            return
+        answer = read_answer(response.generations, response.llm_output,
+                             admission.call.model, self.guard.tokens)
+        self.guard.after_model_call(admission, answer.usage, output_tokens=answer.counted,
+                                    response_model=answer.model, cache_hit=answer.cache_hit)
+
+    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        with self.lock:
+            admission = self.runs.pop(run_id, None)
+        if admission is not None and not admission.finished:
+            self.guard.model_call_failed(admission, error=error)
+
+    def end_open(self, error: BaseException | None) -> None:
+        """The wrapped call is over: an attempt still open got no end callback
+        (cancelled): ended with the call's error, else as abandoned."""
+        with self.lock:
+            open_ = list(self.runs.values())
+            self.runs.clear()
+        for admission in open_:
+            if admission.finished or admission is self.admission:
+                continue
+            if error is None:
+                self.guard.model_call_abandoned(admission)
+            else:
+                self.guard.model_call_failed(admission, error=error)
