@@ -46,6 +46,7 @@ from agent_guard.guard import Admission, ModelCall
 from agent_guard.ledger.failover import FailOpenLedger
 from agent_guard.ledger.redis import RedisLedger
 from agent_guard.records import CallRecord
+from agent_guard.testing.redis_cluster import ClusterUnavailable, LocalRedisCluster
 from agent_guard.usage import Usage, usd_to_nano
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -108,9 +109,88 @@ class RedisServer:
     def admin(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=10)
 
+    def admins(self) -> list[redis.Redis]:
+        return [self.admin()]
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
+    def user_url(self, user: str, password: str) -> str:
+        return f"redis://{user}:{password}@127.0.0.1:{self.port}/0"
+
+    def namespace(self) -> str:
+        return uuid.uuid4().hex
+
+
+class ClusterServer:
+    """The same faults on a 3-node Redis Cluster (``redis+cluster://``): the node that
+    is stopped, slowed or made to answer errors is the one owning the test's
+    namespace (:meth:`namespace` picks one whose slot that node serves)."""
+
+    def __init__(self, cluster: LocalRedisCluster) -> None:
+        self.cluster = cluster
+        self.target = 0
+
+    @property
+    def port(self) -> int:
+        return self.cluster.ports[self.target]
+
+    @property
+    def url(self) -> str:
+        return self.cluster.url
+
+    def start(self) -> None:
+        self.cluster.start_node(self.target)
+
+    @property
+    def running(self) -> bool:
+        return self.cluster.procs[self.target].poll() is None
+
+    def stop(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        self.cluster.stop_node(self.target, sig)
+
+    def admin(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=10)
+
+    def admins(self) -> list[redis.Redis]:
+        return [redis.Redis(port=p, socket_timeout=10) for p in self.cluster.ports]
+
+    def user_url(self, user: str, password: str) -> str:
+        return self.url.replace("://", f"://{user}:{password}@", 1)
+
+    def namespace(self) -> str:
+        """A fresh namespace whose keys live on the target node."""
+        with self.admin() as client:
+            while True:
+                ns = uuid.uuid4().hex
+                try:
+                    client.get(f"ag:{{{ns}}}:open")  # MOVED unless this node owns it
+                except redis.exceptions.ResponseError:
+                    continue
+                return ns
+
+
+@pytest.fixture(scope="module")
+def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
+    """A 3-node cluster of its own (it is killed and slowed), persistent like the server."""
+    require_redis_server()
+    cluster = LocalRedisCluster(tmp_path_factory.mktemp("fault-cluster"), extra_args=(
+        "--appendonly", "yes", "--appendfsync", "always", "--enable-debug-command", "yes"))
+    try:
+        cluster.start()
+    except (ClusterUnavailable, OSError) as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"the fault-test Redis Cluster did not start: {exc}")
+        pytest.skip(f"no Redis Cluster: {exc}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["redis", "redis_cluster"])
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisServer]:
+    if request.param == "redis_cluster":
+        node = ClusterServer(request.getfixturevalue("fault_cluster"))
+        yield node  # type: ignore[misc]
+        if not node.running:
+            node.start()
+        return
     srv = RedisServer(require_redis_server(), tmp_path, persistent=True)
     srv.start()
     yield srv
@@ -271,7 +351,7 @@ def run_with_outage(guard: Guard, server: RedisServer, sig: signal.Signals,
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_fail_closed_survives_a_restart_without_losing_or_doubling(
         server: RedisServer, sig: signal.Signals) -> None:
-    ns = uuid.uuid4().hex
+    ns = server.namespace()
     guard, _ = make_guard(server.url, "closed", ns)
     tally = run_with_outage(guard, server, sig,
                             lambda t: t["refused_unavailable"] + t["settle_retries"] >= 10)
@@ -289,7 +369,7 @@ def test_fail_closed_survives_a_restart_without_losing_or_doubling(
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_fail_open_reconciles_exactly_after_a_restart(
         server: RedisServer, sig: signal.Signals) -> None:
-    ns = uuid.uuid4().hex
+    ns = server.namespace()
     guard, ledger = make_guard(server.url, "open", ns)
     assert ledger is not None
     tally = run_with_outage(guard, server, sig, lambda _: ledger.admitted_open >= 10)
@@ -390,11 +470,12 @@ FAULTS = {"slow": fault_slow, "oom": fault_oom, "noperm": fault_noperm}
 @pytest.mark.parametrize("fail", ["closed", "open"])
 def test_faults_during_reserve_and_settle(server: RedisServer, fail: str, fault: str,
                                           phase: str) -> None:
-    with server.admin() as client:  # a user the ACL fault can restrict
-        client.acl_setuser("guard", enabled=True, passwords=["+pw"], keys=["*"],
-                           categories=["+@all"])
-    url = f"redis://guard:pw@127.0.0.1:{server.port}/0"
-    ns = uuid.uuid4().hex
+    for admin in server.admins():  # a user the ACL fault can restrict
+        with admin as client:
+            client.acl_setuser("guard", enabled=True, passwords=["+pw"], keys=["*"],
+                               categories=["+@all"])
+    url = server.user_url("guard", "pw")
+    ns = server.namespace()
     guard, ledger = make_guard(url, fail, ns)
     usage = Usage(100, 33)
     tally = Tally()

@@ -48,9 +48,11 @@ def _free_ports(count: int) -> list[int]:
 
 
 class LocalRedisCluster:
-    def __init__(self, workdir: Path | str, *, nodes: int = 3) -> None:
+    def __init__(self, workdir: Path | str, *, nodes: int = 3,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.workdir = Path(workdir)
         self.nodes = nodes
+        self.extra_args = extra_args  # e.g. ("--appendonly", "yes") to survive a restart
         self.ports: list[int] = []
         self.procs: list[subprocess.Popen[bytes]] = []
 
@@ -66,13 +68,7 @@ class LocalRedisCluster:
         self.ports = _free_ports(self.nodes)
         try:
             for port in self.ports:
-                self.procs.append(subprocess.Popen(
-                    [server, "--port", str(port), "--bind", "127.0.0.1",
-                     "--cluster-enabled", "yes",
-                     "--cluster-config-file", str(self.workdir / f"nodes-{port}.conf"),
-                     "--dir", str(self.workdir), "--save", "", "--appendonly", "no",
-                     "--daemonize", "no"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                self.procs.append(self._spawn(server, port))
             deadline = time.monotonic() + timeout
             for port in self.ports:
                 self._wait(port, deadline, lambda out: out.strip() == "PONG", "PING")
@@ -90,6 +86,30 @@ class LocalRedisCluster:
             self.stop()
             raise
         return self
+
+    def _spawn(self, server: str, port: int) -> subprocess.Popen[bytes]:
+        node_dir = self.workdir / str(port)
+        node_dir.mkdir(exist_ok=True)
+        args = [server, "--port", str(port), "--bind", "127.0.0.1",
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(self.workdir / f"nodes-{port}.conf"),
+                "--dir", str(node_dir), "--save", "", "--appendonly", "no",
+                "--daemonize", "no", *self.extra_args]
+        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop_node(self, index: int, sig: int = 9) -> None:
+        """Stop one node (``SIGKILL`` by default); :meth:`start_node` brings it back on
+        its port with its ``nodes-<port>.conf`` (and its data, with ``--appendonly``)."""
+        proc = self.procs[index]
+        proc.send_signal(sig)
+        proc.wait(timeout=10)
+
+    def start_node(self, index: int, timeout: float = 20.0) -> None:
+        server = shutil.which("redis-server") or "redis-server"
+        self.procs[index] = self._spawn(server, self.ports[index])
+        deadline = time.monotonic() + timeout
+        self._wait(self.ports[index], deadline, lambda out: "cluster_state:ok" in out,
+                   "CLUSTER", "INFO")
 
     def _wait(self, port: int, deadline: float, ready: object, *command: str) -> None:
         cli = shutil.which("redis-cli") or "redis-cli"
