@@ -64,7 +64,7 @@ def run(ledger: Ledger, sessions: int, tenants: int, pairs: int, threads: int) -
                 r = ledger.reserve(scopes(n % sessions, tenants), RESERVE, lease_seconds=60)
                 assert r, r
                 ledger.settle(r, SETTLE)  # type: ignore[arg-type]
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
                 return
 

@@ -169,13 +169,20 @@ def test_the_cache_store_on_a_cluster(redis_cluster_url: str) -> None:
         cache = ResultCache(store)
         from agent_guard.cache.result import MISS
 
-        for i in range(20):
+        for i in range(30):
             assert cache.get_tool("t", {"i": i}, tenant="a", ttl_class="factual") is MISS
             assert cache.put_tool("t", {"i": i}, i * 2, tenant="a", ttl_class="factual")
         assert [cache.get_tool("t", {"i": i}, tenant="a", ttl_class="factual")
-                for i in range(20)] == [i * 2 for i in range(20)]
+                for i in range(30)] == [i * 2 for i in range(30)]
         assert cache.stats()["t"].errors == 0
-        assert cache.clear() == 20
+        # one namespace's entries spread over every node (no shard holds the whole cache)
+        per_node = []
+        for _, port in cluster_nodes(redis_cluster_url):
+            with redis.Redis(port=port) as node:
+                per_node.append(sum(1 for _ in node.scan_iter(match="agc:*", count=1000)))
+        assert all(n > 0 for n in per_node), per_node
+        assert len(store.scan(cache.prefix)) == 30  # multi-key reads split by slot
+        assert cache.clear() == 30  # multi-key deletes too
         assert cache.get_tool("t", {"i": 1}, tenant="a", ttl_class="factual") is MISS
     finally:
         store.close()

@@ -168,32 +168,50 @@ class RedisStore(KVStore):
     """Keys live under ``agc:{namespace}:``; Redis expires them (``SET ... PX``).
 
     ``options`` go to :func:`agent_guard.stores.redis_client` (``socket_timeout``,
-    ``max_connections``...); ``client`` uses a client you built instead."""
+    ``max_connections``...); ``client`` uses a client you built instead.
+
+    On a Redis Cluster (``redis+cluster://``) the namespace's braces become ``<>`` in
+    the stored key (``agc:<namespace>:...``; the namespace is percent-encoded, so it
+    holds neither), so each key has a slot of its own and a namespace's entries spread
+    over every node; the multi-key reads and deletes of :meth:`scan` and
+    :meth:`delete_prefix` are split by slot (redis-py's ``mget_nonatomic`` and
+    ``delete``)."""
 
     def __init__(self, url: str, *, client: Any = None, **options: Any) -> None:
         self.url = redact_url(url)
         self.client = client if client is not None else \
             redis_client(url, profile=CACHE, **options)
+        self._cluster = _is_cluster(self.client)
+
+    def _key(self, key: str) -> str:
+        return key.replace("{", "<", 1).replace("}", ">", 1) if self._cluster else key
+
+    def _unkey(self, key: str) -> str:
+        return key.replace("<", "{", 1).replace(">", "}", 1) if self._cluster else key
 
     def get(self, key: str) -> Any:
-        return _text(self.client.get(key))
+        return _text(self.client.get(self._key(key)))
 
     def set(self, key: str, value: str, ttl: float | None = None) -> None:
         if ttl is None:
-            self.client.set(key, value)
+            self.client.set(self._key(key), value)
         else:
-            self.client.set(key, value, px=max(1, int(ttl * 1000)))
+            self.client.set(self._key(key), value, px=max(1, int(ttl * 1000)))
+
+    def _keys(self, prefix: str) -> list[Any]:
+        return list(self.client.scan_iter(match=_glob_escape(self._key(prefix)) + "*",
+                                          count=1000))
 
     def delete_prefix(self, prefix: str) -> int:
-        keys = list(self.client.scan_iter(match=_glob_escape(prefix) + "*", count=1000))
+        keys = self._keys(prefix)
         return int(self.client.delete(*keys)) if keys else 0
 
     def scan(self, prefix: str) -> list[tuple[str, Any]]:
-        keys = list(self.client.scan_iter(match=_glob_escape(prefix) + "*", count=1000))
+        keys = self._keys(prefix)
         if not keys:
             return []
-        values = self.client.mget(keys)
-        return [(k.decode(), _text(v)) for k, v in zip(keys, values, strict=True)
+        values = self.client.mget_nonatomic(keys) if self._cluster else self.client.mget(keys)
+        return [(self._unkey(k.decode()), _text(v)) for k, v in zip(keys, values, strict=True)
                 if v is not None]
 
     def close(self) -> None:
@@ -212,6 +230,14 @@ def _text(value: Any) -> Any:
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _is_cluster(client: Any) -> bool:
+    try:
+        from redis.cluster import RedisCluster
+    except ImportError:  # pragma: no cover - redis is an optional extra
+        return False
+    return isinstance(client, RedisCluster)
 
 
 def store_from_url(url: str | KVStore, **options: Any) -> KVStore:
