@@ -226,3 +226,42 @@ def test_the_usage_store_on_a_cluster(redis_cluster_url: str) -> None:
         again.close()
 
 
+
+
+def test_scope_ttl_and_extend_on_a_cluster(redis_cluster_url: str) -> None:
+    """``extend`` with a scope TTL is a MULTI/EXEC pipeline: on a cluster it runs on the
+    scope's slot, and the TTL is set (sync and async)."""
+    name = ns()
+    ledger = RedisLedger.from_url(redis_cluster_url + "?scope_ttl_seconds=3600", namespace=name)
+    try:
+        caps = [ScopeCaps("session:t", {"usd_nano": 10})]
+        assert not ledger.reserve(caps, {"usd_nano": 15}, lease_seconds=5)
+        ledger.extend("session:t", "usd_nano", 5)
+
+        async def more() -> None:
+            await ledger.aextend("session:t", "usd_nano", 1)
+            await ledger.aclose()
+
+        asyncio.run(more())
+        r = ledger.reserve(caps, {"usd_nano": 16}, lease_seconds=5)
+        assert r and ledger.settle(r, {"usd_nano": 16})
+        assert ledger.totals("session:t").extra == {"usd_nano": 6}
+        assert 3500 < ledger.client.ttl(ledger.scope_key("session:t")) <= 3600
+    finally:
+        ledger.close()
+
+
+def test_the_usage_store_next_to_a_cluster_ledger(redis_cluster_url: str) -> None:
+    ledger = from_url(redis_cluster_url, namespace=ns())
+    store = UsageStore.for_ledger(ledger)
+    try:
+        guard = Guard(Limits(max_cost_usd="1"), ledger=ledger)
+        store.attach(guard)
+        adm = guard.before_model_call(ModelCall("u2", "gpt-4o-mini", input_tokens=10,
+                                                max_output_tokens=5))
+        record = guard.after_model_call(adm, Usage(10, 5))
+        store.flush()
+        assert [r.record_id for r in store.records()] == [record.record_id]
+    finally:
+        store.close()
+        ledger.close()
