@@ -238,9 +238,8 @@ def test_scope_ttl_and_extend_on_a_cluster(redis_cluster_url: str) -> None:
         assert not ledger.reserve(caps, {"usd_nano": 15}, lease_seconds=5)
         ledger.extend("session:t", "usd_nano", 5)
 
-        async def more() -> None:
+        async def more() -> None:  # the loop's shutdown closes its async client
             await ledger.aextend("session:t", "usd_nano", 1)
-            await ledger.aclose()
 
         asyncio.run(more())
         r = ledger.reserve(caps, {"usd_nano": 16}, lease_seconds=5)
