@@ -171,7 +171,10 @@ class RedisLedger(Ledger):
             "profile": LEDGER, "retries": retries, "max_connections": max_connections,
             "pool_timeout": pool_timeout, **client_options}
         if client is None:
-            client = redis_client(url, **self._client_args)
+            try:  # a cluster client learns the slot map here: it needs a node to answer
+                client = redis_client(url, **self._client_args)
+            except _FAILURES as exc:
+                raise LedgerUnavailable(self.url, exc) from exc
         self.client: redis.Redis = client
         self._sync = _Scripts.on(self.client)
         self._async_by_loop: weakref.WeakKeyDictionary[
@@ -417,6 +420,19 @@ class RedisLedger(Ledger):
                 loop, client)
         return found
 
+    async def _aready(self) -> _Scripts:
+        """:meth:`_async`, with a cluster client's slot map learnt before any command:
+        redis-py's asyncio cluster client learns it lazily, and commands sent at once on
+        a fresh client went to the wrong nodes (MOVED) and had their connections closed
+        under them."""
+        found = self._async()
+        if getattr(found.client, "_initialize", False):
+            try:
+                await found.client.initialize()  # once; concurrent callers wait on its lock
+            except _FAILURES as exc:
+                raise self._unavailable(exc) from exc
+        return found
+
     async def areserve(
         self,
         scopes: Sequence[ScopeCaps],
@@ -428,22 +444,22 @@ class RedisLedger(Ledger):
         _check(amounts)
         rid = reservation_id or new_reservation_id()
         keys, args = self._reserve_call(scopes, amounts, lease_seconds, rid)
-        reply = await self._arun(self._async().reserve, keys, args)
+        reply = await self._arun((await self._aready()).reserve, keys, args)
         return self._reserved(reply, scopes, amounts, rid)
 
     async def asettle(self, reservation: Reservation, actual: Mapping[str, int]) -> Settlement:
         _check(actual)
         keys, args = self._finish_call(reservation, actual)
-        reply = await self._arun(self._async().settle, keys, args)
+        reply = await self._arun((await self._aready()).settle, keys, args)
         return self._settled(reply, reservation, actual)
 
     async def arelease(self, reservation: Reservation) -> bool:
         keys, args = self._finish_call(reservation, None)
-        return int(await self._arun(self._async().release, keys, args)) == 1
+        return int(await self._arun((await self._aready()).release, keys, args)) == 1
 
     async def arenew(self, reservation: Reservation, lease_seconds: float
                      ) -> Reservation | None:
-        reply = await self._arun(self._async().renew,
+        reply = await self._arun((await self._aready()).renew,
                                  *self._renew_call(reservation, lease_seconds))
         return None if reply is None else replace(reservation, expires_at=float(reply))
 
@@ -452,20 +468,20 @@ class RedisLedger(Ledger):
     ) -> Denial | None:
         _check(amounts)
         keys, args = self._charge_call(scopes, amounts)
-        reply = await self._arun(self._async().charge, keys, args)
+        reply = await self._arun((await self._aready()).charge, keys, args)
         return _denial(reply, scopes) if int(reply[0]) == 0 else None
 
     async def acharge_read(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
                            ) -> Denial | Settlement:
         _check(amounts)
         keys, args = self._charge_call(scopes, amounts, read=True)
-        reply = await self._arun(self._async().charge, keys, args)
+        reply = await self._arun((await self._aready()).charge, keys, args)
         return self._charged(reply, scopes, amounts)
 
     async def aextend(self, scope: str, dimension: str, amount: int) -> None:
         _int(amount, "extend amount")
         key = self.scope_key(scope)
-        client = self._async().client
+        client = (await self._aready()).client
         try:
             if self.scope_ttl_seconds is None:
                 await client.hincrby(key, "x:" + dimension, amount)
@@ -479,14 +495,14 @@ class RedisLedger(Ledger):
 
     async def atotals(self, scope: str) -> ScopeTotals:
         try:
-            raw = await self._async().client.hgetall(self.scope_key(scope))
+            raw = await (await self._aready()).client.hgetall(self.scope_key(scope))
         except _FAILURES as exc:
             raise self._unavailable(exc) from exc
         return _totals(scope, raw)
 
     async def atotals_many(self, scopes: Sequence[str]) -> list[ScopeTotals]:
         try:
-            async with self._async().client.pipeline(transaction=False) as pipe:
+            async with (await self._aready()).client.pipeline(transaction=False) as pipe:
                 for scope in scopes:
                     pipe.hgetall(self.scope_key(scope))
                 raws = await pipe.execute()

@@ -46,19 +46,22 @@ CACHE = RedisProfile(socket_connect_timeout=0.5, socket_timeout=0.5, max_connect
 
 def _errors() -> tuple[type[BaseException], ...]:
     try:
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisClusterException, RedisError
     except ImportError:  # pragma: no cover - redis is an optional extra
         return (OSError,)
-    return (RedisError, OSError)
+    # a cluster client that reaches no node raises RedisClusterException (not a RedisError)
+    return (RedisError, RedisClusterException, OSError)
 
 
 def _unreachable() -> tuple[type[BaseException], ...]:
     try:
         from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import RedisClusterException
         from redis.exceptions import TimeoutError as RedisTimeoutError
     except ImportError:  # pragma: no cover
         return (OSError, TimeoutError)
-    return (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
+    return (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError,
+            TimeoutError)
 
 
 #: What a failed Redis command raises.
