@@ -400,3 +400,64 @@ def test_a_fallback_that_does_not_fit_is_refused(mode: str) -> None:
         assert [r["model"] for r in server.requests] == ["gpt-4o-mini"]
     usage = spy.guard.usage(SESSION)
     assert usage.reserved_nano == 0 and usage.cost_nano <= spy.guard.limits.max_cost_nano
+
+
+# -- 4. parity: the callback and the middleware reach the same truth ------------------------
+
+
+def _conversation(adapter: str, mode: str, responses: bool) -> tuple[list[Any], Any, int]:
+    from langchain_core.tools import tool
+
+    @tool
+    def lookup(city: str) -> str:
+        """Look a city up."""
+        return f"{city}: 2M people"
+
+    records: list[CallRecord] = []
+    guard = Guard(Limits(max_cost_usd=1, max_tool_calls=5), on_record=[records.append])
+    # a fixed tool call id: a random one tokenises to a different prompt each run
+    replies = [FakeReply(tool_calls=[{"name": "lookup", "arguments": {"city": "Paris"},
+                                      "id": "call_1"}]),
+               FakeReply("Paris has 2M people.", completion_tokens=9)]
+    with FakeOpenAIServer(replies) as server:
+        model = ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="x",
+                           max_retries=0, max_tokens=200, use_responses_api=responses)
+        config: Any = {"configurable": {"thread_id": SESSION}}
+        if adapter == "callback":
+            agent = create_agent(model, tools=[lookup])
+            config["callbacks"] = [GuardCallbackHandler(guard)]
+        else:
+            agent = create_agent(model, tools=[lookup], middleware=[GuardMiddleware(guard)])
+        inputs = {"messages": [HumanMessage("How many people live in Paris?")]}
+        if mode == "sync":
+            agent.invoke(inputs, config)
+        else:
+            asyncio.run(agent.ainvoke(inputs, config))
+        billed = server.billed_nano(guard.prices)
+    rows = [(r.kind, r.model, r.tool, r.outcome, r.usage, r.cost_nano, r.reserved_nano,
+             r.usage_estimated, r.session) for r in records]
+    return rows, guard.usage(SESSION), billed
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("responses", [False, True], ids=["chat", "responses"])
+def test_callback_and_middleware_charge_and_record_the_same(mode: str, responses: bool
+                                                            ) -> None:
+    by_callback, usage_cb, billed_cb = _conversation("callback", mode, responses)
+    by_middleware, usage_mw, billed_mw = _conversation("middleware", mode, responses)
+    assert [(r[0], r[1][:6], r[2]) for r in by_callback] == [
+        ("model", "gpt-4o", None), ("tool", "", "lookup"), ("model", "gpt-4o", None)]
+    for usage, billed in ((usage_cb, billed_cb), (usage_mw, billed_mw)):
+        assert usage.reserved_nano == 0 and usage.cost_nano >= billed > 0
+    if responses:
+        # the Responses API echoes random item ids back in the history, so the two runs'
+        # prompts differ by a few tokens: everything but the amounts must match
+        def shape(rows: list[Any]) -> list[Any]:
+            return [(r[0], r[1], r[2], r[3], r[7], r[8]) for r in rows]
+
+        assert shape(by_middleware) == shape(by_callback)
+        return
+    assert billed_cb == billed_mw
+    assert by_middleware == by_callback
+    assert (usage_mw.cost_nano, usage_mw.model_calls, usage_mw.tool_calls) == \
+        (usage_cb.cost_nano, usage_cb.model_calls, usage_cb.tool_calls)
