@@ -298,3 +298,25 @@ def test_a_cluster_ledger_built_while_no_node_answers_is_ledger_unavailable() ->
         dead = s.getsockname()[1]
     with pytest.raises(LedgerUnavailable):
         from_url(f"redis+cluster://127.0.0.1:{dead}?socket_connect_timeout=0.2")
+
+
+def test_a_cache_on_a_cluster_nobody_answers_misses_and_recovers(tmp_path) -> None:
+    """A cache never becomes a new way to fail: built while no node answers (redis-py's
+    cluster client reaches a node when it is built), it misses; once the cluster is up
+    it is used."""
+    from agent_guard.cache.result import MISS
+    from agent_guard.testing.redis_cluster import LocalRedisCluster, _free_ports
+
+    cluster = LocalRedisCluster(tmp_path)
+    cluster.ports = _free_ports(3)  # the URL is known before any node runs
+    cache = ResultCache(cluster.url + "?socket_connect_timeout=0.2", namespace=ns(),
+                        retry_after=0)
+    try:
+        assert cache.put_tool("t", {}, 1, tenant="a", ttl_class="factual") is False
+        assert cache.get_tool("t", {}, tenant="a", ttl_class="factual") is MISS
+        cluster.start()
+        assert cache.put_tool("t", {}, 1, tenant="a", ttl_class="factual") is True
+        assert cache.get_tool("t", {}, tenant="a", ttl_class="factual") == 1
+    finally:
+        cache.store.close()
+        cluster.stop()

@@ -15,6 +15,7 @@ profile (short timeouts, a bounded pool, no retries).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -24,7 +25,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ..stores import open_store
-from ..stores.redis import CACHE, redis_client
+from ..stores.redis import CACHE, REDIS_ERRORS, redis_client
 from ..stores.sqlite import SQLitePool
 from ..stores.url import redact_url
 
@@ -179,9 +180,21 @@ class RedisStore(KVStore):
 
     def __init__(self, url: str, *, client: Any = None, **options: Any) -> None:
         self.url = redact_url(url)
-        self.client = client if client is not None else \
-            redis_client(url, profile=CACHE, **options)
-        self._cluster = _is_cluster(self.client)
+        self._raw_url, self._options = url, options
+        self._client = client
+        self._cluster = url.split("://", 1)[0].lower().endswith("+cluster") or \
+            _is_cluster(client)
+        if client is None:
+            # a cluster client reaches a node when built: with none answering, the
+            # store is built anyway and every use is a miss until one answers
+            with contextlib.suppress(*REDIS_ERRORS):
+                self._client = redis_client(url, profile=CACHE, **options)
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:  # raises REDIS_ERRORS while no node answers: a miss
+            self._client = redis_client(self._raw_url, profile=CACHE, **self._options)
+        return self._client
 
     def _key(self, key: str) -> str:
         return key.replace("{", "<", 1).replace("}", ">", 1) if self._cluster else key
@@ -215,7 +228,8 @@ class RedisStore(KVStore):
                 if v is not None]
 
     def close(self) -> None:
-        self.client.close()
+        if self._client is not None:
+            self._client.close()
 
 
 def _text(value: Any) -> Any:

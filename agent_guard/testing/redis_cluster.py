@@ -65,7 +65,8 @@ class LocalRedisCluster:
         if not server or not cli:
             raise ClusterUnavailable("redis-server and redis-cli must be installed")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.ports = _free_ports(self.nodes)
+        if not self.ports:  # preset ports: the URL was handed out before the start
+            self.ports = _free_ports(self.nodes)
         try:
             for port in self.ports:
                 self.procs.append(self._spawn(server, port))
