@@ -1,4 +1,5 @@
-"""Added time per model call: the guard (memory, SQLite, Redis ledgers) vs an empty handler.
+"""Added time per model call: the guard (memory, SQLite, Redis ledgers) vs an empty handler;
+and, in a ``create_agent`` agent, the callback handler beside GuardMiddleware, sync and async.
 
     python benchmarks/bench_overhead.py [--calls 2000] [--redis redis://127.0.0.1:6379/15]
 
@@ -143,6 +144,63 @@ def run(calls: int, rounds: int, redis_url: str | None) -> dict[str, Any]:
     return result
 
 
+def run_agents(calls: int, rounds: int) -> dict[str, Any]:
+    """A ``create_agent`` agent (one model call per run): what the callback handler and
+    GuardMiddleware each add per call over the agent alone, sync and async, same run."""
+    import asyncio
+
+    from langchain.agents import create_agent
+
+    from agent_guard import GuardMiddleware
+
+    big = Limits(max_cost_usd=10**6, max_tokens=10**12, max_model_calls=10**9,
+                 max_steps=10**9)
+    inputs = {"messages": PROMPT[1:2]}
+    plain = create_agent(make_model(), [])
+    callback_guard = Guard(big, "memory://")
+    with_callback = create_agent(make_model(), [])
+    with_middleware = create_agent(make_model(), [], middleware=[
+        GuardMiddleware(Guard(big, "memory://"), session_id="b")])
+    configs: dict[str, tuple[Any, dict[str, Any]]] = {
+        "agent": (plain, {}),
+        "agent + callback": (with_callback, {"callbacks": [
+            GuardCallbackHandler(callback_guard, session_id="b")]}),
+        "agent + middleware": (with_middleware, {}),
+    }
+    per_round = max(1, calls // rounds)
+    result: dict[str, Any] = {"calls_per_config": per_round * rounds}
+
+    def sync_round(agent: Any, cfg: dict[str, Any], n: int) -> None:
+        for _ in range(n):
+            agent.invoke(inputs, cfg)
+
+    async def async_round(agent: Any, cfg: dict[str, Any], n: int) -> None:
+        for _ in range(n):
+            await agent.ainvoke(inputs, cfg)
+
+    for mode in ("sync", "async"):
+        for agent, cfg in configs.values():  # warm up
+            if mode == "sync":
+                sync_round(agent, cfg, 20)
+            else:
+                asyncio.run(async_round(agent, cfg, 20))
+        per_call: dict[str, list[float]] = {name: [] for name in configs}
+        for _ in range(rounds):
+            for name, (agent, cfg) in configs.items():
+                t0 = time.perf_counter()
+                if mode == "sync":
+                    sync_round(agent, cfg, per_round)
+                else:
+                    asyncio.run(async_round(agent, cfg, per_round))
+                per_call[name].append((time.perf_counter() - t0) / per_round)
+        med = {name: statistics.median(v) for name, v in per_call.items()}
+        base = med["agent"]
+        result[mode] = {name: {"us_per_call": round(t * 1e6, 1),
+                               "added_us": round((t - base) * 1e6, 1)}
+                        for name, t in med.items()}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,8 +209,11 @@ def main() -> None:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/15",
                         help="Redis URL, or '' to skip the Redis ledger")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/overhead.json"))
+    parser.add_argument("--agent-calls", type=int, default=400,
+                        help="agent runs per configuration for the middleware rows")
     args = parser.parse_args()
     result = run(args.calls, args.rounds, args.redis or None)
+    result["agents"] = run_agents(args.agent_calls, args.rounds)
     print(f"per model call, median of {args.rounds} rounds "
           f"({result['calls_per_config']} calls per configuration):")
     print(f"{'configuration':<18}{'us/call':>10}{'added us':>10}{'total/empty':>13}"
@@ -166,6 +227,14 @@ def main() -> None:
               f"{result['redis_round_trips_per_model_call']:g} sent by the client, "
               f"{result['redis_evalsha_per_model_call']:g} EVALSHA run by the server "
               "(one reserve + one settle)")
+    agents = result["agents"]
+    print(f"create_agent, one model call per run, median of {args.rounds} rounds "
+          f"({agents['calls_per_config']} runs per configuration), memory ledger:")
+    print(f"{'configuration':<22}{'sync us':>10}{'added':>9}{'async us':>10}{'added':>9}")
+    for name in agents["sync"]:
+        s_, a_ = agents["sync"][name], agents["async"][name]
+        print(f"{name:<22}{s_['us_per_call']:>10.1f}{s_['added_us']:>9.1f}"
+              f"{a_['us_per_call']:>10.1f}{a_['added_us']:>9.1f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
 
