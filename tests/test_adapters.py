@@ -461,3 +461,50 @@ def test_callback_and_middleware_charge_and_record_the_same(mode: str, responses
     assert by_middleware == by_callback
     assert (usage_mw.cost_nano, usage_mw.model_calls, usage_mw.tool_calls) == \
         (usage_cb.cost_nano, usage_cb.model_calls, usage_cb.tool_calls)
+
+
+# -- 7. the middleware alone emits the callback's model spans ----------------------------
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_middleware_chat_spans_match_the_callbacks(mode: str) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from agent_guard.telemetry import GuardTelemetry
+
+    def spans(adapter: str) -> list[tuple[str, dict[str, Any]]]:
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        telemetry = GuardTelemetry(provider,
+                                   MeterProvider(metric_readers=[InMemoryMetricReader()]),
+                                   capture_content=False)
+        guard = Guard(Limits(max_cost_usd=1))
+        with FakeOpenAIServer([FakeReply("Paris.", completion_tokens=7)]) as server:
+            model = ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="x",
+                               max_retries=0, max_tokens=100)
+            config: Any = {"configurable": {"thread_id": SESSION}}
+            if adapter == "callback":
+                agent = create_agent(model, tools=[])
+                config["callbacks"] = [GuardCallbackHandler(guard, telemetry=telemetry)]
+            else:
+                agent = create_agent(model, tools=[], middleware=[
+                    GuardMiddleware(guard, telemetry=telemetry)])
+            inputs = {"messages": [HumanMessage("Capital of France?")]}
+            if mode == "sync":
+                agent.invoke(inputs, config)
+            else:
+                asyncio.run(agent.ainvoke(inputs, config))
+        provider.force_flush()
+        keep = ("gen_ai.", "agent_guard.cost", "agent_guard.session", "agent_guard.usage")
+        return [(s.name, {k: v for k, v in (s.attributes or {}).items()
+                          if k.startswith(keep) and "response.id" not in k})
+                for s in exporter.get_finished_spans() if s.name.startswith("chat")]
+
+    by_callback = spans("callback")
+    assert [name for name, _ in by_callback] == ["chat gpt-4o"]
+    assert spans("middleware") == by_callback

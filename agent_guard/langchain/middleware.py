@@ -56,6 +56,7 @@ from ..ledger import Ledger
 from ..limits import Limits
 from ..records import Outcome
 from .call import Answer, choices, max_output, model_name, read_answer, with_output_cap
+from .callback import _finish_reasons
 
 __all__ = ["GuardMiddleware"]
 
@@ -553,19 +554,33 @@ class _AttemptGate(BaseCallbackHandler):
         with self.lock:
             first = not self.first_used
             self.first_used = True
-        if first and model == self.admission.call.model:
+        call = self.admission.call
+        telemetry = self.middleware.telemetry
+        if telemetry is not None:
+            telemetry.chat_start(
+                run_id, kwargs.get("parent_run_id"), model=model,
+                provider=meta.get("ls_provider") or call.provider,
+                max_tokens=max_output(params, meta) or self.admission.max_output_tokens,
+                session=call.session, attributes=call.attributes,
+                messages=[m for prompt in messages for m in prompt]
+                if telemetry.capture_content else None)
+        if first and model == call.model:
             with self.lock:
                 self.runs[run_id] = self.admission
             return
         if first:  # an inner middleware changed the model: the admission is not used
             self.guard.model_call_failed(self.admission)
-        call = self.admission.call
         attempt = replace(
             call, model=model, provider=meta.get("ls_provider") or call.provider,
             messages=[m for prompt in messages for m in prompt],
             tools=params.get("tools") or None, max_output_tokens=max_output(params, meta),
             can_shrink=False, run_id=str(run_id), params=params)
-        admission = self.guard.before_model_call(attempt)  # a refusal raises here
+        try:
+            admission = self.guard.before_model_call(attempt)  # a refusal raises here
+        except GuardError as exc:
+            if telemetry is not None:
+                telemetry.refused(run_id, exc)
+            raise
         with self.lock:
             self.runs[run_id] = admission
 
@@ -576,14 +591,24 @@ class _AttemptGate(BaseCallbackHandler):
             return
         answer = read_answer(response.generations, response.llm_output,
                              admission.call.model, self.guard.tokens)
-        self.guard.after_model_call(admission, answer.usage, output_tokens=answer.counted,
-                                    response_model=answer.model, cache_hit=answer.cache_hit)
+        record = self.guard.after_model_call(
+            admission, answer.usage, output_tokens=answer.counted,
+            response_model=answer.model, cache_hit=answer.cache_hit)
+        telemetry = self.middleware.telemetry
+        if telemetry is not None:
+            generations = [g for prompt in response.generations for g in prompt]
+            telemetry.chat_end(
+                run_id, record, _finish_reasons(response), _breakdown(self.guard, record),
+                output=[getattr(g, "message", None) or g.text for g in generations]
+                if telemetry.capture_content else None)
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         with self.lock:
             admission = self.runs.pop(run_id, None)
         if admission is not None and not admission.finished:
-            self.guard.model_call_failed(admission, error=error)
+            record = self.guard.model_call_failed(admission, error=error)
+            if self.middleware.telemetry is not None:
+                self.middleware.telemetry.chat_end(run_id, record)
 
     def end_open(self, error: BaseException | None) -> None:
         """The wrapped call is over: an attempt still open got no end callback
@@ -598,3 +623,14 @@ class _AttemptGate(BaseCallbackHandler):
                 self.guard.model_call_abandoned(admission)
             else:
                 self.guard.model_call_failed(admission, error=error)
+
+
+def _breakdown(guard: Guard, record: Any) -> tuple[Any, Any] | None:
+    """(prompt, completion) dollars of a settled call, for its span."""
+    if record.outcome != "ok" or record.cost_nano == 0:
+        return None
+    price = guard.prices.resolve(record.model, record.provider)
+    if price is None:
+        return None
+    cost = price.cost(record.usage)
+    return cost.prompt_usd, cost.completion_usd
