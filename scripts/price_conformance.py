@@ -159,6 +159,10 @@ def reason_for(name: str, entry: Mapping[str, Any], provider: str, under: bool) 
         return ("audio tokens in a long prompt: agent-guard charges the dearer of the base "
                 "and the long-prompt audio rates; LiteLLM's Vertex calculator reads the "
                 "long-prompt one, its generic one the base one")
+    if ModelPrice.from_litellm(name, entry).floored_by_threshold():
+        return ("a rate above a prompt-size threshold is below the same rate under it in "
+                "LiteLLM's table (e.g. cache writes above 200k); agent-guard keeps the dearer, "
+                "so a longer prompt never costs less (dearer)")
     if name.startswith("gemini-exp"):
         return "LiteLLM prices this experimental Gemini model at $0; agent-guard at its table rates"
     return "unclassified (see the example)"

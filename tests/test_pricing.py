@@ -161,6 +161,18 @@ def test_cost_is_exact_and_monotonic(usage: Usage, extra: int, model: str) -> No
 
 
 
+def test_a_longer_prompt_never_costs_less_across_a_threshold() -> None:
+    """LiteLLM's table prices gemini-2.5-pro's cache writes above 200k at 2.5e-7, under it
+    at the input rate (1.25e-6): taken as is, 200,001 written tokens cost less than
+    190,001, and a reservation from an estimate above the real prompt could be below the
+    bill. (Found by hypothesis on the example below.)"""
+    book = PriceBook.bundled()
+    small = Usage(190_001, 0, 0, 190_001, 0)
+    large = Usage(200_001, 0, 0, 190_001, 0)
+    assert book.cost("gemini-2.5-pro", large).total_nano > book.cost(
+        "gemini-2.5-pro", small).total_nano
+
+
 @given(usage=usages,
        model=st.sampled_from(["gpt-4o", "claude-sonnet-4-5", "gemini-2.5-pro",
                               "dashscope/qwen-turbo", "o3", "gpt-4o-mini"]))

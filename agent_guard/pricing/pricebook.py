@@ -302,6 +302,16 @@ class ModelPrice:
                 self._memo[key] = hit
         return hit  # type: ignore[no-any-return]
 
+    def floored_by_threshold(self) -> bool:
+        """Whether a rate above a prompt-size threshold was raised to the same rate under
+        it (the table prices that token cheaper for a longer prompt)."""
+        for suffix in (None, *sorted(set(_SERVICE_TIER_SUFFIX.values()))):
+            for value, _ in self._thresholds(suffix):
+                if self._flat_rates(int(value), suffix) != self._flat_rates(
+                        int(value), suffix, floor=False):
+                    return True
+        return False
+
     def _thresholds(self, suffix: str | None) -> tuple[tuple[Decimal, str], ...]:
         """(tokens, text) of the ``_above_<text>_tokens`` thresholds that apply to a
         request of this service tier, ascending (memoised)."""
@@ -335,7 +345,8 @@ class ModelPrice:
     def _key(self, base: str, suffix: str | None) -> str:
         return f"{base}_{suffix}" if suffix else base
 
-    def _flat_rates(self, threshold: int | None, suffix: str | None) -> Rates:
+    def _flat_rates(self, threshold: int | None, suffix: str | None, *,
+                    floor: bool = True) -> Rates:
         get = self._get
         inp = get(self._key("input_cost_per_token", suffix), _ZERO) or _ZERO
         out = get(self._key("output_cost_per_token", suffix), _ZERO) or _ZERO
@@ -369,6 +380,17 @@ class ModelPrice:
         write = inp if write is None else write
         write_1h = next((v for v in (get(k, None) for k in one_hour_keys) if v is not None),
                         write)
+        if threshold is not None and floor:
+            # A longer prompt never makes a token cheaper: a rate above a threshold that is
+            # below the same rate under it (LiteLLM's gemini-2.5-pro prices cache writes
+            # above 200k at 2.5e-7, and under it at the input rate) would price a bigger
+            # prompt below a smaller one, and a reservation made from an estimate above the
+            # real prompt below the bill.
+            base = self._flat_rates(None, suffix)
+            read, write, write_1h = (max(read, base.cache_read),
+                                     max(write, base.cache_write),
+                                     max(write_1h, base.cache_write_1h))
+            inp, out = max(inp, base.input), max(out, base.output)
         return Rates(
             input=inp, output=out, cache_read=read, cache_write=write,
             cache_write_1h=write_1h,
