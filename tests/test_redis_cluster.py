@@ -320,3 +320,27 @@ def test_a_cache_on_a_cluster_nobody_answers_misses_and_recovers(tmp_path) -> No
     finally:
         cache.store.close()
         cluster.stop()
+
+
+def test_a_usage_store_on_a_cluster_nobody_answers_is_built_and_catches_up(tmp_path) -> None:
+    """Built while no node answers, the usage store does not raise; a record appended
+    then is lost (logged, as on one Redis that is down); once the cluster is up, the
+    next records land."""
+    from agent_guard.testing.redis_cluster import LocalRedisCluster, _free_ports
+
+    cluster = LocalRedisCluster(tmp_path)
+    cluster.ports = _free_ports(3)
+    store = UsageStore.from_url(cluster.url + "?socket_connect_timeout=0.2", namespace=ns())
+    try:
+        guard = Guard(Limits(max_cost_usd="1"))
+        store.attach(guard)
+        call = ModelCall("u3", "gpt-4o-mini", input_tokens=10, max_output_tokens=5)
+        guard.after_model_call(guard.before_model_call(call), Usage(10, 5))  # never raises
+        assert store.failed == 1
+        cluster.start()
+        record = guard.after_model_call(guard.before_model_call(call), Usage(10, 5))
+        store.flush()
+        assert [r.record_id for r in store.records()] == [record.record_id]
+    finally:
+        store.close()
+        cluster.stop()

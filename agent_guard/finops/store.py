@@ -58,7 +58,7 @@ from urllib.parse import quote
 from ..ledger import Ledger, MemoryLedger, redact_url
 from ..records import CallRecord, utf8_text
 from ..stores import open_store, parse_url
-from ..stores.redis import USAGE, redis_client
+from ..stores.redis import REDIS_ERRORS, USAGE, redis_client
 from ..stores.sqlite import SQLitePool, is_memory_path
 from ..stores.url import REDIS_BACKENDS
 from ..usage import NANO_PER_USD, Usage
@@ -648,16 +648,24 @@ class RedisUsageStore(UsageStore):
                          if k in options}
         super().__init__(**store_options)
         self.url = redact_url(url)
+        self._raw_url, self._options = url, options
+        self._owned = client is None
         if client is None:
-            client = redis_client(url, profile=USAGE, **options)
-            self._owned = True
-        else:
-            self._owned = False
-        self.client = client
+            # a cluster client reaches a node when built: with none answering, the store
+            # is built anyway and its writes count as failures until one answers
+            with suppress(*REDIS_ERRORS):
+                client = redis_client(url, profile=USAGE, **options)
+        self._client = client
         self.key = key or f"ag:{{{quote(namespace, safe='')}}}:usage"
         if max_records is not None and max_records <= 0:
             raise ValueError(f"max_records must be positive or None, got {max_records!r}")
         self.max_records = max_records
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:  # raises REDIS_ERRORS while no node answers
+            self._client = redis_client(self._raw_url, profile=USAGE, **self._options)
+        return self._client
 
     def _trim_args(self) -> dict[str, Any]:
         if self.retention_days is not None:
@@ -698,6 +706,6 @@ class RedisUsageStore(UsageStore):
                                      approximate=False))
 
     def _close(self) -> None:
-        if self._owned:
+        if self._owned and self._client is not None:
             with suppress(Exception):
-                self.client.close()
+                self._client.close()
