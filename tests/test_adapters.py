@@ -508,3 +508,39 @@ def test_middleware_chat_spans_match_the_callbacks(mode: str) -> None:
     by_callback = spans("callback")
     assert [name for name, _ in by_callback] == ["chat gpt-4o"]
     assert spans("middleware") == by_callback
+
+
+# -- a stream cut under the middleware is charged, never $0 -------------------------------
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_cut_stream_under_the_middleware_is_charged(mode: str) -> None:
+    spy = Spy(Limits(max_cost_usd=1))
+    reply = FakeReply("word " * 200, completion_tokens=200, chunk_delay_s=0.005)
+    with FakeOpenAIServer([reply]) as server:
+        model = ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="x",
+                           max_retries=0, max_tokens=300, streaming=True)
+        agent = create_agent(model, tools=[], middleware=[GuardMiddleware(spy.guard)])
+        inputs = {"messages": [HumanMessage("Talk.")]}
+        config = {"configurable": {"thread_id": SESSION}}
+        if mode == "sync":
+            stream = agent.stream(inputs, config, stream_mode="messages")
+            for _ in zip(range(5), stream, strict=False):
+                pass
+            stream.close()
+        else:
+            async def cut() -> None:
+                stream = agent.astream(inputs, config, stream_mode="messages")
+                n = 0
+                async for _ in stream:
+                    n += 1
+                    if n == 5:
+                        break
+                await stream.aclose()
+            asyncio.run(cut())
+        server.wait_billed(1)
+        billed = server.billed_nano(spy.guard.prices)
+    usage = spy.guard.usage(SESSION)
+    assert usage.reserved_nano == 0
+    assert usage.cost_nano >= billed > 0
+    assert usage.cost_nano <= sum(a.reserved_nano for a in spy.admissions)
