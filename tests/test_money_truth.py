@@ -86,7 +86,10 @@ class Books:
         or by the lease keeper), then check the four promises; return what was charged."""
         deadline = time.monotonic() + timeout
         usage = self.guard.usage(SESSION)
-        while (usage.reserved_nano or any(h.open_runs for h in self.handlers)) \
+        # the call's record is appended just after its settle (the keeper's thread may
+        # finish an abandoned call while this reads): wait for it as for the hold
+        while (usage.reserved_nano or any(h.open_runs for h in self.handlers)
+               or usage.cost_nano > sum(r.reserved_nano for r in self.model_records())) \
                 and time.monotonic() < deadline:
             time.sleep(0.02)
             usage = self.guard.usage(SESSION)
