@@ -319,3 +319,67 @@ def test_a_hostile_entry_under_a_middleware_tool_key_is_a_miss(kind: str, payloa
                 loop.close()
             results.clear()
             results.store.close()
+
+
+# -- a LangGraph cache the compiled graph brought (InMemoryCache, SqliteCache, RedisCache) ----
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def _typed_payloads(canary: str) -> dict[str, tuple[str, bytes]]:
+    """(type, bytes) pairs as a LangGraph cache stores them, each asking to run code."""
+    return {
+        "msgpack-ext": ("msgpack", msgpack_ext(canary)),
+        "msgpack-nested": ("msgpack", ormsgpack.packb([["messages", ormsgpack.Ext(
+            2, ormsgpack.packb(("os", "makedirs", {"name": canary})))]])),
+        "pickle": ("pickle", pickle.dumps(MakeDirs(canary), protocol=5)),
+        "lc-constructor": ("json", json.dumps([{"lc": 1, "type": "constructor",
+                                                "id": ["os", "makedirs"],
+                                                "kwargs": {"name": canary}}]).encode()),
+        "truncated": ("json", b'{"v": 1, "val'),
+    }
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("payload", sorted(_typed_payloads("/x")))
+def test_a_compiled_graphs_own_cache_constructs_nothing(payload: str, mode: str,
+                                                        tmp_path: Path) -> None:
+    """guarded_graph keeps the LangGraph cache a graph was compiled with; it must read and
+    write it through the allow-list too: a planted entry is a miss and runs nothing."""
+    from langgraph.cache.memory import InMemoryCache
+    from langgraph.graph import MessagesState
+    from langgraph.types import CachePolicy
+
+    canary = tmp_path / "canary"
+    calls: list[str] = []
+
+    def research(state: MessagesState) -> dict:
+        calls.append("research")
+        return {"messages": [AIMessage("findings")]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("research", research,
+                     cache_policy=CachePolicy(key_func=lambda s: str(s["messages"][-1].content)))
+    builder.add_edge(START, "research")
+    builder.add_edge("research", END)
+    cache = InMemoryCache()
+    app = guarded_graph(builder.compile(cache=cache), limits=Limits(max_steps=100),
+                        session_id="own-cache")
+    question = {"messages": [HumanMessage("what changed?")]}
+
+    def go() -> str:
+        out = asyncio.run(app.ainvoke(question)) if mode == "async" else app.invoke(question)
+        return str(out["messages"][-1].content)
+
+    assert go() == "findings" and calls == ["research"]
+    assert go() == "findings" and calls == ["research"]  # a hit
+    kind, raw = _typed_payloads(str(canary))[payload]
+    planted = 0
+    for ns in list(cache._cache):
+        for key in list(cache._cache[ns]):
+            _, _, expiry = cache._cache[ns][key]
+            cache._cache[ns][key] = (kind, raw, expiry)
+            planted += 1
+    assert planted == 1
+    assert go() == "findings" and calls == ["research", "research"]  # a miss: ran again
+    assert not canary.exists(), "a planted payload ran code"
+    assert go() == "findings" and calls == ["research", "research"]  # rewritten: a hit

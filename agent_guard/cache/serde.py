@@ -61,8 +61,8 @@ from langchain_core.messages import (
 from langchain_core.outputs import ChatGeneration, Generation
 from langgraph.types import Send
 
-__all__ = ["DEFAULT_MAX_BYTES", "FORMAT", "MAX_DEPTH", "UndecodableEntry",
-           "UnencodableValue", "dumps_value", "loads_value"]
+__all__ = ["DEFAULT_MAX_BYTES", "FORMAT", "MAX_DEPTH", "AllowListSerializer",
+           "UndecodableEntry", "UnencodableValue", "dumps_value", "loads_value"]
 
 FORMAT = 1
 #: Largest entry written or read (UTF-8 bytes of its JSON text).
@@ -267,3 +267,36 @@ def loads_value(text: Any, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
             entry["v"] != FORMAT or "value" not in entry:
         raise _fail("not a cache entry of format 1")
     return _decode(entry["value"], 0)
+
+
+class AllowListSerializer:
+    """LangGraph's ``SerializerProtocol`` over this format, for a LangGraph cache
+    (``InMemoryCache``, ``SqliteCache``, ``RedisCache``) that ``guarded_graph`` keeps: it
+    writes only allowed values and reads back only its own entries (any other type, e.g.
+    LangGraph's ``msgpack``, ``json`` or ``pickle``, is :class:`UndecodableEntry`)."""
+
+    TYPE = "agent_guard.v1"
+
+    def __init__(self, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+
+    def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
+        return self.TYPE, dumps_value(obj, max_bytes=self.max_bytes).encode("utf-8")
+
+    def loads_typed(self, data: tuple[str, bytes]) -> Any:
+        try:
+            kind, raw = data
+        except (TypeError, ValueError):
+            raise _fail("not a (type, bytes) pair") from None
+        if kind != self.TYPE:
+            raise _fail(f"an entry of type {str(kind)[:40]!r}, not {self.TYPE!r}")
+        if type(raw) is str:
+            text = raw
+        elif isinstance(raw, (bytes, bytearray, memoryview)):
+            try:
+                text = bytes(raw).decode("utf-8")
+            except UnicodeDecodeError:
+                raise _fail("not UTF-8") from None
+        else:
+            raise _fail(f"a {type(raw).__name__} payload")
+        return loads_value(text, max_bytes=self.max_bytes)

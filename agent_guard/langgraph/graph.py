@@ -60,6 +60,8 @@ from ..actions import (
 from ..budgets import Budgets, attributes_from_metadata
 from ..cache.node import NodeCache, astream_as_tenant, content_key, stream_as_tenant
 from ..cache.result import ResultCache
+from ..cache.safety import CacheIO
+from ..cache.serde import AllowListSerializer, UndecodableEntry, UnencodableValue
 from ..errors import GuardError
 from ..guard import Guard
 from ..langchain.callback import GuardCallbackHandler, session_from_metadata
@@ -400,27 +402,90 @@ def _storable(writes: Any) -> bool:
 
 
 class _StopAwareCache(BaseCache[Any]):
-    """The graph's node cache, minus what a refusal produced (see :func:`_storable`)."""
+    """The graph's own LangGraph node cache, kept safe: minus what a refusal produced (see
+    :func:`_storable`), and read and written only through the cache allow-list
+    (:class:`~agent_guard.cache.serde.AllowListSerializer`): an entry planted in a shared
+    store can construct nothing, and an entry that can't be read, a value off the list or
+    a backend that fails is a miss (logged once per cause), never the run's error."""
 
     def __init__(self, inner: BaseCache[Any]) -> None:
+        inner.serde = AllowListSerializer()  # LangGraph's default rebuilds msgpack types
         super().__init__(serde=inner.serde)
         self.inner = inner
+        self.io = CacheIO.of(inner)
+
+    def _read(self, keys: Sequence[Any], read: Callable[[Sequence[Any]], Any]) -> Any:
+        try:
+            return read(keys)
+        except Exception as exc:  # one bad entry: read the others one by one
+            if len(keys) <= 1:
+                self._missed(exc)
+                return {}
+        found: dict[Any, Any] = {}
+        for key in keys:
+            try:
+                found.update(read([key]))
+            except Exception as exc:
+                self._missed(exc)
+        return found
+
+    def _missed(self, exc: Exception) -> None:
+        if isinstance(exc, UndecodableEntry):
+            self.io.refused(str(exc), "node entry")
+        else:
+            self.io.unstorable(f"{type(exc).__name__}: {exc}", "a LangGraph cache read")
 
     def get(self, keys: Sequence[Any]) -> dict[Any, Any]:
-        return self.inner.get(keys)
+        return self._read(keys, self.inner.get)  # type: ignore[no-any-return]
 
     async def aget(self, keys: Sequence[Any]) -> dict[Any, Any]:
-        return await self.inner.aget(keys)
+        try:
+            return await self.inner.aget(keys)
+        except Exception as exc:
+            if len(keys) <= 1:
+                self._missed(exc)
+                return {}
+        found: dict[Any, Any] = {}
+        for key in keys:
+            try:
+                found.update(await self.inner.aget([key]))
+            except Exception as exc:
+                self._missed(exc)
+        return found
 
     def set(self, pairs: Mapping[Any, tuple[Any, int | None]]) -> None:
         kept = {k: v for k, v in pairs.items() if _storable(v[0])}
-        if kept:
+        if not kept:
+            return
+        try:
             self.inner.set(kept)
+        except Exception as exc:  # e.g. one value off the allow-list: store the others
+            if len(kept) == 1:
+                return self._unstored(exc)
+            for key, value in kept.items():
+                try:
+                    self.inner.set({key: value})
+                except Exception as each:
+                    self._unstored(each)
 
     async def aset(self, pairs: Mapping[Any, tuple[Any, int | None]]) -> None:
         kept = {k: v for k, v in pairs.items() if _storable(v[0])}
-        if kept:
+        if not kept:
+            return
+        try:
             await self.inner.aset(kept)
+        except Exception as exc:
+            if len(kept) == 1:
+                return self._unstored(exc)
+            for key, value in kept.items():
+                try:
+                    await self.inner.aset({key: value})
+                except Exception as each:
+                    self._unstored(each)
+
+    def _unstored(self, exc: Exception) -> None:
+        why = str(exc) if isinstance(exc, UnencodableValue) else f"{type(exc).__name__}: {exc}"
+        self.io.unstorable(why, "a node's writes")
 
     def clear(self, namespaces: Sequence[Any] | None = None) -> None:
         self.inner.clear(namespaces)
