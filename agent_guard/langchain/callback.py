@@ -32,6 +32,7 @@ import contextlib
 import inspect
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -128,7 +129,8 @@ class _Run:
     # id stays unique while the run is open), or None for a single prompt
     batch: Any = None
     started: float = 0.0  # time.monotonic()
-    timeout: float | None = None  # the client's request timeout, for retried attempts
+    timeout: float | None = None  # the client's read timeout, for retried attempts
+    first_chunk: float = 0.0  # time.monotonic() of the first streamed chunk, 0 before
 
 
 # streamed content blocks whose text is generated output (tool-call blocks are counted
@@ -504,6 +506,8 @@ class GuardCallbackHandler(BaseCallbackHandler):
         run = self._runs.get(run_id)
         if run is None:
             return
+        if not run.first_chunk:
+            run.first_chunk = time.monotonic()
         keeper.touch(self, run.admission)
         model = run.admission.call.model
         # The chunk's message is what was streamed, whatever ``token`` is: a str, or
@@ -830,22 +834,43 @@ def _attempts(serialized: Mapping[str, Any] | None) -> int:
     return 1
 
 
+def _seconds(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return None
+
+
+_HTTPX_TIMEOUT = re.compile(r"\b(timeout|read)=([0-9.eE+-]+)")
+
+
 def _timeout(serialized: Mapping[str, Any] | None) -> float | None:
-    """The client's request timeout in seconds, when it is one number."""
+    """The client's read timeout in seconds: the time one attempt waits for an answer
+    before the SDK retries. A number; a ``(connect, read, ...)`` sequence; an
+    ``httpx.Timeout`` (serialized as its repr: ``read=``, else ``timeout=``)."""
     kwargs = (serialized or {}).get("kwargs") or {}
     if not isinstance(kwargs, Mapping):
         return None
     for key in ("request_timeout", "timeout", "default_request_timeout"):
         value = kwargs.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-            return float(value)
+        if isinstance(value, list | tuple) and value:
+            return _seconds(value[1] if len(value) > 1 else value[0])
+        if isinstance(value, Mapping) and value.get("id") == ["httpx", "Timeout"]:
+            found = dict(_HTTPX_TIMEOUT.findall(str(value.get("repr") or "")))
+            try:
+                return _seconds(float(found.get("read", found.get("timeout", ""))))
+            except ValueError:
+                return None
+        if (seconds := _seconds(value)) is not None:
+            return seconds
     return None
 
 
 def _retried(run: _Run) -> int:
-    """Attempts before the answer that may have been billed: a call that was not
-    streamed and took longer than its client's timeout retried after a timeout (the
-    client's retries happen inside one LangChain call)."""
-    if run.timeout is None or run.streamed_tokens or run.admission.call.attempts <= 1:
+    """Attempts before the answer that may have been billed: the client's retries happen
+    inside one LangChain call, each after one whole read timeout without an answer. So
+    the wait for the answer (for a stream, for its first chunk: a stream is not retried
+    once it has started) holds one timed-out attempt per whole timeout."""
+    if run.timeout is None or run.admission.call.attempts <= 1:
         return 0
-    return int((time.monotonic() - run.started) // run.timeout)
+    answered = run.first_chunk or time.monotonic()
+    return int((answered - run.started) // run.timeout)
