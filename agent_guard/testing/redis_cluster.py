@@ -11,6 +11,7 @@ and waits for ``cluster_state:ok`` on every node; ``stop()`` kills them. ``url``
 from __future__ import annotations
 
 import contextlib
+import random
 import shutil
 import socket
 import subprocess
@@ -33,18 +34,34 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _ephemeral_low() -> int:
+    """The first port the OS hands out on its own (``bind(0)``, a client's source port)."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _free_ports(count: int) -> list[int]:
-    """``count`` loopback ports whose bus ports (``+10000``) are free as well."""
+    """``count`` loopback ports whose bus ports (``+10000``) are free as well.
+
+    Both are taken below the OS's ephemeral range: a port the OS can hand out by itself
+    (to a client connecting anywhere, or a server binding port 0) can be taken between
+    this choice and the node's start, and a node that cannot bind exits (seen in a full
+    run: ``node ... not ready``)."""
+    rng = random.Random()
+    high = _ephemeral_low() - 10000  # node port + 10000 (bus) stays below the range
     ports: list[int] = []
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port + 10000 < 65536 and port not in ports and _port_free(port + 10000):
+    for _ in range(2000):
+        if high <= 10001:
+            break
+        port = rng.randrange(10001, high)
+        if port not in ports and _port_free(port) and _port_free(port + 10000):
             ports.append(port)
             if len(ports) == count:
                 return ports
-    raise ClusterUnavailable("no free loopback ports for a cluster")
+    raise ClusterUnavailable("no free loopback ports below the ephemeral range for a cluster")
 
 
 class LocalRedisCluster:
