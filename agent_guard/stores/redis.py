@@ -71,6 +71,27 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = _errors()
 UNREACHABLE_ERRORS: tuple[type[BaseException], ...] = _unreachable()
 
 
+def _pool_settings(url_kwargs: dict[str, Any], profile: RedisProfile,
+                   max_connections: int | None, pool_timeout: float | None, retries: int,
+                   options: dict[str, Any]) -> tuple[int, Any, dict[str, Any]]:
+    """(pool size, wait for a connection, connection kwargs) of one client, single node or
+    cluster: the profile's defaults, then the URL's query, then keyword arguments."""
+    url_max = url_kwargs.pop("max_connections", None)
+    url_timeout = url_kwargs.pop("timeout", None)
+    size = max_connections if max_connections is not None else \
+        url_max if url_max is not None else profile.max_connections
+    wait = pool_timeout if pool_timeout is not None else \
+        url_timeout if url_timeout is not None else profile.pool_timeout
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"max_connections must be an int >= 1, got {size!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+    kwargs: dict[str, Any] = {"socket_connect_timeout": profile.socket_connect_timeout,
+                              "socket_timeout": profile.socket_timeout,
+                              **url_kwargs, **options}
+    return size, wait, kwargs
+
+
 def redis_client(url: str, *, profile: RedisProfile = LEDGER, asynchronous: bool = False,
                  retries: int = 0, max_connections: int | None = None,
                  pool_timeout: float | None = None, **options: Any) -> Any:
@@ -97,19 +118,8 @@ def redis_client(url: str, *, profile: RedisProfile = LEDGER, asynchronous: bool
         raise ValueError(f"unknown Redis client option(s) {', '.join(unknown)} in "
                          f"{redact_url(url)!r}; known: {', '.join(sorted(REDIS.client_options))}")
     url_kwargs: dict[str, Any] = dict((aparse_url if asynchronous else parse_url)(url))
-    url_max = url_kwargs.pop("max_connections", None)
-    url_timeout = url_kwargs.pop("timeout", None)
-    size = max_connections if max_connections is not None else \
-        url_max if url_max is not None else profile.max_connections
-    wait = pool_timeout if pool_timeout is not None else \
-        url_timeout if url_timeout is not None else profile.pool_timeout
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"max_connections must be an int >= 1, got {size!r}")
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-    kwargs: dict[str, Any] = {"socket_connect_timeout": profile.socket_connect_timeout,
-                              "socket_timeout": profile.socket_timeout,
-                              **url_kwargs, **options}
+    size, wait, kwargs = _pool_settings(url_kwargs, profile, max_connections, pool_timeout,
+                                        retries, options)
     backoff = ExponentialWithJitterBackoff(base=0.01, cap=0.5)
     if asynchronous:
         pool: Any = aredis.BlockingConnectionPool(
@@ -162,19 +172,8 @@ def _cluster_client(url: str, *, profile: RedisProfile, asynchronous: bool, retr
         url_kwargs.pop(name, None)
     if url_kwargs.pop("db", 0) not in (0, None):
         raise ValueError(f"a Redis Cluster has one database (0): {redact_url(url)!r}")
-    url_max = url_kwargs.pop("max_connections", None)
-    url_timeout = url_kwargs.pop("timeout", None)
-    size = max_connections if max_connections is not None else \
-        url_max if url_max is not None else profile.max_connections
-    wait = pool_timeout if pool_timeout is not None else \
-        url_timeout if url_timeout is not None else profile.pool_timeout
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"max_connections must be an int >= 1, got {size!r}")
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-    kwargs: dict[str, Any] = {"socket_connect_timeout": profile.socket_connect_timeout,
-                              "socket_timeout": profile.socket_timeout,
-                              **url_kwargs, **options}
+    size, wait, kwargs = _pool_settings(url_kwargs, profile, max_connections, pool_timeout,
+                                        retries, options)
     backoff = ExponentialWithJitterBackoff(base=0.01, cap=0.5)
     if asynchronous:
         from redis.asyncio.cluster import ClusterNode as AsyncNode
