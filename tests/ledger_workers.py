@@ -2,14 +2,72 @@
 
 from __future__ import annotations
 
+import faulthandler
+import multiprocessing
 import random
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from agent_guard.ledger import Denial, Ledger, ScopeCaps, from_url
+
+T = TypeVar("T")
+
+# Spawned children import agent_guard (and LangChain under it) before they race: seconds of
+# CPU each, a minute on a loaded two-core machine. A worker that hangs dumps its stacks.
+RACE_TIMEOUT_S = 420.0
+
+
+def _entry(fn: Callable[..., T], barrier: Any, args: tuple[Any, ...]) -> T:
+    faulthandler.dump_traceback_later(RACE_TIMEOUT_S * 0.8, exit=False)
+    try:
+        return fn(barrier, *args)
+    except BaseException:
+        barrier.abort()  # the others would wait at the barrier for this one for ever
+        raise
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def run_racing(fn: Callable[..., T], args: Sequence[tuple[Any, ...]], *,
+               pool: Any = None, manager: Any = None) -> list[T]:
+    """``fn(barrier, *a)`` for each ``a`` in ``args``, each in a spawned process of its own;
+    ``fn`` calls ``barrier.wait()`` when ready so that all start racing at once. A worker
+    that fails breaks the barrier (the rest fail at once instead of waiting for ever) and
+    its error is raised here; a hang fails after ``RACE_TIMEOUT_S`` with the workers' stacks
+    on stderr. Pass ``pool``/``manager`` to reuse them across rounds."""
+    if pool is None or manager is None:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Manager() as manager, ctx.Pool(len(args)) as pool:
+            return run_racing(fn, args, pool=pool, manager=manager)
+    barrier = manager.Barrier(len(args), timeout=RACE_TIMEOUT_S)
+    pending = [pool.apply_async(_entry, (fn, barrier, a)) for a in args]
+    deadline = time.monotonic() + RACE_TIMEOUT_S
+    results: list[T] = []
+    errors: list[Exception] = []
+    for task in pending:
+        try:
+            results.append(task.get(max(0.0, deadline - time.monotonic())))
+        except multiprocessing.TimeoutError:
+            raise
+        except Exception as exc:  # the worker's own error, re-raised here
+            errors.append(exc)
+    if errors:  # the cause, not the barrier it broke for the others
+        raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)),
+                   errors[0])
+    return results
+
+
+def fails_before_the_barrier(barrier: Any, index: int) -> int:
+    """Worker 0 fails before it is ready; the others wait for it (the harness's own test)."""
+    if index == 0:
+        raise ValueError("worker 0 could not open its ledger")
+    barrier.wait()
+    return index
+
 
 CAP = 1_000_000_000  # $1.00 in nano-USD
 EACH = 70_000_000  # $0.07 worst case per call
@@ -20,7 +78,7 @@ def open_ledger(url: str, namespace: str | None) -> Ledger:
     return from_url(url, **options)
 
 
-def race(url: str, namespace: str | None, barrier: Any, threads: int, partial: bool,
+def race(barrier: Any, url: str, namespace: str | None, threads: int, partial: bool,
          seed: int) -> tuple[int, int]:
     """Reserve $0.07 from ``threads`` threads at once; settle the full amount, or a random
     smaller one. Returns (calls admitted, nano-USD settled)."""
@@ -60,7 +118,7 @@ def reserve_and_hang(url: str, namespace: str | None, lease_seconds: float) -> N
 TEAM_CAP_USD = "0.01"
 
 
-def team_race(url: str, namespace: str | None, barrier: Any, session: str, threads: int,
+def team_race(barrier: Any, url: str, namespace: str | None, session: str, threads: int,
               calls: int, now: float, seed: int) -> tuple[int, int]:
     """Sessions of one team, in this process, spend against a team monthly cap at the
     instant ``now``. Returns (calls admitted, nano-USD settled)."""

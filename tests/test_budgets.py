@@ -18,7 +18,7 @@ from agent_guard.testing import ScriptedChatModel
 from agent_guard.usage import usd_to_nano
 
 from .conftest import LedgerFactory
-from .ledger_workers import TEAM_CAP_USD, open_ledger, team_race
+from .ledger_workers import RACE_TIMEOUT_S, TEAM_CAP_USD, open_ledger, run_racing, team_race
 
 NOV_30 = datetime(2026, 11, 30, 23, 59, tzinfo=UTC).timestamp()
 DEC_1 = datetime(2026, 12, 1, 0, 1, tzinfo=UTC).timestamp()
@@ -278,14 +278,14 @@ def test_callback_charges_the_team_named_in_config_metadata() -> None:
 # -- two processes on Redis ------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(2 * RACE_TIMEOUT_S + 60)
 def test_team_month_cap_shared_by_two_processes_holds_exactly_and_resets(
         shared_url: tuple[str, str | None]) -> None:
     url, namespace = shared_url
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager, ctx.Pool(2) as pool:
-        barrier = manager.Barrier(2)
-        results = pool.starmap(team_race, [
-            (url, namespace, barrier, f"p{p}", 8, 10, NOV_30, p) for p in range(2)])
+        results = run_racing(team_race, [(url, namespace, f"p{p}", 8, 10, NOV_30, p)
+                                         for p in range(2)], pool=pool, manager=manager)
         admitted = sum(a for a, _ in results)
         settled = sum(s for _, s in results)
         ledger = open_ledger(url, namespace)
@@ -295,9 +295,8 @@ def test_team_month_cap_shared_by_two_processes_holds_exactly_and_resets(
         assert nov.get_spent("model_calls") == admitted < 160  # the cap stopped some
         # the worst case ($0.0004575) no longer fits: the cap was reached, not undershot
         assert usd_to_nano(TEAM_CAP_USD) - settled < 457_500
-        barrier = manager.Barrier(2)
-        december = pool.starmap(team_race, [
-            (url, namespace, barrier, f"q{p}", 2, 2, DEC_1, p) for p in range(2)])
+        december = run_racing(team_race, [(url, namespace, f"q{p}", 2, 2, DEC_1, p)
+                                          for p in range(2)], pool=pool, manager=manager)
     dec = ledger.totals("team:acme@2026-12")
     assert dec.get_spent("model_calls") == sum(a for a, _ in december) == 8
     assert ledger.totals("team:acme@2026-11").get_spent("usd_nano") == settled

@@ -12,7 +12,6 @@ Workers live in ``tests/ledger_workers.py`` so spawned children import nothing e
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -25,7 +24,7 @@ import pytest
 
 from agent_guard.ledger import Denial, Ledger, Reservation, ScopeCaps, from_url
 
-from .ledger_workers import CAP, EACH, race
+from .ledger_workers import CAP, EACH, RACE_TIMEOUT_S, fails_before_the_barrier, race, run_racing
 
 PROCESSES, THREADS = 4, 16
 LEASE = 2.0  # seconds, for the killed worker
@@ -37,16 +36,13 @@ def open_ledger(url: str, namespace: str | None) -> Ledger:
     return from_url(url, **options)
 
 
+@pytest.mark.timeout(RACE_TIMEOUT_S + 60)
 @pytest.mark.parametrize("partial", [False, True], ids=["full-settle", "partial-settle"])
 def test_processes_and_threads_never_overshoot(shared_url: tuple[str, str | None],
                                                partial: bool) -> None:
     url, namespace = shared_url
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Manager() as manager, ctx.Pool(PROCESSES) as pool:
-        barrier = manager.Barrier(PROCESSES)  # every process starts racing at once
-        results = pool.starmap(
-            race, [(url, namespace, barrier, THREADS, partial, seed) for seed in range(PROCESSES)]
-        )
+    results = run_racing(race, [(url, namespace, THREADS, partial, seed)
+                                for seed in range(PROCESSES)])
     admitted = sum(n for n, _ in results)
     settled = sum(s for _, s in results)
     ledger = open_ledger(url, namespace)
@@ -59,6 +55,13 @@ def test_processes_and_threads_never_overshoot(shared_url: tuple[str, str | None
         assert admitted >= CAP // EACH
     else:
         assert admitted == CAP // EACH == 14  # the most that fits, exactly
+
+
+def test_a_worker_that_fails_before_the_race_fails_the_test_instead_of_hanging_it() -> None:
+    # before: the others waited at the barrier for ever and pytest-timeout killed the run
+    # with no word of the worker's error
+    with pytest.raises(ValueError, match="could not open its ledger"):
+        run_racing(fails_before_the_barrier, [(i,) for i in range(3)])
 
 
 def test_a_killed_worker_s_hold_comes_back_after_its_lease(
