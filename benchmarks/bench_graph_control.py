@@ -2,7 +2,7 @@
 
     python benchmarks/bench_graph_control.py
 
-The rows of issue 15, against the local OpenAI-compatible server (which refuses a
+The graph-control rows, against the local OpenAI-compatible server (which refuses a
 history with unanswered tool calls, as OpenAI does) with a reply script that never
 ends the agent by itself. ``paid`` counts the requests the server answered during
 the run; ``history`` sends the thread's messages once more to the server. The
