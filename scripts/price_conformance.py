@@ -18,10 +18,10 @@ import contextlib
 import os
 import random
 import sys
-import time
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,10 @@ from agent_guard.usage import Usage  # noqa: E402
 
 DOC = ROOT / "docs" / "price-conformance.md"
 TOLERANCE = Decimal("1e-9")
+#: usages are priced at instants drawn from the week that starts here (a Monday, UTC), the
+#: same for both sides, so time-of-day ``off_peak_pricing`` is compared in and out of its
+#: windows and the report does not depend on when it was made
+WEEK_START = 1_795_996_800  # 2026-11-30T00:00:00Z
 THRESHOLDS = (128_000, 200_000, 272_000)
 TIERS = (None, None, "priority", "flex")
 
@@ -143,12 +147,16 @@ def reason_for(name: str, entry: Mapping[str, Any], provider: str, under: bool) 
     if provider == "fireworks_ai":
         return ("LiteLLM's Fireworks AI path ignores the `_priority` rates of a priority call; "
                 "agent-guard charges them (dearer)")
+    off_peak = ("off-peak (`off_peak_pricing`, priced at the same instant on both sides): the "
+                "block has no audio or image rates, so agent-guard keeps the standard audio "
+                "and image rates of an off-peak call; LiteLLM applies the off-peak input and "
+                "output rates to them (dearer)") if "off_peak_pricing" in entry else ""
     if provider == "deepseek":
-        return ("LiteLLM's DeepSeek calculator prices cache writes at 0; agent-guard at the "
-                "input rate (DeepSeek bills uncached tokens at the input rate)")
-    if "off_peak_pricing" in entry:
-        return ("time-of-day `off_peak_pricing` at a window's edge: the two clocks read "
-                "apart")
+        return "; ".join(filter(None, (
+            "LiteLLM's DeepSeek calculator prices cache writes at 0; agent-guard at the input "
+            "rate (DeepSeek bills uncached tokens at the input rate)", off_peak)))
+    if off_peak:
+        return off_peak
     if "explicit_cache_read_input_token_cost" in entry:
         return ("explicit cache reads: agent-guard prices every cache read at the dearer "
                 "explicit-cache rate (LangChain does not report which cache was read)")
@@ -175,6 +183,7 @@ KNOWN_UNDER = frozenset({"perplexity/perplexity/sonar"})
 
 def run(n: int, only: set[str] | None = None) -> Report:
     import litellm
+    from litellm._internal_context import pinned_billing_time
 
     litellm.suppress_debug_info = True
     raw, _, version = load_source("litellm")
@@ -186,12 +195,14 @@ def run(n: int, only: set[str] | None = None) -> Report:
         provider = str(entry.get("litellm_provider") or "")
         result = ModelResult(name, provider)
         price = ModelPrice.from_litellm(name, entry)
+        instants = random.Random(zlib.crc32(name.encode()) ^ 0x0FF9EA4)
         for usage in usages(name, entry, n):
             result.usages += 1
-            now = time.time()  # LiteLLM prices off-peak windows by the clock too
-            ours = price.cost(usage, (now, now)).total_usd
+            at = WEEK_START + instants.randrange(7 * 86_400)
+            ours = price.cost(usage, (at, at)).total_usd
             try:
-                theirs = litellm_cost(litellm, name, provider, usage)
+                with pinned_billing_time(datetime.fromtimestamp(at, UTC)):
+                    theirs = litellm_cost(litellm, name, provider, usage)
             except Exception:  # LiteLLM cannot price it (its own routing)
                 result.errors += 1
                 continue
@@ -208,7 +219,9 @@ def run(n: int, only: set[str] | None = None) -> Report:
                 result.example = (f"{usage.input_tokens} in ({usage.cache_read_tokens} read, "
                                   f"{usage.cache_creation_tokens} written), "
                                   f"{usage.output_tokens} out, tier {usage.service_tier}: "
-                                  f"${ours:.9f} vs ${theirs:.9f}")
+                                  f"${ours:.9f} vs ${theirs:.9f}"
+                                  + (f" at {datetime.fromtimestamp(at, UTC):%a %H:%M} UTC"
+                                     if "off_peak_pricing" in entry else ""))
         if result.differ:
             result.reason = reason_for(name, entry, provider, bool(result.under))
         report.results.append(result)
