@@ -19,6 +19,13 @@ is admitted when the current bucket and the earlier buckets the window covers
 ``"24h"`` cap holds over the current partial hour plus the 23 hours before it.
 Its soft thresholds are judged on the whole window and fire at most once per
 window length.
+
+Three kinds take their value from the call itself, never from metadata: ``model``
+(the model a call names), ``provider`` (its provider, e.g. ``openai``) and ``tool``
+(the tool's name; tool calls only). Any kind may be given per value, with ``"*"`` for
+every other value: ``Budgets(model={"gpt-4o": Limits(max_cost_usd=200,
+window="month")})`` caps that one model at $200 a month, across every session that
+uses it, in the same reservation as the session's caps.
 """
 
 from __future__ import annotations
@@ -41,6 +48,10 @@ __all__ = ["STANDARD_ATTRIBUTES", "Budgets", "ScopeRef", "Window", "attributes_f
 ALIASES = {"user_id": "user", "team_id": "team", "project_id": "project",
            "env": "environment"}
 GLOBAL = "global"
+# Scope kinds whose value is the call's own (its model, provider or tool), not metadata.
+CALL_KINDS = frozenset({"model", "provider", "tool"})
+# The key of a per-value budget mapping that applies to every value not listed.
+ANY_VALUE = "*"
 # Attributes read from run metadata and kept on records even without a budget.
 STANDARD_ATTRIBUTES = frozenset({"user", "team", "project", "feature", "environment",
                                  "tenant"})
@@ -140,7 +151,7 @@ class Budgets:
     ``global_`` is the kind ``"global"``.
     """
 
-    __slots__ = ("_tz", "kinds", "session", "timezone")
+    __slots__ = ("_tz", "kinds", "per_value", "session", "timezone")
 
     def __init__(
         self,
@@ -148,24 +159,30 @@ class Budgets:
         *,
         timezone: str = "UTC",
         global_: Limits | None = None,
-        **scopes: Limits | None,
+        **scopes: Limits | Mapping[str, Limits] | None,
     ) -> None:
         self.session = session if session is not None else Limits()
         kinds: dict[str, Limits] = {}
+        per_value: dict[str, dict[str, Limits]] = {}
         for kind, limits in {**scopes, GLOBAL: global_}.items():
             if limits is None:
                 continue
-            if not isinstance(limits, Limits):
-                raise TypeError(f"Budgets({kind}=...) must be a Limits, got "
-                                f"{type(limits).__name__}")
             if kind in ("session", *ALIASES) or not kind.isidentifier():
                 raise ValueError(f"Budgets: {kind!r} cannot name a scope kind; use "
                                  f"{ALIASES.get(kind, 'another name')!r}")
+            if isinstance(limits, Mapping) and kind != GLOBAL:
+                per_value[kind] = _per_value(kind, limits)
+                continue
+            if not isinstance(limits, Limits):
+                raise TypeError(f"Budgets({kind}=...) must be a Limits (or, per value, a "
+                                f"mapping of values to Limits), got {type(limits).__name__}")
             kinds[kind] = limits
         if not isinstance(self.session, Limits):
             raise TypeError(f"Budgets(session=...) must be a Limits, got "
                             f"{type(self.session).__name__}")
         self.kinds: Mapping[str, Limits] = kinds
+        #: kinds budgeted per value: kind -> {value or "*": Limits}
+        self.per_value: Mapping[str, Mapping[str, Limits]] = per_value
         self.timezone = timezone
         try:
             self._tz = ZoneInfo(timezone)
@@ -186,7 +203,7 @@ class Budgets:
         non-session budget's window: the forgotten budget would start again from zero."""
         if kept_seconds is None:
             return
-        for kind, limits in self.kinds.items():
+        for kind, limits in self.all_limits():
             needed = window_seconds(limits.window)
             if needed > kept_seconds:
                 keep = "forever (it has no window)" if needed == float("inf") else \
@@ -198,8 +215,31 @@ class Budgets:
                     f"{kind} budget would start again from zero. Raise that to at least "
                     f"{needed:,.0f} s, drop it, or give the budget a shorter window.")
 
+    def all_limits(self) -> list[tuple[str, Limits]]:
+        """Every budget but the session's: ``(kind, limits)``, per-value ones included."""
+        return [*self.kinds.items(),
+                *((k, lim) for k, by in self.per_value.items() for lim in by.values())]
+
+    def kind_names(self) -> frozenset[str]:
+        return frozenset(self.kinds) | frozenset(self.per_value)
+
     def attribute_names(self) -> frozenset[str]:
-        return frozenset(self.kinds) - {GLOBAL}
+        """The kinds whose values a call's metadata may carry (not the call kinds)."""
+        return self.kind_names() - {GLOBAL} - CALL_KINDS
+
+    def call_kinds(self) -> frozenset[str]:
+        """The budgeted kinds whose value is the call's own (model, provider, tool)."""
+        return self.kind_names() & CALL_KINDS
+
+    def limits_for(self, kind: str, value: str | None) -> Limits | None:
+        """The budget of ``kind`` for ``value`` (a per-value one, else its ``"*"``)."""
+        limits = self.kinds.get(kind)
+        if limits is not None:
+            return limits
+        by = self.per_value.get(kind)
+        if by is None or value is None:
+            return None
+        return by.get(value) or by.get(ANY_VALUE)
 
     def resolve(self, session: str, attributes: Mapping[str, str], now: float,
                 session_caps: Mapping[str, int], extra: Mapping[str, int] | None = None
@@ -209,11 +249,13 @@ class Budgets:
         the session only."""
         caps = dict(session_caps) if not extra else {**session_caps, **extra}
         refs = [self._ref("session", session, self.session, caps, now, raw=True)]
-        for kind, limits in self.kinds.items():
+        for kind in (*self.kinds, *self.per_value):
             value = None if kind == GLOBAL else attributes.get(kind)
             if kind != GLOBAL and not value:
                 continue
-            refs.append(self._ref(kind, value, limits, limits.caps(), now))
+            limits = self.limits_for(kind, value)
+            if limits is not None:
+                refs.append(self._ref(kind, value, limits, limits.caps(), now))
         return refs
 
     def ref(self, kind: str, value: str | None, now: float) -> ScopeRef:
@@ -222,10 +264,11 @@ class Budgets:
             if value is None:
                 raise ValueError("a session scope needs a session id")
             return self._ref(kind, value, self.session, self.session.caps(), now, raw=True)
-        limits = self.kinds.get(kind)
+        limits = self.limits_for(kind, value)
         if limits is None:
-            raise KeyError(f"no budget for scope kind {kind!r}; configured: "
-                           f"{', '.join(['session', *self.kinds])}")
+            raise KeyError(f"no budget for scope kind {kind!r}"
+                           f"{'' if value is None else f' value {value!r}'}; configured: "
+                           f"{', '.join(['session', *self.kinds, *self.per_value])}")
         return self._ref(kind, None if kind == GLOBAL else value, limits, limits.caps(), now)
 
     def _ref(self, kind: str, value: str | None, limits: Limits, caps: Mapping[str, int],
@@ -256,8 +299,25 @@ class Budgets:
         return ScopeRef(kind, value, period, limits, ScopeCaps(name, caps, history))
 
     def __repr__(self) -> str:
-        parts = [f"session={self.session!r}"] + [f"{k}={v!r}" for k, v in self.kinds.items()]
+        parts = [f"session={self.session!r}"] + [
+            f"{k}={v!r}" for k, v in (*self.kinds.items(), *self.per_value.items())]
         return f"Budgets({', '.join(parts)})"
+
+
+def _per_value(kind: str, by: Mapping[str, Limits]) -> dict[str, Limits]:
+    out: dict[str, Limits] = {}
+    for value, limits in by.items():
+        if not isinstance(value, str) or not value:
+            raise TypeError(f"Budgets({kind}={{...}}) keys must be {kind} names or '*', "
+                            f"got {value!r}")
+        if not isinstance(limits, Limits):
+            raise TypeError(f"Budgets({kind}={{{value!r}: ...}}) must be a Limits, got "
+                            f"{type(limits).__name__}")
+        out[value] = limits
+    if not out:
+        raise ValueError(f"Budgets({kind}={{}}) names no {kind}; give {{name: Limits(...)}} "
+                         f"or {{'*': Limits(...)}}")
+    return out
 
 
 def attributes_from_metadata(metadata: Mapping[str, object] | None,

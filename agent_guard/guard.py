@@ -19,9 +19,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from typing import Any, Literal
 
-from .budgets import STANDARD_ATTRIBUTES, Budgets, ScopeRef
+from .budgets import CALL_KINDS, STANDARD_ATTRIBUTES, Budgets, ScopeRef
 from .errors import (
     BudgetExceeded,
     GuardError,
@@ -36,12 +37,12 @@ from .ledger import Denial, Ledger, Reservation, ScopeCaps, ScopeTotals, from_ur
 from .ledger.base import Settlement
 from .ledger.failover import FailOpenLedger
 from .limits import Dimension, Limits, repeat_dimension, tool_dimension
-from .pricing import ModelPrice, PriceBook
+from .pricing import ModelPrice, PriceBook, ToolPrice, ToolUse
 from .records import CallRecord, Outcome, SessionUsage
 from .tokens import RequestFeatures, TokenCounter, request_features
 from .usage import Usage, usd_to_nano
 
-__all__ = ["Admission", "Guard", "ModelCall", "ThresholdEvent"]
+__all__ = ["Admission", "Guard", "ModelCall", "ThresholdEvent", "ToolAdmission"]
 
 logger = logging.getLogger("agent_guard")
 
@@ -263,6 +264,56 @@ class Admission:
         return self.reserved_nano // max(1, self.call.attempts)
 
 
+@dataclass(frozen=True, slots=True)
+class ToolAdmission:
+    """The guard's yes to one tool call. ``reservation`` holds a priced tool's worst
+    case (``reserved_nano``) with its counts until the call ends; it is None for a free
+    tool, whose counts were charged when it was admitted."""
+
+    session: str
+    tool: str | None
+    args: Any
+    price: ToolPrice | None
+    reservation: Reservation | None
+    reserved_nano: int
+    started_at: float
+    scopes: tuple[ScopeRef, ...] = ()
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    state: _CallState = field(default_factory=_CallState, compare=False, repr=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.state.record is not None
+
+
+class _ToolPlan:
+    """What one tool call would reserve (or charge, when it is free)."""
+
+    __slots__ = ("amounts", "args", "attributes", "guard", "price", "refs", "repeat",
+                 "session", "tool", "worst")
+
+    def __init__(self, guard: Guard, session: str, tool: str | None, args: Any,
+                 attributes: Mapping[str, str] | None, refs: list[ScopeRef],
+                 amounts: dict[str, int], repeat: ScopeCaps | None,
+                 price: ToolPrice | None, worst: int) -> None:
+        self.guard, self.session, self.tool, self.args = guard, session, tool, args
+        self.attributes, self.refs, self.amounts, self.repeat = attributes, refs, amounts, repeat
+        self.price, self.worst = price, worst
+
+    def admit(self, reservation: Reservation | None) -> ToolAdmission:
+        return ToolAdmission(
+            session=self.session, tool=self.tool, args=self.args, price=self.price,
+            reservation=reservation, reserved_nano=self.worst if reservation else 0,
+            started_at=self.guard.clock(), scopes=tuple(self.refs),
+            attributes=self.guard.attributes_for(self.attributes))
+
+
+# what a tool admission ends with when the tool certainly did not run (no record)
+_NOT_RUN = CallRecord(session="", run_id=None, model="", provider=None, usage=Usage(),
+                      cost_nano=0, reserved_nano=0, usage_estimated=False, outcome="error",
+                      started_at=0.0, ended_at=0.0, kind="tool")
+
+
 class Guard:
     """Budget caps for sessions, enforced before each call spends anything.
 
@@ -300,6 +351,7 @@ class Guard:
         attributes: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
         fail: Literal["closed", "open"] = "closed",
+        tool_prices: Mapping[str, ToolPrice] | None = None,
     ) -> None:
         if fail not in ("closed", "open"):
             raise ValueError(f"fail must be 'closed' or 'open', got {fail!r}")
@@ -313,6 +365,8 @@ class Guard:
             self.ledger = FailOpenLedger(self.ledger)
         _check_ledger_retention(self.budgets, self.ledger)
         self.prices = prices if prices is not None else PriceBook.default()
+        self.tool_prices: dict[str, ToolPrice] = _check_tool_prices(tool_prices or {})
+        self._call_kinds = self.budgets.call_kinds()
         self.tokens = token_counter if token_counter is not None else TokenCounter()
         self._hooks: list[RecordHook] = list(on_record)
         self._caps = self.limits.caps()
@@ -323,7 +377,7 @@ class Guard:
         self._unknown_price = self.limits.unknown_model_price()
         self._dollar_capped = any(
             lim.max_cost_usd is not None
-            for lim in (self.budgets.session, *self.budgets.kinds.values()))
+            for lim in (self.budgets.session, *(lim for _, lim in self.budgets.all_limits())))
         self._warned_no_usage: set[str] = set()
         self._warn_lock = threading.Lock()
         self._fired: set[tuple[str, str, float]] = set()
@@ -334,7 +388,7 @@ class Guard:
         # first read (past buckets change only by late settles), for its thresholds
         self._past_spent: dict[str, dict[str, int]] = {}
         # session -> its scope refs, when they depend on the session alone (scope_refs)
-        self._session_only = not self.budgets.kinds and self.limits.window is None
+        self._session_only = not self.budgets.kind_names() and self.limits.window is None
         self._session_refs: dict[str, list[ScopeRef]] = {}
 
     # -- configuration -------------------------------------------------------------
@@ -351,7 +405,19 @@ class Guard:
         return [r.caps for r in self.scope_refs(session, attributes, extra_caps)]
 
     def scope_refs(self, session: str, attributes: Mapping[str, str] | None = None,
-                   extra_caps: Mapping[str, int] | None = None) -> list[ScopeRef]:
+                   extra_caps: Mapping[str, int] | None = None, *,
+                   model: str | None = None, provider: str | None = None,
+                   tool: str | None = None) -> list[ScopeRef]:
+        """The scopes a call is charged to: the session's, those its attributes select,
+        and the budgets of its ``model``, ``provider`` or ``tool``."""
+        if self._call_kinds:
+            # the call kinds' values are the call's own: never read from metadata
+            own = {k: v for k, v in (("model", model), ("provider", provider),
+                                     ("tool", tool)) if v and k in self._call_kinds}
+            merged = {k: v for k, v in self.attributes_for(attributes).items()
+                      if k not in CALL_KINDS}
+            return self.budgets.resolve(session, {**merged, **own}, self.clock(),
+                                        self._caps, extra_caps)
         if self._session_only and not extra_caps:
             # Only a session budget, without a window: the scopes depend on the session
             # id alone (no attribute selects a scope, no clock picks a period), so they
@@ -583,7 +649,7 @@ class Guard:
         calls = amounts.get(Dimension.MODEL_CALLS, 1)
         return record, {**_amounts(usage, cost), Dimension.MODEL_CALLS: calls}
 
-    def _close(self, admission: Admission, record: CallRecord,
+    def _close(self, admission: Admission | ToolAdmission, record: CallRecord,
                amounts: dict[str, int] | None) -> CallRecord:
         """Settle (or release, when ``amounts`` is None), report, check thresholds; once
         per admission, whoever of its holders comes first."""
@@ -605,10 +671,10 @@ class Guard:
             _forget(admission)
         self._emit(record)
         if settled is not None:
-            self._check_thresholds(admission.call.session, admission.scopes, settled)
+            self._check_thresholds(record.session, admission.scopes, settled)
         return record
 
-    async def _aclose(self, admission: Admission, record: CallRecord,
+    async def _aclose(self, admission: Admission | ToolAdmission, record: CallRecord,
                       amounts: dict[str, int] | None) -> CallRecord:
         first = self._finish(admission, record)
         if first is not record:
@@ -628,11 +694,11 @@ class Guard:
             _forget(admission)
         self._emit(record)
         if settled is not None:
-            await self._acheck_thresholds(admission.call.session, admission.scopes, settled)
+            await self._acheck_thresholds(record.session, admission.scopes, settled)
         return record
 
     @staticmethod
-    def _finish(admission: Admission, record: CallRecord) -> CallRecord:
+    def _finish(admission: Admission | ToolAdmission, record: CallRecord) -> CallRecord:
         """Claim the end of ``admission`` for ``record``; the record it already ended
         with if another holder came first."""
         state = admission.state
@@ -643,43 +709,73 @@ class Guard:
 
     # -- tools and steps -----------------------------------------------------------------
 
+    def tool_price(self, tool: str | None, declared: ToolPrice | None = None
+                   ) -> ToolPrice | None:
+        """The price of ``tool``'s calls: ``Guard(tool_prices=...)``, else the one the
+        tool declares (``declared``: ``priced_tool``, its metadata), else the price book's
+        ``tools`` table (the overrides file). None: the tool is free."""
+        if not tool:
+            return None
+        return self.tool_prices.get(tool) or declared or self.prices.tools.get(tool)
+
     def before_tool_call(self, session: str, tool: str | None = None,
                          args: Any = _NO_ARGS, *,
-                         attributes: Mapping[str, str] | None = None) -> None:
-        """Count one tool call, or raise StepLimitExceeded (LoopDetected for the
-        ``max_repeats``-th identical call) before the tool runs.
+                         attributes: Mapping[str, str] | None = None,
+                         price: ToolPrice | None = None) -> ToolAdmission:
+        """Count one tool call and reserve its worst-case price, or raise before the
+        tool runs: StepLimitExceeded (LoopDetected for the ``max_repeats``-th identical
+        call), BudgetExceeded when its price does not fit a dollar cap.
 
-        The identical-call counter lives in the session scope only (team and global
-        scopes would otherwise gain a counter per distinct call, forever): it is
-        charged first, and given back if the tool caps then refuse the call."""
-        refs = self.scope_refs(session, attributes)
-        amounts, repeat = self._tool_amounts(tool, args, refs[0].scope)
-        if repeat is not None:
-            denial = self.ledger.charge([repeat], dict.fromkeys(repeat.caps, 1))
+        A priced tool (:meth:`tool_price`) is reserved with the model calls' caps in one
+        atomic step; end it with :meth:`tool_call_done` (settled at its actual price) or
+        :meth:`tool_call_not_run` (released). The identical-call counter lives in the
+        session scope only (team and global scopes would otherwise gain a counter per
+        distinct call, forever): it is charged first, and given back if the tool caps
+        then refuse the call."""
+        plan = self._tool_plan(session, tool, args, attributes, price)
+        if plan.repeat is not None:
+            denial = self.ledger.charge([plan.repeat], dict.fromkeys(plan.repeat.caps, 1))
             if denial is not None:
-                raise self._refusal(session, denial, refs)
-        denial = self._charge(session, refs, amounts)
+                raise self._refusal(session, denial, plan.refs)
+        reservation = None
+        if plan.worst:
+            result = self.ledger.reserve([r.caps for r in plan.refs], plan.amounts,
+                                         lease_seconds=self.limits.lease_seconds)
+            denial, reservation = (result, None) if isinstance(result, Denial) else \
+                (None, result)
+        else:
+            denial = self._charge(session, plan.refs, plan.amounts)
         if denial is not None:
-            if repeat is not None:
-                for dim in repeat.caps:
-                    self.ledger.extend(repeat.scope, dim, 1)
-            raise self._refusal(session, denial, refs)
+            if plan.repeat is not None:
+                for dim in plan.repeat.caps:
+                    self.ledger.extend(plan.repeat.scope, dim, 1)
+            raise self._refusal(session, denial, plan.refs)
+        return plan.admit(reservation)
 
     async def abefore_tool_call(self, session: str, tool: str | None = None,
                                 args: Any = _NO_ARGS, *,
-                                attributes: Mapping[str, str] | None = None) -> None:
-        refs = self.scope_refs(session, attributes)
-        amounts, repeat = self._tool_amounts(tool, args, refs[0].scope)
-        if repeat is not None:
-            denial = await self.ledger.acharge([repeat], dict.fromkeys(repeat.caps, 1))
+                                attributes: Mapping[str, str] | None = None,
+                                price: ToolPrice | None = None) -> ToolAdmission:
+        plan = self._tool_plan(session, tool, args, attributes, price)
+        if plan.repeat is not None:
+            denial = await self.ledger.acharge([plan.repeat],
+                                               dict.fromkeys(plan.repeat.caps, 1))
             if denial is not None:
-                raise self._refusal(session, denial, refs)
-        denial = await self._acharge(session, refs, amounts)
+                raise self._refusal(session, denial, plan.refs)
+        reservation = None
+        if plan.worst:
+            result = await self.ledger.areserve([r.caps for r in plan.refs], plan.amounts,
+                                                lease_seconds=self.limits.lease_seconds)
+            denial, reservation = (result, None) if isinstance(result, Denial) else \
+                (None, result)
+        else:
+            denial = await self._acharge(session, plan.refs, plan.amounts)
         if denial is not None:
-            if repeat is not None:
-                for dim in repeat.caps:
-                    await self.ledger.aextend(repeat.scope, dim, 1)
-            raise self._refusal(session, denial, refs)
+            if plan.repeat is not None:
+                for dim in plan.repeat.caps:
+                    await self.ledger.aextend(plan.repeat.scope, dim, 1)
+            raise self._refusal(session, denial, plan.refs)
+        return plan.admit(reservation)
 
     def tool_call_done(
         self,
@@ -693,21 +789,129 @@ class Guard:
         node: str | None = None,
         tags: Sequence[str] = (),
         attributes: Mapping[str, str] | None = None,
+        admission: ToolAdmission | None = None,
+        result: Any = None,
     ) -> CallRecord:
         """Report a finished tool call (``outcome="cache_hit"`` with what the cached
-        result saved): the guard emits its :class:`CallRecord` to ``on_record``."""
+        result saved): a priced call's ``admission`` is settled at what it cost
+        (:meth:`ToolPrice.cost_nano` of its arguments, ``result`` and wall time; a call
+        that failed, at its reserved worst case, marked estimated; a cache hit, at $0),
+        and the guard emits its :class:`CallRecord` to ``on_record``."""
+        record, amounts = self._tool_settlement(session, tool, outcome, saved_nano,
+                                                started_at, run_id, node, tags, attributes,
+                                                admission, result)
+        if admission is None or admission.reservation is None:
+            self._finish_unreserved(admission, record)
+            return record
+        return self._close(admission, record, amounts)
+
+    async def atool_call_done(
+        self,
+        session: str,
+        tool: str,
+        *,
+        outcome: Outcome = "ok",
+        saved_nano: int = 0,
+        started_at: float | None = None,
+        run_id: str | None = None,
+        node: str | None = None,
+        tags: Sequence[str] = (),
+        attributes: Mapping[str, str] | None = None,
+        admission: ToolAdmission | None = None,
+        result: Any = None,
+    ) -> CallRecord:
+        record, amounts = self._tool_settlement(session, tool, outcome, saved_nano,
+                                                started_at, run_id, node, tags, attributes,
+                                                admission, result)
+        if admission is None or admission.reservation is None:
+            self._finish_unreserved(admission, record)
+            return record
+        return await self._aclose(admission, record, amounts)
+
+    def tool_call_not_run(self, admission: ToolAdmission) -> None:
+        """The admitted tool certainly did not run (another handler refused it, its
+        arguments were invalid): its reservation is released. No record is emitted."""
+        if admission.reservation is not None and self._finish(
+                admission, _NOT_RUN) is _NOT_RUN:
+            self.ledger.release(admission.reservation)
+
+    async def atool_call_not_run(self, admission: ToolAdmission) -> None:
+        if admission.reservation is not None and self._finish(
+                admission, _NOT_RUN) is _NOT_RUN:
+            await self.ledger.arelease(admission.reservation)
+
+    def _finish_unreserved(self, admission: ToolAdmission | None, record: CallRecord) -> None:
+        """An unpriced tool call (its counts were charged up front): report it once."""
+        if admission is None or self._finish(admission, record) is record:
+            self._emit(record)
+
+    def _tool_plan(self, session: str, tool: str | None, args: Any,
+                   attributes: Mapping[str, str] | None, declared: ToolPrice | None
+                   ) -> _ToolPlan:
+        refs = self.scope_refs(session, attributes, tool=tool or None)
+        amounts, repeat = self._tool_amounts(tool, args, refs[0].scope)
+        price = self.tool_price(tool, declared)
+        worst = 0
+        if price is not None:
+            try:
+                worst = price.worst_nano(None if args is _NO_ARGS else args)
+            except ValueError as exc:
+                raise ValueError(f"agent-guard: the worst case of a {tool!r} call cannot "
+                                 f"be priced, so it is not run: {exc}") from exc
+        if worst:
+            amounts[Dimension.USD_NANO] = worst
+        return _ToolPlan(self, session, tool, args, attributes, refs, amounts, repeat,
+                         price, worst)
+
+    def _tool_settlement(
+        self, session: str, tool: str, outcome: Outcome, saved_nano: int,
+        started_at: float | None, run_id: str | None, node: str | None,
+        tags: Sequence[str], attributes: Mapping[str, str] | None,
+        admission: ToolAdmission | None, result: Any,
+    ) -> tuple[CallRecord, dict[str, int]]:
+        """The record of a finished tool call and the amounts its reservation settles."""
         now = self.clock()
-        refs = self.scope_refs(session, attributes)
+        if admission is not None:
+            started_at = admission.started_at if started_at is None else started_at
+            scopes = admission.scopes
+            attrs = admission.attributes
+        else:
+            scopes = tuple(self.scope_refs(session, attributes, tool=tool or None))
+            attrs = self.attributes_for(attributes)
+        started = now if started_at is None else started_at
+        price = admission.price if admission is not None else None
+        reserved = admission.reserved_nano if admission is not None else 0
+        cost, estimated = 0, False
+        if admission is not None and admission.reservation is not None and price is not None:
+            if outcome == "ok":
+                use = ToolUse(None if admission.args is _NO_ARGS else admission.args,
+                              result, max(0.0, now - admission.started_at))
+                try:
+                    cost = price.cost_nano(use)
+                except Exception:  # a price function that fails charges the worst case
+                    logger.exception("agent-guard: the price of a %r call could not be "
+                                     "computed; it is charged its worst case", tool)
+                    cost, estimated = reserved, True
+                if cost > reserved:
+                    logger.warning("agent-guard: a %r call cost $%s, above the worst case "
+                                   "its price declares ($%s): raise its max_units", tool,
+                                   _usd_text(cost), _usd_text(reserved))
+            elif outcome != "cache_hit":  # failed after it started: it may have billed
+                cost, estimated = reserved, True
         record = CallRecord(
-            session=session, run_id=run_id, model="", provider=None, usage=Usage(),
-            cost_nano=0, reserved_nano=0, usage_estimated=False, outcome=outcome,
-            started_at=now if started_at is None else started_at, ended_at=now,
+            session=session, run_id=run_id, model="",
+            provider=price.service if price is not None else None, usage=Usage(),
+            cost_nano=cost, reserved_nano=reserved, usage_estimated=estimated,
+            outcome=outcome, started_at=started, ended_at=now,
             saved_nano=max(0, int(saved_nano)), node=node, tags=tuple(tags), kind="tool",
-            tool=tool, attributes=self.attributes_for(attributes),
-            scopes=tuple(r.scope for r in refs),
+            tool=tool, attributes=attrs, scopes=tuple(r.scope for r in scopes),
+            **({"record_id": admission.reservation.id}
+               if admission is not None and admission.reservation is not None else {}),
         )
-        self._emit(record)
-        return record
+        amounts = dict(admission.reservation.amounts) if admission is not None and \
+            admission.reservation is not None else {}
+        amounts[Dimension.USD_NANO] = cost
+        return record, amounts
 
     def before_step(self, session: str, n: int = 1, *,
                     attributes: Mapping[str, str] | None = None) -> None:
@@ -1059,9 +1263,11 @@ class Guard:
         hint = None
         ref = next((r for r in refs if r.scope == denial.scope), None)
         if ref is not None and ref.kind != "session":
+            name = ref.kind if ref.kind != "global" else "global_"
+            limits = f"{{{ref.value!r}: Limits(...)}}" if ref.kind in self.budgets.per_value \
+                else "Limits(...)"
             hint = (f"The {ref.describe()} budget is used up for every session charged to "
-                    f"it. Raise Budgets({ref.kind if ref.kind != 'global' else 'global_'}"
-                    f"=Limits(...))")
+                    f"it. Raise Budgets({name}={limits})")
             hint += (", or wait for the next window." if ref.period is not None else ".")
         return cls(
             session=session,
@@ -1221,6 +1427,22 @@ def _summed(scope: str, parts: Sequence[ScopeTotals]) -> ScopeTotals:
     return ScopeTotals(scope, spent, reserved, parts[0].extra)
 
 
+def _check_tool_prices(prices: Mapping[str, ToolPrice]) -> dict[str, ToolPrice]:
+    out: dict[str, ToolPrice] = {}
+    for name, price in prices.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"Guard(tool_prices=...) keys must be tool names, got {name!r}")
+        if not isinstance(price, ToolPrice):
+            raise TypeError(f"Guard(tool_prices={{{name!r}: ...}}) must be a ToolPrice, "
+                            f"got {type(price).__name__}")
+        out[name] = price
+    return out
+
+
+def _usd_text(nano: int) -> str:
+    return f"{Decimal(nano) / 1_000_000_000:f}"
+
+
 def _check_attributes(attributes: Mapping[str, str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in attributes.items():
@@ -1233,7 +1455,7 @@ def _check_attributes(attributes: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def _forget(admission: Admission) -> None:
+def _forget(admission: Admission | ToolAdmission) -> None:
     """The request is over: a later handler of the same run id admits anew."""
     key = admission.state.key
     if key is not None:
@@ -1300,8 +1522,8 @@ class _Plan:
         # every attempt the provider client may send is reserved (ModelCall.attempts)
         self.attempts = max(1, int(call.attempts))
         self.worst_nano = self._worst_cost(output_tokens) * self.attempts
-        self.refs = refs if refs is not None else guard.scope_refs(call.session,
-                                                                    call.attributes)
+        self.refs = refs if refs is not None else guard.scope_refs(
+            call.session, call.attributes, model=call.model, provider=call.provider)
         self.scopes = [r.caps for r in self.refs]
         self.amounts = {
             Dimension.USD_NANO: self.worst_nano,

@@ -14,13 +14,15 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from langchain_core.messages import AIMessage
+from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration
+from langchain_core.tools import BaseTool
 
+from ..pricing.tools import METADATA_KEY, ToolPrice, tool_price_from_data
 from ..usage import MalformedUsage, Usage
 
-__all__ = ["Answer", "choices", "max_output", "model_name", "read_answer",
-           "with_output_cap"]
+__all__ = ["Answer", "choices", "max_output", "model_name", "priced_tool", "read_answer",
+           "tool_result", "with_output_cap"]
 
 logger = logging.getLogger("agent_guard")
 
@@ -232,3 +234,23 @@ def with_costs(usage: Mapping[str, Any], costs: Mapping[str, float]) -> CostedUs
     for key, value in costs.items():
         dict.__setitem__(costed, key, value)
     return costed
+
+
+def tool_result(output: Any) -> Any:
+    """What a tool returned, for its price (:class:`~agent_guard.pricing.ToolUse`): a
+    ``ToolMessage``'s artifact when it has one, else its content; a ``Command``: None."""
+    if isinstance(output, ToolMessage):
+        return output.artifact if output.artifact is not None else output.content
+    if type(output).__name__ == "Command":
+        return None
+    return output
+
+
+def priced_tool(tool: BaseTool, price: ToolPrice | Mapping[str, Any]) -> BaseTool:
+    """Declare ``tool``'s price on the tool itself (in its ``metadata``, where the
+    callback handler and the middleware read it): ``priced_tool(search,
+    ToolPrice(per_call_usd="0.01"))``. Returns the same tool."""
+    if not isinstance(price, ToolPrice):
+        price = tool_price_from_data(tool.name, price)
+    tool.metadata = {**(tool.metadata or {}), METADATA_KEY: price}
+    return tool

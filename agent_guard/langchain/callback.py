@@ -52,13 +52,15 @@ from langchain_core.runnables.config import var_child_runnable_config
 from ..budgets import Budgets, attributes_from_metadata
 from ..cache.result import CACHE_HIT_EVENT
 from ..errors import BudgetExceeded, GuardError, SessionRequired
-from ..guard import Admission, Guard, ModelCall
+from ..guard import Admission, Guard, ModelCall, ToolAdmission
 from ..keeper import keeper
 from ..ledger import Ledger
 from ..limits import Limits
+from ..pricing.tools import declared_price
 from ..records import CallRecord, Outcome
+from ..telemetry.langsmith import note_tool_cost
 from ..usage import Usage
-from .call import max_output, model_name, read_answer, with_costs
+from .call import max_output, model_name, read_answer, tool_result, with_costs
 
 __all__ = ["GuardCallbackHandler", "OutputCapExceeded", "session_from_metadata"]
 
@@ -186,6 +188,8 @@ class _Tool:
     tags: tuple[str, ...]
     cache_hit: bool = False  # a cached_tool answered from its cache (CACHE_HIT_EVENT)
     saved_nano: int = 0
+    admission: ToolAdmission | None = None  # holds a priced tool's worst case
+    metadata: dict[str, Any] | None = None  # the run's metadata (LangSmith reads its cost)
 
 
 class GuardCallbackHandler(BaseCallbackHandler):
@@ -636,10 +640,13 @@ class GuardCallbackHandler(BaseCallbackHandler):
                                       kwargs.get("tool_call_id"),
                                       inputs if inputs is not None else input_str,
                                       session=session, attributes=attributes)
+        admission = None
         if self.count_tools:
             args: Any = inputs if inputs is not None else input_str
             try:
-                self.guard.before_tool_call(session, name, args, attributes=attributes)
+                admission = self.guard.before_tool_call(
+                    session, name, args, attributes=attributes,
+                    price=declared_price(meta, name))
             except GuardError as exc:
                 self._fallbacks_refused(fallbacks, exc)
                 if self.telemetry is not None:
@@ -647,9 +654,14 @@ class GuardCallbackHandler(BaseCallbackHandler):
                 raise
         with self._lock:
             self._tools[run_id] = _Tool(session, str(name), self.guard.clock(), attributes,
-                                        meta.get("langgraph_node"), tuple(tags or ()))
-            while len(self._tools) > 4096:  # tools that never ended
-                self._tools.popitem(last=False)
+                                        meta.get("langgraph_node"), tuple(tags or ()),
+                                        admission=admission,
+                                        metadata=metadata if isinstance(metadata, dict)
+                                        else None)
+            dropped = [self._tools.popitem(last=False)[1]
+                       for _ in range(len(self._tools) - 4096)]  # tools that never ended
+        for tool in dropped:
+            self._tool_record(tool, None, "aborted", None)
 
     def on_custom_event(self, name: str, data: Any, *, run_id: UUID,
                         tags: list[str] | None = None,
@@ -671,27 +683,40 @@ class GuardCallbackHandler(BaseCallbackHandler):
             self.telemetry.tool_cache_hit(run_id, saved)
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        record = self._tool_done(run_id, "ok", output)
         if self.telemetry is not None:
-            self.telemetry.tool_end(run_id, result=output)
-        self._tool_done(run_id, "ok")
+            self.telemetry.tool_end(run_id, result=output, record=record)
 
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        record = self._tool_done(run_id, "error")
         if self.telemetry is not None:
-            self.telemetry.tool_end(run_id, error)
-        self._tool_done(run_id, "error")
+            self.telemetry.tool_end(run_id, error, record=record)
 
-    def _tool_done(self, run_id: UUID, outcome: Outcome) -> None:
+    def _tool_done(self, run_id: UUID, outcome: Outcome, output: Any = None
+                   ) -> CallRecord | None:
+        """Settle and record a tool call; a call that failed is charged its reserved
+        worst case (a callback cannot tell a call that never reached the paid API)."""
         self._end_runs_under(run_id)
         with self._lock:
             tool = self._tools.pop(run_id, None)
-        if tool is not None:
-            if tool.cache_hit and outcome == "ok":
-                outcome = "cache_hit"
-            self.guard.tool_call_done(tool.session, tool.name, outcome=outcome,
-                                      saved_nano=tool.saved_nano if tool.cache_hit else 0,
-                                      started_at=tool.started_at, run_id=str(run_id),
-                                      node=tool.node, tags=tool.tags,
-                                      attributes=tool.attributes)
+        if tool is None:
+            return None
+        if tool.cache_hit and outcome == "ok":
+            outcome = "cache_hit"
+        return self._tool_record(tool, run_id, outcome, tool_result(output))
+
+    def _tool_record(self, tool: _Tool, run_id: UUID | None, outcome: Outcome,
+                     result: Any) -> CallRecord:
+        record = self.guard.tool_call_done(
+            tool.session, tool.name, outcome=outcome,
+            saved_nano=tool.saved_nano if tool.cache_hit else 0,
+            started_at=tool.started_at, run_id=None if run_id is None else str(run_id),
+            node=tool.node, tags=tool.tags, attributes=tool.attributes,
+            admission=tool.admission, result=result)
+        if self.annotate_runs and tool.admission is not None \
+                and tool.admission.price is not None and tool.metadata is not None:
+            note_tool_cost(tool.metadata, record)
+        return record
 
     # -- runs (for telemetry) ---------------------------------------------------------
 

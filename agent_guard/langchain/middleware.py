@@ -51,11 +51,20 @@ from ..actions import (
 from ..budgets import Budgets, attributes_from_metadata
 from ..cache.result import MISS, ResultCache, collecting_cache_hits
 from ..errors import GuardError
-from ..guard import Admission, Guard, ModelCall
+from ..guard import Admission, Guard, ModelCall, ToolAdmission
 from ..ledger import Ledger
 from ..limits import Limits
+from ..pricing.tools import declared_price
 from ..records import Outcome
-from .call import Answer, choices, max_output, model_name, read_answer, with_output_cap
+from .call import (
+    Answer,
+    choices,
+    max_output,
+    model_name,
+    read_answer,
+    tool_result,
+    with_output_cap,
+)
 from .callback import _finish_reasons
 
 __all__ = ["GuardMiddleware"]
@@ -414,17 +423,32 @@ class GuardMiddleware(AgentMiddleware):
         """The run's scope values (team, user, feature...) from its config metadata."""
         return attributes_from_metadata(_config().get("metadata"), self.guard.attribute_names)
 
-    def _tool_done(self, session: str, request: ToolCallRequest, started: float,
-                   attributes: Mapping[str, str], outcome: Outcome,
-                   hits: list[int] | None = None) -> None:
-        """Record the tool call; a ``cached_tool`` that answered from its cache inside
-        it (``hits``) makes it a cache hit with what that saved."""
+    def _done_kwargs(self, request: ToolCallRequest, admission: ToolAdmission,
+                     outcome: Outcome, hits: list[int] | None, result: Any
+                     ) -> dict[str, Any]:
+        """How the tool call ended, for ``tool_call_done``: a ``cached_tool`` that
+        answered from its cache inside it (``hits``) makes it a cache hit with what that
+        saved; a priced call is settled from its result."""
         saved = 0
         if hits and outcome == "ok":
             outcome, saved = "cache_hit", sum(hits)
-        self.guard.tool_call_done(session, request.tool_call["name"], started_at=started,
-                                  node="tools", outcome=outcome, saved_nano=saved,
-                                  attributes=attributes)
+        return {"outcome": outcome, "saved_nano": saved, "started_at": admission.started_at,
+                "node": "tools", "attributes": admission.attributes, "admission": admission,
+                "result": tool_result(result)}
+
+    def _tool_done(self, request: ToolCallRequest, admission: ToolAdmission,
+                   outcome: Outcome, hits: list[int] | None = None, result: Any = None
+                   ) -> None:
+        self.guard.tool_call_done(admission.session, request.tool_call["name"],
+                                  **self._done_kwargs(request, admission, outcome, hits,
+                                                      result))
+
+    async def _atool_done(self, request: ToolCallRequest, admission: ToolAdmission,
+                          outcome: Outcome, hits: list[int] | None = None,
+                          result: Any = None) -> None:
+        await self.guard.atool_call_done(admission.session, request.tool_call["name"],
+                                         **self._done_kwargs(request, admission, outcome,
+                                                             hits, result))
 
     def wrap_tool_call(self, request: ToolCallRequest,
                        handler: Callable[[ToolCallRequest], ToolMessage | Command]
@@ -434,23 +458,26 @@ class GuardMiddleware(AgentMiddleware):
         call = request.tool_call
         while True:
             try:
-                self.guard.before_tool_call(session, call["name"], call.get("args", {}),
-                                            attributes=attributes)
-                started = self.guard.clock()
+                admission = self.guard.before_tool_call(
+                    session, call["name"], call.get("args", {}), attributes=attributes,
+                    price=declared_price(getattr(request.tool, "metadata", None),
+                                         call["name"]))
                 where, hit, saved = self._cached(request)
                 if hit is not None:
-                    self._tool_done(session, request, started, attributes, "ok", [saved])
+                    self._tool_done(request, admission, "ok", [saved])
                     return hit
                 try:
                     with collecting_cache_hits() as hits:
                         result = handler(request)
-                except Exception as exc:
-                    if not isinstance(exc, GuardError):
-                        self._tool_done(session, request, started, attributes, "error")
+                except GraphInterrupt:  # paused before it ran: it runs again on resume
+                    self.guard.tool_call_not_run(admission)
+                    raise
+                except BaseException:
+                    # it may have reached the paid API: charged its worst case
+                    self._tool_done(request, admission, "error")
                     raise
                 self._store(request, where, result)
-                self._tool_done(session, request, started, attributes, _outcome(result),
-                                hits)
+                self._tool_done(request, admission, _outcome(result), hits, result)
                 return result
             except GuardError as exc:
                 answer = self._tool_refused(exc, request, session)
@@ -466,24 +493,26 @@ class GuardMiddleware(AgentMiddleware):
         call = request.tool_call
         while True:
             try:
-                await self.guard.abefore_tool_call(session, call["name"], call.get("args", {}),
-                                                   attributes=attributes)
-                started = self.guard.clock()
+                admission = await self.guard.abefore_tool_call(
+                    session, call["name"], call.get("args", {}), attributes=attributes,
+                    price=declared_price(getattr(request.tool, "metadata", None),
+                                         call["name"]))
                 # the cache's I/O in a thread: a slow cache store never blocks the loop
                 where, hit, saved = await asyncio.to_thread(self._cached, request)
                 if hit is not None:
-                    self._tool_done(session, request, started, attributes, "ok", [saved])
+                    await self._atool_done(request, admission, "ok", [saved])
                     return hit
                 try:
                     with collecting_cache_hits() as hits:
                         result = await handler(request)
-                except Exception as exc:
-                    if not isinstance(exc, GuardError):
-                        self._tool_done(session, request, started, attributes, "error")
+                except GraphInterrupt:
+                    await self.guard.atool_call_not_run(admission)
+                    raise
+                except BaseException:
+                    await asyncio.shield(self._atool_done(request, admission, "error"))
                     raise
                 await asyncio.to_thread(self._store, request, where, result)
-                self._tool_done(session, request, started, attributes, _outcome(result),
-                                hits)
+                await self._atool_done(request, admission, _outcome(result), hits, result)
                 return result
             except GuardError as exc:
                 answer = self._tool_refused(exc, request, session)

@@ -41,10 +41,12 @@ from typing import Any
 
 from ..errors import UnknownModelPrice
 from ..usage import Usage, usd_to_nano
+from .tools import ToolPrice, tool_price_from_data
 
 __all__ = ["CostBreakdown", "ModelPrice", "PriceBook", "PriceTier", "Rates"]
 
 ENV_VAR = "AGENT_GUARD_PRICES"
+TOOLS_KEY = "tools"  # the overrides file's table of tool prices
 _ZERO = Decimal(0)
 _NANO = Decimal(10**9)
 _TIER_FIELD = re.compile(
@@ -700,8 +702,11 @@ class PriceBook:
     """Prices by model name, with LiteLLM-compatible entries and name resolution."""
 
     def __init__(self, prices: Mapping[str, ModelPrice], snapshot_date: str | None = None,
-                 *, raw: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+                 *, raw: Mapping[str, Mapping[str, Any]] | None = None,
+                 tools: Mapping[str, ToolPrice] | None = None) -> None:
         self._prices = dict(prices)
+        #: tool name -> its price (the overrides file's ``tools`` table)
+        self.tools: Mapping[str, ToolPrice] = dict(tools or {})
         self._lower = {k.lower(): v for k, v in self._prices.items()}
         self._raw = dict(raw or {})
         self.snapshot_date = snapshot_date
@@ -756,18 +761,30 @@ class PriceBook:
     def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]] | str | os.PathLike[str]
                        ) -> PriceBook:
         """A new book with ``overrides`` (``{model: {litellm fields}}`` or a JSON/YAML
-        file of that shape) merged field by field over this one."""
+        file of that shape) merged field by field over this one. A ``"tools"`` entry is
+        a table of tool prices (``{"web_search": {"per_call_usd": "0.01"}}``, see
+        :class:`~agent_guard.pricing.ToolPrice`), each replacing the tool's."""
         table = overrides if isinstance(overrides, Mapping) else _read_file(overrides)
         raw = dict(self._raw)
         prices = dict(self._prices)
+        tools = dict(self.tools)
+        tool_table = table.get(TOOLS_KEY)
+        if tool_table is not None:
+            if not isinstance(tool_table, Mapping):
+                raise ValueError(f"the {TOOLS_KEY!r} price table must map tool names to "
+                                 f"prices, got {tool_table!r}")
+            tools.update({str(name): tool_price_from_data(str(name), fields)
+                          for name, fields in tool_table.items()})
         for name, fields in table.items():
+            if name == TOOLS_KEY:
+                continue
             if not isinstance(fields, Mapping):
                 raise ValueError(f"price override for {name!r} must be a mapping of fields, "
                                  f"got {fields!r}")
             merged = {**self._raw.get(name, {}), **fields}
             prices[name] = ModelPrice.from_litellm(name, merged)
             raw[name] = merged
-        return PriceBook(prices, self.snapshot_date, raw=raw)
+        return PriceBook(prices, self.snapshot_date, raw=raw, tools=tools)
 
     # -- lookup --------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import logging
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["note_tool_run"]
+__all__ = ["note_tool_cost", "note_tool_run"]
 
 logger = logging.getLogger("agent_guard")
 
@@ -44,3 +44,20 @@ def note_tool_run(*, cost_usd: Decimal | str | float | None, cache_hit: bool,
     except Exception:  # telemetry never fails the call it describes
         logger.warning("agent-guard: could not note a tool's cost on its LangSmith run",
                        exc_info=True)
+
+
+def note_tool_cost(metadata: dict[str, Any], record: Any) -> None:
+    """Put a priced tool call's cost where LangSmith reads it
+    (``usage_metadata.total_cost`` of the run's metadata), in the metadata dict LangChain
+    handed the handlers of that run when it started: LangChain's tracer keeps that dict
+    as its run's ``extra["metadata"]`` and sends it when the run ends, so a handler
+    listed before the tracer has its cost on the run. Called from the tool's end."""
+    try:
+        metadata["usage_metadata"] = {"total_cost": float(record.cost_nano) / 1e9}
+        metadata["agent_guard"] = {
+            **(metadata.get("agent_guard") if isinstance(metadata.get("agent_guard"), dict)
+               else {}),
+            "cost_usd": str(record.cost_usd), "reserved_usd": f"{record.reserved_nano / 1e9:f}",
+            "estimated": record.usage_estimated}
+    except Exception:  # telemetry never fails the call it describes
+        logger.warning("agent-guard: could not note a tool's cost on its run", exc_info=True)

@@ -558,11 +558,19 @@ class GuardTelemetry:
                                attributes=attributes).end()
 
     def tool_end(self, run_id: UUID, error: BaseException | None = None,
-                 result: Any = None) -> None:
+                 result: Any = None, record: CallRecord | None = None) -> None:
+        """End a tool's span; a priced call's ``record`` gives it the cost attributes of
+        a model call's span (what it cost, what was reserved, whether estimated)."""
         with self._lock:
             span = self._spans.pop(run_id, None)
         if span is None:
             return
+        if record is not None and record.reserved_nano:
+            cost = record.cost_nano / 1e9
+            span.set_attributes({**dict.fromkeys(self.cost_attributes, cost),
+                                 Attr.RESERVED_USD: record.reserved_nano / 1e9,
+                                 Attr.ESTIMATED: record.usage_estimated,
+                                 Attr.OUTCOME: record.outcome})
         if self.capture_content and result is not None:
             span.set_attributes(_content_attributes(_tool_content, Attr.TOOL_CALL_RESULT,
                                                     getattr(result, "content", result)))
