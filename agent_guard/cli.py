@@ -276,6 +276,8 @@ def _totals_table(t: dict[str, Any], window: str) -> Table:
     table.add_column("value", justify="right")
     for name, value in (
         ("cost", _usd(t["cost_usd"])),
+        ("  model calls / paid tools", f"{_usd(t['model_cost_usd'])} / "
+                                       f"{_usd(t['tool_cost_usd'])}"),
         ("calls (model / tool)", f"{t['calls']:,} ({t['model_calls']:,} / {t['tool_calls']:,})"),
         ("sessions", f"{t['sessions']:,}"),
         ("cost per model call", _usd(t["cost_per_call_usd"])),

@@ -5,7 +5,7 @@
     export_focus(store, "llm-costs.csv", since="2026-11-01", billing_account_id="org-123")
     assert validate_focus("llm-costs.csv") == []
 
-One row per model call (FOCUS 1.2 columns, which include every column FOCUS
+One row per model call and per paid tool call (FOCUS 1.2 columns, which include every column FOCUS
 1.0 and 1.1 require), ``ChargeCategory`` ``Usage``, ``ServiceCategory`` ``AI and
 Machine Learning`` / ``ServiceSubcategory`` ``Generative AI``:
 
@@ -17,7 +17,11 @@ Machine Learning`` / ``ServiceSubcategory`` ``Generative AI``:
 - ``ConsumedQuantity`` = input + output tokens, ``ConsumedUnit`` ``Tokens``;
 - a cache hit is a row with zero cost and zero tokens consumed, what it saved in
   ``x_SavedCost``; calls that failed before producing anything (nothing paid,
-  nothing consumed) and tool calls (no provider charge) are left out;
+  nothing consumed) and free tool calls (no charge) are left out;
+- a paid tool call (:class:`~agent_guard.pricing.ToolPrice`) is its own service:
+  ``ServiceName`` the service its price names (else ``Tool <name>``),
+  ``ServiceSubcategory`` ``Other (AI and Machine Learning)``, ``SkuId``
+  ``tool:<name>``, one ``Calls`` unit consumed;
 - ``ChargePeriodStart``/``End``: the call's start and end to the second
   (``YYYY-MM-DDTHH:MM:SSZ``, UTC, end exclusive and after the start), inside the
   calendar month that is the ``BillingPeriod``;
@@ -214,7 +218,21 @@ def _month(ts: float) -> tuple[float, float]:
     return start.timestamp(), end.timestamp()
 
 
+def _service_name(row: Mapping[str, Any], provider: str, tool: bool) -> str:
+    """A model call's service is its provider's API; a paid tool's, its own: the
+    service its price names (``ToolPrice(service=...)``), else the tool."""
+    if tool:
+        return provider if provider != "Unknown" else f"Tool {row['tool']}"
+    return f"{provider} API" if provider != "Unknown" else "LLM API"
+
+
 def _describe(row: Mapping[str, Any]) -> str:
+    if row["kind"] == "tool":
+        what = f"{row['tool']} tool call"
+        if row["outcome"] == "cache_hit":
+            return (f"{what} answered from agent-guard's cache (saved "
+                    f"{format_usd(int(row['saved_nano']))} USD)")
+        return what + (", failed (charged its worst case)" if row["outcome"] != "ok" else "")
     if row["outcome"] == "cache_hit":
         return (f"{row['model']} call answered from agent-guard's cache "
                 f"(saved {format_usd(int(row['saved_nano']))} USD)")
@@ -235,7 +253,8 @@ def focus_rows(
     currency: str = "USD",
     prices: PriceBook | None = None,
 ) -> list[dict[str, str]]:
-    """FOCUS rows (column -> text, ``""`` for null) for the model calls of ``source``.
+    """FOCUS rows (column -> text, ``""`` for null) for the model calls and paid tool
+    calls of ``source``.
 
     ``prices`` names the provider of records that carry none (default: the
     bundled price book)."""
@@ -247,8 +266,9 @@ def focus_rows(
     out: list[dict[str, str]] = []
     book: PriceBook | None = prices
     for row in _as_rows(source, since, until):
-        if row["kind"] != "model":
-            continue
+        tool = row["kind"] == "tool"
+        if tool and not int(row["cost_nano"]) and not int(row["saved_nano"]):
+            continue  # a free tool: no charge to export
         if row["outcome"] == "error" and not int(row["cost_nano"]) and \
                 not int(row["total_tokens"]):
             continue
@@ -260,11 +280,13 @@ def focus_rows(
         cost = format_usd(int(row["cost_nano"]))
         cache_hit = row["outcome"] == "cache_hit"
         attributes = json.loads(row.get("attributes") or "{}")
-        if book is None and not row.get("provider"):
+        if book is None and not row.get("provider") and not tool:
             book = PriceBook.default()
-        provider = _provider_name(row.get("provider"), row["model"], book)
+        provider = row.get("provider") or "Unknown" if tool else \
+            _provider_name(row.get("provider"), row["model"], book)
         sub_account = attributes.get("project") or attributes.get("team")
         tags = {k: v for k, v in (("session", row["session"]), ("model", row["model"]),
+                                  ("tool", row.get("tool") if tool else None),
                                   ("node", row.get("node")), ("tier", row.get("tier")),
                                   ("route", row.get("route"))) if v}
         tags.update({k: str(v) for k, v in attributes.items()})
@@ -289,11 +311,13 @@ def focus_rows(
             "ProviderName": provider,
             "PublisherName": provider,
             "ServiceCategory": "AI and Machine Learning",
-            "ServiceName": f"{provider} API" if provider != "Unknown" else "LLM API",
-            "ServiceSubcategory": "Generative AI",
+            "ServiceName": _service_name(row, provider, tool),
+            "ServiceSubcategory": "Other (AI and Machine Learning)" if tool
+            else "Generative AI",
             "ChargeFrequency": "Usage-Based",
-            "ConsumedQuantity": "0" if cache_hit else str(int(row["total_tokens"])),
-            "ConsumedUnit": "Tokens",
+            "ConsumedQuantity": ("0" if cache_hit else "1") if tool
+            else "0" if cache_hit else str(int(row["total_tokens"])),
+            "ConsumedUnit": "Calls" if tool else "Tokens",
             "ContractedUnitPrice": cost,
             "ListUnitPrice": cost,
             "PricingCategory": "Standard",
@@ -302,8 +326,8 @@ def focus_rows(
             "ResourceId": f"session/{row['session']}",
             "ResourceName": row["session"],
             "ResourceType": "Agent Session",
-            "SkuId": row["model"],
-            "SkuPriceId": row["model"],
+            "SkuId": f"tool:{row['tool']}" if tool else row["model"],
+            "SkuPriceId": f"tool:{row['tool']}" if tool else row["model"],
             "SubAccountId": sub_account or "",
             "SubAccountName": sub_account or "",
             "Tags": json.dumps(tags, sort_keys=True, ensure_ascii=False),

@@ -18,6 +18,8 @@ Columns of a row (besides the group keys):
 
 - ``calls`` (model and tool calls), ``model_calls``, ``tool_calls``, ``sessions``;
 - ``cost_usd``, ``cost_per_call_usd`` (per model call), ``cost_per_session_usd``;
+  ``model_cost_usd`` and ``tool_cost_usd``: the model calls' and the paid tool
+  calls' shares of ``cost_usd`` (``*_nano`` beside each, exact);
 - ``input_tokens``, ``cache_read_tokens``, ``cache_creation_tokens``,
   ``output_tokens``, ``reasoning_tokens``, ``total_tokens``;
 - ``cache_hits`` (model and tool calls answered from a cache), ``cache_hit_rate``
@@ -101,7 +103,8 @@ _TIME_KEYS = frozenset({"hour", "day", "week", "month"})
 
 REPORT_COLUMNS = (
     "calls", "model_calls", "tool_calls", "sessions",
-    "cost_nano", "cost_usd", "cost_per_call_usd", "cost_per_session_usd",
+    "cost_nano", "cost_usd", "model_cost_nano", "model_cost_usd", "tool_cost_nano",
+    "tool_cost_usd", "cost_per_call_usd", "cost_per_session_usd",
     "input_tokens", "cache_read_tokens", "cache_creation_tokens", "output_tokens",
     "reasoning_tokens", "total_tokens",
     "cache_hits", "cache_hit_rate", "saved_nano", "saved_usd",
@@ -210,11 +213,11 @@ def _duplicates(rows: Sequence[Row]) -> set[str]:
 class _Acc:
     __slots__ = ("aborted", "cache_hits", "calls", "cost", "dup_cost", "dups", "errors",
                  "estimated", "first", "last", "model_calls", "saved", "sessions", "tiers",
-                 "tokens", "tool_calls", "unpriced")
+                 "tokens", "tool_calls", "tool_cost", "unpriced")
 
     def __init__(self) -> None:
         self.calls = self.model_calls = self.tool_calls = 0
-        self.cost = self.saved = self.dup_cost = 0
+        self.cost = self.saved = self.dup_cost = self.tool_cost = 0
         self.cache_hits = self.dups = self.errors = self.aborted = 0
         self.estimated = self.unpriced = 0
         self.tokens = dict.fromkeys(_TOKENS, 0)
@@ -241,6 +244,7 @@ class _Acc:
             self.aborted += 1
         if r["kind"] == "tool":
             self.tool_calls += 1
+            self.tool_cost += cost
             return
         self.model_calls += 1
         for name in _TOKENS:
@@ -261,6 +265,10 @@ class _Acc:
             "sessions": len(self.sessions),
             "cost_nano": self.cost,
             "cost_usd": format_usd(self.cost),
+            "model_cost_nano": self.cost - self.tool_cost,
+            "model_cost_usd": format_usd(self.cost - self.tool_cost),
+            "tool_cost_nano": self.tool_cost,
+            "tool_cost_usd": format_usd(self.tool_cost),
             "cost_per_call_usd": _per(self.cost, self.model_calls),
             "cost_per_session_usd": _per(self.cost, len(self.sessions)),
             **self.tokens,
