@@ -1,0 +1,304 @@
+"""Paid tools in the same caps as model calls (issue 20).
+
+An agent whose search tool costs $0.01 a call and loops (the real ``ChatOpenAI`` against
+``FakeOpenAIServer``, scripted to ask for another search after every answer) stops at
+the dollar cap with spent <= cap: on the callback, the middleware and the
+``guarded_graph`` paths, sync and async, on a memory and a Redis ledger. Measured from
+the outside: the tool counts its own runs, the server what it billed; the ledger must
+hold exactly the tool runs at $0.01 plus at least what the server billed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import threading
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from langchain.agents import create_agent
+from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.tools import tool
+from langchain_openai import ChatOpenAI
+from langgraph.graph import START, MessagesState, StateGraph
+from langgraph.prebuilt import ToolNode, tools_condition
+
+from agent_guard import (
+    BudgetExceeded,
+    Budgets,
+    Guard,
+    GuardCallbackHandler,
+    GuardMiddleware,
+    Limits,
+    guarded_graph,
+)
+from agent_guard.finops import UsageStore, export_focus, focus_rows, report, validate_focus
+from agent_guard.langchain.call import priced_tool
+from agent_guard.ledger import Ledger, MemoryLedger
+from agent_guard.pricing import PriceBook, ToolPrice, ToolUse
+from agent_guard.records import CallRecord
+from agent_guard.testing import FakeOpenAIServer, FakeReply
+
+from .conftest import REDIS_URL, require_redis
+
+SESSION = "paid-tools"
+SEARCH_USD = Decimal("0.01")
+SEARCH_NANO = 10_000_000
+CAP_USD = Decimal("0.10")
+CAP_NANO = 100_000_000
+
+
+@pytest.fixture(params=["memory", "redis"])
+def ledger(request: pytest.FixtureRequest, redis_namespace: str) -> Iterator[Ledger]:
+    if request.param == "memory":
+        made: Ledger = MemoryLedger()
+    else:
+        require_redis()
+        from agent_guard.ledger.redis import RedisLedger
+
+        made = RedisLedger.from_url(REDIS_URL, namespace=redis_namespace)
+    yield made
+    made.close()
+
+
+class Search:
+    """A paid web search that counts its own runs (what the search API would bill)."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self._lock = threading.Lock()
+
+        @tool
+        def web_search(query: str) -> str:
+            """Search the web."""
+            with self._lock:
+                self.runs += 1
+            return json.dumps([f"result for {query}"])
+
+        self.tool = web_search
+
+
+def looping_server() -> FakeOpenAIServer:
+    """Every answer asks for one more search (new arguments each time: no loop guard)."""
+    n = itertools.count()
+
+    def reply(body: dict[str, Any]) -> FakeReply:
+        i = next(n)
+        return FakeReply("", tool_calls=[{"name": "web_search", "arguments": {"query": f"q{i}"},
+                                          "id": f"call_{i}"}], completion_tokens=20)
+
+    return FakeOpenAIServer(reply)
+
+
+def chat(server: FakeOpenAIServer) -> ChatOpenAI:
+    return ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="test",
+                      max_tokens=40, max_retries=0, http_async_client=httpx.AsyncClient())
+
+
+def graph_of(model: ChatOpenAI, search: Any) -> StateGraph:
+    bound = model.bind_tools([search])
+
+    def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [bound.invoke(state["messages"])]}
+
+    async def aagent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await bound.ainvoke(state["messages"])]}
+
+    from langchain_core.runnables import RunnableLambda
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", RunnableLambda(agent, afunc=aagent))
+    builder.add_node("tools", ToolNode([search]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    return builder
+
+
+def run_agent(path: str, mode: str, guard: Guard, server: FakeOpenAIServer,
+              search: Any) -> Any:
+    """Run the looping agent on ``path`` until the guard stops it; what the run
+    returned or raised."""
+    inputs = {"messages": [("user", "research this forever")]}
+    config: dict[str, Any] = {"recursion_limit": 200, "metadata": {"session_id": SESSION}}
+    if path == "callback":
+        runnable: Any = create_agent(chat(server), tools=[search])
+        config["callbacks"] = [GuardCallbackHandler(guard, session_id=SESSION)]
+    elif path == "middleware":
+        runnable = create_agent(chat(server), tools=[search], middleware=[
+            GuardMiddleware(guard, session_id=SESSION, on_exceed="end")])
+    else:
+        runnable = guarded_graph(graph_of(chat(server), search), guard=guard,
+                                 session_id=SESSION, on_exceed="end")
+    try:
+        if mode == "sync":
+            return runnable.invoke(inputs, config=config)
+        return asyncio.run(runnable.ainvoke(inputs, config=config))
+    except BudgetExceeded as exc:
+        return exc
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("path", ["callback", "middleware", "guarded_graph"])
+def test_a_looping_paid_search_stops_at_the_dollar_cap(ledger: Ledger, path: str,
+                                                       mode: str) -> None:
+    records: list[CallRecord] = []
+    guard = Guard(Limits(max_cost_usd=CAP_USD), ledger=ledger, on_record=[records.append])
+    search = Search()
+    priced_tool(search.tool, ToolPrice(per_call_usd=SEARCH_USD, service="Tavily"))
+    with looping_server() as server:
+        outcome = run_agent(path, mode, guard, server, search.tool)
+        billed = server.billed_nano(guard.prices)
+    usage = guard.usage(SESSION)
+    tool_records = [r for r in records if r.kind == "tool"]
+    model_records = [r for r in records if r.kind == "model"]
+    # the tool ran until the dollars ran out: never past them, and not stopped by anything
+    # else (a count cap, an error)
+    assert usage.cost_nano <= CAP_NANO
+    assert usage.reserved_nano == 0
+    assert search.runs == len(tool_records) == usage.tool_calls
+    assert search.runs >= 8, (search.runs, outcome)
+    assert CAP_NANO - usage.cost_nano < SEARCH_NANO + max(r.reserved_nano
+                                                          for r in model_records)
+    # the ledger holds the searches at their price and at least what the model billed
+    tool_nano = sum(r.cost_nano for r in tool_records)
+    assert tool_nano == search.runs * SEARCH_NANO
+    assert all(r.reserved_nano == SEARCH_NANO and not r.usage_estimated
+               and r.provider == "Tavily" for r in tool_records)
+    model_nano = sum(r.cost_nano for r in model_records)
+    assert usage.cost_nano == tool_nano + model_nano
+    assert model_nano >= billed
+    # the refusal named dollars
+    if isinstance(outcome, BudgetExceeded):
+        assert outcome.dimension == "usd_nano"
+    else:
+        text = " ".join(str(m.content) for m in outcome["messages"]
+                        if isinstance(m, AIMessage | ToolMessage))
+        assert "cap on cost" in text, text[-500:]
+
+
+@pytest.mark.parametrize("declared", ["guard", "tool", "file", "tool_metadata_data"])
+def test_a_price_declared_once_anywhere_is_charged(declared: str, tmp_path: Any) -> None:
+    search = Search()
+    prices = None
+    tool_prices = None
+    if declared == "guard":
+        tool_prices = {"web_search": ToolPrice("0.01")}
+    elif declared == "tool":
+        priced_tool(search.tool, ToolPrice("0.01"))
+    elif declared == "tool_metadata_data":
+        search.tool.metadata = {"agent_guard_price": {"per_call_usd": "0.01"}}
+    else:
+        path = tmp_path / "prices.json"
+        path.write_text(json.dumps({"tools": {"web_search": {"per_call_usd": "0.01"}}}))
+        prices = PriceBook.bundled().with_overrides(path)
+    guard = Guard(Limits(max_cost_usd=CAP_USD), prices=prices, tool_prices=tool_prices)
+    with looping_server() as server:
+        run_agent("callback", "sync", guard, server, search.tool)
+    usage = guard.usage(SESSION)
+    assert search.runs >= 8
+    assert usage.cost_nano <= CAP_NANO
+
+
+def test_a_refused_tool_never_runs_and_its_refusal_names_the_scope() -> None:
+    guard = Guard(Budgets(Limits(max_cost_usd=1),
+                          tool={"web_search": Limits(max_cost_usd="0.03", window="month")}),
+                  tool_prices={"web_search": ToolPrice("0.01")})
+    for _ in range(3):
+        admission = guard.before_tool_call(SESSION, "web_search", {"query": "x"})
+        guard.tool_call_done(SESSION, "web_search", admission=admission, result="[]")
+    with pytest.raises(BudgetExceeded) as refused:
+        guard.before_tool_call(SESSION, "web_search", {"query": "y"})
+    assert refused.value.scope.startswith("tool:web_search@")
+    assert "tool 'web_search' (month " in str(refused.value)
+    assert guard.usage(SESSION).cost_nano == 3 * SEARCH_NANO
+    assert guard.usage(SESSION).reserved_nano == 0
+
+
+def test_reserved_at_the_worst_case_settled_at_the_actual_released_when_not_run() -> None:
+    per_result = ToolPrice(per_unit_usd="0.001", units="results", max_units="arg:limit")
+    guard = Guard(Limits(max_cost_usd=1), tool_prices={"search": per_result})
+    admission = guard.before_tool_call(SESSION, "search", {"q": "a", "limit": 50})
+    assert admission.reserved_nano == 50_000_000
+    assert guard.usage(SESSION).reserved_nano == 50_000_000
+    record = guard.tool_call_done(SESSION, "search", admission=admission,
+                                  result=json.dumps(["r"] * 7))
+    assert record.cost_nano == 7_000_000 and record.reserved_nano == 50_000_000
+    assert guard.usage(SESSION).cost_nano == 7_000_000
+    assert guard.usage(SESSION).reserved_nano == 0
+    # a call that failed may have billed: its worst case, marked estimated
+    admission = guard.before_tool_call(SESSION, "search", {"q": "b", "limit": 5})
+    failed = guard.tool_call_done(SESSION, "search", admission=admission, outcome="error")
+    assert failed.cost_nano == 5_000_000 and failed.usage_estimated
+    # a call that certainly did not run is released, counts and all
+    admission = guard.before_tool_call(SESSION, "search", {"q": "c", "limit": 5})
+    guard.tool_call_not_run(admission)
+    usage = guard.usage(SESSION)
+    assert (usage.cost_nano, usage.reserved_nano, usage.tool_calls) == (12_000_000, 0, 2)
+    # a cache hit answered without the paid call: $0, still one call
+    admission = guard.before_tool_call(SESSION, "search", {"q": "d", "limit": 5})
+    hit = guard.tool_call_done(SESSION, "search", admission=admission, outcome="cache_hit",
+                               saved_nano=3)
+    assert hit.cost_nano == 0 and guard.usage(SESSION).tool_calls == 3
+
+
+def test_tool_prices_of_every_shape() -> None:
+    seconds = ToolPrice(per_unit_usd="0.0001", units="seconds", max_units=300)
+    assert seconds.worst_nano({}) == 30_000_000
+    assert seconds.cost_nano(ToolUse({}, None, 12.5)) == 1_250_000
+    images = ToolPrice(per_unit_usd="0.04", units="arg:n")
+    assert images.worst_nano({"n": 3}) == images.cost_nano(ToolUse({"n": 3})) == 120_000_000
+    pages = ToolPrice("0.001", per_unit_usd="0.002", units=lambda use: use.result["pages"],
+                      max_units=lambda args: args["max_pages"])
+    assert pages.worst_nano({"max_pages": 10}) == 21_000_000
+    assert pages.cost_nano(ToolUse({"max_pages": 10}, {"pages": 4})) == 9_000_000
+    per_1k = ToolPrice(per_unit_usd="0.005", units=lambda use: len(use.result) / 1000,
+                       max_units=1)
+    assert per_1k.cost_nano(ToolUse({}, ["x"] * 250)) == 1_250_000
+    with pytest.raises(ValueError, match="max_units"):
+        ToolPrice(per_unit_usd="0.01", units="results")
+    with pytest.raises(ValueError, match="units"):
+        ToolPrice(per_unit_usd="0.01")
+    with pytest.raises(ValueError, match="must be >= 0"):
+        ToolPrice("-1")
+    with pytest.raises(ValueError, match="unknown fields"):
+        PriceBook.bundled().with_overrides({"tools": {"t": {"per_call": 1}}})
+
+
+def test_a_price_that_cannot_be_bounded_refuses_the_call_clearly() -> None:
+    guard = Guard(Limits(max_cost_usd=1), tool_prices={
+        "images": ToolPrice(per_unit_usd="0.04", units="arg:n")})
+    with pytest.raises(ValueError, match="cannot be priced, so it is not run"):
+        guard.before_tool_call(SESSION, "images", {"prompt": "a cat"})
+    assert guard.usage(SESSION).tool_calls == 0
+
+
+def test_the_report_and_focus_show_model_and_tool_spend_apart(tmp_path: Any) -> None:
+    store = UsageStore.from_url(f"sqlite:///{tmp_path / 'usage.db'}")
+    guard = Guard(Limits(max_cost_usd=CAP_USD), on_record=[store])
+    search = Search()
+    priced_tool(search.tool, ToolPrice(SEARCH_USD, service="Tavily"))
+    with looping_server() as server:
+        run_agent("callback", "sync", guard, server, search.tool)
+    usage = guard.usage(SESSION)
+    [row] = report(store, group_by=None)
+    assert row["tool_cost_nano"] == search.runs * SEARCH_NANO
+    assert row["model_cost_nano"] + row["tool_cost_nano"] == row["cost_nano"] == usage.cost_nano
+    by_kind = {r["kind"]: r["cost_nano"] for r in report(store, group_by="kind")}
+    assert by_kind == {"model": row["model_cost_nano"], "tool": row["tool_cost_nano"]}
+    rows = focus_rows(store)
+    tools = [r for r in rows if r["SkuId"] == "tool:web_search"]
+    models = [r for r in rows if r["SkuId"] != "tool:web_search"]
+    assert len(tools) == search.runs
+    assert {r["ServiceName"] for r in tools} == {"Tavily"}
+    assert {r["ServiceName"] for r in models} == {"OpenAI API"}
+    total = sum(Decimal(r["BilledCost"]) for r in rows)
+    assert total * 10**9 == usage.cost_nano
+    assert sum(Decimal(r["BilledCost"]) for r in tools) == search.runs * SEARCH_USD
+    path = tmp_path / "focus.csv"
+    export_focus(store, path)
+    assert validate_focus(path) == []
