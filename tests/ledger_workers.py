@@ -153,5 +153,57 @@ def team_race(barrier: Any, url: str, namespace: str | None, session: str, threa
     return sum(a for a, _ in results), sum(s for _, s in results)
 
 
+MODEL_CAP_USD = "0.01"
+TOOL_USD = "0.0005"
+
+
+def model_race(url: str, namespace: str | None, barrier: Any, proc: str, threads: int,
+               calls: int, now: float, seed: int) -> tuple[int, int]:
+    """Sessions of this process call gpt-4o (capped at $0.01 a month for every session,
+    ``Budgets(model={"gpt-4o": ...})``), gpt-4o-mini (no model cap) and a $0.0005 tool,
+    at the instant ``now``, recording every call in the namespace's usage store.
+    Returns (gpt-4o calls admitted, nano-USD settled for them)."""
+    from agent_guard import BudgetExceeded, Guard, Limits, ModelCall, Usage, UsageStore
+    from agent_guard.budgets import Budgets
+    from agent_guard.pricing import ToolPrice
+
+    ledger = open_ledger(url, namespace)
+    store = UsageStore.for_ledger(ledger)
+    guard = Guard(Budgets(session=Limits(max_cost_usd=1), global_=Limits(),
+                          model={"gpt-4o": Limits(max_cost_usd=MODEL_CAP_USD,
+                                                  window="month")}),
+                  ledger=ledger, clock=lambda: now, on_record=[store],
+                  tool_prices={"web_search": ToolPrice(TOOL_USD)})
+    rng = random.Random(seed)
+    barrier.wait()
+
+    def worker(i: int) -> tuple[int, int]:
+        admitted = settled = 0
+        session = f"{proc}-{i}"
+        for _ in range(calls):
+            for model in ("gpt-4o", "gpt-4o-mini"):
+                call = ModelCall(session=session, model=model, provider="openai",
+                                 input_tokens=200, max_output_tokens=100)
+                try:
+                    admission = guard.before_model_call(call)
+                except BudgetExceeded as exc:
+                    assert model == "gpt-4o" and exc.scope.startswith("model:gpt-4o@"), exc
+                    continue
+                record = guard.after_model_call(
+                    admission, Usage(input_tokens=200, output_tokens=rng.randint(1, 100)))
+                if model == "gpt-4o":
+                    admitted += 1
+                    settled += record.cost_nano
+            tool = guard.before_tool_call(session, "web_search", {"q": rng.random()})
+            guard.tool_call_done(session, "web_search", admission=tool, result="[]")
+        return admitted, settled
+
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(worker, range(threads)))
+    store.close()
+    guard.close()
+    return sum(a for a, _ in results), sum(s for _, s in results)
+
+
 if __name__ == "__main__":
     reserve_and_hang(sys.argv[1], sys.argv[2] or None, float(sys.argv[3]))

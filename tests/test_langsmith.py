@@ -171,3 +171,62 @@ def test_tool_runs_carry_their_cost_and_cache_savings(sink: LangSmithSink, how: 
     assert [m["usage_metadata"]["total_cost"] for m in meta] == [0.005, 0.0]
     assert [m["agent_guard"] for m in meta] == [{"cache_hit": False, "saved_usd": 0.0},
                                                {"cache_hit": True, "saved_usd": 0.005}]
+
+
+@pytest.mark.parametrize("how", ["invoke", "ainvoke"])
+def test_a_paid_tool_s_run_carries_what_the_guard_charged(sink: LangSmithSink, how: str) -> None:
+    """A tool priced with ToolPrice: its LangSmith run carries the cost the guard settled
+    (extra.metadata.usage_metadata.total_cost), the same number as its record."""
+    import asyncio
+
+    from langchain.agents import create_agent
+    from langchain_core.messages import AIMessage
+    from langchain_core.tools import tool
+
+    from agent_guard.langchain import priced_tool
+    from agent_guard.pricing import ToolPrice
+
+    @tool
+    def web_search(query: str) -> str:
+        """Search the web."""
+        return '["a", "b", "c"]'
+
+    priced_tool(web_search, ToolPrice("0.001", per_unit_usd="0.002", units="results",
+                                      max_units=10))
+    seen = {"n": 0}
+
+    def respond(messages: Any) -> AIMessage:
+        seen["n"] += 1
+        if seen["n"] == 1:
+            return AIMessage("", tool_calls=[{"name": "web_search", "args": {"query": "x"},
+                                              "id": "call_1"}])
+        return AIMessage("done")
+
+    client = Client(api_url=sink.url, api_key="test-key")
+    tracer = LangChainTracer(client=client, project_name="agent-guard-test")
+    records: list = []
+    guard = Guard(Limits(max_cost_usd=1), on_record=[records.append])
+    agent = create_agent(ScriptedChatModel(model_name="gpt-4o", respond=respond), [web_search])
+    config: Any = {"callbacks": [GuardCallbackHandler(guard), tracer],
+                   "metadata": {"session_id": "s"}}
+    inputs = {"messages": [("user", "search")]}
+    if how == "invoke":
+        agent.invoke(inputs, config=config)
+    else:
+        asyncio.run(agent.ainvoke(inputs, config=config))
+    tracer.wait_for_futures()
+    client.flush()
+    [record] = [r for r in records if r.kind == "tool"]
+    assert record.cost_nano == 7_000_000  # $0.001 + 3 results x $0.002
+    runs: dict[str, dict] = {}
+    for name, part in sink.parts:
+        _, run_id, *field = name.split(".")
+        run = runs.setdefault(run_id, {})
+        if field:
+            run[field[0]] = part
+        else:
+            run.update({k: v for k, v in part.items() if k != "extra"})
+    [run] = [r for r in runs.values() if r.get("run_type") == "tool"]
+    meta = run["extra"]["metadata"]
+    assert meta["usage_metadata"]["total_cost"] == pytest.approx(0.007)
+    assert meta["agent_guard"]["cost_usd"] == "0.007"

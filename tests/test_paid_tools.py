@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import multiprocessing
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -37,13 +39,15 @@ from agent_guard import (
     guarded_graph,
 )
 from agent_guard.finops import UsageStore, export_focus, focus_rows, report, validate_focus
-from agent_guard.langchain.call import priced_tool
+from agent_guard.langchain import priced_tool
 from agent_guard.ledger import Ledger, MemoryLedger
 from agent_guard.pricing import PriceBook, ToolPrice, ToolUse
 from agent_guard.records import CallRecord
 from agent_guard.testing import FakeOpenAIServer, FakeReply
+from agent_guard.usage import usd_to_nano
 
 from .conftest import REDIS_URL, require_redis
+from .ledger_workers import MODEL_CAP_USD, TOOL_USD, model_race, open_ledger
 
 SESSION = "paid-tools"
 SEARCH_USD = Decimal("0.01")
@@ -302,3 +306,50 @@ def test_the_report_and_focus_show_model_and_tool_spend_apart(tmp_path: Any) -> 
     path = tmp_path / "focus.csv"
     export_focus(store, path)
     assert validate_focus(path) == []
+
+
+# -- a monthly per-model budget raced by two processes on Redis --------------------------------
+
+NOV_30 = datetime(2026, 11, 30, 23, 0, tzinfo=UTC).timestamp()
+
+
+def test_a_monthly_model_budget_raced_by_two_processes_holds_exactly(
+        redis_url: str, redis_namespace: str) -> None:
+    """Two processes of 8 threads call gpt-4o against a $0.01 monthly cap on that model
+    (shared by every session), gpt-4o-mini (no model cap) and a $0.0005 tool. The model's
+    month holds exactly what its admitted calls settled, at most the cap and within one
+    worst case of it; the report and the FOCUS export split model and tool spend, and
+    both sum to the ledger."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager, ctx.Pool(2) as pool:
+        barrier = manager.Barrier(2)
+        results = pool.starmap(model_race, [
+            (redis_url, redis_namespace, barrier, f"p{p}", 8, 6, NOV_30, p)
+            for p in range(2)])
+    admitted = sum(a for a, _ in results)
+    settled = sum(s for _, s in results)
+    ledger = open_ledger(redis_url, redis_namespace)
+    month = ledger.totals("model:gpt-4o@2026-11")
+    cap = usd_to_nano(MODEL_CAP_USD)
+    assert month.get_spent("usd_nano") == settled <= cap
+    assert month.get_reserved("usd_nano") == 0
+    assert month.get_spent("model_calls") == admitted < 2 * 8 * 6  # the cap stopped some
+    worst = PriceBook.bundled().price("gpt-4o").worst_cost_nano(210, 100)
+    assert cap - settled < worst  # reached, not undershot
+    total = ledger.totals("global")
+    tool_calls = 2 * 8 * 6
+    assert total.get_spent("tool_calls") == tool_calls
+    store = UsageStore.for_ledger(ledger)
+    [row] = report(store, group_by=None)
+    assert row["tool_cost_nano"] == tool_calls * usd_to_nano(TOOL_USD)
+    assert row["model_cost_nano"] + row["tool_cost_nano"] == row["cost_nano"] \
+        == total.get_spent("usd_nano")
+    by_model = {r["model"]: r["cost_nano"] for r in report(store, group_by="model")}
+    assert by_model["gpt-4o"] == settled
+    rows = focus_rows(store)
+    assert sum(Decimal(r["BilledCost"]) for r in rows) * 10**9 == total.get_spent("usd_nano")
+    tool_rows = [r for r in rows if r["SkuId"] == "tool:web_search"]
+    assert sum(Decimal(r["BilledCost"]) for r in tool_rows) * 10**9 == row["tool_cost_nano"]
+    assert {r["ServiceName"] for r in tool_rows} == {"Tool web_search"}
+    store.close()
+    ledger.close()

@@ -232,6 +232,34 @@ def test_tool_spans_say_when_the_result_cache_answered(receiver: Receiver) -> No
     assert telemetry.open_spans() == 0
 
 
+def test_a_paid_tool_s_span_carries_its_cost(receiver: Receiver) -> None:
+    """A tool priced with ToolPrice: its execute_tool span carries the cost the guard
+    settled and what it reserved, under the chat spans' cost attribute names."""
+    from agent_guard.langchain import priced_tool
+    from agent_guard.pricing import ToolPrice
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.url)))
+    telemetry = GuardTelemetry(provider, MeterProvider(metric_readers=[InMemoryMetricReader()]),
+                               cost_attributes=(Attr.COST, Attr.LLM_COST_TOTAL))
+    records: list = []
+    handler = GuardCallbackHandler(Guard(Limits(max_cost_usd=1), on_record=[records.append]),
+                                   telemetry=telemetry, session_id="default")
+    paid = priced_tool(lookup.model_copy(), ToolPrice("0.01", service="Orders API"))
+    agent = create_agent(scripted_tool_loop(2), [paid])
+    agent.invoke({"messages": [("user", "where is A1?")]}, config={"callbacks": [handler]})
+    provider.force_flush()
+
+    spans = [attrs(s) for s in tool_spans(receiver)]
+    assert len(spans) == 2
+    for a in spans:
+        assert a[Attr.COST] == a[Attr.LLM_COST_TOTAL] == pytest.approx(0.01)
+        assert a[Attr.RESERVED_USD] == pytest.approx(0.01)
+        assert a[Attr.ESTIMATED] is False
+    assert sum(r.cost_nano for r in records if r.kind == "tool") == 20_000_000
+    assert telemetry.open_spans() == 0
+
+
 @pytest.mark.parametrize("capture", [False, True])
 def test_middleware_cache_hits_get_a_tool_span(receiver: Receiver, capture: bool) -> None:
     """Middleware path: a hit never runs the tool, so the middleware emits its span
