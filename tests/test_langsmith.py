@@ -85,6 +85,30 @@ def find(obj: Any, key: str) -> list[Any]:
     return found
 
 
+def traced_runs(agent: Any, inputs: Any, config: Any, how: str, sink: LangSmithSink
+                ) -> dict[str, dict]:
+    """Run ``agent`` (``invoke`` or ``ainvoke``) with the tracer in ``config``; the runs the
+    sink received: run id -> the run, its extra as last sent (post, patch)."""
+    import asyncio
+
+    if how == "invoke":
+        agent.invoke(inputs, config=config)
+    else:
+        asyncio.run(agent.ainvoke(inputs, config=config))
+    tracer = next(c for c in config["callbacks"] if isinstance(c, LangChainTracer))
+    tracer.wait_for_futures()
+    tracer.client.flush()
+    runs: dict[str, dict] = {}
+    for name, part in sink.parts:
+        _, run_id, *field = name.split(".")
+        run = runs.setdefault(run_id, {})
+        if field:
+            run[field[0]] = part
+        else:
+            run.update({k: v for k, v in part.items() if k != "extra"})
+    return runs
+
+
 @pytest.fixture
 def sink() -> Iterator[LangSmithSink]:
     s = LangSmithSink()
@@ -118,7 +142,6 @@ def test_tool_runs_carry_their_cost_and_cache_savings(sink: LangSmithSink, how: 
     """A cached tool's LangSmith run: the run that called the tool costs its price
     (extra.metadata.usage_metadata.total_cost, LangSmith's "Other" cost); the run answered
     from the cache costs 0 and says what it saved."""
-    import asyncio
 
     from langchain.agents import create_agent
     from langchain_core.messages import AIMessage
@@ -147,21 +170,7 @@ def test_tool_runs_carry_their_cost_and_cache_savings(sink: LangSmithSink, how: 
                          [cached_tool(lookup, cache, "orders", cost_usd="0.005")])
     config: Any = {"callbacks": [GuardCallbackHandler(Guard(Limits(max_cost_usd=1))), tracer],
                    "metadata": {"session_id": "s"}}
-    inputs = {"messages": [("user", "where is A1?")]}
-    if how == "invoke":
-        agent.invoke(inputs, config=config)
-    else:
-        asyncio.run(agent.ainvoke(inputs, config=config))
-    tracer.wait_for_futures()
-    client.flush()
-    runs: dict[str, dict] = {}  # run id -> the run, its extra as last sent (post, patch)
-    for name, part in sink.parts:
-        _, run_id, *field = name.split(".")
-        run = runs.setdefault(run_id, {})
-        if field:
-            run[field[0]] = part
-        else:
-            run.update({k: v for k, v in part.items() if k != "extra"})
+    runs = traced_runs(agent, {"messages": [("user", "where is A1?")]}, config, how, sink)
     # the agent's tool runs (a run cached_tool makes of the wrapped tool sits inside one)
     tools = [r for r in runs.values() if r.get("run_type") == "tool"
              and runs.get(r.get("parent_run_id") or "", {}).get("run_type") != "tool"]
@@ -177,7 +186,6 @@ def test_tool_runs_carry_their_cost_and_cache_savings(sink: LangSmithSink, how: 
 def test_a_paid_tool_s_run_carries_what_the_guard_charged(sink: LangSmithSink, how: str) -> None:
     """A tool priced with ToolPrice: its LangSmith run carries the cost the guard settled
     (extra.metadata.usage_metadata.total_cost), the same number as its record."""
-    import asyncio
 
     from langchain.agents import create_agent
     from langchain_core.messages import AIMessage
@@ -209,23 +217,9 @@ def test_a_paid_tool_s_run_carries_what_the_guard_charged(sink: LangSmithSink, h
     agent = create_agent(ScriptedChatModel(model_name="gpt-4o", respond=respond), [web_search])
     config: Any = {"callbacks": [GuardCallbackHandler(guard), tracer],
                    "metadata": {"session_id": "s"}}
-    inputs = {"messages": [("user", "search")]}
-    if how == "invoke":
-        agent.invoke(inputs, config=config)
-    else:
-        asyncio.run(agent.ainvoke(inputs, config=config))
-    tracer.wait_for_futures()
-    client.flush()
+    runs = traced_runs(agent, {"messages": [("user", "search")]}, config, how, sink)
     [record] = [r for r in records if r.kind == "tool"]
     assert record.cost_nano == 7_000_000  # $0.001 + 3 results x $0.002
-    runs: dict[str, dict] = {}
-    for name, part in sink.parts:
-        _, run_id, *field = name.split(".")
-        run = runs.setdefault(run_id, {})
-        if field:
-            run[field[0]] = part
-        else:
-            run.update({k: v for k, v in part.items() if k != "extra"})
     [run] = [r for r in runs.values() if r.get("run_type") == "tool"]
     meta = run["extra"]["metadata"]
     assert meta["usage_metadata"]["total_cost"] == pytest.approx(0.007)
