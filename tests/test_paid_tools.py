@@ -353,3 +353,68 @@ def test_a_monthly_model_budget_raced_by_two_processes_holds_exactly(
     assert {r["ServiceName"] for r in tool_rows} == {"Tool web_search"}
     store.close()
     ledger.close()
+
+
+def test_model_and_provider_budgets_come_from_the_call_not_its_metadata() -> None:
+    """A provider budget caps every model of that provider; a model budget only its
+    model; run metadata naming a model or provider selects nothing (its values are the
+    call's own)."""
+    guard = Guard(Budgets(Limits(max_cost_usd=1),
+                          provider={"openai": Limits(max_model_calls=3, window="day")},
+                          model={"gpt-4o": Limits(max_model_calls=1, window="day")}))
+    with FakeOpenAIServer(["ok"]) as server:
+        def ask(name: str, **metadata: str) -> None:
+            ChatOpenAI(model=name, base_url=server.base_url, api_key="test", max_tokens=5,
+                       max_retries=0).invoke("hi", config={
+                           "callbacks": [GuardCallbackHandler(guard, session_id=SESSION)],
+                           "metadata": metadata})
+
+        ask("gpt-4o")
+        with pytest.raises(BudgetExceeded) as model_refused:
+            ask("gpt-4o", model="gpt-4o-mini", provider="other")
+        assert model_refused.value.scope.startswith("model:gpt-4o@")
+        assert "model 'gpt-4o' (day " in str(model_refused.value)
+        ask("gpt-4o-mini", model="gpt-4o")
+        ask("gpt-4o-mini")
+        with pytest.raises(BudgetExceeded) as provider_refused:
+            ask("gpt-4o-mini")
+        assert provider_refused.value.scope.startswith("provider:openai@")
+        assert len(server.requests) == 3
+    assert guard.scope_usage("provider", "openai").model_calls == 3
+    assert guard.scope_usage("model", "gpt-4o").model_calls == 1
+    with pytest.raises(KeyError, match="no budget for scope kind 'model' value 'o1'"):
+        guard.scope_usage("model", "o1")
+
+
+def test_per_value_budgets_are_checked() -> None:
+    with pytest.raises(TypeError, match="must be a Limits"):
+        Budgets(model={"gpt-4o": 5})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="names no model"):
+        Budgets(model={})
+    guard = Guard(Budgets(team={"acme": Limits(max_tool_calls=1), "*": Limits(max_tool_calls=2)}))
+    guard.before_tool_call("a", "t", attributes={"team": "acme"})
+    with pytest.raises(BudgetExceeded) as refused:
+        guard.before_tool_call("b", "t", attributes={"team": "acme"})
+    assert refused.value.scope == "team:acme"
+    for _ in range(2):
+        guard.before_tool_call("c", "t", attributes={"team": "globex"})
+    with pytest.raises(BudgetExceeded):
+        guard.before_tool_call("c", "t", attributes={"team": "globex"})
+
+
+def test_a_cached_paid_tool_keeps_its_price_and_a_hit_costs_nothing() -> None:
+    from agent_guard.cache import ResultCache, cached_tool
+
+    search = Search()
+    priced_tool(search.tool, ToolPrice(SEARCH_USD))
+    cached = cached_tool(search.tool, ResultCache(ttl={"web": 60}), "web")
+    records: list[CallRecord] = []
+    guard = Guard(Limits(max_cost_usd=1), on_record=[records.append])
+    handler = GuardCallbackHandler(guard, session_id=SESSION)
+    call = {"name": "web_search", "args": {"query": "same"}, "id": "c1", "type": "tool_call"}
+    for _ in range(3):
+        cached.invoke(call, config={"callbacks": [handler]})
+    assert search.runs == 1
+    assert [r.cost_nano for r in records] == [SEARCH_NANO, 0, 0]
+    assert [r.outcome for r in records] == ["ok", "cache_hit", "cache_hit"]
+    assert guard.usage(SESSION).cost_nano == SEARCH_NANO

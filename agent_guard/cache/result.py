@@ -346,6 +346,8 @@ def cached_tool(
         func=run, coroutine=arun, name=tool.name, description=tool.description,
         args_schema=tool.args_schema, return_direct=tool.return_direct,
         response_format=tool.response_format,
+        # the tool's own metadata (a price declared with priced_tool) stays on it
+        metadata=dict(tool.metadata) if tool.metadata else None,
     )
 
 
