@@ -157,7 +157,7 @@ MODEL_CAP_USD = "0.01"
 TOOL_USD = "0.0005"
 
 
-def model_race(url: str, namespace: str | None, barrier: Any, proc: str, threads: int,
+def model_race(barrier: Any, url: str, namespace: str | None, proc: str, threads: int,
                calls: int, now: float, seed: int) -> tuple[int, int]:
     """Sessions of this process call gpt-4o (capped at $0.01 a month for every session,
     ``Budgets(model={"gpt-4o": ...})``), gpt-4o-mini (no model cap) and a $0.0005 tool,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import multiprocessing
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -47,7 +46,14 @@ from agent_guard.testing import FakeOpenAIServer, FakeReply
 from agent_guard.usage import usd_to_nano
 
 from .conftest import REDIS_URL, require_redis
-from .ledger_workers import MODEL_CAP_USD, TOOL_USD, model_race, open_ledger
+from .ledger_workers import (
+    MODEL_CAP_USD,
+    RACE_TIMEOUT_S,
+    TOOL_USD,
+    model_race,
+    open_ledger,
+    run_racing,
+)
 
 SESSION = "paid-tools"
 SEARCH_USD = Decimal("0.01")
@@ -313,6 +319,7 @@ def test_the_report_and_focus_show_model_and_tool_spend_apart(tmp_path: Any) -> 
 NOV_30 = datetime(2026, 11, 30, 23, 0, tzinfo=UTC).timestamp()
 
 
+@pytest.mark.timeout(RACE_TIMEOUT_S + 60)
 def test_a_monthly_model_budget_raced_by_two_processes_holds_exactly(
         redis_url: str, redis_namespace: str) -> None:
     """Two processes of 8 threads call gpt-4o against a $0.01 monthly cap on that model
@@ -320,12 +327,8 @@ def test_a_monthly_model_budget_raced_by_two_processes_holds_exactly(
     month holds exactly what its admitted calls settled, at most the cap and within one
     worst case of it; the report and the FOCUS export split model and tool spend, and
     both sum to the ledger."""
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Manager() as manager, ctx.Pool(2) as pool:
-        barrier = manager.Barrier(2)
-        results = pool.starmap(model_race, [
-            (redis_url, redis_namespace, barrier, f"p{p}", 8, 6, NOV_30, p)
-            for p in range(2)])
+    results = run_racing(model_race, [(redis_url, redis_namespace, f"p{p}", 8, 6, NOV_30, p)
+                                      for p in range(2)])
     admitted = sum(a for a, _ in results)
     settled = sum(s for _, s in results)
     ledger = open_ledger(redis_url, redis_namespace)
