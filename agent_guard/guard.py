@@ -1249,7 +1249,8 @@ class Guard:
             raise self._refusal(plan.call.session, denial, plan.refs)
         room = denial.cap - denial.spent - denial.reserved
         fitted = plan.largest_output_within(denial.dimension, room)
-        if fitted < max(1, self.limits.min_output_tokens) or fitted >= plan.output_tokens:
+        floor = max(1, self.limits.min_output_tokens, _thinking_floor(plan.call.params))
+        if fitted < floor or fitted >= plan.output_tokens:
             raise self._refusal(plan.call.session, denial, plan.refs)
         return plan.with_output(fitted)
 
@@ -1299,6 +1300,16 @@ class Guard:
         if response_model and response_model != admission.call.model:
             price = self.prices.resolve(response_model, admission.call.provider) or price
         estimated = usage is None
+        if (usage is not None and usage.input_tokens == 0 and outcome != "cache_hit"
+                and admission.estimated_input_tokens > 0):
+            # a usage with 0 input for a non-empty prompt is not believed (an Anthropic-
+            # compatible server whose last stream event has only output_tokens): the
+            # prompt is settled at the guard's own count, the output as reported
+            input_tokens = admission.estimated_input_tokens
+            if admission.input_is_bound:
+                input_tokens = self._exact_input(admission.call)
+            usage = replace(usage, input_tokens=input_tokens)
+            estimated = True
         if usage is None:
             if outcome == "error":  # failed before producing anything: nothing was paid
                 return self._record(admission, Usage(), 0, estimated=False,
@@ -1463,6 +1474,18 @@ def _forget(admission: Admission | ToolAdmission) -> None:
             pending = _OPEN_REQUESTS.get(key)
             if pending is not None and pending.admission is admission:
                 del _OPEN_REQUESTS[key]
+
+
+def _thinking_floor(params: Mapping[str, Any]) -> int:
+    """The lowest output cap a request with extended thinking can be sent with:
+    Anthropic refuses (400) a ``max_tokens`` not above ``thinking.budget_tokens``."""
+    thinking = params.get("thinking") if isinstance(params, Mapping) else None
+    if not isinstance(thinking, Mapping) or thinking.get("type") != "enabled":
+        return 0
+    budget = thinking.get("budget_tokens")
+    if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0:
+        return budget + 1
+    return 0
 
 
 def _amounts(usage: Usage, cost_nano: int) -> dict[str, int]:

@@ -40,7 +40,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 from uuid import UUID
 
@@ -133,6 +133,8 @@ class _Run:
     started: float = 0.0  # time.monotonic()
     timeout: float | None = None  # the client's read timeout, for retried attempts
     first_chunk: float = 0.0  # time.monotonic() of the first streamed chunk, 0 before
+    # what was streamed, for an exact count when the per-chunk sum passes the cap
+    streamed_texts: list[str] = field(default_factory=list)
 
 
 # streamed content blocks whose text is generated output (tool-call blocks are counted
@@ -518,19 +520,24 @@ class GuardCallbackHandler(BaseCallbackHandler):
         # (``output_version="v1"``, the Responses API, Anthropic) a list of content blocks.
         message = getattr(chunk, "message", None)
         counter = self.guard.tokens
-        n = sum(counter.count_text_unscaled(text, model)
-                for text in _streamed_texts(message, token) if text)
-        for tc in getattr(message, "tool_call_chunks", None) or ():
-            n += counter.count_text_unscaled((tc.get("name") or "") + (tc.get("args") or ""),
-                                             model)
+        texts = [text for text in _streamed_texts(message, token) if text]
+        texts += [(tc.get("name") or "") + (tc.get("args") or "")
+                  for tc in getattr(message, "tool_call_chunks", None) or ()]
+        n = sum(counter.count_text_unscaled(text, model) for text in texts)
         if n == 0:
             return
+        cap = run.admission.max_output_tokens
         with self._lock:
+            run.streamed_texts += texts
             run.streamed_unscaled += n
+            if run.streamed_unscaled > cap:
+                # chunks counted apart split tokens (8 characters a chunk count ~1.5x the
+                # text's tokens): past the cap, count what was streamed as one text
+                run.streamed_unscaled = counter.count_text_unscaled(
+                    "".join(run.streamed_texts), model)
             unscaled = run.streamed_unscaled
             # the tokenizer factor applies to the total, once (see TokenCounter.scale)
             run.streamed_tokens = streamed = counter.scale(unscaled, model)
-        cap = run.admission.max_output_tokens
         # Stop on the best count (no safety factor): a provider that honours max_tokens
         # is never cut short by the factor; what was streamed is charged with it.
         if unscaled > cap:

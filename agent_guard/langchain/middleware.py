@@ -525,6 +525,10 @@ def _request_params(model: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
     (``service_tier``, ``response_format`` bound on it...) and this call's settings."""
     try:
         defaults = getattr(model, "_default_params", None)
+        if defaults is None and hasattr(model, "_get_invocation_params"):
+            # ChatAnthropic has no _default_params: its invocation params (what the
+            # callback reads) hold its request defaults (thinking, betas...)
+            defaults = model._get_invocation_params()
     except Exception:  # a property of another provider's model that cannot be read
         defaults = None
     return {**(defaults if isinstance(defaults, Mapping) else {}), **settings}

@@ -731,7 +731,8 @@ class PriceBook:
                     text = (resources.files("agent_guard.pricing") / "data" /
                             "model_prices.json").read_text()
                     data = json.loads(text, parse_float=Decimal)
-                    _BUNDLED = cls.from_litellm(data["models"], data["_meta"]["snapshot_date"])
+                    _BUNDLED = cls.from_litellm(data["models"], data["_meta"]["snapshot_date"]
+                                                ).with_list_prices()
         return _BUNDLED
 
     @classmethod
@@ -747,7 +748,7 @@ class PriceBook:
         if path:
             snapshot = _read_snapshot_file(path)
             if snapshot is not None:
-                return cls.from_litellm(snapshot[1], snapshot[0])
+                return cls.from_litellm(snapshot[1], snapshot[0]).with_list_prices()
             book = book.with_overrides(path)
         return book
 
@@ -757,6 +758,18 @@ class PriceBook:
         ``$XDG_CONFIG_HOME/agent-guard/prices.json`` (``~/.config/...``)."""
         base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
         return Path(base) / "agent-guard" / "prices.json"
+
+    def with_list_prices(self) -> PriceBook:
+        """This book with the providers' list prices that LiteLLM's table lacks
+        (``data/anthropic_list_prices.json``: older Claude models, 1-hour cache writes, the
+        long-context tier) filled in: a field the table has wins."""
+        text = (resources.files("agent_guard.pricing") / "data" /
+                "anthropic_list_prices.json").read_text()
+        fills = json.loads(text, parse_float=Decimal)["models"]
+        missing = {name: {k: v for k, v in fields.items()
+                          if k not in self._raw.get(name, {})}
+                   for name, fields in fills.items()}
+        return self.with_overrides({n: f for n, f in missing.items() if f})
 
     def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]] | str | os.PathLike[str]
                        ) -> PriceBook:
