@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import math
 import re
 import threading
@@ -55,6 +56,8 @@ __all__ = [
     "request_features",
     "utf8_upper_bound",
 ]
+
+_logger = logging.getLogger("agent_guard")
 
 MessageLike: TypeAlias = "BaseMessage | Mapping[str, Any] | str | tuple[str, Any]"
 
@@ -253,7 +256,58 @@ class _TextCounts:
         return n
 
 
-_TEXT_COUNTS = {name: _TextCounts(name) for name in _BUNDLED_SHA256}
+    def bound(self, text: str) -> int:
+        """An upper bound of this count that costs no tokenising (see utf8_upper_bound)."""
+        return utf8_upper_bound(text)
+
+
+# Claude's tokenizer is not public. Its count is estimated from o200k_base's as
+# ``o200k + ceil(extra UTF-8 bytes / 3)``, times ``TokenCounter.claude_factor``: o200k
+# is as efficient as Claude's tokenizer on English, code and JSON but far more efficient
+# on other scripts (Claude's older, published tokenizer counts 1.04-1.16x o200k on
+# English prose, Python and JSON, 1.5-1.6x on German, French and Spanish, 2.4x on
+# Russian, 3.1x on Arabic, 3.7x on Hindi: docs/anthropic.md), and the extra bytes of
+# non-ASCII characters say how much of a text is in another script.
+CLAUDE_COUNTS = "claude"
+CLAUDE_FACTOR = 1.6
+
+
+class _ClaudeCounts(_TextCounts):
+    """Claude tokens before ``claude_factor``: o200k plus a third of the non-ASCII bytes."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(CLAUDE_COUNTS)  # its own memos (and tool-schema memo key)
+
+    def __call__(self, text: str) -> int:
+        n = self._memo.get(text)
+        if n is not None:
+            return n
+        n = _TEXT_COUNTS["o200k_base"](text) + _non_latin(text)
+        if len(text) <= _MEMO_CHARS // 4:
+            with self._lock:
+                if len(self._memo) >= _MEMO_ENTRIES or self._chars + len(text) > _MEMO_CHARS:
+                    self._memo.clear()
+                    self._chars = 0
+                self._memo[text] = n
+                self._chars += len(text)
+        return n
+
+    def bound(self, text: str) -> int:
+        return utf8_upper_bound(text) + _non_latin(text)
+
+
+def _non_latin(text: str) -> int:
+    """A third of the bytes beyond one per character (0 for ASCII), rounded up."""
+    if text.isascii():
+        return 0
+    extra = len(text.encode("utf-8", "surrogatepass")) - len(text)
+    return -(-extra // 3)
+
+
+_TEXT_COUNTS: dict[str, _TextCounts] = {name: _TextCounts(name) for name in _BUNDLED_SHA256}
+_TEXT_COUNTS[CLAUDE_COUNTS] = _ClaudeCounts()
 
 
 # -- a cheap upper bound ----------------------------------------------------------------------
@@ -293,7 +347,7 @@ class _Estimate:
         if len(text) < BOUND_MIN_CHARS:
             return self._counts(text)
         self.exact = False
-        return utf8_upper_bound(text)
+        return self._counts.bound(text)
 
 def _prompt_tokens(messages: Iterable[MessageLike],
                    tools: Sequence[Mapping[str, Any]] | None,
@@ -386,7 +440,7 @@ _O_SERIES = re.compile(r"o\d+(?:-|$)")  # o1, o3-mini, o4-mini-2025-04-16, ...
 
 @lru_cache(maxsize=1024)
 def _family(model: str) -> tuple[str, bool]:
-    """(encoding name, exact?) for a model name."""
+    """(counts, exact?) for a model name: a bundled encoding's name, or CLAUDE_COUNTS."""
     name = model.strip().lower().rsplit("/", 1)[-1]  # openai/gpt-4o, azure/gpt-4o, ...
     if name.startswith("ft:"):  # ft:gpt-4o-mini-2024-07-18:org::id
         name = name[3:].split(":", 1)[0]
@@ -394,6 +448,8 @@ def _family(model: str) -> tuple[str, bool]:
         return "cl100k_base", True
     if name.startswith(_O200K_PREFIXES) or _O_SERIES.match(name):
         return "o200k_base", True
+    if "claude" in name:
+        return CLAUDE_COUNTS, False
     return "o200k_base", False
 
 
@@ -415,55 +471,70 @@ class TokenCounter:
 
     Thread-safe; instances are cheap (the encodings and memos are shared per process).
     ``fallback_factor`` multiplies counts for models whose tokenizer is not bundled
-    (anything not OpenAI), since o200k_base undercounts them.
+    (anything not OpenAI), since o200k_base undercounts them; ``claude_factor`` does so
+    for Claude models, whose count adds a share of the non-ASCII bytes first (see
+    ``docs/anthropic.md``: how the factor was chosen, and what it costs).
+
+    ``claude_prompt_counter`` (optional): a function ``(messages, tools) -> int`` that
+    asks Anthropic for a Claude prompt's count (``ChatAnthropic(...).
+    get_num_tokens_from_messages``, which calls ``/v1/messages/count_tokens``). When it is
+    given, Claude prompts are counted with it (one more request per call, free of charge
+    and rate-limited by Anthropic), and with the factor when it fails.
     """
 
-    def __init__(self, fallback_factor: float = 1.2) -> None:
-        factor = float(fallback_factor)
-        if not 1 <= factor < float("inf"):
-            raise ValueError(f"fallback_factor must be a finite number >= 1, "
-                             f"got {fallback_factor!r}")
-        self.fallback_factor = factor
-        # exact rational so that ceil(n * 1.2) is not pushed up by float error
-        ratio = Fraction(str(factor)).limit_denominator(1_000_000)
-        self._num, self._den = ratio.numerator, ratio.denominator
+    def __init__(self, fallback_factor: float = 1.2, *,
+                 claude_factor: float = CLAUDE_FACTOR,
+                 claude_prompt_counter: Callable[[Sequence[Any], Sequence[Any] | None], int]
+                 | None = None) -> None:
+        self.fallback_factor = _check_factor("fallback_factor", fallback_factor)
+        self.claude_factor = _check_factor("claude_factor", claude_factor)
+        # exact rationals so that ceil(n * 1.2) is not pushed up by float error
+        self._ratios = {False: _ratio(self.fallback_factor),
+                        True: _ratio(self.claude_factor)}
+        self.claude_prompt_counter = claude_prompt_counter
 
     def __repr__(self) -> str:
-        return f"TokenCounter(fallback_factor={self.fallback_factor})"
+        return (f"TokenCounter(fallback_factor={self.fallback_factor}, "
+                f"claude_factor={self.claude_factor})")
 
     # -- models ---------------------------------------------------------------------------
 
     def encoding_name_for(self, model: str) -> str:
         """``cl100k_base`` for gpt-4 (not 4o/4.1), gpt-3.5 and text-embedding-3;
         ``o200k_base`` for everything else (exact for gpt-4o, gpt-4.1, gpt-5, o-series)."""
-        return _family(model or "")[0]
+        enc = _family(model or "")[0]
+        return "o200k_base" if enc == CLAUDE_COUNTS else enc
 
     def is_exact(self, model: str) -> bool:
         """Whether ``model`` is counted with its own tokenizer (OpenAI models); if not,
-        counts are o200k_base times ``fallback_factor``."""
+        counts are o200k_base times ``fallback_factor`` (``claude_factor``)."""
         return _family(model or "")[1]
 
-    def _scaled(self, n: int, exact: bool) -> int:
-        return n if exact else -(-n * self._num // self._den)  # ceil(n * factor)
+    def _scaled(self, n: int, enc: str, exact: bool) -> int:
+        if exact:
+            return n
+        num, den = self._ratios[enc == CLAUDE_COUNTS]
+        return -(-n * num // den)  # ceil(n * factor)
 
     # -- counting -------------------------------------------------------------------------
 
     def count_text(self, text: str, model: str = "gpt-4o") -> int:
         """Tokens of plain text; special-token markers in it count as ordinary text."""
         enc, exact = _family(model or "")
-        return self._scaled(_TEXT_COUNTS[enc](text), exact)
+        return self._scaled(_TEXT_COUNTS[enc](text), enc, exact)
 
     def count_text_unscaled(self, text: str, model: str = "gpt-4o") -> int:
         """Tokens of plain text with the bundled encoding, *without* ``fallback_factor``:
         a best guess rather than an upper bound. Streamed output is summed this way, then
         scaled once with :meth:`scale` (a per-chunk ceiling would count every one-token
-        chunk as two)."""
-        return _TEXT_COUNTS[_family(model or "")[0]](text)
+        chunk as two). Claude: o200k_base's count."""
+        return _TEXT_COUNTS[self.encoding_name_for(model)](text)
 
     def scale(self, n: int, model: str = "gpt-4o") -> int:
         """``n`` unscaled tokens as this counter reports them for ``model``: times
-        ``fallback_factor``, rounded up, when its tokenizer is not bundled."""
-        return self._scaled(n, _family(model or "")[1])
+        ``fallback_factor`` (``claude_factor``), rounded up, when its tokenizer is not
+        bundled."""
+        return self._scaled(n, *_family(model or ""))
 
     def count_messages(
         self,
@@ -477,9 +548,26 @@ class TokenCounter:
         else of the request's ``params`` the model reads (``response_format``,
         ``tool_choice``)."""
         enc, exact = _family(model or "")
+        if enc == CLAUDE_COUNTS and self.claude_prompt_counter is not None:
+            asked = self._ask_claude(messages, tools)
+            if asked is not None:
+                return asked
         count = _TEXT_COUNTS[enc]
         return self._scaled(_prompt_tokens(messages, tools, count, count, model or "",
-                                           params), exact)
+                                           params), enc, exact)
+
+    def _ask_claude(self, messages: Iterable[MessageLike],
+                    tools: Sequence[Mapping[str, Any]] | None) -> int | None:
+        """Anthropic's count of a Claude prompt (``claude_prompt_counter``), or None when
+        it cannot be had (the estimate is used then)."""
+        assert self.claude_prompt_counter is not None
+        try:
+            n = self.claude_prompt_counter(list(messages), list(tools) if tools else None)
+        except Exception as exc:  # the endpoint is an option: never fail the call on it
+            _logger.warning("agent-guard: Claude token count failed (%s); using the "
+                            "estimate", exc)
+            return None
+        return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
 
     def estimate_messages(
         self,
@@ -494,10 +582,12 @@ class TokenCounter:
         new text adds its UTF-8 length instead of being tokenised. The guard reserves
         with the bound while a cap is far and counts exactly when it comes near."""
         enc, exact_family = _family(model or "")
+        if enc == CLAUDE_COUNTS and self.claude_prompt_counter is not None:
+            return self.count_messages(messages, model, tools, params), True
         counts = _TEXT_COUNTS[enc]
         count = _Estimate(counts)
         n = _prompt_tokens(messages, tools, count, counts, model or "", params)
-        return self._scaled(n, exact_family), count.exact
+        return self._scaled(n, enc, exact_family), count.exact
 
     def count_output(self, message: BaseMessage | Mapping[str, Any] | str,
                      model: str = "gpt-4o") -> int:
@@ -506,10 +596,22 @@ class TokenCounter:
         enc, exact = _family(model or "")
         count = _TEXT_COUNTS[enc]
         if isinstance(message, str):
-            return self._scaled(count(message), exact)
+            return self._scaled(count(message), enc, exact)
         n = _content_tokens(_field(message, "content"), count, _image_rule(model or ""))
         n += _tool_calls_tokens(message, count)
-        return self._scaled(n, exact)
+        return self._scaled(n, enc, exact)
+
+
+def _check_factor(name: str, value: float) -> float:
+    factor = float(value)
+    if not 1 <= factor < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 1, got {value!r}")
+    return factor
+
+
+def _ratio(factor: float) -> tuple[int, int]:
+    ratio = Fraction(str(factor)).limit_denominator(1_000_000)
+    return ratio.numerator, ratio.denominator
 
 
 # -- internals (unscaled counts) ------------------------------------------------------------

@@ -343,31 +343,43 @@ def test_a_shrink_below_the_thinking_budget_is_refused_not_sent(ledger: Ledger,
 # -- row 8: Claude's tokenizer counts more than o200k --------------------------------------
 
 
+# Kinds of text and how many Claude tokens the server counts per o200k token for each: the
+# issue's 1.3 on English, code and JSON (published measurements of Claude 3+ put English
+# at 1.16-1.30), and the ratios Claude's published tokenizer gives on other languages
+# (scripts/claude_token_factor.py), rounded up.
 KINDS = {
-    "prose": PROSE,
-    "code": "def total(items):\n    return sum(i.price * i.qty for i in items if i.ok)\n",
-    "json": '{"id": 1234, "name": "widget", "tags": ["a", "b"], "price": 12.5}\n',
-    "german": "Die Kommission hat die Quartalszahlen geprüft und beschlossen. ",
+    "prose": (PROSE, 1.3),
+    "code": ("def total(items):\n    return sum(i.price * i.qty for i in items if i.ok)\n", 1.3),
+    "json": ('{"id": 1234, "name": "widget", "tags": ["a", "b"], "price": 12.5}\n', 1.3),
+    "german": ("Die Kommission hat die Quartalszahlen geprüft und beschlossen. ", 1.6),
+    "russian": ("Комиссия рассмотрела квартальные показатели и решила. ", 2.5),
+    "chinese": ("委员会审查了季度数据并同意下一版本的预算应保持在限额之内。", 1.5),
+    "hindi": ("समिति ने तिमाही के आंकड़ों की समीक्षा की और सहमति व्यक्त की। ", 3.8),
 }
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("adapter", ADAPTERS)
-def test_a_prompt_claude_counts_1_3x_o200k_at_the_cap(ledger: Ledger, adapter: str,
-                                                      mode: str, kind: str) -> None:
-    """Issue: $0.01558 billed against a $0.01520 cap (estimate o200k x 1.2 + 5%)."""
+def test_a_prompt_claude_counts_more_than_o200k_is_reserved_above_its_bill(
+        ledger: Ledger, adapter: str, mode: str, kind: str) -> None:
+    """Issue: a prompt Claude counts 1.3x o200k, at the cap: $0.01558 billed against a
+    $0.01520 cap (the estimate was o200k x 1.2 + 5%). Each call's reservation covers its
+    bill, so no call at the cap passes it; then calls until refused."""
+    text, ratio = KINDS[kind]
     books = Books(ledger, cap_usd="0.0152")
-    with FakeAnthropicServer([AnthropicReply("Noted.")], token_ratio=1.3) as server:
+    with FakeAnthropicServer([AnthropicReply("Noted.")], token_ratio=ratio) as server:
         send = runner(books, claude(server, max_tokens=20), adapter, mode)
-        text = KINDS[kind] * 20
-        for _ in range(200):
-            try:
-                send([HumanMessage(text)])
-            except BudgetExceeded:
-                break
-            text += KINDS[kind] * 20
+        prompt = text * 40
+        with pytest.raises(BudgetExceeded):
+            for _ in range(100):
+                send([HumanMessage(prompt)])
+                prompt += text * 40
         books.check(server)
+    records = books.model_records()
+    assert len(records) == len(server.billed) >= 1
+    for record, bill in zip(records, server.billed, strict=True):
+        assert record.reserved_nano >= bill.cost_nano(), (record, bill)
 
 
 # -- row 9: the long-context tier ---------------------------------------------------------
@@ -419,4 +431,58 @@ def test_claude_models_are_priced_at_list(ledger: Ledger, model: str) -> None:
         runner(books, claude(server, model=model), "callback", "sync")(
             [cached_system(1000, "5m"), HumanMessage("hi")])
         charged, billed = books.check(server)
+    assert charged == billed
+
+
+# -- usage in every shape langchain-anthropic produces --------------------------------------
+
+
+SHAPES = {
+    "plain": (AnthropicReply("Paris."), {}),
+    "5m-writes": (AnthropicReply("Paris.", cache_write_5m=700, cache_read=300), {}),
+    "1h-writes": (AnthropicReply("Paris.", cache_write_1h=2000, cache_read=8000), {}),
+    "both-writes": (AnthropicReply("Paris.", cache_write_5m=100, cache_write_1h=200), {}),
+    "writes-no-breakdown": (AnthropicReply("Paris.", cache_write_5m=500, by_ttl=False), {}),
+    "thinking": (AnthropicReply("Paris.", thinking=PROSE * 3),
+                 {"max_tokens": 3000, "thinking": {"type": "enabled", "budget_tokens": 1024}}),
+    "tool-use": (AnthropicReply("", tool_uses=[{"name": "lookup", "input": {"city": "Oslo"}}]),
+                 {}),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_usage_is_read_as_billed_in_every_shape(shape: str, stream: bool) -> None:
+    """langchain-anthropic's usage_metadata (invoke and the summed stream) reads as the
+    server's bill: 1-hour writes reported under ephemeral_1h_input_tokens with
+    cache_creation 0, thinking as reasoning inside the output."""
+    from agent_guard.usage import Usage
+
+    reply, kw = SHAPES[shape]
+    with FakeAnthropicServer([reply]) as server:
+        llm: Any = claude(server, **kw)
+        if shape == "tool-use":
+            llm = llm.bind_tools([lookup])
+        if stream:
+            chunks = list(llm.stream("hi"))
+            message = chunks[0]
+            for chunk in chunks[1:]:
+                message = message + chunk
+        else:
+            message = llm.invoke("hi")
+        [bill] = server.billed
+    assert Usage.from_usage_metadata(message.usage_metadata) == bill.usage()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_429_and_529_retried_by_the_sdk_are_held_and_charged_once(ledger: Ledger,
+                                                                  adapter: str,
+                                                                  mode: str) -> None:
+    books = Books(ledger)
+    replies = [AnthropicReply(status=429), AnthropicReply(status=529), AnthropicReply("ok")]
+    with FakeAnthropicServer(replies) as server:
+        runner(books, claude(server, max_retries=2), adapter, mode)([HumanMessage("hi")])
+        charged, billed = books.check(server)
+    assert len(server.requests) == 3 and len(server.billed) == 1
     assert charged == billed

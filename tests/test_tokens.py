@@ -262,15 +262,57 @@ def test_model_families(model: str, encoding: str, exact: bool) -> None:
     assert counter.is_exact(model) is exact
 
 
+def test_claude_uses_its_own_stated_factor_and_counts_other_scripts_more() -> None:
+    """Claude: o200k plus a third of the non-ASCII bytes, times claude_factor (1.6): at
+    or above what Claude's published tokenizer counts on prose, code, JSON and other
+    languages (scripts/claude_token_factor.py, docs/anthropic.md)."""
+    text = "The quick brown fox jumps over the lazy dog. " * 20
+    exact = TokenCounter().count_text(text, "gpt-4o")
+    assert TokenCounter().count_text(text, "claude-sonnet-4-5") == -(-exact * 8 // 5)
+    assert TokenCounter(claude_factor=2).count_text(text, "claude-opus-4-5") == exact * 2
+    russian = "Комиссия рассмотрела квартальные показатели. " * 20
+    o200k = TokenCounter().count_text(russian, "gpt-4o")
+    extra = len(russian.encode()) - len(russian)
+    assert TokenCounter(claude_factor=1).count_text(russian, "claude-haiku-4-5") == (
+        o200k + -(-extra // 3))
+    # the cheap bound stays above the count
+    counter = TokenCounter()
+    messages = [HumanMessage(russian * 10)]
+    bound, counted = counter.estimate_messages(messages, "claude-sonnet-4-5")
+    assert not counted and bound >= counter.count_messages(messages, "claude-sonnet-4-5")
+    with pytest.raises(ValueError, match="claude_factor"):
+        TokenCounter(claude_factor=0.9)
+
+
+def test_claude_prompts_are_counted_by_anthropic_when_asked() -> None:
+    asked: list[Any] = []
+
+    def count(messages: Any, tools: Any) -> int:
+        asked.append((messages, tools))
+        return 4321
+
+    counter = TokenCounter(claude_prompt_counter=count)
+    assert counter.count_messages([HumanMessage("hi")], "claude-sonnet-4-5") == 4321
+    assert counter.estimate_messages([HumanMessage("hi")], "claude-sonnet-4-5") == (4321, True)
+    assert counter.count_messages([HumanMessage("hi")], "gpt-4o") != 4321  # Claude only
+
+    def broken(messages: Any, tools: Any) -> int:
+        raise OSError("no network")
+
+    fallback = TokenCounter(claude_prompt_counter=broken)
+    assert fallback.count_messages([HumanMessage("hi")], "claude-sonnet-4-5") == (
+        TokenCounter().count_messages([HumanMessage("hi")], "claude-sonnet-4-5"))
+
+
 def test_other_providers_use_the_stated_fallback_factor() -> None:
     text = "The quick brown fox jumps over the lazy dog. " * 20
     exact = TokenCounter().count_text(text, "gpt-4o")
-    assert TokenCounter().count_text(text, "claude-sonnet-4-5") == -(-exact * 6 // 5)
+    assert TokenCounter().count_text(text, "gemini-2.5-pro") == -(-exact * 6 // 5)
     counter = TokenCounter(fallback_factor=1.5)
     assert counter.count_text(text, "gemini-2.5-pro") == -(-exact * 3 // 2)
     # ceil(5 * 1.2) is 6; in floats 5 * 1.2 is 6.000000000000001
-    assert TokenCounter().count_text("hello world how are you", "claude-3-haiku") == 6
-    assert TokenCounter(1.0).count_text(text, "claude-3-haiku") == exact
+    assert TokenCounter().count_text("hello world how are you", "mistral-large") == 6
+    assert TokenCounter(1.0).count_text(text, "mistral-large") == exact
     messages = [HumanMessage("hi there")]
     assert counter.count_messages(messages, "mistral-large-latest") == -(
         -counter.count_messages(messages, "gpt-4o") * 3 // 2)
@@ -392,8 +434,8 @@ def test_tool_schema_counts_are_memoised_by_identity(monkeypatch: pytest.MonkeyP
     counter = TokenCounter()
     tool = json.loads(json.dumps(WEATHER_TOOL))  # a fresh object
     first = counter.count_messages([], "claude-sonnet-4-5", tools=[tool])
-    assert first == -(-(REPLY_PRIMING_TOKENS + tokens.TOOLS_BLOCK_TOKENS + 346 + 85) * 12 // 10)
-    assert tokens._tool_memo[(id(tool), "o200k_base")] == (tool, 85)  # 7 + 78 (JSON)
+    assert first == -(-(REPLY_PRIMING_TOKENS + tokens.TOOLS_BLOCK_TOKENS + 346 + 85) * 16 // 10)
+    assert tokens._tool_memo[(id(tool), "claude")] == (tool, 85)  # 7 + 78 (JSON)
     on_4o = counter.count_messages([], "gpt-4o", tools=[tool])
     assert tokens._render_memo[id(tool)][0] is tool
 
@@ -448,7 +490,7 @@ def test_content_blocks_images_and_unknown_blocks() -> None:
 def test_count_output_counts_text_and_tool_calls() -> None:
     counter = TokenCounter()
     assert counter.count_output("hello world") == 2
-    assert counter.count_output("hello world", "claude-3-haiku") == 3
+    assert counter.count_output("hello world", "claude-3-haiku") == 4  # ceil(2 x 1.6)
     call = {"name": "lookup", "args": {"id": "42"}, "id": "c1"}
     message = AIMessage("Let me check.", tool_calls=[call])
     expected = (counter.count_text("Let me check.") + tokens.TOKENS_PER_TOOL_CALL
