@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, TypedDict
@@ -35,7 +36,7 @@ from agent_guard import (
 )
 from agent_guard.ledger import Ledger
 from agent_guard.records import CallRecord
-from agent_guard.testing.anthropic_server import AnthropicReply, FakeAnthropicServer
+from agent_guard.testing import AnthropicReply, FakeAnthropicServer
 
 from .conftest import REDIS_URL, require_redis
 
@@ -115,6 +116,15 @@ class Books:
         assert usage.cost_nano <= self.cap_nano, "spend passed the cap"
         assert usage.cost_nano >= billed, (
             f"charged {usage.cost_nano} < billed {billed} ({server.billed})")
+        # every call's reservation covers its bill: a call admitted at the cap stays under it
+        records = self.model_records()
+        if len(records) == len(server.billed):
+            for record, bill in zip(records, server.billed, strict=True):
+                assert record.reserved_nano >= bill.cost_nano(), (record, bill)
+        # the issue's figures: pytest -s ... | grep FIGURE
+        print(f"\nFIGURE {os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]}: charged "
+              f"${usage.cost_nano / 1e9:.5f} billed ${billed / 1e9:.5f} cap "
+              f"${self.cap_nano / 1e9:.5f} calls {len(server.billed)}")
         return usage.cost_nano, billed
 
 
@@ -204,19 +214,24 @@ def test_one_hour_writes_and_reads_are_charged_as_billed(ledger: Ledger, adapter
 # -- row 2 and 3: prompts written to the 1-hour cache, at and until the cap ------------------
 
 
+@pytest.mark.parametrize("cap", ["0.0409", "0.2"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("adapter", ADAPTERS)
 def test_a_call_at_the_cap_whose_prompt_is_written_to_the_1h_cache(ledger: Ledger,
-                                                                    adapter: str,
-                                                                    mode: str) -> None:
+                                                                    adapter: str, mode: str,
+                                                                    cap: str) -> None:
     """Issue: the worst case priced the prompt at the plain input rate: $0.0631 billed
-    against a $0.0409 cap."""
-    books = Books(ledger, cap_usd="0.0409")
+    against a $0.0409 cap. Now the 1-hour write rate is reserved: refused under $0.0409,
+    admitted under $0.20 with a reservation above the bill."""
+    books = Books(ledger, cap_usd=cap)
     with FakeAnthropicServer([AnthropicReply("Noted.")]) as server:
         send = runner(books, claude(server), adapter, mode)
         with contextlib.suppress(BudgetExceeded):
             send([cached_system(10_000), HumanMessage("hi")])
         books.check(server)
+    assert len(server.billed) == (0 if cap == "0.0409" else 1)
+    if server.billed:
+        assert server.billed[0].cache_write_1h > 10_000
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -312,7 +327,9 @@ def test_a_plain_stream_ending_at_max_tokens_is_not_killed(ledger: Ledger, mode:
 @pytest.mark.parametrize("adapter", ADAPTERS)
 def test_a_shrink_with_a_tool_bound_stays_under_the_cap(ledger: Ledger, adapter: str,
                                                         mode: str) -> None:
-    """Issue: 81 tokens estimated, 403 billed (346 hidden): 5.7% over a $0.012 cap."""
+    """Issue: 81 tokens estimated, 403 billed (346 hidden): 5.7% over a $0.012 cap. The
+    middleware shrinks max_tokens to what is left; the callback and guarded_graph refuse
+    (they cannot lower it)."""
     books = Books(ledger, cap_usd="0.012")
     long = AnthropicReply(PROSE * 60)
     with FakeAnthropicServer([long]) as server:
@@ -320,6 +337,11 @@ def test_a_shrink_with_a_tool_bound_stays_under_the_cap(ledger: Ledger, adapter:
         with contextlib.suppress(BudgetExceeded):
             send([HumanMessage("Tell me about Paris.")])
         books.check(server)
+    if adapter == "middleware":
+        [request] = server.requests
+        assert request["max_tokens"] < 4000 and request["tools"]
+        [bill] = server.billed
+        assert bill.input_tokens > 346  # the tool-use system prompt was billed
 
 
 # -- row 7: a shrink below thinking.budget_tokens ------------------------------------------
@@ -486,3 +508,26 @@ def test_429_and_529_retried_by_the_sdk_are_held_and_charged_once(ledger: Ledger
         charged, billed = books.check(server)
     assert len(server.requests) == 3 and len(server.billed) == 1
     assert charged == billed
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_anthropic_counts_the_prompt_when_asked(ledger: Ledger, adapter: str) -> None:
+    """TokenCounter(claude_prompt_counter=ChatAnthropic.get_num_tokens_from_messages): the
+    prompt is reserved at Anthropic's own count (/v1/messages/count_tokens, which includes
+    the tool-use system prompt), here 3.8x o200k, where the factor alone would not do."""
+    from agent_guard.tokens import TokenCounter
+
+    text, ratio = KINDS["hindi"]
+    with FakeAnthropicServer([AnthropicReply("Noted.")], token_ratio=ratio * 1.5) as server:
+        llm = claude(server, max_tokens=20)
+        books = Books(ledger)
+        books.guard = Guard(Limits(max_cost_usd="1"), ledger=ledger,
+                            on_record=[books.records.append],
+                            token_counter=TokenCounter(
+                                claude_prompt_counter=llm.get_num_tokens_from_messages))
+        runner(books, llm, adapter, "sync", tools=[lookup])([HumanMessage(text * 40)])
+        books.check(server)
+        [record] = books.model_records()
+        [bill] = server.billed
+        assert server.count_tokens_calls >= 1
+        assert record.reserved_nano >= bill.cost_nano()
