@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -44,6 +45,8 @@ __all__ = ["STANDARD_ATTRIBUTES", "Budgets", "ScopeRef", "Window", "attributes_f
            "period_of"]
 
 
+# How many calls' scope refs a Budgets keeps per generation (two generations).
+_REFS_MAX = 4096
 # Attribute names a call's metadata may carry for a scope kind.
 ALIASES = {"user_id": "user", "team_id": "team", "project_id": "project",
            "env": "environment"}
@@ -151,7 +154,8 @@ class Budgets:
     ``global_`` is the kind ``"global"``.
     """
 
-    __slots__ = ("_tz", "kinds", "per_value", "session", "timezone")
+    __slots__ = ("_caps", "_refs", "_refs_old", "_tz", "kinds", "per_value", "session",
+                 "timezone")
 
     def __init__(
         self,
@@ -183,6 +187,13 @@ class Budgets:
         self.kinds: Mapping[str, Limits] = kinds
         #: kinds budgeted per value: kind -> {value or "*": Limits}
         self.per_value: Mapping[str, Mapping[str, Limits]] = per_value
+        # each budget's caps (Limits is frozen), by the Limits' identity
+        self._caps = {id(lim): lim.caps() for lim in (
+            *kinds.values(), *(lim for by in per_value.values() for lim in by.values()))}
+        # (session, session caps, attribute values) -> (refs, valid from, valid until,
+        # session caps): the scopes of a call change only when its window periods do
+        self._refs: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self._refs_old: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         self.timezone = timezone
         try:
             self._tz = ZoneInfo(timezone)
@@ -247,32 +258,62 @@ class Budgets:
         """The scopes a call of ``session`` with ``attributes`` is charged to, at
         ``now``. ``extra`` caps (per-call counters such as loop detection) apply to
         the session only."""
-        caps = dict(session_caps) if not extra else {**session_caps, **extra}
-        refs = [self._ref("session", session, self.session, caps, now, raw=True)]
+        if extra:
+            return self._resolve(session, attributes, now, {**session_caps, **extra})[0]
+        key = (session, id(session_caps), *(attributes.get(kind) or None for kind in (
+            *self.kinds, *self.per_value) if kind != GLOBAL))
+        hit = self._refs.get(key)
+        if hit is None:
+            hit = self._refs_old.get(key)
+        if hit is not None and hit[1] <= now < hit[2] and hit[3] is session_caps:
+            return list(hit[0])
+        refs, start, end = self._resolve(session, attributes, now, session_caps)
+        if len(self._refs) >= _REFS_MAX:  # two generations: the older one is dropped
+            self._refs_old, self._refs = self._refs, {}
+        self._refs[key] = (refs, start, end, session_caps)
+        return list(refs)
+
+    def _resolve(self, session: str, attributes: Mapping[str, str], now: float,
+                 caps: Mapping[str, int]) -> tuple[list[ScopeRef], float, float]:
+        """The refs, and the span of time they hold for (their window periods')."""
+        ref, start, end = self._ref_span("session", session, self.session, caps, now,
+                                         raw=True)
+        refs = [ref]
         for kind in (*self.kinds, *self.per_value):
             value = None if kind == GLOBAL else attributes.get(kind)
             if kind != GLOBAL and not value:
                 continue
             limits = self.limits_for(kind, value)
             if limits is not None:
-                refs.append(self._ref(kind, value, limits, limits.caps(), now))
-        return refs
+                ref, r_start, r_end = self._ref_span(kind, value, limits, self._caps_of(limits),
+                                                     now)
+                refs.append(ref)
+                start, end = max(start, r_start), min(end, r_end)
+        return refs, start, end
+
+    def _caps_of(self, limits: Limits) -> Mapping[str, int]:
+        caps = self._caps.get(id(limits))
+        return caps if caps is not None else limits.caps()
 
     def ref(self, kind: str, value: str | None, now: float) -> ScopeRef:
         """The scope of ``kind``/``value`` in the window holding ``now``."""
         if kind == "session":
             if value is None:
                 raise ValueError("a session scope needs a session id")
-            return self._ref(kind, value, self.session, self.session.caps(), now, raw=True)
+            return self._ref_span(kind, value, self.session, self.session.caps(), now,
+                                  raw=True)[0]
         limits = self.limits_for(kind, value)
         if limits is None:
             raise KeyError(f"no budget for scope kind {kind!r}"
                            f"{'' if value is None else f' value {value!r}'}; configured: "
                            f"{', '.join(['session', *self.kinds, *self.per_value])}")
-        return self._ref(kind, None if kind == GLOBAL else value, limits, limits.caps(), now)
+        return self._ref_span(kind, None if kind == GLOBAL else value, limits,
+                              self._caps_of(limits), now)[0]
 
-    def _ref(self, kind: str, value: str | None, limits: Limits, caps: Mapping[str, int],
-             now: float, raw: bool = False) -> ScopeRef:
+    def _ref_span(self, kind: str, value: str | None, limits: Limits,
+                  caps: Mapping[str, int], now: float, raw: bool = False
+                  ) -> tuple[ScopeRef, float, float]:
+        """The ref, and the span of epoch seconds its window period covers."""
         if value is None:
             name = kind
         elif raw:  # session ids stay readable (text UTF-8 cannot hold escaped, for SQLite)
@@ -282,10 +323,12 @@ class Budgets:
         period = None
         history: tuple[str, ...] = ()
         window = limits.window
+        start, end = float("-inf"), float("inf")
         if window is not None:
             rolling = rolling_window(window)
             if rolling is None:
-                period = period_of(window, now, self._tz)[0]
+                period, p_start, p_end = period_of(window, now, self._tz)
+                start, end = p_start.timestamp(), p_end.timestamp()
                 name = f"{name}@{period}"
             else:  # the current bucket, and the earlier ones the window still covers
                 unit, buckets = rolling
@@ -296,7 +339,8 @@ class Budgets:
                     f"{_bucket_label(datetime.fromtimestamp(first - i * unit, UTC), unit)}"
                     for i in range(1, buckets))
                 name = f"{name}@{window}:{period}"
-        return ScopeRef(kind, value, period, limits, ScopeCaps(name, caps, history))
+                start, end = float(first), float(first + unit)
+        return ScopeRef(kind, value, period, limits, ScopeCaps(name, caps, history)), start, end
 
     def __repr__(self) -> str:
         parts = [f"session={self.session!r}"] + [

@@ -113,8 +113,6 @@ _SHRINK_ATTEMPTS = 3
 # this process last saw settled). Nearer a cap the prompt is counted exactly, and a
 # reservation with the bound that is denied is retried with the exact count.
 _BOUND_SHARE_OF_ROOM = 0.1
-# Sessions whose scope refs Guard.scope_refs keeps (cleared when full; rebuilt on demand).
-_SESSION_REFS_MAX = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,9 +385,6 @@ class Guard:
         # a rolling window's current bucket -> what its earlier buckets had spent when
         # first read (past buckets change only by late settles), for its thresholds
         self._past_spent: dict[str, dict[str, int]] = {}
-        # session -> its scope refs, when they depend on the session alone (scope_refs)
-        self._session_only = not self.budgets.kind_names() and self.limits.window is None
-        self._session_refs: dict[str, list[ScopeRef]] = {}
 
     # -- configuration -------------------------------------------------------------
 
@@ -409,7 +404,8 @@ class Guard:
                    model: str | None = None, provider: str | None = None,
                    tool: str | None = None) -> list[ScopeRef]:
         """The scopes a call is charged to: the session's, those its attributes select,
-        and the budgets of its ``model``, ``provider`` or ``tool``."""
+        and the budgets of its ``model``, ``provider`` or ``tool`` (built once per window
+        period: Budgets.resolve)."""
         if self._call_kinds:
             # the call kinds' values are the call's own: never read from metadata
             own = {k: v for k, v in (("model", model), ("provider", provider),
@@ -418,17 +414,6 @@ class Guard:
                       if k not in CALL_KINDS}
             return self.budgets.resolve(session, {**merged, **own}, self.clock(),
                                         self._caps, extra_caps)
-        if self._session_only and not extra_caps:
-            # Only a session budget, without a window: the scopes depend on the session
-            # id alone (no attribute selects a scope, no clock picks a period), so they
-            # are resolved once per session instead of on every call.
-            refs = self._session_refs.get(session)
-            if refs is None:
-                refs = self.budgets.resolve(session, self.attributes, self.clock(), self._caps)
-                if len(self._session_refs) >= _SESSION_REFS_MAX:
-                    self._session_refs.clear()
-                self._session_refs[session] = refs
-            return list(refs)
         return self.budgets.resolve(session, self.attributes_for(attributes), self.clock(),
                                     self._caps, extra_caps)
 
@@ -1174,13 +1159,15 @@ class Guard:
         """What ``call`` would reserve. Unless ``exact``, a prompt with long texts not yet
         counted is sized by an upper bound of its tokens while the caps are far."""
         is_bound = False
+        features = None
         if call.input_tokens is not None:
             estimated_input = int(call.input_tokens)
         elif exact:
             estimated_input = self._exact_input(call)
         else:
-            estimated_input, counted = self.tokens.estimate_messages(
-                call.messages, call.model, tools=call.tools, params=call.params)
+            estimated_input, counted, features = self.tokens.estimate_prompt(
+                call.messages, call.model, tools=call.tools, params=call.params,
+                conversation=call.session)
             is_bound = not counted
         requested_output = call.max_output_tokens
         if requested_output is None or requested_output <= 0:
@@ -1188,7 +1175,7 @@ class Guard:
         price = self._price_for(call)
         plan = _Plan(self, call, price, estimated_input,
                      math.ceil(estimated_input * (1 + self.limits.input_margin)),
-                     requested_output)
+                     requested_output, features=features)
         if is_bound:
             if not self._bound_is_far_from_caps(plan):
                 return self._plan(call, exact=True)

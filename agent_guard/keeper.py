@@ -70,6 +70,9 @@ class LeaseKeeper:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._pid = 0
+        # the keeper waits for a first watch (not polling): only then does a watch wake it
+        # (waking a polling keeper on every call made the caller wait for the GIL)
+        self._idle = False
 
     def watch(self, owner: object, guard: Any, admission: Any, *,
               on_stop: Callable[[], Any] | None = None, task: Any = None,
@@ -80,10 +83,9 @@ class LeaseKeeper:
         w = _Watch(guard, admission, on_stop, task, thread_id, frame,
                    renew_at=time.monotonic() + lease / 3)
         with self._cond:
-            idle = not self._watches
             self._watches[(id(admission.state), id(owner))] = w
             self._ensure_thread()
-            if idle:  # otherwise the keeper is polling already: no wake-up per call
+            if self._idle:  # otherwise the keeper is polling already: no wake-up per call
                 self._cond.notify()
 
     def unwatch(self, owner: object, admission: Any) -> None:
@@ -171,12 +173,15 @@ class LeaseKeeper:
         self._watches = {}
         self._cond = threading.Condition()
         self._thread = None
+        self._idle = False
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 while not self._watches:
+                    self._idle = True
                     self._cond.wait()
+                self._idle = False
                 self._cond.wait(self.poll_seconds)
             try:
                 self.check()

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import logging
 import math
 import re
 import threading
 import types
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -215,27 +217,44 @@ def get_encoding(name: str) -> tiktoken.Encoding:
 # -- memoised text counts -------------------------------------------------------------------
 # An agent re-sends its whole history on every call, so most texts were counted on the
 # previous call. Counts are remembered per encoding, shared by all TokenCounters, bounded
-# by entries and characters (the whole memo is dropped when full: simple and cheap).
+# by entries and characters as a two-generation LRU: hits go to the young generation; when
+# it is full it becomes the old one and the old one is dropped. So what was used in the
+# last generation is always kept (never the whole memo cleared at once, which made many
+# sessions recount everything), at the cost of one dict move per hit in the old one.
 
-_MEMO_ENTRIES = 16_384
-_MEMO_CHARS = 8_000_000
+_MEMO_ENTRIES = 16_384  # per generation
+_MEMO_CHARS = 8_000_000  # per generation
 
 
 class _TextCounts:
     """Token count of a text under one encoding, memoised."""
 
-    __slots__ = ("_chars", "_encode", "_lock", "_memo", "name")
+    __slots__ = ("_chars", "_encode", "_lock", "_memo", "_old", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._memo: dict[str, int] = {}
+        self._memo: dict[str, int] = {}  # the young generation
+        self._old: dict[str, int] = {}
         self._chars = 0
         self._lock = threading.Lock()
         self._encode: Callable[[str], list[int]] | None = None
 
+    def get(self, text: str) -> int | None:
+        """The memoised count of ``text``, or None."""
+        n = self._memo.get(text)
+        if n is None:
+            n = self._old.get(text)
+            if n is not None:
+                self._keep(text, n)
+        return n
+
     def __call__(self, text: str) -> int:
         n = self._memo.get(text)
         if n is not None:
+            return n
+        n = self._old.get(text)
+        if n is not None:
+            self._keep(text, n)
             return n
         if not text:
             return 0
@@ -245,15 +264,23 @@ class _TextCounts:
             # "<|endoftext|>" in user text is counted as the text it is, never raised on.
             encode = self._encode = get_encoding(self.name).encode_ordinary
         n = len(encode(text))
-        size = len(text)
-        if size <= _MEMO_CHARS // 4:
-            with self._lock:
-                if len(self._memo) >= _MEMO_ENTRIES or self._chars + size > _MEMO_CHARS:
-                    self._memo.clear()
-                    self._chars = 0
-                self._memo[text] = n
-                self._chars += size
+        self._keep(text, n)
         return n
+
+    def _keep(self, text: str, n: int) -> None:
+        size = len(text)
+        if size > _MEMO_CHARS // 4:
+            return
+        with self._lock:
+            if len(self._memo) >= _MEMO_ENTRIES or self._chars + size > _MEMO_CHARS:
+                self._old = self._memo  # the young generation ages; the old one goes
+                self._memo = {}
+                self._chars = 0
+            self._memo[text] = n
+            self._chars += size
+
+    def __len__(self) -> int:
+        return len(self._memo) + len(self._old)
 
 
     def bound(self, text: str) -> int:
@@ -332,20 +359,19 @@ class _Estimate:
     """A count function for one estimate: the exact count of a text when it is memoised
     or short, else its UTF-8 upper bound (noting that the result is then a bound)."""
 
-    __slots__ = ("_counts", "_memo", "exact", "name")
+    __slots__ = ("_counts", "exact", "name")
 
     def __init__(self, counts: _TextCounts) -> None:
         self._counts = counts
-        self._memo = counts._memo
         self.name = counts.name  # tool schemas are still counted (and memoised) exactly
         self.exact = True
 
     def __call__(self, text: str) -> int:
-        n = self._memo.get(text)
-        if n is not None:
-            return n
         if len(text) < BOUND_MIN_CHARS:
             return self._counts(text)
+        n = self._counts.get(text)
+        if n is not None:
+            return n
         self.exact = False
         return self._counts.bound(text)
 
@@ -363,17 +389,208 @@ def _prompt_tokens(messages: Iterable[MessageLike],
         if tools and not has_system:
             has_system = _is_system(message)
     if tools:
-        if _family(model)[1]:  # OpenAI: the schemas as its TypeScript-like namespace
-            n += schema_count(_functions_namespace(tools)) + FUNCTIONS_BLOCK_TOKENS
-            if has_system:  # the namespace joins the system message's framing
-                n -= FUNCTIONS_SYSTEM_SHARED_TOKENS
-        else:
-            n += TOOLS_BLOCK_TOKENS + anthropic_tool_system_tokens(model)
-            for tool in tools:
-                n += _tool_schema_tokens(tool, schema_count)
+        n += _tools_tokens(tools, schema_count, model, has_system)
     if params:
         n += _params_tokens(params, schema_count)
     return n
+
+
+def _tools_tokens(tools: Sequence[Mapping[str, Any]], schema_count: _TextCounts,
+                  model: str, has_system: bool) -> int:
+    if _family(model)[1]:  # OpenAI: the schemas as its TypeScript-like namespace
+        n = schema_count(_functions_namespace(tools)) + FUNCTIONS_BLOCK_TOKENS
+        if has_system:  # the namespace joins the system message's framing
+            n -= FUNCTIONS_SYSTEM_SHARED_TOKENS
+        return n
+    n = TOOLS_BLOCK_TOKENS + anthropic_tool_system_tokens(model)
+    for tool in tools:
+        n += _tool_schema_tokens(tool, schema_count)
+    return n
+
+
+# -- conversations ----------------------------------------------------------------------------
+# An agent's prompt is its previous prompt plus a few messages. TokenCounter.estimate_prompt
+# remembers, per conversation, the messages of its last prompt and what each counted, so a
+# call costs the new messages plus a C-speed comparison of the old ones (list equality
+# checks identity first). Bounded as an LRU by conversations and by messages held.
+
+_CONVERSATIONS_MAX = 1024
+_CONVERSATION_MESSAGES_MAX = 262_144
+
+# What a message adds to a prompt: its tokens (with framing), whether they are exact (not
+# a bound), and whether it is a system message, marks blocks for a 5-minute or a 1-hour
+# cache write, has audio or image input.
+_FLAGS = ("system", "cache_5m", "cache_1h", "audio", "image")
+_NEVER = 1 << 62  # "no message has it" as a first index
+
+
+class _Buffers:
+    """Messages and prefix sums, shared by the versions of one conversation that extend
+    each other: a version is its first ``n`` entries; only the version as long as the
+    buffers appends to them (a shorter one copies its part first)."""
+
+    __slots__ = ("inexact", "lock", "messages", "tokens")
+
+    def __init__(self, messages: list[Any], tokens: list[int], inexact: list[int]) -> None:
+        self.messages = messages
+        self.tokens = tokens  # tokens[k]: the first k messages' tokens
+        self.inexact = inexact  # inexact[k]: how many of the first k are bounds
+        self.lock = threading.Lock()
+
+
+class _Conversation:
+    """One version of a conversation: its first ``n`` messages, what they counted, the
+    messages sized by a bound and where each flag of ``_FLAGS`` first appears."""
+
+    __slots__ = ("bounds", "buffers", "firsts", "n")
+
+    def __init__(self, buffers: _Buffers, n: int, bounds: list[int], firsts: list[int]
+                 ) -> None:
+        self.buffers, self.n, self.bounds, self.firsts = buffers, n, bounds, firsts
+
+    @classmethod
+    def new(cls) -> _Conversation:
+        return cls(_Buffers([], [0], [0]), 0, [], [_NEVER] * len(_FLAGS))
+
+    def follow(self, messages: list[Any], counts: _TextCounts, image_rule: _ImageRule
+               ) -> _Conversation:
+        """The conversation of a prompt of ``messages``: the messages it shares with this
+        one (by identity, or equal) are taken as counted; the rest are counted."""
+        buf, k = self.buffers, self.n
+        with buf.lock:
+            prev = buf.messages if len(buf.messages) == k else buf.messages[:k]
+            try:
+                if len(messages) == k:
+                    start = k if messages == prev else _common_start(prev, messages)
+                elif len(messages) > k and messages[:k] == prev:
+                    start = k
+                else:
+                    start = _common_start(prev, messages)
+            except Exception:  # a message whose __eq__ fails: count everything
+                start = 0
+            if start == k == len(messages) and not self.bounds:
+                return self
+            if start == len(buf.messages) and not self.bounds:
+                conv = _Conversation(buf, start, [], list(self.firsts))  # extends in place
+            else:
+                conv = _Conversation(
+                    _Buffers(buf.messages[:start], buf.tokens[:start + 1],
+                             buf.inexact[:start + 1]),
+                    start, [i for i in self.bounds if i < start],
+                    [f if f < start else _NEVER for f in self.firsts])
+                if conv.bounds:
+                    conv.recount_bounds(counts, image_rule)
+            if conv.buffers is buf:
+                conv.add(messages, start, counts, image_rule)
+        if conv.buffers is not buf:
+            conv.add(messages, start, counts, image_rule)
+        return conv
+
+    def add(self, messages: list[Any], start: int, counts: _TextCounts,
+            image_rule: _ImageRule) -> None:
+        """Count ``messages[start:]`` onto this version (its buffers end at ``n``)."""
+        count = _Estimate(counts)
+        firsts = self.firsts
+        buf = self.buffers
+        tokens, inexact = buf.tokens, buf.inexact
+        for message in messages[start:] if start else messages:
+            i = self.n
+            count.exact = True
+            n = TOKENS_PER_MESSAGE + _message_tokens(message, count, image_rule)
+            buf.messages.append(message)
+            tokens.append(tokens[i] + n)
+            inexact.append(inexact[i] + (not count.exact))
+            if not count.exact:
+                self.bounds.append(i)
+            ttl, audio, image = _message_features(message)
+            for flag, has in enumerate((_is_system(message), ttl == "5m", ttl == "1h",
+                                        audio, image)):
+                if has and firsts[flag] == _NEVER:
+                    firsts[flag] = i
+            self.n = i + 1
+
+    def recount_bounds(self, counts: _TextCounts, image_rule: _ImageRule) -> None:
+        """Messages sized by a bound of a long new text: exact once the text is counted
+        (the guard counts exactly near a cap and when it settles without usage). Only
+        on a version that owns its buffers."""
+        count = _Estimate(counts)
+        buf = self.buffers
+        counted: dict[int, int] = {}
+        for i in self.bounds:
+            count.exact = True
+            n = TOKENS_PER_MESSAGE + _message_tokens(buf.messages[i], count, image_rule)
+            if count.exact:
+                counted[i] = n
+        if not counted:
+            return
+        tokens = buf.tokens
+        sizes = [counted.get(i, tokens[i + 1] - tokens[i]) for i in range(self.n)]
+        buf.tokens = [0, *itertools.accumulate(sizes)]
+        self.bounds = [i for i in self.bounds if i not in counted]
+        bound = set(self.bounds)
+        buf.inexact = [0, *itertools.accumulate(i in bound for i in range(self.n))]
+
+    def totals(self) -> tuple[int, bool, bool, str | None, bool, bool]:
+        """(tokens, exact, has a system message, cache-write marker, audio, image)."""
+        n = self.n
+        f = [first < n for first in self.firsts]
+        return (self.buffers.tokens[n], not self.bounds, f[0],
+                "1h" if f[2] else "5m" if f[1] else None, f[3], f[4])
+
+
+def _common_start(a: list[Any], b: list[Any]) -> int:
+    """How many first elements ``a`` and ``b`` share. Most prompts differ from the
+    previous one near its end (a replaced last turn, a retried call): that is looked at
+    first; elsewhere, a binary search on slice equality."""
+    n = min(len(a), len(b))
+    i = n
+    while i > 0 and n - i < 8 and not (a[i - 1] is b[i - 1] or a[i - 1] == b[i - 1]):
+        i -= 1
+    if a[:i] == b[:i]:
+        return i
+    lo, hi = 0, i - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class _Conversations:
+    """Conversation key -> its last prompt, least recently used first."""
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[Hashable, _Conversation] = OrderedDict()
+        self._held = 0  # messages held by all conversations
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> _Conversation | None:
+        return self._items.get(key)
+
+    def keep(self, key: Hashable, conv: _Conversation) -> None:
+        items = self._items
+        with self._lock:
+            old = items.get(key)
+            if old is conv:
+                items.move_to_end(key)
+                return
+            self._held += conv.n - (old.n if old else 0)
+            items[key] = conv
+            items.move_to_end(key)
+            while items and (len(items) > _CONVERSATIONS_MAX
+                             or self._held > _CONVERSATION_MESSAGES_MAX):
+                _, dropped = items.popitem(last=False)
+                self._held -= dropped.n
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._held = 0
+
+
+_conversations = _Conversations()
 
 
 # Anthropic adds a tool-use system prompt whenever tools are sent, billed as input and never
@@ -588,6 +805,47 @@ class TokenCounter:
         count = _Estimate(counts)
         n = _prompt_tokens(messages, tools, count, counts, model or "", params)
         return self._scaled(n, enc, exact_family), count.exact
+
+    def estimate_prompt(
+        self,
+        messages: Sequence[MessageLike],
+        model: str = "gpt-4o",
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        params: Mapping[str, Any] | None = None,
+        *,
+        conversation: Hashable = None,
+    ) -> tuple[int, bool, RequestFeatures]:
+        """``estimate_messages`` and ``request_features`` in one pass, at a cost that
+        follows what is new: ``(n, exact, features)``.
+
+        With a ``conversation`` key (the guard passes the session), the messages of the
+        conversation's previous prompt are remembered: a prompt that repeats them (the
+        same message objects, or equal ones) and adds some counts only the added ones;
+        one that diverges (a trimmed or summarised history) reuses the common start.
+        Messages are treated as immutable once sent, as LangChain and LangGraph treat
+        them (a state update replaces a message, never edits it in place)."""
+        enc, exact_family = _family(model or "")
+        counts = _TEXT_COUNTS[enc]
+        if not isinstance(messages, list):
+            messages = list(messages)
+        key = (conversation, model or "")
+        image_rule = _image_rule(model or "")
+        conv = _conversations.get(key) if conversation is not None else None
+        if conv is None:
+            conv = _Conversation.new()
+            conv.add(messages, 0, counts, image_rule)
+        else:
+            conv = conv.follow(messages, counts, image_rule)
+        if conversation is not None:
+            _conversations.keep(key, conv)
+        tokens, exact, system, ttl, audio, image = conv.totals()
+        n = REPLY_PRIMING_TOKENS + tokens
+        if tools:
+            n += _tools_tokens(tools, counts, model or "", system)
+        if params:
+            n += _params_tokens(params, counts)
+        features = _request_features(ttl, audio, image, tools, params)
+        return self._scaled(n, exact_family), exact, features
 
     def count_output(self, message: BaseMessage | Mapping[str, Any] | str,
                      model: str = "gpt-4o") -> int:
@@ -1114,43 +1372,73 @@ _PLAIN = RequestFeatures()
 _AUDIO_BLOCKS = frozenset({"input_audio", "audio"})
 
 
+def _merge_ttl(a: str | None, b: str | None) -> str | None:
+    """The dearer of two cache-write markers (``"1h"`` over ``"5m"`` over none)."""
+    if a == "1h" or b == "1h":
+        return "1h"
+    return a or b
+
+
+def _marker_ttl(marker: Any) -> str | None:
+    if isinstance(marker, Mapping):
+        return "1h" if marker.get("ttl") == "1h" else "5m"
+    return None
+
+
+def _message_features(message: Any) -> tuple[str | None, bool, bool]:
+    """(cache-write marker, audio input, image input) of one message."""
+    ttl: str | None = None
+    audio = image = False
+    if isinstance(message, str):
+        return ttl, audio, image
+    if isinstance(message, tuple):
+        content = message[1] if len(message) == 2 else None
+    else:
+        content = _field(message, "content")
+        if isinstance(message, Mapping):
+            if "cache_control" in message:
+                ttl = _marker_ttl(message["cache_control"])
+        else:
+            extra = getattr(message, "additional_kwargs", None)
+            if isinstance(extra, Mapping) and "cache_control" in extra:
+                ttl = _marker_ttl(extra["cache_control"])
+    if isinstance(content, list | tuple):
+        for block in content:
+            if isinstance(block, Mapping):
+                if "cache_control" in block:
+                    ttl = _merge_ttl(ttl, _marker_ttl(block["cache_control"]))
+                kind = block.get("type")
+                if kind in _IMAGE_BLOCKS:
+                    image = True
+                elif kind in _AUDIO_BLOCKS:
+                    audio = True
+    return ttl, audio, image
+
+
 def request_features(messages: Iterable[Any], tools: Sequence[Any] | None = None,
                      params: Mapping[str, Any] | None = None) -> RequestFeatures:
     """Cache markers (Anthropic ``cache_control``, with its ``ttl``), audio and image
     inputs, an audio answer (``modalities``/``audio``), the requested ``service_tier``."""
     ttl: str | None = None
     audio = image = False
-
-    def mark(marker: Any) -> None:
-        nonlocal ttl
-        if isinstance(marker, Mapping):
-            ttl = "1h" if marker.get("ttl") == "1h" or ttl == "1h" else "5m"
-
     for message in messages:
-        content = _field(message, "content") if not isinstance(message, str | tuple) else (
-            message[1] if isinstance(message, tuple) and len(message) == 2 else None)
-        extra = _field(message, "additional_kwargs") if not isinstance(
-            message, Mapping | str | tuple) else None
-        if isinstance(extra, Mapping) and "cache_control" in extra:
-            mark(extra["cache_control"])
-        if isinstance(message, Mapping) and "cache_control" in message:
-            mark(message["cache_control"])
-        if isinstance(content, list | tuple):
-            for block in content:
-                if isinstance(block, Mapping):
-                    if "cache_control" in block:
-                        mark(block["cache_control"])
-                    kind = block.get("type")
-                    if kind in _IMAGE_BLOCKS:
-                        image = True
-                    elif kind in _AUDIO_BLOCKS:
-                        audio = True
+        m_ttl, m_audio, m_image = _message_features(message)
+        ttl = _merge_ttl(ttl, m_ttl)
+        audio = audio or m_audio
+        image = image or m_image
+    return _request_features(ttl, audio, image, tools, params)
+
+
+def _request_features(ttl: str | None, audio: bool, image: bool,
+                      tools: Sequence[Any] | None, params: Mapping[str, Any] | None
+                      ) -> RequestFeatures:
+    """The request's features from its messages' and its tools' and parameters'."""
     for tool in tools or ():
         if isinstance(tool, Mapping) and "cache_control" in tool:
-            mark(tool["cache_control"])
+            ttl = _merge_ttl(ttl, _marker_ttl(tool["cache_control"]))
     p = params or {}
     if "cache_control" in p:
-        mark(p["cache_control"])
+        ttl = _merge_ttl(ttl, _marker_ttl(p["cache_control"]))
     modalities = p.get("modalities")
     audio_out = bool(p.get("audio")) or (isinstance(modalities, list | tuple)
                                          and "audio" in modalities)

@@ -460,12 +460,45 @@ def test_session_only_scope_refs_follow_the_session() -> None:
 
 
 def test_many_sessions_keep_the_scope_ref_cache_bounded() -> None:
-    from agent_guard import guard as guard_module
+    from agent_guard import budgets as budgets_module
 
     guard = Guard(Limits(max_model_calls=3))
-    for i in range(guard_module._SESSION_REFS_MAX + 10):
+    for i in range(2 * budgets_module._REFS_MAX + 10):
         assert guard.scope_refs(f"s{i}")[0].scope == f"session:s{i}"
-    assert len(guard._session_refs) <= guard_module._SESSION_REFS_MAX
+    cached = guard.budgets._refs, guard.budgets._refs_old
+    assert sum(map(len, cached)) <= 2 * budgets_module._REFS_MAX
+    assert ("s0", id(guard._caps)) not in cached[0] | cached[1]  # the oldest went first
+    assert guard.scope_refs("s0")[0].scope == "session:s0"
+
+
+def test_scope_refs_are_built_once_per_window_period(monkeypatch) -> None:
+    """A rolling 24h window names 23 earlier buckets: they are built when the hour
+    changes, not on every call."""
+    built: list[str] = []
+    inner = Budgets._ref_span
+
+    def counting(self, kind, *args, **kwargs):  # type: ignore[no-untyped-def]
+        built.append(kind)
+        return inner(self, kind, *args, **kwargs)
+
+    monkeypatch.setattr(Budgets, "_ref_span", counting)
+    now = [datetime(2026, 11, 30, 21, 10, tzinfo=UTC).timestamp()]
+    day = Limits(max_cost_usd=5, window="24h")
+    guard = Guard(Budgets(Limits(max_cost_usd=1), user=day, team=day, global_=day),
+                  attributes={"team": "acme"}, clock=lambda: now[0])
+    first = guard.scope_refs("a", {"user": "u1"})
+    for _ in range(5):
+        assert guard.scope_refs("a", {"user": "u1"}) == first
+        now[0] += 60
+    assert built == ["session", "user", "team", "global"]
+    assert [r.scope for r in guard.scope_refs("a", {"user": "u2"})][1] == \
+        "user:u2@24h:2026-11-30T21"  # another user: its own scopes
+    now[0] = datetime(2026, 11, 30, 22, 0, tzinfo=UTC).timestamp()
+    later = guard.scope_refs("a", {"user": "u1"})
+    assert [r.scope for r in later] == [
+        "session:a", "user:u1@24h:2026-11-30T22", "team:acme@24h:2026-11-30T22",
+        "global@24h:2026-11-30T22"]
+    assert later[1].caps.history[0] == "user:u1@24h:2026-11-30T21"
 
 
 @pytest.mark.parametrize("budgets", [

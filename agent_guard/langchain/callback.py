@@ -272,7 +272,8 @@ class GuardCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         self._start(serialized, run_id, parent_run_id, tags, metadata, kwargs,
-                    messages=[m for prompt in messages for m in prompt])
+                    messages=messages[0] if len(messages) == 1 else
+                    [m for prompt in messages for m in prompt])
 
     def _start(self, serialized: dict[str, Any] | None, run_id: UUID,
                parent_run_id: UUID | None, tags: list[str] | None,

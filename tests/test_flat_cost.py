@@ -1,0 +1,163 @@
+"""Per-call work that follows what is new (issue 19): counting a prompt costs the messages
+not seen before in the conversation, the text memo forgets gradually, and scope refs are
+built once per window period. Work is counted (calls, constructions), never timed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+
+from agent_guard import tokens
+from agent_guard.tokens import TokenCounter, request_features
+
+COUNTER = TokenCounter()
+
+
+def _messages(n: int, tag: str = "") -> list[Any]:
+    out: list[Any] = [SystemMessage(f"You are terse {tag}.")]
+    for i in range(1, n):
+        out.append(HumanMessage(f"question {tag}{i}") if i % 2 else AIMessage(f"answer {tag}{i}"))
+    return out
+
+
+class _Counted:
+    """Counts the messages tokens._message_tokens is asked to count."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.n = 0
+        inner = tokens._message_tokens
+
+        def counting(*args: Any, **kwargs: Any) -> int:
+            self.n += 1
+            return inner(*args, **kwargs)
+
+        monkeypatch.setattr(tokens, "_message_tokens", counting)
+
+
+def _exact(messages: list[Any], model: str = "gpt-4o",
+           tools: Any = None) -> tuple[int, bool, Any]:
+    return (COUNTER.count_messages(messages, model, tools=tools), True,
+            request_features(messages, tools))
+
+
+def test_a_growing_conversation_counts_only_its_new_messages(monkeypatch):
+    counted = _Counted(monkeypatch)
+    history = _messages(200, "grow")
+    assert COUNTER.estimate_prompt(history, conversation="s-grow") == _exact(history)
+    counted.n = 0
+    for i in range(5):
+        history = [*history, AIMessage(f"new answer {i}"), HumanMessage(f"new question {i}")]
+        assert COUNTER.estimate_prompt(history, conversation="s-grow") == _exact(history)
+    # _exact counts every message each time; estimate_prompt only the 2 new ones
+    assert counted.n == 5 * 2 + sum(200 + 2 * i for i in range(1, 6))
+
+
+def test_without_a_conversation_every_message_is_counted(monkeypatch):
+    counted = _Counted(monkeypatch)
+    history = _messages(50, "none")
+    COUNTER.estimate_prompt(history)
+    COUNTER.estimate_prompt(history)
+    assert counted.n == 100
+
+
+def test_a_trimmed_history_reuses_the_common_start(monkeypatch):
+    counted = _Counted(monkeypatch)
+    history = _messages(100, "trim")
+    COUNTER.estimate_prompt(history, conversation="s-trim")
+    counted.n = 0
+    trimmed = [*history[:40], HumanMessage("summary of the rest")]
+    assert COUNTER.estimate_prompt(trimmed, conversation="s-trim")[0] == \
+        COUNTER.count_messages(trimmed)
+    assert counted.n == 1 + len(trimmed)  # the new message, then _exact's full count
+
+
+def test_equal_but_new_message_objects_are_not_recounted(monkeypatch):
+    """Dict messages become new BaseMessage objects on every call: equal ones match."""
+    counted = _Counted(monkeypatch)
+    COUNTER.estimate_prompt(_messages(30, "eq"), conversation="s-eq")
+    counted.n = 0
+    COUNTER.estimate_prompt([*_messages(30, "eq"), HumanMessage("more")], conversation="s-eq")
+    assert counted.n == 1
+
+
+def test_conversations_are_apart_by_key_and_model():
+    a = _messages(10, "a")
+    assert COUNTER.estimate_prompt(a, "gpt-4o", conversation="k")[0] == \
+        COUNTER.count_messages(a, "gpt-4o")
+    assert COUNTER.estimate_prompt(a, "gpt-4", conversation="k")[0] == \
+        COUNTER.count_messages(a, "gpt-4")
+    b = _messages(10, "b")
+    assert COUNTER.estimate_prompt(b, "gpt-4o", conversation="k")[0] == \
+        COUNTER.count_messages(b, "gpt-4o")
+
+
+def test_a_long_text_is_a_bound_until_counted_then_exact(monkeypatch):
+    long = "word " * 400  # over BOUND_MIN_CHARS: sized by its UTF-8 length while new
+    history = [SystemMessage("sys"), HumanMessage(long + " unique-long-1")]
+    n, exact, _ = COUNTER.estimate_prompt(history, conversation="s-long")
+    assert not exact and n >= COUNTER.count_messages(history)
+    COUNTER.count_messages(history)  # the guard counts exactly near a cap / at settle
+    grown = [*history, AIMessage("ok")]
+    assert COUNTER.estimate_prompt(grown, conversation="s-long") == _exact(grown)
+
+
+def test_conversations_are_bounded(monkeypatch):
+    monkeypatch.setattr(tokens, "_CONVERSATIONS_MAX", 3)
+    monkeypatch.setattr(tokens, "_CONVERSATION_MESSAGES_MAX", 25)
+    memo = tokens._Conversations()
+    monkeypatch.setattr(tokens, "_conversations", memo)
+    for i in range(5):
+        COUNTER.estimate_prompt(_messages(10, f"b{i}"), conversation=f"bounded-{i}")
+    assert len(memo._items) == 2 and memo._held == 20  # 25 messages at most
+    assert list(memo._items) == [("bounded-3", "gpt-4o"), ("bounded-4", "gpt-4o")]
+
+
+def test_the_text_memo_never_forgets_what_was_just_used(monkeypatch):
+    monkeypatch.setattr(tokens, "_MEMO_ENTRIES", 100)
+    counts = tokens._TextCounts("o200k_base")
+    counts("kept")
+    for i in range(1000):
+        counts(f"filler {i}")
+        counts("kept")  # used in every generation
+        assert counts.get("kept") is not None
+    assert len(counts) <= 200
+
+
+_texts = st.text(alphabet="abc xyz\u00e9\u4e2d", min_size=0, max_size=30)
+_message = st.one_of(
+    _texts.map(HumanMessage), _texts.map(AIMessage), _texts.map(SystemMessage),
+    _texts.map(lambda t: ToolMessage(t, tool_call_id="call_1")),
+    _texts.map(lambda t: {"role": "user", "content": t}),
+    _texts.map(lambda t: HumanMessage([{"type": "text", "text": t,
+                                        "cache_control": {"type": "ephemeral"}}])),
+    _texts.map(lambda t: HumanMessage([{"type": "image_url",
+                                        "image_url": {"url": "https://x/" + t}}])),
+)
+_step = st.one_of(
+    st.tuples(st.just("append"), st.lists(_message, max_size=4)),
+    st.tuples(st.just("trim"), st.integers(0, 30)),
+    st.tuples(st.just("replace"), st.integers(0, 30), _message),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_message, max_size=10), st.lists(_step, max_size=8),
+       st.sampled_from(["gpt-4o", "gpt-4", "claude-3-5-sonnet"]))
+def test_estimate_prompt_equals_a_full_count_whatever_the_history_does(start, steps, model):
+    key = object()
+    history = list(start)
+    assert COUNTER.estimate_prompt(history, model, conversation=key) == _exact(history, model)
+    for step in steps:
+        if step[0] == "append":
+            history = history + step[1]
+        elif step[0] == "trim":
+            history = history[:step[1]]
+        elif history:
+            history = list(history)
+            history[step[1] % len(history)] = step[2]
+        assert COUNTER.estimate_prompt(history, model, conversation=key) == \
+            _exact(history, model)
