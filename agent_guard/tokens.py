@@ -468,17 +468,21 @@ class _Conversation:
                     start = _common_start(prev, messages)
             except Exception:  # a message whose __eq__ fails: count everything
                 start = 0
-            if start == k == len(messages) and not self.bounds:
+            # a long text sized by a bound may have been counted since (the guard counts
+            # exactly near a cap and when it settles without usage)
+            recount = any(self._counted_now(i, counts, image_rule)
+                          for i in self.bounds if i < start)
+            if start == k == len(messages) and not recount:
                 return self
-            if start == len(buf.messages) and not self.bounds:
-                conv = _Conversation(buf, start, [], list(self.firsts))  # extends in place
+            if start == len(buf.messages) and not recount:  # extends the buffers in place
+                conv = _Conversation(buf, start, list(self.bounds), list(self.firsts))
             else:
                 conv = _Conversation(
                     _Buffers(buf.messages[:start], buf.tokens[:start + 1],
                              buf.inexact[:start + 1]),
                     start, [i for i in self.bounds if i < start],
                     [f if f < start else _NEVER for f in self.firsts])
-                if conv.bounds:
+                if recount:
                     conv.recount_bounds(counts, image_rule)
             if conv.buffers is buf:
                 conv.add(messages, start, counts, image_rule)
@@ -508,6 +512,11 @@ class _Conversation:
                 if has and firsts[flag] == _NEVER:
                     firsts[flag] = i
             self.n = i + 1
+
+    def _counted_now(self, i: int, counts: _TextCounts, image_rule: _ImageRule) -> bool:
+        count = _Estimate(counts)
+        _message_tokens(self.buffers.messages[i], count, image_rule)
+        return count.exact
 
     def recount_bounds(self, counts: _TextCounts, image_rule: _ImageRule) -> None:
         """Messages sized by a bound of a long new text: exact once the text is counted

@@ -9,9 +9,9 @@ callbacks) measured in the same run:
 - ``prompt``: the 5-message prompt of bench_overhead.py; the guard (memory ledger)
   against an empty callback handler;
 - ``history``: an agent-like run whose history has 20 or 2,000 messages (the same
-  message objects on every call, as LangGraph state keeps them) plus two new ones per
-  call; the guard against LangChain's own bare call at 2,000 messages, and at 2,000
-  against at 20;
+  message objects on every call, as LangGraph state keeps them) and grows by an answer
+  and a question per call (restarting every 10 calls); the guard against LangChain's own
+  bare call at 2,000 messages, and at 2,000 against at 20;
 - ``budgets``: ``Budgets`` of session + user + team + global, the last three with a
   rolling ``"24h"`` window (their 23 earlier hourly buckets hold spend), against a
   session-only ``Limits``.
@@ -66,24 +66,32 @@ def history(n: int) -> list[Any]:
 class Workload:
     """Calls of one model with one prompt shape, per configuration of callbacks."""
 
-    def __init__(self, name: str, prompt: Callable[[int], list[Any]],
+    def __init__(self, name: str, prompt: Callable[[], Callable[[int], list[Any]]],
                  configs: dict[str, list[Any]]) -> None:
-        self.name, self.prompt, self.configs = name, prompt, configs
+        self.name, self.configs = name, configs
+        self.prompts = {config: prompt() for config in configs}  # a run per configuration
         self.model = make_model()
         self.i = 0
 
     def run(self, config: str, n: int) -> None:
         cfg = {"callbacks": self.configs[config]}
-        model, prompt = self.model, self.prompt
+        model, prompt = self.model, self.prompts[config]
         for _ in range(n):
             self.i += 1
             model.invoke(prompt(self.i), config=cfg)
 
 
 def growing(base: list[Any]) -> Callable[[int], list[Any]]:
-    """The history plus two new messages per call (a new answer and a new question)."""
+    """An agent run's history: each call sends the history plus a new answer and a new
+    question (as an agent loop does); every 10 calls the run starts again from ``base``
+    (so the history is ``base`` plus 2 to 20 messages)."""
+    state = {"history": base}
+
     def prompt(i: int) -> list[Any]:
-        return [*base, AIMessage(f"Answer {i}: checked."), HumanMessage(f"Question {i}?")]
+        history = base if i % 10 == 0 else state["history"]
+        history = [*history, AIMessage(f"Answer {i}: checked."), HumanMessage(f"Question {i}?")]
+        state["history"] = history
+        return history
     return prompt
 
 
@@ -115,12 +123,13 @@ def workloads(only: str = "") -> list[Workload]:
         return [GuardCallbackHandler(Guard(Limits(**BIG), "memory://"),  # type: ignore[arg-type]
                                      session_id="b")]
 
-    out = [Workload("prompt", lambda i: PROMPT,
+    out = [Workload("prompt", lambda: lambda i: PROMPT,
                     {"none": [], "empty handler": [EmptyHandler()], "guard": guard()})]
     for n in (20, 2000):
-        out.append(Workload(f"history {n}", growing(history(n)),
+        base = history(n)
+        out.append(Workload(f"history {n}", lambda base=base: growing(base),  # type: ignore[misc]
                             {"none": [], "empty handler": [EmptyHandler()], "guard": guard()}))
-    out.append(Workload("budgets", lambda i: PROMPT, budgets_guards()))
+    out.append(Workload("budgets", lambda: lambda i: PROMPT, budgets_guards()))
     return [w for w in out if w.name.startswith(only)]
 
 

@@ -161,3 +161,58 @@ def test_estimate_prompt_equals_a_full_count_whatever_the_history_does(start, st
             history[step[1] % len(history)] = step[2]
         assert COUNTER.estimate_prompt(history, model, conversation=key) == \
             _exact(history, model)
+
+
+# -- rolling windows on the memory ledger: earlier buckets summed once, kept exact -----------
+
+_BUCKETS = [f"team:t@3h:{i}" for i in range(6)]
+_ops = st.lists(st.one_of(
+    st.tuples(st.just("reserve"), st.integers(2, 5), st.integers(0, 400), st.booleans()),
+    st.tuples(st.just("settle"), st.integers(0, 30), st.integers(0, 400)),
+    st.tuples(st.just("release"), st.integers(0, 30)),
+    st.tuples(st.just("charge"), st.integers(2, 5), st.integers(0, 400)),
+), max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_ops)
+def test_memory_ledger_rolling_windows_decide_as_the_full_sum(ops):
+    """Every reply of the memory ledger (which keeps the earlier buckets' sums) is the
+    rule applied to every bucket's totals read afresh; settles and releases of holds in
+    buckets that are past by now are seen."""
+    from agent_guard.ledger import MemoryLedger, Reservation, ScopeCaps
+    from agent_guard.ledger.base import first_denial
+
+    ledger = MemoryLedger()
+    held: list[Reservation] = []
+    caps = {"usd_nano": 1000, "model_calls": 6}
+
+    def scopes(current: int) -> list[ScopeCaps]:
+        history = tuple(_BUCKETS[i] for i in range(current - 1, max(-1, current - 3), -1))
+        return [ScopeCaps("session:s", {"usd_nano": 1500}),
+                ScopeCaps(_BUCKETS[current], caps, history)]
+
+    def expected(sc: list[ScopeCaps], amounts: dict[str, int]) -> Any:
+        names = {s.scope for s in sc} | {h for s in sc for h in s.history}
+        return first_denial(sc, amounts, {n: ledger.totals(n) for n in names})
+
+    for op in ops:
+        if op[0] in ("reserve", "charge"):
+            sc = scopes(op[1])
+            amounts = {"usd_nano": op[2], "model_calls": 1}
+            want = expected(sc, amounts)
+            if op[0] == "reserve":
+                got = ledger.reserve(sc, amounts, lease_seconds=60)
+                if isinstance(got, Reservation):
+                    assert want is None
+                    held.append(got)
+                else:
+                    assert got == want
+            else:
+                assert ledger.charge(sc, amounts) == want
+        elif held:
+            res = held.pop(op[1] % len(held))
+            if op[0] == "settle":
+                ledger.settle(res, {"usd_nano": op[2], "model_calls": 1})
+            else:
+                ledger.release(res)

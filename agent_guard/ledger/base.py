@@ -28,9 +28,10 @@ has an async client.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -48,8 +49,27 @@ DONE_RETENTION_SECONDS = 7 * 24 * 3600
 
 
 def new_reservation_id() -> str:
-    """32 random hex digits (what ``uuid4().hex`` gives, without building a UUID)."""
-    return os.urandom(16).hex()
+    """32 hex digits, unique across processes and hosts: 64 random bits drawn once per
+    process (again in a forked child) and a 64-bit counter from a random start. One
+    ``os.urandom`` per id made every call a system call that releases the GIL, so a
+    call waited for whichever thread took it meanwhile."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & _ID_MASK:016x}"
+
+
+_ID_MASK = (1 << 64) - 1
+_ID_PREFIX = ""
+_ID_COUNTER: Iterator[int] = itertools.count()
+
+
+def _new_id_source() -> None:
+    global _ID_PREFIX, _ID_COUNTER
+    _ID_PREFIX = os.urandom(8).hex()
+    _ID_COUNTER = itertools.count(int.from_bytes(os.urandom(8), "big"))
+
+
+_new_id_source()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_id_source)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,25 +164,34 @@ def first_denial(
     scopes: Sequence[ScopeCaps],
     amounts: Mapping[str, int],
     totals: Mapping[str, ScopeTotals],
+    past: Mapping[str, tuple[Mapping[str, int], Mapping[str, int]]] | None = None,
 ) -> Denial | None:
     """The pure admission rule, shared by the in-process backends. ``totals`` holds
-    every scope of ``scopes`` and of their ``history`` (a missing one counts as zero).
+    every scope of ``scopes`` and of their ``history`` (a missing one counts as zero);
+    or ``past`` holds, per scope with a history, its history's (spent, reserved)
+    summed already.
 
     Redis evaluates the same rule in Lua (``lua/reserve.lua``).
     """
     for sc in scopes:
         t = totals[sc.scope]
+        sums = past.get(sc.scope) if past is not None and sc.history else None
         for dim, cap in sc.caps.items():
             want = amounts.get(dim, 0)
             if want <= 0:
                 continue
-            spent, held = t.get_spent(dim), t.get_reserved(dim)
-            for past in sc.history:
-                if past in totals:
-                    spent += totals[past].get_spent(dim)
-                    held += totals[past].get_reserved(dim)
-            if spent + held + want > cap + t.get_extra(dim):
-                return Denial(sc.scope, dim, cap + t.get_extra(dim), spent, held, want)
+            spent, held = int(t.spent.get(dim, 0)), int(t.reserved.get(dim, 0))
+            if sums is not None:
+                spent += sums[0].get(dim, 0)
+                held += sums[1].get(dim, 0)
+            else:
+                for name in sc.history:
+                    if name in totals:
+                        spent += totals[name].get_spent(dim)
+                        held += totals[name].get_reserved(dim)
+            extra = int(t.extra.get(dim, 0))
+            if spent + held + want > cap + extra:
+                return Denial(sc.scope, dim, cap + extra, spent, held, want)
     return None
 
 
