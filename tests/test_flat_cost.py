@@ -216,3 +216,48 @@ def test_memory_ledger_rolling_windows_decide_as_the_full_sum(ops):
                 ledger.settle(res, {"usd_nano": op[2], "model_calls": 1})
             else:
                 ledger.release(res)
+
+
+# -- integer pricing: the same nano-USD as the Decimal sums ----------------------------------
+
+def _prices() -> list[Any]:
+    from agent_guard.pricing import PriceBook
+
+    book = PriceBook.default()
+    return [book._prices[m] for m in sorted(book._prices)]
+
+
+@st.composite
+def _usages(draw: Any) -> Any:
+    from agent_guard import Usage
+
+    n = st.integers(0, 3_000_000)
+    i, o = draw(n), draw(n)
+    cr = draw(st.integers(0, i))
+    cw = draw(st.integers(0, i - cr))
+    ai = draw(st.integers(0, i))
+    ii = draw(st.integers(0, i - ai))
+    r = draw(st.integers(0, o))
+    ao = draw(st.integers(0, o - r))
+    io = draw(st.integers(0, o - r - ao))
+    return Usage(input_tokens=i, output_tokens=o, cache_read_tokens=cr,
+                 cache_creation_tokens=cw, cache_creation_1h_tokens=draw(st.integers(0, cw)),
+                 reasoning_tokens=r, audio_input_tokens=ai, image_input_tokens=ii,
+                 audio_output_tokens=ao, image_output_tokens=io,
+                 service_tier=draw(st.sampled_from([None, "priority", "flex"])))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data(), _usages(), st.integers(0, 3_000_000), st.integers(0, 200_000))
+def test_integer_pricing_charges_what_the_decimal_sums_charge(data, usage, prompt, output):
+    price = data.draw(st.sampled_from(_prices()))
+    assert price.cost_nano(usage) == price.decimal_cost_nano(usage)
+    cost = price.cost(usage)
+    assert price.prompt_completion_usd(usage) == (float(cost.prompt_usd),
+                                                  float(cost.completion_usd))
+    r = price.rates(prompt)
+    from decimal import ROUND_CEILING, Decimal
+    worst = (prompt * r.input + output * max(r.output, r.reasoning)) * Decimal(10**9)
+    if "output_cost_per_image_token" not in price.fields:
+        assert price.worst_cost_nano(prompt, output) == int(
+            worst.to_integral_value(rounding=ROUND_CEILING))

@@ -254,3 +254,14 @@ def priced_tool(tool: BaseTool, price: ToolPrice | Mapping[str, Any]) -> BaseToo
         price = tool_price_from_data(tool.name, price)
     tool.metadata = {**(tool.metadata or {}), METADATA_KEY: price}
     return tool
+
+
+def cost_breakdown(guard: Any, record: Any) -> tuple[float, float] | None:
+    """(prompt, completion) dollars of a settled call, for its run and span (the
+    callback's and the middleware's); None for a failed or free call."""
+    if record.outcome != "ok" or record.cost_nano == 0:
+        return None
+    price = guard.prices.resolve(record.model, record.provider)
+    if price is None:
+        return None
+    return price.prompt_completion_usd(record.usage)  # type: ignore[no-any-return]

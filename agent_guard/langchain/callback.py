@@ -60,7 +60,7 @@ from ..pricing.tools import declared_price
 from ..records import CallRecord, Outcome
 from ..telemetry.langsmith import note_tool_cost
 from ..usage import Usage
-from .call import max_output, model_name, read_answer, tool_result, with_costs
+from .call import cost_breakdown, max_output, model_name, read_answer, tool_result, with_costs
 
 __all__ = ["GuardCallbackHandler", "OutputCapExceeded", "session_from_metadata"]
 
@@ -566,7 +566,8 @@ class GuardCallbackHandler(BaseCallbackHandler):
             run.admission, usage, output_tokens=counted, response_model=response_model,
             cache_hit=cache_hit, retried=_retried(run),
         )
-        breakdown = self._breakdown(record)
+        breakdown = cost_breakdown(self.guard, record) if (
+            self.annotate_runs or self.telemetry is not None) else None
         if self.telemetry is not None:
             self.telemetry.chat_end(
                 run_id, record, _finish_reasons(response), breakdown,
@@ -586,7 +587,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
             if message.usage_metadata is not None and breakdown is not None:
                 # ints stay what LangChain adds up: the costs are kept out of iteration
                 message.usage_metadata = with_costs(message.usage_metadata, {  # type: ignore[assignment]
-                    "input_cost": float(breakdown[0]), "output_cost": float(breakdown[1]),
+                    "input_cost": breakdown[0], "output_cost": breakdown[1],
                     "total_cost": float(record.cost_usd)})
             cap = self.guard.limits.max_cost_usd
             message.response_metadata["agent_guard"] = {
@@ -595,15 +596,6 @@ class GuardCallbackHandler(BaseCallbackHandler):
                 "cap_usd": None if cap is None else str(cap),
             }
             break
-
-    def _breakdown(self, record: CallRecord) -> tuple[Any, Any] | None:
-        if record.outcome != "ok" or record.cost_nano == 0:
-            return None
-        price = self.guard.prices.resolve(record.model, record.provider)
-        if price is None:
-            return None
-        cost = price.cost(record.usage)
-        return cost.prompt_usd, cost.completion_usd
 
     def on_llm_error(
         self,

@@ -59,6 +59,7 @@ from ..records import Outcome
 from .call import (
     Answer,
     choices,
+    cost_breakdown,
     max_output,
     model_name,
     read_answer,
@@ -631,7 +632,7 @@ class _AttemptGate(BaseCallbackHandler):
         if telemetry is not None:
             generations = [g for prompt in response.generations for g in prompt]
             telemetry.chat_end(
-                run_id, record, _finish_reasons(response), _breakdown(self.guard, record),
+                run_id, record, _finish_reasons(response), cost_breakdown(self.guard, record),
                 output=[getattr(g, "message", None) or g.text for g in generations]
                 if telemetry.capture_content else None)
 
@@ -656,14 +657,3 @@ class _AttemptGate(BaseCallbackHandler):
                 self.guard.model_call_abandoned(admission)
             else:
                 self.guard.model_call_failed(admission, error=error)
-
-
-def _breakdown(guard: Guard, record: Any) -> tuple[Any, Any] | None:
-    """(prompt, completion) dollars of a settled call, for its span."""
-    if record.outcome != "ok" or record.cost_nano == 0:
-        return None
-    price = guard.prices.resolve(record.model, record.provider)
-    if price is None:
-        return None
-    cost = price.cost(record.usage)
-    return cost.prompt_usd, cost.completion_usd

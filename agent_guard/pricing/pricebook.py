@@ -135,6 +135,40 @@ class Rates:
     image_input: Decimal
     image_output: Decimal
     threshold: int | None = None
+    #: the rates as integers at a common scale (see :func:`_integer_rates`), set once
+    ints: Any = field(default=None, compare=False, repr=False)
+
+
+_INT_FIELDS = ("input", "output", "cache_read", "cache_write", "cache_write_1h", "reasoning",
+               "audio_input", "audio_output", "image_input", "image_output")
+# the most decimal digits below a nano-USD a rate may have to be priced with integers
+_MAX_INT_SCALE = 12
+_NO_INTS = (0, None)
+
+
+def _integer_rates(r: Rates) -> tuple[int, tuple[int, ...] | None]:
+    """``(s, rates)``: every rate times 10**(9 + s) is the integer in ``rates`` (in
+    ``_INT_FIELDS`` order), for the smallest such ``s``; ``rates`` is None when a rate
+    has more than ``_MAX_INT_SCALE`` digits below a nano-USD. Kept on the Rates.
+
+    Sums of token counts times these integers are exact, as the Decimal sums are while
+    they stay within Decimal's 28 digits: the same cost to the nano-USD, without
+    Decimal arithmetic on every call (property-tested against the Decimal path)."""
+    if r.ints is not None:
+        return r.ints  # type: ignore[no-any-return]
+    scale = 0
+    values = [getattr(r, name) * _NANO for name in _INT_FIELDS]
+    for v in values:
+        exponent = v.normalize().as_tuple().exponent
+        if not isinstance(exponent, int) or v < 0:
+            scale = _MAX_INT_SCALE + 1
+            break
+        scale = max(scale, -exponent)
+    ints: tuple[int, tuple[int, ...] | None] = _NO_INTS
+    if scale <= _MAX_INT_SCALE:
+        ints = (scale, tuple(int(v.scaleb(scale)) for v in values))
+    object.__setattr__(r, "ints", ints)
+    return ints
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,13 +522,62 @@ class ModelPrice:
                       + usage.image_output_tokens * r.image_output)
         return input_usd, read_usd, write_usd, output_usd, usage.reasoning_tokens * r.reasoning, r
 
+    def _int_parts(self, usage: Usage, during: tuple[float, float] | None
+                   ) -> tuple[int, int, int] | None:
+        """``(scale, prompt side, completion side)``: the cost times 10**(9 + scale) as
+        exact integers; None when the rates are not integers at any small scale."""
+        r = self._at(self.rates(usage.input_tokens, usage.service_tier), during)
+        scale, ints = _integer_rates(r)
+        if ints is None:
+            return None
+        (inp, out, read_rate, write_rate, write_1h_rate, reasoning_rate, audio_in_rate,
+         audio_out_rate, image_in_rate, image_out_rate) = ints
+        cached = usage.cache_read_tokens + usage.cache_creation_tokens
+        uncached = max(usage.input_tokens - cached, 0)
+        audio_in = min(usage.audio_input_tokens, uncached)
+        image_in = min(usage.image_input_tokens, uncached - audio_in)
+        write_1h = min(usage.cache_creation_1h_tokens, usage.cache_creation_tokens)
+        prompt = ((uncached - audio_in - image_in) * inp + audio_in * audio_in_rate
+                  + image_in * image_in_rate + usage.cache_read_tokens * read_rate
+                  + (usage.cache_creation_tokens - write_1h) * write_rate
+                  + write_1h * write_1h_rate)
+        special = usage.reasoning_tokens + usage.audio_output_tokens + usage.image_output_tokens
+        if not special:
+            return scale, prompt, usage.output_tokens * out
+        completion = (max(usage.output_tokens - special, 0) * out
+                      + usage.audio_output_tokens * audio_out_rate
+                      + usage.image_output_tokens * image_out_rate
+                      + usage.reasoning_tokens * reasoning_rate)
+        return scale, prompt, completion
+
     def cost_nano(self, usage: Usage, during: tuple[float, float] | None = None) -> int:
         """``cost(usage).total_nano`` (the ledger amount) without building the breakdown:
-        the same Decimal sums in the same order, rounded up to the next nano-USD.
+        the exact cost rounded up to the next nano-USD (in integers when the rates allow,
+        else the same Decimal sums in the same order).
 
         ``during`` (start, end) in epoch seconds: a call that ran wholly inside an
         off-peak window of the model is priced at its off-peak rates; without it, or
         when any part of the call was at peak, at the standard (dearer) rates."""
+        parts = self._int_parts(usage, during)
+        if parts is not None:
+            scale, prompt, completion = parts
+            return -(-(prompt + completion) // 10**scale)
+        return self.decimal_cost_nano(usage, during)
+
+    def prompt_completion_usd(self, usage: Usage) -> tuple[float, float]:
+        """``(cost(usage).prompt_usd, .completion_usd)`` as floats (what LangSmith shows),
+        from the integer sums when the rates allow."""
+        parts = self._int_parts(usage, None)
+        if parts is None:
+            cost = self.cost(usage)
+            return float(cost.prompt_usd), float(cost.completion_usd)
+        scale, prompt, completion = parts
+        unit = 10 ** (9 + scale)
+        return prompt / unit, completion / unit
+
+    def decimal_cost_nano(self, usage: Usage, during: tuple[float, float] | None = None
+                          ) -> int:
+        """:meth:`cost_nano` in Decimal arithmetic (the reference the integers match)."""
         inp, read, write, out, reasoning, _ = self._parts(usage, during)
         total = (inp + read + write) + (out + reasoning)
         return int((total * _NANO).to_integral_value(rounding=ROUND_CEILING))
@@ -526,6 +609,12 @@ class ModelPrice:
         tiers: list[str | None] = [None]
         if service_tier and service_tier.lower() in _SERVICE_TIER_SUFFIX:
             tiers.append(service_tier)
+        if len(tiers) == 1 and not (cache_write or audio_input or image_input or audio_output
+                                    or "output_cost_per_image_token" in self.fields):
+            scale, ints = _integer_rates(self.rates(input_tokens, None))
+            if ints is not None:  # input and output rates (and reasoning) as integers
+                total = input_tokens * ints[0] + output_tokens * max(ints[1], ints[5])
+                return -(-total // 10**scale)
         in_rate = out_rate = _ZERO
         for tier in tiers:
             r = self.rates(input_tokens, tier)
