@@ -150,7 +150,8 @@ class LeaseKeeper:
         if renewed is None and not w.admission.finished:
             logger.warning(
                 "agent-guard: the hold of a running call (session %r) expired before it was "
-                "renewed; raise Limits.lease_seconds", w.admission.call.session)
+                "renewed; raise Limits.lease_seconds",
+                getattr(w.admission, "session", None) or w.admission.call.session)
         w.renewed.append(now)
 
     def _drop(self, key: tuple[int, int], w: _Watch) -> None:

@@ -421,3 +421,40 @@ def test_a_cached_paid_tool_keeps_its_price_and_a_hit_costs_nothing() -> None:
     assert [r.cost_nano for r in records] == [SEARCH_NANO, 0, 0]
     assert [r.outcome for r in records] == ["ok", "cache_hit", "cache_hit"]
     assert guard.usage(SESSION).cost_nano == SEARCH_NANO
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_long_running_paid_tool_keeps_its_hold_under_the_middleware(mode: str) -> None:
+    """A sandbox may run longer than the lease: while the tool runs, the lease keeper
+    renews its hold (checked from inside the tool, with every renewal made due)."""
+    from agent_guard.keeper import keeper
+
+    renewed: list[int] = []
+
+    @tool
+    def sandbox(code: str) -> str:
+        """Run code."""
+        watches = [w for w in keeper._watches.values() if getattr(w.admission, "tool", None)
+                   == "sandbox"]
+        for w in watches:
+            w.renew_at = 0.0
+        keeper.check()
+        renewed.extend(len(w.renewed) for w in watches)
+        return "ok"
+
+    priced_tool(sandbox, ToolPrice(per_unit_usd="0.0001", units="seconds", max_units=300))
+    guard = Guard(Limits(max_cost_usd=1))
+    answers = iter([AIMessage("", tool_calls=[{"name": "sandbox", "args": {"code": "1"},
+                                               "id": "c1"}]), AIMessage("done")])
+    from agent_guard.testing import ScriptedChatModel
+
+    agent = create_agent(ScriptedChatModel(model_name="gpt-4o", respond=lambda m: next(answers)),
+                         [sandbox], middleware=[GuardMiddleware(guard, session_id=SESSION)])
+    inputs = {"messages": [("user", "run it")]}
+    if mode == "sync":
+        agent.invoke(inputs)
+    else:
+        asyncio.run(agent.ainvoke(inputs))
+    assert renewed == [1]
+    assert guard.usage(SESSION).reserved_nano == 0
+    assert not [w for w in keeper._watches.values() if getattr(w.admission, "tool", None)]

@@ -240,7 +240,8 @@ def test_a_paid_tool_s_span_carries_its_cost(receiver: Receiver) -> None:
 
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.url)))
-    telemetry = GuardTelemetry(provider, MeterProvider(metric_readers=[InMemoryMetricReader()]),
+    reader = InMemoryMetricReader()
+    telemetry = GuardTelemetry(provider, MeterProvider(metric_readers=[reader]),
                                cost_attributes=(Attr.COST, Attr.LLM_COST_TOTAL))
     records: list = []
     handler = GuardCallbackHandler(Guard(Limits(max_cost_usd=1), on_record=[records.append]),
@@ -258,6 +259,12 @@ def test_a_paid_tool_s_span_carries_its_cost(receiver: Receiver) -> None:
         assert a[Attr.ESTIMATED] is False
     assert sum(r.cost_nano for r in records if r.kind == "tool") == 20_000_000
     assert telemetry.open_spans() == 0
+    points = [p for m in reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics
+              if m.name == "agent_guard.cost" for p in m.data.data_points]
+    tool_points = [p for p in points if p.attributes.get(Attr.TOOL_NAME) == "lookup"]
+    assert [p.value for p in tool_points] == [pytest.approx(0.02)]
+    assert sum(p.value for p in points) == pytest.approx(
+        sum(r.cost_nano for r in records) / 1e9)
 
 
 @pytest.mark.parametrize("capture", [False, True])

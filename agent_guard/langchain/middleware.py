@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from dataclasses import replace
@@ -52,6 +53,7 @@ from ..budgets import Budgets, attributes_from_metadata
 from ..cache.result import MISS, ResultCache, collecting_cache_hits
 from ..errors import GuardError
 from ..guard import Admission, Guard, ModelCall, ToolAdmission
+from ..keeper import keeper
 from ..ledger import Ledger
 from ..limits import Limits
 from ..pricing.tools import declared_price
@@ -468,7 +470,9 @@ class GuardMiddleware(AgentMiddleware):
                     self._tool_done(request, admission, "ok", [saved])
                     return hit
                 try:
-                    with collecting_cache_hits() as hits:
+                    with collecting_cache_hits() as hits, _held(
+                            self, self.guard, admission, thread_id=threading.get_ident(),
+                            frame=sys._getframe()):
                         result = handler(request)
                 except GraphInterrupt:  # paused before it ran: it runs again on resume
                     self.guard.tool_call_not_run(admission)
@@ -504,7 +508,8 @@ class GuardMiddleware(AgentMiddleware):
                     await self._atool_done(request, admission, "ok", [saved])
                     return hit
                 try:
-                    with collecting_cache_hits() as hits:
+                    with collecting_cache_hits() as hits, _held(
+                            self, self.guard, admission, task=asyncio.current_task()):
                         result = await handler(request)
                 except GraphInterrupt:
                     await self.guard.atool_call_not_run(admission)
@@ -519,6 +524,21 @@ class GuardMiddleware(AgentMiddleware):
                 answer = self._tool_refused(exc, request, session)
                 if answer is not None:
                     return answer
+
+
+@contextlib.contextmanager
+def _held(owner: object, guard: Guard, admission: ToolAdmission, **running: Any
+          ) -> Iterator[None]:
+    """A priced tool's hold is renewed by the lease keeper while the tool runs (a tool
+    may run longer than ``Limits.lease_seconds``: a sandbox, a slow crawl)."""
+    if admission.reservation is None:
+        yield
+        return
+    keeper.watch(owner, guard, admission, **running)
+    try:
+        yield
+    finally:
+        keeper.unwatch(owner, admission)
 
 
 def _request_params(model: Any, settings: Mapping[str, Any]) -> dict[str, Any]:

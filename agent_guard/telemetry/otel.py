@@ -571,6 +571,9 @@ class GuardTelemetry:
                                  Attr.RESERVED_USD: record.reserved_nano / 1e9,
                                  Attr.ESTIMATED: record.usage_estimated,
                                  Attr.OUTCOME: record.outcome})
+            if record.cost_nano > 0:  # the agent_guard.cost counter sums tools too
+                common = {Attr.OPERATION: "execute_tool", Attr.TOOL_NAME: record.tool or ""}
+                self._cost_sums.add(tuple(sorted(common.items())), common, record.cost_nano)
         if self.capture_content and result is not None:
             span.set_attributes(_content_attributes(_tool_content, Attr.TOOL_CALL_RESULT,
                                                     getattr(result, "content", result)))
