@@ -308,17 +308,11 @@ class _ClaudeCounts(_TextCounts):
         super().__init__(CLAUDE_COUNTS)  # its own memos (and tool-schema memo key)
 
     def __call__(self, text: str) -> int:
-        n = self._memo.get(text)
+        n = self.get(text)
         if n is not None:
             return n
         n = _TEXT_COUNTS["o200k_base"](text) + _non_latin(text)
-        if len(text) <= _MEMO_CHARS // 4:
-            with self._lock:
-                if len(self._memo) >= _MEMO_ENTRIES or self._chars + len(text) > _MEMO_CHARS:
-                    self._memo.clear()
-                    self._chars = 0
-                self._memo[text] = n
-                self._chars += len(text)
+        self._keep(text, n)
         return n
 
     def bound(self, text: str) -> int:
@@ -834,9 +828,12 @@ class TokenCounter:
         Messages are treated as immutable once sent, as LangChain and LangGraph treat
         them (a state update replaces a message, never edits it in place)."""
         enc, exact_family = _family(model or "")
-        counts = _TEXT_COUNTS[enc]
         if not isinstance(messages, list):
             messages = list(messages)
+        if enc == CLAUDE_COUNTS and self.claude_prompt_counter is not None:
+            return (self.count_messages(messages, model, tools, params), True,
+                    request_features(messages, tools, params))
+        counts = _TEXT_COUNTS[enc]
         key = (conversation, model or "")
         image_rule = _image_rule(model or "")
         conv = _conversations.get(key) if conversation is not None else None
@@ -854,7 +851,7 @@ class TokenCounter:
         if params:
             n += _params_tokens(params, counts)
         features = _request_features(ttl, audio, image, tools, params)
-        return self._scaled(n, exact_family), exact, features
+        return self._scaled(n, enc, exact_family), exact, features
 
     def count_output(self, message: BaseMessage | Mapping[str, Any] | str,
                      model: str = "gpt-4o") -> int:
