@@ -475,15 +475,15 @@ def test_redis_resent_script_calls_count_once(redis_ledger) -> None:
     assert ledger._sync.reserve(keys=keys, args=args) == first
     assert ledger.totals("session:retry").get_reserved(USD) == 600
     res = Reservation("rid-1", ("session:retry",), {USD: 600}, float(first[1]))
-    keys, args = ledger._finish_call(res, {USD: 400})
+    keys, args = ledger._settle_call([ledger._later(res, {USD: 400}, None, None)])
     first = ledger._sync.settle(keys=keys, args=args)
-    assert ledger._sync.settle(keys=keys, args=args) == first == [1, b"400"]
+    assert ledger._sync.settle(keys=keys, args=args) == first == [[1, b"400"]]
     assert not ledger.settle(res, {USD: 400})  # a different settle call: no-op
     t = ledger.totals("session:retry")
     assert (t.get_spent(USD), t.get_reserved(USD)) == (400, 0)
     other = ledger.reserve(caps, {USD: 100}, lease_seconds=60)
     assert isinstance(other, Reservation)
-    keys, args = ledger._finish_call(other, None)
+    keys, args = ledger._release_call(other)
     assert ledger._sync.release(keys=keys, args=args) == 1
     assert ledger._sync.release(keys=keys, args=args) == 1
     assert ledger.release(other) is False

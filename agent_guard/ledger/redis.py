@@ -2,9 +2,15 @@
 
 Every ``reserve``, ``settle``, ``release`` and ``charge`` is exactly one EVALSHA of a
 Lua script in ``lua/`` (``common.lua`` is prepended to each), so each is atomic
-and costs one round trip. ``reserve`` and ``charge`` first give back up to 100
-expired leases, so no separate reclaim call is needed; ``reclaim_expired`` loops
-over ``reclaim.lua`` until none are left. ``extend`` is one ``HINCRBY`` and
+and costs one round trip. ``settle_later`` (what the guard uses) sends nothing: the
+settle rides with this ledger's next ``reserve`` or ``charge`` script, or is flushed
+after ``settle_delay`` seconds (0.05) by a background thread, by ``flush``, ``totals``,
+``close`` and at process exit, so a guarded call costs one round trip (see
+docs/redis-ledger.md for what this does to holds and threshold events).
+
+``reserve`` and ``charge`` first give back up to 100 expired leases, so no separate
+reclaim call is needed; ``reclaim_expired`` loops over ``reclaim.lua`` until none are
+left. ``extend`` is one ``HINCRBY`` and
 ``totals`` one ``HGETALL``.
 
 Keys (see ``lua/common.lua``) share one hash tag, ``ag:{<namespace>}:``, so
@@ -38,8 +44,13 @@ any session lasts.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
+import logging
+import os
+import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -68,12 +79,17 @@ from .base import (
 
 __all__ = ["MAX_AMOUNT", "RedisLedger"]
 
+logger = logging.getLogger("agent_guard")
+
 # Amounts, caps and extensions must be below this: Lua compares them as doubles.
 MAX_AMOUNT = 2**53
 RECLAIM_BATCH = 1000
 _SCRIPTS = ("reserve", "settle", "release", "charge", "reclaim", "renew")
 _FAILURES = REDIS_ERRORS
 _JSON = {"separators": (",", ":")}
+# Deferred settles: the default bounded delay, and the most one script carries.
+SETTLE_DELAY_SECONDS = 0.05
+SETTLE_BATCH = 64
 
 Reply = Any  # what a script call answers (lists, bytes, ints)
 
@@ -108,6 +124,18 @@ def _token() -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class _Later:
+    """A settle waiting to ride with the next script: its token is fixed when queued, so
+    a batch resent after an error counts once."""
+
+    reservation: Reservation
+    actual: Mapping[str, int]
+    reads: tuple[tuple[str, ...], ...]  # dimensions to read back, per scope
+    then: Callable[[Settlement], Any] | None
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
 class _Scripts:
     """One client and its registered scripts (sync or async alike)."""
 
@@ -136,6 +164,10 @@ class RedisLedger(Ledger):
     for one, then the call fails with ``LedgerUnavailable`` (and the guard's
     ``fail`` policy applies), so a burst of threads never opens an unbounded
     number of sockets to Redis.
+
+    ``settle_delay`` (seconds, ``?settle_delay=`` in the URL; default 0.05): how long a
+    :meth:`settle_later` may wait for a script to ride with before a background thread
+    flushes it; 0 turns deferral off (``settle_later`` settles at once).
     """
 
     def __init__(
@@ -149,8 +181,21 @@ class RedisLedger(Ledger):
         scope_ttl_seconds: int | None = None,
         max_connections: int | None = None,
         pool_timeout: float | None = None,
+        settle_delay: float | None = None,
         **client_options: Any,
     ) -> None:
+        delay = SETTLE_DELAY_SECONDS if settle_delay is None else settle_delay
+        if isinstance(delay, bool) or not isinstance(delay, int | float) or not (
+                0 <= delay < 60):
+            raise ValueError(f"settle_delay must be a number of seconds in [0, 60), "
+                             f"got {settle_delay!r}")
+        self.settle_delay = float(delay)
+        self.defers_settles = self.settle_delay > 0
+        # settles waiting for a script to ride with (settle_later); _idle guards them and
+        # counts the settles on their way (_inflight), so a read can wait for them
+        self._pending: list[_Later] = []
+        self._inflight = 0
+        self._idle = threading.Condition(threading.Lock())
 
         if scope_ttl_seconds is not None and (
                 isinstance(scope_ttl_seconds, bool) or not isinstance(scope_ttl_seconds, int)
@@ -184,6 +229,8 @@ class RedisLedger(Ledger):
         self.prefix = f"ag:{{{quote(namespace, safe='')}}}:"
         self._open = self.prefix + "open"
         self._leases = self.prefix + "leases"
+        self._scope_keys: dict[str, str] = {}
+        _LEDGERS.add(self)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisLedger:
@@ -201,7 +248,13 @@ class RedisLedger(Ledger):
 
     def scope_key(self, scope: str) -> str:
         """The HASH of ``scope``'s counters (injective in ``scope``)."""
-        return self.prefix + "s:" + quote(scope, safe="", errors="surrogatepass")
+        key = self._scope_keys.get(scope)
+        if key is None:
+            key = self.prefix + "s:" + quote(scope, safe="", errors="surrogatepass")
+            if len(self._scope_keys) >= 4096:
+                self._scope_keys.clear()
+            self._scope_keys[scope] = key
+        return key
 
     def _done_key(self, rid: str) -> str:
         return self.prefix + "done:" + rid
@@ -241,7 +294,7 @@ class RedisLedger(Ledger):
         keys = [self._open, self._leases, *(self.scope_key(sc.scope) for sc in scopes)]
         spend = {d: str(v) for d, v in amounts.items() if v}
         return keys, [self._now(), self._caps(scopes, keys), json.dumps(spend, **_JSON),
-                      self._ttl, *(spend if read else ())]
+                      self._ttl, "", "", *(spend if read else ())]
 
     @staticmethod
     def _charged(reply: Reply, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
@@ -253,16 +306,47 @@ class RedisLedger(Ledger):
         return Settlement(True, {sc.scope: {dim: int(next(values)) for dim in dims}
                                  for sc in scopes})
 
-    def _finish_call(self, reservation: Reservation, actual: Mapping[str, int] | None
-                     ) -> tuple[list[str], list[str]]:
+    def _release_call(self, reservation: Reservation) -> tuple[list[str], list[str]]:
         rid = reservation.id
-        keys = [self._open, self._leases, self._done_key(rid)]
-        args = [rid, _token(), self._done_retention, self._ttl]
-        if actual is not None:
-            keys += [self.scope_key(s) for s in reservation.scopes]
-            for dim, amount in actual.items():
-                args += [dim, str(amount)]
-        return keys, args
+        return ([self._open, self._leases, self._done_key(rid)],
+                [rid, _token(), self._done_retention, self._ttl])
+
+    def _batch(self, items: Sequence[_Later], keys: list[str]) -> str:
+        """The settle batch JSON of ``items`` (see ``ag_settle``); their keys are appended
+        to ``keys`` (each once) and named by index."""
+        index: dict[str, int] = {}
+
+        def at(key: str) -> int:
+            found = index.get(key)
+            if found is None:
+                keys.append(key)
+                found = index[key] = len(keys)
+            return found
+
+        out = []
+        for item in items:
+            r = item.reservation
+            flat: list[str] = []
+            for dim, amount in item.actual.items():
+                flat += (dim, str(amount))
+            out.append([r.id, item.token, at(self._done_key(r.id)),
+                        [at(self.scope_key(scope)) for scope in r.scopes], flat,
+                        item.reads])
+        return json.dumps(out, **_JSON)
+
+    def _settle_call(self, items: Sequence[_Later]) -> tuple[list[str], list[str]]:
+        keys = [self._open, self._leases]
+        return keys, [self._ttl, self._done_retention, self._batch(items, keys)]
+
+    def _later(self, reservation: Reservation, actual: Mapping[str, int],
+               reads: Mapping[str, Sequence[str]] | None,
+               then: Callable[[Settlement], Any] | None) -> _Later:
+        _check(actual)
+        if reads is None:  # the contract's settle: every settled dimension of every scope
+            per_scope = (tuple(actual),) * len(reservation.scopes)
+        else:
+            per_scope = tuple(tuple(reads.get(scope, ())) for scope in reservation.scopes)
+        return _Later(reservation, actual, per_scope, then, _token())
 
     def _renew_call(self, reservation: Reservation, lease_seconds: float
                     ) -> tuple[list[str], list[str]]:
@@ -286,14 +370,13 @@ class RedisLedger(Ledger):
                            float(reply[1]))
 
     @staticmethod
-    def _settled(reply: Reply, reservation: Reservation, actual: Mapping[str, int]
-                 ) -> Settlement:
+    def _settled(reply: Reply, item: _Later) -> Settlement:
         if not isinstance(reply, list):
             return Settlement(False)
         values = iter(reply[1:])
         return Settlement(True, {
-            scope: {dim: int(next(values)) for dim in actual} for scope in reservation.scopes
-        })
+            scope: {dim: int(next(values)) for dim in dims}
+            for scope, dims in zip(item.reservation.scopes, item.reads, strict=True)})
 
     def _unavailable(self, exc: BaseException) -> LedgerUnavailable:
         if isinstance(exc, redis.exceptions.MovedError | redis.exceptions.AskError):
@@ -328,15 +411,41 @@ class RedisLedger(Ledger):
         _check(amounts)
         rid = reservation_id or new_reservation_id()
         keys, args = self._reserve_call(scopes, amounts, lease_seconds, rid)
-        return self._reserved(self._run(self._sync.reserve, keys, args), scopes, amounts, rid)
+        items = self._take()
+        if items:
+            args += (self._done_retention, self._batch(items, keys))
+        reply = self._carry(items, self._sync.reserve, keys, args)
+        return self._reserved(reply, scopes, amounts, rid)
 
     def settle(self, reservation: Reservation, actual: Mapping[str, int]) -> Settlement:
-        _check(actual)
-        keys, args = self._finish_call(reservation, actual)
-        return self._settled(self._run(self._sync.settle, keys, args), reservation, actual)
+        item = self._later(reservation, actual, None, None)
+        keys, args = self._settle_call([item])
+        return self._settled(self._run(self._sync.settle, keys, args)[0], item)
+
+    def settle_later(self, reservation: Reservation, actual: Mapping[str, int], *,
+                     reads: Mapping[str, Sequence[str]] | None = None,
+                     then: Callable[[Settlement], Any] | None = None) -> None:
+        """Queue a settle to ride with this ledger's next reserve or charge script (or a
+        flush within ``settle_delay`` seconds). The hold keeps counting until it lands.
+        ``reads``: the dimensions of each scope to read back (default: every settled
+        one); ``then`` gets the :class:`Settlement` when it lands, in whichever thread
+        lands it (a callback that raises is logged). A ledger with ``settle_delay=0``
+        settles at once (and raises ``LedgerUnavailable`` as ``settle`` does)."""
+        item = self._later(reservation, actual, reads, then)
+        if not self.defers_settles:
+            keys, args = self._settle_call([item])
+            self._landed([item], self._run(self._sync.settle, keys, args))
+            return
+        with self._idle:
+            self._pending.append(item)
+            queued = len(self._pending)
+        if queued == 1:
+            _FLUSHER.schedule(self, time.monotonic() + self.settle_delay)
+        elif queued >= SETTLE_BATCH:
+            _FLUSHER.schedule(self, 0.0)
 
     def release(self, reservation: Reservation) -> bool:
-        keys, args = self._finish_call(reservation, None)
+        keys, args = self._release_call(reservation)
         return int(self._run(self._sync.release, keys, args)) == 1
 
     def renew(self, reservation: Reservation, lease_seconds: float) -> Reservation | None:
@@ -345,15 +454,119 @@ class RedisLedger(Ledger):
 
     def charge(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]) -> Denial | None:
         _check(amounts)
-        keys, args = self._charge_call(scopes, amounts)
-        reply = self._run(self._sync.charge, keys, args)
+        reply = self._charge_run(*self._charge_call(scopes, amounts))
         return _denial(reply, scopes) if int(reply[0]) == 0 else None
 
     def charge_read(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
                     ) -> Denial | Settlement:
         _check(amounts)
-        keys, args = self._charge_call(scopes, amounts, read=True)
-        return self._charged(self._run(self._sync.charge, keys, args), scopes, amounts)
+        reply = self._charge_run(*self._charge_call(scopes, amounts, read=True))
+        return self._charged(reply, scopes, amounts)
+
+    def _charge_run(self, keys: list[str], args: list[str]) -> Reply:
+        items = self._take()
+        if items:
+            args[4:6] = (self._done_retention, self._batch(items, keys))
+        return self._carry(items, self._sync.charge, keys, args)
+
+    # -- deferred settles ---------------------------------------------------------------
+
+    @property
+    def pending_settles(self) -> int:
+        """Settles queued by :meth:`settle_later` that have not landed yet."""
+        return len(self._pending) + self._inflight
+
+    def _take(self) -> list[_Later]:
+        """Up to SETTLE_BATCH queued settles, now on their way (``_landed`` ends that)."""
+        if not self._pending:
+            return []
+        with self._idle:
+            items = self._pending[:SETTLE_BATCH]
+            del self._pending[:SETTLE_BATCH]
+            self._inflight += len(items)
+        return items
+
+    def _landed(self, items: Sequence[_Later], replies: Reply | None) -> None:
+        """A batch came back (``replies``) or failed (None: back to the queue's front, to
+        ride again with the same tokens, so it counts once whatever ran)."""
+        with self._idle:
+            self._inflight -= len(items)
+            if replies is None:
+                self._pending[:0] = items
+            self._idle.notify_all()
+        if replies is None:
+            _FLUSHER.schedule(self, time.monotonic() + max(self.settle_delay, 1.0))
+            return
+        for item, reply in zip(items, replies, strict=True):
+            if item.then is not None:
+                try:
+                    item.then(self._settled(reply, item))
+                except Exception:
+                    logger.exception("agent-guard: a settle callback failed")
+
+    def _carry(self, items: Sequence[_Later], script: Any, keys: list[str], args: list[str]
+               ) -> Reply:
+        """Run ``script`` with ``items`` riding along; its own reply."""
+        if not items:
+            return self._run(script, keys, args)
+        try:
+            reply, replies = self._run(script, keys, args)
+        except BaseException:
+            self._landed(items, None)
+            raise
+        self._landed(items, replies)
+        return reply
+
+    async def _acarry(self, items: Sequence[_Later], script: Any, keys: list[str],
+                      args: list[str]) -> Reply:
+        if not items:
+            return await self._arun(script, keys, args)
+        try:
+            reply, replies = await self._arun(script, keys, args)
+        except BaseException:
+            self._landed(items, None)
+            raise
+        self._landed(items, replies)
+        return reply
+
+    def flush(self) -> None:
+        """Land every deferred settle now, and wait for those already on their way.
+        Raises ``LedgerUnavailable`` (the settles stay queued) when Redis does not
+        answer."""
+        while items := self._take():
+            keys, args = self._settle_call(items)
+            try:
+                replies = self._run(self._sync.settle, keys, args)
+            except BaseException:
+                self._landed(items, None)
+                raise
+            self._landed(items, replies)
+        if self._inflight:
+            self._wait_idle()
+
+    async def aflush(self) -> None:
+        while items := self._take():
+            keys, args = self._settle_call(items)
+            try:
+                replies = await self._arun((await self._aready()).settle, keys, args)
+            except BaseException:
+                self._landed(items, None)
+                raise
+            self._landed(items, replies)
+        if self._inflight:
+            await asyncio.to_thread(self._wait_idle)
+
+    def _wait_idle(self) -> None:
+        with self._idle:
+            self._idle.wait_for(lambda: not self._inflight, timeout=30.0)
+
+    def _close_flush(self) -> None:
+        try:
+            self.flush()
+        except LedgerUnavailable as exc:
+            logger.error("agent-guard: closing %s with %d settled calls it never counted "
+                         "(%s); their holds expire at lease end", self.url,
+                         self.pending_settles, exc)
 
     def extend(self, scope: str, dimension: str, amount: int) -> None:
         _int(amount, "extend amount")
@@ -370,6 +583,8 @@ class RedisLedger(Ledger):
             raise self._unavailable(exc) from exc
 
     def totals(self, scope: str) -> ScopeTotals:
+        if self._pending or self._inflight:
+            self.flush()
         try:
             raw = self.client.hgetall(self.scope_key(scope))
         except _FAILURES as exc:
@@ -377,6 +592,8 @@ class RedisLedger(Ledger):
         return _totals(scope, raw)
 
     def totals_many(self, scopes: Sequence[str]) -> list[ScopeTotals]:
+        if self._pending or self._inflight:
+            self.flush()
         try:
             with self.client.pipeline(transaction=False) as pipe:
                 for scope in scopes:
@@ -387,6 +604,8 @@ class RedisLedger(Ledger):
         return [_totals(scope, raw) for scope, raw in zip(scopes, raws, strict=True)]
 
     def reclaim_expired(self) -> int:
+        if self._pending or self._inflight:
+            self.flush()
         total = 0
         while True:
             examined, reclaimed = self._run(self._sync.reclaim, *self._reclaim_call())
@@ -395,6 +614,7 @@ class RedisLedger(Ledger):
                 return total
 
     def close(self) -> None:
+        self._close_flush()
         self.client.close()
 
     # -- native async twins --------------------------------------------------------------
@@ -444,17 +664,21 @@ class RedisLedger(Ledger):
         _check(amounts)
         rid = reservation_id or new_reservation_id()
         keys, args = self._reserve_call(scopes, amounts, lease_seconds, rid)
-        reply = await self._arun((await self._aready()).reserve, keys, args)
+        scripts = await self._aready()
+        items = self._take()
+        if items:
+            args += (self._done_retention, self._batch(items, keys))
+        reply = await self._acarry(items, scripts.reserve, keys, args)
         return self._reserved(reply, scopes, amounts, rid)
 
     async def asettle(self, reservation: Reservation, actual: Mapping[str, int]) -> Settlement:
-        _check(actual)
-        keys, args = self._finish_call(reservation, actual)
+        item = self._later(reservation, actual, None, None)
+        keys, args = self._settle_call([item])
         reply = await self._arun((await self._aready()).settle, keys, args)
-        return self._settled(reply, reservation, actual)
+        return self._settled(reply[0], item)
 
     async def arelease(self, reservation: Reservation) -> bool:
-        keys, args = self._finish_call(reservation, None)
+        keys, args = self._release_call(reservation)
         return int(await self._arun((await self._aready()).release, keys, args)) == 1
 
     async def arenew(self, reservation: Reservation, lease_seconds: float
@@ -467,16 +691,21 @@ class RedisLedger(Ledger):
         self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
     ) -> Denial | None:
         _check(amounts)
-        keys, args = self._charge_call(scopes, amounts)
-        reply = await self._arun((await self._aready()).charge, keys, args)
+        reply = await self._acharge_run(*self._charge_call(scopes, amounts))
         return _denial(reply, scopes) if int(reply[0]) == 0 else None
 
     async def acharge_read(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]
                            ) -> Denial | Settlement:
         _check(amounts)
-        keys, args = self._charge_call(scopes, amounts, read=True)
-        reply = await self._arun((await self._aready()).charge, keys, args)
+        reply = await self._acharge_run(*self._charge_call(scopes, amounts, read=True))
         return self._charged(reply, scopes, amounts)
+
+    async def _acharge_run(self, keys: list[str], args: list[str]) -> Reply:
+        scripts = await self._aready()
+        items = self._take()
+        if items:
+            args[4:6] = (self._done_retention, self._batch(items, keys))
+        return await self._acarry(items, scripts.charge, keys, args)
 
     async def aextend(self, scope: str, dimension: str, amount: int) -> None:
         _int(amount, "extend amount")
@@ -494,6 +723,8 @@ class RedisLedger(Ledger):
             raise self._unavailable(exc) from exc
 
     async def atotals(self, scope: str) -> ScopeTotals:
+        if self._pending or self._inflight:
+            await self.aflush()
         try:
             raw = await (await self._aready()).client.hgetall(self.scope_key(scope))
         except _FAILURES as exc:
@@ -501,6 +732,8 @@ class RedisLedger(Ledger):
         return _totals(scope, raw)
 
     async def atotals_many(self, scopes: Sequence[str]) -> list[ScopeTotals]:
+        if self._pending or self._inflight:
+            await self.aflush()
         try:
             async with (await self._aready()).client.pipeline(transaction=False) as pipe:
                 for scope in scopes:
@@ -511,6 +744,8 @@ class RedisLedger(Ledger):
         return [_totals(scope, raw) for scope, raw in zip(scopes, raws, strict=True)]
 
     async def aclose(self) -> None:
+        with contextlib.suppress(LedgerUnavailable):  # close() below retries and logs
+            await self.aflush()
         loop = asyncio.get_running_loop()
         self._async_by_loop.pop(loop, None)
         closer = self._async_closers.pop(loop, None)
@@ -565,3 +800,89 @@ def _totals(scope: str, raw: Mapping[bytes | str, bytes | str]) -> ScopeTotals:
         if kind in counters:
             counters[kind][dim] = int(value)
     return ScopeTotals(scope, counters["s"], counters["r"], counters["x"])
+
+
+# -- deferred settles: one background thread per process, and a last flush at exit ----------
+
+#: every RedisLedger of this process (the exit flush and a fork's reset walk them)
+_LEDGERS: weakref.WeakSet[RedisLedger] = weakref.WeakSet()
+
+
+class _Flusher:
+    """One daemon thread per process lands the deferred settles of every ledger whose
+    ``settle_delay`` has passed without a script to ride with (and retries, every
+    second, a flush that found Redis unavailable)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._due: dict[int, tuple[float, weakref.ref[RedisLedger]]] = {}
+        self._pid = 0
+
+    def schedule(self, ledger: RedisLedger, at: float) -> None:
+        with self._cond:
+            if self._pid != os.getpid():  # first use in this process (or a fork's child)
+                self._pid = os.getpid()
+                threading.Thread(target=self._loop, name="agent-guard-settles",
+                                 daemon=True).start()
+                _flush_at_process_exit()
+            due = self._due.get(id(ledger))
+            if due is None or at < due[0] or due[1]() is not ledger:
+                self._due[id(ledger)] = (at, weakref.ref(ledger))
+                self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                ready = [key for key, (at, _) in self._due.items() if at <= now]
+                if not ready:
+                    first = min((at for at, _ in self._due.values()), default=None)
+                    self._cond.wait(None if first is None else first - now)
+                    continue
+                refs = [self._due.pop(key)[1] for key in ready]
+            for ref in refs:
+                ledger = ref()
+                if ledger is not None:
+                    try:
+                        ledger.flush()
+                    except Exception as exc:  # queued again by _landed, retried in 1 s
+                        logger.warning("agent-guard: %d deferred settles wait for %s (%s)",
+                                       ledger.pending_settles, ledger.url, exc)
+
+    def after_fork(self) -> None:
+        """In a fork's child: the parent's thread and queue are the parent's (its settles
+        land from the parent; sent from here too, they would still count once)."""
+        self._cond = threading.Condition(threading.Lock())
+        self._due = {}
+        self._pid = 0
+        for ledger in list(_LEDGERS):
+            ledger._pending = []
+            ledger._inflight = 0
+            ledger._idle = threading.Condition(threading.Lock())
+
+
+_FLUSHER = _Flusher()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_FLUSHER.after_fork)
+
+
+def _flush_all() -> None:
+    for ledger in list(_LEDGERS):
+        if ledger.pending_settles:
+            ledger._close_flush()
+
+
+_exit_hooked = False
+
+
+def _flush_at_process_exit() -> None:
+    """Land what is still queued when the process exits: ``atexit`` for a normal exit,
+    and multiprocessing's finalizers, which a ``Process`` child runs instead."""
+    global _exit_hooked
+    if _exit_hooked:
+        return
+    _exit_hooked = True
+    atexit.register(_flush_all)
+    from multiprocessing import util
+
+    util.Finalize(None, _flush_all, exitpriority=100)

@@ -7,7 +7,7 @@ program does not use (and ``redis`` stays an optional extra).
 kind     memory://                                 sqlite:///path.db   |   redis://
 =======  ========================================  ==========================================
 ledger   ``max_idle_seconds``, ``max_scopes``      ``timeout``  |  ``namespace``,
-                                                   ``scope_ttl_seconds``
+                                                   ``scope_ttl_seconds``, ``settle_delay``
 cache    ``max_entries``, ``namespace``            ``timeout``, ``namespace``  |  ``namespace``
 usage    ``retention_days``                        ``timeout``, ``retention_days``  |
                                                    ``namespace``, ``retention_days``,
@@ -56,7 +56,8 @@ register("ledger", "memory", _memory_ledger,
 register("ledger", "sqlite", _sqlite_ledger, options={})
 for _scheme in ALL_REDIS_SCHEMES:
     register("ledger", _scheme, _redis_ledger,
-             options={"namespace": as_str, "scope_ttl_seconds": as_int})
+             options={"namespace": as_str, "scope_ttl_seconds": as_int,
+                      "settle_delay": as_float})
 
 
 # -- cache stores -----------------------------------------------------------------------------

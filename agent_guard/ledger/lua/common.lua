@@ -8,6 +8,10 @@
 --   ag:{ns}:leases     ZSET    reservation id -> expires_at (seconds)
 --   ag:{ns}:done:<id>  STRING  token of the call that finished the id, EX retention
 --
+-- Settles travel in batches (settle.lua, and after a reserve or a charge: the settles a
+-- client deferred ride with its next script, see ag_settle_all), each applied before the
+-- script's own work, so a reserve sees the holds they drop.
+--
 -- Scope expiry (RedisLedger(scope_ttl_seconds=N)): every script sets ag_ttl from its
 -- ARGV, and every write to a scope hash refreshes its EXPIRE, so a scope nothing wrote
 -- to for N seconds disappears (its budget resets). 0 = scope hashes never expire.
@@ -109,3 +113,65 @@ local function ag_check(keys, first, caps, amounts)
   return nil
 end
 
+
+-- Settle one reservation: drop its hold (if its lease was not reclaimed yet) and add what
+-- was actually spent, once per reservation id (a settle after the lease expired still
+-- counts, once: the client names the scopes, so nothing depends on the stored record).
+-- `s` = [id, token, KEYS index of done:<id>, [KEYS index of each scope],
+--        [dim, "amount", ...], [[dims to read back] per scope]].
+-- Returns 0 if another call already settled or released the id, else {1, spent after of
+-- each scope's read dims, in order}. The same settle sent twice (same token) counts once
+-- and gets the same answer.
+local function ag_settle(keys, s, retention)
+  local id, token, done_key = s[1], s[2], keys[s[3]]
+  local done = redis.call('GET', done_key)
+  if done and done ~= token then
+    return 0
+  end
+  if not done then
+    local raw = redis.call('HGET', keys[1], id)
+    if raw then
+      ag_unhold(raw)
+      redis.call('HDEL', keys[1], id)
+      redis.call('ZREM', keys[2], id)
+    end
+    redis.call('SET', done_key, token, 'EX', retention)
+  end
+  local amounts, reads, reply = s[5], s[6], {1}
+  for i, k in ipairs(s[4]) do
+    local key = keys[k]
+    if not done then
+      for j = 1, #amounts, 2 do
+        if amounts[j + 1] ~= '0' then
+          redis.call('HINCRBY', key, 's:' .. amounts[j], amounts[j + 1])
+        end
+      end
+      ag_touch(key)
+    end
+    local dims = reads[i]
+    if dims and #dims > 0 then
+      local fields = {}
+      for j, dim in ipairs(dims) do
+        fields[j] = 's:' .. dim
+      end
+      local values = redis.call('HMGET', key, unpack(fields))
+      for j = 1, #dims do
+        reply[#reply + 1] = values[j] or '0'
+      end
+    end
+  end
+  return reply
+end
+
+-- Every settle of a batch (JSON list of ag_settle's `s`; '' = none): nil, or their replies.
+-- keys[1], keys[2] are the open hash and the leases zset.
+local function ag_settle_all(keys, retention, batch)
+  if batch == nil or batch == '' then
+    return nil
+  end
+  local replies = {}
+  for i, s in ipairs(cjson.decode(batch)) do
+    replies[i] = ag_settle(keys, s, retention)
+  end
+  return replies
+end

@@ -1,43 +1,55 @@
--- Reserve: reclaim up to 100 expired leases, then hold the amounts on every scope, or
--- on none.
+-- Reserve: apply the settles that travel with it, reclaim up to 100 expired leases, then
+-- hold the amounts on every scope, or on none.
 --
 -- KEYS: open, leases, done:<id>, then the scope hashes, then past buckets of rolling
---       windows (read only, see ag_check)
+--       windows (read only, see ag_check), then the keys of the settles (if any)
 -- ARGV: now ('' = server TIME), lease seconds, id, token (unique per call),
 --       record JSON {"k": [scope keys], "a": {dim: "amount" (non-zero)}, "t": token},
---       caps JSON [[[dim, "cap"], ...] per scope], scope ttl seconds (0 = none)
--- Reply: {1, expires_at} | {0, ...denial, see ag_check} | {-1} (id already used)
+--       caps JSON [[[dim, "cap"], ...] per scope], scope ttl seconds (0 = none),
+--       then, with settles: retention seconds of done:<id>, settle batch JSON (settle.lua)
+-- Reply: {1, expires_at} | {0, ...denial, see ag_check} | {-1} (id already used);
+--        with settles: {that reply, {one ag_settle reply per settle}}
 -- The same call sent twice (a client retry after a lost reply) gets the same answer.
 
 ag_ttl = tonumber(ARGV[7])
-local now = ag_now(ARGV[1])
-ag_reclaim(KEYS[1], KEYS[2], now, 100)
+local settled = ag_settle_all(KEYS, ARGV[8], ARGV[9])
 
-local id, token = ARGV[3], ARGV[4]
-local open = redis.call('HGET', KEYS[1], id)
-if open then
-  if cjson.decode(open).t == token then
-    return {1, redis.call('ZSCORE', KEYS[2], id)}
+local function reserve()
+  local now = ag_now(ARGV[1])
+  ag_reclaim(KEYS[1], KEYS[2], now, 100)
+
+  local id, token = ARGV[3], ARGV[4]
+  local open = redis.call('HGET', KEYS[1], id)
+  if open then
+    if cjson.decode(open).t == token then
+      return {1, redis.call('ZSCORE', KEYS[2], id)}
+    end
+    return {-1}
   end
-  return {-1}
-end
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  return {-1}
+  if redis.call('EXISTS', KEYS[3]) == 1 then
+    return {-1}
+  end
+
+  local rec = cjson.decode(ARGV[5])
+  local caps = cjson.decode(ARGV[6])
+  local denial = ag_check(KEYS, 4, caps, rec.a)
+  if denial then
+    return denial
+  end
+  for i = 4, 3 + #caps do
+    for dim, amount in pairs(rec.a) do
+      redis.call('HINCRBY', KEYS[i], 'r:' .. dim, amount)
+    end
+    ag_touch(KEYS[i])
+  end
+  local expires = ag_num(now + tonumber(ARGV[2]))
+  redis.call('HSET', KEYS[1], id, ARGV[5])
+  redis.call('ZADD', KEYS[2], expires, id)
+  return {1, expires}
 end
 
-local rec = cjson.decode(ARGV[5])
-local caps = cjson.decode(ARGV[6])
-local denial = ag_check(KEYS, 4, caps, rec.a)
-if denial then
-  return denial
+local reply = reserve()
+if settled then
+  return {reply, settled}
 end
-for i = 4, 3 + #caps do
-  for dim, amount in pairs(rec.a) do
-    redis.call('HINCRBY', KEYS[i], 'r:' .. dim, amount)
-  end
-  ag_touch(KEYS[i])
-end
-local expires = ag_num(now + tonumber(ARGV[2]))
-redis.call('HSET', KEYS[1], id, ARGV[5])
-redis.call('ZADD', KEYS[2], expires, id)
-return {1, expires}
+return reply
