@@ -184,6 +184,8 @@ class _Pending:
 # apart. Entries leave when the call ends (settled, released or abandoned).
 _OPEN_REQUESTS: dict[tuple[str, str], _Pending] = {}
 _OPEN_LOCK = threading.Lock()
+# threshold checks of deferred settles that landed on an event loop's thread (Guard._landed)
+_THRESHOLD_TASKS: set[asyncio.Task[None]] = set()
 # How long a second holder of a request waits for the first one's reservation.
 _JOIN_WAIT_SECONDS = 30.0
 
@@ -645,6 +647,8 @@ class Guard:
         try:
             if amounts is None:
                 self.ledger.release(admission.reservation)
+            elif self.ledger.defers_settles and self._may_defer(admission, amounts):
+                self._settle_later(admission, amounts)
             else:
                 try:
                     settled = self.ledger.settle(admission.reservation, amounts)
@@ -668,6 +672,8 @@ class Guard:
         try:
             if amounts is None:
                 await self.ledger.arelease(admission.reservation)
+            elif self.ledger.defers_settles and self._may_defer(admission, amounts):
+                self._settle_later(admission, amounts)
             else:
                 try:
                     settled = await self.ledger.asettle(admission.reservation, amounts)
@@ -681,6 +687,55 @@ class Guard:
         if settled is not None:
             await self._acheck_thresholds(record.session, admission.scopes, settled)
         return record
+
+    def _settle_later(self, admission: Admission, amounts: dict[str, int]) -> None:
+        """Hand the settle to a ledger that sends it with its next script (Redis): the
+        hold keeps counting until it lands; the spend hint and the thresholds follow
+        when it does (:meth:`_landed`). Only the capped dimensions are read back."""
+        reads = {ref.scope: [dim for dim in ref.caps.caps if dim in amounts]
+                 for ref in admission.scopes}
+        self.ledger.settle_later(admission.reservation, amounts, reads=reads,
+                                 then=lambda settled: self._landed(admission, settled))
+
+    def _may_defer(self, admission: Admission, amounts: Mapping[str, int]) -> bool:
+        """Whether this settle may wait for the next script: no soft threshold this guard
+        has not fired yet is within its reach, by the spend last seen settled on each
+        scope. Near one (or before any sight of a scope with thresholds) it settles at
+        once, so the event fires at the call's end as without deferral."""
+        hint = self._spent_hint
+        for ref in admission.scopes:
+            thresholds = ref.limits.thresholds
+            if not thresholds:
+                continue
+            seen = hint.get(ref.scope) if hint else None
+            if seen is None or (ref.caps.history and ref.scope not in self._past_spent):
+                return False
+            past = self._past_spent.get(ref.scope) if ref.caps.history else None
+            for dim, cap in ref.caps.caps.items():
+                amount = amounts.get(dim)
+                if not amount or cap <= 0:
+                    continue
+                unfired = [t for t in thresholds if (ref.scope, dim, t) not in self._fired]
+                used = seen.get(dim, 0) + (past.get(dim, 0) if past else 0) + amount
+                if unfired and used >= cap * min(unfired):
+                    return False
+        return True
+
+    def _landed(self, admission: Admission, settled: Settlement) -> None:
+        """A deferred settle landed (in the thread that carried it): note the spend and
+        check the thresholds; on an event loop's thread, in a task of that loop."""
+        self._note_spent(settled)
+        if not settled or not any(ref.limits.thresholds for ref in admission.scopes):
+            return
+        session, refs = admission.call.session, admission.scopes
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._check_thresholds(session, refs, settled)
+            return
+        task = loop.create_task(self._acheck_thresholds(session, refs, settled))
+        _THRESHOLD_TASKS.add(task)
+        task.add_done_callback(_THRESHOLD_TASKS.discard)
 
     @staticmethod
     def _finish(admission: Admission | ToolAdmission, record: CallRecord) -> CallRecord:
@@ -959,21 +1014,30 @@ class Guard:
                 self.ledger.extend(scope, dim, value)
 
     def close(self) -> None:
+        """Settle what is pending (deferred settles land here too) and close the ledger."""
         if self._unsettled and not self.settle_pending():
             logger.error("agent-guard: closing with %d settled calls the ledger never "
                          "counted (%s is unavailable)", len(self._unsettled),
                          redact_url(getattr(self.ledger, "url", "") or ""))
         self.ledger.close()
 
+    async def aclose(self) -> None:
+        if self._unsettled and not await self.asettle_pending():
+            logger.error("agent-guard: closing with %d settled calls the ledger never "
+                         "counted (%s is unavailable)", len(self._unsettled),
+                         redact_url(getattr(self.ledger, "url", "") or ""))
+        await self.ledger.aclose()
+
     @property
     def pending_settles(self) -> int:
-        """Finished calls whose spend the ledger has not taken yet (it was unavailable)."""
-        return len(self._unsettled)
+        """Finished calls whose spend the ledger has not taken yet: it was unavailable,
+        or (Redis) the settle waits to ride with the next script."""
+        return len(self._unsettled) + self.ledger.pending_settles
 
     def settle_pending(self) -> bool:
         """Settle the calls whose settle found the ledger unavailable (done before every
-        model call; a settle is idempotent and counts after its lease too). True when
-        none is left."""
+        model call; a settle is idempotent and counts after its lease too), and land the
+        settles a ledger deferred (Redis). True when none is left."""
         while self._unsettled:
             reservation, amounts = self._unsettled[0]
             try:
@@ -981,6 +1045,10 @@ class Guard:
             except LedgerUnavailable:
                 return False
             self._pop_unsettled(reservation)
+        try:
+            self.ledger.flush()
+        except LedgerUnavailable:
+            return False
         return True
 
     async def asettle_pending(self) -> bool:
@@ -991,6 +1059,10 @@ class Guard:
             except LedgerUnavailable:
                 return False
             self._pop_unsettled(reservation)
+        try:
+            await self.ledger.aflush()
+        except LedgerUnavailable:
+            return False
         return True
 
     def _pop_unsettled(self, reservation: Reservation) -> None:

@@ -79,9 +79,11 @@ def open_ledger(url: str, namespace: str | None) -> Ledger:
 
 
 def race(barrier: Any, url: str, namespace: str | None, threads: int, partial: bool,
-         seed: int) -> tuple[int, int]:
+         seed: int, later: bool = False) -> tuple[int, int]:
     """Reserve $0.07 from ``threads`` threads at once; settle the full amount, or a random
-    smaller one. Returns (calls admitted, nano-USD settled)."""
+    smaller one (``later``: with ``settle_later``, which on Redis rides with the next
+    reserve or a flush, as the guard settles). Returns (calls admitted, nano-USD
+    settled)."""
     ledger = open_ledger(url, namespace)
     caps = [ScopeCaps("session:shared", {"usd_nano": CAP})]
     rng = random.Random(seed)
@@ -94,7 +96,10 @@ def race(barrier: Any, url: str, namespace: str | None, threads: int, partial: b
         res = ledger.reserve(caps, {"usd_nano": EACH, "model_calls": 1}, lease_seconds=60)
         if isinstance(res, Denial):
             return -1
-        ledger.settle(res, {"usd_nano": actual, "model_calls": 1})
+        if later:
+            ledger.settle_later(res, {"usd_nano": actual, "model_calls": 1})
+        else:
+            ledger.settle(res, {"usd_nano": actual, "model_calls": 1})
         return actual
 
     with ThreadPoolExecutor(threads) as pool:
@@ -104,12 +109,19 @@ def race(barrier: Any, url: str, namespace: str | None, threads: int, partial: b
     return len(admitted), sum(admitted)
 
 
-def reserve_and_hang(url: str, namespace: str | None, lease_seconds: float) -> None:
-    """Reserve, say so on stdout, then hang until killed (a worker that dies mid-call)."""
-    ledger = open_ledger(url, namespace)
+def reserve_and_hang(url: str, namespace: str | None, lease_seconds: float,
+                     settle_later: bool = False) -> None:
+    """Reserve, say so on stdout, then hang until killed (a worker that dies mid-call);
+    ``settle_later``: the call finished, its settle is queued (not yet sent) when it dies."""
+    # settle_delay: longer than the test waits, so the settle is still queued at the kill
+    ledger = (from_url(url, namespace=namespace, settle_delay=59) if settle_later
+              else open_ledger(url, namespace))
     res = ledger.reserve([ScopeCaps("session:crash", {"usd_nano": CAP})],
                          {"usd_nano": 800_000_000}, lease_seconds=lease_seconds)
     assert not isinstance(res, Denial)
+    if settle_later:
+        ledger.settle_later(res, {"usd_nano": 1})
+        assert ledger.pending_settles == 1
     sys.stdout.write("reserved\n")
     sys.stdout.flush()
     time.sleep(3600)
@@ -206,4 +218,5 @@ def model_race(barrier: Any, url: str, namespace: str | None, proc: str, threads
 
 
 if __name__ == "__main__":
-    reserve_and_hang(sys.argv[1], sys.argv[2] or None, float(sys.argv[3]))
+    reserve_and_hang(sys.argv[1], sys.argv[2] or None, float(sys.argv[3]),
+                     sys.argv[4:] == ["later"])

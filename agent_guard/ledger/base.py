@@ -31,8 +31,9 @@ import asyncio
 import itertools
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "Denial",
@@ -199,6 +200,8 @@ class Ledger(ABC):
     """Where budgets are kept. Pick one by URL with :func:`agent_guard.ledger.from_url`."""
 
     url: str = ""
+    #: True when :meth:`settle_later` defers (Redis: the settle rides with the next script)
+    defers_settles: bool = False
 
     # -- the contract ------------------------------------------------------------
 
@@ -250,6 +253,29 @@ class Ledger(ABC):
     def totals_many(self, scopes: Sequence[str]) -> list[ScopeTotals]:
         """``totals`` of each scope, in order (one round trip where the backend can)."""
         return [self.totals(scope) for scope in scopes]
+
+    def settle_later(self, reservation: Reservation, actual: Mapping[str, int], *,
+                     reads: Mapping[str, Sequence[str]] | None = None,
+                     then: Callable[[Settlement], Any] | None = None) -> None:
+        """``settle``, possibly later: a ledger with ``defers_settles`` sends it with its
+        next operation (one round trip per call instead of two), and the hold keeps
+        counting until then. ``then`` gets the :class:`Settlement` when it lands;
+        ``reads`` names the dimensions of each scope it needs read back (default: every
+        settled one). Here: at once."""
+        settled = self.settle(reservation, actual)
+        if then is not None:
+            then(settled)
+
+    @property
+    def pending_settles(self) -> int:
+        """Deferred settles that have not landed yet."""
+        return 0
+
+    def flush(self) -> None:  # noqa: B027 - optional hook
+        """Land every deferred settle now."""
+
+    async def aflush(self) -> None:  # noqa: B027 - optional hook
+        """Land every deferred settle now."""
 
     def renew(self, reservation: Reservation, lease_seconds: float) -> Reservation | None:
         """Push an open reservation's lease to ``now + lease_seconds`` (a call that is still

@@ -46,12 +46,13 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import itertools
 import json
 import logging
+import math
 import os
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -119,8 +120,14 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+_TOKEN_PREFIX = [os.urandom(8).hex() + "-"]
+_TOKEN_COUNT = itertools.count()
+
+
 def _token() -> str:
-    return uuid.uuid4().hex
+    """Unique per script call, across processes: a random per-process prefix (new in a
+    fork's child) and a counter (a uuid4 costs a ``getrandom`` system call each)."""
+    return _TOKEN_PREFIX[0] + str(next(_TOKEN_COUNT))
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +201,7 @@ class RedisLedger(Ledger):
         # settles waiting for a script to ride with (settle_later); _idle guards them and
         # counts the settles on their way (_inflight), so a read can wait for them
         self._pending: list[_Later] = []
+        self._pending_since = 0.0  # monotonic time the oldest queued settle was queued
         self._inflight = 0
         self._idle = threading.Condition(threading.Lock())
 
@@ -439,10 +447,24 @@ class RedisLedger(Ledger):
         with self._idle:
             self._pending.append(item)
             queued = len(self._pending)
+            if queued == 1:
+                self._pending_since = time.monotonic()
+                _QUEUED.add(self)  # kept alive until its settles land
         if queued == 1:
-            _FLUSHER.schedule(self, time.monotonic() + self.settle_delay)
+            _FLUSHER.schedule(self, self._pending_since + self.settle_delay)
         elif queued >= SETTLE_BATCH:
             _FLUSHER.schedule(self, 0.0)
+
+    def _flush_due(self) -> None:
+        """The flusher's call: flush when the oldest queued settle has waited
+        ``settle_delay`` (a reserve may have carried the ones it was woken for)."""
+        if not self._pending:
+            return
+        due = self._pending_since + self.settle_delay
+        if len(self._pending) < SETTLE_BATCH and time.monotonic() < due:
+            _FLUSHER.schedule(self, due)
+            return
+        self.flush()
 
     def release(self, reservation: Reservation) -> bool:
         keys, args = self._release_call(reservation)
@@ -492,7 +514,11 @@ class RedisLedger(Ledger):
         with self._idle:
             self._inflight -= len(items)
             if replies is None:
+                if not self._pending:
+                    self._pending_since = time.monotonic()
                 self._pending[:0] = items
+            elif not self._pending and not self._inflight:
+                _QUEUED.discard(self)
             self._idle.notify_all()
         if replies is None:
             _FLUSHER.schedule(self, time.monotonic() + max(self.settle_delay, 1.0))
@@ -804,8 +830,10 @@ def _totals(scope: str, raw: Mapping[bytes | str, bytes | str]) -> ScopeTotals:
 
 # -- deferred settles: one background thread per process, and a last flush at exit ----------
 
-#: every RedisLedger of this process (the exit flush and a fork's reset walk them)
+#: every RedisLedger of this process (a fork's reset walks them)
 _LEDGERS: weakref.WeakSet[RedisLedger] = weakref.WeakSet()
+#: the ledgers with queued settles, held so that dropping a ledger loses none of them
+_QUEUED: set[RedisLedger] = set()
 
 
 class _Flusher:
@@ -816,6 +844,7 @@ class _Flusher:
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._due: dict[int, tuple[float, weakref.ref[RedisLedger]]] = {}
+        self._wake = 0.0  # when the thread wakes next (inf: waits for a notify)
         self._pid = 0
 
     def schedule(self, ledger: RedisLedger, at: float) -> None:
@@ -828,7 +857,9 @@ class _Flusher:
             due = self._due.get(id(ledger))
             if due is None or at < due[0] or due[1]() is not ledger:
                 self._due[id(ledger)] = (at, weakref.ref(ledger))
-                self._cond.notify()
+                if at < self._wake:  # else the thread wakes in time anyway: no switch
+                    self._wake = at
+                    self._cond.notify()
 
     def _loop(self) -> None:
         while True:
@@ -836,15 +867,16 @@ class _Flusher:
                 now = time.monotonic()
                 ready = [key for key, (at, _) in self._due.items() if at <= now]
                 if not ready:
-                    first = min((at for at, _ in self._due.values()), default=None)
-                    self._cond.wait(None if first is None else first - now)
+                    self._wake = min((at for at, _ in self._due.values()),
+                                     default=math.inf)
+                    self._cond.wait(None if self._wake == math.inf else self._wake - now)
                     continue
                 refs = [self._due.pop(key)[1] for key in ready]
             for ref in refs:
                 ledger = ref()
                 if ledger is not None:
                     try:
-                        ledger.flush()
+                        ledger._flush_due()
                     except Exception as exc:  # queued again by _landed, retried in 1 s
                         logger.warning("agent-guard: %d deferred settles wait for %s (%s)",
                                        ledger.pending_settles, ledger.url, exc)
@@ -854,7 +886,10 @@ class _Flusher:
         land from the parent; sent from here too, they would still count once)."""
         self._cond = threading.Condition(threading.Lock())
         self._due = {}
+        self._wake = 0.0
         self._pid = 0
+        _TOKEN_PREFIX[0] = os.urandom(8).hex() + "-"
+        _QUEUED.clear()
         for ledger in list(_LEDGERS):
             ledger._pending = []
             ledger._inflight = 0
@@ -867,21 +902,22 @@ if hasattr(os, "register_at_fork"):
 
 
 def _flush_all() -> None:
-    for ledger in list(_LEDGERS):
+    for ledger in list(_QUEUED):
         if ledger.pending_settles:
             ledger._close_flush()
 
 
-_exit_hooked = False
+_exit_hooked = 0  # the pid that registered the exit flush
 
 
 def _flush_at_process_exit() -> None:
     """Land what is still queued when the process exits: ``atexit`` for a normal exit,
-    and multiprocessing's finalizers, which a ``Process`` child runs instead."""
+    and multiprocessing's finalizers, which a ``Process`` child runs instead (once per
+    process: a multiprocessing child starts with its parent's finalizers cleared)."""
     global _exit_hooked
-    if _exit_hooked:
+    if _exit_hooked == os.getpid():
         return
-    _exit_hooked = True
+    _exit_hooked = os.getpid()
     atexit.register(_flush_all)
     from multiprocessing import util
 

@@ -1,0 +1,218 @@
+"""What a Redis ledger costs a guarded model call, against one redis-py EVALSHA.
+
+    python benchmarks/bench_redis.py [--calls 2000] [--rounds 20] [--redis URL]
+
+Starts its own ``redis-server`` on a free loopback port (no persistence), so the
+server's ``INFO commandstats`` counts this benchmark's commands only (``--redis URL``
+uses a running server instead; other clients then blur the counts). In interleaved
+rounds, so machine noise hits every row alike, it times:
+
+- ``EVALSHA round trip``: redis-py's ``client.evalsha(sha, 0)`` of ``return 1`` on a
+  plain ``redis.Redis`` (the floor of any ledger operation);
+- ``no callbacks``: the in-process chat model on a 5-message prompt;
+- ``guard memory://``, ``guard redis://`` (the settle rides with the next reserve),
+  ``guard redis:// settle_delay=0`` (reserve and settle: two scripts per call).
+
+Printed ratios, from this run: each guard's added time over one EVALSHA round trip,
+and the Redis ledger's own share (redis guard added - memory guard added) over it.
+Then per guarded call: the commands the server ran (``INFO commandstats`` deltas of
+every command a client sent, i.e. not counting those the Lua scripts run inside),
+EVALSHA calls and their server time; and the spend each ledger recorded, which must
+be equal (deferring a settle changes no charge).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+from typing import Any
+
+import _checkout  # noqa: F401  (this checkout's agent_guard)
+import redis
+from bench_overhead import PROMPT, make_model
+
+from agent_guard import Guard, GuardCallbackHandler, Limits
+from agent_guard.ledger.redis import RedisLedger
+
+# commands the ledger's Lua scripts run inside (commandstats counts them too)
+IN_SCRIPTS = {"get", "set", "hget", "hmget", "hincrby", "hset", "hdel", "hexists", "zadd",
+              "zrem", "zrangebyscore", "zscore", "exists", "expire", "time"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server() -> tuple[subprocess.Popen[bytes], str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (or pass --redis URL)")
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="agent-guard-bench-redis-")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir",
+                             workdir, "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            redis.Redis.from_url(url, socket_timeout=1).ping()
+            return proc, url
+        except redis.exceptions.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise SystemExit("redis-server did not start") from None
+            time.sleep(0.05)
+
+
+def commandstats(client: redis.Redis) -> dict[str, tuple[int, int]]:
+    """command -> (calls, usec) as the server counts them."""
+    return {name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
+            for name, v in client.info("commandstats").items()}
+
+
+def delta(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]
+          ) -> dict[str, tuple[int, int]]:
+    out = {}
+    for name, (calls, usec) in after.items():
+        c0, u0 = before.get(name, (0, 0))
+        if calls - c0:
+            out[name] = (calls - c0, usec - u0)
+    out.pop("info", None)  # this benchmark's own reads
+    return out
+
+
+def run(calls: int, rounds: int, url: str) -> dict[str, Any]:
+    model = make_model()
+    big = Limits(max_cost_usd=10**6, max_tokens=10**12, max_model_calls=10**9)
+    ns = uuid.uuid4().hex[:8]
+    deferred = RedisLedger.from_url(url, namespace=f"bench-{ns}-d")
+    immediate = RedisLedger.from_url(url, namespace=f"bench-{ns}-i", settle_delay=0)
+    guards = {"guard memory://": Guard(big, "memory://"),
+              "guard redis://": Guard(big, deferred),
+              "guard redis:// settle_delay=0": Guard(big, immediate)}
+    plain = redis.Redis.from_url(url)
+    sha = plain.script_load("return 1")
+
+    def evalsha(n: int) -> None:
+        for _ in range(n):
+            plain.evalsha(sha, 0)
+
+    def invoking(handlers: list[Any]) -> Any:
+        cfg = {"callbacks": handlers}
+
+        def go(n: int) -> None:
+            for _ in range(n):
+                model.invoke(PROMPT, config=cfg)
+        return go
+
+    rows = {"EVALSHA round trip": evalsha, "no callbacks": invoking([])}
+    for name, guard in guards.items():
+        rows[name] = invoking([GuardCallbackHandler(guard, session_id="b")])
+    for go in rows.values():  # warm up: imports, encodings, scripts, connections
+        go(100)
+
+    per_round = max(1, calls // rounds)
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(rounds):
+        for name, go in rows.items():
+            t0 = time.perf_counter()
+            go(per_round)
+            times[name].append((time.perf_counter() - t0) / per_round)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    rt, base = med["EVALSHA round trip"], med["no callbacks"]
+    out: dict[str, Any] = {"calls_per_row": per_round * rounds, "us": {}, "ratios": {}}
+    for name, t in med.items():
+        out["us"][name] = round(t * 1e6, 1)
+    for name in guards:
+        added = med[name] - base
+        out["us"][f"{name} added"] = round(added * 1e6, 1)
+        out["ratios"][f"{name} added / EVALSHA"] = round(added / rt, 2)
+    mem = med["guard memory://"]
+    for name in ("guard redis://", "guard redis:// settle_delay=0"):
+        out["ratios"][f"{name} ledger share (- memory) / EVALSHA"] = round(
+            (med[name] - mem) / rt, 2)
+
+    # what the server ran per guarded call, for each Redis guard alone
+    n = 500
+    out["per_call"] = {}
+    for name in ("guard redis://", "guard redis:// settle_delay=0"):
+        go = rows[name]
+        guards[name].ledger.flush()
+        before = commandstats(plain)
+        go(n)
+        guards[name].ledger.flush()  # the last call's settle lands too
+        d = delta(before, commandstats(plain))
+        sent = {k: v for k, v in d.items() if k not in IN_SCRIPTS}
+        evals = d.get("evalsha", (0, 0))
+        out["per_call"][name] = {
+            "commands sent": round(sum(c for c, _ in sent.values()) / n, 3),
+            "evalsha": round(evals[0] / n, 3),
+            "evalsha server us": round(evals[1] / n, 1),
+            "sent": {k: c for k, (c, _) in sent.items()},
+        }
+
+    spent = {}
+    for name in ("guard redis://", "guard redis:// settle_delay=0"):
+        ledger = guards[name].ledger
+        ledger.flush()
+        scope = guards[name].scope_refs("b")[0].scope
+        t = ledger.totals(scope)
+        calls_made = t.get_spent("model_calls")
+        spent[name] = {"model_calls": calls_made, "usd_nano": t.get_spent("usd_nano"),
+                       "usd_nano_per_call": t.get_spent("usd_nano") / max(1, calls_made),
+                       "reserved_usd_nano": t.get_reserved("usd_nano")}
+    out["spent"] = spent
+    for guard in guards.values():
+        guard.close()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--redis", default="", help="a running server's URL (default: "
+                        "start a private redis-server)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    proc = None
+    url = args.redis
+    if not url:
+        proc, url = start_server()
+    try:
+        result = run(args.calls, args.rounds, url)
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait(timeout=10)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{result['calls_per_row']} calls per row, interleaved; median per call:")
+    for name, us in result["us"].items():
+        print(f"  {name:42s} {us:8.1f} us")
+    print("ratios (same run):")
+    for name, ratio in result["ratios"].items():
+        print(f"  {name:58s} {ratio:6.2f}x")
+    print("per guarded call, counted by the server (INFO commandstats):")
+    for name, row in result["per_call"].items():
+        print(f"  {name:30s} commands sent {row['commands sent']:g} "
+              f"(EVALSHA {row['evalsha']:g}, {row['evalsha server us']:g} us of server "
+              f"time) {row['sent']}")
+    print("spent (must match: deferring changes no charge):")
+    for name, row in result["spent"].items():
+        print(f"  {name:30s} {row}")
+
+
+if __name__ == "__main__":
+    main()
