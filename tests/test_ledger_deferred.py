@@ -247,3 +247,25 @@ def test_settle_delay_zero_settles_at_once(redis_url: str, redis_namespace: str)
     guard.close()
     with pytest.raises(ValueError, match="settle_delay"):
         RedisLedger(redis_url, settle_delay=-1)
+
+
+def test_a_kept_connection_the_server_closed_is_replaced(redis_url: str,
+                                                         redis_namespace: str) -> None:
+    """The ledger keeps its connection between scripts: one the server dropped
+    meanwhile (restart, idle ``timeout``, ``CLIENT KILL``) is reopened, not an error."""
+    import redis as redis_py
+
+    name = f"ag-{redis_namespace}"
+    ledger = RedisLedger(redis_url, namespace=redis_namespace, client_name=name)
+    caps = [ScopeCaps("session:k", {"usd_nano": CAP})]
+    admin = redis_py.Redis.from_url(redis_url)
+    for _ in range(3):
+        res = ledger.reserve(caps, {"usd_nano": 1}, lease_seconds=60)
+        assert isinstance(res, Reservation)
+        mine = [c for c in admin.client_list() if c.get("name") == name]
+        assert len(mine) == 1
+        admin.client_kill_filter(_id=mine[0]["id"])
+        assert ledger.settle(res, {"usd_nano": 1})
+    assert ledger.totals("session:k").get_spent("usd_nano") == 3
+    ledger.close()
+    admin.close()

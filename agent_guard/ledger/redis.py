@@ -159,6 +159,57 @@ class _Scripts:
         return cls(client, *(client.register_script(script_source(n)) for n in _SCRIPTS))
 
 
+class _Wire:
+    """How the sync ledger sends a script on one Redis: one EVALSHA written to a
+    connection it keeps between calls, its reply read back (redis-py's per-command
+    machinery, a pool checkout and release plus retry and observability wrappers,
+    cost more client CPU than the write and the read; see docs/redis-ledger.md).
+
+    Connections still come from the client's bounded blocking pool, so
+    ``max_connections`` and ``pool_timeout`` hold: one is kept for reuse only while
+    the pool has another free slot; otherwise it goes back to the pool, where a
+    thread waiting for one (or ``totals``, which uses the pool) gets it.
+    ``NOSCRIPT`` loads the script and sends it again (it did not run); any other
+    error drops the connection."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.idle: list[Any] = []
+
+    def call(self, script: Any, keys: list[str], args: list[str]) -> Reply:
+        try:
+            conn = self.idle.pop()
+        except IndexError:
+            conn = self.pool.get_connection()  # waits up to pool_timeout, or raises
+        else:
+            try:  # as the pool checks: a socket the server closed meanwhile is readable
+                if conn.can_read():
+                    conn.disconnect()
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                    OSError):
+                conn.disconnect()
+        try:
+            conn.connect()  # at once when connected; after close() or an error: again
+            try:
+                conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                return conn.read_response()
+            except redis.exceptions.NoScriptError:
+                conn.send_command("SCRIPT", "LOAD", script.script)
+                conn.read_response()
+                conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                return conn.read_response()
+        except redis.exceptions.ResponseError:
+            raise  # an error reply: the connection is still in step
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            if self.pool.pool.empty():
+                self.pool.release(conn)
+            else:
+                self.idle.append(conn)
+
+
 class RedisLedger(Ledger):
     """Budgets in Redis; see the module docstring for the data layout and guarantees.
 
@@ -230,6 +281,10 @@ class RedisLedger(Ledger):
                 raise LedgerUnavailable(self.url, exc) from exc
         self.client: redis.Redis = client
         self._sync = _Scripts.on(self.client)
+        pool = getattr(client, "connection_pool", None)
+        self._wire = _Wire(pool) if (
+            retries == 0 and type(client) is redis.Redis
+            and isinstance(pool, redis.BlockingConnectionPool)) else None
         self._async_by_loop: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, _Scripts] = weakref.WeakKeyDictionary()
         self._async_closers: weakref.WeakKeyDictionary[
@@ -396,6 +451,8 @@ class RedisLedger(Ledger):
 
     def _run(self, script: Any, keys: list[str], args: list[str]) -> Reply:
         try:
+            if self._wire is not None:
+                return self._wire.call(script, keys, args)
             return script(keys=keys, args=args)
         except _FAILURES as exc:
             raise self._unavailable(exc) from exc
@@ -891,6 +948,8 @@ class _Flusher:
         _TOKEN_PREFIX[0] = os.urandom(8).hex() + "-"
         _QUEUED.clear()
         for ledger in list(_LEDGERS):
+            if ledger._wire is not None:  # the parent's sockets (the pool resets itself)
+                ledger._wire.idle = []
             ledger._pending = []
             ledger._inflight = 0
             ledger._idle = threading.Condition(threading.Lock())
