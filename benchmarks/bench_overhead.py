@@ -13,7 +13,8 @@ measured in the same run:
 - ``added / empty added``: what the guard adds over what an empty handler adds.
 
 For Redis it also counts the commands the server processed per model call
-(``INFO commandstats``): one EVALSHA to reserve and one to settle is the aim.
+(``INFO commandstats``): one EVALSHA (a call's settle rides with the next reserve;
+``benchmarks/bench_redis.py`` measures the Redis ledger against one EVALSHA).
 """
 
 from __future__ import annotations
@@ -68,17 +69,20 @@ def make_model() -> ScriptedChatModel:
 
 
 class RoundTrips:
-    """Counts the commands a redis-py client sends (each is one round trip)."""
+    """Counts the commands sync redis-py connections write (each is one round trip; the
+    ledger writes its scripts on a connection it keeps, not through the client)."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self) -> None:
+        import redis.connection
+
         self.count = 0
-        inner = client.execute_command
+        inner = redis.connection.AbstractConnection.send_command
 
-        def counting(*args: Any, **kwargs: Any) -> Any:
+        def counting(conn: Any, *args: Any, **kwargs: Any) -> Any:
             self.count += 1
-            return inner(*args, **kwargs)
+            return inner(conn, *args, **kwargs)
 
-        client.execute_command = counting
+        redis.connection.AbstractConnection.send_command = counting  # type: ignore
 
 
 def evalsha_calls(client: Any) -> int:
@@ -136,7 +140,7 @@ def run(calls: int, rounds: int, redis_url: str | None) -> dict[str, Any]:
         client = redis_guard.ledger.client  # type: ignore[attr-defined]
         n = 500
         before = evalsha_calls(client)
-        trips = RoundTrips(client)
+        trips = RoundTrips()
         for _ in range(n):
             model.invoke(PROMPT, config={"callbacks": configs["guard redis://"]})
         result["redis_round_trips_per_model_call"] = trips.count / n
@@ -226,7 +230,7 @@ def main() -> None:
         print("Redis round trips per guarded model call: "
               f"{result['redis_round_trips_per_model_call']:g} sent by the client, "
               f"{result['redis_evalsha_per_model_call']:g} EVALSHA run by the server "
-              "(one reserve + one settle)")
+              "(each settle rides with the next reserve)")
     agents = result["agents"]
     print(f"create_agent, one model call per run, median of {args.rounds} rounds "
           f"({agents['calls_per_config']} runs per configuration), memory ledger:")

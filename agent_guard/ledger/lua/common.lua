@@ -88,19 +88,34 @@ local function ag_check(keys, first, caps, amounts)
     if scope_caps.c then
       pairs_, history = scope_caps.c, scope_caps.h
     end
+    -- the capped dimensions this call asks for, read with one HMGET per hash
+    local asked, fields = {}, {}
     for _, pair in ipairs(pairs_) do
-      local dim, cap = pair[1], pair[2]
-      local want = amounts[dim]
+      local want = amounts[pair[1]]
       if want and tonumber(want) > 0 then
-        local v = redis.call('HMGET', key, 's:' .. dim, 'r:' .. dim, 'x:' .. dim)
-        local s, r, x = v[1] or '0', v[2] or '0', v[3] or '0'
+        asked[#asked + 1] = pair
+        fields[#fields + 1] = 's:' .. pair[1]
+        fields[#fields + 1] = 'r:' .. pair[1]
+        fields[#fields + 1] = 'x:' .. pair[1]
+      end
+    end
+    if #asked > 0 then
+      local v = redis.call('HMGET', key, unpack(fields))
+      local past = {}
+      if history then
+        for _, k in ipairs(history) do
+          past[#past + 1] = redis.call('HMGET', keys[k], unpack(fields))
+          ag_touch(keys[k])  -- a bucket the window still reads is not idle
+        end
+      end
+      for j, pair in ipairs(asked) do
+        local dim, cap, want = pair[1], pair[2], amounts[pair[1]]
+        local s, r, x = v[3 * j - 2] or '0', v[3 * j - 1] or '0', v[3 * j] or '0'
         if history then
           local sn, rn = tonumber(s), tonumber(r)
-          for _, k in ipairs(history) do
-            local past = redis.call('HMGET', keys[k], 's:' .. dim, 'r:' .. dim)
-            sn = sn + tonumber(past[1] or '0')
-            rn = rn + tonumber(past[2] or '0')
-            ag_touch(keys[k])  -- a bucket the window still reads is not idle
+          for _, p in ipairs(past) do
+            sn = sn + tonumber(p[3 * j - 2] or '0')
+            rn = rn + tonumber(p[3 * j - 1] or '0')
           end
           s, r = ag_num(sn), ag_num(rn)
         end
@@ -112,7 +127,6 @@ local function ag_check(keys, first, caps, amounts)
   end
   return nil
 end
-
 
 -- Settle one reservation: drop its hold (if its lease was not reclaimed yet) and add what
 -- was actually spent, once per reservation id (a settle after the lease expired still
