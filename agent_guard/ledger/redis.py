@@ -375,9 +375,9 @@ class RedisLedger(Ledger):
                 [rid, _token(), self._done_retention, self._ttl])
 
     def _batch(self, items: Sequence[_Later], keys: list[str]) -> str:
-        """The settle batch JSON of ``items`` (see ``ag_settle``); their keys are appended
-        to ``keys`` (each once) and named by index."""
-        index: dict[str, int] = {}
+        """The settle batch JSON of ``items`` (see ``ag_settle``); their keys are named by
+        their index in ``keys``, appended when not there yet."""
+        index = {key: i for i, key in enumerate(keys, 1)}  # a key already sent: by index
 
         def at(key: str) -> int:
             found = index.get(key)
