@@ -1016,17 +1016,18 @@ class Guard:
     def close(self) -> None:
         """Settle what is pending (deferred settles land here too) and close the ledger."""
         if self._unsettled and not self.settle_pending():
-            logger.error("agent-guard: closing with %d settled calls the ledger never "
-                         "counted (%s is unavailable)", len(self._unsettled),
-                         redact_url(getattr(self.ledger, "url", "") or ""))
+            self._log_never_counted()
         self.ledger.close()
 
     async def aclose(self) -> None:
         if self._unsettled and not await self.asettle_pending():
-            logger.error("agent-guard: closing with %d settled calls the ledger never "
-                         "counted (%s is unavailable)", len(self._unsettled),
-                         redact_url(getattr(self.ledger, "url", "") or ""))
+            self._log_never_counted()
         await self.ledger.aclose()
+
+    def _log_never_counted(self) -> None:
+        logger.error("agent-guard: closing with %d settled calls the ledger never "
+                     "counted (%s is unavailable)", len(self._unsettled),
+                     redact_url(getattr(self.ledger, "url", "") or ""))
 
     @property
     def pending_settles(self) -> int:
