@@ -46,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import itertools
 import json
 import logging
 import math
@@ -120,14 +119,9 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-_TOKEN_PREFIX = [os.urandom(8).hex() + "-"]
-_TOKEN_COUNT = itertools.count()
-
-
 def _token() -> str:
-    """Unique per script call, across processes: a random per-process prefix (new in a
-    fork's child) and a counter (a uuid4 costs a ``getrandom`` system call each)."""
-    return _TOKEN_PREFIX[0] + str(next(_TOKEN_COUNT))
+    """Unique per script call, across processes (what a reservation id is made of)."""
+    return new_reservation_id()
 
 
 @dataclass(frozen=True, slots=True)
@@ -945,7 +939,6 @@ class _Flusher:
         self._due = {}
         self._wake = 0.0
         self._pid = 0
-        _TOKEN_PREFIX[0] = os.urandom(8).hex() + "-"
         _QUEUED.clear()
         for ledger in list(_LEDGERS):
             if ledger._wire is not None:  # the parent's sockets (the pool resets itself)
