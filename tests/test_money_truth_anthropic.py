@@ -109,7 +109,9 @@ class Books:
         usage = self.guard.usage(SESSION)
         while (usage.reserved_nano or any(h.open_runs for h in self.handlers)) \
                 and time.monotonic() < deadline:
-            time.sleep(0.02)
+            # the test's event loop goes on running, as an application's does: a task a
+            # cut stream left behind finishes (and its call ends) there
+            arun(asyncio.sleep(0.02))
             usage = self.guard.usage(SESSION)
         billed = server.billed_nano()
         assert usage.reserved_nano == 0, "a hold outlived the run"
@@ -531,3 +533,60 @@ def test_anthropic_counts_the_prompt_when_asked(ledger: Ledger, adapter: str) ->
         [bill] = server.billed
         assert server.count_tokens_calls >= 1
         assert record.reserved_nano >= bill.cost_nano()
+
+
+# -- answers the client gave up on, and block streams cut inside agents and graphs ----------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_an_answer_the_client_timed_out_on_is_charged(ledger: Ledger, adapter: str,
+                                                      mode: str) -> None:
+    """Anthropic bills an answer it generated after the client's read timeout."""
+    books = Books(ledger)
+    with FakeAnthropicServer([AnthropicReply(PROSE, delay_s=3)]) as server:
+        send = runner(books, claude(server, default_request_timeout=0.5), adapter, mode)
+        with pytest.raises(Exception, match=r"(?i)time"):
+            send([HumanMessage("hi")])
+        server.wait_billed(1)
+        books.check(server)
+    assert all(r.usage_estimated for r in books.model_records())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("adapter", ["middleware", "graph"])
+def test_a_thinking_stream_cut_inside_an_agent_or_graph_is_charged(ledger: Ledger,
+                                                                   adapter: str,
+                                                                   mode: str) -> None:
+    """Row 4 through create_agent + GuardMiddleware and guarded_graph: LangGraph's
+    stream_mode="messages" cut after 20 chunks."""
+    books = Books(ledger)
+    reply = AnthropicReply(PROSE * 4, thinking=PROSE * 6, chunk_delay_s=0.001)
+    with FakeAnthropicServer([reply]) as server:
+        llm = claude(server, max_tokens=3000, streaming=True,
+                     thinking={"type": "enabled", "budget_tokens": 1024})
+        if adapter == "middleware":
+            app: Any = create_agent(llm, [], middleware=[
+                GuardMiddleware(books.guard, session_id=SESSION)])
+        else:
+            app = guarded_graph(_graph(llm), guard=books.guard, session_id=SESSION)
+        inputs = {"messages": [HumanMessage("think")]}
+        if mode == "sync":
+            stream = app.stream(inputs, stream_mode="messages")
+            for i, _ in enumerate(stream):
+                if i == 19:
+                    break
+            stream.close()
+        else:
+            async def run() -> None:
+                stream = app.astream(inputs, stream_mode="messages")
+                i = 0
+                async for _ in stream:
+                    i += 1
+                    if i == 20:
+                        break
+                await stream.aclose()
+
+            arun(run())
+        server.wait_billed(1)
+        books.check(server)
