@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from langchain.agents import create_agent
-from langchain_core.messages import HumanMessage
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_openai import ChatOpenAI
+from pydantic import Field
 
 from agent_guard import Guard, GuardCallbackHandler, GuardMiddleware, Limits
 from agent_guard.guard import Admission
@@ -53,14 +56,19 @@ class Spy:
         return [r for r in self.records if r.kind == "model"]
 
 
-def run_agent(model: Any, mw: GuardMiddleware, mode: str, *, extra: list[Any] = ()
-              ) -> dict[str, Any]:
-    agent = create_agent(model, tools=[], middleware=[mw, *extra])
-    inputs = {"messages": [HumanMessage("What is the capital of France?")]}
-    config = {"configurable": {"thread_id": SESSION}}
+def drive(agent: Any, question: str, mode: str, config: Any = None) -> dict[str, Any]:
+    """Invoke (sync) or await (async) ``agent`` on ``question`` in the test's session."""
+    inputs = {"messages": [HumanMessage(question)]}
+    config = {"configurable": {"thread_id": SESSION}, **(config or {})}
     if mode == "sync":
         return agent.invoke(inputs, config)
     return asyncio.run(agent.ainvoke(inputs, config))
+
+
+def run_agent(model: Any, mw: GuardMiddleware, mode: str, *, extra: list[Any] = ()
+              ) -> dict[str, Any]:
+    agent = create_agent(model, tools=[], middleware=[mw, *extra])
+    return drive(agent, "What is the capital of France?", mode)
 
 
 def sent_caps(request: dict[str, Any]) -> dict[str, Any]:
@@ -124,6 +132,105 @@ def test_n_choices_are_reserved_and_bounded_per_choice(mode: str, own_cap: int |
     (record,) = spy.models()
     assert record.usage.output_tokens == 150  # three choices billed, three charged
     assert record.cost_nano <= admission.reserved_nano
+
+
+# -- 1b. other providers' cap fields; a model with none ---------------------------------
+
+
+class _FieldCapped(BaseChatModel):
+    """A chat model of another provider: it reads its output cap only from its own field
+    (``CAP``: ChatAnthropic's ``max_tokens``, Google's ``max_output_tokens``, Ollama's
+    ``num_predict``), or from nowhere (``CAP = None``), ignoring call-time kwargs, and
+    generates ``answer_tokens`` unless the cap stops it. ``seen`` records each request's
+    cap and call kwargs (shared by the copies the middleware makes)."""
+
+    CAP: ClassVar[str | None] = None
+    model: str = "claude-sonnet-4-5"
+    answer_tokens: int = 3000
+    seen: list[dict[str, Any]] = Field(default_factory=list)
+
+    @property
+    def _llm_type(self) -> str:
+        return "field-capped"
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = "anthropic"
+        return params
+
+    def _generate(self, messages: list[Any], stop: list[str] | None = None,
+                  run_manager: Any = None, **kwargs: Any) -> ChatResult:
+        cap = getattr(self, self.CAP) if self.CAP else None
+        self.seen.append({"cap": cap, "kwargs": dict(kwargs)})
+        out = self.answer_tokens if cap is None else min(cap, self.answer_tokens)
+        message = AIMessage("word " * 10, usage_metadata={
+            "input_tokens": 5, "output_tokens": out, "total_tokens": 5 + out})
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+
+class _AnthropicStyle(_FieldCapped):
+    CAP: ClassVar[str | None] = "max_tokens"
+    max_tokens: int | None = None
+
+
+class _GoogleStyle(_FieldCapped):
+    CAP: ClassVar[str | None] = "max_output_tokens"
+    max_output_tokens: int | None = None
+
+
+class _OllamaStyle(_FieldCapped):
+    CAP: ClassVar[str | None] = "num_predict"
+    num_predict: int | None = None
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("case", ["no_cap", "shrink"])
+@pytest.mark.parametrize("kind", [_AnthropicStyle, _GoogleStyle, _OllamaStyle],
+                         ids=["max_tokens", "max_output_tokens", "num_predict"])
+def test_another_providers_cap_field_carries_the_reserved_cap(kind: type[_FieldCapped],
+                                                              case: str, mode: str) -> None:
+    """The cap the middleware reserved is set in the field the model's request reads,
+    whatever its name; the model stops there, and the charge stays within the hold."""
+    # $0.03 covers about 2,000 output tokens of claude-sonnet-4-5 ($15/M), not 8,000
+    limits = (Limits(max_cost_usd=1, default_max_output_tokens=300) if case == "no_cap"
+              else Limits(max_cost_usd="0.03"))
+    spy = Spy(limits)
+    model = kind(**({} if case == "no_cap" else {kind.CAP: 8000}))
+    run_agent(model, GuardMiddleware(spy.guard), mode)
+    (admission,) = spy.admissions
+    if case == "no_cap":
+        assert admission.max_output_tokens == 300
+    else:
+        assert admission.shrunk and 1000 < admission.max_output_tokens < 8000
+    (request,) = model.seen
+    assert request["cap"] == admission.max_output_tokens
+    (record,) = spy.models()
+    assert record.usage.output_tokens == admission.max_output_tokens
+    assert record.cost_nano <= admission.reserved_nano
+    assert spy.guard.usage(SESSION).reserved_nano == 0
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_model_without_a_cap_field_is_reserved_its_max_output(mode: str) -> None:
+    """A model with no output cap the middleware can set (no field, and call-time kwargs
+    ignored): the request cannot be bounded, so its worst case is the model's own max
+    output (the price book's: 64,000 for claude-sonnet-4-5), not the 300 default; the
+    call is not shrunk (a lower cap could not be sent)."""
+    spy = Spy(Limits(max_cost_usd=2, default_max_output_tokens=300))
+    model = _FieldCapped(answer_tokens=6000)
+    run_agent(model, GuardMiddleware(spy.guard), mode)
+    (admission,) = spy.admissions
+    assert admission.max_output_tokens == 64000 and not admission.shrunk
+    (record,) = spy.models()
+    assert record.usage.output_tokens == 6000
+    assert record.cost_nano <= admission.reserved_nano
+    # $0.5 does not cover 64,000 output tokens ($0.96): refused before the model runs
+    spy = Spy(Limits(max_cost_usd="0.5", default_max_output_tokens=300))
+    model = _FieldCapped(answer_tokens=6000)
+    from agent_guard import BudgetExceeded
+    with pytest.raises(BudgetExceeded):
+        run_agent(model, GuardMiddleware(spy.guard), mode)
+    assert model.seen == []
 
 
 # -- 3. async paths use the async ledger operations ---------------------------------------
@@ -406,33 +513,21 @@ def test_a_fallback_that_does_not_fit_is_refused(mode: str) -> None:
 
 
 def _conversation(adapter: str, mode: str, responses: bool) -> tuple[list[Any], Any, int]:
-    from langchain_core.tools import tool
-
-    @tool
-    def lookup(city: str) -> str:
-        """Look a city up."""
-        return f"{city}: 2M people"
+    from .tool_turn import QUESTION, lookup, replies
 
     records: list[CallRecord] = []
     guard = Guard(Limits(max_cost_usd=1, max_tool_calls=5), on_record=[records.append])
     # a fixed tool call id: a random one tokenises to a different prompt each run
-    replies = [FakeReply(tool_calls=[{"name": "lookup", "arguments": {"city": "Paris"},
-                                      "id": "call_1"}]),
-               FakeReply("Paris has 2M people.", completion_tokens=9)]
-    with FakeOpenAIServer(replies) as server:
+    with FakeOpenAIServer(replies(call_tokens=None, call_id="call_1")) as server:
         model = ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="x",
                            max_retries=0, max_tokens=200, use_responses_api=responses)
-        config: Any = {"configurable": {"thread_id": SESSION}}
+        config: Any = {}
         if adapter == "callback":
             agent = create_agent(model, tools=[lookup])
             config["callbacks"] = [GuardCallbackHandler(guard)]
         else:
             agent = create_agent(model, tools=[lookup], middleware=[GuardMiddleware(guard)])
-        inputs = {"messages": [HumanMessage("How many people live in Paris?")]}
-        if mode == "sync":
-            agent.invoke(inputs, config)
-        else:
-            asyncio.run(agent.ainvoke(inputs, config))
+        drive(agent, QUESTION, mode, config)
         billed = server.billed_nano(guard.prices)
     rows = [(r.kind, r.model, r.tool, r.outcome, r.usage, r.cost_nano, r.reserved_nano,
              r.usage_estimated, r.session) for r in records]
@@ -510,37 +605,101 @@ def test_middleware_chat_spans_match_the_callbacks(mode: str) -> None:
     assert spans("middleware") == by_callback
 
 
-# -- a stream cut under the middleware is charged, never $0 -------------------------------
+# -- the middleware's answers carry LangSmith's costs and keep LangChain's arithmetic ------
+
+
+@pytest.mark.parametrize("how", ["invoke", "ainvoke", "stream"])
+def test_middleware_answers_keep_int_usage_through_rebuilds(how: str) -> None:
+    """GuardMiddleware writes each answer's cost beside its token counts (as the callback
+    does). The answers in the agent's state, and copies of them as middleware rebuild
+    messages (``model_copy(update=...)``: PII, human-in-the-loop, fallback), keep the
+    int-only view: ``add_usage``, ``AIMessageChunk`` addition and
+    ``get_usage_metadata_callback`` add token counts, never the float costs."""
+    from langchain_core.callbacks import get_usage_metadata_callback
+    from langchain_core.messages import AIMessage, AIMessageChunk
+    from langchain_core.messages.ai import add_usage
+
+    from .tool_turn import QUESTION, lookup, replies
+
+    records: list[CallRecord] = []
+    guard = Guard(Limits(max_cost_usd=1, max_tool_calls=5), on_record=[records.append])
+    with FakeOpenAIServer(replies()) as server:
+        model = ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="x",
+                           max_retries=0, max_tokens=100, stream_usage=True)
+        agent = create_agent(model, tools=[lookup], middleware=[GuardMiddleware(guard)])
+        inputs = {"messages": [HumanMessage(QUESTION)]}
+        config = {"configurable": {"thread_id": SESSION}}
+        with get_usage_metadata_callback() as cb:
+            if how == "invoke":
+                state = agent.invoke(inputs, config)
+            elif how == "ainvoke":
+                state = asyncio.run(agent.ainvoke(inputs, config))
+            else:
+                state = list(agent.stream(inputs, config, stream_mode="values"))[-1]
+        billed = server.billed
+    assert state is not None
+    answers = [m for m in state["messages"] if isinstance(m, AIMessage)]
+    charged = [r for r in records if r.kind == "model"]
+    assert len(answers) == len(charged) == 2
+    for answer, record in zip(answers, charged, strict=True):
+        usage = answer.usage_metadata
+        assert usage is not None
+        assert usage["total_cost"] == pytest.approx(float(record.cost_usd))
+        assert answer.response_metadata["agent_guard"]["cost_usd"] == str(record.cost_usd)
+        rebuilt = answer.model_copy(update={"content": "[redacted]"})
+        assert rebuilt.usage_metadata == usage
+        assert rebuilt.usage_metadata["total_cost"] == usage["total_cost"]
+    # rebuilt from its fields (a checkpoint reloaded, a middleware building a new
+    # message): the token counts, ints; the costs do not become plain keys
+    rebuilt_answers = [a.model_copy(update={"content": "x"}) for a in answers] + [
+        AIMessage(**a.model_dump()) for a in answers]
+    for answer in rebuilt_answers[2:]:
+        assert answer.usage_metadata == {k: v for k, v in answer.usage_metadata.items()
+                                         if not k.endswith("_cost")}
+    total = None
+    for answer in [*answers, *rebuilt_answers]:
+        total = add_usage(total, answer.usage_metadata)
+    assert total is not None
+    want_out = sum(b.completion_tokens for b in billed)
+    assert total["output_tokens"] == 3 * want_out == 60
+    assert all(isinstance(v, int) for v in total.values() if not isinstance(v, dict))
+    chunks = [AIMessageChunk(content="", usage_metadata=a.usage_metadata)
+              for a in rebuilt_answers]
+    summed = chunks[0] + chunks[1] + chunks[2] + chunks[3]
+    assert summed.usage_metadata is not None
+    assert summed.usage_metadata["output_tokens"] == 2 * want_out
+    (seen,) = cb.usage_metadata.values()
+    assert seen["output_tokens"] == want_out
+    assert seen["input_tokens"] == sum(b.prompt_tokens for b in billed)
+
+
+# -- the middleware and the callback on one agent: each call charged once ----------------
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_a_cut_stream_under_the_middleware_is_charged(mode: str) -> None:
-    spy = Spy(Limits(max_cost_usd=1))
-    reply = FakeReply("word " * 200, completion_tokens=200, chunk_delay_s=0.005)
-    with FakeOpenAIServer([reply]) as server:
+@pytest.mark.parametrize("guards", ["one_guard", "two_guards_one_ledger"])
+def test_middleware_and_callback_together_charge_each_call_once(mode: str,
+                                                                guards: str) -> None:
+    """GuardMiddleware owns the calls it admits; a GuardCallbackHandler on the same agent
+    (for its spans, or added by a platform) with a guard on the same ledger joins the
+    middleware's admission and its tool counts instead of charging them again."""
+    from .tool_turn import QUESTION, lookup, replies
+
+    ledger = MemoryLedger()
+    records: list[CallRecord] = []
+    guard = Guard(Limits(max_cost_usd=1, max_tool_calls=5), ledger=ledger,
+                  on_record=[records.append])
+    other = guard if guards == "one_guard" else Guard(
+        Limits(max_cost_usd=1, max_tool_calls=5), ledger=ledger, on_record=[records.append])
+    with FakeOpenAIServer(replies()) as server:
         model = ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="x",
-                           max_retries=0, max_tokens=300, streaming=True)
-        agent = create_agent(model, tools=[], middleware=[GuardMiddleware(spy.guard)])
-        inputs = {"messages": [HumanMessage("Talk.")]}
-        config = {"configurable": {"thread_id": SESSION}}
-        if mode == "sync":
-            stream = agent.stream(inputs, config, stream_mode="messages")
-            for _ in zip(range(5), stream, strict=False):
-                pass
-            stream.close()
-        else:
-            async def cut() -> None:
-                stream = agent.astream(inputs, config, stream_mode="messages")
-                n = 0
-                async for _ in stream:
-                    n += 1
-                    if n == 5:
-                        break
-                await stream.aclose()
-            asyncio.run(cut())
-        server.wait_billed(1)
-        billed = server.billed_nano(spy.guard.prices)
-    usage = spy.guard.usage(SESSION)
-    assert usage.reserved_nano == 0
-    assert usage.cost_nano >= billed > 0
-    assert usage.cost_nano <= sum(a.reserved_nano for a in spy.admissions)
+                           max_retries=0)  # no cap: the middleware sends the one it reserved
+        agent = create_agent(model, tools=[lookup], middleware=[GuardMiddleware(guard)])
+        drive(agent, QUESTION, mode, {"callbacks": [GuardCallbackHandler(other)]})
+        billed = server.billed_nano(guard.prices)
+        assert all(sent_caps(r) for r in server.requests)
+    usage = guard.usage(SESSION)
+    assert (usage.model_calls, usage.tool_calls) == (2, 1)
+    assert usage.reserved_nano == 0 and usage.cost_nano == billed > 0
+    assert [(r.kind, r.outcome) for r in records] == [
+        ("model", "ok"), ("tool", "ok"), ("model", "ok")]

@@ -87,14 +87,23 @@ def find(obj: Any, key: str) -> list[Any]:
 
 def traced_runs(agent: Any, inputs: Any, config: Any, how: str, sink: LangSmithSink
                 ) -> dict[str, dict]:
-    """Run ``agent`` (``invoke`` or ``ainvoke``) with the tracer in ``config``; the runs the
-    sink received: run id -> the run, its extra as last sent (post, patch)."""
+    """Run ``agent`` (``invoke``, ``ainvoke``, or its messages ``stream`` / ``astream``)
+    with the tracer in ``config``; the runs the sink received: run id -> the run, its
+    extra as last sent (post, patch)."""
     import asyncio
+
+    async def astream() -> None:
+        async for _ in agent.astream(inputs, config, stream_mode="messages"):
+            pass
 
     if how == "invoke":
         agent.invoke(inputs, config=config)
-    else:
+    elif how == "ainvoke":
         asyncio.run(agent.ainvoke(inputs, config=config))
+    elif how == "stream":
+        list(agent.stream(inputs, config, stream_mode="messages"))
+    else:
+        asyncio.run(astream())
     tracer = next(c for c in config["callbacks"] if isinstance(c, LangChainTracer))
     tracer.wait_for_futures()
     tracer.client.flush()
@@ -224,3 +233,59 @@ def test_a_paid_tool_s_run_carries_what_the_guard_charged(sink: LangSmithSink, h
     meta = run["extra"]["metadata"]
     assert meta["usage_metadata"]["total_cost"] == pytest.approx(0.007)
     assert meta["agent_guard"]["cost_usd"] == "0.007"
+
+
+# -- every path: sync, async, streamed, callback or middleware alone (issue 14) -------------
+
+
+def _run_cost(run: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(input, output, total) cost LangSmith reads on a model run: its
+    extra.metadata.usage_metadata, as LangChain's tracer writes it from the answer."""
+    usage = ((run.get("extra") or {}).get("metadata") or {}).get("usage_metadata") or {}
+    return usage.get("input_cost"), usage.get("output_cost"), usage.get("total_cost")
+
+
+@pytest.mark.parametrize("how", ["invoke", "ainvoke", "stream", "astream"])
+@pytest.mark.parametrize("adapter", ["callback", "middleware"])
+def test_every_model_run_carries_the_ledgers_charge(sink: LangSmithSink, adapter: str,
+                                                     how: str) -> None:
+    """A create_agent run with a tool (two model calls) guarded by the callback or by
+    GuardMiddleware alone, invoked, awaited or streamed: each model run LangSmith gets
+    carries the cost the ledger charged for that call, and the costs add up to it."""
+    from langchain.agents import create_agent
+    from langchain_openai import ChatOpenAI
+
+    from agent_guard import GuardMiddleware
+    from agent_guard.testing import FakeOpenAIServer
+
+    from .tool_turn import QUESTION, lookup, replies
+
+    client = Client(api_url=sink.url, api_key="test-key")
+    tracer = LangChainTracer(client=client, project_name="agent-guard-test")
+    records: list = []
+    guard = Guard(Limits(max_cost_usd=1), on_record=[records.append])
+    with FakeOpenAIServer(replies()) as server:
+        model = ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="x",
+                           max_retries=0, max_tokens=100, stream_usage=True)
+        config: Any = {"configurable": {"thread_id": "ls"}, "callbacks": [tracer]}
+        if adapter == "callback":
+            agent = create_agent(model, tools=[lookup])
+            config["callbacks"] = [GuardCallbackHandler(guard), tracer]
+        else:
+            agent = create_agent(model, tools=[lookup], middleware=[GuardMiddleware(guard)])
+        runs = traced_runs(agent, {"messages": [("user", QUESTION)]}, config, how, sink)
+        billed = server.billed_nano(guard.prices)
+    charged = [r for r in records if r.kind == "model"]
+    assert len(charged) == 2 and sum(r.cost_nano for r in charged) >= billed > 0
+    model_runs = [r for r in runs.values() if r.get("run_type") == "llm"]
+    assert len(model_runs) == 2
+    costs = sorted(_run_cost(r) for r in model_runs)
+    expected = sorted(r.cost_usd for r in charged)
+    for (inp, out, total), want in zip(costs, expected, strict=True):
+        assert total is not None, f"a model run without the guard's cost ({adapter}, {how})"
+        assert Decimal(str(total)) == pytest.approx(want, rel=Decimal("1e-9"))
+        assert inp + out == pytest.approx(total)
+    # the tokens LangSmith shows beside them are the provider's, ints
+    for run in model_runs:
+        usage = run["extra"]["metadata"]["usage_metadata"]
+        assert all(isinstance(usage[k], int) for k in ("input_tokens", "output_tokens"))

@@ -11,9 +11,14 @@ field the provider's request really carries (:func:`with_output_cap`).
 from __future__ import annotations
 
 import logging
+import re
+import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any
 
+from langchain_core.load import _validation as _lc_validation
 from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration
 from langchain_core.tools import BaseTool
@@ -21,8 +26,26 @@ from langchain_core.tools import BaseTool
 from ..pricing.tools import METADATA_KEY, ToolPrice, tool_price_from_data
 from ..usage import MalformedUsage, Usage
 
-__all__ = ["Answer", "choices", "max_output", "model_name", "priced_tool", "read_answer",
-           "tool_result", "with_output_cap"]
+__all__ = [
+    "OWNER",
+    "Answer",
+    "ToolOwner",
+    "annotate",
+    "attempts",
+    "cap_place",
+    "choices",
+    "cost_breakdown",
+    "max_output",
+    "model_name",
+    "owning_gate",
+    "priced_tool",
+    "read_answer",
+    "read_timeout",
+    "retried",
+    "tool_owned",
+    "tool_result",
+    "with_output_cap",
+]
 
 logger = logging.getLogger("agent_guard")
 
@@ -77,6 +100,25 @@ def max_output(params: Mapping[str, Any], meta: Mapping[str, Any]) -> int | None
     return None if value is None else value * n
 
 
+def cap_place(model: Any, settings: Mapping[str, Any]) -> str | None:
+    """Where a call's output cap goes so that the request carries it: a cap key already
+    in the call's settings, the model's cap attribute, or a cap key in its
+    ``model_kwargs``; None when the model has none of these (a cap could only be passed
+    as a call-time ``max_tokens`` its request may ignore)."""
+    for key in MAX_OUTPUT_KEYS:
+        if key in settings:
+            return key
+    fields = getattr(type(model), "model_fields", None)
+    if isinstance(fields, Mapping):
+        for name in _CAP_ATTRIBUTES:
+            if name in fields:
+                return name
+        extra = getattr(model, "model_kwargs", None)
+        if isinstance(extra, Mapping) and any(k in extra for k in MAX_OUTPUT_KEYS):
+            return "model_kwargs"
+    return None
+
+
 def with_output_cap(model: Any, settings: Mapping[str, Any], per_choice: int
                     ) -> tuple[Any, dict[str, Any]]:
     """(model, call settings) whose request carries ``per_choice`` as its output cap.
@@ -86,13 +128,14 @@ def with_output_cap(model: Any, settings: Mapping[str, Any], per_choice: int
     ``max_tokens`` overwrite a call-time one, and other providers name the field
     otherwise. So the model's cap attribute is set on a copy of the model, a cap in its
     ``model_kwargs`` or in the call's settings is replaced, and only a model with none of
-    these gets ``max_tokens`` in its settings."""
+    these (:func:`cap_place` is None) gets ``max_tokens`` in its settings."""
     settings = dict(settings)
-    placed = False
+    if cap_place(model, settings) is None:
+        settings["max_tokens"] = per_choice
+        return model, settings
     for key in MAX_OUTPUT_KEYS:
         if key in settings:
             settings[key] = per_choice
-            placed = True
     fields = getattr(type(model), "model_fields", None)
     update: dict[str, Any] = {}
     if isinstance(fields, Mapping):
@@ -106,10 +149,111 @@ def with_output_cap(model: Any, settings: Mapping[str, Any], per_choice: int
                                       for k, v in extra.items()}
     if update and hasattr(model, "model_copy"):
         model = model.model_copy(update=update)
-        placed = True
-    if not placed:
-        settings["max_tokens"] = per_choice
     return model, settings
+
+
+# One call, one owner. GuardMiddleware owns the model and tool calls it admits and
+# counts (it can bound the request, and admits each attempt at its own price); while
+# one runs, OWNER names the middleware's per-call gate (a model call) or a ToolOwner (a
+# tool call). A GuardCallbackHandler whose guard keeps its books on the same ledger
+# joins the gate's admission of that model run, and leaves that tool call uncounted,
+# instead of charging either twice. Guards on other ledgers keep other budgets: each
+# charges its own.
+OWNER: ContextVar[Any] = ContextVar("agent_guard_owner", default=None)
+
+
+class ToolOwner:
+    """The middleware that counted the tool call ``tool_call_id`` (see ``OWNER``)."""
+
+    __slots__ = ("guard", "tool_call_id")
+
+    def __init__(self, guard: Any, tool_call_id: str | None) -> None:
+        self.guard = guard
+        self.tool_call_id = tool_call_id
+
+
+def same_ledger(a: Any, b: Any) -> bool:
+    """Whether two guards keep their books on the same ledger (one budget)."""
+    return a is b or getattr(a, "_ledger_id", None) == getattr(b, "_ledger_id", 0)
+
+
+def owning_gate(guard: Any) -> Any:
+    """The GuardMiddleware gate of the model call running here, when it charges to
+    ``guard``'s ledger; else None."""
+    owner = OWNER.get()
+    if owner is None or not hasattr(owner, "admission_for"):
+        return None
+    return owner if same_ledger(owner.guard, guard) else None
+
+
+def tool_owned(guard: Any, tool_call_id: Any) -> bool:
+    """Whether a GuardMiddleware on ``guard``'s ledger counted this tool call."""
+    owner = OWNER.get()
+    return (isinstance(owner, ToolOwner) and owner.tool_call_id is not None
+            and owner.tool_call_id == tool_call_id and same_ledger(owner.guard, guard))
+
+
+# Chat model classes whose provider SDK retries by itself when the model sets no
+# max_retries (the openai, anthropic and groq clients: 2 retries)
+_SDK_DEFAULT_RETRIES = {"ChatOpenAI": 2, "AzureChatOpenAI": 2, "ChatDeepSeek": 2,
+                        "ChatXAI": 2, "ChatAnthropic": 2, "ChatGroq": 2}
+
+
+def attempts(serialized: Mapping[str, Any] | None) -> int:
+    """Requests the provider client may send for one call: 1 + its own retries (the
+    model's ``max_retries``, else its SDK's default)."""
+    kwargs = (serialized or {}).get("kwargs") or {}
+    retries = kwargs.get("max_retries") if isinstance(kwargs, Mapping) else None
+    if isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0:
+        return 1 + retries
+    ident = (serialized or {}).get("id") or ()
+    if retries is None and ident and isinstance(ident, list | tuple):
+        return 1 + _SDK_DEFAULT_RETRIES.get(str(ident[-1]), 0)
+    return 1
+
+
+def _seconds(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return None
+
+
+_HTTPX_TIMEOUT = re.compile(r"\b(timeout|read)=([0-9.eE+-]+)")
+
+
+def read_timeout(serialized: Mapping[str, Any] | None) -> float | None:
+    """The client's read timeout in seconds: the time one attempt waits for an answer
+    before the SDK retries. A number; a ``(connect, read, ...)`` sequence; an
+    ``httpx.Timeout`` (serialized as its repr: ``read=``, else ``timeout=``)."""
+    kwargs = (serialized or {}).get("kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        return None
+    for key in ("request_timeout", "timeout", "default_request_timeout"):
+        value = kwargs.get(key)
+        if isinstance(value, list | tuple) and value:
+            return _seconds(value[1] if len(value) > 1 else value[0])
+        if isinstance(value, Mapping) and value.get("id") == ["httpx", "Timeout"]:
+            found = dict(_HTTPX_TIMEOUT.findall(str(value.get("repr") or "")))
+            try:
+                return _seconds(float(found.get("read", found.get("timeout", ""))))
+            except ValueError:
+                return None
+        if (seconds := _seconds(value)) is not None:
+            return seconds
+    return None
+
+
+def retried(started: float, first_chunk: float, timeout: float | None, attempts: int
+            ) -> int:
+    """Attempts before the answer that may have been billed: the client's retries happen
+    inside one LangChain call, each after one whole read timeout without an answer. So
+    the wait for the answer (for a stream, for its first chunk: a stream is not retried
+    once it has started) holds one timed-out attempt per whole timeout. Times are
+    ``time.monotonic()``; ``first_chunk`` 0 means none (the answer is now)."""
+    if timeout is None or attempts <= 1:
+        return 0
+    answered = first_chunk or time.monotonic()
+    return int((answered - started) // timeout)
 
 
 class Answer:
@@ -210,30 +354,90 @@ def usage_from_llm_output(llm_output: Mapping[str, Any] | None, model: str) -> U
 
 
 COST_KEYS = frozenset({"input_cost", "output_cost", "total_cost"})
+# LangChain's serialiser of dict values (dumpd, as its tracer uses): the one reader of
+# CostedUsage.items() that gets the costs; None when a release moves it (then none does)
+_SERIALIZE = getattr(getattr(_lc_validation, "_serialize_value", None), "__code__", None)
 
 
 class CostedUsage(dict):  # type: ignore[type-arg]
-    """An answer's ``usage_metadata`` with agent-guard's costs (floats, dollars) beside
-    the token counts, where LangSmith reads a model run's cost.
+    """An answer's ``usage_metadata``: the token counts are the dict's contents;
+    agent-guard's costs (``input_cost``, ``output_cost``, ``total_cost``: floats,
+    dollars) sit beside them, where LangSmith reads a model run's cost.
 
     LangChain's own arithmetic (``add_usage``, ``AIMessageChunk + AIMessageChunk``,
-    ``get_usage_metadata_callback``) adds every key it iterates and refuses floats, so
-    iteration shows the token counts only; the costs stay readable by key
-    (``usage["total_cost"]``) and in every serialisation (JSON, orjson, ``dumpd``,
-    pickle), which read the dict's items directly."""
+    ``get_usage_metadata_callback``) adds every key of the dict and refuses floats, so
+    the costs are not among its keys: they are read by key (``usage["total_cost"]``,
+    ``.get``, ``in``) and written by LangChain's serialiser (``dumpd``: what LangSmith's
+    tracer sends; its ``items()`` call is told apart from every other reader). A
+    message rebuilt from its fields (``AIMessage(usage_metadata=...)``, pydantic's
+    ``model_dump``, ``json``, a LangGraph checkpoint) keeps the token counts, ints, and
+    drops the costs: they never become plain keys a later sum would trip on. ``pickle``
+    and ``copy`` keep both."""
 
-    __slots__ = ()
+    __slots__ = ("costs",)
 
-    def __iter__(self) -> Any:
-        return (k for k in dict.__iter__(self) if k not in COST_KEYS)
+    def __init__(self, usage: Mapping[str, Any] = (), costs: Mapping[str, float] = ()
+                 ) -> None:  # type: ignore[assignment]
+        super().__init__((k, v) for k, v in dict(usage).items() if k not in COST_KEYS)
+        self.costs = dict(costs)
+
+    def __getitem__(self, key: Any) -> Any:
+        if key in COST_KEYS and key in self.costs:
+            return self.costs[key]
+        return dict.__getitem__(self, key)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if key in COST_KEYS:
+            self.costs[key] = value
+        else:
+            dict.__setitem__(self, key, value)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.costs or dict.__contains__(self, key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self[key] if key in self else default  # noqa: SIM401 - self.get is this
+
+    def items(self) -> Any:  # type: ignore[override]
+        if _SERIALIZE is not None and sys._getframe(1).f_code is _SERIALIZE:
+            return [*dict.items(self), *self.costs.items()]
+        return dict.items(self)
+
+    def copy(self) -> CostedUsage:
+        return CostedUsage(self, self.costs)
+
+    def __reduce__(self) -> Any:
+        return CostedUsage, (dict(dict.items(self)), self.costs)
 
 
 def with_costs(usage: Mapping[str, Any], costs: Mapping[str, float]) -> CostedUsage:
     """``usage`` with ``costs`` (``input_cost``, ``output_cost``, ``total_cost``)."""
-    costed = CostedUsage((k, v) for k, v in usage.items() if k not in COST_KEYS)
-    for key, value in costs.items():
-        dict.__setitem__(costed, key, value)
-    return costed
+    return CostedUsage(usage, costs)
+
+
+def annotate(generations: Iterable[Any], guard: Any, record: Any,
+             split: tuple[Any, Any] | None) -> None:
+    """Write a settled call's cost where LangSmith reads it: the first answer's
+    ``usage_metadata`` gets ``input_cost``, ``output_cost`` and ``total_cost`` (kept out
+    of the dict's iteration, see :class:`CostedUsage`) and its ``response_metadata``
+    the guard's view (``agent_guard``: session, tier, route, cost, cap). The message is
+    changed in place: LangChain's tracer, the caller and the agent's state hold the
+    same object, and no copy of it is made here."""
+    for generation in generations:
+        message = _message(generation)
+        if message is None:
+            continue
+        if message.usage_metadata is not None and split is not None:
+            message.usage_metadata = with_costs(message.usage_metadata, {  # type: ignore[assignment]
+                "input_cost": float(split[0]), "output_cost": float(split[1]),
+                "total_cost": float(record.cost_usd)})
+        cap = guard.limits.max_cost_usd
+        message.response_metadata["agent_guard"] = {
+            "session": record.session, "tier": record.tier, "route": record.route,
+            "cost_usd": str(record.cost_usd), "usage_estimated": record.usage_estimated,
+            "cap_usd": None if cap is None else str(cap),
+        }
+        return  # one answer per call: LangChain's tracer adds the answers' usage up
 
 
 def tool_result(output: Any) -> Any:

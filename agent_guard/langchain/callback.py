@@ -32,7 +32,6 @@ import contextlib
 import inspect
 import logging
 import os
-import re
 import sys
 import threading
 import time
@@ -45,8 +44,8 @@ from typing import Any
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
-from langchain_core.messages import AIMessage, BaseMessage
-from langchain_core.outputs import ChatGeneration, LLMResult
+from langchain_core.messages import BaseMessage
+from langchain_core.outputs import LLMResult
 from langchain_core.runnables.config import var_child_runnable_config
 
 from ..budgets import Budgets, attributes_from_metadata
@@ -60,16 +59,25 @@ from ..pricing.tools import declared_price
 from ..records import CallRecord, Outcome
 from ..telemetry.langsmith import note_tool_cost
 from ..usage import Usage
-from .call import cost_breakdown, max_output, model_name, read_answer, tool_result, with_costs
+from .call import (
+    annotate,
+    attempts,
+    cost_breakdown,
+    max_output,
+    model_name,
+    owning_gate,
+    read_answer,
+    read_timeout,
+    retried,
+    tool_owned,
+    tool_result,
+)
+from .dispatch import dispatching_async_end, ends_inline
 
 __all__ = ["GuardCallbackHandler", "OutputCapExceeded", "session_from_metadata"]
 
 logger = logging.getLogger("agent_guard")
 
-# Chat model classes whose provider SDK retries by itself when the model sets no
-# max_retries (the openai, anthropic and groq clients: 2 retries)
-_SDK_DEFAULT_RETRIES = {"ChatOpenAI": 2, "AzureChatOpenAI": 2, "ChatDeepSeek": 2,
-                        "ChatXAI": 2, "ChatAnthropic": 2, "ChatGroq": 2}
 # How many open model runs a handler remembers; beyond, the oldest is ended as abandoned
 _MAX_OPEN_RUNS = 10_000
 # How many chain/tool runs (for their parent links) and refused batches it remembers
@@ -214,7 +222,9 @@ class GuardCallbackHandler(BaseCallbackHandler):
 
     @property
     def run_inline(self) -> bool:
-        """False: on async paths the handler runs in an executor thread, off the loop.
+        """False: on async paths the handler runs in an executor thread, off the loop
+        (``on_llm_end`` says True and still runs in a thread: it writes the cost
+        before LangSmith's tracer reads the answer, see :mod:`.dispatch`).
 
         LangChain's async dispatch reads this attribute in the task that makes the
         call, just before it copies the context for the executor; the handler notes
@@ -222,7 +232,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         stream closed early, a failed sibling branch), whose end callbacks never come,
         is still ended (``agent_guard.keeper``)."""
         _note_calling_task()
-        return False
+        return dispatching_async_end()
 
     def __init__(
         self,
@@ -299,7 +309,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
             route=meta.get("agent_guard_route"),
             attributes=attributes_from_metadata(meta, self.guard.attribute_names),
             params=params,
-            attempts=_attempts(serialized),
+            attempts=attempts(serialized),
         )
         batch_size = kwargs.get("batch_size")
         batch = params if isinstance(batch_size, int) and batch_size > 1 else None
@@ -309,10 +319,14 @@ class GuardCallbackHandler(BaseCallbackHandler):
                 max_tokens=call.max_output_tokens, session=call.session,
                 messages=(messages if messages is not None else prompts)
                 if self.telemetry.capture_content else None, attributes=call.attributes)
+        gate = owning_gate(self.guard) if messages is not None else None
         try:
             if batch is not None:
                 self._raise_if_batch_refused(batch)
-            admission = self._admit(call, parent_run_id)
+            if gate is not None:  # GuardMiddleware admitted this call: join it
+                admission = gate.admission_for(run_id, serialized, messages, params, meta)
+            else:
+                admission = self._admit(call, parent_run_id)
         except GuardError as exc:
             if self.telemetry is not None:
                 self.telemetry.refused(run_id, exc)
@@ -320,7 +334,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
                 self._refuse_batch(batch, exc)
             raise
         run = _Run(admission, parent=parent_run_id, batch=batch, started=time.monotonic(),
-                   timeout=_timeout(serialized))
+                   timeout=read_timeout(serialized))
         refused: tuple[Any, GuardError] | None = None
         dropped: list[tuple[UUID, _Run]] = []
         with self._lock:
@@ -548,6 +562,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
                 cap=cap, spent=streamed, reserved=0, requested=streamed,
             )
 
+    @ends_inline
     def on_llm_end(
         self,
         response: LLMResult,
@@ -566,36 +581,16 @@ class GuardCallbackHandler(BaseCallbackHandler):
             run.admission, usage, output_tokens=counted, response_model=response_model,
             cache_hit=cache_hit, retried=_retried(run),
         )
-        breakdown = cost_breakdown(self.guard, record) if (
+        split = cost_breakdown(self.guard, record) if (
             self.annotate_runs or self.telemetry is not None) else None
         if self.telemetry is not None:
             self.telemetry.chat_end(
-                run_id, record, _finish_reasons(response), breakdown,
+                run_id, record, _finish_reasons(response), split,
                 output=[getattr(g, "message", None) or g.text for g in _generations(response)]
                 if self.telemetry.capture_content else None)
         if self.annotate_runs:
-            self._annotate(response, record, breakdown)
+            annotate(_generations(response), self.guard, record, split)
         return record
-
-    def _annotate(self, response: LLMResult, record: CallRecord,
-                  breakdown: tuple[Any, Any] | None) -> None:
-        """Write the computed cost where LangSmith reads it (the run's outputs)."""
-        for generation in _generations(response):
-            message = generation.message if isinstance(generation, ChatGeneration) else None
-            if not isinstance(message, AIMessage):
-                continue
-            if message.usage_metadata is not None and breakdown is not None:
-                # ints stay what LangChain adds up: the costs are kept out of iteration
-                message.usage_metadata = with_costs(message.usage_metadata, {  # type: ignore[assignment]
-                    "input_cost": breakdown[0], "output_cost": breakdown[1],
-                    "total_cost": float(record.cost_usd)})
-            cap = self.guard.limits.max_cost_usd
-            message.response_metadata["agent_guard"] = {
-                "session": record.session, "tier": record.tier, "route": record.route,
-                "cost_usd": str(record.cost_usd), "usage_estimated": record.usage_estimated,
-                "cap_usd": None if cap is None else str(cap),
-            }
-            break
 
     def on_llm_error(
         self,
@@ -641,7 +636,9 @@ class GuardCallbackHandler(BaseCallbackHandler):
                                       inputs if inputs is not None else input_str,
                                       session=session, attributes=attributes)
         admission = None
-        if self.count_tools:
+        # a tool GuardMiddleware counted on this ledger is its own to count and record
+        owned = tool_owned(self.guard, kwargs.get("tool_call_id"))
+        if self.count_tools and not owned:
             args: Any = inputs if inputs is not None else input_str
             try:
                 admission = self.guard.before_tool_call(
@@ -652,6 +649,8 @@ class GuardCallbackHandler(BaseCallbackHandler):
                 if self.telemetry is not None:
                     self.telemetry.refused(run_id, exc)
                 raise
+        if owned:
+            return
         with self._lock:
             self._tools[run_id] = _Tool(session, str(name), self.guard.clock(), attributes,
                                         meta.get("langgraph_node"), tuple(tags or ()),
@@ -846,56 +845,5 @@ def _model_frame() -> Any:
     return None
 
 
-def _attempts(serialized: Mapping[str, Any] | None) -> int:
-    """Requests the provider client may send for one call: 1 + its own retries (the
-    model's ``max_retries``, else its SDK's default)."""
-    kwargs = (serialized or {}).get("kwargs") or {}
-    retries = kwargs.get("max_retries") if isinstance(kwargs, Mapping) else None
-    if isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0:
-        return 1 + retries
-    ident = (serialized or {}).get("id") or ()
-    if retries is None and ident and isinstance(ident, list | tuple):
-        return 1 + _SDK_DEFAULT_RETRIES.get(str(ident[-1]), 0)
-    return 1
-
-
-def _seconds(value: Any) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    return None
-
-
-_HTTPX_TIMEOUT = re.compile(r"\b(timeout|read)=([0-9.eE+-]+)")
-
-
-def _timeout(serialized: Mapping[str, Any] | None) -> float | None:
-    """The client's read timeout in seconds: the time one attempt waits for an answer
-    before the SDK retries. A number; a ``(connect, read, ...)`` sequence; an
-    ``httpx.Timeout`` (serialized as its repr: ``read=``, else ``timeout=``)."""
-    kwargs = (serialized or {}).get("kwargs") or {}
-    if not isinstance(kwargs, Mapping):
-        return None
-    for key in ("request_timeout", "timeout", "default_request_timeout"):
-        value = kwargs.get(key)
-        if isinstance(value, list | tuple) and value:
-            return _seconds(value[1] if len(value) > 1 else value[0])
-        if isinstance(value, Mapping) and value.get("id") == ["httpx", "Timeout"]:
-            found = dict(_HTTPX_TIMEOUT.findall(str(value.get("repr") or "")))
-            try:
-                return _seconds(float(found.get("read", found.get("timeout", ""))))
-            except ValueError:
-                return None
-        if (seconds := _seconds(value)) is not None:
-            return seconds
-    return None
-
-
 def _retried(run: _Run) -> int:
-    """Attempts before the answer that may have been billed: the client's retries happen
-    inside one LangChain call, each after one whole read timeout without an answer. So
-    the wait for the answer (for a stream, for its first chunk: a stream is not retried
-    once it has started) holds one timed-out attempt per whole timeout."""
-    if run.timeout is None or run.admission.call.attempts <= 1:
-        return 0
-    answered = run.first_chunk or time.monotonic()
-    return int((answered - run.started) // run.timeout)
+    return retried(run.started, run.first_chunk, run.timeout, run.admission.call.attempts)

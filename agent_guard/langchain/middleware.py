@@ -10,10 +10,11 @@
   ``ToolMessage`` (the history stays valid for the provider) and the action
   (``raise``, ``end``, ``interrupt``) is taken once, in the next ``before_model``.
 
-Use it *instead of* :class:`GuardCallbackHandler` on the same agent, not with
-it, or each model call is counted twice. It sees the agent's own model and
-tool calls; model calls made elsewhere (inside tools, by other middleware) are
-seen only by the callback handler.
+It owns the model and tool calls it admits: a :class:`GuardCallbackHandler` on
+the same agent whose guard uses the same ledger joins them (each call is charged
+and recorded once); it still charges what the middleware does not see (model
+calls inside tools, or made before or after the agent). Give telemetry to one of
+the two, or each call gets two ``chat`` spans.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import asyncio
 import contextlib
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
@@ -59,16 +61,24 @@ from ..limits import Limits
 from ..pricing.tools import declared_price
 from ..records import Outcome
 from .call import (
+    OWNER,
     Answer,
+    ToolOwner,
+    annotate,
+    attempts,
+    cap_place,
     choices,
     cost_breakdown,
     max_output,
     model_name,
     read_answer,
+    read_timeout,
+    retried,
     tool_result,
     with_output_cap,
 )
 from .callback import _finish_reasons
+from .dispatch import dispatching_async, ends_inline
 
 __all__ = ["GuardMiddleware"]
 
@@ -128,9 +138,12 @@ class GuardMiddleware(AgentMiddleware):
     tool call (same tenant, same arguments) from the cache without running the
     tool; the call still counts toward the tool caps and loop detection.
     ``public_tools`` share results across tenants. ``telemetry`` (a
-    :class:`~agent_guard.telemetry.GuardTelemetry`) gets an ``execute_tool`` span,
+    :class:`~agent_guard.telemetry.GuardTelemetry`) gets the callback's ``chat`` spans
+    and metrics for each model attempt, and an ``execute_tool`` span,
     with ``agent_guard.cache.hit`` and ``agent_guard.cache.saved_usd``, for each tool
     call answered from the cache: the tool does not run then, so no callback sees it.
+    ``annotate_runs`` (default) writes each answer's cost where LangSmith reads it, as
+    :class:`GuardCallbackHandler` does.
     """
 
     def __init__(
@@ -146,9 +159,11 @@ class GuardMiddleware(AgentMiddleware):
         cache_tools: Mapping[str, str] | None = None,
         public_tools: Collection[str] = (),
         telemetry: Any = None,
+        annotate_runs: bool = True,
     ) -> None:
         super().__init__()
         self.telemetry = telemetry
+        self.annotate_runs = annotate_runs
         if cache_tools and cache is None:
             raise ValueError("cache_tools needs cache=ResultCache(...)")
         for ttl_class in (cache_tools or {}).values():
@@ -262,15 +277,29 @@ class GuardMiddleware(AgentMiddleware):
         if name == "unknown":
             name = str(getattr(model, "model_name", None) or getattr(model, "model", None)
                        or "unknown")
+        provider = ls.get("ls_provider")
+        cap = max_output(params, ls)
+        bounded = cap_place(model, settings) is not None
+        if cap is None and not bounded:
+            # no cap the request is sure to carry: the worst case is the model's own
+            # max output (price book), and a lower cap could not be sent
+            price = self.guard.prices.resolve(name, provider)
+            cap = getattr(price, "max_output_tokens", None)
+            bounded = cap is None  # unknown: the default, and max_tokens at call time
+        # the requests its client may send (1 + its SDK's retries), as the callback reads
+        # them from the serialized model
+        tries = attempts({"id": [type(model).__name__],
+                          "kwargs": {"max_retries": getattr(model, "max_retries", None)}})
         return ModelCall(
             session=session,
             model=name,
-            provider=ls.get("ls_provider"),
+            provider=provider,
+            attempts=tries,
             messages=messages,
             tools=tools,
-            max_output_tokens=max_output(params, ls),
+            max_output_tokens=cap,
             node="model",
-            can_shrink=self.shrink_to_fit,
+            can_shrink=self.shrink_to_fit and bounded,
             attributes=self._attributes(),
             params=params,
         )
@@ -422,6 +451,16 @@ class GuardMiddleware(AgentMiddleware):
             call = request.tool_call
             self.cache.put_tool(call["name"], call.get("args", {}), result.content, **where)
 
+    @contextlib.contextmanager
+    def _owning(self, call: Mapping[str, Any]) -> Iterator[None]:
+        """While the tool runs: this middleware counted it (a callback handler on the same
+        ledger that sees it does not count it again)."""
+        token = OWNER.set(ToolOwner(self.guard, call.get("id")))
+        try:
+            yield
+        finally:
+            OWNER.reset(token)
+
     def _attributes(self) -> dict[str, str]:
         """The run's scope values (team, user, feature...) from its config metadata."""
         return attributes_from_metadata(_config().get("metadata"), self.guard.attribute_names)
@@ -470,7 +509,7 @@ class GuardMiddleware(AgentMiddleware):
                     self._tool_done(request, admission, "ok", [saved])
                     return hit
                 try:
-                    with collecting_cache_hits() as hits, _held(
+                    with collecting_cache_hits() as hits, self._owning(call), _held(
                             self, self.guard, admission, thread_id=threading.get_ident(),
                             frame=sys._getframe()):
                         result = handler(request)
@@ -508,7 +547,7 @@ class GuardMiddleware(AgentMiddleware):
                     await self._atool_done(request, admission, "ok", [saved])
                     return hit
                 try:
-                    with collecting_cache_hits() as hits, _held(
+                    with collecting_cache_hits() as hits, self._owning(call), _held(
                             self, self.guard, admission, task=asyncio.current_task()):
                         result = await handler(request)
                 except GraphInterrupt:
@@ -555,6 +594,9 @@ def _request_params(model: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
     return {**(defaults if isinstance(defaults, Mapping) else {}), **settings}
 
 
+_INLINE_EVENTS = frozenset({"on_llm_end", "on_llm_new_token"})
+
+
 class _AttemptGate(BaseCallbackHandler):
     """Admits each model attempt made inside one ``wrap_model_call`` at its own price.
 
@@ -568,7 +610,12 @@ class _AttemptGate(BaseCallbackHandler):
     ledger operations never block the event loop."""
 
     raise_error: bool = True
-    run_inline: bool = False
+
+    @property
+    def run_inline(self) -> bool:
+        """False, but on async paths for ``on_llm_end`` (run in a thread, in list order:
+        see :mod:`.dispatch`) and ``on_llm_new_token`` (it only notes a time)."""
+        return dispatching_async(_INLINE_EVENTS)
 
     def __init__(self, middleware: GuardMiddleware, admission: Admission) -> None:
         super().__init__()
@@ -577,23 +624,31 @@ class _AttemptGate(BaseCallbackHandler):
         self.admission = admission
         self.first_used = False
         self.runs: dict[UUID, Admission] = {}
+        self.refused: dict[UUID, GuardError] = {}
+        # run -> [started, read timeout, first chunk] (time.monotonic()): how many of the
+        # SDK's own retries the wait for the answer held (see call.retried)
+        self.timing: dict[UUID, list[Any]] = {}
         self.lock = threading.Lock()
+        self.admitting = threading.Lock()  # one decision per run (see admission_for)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         config = var_child_runnable_config.get() or {}
         callbacks = config.get("callbacks")
+        # first: it settles and writes the cost before a tracer reads the answer
         if isinstance(callbacks, BaseCallbackManager):
             manager: Any = callbacks.copy()
-            manager.add_handler(self, inherit=False)
+            manager.handlers.insert(0, self)
         elif isinstance(callbacks, list):
-            manager = [*callbacks, self]
+            manager = [self, *callbacks]
         else:
             manager = [self]
         token = var_child_runnable_config.set({**config, "callbacks": manager})
+        owner = OWNER.set(self)
         try:
             yield
         finally:
+            OWNER.reset(owner)
             var_child_runnable_config.reset(token)
 
     def open_attempts(self) -> bool:
@@ -604,61 +659,96 @@ class _AttemptGate(BaseCallbackHandler):
                             metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
         params: Mapping[str, Any] = kwargs.get("invocation_params") or {}
         meta = metadata or {}
-        model = model_name(params, meta, serialized)
-        with self.lock:
-            first = not self.first_used
-            self.first_used = True
-        call = self.admission.call
+        flat = [m for prompt in messages for m in prompt]
         telemetry = self.middleware.telemetry
         if telemetry is not None:
+            call = self.admission.call
             telemetry.chat_start(
-                run_id, kwargs.get("parent_run_id"), model=model,
+                run_id, kwargs.get("parent_run_id"), model=model_name(params, meta, serialized),
                 provider=meta.get("ls_provider") or call.provider,
                 max_tokens=max_output(params, meta) or self.admission.max_output_tokens,
                 session=call.session, attributes=call.attributes,
-                messages=[m for prompt in messages for m in prompt]
-                if telemetry.capture_content else None)
-        if first and model == call.model:
-            with self.lock:
-                self.runs[run_id] = self.admission
-            return
-        if first:  # an inner middleware changed the model: the admission is not used
-            self.guard.model_call_failed(self.admission)
-        attempt = replace(
-            call, model=model, provider=meta.get("ls_provider") or call.provider,
-            messages=[m for prompt in messages for m in prompt],
-            tools=params.get("tools") or None, max_output_tokens=max_output(params, meta),
-            can_shrink=False, run_id=str(run_id), params=params)
+                messages=flat if telemetry.capture_content else None)
         try:
-            admission = self.guard.before_model_call(attempt)  # a refusal raises here
+            self.admission_for(run_id, serialized, flat, params, meta)
         except GuardError as exc:
             if telemetry is not None:
                 telemetry.refused(run_id, exc)
             raise
-        with self.lock:
-            self.runs[run_id] = admission
 
+    def admission_for(self, run_id: UUID, serialized: Mapping[str, Any] | None,
+                      messages: list[Any], params: Mapping[str, Any],
+                      meta: Mapping[str, Any]) -> Admission:
+        """The admission of one model run inside the wrapped call (raising its refusal),
+        decided once: for this gate's ``on_chat_model_start`` and for a
+        :class:`GuardCallbackHandler` on the same ledger that sees the same run (it
+        joins instead of charging the call again; on async paths the two run at once)."""
+        with self.admitting:
+            with self.lock:
+                known = self.runs.get(run_id)
+            if known is not None:
+                return known
+            refused = self.refused.get(run_id)
+            if refused is not None:
+                raise refused
+            model = model_name(params, meta, serialized)
+            call = self.admission.call
+            first, self.first_used = not self.first_used, True
+            if first and model == call.model:
+                admission = self.admission
+            else:
+                if first:  # an inner middleware changed the model: the admission is not used
+                    self.guard.model_call_failed(self.admission)
+                attempt = replace(
+                    call, model=model, provider=meta.get("ls_provider") or call.provider,
+                    messages=messages, tools=params.get("tools") or None,
+                    max_output_tokens=max_output(params, meta), can_shrink=False,
+                    run_id=str(run_id), params=params)
+                try:
+                    admission = self.guard.before_model_call(attempt)  # a refusal raises
+                except GuardError as exc:
+                    self.refused[run_id] = exc
+                    raise
+            with self.lock:
+                self.runs[run_id] = admission
+                self.timing[run_id] = [time.monotonic(), read_timeout(serialized), 0.0]
+            return admission
+
+    def on_llm_new_token(self, token: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        timing = self.timing.get(run_id)
+        if timing is not None and not timing[2]:
+            timing[2] = time.monotonic()
+
+    @ends_inline
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         with self.lock:
             admission = self.runs.pop(run_id, None)
+            timing = self.timing.pop(run_id, None)
         if admission is None or admission.finished:
             return
         answer = read_answer(response.generations, response.llm_output,
                              admission.call.model, self.guard.tokens)
         record = self.guard.after_model_call(
             admission, answer.usage, output_tokens=answer.counted,
-            response_model=answer.model, cache_hit=answer.cache_hit)
+            response_model=answer.model, cache_hit=answer.cache_hit,
+            retried=0 if timing is None else retried(
+                timing[0], timing[2], timing[1], admission.call.attempts))
         telemetry = self.middleware.telemetry
+        generations = [g for prompt in response.generations for g in prompt]
+        split = cost_breakdown(self.guard, record) if (
+            self.middleware.annotate_runs or telemetry is not None) else None
         if telemetry is not None:
-            generations = [g for prompt in response.generations for g in prompt]
             telemetry.chat_end(
-                run_id, record, _finish_reasons(response), cost_breakdown(self.guard, record),
+                run_id, record, _finish_reasons(response), split,
                 output=[getattr(g, "message", None) or g.text for g in generations]
                 if telemetry.capture_content else None)
+        if self.middleware.annotate_runs:
+            annotate(generations, self.guard, record, split)
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         with self.lock:
             admission = self.runs.pop(run_id, None)
+            self.timing.pop(run_id, None)
         if admission is not None and not admission.finished:
             record = self.guard.model_call_failed(admission, error=error)
             if self.middleware.telemetry is not None:

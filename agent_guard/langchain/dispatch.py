@@ -1,0 +1,88 @@
+"""When LangChain's async callback dispatch runs a guard handler's ``on_llm_end``.
+
+The guard's handlers are sync handlers with ``run_inline=False``: on async paths
+LangChain runs them in an executor thread, so their ledger operations never block the
+event loop. But its async dispatch (``ahandle_event``) runs every *inline* handler
+first, and LangSmith's ``LangChainTracer`` is inline: it read a model run's answer
+before the guard had written the cost on it, so async runs reached LangSmith without
+agent-guard's cost (sync dispatch goes in list order, and the guard's handler comes
+first there).
+
+:func:`ends_inline` fixes the order for ``on_llm_end`` only: while LangChain's async
+dispatch handles that event, the handler says it is inline (so it runs in list order,
+before a tracer listed after it) and hands LangChain a coroutine that runs the sync
+method in a worker thread (so the loop is still never blocked). Every other event, and
+every sync path, is dispatched as before. Both are read from LangChain's own dispatch
+functions by identity (``ahandle_event``, ``_ahandle_event_for_handler``); when a
+LangChain release renames them, the handler is simply dispatched as before (the cost
+then reaches LangSmith on sync runs only), never run on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from langchain_core.callbacks import manager as _manager
+
+__all__ = ["dispatching_async", "dispatching_async_end", "ends_inline"]
+
+_AHANDLE = getattr(getattr(_manager, "ahandle_event", None), "__code__", None)
+_AHANDLE_FOR_HANDLER = getattr(getattr(_manager, "_ahandle_event_for_handler", None),
+                               "__code__", None)
+_ENABLED = _AHANDLE is not None and _AHANDLE_FOR_HANDLER is not None
+
+
+def dispatching_async_end() -> bool:
+    """Whether the caller's caller is LangChain's async dispatch of ``on_llm_end``
+    (call it from a handler's ``run_inline``)."""
+    return _dispatching(sys._getframe(2), _END)
+
+
+def dispatching_async(events: frozenset[str]) -> bool:
+    """Whether the caller's caller is LangChain's async dispatch of one of ``events``
+    (a handler's ``run_inline``: an event cheap enough to run on the loop, e.g. noting
+    the time of a streamed token, besides ``on_llm_end``, which :class:`ends_inline`
+    moves to a thread)."""
+    return _dispatching(sys._getframe(2), events)
+
+
+_END = frozenset({"on_llm_end"})
+
+
+def _dispatching(frame: Any, events: frozenset[str]) -> bool:
+    if not _ENABLED:
+        return False
+    # the dispatch reads run_inline in a comprehension (its own frame before Python
+    # 3.12), a generator expression or _ahandle_event_for_handler: ahandle_event is at
+    # most two frames up
+    for _ in range(3):
+        if frame is None:
+            return False
+        if frame.f_code is _AHANDLE:
+            return frame.f_locals.get("event_name") in events
+        frame = frame.f_back
+    return False
+
+
+class ends_inline:
+    """Decorates a sync handler's ``on_llm_end``: read by LangChain's async dispatch, it
+    is a coroutine function that runs the method in a worker thread; read anywhere else
+    it is the method itself."""
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        self.func = func
+        self.__doc__ = func.__doc__
+        self.__name__ = getattr(func, "__name__", "on_llm_end")
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self.func
+        bound = self.func.__get__(obj, objtype)
+        if _ENABLED and sys._getframe(1).f_code is _AHANDLE_FOR_HANDLER:
+            async def in_a_thread(*args: Any, **kwargs: Any) -> Any:
+                return await asyncio.to_thread(bound, *args, **kwargs)
+            return in_a_thread
+        return bound
