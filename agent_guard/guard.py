@@ -387,6 +387,9 @@ class Guard:
         # a rolling window's current bucket -> what its earlier buckets had spent when
         # first read (past buckets change only by late settles), for its thresholds
         self._past_spent: dict[str, dict[str, int]] = {}
+        # whether any budget has soft thresholds (else a settle checks none)
+        self._thresholds = bool(self.limits.thresholds) or any(
+            lim.thresholds for _, lim in self.budgets.all_limits())
 
     # -- configuration -------------------------------------------------------------
 
@@ -659,7 +662,7 @@ class Guard:
         finally:
             _forget(admission)
         self._emit(record)
-        if settled is not None:
+        if settled is not None and self._thresholds:  # no work when none is set
             self._check_thresholds(record.session, admission.scopes, settled)
         return record
 
@@ -684,7 +687,7 @@ class Guard:
         finally:
             _forget(admission)
         self._emit(record)
-        if settled is not None:
+        if settled is not None and self._thresholds:
             await self._acheck_thresholds(record.session, admission.scopes, settled)
         return record
 

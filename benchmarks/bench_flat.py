@@ -148,6 +148,39 @@ def count_instructions(loads: list[Workload]) -> None:
                 w.run(config, COUNTED[w.name])
 
 
+def count_parts() -> None:
+    """(In the callgrind child, with --parts) the engine's share of a guarded call on the
+    5-message prompt, piece by piece, without LangChain."""
+    from agent_guard import ModelCall, Usage
+
+    guard = Guard(Limits(**BIG), "memory://")  # type: ignore[arg-type]
+    call = ModelCall(session="p", model="gpt-4o-mini", messages=PROMPT, max_output_tokens=256,
+                     params={"model": "gpt-4o-mini"})
+    usage = Usage(180, 20, 128)
+    n = COUNTED["prompt"]
+    for _ in range(20):
+        guard.after_model_call(guard.before_model_call(call), usage)
+    with _instructions.region("parts|Guard.before_model_call"):
+        admissions = [guard.before_model_call(call) for _ in range(n)]
+    with _instructions.region("parts|Guard.after_model_call"):
+        for admission in admissions:
+            guard.after_model_call(admission, usage)
+    plan = guard._plan(call)
+    with _instructions.region("parts|  prompt estimate"):
+        for _ in range(n):
+            guard.tokens.estimate_prompt(PROMPT, "gpt-4o-mini", params=call.params,
+                                         conversation="p")
+    with _instructions.region("parts|  ledger reserve + settle"):
+        for _ in range(n):
+            guard.ledger.settle(guard.ledger.reserve(plan.scopes, plan.amounts,
+                                                     lease_seconds=60), {"usd_nano": 1})
+    price = guard.prices.resolve("gpt-4o-mini")
+    with _instructions.region("parts|  worst case + cost"):
+        for _ in range(n):
+            price.worst_cost_nano(300, 256)  # type: ignore[union-attr]
+            price.cost_nano(usage)  # type: ignore[union-attr]
+
+
 def time_calls(loads: list[Workload], rounds: int) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for w in loads:
@@ -211,10 +244,14 @@ def main() -> None:
     parser.add_argument("--no-wall", action="store_true", help="instruction counts only")
     parser.add_argument("--no-callgrind", action="store_true")
     parser.add_argument("--only", default="", help="workloads whose name starts so")
+    parser.add_argument("--parts", action="store_true",
+                        help="also count the engine's pieces of a guarded call")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/flat.json"))
     args = parser.parse_args()
     if _instructions.active():  # the callgrind child
         count_instructions(workloads(args.only))
+        if args.parts:
+            count_parts()
         return
     result: dict[str, Any] = {}
     if not args.no_callgrind:
@@ -225,11 +262,19 @@ def main() -> None:
             counts = _instructions.read_regions(dumps)
             shutil.rmtree(dumps, ignore_errors=True)
             per_call: dict[str, dict[str, float]] = {}
+            parts = {k.split("|")[1]: v[-1] / COUNTED["prompt"] for k, v in counts.items()
+                     if k.startswith("parts|")}
             for key, values in counts.items():
                 load, config = key.split("|")
-                per_call.setdefault(load, {})[config] = values[-1] / COUNTED[load]
+                if load != "parts":
+                    per_call.setdefault(load, {})[config] = values[-1] / COUNTED[load]
             result["instructions"] = per_call
             show("instructions per call (callgrind, main thread):", "instr", per_call)
+            if parts:
+                result["parts"] = parts
+                print("the engine's part of a guarded call (5-message prompt, no LangChain):")
+                for name, value in parts.items():
+                    print(f"  {name:<30} {value:>10,.0f} instr/call")
     if not args.no_wall:
         wall = time_calls(workloads(args.only), args.rounds)
         result["wall_us"] = wall
