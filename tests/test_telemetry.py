@@ -523,3 +523,87 @@ def test_content_that_json_cannot_hold_is_written_as_text_and_never_fails_a_call
     assert "message content left off a span" in caplog.text
     assert telemetry.open_spans() == 0
     assert [r.kind for r in records] == ["tool"] and records[0].outcome == "ok"
+
+
+def metric_points(reader: InMemoryMetricReader) -> dict[str, list]:
+    data = reader.get_metrics_data()
+    if data is None:
+        return {}
+    return {m.name: list(m.data.data_points) for rm in data.resource_metrics
+            for sm in rm.scope_metrics for m in sm.metrics}
+
+
+def guarded_agent_run(telemetry: GuardTelemetry) -> None:
+    """A create_agent run (root, two model calls, one tool call) under the callback."""
+    handler = GuardCallbackHandler(Guard(Limits(max_cost_usd=1)), telemetry=telemetry,
+                                   session_id="default")
+    agent = create_agent(scripted_tool_loop(1), [lookup])
+    agent.invoke({"messages": [("user", "where is A1?")]}, config={"callbacks": [handler]})
+
+
+@pytest.mark.parametrize("how", ["sampled out", "traces off"])
+def test_calls_without_a_recorded_span_still_count_in_the_metrics(how: str) -> None:
+    """A sampler that drops the trace (or a provider that is off) gets no span and no
+    span attributes, and the calls are in the metrics all the same."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+    from opentelemetry.trace import NoOpTracerProvider
+
+    exporter = InMemorySpanExporter()
+    provider: object = NoOpTracerProvider()
+    if how == "sampled out":
+        provider = TracerProvider(sampler=ALWAYS_OFF)
+        provider.add_span_processor(SimpleSpanProcessor(exporter))  # type: ignore[attr-defined]
+    reader = InMemoryMetricReader()
+    telemetry = GuardTelemetry(provider, MeterProvider(metric_readers=[reader]))
+    guarded_agent_run(telemetry)
+
+    assert exporter.get_finished_spans() == ()
+    assert telemetry.open_spans() == 0
+    points = metric_points(reader)
+    assert [p.count for p in points["gen_ai.client.operation.duration"]] == [2]
+    assert sum(p.sum for p in points["gen_ai.client.token.usage"]) > 0
+    assert points["agent_guard.cost"][0].value > 0
+
+
+def test_metrics_off_leaves_the_spans_as_they_were() -> None:
+    """A meter provider that is off (configure_otlp(metrics=False)) changes no span."""
+    from opentelemetry.metrics import NoOpMeterProvider
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    def spans(meters: object) -> list[tuple[str, dict]]:
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        guarded_agent_run(GuardTelemetry(provider, meters))
+        return [(s.name, dict(s.attributes)) for s in exporter.get_finished_spans()]
+
+    on = spans(MeterProvider(metric_readers=[InMemoryMetricReader()]))
+    off = spans(NoOpMeterProvider())
+    assert [n for n, _ in off] == [n for n, _ in on] == [
+        "chat gpt-4o", "execute_tool lookup", "chat gpt-4o", "invoke_agent LangGraph"]
+    assert [set(a) for _, a in off] == [set(a) for _, a in on]
+
+
+def test_the_callback_and_the_middleware_on_one_telemetry_make_one_span_per_call() -> None:
+    """Both adapters see the same model run: the first to start it owns its span, which
+    ends once, with the call's cost."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from agent_guard.langchain import GuardMiddleware
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    reader = InMemoryMetricReader()
+    telemetry = GuardTelemetry(provider, MeterProvider(metric_readers=[reader]))
+    guard = Guard(Limits(max_cost_usd=1))
+    agent = create_agent(scripted_tool_loop(1), [lookup],
+                         middleware=[GuardMiddleware(guard, telemetry=telemetry)])
+    agent.invoke({"messages": [("user", "where is A1?")]}, config={
+        "callbacks": [GuardCallbackHandler(guard, telemetry=telemetry)],
+        "configurable": {"thread_id": "t-1"}})
+
+    chats = [s for s in exporter.get_finished_spans() if s.name == "chat gpt-4o"]
+    assert len(chats) == 2 and all(s.attributes[Attr.COST] > 0 for s in chats)
+    assert telemetry.open_spans() == 0

@@ -252,6 +252,11 @@ class GuardTelemetry:
         self.export_status: ExportStatus | None = None
         self.tracer = trace.get_tracer("agent_guard", tracer_provider=tracer_provider)
         meter = metrics_api.get_meter("agent_guard", meter_provider=meter_provider)
+        # a provider that is off (NoOp, e.g. configure_otlp(traces=False) or
+        # metrics=False) gets no per-call work at all; a proxy of the global provider may
+        # become real later, so it is used like a real one
+        self._tracing = not isinstance(self.tracer, trace.NoOpTracer)
+        self._metering = not isinstance(meter, metrics_api.NoOpMeter)
         self.token_usage = meter.create_histogram(
             "gen_ai.client.token.usage", unit="{token}",
             description="Tokens used per model call",
@@ -268,6 +273,9 @@ class GuardTelemetry:
         self.cost_attributes = cost_attributes
         self.agent_name = agent_name
         self._spans: dict[UUID, Span] = {}
+        # open model calls -> (their span, or None when it records nothing; the
+        # requested model and the scope values the span started with)
+        self._chats: dict[UUID, tuple[Span | None, str, Mapping[str, str] | None]] = {}
         self._anchor: dict[UUID, Span | None] = {}  # run -> the span its children go under
         self._roots: dict[UUID, str] = {}  # root run -> session
         self._lock = threading.Lock()
@@ -279,6 +287,9 @@ class GuardTelemetry:
                 raise ValueError(f"metric_attributes: {kind!r} is not a scope kind name")
         # scope values -> their span attributes, see _scope_span_attributes
         self._scope_attrs: dict[tuple[tuple[str, str], ...], dict[str, Any]] = {}
+        # what a model call's span starts with, per (model, provider, max tokens, session,
+        # scope values), see _chat_start_attributes
+        self._start_attrs: dict[tuple[Any, ...], dict[str, Any]] = {}
         # (model, provider, tier) -> prebuilt metric attribute dicts, see _metric_attributes
         self._metric_attrs: dict[tuple[Any, ...], _MetricAttrs] = {}
 
@@ -311,6 +322,8 @@ class GuardTelemetry:
     def chain_start(self, run_id: UUID, parent_run_id: UUID | None, name: str | None,
                     session: str, attributes: Mapping[str, str] | None = None) -> None:
         """``attributes``: the run's scope values (user, team...), read for a root run."""
+        if not self._tracing:
+            return
         if parent_run_id is None:
             span_attributes: dict[str, Any] = {
                 Attr.OPERATION: "invoke_agent", Attr.AGENT_NAME: name or self.agent_name,
@@ -354,38 +367,64 @@ class GuardTelemetry:
 
     # -- model calls -------------------------------------------------------------------
 
+    def _chat_start_attributes(self, model: str, provider: str | None,
+                               max_tokens: int | None, session: str,
+                               scopes: Mapping[str, str] | None) -> dict[str, Any]:
+        """A model call's start attributes, built once per distinct (model, provider, max
+        tokens, session, scope values) and shared: the SDK copies what it keeps."""
+        key = (model, provider, max_tokens, session, tuple(scopes.items()) if scopes else ())
+        found = self._start_attrs.get(key)
+        if found is None:
+            found = {Attr.OPERATION: "chat", Attr.REQUEST_MODEL: model,
+                     Attr.CONVERSATION_ID: session, Attr.SESSION_ID: session}
+            if self.openinference:
+                found[Attr.OI_SPAN_KIND] = "LLM"
+                found[Attr.LLM_MODEL_NAME] = model
+                if provider:
+                    found[Attr.LLM_PROVIDER] = provider
+                    found[Attr.LLM_SYSTEM] = provider
+            if scopes:
+                found.update(self._scope_span_attributes(scopes))
+            if provider:
+                found[Attr.PROVIDER] = provider
+            if max_tokens:
+                found[Attr.REQUEST_MAX_TOKENS] = max_tokens
+            with self._lock:
+                if len(self._start_attrs) >= 4096:
+                    self._start_attrs.clear()
+                self._start_attrs[key] = found
+        return found
+
     def chat_start(self, run_id: UUID, parent_run_id: UUID | None, *, model: str,
                    provider: str | None, max_tokens: int | None, session: str,
                    messages: Iterable[Any] | None = None,
                    attributes: Mapping[str, str] | None = None) -> None:
-        """``attributes``: the call's scope values (user, team, feature...)."""
-        parent = self._anchor.get(parent_run_id) if parent_run_id is not None else None
-        ctx = trace.set_span_in_context(parent) if parent is not None else None
-        scopes = attributes
-        attributes = {Attr.OPERATION: "chat", Attr.REQUEST_MODEL: model,
-                      Attr.CONVERSATION_ID: session, Attr.SESSION_ID: session}
-        if self.openinference:
-            attributes[Attr.OI_SPAN_KIND] = "LLM"
-            attributes[Attr.LLM_MODEL_NAME] = model
-            if provider:
-                attributes[Attr.LLM_PROVIDER] = provider
-                attributes[Attr.LLM_SYSTEM] = provider
-        if scopes:
-            attributes.update(self._scope_span_attributes(scopes))
-        if provider:
-            attributes[Attr.PROVIDER] = provider
-        if max_tokens:
-            attributes[Attr.REQUEST_MAX_TOKENS] = max_tokens
-        if self.capture_content and messages is not None:
-            attributes.update(_content_attributes(_input_content, messages))
-        span = self.tracer.start_span("chat " + model, context=ctx, kind=SpanKind.CLIENT,
-                                      attributes=attributes)
+        """``attributes``: the call's scope values (user, team, feature...). A run that
+        has its span already (the callback and the middleware both telling this
+        telemetry) keeps it."""
+        if run_id in self._chats:
+            return
+        span: Span | None = None
+        if self._tracing:
+            parent = self._anchor.get(parent_run_id) if parent_run_id is not None else None
+            ctx = trace.set_span_in_context(parent) if parent is not None else None
+            start = self._chat_start_attributes(model, provider, max_tokens, session,
+                                                attributes)
+            if self.capture_content and messages is not None:
+                start = {**start, **_content_attributes(_input_content, messages)}
+            span = self.tracer.start_span("chat " + model, context=ctx,
+                                          kind=SpanKind.CLIENT, attributes=start)
+            if not span.is_recording():  # sampled out: nothing to describe
+                span = None
         with self._lock:
-            self._spans[run_id] = span
+            self._chats[run_id] = (span, model, attributes)
 
     def refused(self, run_id: UUID, exc: BaseException) -> None:
         with self._lock:
             span = self._spans.pop(run_id, None)
+            chat = self._chats.pop(run_id, None)
+        if chat is not None:
+            span = chat[0]
         if span is None:
             return
         span.add_event("agent_guard.refusal", {"agent_guard.reason": type(exc).__name__,
@@ -400,7 +439,12 @@ class GuardTelemetry:
         """``output``: the messages the model returned, one per choice (recorded only
         with ``capture_content``)."""
         with self._lock:
-            span = self._spans.pop(run_id, None)
+            chat = self._chats.pop(run_id, None)
+        if chat is None:
+            return
+        span, model, scopes = chat
+        if record is not None and self._metering:
+            self._measure(record)
         if span is None:
             return
         if self.capture_content and output is not None:
@@ -438,8 +482,9 @@ class GuardTelemetry:
         if finish_reasons:
             attrs[Attr.FINISH_REASONS] = finish_reasons
         if self.openinference:
+            if record.model != model:  # the start wrote the requested one
+                attrs[Attr.LLM_MODEL_NAME] = record.model
             attrs.update({
-                Attr.LLM_MODEL_NAME: record.model,
                 Attr.LLM_TOKENS_PROMPT: u.input_tokens,
                 Attr.LLM_TOKENS_COMPLETION: u.output_tokens,
                 Attr.LLM_TOKENS_TOTAL: u.input_tokens + u.output_tokens,
@@ -447,9 +492,9 @@ class GuardTelemetry:
                 Attr.LLM_TOKENS_CACHE_WRITE: u.cache_creation_tokens,
                 Attr.LLM_TOKENS_REASONING: u.reasoning_tokens,
                 Attr.LLM_COST_TOTAL: cost})
-        if record.attributes:
+        if record.attributes and record.attributes is not scopes and (
+                record.attributes != scopes):  # the start wrote the call's scopes
             attrs.update(self._scope_span_attributes(record.attributes))
-        self._measure(record)
         span.set_attributes(attrs)
         if record.route and ("downgraded" in record.route or "fallback" in record.route):
             span.add_event("agent_guard.downgrade", {Attr.TIER: record.tier or "",
@@ -518,6 +563,8 @@ class GuardTelemetry:
                    call_id: str | None, arguments: Any = None, *, session: str | None = None,
                    attributes: Mapping[str, str] | None = None) -> None:
         """``attributes``: the call's scope values (user, team, feature...)."""
+        if not self._tracing:
+            return
         parent = self._parent(parent_run_id)
         ctx = trace.set_span_in_context(parent) if parent is not None else None
         attributes = self._tool_attributes(name, call_id, False, session, attributes)
@@ -543,6 +590,8 @@ class GuardTelemetry:
         """A tool call answered from the cache without running the tool (so no tool run
         exists for a callback to see): one finished ``execute_tool`` span for it, with
         its arguments and cached result when content is captured."""
+        if not self._tracing:
+            return
         parent = self._parent(parent_run_id)
         ctx = trace.set_span_in_context(parent) if parent is not None else None
         attributes = self._tool_attributes(name, call_id, True, session, attributes)
@@ -612,7 +661,7 @@ class GuardTelemetry:
 
     def open_spans(self) -> int:
         """Spans started and not yet ended (should be 0 between runs)."""
-        return len(self._spans)
+        return len(self._spans) + len(self._chats)
 
 
 _EXPORTERS = ("otlp", "console", "none")
