@@ -11,8 +11,12 @@ caps or not. "guard + tel., no OI" leaves out the OpenInference names
 
 All configurations invoke the same in-process chat model on the same prompt,
 in interleaved rounds, with spans going to an SDK TracerProvider whose
-exporter drops them (so export cost is equal and small). OpenLLMetry is
-instrumented and uninstrumented around its own timing in each round.
+exporter drops them (so export cost is equal and small) and metric points to an
+SDK MeterProvider. OpenLLMetry runs in processes of its own (its ``uninstrument()``
+does not fully undo it), each against its own bare-model baseline: "OpenLLMetry"
+with its histograms on an SDK MeterProvider as the guard's are (like for like),
+"OL, spans only" with them on the global no-op meter provider (what it costs when
+the application sets up no metrics).
 """
 
 from __future__ import annotations
@@ -109,6 +113,10 @@ class SdkOnlyHandler(BaseCallbackHandler):
         span.end()
 
 
+OPENLLMETRY = "OpenLLMetry"  # spans and metrics, each to an SDK provider, as the guard's
+OPENLLMETRY_SPANS = "OL, spans only"  # its metrics to the global no-op meter provider
+
+
 def timed(model: Any, handlers: list[Any], n: int) -> float:
     cfg = {"callbacks": handlers}
     t0 = time.perf_counter()
@@ -117,17 +125,26 @@ def timed(model: Any, handlers: list[Any], n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def openllmetry_child(rounds: int, per: int, queue: Any) -> None:
-    """In its own process (uninstrument does not fully undo the instrumentation): the
-    bare model, then the model with OpenLLMetry, each against its own baseline."""
+def instrument_openllmetry(metrics: bool) -> None:
+    """OpenLLMetry on this process, its spans to a dropping exporter as the guard's are;
+    with ``metrics`` its histograms go to an SDK MeterProvider as the guard's do, else to
+    the global meter provider, a no-op when nobody set one."""
     from opentelemetry.instrumentation.langchain import LangchainInstrumentor
 
-    model = make_model()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(DropExporter()))
+    meters = {"meter_provider": MeterProvider(metric_readers=[InMemoryMetricReader()])
+              } if metrics else {}
+    LangchainInstrumentor().instrument(tracer_provider=provider, **meters)
+
+
+def openllmetry_child(rounds: int, per: int, metrics: bool, queue: Any) -> None:
+    """In its own process: the bare model, then the model with OpenLLMetry (it cannot
+    be switched off again, so the two are not interleaved)."""
+    model = make_model()
     timed(model, [], 100)
     bare = [timed(model, [], per) for _ in range(rounds)]
-    LangchainInstrumentor().instrument(tracer_provider=provider)
+    instrument_openllmetry(metrics)
     timed(model, [], 100)
     instrumented = [timed(model, [], per) for _ in range(rounds)]
     queue.put((statistics.median(bare), statistics.median(instrumented)))
@@ -174,23 +191,27 @@ def main() -> None:
     added = {k: v - base for k, v in med.items()}
 
     ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    child = ctx.Process(target=openllmetry_child, args=(args.rounds, per, queue))
-    child.start()
-    bare, instrumented = queue.get(timeout=600)
-    child.join()
-    med["OpenLLMetry"] = instrumented
-    added["OpenLLMetry"] = instrumented - bare
+    bares = []
+    for name, metrics in ((OPENLLMETRY, True), (OPENLLMETRY_SPANS, False)):
+        queue = ctx.Queue()
+        child = ctx.Process(target=openllmetry_child, args=(args.rounds, per, metrics, queue))
+        child.start()
+        bare, instrumented = queue.get(timeout=600)
+        child.join()
+        bares.append(bare)
+        med[name] = instrumented
+        added[name] = instrumented - bare
 
-    print(f"per model call, median of {args.rounds} rounds x {per} calls "
-          "(OpenLLMetry in its own process, against its own bare-model baseline "
-          f"of {bare * 1e6:.1f} us):")
-    print(f"{'configuration':<22}{'us/call':>10}{'added us':>10}{'added / empty':>15}"
-          f"{'added / OpenLLMetry':>21}")
+    print(f"per model call, median of {args.rounds} rounds x {per} calls (OpenLLMetry in "
+          "its own processes, against their own bare-model baselines of "
+          + " and ".join(f"{b * 1e6:.1f}" for b in bares) + " us):")
+    print(f"{'configuration':<24}{'us/call':>9}{'added us':>10}{'/ empty':>9}"
+          f"{'/ OpenLLMetry':>15}{'/ OL spans only':>17}")
     for name, t in med.items():
-        print(f"{name:<22}{t * 1e6:>10.1f}{added[name] * 1e6:>10.1f}"
-              f"{added[name] / added['empty handler']:>15.2f}"
-              f"{added[name] / added['OpenLLMetry']:>21.2f}")
+        print(f"{name:<24}{t * 1e6:>9.1f}{added[name] * 1e6:>10.1f}"
+              f"{added[name] / added['empty handler']:>9.2f}"
+              f"{added[name] / added[OPENLLMETRY]:>15.2f}"
+              f"{added[name] / added[OPENLLMETRY_SPANS]:>17.2f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({k: {"us_per_call": med[k] * 1e6,
                                          "added_us": added[k] * 1e6} for k in med}, indent=2))
