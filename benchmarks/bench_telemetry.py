@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +42,11 @@ from opentelemetry.trace import SpanKind
 
 from agent_guard import Guard, GuardCallbackHandler, Limits
 from agent_guard.telemetry import Attr, GuardTelemetry
+
+try:
+    import _instructions  # callgrind instruction counts (benchmarks/_instructions.py)
+except ImportError:  # not in this checkout yet: wall time only
+    _instructions = None  # type: ignore[assignment]
 
 
 class DropExporter(SpanExporter):
@@ -150,71 +157,145 @@ def openllmetry_child(rounds: int, per: int, metrics: bool, queue: Any) -> None:
     queue.put((statistics.median(bare), statistics.median(instrumented)))
 
 
+def configurations(model: Any) -> dict[str, list[Any]]:
+    """The handlers of each in-process configuration (OpenLLMetry's are in its own)."""
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(DropExporter()))
+
+    def meters() -> MeterProvider:
+        return MeterProvider(metric_readers=[InMemoryMetricReader()])
+
+    limits = Limits(max_cost_usd=10**6, max_tokens=10**12, max_model_calls=10**9)
+
+    def guarded(**telemetry: Any) -> list[Any]:
+        return [GuardCallbackHandler(Guard(limits), session_id="b", telemetry=GuardTelemetry(
+            provider, meters(), **telemetry) if telemetry else None)]
+
+    return {"no callbacks": [], "empty handler": [EmptyHandler()],
+            "OTel SDK alone": [SdkOnlyHandler(provider, meters(),
+                                              *guard_span_attributes(model))],
+            "guard, no telemetry": guarded(),
+            "guard + telemetry": guarded(openinference=True),
+            "guard + tel., no OI": guarded(openinference=False)}
+
+
+COUNTED = 200  # calls per configuration under callgrind (instructions vary little)
+
+
+def count_instructions(openllmetry: str) -> None:
+    """(In a callgrind child) one region per configuration; OpenLLMetry last, since it
+    cannot be switched off: ``metrics`` counts every configuration and OpenLLMetry with
+    its metrics, ``spans`` the bare model and OpenLLMetry with spans only."""
+    model = make_model()
+    configs = configurations(model)
+    if openllmetry == "spans":
+        configs = {"no callbacks": []}
+    for name, handlers in configs.items():
+        timed(model, handlers, 20)  # warm: first-call paths, memos
+        with _instructions.region(name):
+            timed(model, handlers, COUNTED)
+    instrument_openllmetry(openllmetry == "metrics")
+    timed(model, [], 20)
+    with _instructions.region(OPENLLMETRY if openllmetry == "metrics" else OPENLLMETRY_SPANS):
+        timed(model, [], COUNTED)
+
+
+def instructions() -> dict[str, float] | None:
+    """Instructions per call of every configuration (main thread), or None without
+    valgrind. OpenLLMetry's added count is against the bare model of its own child."""
+    per_call: dict[str, float] = {}
+    if _instructions is None:
+        return None
+    for variant in ("metrics", "spans"):
+        dumps = _instructions.rerun_under_callgrind(
+            [sys.argv[0], "--callgrind-openllmetry", variant])
+        if dumps is None:
+            return None
+        counts = _instructions.read_regions(dumps)
+        shutil.rmtree(dumps, ignore_errors=True)
+        found = {name: values[-1] / COUNTED for name, values in counts.items()}
+        if variant == "metrics":
+            per_call.update(found)
+        else:  # the same bare model in both children: OpenLLMetry's added count is kept
+            per_call[OPENLLMETRY_SPANS] = (found[OPENLLMETRY_SPANS] - found["no callbacks"]
+                                           + per_call["no callbacks"])
+    return per_call
+
+
+def table(title: str, unit: str, per_call: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Print per-call figures with their added cost and its ratios; return them."""
+    base = per_call["no callbacks"]
+    added = {k: v - base for k, v in per_call.items()}
+    print(title)
+    print(f"{'configuration':<24}{unit + '/call':>13}{'added':>12}{'/ empty':>9}"
+          f"{'/ OpenLLMetry':>15}{'/ OL spans only':>17}")
+    for name, v in per_call.items():
+        print(f"{name:<24}{v:>13,.1f}{added[name]:>12,.1f}"
+              f"{added[name] / added['empty handler']:>9.2f}"
+              f"{added[name] / added[OPENLLMETRY]:>15.2f}"
+              f"{added[name] / added[OPENLLMETRY_SPANS]:>17.2f}")
+    return {k: {"per_call": per_call[k], "added": added[k]} for k in per_call}
+
+
+def wall_time(rounds: int, per: int) -> tuple[dict[str, float], list[float]]:
+    """Median microseconds per call of each configuration in interleaved rounds, and
+    OpenLLMetry's, each against its own baseline, put on this process's bare model."""
+    import multiprocessing
+
+    model = make_model()
+    configs = configurations(model)
+    for handlers in configs.values():  # warm-up
+        timed(model, handlers, 100)
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, handlers in configs.items():
+            times[name].append(timed(model, handlers, per))
+    med = {k: statistics.median(v) * 1e6 for k, v in times.items()}
+    ctx = multiprocessing.get_context("spawn")
+    bares = []
+    for name, metrics in ((OPENLLMETRY, True), (OPENLLMETRY_SPANS, False)):
+        queue = ctx.Queue()
+        child = ctx.Process(target=openllmetry_child, args=(rounds, per, metrics, queue))
+        child.start()
+        bare, instrumented = queue.get(timeout=600)
+        child.join()
+        bares.append(bare * 1e6)
+        med[name] = med["no callbacks"] + (instrumented - bare) * 1e6
+    return med, bares
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--no-wall", action="store_true", help="instruction counts only")
+    parser.add_argument("--no-callgrind", action="store_true", help="wall time only")
+    parser.add_argument("--callgrind-openllmetry", choices=("metrics", "spans"),
+                        help=argparse.SUPPRESS)  # set in the callgrind children
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/telemetry.json"))
     args = parser.parse_args()
-    import multiprocessing
-
-    model = make_model()
-    exporter = DropExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    telemetry = GuardTelemetry(provider, MeterProvider(metric_readers=[InMemoryMetricReader()]))
-    guard = Guard(Limits(max_cost_usd=10**6, max_tokens=10**12, max_model_calls=10**9))
-    guarded = [GuardCallbackHandler(guard, session_id="b", telemetry=telemetry)]
-    plain_guard = [GuardCallbackHandler(Guard(guard.limits), session_id="b")]
-    floor = [SdkOnlyHandler(provider, MeterProvider(metric_readers=[InMemoryMetricReader()]),
-                            *guard_span_attributes(model))]
-    lean = GuardTelemetry(provider, MeterProvider(metric_readers=[InMemoryMetricReader()]),
-                          openinference=False)
-    guarded_lean = [GuardCallbackHandler(Guard(guard.limits), session_id="b", telemetry=lean)]
-    per = args.calls
-    times: dict[str, list[float]] = {"no callbacks": [], "empty handler": [],
-                                     "OTel SDK alone": [],
-                                     "guard, no telemetry": [], "guard + telemetry": [],
-                                     "guard + tel., no OI": []}
-    for handlers in ([], guarded, plain_guard, floor, guarded_lean):  # warm-up
-        timed(model, handlers, 100)
-    for _ in range(args.rounds):
-        times["no callbacks"].append(timed(model, [], per))
-        times["empty handler"].append(timed(model, [EmptyHandler()], per))
-        times["OTel SDK alone"].append(timed(model, floor, per))
-        times["guard, no telemetry"].append(timed(model, plain_guard, per))
-        times["guard + telemetry"].append(timed(model, guarded, per))
-        times["guard + tel., no OI"].append(timed(model, guarded_lean, per))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    base = med["no callbacks"]
-    added = {k: v - base for k, v in med.items()}
-
-    ctx = multiprocessing.get_context("spawn")
-    bares = []
-    for name, metrics in ((OPENLLMETRY, True), (OPENLLMETRY_SPANS, False)):
-        queue = ctx.Queue()
-        child = ctx.Process(target=openllmetry_child, args=(args.rounds, per, metrics, queue))
-        child.start()
-        bare, instrumented = queue.get(timeout=600)
-        child.join()
-        bares.append(bare)
-        med[name] = instrumented
-        added[name] = instrumented - bare
-
-    print(f"per model call, median of {args.rounds} rounds x {per} calls (OpenLLMetry in "
-          "its own processes, against their own bare-model baselines of "
-          + " and ".join(f"{b * 1e6:.1f}" for b in bares) + " us):")
-    print(f"{'configuration':<24}{'us/call':>9}{'added us':>10}{'/ empty':>9}"
-          f"{'/ OpenLLMetry':>15}{'/ OL spans only':>17}")
-    for name, t in med.items():
-        print(f"{name:<24}{t * 1e6:>9.1f}{added[name] * 1e6:>10.1f}"
-              f"{added[name] / added['empty handler']:>9.2f}"
-              f"{added[name] / added[OPENLLMETRY]:>15.2f}"
-              f"{added[name] / added[OPENLLMETRY_SPANS]:>17.2f}")
+    if _instructions is not None and _instructions.active():
+        count_instructions(args.callgrind_openllmetry or "metrics")
+        return
+    result: dict[str, Any] = {}
+    if not args.no_callgrind:
+        counted = instructions()
+        if counted is None:
+            print("callgrind not available (valgrind on x86-64 Linux): wall time only")
+        else:
+            result["instructions"] = table(
+                f"instructions per model call (callgrind, main thread, {COUNTED} calls "
+                "each; OpenLLMetry's added count from its own process):", "instr", counted)
+    if not args.no_wall:
+        med, bares = wall_time(args.rounds, args.calls)
+        result["wall_us"] = table(
+            f"wall time per model call, median of {args.rounds} interleaved rounds x "
+            f"{args.calls} calls (OpenLLMetry in its own processes, its added time against "
+            "their own bare-model baselines of " + " and ".join(f"{b:.1f}" for b in bares)
+            + " us):", "us", med)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({k: {"us_per_call": med[k] * 1e6,
-                                         "added_us": added[k] * 1e6} for k in med}, indent=2))
+    args.json.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

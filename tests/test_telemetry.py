@@ -607,3 +607,34 @@ def test_the_callback_and_the_middleware_on_one_telemetry_make_one_span_per_call
     chats = [s for s in exporter.get_finished_spans() if s.name == "chat gpt-4o"]
     assert len(chats) == 2 and all(s.attributes[Attr.COST] > 0 for s in chats)
     assert telemetry.open_spans() == 0
+
+
+def test_token_details_are_written_when_the_provider_reports_some() -> None:
+    """Cache reads, cache writes and reasoning tokens under both names (GenAI and
+    OpenInference) when a call has some; a call with none carries no detail attribute
+    (a 0 would say nothing more, and every attribute costs each call)."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    details = {"input_tokens": 900, "output_tokens": 60, "total_tokens": 960,
+               "input_token_details": {"cache_read": 300, "cache_creation": 200},
+               "output_token_details": {"reasoning": 25}}
+    plain = {"input_tokens": 900, "output_tokens": 60, "total_tokens": 960}
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    handler = GuardCallbackHandler(Guard(Limits(max_cost_usd=1)), session_id="s",
+                                   telemetry=GuardTelemetry(provider, MeterProvider()))
+    llm = ScriptedChatModel(model_name="gpt-4o", max_tokens=100, responses=[
+        AIMessage("a", usage_metadata=details), AIMessage("b", usage_metadata=plain)])
+    for _ in range(2):
+        llm.invoke("hi", config={"callbacks": [handler]})
+
+    with_details, without = (dict(s.attributes) for s in exporter.get_finished_spans())
+    names = {Attr.CACHE_READ_TOKENS: 300, Attr.LLM_TOKENS_CACHE_READ: 300,
+             Attr.CACHE_CREATION_TOKENS: 200, Attr.LLM_TOKENS_CACHE_WRITE: 200,
+             Attr.REASONING_TOKENS: 25, Attr.LLM_TOKENS_REASONING: 25}
+    assert {k: with_details.get(k) for k in names} == names
+    assert not set(names) & set(without)
+    for a in (with_details, without):
+        assert a[Attr.INPUT_TOKENS] == a[Attr.LLM_TOKENS_PROMPT] == 900
+        assert a[Attr.OUTPUT_TOKENS] == a[Attr.LLM_TOKENS_COMPLETION] == 60

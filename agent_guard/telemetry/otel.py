@@ -455,21 +455,28 @@ class GuardTelemetry:
             span.end()
             return
         u = record.usage
+        inp, out = u.input_tokens, u.output_tokens
+        cost = record.cost_nano / 1e9
         # one dict literal, amounts as floats straight from integer nano-USD (n / 1e9 is
         # the correctly rounded double, as float(Decimal(n) / 10**9) is)
         attrs: dict[str, Any] = {
-            Attr.RESPONSE_MODEL: record.model, Attr.INPUT_TOKENS: u.input_tokens,
-            Attr.OUTPUT_TOKENS: u.output_tokens,
-            Attr.CACHE_READ_TOKENS: u.cache_read_tokens,
-            Attr.CACHE_CREATION_TOKENS: u.cache_creation_tokens,
-            Attr.REASONING_TOKENS: u.reasoning_tokens,
-            Attr.ESTIMATED: record.usage_estimated, Attr.OUTCOME: record.outcome,
-            Attr.RESERVED_USD: record.reserved_nano / 1e9,
-            Attr.CACHE_HIT: record.outcome == "cache_hit",
-        }
-        cost = record.cost_nano / 1e9
+            Attr.RESPONSE_MODEL: record.model, Attr.INPUT_TOKENS: inp,
+            Attr.OUTPUT_TOKENS: out, Attr.ESTIMATED: record.usage_estimated,
+            Attr.OUTCOME: record.outcome, Attr.RESERVED_USD: record.reserved_nano / 1e9,
+            Attr.CACHE_HIT: record.outcome == "cache_hit"}
         for name in self.cost_attributes:
             attrs[name] = cost
+        if self.openinference:
+            attrs[Attr.LLM_TOKENS_PROMPT] = inp
+            attrs[Attr.LLM_TOKENS_COMPLETION] = out
+            attrs[Attr.LLM_TOKENS_TOTAL] = inp + out
+            attrs[Attr.LLM_COST_TOTAL] = cost
+            if record.model != model:  # the start wrote the requested one
+                attrs[Attr.LLM_MODEL_NAME] = record.model
+        # token details only when there are some: a 0 says nothing more than no
+        # attribute, and each attribute costs the SDK some 6k instructions per call
+        if u.cache_read_tokens or u.cache_creation_tokens or u.reasoning_tokens:
+            attrs.update(self._token_details(u))
         if breakdown is not None and self._llm_cost:
             attrs[Attr.LLM_COST_PROMPT] = _usd(breakdown[0])
             attrs[Attr.LLM_COST_COMPLETION] = _usd(breakdown[1])
@@ -481,17 +488,6 @@ class GuardTelemetry:
             attrs[Attr.ROUTE] = record.route
         if finish_reasons:
             attrs[Attr.FINISH_REASONS] = finish_reasons
-        if self.openinference:
-            if record.model != model:  # the start wrote the requested one
-                attrs[Attr.LLM_MODEL_NAME] = record.model
-            attrs.update({
-                Attr.LLM_TOKENS_PROMPT: u.input_tokens,
-                Attr.LLM_TOKENS_COMPLETION: u.output_tokens,
-                Attr.LLM_TOKENS_TOTAL: u.input_tokens + u.output_tokens,
-                Attr.LLM_TOKENS_CACHE_READ: u.cache_read_tokens,
-                Attr.LLM_TOKENS_CACHE_WRITE: u.cache_creation_tokens,
-                Attr.LLM_TOKENS_REASONING: u.reasoning_tokens,
-                Attr.LLM_COST_TOTAL: cost})
         if record.attributes and record.attributes is not scopes and (
                 record.attributes != scopes):  # the start wrote the call's scopes
             attrs.update(self._scope_span_attributes(record.attributes))
@@ -502,6 +498,21 @@ class GuardTelemetry:
         if record.outcome in ("error", "aborted"):
             span.set_status(Status(StatusCode.ERROR, record.outcome))
         span.end()
+
+    def _token_details(self, u: Any) -> dict[str, int]:
+        """The cache-read, cache-write and reasoning counts a call has, under the GenAI
+        names and (with ``openinference``) OpenInference's."""
+        out: dict[str, int] = {}
+        for value, name, oi_name in (
+                (u.cache_read_tokens, Attr.CACHE_READ_TOKENS, Attr.LLM_TOKENS_CACHE_READ),
+                (u.cache_creation_tokens, Attr.CACHE_CREATION_TOKENS,
+                 Attr.LLM_TOKENS_CACHE_WRITE),
+                (u.reasoning_tokens, Attr.REASONING_TOKENS, Attr.LLM_TOKENS_REASONING)):
+            if value:
+                out[name] = value
+                if self.openinference:
+                    out[oi_name] = value
+        return out
 
     def _metric_attributes(self, record: CallRecord) -> _MetricAttrs:
         """(common, input-token, output-token) metric attributes of a model and the
