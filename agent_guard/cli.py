@@ -23,9 +23,62 @@ app = typer.Typer(
 console = Console()
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        console.print(f"agent-guard {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option(
+        "--version", help="Show the version and exit.", callback=_show_version,
+        is_eager=True)] = False,
+) -> None:
+    """FinOps guardrails for LangChain and LangGraph agents."""
+
+
+def _dollars(value: str) -> str:
+    """``--cap``: a positive, finite dollar amount (kept as the text, which is exact)."""
+    from decimal import InvalidOperation
+
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        amount = Decimal("NaN")
+    if not amount.is_finite() or amount <= 0:
+        raise typer.BadParameter(f"{value!r} is not a dollar amount above 0, e.g. 0.05")
+    return value
+
+
+def _check_ledger_url(url: str, *, shared: bool = False) -> str:
+    """Parse a ``--ledger`` URL before anything is built; for a command that reads what
+    other processes wrote (``shared``), refuse a process-local ledger and a SQLite file
+    that does not exist (opening it would create an empty one)."""
+    from .stores import parse_url
+
+    try:
+        parsed = parse_url(url, "ledger")
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    if shared and parsed.backend == "memory":
+        raise _fail(f"{url!r} is a ledger inside one process, empty here: give the ledger "
+                    "the agents share, e.g. --ledger sqlite:///guard.db or redis://host:6379/0")
+    if shared and parsed.backend == "sqlite":
+        path = parsed.path or ""
+        if path in ("", ":memory:") or not Path(path).is_file():
+            raise _fail(f"no ledger at {url!r}: the file {path or '(none)'} does not exist "
+                        "(give the SQLite file the guard writes, e.g. "
+                        "--ledger sqlite:///guard.db)")
+    return url
+
+
 @app.command()
 def demo(
-    cap: Annotated[str, typer.Option(help="The session's dollar cap.")] = "0.05",
+    cap: Annotated[str, typer.Option(help="The session's dollar cap.",
+                                     callback=_dollars)] = "0.05",
     ledger: Annotated[str, typer.Option(help="Ledger URL (memory://, sqlite:///f.db, "
                                                "redis://...).")] = "memory://",
     session: Annotated[str, typer.Option(help="Session id (the LangGraph thread_id).")] = (
@@ -36,6 +89,7 @@ def demo(
     """Run a runaway tool-using agent on a scripted model until its cap stops it."""
     from .demo import run_demo
 
+    _check_ledger_url(ledger)
     result = run_demo(cap, ledger=ledger, session=session, model=model, console=console)
     if result.stopped_by is None:
         raise typer.Exit(1)
@@ -47,11 +101,26 @@ def usage(
     ledger: Annotated[str, typer.Option(help="Ledger URL.")] = "sqlite:///agent_guard.db",
 ) -> None:
     """Show a session's spend as a shared ledger has it."""
+    from .errors import GuardError
     from .guard import Guard
+    from .ledger import redact_url
     from .limits import Limits
 
-    guard = Guard(Limits(), ledger=ledger)
-    u = guard.usage(session)
+    _check_ledger_url(ledger, shared=True)
+    try:
+        guard = Guard(Limits(), ledger=ledger)
+        try:
+            u = guard.usage(session)
+        finally:
+            guard.close()
+    except (GuardError, ValueError, OSError) as exc:
+        raise _fail(f"cannot read the ledger {redact_url(ledger)!r}: {exc}") from exc
+    if not any((u.cost_nano, u.reserved_nano, u.input_tokens, u.output_tokens,
+                u.model_calls, u.tool_calls)):
+        console.print(f"no usage recorded for session {session!r} in "
+                      f"{redact_url(ledger)} (no call was charged to it, or it was evicted)",
+                      highlight=False)
+        raise typer.Exit(1)
     table = Table(title=f"session {session!r} on {guard.ledger.url}", title_justify="left")
     table.add_column("what")
     table.add_column("value", justify="right")
@@ -68,7 +137,6 @@ def usage(
     ):
         table.add_row(name, value)
     console.print(table)
-    guard.close()
 
 
 @app.command()
@@ -416,9 +484,13 @@ def export(
     namespace: Annotated[str | None, typer.Option(help="Redis key namespace.")] = None,
 ) -> None:
     """Export model calls as FinOps FOCUS rows (one per call), and validate the file."""
-    from .finops.focus import FOCUS_VERSION, export_focus, validate_focus
+    from .finops.focus import FOCUS_SUFFIXES, FOCUS_VERSION, export_focus, validate_focus
     from .finops.store import format_usd
 
+    if focus.suffix.lower() not in FOCUS_SUFFIXES and not focus.is_dir():
+        what = focus.suffix or "a file without an extension"
+        raise _fail(f"cannot write FOCUS rows as {what} ({focus}): name the file .csv or "
+                    ".parquet")
     usage_store = _open_store(store, namespace)
     try:
         rows = _read_rows(usage_store, since, until)

@@ -80,9 +80,6 @@ def run_demo(
 ) -> DemoResult:
     """Run the runaway agent under a cap and print each call's cost as it happens."""
     console = console or Console()
-    # LangChain logs every exception a callback raises before re-raising it; the demo
-    # shows the refusal itself below.
-    logging.getLogger("langchain_core.callbacks.manager").setLevel(logging.ERROR)
     logging.getLogger("agent_guard").setLevel(logging.ERROR)  # thresholds are shown below
     result = DemoResult()
     guard = Guard(Limits(max_cost_usd=cap_usd, max_tool_calls=100), ledger=ledger,

@@ -13,7 +13,7 @@ from langchain.agents import create_agent
 from langchain_core.messages import AIMessage
 from langchain_core.tools import tool
 
-from agent_guard import BudgetExceeded, Guard, GuardCallbackHandler, Limits
+from agent_guard import BudgetExceeded, CallRecord, Guard, GuardCallbackHandler, Limits
 from agent_guard.testing import ScriptedChatModel
 
 
@@ -29,15 +29,22 @@ def keeps_searching(messages):
         {"name": "search_orders", "args": {"customer": "jane@example.com"}, "id": f"c{n}"}])
 
 
+def show(record: CallRecord) -> None:
+    """Print each call the guard accounted: a model call's tokens and cost, a tool call's name."""
+    if record.kind == "tool":
+        print(f"tool {record.tool}")
+    else:
+        print(f"call {record.model}: {record.usage.input_tokens} in / "
+              f"{record.usage.output_tokens} out -> ${record.cost_usd:.6f}")
+
+
 def main() -> None:
     guard = Guard(
         limits=Limits(max_cost_usd=0.05, max_tokens=200_000, max_model_calls=40,
                       max_tool_calls=80),
         ledger="memory://",  # or "sqlite:///guard.db", "redis://127.0.0.1:6379/0"
     )
-    guard.add_record_hook(lambda r: print(
-        f"call {r.model}: {r.usage.input_tokens} in / {r.usage.output_tokens} out "
-        f"-> ${r.cost_usd:.6f}"))
+    guard.add_record_hook(show)
 
     llm = ScriptedChatModel(model_name="gpt-4o", respond=keeps_searching, max_tokens=512)
     agent = create_agent(llm, [search_orders], system_prompt="You are a support agent. " * 50)

@@ -345,6 +345,10 @@ def focus_rows(
     return out
 
 
+#: the file name endings ``export_focus`` writes, and the format of each
+FOCUS_SUFFIXES = {".csv": "csv", ".parquet": "parquet"}
+
+
 def export_focus(
     source: Source,
     path: str | Path,
@@ -357,7 +361,11 @@ def export_focus(
     """Write ``source``'s model calls to ``path`` as FOCUS rows (CSV, or Parquet for a
     ``.parquet`` path or ``format="parquet"``); returns the number of rows."""
     path = Path(path)
-    fmt = format or ("parquet" if path.suffix.lower() == ".parquet" else "csv")
+    suffix = path.suffix.lower()
+    if format is None and suffix not in FOCUS_SUFFIXES and not path.is_dir():
+        raise ValueError(f"cannot write FOCUS rows as {suffix or 'a file without an extension'}"
+                         f" ({path}): name the file .csv or .parquet, or pass format=")
+    fmt = format or FOCUS_SUFFIXES.get(suffix, "csv")
     if fmt not in ("csv", "parquet"):
         raise ValueError(f"format must be 'csv' or 'parquet', got {fmt!r}")
     rows = focus_rows(source, since=since, until=until, **options)
