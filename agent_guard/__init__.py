@@ -3,92 +3,107 @@
 Hard caps per session (and per user, team, feature or globally, per window)
 on dollars, tokens, model calls and tool calls, enforced before a call spends
 anything, on a ledger shared across threads, processes and hosts.
+
+The names below are the public API: the guard and its caps, the three ways to add
+it to an agent, the price book, the records it emits, and the errors. The rest lives
+in the subpackages: ``agent_guard.finops`` (usage store, reports, FOCUS, alerts),
+``agent_guard.routing``, ``agent_guard.cache``, ``agent_guard.telemetry``,
+``agent_guard.ledger``, ``agent_guard.pricing``, ``agent_guard.testing``.
 """
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Any
 
 from .budgets import Budgets
 from .errors import (
     BudgetExceeded,
     GuardError,
+    GuardStop,
     LedgerUnavailable,
     LoopDetected,
+    OutputCapExceeded,
     SessionRequired,
     StepLimitExceeded,
     UnknownModelPrice,
 )
-from .finops import (
-    CallbackAlert,
-    LogAlert,
-    UsageStore,
-    WebhookAlert,
-    export_focus,
-    report,
-    validate_focus,
-)
-from .guard import Admission, Guard, ModelCall, ThresholdEvent
-from .langchain.callback import GuardCallbackHandler, OutputCapExceeded
+from .finops import UsageStore
+from .guard import Guard
+from .langchain.callback import GuardCallbackHandler
 from .langchain.middleware import GuardMiddleware
-from .langgraph.graph import GuardedStateGraph, budget_gate, guarded_graph
-from .ledger import Ledger, from_url
+from .langgraph.graph import budget_gate, guarded_graph
 from .limits import Limits
-from .pricing import CostBreakdown, ModelPrice, PriceBook
-from .records import CallRecord, SessionUsage
-from .routing import (
-    ModelRouter,
-    RouteDecision,
-    Rule,
-    has_tools,
-    mentions,
-    prompt_tokens_above,
-    when,
-)
-from .tokens import TokenCounter
-from .usage import MalformedUsage, Usage
+from .pricing import PriceBook
+from .records import CallRecord
+from .routing import ModelRouter
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Admission",
     "BudgetExceeded",
     "Budgets",
     "CallRecord",
-    "CallbackAlert",
-    "CostBreakdown",
     "Guard",
     "GuardCallbackHandler",
     "GuardError",
     "GuardMiddleware",
-    "GuardedStateGraph",
-    "Ledger",
+    "GuardStop",
     "LedgerUnavailable",
     "Limits",
-    "LogAlert",
     "LoopDetected",
-    "MalformedUsage",
-    "ModelCall",
-    "ModelPrice",
     "ModelRouter",
     "OutputCapExceeded",
     "PriceBook",
-    "RouteDecision",
-    "Rule",
     "SessionRequired",
-    "SessionUsage",
     "StepLimitExceeded",
-    "ThresholdEvent",
-    "TokenCounter",
     "UnknownModelPrice",
-    "Usage",
     "UsageStore",
-    "WebhookAlert",
     "__version__",
     "budget_gate",
-    "export_focus",
-    "from_url",
     "guarded_graph",
-    "has_tools",
-    "mentions",
-    "prompt_tokens_above",
-    "report",
-    "validate_focus",
-    "when",
 ]
+
+#: names that were importable from ``agent_guard`` before the public API was cut to
+#: ``__all__``: still importable from here (with a DeprecationWarning), and from their
+#: module for good
+MOVED = {
+    "Admission": "agent_guard.guard",
+    "CallbackAlert": "agent_guard.finops",
+    "CostBreakdown": "agent_guard.pricing",
+    "GuardedStateGraph": "agent_guard.langgraph",
+    "Ledger": "agent_guard.ledger",
+    "LogAlert": "agent_guard.finops",
+    "MalformedUsage": "agent_guard.usage",
+    "ModelCall": "agent_guard.guard",
+    "ModelPrice": "agent_guard.pricing",
+    "RouteDecision": "agent_guard.routing",
+    "Rule": "agent_guard.routing",
+    "SessionUsage": "agent_guard.records",
+    "ThresholdEvent": "agent_guard.guard",
+    "TokenCounter": "agent_guard.tokens",
+    "Usage": "agent_guard.usage",
+    "WebhookAlert": "agent_guard.finops",
+    "export_focus": "agent_guard.finops",
+    "from_url": "agent_guard.ledger",
+    "has_tools": "agent_guard.routing",
+    "mentions": "agent_guard.routing",
+    "prompt_tokens_above": "agent_guard.routing",
+    "report": "agent_guard.finops",
+    "validate_focus": "agent_guard.finops",
+    "when": "agent_guard.routing",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module 'agent_guard' has no attribute {name!r}")
+    warnings.warn(f"agent_guard.{name} moved: import it from {module} "
+                  f"(from {module} import {name})", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *MOVED})

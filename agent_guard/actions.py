@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 
-from .errors import BudgetExceeded, GuardError
+from .compat import LANGCHAIN_CALLBACK_ERROR
+from .errors import GuardError, GuardStop
 from .usage import nano_to_usd
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ def check_on_exceed(value: str) -> OnExceed:
     return value  # type: ignore[return-value]
 
 
-def _money(exc: BudgetExceeded, amount: int) -> Any:
+def _money(exc: GuardStop, amount: int) -> Any:
     return str(nano_to_usd(amount)) if exc.dimension == "usd_nano" else amount
 
 
@@ -73,7 +74,7 @@ class Stop:
     @classmethod
     def of(cls, exc: GuardError) -> Stop:
         details: dict[str, Any] = {"reason": type(exc).__name__}
-        if isinstance(exc, BudgetExceeded):
+        if isinstance(exc, GuardStop):
             details.update(session=exc.session, dimension=exc.dimension,
                            cap=_money(exc, exc.cap), spent=_money(exc, exc.spent),
                            needed=_money(exc, exc.requested))
@@ -125,7 +126,7 @@ def interrupt_payload(exc: GuardError, node: str | None) -> dict[str, Any]:
     """What ``interrupt()`` shows the human: spent, cap, what the next step needs."""
     payload: dict[str, Any] = {PAYLOAD_MARKER: True, "reason": type(exc).__name__,
                                "node": node, "message": str(exc)}
-    if isinstance(exc, BudgetExceeded):
+    if isinstance(exc, GuardStop):
         payload.update(session=exc.session, dimension=exc.dimension,
                        cap=_money(exc, exc.cap), spent=_money(exc, exc.spent),
                        reserved=_money(exc, exc.reserved), needed=_money(exc, exc.requested))
@@ -169,7 +170,7 @@ def apply_resume(guard: Guard, session: str, resume: Any, dimension: str | None 
 
 # -- the log: one line per refusal ----------------------------------------------------------
 
-_CALLBACK_ERROR = "Error in %s.%s callback: %s"
+_CALLBACK_ERROR = LANGCHAIN_CALLBACK_ERROR
 
 
 def _guard_error_names() -> set[str]:

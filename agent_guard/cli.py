@@ -270,8 +270,7 @@ def _open_store(url: str, namespace: str | None) -> Any:
                             f"(give the SQLite file the guard writes, e.g. sqlite:///guard.db)")
         return UsageStore.from_url(url, namespace=namespace)
     except ImportError as exc:
-        raise _fail(f"{exc}; install the extra: pip install 'langchain-agent-guard[redis]'"
-                    ) from exc
+        raise _fail(f"{exc}; install redis-py: pip install 'redis>=5'") from exc
     except ValueError as exc:
         raise _fail(str(exc)) from exc
 

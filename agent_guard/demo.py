@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any, cast
 
 from langchain.agents import create_agent
 from langchain_core.messages import AIMessage, BaseMessage
@@ -118,7 +119,7 @@ def run_demo(
     handler = GuardCallbackHandler(guard)
     try:
         agent.invoke(
-            {"messages": [("user", "Where is my order, and can I get a refund?")]},
+            cast(Any, {"messages": [("user", "Where is my order, and can I get a refund?")]}),
             config={"callbacks": [handler], "configurable": {"thread_id": session}},
         )
     except GuardError as exc:

@@ -2,6 +2,22 @@
 
 Every error names the session, the cap, what was spent and reserved, and what
 to do about it, so the message alone is enough to act on.
+
+::
+
+    GuardError                 every error agent-guard raises on purpose (a GraphBubbleUp)
+      GuardStop                a cap stopped a call or a run; nothing was spent on it
+        BudgetExceeded         a cap on dollars or tokens
+        StepLimitExceeded      a cap on a count: model calls, tool calls, graph steps
+          LoopDetected         the same tool called with the same arguments too often
+        OutputCapExceeded      a stream ran past the output reserved for it
+      SessionRequired          a run names no session
+      UnknownModelPrice        a dollar cap needs a price the guard does not have
+      LedgerUnavailable        the ledger cannot be reached (fail closed)
+
+``except GuardStop`` catches every stop. ``StepLimitExceeded``, ``LoopDetected`` and
+``OutputCapExceeded`` are not ``BudgetExceeded`` (they were before 0.1.0's layout
+cut): code that caught ``BudgetExceeded`` for every stop catches ``GuardStop`` now.
 """
 
 from __future__ import annotations
@@ -13,8 +29,10 @@ from langgraph.errors import GraphBubbleUp
 __all__ = [
     "BudgetExceeded",
     "GuardError",
+    "GuardStop",
     "LedgerUnavailable",
     "LoopDetected",
+    "OutputCapExceeded",
     "SessionRequired",
     "StepLimitExceeded",
     "UnknownModelPrice",
@@ -53,11 +71,15 @@ class GuardError(GraphBubbleUp):
     """
 
 
-class BudgetExceeded(GuardError):
-    """A call was refused because it does not fit in a cap.
+class GuardStop(GuardError):
+    """A cap stopped a call (and, under ``guarded_graph`` or ``GuardMiddleware``, the
+    run): the base of every stop, with the numbers of the cap that refused.
 
     Nothing was spent on the refused call: the check runs before the provider
-    is contacted.
+    is contacted. ``scope`` is the ledger scope whose cap refused (the session's,
+    or a team's, feature's... when ``Budgets`` charge the call to them),
+    ``dimension`` what is capped, and ``cap``, ``spent``, ``reserved`` and
+    ``requested`` are in that dimension's unit (nano-USD for ``"usd_nano"``).
     """
 
     def __init__(
@@ -128,11 +150,15 @@ class BudgetExceeded(GuardError):
         )
 
 
-def _rebuild(cls: type[BudgetExceeded], kwargs: dict) -> BudgetExceeded:
+def _rebuild(cls: type[GuardStop], kwargs: dict) -> GuardStop:
     return cls(**kwargs)
 
 
-class StepLimitExceeded(BudgetExceeded):
+class BudgetExceeded(GuardStop):
+    """A call does not fit in a cap on dollars or tokens."""
+
+
+class StepLimitExceeded(GuardStop):
     """A count cap (model calls, tool calls, steps) was reached."""
 
     def _default_hint(self) -> str:
@@ -149,6 +175,24 @@ class LoopDetected(StepLimitExceeded):
         return (
             "The agent keeps repeating the same tool call; it is probably stuck in a loop. "
             "Raise Limits(max_repeats=...) if identical calls are expected."
+        )
+
+
+class OutputCapExceeded(GuardStop):
+    """A stream produced more output than its reservation covered: the stream was
+    stopped and what was streamed is charged."""
+
+    def _default_hint(self) -> str:
+        return (
+            "The provider streamed past the call's max_tokens. Set max_tokens on the "
+            "model so the provider stops by itself."
+        )
+
+    def _message(self) -> str:
+        return (
+            f"OutputCapExceeded: session {self.session!r}: a streamed answer reached "
+            f"{self.spent:,} output tokens, past the {self.cap:,} reserved for it; the stream "
+            f"was stopped and what was streamed is charged. {self.hint}"
         )
 
 

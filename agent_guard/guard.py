@@ -26,6 +26,7 @@ from .budgets import CALL_KINDS, STANDARD_ATTRIBUTES, Budgets, ScopeRef
 from .errors import (
     BudgetExceeded,
     GuardError,
+    GuardStop,
     LedgerUnavailable,
     LoopDetected,
     StepLimitExceeded,
@@ -1318,8 +1319,8 @@ class Guard:
         return plan.with_output(fitted)
 
     def _refusal(self, session: str, denial: Denial,
-                 refs: Sequence[ScopeRef] = ()) -> BudgetExceeded:
-        cls: type[BudgetExceeded] = StepLimitExceeded
+                 refs: Sequence[ScopeRef] = ()) -> GuardStop:
+        cls: type[GuardStop] = StepLimitExceeded
         if denial.dimension in _BUDGET_DIMENSIONS:
             cls = BudgetExceeded
         elif denial.dimension.startswith("repeat:"):

@@ -37,6 +37,7 @@ from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr
 
+from .compat import ls_params
 from .errors import GuardError
 from .guard import Guard, ModelCall
 from .usage import nano_to_usd, usd_to_nano
@@ -128,7 +129,7 @@ def mentions(*words: str) -> Rule:
 
 
 def when(fn: Callable[[RouteContext], bool], name: str | None = None) -> Rule:
-    return Rule(fn, name or getattr(fn, "__name__", "when(...)"))
+    return Rule(fn, name or str(getattr(fn, "__name__", "when(...)")))
 
 
 # -- retries ----------------------------------------------------------------------------
@@ -177,7 +178,7 @@ def _base_model(runnable: Any) -> Any:
 def _ls(model: Any) -> dict[str, Any]:
     base = _base_model(model)
     if isinstance(base, BaseChatModel):
-        return dict(base._get_ls_params())
+        return ls_params(base)
     return {}
 
 
@@ -289,11 +290,11 @@ class ModelRouter(BaseChatModel):
                     chosen = (tier, f"rule {rule!r}")
                     break
         if chosen is None and self.classifier is not None:
-            tier = self.classifier(ctx)
-            if tier is not None:
-                if tier not in self.tiers:
-                    raise ValueError(f"the classifier chose unknown tier {tier!r}")
-                chosen = (tier, "classifier")
+            picked = self.classifier(ctx)
+            if picked is not None:
+                if picked not in self.tiers:
+                    raise ValueError(f"the classifier chose unknown tier {picked!r}")
+                chosen = (picked, "classifier")
         if chosen is None:
             chosen = (str(self.default), "default")
         return self._fit(chosen[0], chosen[1], ctx, config,
@@ -383,7 +384,7 @@ class ModelRouter(BaseChatModel):
         directly, so a call that succeeds pays nothing for the retry machinery)."""
         return runnable.with_retry(
             retry_if_exception_type=is_retryable, stop_after_attempt=self.retry_attempts - 1,
-            exponential_jitter_params={  # type: ignore[typeddict-unknown-key]
+            exponential_jitter_params={  # type: ignore[arg-type]
                 "multiplier": self.retry_initial_delay, "max": self.retry_max_delay,
                 "jitter": self.retry_initial_delay})
 
@@ -442,17 +443,19 @@ class ModelRouter(BaseChatModel):
                     raise
                 decision = self._fallen(decision, fallbacks.pop(0), exc)
 
-    def stream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
-               stop: list[str] | None = None, **kwargs: Any) -> Iterator[BaseMessageChunk]:
+    def stream(  # type: ignore[override]  # the chunks are the tier model's, not only AI
+            self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+            stop: list[str] | None = None, **kwargs: Any) -> Iterator[BaseMessageChunk]:
         config, decision, _ = self._plan(input, config)
         if stop is not None:
             kwargs["stop"] = stop
         yield from self._runnable(decision.tier, kwargs).stream(
             input, self._config_for(config, decision))
 
-    async def astream(self, input: LanguageModelInput, config: RunnableConfig | None = None,
-                      *, stop: list[str] | None = None, **kwargs: Any
-                      ) -> AsyncIterator[BaseMessageChunk]:
+    async def astream(  # type: ignore[override]  # as stream
+            self, input: LanguageModelInput, config: RunnableConfig | None = None,
+            *, stop: list[str] | None = None, **kwargs: Any
+            ) -> AsyncIterator[BaseMessageChunk]:
         config, decision, _ = await self._aplan(input, config)
         if stop is not None:
             kwargs["stop"] = stop

@@ -170,14 +170,10 @@ def _build(name: str, directory: Traversable | Path | None = None) -> tiktoken.E
     process environment and need files written under sha1(url) names.
     """
     import tiktoken
-    from tiktoken_ext import openai_public
 
-    constructor = getattr(openai_public, name)
-    if "load_tiktoken_bpe" not in constructor.__code__.co_names:
-        raise RuntimeError(
-            f"tiktoken {tiktoken.__version__} builds {name} without load_tiktoken_bpe; "
-            "agent_guard.tokens cannot feed it the bundled file (upgrade agent-guard)"
-        )
+    from .compat import tiktoken_constructor
+
+    constructor = tiktoken_constructor(name)
 
     def bundled_ranks(url: str, expected_hash: str | None = None) -> dict[bytes, int]:
         filename = url.rsplit("/", 1)[-1]
@@ -1040,6 +1036,8 @@ def _tiles(base: float, tile: float, size: tuple[int, int] | None, detail: Any) 
         return int(base)
     if size is None:
         return int(base + 8 * tile)  # the largest: 768 x 2048 after scaling
+    w: float
+    h: float
     w, h = size
     if max(w, h) > 2048:
         w, h = w * 2048 / max(w, h), h * 2048 / max(w, h)
@@ -1070,6 +1068,8 @@ def _rule_tokens(rule: tuple[str, float, float], size: tuple[int, int] | None,
         return _patches(a, size)
     if size is None:
         return IMAGE_TOKENS_UNKNOWN_FAMILY
+    w: float
+    h: float
     w, h = size
     if max(w, h) > ANTHROPIC_IMAGE_MAX_SIDE:
         w, h = (w * ANTHROPIC_IMAGE_MAX_SIDE / max(w, h), h * ANTHROPIC_IMAGE_MAX_SIDE / max(w, h))

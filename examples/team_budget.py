@@ -18,16 +18,8 @@ from pathlib import Path
 
 from langchain_core.messages import AIMessage
 
-from agent_guard import (
-    BudgetExceeded,
-    Budgets,
-    Guard,
-    GuardCallbackHandler,
-    Limits,
-    UsageStore,
-    WebhookAlert,
-    report,
-)
+from agent_guard import BudgetExceeded, Budgets, Guard, GuardCallbackHandler, Limits, UsageStore
+from agent_guard.finops import WebhookAlert, report
 from agent_guard.testing import ScriptedChatModel
 
 received: list[dict] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,6 +11,73 @@ from pathlib import Path
 import pytest
 
 from agent_guard.ledger import Ledger, MemoryLedger
+
+
+class FakeClock:
+    """The one fake clock of the suite: ``clock()`` reads it, ``clock.advance(s)`` or
+    ``clock.now = t`` moves it (thread-safe). Pass it as a ledger's or guard's
+    ``clock=``."""
+
+    def __init__(self, start: float = 1_000_000.0) -> None:
+        self._lock = threading.Lock()
+        self._now = float(start)
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self._now
+
+    @property
+    def now(self) -> float:
+        return self()
+
+    @now.setter
+    def now(self, value: float) -> None:
+        with self._lock:
+            self._now = float(value)
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A :class:`FakeClock` at t = 1,000,000 s."""
+    return FakeClock()
+
+
+# -- the fast run: `python -m pytest -m "not slow"` ---------------------------------------------
+# What is slow: other processes (workers, subprocess examples, servers), a Redis Cluster,
+# property-based searches, the notebook and the price conformance against LiteLLM. They
+# run in `python -m pytest` (everything, what .ci/run runs). A new test that takes more
+# than a second or two belongs here, or carries @pytest.mark.slow itself.
+SLOW_MODULES = frozenset({
+    "test_cache_faults", "test_crash_resume", "test_fuzz", "test_ledger_processes",
+    "test_ledger_properties", "test_notebooks", "test_phoenix", "test_price_conformance",
+    "test_redis_cluster", "test_redis_faults", "test_telemetry_examples",
+    "test_telemetry_setup",
+})
+SLOW_TESTS = (
+    "tests/test_budgets.py::test_team_month_cap_shared_by_two_processes",
+    "tests/test_budgets.py::test_scope_values_cannot_collide",
+    "tests/test_cli.py::test_quickstart_example_runs_offline",
+    "tests/test_cli.py::test_team_budget_example_runs_offline",
+    "tests/test_front_door.py::test_quickstart_prints_tool_records_as_tool_calls",
+    "tests/test_guarded_graph.py::test_a_second_process_shares_the_thread_budget",
+    "tests/test_telemetry.py::test_configure_otlp_exports_to_a_collector",
+    "tests/test_token_bound.py::test_utf8_length_is_never_below_the_token_count",
+    "tests/test_tokens.py::test_the_encoding_is_the_one_tiktoken_builds_itself",
+    "tests/test_tokens.py::test_loads_with_no_network_and_an_empty_tiktoken_cache",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+        if (module in SLOW_MODULES or item.nodeid.startswith(SLOW_TESTS)
+                or "redis_cluster" in item.nodeid):
+            item.add_marker(pytest.mark.slow)
+
 
 REDIS_URL = os.environ.get("AGENT_GUARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 

@@ -134,8 +134,10 @@ def team_race(barrier: Any, url: str, namespace: str | None, session: str, threa
               calls: int, now: float, seed: int) -> tuple[int, int]:
     """Sessions of one team, in this process, spend against a team monthly cap at the
     instant ``now``. Returns (calls admitted, nano-USD settled)."""
-    from agent_guard import BudgetExceeded, Guard, Limits, ModelCall, Usage
+    from agent_guard import BudgetExceeded, Guard, Limits
     from agent_guard.budgets import Budgets
+    from agent_guard.guard import ModelCall
+    from agent_guard.usage import Usage
 
     guard = Guard(Budgets(session=Limits(max_cost_usd=1),
                           team=Limits(max_cost_usd=TEAM_CAP_USD, window="month")),

@@ -14,25 +14,20 @@ from typing import Any
 
 import pytest
 
-from agent_guard import BudgetExceeded, CallRecord, Guard, Limits, ModelCall, Usage
+from agent_guard import BudgetExceeded, CallRecord, Guard, Limits
 from agent_guard.budgets import Budgets
 from agent_guard.finops import CallbackAlert, LogAlert, WebhookAlert, slack_payload
-from agent_guard.guard import ThresholdEvent
+from agent_guard.guard import ModelCall, ThresholdEvent
+from agent_guard.usage import Usage
+
+from .conftest import FakeClock
 
 NOV_30 = datetime(2026, 11, 30, 23, 59, tzinfo=UTC).timestamp()
 DEC_1 = datetime(2026, 12, 1, 0, 1, tzinfo=UTC).timestamp()
 WAIT = 30.0  # generous upper bound for waits that normally end at once (never asserted on)
 
 
-class Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def team_guard(clock: Clock, hooks: list[Callable[[ThresholdEvent], None]],
+def team_guard(clock: FakeClock, hooks: list[Callable[[ThresholdEvent], None]],
                ledger: Any = None) -> Guard:
     """Each call costs $0.00045: the team's $0.002 a month crosses 50% at the 3rd
     call (68%) and 80% at the 4th (90%); a 5th does not fit."""
@@ -195,7 +190,7 @@ def test_webhook_sends_each_threshold_once_per_window_as_slack_json(
         caplog: pytest.LogCaptureFixture) -> None:
     r = receiver()
     alert = webhook(r.url)
-    clock = Clock(NOV_30)
+    clock = FakeClock(NOV_30)
     guard = team_guard(clock, [alert])
     for i in range(4):
         spend(guard, f"s{i}")
@@ -216,7 +211,7 @@ def test_webhook_sends_each_threshold_once_per_window_as_slack_json(
         with pytest.raises(BudgetExceeded):  # the same team budget, used up
             spend(again, f"r{i}")
     # The next month's window starts from zero and alerts again.
-    clock.t = DEC_1
+    clock.now = DEC_1
     for i in range(3):
         spend(guard, f"d{i}")
     assert alert.flush(WAIT)
@@ -315,7 +310,7 @@ def test_agent_calls_return_while_the_webhook_is_stuck(
         receiver: Callable[..., Receiver], webhook: Callable[..., WebhookAlert]) -> None:
     r = receiver(hold=True)  # answers nothing until released
     alert = webhook(r.url, timeout=WAIT)
-    guard = team_guard(Clock(NOV_30), [alert])
+    guard = team_guard(FakeClock(NOV_30), [alert])
     records = [spend(guard, f"s{i}") for i in range(4)]  # both thresholds crossed
     assert r.wait_for(1)  # the first alert is in flight, unanswered...
     assert [rec.outcome for rec in records] == ["ok"] * 4  # ...yet every call returned
@@ -330,7 +325,7 @@ def test_a_receiver_slower_than_the_timeout_fails_after_retries(
         caplog: pytest.LogCaptureFixture) -> None:
     r = receiver(hold=True)  # never answers within the timeout
     alert = webhook(r.url, timeout=0.2, retries=1, backoff=0.001)
-    guard = team_guard(Clock(NOV_30), [alert])
+    guard = team_guard(FakeClock(NOV_30), [alert])
     records = [spend(guard, f"s{i}") for i in range(4)]
     assert [rec.outcome for rec in records] == ["ok"] * 4
     assert alert.flush(WAIT)
@@ -343,7 +338,7 @@ def test_a_dead_receiver_fails_without_failing_the_agent(
         webhook: Callable[..., WebhookAlert], caplog: pytest.LogCaptureFixture) -> None:
     url, token = dead_url()
     alert = webhook(url, retries=2, backoff=0.001)
-    guard = team_guard(Clock(NOV_30), [alert])
+    guard = team_guard(FakeClock(NOV_30), [alert])
     records = [spend(guard, f"s{i}") for i in range(4)]
     assert [rec.outcome for rec in records] == ["ok"] * 4
     assert guard.scope_usage("team", "acme").cost_nano == 1_800_000
@@ -419,10 +414,10 @@ def test_bad_options_are_refused() -> None:
 def test_log_alert_logs_once_per_threshold_with_the_fields(
         caplog: pytest.LogCaptureFixture) -> None:
     name = f"alerts.{uuid.uuid4().hex}"
-    guard = team_guard(Clock(NOV_30), [LogAlert(name, "ERROR")])
+    guard = team_guard(FakeClock(NOV_30), [LogAlert(name, "ERROR")])
     for i in range(4):
         spend(guard, f"s{i}")
-    again = team_guard(Clock(NOV_30), [LogAlert(name, "ERROR")],  # same destination
+    again = team_guard(FakeClock(NOV_30), [LogAlert(name, "ERROR")],  # same destination
                        guard.ledger)
     for i in range(4):
         with pytest.raises(BudgetExceeded):
@@ -440,10 +435,10 @@ def test_log_alert_logs_once_per_threshold_with_the_fields(
 
 def test_callback_alert_gets_each_event_once() -> None:
     events: list[ThresholdEvent] = []
-    guard = team_guard(Clock(NOV_30), [CallbackAlert(events.append)])
+    guard = team_guard(FakeClock(NOV_30), [CallbackAlert(events.append)])
     for i in range(4):
         spend(guard, f"s{i}")
-    again = team_guard(Clock(NOV_30), [CallbackAlert(events.append)], guard.ledger)
+    again = team_guard(FakeClock(NOV_30), [CallbackAlert(events.append)], guard.ledger)
     for i in range(4):
         with pytest.raises(BudgetExceeded):  # the same team budget: already spent
             spend(again, f"r{i}")
@@ -463,7 +458,7 @@ def test_the_same_scope_name_on_another_ledger_is_another_budget_and_alerts(
     ledgers = [RedisLedger(redis_url, namespace=f"alerts-{uuid.uuid4().hex}")
                for _ in range(2)]
     for n, ledger in enumerate([*ledgers, None, None]):
-        guard = team_guard(Clock(NOV_30), [hook], ledger)
+        guard = team_guard(FakeClock(NOV_30), [hook], ledger)
         for i in range(3):
             spend(guard, f"t{n}-{i}")
     assert [(e.threshold, e.session) for e in events] == [
@@ -481,7 +476,7 @@ def test_a_raising_callback_is_logged_and_the_agent_goes_on(
     def broken(event: ThresholdEvent) -> None:
         raise RuntimeError("pager down")
 
-    guard = team_guard(Clock(NOV_30), [CallbackAlert(broken), CallbackAlert(after.append)])
+    guard = team_guard(FakeClock(NOV_30), [CallbackAlert(broken), CallbackAlert(after.append)])
     records = [spend(guard, f"s{i}") for i in range(4)]
     assert [rec.outcome for rec in records] == ["ok"] * 4
     assert len(after) == 2  # the next hook still ran

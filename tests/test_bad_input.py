@@ -7,15 +7,10 @@ import socket
 import pytest
 from langchain_core.messages import AIMessage
 
-from agent_guard import (
-    Guard,
-    GuardCallbackHandler,
-    LedgerUnavailable,
-    Limits,
-    ModelCall,
-    Usage,
-)
+from agent_guard import Guard, GuardCallbackHandler, LedgerUnavailable, Limits
+from agent_guard.guard import ModelCall
 from agent_guard.testing import ScriptedChatModel
+from agent_guard.usage import Usage
 
 
 def free_port() -> int:
@@ -64,7 +59,7 @@ def test_malformed_usage_is_replaced_by_a_count_never_zero(bad, caplog) -> None:
 
 
 def test_usage_values_are_validated() -> None:
-    from agent_guard import MalformedUsage
+    from agent_guard.usage import MalformedUsage
 
     with pytest.raises(MalformedUsage):
         Usage(input_tokens=-1)
@@ -173,10 +168,12 @@ def test_sqlite_connections_do_not_pile_up_with_threads(tmp_path) -> None:
     import os
     from concurrent.futures import ThreadPoolExecutor
 
-    from agent_guard import Guard, Limits, ModelCall, Usage
+    from agent_guard import Guard, Limits
     from agent_guard.cache.store import SQLiteStore
     from agent_guard.finops import UsageStore
+    from agent_guard.guard import ModelCall
     from agent_guard.sqlite_pool import IDLE_CONNECTIONS
+    from agent_guard.usage import Usage
 
     path = tmp_path / "guard.db"
     guard = Guard(Limits(max_cost_usd=100), f"sqlite:///{path}")

@@ -12,24 +12,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from langchain_core.messages import AIMessage
 
-from agent_guard import BudgetExceeded, Guard, GuardCallbackHandler, Limits, ModelCall, Usage
+from agent_guard import (
+    Guard,
+    GuardCallbackHandler,
+    GuardStop,
+    Limits,
+    StepLimitExceeded,
+)
 from agent_guard.budgets import Budgets, attributes_from_metadata, period_of
+from agent_guard.guard import ModelCall
 from agent_guard.testing import ScriptedChatModel
-from agent_guard.usage import usd_to_nano
+from agent_guard.usage import Usage, usd_to_nano
 
-from .conftest import LedgerFactory
+from .conftest import FakeClock, LedgerFactory
 from .ledger_workers import RACE_TIMEOUT_S, TEAM_CAP_USD, open_ledger, run_racing, team_race
 
 NOV_30 = datetime(2026, 11, 30, 23, 59, tzinfo=UTC).timestamp()
 DEC_1 = datetime(2026, 12, 1, 0, 1, tzinfo=UTC).timestamp()
-
-
-class Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def call(session: str, **kw: object) -> ModelCall:
@@ -89,12 +88,12 @@ def test_bad_budgets_say_what_to_do() -> None:
 
 def test_team_month_cap_holds_across_sessions_and_resets_next_month(
         make_ledger: LedgerFactory) -> None:
-    clock = Clock(NOV_30)
+    clock = FakeClock(NOV_30)
     guard = Guard(Budgets(session=Limits(max_cost_usd=1),
                           team=Limits(max_cost_usd="0.002", window="month")),
                   ledger=make_ledger(), attributes={"team": "acme"}, clock=clock)
     spent = 0
-    with pytest.raises(BudgetExceeded) as refused:
+    with pytest.raises(GuardStop) as refused:
         for i in range(100):
             spent += spend(guard, f"s{i}")  # a new session each time: only the team caps
     team = guard.scope_usage("team", "acme")
@@ -106,7 +105,7 @@ def test_team_month_cap_holds_across_sessions_and_resets_next_month(
     assert "wait for the next window" in str(refused.value)
     # another team is not affected; the next month starts from zero
     spend(guard, "other", attributes={"team": "globex"})
-    clock.t = DEC_1
+    clock.now = DEC_1
     spend(guard, "s-dec")
     assert guard.scope_usage("team", "acme").cost_nano > 0
     assert guard.scope_usage("team", "acme", at=NOV_30).cost_nano == spent
@@ -119,7 +118,7 @@ def test_a_refusal_by_any_scope_holds_nothing_on_the_others(make_ledger: LedgerF
     spend(guard, "a")
     spend(guard, "b")
     before = guard.scope_usage("global")
-    with pytest.raises(BudgetExceeded) as refused:
+    with pytest.raises(GuardStop) as refused:
         spend(guard, "c")
     assert refused.value.scope == "feature:search"
     after = guard.scope_usage("global")
@@ -152,7 +151,7 @@ def test_scope_values_cannot_collide_or_take_another_window(value: str) -> None:
 
 
 def test_team_thresholds_fire_once_per_window() -> None:
-    clock = Clock(NOV_30)
+    clock = FakeClock(NOV_30)
     events = []
     guard = Guard(Budgets(session=Limits(max_cost_usd=1),
                           team=Limits(max_cost_usd="0.002", window="month",
@@ -166,7 +165,7 @@ def test_team_thresholds_fire_once_per_window() -> None:
     assert (event.value, event.period, event.window) == ("acme", "2026-11", "month")
     assert event.to_dict()["scope"] == "team:acme@2026-11"
     assert "team 'acme' (month 2026-11) has used" in str(event)
-    clock.t = DEC_1
+    clock.now = DEC_1
     for i in range(3):
         spend(guard, f"d{i}")
     assert [e.period for e in events if e.kind == "team"] == ["2026-11", "2026-12"]
@@ -181,7 +180,7 @@ def test_rolling_window_thresholds_count_the_earlier_buckets_and_fire_once_per_w
     import asyncio
 
     start = datetime(2026, 11, 30, 10, 30, tzinfo=UTC).timestamp()
-    clock = Clock(start)
+    clock = FakeClock(start)
     events = []
     guard = Guard(Budgets(session=Limits(),
                           user=Limits(max_cost_usd="0.002", window="3h",
@@ -194,7 +193,7 @@ def test_rolling_window_thresholds_count_the_earlier_buckets_and_fire_once_per_w
         await guard.aafter_model_call(admission, Usage(1000, 500))
 
     def at(hours: float, *sessions: str) -> list[tuple[float, str]]:
-        clock.t = start + hours * 3600
+        clock.now = start + hours * 3600
         for session in sessions:  # $0.00045 each: 22.5% of the cap
             if path == "sync":
                 spend(guard, session)
@@ -223,7 +222,7 @@ def test_steps_and_tool_calls_cross_soft_thresholds_too(make_ledger: LedgerFacto
     events = []
     guard = Guard(Budgets(session=Limits(max_steps=4, max_tool_calls=10, thresholds=(0.5,)),
                           team=Limits(max_tool_calls=4, window="day", thresholds=(0.75,))),
-                  ledger=make_ledger(), attributes={"team": "acme"}, clock=Clock(NOV_30),
+                  ledger=make_ledger(), attributes={"team": "acme"}, clock=FakeClock(NOV_30),
                   on_threshold=[events.append])
 
     async def aturns() -> None:
@@ -266,7 +265,7 @@ def test_callback_charges_the_team_named_in_config_metadata() -> None:
                                                    "session_id": "s1"}}
     model.invoke("hi", config=config)
     model.invoke("hi", config={**config, "metadata": {"team": "acme", "session_id": "s2"}})
-    with pytest.raises(BudgetExceeded, match="team 'acme'"):
+    with pytest.raises(StepLimitExceeded, match="team 'acme'"):
         model.invoke("hi", config={**config, "metadata": {"team": "acme", "session_id": "s3"}})
     model.invoke("hi", config={**config, "metadata": {"team": "globex", "session_id": "s3"}})
     assert [r.attributes for r in records] == [
@@ -309,23 +308,23 @@ def test_team_month_cap_shared_by_two_processes_holds_exactly_and_resets(
 def test_a_rolling_24h_cap_counts_the_hours_before_and_frees_them_as_they_pass(
         make_ledger: LedgerFactory) -> None:
     start = datetime(2026, 11, 30, 10, 30, tzinfo=UTC).timestamp()
-    clock = Clock(start)
+    clock = FakeClock(start)
     guard = Guard(Budgets(session=Limits(), user=Limits(max_model_calls=3, window="24h")),
                   ledger=make_ledger(), attributes={"user": "u1"}, clock=clock)
     spend(guard, "a")
-    clock.t = start + 5 * 3600  # 15:30: one more
+    clock.now = start + 5 * 3600  # 15:30: one more
     spend(guard, "b")
-    clock.t = start + 20 * 3600  # 06:30 next day: still within 24h of both
+    clock.now = start + 20 * 3600  # 06:30 next day: still within 24h of both
     spend(guard, "c")
     assert guard.scope_usage("user", "u1").model_calls == 3
-    with pytest.raises(BudgetExceeded) as refused:
+    with pytest.raises(StepLimitExceeded) as refused:
         spend(guard, "d")
     assert refused.value.spent == 3 and refused.value.scope.startswith("user:u1@24h:")
-    clock.t = start + 24 * 3600  # 10:30 next day: the 10:00 bucket has left the window
+    clock.now = start + 24 * 3600  # 10:30 next day: the 10:00 bucket has left the window
     spend(guard, "e")
-    with pytest.raises(BudgetExceeded):
+    with pytest.raises(StepLimitExceeded):
         spend(guard, "f")
-    clock.t = start + 29 * 3600 + 1800  # 16:00: the 15:00 bucket has left too
+    clock.now = start + 29 * 3600 + 1800  # 16:00: the 15:00 bucket has left too
     spend(guard, "g")
     assert guard.scope_usage("user", "u1").model_calls == 3  # c, e, g
 
@@ -349,17 +348,17 @@ def test_a_rolling_window_never_admits_more_than_its_cap_within_any_window(
         events: list[tuple[int, int]]) -> None:
     """For any sequence of charges over three days, the steps admitted in any 24 hours
     (counted in whole buckets, as the window does) never exceed the cap."""
-    clock = Clock(NOV_30)
+    clock = FakeClock(NOV_30)
     guard = Guard(Budgets(session=Limits(), team=Limits(max_steps=5, window="24h")),
                   attributes={"team": "t"}, clock=clock)
     admitted: list[tuple[int, int]] = []
     for offset, n in sorted(events):
-        clock.t = NOV_30 + offset
+        clock.now = NOV_30 + offset
         try:
             guard.before_step(f"s{offset}", n)
-        except BudgetExceeded:
+        except StepLimitExceeded:
             continue
-        admitted.append((int(clock.t // 3600), n))
+        admitted.append((int(clock.now // 3600), n))
     for hour, _ in admitted:
         assert sum(n for h, n in admitted if hour - 23 <= h <= hour) <= 5
 
@@ -389,7 +388,7 @@ def test_identical_call_counters_stay_in_the_session_scope() -> None:
     team = guard.ledger.totals(guard.scope_refs("s")[1].scope)
     assert team.get_spent("tool_calls") == 3
     assert not [d for d in team.spent if d.startswith("repeat:")]
-    with pytest.raises(BudgetExceeded):  # the session's 4th tool call: tool cap
+    with pytest.raises(StepLimitExceeded):  # the session's 4th tool call: tool cap
         guard.before_tool_call("s", "search", {"q": 99})
     # the refused call's identical-call count was given back: a different cap refused it
     guard.extend("s", tool_calls=1)
@@ -510,10 +509,10 @@ def test_scope_refs_with_windows_or_other_budgets_are_resolved_each_call(
         budgets: Limits | Budgets) -> None:
     """A window's period comes from the clock: crossing a month boundary with the same
     session must give the new month's scope, never a remembered one."""
-    clock = Clock(NOV_30)
+    clock = FakeClock(NOV_30)
     guard = Guard(budgets, attributes={"team": "acme"}, clock=clock)
     before = [r.scope for r in guard.scope_refs("s")]
-    clock.t = DEC_1
+    clock.now = DEC_1
     after = [r.scope for r in guard.scope_refs("s")]
     if isinstance(budgets, Limits) or "team" in budgets.kinds:
         assert any(s.endswith("@2026-11") for s in before)

@@ -26,7 +26,7 @@ from langgraph.graph.message import add_messages
 
 from agent_guard import Guard, Limits, guarded_graph
 from agent_guard.cache import LLMCache, ResultCache, cached_tool
-from agent_guard.errors import BudgetExceeded
+from agent_guard.errors import StepLimitExceeded
 from agent_guard.ledger import from_url as ledger_from_url
 from agent_guard.stores import redis_client
 from agent_guard.testing import FakeOpenAIServer, FakeReply
@@ -161,7 +161,7 @@ def test_cache_redis_stopped_slowed_restarted(cache_server: RedisServer, ledger_
         for i in range(5):
             try:
                 assert turn(f"new question {i}") == ANSWER
-            except BudgetExceeded:
+            except StepLimitExceeded:
                 refused += 1
         assert srv.request_count == cap and refused == 5 - (cap - 7)
         assert guard.usage("s1").model_calls == cap

@@ -14,7 +14,14 @@ from langchain_core.caches import InMemoryCache
 from langchain_core.messages import HumanMessage
 from langchain_openai import ChatOpenAI
 
-from agent_guard import BudgetExceeded, Guard, GuardCallbackHandler, Limits, OutputCapExceeded
+from agent_guard import (
+    BudgetExceeded,
+    Guard,
+    GuardCallbackHandler,
+    Limits,
+    OutputCapExceeded,
+    StepLimitExceeded,
+)
 from agent_guard.testing import FakeOpenAIServer, FakeReply
 from agent_guard.usage import usd_to_nano
 
@@ -193,6 +200,6 @@ def test_caps_are_shared_through_a_sqlite_ledger(server: FakeOpenAIServer, tmp_p
     second = GuardCallbackHandler(limits=limits, ledger=url, session_id="shared")
     model(server).invoke("a", config={"callbacks": [first]})
     model(server).invoke("b", config={"callbacks": [second]})
-    with pytest.raises(BudgetExceeded):
+    with pytest.raises(StepLimitExceeded):
         model(server).invoke("c", config={"callbacks": [first]})
     assert server.request_count == 2

@@ -30,10 +30,9 @@ from agent_guard import (
     GuardCallbackHandler,
     GuardError,
     Limits,
-    ModelCall,
     StepLimitExceeded,
 )
-from agent_guard.guard import Admission
+from agent_guard.guard import Admission, ModelCall
 from agent_guard.testing import ScriptedChatModel
 
 ran: list[str] = []

@@ -12,18 +12,9 @@ import pytest
 
 from agent_guard.ledger import MemoryLedger, Reservation, ScopeCaps, from_url
 
+from .conftest import FakeClock
+
 USD = "usd_nano"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def caps(session: str, cap: int = 1000) -> list[ScopeCaps]:
@@ -31,7 +22,7 @@ def caps(session: str, cap: int = 1000) -> list[ScopeCaps]:
 
 
 def test_without_a_policy_every_scope_is_kept() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1_000.0)
     ledger = MemoryLedger(clock=clock)
     for i in range(50):
         assert ledger.charge(caps(str(i)), {USD: 1}) is None
@@ -41,7 +32,7 @@ def test_without_a_policy_every_scope_is_kept() -> None:
 
 
 def test_idle_scopes_are_evicted_and_their_budget_resets() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1_000.0)
     ledger = MemoryLedger(clock=clock, max_idle_seconds=60)
     assert ledger.charge(caps("old"), {USD: 900}) is None
     clock.advance(30)
@@ -55,7 +46,7 @@ def test_idle_scopes_are_evicted_and_their_budget_resets() -> None:
 
 
 def test_a_scope_with_an_open_reservation_is_never_evicted() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1_000.0)
     ledger = MemoryLedger(clock=clock, max_idle_seconds=60, max_scopes=1)
     held = ledger.reserve(caps("busy"), {USD: 800}, lease_seconds=3600)
     assert isinstance(held, Reservation)
@@ -72,7 +63,7 @@ def test_a_scope_with_an_open_reservation_is_never_evicted() -> None:
 
 
 def test_max_scopes_keeps_the_most_recently_used() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1_000.0)
     ledger = MemoryLedger(clock=clock, max_scopes=100)
     for i in range(1000):
         assert ledger.charge(caps(str(i)), {USD: 1}) is None
@@ -84,7 +75,7 @@ def test_max_scopes_keeps_the_most_recently_used() -> None:
 
 
 def test_an_expired_lease_lets_its_scope_be_evicted() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1_000.0)
     ledger = MemoryLedger(clock=clock, max_idle_seconds=60)
     crashed = ledger.reserve(caps("crash"), {USD: 100}, lease_seconds=30)
     assert isinstance(crashed, Reservation)
@@ -96,7 +87,7 @@ def test_an_expired_lease_lets_its_scope_be_evicted() -> None:
 
 
 def test_finished_ids_are_bounded() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1_000.0)
     ledger = MemoryLedger(clock=clock, max_scopes=10)  # at most 16 * 10, floor 4096
     for i in range(6000):
         res = ledger.reserve(caps(str(i % 10)), {USD: 0}, lease_seconds=60,

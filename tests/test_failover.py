@@ -24,19 +24,10 @@ from agent_guard.ledger.base import ScopeTotals, Settlement
 from agent_guard.ledger.failover import FailOpenLedger
 from agent_guard.usage import Usage
 
+from .conftest import FakeClock
+
 USD = "usd_nano"
 CAPS = [ScopeCaps("session:s", {USD: 1000})]
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Switch(Ledger):
@@ -107,7 +98,7 @@ class Switch(Ledger):
 
 
 def make(retry: float = 5.0, **options: Any) -> tuple[FailOpenLedger, Switch, FakeClock]:
-    inner, clock = Switch(), FakeClock()
+    inner, clock = Switch(), FakeClock(0.0)
     return FailOpenLedger(inner, retry_interval=retry, clock=clock, **options), inner, clock
 
 
@@ -394,7 +385,9 @@ def test_a_settle_that_finds_the_ledger_down_is_kept_and_counted_later(path: str
     """fail='closed': the model answered (the provider billed it), then the ledger blips
     at settle time. The call returns its record, the spend is kept, and it is settled
     before the next call, after the reservation's lease has run out too."""
-    from agent_guard import Guard, Limits, ModelCall, Usage
+    from agent_guard import Guard, Limits
+    from agent_guard.guard import ModelCall
+    from agent_guard.usage import Usage
 
     inner = Switch()
     guard = Guard(Limits(max_cost_usd=1, lease_seconds=0.01), inner)

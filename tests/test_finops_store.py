@@ -276,8 +276,9 @@ def test_text_utf8_cannot_hold_is_escaped_not_dropped(store: UsageStore, tmp_pat
     """A lone surrogate (what surrogateescape makes of a byte that was not UTF-8) in a
     session or scope value: the guard admits the call on a SQLite ledger, every store
     keeps the record, and the FOCUS export writes it."""
-    from agent_guard import Budgets, Guard, Limits, ModelCall
+    from agent_guard import Budgets, Guard, Limits
     from agent_guard.finops import export_focus
+    from agent_guard.guard import ModelCall
 
     odd = b"caf\xe9".decode("utf-8", "surrogateescape")
     records: list[CallRecord] = []
@@ -299,7 +300,8 @@ def test_text_utf8_cannot_hold_is_escaped_not_dropped(store: UsageStore, tmp_pat
 def test_a_call_priced_by_its_response_model_is_not_unpriced() -> None:
     """Admitted under an alias the price book does not know, settled at the price of
     the model the provider says answered: the record is priced."""
-    from agent_guard import Guard, Limits, ModelCall
+    from agent_guard import Guard, Limits
+    from agent_guard.guard import ModelCall
 
     records: list[CallRecord] = []
     stated = {"input_cost_per_token": 1e-05, "output_cost_per_token": 4e-05}

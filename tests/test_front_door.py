@@ -12,7 +12,7 @@ import pytest
 from langchain_core.messages import AIMessage
 from typer.testing import CliRunner
 
-from agent_guard import BudgetExceeded, Guard, GuardCallbackHandler, Limits, __version__
+from agent_guard import Guard, GuardCallbackHandler, GuardStop, Limits, __version__
 from agent_guard.cli import app
 from agent_guard.finops.focus import export_focus
 from agent_guard.testing import ScriptedChatModel
@@ -140,7 +140,7 @@ def test_a_refusal_is_not_also_logged_as_a_callback_error(caplog) -> None:
               "metadata": {"session_id": "t"}}
     with caplog.at_level(logging.WARNING):
         llm.invoke("hi", config=config)
-        with pytest.raises(BudgetExceeded):
+        with pytest.raises(GuardStop):
             llm.invoke("hi", config=config)
     assert not [r for r in caplog.records if "Error in" in r.getMessage()]
 
@@ -152,7 +152,7 @@ async def test_a_refusal_is_not_also_logged_as_a_callback_error_async(caplog) ->
               "metadata": {"session_id": "t"}}
     with caplog.at_level(logging.WARNING):
         await llm.ainvoke("hi", config=config)
-        with pytest.raises(BudgetExceeded):
+        with pytest.raises(GuardStop):
             await llm.ainvoke("hi", config=config)
     assert not [r for r in caplog.records if "Error in" in r.getMessage()]
 

@@ -11,16 +11,10 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent_guard import (
-    Guard,
-    GuardError,
-    Limits,
-    MalformedUsage,
-    ModelCall,
-    PriceBook,
-    Usage,
-)
+from agent_guard import Guard, GuardError, Limits, PriceBook
+from agent_guard.guard import ModelCall
 from agent_guard.ledger import from_url
+from agent_guard.usage import MalformedUsage, Usage
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])

@@ -14,13 +14,12 @@ from agent_guard import (
     BudgetExceeded,
     Guard,
     Limits,
-    ModelCall,
     PriceBook,
     StepLimitExceeded,
     UnknownModelPrice,
-    Usage,
 )
-from agent_guard.usage import usd_to_nano
+from agent_guard.guard import ModelCall
+from agent_guard.usage import Usage, usd_to_nano
 
 # gpt-4o list prices, typed here on purpose (not read from the code under test)
 IN, OUT, CACHED = Decimal("2.5e-06"), Decimal("1e-05"), Decimal("1.25e-06")

@@ -21,12 +21,12 @@ from langgraph.types import Command, Send
 from agent_guard import (
     BudgetExceeded,
     Guard,
-    GuardedStateGraph,
     Limits,
     StepLimitExceeded,
     budget_gate,
     guarded_graph,
 )
+from agent_guard.langgraph import GuardedStateGraph
 from agent_guard.testing import ScriptedChatModel
 
 CAP = Decimal("0.01")

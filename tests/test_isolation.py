@@ -19,12 +19,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from agent_guard import (
-    BudgetExceeded,
     Budgets,
     Guard,
     GuardCallbackHandler,
     LedgerUnavailable,
     Limits,
+    StepLimitExceeded,
 )
 from agent_guard.ledger import ScopeCaps
 from agent_guard.ledger.redis import RedisLedger
@@ -62,7 +62,7 @@ def test_no_api_key_or_prompt_in_records_spans_metrics_or_errors(
     llm = ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key=API_KEY,
                      max_tokens=50, max_retries=0)
     answer = llm.invoke(PROMPT, config={"callbacks": [handler]})
-    with pytest.raises(BudgetExceeded) as refused:
+    with pytest.raises(StepLimitExceeded) as refused:
         llm.invoke(PROMPT, config={"callbacks": [handler]})
     provider.force_flush()
 

@@ -10,22 +10,10 @@ import pytest
 
 from agent_guard.ledger import Denial, Ledger, Reservation, ScopeCaps
 
+from .conftest import FakeClock
+
 USD = "usd_nano"
 CALLS = "model_calls"
-
-
-class FakeClock:
-    def __init__(self, start: float = 1_000_000.0) -> None:
-        self.now = start
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self.now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self.now += seconds
 
 
 def session(name: str = "s1", **caps: int) -> ScopeCaps:

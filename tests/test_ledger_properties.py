@@ -45,7 +45,7 @@ from hypothesis.stateful import (
 from agent_guard.errors import LedgerUnavailable
 from agent_guard.ledger import Denial, Ledger, MemoryLedger, Reservation, ScopeCaps
 
-from .conftest import REDIS_URL, require_redis
+from .conftest import REDIS_URL, FakeClock, require_redis
 
 USD, CALLS = "usd_nano", "model_calls"
 DIMS = (USD, CALLS)
@@ -57,14 +57,6 @@ CAPS: dict[str, dict[str, int]] = {
     "tenant:x": {},
 }
 SCOPE_LISTS = st.lists(st.sampled_from(sorted(CAPS)), min_size=1, max_size=2, unique=True)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
@@ -85,7 +77,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.clock = Clock()
+        self.clock = FakeClock()
         self.tmp: str | None = None
         self.namespace = ""
         self.ledger = self._make()
@@ -365,7 +357,7 @@ def test_negative_extension_lowers_the_cap(ledger: Ledger) -> None:
 
 
 def test_late_release_holds_nothing_and_blocks_a_late_settle(make_ledger) -> None:
-    clock = Clock()
+    clock = FakeClock()
     ledger = make_ledger(clock=clock)
     caps = [ScopeCaps("session:l", {USD: 100})]
     res = ledger.reserve(caps, {USD: 100}, lease_seconds=10)
@@ -380,7 +372,7 @@ def test_late_release_holds_nothing_and_blocks_a_late_settle(make_ledger) -> Non
 
 def test_many_expired_leases_are_all_reclaimed(make_ledger) -> None:
     """More leases than one reclaim batch (100 per reserve on Redis)."""
-    clock = Clock()
+    clock = FakeClock()
     ledger = make_ledger(clock=clock)
     caps = [ScopeCaps("session:m", {CALLS: 10_000})]
     for _ in range(1_100):

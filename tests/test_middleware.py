@@ -20,10 +20,9 @@ from agent_guard import (
     GuardMiddleware,
     Limits,
     LoopDetected,
-    ModelCall,
     StepLimitExceeded,
-    ThresholdEvent,
 )
+from agent_guard.guard import ModelCall, ThresholdEvent
 from agent_guard.testing import ScriptedChatModel
 
 runs: list[str] = []

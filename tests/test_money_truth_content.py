@@ -37,10 +37,9 @@ from agent_guard import (
     SessionRequired,
     UnknownModelPrice,
     guarded_graph,
-    report,
 )
 from agent_guard.cache.result import ResultCache, cached_tool
-from agent_guard.finops import UsageStore
+from agent_guard.finops import UsageStore, report
 from agent_guard.testing import FakeOpenAIServer, FakeReply, ScriptedChatModel
 from agent_guard.usage import Usage, usd_to_nano
 

@@ -20,6 +20,8 @@ from agent_guard import Guard, GuardCallbackHandler, GuardMiddleware, Limits, gu
 from agent_guard.cache import TTL, MemoryStore, NodeCache, ResultCache, cached_tool, content_key
 from agent_guard.testing import ScriptedChatModel
 
+from .conftest import FakeClock
+
 runs: list[str] = []
 
 
@@ -42,14 +44,6 @@ def flaky(item: str) -> str:
     """Fails."""
     runs.append(f"flaky:{item}")
     raise ValueError("upstream down")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +93,7 @@ def test_same_arguments_run_once_other_arguments_and_tenants_run_again(store_url
 
 
 def test_ttl_expiry_runs_the_tool_again() -> None:
-    clock = Clock()
+    clock = FakeClock(1_000.0)
     cache = ResultCache(MemoryStore(clock=clock), ttl={"pricing": TTL.hours(24)})
     cached = cached_tool(price_of, cache, "pricing")
     cached.invoke({"item": "mug"})

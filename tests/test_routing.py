@@ -24,11 +24,8 @@ from agent_guard import (
     Limits,
     ModelRouter,
     guarded_graph,
-    has_tools,
-    mentions,
-    prompt_tokens_above,
-    when,
 )
+from agent_guard.routing import has_tools, mentions, prompt_tokens_above, when
 from agent_guard.testing import FakeOpenAIServer, FakeReply
 from agent_guard.usage import usd_to_nano
 

@@ -22,7 +22,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from agent_guard import BudgetExceeded, Guard, GuardCallbackHandler, Limits
+from agent_guard import Guard, GuardCallbackHandler, Limits, StepLimitExceeded
 from agent_guard.telemetry import Attr, GuardTelemetry
 from agent_guard.testing import ScriptedChatModel
 
@@ -102,7 +102,7 @@ def test_a_guarded_agent_run_on_the_wire(receiver: Receiver, caplog) -> None:
                             respond=lambda m: AIMessage("", tool_calls=[
                                 {"name": "lookup", "args": {"order": "A1"}, "id": "call_1"}]))
     agent = create_agent(llm, [lookup], name="support")
-    with pytest.raises(BudgetExceeded):
+    with pytest.raises(StepLimitExceeded):
         agent.invoke({"messages": [("user", "where is A1?")]},
                      config={"callbacks": [handler], "configurable": {"thread_id": "t-9"}})
     provider.force_flush()

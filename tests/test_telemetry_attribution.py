@@ -24,7 +24,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from agent_guard import BudgetExceeded, Guard, GuardCallbackHandler, Limits
+from agent_guard import Guard, GuardCallbackHandler, Limits, StepLimitExceeded
 from agent_guard.telemetry import Attr, GuardTelemetry
 from agent_guard.testing import FakeOpenAIServer, FakeReply
 
@@ -104,7 +104,7 @@ def test_every_span_says_who_the_call_was_for(receiver: OtlpReceiver, how: str,
     records: list = []
     guard = Guard(Limits(max_model_calls=2), on_record=[records.append])
     handler = GuardCallbackHandler(guard, telemetry=telemetry)
-    with FakeOpenAIServer([CALL]) as server, pytest.raises(BudgetExceeded):
+    with FakeOpenAIServer([CALL]) as server, pytest.raises(StepLimitExceeded):
         run_agent(server, handler, how, metadata, "t-1")
     provider.force_flush()
 
@@ -123,7 +123,7 @@ def test_every_span_says_who_the_call_was_for(receiver: OtlpReceiver, how: str,
 def test_no_metadata_no_scope_attributes(receiver: OtlpReceiver) -> None:
     telemetry, provider, _ = wire(receiver)
     handler = GuardCallbackHandler(Guard(Limits(max_model_calls=2)), telemetry=telemetry)
-    with FakeOpenAIServer([CALL]) as server, pytest.raises(BudgetExceeded):
+    with FakeOpenAIServer([CALL]) as server, pytest.raises(StepLimitExceeded):
         run_agent(server, handler, "invoke", {}, "t-2")
     provider.force_flush()
     for span in receiver.spans:
@@ -158,7 +158,7 @@ def test_metrics_break_down_by_a_bounded_set_of_scopes(
                                    telemetry=telemetry)
     with FakeOpenAIServer([CALL]) as server:
         for metadata, thread in RUNS:
-            with pytest.raises(BudgetExceeded):
+            with pytest.raises(StepLimitExceeded):
                 run_agent(server, handler, "invoke", metadata, thread)
     base = {Attr.OPERATION, Attr.REQUEST_MODEL, Attr.PROVIDER}
     points = cost_points(reader)
@@ -193,7 +193,7 @@ def test_openinference_names_phoenix_and_arize_read(receiver: OtlpReceiver) -> N
     records: list = []
     handler = GuardCallbackHandler(Guard(Limits(max_model_calls=2), on_record=[records.append]),
                                    telemetry=telemetry)
-    with FakeOpenAIServer([CALL]) as server, pytest.raises(BudgetExceeded):
+    with FakeOpenAIServer([CALL]) as server, pytest.raises(StepLimitExceeded):
         run_agent(server, handler, "invoke", METADATA, "t-oi")
     provider.force_flush()
     by_kind: dict[str, list] = {}
@@ -224,7 +224,7 @@ def test_openinference_names_phoenix_and_arize_read(receiver: OtlpReceiver) -> N
 def test_openinference_names_can_be_turned_off(receiver: OtlpReceiver) -> None:
     telemetry, provider, _ = wire(receiver, openinference=False)
     handler = GuardCallbackHandler(Guard(Limits(max_model_calls=2)), telemetry=telemetry)
-    with FakeOpenAIServer([CALL]) as server, pytest.raises(BudgetExceeded):
+    with FakeOpenAIServer([CALL]) as server, pytest.raises(StepLimitExceeded):
         run_agent(server, handler, "invoke", METADATA, "t-off")
     provider.force_flush()
     for span in receiver.spans:

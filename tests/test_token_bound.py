@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
-from agent_guard import Guard, Limits, ModelCall
+from agent_guard import Guard, Limits
+from agent_guard.guard import ModelCall
 from agent_guard.ledger.memory import MemoryLedger
 from agent_guard.tokens import BOUND_MIN_CHARS, TokenCounter, get_encoding, utf8_upper_bound
 

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from types import FrameType
 from typing import Any
 
 from langchain_core.caches import RETURN_VAL_TYPE, BaseCache
@@ -34,6 +35,7 @@ from langchain_core.messages import AIMessage
 from langchain_core.outputs import ChatGeneration, Generation
 from langchain_core.runnables.config import var_child_runnable_config
 
+from ..compat import LANGCHAIN_RUN_MANAGER_LOCAL
 from .result import CacheStats
 from .safety import DEFAULT_RETRY_AFTER, CacheIO, Failure, check_settings
 from .serde import DEFAULT_MAX_BYTES, UndecodableEntry, loads_value
@@ -108,12 +110,12 @@ def _run_metadata() -> Mapping[str, Any] | None:
     LangChain calls ``cache.lookup(prompt, llm_string)`` from
     ``BaseChatModel._generate_with_cache(..., run_manager=...)`` with nothing else; the
     run manager there holds the call's metadata (its own config's and inherited)."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(_FRAMES_UP):
         if frame is None:
             return None
-        manager = frame.f_locals.get("run_manager") if "run_manager" in \
-            frame.f_code.co_varnames else None
+        manager = frame.f_locals.get(LANGCHAIN_RUN_MANAGER_LOCAL) \
+            if LANGCHAIN_RUN_MANAGER_LOCAL in frame.f_code.co_varnames else None
         if isinstance(manager, CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun):
             return manager.metadata or {}
         frame = frame.f_back

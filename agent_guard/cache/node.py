@@ -86,8 +86,8 @@ def _content(value: Any, ignore: frozenset[str]) -> Any:
         tool_calls = getattr(value, "tool_calls", None)
         if tool_calls:
             out["tool_calls"] = [(tc["name"], tc["args"]) for tc in tool_calls]
-        if getattr(value, "tool_call_id", None):
-            out["tool_call_id"] = value.tool_call_id
+        if tool_call_id := getattr(value, "tool_call_id", None):
+            out["tool_call_id"] = tool_call_id
         return out
     if isinstance(value, Mapping):
         return {str(k): _content(v, ignore) for k, v in value.items() if k not in ignore}

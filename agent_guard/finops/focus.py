@@ -392,7 +392,7 @@ def _write_parquet(rows: Sequence[Mapping[str, str]], path: Path) -> None:
         spec = COLUMNS_BY_NAME.get(name)
         kind = spec.type if spec else "String"
         if name.startswith("x_") and name.endswith("Tokens"):
-            return pa.array([int(v) for v in values], pa.int64())
+            return pa.array([None if v is None else int(v) for v in values], pa.int64())
         if name == "x_SavedCost" or kind == "Decimal":
             return pa.array([None if v is None else Decimal(v) for v in values],
                             pa.decimal128(38, 9))

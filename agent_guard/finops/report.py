@@ -154,7 +154,7 @@ def zone(tz: str | tzinfo | None) -> tzinfo:
 
 
 def _as_rows(source: Source, since: TimeLike, until: TimeLike, tz: tzinfo = UTC
-             ) -> list[Row]:
+             ) -> Sequence[Row]:
     lo = parse_time(since, what="since", tz=tz)
     hi = parse_time(until, end=True, what="until", tz=tz)
     if isinstance(source, UsageStore):

@@ -31,15 +31,15 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import os
 import sys
 import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
+from types import FrameType
 from typing import Any
 from uuid import UUID
 
@@ -50,7 +50,8 @@ from langchain_core.runnables.config import var_child_runnable_config
 
 from ..budgets import Budgets, attributes_from_metadata
 from ..cache.result import CACHE_HIT_EVENT
-from ..errors import BudgetExceeded, GuardError, SessionRequired
+from ..compat import LANGCHAIN_DISPATCH_CORO_NAMES, LANGCHAIN_MODEL_CODE_DIR
+from ..errors import GuardError, OutputCapExceeded, SessionRequired
 from ..guard import Admission, Guard, ModelCall, ToolAdmission
 from ..keeper import keeper
 from ..ledger import Ledger
@@ -84,28 +85,11 @@ _MAX_OPEN_RUNS = 10_000
 _MAX_PARENTS = 10_000
 _MAX_REFUSED_BATCHES = 1024
 # LangChain's chat and LLM model code: the frame a synchronous model call runs in
-_MODEL_CODE_DIR = os.sep + os.path.join("langchain_core", "language_models") + os.sep
+_MODEL_CODE_DIR = LANGCHAIN_MODEL_CODE_DIR
 # The asyncio task that dispatched a callback event (see GuardCallbackHandler.run_inline)
 _CALLING_TASK: ContextVar[Any] = ContextVar("agent_guard_calling_task", default=None)
 # LangChain's own dispatch tasks, which are not the task the model call runs in
-_DISPATCH_CORO_NAMES = frozenset({"ahandle_event", "_ahandle_event_for_handler"})
-
-
-class OutputCapExceeded(BudgetExceeded):
-    """A stream produced more output than its reservation covered."""
-
-    def _default_hint(self) -> str:
-        return (
-            "The provider streamed past the call's max_tokens. Set max_tokens on the "
-            "model so the provider stops by itself."
-        )
-
-    def _message(self) -> str:
-        return (
-            f"OutputCapExceeded: session {self.session!r}: a streamed answer reached "
-            f"{self.spent:,} output tokens, past the {self.cap:,} reserved for it; the stream "
-            f"was stopped and what was streamed is charged. {self.hint}"
-        )
+_DISPATCH_CORO_NAMES = LANGCHAIN_DISPATCH_CORO_NAMES
 
 
 def session_from_metadata(metadata: Mapping[str, Any] | None, default: str | None) -> str:
@@ -220,8 +204,8 @@ class GuardCallbackHandler(BaseCallbackHandler):
     # set on the handler guarded_graph adds; it stands down for a per-run handler
     _graph_default: bool = False
 
-    @property
-    def run_inline(self) -> bool:
+    @property  # LangChain declares a plain attribute; a property reads the moment it is read
+    def run_inline(self) -> bool:  # type: ignore[override]
         """False: on async paths the handler runs in an executor thread, off the loop
         (``on_llm_end`` says True and still runs in a thread: it writes the cost
         before LangSmith's tracer reads the answer, see :mod:`.dispatch`).
@@ -777,7 +761,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
 
 
 def _is_fallbacks(serialized: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -> bool:
-    ident = (serialized or {}).get("id") or ()
+    ident: Sequence[Any] = (serialized or {}).get("id") or ()
     return (bool(ident) and ident[-1] == "RunnableWithFallbacks") or (
         kwargs.get("name") == "RunnableWithFallbacks")
 
@@ -835,7 +819,7 @@ def _model_frame() -> Any:
     """The frame of the synchronous model call this callback runs in (its
     ``generate`` or ``stream``), or None (an async call: the handler runs in an
     executor thread)."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(32):
         if frame is None:
             return None

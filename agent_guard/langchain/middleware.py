@@ -34,6 +34,7 @@ from langchain.agents.middleware.types import ModelResponse
 from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import LLMResult
+from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import var_child_runnable_config
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.config import get_config
@@ -53,6 +54,7 @@ from ..actions import (
 )
 from ..budgets import Budgets, attributes_from_metadata
 from ..cache.result import MISS, ResultCache, collecting_cache_hits
+from ..compat import default_params, ls_params
 from ..errors import GuardError
 from ..guard import Admission, Guard, ModelCall, ToolAdmission
 from ..keeper import keeper
@@ -83,7 +85,7 @@ from .dispatch import dispatching_async, ends_inline
 __all__ = ["GuardMiddleware"]
 
 
-def _config() -> Mapping[str, Any]:
+def _config() -> RunnableConfig:
     try:
         return get_config()
     except RuntimeError:
@@ -267,7 +269,7 @@ class GuardMiddleware(AgentMiddleware):
     def _describe(self, request: ModelRequest, session: str) -> ModelCall:
         model = request.model
         settings = request.model_settings
-        ls = model._get_ls_params(**settings)
+        ls = ls_params(model, **settings)
         params = _request_params(model, settings)
         messages = ([request.system_message] if request.system_message else []) + list(
             request.messages)
@@ -426,7 +428,7 @@ class GuardMiddleware(AgentMiddleware):
             tenant = self.cache.tenant_from(get_config())
         except RuntimeError:
             tenant = self.cache.tenant_from(None)
-        where = {"tenant": tenant, "ttl_class": ttl_class,
+        where: dict[str, Any] = {"tenant": tenant, "ttl_class": ttl_class,
                  "public": call["name"] in self.public_tools}
         hit, saved = self.cache.lookup_tool(call["name"], call.get("args", {}), **where)
         if hit is MISS:
@@ -583,15 +585,7 @@ def _held(owner: object, guard: Guard, admission: ToolAdmission, **running: Any
 def _request_params(model: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The request's parameters as the provider gets them: the model's defaults
     (``service_tier``, ``response_format`` bound on it...) and this call's settings."""
-    try:
-        defaults = getattr(model, "_default_params", None)
-        if defaults is None and hasattr(model, "_get_invocation_params"):
-            # ChatAnthropic has no _default_params: its invocation params (what the
-            # callback reads) hold its request defaults (thinking, betas...)
-            defaults = model._get_invocation_params()
-    except Exception:  # a property of another provider's model that cannot be read
-        defaults = None
-    return {**(defaults if isinstance(defaults, Mapping) else {}), **settings}
+    return {**(default_params(model) or {}), **settings}
 
 
 _INLINE_EVENTS = frozenset({"on_llm_end", "on_llm_new_token"})

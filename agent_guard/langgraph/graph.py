@@ -33,16 +33,14 @@ import threading
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import merge_configs, var_child_runnable_config
-from langgraph._internal._runnable import RunnableCallable
 from langgraph.cache.base import BaseCache
 from langgraph.errors import GraphInterrupt
 from langgraph.graph import END, START, StateGraph
-from langgraph.graph._branch import BranchSpec
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import CachePolicy, Command, interrupt
 
@@ -62,6 +60,7 @@ from ..cache.node import NodeCache, astream_as_tenant, content_key, stream_as_te
 from ..cache.result import ResultCache
 from ..cache.safety import CacheIO
 from ..cache.serde import AllowListSerializer, UndecodableEntry, UnencodableValue
+from ..compat import BranchSpec, RunnableCallable
 from ..errors import GuardError
 from ..guard import Guard
 from ..langchain.callback import GuardCallbackHandler, session_from_metadata
@@ -140,13 +139,13 @@ def _run_of(config: Mapping[str, Any] | None) -> _Run | None:
 
 def _with_run(config: RunnableConfig | None) -> tuple[RunnableConfig, _Run, bool]:
     """The config carrying this run's :class:`_Run`; True if this call started the run."""
-    config = dict(config or {})
-    run = _run_of(config)
+    out: dict[str, Any] = dict(config or {})
+    run = _run_of(cast(RunnableConfig, out))
     if run is not None:
-        return config, run, False  # type: ignore[return-value]
+        return cast(RunnableConfig, out), run, False
     run = _Run()
-    config["configurable"] = {**(config.get("configurable") or {}), _RUN_KEY: run}
-    return config, run, True  # type: ignore[return-value]
+    out["configurable"] = {**(out.get("configurable") or {}), _RUN_KEY: run}
+    return cast(RunnableConfig, out), run, True
 
 
 class _RunGate(BaseCallbackHandler):
@@ -344,8 +343,8 @@ def _route_stops(builder: StateGraph, final: str, on_exceed: OnExceed) -> None:
             kept.add((source, target))
         else:
             targets[source].append(target)
-    for source, ends in targets.items():
-        fixed = sorted(ends)
+    for source, dests in targets.items():
+        fixed = sorted(dests)
 
         def static(state: Any, _fixed: list[str] = fixed) -> list[str]:
             return _fixed
@@ -374,7 +373,7 @@ def _guard_builder(builder: StateGraph, guard: Guard, on_exceed: OnExceed,
         if spec.is_error_handler:
             wrapped.nodes[name] = spec
             continue
-        inner = spec.runnable
+        inner: Runnable = cast(Runnable, spec.runnable)
         subgraph = _guard_subgraph(inner, guard, on_exceed, session_id)
         node = _NodeGuard(name, subgraph or inner, guard, on_exceed, session_id,
                           subgraph is not None)
@@ -509,7 +508,7 @@ def _guard_subgraph(runnable: Any, guard: Guard, on_exceed: OnExceed,
         return None
     inner = _compile(runnable, guard, on_exceed, session_id, {})
     config = {k: v for k, v in (runnable.config or {}).items() if k != "callbacks"}
-    return inner.with_config(config) if config else inner
+    return inner.with_config(cast(RunnableConfig, config)) if config else inner
 
 
 def _compile(graph: CompiledStateGraph, guard: Guard, on_exceed: OnExceed,
@@ -592,12 +591,13 @@ class GuardedStateGraph(CompiledStateGraph):
         if own is None or not getattr(own, "_graph_default", False) or not config:
             return self
         given = config.get("callbacks")
-        handlers = given.handlers if isinstance(given, BaseCallbackManager) else given
+        handlers: Any = given.handlers if isinstance(given, BaseCallbackManager) else given
         if not any(isinstance(h, GuardCallbackHandler) and h.guard is own.guard
                    for h in handlers or ()):
             return self
-        callbacks = [cb for cb in self.config.get("callbacks") or () if cb is not own]
-        return self.copy({"config": {**self.config, "callbacks": callbacks}})
+        mine: dict[str, Any] = dict(self.config or {})
+        callbacks = [cb for cb in mine.get("callbacks") or () if cb is not own]
+        return self.copy({"config": {**mine, "callbacks": callbacks}})
 
     @staticmethod
     def _finish(run: _Run, output: Any) -> Any:
@@ -632,7 +632,7 @@ class GuardedStateGraph(CompiledStateGraph):
                                               self.get_state(config).interrupts)
                 if stop is not None:
                     run.end_from(stop)
-            parent = super()
+            parent: Any = super()
             yield from stream_as_tenant(self._tenant(config),
                                         lambda: parent.stream(input, config, **kwargs))
         if owner and run.error is not None:
@@ -651,7 +651,7 @@ class GuardedStateGraph(CompiledStateGraph):
                 input, stop = self._normalise(input, config, snapshot.interrupts)
                 if stop is not None:
                     run.end_from(stop)
-            parent = super()
+            parent: Any = super()
             async for chunk in astream_as_tenant(
                     self._tenant(config), lambda: parent.astream(input, config, **kwargs)):
                 yield chunk
@@ -730,7 +730,8 @@ def guarded_graph(
     own = GuardCallbackHandler(guard, session_id=session_id)
     own._graph_default = True  # stands down for a handler of the same guard given per run
     callbacks[:0] = [_RunGate(), own]  # the gate first: a halted run reserves nothing
-    return compiled.with_config({**base_config, "callbacks": callbacks})
+    return cast(GuardedStateGraph,
+                compiled.with_config(cast(RunnableConfig, {**base_config, "callbacks": callbacks})))
 
 
 def budget_gate(

@@ -86,7 +86,7 @@ MAX_AMOUNT = 2**53
 RECLAIM_BATCH = 1000
 _SCRIPTS = ("reserve", "settle", "release", "charge", "reclaim", "renew")
 _FAILURES = REDIS_ERRORS
-_JSON = {"separators": (",", ":")}
+_JSON: dict[str, Any] = {"separators": (",", ":")}
 # Deferred settles: the default bounded delay, and the most one script carries.
 SETTLE_DELAY_SECONDS = 0.05
 SETTLE_BATCH = 64

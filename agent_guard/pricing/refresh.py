@@ -65,7 +65,7 @@ def select(entry: Any) -> dict[str, Any] | None:
     if has_ranges:
         out["tiered_pricing"] = [
             {k: v for k, v in r.items() if k == "range" or ("cost" in k and _is_number(v))}
-            for r in ranges if isinstance(r, Mapping)]
+            for r in ranges or () if isinstance(r, Mapping)]
     off_peak = entry.get("off_peak_pricing")
     if isinstance(off_peak, Mapping):
         out["off_peak_pricing"] = dict(off_peak)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 __all__ = ["KINDS", "Backend", "StoreURL", "known_options", "known_schemes", "open_store",
@@ -233,8 +233,9 @@ def parse_url(url: str, kind: str) -> StoreURL:
 
 
 def _what(convert: Converter) -> str:
-    return {as_int: "an integer", as_float: "a number", as_bool: "a boolean",
-            as_str: "text"}.get(convert, "valid")
+    names: dict[Converter, str] = {as_int: "an integer", as_float: "a number",
+                                   as_bool: "a boolean", as_str: "text"}
+    return names.get(convert, "valid")
 
 
 def open_store(url: str, kind: str, **keywords: Any) -> Any:
@@ -279,7 +280,8 @@ def _redis_client_options() -> dict[str, Converter]:
     """What redis-py reads from a URL's query (see ``redis.connection.parse_url``)."""
     from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 
-    opts: dict[str, Converter] = {k: v for k, v in URL_QUERY_ARGUMENT_PARSERS.items()
+    opts: dict[str, Converter] = {k: cast(Converter, v)
+                                  for k, v in URL_QUERY_ARGUMENT_PARSERS.items()
                                   if k != "retry_on_error"}
     for name in ("username", "password", "client_name", "lib_name", "lib_version",
                  "ssl_keyfile", "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs",

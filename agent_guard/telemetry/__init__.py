@@ -1,8 +1,8 @@
-"""Telemetry: OpenTelemetry spans and metrics with cost (``pip install
-'langchain-agent-guard[otel]'``), Phoenix prices, LangSmith tool-run costs.
+"""Telemetry: OpenTelemetry spans and metrics with cost (the OTLP exporter of
+``configure_otlp``: ``pip install 'langchain-agent-guard[otel]'``), Phoenix prices,
+LangSmith tool-run costs.
 
-The OpenTelemetry names load on first use, so ``agent_guard.telemetry.langsmith``
-works without the ``otel`` extra."""
+The OpenTelemetry names load on first use."""
 
 from __future__ import annotations
 

@@ -1,0 +1,104 @@
+"""Every touch of another library's internals, in one place.
+
+agent-guard relies on a few things LangChain, LangGraph and tiktoken do not promise:
+private modules, underscore methods, the names of their internal functions and locals.
+Each is reached here and nowhere else, with what it is for and the versions it was
+checked against (:data:`CHECKED`). ``tests/test_compat.py`` has one test per entry that
+fails, naming the entry, when an upgrade removes or changes it; fix the entry here (and
+its users) and update :data:`CHECKED`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+# RunnableCallable: LangGraph's node/edge callable (sync + async functions, config
+# injection, trace=False); guarded_graph wraps every node and edge path in one.
+from langgraph._internal._runnable import RunnableCallable
+
+# BranchSpec: a conditional edge of a StateGraph builder (path, ends, input_schema);
+# guarded_graph rewrites each so that a stopped run routes to its final node.
+from langgraph.graph._branch import BranchSpec
+
+__all__ = [
+    "CHECKED",
+    "LANGCHAIN_CALLBACK_ERROR",
+    "LANGCHAIN_DISPATCH_CORO_NAMES",
+    "LANGCHAIN_MODEL_CODE_DIR",
+    "LANGCHAIN_RUN_MANAGER_LOCAL",
+    "BranchSpec",
+    "RunnableCallable",
+    "default_params",
+    "ls_params",
+    "tiktoken_constructor",
+]
+
+#: the versions every entry below was checked against
+CHECKED = {
+    "langchain-core": "1.8.3",
+    "langchain": "1.5.2",
+    "langgraph": "1.2.24",
+    "langchain-openai": "1.7.4",
+    "langchain-anthropic": "1.7.10",
+    "tiktoken": "0.14.0",
+}
+
+#: langchain-core: the directory of ``BaseChatModel`` / ``BaseLLM``'s code. A synchronous
+#: model call runs in a frame from a file in it; the callback handler finds that frame to
+#: tell the lease keeper the call is still running.
+LANGCHAIN_MODEL_CODE_DIR = os.sep + os.path.join("langchain_core", "language_models") + os.sep
+
+#: langchain-core (``callbacks/manager.py``): the coroutines that dispatch a callback
+#: event to async handlers; the task running one of them is not the model call's task.
+LANGCHAIN_DISPATCH_CORO_NAMES = frozenset({"ahandle_event", "_ahandle_event_for_handler"})
+
+#: langchain-core (``callbacks/manager.py``, ``handle_event``): the warning logged for
+#: every exception a callback handler raises, even with ``raise_error=True``; a refusal
+#: is filtered out of it (:mod:`agent_guard.actions`).
+LANGCHAIN_CALLBACK_ERROR = "Error in %s.%s callback: %s"
+
+#: langchain-core: the local of ``BaseChatModel._generate_with_cache`` (and the async
+#: twin) that holds the run's callback manager when it calls ``cache.lookup`` /
+#: ``cache.update``; the LLM caches read the run's metadata (its tenant) from it.
+LANGCHAIN_RUN_MANAGER_LOCAL = "run_manager"
+
+
+def ls_params(model: Any, **settings: Any) -> dict[str, Any]:
+    """langchain-core ``BaseChatModel._get_ls_params``: the model's name, provider, type,
+    temperature and max tokens as LangSmith reads them, for this call's settings."""
+    return dict(model._get_ls_params(**settings))
+
+
+def default_params(model: Any) -> Mapping[str, Any] | None:
+    """langchain-openai (and most providers) ``_default_params``: the request parameters
+    a model sends by default (``max_tokens``, ``service_tier``...), or None.
+
+    langchain-anthropic's ``ChatAnthropic`` has no ``_default_params``: its
+    ``_get_invocation_params()`` (what the callback reads) holds its request defaults
+    (thinking, betas...)."""
+    try:
+        defaults = getattr(model, "_default_params", None)
+        if defaults is None and hasattr(model, "_get_invocation_params"):
+            defaults = model._get_invocation_params()
+    except Exception:  # a property of another provider's model that cannot be read
+        return None
+    return defaults if isinstance(defaults, Mapping) else None
+
+
+def tiktoken_constructor(name: str) -> Callable[[], dict[str, Any]]:
+    """tiktoken ``tiktoken_ext.openai_public.<name>``: the function that builds an
+    encoding's constructor arguments, loading its ranks with ``load_tiktoken_bpe`` (a
+    global of the function, which :mod:`agent_guard.tokens` replaces with a reader of
+    the bundled file)."""
+    import tiktoken
+    from tiktoken_ext import openai_public
+
+    constructor: Callable[[], dict[str, Any]] = getattr(openai_public, name)
+    if "load_tiktoken_bpe" not in constructor.__code__.co_names:
+        raise RuntimeError(
+            f"tiktoken {tiktoken.__version__} builds {name} without load_tiktoken_bpe; "
+            "agent_guard.tokens cannot feed it the bundled file (upgrade agent-guard)"
+        )
+    return constructor
