@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import re
 from pathlib import Path
 
 import langchain_core
@@ -103,3 +104,25 @@ def test_the_cache_lookup_runs_where_run_manager_is_a_local(method):
 def test_tiktoken_constructors_load_ranks_with_load_tiktoken_bpe(name):
     constructor = compat.tiktoken_constructor(name)
     assert "load_tiktoken_bpe" in constructor.__globals__
+
+
+PRIVATE = re.compile(
+    r"^\s*(?:from|import)\s+(?:langgraph|langchain\w*|tiktoken\w*)(?:\.\w+)*\._\w*"
+    r"|^\s*from\s+tiktoken_ext\b"
+    r"|\.(?:_get_ls_params|_default_params)\b"
+    r"|[\"']_default_params[\"']", re.M)
+
+
+def test_no_other_module_reaches_into_those_internals():
+    """The habit that keeps compat.py the one place: a new reach-in elsewhere fails here."""
+    package = Path(compat.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "compat.py":
+            continue
+        text = path.read_text(encoding="utf-8")
+        code = "\n".join(line for line in text.splitlines()
+                         if not line.lstrip().startswith("#"))
+        found += [f"{path.relative_to(package)}: {m.group(0).strip()}"
+                  for m in PRIVATE.finditer(code)]
+    assert not found, "move these into agent_guard/compat.py: " + "; ".join(found)
