@@ -48,14 +48,16 @@ def clock() -> FakeClock:
 
 # -- the fast run: `python -m pytest -m "not slow"` ---------------------------------------------
 # What is slow: other processes (workers, subprocess examples, servers), a Redis Cluster,
-# property-based searches, the notebook and the price conformance against LiteLLM. They
+# property-based searches, the money-truth and graph-control matrices (real LangChain runs
+# against the local provider servers), the notebook and the price conformance. They
 # run in `python -m pytest` (everything, what .ci/run runs). A new test that takes more
 # than a second or two belongs here, or carries @pytest.mark.slow itself.
 SLOW_MODULES = frozenset({
-    "test_cache_faults", "test_crash_resume", "test_fuzz", "test_ledger_processes",
-    "test_ledger_properties", "test_notebooks", "test_phoenix", "test_price_conformance",
-    "test_redis_cluster", "test_redis_faults", "test_telemetry_examples",
-    "test_telemetry_setup",
+    "test_cache_faults", "test_cache_hostile", "test_crash_resume", "test_fuzz",
+    "test_graph_control_matrix", "test_ledger_processes", "test_ledger_properties",
+    "test_money_truth", "test_money_truth_content", "test_money_truth_redteam",
+    "test_notebooks", "test_phoenix", "test_price_conformance", "test_redis_cluster",
+    "test_redis_faults", "test_telemetry_examples", "test_telemetry_setup",
 })
 SLOW_TESTS = (
     "tests/test_budgets.py::test_team_month_cap_shared_by_two_processes",
