@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from .budgets import CALL_KINDS, STANDARD_ATTRIBUTES, Budgets, ScopeRef
 from .errors import (
@@ -655,9 +655,9 @@ class Guard:
                 self._settle_later(admission, amounts)
             else:
                 try:
-                    settled = self.ledger.settle(admission.reservation, amounts)
+                    settled = self.ledger.settle(cast(Reservation, admission.reservation), amounts)
                 except LedgerUnavailable as exc:
-                    self._keep_unsettled(admission.reservation, amounts, exc)
+                    self._keep_unsettled(cast(Reservation, admission.reservation), amounts, exc)
                 else:
                     self._note_spent(settled)
         finally:
@@ -680,9 +680,10 @@ class Guard:
                 self._settle_later(admission, amounts)
             else:
                 try:
-                    settled = await self.ledger.asettle(admission.reservation, amounts)
+                    settled = await self.ledger.asettle(
+                        cast(Reservation, admission.reservation), amounts)
                 except LedgerUnavailable as exc:
-                    self._keep_unsettled(admission.reservation, amounts, exc)
+                    self._keep_unsettled(cast(Reservation, admission.reservation), amounts, exc)
                 else:
                     self._note_spent(settled)
         finally:
@@ -949,8 +950,8 @@ class Guard:
             outcome=outcome, started_at=started, ended_at=now,
             saved_nano=max(0, int(saved_nano)), node=node, tags=tuple(tags), kind="tool",
             tool=tool, attributes=attrs, scopes=tuple(r.scope for r in scopes),
-            **({"record_id": admission.reservation.id}
-               if admission is not None and admission.reservation is not None else {}),
+            **cast(dict[str, Any], {"record_id": admission.reservation.id}
+                   if admission is not None and admission.reservation is not None else {}),
         )
         amounts = dict(admission.reservation.amounts) if admission is not None and \
             admission.reservation is not None else {}

@@ -110,6 +110,7 @@ class ToolPrice:
         if not self.per_unit:
             return self.per_call_nano
         bound = self.max_units
+        n: Any
         if callable(bound):
             n = bound(args)
         elif isinstance(bound, str):

@@ -54,9 +54,9 @@ def note_tool_cost(metadata: dict[str, Any], record: Any) -> None:
     listed before the tracer has its cost on the run. Called from the tool's end."""
     try:
         metadata["usage_metadata"] = {"total_cost": float(record.cost_nano) / 1e9}
+        prior = metadata.get("agent_guard")
         metadata["agent_guard"] = {
-            **(metadata.get("agent_guard") if isinstance(metadata.get("agent_guard"), dict)
-               else {}),
+            **(prior if isinstance(prior, dict) else {}),
             "cost_usd": str(record.cost_usd), "reserved_usd": f"{record.reserved_nano / 1e9:f}",
             "estimated": record.usage_estimated}
     except Exception:  # telemetry never fails the call it describes

@@ -534,7 +534,8 @@ class _AnthropicHandler(_Handler):
         else:
             self._send_json(200, message)
 
-    def _stream(self, message: dict[str, Any], reply: AnthropicReply) -> None:
+    def _stream(  # type: ignore[override]  # Anthropic's events, not OpenAI's chunks
+            self, message: dict[str, Any], reply: AnthropicReply) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
