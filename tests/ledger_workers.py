@@ -177,9 +177,11 @@ def model_race(barrier: Any, url: str, namespace: str | None, proc: str, threads
     ``Budgets(model={"gpt-4o": ...})``), gpt-4o-mini (no model cap) and a $0.0005 tool,
     at the instant ``now``, recording every call in the namespace's usage store.
     Returns (gpt-4o calls admitted, nano-USD settled for them)."""
-    from agent_guard import BudgetExceeded, Guard, Limits, ModelCall, Usage, UsageStore
+    from agent_guard import BudgetExceeded, Guard, Limits, UsageStore
     from agent_guard.budgets import Budgets
+    from agent_guard.guard import ModelCall
     from agent_guard.pricing import ToolPrice
+    from agent_guard.usage import Usage
 
     ledger = open_ledger(url, namespace)
     store = UsageStore.for_ledger(ledger)
