@@ -126,7 +126,7 @@ class MemoryLedger(Ledger):
         of 23 buckets in O(1); its buckets are marked used when it is summed (a bucket
         is touched at least once per window length, so an idle horizon no shorter than
         the window never drops one the window still reads)."""
-        out = None
+        out: dict[str, tuple[Mapping[str, int], Mapping[str, int]]] | None = None
         for sc in scopes:
             if not sc.history:
                 continue

@@ -634,8 +634,8 @@ class ModelPrice:
             if "output_cost_per_image_token" in self.fields:
                 outs.append(r.image_output)
             out_rate = max(out_rate, *outs)
-        total = input_tokens * in_rate + output_tokens * out_rate
-        return int((total * _NANO).to_integral_value(rounding=ROUND_CEILING))
+        cost = input_tokens * in_rate + output_tokens * out_rate
+        return int((cost * _NANO).to_integral_value(rounding=ROUND_CEILING))
 
 
 # -- off-peak windows (LiteLLM's off_peak_pricing) -----------------------------------------------
