@@ -35,6 +35,7 @@ from agent_guard import (
     GuardCallbackHandler,
     GuardMiddleware,
     Limits,
+    StepLimitExceeded,
     guarded_graph,
 )
 from agent_guard.finops import UsageStore, export_focus, focus_rows, report, validate_focus
@@ -373,13 +374,13 @@ def test_model_and_provider_budgets_come_from_the_call_not_its_metadata() -> Non
                            "metadata": metadata})
 
         ask("gpt-4o")
-        with pytest.raises(BudgetExceeded) as model_refused:
+        with pytest.raises(StepLimitExceeded) as model_refused:
             ask("gpt-4o", model="gpt-4o-mini", provider="other")
         assert model_refused.value.scope.startswith("model:gpt-4o@")
         assert "model 'gpt-4o' (day " in str(model_refused.value)
         ask("gpt-4o-mini", model="gpt-4o")
         ask("gpt-4o-mini")
-        with pytest.raises(BudgetExceeded) as provider_refused:
+        with pytest.raises(StepLimitExceeded) as provider_refused:
             ask("gpt-4o-mini")
         assert provider_refused.value.scope.startswith("provider:openai@")
         assert len(server.requests) == 3
@@ -396,12 +397,12 @@ def test_per_value_budgets_are_checked() -> None:
         Budgets(model={})
     guard = Guard(Budgets(team={"acme": Limits(max_tool_calls=1), "*": Limits(max_tool_calls=2)}))
     guard.before_tool_call("a", "t", attributes={"team": "acme"})
-    with pytest.raises(BudgetExceeded) as refused:
+    with pytest.raises(StepLimitExceeded) as refused:
         guard.before_tool_call("b", "t", attributes={"team": "acme"})
     assert refused.value.scope == "team:acme"
     for _ in range(2):
         guard.before_tool_call("c", "t", attributes={"team": "globex"})
-    with pytest.raises(BudgetExceeded):
+    with pytest.raises(StepLimitExceeded):
         guard.before_tool_call("c", "t", attributes={"team": "globex"})
 
 
