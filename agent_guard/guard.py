@@ -650,7 +650,7 @@ class Guard:
         settled = None
         try:
             if amounts is None:
-                self.ledger.release(admission.reservation)
+                self.ledger.release(cast(Reservation, admission.reservation))
             elif self.ledger.defers_settles and self._may_defer(admission, amounts):
                 self._settle_later(admission, amounts)
             else:
@@ -675,7 +675,7 @@ class Guard:
         settled = None
         try:
             if amounts is None:
-                await self.ledger.arelease(admission.reservation)
+                await self.ledger.arelease(cast(Reservation, admission.reservation))
             elif self.ledger.defers_settles and self._may_defer(admission, amounts):
                 self._settle_later(admission, amounts)
             else:
@@ -693,16 +693,18 @@ class Guard:
             await self._acheck_thresholds(record.session, admission.scopes, settled)
         return record
 
-    def _settle_later(self, admission: Admission, amounts: dict[str, int]) -> None:
+    def _settle_later(self, admission: Admission | ToolAdmission,
+                      amounts: dict[str, int]) -> None:
         """Hand the settle to a ledger that sends it with its next script (Redis): the
         hold keeps counting until it lands; the spend hint and the thresholds follow
         when it does (:meth:`_landed`). Only the capped dimensions are read back."""
         reads = {ref.scope: [dim for dim in ref.caps.caps if dim in amounts]
                  for ref in admission.scopes}
-        self.ledger.settle_later(admission.reservation, amounts, reads=reads,
+        self.ledger.settle_later(cast(Reservation, admission.reservation), amounts, reads=reads,
                                  then=lambda settled: self._landed(admission, settled))
 
-    def _may_defer(self, admission: Admission, amounts: Mapping[str, int]) -> bool:
+    def _may_defer(self, admission: Admission | ToolAdmission,
+                   amounts: Mapping[str, int]) -> bool:
         """Whether this settle may wait for the next script: no soft threshold this guard
         has not fired yet is within its reach, by the spend last seen settled on each
         scope. Near one (or before any sight of a scope with thresholds) it settles at
@@ -726,13 +728,15 @@ class Guard:
                     return False
         return True
 
-    def _landed(self, admission: Admission, settled: Settlement) -> None:
+    def _landed(self, admission: Admission | ToolAdmission, settled: Settlement) -> None:
         """A deferred settle landed (in the thread that carried it): note the spend and
         check the thresholds; on an event loop's thread, in a task of that loop."""
         self._note_spent(settled)
         if not settled or not any(ref.limits.thresholds for ref in admission.scopes):
             return
-        session, refs = admission.call.session, admission.scopes
+        session = (admission.call.session if isinstance(admission, Admission)
+                   else admission.session)  # a priced tool's deferred settle
+        refs = admission.scopes
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
