@@ -235,7 +235,7 @@ def read_timeout(serialized: Mapping[str, Any] | None) -> float | None:
         if isinstance(value, Mapping) and value.get("id") == ["httpx", "Timeout"]:
             found = dict(_HTTPX_TIMEOUT.findall(str(value.get("repr") or "")))
             try:
-                return _seconds(float(found.get("read", found.get("timeout", ""))))
+                return _seconds(float(found.get("read", found.get("timeout", "")) or ""))
             except ValueError:
                 return None
         if (seconds := _seconds(value)) is not None:
@@ -376,8 +376,8 @@ class CostedUsage(dict):  # type: ignore[type-arg]
 
     __slots__ = ("costs",)
 
-    def __init__(self, usage: Mapping[str, Any] = (), costs: Mapping[str, float] = ()
-                 ) -> None:  # type: ignore[assignment]
+    def __init__(self, usage: Mapping[str, Any] = {},  # read, never kept
+                 costs: Mapping[str, float] = {}) -> None:
         super().__init__((k, v) for k, v in dict(usage).items() if k not in COST_KEYS)
         self.costs = dict(costs)
 

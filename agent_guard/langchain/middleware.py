@@ -605,8 +605,8 @@ class _AttemptGate(BaseCallbackHandler):
 
     raise_error: bool = True
 
-    @property
-    def run_inline(self) -> bool:
+    @property  # LangChain declares a plain attribute; a property reads the moment it is read
+    def run_inline(self) -> bool:  # type: ignore[override]
         """False, but on async paths for ``on_llm_end`` (run in a thread, in list order:
         see :mod:`.dispatch`) and ``on_llm_new_token`` (it only notes a time)."""
         return dispatching_async(_INLINE_EVENTS)
