@@ -409,14 +409,15 @@ def test_a_prompt_claude_counts_more_than_o200k_is_reserved_above_its_bill(
 # -- row 9: the long-context tier ---------------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("adapter", ADAPTERS)
 def test_a_210k_prompt_with_the_1m_beta_is_charged_long_context_rates(
-        ledger: Ledger, adapter: str) -> None:
+        ledger: Ledger, adapter: str, mode: str) -> None:
     """Issue: charged $0.638 for $1.271 billed."""
     books = Books(ledger, cap_usd="5")
     with FakeAnthropicServer([AnthropicReply("ok")], token_ratio=1.0) as server:
         llm = claude(server, betas=["context-1m-2025-08-07"])
-        runner(books, llm, adapter, "sync")([HumanMessage("word " * 209_000)])
+        runner(books, llm, adapter, mode)([HumanMessage("word " * 209_000)])
         [bill] = server.billed
         assert bill.long_context
         books.check(server)
