@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
-from .openai_server import _Handler, _HTTPServer, count_text
+from .openai_server import ServedInThread, _Handler, _HTTPServer, count_text
 
 __all__ = ["LIST_PRICES", "TOOL_SYSTEM_TOKENS", "AnthropicBill", "AnthropicReply",
            "FakeAnthropicServer"]
@@ -191,7 +191,7 @@ class AnthropicBill:
 AnthropicScript = Sequence[AnthropicReply | str] | Callable[[dict[str, Any]], AnthropicReply | str]
 
 
-class FakeAnthropicServer:
+class FakeAnthropicServer(ServedInThread):
     """Serves Anthropic's Messages API on ``127.0.0.1`` from a script (a list answered in
     order, the last one repeating; or a function of the request body).
 
@@ -218,31 +218,11 @@ class FakeAnthropicServer:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def start(self) -> FakeAnthropicServer:
-        if self._httpd is not None:
-            raise RuntimeError("the server is already running")
-        self._httpd = _HTTPServer(("127.0.0.1", 0), _AnthropicHandler, self)  # type: ignore[arg-type]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
-                                        name="fake-anthropic-server", daemon=True)
-        self._thread.start()
-        return self
+    def _handler_class(self) -> type[_Handler]:
+        return _AnthropicHandler
 
-    def stop(self) -> None:
-        httpd, thread = self._httpd, self._thread
-        self._httpd = self._thread = None
-        if httpd is None:
-            return
-        httpd.shutdown()
-        httpd.close_connections()
-        httpd.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
-
-    def __enter__(self) -> FakeAnthropicServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    def _thread_name(self) -> str:
+        return "fake-anthropic-server"
 
     @property
     def base_url(self) -> str:

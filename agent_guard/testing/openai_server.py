@@ -42,7 +42,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 __all__ = ["BilledRequest", "FakeOpenAIServer", "FakeReply", "ReplyScript"]
@@ -174,7 +174,51 @@ class BilledRequest:
 ReplyScript = Sequence[FakeReply | str] | Callable[[dict[str, Any]], FakeReply | str]
 
 
-class FakeOpenAIServer:
+class ServedInThread:
+    """Start, stop and ``with`` of a fake provider served by ``_HTTPServer`` on loopback in
+    a daemon thread: the part of its life every fake provider shares."""
+
+    _port = 0
+    _httpd: _HTTPServer | None
+    _thread: threading.Thread | None
+
+    def start(self) -> Self:
+        """Bind and serve in a daemon thread; returns ``self``."""
+        if self._httpd is not None:
+            raise RuntimeError("the server is already running")
+        self._httpd = _HTTPServer(("127.0.0.1", self._port), self._handler_class(),
+                                  self)  # type: ignore[arg-type]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
+                                        name=self._thread_name(), daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close open connections (idempotent)."""
+        httpd, thread = self._httpd, self._thread
+        self._httpd = self._thread = None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.close_connections()
+        httpd.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        raise NotImplementedError
+
+    def _thread_name(self) -> str:
+        return type(self).__name__
+
+
+class FakeOpenAIServer(ServedInThread):
     """Serves the OpenAI chat-completions API on ``127.0.0.1`` from a script.
 
     ``replies`` is a list answered in order, **the last one repeating** once the
@@ -225,33 +269,11 @@ class FakeOpenAIServer:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def start(self) -> FakeOpenAIServer:
-        """Bind and serve in a daemon thread; returns ``self``."""
-        if self._httpd is not None:
-            raise RuntimeError("the server is already running")
-        self._httpd = _HTTPServer(("127.0.0.1", self._port), _Handler, self)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
-                                        name=f"fake-openai-server:{self.port}", daemon=True)
-        self._thread.start()
-        return self
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        return _Handler
 
-    def stop(self) -> None:
-        """Stop serving and close open connections (idempotent)."""
-        httpd, thread = self._httpd, self._thread
-        self._httpd = self._thread = None
-        if httpd is None:
-            return
-        httpd.shutdown()
-        httpd.close_connections()
-        httpd.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
-
-    def __enter__(self) -> FakeOpenAIServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    def _thread_name(self) -> str:
+        return f"fake-openai-server:{self.port}"
 
     @property
     def port(self) -> int:
