@@ -17,7 +17,10 @@ import importlib
 import warnings
 from typing import Any
 
-from .budgets import Budgets
+from .engine.budgets import Budgets
+from .engine.guard import Guard
+from .engine.limits import Limits
+from .engine.records import CallRecord
 from .errors import (
     BudgetExceeded,
     GuardError,
@@ -30,13 +33,10 @@ from .errors import (
     UnknownModelPrice,
 )
 from .finops import UsageStore
-from .guard import Guard
 from .langchain.callback import GuardCallbackHandler
 from .langchain.middleware import GuardMiddleware
 from .langgraph.graph import budget_gate, guarded_graph
-from .limits import Limits
 from .pricing import PriceBook
-from .records import CallRecord
 from .routing import ModelRouter
 
 __version__ = "0.1.0"
@@ -69,21 +69,21 @@ __all__ = [
 #: ``__all__``: still importable from here (with a DeprecationWarning), and from their
 #: module for good
 MOVED = {
-    "Admission": "agent_guard.guard",
+    "Admission": "agent_guard.engine.guard",
     "CallbackAlert": "agent_guard.finops",
     "CostBreakdown": "agent_guard.pricing",
     "GuardedStateGraph": "agent_guard.langgraph",
     "Ledger": "agent_guard.ledger",
     "LogAlert": "agent_guard.finops",
-    "MalformedUsage": "agent_guard.usage",
-    "ModelCall": "agent_guard.guard",
+    "MalformedUsage": "agent_guard.engine.usage",
+    "ModelCall": "agent_guard.engine.guard",
     "ModelPrice": "agent_guard.pricing",
     "RouteDecision": "agent_guard.routing",
     "Rule": "agent_guard.routing",
-    "SessionUsage": "agent_guard.records",
-    "ThresholdEvent": "agent_guard.guard",
+    "SessionUsage": "agent_guard.engine.records",
+    "ThresholdEvent": "agent_guard.engine.guard",
     "TokenCounter": "agent_guard.tokens",
-    "Usage": "agent_guard.usage",
+    "Usage": "agent_guard.engine.usage",
     "WebhookAlert": "agent_guard.finops",
     "export_focus": "agent_guard.finops",
     "from_url": "agent_guard.ledger",

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any, Literal
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 
 from .compat import LANGCHAIN_CALLBACK_ERROR
+from .engine.usage import nano_to_usd
 from .errors import GuardError, GuardStop
-from .usage import nano_to_usd
 
 if TYPE_CHECKING:
-    from .guard import Guard
+    from .engine.guard import Guard
 
 __all__ = [
     "PAYLOAD_MARKER",

@@ -101,10 +101,10 @@ def usage(
     ledger: Annotated[str, typer.Option(help="Ledger URL.")] = "sqlite:///agent_guard.db",
 ) -> None:
     """Show a session's spend as a shared ledger has it."""
+    from .engine.guard import Guard
+    from .engine.limits import Limits
     from .errors import GuardError
-    from .guard import Guard
     from .ledger import redact_url
-    from .limits import Limits
 
     _check_ledger_url(ledger, shared=True)
     try:

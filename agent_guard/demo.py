@@ -18,11 +18,11 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from .engine.guard import Guard
+from .engine.limits import Limits
+from .engine.records import CallRecord
 from .errors import GuardError
-from .guard import Guard
 from .langchain.callback import GuardCallbackHandler
-from .limits import Limits
-from .records import CallRecord
 from .testing import ScriptedChatModel
 
 __all__ = ["DemoResult", "run_demo"]

@@ -38,9 +38,9 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from .compat import ls_params
+from .engine.guard import Guard, ModelCall
+from .engine.usage import nano_to_usd, usd_to_nano
 from .errors import GuardError
-from .guard import Guard, ModelCall
-from .usage import nano_to_usd, usd_to_nano
 
 __all__ = [
     "ModelRouter",

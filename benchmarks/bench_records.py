@@ -32,10 +32,10 @@ from typing import Any
 from bench_overhead import PROMPT, make_model
 
 from agent_guard import Guard, GuardCallbackHandler, Limits
+from agent_guard.engine.records import CallRecord
+from agent_guard.engine.usage import Usage
 from agent_guard.finops import UsageStore
 from agent_guard.finops.store import SQLiteUsageStore
-from agent_guard.records import CallRecord
-from agent_guard.usage import Usage
 
 BIG = Limits(max_cost_usd=10**6, max_tokens=10**12, max_model_calls=10**9)
 

@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network at import
 
+from agent_guard.engine.usage import Usage  # noqa: E402
 from agent_guard.pricing.pricebook import ModelPrice  # noqa: E402
 from agent_guard.pricing.refresh import build_table, load_source  # noqa: E402
-from agent_guard.usage import Usage  # noqa: E402
 
 DOC = ROOT / "docs" / "price-conformance.md"
 TOLERANCE = Decimal("1e-9")

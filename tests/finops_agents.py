@@ -9,8 +9,8 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.tools import tool
 
 from agent_guard import Guard, GuardCallbackHandler, Limits
+from agent_guard.engine.records import CallRecord
 from agent_guard.finops import UsageStore
-from agent_guard.records import CallRecord
 from agent_guard.testing import ScriptedChatModel
 
 

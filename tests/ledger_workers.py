@@ -135,9 +135,9 @@ def team_race(barrier: Any, url: str, namespace: str | None, session: str, threa
     """Sessions of one team, in this process, spend against a team monthly cap at the
     instant ``now``. Returns (calls admitted, nano-USD settled)."""
     from agent_guard import BudgetExceeded, Guard, Limits
-    from agent_guard.budgets import Budgets
-    from agent_guard.guard import ModelCall
-    from agent_guard.usage import Usage
+    from agent_guard.engine.budgets import Budgets
+    from agent_guard.engine.guard import ModelCall
+    from agent_guard.engine.usage import Usage
 
     guard = Guard(Budgets(session=Limits(max_cost_usd=1),
                           team=Limits(max_cost_usd=TEAM_CAP_USD, window="month")),
@@ -178,10 +178,10 @@ def model_race(barrier: Any, url: str, namespace: str | None, proc: str, threads
     at the instant ``now``, recording every call in the namespace's usage store.
     Returns (gpt-4o calls admitted, nano-USD settled for them)."""
     from agent_guard import BudgetExceeded, Guard, Limits, UsageStore
-    from agent_guard.budgets import Budgets
-    from agent_guard.guard import ModelCall
+    from agent_guard.engine.budgets import Budgets
+    from agent_guard.engine.guard import ModelCall
+    from agent_guard.engine.usage import Usage
     from agent_guard.pricing import ToolPrice
-    from agent_guard.usage import Usage
 
     ledger = open_ledger(url, namespace)
     store = UsageStore.for_ledger(ledger)

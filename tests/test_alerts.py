@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from agent_guard import BudgetExceeded, CallRecord, Guard, Limits
-from agent_guard.budgets import Budgets
+from agent_guard.engine.budgets import Budgets
+from agent_guard.engine.guard import ModelCall, ThresholdEvent
+from agent_guard.engine.usage import Usage
 from agent_guard.finops import CallbackAlert, LogAlert, WebhookAlert, slack_payload
-from agent_guard.guard import ModelCall, ThresholdEvent
-from agent_guard.usage import Usage
 
 from .conftest import FakeClock
 

@@ -8,9 +8,9 @@ import pytest
 from langchain_core.messages import AIMessage
 
 from agent_guard import Guard, GuardCallbackHandler, LedgerUnavailable, Limits
-from agent_guard.guard import ModelCall
+from agent_guard.engine.guard import ModelCall
+from agent_guard.engine.usage import Usage
 from agent_guard.testing import ScriptedChatModel
-from agent_guard.usage import Usage
 
 
 def free_port() -> int:
@@ -59,7 +59,7 @@ def test_malformed_usage_is_replaced_by_a_count_never_zero(bad, caplog) -> None:
 
 
 def test_usage_values_are_validated() -> None:
-    from agent_guard.usage import MalformedUsage
+    from agent_guard.engine.usage import MalformedUsage
 
     with pytest.raises(MalformedUsage):
         Usage(input_tokens=-1)
@@ -170,10 +170,10 @@ def test_sqlite_connections_do_not_pile_up_with_threads(tmp_path) -> None:
 
     from agent_guard import Guard, Limits
     from agent_guard.cache.store import SQLiteStore
+    from agent_guard.engine.guard import ModelCall
+    from agent_guard.engine.usage import Usage
     from agent_guard.finops import UsageStore
-    from agent_guard.guard import ModelCall
     from agent_guard.sqlite_pool import IDLE_CONNECTIONS
-    from agent_guard.usage import Usage
 
     path = tmp_path / "guard.db"
     guard = Guard(Limits(max_cost_usd=100), f"sqlite:///{path}")

@@ -19,10 +19,10 @@ from agent_guard import (
     Limits,
     StepLimitExceeded,
 )
-from agent_guard.budgets import Budgets, attributes_from_metadata, period_of
-from agent_guard.guard import ModelCall
+from agent_guard.engine.budgets import Budgets, attributes_from_metadata, period_of
+from agent_guard.engine.guard import ModelCall
+from agent_guard.engine.usage import Usage, usd_to_nano
 from agent_guard.testing import ScriptedChatModel
-from agent_guard.usage import Usage, usd_to_nano
 
 from .conftest import FakeClock, LedgerFactory
 from .ledger_workers import RACE_TIMEOUT_S, TEAM_CAP_USD, open_ledger, run_racing, team_race

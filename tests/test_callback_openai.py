@@ -22,8 +22,8 @@ from agent_guard import (
     OutputCapExceeded,
     StepLimitExceeded,
 )
+from agent_guard.engine.usage import usd_to_nano
 from agent_guard.testing import FakeOpenAIServer, FakeReply
-from agent_guard.usage import usd_to_nano
 
 IN, OUT, CACHED = Decimal("2.5e-06"), Decimal("1e-05"), Decimal("1.25e-06")  # gpt-4o
 

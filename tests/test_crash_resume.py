@@ -11,9 +11,9 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
+from agent_guard.engine.usage import usd_to_nano
 from agent_guard.ledger import from_url
 from agent_guard.testing import FakeOpenAIServer, FakeReply
-from agent_guard.usage import usd_to_nano
 
 from .graph_worker import LEASE, THREAD, build, config
 

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 
 from agent_guard import Guard, Limits
+from agent_guard.engine.guard import ModelCall
+from agent_guard.engine.usage import Usage
 from agent_guard.errors import LedgerUnavailable
-from agent_guard.guard import ModelCall
 from agent_guard.ledger import Denial, Ledger, MemoryLedger, Reservation, ScopeCaps
 from agent_guard.ledger.base import ScopeTotals, Settlement
 from agent_guard.ledger.failover import FailOpenLedger
-from agent_guard.usage import Usage
 
 from .conftest import FakeClock
 
@@ -386,8 +386,8 @@ def test_a_settle_that_finds_the_ledger_down_is_kept_and_counted_later(path: str
     at settle time. The call returns its record, the spend is kept, and it is settled
     before the next call, after the reservation's lease has run out too."""
     from agent_guard import Guard, Limits
-    from agent_guard.guard import ModelCall
-    from agent_guard.usage import Usage
+    from agent_guard.engine.guard import ModelCall
+    from agent_guard.engine.usage import Usage
 
     inner = Switch()
     guard = Guard(Limits(max_cost_usd=1, lease_seconds=0.01), inner)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from agent_guard import Guard
+from agent_guard.engine.usage import Usage
 from agent_guard.finops import FOCUS_COLUMNS, UsageStore, export_focus, focus_rows, validate_focus
 from agent_guard.finops.focus import REQUIRED_COLUMNS
-from agent_guard.usage import Usage
 
 from .finops_agents import SESSIONS, big_limits, run_agents
 from .test_finops_store import NOV_30, make_record
@@ -38,7 +38,7 @@ def agent_store(tmp_path):
     store = UsageStore.for_ledger(guard.ledger)
     runs = run_agents(guard, store)
     # one more call answered from a cache: zero cost, what it saved recorded
-    from agent_guard.guard import ModelCall
+    from agent_guard.engine.guard import ModelCall
 
     admission = guard.before_model_call(ModelCall(session="t-1", model="gpt-4o",
                                                   provider="openai", input_tokens=500,

@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent_guard import Budgets, Guard, Limits
+from agent_guard.engine.guard import ModelCall
+from agent_guard.engine.usage import Usage
 from agent_guard.finops import UsageStore, report, to_dataframe, totals
 from agent_guard.finops.report import REPORT_COLUMNS
 from agent_guard.finops.store import record_to_row
-from agent_guard.guard import ModelCall
-from agent_guard.usage import Usage
 
 from .test_finops_store import NOV_30, make_record
 

@@ -229,7 +229,7 @@ def _prices() -> list[Any]:
 
 @st.composite
 def _usages(draw: Any) -> Any:
-    from agent_guard.usage import Usage
+    from agent_guard.engine.usage import Usage
 
     n = st.integers(0, 3_000_000)
     i, o = draw(n), draw(n)

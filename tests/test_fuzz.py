@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent_guard import Guard, GuardError, Limits, PriceBook
-from agent_guard.guard import ModelCall
+from agent_guard.engine.guard import ModelCall
+from agent_guard.engine.usage import MalformedUsage, Usage
 from agent_guard.ledger import from_url
-from agent_guard.usage import MalformedUsage, Usage
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])

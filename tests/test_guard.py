@@ -18,8 +18,8 @@ from agent_guard import (
     StepLimitExceeded,
     UnknownModelPrice,
 )
-from agent_guard.guard import ModelCall
-from agent_guard.usage import Usage, usd_to_nano
+from agent_guard.engine.guard import ModelCall
+from agent_guard.engine.usage import Usage, usd_to_nano
 
 # gpt-4o list prices, typed here on purpose (not read from the code under test)
 IN, OUT, CACHED = Decimal("2.5e-06"), Decimal("1e-05"), Decimal("1.25e-06")

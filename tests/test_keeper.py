@@ -7,8 +7,8 @@ import sys
 import threading
 
 from agent_guard import Guard, Limits
-from agent_guard.guard import ModelCall
-from agent_guard.keeper import LeaseKeeper
+from agent_guard.engine.guard import ModelCall
+from agent_guard.engine.keeper import LeaseKeeper
 
 OWNER = object()
 
@@ -128,7 +128,7 @@ def test_a_forked_child_does_not_end_its_parents_calls() -> None:
     import os
 
     from agent_guard import guard as guard_module
-    from agent_guard.keeper import keeper
+    from agent_guard.engine.keeper import keeper
 
     if not hasattr(os, "fork"):
         return

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from agent_guard import Guard, Limits
-from agent_guard.guard import ModelCall
+from agent_guard.engine.guard import ModelCall
+from agent_guard.engine.usage import Usage
 from agent_guard.ledger import Denial, Reservation, ScopeCaps
 from agent_guard.ledger.redis import RedisLedger
-from agent_guard.usage import Usage
 
 CAP = 1_000
 LONG = 59.0  # seconds: longer than any test here waits

@@ -22,7 +22,7 @@ from agent_guard import (
     LoopDetected,
     StepLimitExceeded,
 )
-from agent_guard.guard import ModelCall, ThresholdEvent
+from agent_guard.engine.guard import ModelCall, ThresholdEvent
 from agent_guard.testing import ScriptedChatModel
 
 runs: list[str] = []

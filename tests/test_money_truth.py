@@ -31,8 +31,8 @@ from langchain_openai import ChatOpenAI
 from langgraph.graph import END, START, StateGraph
 
 from agent_guard import BudgetExceeded, Guard, GuardCallbackHandler, Limits, guarded_graph
+from agent_guard.engine.records import CallRecord
 from agent_guard.ledger import Ledger
-from agent_guard.records import CallRecord
 from agent_guard.testing import FakeOpenAIServer, FakeReply
 
 from .conftest import REDIS_URL, require_redis
@@ -296,7 +296,7 @@ def test_read_timeouts_retried_by_with_retry_are_each_charged(ledger: Ledger,
 
 
 def _call(server: FakeOpenAIServer, text: str) -> Any:
-    from agent_guard.guard import ModelCall
+    from agent_guard.engine.guard import ModelCall
 
     return ModelCall(session=SESSION, model="gpt-4o", provider="openai",
                      messages=[HumanMessage(text)], max_output_tokens=MAX_TOKENS)

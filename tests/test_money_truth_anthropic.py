@@ -34,8 +34,8 @@ from agent_guard import (
     Limits,
     guarded_graph,
 )
+from agent_guard.engine.records import CallRecord
 from agent_guard.ledger import Ledger
-from agent_guard.records import CallRecord
 from agent_guard.testing import AnthropicReply, FakeAnthropicServer
 
 from .conftest import REDIS_URL, require_redis
@@ -481,7 +481,7 @@ def test_usage_is_read_as_billed_in_every_shape(shape: str, stream: bool) -> Non
     """langchain-anthropic's usage_metadata (invoke and the summed stream) reads as the
     server's bill: 1-hour writes reported under ephemeral_1h_input_tokens with
     cache_creation 0, thinking as reasoning inside the output."""
-    from agent_guard.usage import Usage
+    from agent_guard.engine.usage import Usage
 
     reply, kw = SHAPES[shape]
     with FakeAnthropicServer([reply]) as server:

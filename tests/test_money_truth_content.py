@@ -39,9 +39,9 @@ from agent_guard import (
     guarded_graph,
 )
 from agent_guard.cache.result import ResultCache, cached_tool
+from agent_guard.engine.usage import Usage, usd_to_nano
 from agent_guard.finops import UsageStore, report
 from agent_guard.testing import FakeOpenAIServer, FakeReply, ScriptedChatModel
-from agent_guard.usage import Usage, usd_to_nano
 
 from .conftest import REDIS_URL, require_redis
 

@@ -38,13 +38,13 @@ from agent_guard import (
     StepLimitExceeded,
     guarded_graph,
 )
+from agent_guard.engine.records import CallRecord
+from agent_guard.engine.usage import usd_to_nano
 from agent_guard.finops import UsageStore, export_focus, focus_rows, report, validate_focus
 from agent_guard.langchain import priced_tool
 from agent_guard.ledger import Ledger, MemoryLedger
 from agent_guard.pricing import PriceBook, ToolPrice, ToolUse
-from agent_guard.records import CallRecord
 from agent_guard.testing import FakeOpenAIServer, FakeReply
-from agent_guard.usage import usd_to_nano
 
 from .conftest import REDIS_URL, require_redis
 from .ledger_workers import (
@@ -428,7 +428,7 @@ def test_a_cached_paid_tool_keeps_its_price_and_a_hit_costs_nothing() -> None:
 def test_a_long_running_paid_tool_keeps_its_hold_under_the_middleware(mode: str) -> None:
     """A sandbox may run longer than the lease: while the tool runs, the lease keeper
     renews its hold (checked from inside the tool, with every renewal made due)."""
-    from agent_guard.keeper import keeper
+    from agent_guard.engine.keeper import keeper
 
     renewed: list[int] = []
 

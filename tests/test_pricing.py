@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent_guard import PriceBook, UnknownModelPrice
+from agent_guard.engine.usage import Usage, usd_to_nano
 from agent_guard.pricing import pricebook as pricebook_module
-from agent_guard.usage import Usage, usd_to_nano
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def test_usd_to_nano_rounds_up_exactly() -> None:
 
 
 def test_malformed_provider_usage_is_refused() -> None:
-    from agent_guard.usage import MalformedUsage
+    from agent_guard.engine.usage import MalformedUsage
 
     for bad in ({"input_tokens": -1}, {"input_tokens": "12"}, {"input_tokens": float("nan")},
                 {"input_tokens": 5, "input_token_details": {"cache_read": 9}}):

@@ -19,13 +19,13 @@ from redis.cluster import RedisCluster
 
 from agent_guard import Guard, Limits
 from agent_guard.cache import LLMCache, ResultCache, store_from_url
+from agent_guard.engine.guard import ModelCall
+from agent_guard.engine.usage import Usage
 from agent_guard.errors import BudgetExceeded, LedgerUnavailable
 from agent_guard.finops.store import UsageStore
-from agent_guard.guard import ModelCall
 from agent_guard.ledger import ScopeCaps, from_url
 from agent_guard.ledger.redis import RedisLedger
 from agent_guard.stores import parse_url, redis_client
-from agent_guard.usage import Usage
 
 
 def ns() -> str:
@@ -205,7 +205,7 @@ def test_the_llm_cache_store_on_a_cluster(redis_cluster_url: str) -> None:
 
 
 def test_the_usage_store_on_a_cluster(redis_cluster_url: str) -> None:
-    from agent_guard.records import CallRecord
+    from agent_guard.engine.records import CallRecord
 
     name = ns()
     store = UsageStore.from_url(redis_cluster_url, namespace=name)

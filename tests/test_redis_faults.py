@@ -41,13 +41,13 @@ import pytest
 import redis
 
 from agent_guard import Guard, Limits
+from agent_guard.engine.guard import Admission, ModelCall
+from agent_guard.engine.records import CallRecord
+from agent_guard.engine.usage import Usage, usd_to_nano
 from agent_guard.errors import BudgetExceeded, LedgerUnavailable
-from agent_guard.guard import Admission, ModelCall
 from agent_guard.ledger.failover import FailOpenLedger
 from agent_guard.ledger.redis import RedisLedger
-from agent_guard.records import CallRecord
 from agent_guard.testing.redis_cluster import ClusterUnavailable, LocalRedisCluster
-from agent_guard.usage import Usage, usd_to_nano
 
 REDIS_SERVER = shutil.which("redis-server")
 CAP_USD = "0.02"  # about 660 calls of the workload below: far from spent at the kill

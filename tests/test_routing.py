@@ -25,9 +25,9 @@ from agent_guard import (
     ModelRouter,
     guarded_graph,
 )
+from agent_guard.engine.usage import usd_to_nano
 from agent_guard.routing import has_tools, mentions, prompt_tokens_above, when
 from agent_guard.testing import FakeOpenAIServer, FakeReply
-from agent_guard.usage import usd_to_nano
 
 MINI_IN, MINI_OUT = Decimal("1.5e-07"), Decimal("6e-07")
 FOUR_IN, FOUR_OUT = Decimal("2.5e-06"), Decimal("1e-05")

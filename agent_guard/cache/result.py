@@ -39,8 +39,8 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import var_child_runnable_config
 from langchain_core.tools import BaseTool, StructuredTool
 
+from ..engine.usage import nano_to_usd, usd_to_nano
 from ..telemetry.langsmith import note_tool_run
-from ..usage import nano_to_usd, usd_to_nano
 from .safety import DEFAULT_RETRY_AFTER, CacheIO, Failure, check_settings
 from .serde import DEFAULT_MAX_BYTES
 from .store import KVStore, key_part, store_from_url

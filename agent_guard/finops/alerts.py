@@ -51,8 +51,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from ..engine.guard import ThresholdEvent
 from ..errors import dimension_label, format_amount
-from ..guard import ThresholdEvent
 
 __all__ = ["CallbackAlert", "LogAlert", "WebhookAlert", "slack_payload"]
 

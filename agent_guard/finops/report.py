@@ -57,8 +57,8 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from ..records import CallRecord
-from ..usage import NANO_PER_USD
+from ..engine.records import CallRecord
+from ..engine.usage import NANO_PER_USD
 from .store import ATTRIBUTE_COLUMNS, TimeLike, UsageStore, format_usd, parse_time, record_to_row
 
 __all__ = ["GROUP_KEYS", "REPORT_COLUMNS", "report", "to_dataframe", "totals"]

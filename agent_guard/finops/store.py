@@ -1,4 +1,4 @@
-"""The usage records store: every :class:`~agent_guard.records.CallRecord`, kept.
+"""The usage records store: every :class:`~agent_guard.engine.records.CallRecord`, kept.
 
 A store is a record hook. Attach it to a guard and every model and tool call
 the guard accounts is appended as one flat row::
@@ -55,16 +55,16 @@ from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from ..engine.records import CallRecord, utf8_text
+from ..engine.usage import NANO_PER_USD, Usage
 from ..ledger import Ledger, MemoryLedger, redact_url
-from ..records import CallRecord, utf8_text
 from ..stores import open_store, parse_url
 from ..stores.redis import REDIS_ERRORS, USAGE, redis_client
 from ..stores.sqlite import SQLitePool, is_memory_path
 from ..stores.url import REDIS_BACKENDS
-from ..usage import NANO_PER_USD, Usage
 
 if TYPE_CHECKING:
-    from ..guard import Guard
+    from ..engine.guard import Guard
 
 __all__ = [
     "ATTRIBUTE_COLUMNS",

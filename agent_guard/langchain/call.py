@@ -23,8 +23,8 @@ from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration
 from langchain_core.tools import BaseTool
 
+from ..engine.usage import MalformedUsage, Usage
 from ..pricing.tools import METADATA_KEY, ToolPrice, tool_price_from_data
-from ..usage import MalformedUsage, Usage
 
 __all__ = [
     "OWNER",

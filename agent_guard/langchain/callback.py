@@ -21,7 +21,7 @@ in an executor thread under ``ainvoke``).
 Every reservation ends exactly once, also on the paths where LangChain skips
 ``on_llm_end``/``on_llm_error`` (cancellation, another handler's exception): an
 open model run is ended when its parent run ends, or when the asyncio task or the
-stack frame it ran in is gone (:mod:`agent_guard.keeper`, which also renews the
+stack frame it ran in is gone (:mod:`agent_guard.engine.keeper`, which also renews the
 hold of a call that runs longer than its lease). See docs/money-truth.md.
 """
 
@@ -48,18 +48,18 @@ from langchain_core.messages import BaseMessage
 from langchain_core.outputs import LLMResult
 from langchain_core.runnables.config import var_child_runnable_config
 
-from ..budgets import Budgets, attributes_from_metadata
 from ..cache.result import CACHE_HIT_EVENT
 from ..compat import LANGCHAIN_DISPATCH_CORO_NAMES, LANGCHAIN_MODEL_CODE_DIR
+from ..engine.budgets import Budgets, attributes_from_metadata
+from ..engine.guard import Admission, Guard, ModelCall, ToolAdmission
+from ..engine.keeper import keeper
+from ..engine.limits import Limits
+from ..engine.records import CallRecord, Outcome
+from ..engine.usage import Usage
 from ..errors import GuardError, OutputCapExceeded, SessionRequired
-from ..guard import Admission, Guard, ModelCall, ToolAdmission
-from ..keeper import keeper
 from ..ledger import Ledger
-from ..limits import Limits
 from ..pricing.tools import declared_price
-from ..records import CallRecord, Outcome
 from ..telemetry.langsmith import note_tool_cost
-from ..usage import Usage
 from .call import (
     annotate,
     attempts,
@@ -214,7 +214,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         call, just before it copies the context for the executor; the handler notes
         that task there, so a call cancelled with its task (``asyncio.wait_for``, a
         stream closed early, a failed sibling branch), whose end callbacks never come,
-        is still ended (``agent_guard.keeper``)."""
+        is still ended (``agent_guard.engine.keeper``)."""
         _note_calling_task()
         return dispatching_async_end()
 

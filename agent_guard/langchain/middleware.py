@@ -52,16 +52,16 @@ from ..actions import (
     stop_message,
     wants_stop,
 )
-from ..budgets import Budgets, attributes_from_metadata
 from ..cache.result import MISS, ResultCache, collecting_cache_hits
 from ..compat import default_params, ls_params
+from ..engine.budgets import Budgets, attributes_from_metadata
+from ..engine.guard import Admission, Guard, ModelCall, ToolAdmission
+from ..engine.keeper import keeper
+from ..engine.limits import Limits
+from ..engine.records import Outcome
 from ..errors import GuardError
-from ..guard import Admission, Guard, ModelCall, ToolAdmission
-from ..keeper import keeper
 from ..ledger import Ledger
-from ..limits import Limits
 from ..pricing.tools import declared_price
-from ..records import Outcome
 from .call import (
     OWNER,
     Answer,

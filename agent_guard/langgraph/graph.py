@@ -55,18 +55,18 @@ from ..actions import (
     logger,
     wants_stop,
 )
-from ..budgets import Budgets, attributes_from_metadata
 from ..cache.node import NodeCache, astream_as_tenant, content_key, stream_as_tenant
 from ..cache.result import ResultCache
 from ..cache.safety import CacheIO
 from ..cache.serde import AllowListSerializer, UndecodableEntry, UnencodableValue
 from ..compat import BranchSpec, RunnableCallable
+from ..engine.budgets import Budgets, attributes_from_metadata
+from ..engine.guard import Guard
+from ..engine.limits import Limits
+from ..engine.usage import usd_to_nano
 from ..errors import GuardError
-from ..guard import Guard
 from ..langchain.callback import GuardCallbackHandler, session_from_metadata
 from ..ledger import Ledger
-from ..limits import Limits
-from ..usage import usd_to_nano
 
 __all__ = ["GuardedStateGraph", "budget_gate", "guarded_graph", "session_of"]
 

@@ -39,8 +39,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..engine.usage import Usage, usd_to_nano
 from ..errors import UnknownModelPrice
-from ..usage import Usage, usd_to_nano
 from .tools import ToolPrice, tool_price_from_data
 
 __all__ = ["CostBreakdown", "ModelPrice", "PriceBook", "PriceTier", "Rates"]

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from ..usage import usd_to_nano
+from ..engine.usage import usd_to_nano
 
 __all__ = ["ToolPrice", "ToolUse", "declared_price", "tool_price_from_data"]
 

@@ -41,7 +41,7 @@ from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from ..records import CallRecord
+from ..engine.records import CallRecord
 from . import content as _content
 
 __all__ = ["Attr", "ExportStatus", "GuardTelemetry", "configure_otlp", "exporter_names"]
@@ -642,7 +642,7 @@ class GuardTelemetry:
         span.end()
 
     def on_threshold(self, event: Any) -> None:
-        """A :class:`~agent_guard.guard.ThresholdEvent` as an event on the open root span
+        """A :class:`~agent_guard.engine.guard.ThresholdEvent` as an event on the open root span
         of its session (give this to ``Guard(on_threshold=[...])``)."""
         with self._lock:
             roots = [self._spans[r] for r, s in self._roots.items()

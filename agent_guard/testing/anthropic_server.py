@@ -166,8 +166,8 @@ class AnthropicBill:
         return self.input_tokens + self.cache_read + self.cache_write_5m + self.cache_write_1h
 
     def usage(self) -> Any:
-        """The bill as an :class:`agent_guard.usage.Usage` (inclusive convention)."""
-        from ..usage import Usage
+        """The bill as an :class:`agent_guard.engine.usage.Usage` (inclusive convention)."""
+        from ..engine.usage import Usage
 
         return Usage(input_tokens=self.prompt_tokens, output_tokens=self.output_tokens,
                      cache_read_tokens=self.cache_read,

@@ -160,8 +160,8 @@ class BilledRequest:
                              "they cannot exceed it")
 
     def usage(self) -> Any:
-        """The billed tokens as an :class:`agent_guard.usage.Usage`."""
-        from ..usage import Usage
+        """The billed tokens as an :class:`agent_guard.engine.usage.Usage`."""
+        from ..engine.usage import Usage
 
         return Usage(input_tokens=self.prompt_tokens, output_tokens=self.completion_tokens,
                      cache_read_tokens=self.cached_tokens,
@@ -352,8 +352,8 @@ class FakeOpenAIServer(ServedInThread):
             time.sleep(0.005)
 
     def billed_usage(self) -> Any:
-        """The billed tokens summed over every request, as an ``agent_guard.usage.Usage``."""
-        from ..usage import Usage
+        """The billed tokens summed over every request, as an ``agent_guard.engine.usage.Usage``."""
+        from ..engine.usage import Usage
 
         total = Usage()
         for bill in self.billed:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal
 
-from .ledger import ScopeTotals
+from ..ledger import ScopeTotals
 from .limits import Dimension
 from .usage import Usage, nano_to_usd
 

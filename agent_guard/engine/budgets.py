@@ -37,7 +37,7 @@ from typing import Any
 from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .ledger import ScopeCaps
+from ..ledger import ScopeCaps
 from .limits import WINDOWS, Limits, Window, rolling_window
 from .records import utf8_text
 

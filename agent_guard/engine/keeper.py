@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from .errors import LedgerUnavailable
+from ..errors import LedgerUnavailable
 
 __all__ = ["LeaseKeeper", "keeper"]
 

@@ -190,7 +190,7 @@ class Limits:
 
     def _check_unknown_price(self) -> None:
         if isinstance(self.unknown_price, Mapping):
-            from .pricing import ModelPrice
+            from ..pricing import ModelPrice
 
             try:
                 ModelPrice.from_litellm("unknown_price", self.unknown_price)
@@ -215,7 +215,7 @@ class Limits:
         """The stated price of models without one (a ``ModelPrice``), or None."""
         if not isinstance(self.unknown_price, Mapping):
             return None
-        from .pricing import ModelPrice
+        from ..pricing import ModelPrice
 
         return ModelPrice.from_litellm("unknown_price", self.unknown_price)
 

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any, Literal, cast
 
-from .budgets import CALL_KINDS, STANDARD_ATTRIBUTES, Budgets, ScopeRef
-from .errors import (
+from ..errors import (
     BudgetExceeded,
     GuardError,
     GuardStop,
@@ -34,13 +33,14 @@ from .errors import (
     dimension_label,
     format_amount,
 )
-from .ledger import Denial, Ledger, Reservation, ScopeCaps, ScopeTotals, from_url, redact_url
-from .ledger.base import Settlement
-from .ledger.failover import FailOpenLedger
+from ..ledger import Denial, Ledger, Reservation, ScopeCaps, ScopeTotals, from_url, redact_url
+from ..ledger.base import Settlement
+from ..ledger.failover import FailOpenLedger
+from ..pricing import ModelPrice, PriceBook, ToolPrice, ToolUse
+from ..tokens import RequestFeatures, TokenCounter, request_features
+from .budgets import CALL_KINDS, STANDARD_ATTRIBUTES, Budgets, ScopeRef
 from .limits import Dimension, Limits, repeat_dimension, tool_dimension
-from .pricing import ModelPrice, PriceBook, ToolPrice, ToolUse
 from .records import CallRecord, Outcome, SessionUsage
-from .tokens import RequestFeatures, TokenCounter, request_features
 from .usage import Usage, usd_to_nano
 
 __all__ = ["Admission", "Guard", "ModelCall", "ThresholdEvent", "ToolAdmission"]

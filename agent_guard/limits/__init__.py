@@ -1,0 +1,12 @@
+"""Moved to :mod:`agent_guard.engine.limits`: this path stays importable (the same module
+object, private names included) and warns."""
+
+import sys
+import warnings
+
+from agent_guard.engine import limits as _module
+from agent_guard.engine.limits import *  # noqa: F403 - the names type checkers see here
+
+warnings.warn("agent_guard.limits moved to agent_guard.engine.limits: import it from there",
+              DeprecationWarning, stacklevel=2)
+sys.modules[__name__] = _module
