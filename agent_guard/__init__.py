@@ -69,19 +69,19 @@ __all__ = [
 #: ``__all__``: still importable from here (with a DeprecationWarning), and from their
 #: module for good
 MOVED = {
-    "Admission": "agent_guard.engine.guard",
+    "Admission": "agent_guard.engine.admission",
     "CallbackAlert": "agent_guard.finops",
     "CostBreakdown": "agent_guard.pricing",
     "GuardedStateGraph": "agent_guard.langgraph",
     "Ledger": "agent_guard.ledger",
     "LogAlert": "agent_guard.finops",
     "MalformedUsage": "agent_guard.engine.usage",
-    "ModelCall": "agent_guard.engine.guard",
+    "ModelCall": "agent_guard.engine.admission",
     "ModelPrice": "agent_guard.pricing",
     "RouteDecision": "agent_guard.routing",
     "Rule": "agent_guard.routing",
     "SessionUsage": "agent_guard.engine.records",
-    "ThresholdEvent": "agent_guard.engine.guard",
+    "ThresholdEvent": "agent_guard.engine.thresholds",
     "TokenCounter": "agent_guard.tokens",
     "Usage": "agent_guard.engine.usage",
     "WebhookAlert": "agent_guard.finops",

@@ -38,7 +38,8 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from .compat import ls_params
-from .engine.guard import Guard, ModelCall
+from .engine.admission import ModelCall
+from .engine.guard import Guard
 from .engine.usage import nano_to_usd, usd_to_nano
 from .errors import GuardError
 

@@ -135,8 +135,8 @@ def team_race(barrier: Any, url: str, namespace: str | None, session: str, threa
     """Sessions of one team, in this process, spend against a team monthly cap at the
     instant ``now``. Returns (calls admitted, nano-USD settled)."""
     from agent_guard import BudgetExceeded, Guard, Limits
+    from agent_guard.engine.admission import ModelCall
     from agent_guard.engine.budgets import Budgets
-    from agent_guard.engine.guard import ModelCall
     from agent_guard.engine.usage import Usage
 
     guard = Guard(Budgets(session=Limits(max_cost_usd=1),
@@ -178,8 +178,8 @@ def model_race(barrier: Any, url: str, namespace: str | None, proc: str, threads
     at the instant ``now``, recording every call in the namespace's usage store.
     Returns (gpt-4o calls admitted, nano-USD settled for them)."""
     from agent_guard import BudgetExceeded, Guard, Limits, UsageStore
+    from agent_guard.engine.admission import ModelCall
     from agent_guard.engine.budgets import Budgets
-    from agent_guard.engine.guard import ModelCall
     from agent_guard.engine.usage import Usage
     from agent_guard.pricing import ToolPrice
 

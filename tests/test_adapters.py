@@ -20,7 +20,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import Field
 
 from agent_guard import Guard, GuardCallbackHandler, GuardMiddleware, Limits
-from agent_guard.engine.guard import Admission
+from agent_guard.engine.admission import Admission
 from agent_guard.engine.records import CallRecord
 from agent_guard.ledger import Ledger, MemoryLedger
 from agent_guard.testing import FakeOpenAIServer, FakeReply

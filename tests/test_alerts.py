@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from agent_guard import BudgetExceeded, CallRecord, Guard, Limits
+from agent_guard.engine.admission import ModelCall
 from agent_guard.engine.budgets import Budgets
-from agent_guard.engine.guard import ModelCall, ThresholdEvent
+from agent_guard.engine.thresholds import ThresholdEvent
 from agent_guard.engine.usage import Usage
 from agent_guard.finops import CallbackAlert, LogAlert, WebhookAlert, slack_payload
 

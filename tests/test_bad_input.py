@@ -8,7 +8,7 @@ import pytest
 from langchain_core.messages import AIMessage
 
 from agent_guard import Guard, GuardCallbackHandler, LedgerUnavailable, Limits
-from agent_guard.engine.guard import ModelCall
+from agent_guard.engine.admission import ModelCall
 from agent_guard.engine.usage import Usage
 from agent_guard.testing import ScriptedChatModel
 
@@ -170,7 +170,7 @@ def test_sqlite_connections_do_not_pile_up_with_threads(tmp_path) -> None:
 
     from agent_guard import Guard, Limits
     from agent_guard.cache.store import SQLiteStore
-    from agent_guard.engine.guard import ModelCall
+    from agent_guard.engine.admission import ModelCall
     from agent_guard.engine.usage import Usage
     from agent_guard.finops import UsageStore
     from agent_guard.sqlite_pool import IDLE_CONNECTIONS

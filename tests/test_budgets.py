@@ -19,8 +19,8 @@ from agent_guard import (
     Limits,
     StepLimitExceeded,
 )
+from agent_guard.engine.admission import ModelCall
 from agent_guard.engine.budgets import Budgets, attributes_from_metadata, period_of
-from agent_guard.engine.guard import ModelCall
 from agent_guard.engine.usage import Usage, usd_to_nano
 from agent_guard.testing import ScriptedChatModel
 
@@ -459,7 +459,7 @@ def test_session_only_scope_refs_follow_the_session() -> None:
 
 
 def test_many_sessions_keep_the_scope_ref_cache_bounded() -> None:
-    from agent_guard import budgets as budgets_module
+    from agent_guard.engine import budgets as budgets_module
 
     guard = Guard(Limits(max_model_calls=3))
     for i in range(2 * budgets_module._REFS_MAX + 10):

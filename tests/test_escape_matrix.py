@@ -32,7 +32,7 @@ from agent_guard import (
     Limits,
     StepLimitExceeded,
 )
-from agent_guard.engine.guard import Admission, ModelCall
+from agent_guard.engine.admission import Admission, ModelCall
 from agent_guard.testing import ScriptedChatModel
 
 ran: list[str] = []

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from agent_guard import Guard, Limits
-from agent_guard.engine.guard import ModelCall
+from agent_guard.engine.admission import ModelCall
 from agent_guard.engine.usage import Usage
 from agent_guard.errors import LedgerUnavailable
 from agent_guard.ledger import Denial, Ledger, MemoryLedger, Reservation, ScopeCaps
@@ -386,7 +386,7 @@ def test_a_settle_that_finds_the_ledger_down_is_kept_and_counted_later(path: str
     at settle time. The call returns its record, the spend is kept, and it is settled
     before the next call, after the reservation's lease has run out too."""
     from agent_guard import Guard, Limits
-    from agent_guard.engine.guard import ModelCall
+    from agent_guard.engine.admission import ModelCall
     from agent_guard.engine.usage import Usage
 
     inner = Switch()

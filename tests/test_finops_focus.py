@@ -38,7 +38,7 @@ def agent_store(tmp_path):
     store = UsageStore.for_ledger(guard.ledger)
     runs = run_agents(guard, store)
     # one more call answered from a cache: zero cost, what it saved recorded
-    from agent_guard.engine.guard import ModelCall
+    from agent_guard.engine.admission import ModelCall
 
     admission = guard.before_model_call(ModelCall(session="t-1", model="gpt-4o",
                                                   provider="openai", input_tokens=500,

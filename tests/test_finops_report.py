@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent_guard import Budgets, Guard, Limits
-from agent_guard.engine.guard import ModelCall
+from agent_guard.engine.admission import ModelCall
 from agent_guard.engine.usage import Usage
 from agent_guard.finops import UsageStore, report, to_dataframe, totals
 from agent_guard.finops.report import REPORT_COLUMNS

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from agent_guard import Guard, Limits
-from agent_guard.engine.guard import ModelCall
+from agent_guard.engine.admission import ModelCall
 from agent_guard.engine.records import CallRecord
 from agent_guard.engine.usage import Usage
 from agent_guard.finops import (
@@ -277,7 +277,7 @@ def test_text_utf8_cannot_hold_is_escaped_not_dropped(store: UsageStore, tmp_pat
     session or scope value: the guard admits the call on a SQLite ledger, every store
     keeps the record, and the FOCUS export writes it."""
     from agent_guard import Budgets, Guard, Limits
-    from agent_guard.engine.guard import ModelCall
+    from agent_guard.engine.admission import ModelCall
     from agent_guard.finops import export_focus
 
     odd = b"caf\xe9".decode("utf-8", "surrogateescape")
@@ -301,7 +301,7 @@ def test_a_call_priced_by_its_response_model_is_not_unpriced() -> None:
     """Admitted under an alias the price book does not know, settled at the price of
     the model the provider says answered: the record is priced."""
     from agent_guard import Guard, Limits
-    from agent_guard.engine.guard import ModelCall
+    from agent_guard.engine.admission import ModelCall
 
     records: list[CallRecord] = []
     stated = {"input_cost_per_token": 1e-05, "output_cost_per_token": 4e-05}

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent_guard import Guard, GuardError, Limits, PriceBook
-from agent_guard.engine.guard import ModelCall
+from agent_guard.engine.admission import ModelCall
 from agent_guard.engine.usage import MalformedUsage, Usage
 from agent_guard.ledger import from_url
 

@@ -18,7 +18,7 @@ from agent_guard import (
     StepLimitExceeded,
     UnknownModelPrice,
 )
-from agent_guard.engine.guard import ModelCall
+from agent_guard.engine.admission import ModelCall
 from agent_guard.engine.usage import Usage, usd_to_nano
 
 # gpt-4o list prices, typed here on purpose (not read from the code under test)

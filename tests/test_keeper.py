@@ -7,7 +7,7 @@ import sys
 import threading
 
 from agent_guard import Guard, Limits
-from agent_guard.engine.guard import ModelCall
+from agent_guard.engine.admission import ModelCall
 from agent_guard.engine.keeper import LeaseKeeper
 
 OWNER = object()
@@ -127,7 +127,7 @@ def test_the_handler_bounds_its_open_runs(monkeypatch) -> None:
 def test_a_forked_child_does_not_end_its_parents_calls() -> None:
     import os
 
-    from agent_guard import guard as guard_module
+    from agent_guard.engine import admission as guard_module
     from agent_guard.engine.keeper import keeper
 
     if not hasattr(os, "fork"):

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from agent_guard import Guard, Limits
-from agent_guard.engine.guard import ModelCall
+from agent_guard.engine.admission import ModelCall
 from agent_guard.engine.usage import Usage
 from agent_guard.ledger import Denial, Reservation, ScopeCaps
 from agent_guard.ledger.redis import RedisLedger

@@ -22,7 +22,8 @@ from agent_guard import (
     LoopDetected,
     StepLimitExceeded,
 )
-from agent_guard.engine.guard import ModelCall, ThresholdEvent
+from agent_guard.engine.admission import ModelCall
+from agent_guard.engine.thresholds import ThresholdEvent
 from agent_guard.testing import ScriptedChatModel
 
 runs: list[str] = []

@@ -296,7 +296,7 @@ def test_read_timeouts_retried_by_with_retry_are_each_charged(ledger: Ledger,
 
 
 def _call(server: FakeOpenAIServer, text: str) -> Any:
-    from agent_guard.engine.guard import ModelCall
+    from agent_guard.engine.admission import ModelCall
 
     return ModelCall(session=SESSION, model="gpt-4o", provider="openai",
                      messages=[HumanMessage(text)], max_output_tokens=MAX_TOKENS)

@@ -17,7 +17,7 @@ import pytest
 from langchain_core.messages import HumanMessage, SystemMessage
 
 from agent_guard import BudgetExceeded, Guard, Limits, PriceBook
-from agent_guard.engine.guard import ModelCall
+from agent_guard.engine.admission import ModelCall
 from agent_guard.engine.usage import Usage
 from agent_guard.tokens import TokenCounter
 

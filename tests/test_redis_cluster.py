@@ -19,7 +19,7 @@ from redis.cluster import RedisCluster
 
 from agent_guard import Guard, Limits
 from agent_guard.cache import LLMCache, ResultCache, store_from_url
-from agent_guard.engine.guard import ModelCall
+from agent_guard.engine.admission import ModelCall
 from agent_guard.engine.usage import Usage
 from agent_guard.errors import BudgetExceeded, LedgerUnavailable
 from agent_guard.finops.store import UsageStore

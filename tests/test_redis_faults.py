@@ -41,7 +41,7 @@ import pytest
 import redis
 
 from agent_guard import Guard, Limits
-from agent_guard.engine.guard import Admission, ModelCall
+from agent_guard.engine.admission import Admission, ModelCall
 from agent_guard.engine.records import CallRecord
 from agent_guard.engine.usage import Usage, usd_to_nano
 from agent_guard.errors import BudgetExceeded, LedgerUnavailable

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
 from agent_guard import Guard, Limits
-from agent_guard.engine.guard import ModelCall
+from agent_guard.engine.admission import ModelCall
 from agent_guard.ledger.memory import MemoryLedger
 from agent_guard.tokens import BOUND_MIN_CHARS, TokenCounter, get_encoding, utf8_upper_bound
 

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any, Literal, cast
 
@@ -29,18 +26,33 @@ from ..errors import (
     LedgerUnavailable,
     LoopDetected,
     StepLimitExceeded,
-    UnknownModelPrice,
-    dimension_label,
-    format_amount,
 )
 from ..ledger import Denial, Ledger, Reservation, ScopeCaps, ScopeTotals, from_url, redact_url
 from ..ledger.base import Settlement
 from ..ledger.failover import FailOpenLedger
 from ..pricing import ModelPrice, PriceBook, ToolPrice, ToolUse
-from ..tokens import RequestFeatures, TokenCounter, request_features
+from ..tokens import TokenCounter
+from .admission import (
+    _JOIN_WAIT_SECONDS,
+    _NOT_RUN,
+    NO_ARGS,
+    Admission,
+    ModelCall,
+    ToolAdmission,
+    _Pending,
+    certainly_not_billed,
+    claim,
+    finish,
+    forget,
+    not_opened,
+    opened,
+)
+from .backlog import Backlog
 from .budgets import CALL_KINDS, STANDARD_ATTRIBUTES, Budgets, ScopeRef
 from .limits import Dimension, Limits, repeat_dimension, tool_dimension
+from .plan import BUDGET_DIMENSIONS, Planner, _Plan
 from .records import CallRecord, Outcome, SessionUsage
+from .thresholds import ThresholdEvent, ThresholdHook, ThresholdWatch
 from .usage import Usage, usd_to_nano
 
 __all__ = ["Admission", "Guard", "ModelCall", "ThresholdEvent", "ToolAdmission"]
@@ -48,243 +60,12 @@ __all__ = ["Admission", "Guard", "ModelCall", "ThresholdEvent", "ToolAdmission"]
 logger = logging.getLogger("agent_guard")
 
 RecordHook = Callable[[CallRecord], None]
-_NO_ARGS: Any = object()
-
-
-@dataclass(frozen=True, slots=True)
-class ThresholdEvent:
-    """A scope crossed a soft threshold (a fraction of one of its caps).
-
-    ``session`` is the session whose call crossed it; ``kind``, ``value`` and
-    ``period`` say which scope (``team``, ``"acme"``, ``"2026-11"``): a
-    threshold fires once per scope, dimension and window period.
-    """
-
-    session: str
-    dimension: str
-    threshold: float
-    spent: int
-    cap: int
-    scope: str = ""
-    kind: str = "session"
-    value: str | None = None
-    period: str | None = None
-    window: str | None = None
-    # which ledger holds the scope (its redacted URL and namespace): two guards on
-    # different ledgers may have scopes of the same name that are different budgets
-    ledger: str = ""
-
-    @property
-    def fraction(self) -> float:
-        return self.spent / self.cap if self.cap else 1.0
-
-    @property
-    def subject(self) -> str:
-        """``session 't-1'``, ``team 'acme' (month 2026-11)``, ``global (day 2026-11-30)``."""
-        value = self.session if self.kind == "session" and self.value is None else self.value
-        who = self.kind if value is None else f"{self.kind} {value!r}"
-        return who if self.period is None else f"{who} ({self.window} {self.period})"
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready fields (amounts as integers in their dimension's unit)."""
-        return {
-            "session": self.session, "scope": self.scope or f"session:{self.session}",
-            "kind": self.kind, "value": self.value, "window": self.window,
-            "period": self.period, "dimension": self.dimension,
-            "threshold": self.threshold, "spent": self.spent, "cap": self.cap,
-            "fraction": round(self.fraction, 6), "message": str(self),
-        }
-
-    def __str__(self) -> str:
-        d = self.dimension
-        return (f"{self.subject} has used {self.fraction:.0%} of its "
-                f"{dimension_label(d)} cap ({format_amount(d, self.spent)} of "
-                f"{format_amount(d, self.cap)}; threshold {self.threshold:.0%})")
-
-
-ThresholdHook = Callable[[ThresholdEvent], None]
-
-# Dimensions whose refusal is about money/tokens (BudgetExceeded) rather than counts.
-_BUDGET_DIMENSIONS = frozenset({Dimension.USD_NANO, Dimension.TOKENS})
-# How often a shrink-to-fit reservation is retried when a concurrent call takes the room.
-_SHRINK_ATTEMPTS = 3
-# A prompt with long texts not counted yet is reserved with an upper bound of its tokens
-# (their UTF-8 length; see TokenCounter.estimate_messages) only while that reservation is
-# at most this share of what is left under each token and dollar cap (cap minus the spend
-# this process last saw settled). Nearer a cap the prompt is counted exactly, and a
-# reservation with the bound that is denied is retried with the exact count.
-_BOUND_SHARE_OF_ROOM = 0.1
-
-
-@dataclass(frozen=True, slots=True)
-class ModelCall:
-    """One model call as an adapter describes it, before it is made.
-
-    ``messages`` are LangChain messages or OpenAI-style dicts; give
-    ``input_tokens`` instead when the adapter has already counted them.
-    ``max_output_tokens`` is the call's own cap (``max_tokens`` /
-    ``max_completion_tokens``); ``None`` means the policy default is reserved.
-    ``can_shrink`` says the adapter can lower the call's output cap, so a
-    call that does not fit may be admitted with a smaller one.
-
-    ``attempts`` is how many requests the provider's client may send for this one
-    call (1 + its own retries, e.g. the OpenAI SDK's ``max_retries``): a request
-    that timed out may have been billed, so each attempt is reserved.
-
-    ``run_id`` names the request: every ``before_model_call`` of guards on the same
-    ledger with the same ``run_id`` while it is open joins one admission, so one
-    request is reserved and charged once however many handlers see it.
-    """
-
-    session: str
-    model: str
-    provider: str | None = None
-    messages: Sequence[Any] = ()
-    tools: Sequence[Mapping[str, Any]] | None = None
-    max_output_tokens: int | None = None
-    input_tokens: int | None = None
-    run_id: str | None = None
-    node: str | None = None
-    tags: tuple[str, ...] = ()
-    can_shrink: bool = False
-    tier: str | None = None
-    route: str | None = None
-    attributes: Mapping[str, str] = field(default_factory=dict)
-    #: the call's request parameters (LangChain ``invocation_params``): what the prompt
-    #: estimate and the worst case read besides the messages (``response_format``,
-    #: ``service_tier``, ``modalities``, ``cache_control``, ``tool_choice``)
-    params: Mapping[str, Any] = field(default_factory=dict)
-    attempts: int = 1
-
-
-class _CallState:
-    """What every holder of one admission shares: it ends exactly once."""
-
-    __slots__ = ("key", "lock", "record")
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.record: CallRecord | None = None
-        self.key: tuple[str, str] | None = None
-
-
-class _Pending:
-    """A request being admitted or open, that other guards on its ledger may join."""
-
-    __slots__ = ("admission", "error", "ready")
-
-    def __init__(self) -> None:
-        self.ready = threading.Event()
-        self.admission: Admission | None = None
-        self.error: BaseException | None = None
-
-
-# (ledger identity, run id) -> the request's admission while it is open. A LangChain
-# model run executes in one process, so one process-wide registry sees every handler
-# and guard that sees the run; the ledger identity keeps guards of different budgets
-# apart. Entries leave when the call ends (settled, released or abandoned).
-_OPEN_REQUESTS: dict[tuple[str, str], _Pending] = {}
-_OPEN_LOCK = threading.Lock()
+_NO_ARGS = NO_ARGS
 # threshold checks of deferred settles that landed on an event loop's thread (Guard._landed)
 _THRESHOLD_TASKS: set[asyncio.Task[None]] = set()
-# How long a second holder of a request waits for the first one's reservation.
-_JOIN_WAIT_SECONDS = 30.0
 
 
-def _forget_open_requests_after_fork() -> None:
-    global _OPEN_LOCK
-    _OPEN_REQUESTS.clear()  # the parent's requests are the parent's to end
-    _OPEN_LOCK = threading.Lock()
 
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_open_requests_after_fork)
-
-
-def certainly_not_billed(error: BaseException) -> bool:
-    """Whether a failed call certainly cost nothing at the provider.
-
-    True for an HTTP status error (4xx, 429, 5xx: the provider answered with an error
-    before generating) and for a connection that could not be made (the request was
-    never sent). A timeout, a reset, a cancellation or anything else after the
-    request may have been sent is not: the provider may have generated (and billed)
-    the whole answer."""
-    status = getattr(error, "status_code", None)
-    if status is None:
-        status = getattr(getattr(error, "response", None), "status_code", None)
-    if isinstance(status, int) and not isinstance(status, bool) and 400 <= status <= 599:
-        return True
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if type(current).__name__ in _NOT_SENT:
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
-
-
-# exception class names (httpx, the standard library) of a request that was never sent
-_NOT_SENT = frozenset({"ConnectError", "ConnectTimeout", "ConnectionRefusedError",
-                       "UnsupportedProtocol", "InvalidURL", "LocalProtocolError"})
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    """The guard's yes: a reservation covering the call's worst case.
-
-    ``max_output_tokens`` is the output the reservation covers; when
-    ``shrunk`` is True it is lower than the call asked for and the adapter
-    must lower the call's ``max_tokens`` to it before making the call.
-    """
-
-    call: ModelCall
-    reservation: Reservation
-    price: ModelPrice | None
-    estimated_input_tokens: int
-    max_output_tokens: int
-    reserved_nano: int
-    shrunk: bool = False
-    started_at: float = field(default_factory=time.time)
-    scopes: tuple[ScopeRef, ...] = ()
-    attributes: Mapping[str, str] = field(default_factory=dict)
-    #: ``estimated_input_tokens`` is an upper bound (long new texts were not tokenised):
-    #: the guard counts the prompt exactly before settling a call without usage.
-    input_is_bound: bool = False
-    #: shared by every holder of this admission; set once the call is finished
-    state: _CallState = field(default_factory=_CallState, compare=False, repr=False)
-
-    @property
-    def finished(self) -> bool:
-        """Whether the call was settled or released (by any holder)."""
-        return self.state.record is not None
-
-    @property
-    def attempt_nano(self) -> int:
-        """The worst case of one attempt (``reserved_nano`` covers every attempt)."""
-        return self.reserved_nano // max(1, self.call.attempts)
-
-
-@dataclass(frozen=True, slots=True)
-class ToolAdmission:
-    """The guard's yes to one tool call. ``reservation`` holds a priced tool's worst
-    case (``reserved_nano``) with its counts until the call ends; it is None for a free
-    tool, whose counts were charged when it was admitted."""
-
-    session: str
-    tool: str | None
-    args: Any
-    price: ToolPrice | None
-    reservation: Reservation | None
-    reserved_nano: int
-    started_at: float
-    scopes: tuple[ScopeRef, ...] = ()
-    attributes: Mapping[str, str] = field(default_factory=dict)
-    state: _CallState = field(default_factory=_CallState, compare=False, repr=False)
-
-    @property
-    def finished(self) -> bool:
-        return self.state.record is not None
 
 
 class _ToolPlan:
@@ -309,17 +90,12 @@ class _ToolPlan:
             attributes=self.guard.attributes_for(self.attributes))
 
 
-# what a tool admission ends with when the tool certainly did not run (no record)
-_NOT_RUN = CallRecord(session="", run_id=None, model="", provider=None, usage=Usage(),
-                      cost_nano=0, reserved_nano=0, usage_estimated=False, outcome="error",
-                      started_at=0.0, ended_at=0.0, kind="tool")
-
 
 class Guard:
     """Budget caps for sessions, enforced before each call spends anything.
 
     ``limits`` caps each session (:class:`Limits`), or sessions and other scopes
-    together (:class:`~agent_guard.budgets.Budgets`: users, teams, features,
+    together (:class:`~agent_guard.engine.budgets.Budgets`: users, teams, features,
     globally, per window). ``attributes`` (``{"team": "acme", "feature":
     "search"}``) say which scopes this guard's calls belong to; a call's own
     attributes (from its run metadata) override them.
@@ -371,8 +147,6 @@ class Guard:
         self.tokens = token_counter if token_counter is not None else TokenCounter()
         self._hooks: list[RecordHook] = list(on_record)
         self._caps = self.limits.caps()
-        self._threshold_hooks: list[ThresholdHook] = list(on_threshold)
-        self._warned_unpriced: set[str] = set()
         # a model without a price: reserved at the stated price, else refused under a
         # dollar cap of any scope (Limits.unknown_price)
         self._unknown_price = self.limits.unknown_model_price()
@@ -380,14 +154,12 @@ class Guard:
             lim.max_cost_usd is not None
             for lim in (self.budgets.session, *(lim for _, lim in self.budgets.all_limits())))
         self._warned_no_usage: set[str] = set()
-        self._warn_lock = threading.Lock()
-        self._fired: set[tuple[str, str, float]] = set()
+        self._warn_lock = threading.Lock()  # the warned-of sets
         # finished calls whose settle found the ledger unavailable (settle_pending)
-        self._unsettled: deque[tuple[Reservation, dict[str, int]]] = deque()
+        self._unsettled = Backlog()
         self._ledger_id = _ledger_identity(self.ledger)
-        # a rolling window's current bucket -> what its earlier buckets had spent when
-        # first read (past buckets change only by late settles), for its thresholds
-        self._past_spent: dict[str, dict[str, int]] = {}
+        self._watch = ThresholdWatch(on_threshold, self._ledger_id)
+        self._planner = Planner(self)
         # whether any budget has soft thresholds (else a settle checks none)
         self._thresholds = bool(self.limits.thresholds) or any(
             lim.thresholds for _, lim in self.budgets.all_limits())
@@ -398,7 +170,7 @@ class Guard:
         self._hooks.append(hook)
 
     def add_threshold_hook(self, hook: ThresholdHook) -> None:
-        self._threshold_hooks.append(hook)
+        self._watch.hooks.append(hook)
 
     def scopes(self, session: str, extra_caps: Mapping[str, int] | None = None,
                attributes: Mapping[str, str] | None = None) -> list[ScopeCaps]:
@@ -442,7 +214,7 @@ class Guard:
         A call whose ``run_id`` is already open on this ledger (another handler or
         guard saw the same request first) gets that request's admission: one request
         is reserved and charged once."""
-        key, pending = self._claim(call)
+        key, pending = claim(self._ledger_id, call.run_id)
         if pending is not None:
             if not pending.ready.is_set():
                 pending.ready.wait(_JOIN_WAIT_SECONDS)
@@ -457,14 +229,14 @@ class Guard:
                     plan.scopes, plan.amounts, lease_seconds=self.limits.lease_seconds
                 )
                 if isinstance(result, Reservation):
-                    return self._opened(key, plan.admit(result))
-                plan, shrinks = self._after_denial(plan, result, shrinks)
+                    return opened(key, plan.admit(result))
+                plan, shrinks = self._planner.after_denial(plan, result, shrinks)
         except BaseException as exc:
-            self._not_opened(key, exc)
+            not_opened(key, exc)
             raise
 
     async def abefore_model_call(self, call: ModelCall) -> Admission:
-        key, pending = self._claim(call)
+        key, pending = claim(self._ledger_id, call.run_id)
         if pending is not None:
             if not pending.ready.is_set():
                 await asyncio.to_thread(pending.ready.wait, _JOIN_WAIT_SECONDS)
@@ -479,54 +251,19 @@ class Guard:
                     plan.scopes, plan.amounts, lease_seconds=self.limits.lease_seconds
                 )
                 if isinstance(result, Reservation):
-                    return self._opened(key, plan.admit(result))
-                plan, shrinks = self._after_denial(plan, result, shrinks)
+                    return opened(key, plan.admit(result))
+                plan, shrinks = self._planner.after_denial(plan, result, shrinks)
         except BaseException as exc:
-            self._not_opened(key, exc)
+            not_opened(key, exc)
             raise
 
-    # -- one request, one admission ---------------------------------------------------
-
-    def _claim(self, call: ModelCall) -> tuple[tuple[str, str] | None, _Pending | None]:
-        """(the request's key, the pending admission to join or None to open one)."""
-        if not call.run_id:
-            return None, None
-        key = (self._ledger_id, call.run_id)
-        with _OPEN_LOCK:
-            pending = _OPEN_REQUESTS.get(key)
-            if pending is None:
-                _OPEN_REQUESTS[key] = _Pending()
-                return key, None
-            return key, pending
-
     def _joined(self, call: ModelCall, pending: _Pending) -> Admission:
+        """Join the admission of the request another holder opened (or its refusal)."""
         if pending.error is not None:
             raise pending.error
         if pending.admission is None:  # the first holder is stuck: admit on its own
             return self.before_model_call(replace(call, run_id=None))
         return pending.admission
-
-    @staticmethod
-    def _opened(key: tuple[str, str] | None, admission: Admission) -> Admission:
-        if key is not None:
-            admission.state.key = key
-            with _OPEN_LOCK:
-                pending = _OPEN_REQUESTS.get(key)
-            if pending is not None:
-                pending.admission = admission
-                pending.ready.set()
-        return admission
-
-    @staticmethod
-    def _not_opened(key: tuple[str, str] | None, exc: BaseException) -> None:
-        if key is None:
-            return
-        with _OPEN_LOCK:
-            pending = _OPEN_REQUESTS.pop(key, None)
-        if pending is not None:
-            pending.error = exc
-            pending.ready.set()
-
 
     def after_model_call(
         self,
@@ -644,24 +381,25 @@ class Guard:
                amounts: dict[str, int] | None) -> CallRecord:
         """Settle (or release, when ``amounts`` is None), report, check thresholds; once
         per admission, whoever of its holders comes first."""
-        first = self._finish(admission, record)
+        first = finish(admission, record)
         if first is not record:
             return first
         settled = None
         try:
             if amounts is None:
                 self.ledger.release(cast(Reservation, admission.reservation))
-            elif self.ledger.defers_settles and self._may_defer(admission, amounts):
+            elif self.ledger.defers_settles and self._watch.may_defer(
+                    admission.scopes, amounts, self._planner.spent_hint):
                 self._settle_later(admission, amounts)
             else:
                 try:
                     settled = self.ledger.settle(cast(Reservation, admission.reservation), amounts)
                 except LedgerUnavailable as exc:
-                    self._keep_unsettled(cast(Reservation, admission.reservation), amounts, exc)
+                    self._unsettled.keep(cast(Reservation, admission.reservation), amounts, exc)
                 else:
-                    self._note_spent(settled)
+                    self._planner.note_spent(settled)
         finally:
-            _forget(admission)
+            forget(admission)
         self._emit(record)
         if settled is not None and self._thresholds:  # no work when none is set
             self._check_thresholds(record.session, admission.scopes, settled)
@@ -669,25 +407,26 @@ class Guard:
 
     async def _aclose(self, admission: Admission | ToolAdmission, record: CallRecord,
                       amounts: dict[str, int] | None) -> CallRecord:
-        first = self._finish(admission, record)
+        first = finish(admission, record)
         if first is not record:
             return first
         settled = None
         try:
             if amounts is None:
                 await self.ledger.arelease(cast(Reservation, admission.reservation))
-            elif self.ledger.defers_settles and self._may_defer(admission, amounts):
+            elif self.ledger.defers_settles and self._watch.may_defer(
+                    admission.scopes, amounts, self._planner.spent_hint):
                 self._settle_later(admission, amounts)
             else:
                 try:
                     settled = await self.ledger.asettle(
                         cast(Reservation, admission.reservation), amounts)
                 except LedgerUnavailable as exc:
-                    self._keep_unsettled(cast(Reservation, admission.reservation), amounts, exc)
+                    self._unsettled.keep(cast(Reservation, admission.reservation), amounts, exc)
                 else:
-                    self._note_spent(settled)
+                    self._planner.note_spent(settled)
         finally:
-            _forget(admission)
+            forget(admission)
         self._emit(record)
         if settled is not None and self._thresholds:
             await self._acheck_thresholds(record.session, admission.scopes, settled)
@@ -703,35 +442,11 @@ class Guard:
         self.ledger.settle_later(cast(Reservation, admission.reservation), amounts, reads=reads,
                                  then=lambda settled: self._landed(admission, settled))
 
-    def _may_defer(self, admission: Admission | ToolAdmission,
-                   amounts: Mapping[str, int]) -> bool:
-        """Whether this settle may wait for the next script: no soft threshold this guard
-        has not fired yet is within its reach, by the spend last seen settled on each
-        scope. Near one (or before any sight of a scope with thresholds) it settles at
-        once, so the event fires at the call's end as without deferral."""
-        hint = self._spent_hint
-        for ref in admission.scopes:
-            thresholds = ref.limits.thresholds
-            if not thresholds:
-                continue
-            seen = hint.get(ref.scope) if hint else None
-            if seen is None or (ref.caps.history and ref.scope not in self._past_spent):
-                return False
-            past = self._past_spent.get(ref.scope) if ref.caps.history else None
-            for dim, cap in ref.caps.caps.items():
-                amount = amounts.get(dim)
-                if not amount or cap <= 0:
-                    continue
-                unfired = [t for t in thresholds if (ref.scope, dim, t) not in self._fired]
-                used = seen.get(dim, 0) + (past.get(dim, 0) if past else 0) + amount
-                if unfired and used >= cap * min(unfired):
-                    return False
-        return True
 
     def _landed(self, admission: Admission | ToolAdmission, settled: Settlement) -> None:
         """A deferred settle landed (in the thread that carried it): note the spend and
         check the thresholds; on an event loop's thread, in a task of that loop."""
-        self._note_spent(settled)
+        self._planner.note_spent(settled)
         if not settled or not any(ref.limits.thresholds for ref in admission.scopes):
             return
         session = (admission.call.session if isinstance(admission, Admission)
@@ -746,15 +461,6 @@ class Guard:
         _THRESHOLD_TASKS.add(task)
         task.add_done_callback(_THRESHOLD_TASKS.discard)
 
-    @staticmethod
-    def _finish(admission: Admission | ToolAdmission, record: CallRecord) -> CallRecord:
-        """Claim the end of ``admission`` for ``record``; the record it already ended
-        with if another holder came first."""
-        state = admission.state
-        with state.lock:
-            if state.record is None:
-                state.record = record
-            return state.record
 
     # -- tools and steps -----------------------------------------------------------------
 
@@ -880,18 +586,18 @@ class Guard:
     def tool_call_not_run(self, admission: ToolAdmission) -> None:
         """The admitted tool certainly did not run (another handler refused it, its
         arguments were invalid): its reservation is released. No record is emitted."""
-        if admission.reservation is not None and self._finish(
+        if admission.reservation is not None and finish(
                 admission, _NOT_RUN) is _NOT_RUN:
             self.ledger.release(admission.reservation)
 
     async def atool_call_not_run(self, admission: ToolAdmission) -> None:
-        if admission.reservation is not None and self._finish(
+        if admission.reservation is not None and finish(
                 admission, _NOT_RUN) is _NOT_RUN:
             await self.ledger.arelease(admission.reservation)
 
     def _finish_unreserved(self, admission: ToolAdmission | None, record: CallRecord) -> None:
         """An unpriced tool call (its counts were charged up front): report it once."""
-        if admission is None or self._finish(admission, record) is record:
+        if admission is None or finish(admission, record) is record:
             self._emit(record)
 
     def _tool_plan(self, session: str, tool: str | None, args: Any,
@@ -1048,48 +754,10 @@ class Guard:
         """Settle the calls whose settle found the ledger unavailable (done before every
         model call; a settle is idempotent and counts after its lease too), and land the
         settles a ledger deferred (Redis). True when none is left."""
-        while self._unsettled:
-            reservation, amounts = self._unsettled[0]
-            try:
-                self._note_spent(self.ledger.settle(reservation, amounts))
-            except LedgerUnavailable:
-                return False
-            self._pop_unsettled(reservation)
-        try:
-            self.ledger.flush()
-        except LedgerUnavailable:
-            return False
-        return True
+        return self._unsettled.settle(self.ledger, self._planner.note_spent)
 
     async def asettle_pending(self) -> bool:
-        while self._unsettled:
-            reservation, amounts = self._unsettled[0]
-            try:
-                self._note_spent(await self.ledger.asettle(reservation, amounts))
-            except LedgerUnavailable:
-                return False
-            self._pop_unsettled(reservation)
-        try:
-            await self.ledger.aflush()
-        except LedgerUnavailable:
-            return False
-        return True
-
-    def _pop_unsettled(self, reservation: Reservation) -> None:
-        with self._warn_lock:
-            if self._unsettled and self._unsettled[0][0] is reservation:
-                self._unsettled.popleft()
-
-    def _keep_unsettled(self, reservation: Reservation, amounts: dict[str, int],
-                        exc: LedgerUnavailable) -> None:
-        """The call ran and the provider billed it, but the settle found the ledger
-        unavailable: keep it to settle later rather than lose it (its hold would expire
-        and the spend would never be counted)."""
-        with self._warn_lock:
-            self._unsettled.append((reservation, amounts))
-        logger.error("agent-guard: a finished call's spend could not be settled (%s); "
-                     "it is kept and settled before the next call (%d pending)",
-                     exc, len(self._unsettled))
+        return await self._unsettled.asettle(self.ledger, self._planner.note_spent)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -1105,18 +773,13 @@ class Guard:
                                    {repeat_dimension(tool, args): self.limits.max_repeats})
         return amounts, repeat
 
-    @staticmethod
-    def _watched(refs: Sequence[ScopeRef], amounts: Mapping[str, int]) -> bool:
-        """Whether a soft threshold watches a capped dimension of ``amounts``."""
-        return any(ref.limits.thresholds and any(dim in ref.caps.caps for dim in amounts)
-                   for ref in refs)
 
     def _charge(self, session: str, refs: Sequence[ScopeRef], amounts: Mapping[str, int]
                 ) -> Denial | None:
         """Charge counts (steps, tool calls) to every scope; when a soft threshold watches
         them, read the totals in the same step and fire what the charge crossed."""
         scopes = [r.caps for r in refs]
-        if not self._watched(refs, amounts):
+        if not self._watch.watched(refs, amounts):
             return self.ledger.charge(scopes, amounts)
         result = self.ledger.charge_read(scopes, amounts)
         if isinstance(result, Denial):
@@ -1127,7 +790,7 @@ class Guard:
     async def _acharge(self, session: str, refs: Sequence[ScopeRef],
                        amounts: Mapping[str, int]) -> Denial | None:
         scopes = [r.caps for r in refs]
-        if not self._watched(refs, amounts):
+        if not self._watch.watched(refs, amounts):
             return await self.ledger.acharge(scopes, amounts)
         result = await self.ledger.acharge_read(scopes, amounts)
         if isinstance(result, Denial):
@@ -1135,198 +798,22 @@ class Guard:
         await self._acheck_thresholds(session, refs, result)
         return None
 
-    def _crossed(self, session: str, refs: Sequence[ScopeRef], settled: Settlement
-                 ) -> list[tuple[ScopeCaps, str, ThresholdEvent]]:
-        """Soft thresholds this settlement crossed and this process has not seen fired:
-        (marker scope, marker dimension, event) each. A marker counter with cap 1 in the
-        scope decides, across processes, who fires (once per scope and window)."""
-        out: list[tuple[ScopeCaps, str, ThresholdEvent]] = []
-        if not settled:
-            return out
-        for ref in refs:
-            thresholds = ref.limits.thresholds
-            spent = settled.spent.get(ref.scope)
-            if not thresholds or not spent:
-                continue
-            past = self._past_spent.get(ref.scope) if ref.caps.history else None
-            lowest = min(thresholds)
-            for dim, cap in ref.caps.caps.items():
-                if dim not in spent or cap <= 0:
-                    continue
-                used = spent[dim] + past.get(dim, 0) if past else spent[dim]
-                if used < cap * lowest:
-                    continue  # below every threshold (most settles): nothing to check
-                for t in thresholds:
-                    key = (ref.scope, dim, t)
-                    if used < cap * t or key in self._fired:
-                        continue
-                    if len(self._fired) > 100_000:  # bounded: the ledger marker dedupes
-                        self._fired.clear()
-                    self._fired.add(key)
-                    marker = f"threshold:{dim}:{t}"
-                    # a rolling window's marker counts over the window's buckets: once
-                    # per window length, not once per bucket
-                    out.append((ScopeCaps(ref.scope, {marker: 1}, ref.caps.history), marker,
-                                ThresholdEvent(session, dim, t, used, cap, scope=ref.scope,
-                                               kind=ref.kind, value=ref.value,
-                                               period=ref.period, window=ref.limits.window,
-                                               ledger=self._ledger_id)))
-        return out
-
-    def _unread_windows(self, refs: Sequence[ScopeRef], settled: Settlement
-                        ) -> list[ScopeRef]:
-        """Rolling windows with thresholds whose earlier buckets this guard has not read
-        since their current bucket began (one read per bucket and process)."""
-        if not settled:
-            return []
-        return [ref for ref in refs if ref.caps.history and ref.limits.thresholds
-                and ref.scope in settled.spent and ref.scope not in self._past_spent]
-
-    def _keep_past(self, ref: ScopeRef, buckets: Sequence[ScopeTotals]) -> None:
-        sums: dict[str, int] = {}
-        for totals in buckets:
-            for dim, amount in totals.spent.items():
-                sums[dim] = sums.get(dim, 0) + int(amount)
-        with self._warn_lock:
-            if len(self._past_spent) >= 10_000:
-                self._past_spent.clear()
-            self._past_spent[ref.scope] = sums
-
     def _check_thresholds(self, session: str, refs: Sequence[ScopeRef],
                           settled: Settlement) -> None:
-        for ref in self._unread_windows(refs, settled):
-            self._keep_past(ref, self.ledger.totals_many(ref.caps.history))
-        for scope, marker, event in self._crossed(session, refs, settled):
-            if self.ledger.charge([scope], {marker: 1}) is None:
-                self._fire(event)
+        self._watch.check(self.ledger, session, refs, settled)
 
     async def _acheck_thresholds(self, session: str, refs: Sequence[ScopeRef],
                                  settled: Settlement) -> None:
-        for ref in self._unread_windows(refs, settled):
-            self._keep_past(ref, await self.ledger.atotals_many(ref.caps.history))
-        for scope, marker, event in self._crossed(session, refs, settled):
-            if await self.ledger.acharge([scope], {marker: 1}) is None:
-                self._fire(event)
-
-    def _fire(self, event: ThresholdEvent) -> None:
-        logger.warning("agent-guard: %s", event)
-        for hook in self._threshold_hooks:
-            try:
-                hook(event)
-            except Exception:
-                logger.exception("agent-guard: threshold hook %r failed", hook)
-
-    def _price_for(self, call: ModelCall) -> ModelPrice | None:
-        """The call's price. A model without one is reserved at the stated
-        ``Limits.unknown_price``; without a stated price it is refused when a dollar cap
-        applies to it (never admitted at $0 and charged later), else counted at $0."""
-        price = self.prices.resolve(call.model, call.provider)
-        if price is not None:
-            return price
-        stated = self._unknown_price
-        if stated is None and self._dollar_capped:
-            raise UnknownModelPrice(call.model, session=call.session)
-        with self._warn_lock:
-            first = call.model not in self._warned_unpriced
-            self._warned_unpriced.add(call.model)
-        if first:
-            logger.warning(
-                "agent-guard: no price for model %r; its calls are %s (add a price with "
-                "PriceBook.with_overrides or AGENT_GUARD_PRICES)", call.model,
-                "counted at $0" if stated is None else
-                "reserved and settled at Limits.unknown_price")
-        return stated
+        await self._watch.acheck(self.ledger, session, refs, settled)
 
     def _plan(self, call: ModelCall, *, exact: bool = False) -> _Plan:
-        """What ``call`` would reserve. Unless ``exact``, a prompt with long texts not yet
-        counted is sized by an upper bound of its tokens while the caps are far."""
-        is_bound = False
-        features = None
-        if call.input_tokens is not None:
-            estimated_input = int(call.input_tokens)
-        elif exact:
-            estimated_input = self._exact_input(call)
-        else:
-            estimated_input, counted, features = self.tokens.estimate_prompt(
-                call.messages, call.model, tools=call.tools, params=call.params,
-                conversation=call.session)
-            is_bound = not counted
-        requested_output = call.max_output_tokens
-        if requested_output is None or requested_output <= 0:
-            requested_output = self.limits.default_max_output_tokens
-        price = self._price_for(call)
-        plan = _Plan(self, call, price, estimated_input,
-                     math.ceil(estimated_input * (1 + self.limits.input_margin)),
-                     requested_output, features=features)
-        if is_bound:
-            if not self._bound_is_far_from_caps(plan):
-                return self._plan(call, exact=True)
-            plan.input_is_bound = True
-        return plan
-
-    def _exact_input(self, call: ModelCall) -> int:
-        return self.tokens.count_messages(call.messages, call.model, tools=call.tools,
-                                          params=call.params)
-
-    def _bound_is_far_from_caps(self, plan: _Plan) -> bool:
-        """Whether a reservation sized by the prompt's upper bound stays a small share of
-        the room under every token and dollar cap it is charged against."""
-        hint = self._spent_hint
-        for sc in plan.scopes:
-            seen = hint.get(sc.scope) if hint else None
-            for dim in _BUDGET_DIMENSIONS:
-                cap = sc.caps.get(dim)
-                if cap is None:
-                    continue
-                room = cap - (seen.get(dim, 0) if seen else 0)
-                if plan.amounts.get(dim, 0) > _BOUND_SHARE_OF_ROOM * room:
-                    return False
-        return True
-
-    def _note_spent(self, settled: Settlement) -> None:
-        """Remember each scope's spend as of this settle (a hint for _plan only: other
-        processes spend too, so a denial is still retried with the exact count)."""
-        if not settled or not settled.spent:
-            return
-        hint = self._spent_hint
-        if hint is None:
-            hint = self._spent_hint = {}
-        elif len(hint) > 100_000:
-            hint.clear()
-        for scope, spent in settled.spent.items():
-            hint[scope] = spent
-
-    # scope -> spent amounts last seen settled by this guard; created on first settle
-    _spent_hint: dict[str, Mapping[str, int]] | None = None
-
-    def _after_denial(self, plan: _Plan, denial: Denial, shrinks: int) -> tuple[_Plan, int]:
-        """The plan to try next after ``denial`` (and how many shrinks were tried), or
-        raise the refusal. A plan sized by an upper bound is first retried exactly."""
-        if plan.input_is_bound and denial.dimension in _BUDGET_DIMENSIONS:
-            exact = self._plan(plan.call, exact=True)
-            if plan.shrunk:
-                exact = exact.with_output(min(plan.output_tokens, exact.output_tokens))
-            return exact, shrinks
-        shrinks += 1
-        if shrinks >= _SHRINK_ATTEMPTS:
-            raise self._refusal(plan.call.session, denial)
-        return self._replan_or_raise(plan, denial), shrinks
-
-    def _replan_or_raise(self, plan: _Plan, denial: Denial) -> _Plan:
-        """After a denial: a smaller output cap that fits, or the refusal."""
-        if not plan.call.can_shrink or denial.dimension not in _BUDGET_DIMENSIONS:
-            raise self._refusal(plan.call.session, denial, plan.refs)
-        room = denial.cap - denial.spent - denial.reserved
-        fitted = plan.largest_output_within(denial.dimension, room)
-        floor = max(1, self.limits.min_output_tokens, _thinking_floor(plan.call.params))
-        if fitted < floor or fitted >= plan.output_tokens:
-            raise self._refusal(plan.call.session, denial, plan.refs)
-        return plan.with_output(fitted)
+        """What ``call`` would reserve (:meth:`Planner.plan`)."""
+        return self._planner.plan(call, exact=exact)
 
     def _refusal(self, session: str, denial: Denial,
                  refs: Sequence[ScopeRef] = ()) -> GuardStop:
         cls: type[GuardStop] = StepLimitExceeded
-        if denial.dimension in _BUDGET_DIMENSIONS:
+        if denial.dimension in BUDGET_DIMENSIONS:
             cls = BudgetExceeded
         elif denial.dimension.startswith("repeat:"):
             cls = LoopDetected
@@ -1376,7 +863,7 @@ class Guard:
             # prompt is settled at the guard's own count, the output as reported
             input_tokens = admission.estimated_input_tokens
             if admission.input_is_bound:
-                input_tokens = self._exact_input(admission.call)
+                input_tokens = self._planner.exact_input(admission.call)
             usage = replace(usage, input_tokens=input_tokens)
             estimated = True
         if usage is None:
@@ -1385,7 +872,7 @@ class Guard:
                                     outcome=outcome), None
             input_tokens = admission.estimated_input_tokens
             if admission.input_is_bound:  # reserved with a bound: settle with the count
-                input_tokens = self._exact_input(admission.call)
+                input_tokens = self._planner.exact_input(admission.call)
             usage = self._unreported_usage(admission, price, input_tokens,
                                            max(0, int(output_tokens or 0)))
         cost = self._cost_nano(price, usage, (admission.started_at, self.clock()))
@@ -1535,28 +1022,6 @@ def _check_attributes(attributes: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def _forget(admission: Admission | ToolAdmission) -> None:
-    """The request is over: a later handler of the same run id admits anew."""
-    key = admission.state.key
-    if key is not None:
-        with _OPEN_LOCK:
-            pending = _OPEN_REQUESTS.get(key)
-            if pending is not None and pending.admission is admission:
-                del _OPEN_REQUESTS[key]
-
-
-def _thinking_floor(params: Mapping[str, Any]) -> int:
-    """The lowest output cap a request with extended thinking can be sent with:
-    Anthropic refuses (400) a ``max_tokens`` not above ``thinking.budget_tokens``."""
-    thinking = params.get("thinking") if isinstance(params, Mapping) else None
-    if not isinstance(thinking, Mapping) or thinking.get("type") != "enabled":
-        return 0
-    budget = thinking.get("budget_tokens")
-    if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0:
-        return budget + 1
-    return 0
-
-
 def _amounts(usage: Usage, cost_nano: int) -> dict[str, int]:
     return {
         Dimension.USD_NANO: cost_nano,
@@ -1568,105 +1033,3 @@ def _amounts(usage: Usage, cost_nano: int) -> dict[str, int]:
         Dimension.REASONING_TOKENS: usage.reasoning_tokens,
         Dimension.MODEL_CALLS: 1,
     }
-
-
-class _Plan:
-    """The amounts one model call would reserve, for a given output cap."""
-
-    __slots__ = (
-        "amounts",
-        "attempts",
-        "call",
-        "estimated_input",
-        "features",
-        "guard",
-        "input_is_bound",
-        "output_tokens",
-        "price",
-        "refs",
-        "reserved_input",
-        "scopes",
-        "shrunk",
-        "worst_nano",
-    )
-
-    def __init__(
-        self,
-        guard: Guard,
-        call: ModelCall,
-        price: ModelPrice | None,
-        estimated_input: int,
-        reserved_input: int,
-        output_tokens: int,
-        refs: list[ScopeRef] | None = None,
-        features: RequestFeatures | None = None,
-    ) -> None:
-        self.features = features if features is not None else request_features(
-            call.messages, call.tools, call.params)
-        self.guard = guard
-        self.call = call
-        self.price = price
-        self.estimated_input = estimated_input
-        self.reserved_input = reserved_input
-        self.output_tokens = output_tokens
-        self.shrunk = False
-        self.input_is_bound = False
-        # every attempt the provider client may send is reserved (ModelCall.attempts)
-        self.attempts = max(1, int(call.attempts))
-        self.worst_nano = self._worst_cost(output_tokens) * self.attempts
-        self.refs = refs if refs is not None else guard.scope_refs(
-            call.session, call.attributes, model=call.model, provider=call.provider)
-        self.scopes = [r.caps for r in self.refs]
-        self.amounts = {
-            Dimension.USD_NANO: self.worst_nano,
-            Dimension.TOKENS: (reserved_input + output_tokens) * self.attempts,
-            Dimension.MODEL_CALLS: 1,
-        }
-
-    def _worst_cost(self, output_tokens: int) -> int:
-        """Every prompt token at the dearest input-side rate the call could bill (cache
-        writes when it marks blocks for caching, audio, images, its service tier), every
-        output token at the dearest of the output, reasoning (and audio) rates."""
-        if self.price is None:
-            return 0
-        f = self.features
-        return self.price.worst_cost_nano(
-            self.reserved_input, output_tokens, service_tier=f.service_tier,
-            cache_write=f.cache_write, audio_input=f.audio_input, image_input=f.image_input,
-            audio_output=f.audio_output)
-
-    def largest_output_within(self, dimension: str, room: int) -> int:
-        """The largest output cap whose worst case fits in ``room`` of ``dimension``."""
-        room //= self.attempts
-        if dimension == Dimension.TOKENS:
-            return min(self.output_tokens, room - self.reserved_input)
-        lo, hi = 0, self.output_tokens  # the cost is monotonic in output tokens
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self._worst_cost(mid) <= room:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
-    def with_output(self, output_tokens: int) -> _Plan:
-        plan = _Plan(self.guard, self.call, self.price, self.estimated_input,
-                     self.reserved_input, output_tokens, self.refs, self.features)
-        plan.shrunk = True
-        plan.input_is_bound = self.input_is_bound
-        return plan
-
-    def admit(self, reservation: Reservation) -> Admission:
-        return Admission(
-            call=self.call,
-            reservation=reservation,
-            price=self.price,
-            estimated_input_tokens=self.estimated_input,
-            max_output_tokens=self.output_tokens,
-            reserved_nano=self.worst_nano,
-            shrunk=self.shrunk,
-            started_at=self.guard.clock(),
-            scopes=tuple(self.refs),
-            attributes=self.guard.attributes_for(self.call.attributes),
-            input_is_bound=self.input_is_bound,
-        )

@@ -47,7 +47,7 @@ POLL_SECONDS = 0.05
 
 @dataclass(slots=True, eq=False)
 class _Watch:
-    guard: Any  # agent_guard.guard.Guard (not imported: the guard imports this module)
+    guard: Any  # agent_guard.engine.guard.Guard (not imported: the guard imports this module)
     admission: Any
     on_stop: Callable[[], Any] | None
     task: Any = None

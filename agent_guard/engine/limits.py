@@ -115,7 +115,7 @@ class Limits:
       ``"year"``, after which the scope starts again from zero, or a rolling
       duration, ``"90m"``, ``"24h"``, ``"30d"``: the caps hold for the current
       minute, hour or day plus the ones before it (see
-      :class:`~agent_guard.budgets.Budgets`).
+      :class:`~agent_guard.engine.budgets.Budgets`).
     """
 
     max_cost_usd: Decimal | float | int | str | None = None

@@ -51,7 +51,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from ..engine.guard import ThresholdEvent
+from ..engine.thresholds import ThresholdEvent
 from ..errors import dimension_label, format_amount
 
 __all__ = ["CallbackAlert", "LogAlert", "WebhookAlert", "slack_payload"]

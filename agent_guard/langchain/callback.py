@@ -50,8 +50,9 @@ from langchain_core.runnables.config import var_child_runnable_config
 
 from ..cache.result import CACHE_HIT_EVENT
 from ..compat import LANGCHAIN_DISPATCH_CORO_NAMES, LANGCHAIN_MODEL_CODE_DIR
+from ..engine.admission import Admission, ModelCall, ToolAdmission
 from ..engine.budgets import Budgets, attributes_from_metadata
-from ..engine.guard import Admission, Guard, ModelCall, ToolAdmission
+from ..engine.guard import Guard
 from ..engine.keeper import keeper
 from ..engine.limits import Limits
 from ..engine.records import CallRecord, Outcome

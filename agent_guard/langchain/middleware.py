@@ -54,8 +54,9 @@ from ..actions import (
 )
 from ..cache.result import MISS, ResultCache, collecting_cache_hits
 from ..compat import default_params, ls_params
+from ..engine.admission import Admission, ModelCall, ToolAdmission
 from ..engine.budgets import Budgets, attributes_from_metadata
-from ..engine.guard import Admission, Guard, ModelCall, ToolAdmission
+from ..engine.guard import Guard
 from ..engine.keeper import keeper
 from ..engine.limits import Limits
 from ..engine.records import Outcome
