@@ -269,8 +269,9 @@ def test_a_paid_tool_s_span_carries_its_cost(receiver: Receiver) -> None:
 
 @pytest.mark.parametrize("capture", [False, True])
 def test_middleware_cache_hits_get_a_tool_span(receiver: Receiver, capture: bool) -> None:
-    """Middleware path: a hit never runs the tool, so the middleware emits its span
-    (with the call's arguments and the cached result when content is captured)."""
+    """Middleware path: the middleware makes every tool call's span under its agent
+    span; a hit (the tool never runs) says so, with the call's arguments and the cached
+    result when content is captured."""
     import json
 
     from agent_guard.cache import ResultCache
@@ -288,8 +289,9 @@ def test_middleware_cache_hits_get_a_tool_span(receiver: Receiver, capture: bool
     agent.invoke({"messages": [("user", "where is A1?")]})
     provider.force_flush()
 
-    spans = tool_spans(receiver)
-    assert len(spans) == 2  # the two calls answered from the cache; the first ran the tool
+    ran, *spans = tool_spans(receiver)
+    assert attrs(ran)[Attr.CACHE_HIT] is False  # the first call ran the tool
+    assert len(spans) == 2  # the two calls answered from the cache
     for span in spans:
         a = attrs(span)
         assert a[Attr.CACHE_HIT] is True and a[Attr.CACHE_SAVED_USD] == 0.0
@@ -300,6 +302,8 @@ def test_middleware_cache_hits_get_a_tool_span(receiver: Receiver, capture: bool
         else:
             assert not set(a) & set(CONTENT_ATTRS)
     assert [attrs(s)[Attr.TOOL_CALL_ID] for s in spans] == ["call_2", "call_3"]
+    [root] = [s for s in receiver.spans if s.name.startswith("invoke_agent")]
+    assert all(s.parent_span_id == root.span_id for s in [ran, *spans])
     assert cache.stats()["lookup"].hits == 2
 
 

@@ -13,8 +13,9 @@
 It owns the model and tool calls it admits: a :class:`GuardCallbackHandler` on
 the same agent whose guard uses the same ledger joins them (each call is charged
 and recorded once); it still charges what the middleware does not see (model
-calls inside tools, or made before or after the agent). Give telemetry to one of
-the two, or each call gets two ``chat`` spans.
+calls inside tools, or made before or after the agent). With ``telemetry`` it makes the
+callback's spans (``invoke_agent``, ``chat``, ``execute_tool``) and metrics; sharing one
+telemetry with a callback handler on the agent, each run gets one span.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import contextlib
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
-from dataclasses import replace
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 from uuid import UUID
 
@@ -40,7 +43,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.config import get_config
 from langgraph.errors import GraphInterrupt
 from langgraph.prebuilt.tool_node import ToolCallRequest
-from langgraph.runtime import Runtime
+from langgraph.runtime import Runtime, get_runtime
 from langgraph.types import Command, interrupt
 
 from ..actions import (
@@ -59,7 +62,7 @@ from ..engine.budgets import Budgets, attributes_from_metadata
 from ..engine.guard import Guard
 from ..engine.keeper import keeper
 from ..engine.limits import Limits
-from ..engine.records import Outcome
+from ..engine.records import CallRecord, Outcome
 from ..errors import GuardError
 from ..ledger import Ledger
 from ..pricing.tools import declared_price
@@ -80,10 +83,13 @@ from .call import (
     tool_result,
     with_output_cap,
 )
-from .callback import _finish_reasons
+from .callback import _finish_reasons, _named_session
 from .dispatch import dispatching_async, ends_inline
 
 __all__ = ["GuardMiddleware"]
+
+# agent runs whose span is open: beyond, the oldest is ended (a run that failed elsewhere)
+_MAX_OPEN_AGENT_RUNS = 1024
 
 
 def _config() -> RunnableConfig:
@@ -124,6 +130,54 @@ def _answer(response: Any) -> AIMessage | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class _AgentRun:
+    """An agent run the middleware traces: its ``invoke_agent`` span's key (the run id
+    the telemetry knows it by) and its session."""
+
+    key: UUID
+    session: str
+
+
+def _run_key() -> tuple[tuple[int, str], Any] | None:
+    """(a key of the running agent run, the object it names) or None outside a graph:
+    LangGraph gives each invocation its own ``Runtime.control`` (nested graphs share
+    their caller's, so the agent's namespace is part of the key)."""
+    try:
+        control = getattr(get_runtime(), "control", None)
+        config = get_config()
+    except RuntimeError:
+        return None
+    if control is None:
+        return None
+    namespace = str((config.get("configurable") or {}).get("checkpoint_ns") or "")
+    return (id(control), namespace.rpartition("|")[0]), control
+
+
+_TRACED: dict[type, type] = {}
+
+
+def _traced(cls: type) -> type:
+    """``cls`` with the ``after_agent`` hooks that end a traced run's span (a class of
+    the same name, so the agent's node names do not change)."""
+    if getattr(cls, "_ends_agent_span", False):
+        return cls
+    found = _TRACED.get(cls)
+    if found is None:
+        def after_agent(self: GuardMiddleware, state: AgentState, runtime: Runtime) -> None:
+            self._end_agent_run()
+
+        async def aafter_agent(self: GuardMiddleware, state: AgentState,
+                               runtime: Runtime) -> None:
+            await self._aend_agent_run()
+
+        found = _TRACED[cls] = type(cls.__name__, (cls,), {
+            "after_agent": after_agent, "aafter_agent": aafter_agent,
+            "_ends_agent_span": True, "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+    return found
+
+
 def _outcome(result: Any) -> Outcome:
     failed = isinstance(result, ToolMessage) and result.status == "error"
     return "error" if failed else "ok"
@@ -141,13 +195,19 @@ class GuardMiddleware(AgentMiddleware):
     tool call (same tenant, same arguments) from the cache without running the
     tool; the call still counts toward the tool caps and loop detection.
     ``public_tools`` share results across tenants. ``telemetry`` (a
-    :class:`~agent_guard.telemetry.GuardTelemetry`) gets the callback's ``chat`` spans
-    and metrics for each model attempt, and an ``execute_tool`` span,
-    with ``agent_guard.cache.hit`` and ``agent_guard.cache.saved_usd``, for each tool
-    call answered from the cache: the tool does not run then, so no callback sees it.
+    :class:`~agent_guard.telemetry.GuardTelemetry`) gets the callback's spans and
+    metrics: an ``invoke_agent`` span per agent run, under it a ``chat`` span per model
+    attempt and an ``execute_tool`` span per tool call (with ``agent_guard.cache.hit``
+    and ``agent_guard.cache.saved_usd`` for one answered from the cache). A callback
+    handler with the same telemetry on the agent makes the agent and tool spans then.
     ``annotate_runs`` (default) writes each answer's cost where LangSmith reads it, as
     :class:`GuardCallbackHandler` does.
     """
+
+    def __new__(cls, *args: Any, telemetry: Any = None, **kwargs: Any) -> GuardMiddleware:
+        # with telemetry, an ``after_agent`` hook ends the run's ``invoke_agent`` span; a
+        # middleware without telemetry adds no node to the agent's graph
+        return super().__new__(_traced(cls) if telemetry is not None else cls)
 
     def __init__(
         self,
@@ -185,6 +245,9 @@ class GuardMiddleware(AgentMiddleware):
         self.shrink_to_fit = shrink_to_fit
         self._stopped: dict[str, GuardError] = {}  # session -> tool refusal to end on
         self._lock = threading.Lock()
+        # the agent runs this middleware traces: id(run control) -> (control, its span)
+        self._agent_runs: OrderedDict[tuple[int, str], tuple[Any, _AgentRun]] = (
+            OrderedDict())
 
     # -- steps and the end jump ------------------------------------------------------
 
@@ -227,6 +290,22 @@ class GuardMiddleware(AgentMiddleware):
 
     @hook_config(can_jump_to=["end"])
     def before_model(self, state: AgentState, runtime: Runtime) -> dict[str, Any] | None:
+        if self.telemetry is None:
+            return self._before_model()
+        with self._stops_end_the_run():
+            self._agent_run()  # the run's span opens with its first step
+            return self._before_model()
+
+    @hook_config(can_jump_to=["end"])
+    async def abefore_model(self, state: AgentState, runtime: Runtime
+                            ) -> dict[str, Any] | None:
+        if self.telemetry is None:
+            return await self._abefore_model()
+        async with self._astops_end_the_run():
+            self._agent_run()
+            return await self._abefore_model()
+
+    def _before_model(self) -> dict[str, Any] | None:
         session = _session(self.session_id)
         pending = self._stop_pending(session)
         if pending is not None:
@@ -239,9 +318,7 @@ class GuardMiddleware(AgentMiddleware):
                 if not self._retry_after(exc, session):
                     return {"jump_to": "end", "messages": [stop_message(exc)]}
 
-    @hook_config(can_jump_to=["end"])
-    async def abefore_model(self, state: AgentState, runtime: Runtime
-                            ) -> dict[str, Any] | None:
+    async def _abefore_model(self) -> dict[str, Any] | None:
         session = _session(self.session_id)
         pending = self._stop_pending(session)
         if pending is not None:
@@ -264,6 +341,107 @@ class GuardMiddleware(AgentMiddleware):
         resume = self._pause(exc, session, "model")
         apply_resume(self.guard, session, resume)
         return not wants_stop(resume)
+
+    # -- the agent run's spans (what the callback handler's telemetry makes) -------------
+
+    def _agent_run(self) -> _AgentRun | None:
+        """The running agent run's ``invoke_agent`` span, opened on first use. None
+        without telemetry, outside a graph run, or when a callback handler with this
+        telemetry follows the run: the agent and tool spans are its to make then."""
+        telemetry = self.telemetry
+        if telemetry is None or not telemetry.tracing:
+            return None
+        key = _run_key()
+        if key is None:
+            return None
+        with self._lock:
+            found = self._agent_runs.get(key[0])
+        if found is not None and found[0] is key[1]:
+            return found[1]
+        config = _config()
+        if telemetry.traces(getattr(config.get("callbacks"), "parent_run_id", None)):
+            return None
+        meta = config.get("metadata") or {}
+        run = _AgentRun(uuid.uuid4(), _named_session(meta, self.session_id) or "")
+        dropped = []
+        with self._lock:
+            found = self._agent_runs.get(key[0])
+            if found is not None and found[0] is key[1]:
+                return found[1]
+            telemetry.chain_start(run.key, None, meta.get("lc_agent_name"), run.session,
+                                  attributes_from_metadata(meta, self.guard.attribute_names))
+            self._agent_runs[key[0]] = (key[1], run)
+            while len(self._agent_runs) > _MAX_OPEN_AGENT_RUNS:
+                dropped.append(self._agent_runs.popitem(last=False)[1][1])
+        for old in dropped:  # runs that ended elsewhere (an error in another node)
+            telemetry.chain_end(old.key)
+        return run
+
+    def _agent_run_over(self) -> _AgentRun | None:
+        key = _run_key() if self.telemetry is not None else None
+        if key is None:
+            return None
+        with self._lock:
+            found = self._agent_runs.get(key[0])
+            if found is None or found[0] is not key[1]:
+                return None
+            del self._agent_runs[key[0]]
+        return found[1]
+
+    def _end_agent_run(self, error: BaseException | None = None) -> None:
+        """End the run's ``invoke_agent`` span with the session's usage, as the callback
+        handler's telemetry ends it (at the end of the run, on a stop, at a pause)."""
+        run = self._agent_run_over()
+        if run is not None:
+            self.telemetry.chain_end(run.key, self.guard.usage(run.session), error)
+
+    async def _aend_agent_run(self, error: BaseException | None = None) -> None:
+        run = self._agent_run_over()
+        if run is not None:
+            self.telemetry.chain_end(run.key, await self.guard.ausage(run.session), error)
+
+    @contextlib.contextmanager
+    def _stops_end_the_run(self) -> Iterator[None]:
+        """A refusal raised to the caller, or a pause, ends the run's span."""
+        try:
+            yield
+        except GraphInterrupt:
+            self._end_agent_run()
+            raise
+        except GuardError as exc:
+            self._end_agent_run(exc)
+            raise
+
+    @contextlib.asynccontextmanager
+    async def _astops_end_the_run(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except GraphInterrupt:
+            await self._aend_agent_run()
+            raise
+        except GuardError as exc:
+            await self._aend_agent_run(exc)
+            raise
+
+    def _span_parent(self) -> Any:
+        """What a span of this middleware goes under: its agent run's span, else the
+        LangChain run the current node runs in."""
+        run = self._agent_run()
+        return run.key if run is not None else _parent_run_id()
+
+    def _refused_span(self, request: ModelRequest, call: ModelCall, exc: GuardError) -> None:
+        """A refused call's ``chat`` span (the model never ran, so no callback saw it)."""
+        telemetry = self.telemetry
+        if telemetry is None:
+            return
+        run_id = uuid.uuid4()
+        telemetry.chat_start(
+            run_id, self._span_parent(), model=call.model, provider=call.provider,
+            max_tokens=max_output(call.params, ls_params(request.model,
+                                                         **request.model_settings)),
+            session=call.session, attributes=call.attributes,
+            messages=call.messages if telemetry.capture_content else None)
+        telemetry.refused(run_id, exc)
 
     # -- model calls -------------------------------------------------------------------
 
@@ -328,10 +506,12 @@ class GuardMiddleware(AgentMiddleware):
                ) -> tuple[Admission | None, ModelRequest, Any]:
         """(admission, request to send, or the response to return instead)."""
         while True:
+            call = self._describe(request, session)
             try:
-                admission = self.guard.before_model_call(self._describe(request, session))
+                admission = self.guard.before_model_call(call)
                 break
             except GuardError as exc:
+                self._refused_span(request, call, exc)
                 instead = self._refused(exc, session)
                 if instead is not None:
                     return None, request, instead
@@ -340,11 +520,12 @@ class GuardMiddleware(AgentMiddleware):
     async def _aadmit(self, request: ModelRequest, session: str
                       ) -> tuple[Admission | None, ModelRequest, Any]:
         while True:
+            call = self._describe(request, session)
             try:
-                admission = await self.guard.abefore_model_call(
-                    self._describe(request, session))
+                admission = await self.guard.abefore_model_call(call)
                 break
             except GuardError as exc:
+                self._refused_span(request, call, exc)
                 instead = self._refused(exc, session)
                 if instead is not None:
                     return None, request, instead
@@ -368,6 +549,20 @@ class GuardMiddleware(AgentMiddleware):
 
     def wrap_model_call(self, request: ModelRequest,
                         handler: Callable[[ModelRequest], Any]) -> Any:
+        if self.telemetry is None:
+            return self._wrap_model_call(request, handler)
+        with self._stops_end_the_run():
+            return self._wrap_model_call(request, handler)
+
+    async def awrap_model_call(self, request: ModelRequest,
+                               handler: Callable[[ModelRequest], Awaitable[Any]]) -> Any:
+        if self.telemetry is None:
+            return await self._awrap_model_call(request, handler)
+        async with self._astops_end_the_run():
+            return await self._awrap_model_call(request, handler)
+
+    def _wrap_model_call(self, request: ModelRequest,
+                         handler: Callable[[ModelRequest], Any]) -> Any:
         session = _session(self.session_id)
         admission, request, instead = self._admit(request, session)
         if admission is None:
@@ -386,8 +581,8 @@ class GuardMiddleware(AgentMiddleware):
             self._settle(admission, response)
         return response
 
-    async def awrap_model_call(self, request: ModelRequest,
-                               handler: Callable[[ModelRequest], Awaitable[Any]]) -> Any:
+    async def _awrap_model_call(self, request: ModelRequest,
+                                handler: Callable[[ModelRequest], Awaitable[Any]]) -> Any:
         session = _session(self.session_id)
         admission, request, instead = await self._aadmit(request, session)
         if admission is None:
@@ -419,8 +614,10 @@ class GuardMiddleware(AgentMiddleware):
         return ToolMessage(content=f"Not run: {exc}", tool_call_id=call["id"] or "",
                            name=call["name"], status="error")
 
-    def _cached(self, request: ToolCallRequest) -> tuple[Any, ToolMessage | None, int]:
-        """(lookup arguments, the cached answer or None, what the answer saved)."""
+    def _cached(self, request: ToolCallRequest, span: uuid.UUID | None = None
+                ) -> tuple[Any, ToolMessage | None, int]:
+        """(lookup arguments, the cached answer or None, what the answer saved). A hit
+        gets a tool span of its own unless the call has one open (``span``)."""
         call = request.tool_call
         ttl_class = self.cache_tools.get(call["name"])
         if self.cache is None or ttl_class is None:
@@ -441,9 +638,10 @@ class GuardMiddleware(AgentMiddleware):
             self.cache.io.refused("not a tool message's content", "tool result")
             return where, None, 0
         answer = ToolMessage(content=hit, tool_call_id=call["id"] or "", name=call["name"])
-        if self.telemetry is not None:
+        if self.telemetry is not None and span is None:
             self.telemetry.cached_tool_call(
-                call["name"], call["id"], saved, _parent_run_id(), arguments=call.get("args"),
+                call["name"], call["id"], saved, self._span_parent(),
+                arguments=call.get("args"),
                 result=hit, session=_session(self.session_id), attributes=self._attributes())
         return where, answer, saved
 
@@ -483,17 +681,43 @@ class GuardMiddleware(AgentMiddleware):
 
     def _tool_done(self, request: ToolCallRequest, admission: ToolAdmission,
                    outcome: Outcome, hits: list[int] | None = None, result: Any = None
-                   ) -> None:
-        self.guard.tool_call_done(admission.session, request.tool_call["name"],
-                                  **self._done_kwargs(request, admission, outcome, hits,
-                                                      result))
+                   ) -> CallRecord:
+        return self.guard.tool_call_done(admission.session, request.tool_call["name"],
+                                         **self._done_kwargs(request, admission, outcome,
+                                                             hits, result))
 
     async def _atool_done(self, request: ToolCallRequest, admission: ToolAdmission,
                           outcome: Outcome, hits: list[int] | None = None,
-                          result: Any = None) -> None:
-        await self.guard.atool_call_done(admission.session, request.tool_call["name"],
-                                         **self._done_kwargs(request, admission, outcome,
-                                                             hits, result))
+                          result: Any = None) -> CallRecord:
+        return await self.guard.atool_call_done(
+            admission.session, request.tool_call["name"],
+            **self._done_kwargs(request, admission, outcome, hits, result))
+
+    # -- tool spans, when this middleware traces the agent run ---------------------------
+
+    def _tool_span(self, request: ToolCallRequest, session: str,
+                   attributes: Mapping[str, str]) -> uuid.UUID | None:
+        """Open the tool call's ``execute_tool`` span under the agent run's, as the
+        callback handler does at ``on_tool_start``; None when this middleware does not
+        trace the run."""
+        run = self._agent_run() if self.telemetry is not None else None
+        if run is None:
+            return None
+        call = request.tool_call
+        span = uuid.uuid4()
+        self.telemetry.tool_start(span, run.key, call["name"], call.get("id"),
+                                  call.get("args", {}), session=session,
+                                  attributes=attributes)
+        return span
+
+    def _tool_span_end(self, span: uuid.UUID | None, record: CallRecord | None,
+                       result: Any = None, error: BaseException | None = None,
+                       saved: int | None = None) -> None:
+        if span is None:
+            return
+        if saved is not None:  # answered from the cache
+            self.telemetry.tool_cache_hit(span, saved)
+        self.telemetry.tool_end(span, error, result=result, record=record)
 
     def wrap_tool_call(self, request: ToolCallRequest,
                        handler: Callable[[ToolCallRequest], ToolMessage | Command]
@@ -502,31 +726,38 @@ class GuardMiddleware(AgentMiddleware):
         attributes = self._attributes()
         call = request.tool_call
         while True:
+            span = self._tool_span(request, session, attributes)
             try:
                 admission = self.guard.before_tool_call(
                     session, call["name"], call.get("args", {}), attributes=attributes,
                     price=declared_price(getattr(request.tool, "metadata", None),
                                          call["name"]))
-                where, hit, saved = self._cached(request)
+                where, hit, saved = self._cached(request, span)
                 if hit is not None:
-                    self._tool_done(request, admission, "ok", [saved])
+                    record = self._tool_done(request, admission, "ok", [saved])
+                    self._tool_span_end(span, record, hit, saved=saved)
                     return hit
                 try:
                     with collecting_cache_hits() as hits, self._owning(call), _held(
                             self, self.guard, admission, thread_id=threading.get_ident(),
                             frame=sys._getframe()):
                         result = handler(request)
-                except GraphInterrupt:  # paused before it ran: it runs again on resume
+                except GraphInterrupt as exc:  # paused before it ran: runs again on resume
                     self.guard.tool_call_not_run(admission)
+                    self._tool_span_end(span, None, error=exc)
                     raise
-                except BaseException:
+                except BaseException as exc:
                     # it may have reached the paid API: charged its worst case
-                    self._tool_done(request, admission, "error")
+                    record = self._tool_done(request, admission, "error")
+                    self._tool_span_end(span, record, error=exc)
                     raise
                 self._store(request, where, result)
-                self._tool_done(request, admission, _outcome(result), hits, result)
+                record = self._tool_done(request, admission, _outcome(result), hits, result)
+                self._tool_span_end(span, record, result)
                 return result
             except GuardError as exc:
+                if span is not None:
+                    self.telemetry.refused(span, exc)
                 answer = self._tool_refused(exc, request, session)
                 if answer is not None:
                     return answer
@@ -539,30 +770,39 @@ class GuardMiddleware(AgentMiddleware):
         attributes = self._attributes()
         call = request.tool_call
         while True:
+            span = self._tool_span(request, session, attributes)
             try:
                 admission = await self.guard.abefore_tool_call(
                     session, call["name"], call.get("args", {}), attributes=attributes,
                     price=declared_price(getattr(request.tool, "metadata", None),
                                          call["name"]))
                 # the cache's I/O in a thread: a slow cache store never blocks the loop
-                where, hit, saved = await asyncio.to_thread(self._cached, request)
+                where, hit, saved = await asyncio.to_thread(self._cached, request, span)
                 if hit is not None:
-                    await self._atool_done(request, admission, "ok", [saved])
+                    record = await self._atool_done(request, admission, "ok", [saved])
+                    self._tool_span_end(span, record, hit, saved=saved)
                     return hit
                 try:
                     with collecting_cache_hits() as hits, self._owning(call), _held(
                             self, self.guard, admission, task=asyncio.current_task()):
                         result = await handler(request)
-                except GraphInterrupt:
+                except GraphInterrupt as exc:
                     await self.guard.atool_call_not_run(admission)
+                    self._tool_span_end(span, None, error=exc)
                     raise
-                except BaseException:
-                    await asyncio.shield(self._atool_done(request, admission, "error"))
+                except BaseException as exc:
+                    record = await asyncio.shield(
+                        self._atool_done(request, admission, "error"))
+                    self._tool_span_end(span, record, error=exc)
                     raise
                 await asyncio.to_thread(self._store, request, where, result)
-                await self._atool_done(request, admission, _outcome(result), hits, result)
+                record = await self._atool_done(request, admission, _outcome(result), hits,
+                                                result)
+                self._tool_span_end(span, record, result)
                 return result
             except GuardError as exc:
+                if span is not None:
+                    self.telemetry.refused(span, exc)
                 answer = self._tool_refused(exc, request, session)
                 if answer is not None:
                     return answer
@@ -625,6 +865,9 @@ class _AttemptGate(BaseCallbackHandler):
         self.timing: dict[UUID, list[Any]] = {}
         self.lock = threading.Lock()
         self.admitting = threading.Lock()  # one decision per run (see admission_for)
+        # the agent run's span the middleware traces, for the chat spans to go under
+        run = middleware._agent_run() if middleware.telemetry is not None else None
+        self.span_parent = run.key if run is not None else None
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -659,7 +902,8 @@ class _AttemptGate(BaseCallbackHandler):
         if telemetry is not None:
             call = self.admission.call
             telemetry.chat_start(
-                run_id, kwargs.get("parent_run_id"), model=model_name(params, meta, serialized),
+                run_id, self.span_parent or kwargs.get("parent_run_id"),
+                model=model_name(params, meta, serialized),
                 provider=meta.get("ls_provider") or call.provider,
                 max_tokens=max_output(params, meta) or self.admission.max_output_tokens,
                 session=call.session, attributes=call.attributes,

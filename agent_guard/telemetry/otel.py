@@ -656,6 +656,16 @@ class GuardTelemetry:
     def root_session(self, run_id: UUID) -> str | None:
         return self._roots.get(run_id)
 
+    def traces(self, run_id: UUID | None) -> bool:
+        """True when ``run_id`` is a run this telemetry follows (a callback handler with
+        it saw the run start): its spans are the handler's to make."""
+        return run_id is not None and self._anchor.get(run_id) is not None
+
+    @property
+    def tracing(self) -> bool:
+        """False when the tracer provider records nothing (no span work to do)."""
+        return self._tracing
+
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Export what is buffered now. False when a provider could not finish in
         ``timeout_s`` or, for telemetry set up by :func:`configure_otlp`, when an export

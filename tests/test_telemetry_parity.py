@@ -1,0 +1,171 @@
+"""The middleware alone gives the same telemetry as the callback.
+
+One scripted conversation (a real ``create_agent``, a tool call then an answer; and one
+the guard stops at its model-call cap) runs once with ``GuardCallbackHandler`` and once
+with ``GuardMiddleware`` alone, sync and async, each with its own in-memory span exporter
+and metric reader. The spans (names, parents, kinds, status, events and every attribute:
+cost, tokens, tool name and call id, session, user) and the metric points must be equal.
+With both on one agent, sharing one telemetry and one guard, each run has one span and
+each call is charged once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import pytest
+
+pytest.importorskip("opentelemetry.sdk")
+
+from langchain.agents import create_agent
+from langchain_core.messages import AIMessage
+from langchain_core.tools import tool
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from agent_guard import Guard, GuardCallbackHandler, GuardMiddleware, Limits
+from agent_guard.errors import StepLimitExceeded
+from agent_guard.telemetry import Attr, GuardTelemetry
+from agent_guard.testing import ScriptedChatModel
+
+# the callback alone counts no agent steps (the middleware's before_model does): the root
+# span's step count is the one attribute the two adapters report differently
+UNLIKE = {Attr.SESSION_STEPS}
+CONFIG = {"configurable": {"thread_id": "t-7"}, "metadata": {"user_id": "u-1"}}
+INPUTS = {"messages": [("user", "where is A1?")]}
+
+
+@tool
+def lookup(order: str) -> str:
+    """Look up an order."""
+    return f"order {order}: shipped"
+
+
+def conversation(loop: bool) -> ScriptedChatModel:
+    """The model asks for ``lookup`` once then answers (``loop``: asks every time)."""
+    turns = {"n": 0}
+
+    def respond(messages: Any) -> Any:
+        turns["n"] += 1
+        if loop or turns["n"] == 1:
+            return AIMessage("", tool_calls=[{"name": "lookup", "args": {"order": "A1"},
+                                              "id": f"call_{turns['n']}"}])
+        return "A1 has shipped."
+
+    return ScriptedChatModel(model_name="gpt-4o", max_tokens=100, cached_fraction=0.5,
+                             respond=respond)
+
+
+class Run:
+    """One run's telemetry, guard and what it exported."""
+
+    def __init__(self) -> None:
+        self.spans_out = InMemorySpanExporter()
+        tracer = TracerProvider()
+        tracer.add_span_processor(SimpleSpanProcessor(self.spans_out))
+        self.reader = InMemoryMetricReader()
+        self.telemetry = GuardTelemetry(tracer, MeterProvider(metric_readers=[self.reader]),
+                                        metric_attributes=("user",))
+
+    def spans(self) -> Counter:
+        spans = self.spans_out.get_finished_spans()
+        names = {s.context.span_id: s.name for s in spans}
+        return Counter(
+            (s.name, names.get(s.parent.span_id) if s.parent else None, s.kind.name,
+             s.status.status_code.name, tuple(e.name for e in s.events),
+             tuple(sorted((k, v) for k, v in s.attributes.items() if k not in UNLIKE)))
+            for s in spans)
+
+    def metrics(self) -> Counter:
+        points: Counter = Counter()
+        for rm in self.reader.get_metrics_data().resource_metrics:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    for p in m.data.data_points:
+                        value = (p.count,) if m.name == "gen_ai.client.operation.duration" \
+                            else (getattr(p, "count", None), getattr(p, "sum", None),
+                                  getattr(p, "value", None))
+                        points[(m.name, tuple(sorted(p.attributes.items())), value)] += 1
+        return points
+
+
+def drive(agent: Any, mode: str, raises: type[BaseException] | None, **config: Any) -> None:
+    config = {**CONFIG, **config}
+
+    def run() -> None:
+        if mode == "sync":
+            agent.invoke(INPUTS, config)
+        else:
+            asyncio.run(agent.ainvoke(INPUTS, config))
+
+    if raises is None:
+        run()
+    else:
+        with pytest.raises(raises):
+            run()
+
+
+def through(adapter: str, mode: str, limits: Limits, loop: bool,
+            raises: type[BaseException] | None) -> tuple[Run, Guard]:
+    run = Run()
+    guard = Guard(limits)
+    if adapter == "callback":
+        agent = create_agent(conversation(loop), [lookup], name="support")
+        drive(agent, mode, raises,
+              callbacks=[GuardCallbackHandler(guard, telemetry=run.telemetry)])
+    elif adapter == "middleware":
+        agent = create_agent(conversation(loop), [lookup], name="support",
+                             middleware=[GuardMiddleware(guard, telemetry=run.telemetry)])
+        drive(agent, mode, raises)
+    else:  # both, one telemetry and one guard
+        agent = create_agent(conversation(loop), [lookup], name="support",
+                             middleware=[GuardMiddleware(guard, telemetry=run.telemetry)])
+        drive(agent, mode, raises,
+              callbacks=[GuardCallbackHandler(guard, telemetry=run.telemetry)])
+    assert run.telemetry.open_spans() == 0
+    return run, guard
+
+
+SCENARIOS = {
+    # a tool call, its answer, the final answer
+    "tool_turn": (Limits(max_cost_usd=1), False, None),
+    # the third model call is refused: the run raises, the root span says so
+    "refused": (Limits(max_model_calls=2), True, StepLimitExceeded),
+}
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_the_middleware_alone_gives_the_callbacks_spans_and_metrics(scenario: str,
+                                                                     mode: str) -> None:
+    limits, loop, raises = SCENARIOS[scenario]
+    callback, callback_guard = through("callback", mode, limits, loop, raises)
+    middleware, middleware_guard = through("middleware", mode, limits, loop, raises)
+
+    expected = callback.spans()
+    names = Counter(key[0] for key in expected.elements())
+    assert names["invoke_agent support"] == 1 and names["execute_tool lookup"] >= 1
+    assert all(parent == "invoke_agent support" for name, parent, *_ in expected
+               if name != "invoke_agent support")
+    assert middleware.spans() == expected
+    assert middleware.metrics() == callback.metrics()
+    assert middleware_guard.usage("t-7").cost_usd == callback_guard.usage("t-7").cost_usd
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_callback_and_middleware_together_give_one_span_per_run_and_one_charge(
+        scenario: str, mode: str) -> None:
+    limits, loop, raises = SCENARIOS[scenario]
+    alone, alone_guard = through("callback", mode, limits, loop, raises)
+    both, both_guard = through("both", mode, limits, loop, raises)
+
+    assert both.spans() == alone.spans()  # nothing twice, nothing missing
+    assert both.metrics() == alone.metrics()
+    assert both_guard.usage("t-7").cost_usd == alone_guard.usage("t-7").cost_usd
+    assert both_guard.usage("t-7").model_calls == alone_guard.usage("t-7").model_calls
