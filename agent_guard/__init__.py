@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .engine.budgets import Budgets
 from .engine.guard import Guard
@@ -32,12 +32,26 @@ from .errors import (
     StepLimitExceeded,
     UnknownModelPrice,
 )
-from .finops import UsageStore
-from .langchain.callback import GuardCallbackHandler
-from .langchain.middleware import GuardMiddleware
-from .langgraph.graph import budget_gate, guarded_graph
 from .pricing import PriceBook
-from .routing import ModelRouter
+
+if TYPE_CHECKING:
+    from .finops import UsageStore
+    from .langchain.callback import GuardCallbackHandler
+    from .langchain.middleware import GuardMiddleware
+    from .langgraph.graph import budget_gate, guarded_graph
+    from .routing import ModelRouter
+
+#: the public names that live in the adapters: imported on first use, so that
+#: ``import agent_guard.engine`` or ``agent_guard.ledger`` (a worker, the CLI) does not
+#: load LangChain and LangGraph
+_ADAPTERS = {
+    "GuardCallbackHandler": "agent_guard.langchain.callback",
+    "GuardMiddleware": "agent_guard.langchain.middleware",
+    "ModelRouter": "agent_guard.routing",
+    "UsageStore": "agent_guard.finops",
+    "budget_gate": "agent_guard.langgraph.graph",
+    "guarded_graph": "agent_guard.langgraph.graph",
+}
 
 __version__ = "0.1.0"
 
@@ -97,6 +111,11 @@ MOVED = {
 
 
 def __getattr__(name: str) -> Any:
+    adapter = _ADAPTERS.get(name)
+    if adapter is not None:
+        value = getattr(importlib.import_module(adapter), name)
+        globals()[name] = value  # once: later lookups do not come here
+        return value
     module = MOVED.get(name)
     if module is None:
         raise AttributeError(f"module 'agent_guard' has no attribute {name!r}")
@@ -106,4 +125,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *MOVED})
+    return sorted({*globals(), *_ADAPTERS, *MOVED})

@@ -5,7 +5,8 @@ to do about it, so the message alone is enough to act on.
 
 ::
 
-    GuardError                 every error agent-guard raises on purpose (a GraphBubbleUp)
+    GuardError                 every error agent-guard raises on purpose (a GraphBubbleUp
+                               once LangGraph is loaded)
       GuardStop                a cap stopped a call or a run; nothing was spent on it
         BudgetExceeded         a cap on dollars or tokens
         StepLimitExceeded      a cap on a count: model calls, tool calls, graph steps
@@ -22,9 +23,9 @@ cut): code that caught ``BudgetExceeded`` for every stop catches ``GuardStop`` n
 
 from __future__ import annotations
 
+import sys
+import threading
 from decimal import Decimal
-
-from langgraph.errors import GraphBubbleUp
 
 __all__ = [
     "BudgetExceeded",
@@ -59,7 +60,11 @@ def format_amount(dimension: str, amount: int) -> str:
     return f"{amount:,}"
 
 
-class GuardError(GraphBubbleUp):
+class _BubbleUp(Exception):
+    """The base of :class:`GuardError` until LangGraph is loaded (see there)."""
+
+
+class GuardError(_BubbleUp):
     """Base class of every error agent-guard raises on purpose.
 
     It derives from LangGraph's ``GraphBubbleUp`` (itself an ``Exception``) so
@@ -68,7 +73,39 @@ class GuardError(GraphBubbleUp):
     fallback and tool-error middleware all re-raise ``GraphBubbleUp``
     untouched instead of retrying it, answering it with another model or
     turning it into an error message the agent reads and ignores.
+
+    This module does not import LangGraph (the engine and the ledgers run without
+    it): ``GraphBubbleUp`` becomes the base as soon as LangGraph is loaded, when this
+    module is imported after it, when an adapter is imported, and at the latest when
+    a ``GuardError`` is created (:func:`link_graph_bubble_up`); code that catches
+    ``GraphBubbleUp`` has LangGraph loaded, so it always sees one.
     """
+
+    def __init__(self, *args: object) -> None:
+        if not _linked:
+            link_graph_bubble_up()
+        super().__init__(*args)
+
+
+_linked = False
+_link_lock = threading.Lock()
+
+
+def link_graph_bubble_up() -> bool:
+    """Make :class:`GuardError` a LangGraph ``GraphBubbleUp`` if LangGraph is loaded
+    (without loading it); True once it is one."""
+    global _linked
+    if _linked:
+        return True
+    lg_errors = sys.modules.get("langgraph.errors")
+    bubble = getattr(lg_errors, "GraphBubbleUp", None)
+    if bubble is None:
+        return False
+    with _link_lock:
+        if not _linked:
+            GuardError.__bases__ = (bubble,)
+            _linked = True
+    return True
 
 
 class GuardStop(GuardError):
@@ -252,3 +289,6 @@ class LedgerUnavailable(GuardError):
             "through an outage and reconcile afterwards, use Guard(..., fail='open')."
         )
         super().__init__(f"The budget ledger at {url} is unavailable{detail}. {self.hint}")
+
+
+link_graph_bubble_up()  # LangGraph loaded before agent-guard

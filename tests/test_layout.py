@@ -46,3 +46,54 @@ def test_old_paths_keep_private_names_for_code_that_reached_in() -> None:
 
     assert Guard is EngineGuard
     assert usd_to_nano("0.000000001") == 1
+
+
+ENGINE_MODULES = ["agent_guard.engine.guard", "agent_guard.engine.admission",
+                  "agent_guard.engine.plan", "agent_guard.engine.thresholds",
+                  "agent_guard.engine.backlog", "agent_guard.engine.limits",
+                  "agent_guard.engine.budgets", "agent_guard.engine.usage",
+                  "agent_guard.engine.records", "agent_guard.engine.keeper",
+                  "agent_guard.ledger", "agent_guard.errors", "agent_guard.pricing"]
+
+
+@pytest.mark.parametrize("module", ["agent_guard.engine", "agent_guard.ledger",
+                                    "agent_guard"])
+def test_the_engine_and_the_ledger_load_no_framework(module: str) -> None:
+    """A process that only keeps a ledger or a guard (a worker, the CLI) does not pay
+    for importing LangChain and LangGraph (about 1.5 s of CPU each)."""
+    imports = "\n".join(f"import {m}" for m in ENGINE_MODULES) if module == \
+        "agent_guard.engine" else f"import {module}"
+    done = _run(
+        f"{imports}\n"
+        "import sys\n"
+        "loaded = sorted(m for m in sys.modules\n"
+        "                if m.split('.')[0] in ('langchain', 'langchain_core', 'langgraph'))\n"
+        "print(loaded[:5])\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_a_guard_error_is_a_graph_bubble_up_once_langgraph_is_loaded() -> None:
+    """The engine does not import LangGraph, yet a refusal stays a hard stop for it: a
+    GuardError is a GraphBubbleUp (not retried, not turned into a tool message) whether
+    LangGraph was loaded before agent-guard, after it, or only by the adapters."""
+    orders = {
+        "langgraph first": "import langgraph.errors\nimport agent_guard.errors as e\n",
+        "adapter": "import agent_guard.errors as e\nimport agent_guard.langgraph\n",
+        "langgraph after": "import agent_guard.errors as e\nimport langgraph.errors\n"
+                           "e.BudgetExceeded(session='s', scope='session:s', dimension='usd_nano',"
+                           " cap=1, spent=1, reserved=0, requested=1)\n",
+    }
+    for order, code in orders.items():
+        done = _run(
+            code +
+            "from langgraph.errors import GraphBubbleUp\n"
+            "stops = [e.GuardError, e.GuardStop, e.BudgetExceeded, e.LoopDetected,\n"
+            "         e.SessionRequired, e.LedgerUnavailable, e.UnknownModelPrice]\n"
+            "print(all(issubclass(c, GraphBubbleUp) for c in stops))\n"
+            "try:\n"
+            "    raise e.SessionRequired()\n"
+            "except GraphBubbleUp:\n"
+            "    print('caught as GraphBubbleUp')\n")
+        assert done.returncode == 0, (order, done.stderr)
+        assert done.stdout.split() == ["True", "caught", "as", "GraphBubbleUp"], order
