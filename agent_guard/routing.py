@@ -38,6 +38,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from .compat import ls_params
+from .context import session_of
 from .engine.admission import ModelCall
 from .engine.guard import Guard
 from .engine.usage import nano_to_usd, usd_to_nano
@@ -312,8 +313,6 @@ class ModelRouter(BaseChatModel):
         return self.route(input, config, usage=usage)
 
     def _session(self, config: RunnableConfig) -> str:
-        from .langgraph.graph import session_of
-
         return session_of(config, self.session_id)
 
     def _usage(self, config: RunnableConfig) -> Any:

@@ -21,21 +21,18 @@ import dataclasses
 import hashlib
 import json
 import math
-import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from types import FrameType
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from langchain_core.caches import RETURN_VAL_TYPE, BaseCache
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.embeddings import Embeddings
 from langchain_core.messages import AIMessage
 from langchain_core.outputs import ChatGeneration, Generation
 from langchain_core.runnables.config import var_child_runnable_config
 
-from ..compat import LANGCHAIN_RUN_MANAGER_LOCAL
+from ..context import llm_run_metadata, tenant_of
 from .result import CacheStats
 from .safety import DEFAULT_RETRY_AFTER, CacheIO, Failure, check_settings
 from .serde import DEFAULT_MAX_BYTES, UndecodableEntry, loads_value
@@ -101,25 +98,6 @@ def canonical_prompt(prompt: str) -> str:
 # the tenant an async lookup resolved in its coroutine, for the thread doing the I/O
 _PINNED_TENANT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "agent_guard_llm_cache_tenant", default=None)
-_FRAMES_UP = 12  # lookup -> (Semantic) -> _key/_group -> _prefix -> _tenant -> here
-
-
-def _run_metadata() -> Mapping[str, Any] | None:
-    """The metadata of the LLM run whose cache lookup or update is on the stack.
-
-    LangChain calls ``cache.lookup(prompt, llm_string)`` from
-    ``BaseChatModel._generate_with_cache(..., run_manager=...)`` with nothing else; the
-    run manager there holds the call's metadata (its own config's and inherited)."""
-    frame: FrameType | None = sys._getframe(2)
-    for _ in range(_FRAMES_UP):
-        if frame is None:
-            return None
-        manager = frame.f_locals.get(LANGCHAIN_RUN_MANAGER_LOCAL) \
-            if LANGCHAIN_RUN_MANAGER_LOCAL in frame.f_code.co_varnames else None
-        if isinstance(manager, CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun):
-            return manager.metadata or {}
-        frame = frame.f_back
-    return None
 
 
 async def _in_executor_as(tenant: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -189,12 +167,11 @@ class LLMCache(BaseCache):
         pinned = _PINNED_TENANT.get()
         if pinned is not None:
             return pinned
-        metadata = _run_metadata()
+        metadata = llm_run_metadata()
         if metadata is None:
             config = var_child_runnable_config.get() or {}
             metadata = config.get("metadata") or {}
-        value = metadata.get(self.tenant_key)
-        return str(value) if value not in (None, "") else "_default"
+        return tenant_of(metadata, self.tenant_key)
 
     async def alookup(self, prompt: str, llm_string: str) -> RETURN_VAL_TYPE | None:
         return await _in_executor_as(self._tenant(), self.lookup, prompt, llm_string)

@@ -39,6 +39,7 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import var_child_runnable_config
 from langchain_core.tools import BaseTool, StructuredTool
 
+from ..context import tenant_of
 from ..engine.usage import nano_to_usd, usd_to_nano
 from ..telemetry.langsmith import note_tool_run
 from .safety import DEFAULT_RETRY_AFTER, CacheIO, Failure, check_settings
@@ -190,9 +191,7 @@ class ResultCache:
         return self.ttl[ttl_class]
 
     def tenant_from(self, config: Mapping[str, Any] | None) -> str:
-        meta = (config or {}).get("metadata") or {}
-        tenant = meta.get(self.tenant_key)
-        return str(tenant) if tenant not in (None, "") else "_default"
+        return tenant_of((config or {}).get("metadata"), self.tenant_key)
 
     def tool_key(self, tool: str, args: Any, *, tenant: str, version: str | None = None,
                  public: bool = False) -> str:

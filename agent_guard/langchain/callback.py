@@ -50,6 +50,7 @@ from langchain_core.runnables.config import var_child_runnable_config
 
 from ..cache.result import CACHE_HIT_EVENT
 from ..compat import LANGCHAIN_DISPATCH_CORO_NAMES, LANGCHAIN_MODEL_CODE_DIR
+from ..context import named_session, session_from_metadata
 from ..engine.admission import Admission, ModelCall, ToolAdmission
 from ..engine.budgets import Budgets, attributes_from_metadata
 from ..engine.guard import Guard
@@ -57,7 +58,7 @@ from ..engine.keeper import keeper
 from ..engine.limits import Limits
 from ..engine.records import CallRecord, Outcome
 from ..engine.usage import Usage
-from ..errors import GuardError, OutputCapExceeded, SessionRequired
+from ..errors import GuardError, OutputCapExceeded
 from ..ledger import Ledger
 from ..pricing.tools import declared_price
 from ..telemetry.langsmith import note_tool_cost
@@ -91,27 +92,6 @@ _MODEL_CODE_DIR = LANGCHAIN_MODEL_CODE_DIR
 _CALLING_TASK: ContextVar[Any] = ContextVar("agent_guard_calling_task", default=None)
 # LangChain's own dispatch tasks, which are not the task the model call runs in
 _DISPATCH_CORO_NAMES = LANGCHAIN_DISPATCH_CORO_NAMES
-
-
-def session_from_metadata(metadata: Mapping[str, Any] | None, default: str | None) -> str:
-    """The session of a run: LangGraph's ``thread_id``, else ``metadata["session_id"]``,
-    else the adapter's ``session_id`` (an explicit choice to pool runs without one).
-
-    Raises :class:`~agent_guard.errors.SessionRequired` when there is none: a run is
-    never pooled into a session it did not name."""
-    session = _named_session(metadata, default)
-    if session is None:
-        raise SessionRequired()
-    return session
-
-
-def _named_session(metadata: Mapping[str, Any] | None, default: str | None) -> str | None:
-    if metadata:
-        for key in ("thread_id", "session_id"):
-            value = metadata.get(key)
-            if value not in (None, ""):
-                return str(value)
-    return default if default not in (None, "") else None
 
 
 @dataclass(slots=True)
@@ -726,7 +706,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         name = (meta.get("lc_agent_name") or kwargs.get("name")
                 or (serialized or {}).get("name"))
         self.telemetry.chain_start(
-            run_id, parent_run_id, name, _named_session(meta, self.session_id) or "",
+            run_id, parent_run_id, name, named_session(meta, self.session_id) or "",
             attributes_from_metadata(meta, self.guard.attribute_names)
             if parent_run_id is None else None)
 

@@ -37,7 +37,6 @@ from langchain.agents.middleware.types import ModelResponse
 from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import LLMResult
-from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import var_child_runnable_config
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.config import get_config
@@ -57,6 +56,7 @@ from ..actions import (
 )
 from ..cache.result import MISS, ResultCache, collecting_cache_hits
 from ..compat import default_params, ls_params
+from ..context import current_config, current_session, named_session
 from ..engine.admission import Admission, ModelCall, ToolAdmission
 from ..engine.budgets import Budgets, attributes_from_metadata
 from ..engine.guard import Guard
@@ -83,26 +83,13 @@ from .call import (
     tool_result,
     with_output_cap,
 )
-from .callback import _finish_reasons, _named_session
+from .callback import _finish_reasons
 from .dispatch import dispatching_async, ends_inline
 
 __all__ = ["GuardMiddleware"]
 
 # agent runs whose span is open: beyond, the oldest is ended (a run that failed elsewhere)
 _MAX_OPEN_AGENT_RUNS = 1024
-
-
-def _config() -> RunnableConfig:
-    try:
-        return get_config()
-    except RuntimeError:
-        return {}
-
-
-def _session(default: str | None) -> str:
-    from ..langgraph.graph import session_of
-
-    return session_of(_config(), default)
 
 
 def _parent_run_id() -> Any:
@@ -306,7 +293,7 @@ class GuardMiddleware(AgentMiddleware):
             return await self._abefore_model()
 
     def _before_model(self) -> dict[str, Any] | None:
-        session = _session(self.session_id)
+        session = current_session(self.session_id)
         pending = self._stop_pending(session)
         if pending is not None:
             return pending
@@ -319,7 +306,7 @@ class GuardMiddleware(AgentMiddleware):
                     return {"jump_to": "end", "messages": [stop_message(exc)]}
 
     async def _abefore_model(self) -> dict[str, Any] | None:
-        session = _session(self.session_id)
+        session = current_session(self.session_id)
         pending = self._stop_pending(session)
         if pending is not None:
             return pending
@@ -358,11 +345,11 @@ class GuardMiddleware(AgentMiddleware):
             found = self._agent_runs.get(key[0])
         if found is not None and found[0] is key[1]:
             return found[1]
-        config = _config()
+        config = current_config()
         if telemetry.traces(getattr(config.get("callbacks"), "parent_run_id", None)):
             return None
         meta = config.get("metadata") or {}
-        run = _AgentRun(uuid.uuid4(), _named_session(meta, self.session_id) or "")
+        run = _AgentRun(uuid.uuid4(), named_session(meta, self.session_id) or "")
         dropped = []
         with self._lock:
             found = self._agent_runs.get(key[0])
@@ -563,7 +550,7 @@ class GuardMiddleware(AgentMiddleware):
 
     def _wrap_model_call(self, request: ModelRequest,
                          handler: Callable[[ModelRequest], Any]) -> Any:
-        session = _session(self.session_id)
+        session = current_session(self.session_id)
         admission, request, instead = self._admit(request, session)
         if admission is None:
             return instead
@@ -583,7 +570,7 @@ class GuardMiddleware(AgentMiddleware):
 
     async def _awrap_model_call(self, request: ModelRequest,
                                 handler: Callable[[ModelRequest], Awaitable[Any]]) -> Any:
-        session = _session(self.session_id)
+        session = current_session(self.session_id)
         admission, request, instead = await self._aadmit(request, session)
         if admission is None:
             return instead
@@ -642,7 +629,7 @@ class GuardMiddleware(AgentMiddleware):
             self.telemetry.cached_tool_call(
                 call["name"], call["id"], saved, self._span_parent(),
                 arguments=call.get("args"),
-                result=hit, session=_session(self.session_id), attributes=self._attributes())
+                result=hit, session=current_session(self.session_id), attributes=self._attributes())
         return where, answer, saved
 
     def _store(self, request: ToolCallRequest, where: Any, result: Any) -> None:
@@ -664,7 +651,8 @@ class GuardMiddleware(AgentMiddleware):
 
     def _attributes(self) -> dict[str, str]:
         """The run's scope values (team, user, feature...) from its config metadata."""
-        return attributes_from_metadata(_config().get("metadata"), self.guard.attribute_names)
+        return attributes_from_metadata(current_config().get("metadata"),
+                                        self.guard.attribute_names)
 
     def _done_kwargs(self, request: ToolCallRequest, admission: ToolAdmission,
                      outcome: Outcome, hits: list[int] | None, result: Any
@@ -722,7 +710,7 @@ class GuardMiddleware(AgentMiddleware):
     def wrap_tool_call(self, request: ToolCallRequest,
                        handler: Callable[[ToolCallRequest], ToolMessage | Command]
                        ) -> ToolMessage | Command:
-        session = _session(self.session_id)
+        session = current_session(self.session_id)
         attributes = self._attributes()
         call = request.tool_call
         while True:
@@ -766,7 +754,7 @@ class GuardMiddleware(AgentMiddleware):
                               handler: Callable[[ToolCallRequest],
                                                 Awaitable[ToolMessage | Command]]
                               ) -> ToolMessage | Command:
-        session = _session(self.session_id)
+        session = current_session(self.session_id)
         attributes = self._attributes()
         call = request.tool_call
         while True:

@@ -60,12 +60,13 @@ from ..cache.result import ResultCache
 from ..cache.safety import CacheIO
 from ..cache.serde import AllowListSerializer, UndecodableEntry, UnencodableValue
 from ..compat import BranchSpec, RunnableCallable
+from ..context import session_of
 from ..engine.budgets import Budgets, attributes_from_metadata
 from ..engine.guard import Guard
 from ..engine.limits import Limits
 from ..engine.usage import usd_to_nano
 from ..errors import GuardError
-from ..langchain.callback import GuardCallbackHandler, session_from_metadata
+from ..langchain.callback import GuardCallbackHandler
 from ..ledger import Ledger
 
 __all__ = ["GuardedStateGraph", "budget_gate", "guarded_graph", "session_of"]
@@ -75,15 +76,6 @@ _RUN_KEY = "__agent_guard_run__"  # configurable key of the run ("__": never che
 FINAL_NODE = "agent_guard_end"  # answers pending tool calls and explains, then END
 _STOPPED = "__agent_guard_stopped__"  # a branch's answer once the run is stopped
 
-
-def session_of(config: RunnableConfig | None, default: str | None = None) -> str:
-    """The session of a graph run: ``thread_id``, else ``metadata["session_id"]``."""
-    config = config or {}
-    meta = dict(config.get("metadata") or {})
-    thread = (config.get("configurable") or {}).get("thread_id")
-    if thread is not None:
-        meta["thread_id"] = thread
-    return session_from_metadata(meta, default)
 
 
 class RunHalted(GuardError):
