@@ -26,8 +26,11 @@ __all__ = [
     "CHECKED",
     "LANGCHAIN_CALLBACK_ERROR",
     "LANGCHAIN_DISPATCH_CORO_NAMES",
+    "LANGCHAIN_DISPATCH_HANDLERS_LOCAL",
     "LANGCHAIN_MODEL_CODE_DIR",
     "LANGCHAIN_RUN_MANAGER_LOCAL",
+    "LANGCHAIN_TOOL_ARGS_METHOD",
+    "LANGCHAIN_TOOL_RUN_CODES",
     "BranchSpec",
     "RunnableCallable",
     "default_params",
@@ -63,6 +66,31 @@ LANGCHAIN_CALLBACK_ERROR = "Error in %s.%s callback: %s"
 #: twin) that holds the run's callback manager when it calls ``cache.lookup`` /
 #: ``cache.update``; the LLM caches read the run's metadata (its tenant) from it.
 LANGCHAIN_RUN_MANAGER_LOCAL = "run_manager"
+
+
+#: langchain-core (``callbacks/manager.py``): the local of ``handle_event`` /
+#: ``ahandle_event`` holding the list of handlers an event goes to. For a tool run it is
+#: the list its run manager dispatches the run's end from (``CallbackManager
+#: .on_tool_start`` hands ``self.handlers`` to both), made by ``CallbackManager
+#: .configure`` for that one tool call; a handler that writes a tool's cost moves
+#: itself to its front (:func:`agent_guard.langchain.dispatch.go_first`).
+LANGCHAIN_DISPATCH_HANDLERS_LOCAL = "handlers"
+
+#: langchain-core ``BaseTool``: the method ``run`` / ``arun`` call to validate a call's
+#: arguments before the tool runs (``Tool`` overrides it and calls it). An error whose
+#: traceback goes from ``run`` / ``arun`` into it was raised before the tool ran.
+LANGCHAIN_TOOL_ARGS_METHOD = "_to_args_and_kwargs"
+
+
+def _tool_run_codes() -> frozenset[Any]:
+    from langchain_core.tools import BaseTool
+
+    return frozenset({BaseTool.run.__code__, BaseTool.arun.__code__})
+
+
+#: langchain-core ``BaseTool.run`` / ``BaseTool.arun``: the frames a tool call runs in
+#: (the lease keeper watches a priced tool's ``run`` frame while it executes).
+LANGCHAIN_TOOL_RUN_CODES = _tool_run_codes()
 
 
 def ls_params(model: Any, **settings: Any) -> dict[str, Any]:

@@ -126,3 +126,20 @@ def test_no_other_module_reaches_into_those_internals():
         found += [f"{path.relative_to(package)}: {m.group(0).strip()}"
                   for m in PRIVATE.finditer(code)]
     assert not found, "move these into agent_guard/compat.py: " + "; ".join(found)
+
+
+def test_tool_runs_validate_their_arguments_in_the_named_method():
+    from langchain_core.tools import BaseTool
+
+    for method in (BaseTool.run, BaseTool.arun):
+        assert method.__code__ in compat.LANGCHAIN_TOOL_RUN_CODES
+        assert f"self.{compat.LANGCHAIN_TOOL_ARGS_METHOD}(" in inspect.getsource(method)
+
+
+@pytest.mark.parametrize("name", ["handle_event", "ahandle_event"])
+def test_callback_dispatch_takes_the_handler_list_as_named(name):
+    fn = getattr(callback_manager, name)
+    assert compat.LANGCHAIN_DISPATCH_HANDLERS_LOCAL in inspect.signature(fn).parameters
+    source = inspect.getsource(callback_manager.CallbackManager.on_tool_start)
+    assert "handle_event(\n            self.handlers," in source
+    assert "handlers=self.handlers," in source

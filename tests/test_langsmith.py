@@ -192,9 +192,13 @@ def test_tool_runs_carry_their_cost_and_cache_savings(sink: LangSmithSink, how: 
 
 
 @pytest.mark.parametrize("how", ["invoke", "ainvoke"])
-def test_a_paid_tool_s_run_carries_what_the_guard_charged(sink: LangSmithSink, how: str) -> None:
+@pytest.mark.parametrize("adapter", ["callback", "callback after tracer", "middleware"])
+def test_a_paid_tool_s_run_carries_what_the_guard_charged(sink: LangSmithSink, how: str,
+                                                          adapter: str) -> None:
     """A tool priced with ToolPrice: its LangSmith run carries the cost the guard settled
-    (extra.metadata.usage_metadata.total_cost), the same number as its record."""
+    (extra.metadata.usage_metadata.total_cost), the same number as its record, whether
+    the callback handler is listed before or after the tracer, or GuardMiddleware alone
+    guards the agent."""
 
     from langchain.agents import create_agent
     from langchain_core.messages import AIMessage
@@ -223,9 +227,18 @@ def test_a_paid_tool_s_run_carries_what_the_guard_charged(sink: LangSmithSink, h
     tracer = LangChainTracer(client=client, project_name="agent-guard-test")
     records: list = []
     guard = Guard(Limits(max_cost_usd=1), on_record=[records.append])
-    agent = create_agent(ScriptedChatModel(model_name="gpt-4o", respond=respond), [web_search])
+    model = ScriptedChatModel(model_name="gpt-4o", respond=respond)
     config: Any = {"callbacks": [GuardCallbackHandler(guard), tracer],
                    "metadata": {"session_id": "s"}}
+    if adapter == "middleware":
+        from agent_guard import GuardMiddleware
+
+        agent = create_agent(model, [web_search], middleware=[GuardMiddleware(guard)])
+        config["callbacks"] = [tracer]
+    else:
+        agent = create_agent(model, [web_search])
+        if adapter == "callback after tracer":
+            config["callbacks"].reverse()
     runs = traced_runs(agent, {"messages": [("user", "search")]}, config, how, sink)
     [record] = [r for r in records if r.kind == "tool"]
     assert record.cost_nano == 7_000_000  # $0.001 + 3 results x $0.002

@@ -459,3 +459,147 @@ def test_a_long_running_paid_tool_keeps_its_hold_under_the_middleware(mode: str)
     assert renewed == [1]
     assert guard.usage(SESSION).reserved_nano == 0
     assert not [w for w in keeper._watches.values() if getattr(w.admission, "tool", None)]
+
+
+def _clocked_ledger(kind: str, clock: Any, namespace: str) -> Ledger:
+    if kind == "memory":
+        return MemoryLedger(clock=clock)
+    require_redis()
+    from agent_guard.ledger.redis import RedisLedger
+
+    return RedisLedger.from_url(REDIS_URL, namespace=namespace, clock=clock)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_a_long_running_paid_tool_keeps_its_hold_under_the_callback(
+        kind: str, mode: str, clock: Any, redis_namespace: str) -> None:
+    """A priced tool guarded by the callback handler runs twice as long as the lease (a
+    fake clock moved 3 x 20 s against a 30 s lease, the lease keeper looking each time):
+    its hold is still there, so a concurrent call that would pass the cap with it is
+    refused, and the tool is settled at its price when it ends."""
+    from agent_guard.engine.keeper import keeper
+    from agent_guard.testing import ScriptedChatModel
+
+    ledger = _clocked_ledger(kind, clock, redis_namespace)
+    guard = Guard(Limits(max_cost_usd="0.20", lease_seconds=30), ledger=ledger, clock=clock)
+    concurrent: list[Any] = []
+
+    def another_call() -> None:
+        try:
+            concurrent.append(guard.before_tool_call(SESSION, "sandbox", {"code": "2"},
+                                                     price=ToolPrice("0.12")))
+        except BudgetExceeded as exc:
+            concurrent.append(exc)
+
+    @tool
+    def sandbox(code: str) -> str:
+        """Run code."""
+        for _ in range(3):
+            clock.advance(20)
+            for w in list(keeper._watches.values()):
+                if getattr(w.admission, "tool", None) == "sandbox":
+                    w.renew_at = 0.0  # make its renewal due now
+            keeper.check()
+        worker = threading.Thread(target=another_call)
+        worker.start()
+        worker.join()
+        return "ok"
+
+    priced_tool(sandbox, ToolPrice("0.12"))
+    answers = iter([AIMessage("", tool_calls=[{"name": "sandbox", "args": {"code": "1"},
+                                               "id": "c1"}]), AIMessage("done")])
+    agent = create_agent(ScriptedChatModel(model_name="gpt-4o", respond=lambda m: next(answers)),
+                         [sandbox])
+    records: list[CallRecord] = []
+    guard.add_record_hook(records.append)
+    config: Any = {"callbacks": [GuardCallbackHandler(guard, session_id=SESSION)]}
+    inputs = {"messages": [("user", "run it")]}
+    if mode == "sync":
+        agent.invoke(inputs, config=config)
+    else:
+        asyncio.run(agent.ainvoke(inputs, config=config))
+    assert len(concurrent) == 1 and isinstance(concurrent[0], BudgetExceeded), concurrent
+    [record] = [r for r in records if r.kind == "tool"]
+    assert (record.outcome, record.cost_nano) == ("ok", 120_000_000)
+    usage = guard.usage(SESSION)
+    assert usage.reserved_nano == 0 and usage.cost_nano <= 200_000_000
+    assert not [w for w in keeper._watches.values() if getattr(w.admission, "tool", None)]
+    ledger.close()
+
+
+class Flaky:
+    """A paid tool that fails inside (after it reached the API) on demand."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+        @tool
+        def web_search(query: str) -> str:
+            """Search the web."""
+            self.runs += 1
+            raise RuntimeError("search API: 502 after billing")
+
+        self.tool = priced_tool(web_search, ToolPrice("0.01"))
+
+
+def _agent_calling(path: str, guard: Guard, calls: list[dict[str, Any]], search: Any
+                   ) -> tuple[Any, dict[str, Any]]:
+    from agent_guard.testing import ScriptedChatModel
+
+    answers = iter([*(AIMessage("", tool_calls=[c]) for c in calls), AIMessage("done")])
+    model = ScriptedChatModel(model_name="gpt-4o", respond=lambda m: next(answers))
+    if path == "callback":
+        return create_agent(model, [search]), {
+            "callbacks": [GuardCallbackHandler(guard, session_id=SESSION)]}
+    return create_agent(model, [search], middleware=[
+        GuardMiddleware(guard, session_id=SESSION)]), {}
+
+
+def _run(agent: Any, config: dict[str, Any], mode: str) -> Any:
+    inputs = {"messages": [("user", "search")]}
+    if mode == "sync":
+        return agent.invoke(inputs, config=config)
+    return asyncio.run(agent.ainvoke(inputs, config=config))
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("path", ["callback", "middleware"])
+def test_a_call_whose_arguments_fail_validation_is_not_charged(path: str, mode: str
+                                                                ) -> None:
+    """The model calls the paid search without its required argument: LangChain refuses
+    the arguments before the tool runs (the agent answers the model with the validation
+    error), so nothing is charged for it and its hold is released."""
+    flaky = Flaky()
+    records: list[CallRecord] = []
+    guard = Guard(Limits(max_cost_usd=1), on_record=[records.append])
+    agent, config = _agent_calling(path, guard, [
+        {"name": "web_search", "args": {"q": "typo"}, "id": "c1"}], flaky.tool)
+    out = _run(agent, config, mode)
+    [answer] = [m for m in out["messages"] if isinstance(m, ToolMessage)]
+    assert answer.status == "error" and "query" in str(answer.content)
+    assert flaky.runs == 0
+    assert [r for r in records if r.kind == "tool"] == []
+    usage = guard.usage(SESSION)
+    assert usage.reserved_nano == 0
+    assert usage.cost_nano == sum(r.cost_nano for r in records if r.kind == "model")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("path", ["callback", "middleware"])
+def test_a_call_that_fails_inside_the_tool_is_charged_its_worst_case(path: str, mode: str
+                                                                    ) -> None:
+    flaky = Flaky()
+    records: list[CallRecord] = []
+    guard = Guard(Limits(max_cost_usd=1), on_record=[records.append])
+    agent, config = _agent_calling(path, guard, [
+        {"name": "web_search", "args": {"query": "x"}, "id": "c1"}], flaky.tool)
+    with pytest.raises(RuntimeError, match="502"):
+        _run(agent, config, mode)
+    assert flaky.runs == 1
+    [record] = [r for r in records if r.kind == "tool"]
+    assert (record.outcome, record.cost_nano, record.usage_estimated) == \
+        ("error", SEARCH_NANO, True)
+    usage = guard.usage(SESSION)
+    assert usage.reserved_nano == 0
+    assert usage.cost_nano == sum(r.cost_nano for r in records)

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from contextvars import ContextVar
+from types import FrameType
 from typing import Any
 
 from langchain_core.load import _validation as _lc_validation
@@ -23,6 +24,7 @@ from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration
 from langchain_core.tools import BaseTool
 
+from ..compat import LANGCHAIN_TOOL_ARGS_METHOD, LANGCHAIN_TOOL_RUN_CODES
 from ..engine.usage import MalformedUsage, Usage
 from ..pricing.tools import METADATA_KEY, ToolPrice, tool_price_from_data
 
@@ -35,6 +37,7 @@ __all__ = [
     "cap_place",
     "choices",
     "cost_breakdown",
+    "failed_before_running",
     "max_output",
     "model_name",
     "owning_gate",
@@ -44,6 +47,7 @@ __all__ = [
     "retried",
     "tool_owned",
     "tool_result",
+    "tool_run_frame",
     "with_output_cap",
 ]
 
@@ -448,6 +452,35 @@ def tool_result(output: Any) -> Any:
     if type(output).__name__ == "Command":
         return None
     return output
+
+
+def failed_before_running(error: BaseException) -> bool:
+    """Whether a tool call's error was raised before the tool ran: while LangChain
+    checked its arguments (``BaseTool.run`` / ``arun`` calling
+    ``_to_args_and_kwargs``, where a ``ValidationError`` for a missing or mistyped
+    argument comes from), so it reached no paid API. An error raised inside the tool,
+    a ``ValidationError`` included, may have been billed."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code in LANGCHAIN_TOOL_RUN_CODES:
+            below = tb.tb_next
+            return below is not None and \
+                below.tb_frame.f_code.co_name == LANGCHAIN_TOOL_ARGS_METHOD
+        tb = tb.tb_next
+    return False
+
+
+def tool_run_frame() -> FrameType | None:
+    """The frame of the synchronous ``BaseTool.run`` the caller (a callback of that
+    tool's start) runs in, or None (an async run: the callback runs in a thread)."""
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return None
+        if frame.f_code in LANGCHAIN_TOOL_RUN_CODES:
+            return frame
+        frame = frame.f_back
+    return None
 
 
 def priced_tool(tool: BaseTool, price: ToolPrice | Mapping[str, Any]) -> BaseTool:

@@ -40,7 +40,7 @@ from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
@@ -66,6 +66,7 @@ from .call import (
     annotate,
     attempts,
     cost_breakdown,
+    failed_before_running,
     max_output,
     model_name,
     owning_gate,
@@ -74,8 +75,9 @@ from .call import (
     retried,
     tool_owned,
     tool_result,
+    tool_run_frame,
 )
-from .dispatch import dispatching_async_end, ends_inline
+from .dispatch import dispatching_async_end, ends_inline, go_first
 
 __all__ = ["GuardCallbackHandler", "OutputCapExceeded", "session_from_metadata"]
 
@@ -165,6 +167,7 @@ class _Tool:
     saved_nano: int = 0
     admission: ToolAdmission | None = None  # holds a priced tool's worst case
     metadata: dict[str, Any] | None = None  # the run's metadata (LangSmith reads its cost)
+    handlers: list[Any] | None = None  # the run's handlers (its tracers keep its run)
 
 
 class GuardCallbackHandler(BaseCallbackHandler):
@@ -616,16 +619,49 @@ class GuardCallbackHandler(BaseCallbackHandler):
                 raise
         if owned:
             return
+        priced = admission is not None and admission.reservation is not None
+        # a priced tool's end, which writes its cost on the run, comes before any tracer's
+        handlers = go_first(self, run_id) if priced and self.annotate_runs else None
         with self._lock:
             self._tools[run_id] = _Tool(session, str(name), self.guard.clock(), attributes,
                                         meta.get("langgraph_node"), tuple(tags or ()),
                                         admission=admission,
                                         metadata=metadata if isinstance(metadata, dict)
-                                        else None)
+                                        else None, handlers=handlers)
             dropped = [self._tools.popitem(last=False)[1]
                        for _ in range(len(self._tools) - 4096)]  # tools that never ended
         for tool in dropped:
             self._tool_record(tool, None, "aborted", None)
+        if priced:
+            self._watch_tool(run_id, cast(ToolAdmission, admission))
+
+    def _watch_tool(self, run_id: UUID, admission: ToolAdmission) -> None:
+        """A priced tool's hold is renewed by the lease keeper while the tool runs (a
+        sandbox, a slow crawl may run longer than ``Limits.lease_seconds``): watched by
+        the frame of a synchronous tool's run, else by the task of an async one. A tool
+        whose run stopped without its end is charged as aborted (its worst case)."""
+        on_stop = _StopCallback(self, run_id, tool=True)
+        frame = tool_run_frame()
+        if frame is not None:
+            keeper.watch(self, self.guard, admission, on_stop=on_stop,
+                         thread_id=threading.get_ident(), frame=frame)
+            return
+        ref = _CALLING_TASK.get()
+        task = ref() if ref is not None else None
+        if task is None:  # no way to tell it is running: its lease decides
+            return
+        keeper.watch(self, self.guard, admission, on_stop=on_stop, task=task)
+        with contextlib.suppress(RuntimeError):  # a closed loop: the keeper polls anyway
+            task.get_loop().call_soon_threadsafe(task.add_done_callback, _poke_keeper)
+
+    def _tool_stopped(self, run_id: UUID) -> None:
+        """The keeper saw a priced tool's run stop without its end (cancelled)."""
+        with self._lock:
+            tool = self._tools.pop(run_id, None)
+        if tool is not None and not (tool.admission is not None and tool.admission.finished):
+            record = self._tool_record(tool, run_id, "aborted", None)
+            if self.telemetry is not None:
+                self.telemetry.tool_end(run_id, record=record)
 
     def on_custom_event(self, name: str, data: Any, *, run_id: UUID,
                         tags: list[str] | None = None,
@@ -646,25 +682,34 @@ class GuardCallbackHandler(BaseCallbackHandler):
         if self.telemetry is not None:
             self.telemetry.tool_cache_hit(run_id, saved)
 
+    @ends_inline  # on async paths: in a thread, before a tracer listed after it
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         record = self._tool_done(run_id, "ok", output)
         if self.telemetry is not None:
             self.telemetry.tool_end(run_id, result=output, record=record)
 
+    @ends_inline
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        record = self._tool_done(run_id, "error")
+        record = self._tool_done(run_id, "error", not_run=failed_before_running(error))
         if self.telemetry is not None:
             self.telemetry.tool_end(run_id, error, record=record)
 
-    def _tool_done(self, run_id: UUID, outcome: Outcome, output: Any = None
-                   ) -> CallRecord | None:
-        """Settle and record a tool call; a call that failed is charged its reserved
-        worst case (a callback cannot tell a call that never reached the paid API)."""
+    def _tool_done(self, run_id: UUID, outcome: Outcome, output: Any = None, *,
+                   not_run: bool = False) -> CallRecord | None:
+        """Settle and record a tool call. A priced call that failed is charged its
+        reserved worst case (it may have reached the paid API), unless it failed
+        before it ran (``not_run``: its arguments did not validate): released then,
+        with no record."""
         self._end_runs_under(run_id)
         with self._lock:
             tool = self._tools.pop(run_id, None)
         if tool is None:
             return None
+        if tool.admission is not None and tool.admission.reservation is not None:
+            keeper.unwatch(self, tool.admission)
+            if not_run:
+                self.guard.tool_call_not_run(tool.admission)
+                return None
         if tool.cache_hit and outcome == "ok":
             outcome = "cache_hit"
         return self._tool_record(tool, run_id, outcome, tool_result(output))
@@ -678,8 +723,8 @@ class GuardCallbackHandler(BaseCallbackHandler):
             node=tool.node, tags=tool.tags, attributes=tool.attributes,
             admission=tool.admission, result=result)
         if self.annotate_runs and tool.admission is not None \
-                and tool.admission.price is not None and tool.metadata is not None:
-            note_tool_cost(tool.metadata, record)
+                and tool.admission.price is not None:
+            note_tool_cost(tool.metadata, record, run_id, tool.handlers)
         return record
 
     # -- runs (for telemetry) ---------------------------------------------------------
@@ -765,14 +810,19 @@ def _generations(response: LLMResult) -> list[Any]:
 class _StopCallback:
     """``on_stop`` for the keeper (a small object, not a closure over the frame)."""
 
-    __slots__ = ("handler", "run_id")
+    __slots__ = ("handler", "run_id", "tool")
 
-    def __init__(self, handler: GuardCallbackHandler, run_id: UUID) -> None:
+    def __init__(self, handler: GuardCallbackHandler, run_id: UUID, *,
+                 tool: bool = False) -> None:
         self.handler = handler
         self.run_id = run_id
+        self.tool = tool
 
     def __call__(self) -> None:
-        self.handler._stopped(self.run_id)
+        if self.tool:
+            self.handler._tool_stopped(self.run_id)
+        else:
+            self.handler._stopped(self.run_id)
 
 
 def _poke_keeper(_: Any) -> None:

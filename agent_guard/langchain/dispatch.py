@@ -16,6 +16,14 @@ every sync path, is dispatched as before. Both are read from LangChain's own dis
 functions by identity (``ahandle_event``, ``_ahandle_event_for_handler``); when a
 LangChain release renames them, the handler is simply dispatched as before (the cost
 then reaches LangSmith on sync runs only), never run on the loop.
+
+A tool run's end goes to its handlers in the order they were listed, and LangChain's
+tracer sends the run as it has it then: a handler that writes a tool's cost on the run
+(the callback handler, ``GuardMiddleware``'s per-call handler) calls :func:`go_first`
+from its ``on_tool_start``, which moves it to the front of that tool run's handler list
+(a list LangChain makes for that one tool call), so its ``on_tool_end`` comes before the
+tracer's whatever the order the callbacks were given in. With :class:`ends_inline` on
+``on_tool_end`` / ``on_tool_error`` it does on async paths too.
 """
 
 from __future__ import annotations
@@ -23,12 +31,17 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Callable
+from contextvars import ContextVar
+from types import FrameType
 from typing import Any
 
 from langchain_core.callbacks import manager as _manager
 
-__all__ = ["dispatching_async", "dispatching_async_end", "ends_inline"]
+from ..compat import LANGCHAIN_DISPATCH_HANDLERS_LOCAL
 
+__all__ = ["dispatching_async", "dispatching_async_end", "ends_inline", "go_first"]
+
+_HANDLE = getattr(getattr(_manager, "handle_event", None), "__code__", None)
 _AHANDLE = getattr(getattr(_manager, "ahandle_event", None), "__code__", None)
 _AHANDLE_FOR_HANDLER = getattr(getattr(_manager, "_ahandle_event_for_handler", None),
                                "__code__", None)
@@ -36,8 +49,9 @@ _ENABLED = _AHANDLE is not None and _AHANDLE_FOR_HANDLER is not None
 
 
 def dispatching_async_end() -> bool:
-    """Whether the caller's caller is LangChain's async dispatch of ``on_llm_end``
-    (call it from a handler's ``run_inline``)."""
+    """Whether the caller's caller is LangChain's async dispatch of a model's or a
+    tool's end (``on_llm_end``, ``on_tool_end``, ``on_tool_error``; call it from a
+    handler's ``run_inline``)."""
     return _dispatching(sys._getframe(2), _END)
 
 
@@ -49,7 +63,11 @@ def dispatching_async(events: frozenset[str]) -> bool:
     return _dispatching(sys._getframe(2), events)
 
 
-_END = frozenset({"on_llm_end"})
+_END = frozenset({"on_llm_end", "on_tool_end", "on_tool_error"})
+#: (run id, handler list) of the tool start LangChain's async dispatch is handling, noted
+#: in the dispatching task's context (the executor running a handler copies it)
+_TOOL_START: ContextVar[tuple[Any, Any] | None] = ContextVar("agent_guard_tool_start",
+                                                             default=None)
 
 
 def _dispatching(frame: Any, events: frozenset[str]) -> bool:
@@ -62,9 +80,49 @@ def _dispatching(frame: Any, events: frozenset[str]) -> bool:
         if frame is None:
             return False
         if frame.f_code is _AHANDLE:
-            return frame.f_locals.get("event_name") in events
+            local = frame.f_locals
+            event = local.get("event_name")
+            if event == "on_tool_start":
+                _TOOL_START.set(((local.get("kwargs") or {}).get("run_id"),
+                                 local.get(LANGCHAIN_DISPATCH_HANDLERS_LOCAL)))
+            return event in events
         frame = frame.f_back
     return False
+
+
+def go_first(handler: Any, run_id: Any) -> list[Any] | None:
+    """Called from ``handler.on_tool_start``: the tool run's later events (its end,
+    its error) go to ``handler`` before the other handlers, a tracer listed before it
+    included. Sync dispatch hands the handler list to ``on_tool_start`` from a frame
+    or two up; async dispatch noted it when it read ``run_inline``. Moving the handler
+    from where the dispatch loop stands to the front keeps the loop's next handler
+    the same. Returns the list (the run's end goes to it), or None when neither is
+    found (the handler stays where it was)."""
+    handlers = None
+    frame: FrameType | None = sys._getframe(1)
+    for _ in range(4):
+        if frame is None:
+            break
+        if frame.f_code is _HANDLE:
+            local = frame.f_locals
+            if local.get("event_name") == "on_tool_start" and \
+                    (local.get("kwargs") or {}).get("run_id") == run_id:
+                handlers = local.get(LANGCHAIN_DISPATCH_HANDLERS_LOCAL)
+            break
+        frame = frame.f_back
+    if handlers is None:
+        noted = _TOOL_START.get()
+        if noted is not None and noted[0] == run_id:
+            handlers = noted[1]
+    if not isinstance(handlers, list):
+        return None
+    for i, h in enumerate(handlers):
+        if h is handler:
+            if i:
+                del handlers[i]
+                handlers.insert(0, handler)
+            break
+    return handlers
 
 
 class ends_inline:

@@ -57,7 +57,7 @@ from ..actions import (
 from ..cache.result import MISS, ResultCache, collecting_cache_hits
 from ..compat import default_params, ls_params
 from ..context import current_config, current_session, named_session
-from ..engine.admission import Admission, ModelCall, ToolAdmission
+from ..engine.admission import _NOT_RUN, Admission, ModelCall, ToolAdmission
 from ..engine.budgets import Budgets, attributes_from_metadata
 from ..engine.guard import Guard
 from ..engine.keeper import keeper
@@ -66,6 +66,7 @@ from ..engine.records import CallRecord, Outcome
 from ..errors import GuardError
 from ..ledger import Ledger
 from ..pricing.tools import declared_price
+from ..telemetry.langsmith import note_tool_cost
 from .call import (
     OWNER,
     Answer,
@@ -75,6 +76,7 @@ from .call import (
     cap_place,
     choices,
     cost_breakdown,
+    failed_before_running,
     max_output,
     model_name,
     read_answer,
@@ -84,7 +86,7 @@ from .call import (
     with_output_cap,
 )
 from .callback import _finish_reasons
-from .dispatch import dispatching_async, ends_inline
+from .dispatch import dispatching_async, ends_inline, go_first
 
 __all__ = ["GuardMiddleware"]
 
@@ -667,6 +669,22 @@ class GuardMiddleware(AgentMiddleware):
                 "node": "tools", "attributes": admission.attributes, "admission": admission,
                 "result": tool_result(result)}
 
+    def _settled_in_run(self, request: ToolCallRequest, admission: ToolAdmission,
+                        hits: list[int]) -> ToolCallRequest:
+        """The request with a priced tool whose own run settles it (see
+        :class:`_ToolRunGate`); any other request as it is."""
+        tool = request.tool
+        if admission.reservation is None or tool is None:
+            return request
+        gate = _ToolRunGate(self, request, admission, hits)
+        callbacks = tool.callbacks
+        if isinstance(callbacks, BaseCallbackManager):
+            callbacks = callbacks.copy()
+            callbacks.add_handler(gate, inherit=False)
+        else:
+            callbacks = [*(callbacks or ()), gate]
+        return request.override(tool=tool.model_copy(update={"callbacks": callbacks}))
+
     def _tool_done(self, request: ToolCallRequest, admission: ToolAdmission,
                    outcome: Outcome, hits: list[int] | None = None, result: Any = None
                    ) -> CallRecord:
@@ -722,25 +740,27 @@ class GuardMiddleware(AgentMiddleware):
                                          call["name"]))
                 where, hit, saved = self._cached(request, span)
                 if hit is not None:
-                    record = self._tool_done(request, admission, "ok", [saved])
+                    record: CallRecord | None = self._tool_done(request, admission, "ok", [saved])
                     self._tool_span_end(span, record, hit, saved=saved)
                     return hit
                 try:
                     with collecting_cache_hits() as hits, self._owning(call), _held(
                             self, self.guard, admission, thread_id=threading.get_ident(),
                             frame=sys._getframe()):
-                        result = handler(request)
+                        result = handler(self._settled_in_run(request, admission, hits))
                 except GraphInterrupt as exc:  # paused before it ran: runs again on resume
                     self.guard.tool_call_not_run(admission)
                     self._tool_span_end(span, None, error=exc)
                     raise
                 except BaseException as exc:
                     # it may have reached the paid API: charged its worst case
-                    record = self._tool_done(request, admission, "error")
+                    record = _run_record(admission) if admission.finished else \
+                        self._tool_done(request, admission, "error")
                     self._tool_span_end(span, record, error=exc)
                     raise
                 self._store(request, where, result)
-                record = self._tool_done(request, admission, _outcome(result), hits, result)
+                record = _run_record(admission) if admission.finished else \
+                    self._tool_done(request, admission, _outcome(result), hits, result)
                 self._tool_span_end(span, record, result)
                 return result
             except GuardError as exc:
@@ -767,25 +787,28 @@ class GuardMiddleware(AgentMiddleware):
                 # the cache's I/O in a thread: a slow cache store never blocks the loop
                 where, hit, saved = await asyncio.to_thread(self._cached, request, span)
                 if hit is not None:
-                    record = await self._atool_done(request, admission, "ok", [saved])
+                    record: CallRecord | None = await self._atool_done(
+                        request, admission, "ok", [saved])
                     self._tool_span_end(span, record, hit, saved=saved)
                     return hit
                 try:
                     with collecting_cache_hits() as hits, self._owning(call), _held(
                             self, self.guard, admission, task=asyncio.current_task()):
-                        result = await handler(request)
+                        result = await handler(self._settled_in_run(request, admission,
+                                                                    hits))
                 except GraphInterrupt as exc:
                     await self.guard.atool_call_not_run(admission)
                     self._tool_span_end(span, None, error=exc)
                     raise
                 except BaseException as exc:
-                    record = await asyncio.shield(
-                        self._atool_done(request, admission, "error"))
+                    record = _run_record(admission) if admission.finished else \
+                        await asyncio.shield(self._atool_done(request, admission, "error"))
                     self._tool_span_end(span, record, error=exc)
                     raise
                 await asyncio.to_thread(self._store, request, where, result)
-                record = await self._atool_done(request, admission, _outcome(result), hits,
-                                                result)
+                record = _run_record(admission) if admission.finished else \
+                    await self._atool_done(request, admission, _outcome(result), hits,
+                                           result)
                 self._tool_span_end(span, record, result)
                 return result
             except GuardError as exc:
@@ -794,6 +817,71 @@ class GuardMiddleware(AgentMiddleware):
                 answer = self._tool_refused(exc, request, session)
                 if answer is not None:
                     return answer
+
+
+class _ToolRunGate(BaseCallbackHandler):
+    """Settles a priced tool call admitted by :class:`GuardMiddleware` at the end of
+    the tool's own run, and writes what it cost on that run, where LangSmith reads it
+    (``usage_metadata.total_cost`` of its metadata, :func:`note_tool_cost`).
+
+    A handler of that one tool call (given to a copy of the tool, not inherited by the
+    runs inside it): it moves itself before the run's other handlers when the run
+    starts (:func:`go_first`), so the cost is on the run before LangChain's tracer sends
+    it, on sync and async paths. A call whose arguments failed validation never ran:
+    released. An interrupt is left to the middleware (it runs again on resume)."""
+
+    @property  # LangChain declares a plain attribute; a property reads the moment it is read
+    def run_inline(self) -> bool:  # type: ignore[override]
+        """False, but for the tool's end on async paths (run in a thread, in list
+        order: see :mod:`.dispatch`)."""
+        return dispatching_async(_TOOL_ENDS)
+
+    def __init__(self, middleware: GuardMiddleware, request: ToolCallRequest,
+                 admission: ToolAdmission, hits: list[int]) -> None:
+        super().__init__()
+        self.middleware = middleware
+        self.request = request
+        self.admission = admission
+        self.hits = hits
+        self.run_id: UUID | None = None
+        self.metadata: dict[str, Any] | None = None
+        self.handlers: list[Any] | None = None  # the run's handlers (its tracers)
+
+    def on_tool_start(self, serialized: dict[str, Any], input_str: str, *, run_id: UUID,
+                      metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if self.run_id is None:
+            self.run_id = run_id
+            self.metadata = metadata if isinstance(metadata, dict) else None
+            self.handlers = go_first(self, run_id)
+
+    @ends_inline
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        if run_id == self.run_id and not self.admission.finished:
+            self._noted(self.middleware._tool_done(self.request, self.admission,
+                                                   _outcome(output), self.hits, output))
+
+    @ends_inline
+    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        if run_id != self.run_id or self.admission.finished or \
+                isinstance(error, GraphInterrupt):
+            return
+        if failed_before_running(error):  # its arguments did not validate: never ran
+            self.middleware.guard.tool_call_not_run(self.admission)
+            return
+        self._noted(self.middleware._tool_done(self.request, self.admission, "error"))
+
+    def _noted(self, record: CallRecord) -> None:
+        note_tool_cost(self.metadata, record, self.run_id, self.handlers)
+
+
+_TOOL_ENDS = frozenset({"on_tool_end", "on_tool_error"})
+
+
+def _run_record(admission: ToolAdmission) -> CallRecord | None:
+    """The record a priced call was settled with at the end of its own run
+    (:class:`_ToolRunGate`); None when it was released there (it never ran)."""
+    record = admission.state.record
+    return None if record is _NOT_RUN else record
 
 
 @contextlib.contextmanager

@@ -46,18 +46,34 @@ def note_tool_run(*, cost_usd: Decimal | str | float | None, cache_hit: bool,
                        exc_info=True)
 
 
-def note_tool_cost(metadata: dict[str, Any], record: Any) -> None:
+def note_tool_cost(metadata: dict[str, Any] | None, record: Any, run_id: Any = None,
+                   handlers: Any = None) -> None:
     """Put a priced tool call's cost where LangSmith reads it
-    (``usage_metadata.total_cost`` of the run's metadata), in the metadata dict LangChain
-    handed the handlers of that run when it started: LangChain's tracer keeps that dict
-    as its run's ``extra["metadata"]`` and sends it when the run ends, so a handler
-    listed before the tracer has its cost on the run. Called from the tool's end."""
+    (``usage_metadata.total_cost`` of the run's metadata): in the metadata dict LangChain
+    handed the handlers of that run when it started, and in the metadata of the run
+    each tracer among ``handlers`` (the run's handler list) keeps for ``run_id``
+    (``run_map``; LangChain's tracer may keep a copy of the dict). The tracer sends its
+    run when the run ends: called from the tool's end, by a handler the end reaches
+    first (:func:`agent_guard.langchain.dispatch.go_first`)."""
     try:
-        metadata["usage_metadata"] = {"total_cost": float(record.cost_nano) / 1e9}
-        prior = metadata.get("agent_guard")
-        metadata["agent_guard"] = {
-            **(prior if isinstance(prior, dict) else {}),
-            "cost_usd": str(record.cost_usd), "reserved_usd": f"{record.reserved_nano / 1e9:f}",
-            "estimated": record.usage_estimated}
+        prior = (metadata or {}).get("agent_guard")
+        noted = {"usage_metadata": {"total_cost": float(record.cost_nano) / 1e9},
+                 "agent_guard": {
+                     **(prior if isinstance(prior, dict) else {}),
+                     "cost_usd": str(record.cost_usd),
+                     "reserved_usd": f"{record.reserved_nano / 1e9:f}",
+                     "estimated": record.usage_estimated}}
+        if metadata is not None:
+            metadata.update(noted)
+        for handler in handlers or ():
+            run_map = getattr(handler, "run_map", None)
+            run = run_map.get(str(run_id)) if isinstance(run_map, dict) else None
+            extra = getattr(run, "extra", None)
+            if isinstance(extra, dict):
+                kept = extra.get("metadata")
+                if isinstance(kept, dict):
+                    kept.update(noted)
+                else:
+                    extra["metadata"] = dict(noted)
     except Exception:  # telemetry never fails the call it describes
         logger.warning("agent-guard: could not note a tool's cost on its run", exc_info=True)
