@@ -315,6 +315,91 @@ def test_the_report_and_focus_show_model_and_tool_spend_apart(tmp_path: Any) -> 
     assert validate_focus(path) == []
 
 
+@pytest.mark.parametrize("store_url", ["memory://", "sqlite"])
+def test_focus_rows_of_paid_tools_count_their_priced_units(tmp_path: Any, clock: Any,
+                                                          store_url: str) -> None:
+    """Each tool call's priced units are kept with its record, so its FOCUS row consumes
+    them (3 results, 12.5 seconds, 2 images) instead of one call; a price per unit alone
+    prices the row per unit (unit price x quantity = cost, exactly), a price with a
+    part per call prices it as one request; a call charged its worst case consumes its
+    bound. Model and tool rows still sum to the ledger, and the file validates."""
+    from agent_guard.testing import ScriptedChatModel
+
+    store = UsageStore.from_url(f"sqlite:///{tmp_path / 'usage.db'}"
+                                if store_url == "sqlite" else store_url)
+    guard = Guard(Limits(max_cost_usd=1), on_record=[store], clock=clock)
+
+    @tool
+    def search(query: str, max_results: int) -> list[str]:
+        """Search."""
+        return ["a", "b", "c"]
+
+    @tool
+    def pages(url: str) -> list[str]:
+        """Fetch pages."""
+        return ["p1", "p2", "p3"]
+
+    @tool
+    def sandbox(code: str) -> str:
+        """Run code."""
+        clock.advance(12.5)
+        return "ok"
+
+    @tool
+    def draw(prompt: str, n: int) -> str:
+        """Draw images."""
+        return "drawn"
+
+    @tool
+    def crawl(url: str, max_pages: int) -> str:
+        """Crawl a site."""
+        raise RuntimeError("crawler died after billing")
+
+    priced_tool(search, ToolPrice(per_unit_usd="0.000005", units="results",
+                                  max_units="arg:max_results"))
+    priced_tool(pages, ToolPrice("0.001", per_unit_usd="0.002", units="results",
+                                 max_units=10))
+    priced_tool(sandbox, ToolPrice(per_unit_usd="0.0001", units="seconds", max_units=300))
+    priced_tool(draw, ToolPrice(per_unit_usd="0.04", units="arg:n"))
+    priced_tool(crawl, ToolPrice(per_unit_usd="0.0001", units="results",
+                                 max_units="arg:max_pages"))
+    calls = [{"name": "search", "args": {"query": "q", "max_results": 10}, "id": "c1"},
+             {"name": "pages", "args": {"url": "u"}, "id": "c2"},
+             {"name": "sandbox", "args": {"code": "1"}, "id": "c3"},
+             {"name": "draw", "args": {"prompt": "cat", "n": 2}, "id": "c4"},
+             {"name": "crawl", "args": {"url": "u", "max_pages": 40}, "id": "c5"}]
+    answers = iter([AIMessage("", tool_calls=[c]) for c in calls])
+    agent = create_agent(ScriptedChatModel(model_name="gpt-4o", respond=lambda m: next(answers)),
+                         [search, pages, sandbox, draw, crawl])
+    with pytest.raises(RuntimeError, match="crawler died"):
+        agent.invoke({"messages": [("user", "go")]}, config={
+            "callbacks": [GuardCallbackHandler(guard, session_id=SESSION)]})
+    store.flush()
+    tools = {r.tool: r for r in store.records() if r.kind == "tool"}
+    assert {t: (r.units, r.unit) for t, r in tools.items()} == {
+        "search": (3, "results"), "pages": (3, "results"), "sandbox": (12.5, "seconds"),
+        "draw": (2, "n"), "crawl": (40, "results")}
+    rows = focus_rows(store)
+    got = {r["SkuId"][5:]: (r["ConsumedQuantity"], r["ConsumedUnit"], r["PricingQuantity"],
+                            r["PricingUnit"], r["ListUnitPrice"], r["BilledCost"])
+           for r in rows if r["SkuId"].startswith("tool:")}
+    assert got == {
+        "search": ("3", "Results", "3", "Results", "0.000005", "0.000015000"),
+        "pages": ("3", "Results", "1", "Requests", "0.007000000", "0.007000000"),
+        "sandbox": ("12.5", "Seconds", "12.5", "Seconds", "0.0001", "0.001250000"),
+        "draw": ("2", "N", "2", "N", "0.04", "0.080000000"),
+        "crawl": ("40", "Results", "40", "Results", "0.0001", "0.004000000"),
+    }
+    usage = guard.usage(SESSION)
+    assert sum(Decimal(r["BilledCost"]) for r in rows) * 10**9 == usage.cost_nano
+    [total] = report(store, group_by=None)
+    assert total["model_cost_nano"] + total["tool_cost_nano"] == usage.cost_nano
+    path = tmp_path / "focus.csv"
+    export_focus(store, path)
+    assert validate_focus(path) == []
+    store.close()
+
+
 # -- a monthly per-model budget raced by two processes on Redis --------------------------------
 
 NOV_30 = datetime(2026, 11, 30, 23, 0, tzinfo=UTC).timestamp()

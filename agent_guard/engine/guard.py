@@ -11,6 +11,7 @@ that awaits the ledger instead of blocking on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -636,13 +637,13 @@ class Guard:
         started = now if started_at is None else started_at
         price = admission.price if admission is not None else None
         reserved = admission.reserved_nano if admission is not None else 0
-        cost, estimated = 0, False
+        cost, estimated, units = 0, False, None
         if admission is not None and admission.reservation is not None and price is not None:
+            args = None if admission.args is _NO_ARGS else admission.args
             if outcome == "ok":
-                use = ToolUse(None if admission.args is _NO_ARGS else admission.args,
-                              result, max(0.0, now - admission.started_at))
+                use = ToolUse(args, result, max(0.0, now - admission.started_at))
                 try:
-                    cost = price.cost_nano(use)
+                    cost, units = price.charge(use)
                 except Exception:  # a price function that fails charges the worst case
                     logger.exception("agent-guard: the price of a %r call could not be "
                                      "computed; it is charged its worst case", tool)
@@ -653,6 +654,11 @@ class Guard:
                                    _usd_text(cost), _usd_text(reserved))
             elif outcome != "cache_hit":  # failed after it started: it may have billed
                 cost, estimated = reserved, True
+            if estimated:  # charged its worst case: its bound of units
+                with contextlib.suppress(Exception):
+                    units = price.worst_units(args)
+            if isinstance(units, Decimal):
+                units = float(units)
         record = CallRecord(
             session=session, run_id=run_id, model="",
             provider=price.service if price is not None else None, usage=Usage(),
@@ -660,6 +666,9 @@ class Guard:
             outcome=outcome, started_at=started, ended_at=now,
             saved_nano=max(0, int(saved_nano)), node=node, tags=tuple(tags), kind="tool",
             tool=tool, attributes=attrs, scopes=tuple(r.scope for r in scopes),
+            units=units, unit=price.unit if price is not None and units is not None else None,
+            unit_price_usd=price.unit_price_usd if price is not None and units is not None
+            else None,
             **cast(dict[str, Any], {"record_id": admission.reservation.id}
                    if admission is not None and admission.reservation is not None else {}),
         )

@@ -33,6 +33,11 @@ class CallRecord:
     ``unpriced`` is True when the model had no price and the policy let it
     through at $0. ``saved_nano`` is what a cache hit would have cost.
     ``tier`` and ``route`` say which router tier took the call and why.
+
+    A tool call priced per unit keeps what it was priced on: ``units`` (results,
+    seconds, an argument's value; its declared bound when it was charged its worst
+    case), ``unit`` (what they count) and, for a price per unit only,
+    ``unit_price_usd`` (exact decimal text): the FOCUS export consumes and prices them.
     """
 
     session: str
@@ -58,6 +63,9 @@ class CallRecord:
     attributes: Mapping[str, str] = field(default_factory=dict)
     scopes: tuple[str, ...] = ()
     record_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    units: float | None = None
+    unit: str | None = None
+    unit_price_usd: str | None = None
 
     @property
     def cost_usd(self) -> Decimal:

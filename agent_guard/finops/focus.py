@@ -21,7 +21,10 @@ Machine Learning`` / ``ServiceSubcategory`` ``Generative AI``:
 - a paid tool call (:class:`~agent_guard.pricing.ToolPrice`) is its own service:
   ``ServiceName`` the service its price names (else ``Tool <name>``),
   ``ServiceSubcategory`` ``Other (AI and Machine Learning)``, ``SkuId``
-  ``tool:<name>``, one ``Calls`` unit consumed;
+  ``tool:<name>``; it consumes the units it was priced on (``Results``,
+  ``Seconds``, an argument's name), or one ``Calls`` unit for a price per call; a
+  price per unit only is priced per unit (``PricingQuantity`` the units,
+  ``ListUnitPrice`` the price of one) when that product is exactly the cost;
 - ``ChargePeriodStart``/``End``: the call's start and end to the second
   (``YYYY-MM-DDTHH:MM:SSZ``, UTC, end exclusive and after the start), inside the
   calendar month that is the ``BillingPeriod``;
@@ -218,6 +221,43 @@ def _month(ts: float) -> tuple[float, float]:
     return start.timestamp(), end.timestamp()
 
 
+def _decimal_text(value: Any) -> str:
+    """A number as plain decimal text (no exponent): ``12.5``, ``3``."""
+    number = Decimal(repr(value) if isinstance(value, float) else str(value))
+    text = format(number.normalize(), "f")
+    return text
+
+
+def _unit_text(row: Mapping[str, Any]) -> str:
+    """A tool row's unit: what its price counts, capitalised (``Results``,
+    ``Seconds``), or ``Calls`` for a price per call."""
+    unit = row.get("unit")
+    if row.get("units") is None or not unit:
+        return "Calls"
+    return str(unit)[:1].upper() + str(unit)[1:]
+
+
+def _tool_consumed(row: Mapping[str, Any], cache_hit: bool) -> str:
+    if cache_hit:
+        return "0"
+    return "1" if row.get("units") is None else _decimal_text(row["units"])
+
+
+def _tool_quantities(row: Mapping[str, Any], cost: str) -> tuple[str, str, str]:
+    """(PricingQuantity, PricingUnit, unit price) of a tool row: its units at the
+    price of one when the price is per unit only and that product is exactly the cost
+    (a cost rounded up to the nano-dollar is not), else one request at the cost."""
+    units, price = row.get("units"), row.get("unit_price_usd")
+    if units is not None and price and row["outcome"] != "cache_hit":
+        try:
+            quantity = _decimal_text(units)
+            if Decimal(price) * Decimal(quantity) == Decimal(cost) and Decimal(quantity):
+                return quantity, _unit_text(row), price
+        except (InvalidOperation, ValueError):
+            pass
+    return "1", "Requests", cost
+
+
 def _service_name(row: Mapping[str, Any], provider: str, tool: bool) -> str:
     """A model call's service is its provider's API; a paid tool's, its own: the
     service its price names (``ToolPrice(service=...)``), else the tool."""
@@ -279,6 +319,8 @@ def focus_rows(
         end = min(end, int(bill_end))
         cost = format_usd(int(row["cost_nano"]))
         cache_hit = row["outcome"] == "cache_hit"
+        quantity, unit, unit_price = _tool_quantities(row, cost) if tool else \
+            ("1", "Requests", cost)
         attributes = json.loads(row.get("attributes") or "{}")
         if book is None and not row.get("provider") and not tool:
             book = PriceBook.default()
@@ -306,8 +348,8 @@ def focus_rows(
             "EffectiveCost": cost,
             "InvoiceIssuerName": provider,
             "ListCost": cost,
-            "PricingQuantity": "1",
-            "PricingUnit": "Requests",
+            "PricingQuantity": quantity,
+            "PricingUnit": unit,
             "ProviderName": provider,
             "PublisherName": provider,
             "ServiceCategory": "AI and Machine Learning",
@@ -315,11 +357,11 @@ def focus_rows(
             "ServiceSubcategory": "Other (AI and Machine Learning)" if tool
             else "Generative AI",
             "ChargeFrequency": "Usage-Based",
-            "ConsumedQuantity": ("0" if cache_hit else "1") if tool
+            "ConsumedQuantity": _tool_consumed(row, cache_hit) if tool
             else "0" if cache_hit else str(int(row["total_tokens"])),
-            "ConsumedUnit": "Calls" if tool else "Tokens",
-            "ContractedUnitPrice": cost,
-            "ListUnitPrice": cost,
+            "ConsumedUnit": _unit_text(row) if tool else "Tokens",
+            "ContractedUnitPrice": unit_price,
+            "ListUnitPrice": unit_price,
             "PricingCategory": "Standard",
             "RegionId": "",
             "RegionName": "",

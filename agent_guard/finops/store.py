@@ -91,7 +91,7 @@ ROW_FIELDS = (
     "reasoning_tokens", "total_tokens",
     "cost_nano", "cost_usd", "saved_nano", "saved_usd", "reserved_nano", "reserved_usd",
     "started_at", "ended_at", "day", "max_output_tokens", "node", "tier", "route",
-    *ATTRIBUTE_COLUMNS, "attributes", "tags", "scopes",
+    *ATTRIBUTE_COLUMNS, "attributes", "tags", "scopes", "units", "unit", "unit_price_usd",
 )
 _JSON = {"separators": (",", ":"), "ensure_ascii": False}
 _PRUNE_EVERY_S = 60.0
@@ -164,6 +164,9 @@ def record_to_row(record: CallRecord) -> dict[str, Any]:
     row["attributes"] = json.dumps(attributes, sort_keys=True, **_JSON)  # type: ignore[arg-type]
     row["tags"] = json.dumps([utf8_text(t) for t in record.tags], **_JSON)  # type: ignore[arg-type]
     row["scopes"] = json.dumps([utf8_text(t) for t in record.scopes], **_JSON)  # type: ignore[arg-type]
+    row["units"] = record.units
+    row["unit"] = record.unit
+    row["unit_price_usd"] = record.unit_price_usd
     for key, value in row.items():
         if type(value) is str:
             row[key] = utf8_text(value)
@@ -198,6 +201,9 @@ def row_to_record(row: Mapping[str, Any]) -> CallRecord:
         attributes=json.loads(row.get("attributes") or "{}"),
         scopes=tuple(json.loads(row.get("scopes") or "[]")),
         record_id=row["record_id"],
+        units=row.get("units"),
+        unit=row.get("unit"),
+        unit_price_usd=row.get("unit_price_usd"),
     )
 
 

@@ -105,24 +105,47 @@ class ToolPrice:
         self.max_units = max_units
         self.service = service
 
+    @property
+    def unit(self) -> str | None:
+        """What a unit is (``"results"``, ``"seconds"``, the argument's name, ``"units"``
+        for a function), or None for a price per call only."""
+        if not self.per_unit:
+            return None
+        units = self.units
+        if callable(units) or units is None:
+            return "units"
+        return _arg(units) or units
+
+    @property
+    def unit_price_usd(self) -> str | None:
+        """The price of one unit as exact decimal text when the price is per unit only
+        (no part per call): a call's cost is then its units at this price."""
+        if not self.per_unit or self.per_call_nano:
+            return None
+        return format(self.per_unit.normalize(), "f")
+
+    def worst_units(self, args: Any) -> Any:
+        """The most units a call with ``args`` may use (None for a price per call)."""
+        if not self.per_unit:
+            return None
+        bound = self.max_units
+        if callable(bound):
+            return bound(args)
+        if isinstance(bound, str):
+            return _arg_value(bound, args)
+        return bound
+
     def worst_nano(self, args: Any) -> int:
         """The most one call with ``args`` may cost (nano-USD), before it runs."""
         if not self.per_unit:
             return self.per_call_nano
-        bound = self.max_units
-        n: Any
-        if callable(bound):
-            n = bound(args)
-        elif isinstance(bound, str):
-            n = _arg_value(bound, args)
-        else:
-            n = bound
-        return self.per_call_nano + self._units_nano(n, "max_units")
+        return self.per_call_nano + self._units_nano(self.worst_units(args), "max_units")
 
-    def cost_nano(self, use: ToolUse) -> int:
-        """What a call that ran cost (nano-USD)."""
+    def charge(self, use: ToolUse) -> tuple[int, Any]:
+        """What a call that ran cost (nano-USD) and the units it was priced on (None
+        for a price per call)."""
         if not self.per_unit:
-            return self.per_call_nano
+            return self.per_call_nano, None
         units = self.units
         if callable(units):
             n = units(use)
@@ -132,7 +155,11 @@ class ToolPrice:
             n = _result_count(use.result)
         else:
             n = _arg_value(str(units), use.args)
-        return self.per_call_nano + self._units_nano(n, "units")
+        return self.per_call_nano + self._units_nano(n, "units"), n
+
+    def cost_nano(self, use: ToolUse) -> int:
+        """What a call that ran cost (nano-USD)."""
+        return self.charge(use)[0]
 
     def _units_nano(self, n: Any, what: str) -> int:
         if isinstance(n, bool) or not isinstance(n, int | float | Decimal):
