@@ -27,6 +27,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 _ENV = "AGENT_GUARD_CALLGRIND_DIR"
 # mov $0,%edx; mov %rdi,%rax; rol $3,$13,$61,$51 %rdi (the preamble); xchg %rbx,%rbx;
@@ -92,17 +93,25 @@ def rerun_under_callgrind(argv: list[str]) -> Path | None:
     return out
 
 
-def read_regions(directory: Path) -> dict[str, list[int]]:
-    """``{region name: [instructions of each time it ran]}`` from callgrind's dumps."""
+def read_regions(directory: Path, all_threads: bool = False) -> dict[str, list[int]]:
+    """``{region name: [instructions of each time it ran]}`` from callgrind's dumps: the
+    main thread's, or with ``all_threads`` every thread's of the same dump summed (work
+    an async path hands to executor threads counts too)."""
     found: dict[str, list[int]] = {}
+    dumps: dict[tuple[int, ...], list[Any]] = {}  # dump -> [trigger, instructions]
     for path in sorted(directory.glob("callgrind.out.*"), key=_dump_order):
-        if path.name.endswith("-") or not path.name.endswith("-01"):
+        if path.name.endswith("-"):
+            continue
+        if not all_threads and not path.name.endswith("-01"):
             continue  # the main thread only: the lease keeper polls by the clock
         text = path.read_text(errors="replace")
         trigger = re.search(r"^desc: Trigger: Client Request: (.*)$", text, re.M)
         totals = re.search(r"^(?:totals|summary): (\d+)", text, re.M)
         if trigger and totals:
-            found.setdefault(trigger.group(1).strip(), []).append(int(totals.group(1)))
+            entry = dumps.setdefault(_dump_order(path)[:-1], [trigger.group(1).strip(), 0])
+            entry[1] += int(totals.group(1))
+    for trigger, instructions in dumps.values():
+        found.setdefault(trigger, []).append(instructions)
     return found
 
 

@@ -39,7 +39,7 @@ from langchain_core.callbacks import manager as _manager
 
 from ..compat import LANGCHAIN_DISPATCH_HANDLERS_LOCAL
 
-__all__ = ["dispatching_async", "dispatching_async_end", "ends_inline", "go_first"]
+__all__ = ["async_twin", "dispatching_async", "dispatching_async_end", "ends_inline", "go_first"]
 
 _HANDLE = getattr(getattr(_manager, "handle_event", None), "__code__", None)
 _AHANDLE = getattr(getattr(_manager, "ahandle_event", None), "__code__", None)
@@ -144,3 +144,28 @@ class ends_inline:
                 return await asyncio.to_thread(bound, *args, **kwargs)
             return in_a_thread
         return bound
+
+
+class async_twin:
+    """Decorates a sync handler method with a coroutine twin: read by LangChain's async
+    dispatch, the twin (a coroutine function, which LangChain awaits on the loop: no
+    executor thread; it must use the guard's async ledger operations, or hand a sync one
+    to a thread itself); read anywhere else, the method itself. ``@async_twin(_aon_x)``
+    on ``on_x``."""
+
+    def __init__(self, twin: Callable[..., Any]) -> None:
+        self.twin = twin
+        self.func: Callable[..., Any] | None = None
+
+    def __call__(self, func: Callable[..., Any]) -> async_twin:
+        self.func = func
+        self.__doc__ = func.__doc__
+        return self
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        assert self.func is not None
+        if obj is None:
+            return self.func
+        if _ENABLED and sys._getframe(1).f_code is _AHANDLE_FOR_HANDLER:
+            return self.twin.__get__(obj, objtype)
+        return self.func.__get__(obj, objtype)

@@ -86,7 +86,7 @@ from .call import (
     with_output_cap,
 )
 from .callback import _finish_reasons
-from .dispatch import dispatching_async, ends_inline, go_first
+from .dispatch import async_twin, dispatching_async, ends_inline, go_first
 
 __all__ = ["GuardMiddleware"]
 
@@ -634,6 +634,10 @@ class GuardMiddleware(AgentMiddleware):
                 result=hit, session=current_session(self.session_id), attributes=self._attributes())
         return where, answer, saved
 
+    def _caches(self, call: Mapping[str, Any]) -> bool:
+        """Whether this tool's calls go through the result cache."""
+        return self.cache is not None and call["name"] in self.cache_tools
+
     def _store(self, request: ToolCallRequest, where: Any, result: Any) -> None:
         if where is None or self.cache is None:
             return
@@ -785,7 +789,8 @@ class GuardMiddleware(AgentMiddleware):
                     price=declared_price(getattr(request.tool, "metadata", None),
                                          call["name"]))
                 # the cache's I/O in a thread: a slow cache store never blocks the loop
-                where, hit, saved = await asyncio.to_thread(self._cached, request, span)
+                where, hit, saved = (await asyncio.to_thread(self._cached, request, span)
+                                     if self._caches(call) else (None, None, 0))
                 if hit is not None:
                     record: CallRecord | None = await self._atool_done(
                         request, admission, "ok", [saved])
@@ -805,7 +810,8 @@ class GuardMiddleware(AgentMiddleware):
                         await asyncio.shield(self._atool_done(request, admission, "error"))
                     self._tool_span_end(span, record, error=exc)
                     raise
-                await asyncio.to_thread(self._store, request, where, result)
+                if where is not None:
+                    await asyncio.to_thread(self._store, request, where, result)
                 record = _run_record(admission) if admission.finished else \
                     await self._atool_done(request, admission, _outcome(result), hits,
                                            result)
@@ -917,15 +923,18 @@ class _AttemptGate(BaseCallbackHandler):
     config: the first attempt at the admitted model uses the middleware's admission;
     every other attempt is admitted at its own model's price (raising the refusal before
     it is sent) and settled from its own answer, with the reading the callback handler
-    uses. A sync handler: on async paths LangChain runs it in an executor thread, so its
-    ledger operations never block the event loop."""
+    uses. On async paths LangChain's dispatch gets coroutines for ``on_chat_model_start``
+    and ``on_llm_end`` (:class:`.dispatch.async_twin`): the usual attempt runs on the
+    loop with the guard's async ledger operations, without an executor thread; another
+    attempt is admitted in a thread. The ledger is never called sync on the loop."""
 
     raise_error: bool = True
 
     @property  # LangChain declares a plain attribute; a property reads the moment it is read
     def run_inline(self) -> bool:  # type: ignore[override]
-        """False, but on async paths for ``on_llm_end`` (run in a thread, in list order:
-        see :mod:`.dispatch`) and ``on_llm_new_token`` (it only notes a time)."""
+        """False, but on async paths for ``on_llm_end`` (in list order, before a tracer
+        reads the answer: see :mod:`.dispatch`) and ``on_llm_new_token`` (it only notes a
+        time)."""
         return dispatching_async(_INLINE_EVENTS)
 
     def __init__(self, middleware: GuardMiddleware, admission: Admission) -> None:
@@ -968,9 +977,32 @@ class _AttemptGate(BaseCallbackHandler):
     def open_attempts(self) -> bool:
         return bool(self.runs)
 
+    async def _aon_chat_model_start(self, serialized: dict[str, Any],
+                                    messages: list[list[BaseMessage]], *, run_id: UUID,
+                                    metadata: dict[str, Any] | None = None, **kwargs: Any
+                                    ) -> None:
+        """On async paths: the first attempt at the admitted model uses the admission (no
+        ledger operation: it runs on the loop, no thread); another attempt is admitted
+        at its own price in a thread."""
+        params: Mapping[str, Any] = kwargs.get("invocation_params") or {}
+        if run_id in self.runs or (not self.first_used and model_name(
+                params, metadata or {}, serialized) == self.admission.call.model):
+            self._on_chat_model_start(serialized, messages, run_id=run_id,
+                                      metadata=metadata, **kwargs)
+        else:
+            await asyncio.to_thread(self._on_chat_model_start, serialized, messages,
+                                    run_id=run_id, metadata=metadata, **kwargs)
+
+    @async_twin(_aon_chat_model_start)
     def on_chat_model_start(self, serialized: dict[str, Any],
                             messages: list[list[BaseMessage]], *, run_id: UUID,
                             metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self._on_chat_model_start(serialized, messages, run_id=run_id, metadata=metadata,
+                                  **kwargs)
+
+    def _on_chat_model_start(self, serialized: dict[str, Any],
+                             messages: list[list[BaseMessage]], *, run_id: UUID,
+                             metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
         params: Mapping[str, Any] = kwargs.get("invocation_params") or {}
         meta = metadata or {}
         flat = [m for prompt in messages for m in prompt]
@@ -1034,20 +1066,41 @@ class _AttemptGate(BaseCallbackHandler):
         if timing is not None and not timing[2]:
             timing[2] = time.monotonic()
 
-    @ends_inline
-    def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+    def _ending(self, run_id: UUID, response: LLMResult
+                ) -> tuple[Admission, dict[str, Any]] | None:
+        """(the run's admission, how to settle it) or None when it is not this gate's to
+        settle."""
         with self.lock:
             admission = self.runs.pop(run_id, None)
             timing = self.timing.pop(run_id, None)
         if admission is None or admission.finished:
-            return
+            return None
         answer = read_answer(response.generations, response.llm_output,
                              admission.call.model, self.guard.tokens)
-        record = self.guard.after_model_call(
-            admission, answer.usage, output_tokens=answer.counted,
-            response_model=answer.model, cache_hit=answer.cache_hit,
-            retried=0 if timing is None else retried(
-                timing[0], timing[2], timing[1], admission.call.attempts))
+        return admission, {
+            "usage": answer.usage, "output_tokens": answer.counted,
+            "response_model": answer.model, "cache_hit": answer.cache_hit,
+            "retried": 0 if timing is None else retried(
+                timing[0], timing[2], timing[1], admission.call.attempts)}
+
+    async def _aon_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any
+                           ) -> None:
+        """On async paths: settled with the guard's async operation, on the loop (inline,
+        so in list order: before a tracer listed after the gate reads the answer)."""
+        ending = self._ending(run_id, response)
+        if ending is not None:
+            record = await self.guard.aafter_model_call(ending[0], **ending[1])
+            self._ended(run_id, response, record)
+
+    @async_twin(_aon_llm_end)
+    def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+        ending = self._ending(run_id, response)
+        if ending is not None:
+            self._ended(run_id, response, self.guard.after_model_call(ending[0],
+                                                                      **ending[1]))
+
+    def _ended(self, run_id: UUID, response: LLMResult, record: CallRecord) -> None:
+        """The settled run's span and its cost written where LangSmith reads it."""
         telemetry = self.middleware.telemetry
         generations = [g for prompt in response.generations for g in prompt]
         split = cost_breakdown(self.guard, record) if (
