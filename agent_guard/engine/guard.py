@@ -139,8 +139,14 @@ class Guard:
         self.attribute_names = self.budgets.attribute_names() | STANDARD_ATTRIBUTES
         self.clock = clock
         self.ledger = from_url(ledger)
+        # close() closes only what the guard opened: a ledger made from a URL, or the
+        # fail-open wrapper it put around one (which closes the backend only if that
+        # was made here too); a ledger the caller passed in is the caller's to close
+        owned = not isinstance(ledger, Ledger)
         if fail == "open" and not isinstance(self.ledger, FailOpenLedger):
-            self.ledger = FailOpenLedger(self.ledger)
+            self.ledger = FailOpenLedger(self.ledger, owns_inner=owned)
+            owned = True
+        self._owns_ledger = owned
         _check_ledger_retention(self.budgets, self.ledger)
         self.prices = prices if prices is not None else PriceBook.default()
         self.tool_prices: dict[str, ToolPrice] = _check_tool_prices(tool_prices or {})
@@ -738,19 +744,35 @@ class Guard:
                 self.ledger.extend(scope, dim, value)
 
     def close(self) -> None:
-        """Settle what is pending (deferred settles land here too) and close the ledger."""
-        if self._unsettled and not self.settle_pending():
+        """Settle what is pending (deferred settles land here too) and close the ledger
+        if the guard opened it (from a URL): a ledger passed in stays open."""
+        if self.pending_settles and not self.settle_pending():
             self._log_never_counted()
-        self.ledger.close()
+        if self._owns_ledger:
+            self.ledger.close()
 
     async def aclose(self) -> None:
-        if self._unsettled and not await self.asettle_pending():
+        """:meth:`close` awaiting the ledger."""
+        if self.pending_settles and not await self.asettle_pending():
             self._log_never_counted()
-        await self.ledger.aclose()
+        if self._owns_ledger:
+            await self.ledger.aclose()
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Guard:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     def _log_never_counted(self) -> None:
         logger.error("agent-guard: closing with %d settled calls the ledger never "
-                     "counted (%s is unavailable)", len(self._unsettled),
+                     "counted (%s is unavailable)", self.pending_settles,
                      redact_url(getattr(self.ledger, "url", "") or ""))
 
     @property

@@ -103,12 +103,16 @@ class FailOpenLedger(Ledger):
         max_journal: int = 100_000,
         max_idle_seconds: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        owns_inner: bool = True,
     ) -> None:
         if retry_interval < 0:
             raise ValueError(f"retry_interval must be >= 0, got {retry_interval}")
         if max_journal < 1:
             raise ValueError(f"max_journal must be >= 1, got {max_journal}")
         self.inner = inner
+        # close() closes the backend too, unless it is someone else's to close (a guard
+        # wrapping a ledger its caller passed in)
+        self.owns_inner = owns_inner
         self.url = inner.url
         self.retry_interval = retry_interval
         self.max_journal = max_journal
@@ -543,14 +547,20 @@ class FailOpenLedger(Ledger):
         return n
 
     def close(self) -> None:
+        """Reconcile what the journal holds, report what the backend never took, and
+        close the backend (when this wrapper owns it)."""
         if self.pending:
             self.reconcile()
+        self._report_unreconciled()
+        if self.owns_inner:
+            self.inner.close()
+
+    def _report_unreconciled(self) -> None:
         if self.pending:
             logger.error(
                 "agent-guard: closing with %d journaled entries not reconciled into %s "
                 "(the backend did not answer); their spend is lost to the shared ledger",
                 self.pending, self.url)
-        self.inner.close()
 
     # -- async twins ---------------------------------------------------------------------
     # The backend is awaited natively; the local ledger is in memory and runs inline.
@@ -659,13 +669,12 @@ class FailOpenLedger(Ledger):
             return [self._local.totals(scope) for scope in scopes]
 
     async def aclose(self) -> None:
+        """:meth:`close` awaiting the backend."""
         if self.pending:
             await asyncio.to_thread(self.reconcile)
-        await self.inner.aclose()
-        if self.pending:
-            logger.error(
-                "agent-guard: closing with %d journaled entries not reconciled into %s",
-                self.pending, self.url)
+        self._report_unreconciled()
+        if self.owns_inner:
+            await self.inner.aclose()
 
     def __repr__(self) -> str:
         state = "open" if self.is_open else "closed"
