@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from types import CodeType
 from typing import Any
+
+from langchain_core.callbacks import manager as _lc_callback_manager
+from langchain_core.load import _validation as _lc_validation
 
 # RunnableCallable: LangGraph's node/edge callable (sync + async functions, config
 # injection, trace=False); guarded_graph wraps every node and edge path in one.
@@ -24,11 +28,15 @@ from langgraph.graph._branch import BranchSpec
 
 __all__ = [
     "CHECKED",
+    "LANGCHAIN_AHANDLE_EVENT_CODE",
+    "LANGCHAIN_AHANDLE_EVENT_FOR_HANDLER_CODE",
     "LANGCHAIN_CALLBACK_ERROR",
     "LANGCHAIN_DISPATCH_CORO_NAMES",
     "LANGCHAIN_DISPATCH_HANDLERS_LOCAL",
+    "LANGCHAIN_HANDLE_EVENT_CODE",
     "LANGCHAIN_MODEL_CODE_DIR",
     "LANGCHAIN_RUN_MANAGER_LOCAL",
+    "LANGCHAIN_SERIALIZE_VALUE_CODE",
     "LANGCHAIN_TOOL_ARGS_METHOD",
     "LANGCHAIN_TOOL_RUN_CODES",
     "BranchSpec",
@@ -91,6 +99,28 @@ def _tool_run_codes() -> frozenset[Any]:
 #: langchain-core ``BaseTool.run`` / ``BaseTool.arun``: the frames a tool call runs in
 #: (the lease keeper watches a priced tool's ``run`` frame while it executes).
 LANGCHAIN_TOOL_RUN_CODES = _tool_run_codes()
+
+
+def _code_of(module: Any, name: str) -> CodeType | None:
+    return getattr(getattr(module, name, None), "__code__", None)
+
+
+#: langchain-core (``load/_validation.py``): the code of ``_serialize_value``, the
+#: serialiser of dict values behind ``dumpd`` (what LangSmith's tracer sends). It is the
+#: one reader of ``CostedUsage.items()`` that gets agent-guard's costs
+#: (:mod:`agent_guard.langchain.call`); None when a release moves it (then none does).
+LANGCHAIN_SERIALIZE_VALUE_CODE = _code_of(_lc_validation, "_serialize_value")
+
+#: langchain-core (``callbacks/manager.py``): the code of the sync and async dispatch of
+#: one event (``handle_event``, ``ahandle_event``, a local ``event_name``) and of one handler
+#: (``_ahandle_event_for_handler``, which reads the handler's ``on_llm_end``);
+#: :mod:`agent_guard.langchain.dispatch` tells LangChain's async dispatch of
+#: ``on_llm_end`` apart by them. None when a release renames them (then the handler is
+#: dispatched as any other).
+LANGCHAIN_HANDLE_EVENT_CODE = _code_of(_lc_callback_manager, "handle_event")
+LANGCHAIN_AHANDLE_EVENT_CODE = _code_of(_lc_callback_manager, "ahandle_event")
+LANGCHAIN_AHANDLE_EVENT_FOR_HANDLER_CODE = _code_of(_lc_callback_manager,
+                                                    "_ahandle_event_for_handler")
 
 
 def ls_params(model: Any, **settings: Any) -> dict[str, Any]:

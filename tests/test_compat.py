@@ -5,10 +5,12 @@ after an upgrade names the entry to fix; the versions last checked are in
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
 import logging
 import re
+import sys
 from pathlib import Path
 
 import langchain_core
@@ -100,6 +102,36 @@ def test_the_cache_lookup_runs_where_run_manager_is_a_local(method):
     assert "lookup(" in inspect.getsource(fn)
 
 
+def test_dumpd_serialises_dict_values_in_the_function_costed_usage_answers():
+    """CostedUsage.items() gives its costs to LangChain's serialiser only, told apart by
+    the code of ``_serialize_value``: dumpd (what LangSmith's tracer sends) sees them."""
+    from langchain_core.load import dumpd
+    from langchain_core.messages import AIMessage
+
+    from agent_guard.langchain.call import CostedUsage
+
+    assert compat.LANGCHAIN_SERIALIZE_VALUE_CODE is not None
+    usage = CostedUsage({"input_tokens": 3, "output_tokens": 2, "total_tokens": 5},
+                        {"total_cost": 0.25})
+    message = AIMessage(content="hi")
+    message.usage_metadata = usage  # type: ignore[assignment]  # as the handler sets it
+    assert dumpd(message)["kwargs"]["usage_metadata"]["total_cost"] == 0.25
+    assert "total_cost" not in dict(usage.items())  # any other reader: the counts only
+
+
+def test_async_dispatch_functions_are_where_ends_inline_looks_for_them():
+    """``ahandle_event`` (with its local ``event_name``) hands each handler to
+    ``_ahandle_event_for_handler``, which reads the handler's event method."""
+    handle = compat.LANGCHAIN_AHANDLE_EVENT_CODE
+    for_handler = compat.LANGCHAIN_AHANDLE_EVENT_FOR_HANDLER_CODE
+    assert handle is callback_manager.ahandle_event.__code__
+    assert compat.LANGCHAIN_HANDLE_EVENT_CODE is callback_manager.handle_event.__code__
+    assert for_handler is callback_manager._ahandle_event_for_handler.__code__
+    assert "event_name" in handle.co_varnames
+    assert "_ahandle_event_for_handler" in handle.co_names
+    assert "getattr" in for_handler.co_names
+
+
 @pytest.mark.parametrize("name", ["o200k_base", "cl100k_base"])
 def test_tiktoken_constructors_load_ranks_with_load_tiktoken_bpe(name):
     constructor = compat.tiktoken_constructor(name)
@@ -143,3 +175,86 @@ def test_callback_dispatch_takes_the_handler_list_as_named(name):
     source = inspect.getsource(callback_manager.CallbackManager.on_tool_start)
     assert "handle_event(\n            self.handlers," in source
     assert "handlers=self.handlers," in source
+
+
+def _foreign(module: str) -> bool:
+    top = module.split(".")[0]
+    return bool(top) and top != "agent_guard" and top not in sys.stdlib_module_names
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def private_reach_ins(source: str) -> list[str]:
+    """Private names of third-party libraries a module touches: a private module or name
+    imported (``from langchain_core.load import _validation``), an underscore attribute
+    of something imported from one (``_manager._ahandle_event_for_handler``), or one read
+    with ``getattr``/``hasattr`` and a constant name."""
+    tree = ast.parse(source)
+    bound: set[str] = set()
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if _foreign(alias.name):
+                    bound.add((alias.asname or alias.name).split(".")[0])
+                    if any(_private(part) for part in alias.name.split(".")):
+                        found.append(f"{node.lineno}: import {alias.name}")
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module \
+                and _foreign(node.module):
+            if any(_private(part) for part in node.module.split(".")):
+                found.append(f"{node.lineno}: from {node.module} import ...")
+            for alias in node.names:
+                bound.add(alias.asname or alias.name)
+                if _private(alias.name):
+                    found.append(f"{node.lineno}: from {node.module} import {alias.name}")
+
+    def foreign_base(expr: ast.expr) -> bool:
+        while isinstance(expr, ast.Attribute):
+            expr = expr.value
+        return isinstance(expr, ast.Name) and expr.id in bound
+
+    def reads_private(node: ast.AST) -> bool:
+        if isinstance(node, ast.Attribute):
+            return _private(node.attr) and foreign_base(node.value)
+        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "hasattr", "setattr")
+                and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
+                and isinstance(node.args[1].value, str) and _private(node.args[1].value)
+                and foreign_base(node.args[0]))
+
+    for node in ast.walk(tree):
+        if reads_private(node):
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_scan_sees_each_kind_of_reach_in():
+    """What the scan below catches, on the reach-ins call.py and dispatch.py had."""
+    seen = private_reach_ins(
+        "from langchain_core.load import _validation as _lc_validation\n"
+        "from langchain_core.callbacks import manager as _manager\n"
+        "import langgraph._internal._runnable\n"
+        "import sys\n"
+        "_SERIALIZE = getattr(getattr(_lc_validation, '_serialize_value', None), '__code__')\n"
+        "_FOR_HANDLER = _manager._ahandle_event_for_handler\n"
+        "frame = sys._getframe(1)\n"  # the standard library's own: not a reach-in
+        "ok = _manager.ahandle_event.__code__\n")
+    assert seen == ["1: from langchain_core.load import _validation",
+                    "3: import langgraph._internal._runnable",
+                    "6: _manager._ahandle_event_for_handler",
+                    "5: getattr(_lc_validation, '_serialize_value', None)"]
+
+
+def test_no_other_module_touches_private_names_of_other_libraries():
+    """The AST half of the habit: imports of private modules or names, and underscore
+    attributes of what was imported from another library, only in compat.py."""
+    package = Path(compat.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "compat.py" and path.parent == package:
+            continue
+        found += [f"{path.relative_to(package)}:{hit}"
+                  for hit in private_reach_ins(path.read_text(encoding="utf-8"))]
+    assert not found, "move these into agent_guard/compat.py: " + "; ".join(found)

@@ -19,12 +19,15 @@ from contextvars import ContextVar
 from types import FrameType
 from typing import Any
 
-from langchain_core.load import _validation as _lc_validation
 from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration
 from langchain_core.tools import BaseTool
 
-from ..compat import LANGCHAIN_TOOL_ARGS_METHOD, LANGCHAIN_TOOL_RUN_CODES
+from ..compat import (
+    LANGCHAIN_SERIALIZE_VALUE_CODE,
+    LANGCHAIN_TOOL_ARGS_METHOD,
+    LANGCHAIN_TOOL_RUN_CODES,
+)
 from ..engine.usage import MalformedUsage, Usage
 from ..pricing.tools import METADATA_KEY, ToolPrice, tool_price_from_data
 
@@ -360,7 +363,7 @@ def usage_from_llm_output(llm_output: Mapping[str, Any] | None, model: str) -> U
 COST_KEYS = frozenset({"input_cost", "output_cost", "total_cost"})
 # LangChain's serialiser of dict values (dumpd, as its tracer uses): the one reader of
 # CostedUsage.items() that gets the costs; None when a release moves it (then none does)
-_SERIALIZE = getattr(getattr(_lc_validation, "_serialize_value", None), "__code__", None)
+_SERIALIZE = LANGCHAIN_SERIALIZE_VALUE_CODE
 
 
 class CostedUsage(dict):  # type: ignore[type-arg]

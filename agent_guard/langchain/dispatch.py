@@ -35,16 +35,18 @@ from contextvars import ContextVar
 from types import FrameType
 from typing import Any
 
-from langchain_core.callbacks import manager as _manager
-
-from ..compat import LANGCHAIN_DISPATCH_HANDLERS_LOCAL
+from ..compat import (
+    LANGCHAIN_AHANDLE_EVENT_CODE,
+    LANGCHAIN_AHANDLE_EVENT_FOR_HANDLER_CODE,
+    LANGCHAIN_DISPATCH_HANDLERS_LOCAL,
+    LANGCHAIN_HANDLE_EVENT_CODE,
+)
 
 __all__ = ["async_twin", "dispatching_async", "dispatching_async_end", "ends_inline", "go_first"]
 
-_HANDLE = getattr(getattr(_manager, "handle_event", None), "__code__", None)
-_AHANDLE = getattr(getattr(_manager, "ahandle_event", None), "__code__", None)
-_AHANDLE_FOR_HANDLER = getattr(getattr(_manager, "_ahandle_event_for_handler", None),
-                               "__code__", None)
+_HANDLE = LANGCHAIN_HANDLE_EVENT_CODE
+_AHANDLE = LANGCHAIN_AHANDLE_EVENT_CODE
+_AHANDLE_FOR_HANDLER = LANGCHAIN_AHANDLE_EVENT_FOR_HANDLER_CODE
 _ENABLED = _AHANDLE is not None and _AHANDLE_FOR_HANDLER is not None
 
 
