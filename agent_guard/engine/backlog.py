@@ -13,8 +13,9 @@ from collections import deque
 from collections.abc import Callable
 
 from ..errors import LedgerUnavailable
-from ..ledger import Ledger, Reservation
+from ..ledger import Reservation
 from ..ledger.base import Settlement
+from .drive import Op, Steps
 
 __all__ = ["Backlog"]
 
@@ -47,33 +48,18 @@ class Backlog:
             if self._items and self._items[0][0] is reservation:
                 self._items.popleft()
 
-    def settle(self, ledger: Ledger, noted: Callable[[Settlement], None]) -> bool:
+    def settle(self, noted: Callable[[Settlement], None]) -> Steps[bool]:
         """Settle the backlog in order, then land the settles the ledger deferred
         (Redis); ``noted`` sees each settlement. True when none is left."""
         while self._items:
             reservation, amounts = self._items[0]
             try:
-                noted(ledger.settle(reservation, amounts))
+                noted((yield Op("settle", reservation, amounts)))
             except LedgerUnavailable:
                 return False
             self._pop(reservation)
         try:
-            ledger.flush()
-        except LedgerUnavailable:
-            return False
-        return True
-
-    async def asettle(self, ledger: Ledger, noted: Callable[[Settlement], None]) -> bool:
-        """:meth:`settle` awaiting the ledger."""
-        while self._items:
-            reservation, amounts = self._items[0]
-            try:
-                noted(await ledger.asettle(reservation, amounts))
-            except LedgerUnavailable:
-                return False
-            self._pop(reservation)
-        try:
-            await ledger.aflush()
+            yield Op("flush")
         except LedgerUnavailable:
             return False
         return True

@@ -50,6 +50,7 @@ from .admission import (
 )
 from .backlog import Backlog
 from .budgets import CALL_KINDS, STANDARD_ATTRIBUTES, Budgets, ScopeRef
+from .drive import Op, Steps, Wait, adrive, drive
 from .limits import Dimension, Limits, repeat_dimension, tool_dimension
 from .plan import BUDGET_DIMENSIONS, Planner, _Plan
 from .records import CallRecord, Outcome, SessionUsage
@@ -221,42 +222,25 @@ class Guard:
         A call whose ``run_id`` is already open on this ledger (another handler or
         guard saw the same request first) gets that request's admission: one request
         is reserved and charged once."""
-        key, pending = claim(self._ledger_id, call.run_id)
-        if pending is not None:
-            if not pending.ready.is_set():
-                pending.ready.wait(_JOIN_WAIT_SECONDS)
-            return self._joined(call, pending)
-        try:
-            if self._unsettled:
-                self.settle_pending()
-            plan = self._plan(call)
-            shrinks = 0
-            while True:
-                result = self.ledger.reserve(
-                    plan.scopes, plan.amounts, lease_seconds=self.limits.lease_seconds
-                )
-                if isinstance(result, Reservation):
-                    return opened(key, plan.admit(result))
-                plan, shrinks = self._planner.after_denial(plan, result, shrinks)
-        except BaseException as exc:
-            not_opened(key, exc)
-            raise
+        return drive(self.ledger, self._admit(call))
 
     async def abefore_model_call(self, call: ModelCall) -> Admission:
+        return await adrive(self.ledger, self._admit(call))
+
+    def _admit(self, call: ModelCall) -> Steps[Admission]:
         key, pending = claim(self._ledger_id, call.run_id)
         if pending is not None:
             if not pending.ready.is_set():
-                await asyncio.to_thread(pending.ready.wait, _JOIN_WAIT_SECONDS)
-            return self._joined(call, pending)
+                yield Wait(pending.ready, _JOIN_WAIT_SECONDS)
+            return (yield from self._joined(call, pending))
         try:
             if self._unsettled:
-                await self.asettle_pending()
+                yield from self._settle_pending()
             plan = self._plan(call)
             shrinks = 0
             while True:
-                result = await self.ledger.areserve(
-                    plan.scopes, plan.amounts, lease_seconds=self.limits.lease_seconds
-                )
+                result = yield Op("reserve", plan.scopes, plan.amounts,
+                                  lease_seconds=self.limits.lease_seconds)
                 if isinstance(result, Reservation):
                     return opened(key, plan.admit(result))
                 plan, shrinks = self._planner.after_denial(plan, result, shrinks)
@@ -264,12 +248,12 @@ class Guard:
             not_opened(key, exc)
             raise
 
-    def _joined(self, call: ModelCall, pending: _Pending) -> Admission:
+    def _joined(self, call: ModelCall, pending: _Pending) -> Steps[Admission]:
         """Join the admission of the request another holder opened (or its refusal)."""
         if pending.error is not None:
             raise pending.error
         if pending.admission is None:  # the first holder is stuck: admit on its own
-            return self.before_model_call(replace(call, run_id=None))
+            return (yield from self._admit(replace(call, run_id=None)))
         return pending.admission
 
     def after_model_call(
@@ -291,12 +275,8 @@ class Guard:
         earlier attempts that may have been billed (the provider client retried
         after timeouts) are each charged one attempt's worst case, estimated.
         """
-        record, amounts = self._settlement(
-            admission, usage, output_tokens, response_model,
-            "cache_hit" if cache_hit else "ok",
-        )
-        record, amounts = self._with_retries(admission, record, amounts, retried)
-        return self._close(admission, record, amounts)
+        return drive(self.ledger, self._close(*self._settled(
+            admission, usage, output_tokens, response_model, cache_hit, retried)))
 
     async def aafter_model_call(
         self,
@@ -308,12 +288,17 @@ class Guard:
         cache_hit: bool = False,
         retried: int = 0,
     ) -> CallRecord:
+        return await adrive(self.ledger, self._close(*self._settled(
+            admission, usage, output_tokens, response_model, cache_hit, retried)))
+
+    def _settled(self, admission: Admission, usage: Usage | None, output_tokens: int | None,
+                 response_model: str | None, cache_hit: bool, retried: int
+                 ) -> tuple[Admission, CallRecord, dict[str, int] | None]:
         record, amounts = self._settlement(
             admission, usage, output_tokens, response_model,
             "cache_hit" if cache_hit else "ok",
         )
-        record, amounts = self._with_retries(admission, record, amounts, retried)
-        return await self._aclose(admission, record, amounts)
+        return admission, *self._with_retries(admission, record, amounts, retried)
 
     def model_call_failed(self, admission: Admission, *, output_tokens: int = 0,
                           error: BaseException | None = None) -> CallRecord:
@@ -324,27 +309,25 @@ class Guard:
         marked estimated (:meth:`model_call_abandoned`). A guard's own stop (a
         ``GuardError``), or no ``error`` given, settles what was streamed (nothing
         streamed: released)."""
-        record, amounts = self._failure(admission, output_tokens, error)
-        return self._close(admission, record, amounts)
+        return drive(self.ledger, self._close(
+            admission, *self._failure(admission, output_tokens, error)))
 
     async def amodel_call_failed(
         self, admission: Admission, *, output_tokens: int = 0,
         error: BaseException | None = None,
     ) -> CallRecord:
-        record, amounts = self._failure(admission, output_tokens, error)
-        return await self._aclose(admission, record, amounts)
+        return await adrive(self.ledger, self._close(
+            admission, *self._failure(admission, output_tokens, error)))
 
     def model_call_abandoned(self, admission: Admission) -> CallRecord:
         """The call ended without a result or an error the adapter could read (it was
         cancelled, its run was dropped, another callback failed): it may have been
         billed in full, so it is charged what was reserved for it (every attempt's
         worst case), marked estimated and ``aborted``. A no-op once the call ended."""
-        record, amounts = self._abandoned(admission)
-        return self._close(admission, record, amounts)
+        return drive(self.ledger, self._close(admission, *self._abandoned(admission)))
 
     async def amodel_call_abandoned(self, admission: Admission) -> CallRecord:
-        record, amounts = self._abandoned(admission)
-        return await self._aclose(admission, record, amounts)
+        return await adrive(self.ledger, self._close(admission, *self._abandoned(admission)))
 
     def _failure(self, admission: Admission, output_tokens: int,
                  error: BaseException | None) -> tuple[CallRecord, dict[str, int] | None]:
@@ -385,58 +368,32 @@ class Guard:
         return record, {**_amounts(usage, cost), Dimension.MODEL_CALLS: calls}
 
     def _close(self, admission: Admission | ToolAdmission, record: CallRecord,
-               amounts: dict[str, int] | None) -> CallRecord:
+               amounts: dict[str, int] | None) -> Steps[CallRecord]:
         """Settle (or release, when ``amounts`` is None), report, check thresholds; once
         per admission, whoever of its holders comes first."""
         first = finish(admission, record)
         if first is not record:
             return first
+        reservation = cast(Reservation, admission.reservation)
         settled = None
         try:
             if amounts is None:
-                self.ledger.release(cast(Reservation, admission.reservation))
+                yield Op("release", reservation)
             elif self.ledger.defers_settles and self._watch.may_defer(
                     admission.scopes, amounts, self._planner.spent_hint):
                 self._settle_later(admission, amounts)
             else:
                 try:
-                    settled = self.ledger.settle(cast(Reservation, admission.reservation), amounts)
+                    settled = yield Op("settle", reservation, amounts)
                 except LedgerUnavailable as exc:
-                    self._unsettled.keep(cast(Reservation, admission.reservation), amounts, exc)
+                    self._unsettled.keep(reservation, amounts, exc)
                 else:
                     self._planner.note_spent(settled)
         finally:
             forget(admission)
         self._emit(record)
         if settled is not None and self._thresholds:  # no work when none is set
-            self._check_thresholds(record.session, admission.scopes, settled)
-        return record
-
-    async def _aclose(self, admission: Admission | ToolAdmission, record: CallRecord,
-                      amounts: dict[str, int] | None) -> CallRecord:
-        first = finish(admission, record)
-        if first is not record:
-            return first
-        settled = None
-        try:
-            if amounts is None:
-                await self.ledger.arelease(cast(Reservation, admission.reservation))
-            elif self.ledger.defers_settles and self._watch.may_defer(
-                    admission.scopes, amounts, self._planner.spent_hint):
-                self._settle_later(admission, amounts)
-            else:
-                try:
-                    settled = await self.ledger.asettle(
-                        cast(Reservation, admission.reservation), amounts)
-                except LedgerUnavailable as exc:
-                    self._unsettled.keep(cast(Reservation, admission.reservation), amounts, exc)
-                else:
-                    self._planner.note_spent(settled)
-        finally:
-            forget(admission)
-        self._emit(record)
-        if settled is not None and self._thresholds:
-            await self._acheck_thresholds(record.session, admission.scopes, settled)
+            yield from self._watch.check(record.session, admission.scopes, settled)
         return record
 
     def _settle_later(self, admission: Admission | ToolAdmission,
@@ -494,48 +451,35 @@ class Guard:
         session scope only (team and global scopes would otherwise gain a counter per
         distinct call, forever): it is charged first, and given back if the tool caps
         then refuse the call."""
-        plan = self._tool_plan(session, tool, args, attributes, price)
-        if plan.repeat is not None:
-            denial = self.ledger.charge([plan.repeat], dict.fromkeys(plan.repeat.caps, 1))
-            if denial is not None:
-                raise self._refusal(session, denial, plan.refs)
-        reservation = None
-        if plan.worst:
-            result = self.ledger.reserve([r.caps for r in plan.refs], plan.amounts,
-                                         lease_seconds=self.limits.lease_seconds)
-            denial, reservation = (result, None) if isinstance(result, Denial) else \
-                (None, result)
-        else:
-            denial = self._charge(session, plan.refs, plan.amounts)
-        if denial is not None:
-            if plan.repeat is not None:
-                for dim in plan.repeat.caps:
-                    self.ledger.extend(plan.repeat.scope, dim, 1)
-            raise self._refusal(session, denial, plan.refs)
-        return plan.admit(reservation)
+        return drive(self.ledger, self._admit_tool(session, tool, args, attributes, price))
 
     async def abefore_tool_call(self, session: str, tool: str | None = None,
                                 args: Any = _NO_ARGS, *,
                                 attributes: Mapping[str, str] | None = None,
                                 price: ToolPrice | None = None) -> ToolAdmission:
+        return await adrive(self.ledger,
+                            self._admit_tool(session, tool, args, attributes, price))
+
+    def _admit_tool(self, session: str, tool: str | None, args: Any,
+                    attributes: Mapping[str, str] | None, price: ToolPrice | None
+                    ) -> Steps[ToolAdmission]:
         plan = self._tool_plan(session, tool, args, attributes, price)
         if plan.repeat is not None:
-            denial = await self.ledger.acharge([plan.repeat],
-                                               dict.fromkeys(plan.repeat.caps, 1))
+            denial = yield Op("charge", [plan.repeat], dict.fromkeys(plan.repeat.caps, 1))
             if denial is not None:
                 raise self._refusal(session, denial, plan.refs)
         reservation = None
         if plan.worst:
-            result = await self.ledger.areserve([r.caps for r in plan.refs], plan.amounts,
-                                                lease_seconds=self.limits.lease_seconds)
+            result = yield Op("reserve", [r.caps for r in plan.refs], plan.amounts,
+                              lease_seconds=self.limits.lease_seconds)
             denial, reservation = (result, None) if isinstance(result, Denial) else \
                 (None, result)
         else:
-            denial = await self._acharge(session, plan.refs, plan.amounts)
+            denial = yield from self._charge(session, plan.refs, plan.amounts)
         if denial is not None:
             if plan.repeat is not None:
                 for dim in plan.repeat.caps:
-                    await self.ledger.aextend(plan.repeat.scope, dim, 1)
+                    yield Op("extend", plan.repeat.scope, dim, 1)
             raise self._refusal(session, denial, plan.refs)
         return plan.admit(reservation)
 
@@ -559,13 +503,9 @@ class Guard:
         (:meth:`ToolPrice.cost_nano` of its arguments, ``result`` and wall time; a call
         that failed, at its reserved worst case, marked estimated; a cache hit, at $0),
         and the guard emits its :class:`CallRecord` to ``on_record``."""
-        record, amounts = self._tool_settlement(session, tool, outcome, saved_nano,
-                                                started_at, run_id, node, tags, attributes,
-                                                admission, result)
-        if admission is None or admission.reservation is None:
-            self._finish_unreserved(admission, record)
-            return record
-        return self._close(admission, record, amounts)
+        return drive(self.ledger, self._tool_done(admission, *self._tool_settlement(
+            session, tool, outcome, saved_nano, started_at, run_id, node, tags, attributes,
+            admission, result)))
 
     async def atool_call_done(
         self,
@@ -582,30 +522,32 @@ class Guard:
         admission: ToolAdmission | None = None,
         result: Any = None,
     ) -> CallRecord:
-        record, amounts = self._tool_settlement(session, tool, outcome, saved_nano,
-                                                started_at, run_id, node, tags, attributes,
-                                                admission, result)
+        return await adrive(self.ledger, self._tool_done(admission, *self._tool_settlement(
+            session, tool, outcome, saved_nano, started_at, run_id, node, tags, attributes,
+            admission, result)))
+
+    def _tool_done(self, admission: ToolAdmission | None, record: CallRecord,
+                   amounts: dict[str, int]) -> Steps[CallRecord]:
         if admission is None or admission.reservation is None:
-            self._finish_unreserved(admission, record)
+            # an unpriced tool call (its counts were charged up front): report it once
+            if admission is None or finish(admission, record) is record:
+                self._emit(record)
             return record
-        return await self._aclose(admission, record, amounts)
+        return (yield from self._close(admission, record, amounts))
 
     def tool_call_not_run(self, admission: ToolAdmission) -> None:
         """The admitted tool certainly did not run (another handler refused it, its
         arguments were invalid): its reservation is released. No record is emitted."""
-        if admission.reservation is not None and finish(
-                admission, _NOT_RUN) is _NOT_RUN:
-            self.ledger.release(admission.reservation)
+        drive(self.ledger, self._not_run(admission))
 
     async def atool_call_not_run(self, admission: ToolAdmission) -> None:
+        await adrive(self.ledger, self._not_run(admission))
+
+    @staticmethod
+    def _not_run(admission: ToolAdmission) -> Steps[None]:
         if admission.reservation is not None and finish(
                 admission, _NOT_RUN) is _NOT_RUN:
-            await self.ledger.arelease(admission.reservation)
-
-    def _finish_unreserved(self, admission: ToolAdmission | None, record: CallRecord) -> None:
-        """An unpriced tool call (its counts were charged up front): report it once."""
-        if admission is None or finish(admission, record) is record:
-            self._emit(record)
+            yield Op("release", admission.reservation)
 
     def _tool_plan(self, session: str, tool: str | None, args: Any,
                    attributes: Mapping[str, str] | None, declared: ToolPrice | None
@@ -686,15 +628,16 @@ class Guard:
     def before_step(self, session: str, n: int = 1, *,
                     attributes: Mapping[str, str] | None = None) -> None:
         """Count ``n`` graph steps, or raise StepLimitExceeded."""
-        refs = self.scope_refs(session, attributes)
-        denial = self._charge(session, refs, {Dimension.STEPS: n})
-        if denial is not None:
-            raise self._refusal(session, denial, refs)
+        drive(self.ledger, self._step(session, n, attributes))
 
     async def abefore_step(self, session: str, n: int = 1, *,
                            attributes: Mapping[str, str] | None = None) -> None:
+        await adrive(self.ledger, self._step(session, n, attributes))
+
+    def _step(self, session: str, n: int, attributes: Mapping[str, str] | None
+              ) -> Steps[None]:
         refs = self.scope_refs(session, attributes)
-        denial = await self._acharge(session, refs, {Dimension.STEPS: n})
+        denial = yield from self._charge(session, refs, {Dimension.STEPS: n})
         if denial is not None:
             raise self._refusal(session, denial, refs)
 
@@ -702,14 +645,15 @@ class Guard:
 
     def usage(self, session: str) -> SessionUsage:
         """The session's spend, reservations and counts, as the ledger has them."""
-        ref = self.budgets.ref("session", session, self.clock())
-        return SessionUsage.from_totals(session, self.ledger.totals(ref.scope),
-                                        self.limits.max_cost_nano)
+        return drive(self.ledger, self._usage(session))
 
     async def ausage(self, session: str) -> SessionUsage:
+        return await adrive(self.ledger, self._usage(session))
+
+    def _usage(self, session: str) -> Steps[SessionUsage]:
         ref = self.budgets.ref("session", session, self.clock())
-        return SessionUsage.from_totals(session, await self.ledger.atotals(ref.scope),
-                                        self.limits.max_cost_nano)
+        totals = yield Op("totals", ref.scope)
+        return SessionUsage.from_totals(session, totals, self.limits.max_cost_nano)
 
     def scope_usage(self, kind: str, value: str | None = None, *,
                     at: float | None = None) -> SessionUsage:
@@ -746,17 +690,17 @@ class Guard:
     def close(self) -> None:
         """Settle what is pending (deferred settles land here too) and close the ledger
         if the guard opened it (from a URL): a ledger passed in stays open."""
-        if self.pending_settles and not self.settle_pending():
-            self._log_never_counted()
-        if self._owns_ledger:
-            self.ledger.close()
+        drive(self.ledger, self._closing())
 
     async def aclose(self) -> None:
         """:meth:`close` awaiting the ledger."""
-        if self.pending_settles and not await self.asettle_pending():
+        await adrive(self.ledger, self._closing())
+
+    def _closing(self) -> Steps[None]:
+        if self.pending_settles and not (yield from self._settle_pending()):
             self._log_never_counted()
         if self._owns_ledger:
-            await self.ledger.aclose()
+            yield Op("close")
 
     def __enter__(self) -> Guard:
         return self
@@ -785,10 +729,13 @@ class Guard:
         """Settle the calls whose settle found the ledger unavailable (done before every
         model call; a settle is idempotent and counts after its lease too), and land the
         settles a ledger deferred (Redis). True when none is left."""
-        return self._unsettled.settle(self.ledger, self._planner.note_spent)
+        return drive(self.ledger, self._settle_pending())
 
     async def asettle_pending(self) -> bool:
-        return await self._unsettled.asettle(self.ledger, self._planner.note_spent)
+        return await adrive(self.ledger, self._settle_pending())
+
+    def _settle_pending(self) -> Steps[bool]:
+        return (yield from self._unsettled.settle(self._planner.note_spent))
 
     # -- internals -------------------------------------------------------------------------
 
@@ -804,38 +751,26 @@ class Guard:
                                    {repeat_dimension(tool, args): self.limits.max_repeats})
         return amounts, repeat
 
-
     def _charge(self, session: str, refs: Sequence[ScopeRef], amounts: Mapping[str, int]
-                ) -> Denial | None:
+                ) -> Steps[Denial | None]:
         """Charge counts (steps, tool calls) to every scope; when a soft threshold watches
         them, read the totals in the same step and fire what the charge crossed."""
         scopes = [r.caps for r in refs]
         if not self._watch.watched(refs, amounts):
-            return self.ledger.charge(scopes, amounts)
-        result = self.ledger.charge_read(scopes, amounts)
+            return (yield Op("charge", scopes, amounts))
+        result = yield Op("charge_read", scopes, amounts)
         if isinstance(result, Denial):
             return result
-        self._check_thresholds(session, refs, result)
-        return None
-
-    async def _acharge(self, session: str, refs: Sequence[ScopeRef],
-                       amounts: Mapping[str, int]) -> Denial | None:
-        scopes = [r.caps for r in refs]
-        if not self._watch.watched(refs, amounts):
-            return await self.ledger.acharge(scopes, amounts)
-        result = await self.ledger.acharge_read(scopes, amounts)
-        if isinstance(result, Denial):
-            return result
-        await self._acheck_thresholds(session, refs, result)
+        yield from self._watch.check(session, refs, result)
         return None
 
     def _check_thresholds(self, session: str, refs: Sequence[ScopeRef],
                           settled: Settlement) -> None:
-        self._watch.check(self.ledger, session, refs, settled)
+        drive(self.ledger, self._watch.check(session, refs, settled))
 
     async def _acheck_thresholds(self, session: str, refs: Sequence[ScopeRef],
                                  settled: Settlement) -> None:
-        await self._watch.acheck(self.ledger, session, refs, settled)
+        await adrive(self.ledger, self._watch.check(session, refs, settled))
 
     def _plan(self, call: ModelCall, *, exact: bool = False) -> _Plan:
         """What ``call`` would reserve (:meth:`Planner.plan`)."""

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import dimension_label, format_amount
-from ..ledger import Ledger, ScopeCaps, ScopeTotals
+from ..ledger import ScopeCaps, ScopeTotals
 from ..ledger.base import Settlement
 from .budgets import ScopeRef
+from .drive import Op, Steps
 
 __all__ = ["ThresholdEvent", "ThresholdHook", "ThresholdWatch"]
 
@@ -179,22 +180,14 @@ class ThresholdWatch:
                 self.past_spent.clear()
             self.past_spent[ref.scope] = sums
 
-    def check(self, ledger: Ledger, session: str, refs: Sequence[ScopeRef],
-              settled: Settlement) -> None:
-        """Read what the decision needs, fire what ``settled`` crossed (sync driver)."""
+    def check(self, session: str, refs: Sequence[ScopeRef], settled: Settlement
+              ) -> Steps[None]:
+        """Read what the decision needs, fire what ``settled`` crossed: the marker charge
+        that decides who fires, across processes, once per scope and window."""
         for ref in self.unread_windows(refs, settled):
-            self.keep_past(ref, ledger.totals_many(ref.caps.history))
+            self.keep_past(ref, (yield Op("totals_many", ref.caps.history)))
         for scope, marker, event in self.crossed(session, refs, settled):
-            if ledger.charge([scope], {marker: 1}) is None:
-                self.fire(event)
-
-    async def acheck(self, ledger: Ledger, session: str, refs: Sequence[ScopeRef],
-                     settled: Settlement) -> None:
-        """:meth:`check` awaiting the ledger."""
-        for ref in self.unread_windows(refs, settled):
-            self.keep_past(ref, await ledger.atotals_many(ref.caps.history))
-        for scope, marker, event in self.crossed(session, refs, settled):
-            if await ledger.acharge([scope], {marker: 1}) is None:
+            if (yield Op("charge", [scope], {marker: 1})) is None:
                 self.fire(event)
 
     def fire(self, event: ThresholdEvent) -> None:

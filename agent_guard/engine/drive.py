@@ -1,0 +1,94 @@
+"""Ledger I/O as values, so each decision is written once for sync and async callers.
+
+A decision is a generator: it yields the ledger operations it needs (:class:`Op`, or
+:class:`Wait` for another holder of the same request), gets each one's result (or its
+exception, raised where the ``yield`` is) and returns its answer. It does no I/O of its
+own. :func:`drive` runs it with the ledger's blocking methods, :func:`adrive` awaits the
+ledger's ``a``-prefixed twins; each driver is a few lines::
+
+    def usage(self, session):
+        return drive(self.ledger, self._usage(session))
+
+    async def ausage(self, session):
+        return await adrive(self.ledger, self._usage(session))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Generator
+from typing import Any, TypeVar
+
+from ..ledger import Ledger
+
+__all__ = ["Op", "Steps", "Wait", "adrive", "drive"]
+
+T = TypeVar("T")
+
+
+class Op:
+    """One ledger call: ``ledger.<name>(*args, **kwargs)``, or ``await
+    ledger.a<name>(...)`` on the async path."""
+
+    __slots__ = ("args", "kwargs", "name")
+
+    def __init__(self, name: str, *args: Any, **kwargs: Any) -> None:
+        self.name, self.args, self.kwargs = name, args, kwargs
+
+    def run(self, ledger: Ledger) -> Any:
+        return getattr(ledger, self.name)(*self.args, **self.kwargs)
+
+    async def arun(self, ledger: Ledger) -> Any:
+        return await getattr(ledger, "a" + self.name)(*self.args, **self.kwargs)
+
+
+class Wait(Op):
+    """Wait (at most ``timeout`` seconds) for ``event``: blocking on the sync path, in a
+    worker thread on the async one (the event loop is never blocked)."""
+
+    __slots__ = ("event", "timeout")
+
+    def __init__(self, event: threading.Event, timeout: float) -> None:
+        super().__init__("wait")
+        self.event, self.timeout = event, timeout
+
+    def run(self, ledger: Ledger) -> Any:
+        return self.event.wait(self.timeout)
+
+    async def arun(self, ledger: Ledger) -> Any:
+        return await asyncio.to_thread(self.event.wait, self.timeout)
+
+
+#: a decision: yields operations, receives their results, returns a ``T``
+Steps = Generator[Op, Any, T]
+
+
+def drive(ledger: Ledger, steps: Steps[T]) -> T:
+    """Run ``steps`` with the ledger's blocking methods."""
+    try:
+        op = next(steps)
+        while True:
+            try:
+                result = op.run(ledger)
+            except BaseException as exc:
+                op = steps.throw(exc)
+            else:
+                op = steps.send(result)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def adrive(ledger: Ledger, steps: Steps[T]) -> T:
+    """Run ``steps`` awaiting the ledger's async methods."""
+    try:
+        op = next(steps)
+        while True:
+            try:
+                result = await op.arun(ledger)
+            except BaseException as exc:
+                op = steps.throw(exc)
+            else:
+                op = steps.send(result)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
