@@ -5,7 +5,13 @@ describe a call as a :class:`ModelCall`, ask :meth:`Guard.before_model_call`
 for an :class:`Admission` (or get a :class:`~agent_guard.errors.BudgetExceeded`
 before anything is spent), make the call, and hand the reported usage to
 :meth:`Guard.after_model_call`. Every method has an ``a``-prefixed async twin
-that awaits the ledger instead of blocking on it.
+that awaits the ledger instead of blocking on it: both drive the same decision
+(:mod:`agent_guard.engine.drive`), so they cannot drift apart.
+
+``Guard`` orchestrates its collaborators: :class:`~.plan.Planner` (a call's worst case
+and shrink-to-fit), :class:`~.thresholds.ThresholdWatch` (soft thresholds),
+:class:`~.backlog.Backlog` (settles that found the ledger away) and the request
+registry of :mod:`.admission` (one request, one admission).
 """
 
 from __future__ import annotations
