@@ -688,3 +688,24 @@ def test_a_call_that_fails_inside_the_tool_is_charged_its_worst_case(path: str, 
     usage = guard.usage(SESSION)
     assert usage.reserved_nano == 0
     assert usage.cost_nano == sum(r.cost_nano for r in records)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_the_middleware_and_a_handler_on_one_ledger_charge_a_tool_call_once(mode: str
+                                                                           ) -> None:
+    from agent_guard.testing import ScriptedChatModel
+
+    search = Search()
+    priced_tool(search.tool, ToolPrice(SEARCH_USD))
+    records: list[CallRecord] = []
+    guard = Guard(Limits(max_cost_usd=1), on_record=[records.append])
+    answers = iter([AIMessage("", tool_calls=[{"name": "web_search", "args": {"query": "x"},
+                                               "id": "c1"}]), AIMessage("done")])
+    agent = create_agent(ScriptedChatModel(model_name="gpt-4o", respond=lambda m: next(answers)),
+                         [search.tool], middleware=[GuardMiddleware(guard, session_id=SESSION)])
+    _run(agent, {"callbacks": [GuardCallbackHandler(guard, session_id=SESSION)]}, mode)
+    assert search.runs == 1
+    assert [r.cost_nano for r in records if r.kind == "tool"] == [SEARCH_NANO]
+    usage = guard.usage(SESSION)
+    assert usage.tool_calls == 1 and usage.reserved_nano == 0
+    assert usage.cost_nano == sum(r.cost_nano for r in records)
