@@ -21,7 +21,8 @@ from langchain.agents.middleware import AgentMiddleware
 from langchain_core.messages import AIMessage
 from langchain_core.tools import tool
 
-from agent_guard import GuardMiddleware, Limits
+from agent_guard import Guard, GuardMiddleware, Limits
+from agent_guard.pricing import ToolPrice
 from agent_guard.testing import ScriptedChatModel
 
 
@@ -44,9 +45,15 @@ class PassThrough(AgentMiddleware):
         return None
 
 
-def model() -> ScriptedChatModel:
+@tool
+async def alookup(order: str) -> str:
+    """Look up an order."""
+    return f"order {order}: shipped"
+
+
+def model(name: str = "lookup") -> ScriptedChatModel:
     return ScriptedChatModel(model_name="gpt-4o", max_tokens=100, responses=[
-        AIMessage("", tool_calls=[{"name": "lookup", "args": {"order": "A1"},
+        AIMessage("", tool_calls=[{"name": name, "args": {"order": "A1"},
                                    "id": "call_1"}]),
         "A1 has shipped."])
 
@@ -64,8 +71,8 @@ def submissions(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
     yield seen
 
 
-def hops(middleware: AgentMiddleware, submissions: list[Any]) -> int:
-    agent = create_agent(model(), [lookup], middleware=[middleware])
+def hops(middleware: AgentMiddleware, submissions: list[Any], tool: Any = lookup) -> int:
+    agent = create_agent(model(tool.name), [tool], middleware=[middleware])
 
     async def run() -> None:
         await agent.ainvoke({"messages": [("user", "where is A1?")]},
@@ -77,10 +84,14 @@ def hops(middleware: AgentMiddleware, submissions: list[Any]) -> int:
     return len(submissions)
 
 
+@pytest.mark.parametrize("priced", [False, True])
 @pytest.mark.parametrize("telemetry", [False, True])
-def test_async_middleware_runs_add_no_thread_hop(submissions: list[Any],
-                                                  telemetry: bool) -> None:
-    langchains_own = hops(PassThrough(), submissions)
+@pytest.mark.parametrize("tool", [lookup, alookup], ids=["sync tool", "async tool"])
+def test_async_middleware_runs_add_no_thread_hop(submissions: list[Any], tool: Any,
+                                                  telemetry: bool, priced: bool) -> None:
+    """``priced``: the tool has a price, so the middleware settles it at the end of the
+    tool's own run (a handler of that run) and writes its cost there."""
+    langchains_own = hops(PassThrough(), submissions, tool)
     extra: dict[str, Any] = {}
     if telemetry:
         pytest.importorskip("opentelemetry.sdk")
@@ -90,5 +101,10 @@ def test_async_middleware_runs_add_no_thread_hop(submissions: list[Any],
         from agent_guard.telemetry import GuardTelemetry
 
         extra["telemetry"] = GuardTelemetry(TracerProvider(), MeterProvider())
-    guarded = hops(GuardMiddleware(limits=Limits(max_cost_usd=1), **extra), submissions)
+    guard = Guard(Limits(max_cost_usd=1),
+                  tool_prices={tool.name: ToolPrice("0.01")} if priced else None)
+    guarded = hops(GuardMiddleware(guard, **extra), submissions, tool)
+    if priced:
+        assert guard.usage("t-1").tool_calls == 2  # two runs, each settled
+        assert guard.usage("t-1").reserved_nano == 0
     assert guarded == langchains_own

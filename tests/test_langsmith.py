@@ -191,7 +191,7 @@ def test_tool_runs_carry_their_cost_and_cache_savings(sink: LangSmithSink, how: 
                                                {"cache_hit": True, "saved_usd": 0.005}]
 
 
-@pytest.mark.parametrize("how", ["invoke", "ainvoke"])
+@pytest.mark.parametrize("how", ["invoke", "ainvoke", "ainvoke async tool"])
 @pytest.mark.parametrize("adapter", ["callback", "callback after tracer", "middleware"])
 def test_a_paid_tool_s_run_carries_what_the_guard_charged(sink: LangSmithSink, how: str,
                                                           adapter: str) -> None:
@@ -207,10 +207,18 @@ def test_a_paid_tool_s_run_carries_what_the_guard_charged(sink: LangSmithSink, h
     from agent_guard.langchain import priced_tool
     from agent_guard.pricing import ToolPrice
 
-    @tool
-    def web_search(query: str) -> str:
-        """Search the web."""
-        return '["a", "b", "c"]'
+    if how == "ainvoke async tool":  # LangChain's async dispatch (a sync tool runs in
+        how = "ainvoke"               # a thread, its callbacks dispatched there)
+
+        @tool
+        async def web_search(query: str) -> str:
+            """Search the web."""
+            return '["a", "b", "c"]'
+    else:
+        @tool
+        def web_search(query: str) -> str:
+            """Search the web."""
+            return '["a", "b", "c"]'
 
     priced_tool(web_search, ToolPrice("0.001", per_unit_usd="0.002", units="results",
                                       max_units=10))

@@ -86,7 +86,7 @@ from .call import (
     with_output_cap,
 )
 from .callback import _finish_reasons
-from .dispatch import async_twin, dispatching_async, ends_inline, go_first
+from .dispatch import async_twin, dispatching_async, go_first
 
 __all__ = ["GuardMiddleware"]
 
@@ -838,8 +838,9 @@ class _ToolRunGate(BaseCallbackHandler):
 
     @property  # LangChain declares a plain attribute; a property reads the moment it is read
     def run_inline(self) -> bool:  # type: ignore[override]
-        """False, but for the tool's end on async paths (run in a thread, in list
-        order: see :mod:`.dispatch`)."""
+        """False, but for the tool's end on async paths (in list order: see
+        :mod:`.dispatch`). LangChain's async dispatch awaits the coroutine twins on the
+        loop (the guard's async ledger operations): no executor thread."""
         return dispatching_async(_TOOL_ENDS)
 
     def __init__(self, middleware: GuardMiddleware, request: ToolCallRequest,
@@ -853,23 +854,51 @@ class _ToolRunGate(BaseCallbackHandler):
         self.metadata: dict[str, Any] | None = None
         self.handlers: list[Any] | None = None  # the run's handlers (its tracers)
 
-    def on_tool_start(self, serialized: dict[str, Any], input_str: str, *, run_id: UUID,
-                      metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def _start(self, run_id: UUID, metadata: dict[str, Any] | None) -> None:
         if self.run_id is None:
             self.run_id = run_id
             self.metadata = metadata if isinstance(metadata, dict) else None
             self.handlers = go_first(self, run_id)
 
-    @ends_inline
+    async def _aon_tool_start(self, serialized: dict[str, Any], input_str: str, *,
+                              run_id: UUID, metadata: dict[str, Any] | None = None,
+                              **kwargs: Any) -> None:
+        self._start(run_id, metadata)
+
+    @async_twin(_aon_tool_start)
+    def on_tool_start(self, serialized: dict[str, Any], input_str: str, *, run_id: UUID,
+                      metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self._start(run_id, metadata)
+
+    def _ending(self, run_id: UUID, error: BaseException | None = None) -> bool:
+        """Whether this end is this gate's to settle (an interrupt is the middleware's)."""
+        return run_id == self.run_id and not self.admission.finished and \
+            not isinstance(error, GraphInterrupt)
+
+    async def _aon_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        if self._ending(run_id):
+            self._noted(await self.middleware._atool_done(
+                self.request, self.admission, _outcome(output), self.hits, output))
+
+    @async_twin(_aon_tool_end)
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        if run_id == self.run_id and not self.admission.finished:
+        if self._ending(run_id):
             self._noted(self.middleware._tool_done(self.request, self.admission,
                                                    _outcome(output), self.hits, output))
 
-    @ends_inline
+    async def _aon_tool_error(self, error: BaseException, *, run_id: UUID,
+                              **kwargs: Any) -> None:
+        if not self._ending(run_id, error):
+            return
+        if failed_before_running(error):
+            await self.middleware.guard.atool_call_not_run(self.admission)
+            return
+        self._noted(await self.middleware._atool_done(self.request, self.admission,
+                                                      "error"))
+
+    @async_twin(_aon_tool_error)
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        if run_id != self.run_id or self.admission.finished or \
-                isinstance(error, GraphInterrupt):
+        if not self._ending(run_id, error):
             return
         if failed_before_running(error):  # its arguments did not validate: never ran
             self.middleware.guard.tool_call_not_run(self.admission)
