@@ -709,3 +709,47 @@ def test_the_middleware_and_a_handler_on_one_ledger_charge_a_tool_call_once(mode
     usage = guard.usage(SESSION)
     assert usage.tool_calls == 1 and usage.reserved_nano == 0
     assert usage.cost_nano == sum(r.cost_nano for r in records)
+
+
+def test_a_cancelled_paid_tool_under_the_callback_is_charged_its_worst_case() -> None:
+    """An async priced tool whose task is cancelled while it runs may have reached the
+    paid API: charged its worst case, marked estimated, and nothing stays reserved."""
+    import contextlib
+
+    from agent_guard.engine.keeper import keeper
+    from agent_guard.testing import ScriptedChatModel
+
+    records: list[CallRecord] = []
+    guard = Guard(Limits(max_cost_usd=1), on_record=[records.append])
+
+    async def main() -> None:
+        started = asyncio.Event()
+
+        @tool
+        async def sandbox(code: str) -> str:
+            """Run code."""
+            started.set()
+            await asyncio.Event().wait()  # runs until cancelled
+            return "never"
+
+        priced_tool(sandbox, ToolPrice("0.12"))
+        answers = iter([AIMessage("", tool_calls=[{"name": "sandbox", "args": {"code": "1"},
+                                                   "id": "c1"}])])
+        agent = create_agent(ScriptedChatModel(model_name="gpt-4o",
+                                               respond=lambda m: next(answers)), [sandbox])
+        task = asyncio.create_task(agent.ainvoke(
+            {"messages": [("user", "run it")]},
+            config={"callbacks": [GuardCallbackHandler(guard, session_id=SESSION)]}))
+        await started.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    keeper.check()  # a run that ended without its end callback is ended here
+    [record] = [r for r in records if r.kind == "tool"]
+    assert (record.cost_nano, record.usage_estimated) == (120_000_000, True)
+    assert record.outcome in ("error", "aborted")
+    usage = guard.usage(SESSION)
+    assert usage.reserved_nano == 0
+    assert usage.cost_nano == sum(r.cost_nano for r in records)
