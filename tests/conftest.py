@@ -151,7 +151,13 @@ def redis_namespace() -> Iterator[str]:
         client.close()
 
 
-@pytest.fixture(params=["sqlite", "redis", "redis_cluster"])
+#: cells of the spread ledger layout in the tests (agent_guard.ledger.redis_cells): few
+#: on one Redis, so that a call's scopes often sit in different cells
+CELLS_ONE_REDIS = 4
+CELLS_CLUSTER = 12
+
+
+@pytest.fixture(params=["sqlite", "redis", "redis_cluster", "redis_cluster_cells"])
 def shared_url(request: pytest.FixtureRequest, tmp_path: Path, redis_namespace: str
                ) -> tuple[str, str | None]:
     """(ledger URL, Redis namespace or None) that several processes open: one SQLite
@@ -160,6 +166,9 @@ def shared_url(request: pytest.FixtureRequest, tmp_path: Path, redis_namespace: 
         return f"sqlite:///{tmp_path / 'shared.db'}", None
     if request.param == "redis_cluster":
         return request.getfixturevalue("redis_cluster_url"), redis_namespace
+    if request.param == "redis_cluster_cells":
+        return (f"{request.getfixturevalue('redis_cluster_url')}?cells={CELLS_CLUSTER}",
+                redis_namespace)
     require_redis()
     return REDIS_URL, redis_namespace
 
@@ -167,7 +176,8 @@ def shared_url(request: pytest.FixtureRequest, tmp_path: Path, redis_namespace: 
 LedgerFactory = Callable[..., Ledger]
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis", "redis_cluster"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "redis_cells", "redis_cluster",
+                        "redis_cluster_cells"])
 def ledger_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -188,15 +198,19 @@ def make_ledger(
             from agent_guard.ledger.sqlite import SQLiteLedger
 
             ledger = SQLiteLedger(str(tmp_path / "ledger.db"), **options)  # type: ignore[arg-type]
-        elif ledger_kind == "redis_cluster":
+        elif ledger_kind in ("redis_cluster", "redis_cluster_cells"):
             from agent_guard.ledger.redis import RedisLedger
 
+            if ledger_kind == "redis_cluster_cells":
+                options = {"cells": CELLS_CLUSTER, **options}
             ledger = RedisLedger.from_url(request.getfixturevalue("redis_cluster_url"),
                                           namespace=redis_namespace, **options)
         else:
             require_redis()
             from agent_guard.ledger.redis import RedisLedger
 
+            if ledger_kind == "redis_cells":
+                options = {"cells": CELLS_ONE_REDIS, **options}
             ledger = RedisLedger.from_url(REDIS_URL, namespace=redis_namespace, **options)
         made.append(ledger)
         return ledger

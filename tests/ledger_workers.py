@@ -79,19 +79,22 @@ def open_ledger(url: str, namespace: str | None) -> Ledger:
 
 
 def race(barrier: Any, url: str, namespace: str | None, threads: int, partial: bool,
-         seed: int, later: bool = False) -> tuple[int, int]:
+         seed: int, later: bool = False, team: bool = False) -> tuple[int, int]:
     """Reserve $0.07 from ``threads`` threads at once; settle the full amount, or a random
     smaller one (``later``: with ``settle_later``, which on Redis rides with the next
     reserve or a flush, as the guard settles). Returns (calls admitted, nano-USD
-    settled)."""
+    settled). ``team``: each thread is a session of its own (uncapped) and the cap is
+    on their shared ``team:shared`` scope instead of ``session:shared``."""
     ledger = open_ledger(url, namespace)
-    caps = [ScopeCaps("session:shared", {"usd_nano": CAP})]
     rng = random.Random(seed)
-    amounts = [rng.randint(1, EACH) if partial else EACH for _ in range(threads)]
+    amounts = [(i, rng.randint(1, EACH) if partial else EACH) for i in range(threads)]
     local = threading.Barrier(threads)
     barrier.wait()
 
-    def call(actual: int) -> int:
+    def call(job: tuple[int, int]) -> int:
+        i, actual = job
+        caps = ([ScopeCaps(f"session:p{seed}t{i}"), ScopeCaps("team:shared", {"usd_nano": CAP})]
+                if team else [ScopeCaps("session:shared", {"usd_nano": CAP})])
         local.wait()
         res = ledger.reserve(caps, {"usd_nano": EACH, "model_calls": 1}, lease_seconds=60)
         if isinstance(res, Denial):

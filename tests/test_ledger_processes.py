@@ -61,6 +61,25 @@ def test_processes_and_threads_never_overshoot(shared_url: tuple[str, str | None
         assert admitted == CAP // EACH == 14  # the most that fits, exactly
 
 
+@pytest.mark.timeout(RACE_TIMEOUT_S + 60)
+@pytest.mark.parametrize("later", [False, True], ids=["settle", "settle-later"])
+def test_sessions_of_one_team_are_admitted_exactly_to_the_team_cap(
+        shared_url: tuple[str, str | None], later: bool) -> None:
+    """64 sessions (spread over cells on the cells layout: the team scope is then lent to
+    each cell in allowances, and recalled at the cap) race on one team's cap."""
+    url, namespace = shared_url
+    results = run_racing(race, [(url, namespace, THREADS, False, seed, later, True)
+                                for seed in range(PROCESSES)])
+    admitted = sum(n for n, _ in results)
+    ledger = open_ledger(url, namespace)
+    totals = ledger.totals("team:shared")
+    ledger.close()
+    assert totals.get_reserved("usd_nano") == 0
+    assert totals.get_spent("model_calls") == admitted
+    assert totals.get_spent("usd_nano") == sum(s for _, s in results) == CAP // EACH * EACH
+    assert admitted == CAP // EACH == 14  # the most that fits, exactly
+
+
 def test_a_worker_that_fails_before_the_race_fails_the_test_instead_of_hanging_it() -> None:
     # before: the others waited at the barrier for ever and pytest-timeout killed the run
     # with no word of the worker's error

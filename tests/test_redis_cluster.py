@@ -344,3 +344,57 @@ def test_a_usage_store_on_a_cluster_nobody_answers_is_built_and_catches_up(tmp_p
     finally:
         store.close()
         cluster.stop()
+
+
+# -- one namespace over every node (cells) ----------------------------------------------------
+
+
+def node_of_keys(url: str, match: str) -> dict[int, int]:
+    """How many keys matching ``match`` each node holds."""
+    out = {}
+    for host, port in cluster_nodes(url):
+        with redis.Redis(host=host, port=port) as client:
+            out[port] = sum(1 for _ in client.scan_iter(match=match, count=1000))
+    return out
+
+
+def test_cells_spread_one_namespace_over_every_node(redis_cluster_url: str) -> None:
+    """Sessions of several teams under a global budget: every node holds keys and runs
+    scripts of the namespace (one slot per namespace put them all on one node), and the
+    shared scopes' totals, summed over cells, are exact."""
+    name = ns()
+    ledger = from_url(redis_cluster_url + "?cells=12", namespace=name)
+    try:
+        for s in range(60):
+            scopes = [ScopeCaps(f"session:s{s}", {"usd": 10}),
+                      ScopeCaps(f"team:t{s % 3}", {"usd": 1000}),
+                      ScopeCaps("global", {"usd": 5000})]
+            res = ledger.reserve(scopes, {"usd": 5}, lease_seconds=60)
+            assert res, res
+            ledger.settle(res, {"usd": 3})  # type: ignore[arg-type]
+        spread = node_of_keys(redis_cluster_url, f"ag:{{{name}/*")
+        assert len(spread) == 3 and all(spread.values()), spread
+        assert ledger.totals("global").get_spent("usd") == 180
+        assert [ledger.totals(f"team:t{t}").get_spent("usd") for t in range(3)] == [60] * 3
+        assert ledger.totals("global").get_reserved("usd") == 0
+    finally:
+        ledger.close()
+
+
+def test_cells_refuse_a_shared_scope_at_its_cap_from_any_cell(redis_cluster_url: str) -> None:
+    """A global cap of 10 calls spent from 40 sessions in 12 cells: exactly 10 are
+    admitted (the allowances lent to cells are recalled at the cap), then every cell
+    refuses, with the total over every cell in the denial."""
+    ledger = from_url(redis_cluster_url + "?cells=12", namespace=ns())
+    try:
+        admitted = 0
+        for s in range(40):
+            got = ledger.charge([ScopeCaps(f"session:s{s}"), ScopeCaps("global", {"calls": 10})],
+                                {"calls": 1})
+            admitted += got is None
+            if got is not None:
+                assert (got.scope, got.cap, got.spent, got.reserved) == ("global", 10, 10, 0)
+        assert admitted == 10
+        assert ledger.totals("global").get_spent("calls") == 10
+    finally:
+        ledger.close()

@@ -33,6 +33,7 @@ import subprocess
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ from agent_guard.engine.usage import Usage, usd_to_nano
 from agent_guard.errors import BudgetExceeded, LedgerUnavailable
 from agent_guard.ledger.failover import FailOpenLedger
 from agent_guard.ledger.redis import RedisLedger
+from agent_guard.ledger.redis_cells import cell_tags
 from agent_guard.testing.redis_cluster import ClusterUnavailable, LocalRedisCluster
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -167,6 +169,32 @@ class ClusterServer:
                 return ns
 
 
+class ClusterCellsServer(ClusterServer):
+    """The cluster with the ledger spread over cells (``?cells=12``): the faulted node is
+    the one owning the cell of the test's session (a cell's slot range is fixed, so the
+    target node is picked for the namespace, not the other way round)."""
+
+    CELLS = 12
+
+    @property
+    def url(self) -> str:
+        return f"{self.cluster.url}?cells={self.CELLS}"
+
+    def namespace(self) -> str:
+        ns = uuid.uuid4().hex
+        home = zlib.crc32(f"session:{SESSION}".encode()) % self.CELLS
+        key = f"ag:{{{cell_tags(ns, self.CELLS)[home]}}}:open"
+        for target in range(len(self.cluster.ports)):
+            self.target = target
+            with self.admin() as client:
+                try:  # MOVED unless this node owns the session's cell
+                    client.get(key)
+                except redis.exceptions.ResponseError:
+                    continue
+                return ns
+        raise AssertionError(f"no node owns {key}")
+
+
 @pytest.fixture(scope="module")
 def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
     """A 3-node cluster of its own (it is killed and slowed), persistent like the server."""
@@ -183,10 +211,11 @@ def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRed
     cluster.stop()
 
 
-@pytest.fixture(params=["redis", "redis_cluster"])
+@pytest.fixture(params=["redis", "redis_cluster", "redis_cluster_cells"])
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisServer]:
-    if request.param == "redis_cluster":
-        node = ClusterServer(request.getfixturevalue("fault_cluster"))
+    if request.param in ("redis_cluster", "redis_cluster_cells"):
+        kind = ClusterCellsServer if request.param == "redis_cluster_cells" else ClusterServer
+        node = kind(request.getfixturevalue("fault_cluster"))
         yield node  # type: ignore[misc]
         if not node.running:
             node.start()
@@ -199,7 +228,7 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisServ
 
 
 def backend(url: str, namespace: str) -> RedisLedger:
-    return RedisLedger(url, namespace=namespace, socket_connect_timeout=TIMEOUT,
+    return RedisLedger.from_url(url, namespace=namespace, socket_connect_timeout=TIMEOUT,
                        socket_timeout=TIMEOUT)
 
 

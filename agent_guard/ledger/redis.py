@@ -293,13 +293,20 @@ class RedisLedger(Ledger):
     def from_url(cls, url: str, **options: Any) -> RedisLedger:
         """``namespace`` and ``scope_ttl_seconds`` may come in the URL's query (as for
         the usage store's URL), beside redis-py's options; keyword options win; any
-        other option raises (see :mod:`agent_guard.stores`)."""
+        other option raises (see :mod:`agent_guard.stores`). ``cells=N`` (N >= 1)
+        builds a :class:`~agent_guard.ledger.redis_cells.CellsRedisLedger`."""
         from ..stores import parse_url
 
         parsed = parse_url(url, "ledger")
         if parsed.backend not in REDIS_BACKENDS:
             raise ValueError(f"not a Redis URL: {parsed.redacted!r}")
-        return cls(parsed.client_url, **{**parsed.kind_options, **options})
+        merged = {**parsed.kind_options, **options}
+        cells = merged.pop("cells", None)
+        if cells:  # a namespace spread over hash tags (docs/redis-cluster.md)
+            from .redis_cells import CellsRedisLedger
+
+            return CellsRedisLedger(parsed.client_url, cells=cells, **merged)
+        return cls(parsed.client_url, **merged)
 
     # -- keys and arguments --------------------------------------------------------------
 

@@ -7,7 +7,8 @@ program does not use (and ``redis`` stays an optional extra).
 kind     memory://                                 sqlite:///path.db   |   redis://
 =======  ========================================  ==========================================
 ledger   ``max_idle_seconds``, ``max_scopes``      ``timeout``  |  ``namespace``,
-                                                   ``scope_ttl_seconds``, ``settle_delay``
+                                                   ``scope_ttl_seconds``, ``settle_delay``,
+                                                   ``cells``
 cache    ``max_entries``, ``namespace``            ``timeout``, ``namespace``  |  ``namespace``
 usage    ``retention_days``                        ``timeout``, ``retention_days``  |
                                                    ``namespace``, ``retention_days``,
@@ -45,7 +46,11 @@ def _sqlite_ledger(url: StoreURL, **options: Any) -> Any:
     return SQLiteLedger(url.path, **options)
 
 
-def _redis_ledger(url: StoreURL, **options: Any) -> Any:
+def _redis_ledger(url: StoreURL, cells: int | None = None, **options: Any) -> Any:
+    if cells:  # a namespace spread over hash tags (docs/redis-cluster.md)
+        from ..ledger.redis_cells import CellsRedisLedger
+
+        return CellsRedisLedger(url.client_url, cells=cells, **options)
     from ..ledger.redis import RedisLedger
 
     return RedisLedger(url.client_url, **options)
@@ -57,7 +62,7 @@ register("ledger", "sqlite", _sqlite_ledger, options={})
 for _scheme in ALL_REDIS_SCHEMES:
     register("ledger", _scheme, _redis_ledger,
              options={"namespace": as_str, "scope_ttl_seconds": as_int,
-                      "settle_delay": as_float})
+                      "settle_delay": as_float, "cells": as_int})
 
 
 # -- cache stores -----------------------------------------------------------------------------
