@@ -204,6 +204,20 @@ def test_totals_many_reads_each_scope_in_order(ledger: Ledger) -> None:
     assert ledger.totals_many([]) == []
 
 
+def test_a_settle_above_its_hold_shrinks_the_room_of_every_later_call(ledger: Ledger) -> None:
+    """Spend above the hold counts at once for every caller of the scope (on the cells
+    layout the sessions below sit in cells other than the team's and each other's)."""
+    team = ScopeCaps("team:over", {USD: 1000})
+    first = ledger.reserve([session("o1"), team], {USD: 100}, lease_seconds=60)
+    assert isinstance(first, Reservation)
+    ledger.settle(first, {USD: 700})  # the provider billed 600 above the worst case
+    refused = ledger.reserve([session("o4"), team], {USD: 400}, lease_seconds=60)
+    assert isinstance(refused, Denial)
+    assert (refused.scope, refused.spent, refused.reserved) == ("team:over", 700, 0)
+    assert ledger.reserve([session("o5"), team], {USD: 300}, lease_seconds=60)
+    assert isinstance(ledger.charge([team], {USD: 1}), Denial)
+
+
 def test_concurrent_reservations_never_overshoot(ledger: Ledger) -> None:
     """64 threads race for a $1.00 cap with $0.07 calls: exactly 14 fit."""
     cap, each = 1_000_000_000, 70_000_000

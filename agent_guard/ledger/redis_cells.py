@@ -69,7 +69,7 @@ logger = logging.getLogger("agent_guard")
 MAX_CELLS = 1024
 #: scripts of one reserve or charge at most: short -> borrow (or recall) -> retry
 ATTEMPTS = 4
-_CELL_SCRIPTS = ("reserve", "charge", "settle", "borrow", "give")
+_CELL_SCRIPTS = ("reserve", "charge", "settle", "borrow", "give", "grant")
 #: what a Redis call may raise: redis-py's sync cluster client, used from many threads
 #: while a node restarts, raised ValueError ("I/O operation on closed file") from a
 #: socket another thread closed mid-read (seen in tests/test_redis_faults.py)
@@ -115,6 +115,7 @@ class _CellScripts:
     settle: Any
     borrow: Any
     give: Any
+    grant: Any
 
     @classmethod
     def on(cls, client: Any) -> _CellScripts:
@@ -139,6 +140,8 @@ class CellsRedisLedger(RedisLedger):
         self._homes: dict[str, int] = {}
         self._keys: dict[tuple[int, str], str] = {}
         self._registered: set[tuple[str, int]] = set()
+        #: read-backs computed for a landed batch, by id of their queued settle
+        self._ready: dict[int, Settlement] = {}
         self._divisor = str(4 * cells)
 
     # -- layout ------------------------------------------------------------------------------
@@ -431,27 +434,101 @@ class CellsRedisLedger(RedisLedger):
         self._landed([item], self._run(self._cells.settle, keys, args))
 
     def _settled(self, reply: Reply, item: _Later) -> Settlement:  # type: ignore[override]
-        """A settle's reply: each read scope's spent; a scope with stripes in other cells
-        (or a stripe itself) is read again over every cell."""
-        if not isinstance(reply, list):
-            return Settlement(False)
-        r = item.reservation
-        cell = self._cell_of(r.scopes)
-        count = sum(len(dims) for dims in item.reads)
-        values, flags = iter(reply[1:1 + count]), reply[1 + count:]
-        spent: dict[str, dict[str, int]] = {}
-        shared: list[str] = []
-        for scope, dims, flag in zip(r.scopes, item.reads, flags, strict=True):
-            spent[scope] = {dim: int(next(values)) for dim in dims}
-            if dims and (self.home(scope) != cell or int(flag)):
-                shared.append(scope)
-        if shared:
+        """A settle's reply: each read scope's spent (see :meth:`_settled_many`)."""
+        ready = self._ready.pop(id(item), None)
+        return ready if ready is not None else self._settled_many([(reply, item)])[0]
+
+    def _settled_many(self, landed: Sequence[tuple[Reply, _Later]], read: bool = True
+                      ) -> list[Settlement]:
+        """Settles' replies: each read scope's spent. A scope with stripes in other cells
+        (or a stripe itself) is read again over every cell: one pipeline for them all
+        (``read=False``: not read again). Debts the settles left are reported."""
+        spents: list[dict[str, dict[str, int]] | None] = []
+        spread: dict[str, set[str]] = {}
+        debts: dict[tuple[str, int], list[str]] = {}
+        for reply, item in landed:
+            if not isinstance(reply, list):
+                spents.append(None)
+                continue
+            r = item.reservation
+            cell = self._cell_of(r.scopes)
+            count = sum(len(dims) for dims in item.reads)
+            values = iter(reply[1:1 + count])
+            flags = reply[1 + count:1 + count + len(r.scopes)]
+            for position, dim, debt in reply[1 + count + len(r.scopes)]:
+                debts.setdefault((r.scopes[int(position) - 1], cell), []).extend(
+                    (_text(dim), _text(debt)))
+            spent: dict[str, dict[str, int]] = {}
+            for scope, dims, flag in zip(r.scopes, item.reads, flags, strict=True):
+                spent[scope] = {dim: int(next(values)) for dim in dims}
+                if read and dims and (self.home(scope) != cell or int(flag)):
+                    spread.setdefault(scope, set()).update(dims)
+            spents.append(spent)
+        for (scope, cell), flat in debts.items():
+            self._report_debt(scope, cell, flat)
+        if spread:
             try:
-                for t in self._read_totals(shared):
-                    spent[t.scope] = {dim: t.get_spent(dim) for dim in spent[t.scope]}
-            except LedgerUnavailable as exc:  # the settle counted; the read back is a hint
+                totals = self._spent_over_cells(spread)
+            except LedgerUnavailable as exc:  # the settles counted; the read back is a hint
                 logger.debug("agent-guard: spend read back from one cell only (%s)", exc)
-        return Settlement(True, spent)
+                totals = {}
+            for found in spents:
+                for scope, got in (found or {}).items():
+                    if scope in totals:
+                        got.update((d, totals[scope][d]) for d in got)
+        return [Settlement(False) if found is None else Settlement(True, found)
+                for found in spents]
+
+    def _landed(self, items: Sequence[_Later], replies: Reply | None) -> None:
+        """Settles landed: their read-backs first, in one read over the cells for the
+        whole batch, then the queue's bookkeeping and callbacks."""
+        if replies is not None:
+            pairs = list(zip(replies, items, strict=True))
+            wanted = [(reply, item) for reply, item in pairs if item.then is not None]
+            for (_, item), settled in zip(wanted, self._settled_many(wanted), strict=True):
+                self._ready[id(item)] = settled
+            self._settled_many([(reply, item) for reply, item in pairs if item.then is None],
+                               read=False)  # their debts
+        super()._landed(items, replies)
+
+    def _report_debt(self, scope: str, cell: int, flat: list[str]) -> None:
+        """A settle above its hold left ``scope``'s stripe in ``cell`` spent past its
+        allowance (``flat``: dim, debt, ...): the home lends it that much whatever its
+        room (it is spent), so every cell's room shrinks as on one Redis. Until this
+        lands (a crash, an error) the debt is the stripe's alone: its next borrow asks
+        for it."""
+        home = self.home(scope)
+        try:
+            reply = self._run(self._cells.borrow, [self.key(home, scope)],
+                              [str(cell), _dumps(flat), "debt", "", self._divisor])
+            got = reply[1]
+            grants = [[1, _text(d), _text(g)] for d, g in zip(got[::2], got[1::2], strict=True)]
+            self._run(self._cells.grant, [self.key(cell, scope)], [_dumps(grants)])
+        except LedgerUnavailable as exc:
+            logger.warning("agent-guard: a spend above its hold on %r is not yet known to "
+                           "its other cells (%s)", scope, exc)
+
+    def _spent_over_cells(self, dims_of: Mapping[str, Iterable[str]]
+                          ) -> dict[str, dict[str, int]]:
+        """The spent of ``dims_of``'s dimensions of each scope, summed over every cell:
+        one pipeline."""
+        wanted = [(scope, list(dims)) for scope, dims in dims_of.items()]
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for scope, dims in wanted:
+                    for c in range(self.cells):
+                        pipe.hmget(self.key(c, scope), ["s:" + d for d in dims])
+                raws = iter(pipe.execute())
+        except _FAILED as exc:
+            raise self._unavailable(exc) from exc
+        out: dict[str, dict[str, int]] = {}
+        for scope, dims in wanted:
+            sums = [0] * len(dims)
+            for _ in range(self.cells):
+                for j, value in enumerate(next(raws)):
+                    sums[j] += int(value or 0)
+            out[scope] = dict(zip(dims, sums, strict=True))
+        return out
 
     def release(self, reservation: Reservation) -> bool:
         cell = self._cell_of(reservation.scopes)

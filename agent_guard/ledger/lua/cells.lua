@@ -119,7 +119,9 @@ local function ag_cell_check(keys, first, caps, amounts)
 end
 
 -- ag_settle_all, each counted settle's reply followed by, per scope key, 1 if other cells
--- hold stripes of it (its home hash's n), else 0.
+-- hold stripes of it (its home hash's n), else 0; then the debts it left:
+-- {{scope position, dim, "debt"}, ...}: a stripe whose spent + reserved passed its
+-- allowance (a settle above its hold), which the client reports to the home.
 local function ag_cells_settle_all(keys, retention, batch)
   local replies = ag_settle_all(keys, retention, batch)
   if replies == nil then
@@ -128,9 +130,22 @@ local function ag_cells_settle_all(keys, retention, batch)
   for i, s in ipairs(cjson.decode(batch)) do
     local reply = replies[i]
     if reply ~= 0 then
-      for _, k in ipairs(s[4]) do
+      local debts = {}
+      for j, k in ipairs(s[4]) do
         reply[#reply + 1] = ag_n(redis.call('HGET', keys[k], 'n'))
+        for a = 1, #s[5], 2 do
+          local dim = s[5][a]
+          local v = redis.call('HMGET', keys[k], 'g:' .. dim, 'b:' .. dim, 's:' .. dim,
+                               'r:' .. dim)
+          if v[1] then
+            local debt = ag_n(v[3]) + ag_n(v[4]) - (ag_n(v[1]) - ag_n(v[2]))
+            if debt > 0 then
+              debts[#debts + 1] = {j, dim, ag_num(debt)}
+            end
+          end
+        end
       end
+      reply[#reply + 1] = debts
     end
   end
   return replies

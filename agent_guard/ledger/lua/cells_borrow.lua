@@ -2,8 +2,9 @@
 -- list the cells holding loans.
 --
 -- KEYS: the scope's home hash, then its past buckets' home hashes (a rolling window)
--- ARGV: the borrowing cell, caps JSON [[dim, "cap"], ...],
---       need JSON [dim, "need", ...] ('' = lend nothing; 'loans' = list the loans),
+-- ARGV: the borrowing cell, caps JSON [[dim, "cap"], ...] (with 'debt': [dim, "debt", ...]),
+--       need JSON [dim, "need", ...] ('' = lend nothing; 'loans' = list the loans;
+--       'debt' = lend the debts in ARGV[2] whatever the room: spent already),
 --       credits JSON [[KEYS index, cell, dim, "B"], ...] ('' = none): a cell's absolute
 --       returned total (its stripe's b:<dim>), applied with max(),
 --       chunk divisor: a loan is at least (cap + extra) / divisor, when there is room
@@ -45,6 +46,16 @@ local function loans()
 end
 
 credit(ARGV[4])
+if ARGV[3] == 'debt' then  -- a stripe spent past its allowance: lend it what it spent
+  local debts, granted = cjson.decode(ARGV[2]), {}
+  for j = 1, #debts, 2 do
+    local g = redis.call('HINCRBY', KEYS[1], 'g:' .. ARGV[1] .. ':' .. debts[j], debts[j + 1])
+    redis.call('HINCRBY', KEYS[1], 'l:' .. debts[j], debts[j + 1])
+    granted[#granted + 1] = debts[j]
+    granted[#granted + 1] = ag_num(g)
+  end
+  return {1, granted}
+end
 if ARGV[3] == 'loans' then
   return {0, loans()}
 end
