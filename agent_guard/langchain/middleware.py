@@ -584,7 +584,7 @@ class GuardMiddleware(AgentMiddleware):
             if gate.open_attempts():
                 await asyncio.to_thread(gate.end_open, exc)
             if not admission.finished:
-                await self.guard.amodel_call_failed(admission, error=exc)
+                await asyncio.shield(self.guard.amodel_call_failed(admission, error=exc))
             raise
         if gate.open_attempts():
             await asyncio.to_thread(gate.end_open, None)
@@ -1118,7 +1118,10 @@ class _AttemptGate(BaseCallbackHandler):
         so in list order: before a tracer listed after the gate reads the answer)."""
         ending = self._ending(run_id, response)
         if ending is not None:
-            record = await self.guard.aafter_model_call(ending[0], **ending[1])
+            # shielded: a run cancelled now (a sibling branch failed) still settles and
+            # records what it was charged (the settle may have reached the ledger)
+            record = await asyncio.shield(self.guard.aafter_model_call(ending[0],
+                                                                       **ending[1]))
             self._ended(run_id, response, record)
 
     @async_twin(_aon_llm_end)
