@@ -24,6 +24,7 @@ wall time per call (median of interleaved rounds; moves with the machine's load)
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import statistics
@@ -139,11 +140,20 @@ COUNTED = {"prompt": 200, "history 20": 200, "history 2000": 20, "budgets": 200}
 TIMED = {"prompt": 300, "history 20": 300, "history 2000": 15, "budgets": 300}
 
 
+def settle_heap() -> None:
+    """Collect, then freeze what is alive: the collector's full passes in a region walk
+    only what the region allocated, not the heap earlier workloads left (a 2,000-message
+    history, its memo), so a row does not depend on the rows run before it."""
+    gc.collect()
+    gc.freeze()
+
+
 def count_instructions(loads: list[Workload]) -> None:
     """(In the callgrind child) one region per workload and configuration."""
     for w in loads:
         for config in w.configs:
             w.run(config, 20)  # warm: memos, imports, first-call paths
+            settle_heap()
             with _instructions.region(f"{w.name}|{config}"):
                 w.run(config, COUNTED[w.name])
 
@@ -160,6 +170,7 @@ def count_parts() -> None:
     n = COUNTED["prompt"]
     for _ in range(20):
         guard.after_model_call(guard.before_model_call(call), usage)
+    settle_heap()
     with _instructions.region("parts|Guard.before_model_call"):
         admissions = [guard.before_model_call(call) for _ in range(n)]
     with _instructions.region("parts|Guard.after_model_call"):
