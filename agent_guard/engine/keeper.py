@@ -31,7 +31,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -45,17 +44,31 @@ logger = logging.getLogger("agent_guard")
 POLL_SECONDS = 0.05
 
 
-@dataclass(slots=True, eq=False)
 class _Watch:
-    guard: Any  # agent_guard.engine.guard.Guard (not imported: the guard imports this module)
-    admission: Any
-    on_stop: Callable[[], Any] | None
-    task: Any = None
-    thread_id: int | None = None
-    frame: FrameType | None = None
-    touched: bool = False
-    renew_at: float = 0.0
-    renewed: list[float] = field(default_factory=list)  # monotonic times, for tests
+    """One watched call (a plain slotted object: one is made per guarded call)."""
+
+    __slots__ = ("_renewed", "admission", "frame", "guard", "on_stop", "renew_at", "task",
+                 "thread_id", "touched")
+
+    def __init__(self, guard: Any, admission: Any, on_stop: Callable[[], Any] | None,
+                 task: Any = None, thread_id: int | None = None,
+                 frame: FrameType | None = None, renew_at: float = 0.0) -> None:
+        self.guard = guard  # engine.guard.Guard (not imported: it imports this module)
+        self.admission = admission
+        self.on_stop = on_stop
+        self.task = task
+        self.thread_id = thread_id
+        self.frame = frame
+        self.touched = False
+        self.renew_at = renew_at
+        self._renewed: list[float] | None = None
+
+    @property
+    def renewed(self) -> list[float]:
+        """Monotonic times of the renewals (for tests)."""
+        if self._renewed is None:
+            self._renewed = []
+        return self._renewed
 
     def knows_liveness(self) -> bool:
         return self.task is not None or self.frame is not None or self.touched
@@ -69,7 +82,6 @@ class LeaseKeeper:
         self._watches: dict[tuple[int, int], _Watch] = {}
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._pid = 0
         # the keeper waits for a first watch (not polling): only then does a watch wake it
         # (waking a polling keeper on every call made the caller wait for the GIL)
         self._idle = False
@@ -79,12 +91,12 @@ class LeaseKeeper:
               thread_id: int | None = None, frame: FrameType | None = None) -> None:
         """Keep ``admission``'s hold while its call runs; ``on_stop()`` once the call is
         over or ended (one watch per ``owner`` and admission)."""
-        lease = float(guard.limits.lease_seconds)
         w = _Watch(guard, admission, on_stop, task, thread_id, frame,
-                   renew_at=time.monotonic() + lease / 3)
+                   time.monotonic() + guard.limits.lease_seconds / 3)
         with self._cond:
             self._watches[(id(admission.state), id(owner))] = w
-            self._ensure_thread()
+            if self._thread is None:
+                self._start_thread()
             if self._idle:  # otherwise the keeper is polling already: no wake-up per call
                 self._cond.notify()
 
@@ -159,11 +171,9 @@ class LeaseKeeper:
             if self._watches.get(key) is w:
                 del self._watches[key]
 
-    def _ensure_thread(self) -> None:
-        pid = os.getpid()
-        if self._thread is not None and self._thread.is_alive() and self._pid == pid:
-            return
-        self._pid = pid
+    def _start_thread(self) -> None:
+        """Start the keeper's thread (once per process: a forked child's keeper starts
+        its own, see ``_after_fork``; the thread's loop outlives any failure)."""
         self._thread = threading.Thread(target=self._run, name="agent-guard-lease-keeper",
                                         daemon=True)
         self._thread.start()

@@ -84,6 +84,24 @@ def _count(raw: Mapping[str, Any] | None, key: str) -> int:
     return value
 
 
+# usage_metadata details whose keys are all among these, with exact non-negative int
+# values, read the same by the one-pass path of Usage.from_usage_metadata
+_PLAIN_IN = frozenset({"audio", "cache_read", "cache_creation", "image"})
+_PLAIN_OUT = frozenset({"audio", "reasoning", "image"})
+_NO_DETAILS: dict[str, int] = {}
+
+
+def _plain_details(details: Any, keys: frozenset[str]) -> bool:
+    if not details:
+        return True
+    if not isinstance(details, dict):
+        return False
+    for key, value in details.items():
+        if key not in keys or (value is not None and (type(value) is not int or value < 0)):
+            return False
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Normalised token usage of one model call.
@@ -189,6 +207,22 @@ class Usage:
     @classmethod
     def from_usage_metadata(cls, um: Mapping[str, Any]) -> Usage:
         """From LangChain's ``AIMessage.usage_metadata`` (totals include details)."""
+        if isinstance(um, dict):  # the common shapes, read in one pass (same result)
+            i, o = um.get("input_tokens"), um.get("output_tokens")
+            if type(i) is int and type(o) is int and i >= 0 and o >= 0:
+                din, dout = um.get("input_token_details"), um.get("output_token_details")
+                if not din and not dout:
+                    return cls(i, o)
+                if _plain_details(din, _PLAIN_IN) and _plain_details(dout, _PLAIN_OUT):
+                    din, dout = din or _NO_DETAILS, dout or _NO_DETAILS
+                    return cls(i, o, din.get("cache_read") or 0,
+                               din.get("cache_creation") or 0, dout.get("reasoning") or 0,
+                               0, din.get("audio") or 0, dout.get("audio") or 0,
+                               din.get("image") or 0, dout.get("image") or 0)
+        return cls._from_usage_metadata(um)
+
+    @classmethod
+    def _from_usage_metadata(cls, um: Mapping[str, Any]) -> Usage:
         if not isinstance(um, Mapping):
             raise MalformedUsage(f"usage_metadata must be a mapping, got {type(um).__name__}")
         details_in = um.get("input_token_details") or {}

@@ -209,8 +209,8 @@ _SDK_DEFAULT_RETRIES = {"ChatOpenAI": 2, "AzureChatOpenAI": 2, "ChatDeepSeek": 2
 def attempts(serialized: Mapping[str, Any] | None) -> int:
     """Requests the provider client may send for one call: 1 + its own retries (the
     model's ``max_retries``, else its SDK's default)."""
-    kwargs = (serialized or {}).get("kwargs") or {}
-    retries = kwargs.get("max_retries") if isinstance(kwargs, Mapping) else None
+    kwargs = (serialized or {}).get("kwargs")
+    retries = kwargs.get("max_retries") if kwargs and isinstance(kwargs, Mapping) else None
     if isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0:
         return 1 + retries
     ident = (serialized or {}).get("id") or ()
@@ -232,11 +232,13 @@ def read_timeout(serialized: Mapping[str, Any] | None) -> float | None:
     """The client's read timeout in seconds: the time one attempt waits for an answer
     before the SDK retries. A number; a ``(connect, read, ...)`` sequence; an
     ``httpx.Timeout`` (serialized as its repr: ``read=``, else ``timeout=``)."""
-    kwargs = (serialized or {}).get("kwargs") or {}
-    if not isinstance(kwargs, Mapping):
+    kwargs = (serialized or {}).get("kwargs")
+    if not kwargs or not isinstance(kwargs, Mapping):
         return None
     for key in ("request_timeout", "timeout", "default_request_timeout"):
         value = kwargs.get(key)
+        if value is None:
+            continue
         if isinstance(value, list | tuple) and value:
             return _seconds(value[1] if len(value) > 1 else value[0])
         if isinstance(value, Mapping) and value.get("id") == ["httpx", "Timeout"]:
@@ -385,7 +387,10 @@ class CostedUsage(dict):  # type: ignore[type-arg]
 
     def __init__(self, usage: Mapping[str, Any] = {},  # read, never kept
                  costs: Mapping[str, float] = {}) -> None:
-        super().__init__((k, v) for k, v in dict(usage).items() if k not in COST_KEYS)
+        super().__init__(usage)
+        if not COST_KEYS.isdisjoint(dict.keys(self)):
+            for key in COST_KEYS:
+                dict.pop(self, key, None)
         self.costs = dict(costs)
 
     def __getitem__(self, key: Any) -> Any:
@@ -434,14 +439,15 @@ def annotate(generations: Iterable[Any], guard: Any, record: Any,
         message = _message(generation)
         if message is None:
             continue
+        cost_usd = record.cost_usd
         if message.usage_metadata is not None and split is not None:
-            message.usage_metadata = with_costs(message.usage_metadata, {  # type: ignore[assignment]
+            message.usage_metadata = CostedUsage(message.usage_metadata, {  # type: ignore[assignment]
                 "input_cost": float(split[0]), "output_cost": float(split[1]),
-                "total_cost": float(record.cost_usd)})
+                "total_cost": float(cost_usd)})
         cap = guard.limits.max_cost_usd
         message.response_metadata["agent_guard"] = {
             "session": record.session, "tier": record.tier, "route": record.route,
-            "cost_usd": str(record.cost_usd), "usage_estimated": record.usage_estimated,
+            "cost_usd": str(cost_usd), "usage_estimated": record.usage_estimated,
             "cap_usd": None if cap is None else str(cap),
         }
         return  # one answer per call: LangChain's tracer adds the answers' usage up

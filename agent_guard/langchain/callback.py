@@ -38,7 +38,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from types import FrameType
 from typing import Any, cast
 from uuid import UUID
@@ -96,20 +96,26 @@ _CALLING_TASK: ContextVar[Any] = ContextVar("agent_guard_calling_task", default=
 _DISPATCH_CORO_NAMES = LANGCHAIN_DISPATCH_CORO_NAMES
 
 
-@dataclass(slots=True)
 class _Run:
-    admission: Admission
-    streamed_tokens: int = 0  # streamed output as charged (tokenizer factor applied)
-    streamed_unscaled: int = 0  # the same, counted without the factor
-    parent: UUID | None = None
-    # the invocation_params object every prompt of one generate() shares (kept, so its
-    # id stays unique while the run is open), or None for a single prompt
-    batch: Any = None
-    started: float = 0.0  # time.monotonic()
-    timeout: float | None = None  # the client's read timeout, for retried attempts
-    first_chunk: float = 0.0  # time.monotonic() of the first streamed chunk, 0 before
-    # what was streamed, for an exact count when the per-chunk sum passes the cap
-    streamed_texts: list[str] = field(default_factory=list)
+    """An open model run (a plain slotted object: one is made per guarded call)."""
+
+    __slots__ = ("admission", "batch", "first_chunk", "parent", "started", "streamed_texts",
+                 "streamed_tokens", "streamed_unscaled", "timeout")
+
+    def __init__(self, admission: Admission, parent: UUID | None, batch: Any,
+                 started: float, timeout: float | None) -> None:
+        self.admission = admission
+        self.streamed_tokens = 0  # streamed output as charged (tokenizer factor applied)
+        self.streamed_unscaled = 0  # the same, counted without the factor
+        self.parent = parent
+        # the invocation_params object every prompt of one generate() shares (kept, so
+        # its id stays unique while the run is open), or None for a single prompt
+        self.batch = batch
+        self.started = started  # time.monotonic()
+        self.timeout = timeout  # the client's read timeout, for retried attempts
+        self.first_chunk = 0.0  # time.monotonic() of the first streamed chunk, 0 before
+        # what was streamed, for an exact count when the per-chunk sum passes the cap
+        self.streamed_texts: list[str] = []
 
 
 # streamed content blocks whose text is generated output (tool-call blocks are counted
@@ -301,8 +307,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
             if batch is not None:
                 self._refuse_batch(batch, exc)
             raise
-        run = _Run(admission, parent=parent_run_id, batch=batch, started=time.monotonic(),
-                   timeout=read_timeout(serialized))
+        run = _Run(admission, parent_run_id, batch, time.monotonic(), read_timeout(serialized))
         refused: tuple[Any, GuardError] | None = None
         dropped: list[tuple[UUID, _Run]] = []
         with self._lock:

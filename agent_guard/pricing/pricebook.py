@@ -139,6 +139,9 @@ class Rates:
     ints: Any = field(default=None, compare=False, repr=False)
 
 
+# ModelPrice._memo key of the one set of rates of a model without prompt-size
+# thresholds or ranges at the standard tier
+_FLAT = ("flat",)
 _INT_FIELDS = ("input", "output", "cache_read", "cache_write", "cache_write_1h", "reasoning",
                "audio_input", "audio_output", "image_input", "image_output")
 # the most decimal digits below a nano-USD a rate may have to be priced with integers
@@ -324,6 +327,10 @@ class ModelPrice:
 
     def rates(self, input_tokens: int, service_tier: str | None = None) -> Rates:
         """The rates a request with ``input_tokens`` prompt tokens bills at."""
+        if not service_tier and not self.ranges:
+            flat = self._memo.get(_FLAT)  # set once: no thresholds at the standard tier
+            if flat is not None:
+                return flat  # type: ignore[no-any-return]
         suffix = _SERVICE_TIER_SUFFIX.get(service_tier.lower()) if service_tier else None
         rng = self._range_for(input_tokens)
         if rng is not None:
@@ -336,6 +343,8 @@ class ModelPrice:
                 key[2], suffix)
             if len(self._memo) < 256:
                 self._memo[key] = hit
+            if key == (None, "above", None) and not self.ranges and not self._thresholds(None):
+                self._memo[_FLAT] = hit  # every standard-tier request bills at these
         return hit  # type: ignore[no-any-return]
 
     def floored_by_threshold(self) -> bool:
