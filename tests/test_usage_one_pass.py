@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent_guard.usage import MalformedUsage, Usage
+from agent_guard.engine.usage import MalformedUsage, Usage
 
 counts = st.one_of(st.integers(0, 10**6), st.integers(-5, -1), st.none(), st.just(True),
                    st.just(3.0), st.just("7"))
