@@ -78,13 +78,44 @@ class _CallState:
         self.key: tuple[str, str] | None = None
 
 
+class _Ready:
+    """``threading.Event``'s ``is_set``, ``set`` and ``wait``, whose Event is made only
+    when a second holder waits (rare: every guarded call makes one of these, and an
+    Event costs a Condition and its notification)."""
+
+    __slots__ = ("_event", "_flag")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._event: threading.Event | None = None
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        with _READY_LOCK:
+            self._flag = True
+            event = self._event
+        if event is not None:
+            event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with _READY_LOCK:
+            if self._flag:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
+
+
 class _Pending:
     """A request being admitted or open, that other guards on its ledger may join."""
 
     __slots__ = ("admission", "error", "ready")
 
     def __init__(self) -> None:
-        self.ready = threading.Event()
+        self.ready = _Ready()
         self.admission: Admission | None = None
         self.error: BaseException | None = None
 
@@ -95,14 +126,16 @@ class _Pending:
 # apart. Entries leave when the call ends (settled, released or abandoned).
 _OPEN_REQUESTS: dict[tuple[str, str], _Pending] = {}
 _OPEN_LOCK = threading.Lock()
+_READY_LOCK = threading.Lock()
 # How long a second holder of a request waits for the first one's reservation.
 _JOIN_WAIT_SECONDS = 30.0
 
 
 def _forget_open_requests_after_fork() -> None:
-    global _OPEN_LOCK
+    global _OPEN_LOCK, _READY_LOCK
     _OPEN_REQUESTS.clear()  # the parent's requests are the parent's to end
     _OPEN_LOCK = threading.Lock()
+    _READY_LOCK = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):

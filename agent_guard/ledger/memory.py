@@ -61,6 +61,22 @@ class _Counters:
         return ScopeTotals(scope, self.spent, self.reserved, self.extra)
 
 
+def _first_denial_live(scopes: Sequence[ScopeCaps], live: Sequence[_Counters],
+                       amounts: Mapping[str, int]) -> Denial | None:
+    """:func:`~agent_guard.ledger.base.first_denial` over the live counters of scopes
+    without a history (the same rule, without a ScopeTotals per scope and call)."""
+    for sc, counters in zip(scopes, live, strict=True):
+        for dim, cap in sc.caps.items():
+            want = amounts.get(dim, 0)
+            if want <= 0:
+                continue
+            spent, held = counters.spent.get(dim, 0), counters.reserved.get(dim, 0)
+            extra = counters.extra.get(dim, 0)
+            if spent + held + want > cap + extra:
+                return Denial(sc.scope, dim, cap + extra, spent, held, want)
+    return None
+
+
 class MemoryLedger(Ledger):
     """In-process budgets; see the module docstring for the eviction policy."""
 
@@ -213,11 +229,12 @@ class MemoryLedger(Ledger):
                 self.evicted += 1
 
     def _unhold(self, res: Reservation) -> None:
+        past_of = self._past_of
         for scope in res.scopes:
             counters = self._scopes.get(scope)
             if counters is None:  # cannot happen: a scope with holds is never evicted
                 continue
-            if scope in self._past_of:
+            if past_of and scope in past_of:
                 self._changed(scope)
             counters.holds -= 1
             for dim, amount in res.amounts.items():
@@ -225,8 +242,9 @@ class MemoryLedger(Ledger):
 
     def _add_spent(self, scopes: Sequence[str], actual: Mapping[str, int], now: float
                    ) -> None:
+        past_of = self._past_of
         for scope in scopes:
-            if scope in self._past_of:
+            if past_of and scope in past_of:
                 self._changed(scope)
             spent = self._scope(scope, now).spent
             for dim, amount in actual.items():
@@ -249,19 +267,24 @@ class MemoryLedger(Ledger):
             self._reclaim_locked(now)
             if rid in self._open or rid in self._done:
                 raise ValueError(f"reservation id {rid!r} was already used")
-            totals = {sc.scope: self._scope(sc.scope, now).view(sc.scope) for sc in scopes}
-            denial = first_denial(scopes, amounts, totals, self._past(scopes, now))
+            live = [self._scope(sc.scope, now) for sc in scopes]
+            if any(sc.history for sc in scopes):
+                totals = {sc.scope: c.view(sc.scope) for sc, c in zip(scopes, live, strict=True)}
+                denial = first_denial(scopes, amounts, totals, self._past(scopes, now))
+            else:
+                denial = _first_denial_live(scopes, live, amounts)
             if denial is not None:
                 return denial
-            res = Reservation(rid, tuple(sc.scope for sc in scopes), dict(amounts),
+            res = Reservation(rid, tuple([sc.scope for sc in scopes]), dict(amounts),
                               now + lease_seconds)
-            for scope in res.scopes:
-                if scope in self._past_of:
+            past_of = self._past_of
+            for scope, counters in zip(res.scopes, live, strict=True):
+                if past_of and scope in past_of:
                     self._changed(scope)
-                counters = self._scopes[scope]
                 counters.holds += 1
+                reserved = counters.reserved
                 for dim, amount in amounts.items():
-                    counters.reserved[dim] += amount
+                    reserved[dim] += amount
             self._open[rid] = res
             heapq.heappush(self._leases, (res.expires_at, rid))
             return res
@@ -277,10 +300,11 @@ class MemoryLedger(Ledger):
                 self._unhold(held)
             self._add_spent(reservation.scopes, actual, now)
             self._done[reservation.id] = now
-            return Settlement(True, {
-                scope: {dim: self._scopes[scope].spent[dim] for dim in actual}
-                for scope in reservation.scopes
-            })
+            after: dict[str, Mapping[str, int]] = {}
+            for scope in reservation.scopes:
+                spent = self._scopes[scope].spent
+                after[scope] = {dim: spent[dim] for dim in actual}
+            return Settlement(True, after)
 
     def release(self, reservation: Reservation) -> bool:
         with self._lock:
