@@ -225,10 +225,11 @@ _MEMO_CHARS = 8_000_000  # per generation
 class _TextCounts:
     """Token count of a text under one encoding, memoised."""
 
-    __slots__ = ("_chars", "_encode", "_lock", "_memo", "_old", "name")
+    __slots__ = ("_chars", "_encode", "_lock", "_memo", "_old", "name", "stored")
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.stored = 0  # how many counts were stored so far (a bound may be exact since)
         self._memo: dict[str, int] = {}  # the young generation
         self._old: dict[str, int] = {}
         self._chars = 0
@@ -274,6 +275,7 @@ class _TextCounts:
                 self._chars = 0
             self._memo[text] = n
             self._chars += size
+            self.stored += 1
 
     def __len__(self) -> int:
         return len(self._memo) + len(self._old)
@@ -432,11 +434,14 @@ class _Conversation:
     """One version of a conversation: its first ``n`` messages, what they counted, the
     messages sized by a bound and where each flag of ``_FLAGS`` first appears."""
 
-    __slots__ = ("bounds", "buffers", "firsts", "n")
+    __slots__ = ("bounds", "buffers", "checked", "firsts", "n")
 
     def __init__(self, buffers: _Buffers, n: int, bounds: list[int], firsts: list[int]
                  ) -> None:
         self.buffers, self.n, self.bounds, self.firsts = buffers, n, bounds, firsts
+        # _TextCounts.stored when the bounds were last found still uncounted: no text
+        # was counted since while it is unchanged, so they need no look
+        self.checked = -1
 
     @classmethod
     def new(cls) -> _Conversation:
@@ -460,8 +465,13 @@ class _Conversation:
                 start = 0
             # a long text sized by a bound may have been counted since (the guard counts
             # exactly near a cap and when it settles without usage)
-            recount = any(self._counted_now(i, counts, image_rule)
-                          for i in self.bounds if i < start)
+            recount = False
+            if self.bounds and counts.stored != self.checked:
+                stored = counts.stored
+                recount = any(self._counted_now(i, counts, image_rule)
+                              for i in self.bounds if i < start)
+                if not recount and start >= k:  # every bound looked at
+                    self.checked = stored
             if start == k == len(messages) and not recount:
                 return self
             if start == len(buf.messages) and not recount:  # extends the buffers in place

@@ -261,3 +261,22 @@ def test_integer_pricing_charges_what_the_decimal_sums_charge(data, usage, promp
     if "output_cost_per_image_token" not in price.fields:
         assert price.worst_cost_nano(prompt, output) == int(
             worst.to_integral_value(rounding=ROUND_CEILING))
+
+
+def test_a_bound_is_looked_at_again_only_after_a_text_was_counted(monkeypatch):
+    """A long text sized by its bound is not re-examined on every call: only once some
+    text was counted since; and once its own text is counted, the estimate is exact."""
+    long_text = "A careful support agent checks every order. " * 40  # > BOUND_MIN_CHARS
+    prompt = [SystemMessage(long_text + "unique-bound-text"), HumanMessage("hi")]
+    model = "gpt-4o-mini"
+    first = COUNTER.estimate_prompt(prompt, model, conversation="bound-look")
+    assert first[1] is False  # sized by the bound
+    counted = _Counted(monkeypatch)
+    for _ in range(5):
+        again = COUNTER.estimate_prompt(prompt, model, conversation="bound-look")
+        assert again[:2] == first[:2]
+    assert counted.n <= 1  # looked at once at most, not on every call
+    COUNTER.count_text(long_text + "unique-bound-text", model)  # counted exactly now
+    exact = COUNTER.estimate_prompt(prompt, model, conversation="bound-look")
+    assert exact[1] is True
+    assert exact[0] == COUNTER.estimate_prompt(prompt, model)[0] < first[0]

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._frozen import fast_init
 from ..ledger import Reservation
 from ..pricing import ModelPrice, ToolPrice
 from .budgets import ScopeRef
@@ -26,6 +27,7 @@ __all__ = ["Admission", "ModelCall", "ToolAdmission", "certainly_not_billed"]
 NO_ARGS: Any = object()
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ModelCall:
     """One model call as an adapter describes it, before it is made.
@@ -171,6 +173,7 @@ _NOT_SENT = frozenset({"ConnectError", "ConnectTimeout", "ConnectionRefusedError
 
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Admission:
     """The guard's yes: a reservation covering the call's worst case.

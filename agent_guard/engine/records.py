@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal
 
+from .._frozen import fast_init
 from ..ledger import ScopeTotals
 from .limits import Dimension
 from .usage import Usage, nano_to_usd
@@ -18,6 +19,7 @@ Outcome = Literal["ok", "error", "aborted", "cache_hit"]
 RecordKind = Literal["model", "tool"]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class CallRecord:
     """One model or tool call as the guard accounted it.

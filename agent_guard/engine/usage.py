@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
+from .._frozen import fast_init
+
 NANO_PER_USD = 10**9
 
 __all__ = [
@@ -102,6 +104,7 @@ def _plain_details(details: Any, keys: frozenset[str]) -> bool:
     return True
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Normalised token usage of one model call.

@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._frozen import fast_init
+
 __all__ = [
     "Denial",
     "Ledger",
@@ -87,6 +89,7 @@ class ScopeCaps:
     history: tuple[str, ...] = ()
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Reservation:
     """An open hold on every scope in ``scopes``."""
@@ -97,6 +100,7 @@ class Reservation:
     expires_at: float
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Denial:
     """Why a reservation was refused: the first scope and dimension that did not fit."""
@@ -112,6 +116,7 @@ class Denial:
         return False
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Settlement:
     """What a settle did: truthy if it counted now (False if the reservation was
@@ -125,6 +130,7 @@ class Settlement:
         return self.counted
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ScopeTotals:
     """The counters of one scope at one moment."""
