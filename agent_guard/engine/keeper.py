@@ -80,7 +80,10 @@ class LeaseKeeper:
     def __init__(self, poll_seconds: float = POLL_SECONDS) -> None:
         self.poll_seconds = poll_seconds
         self._watches: dict[tuple[int, int], _Watch] = {}
-        self._cond = threading.Condition()
+        # the watches' lock, and the condition on it the keeper waits with (the hot path
+        # takes the plain lock: a Condition's own ``with`` is a Python-level call)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         # the keeper waits for a first watch (not polling): only then does a watch wake it
         # (waking a polling keeper on every call made the caller wait for the GIL)
@@ -93,7 +96,7 @@ class LeaseKeeper:
         over or ended (one watch per ``owner`` and admission)."""
         w = _Watch(guard, admission, on_stop, task, thread_id, frame,
                    time.monotonic() + guard.limits.lease_seconds / 3)
-        with self._cond:
+        with self._lock:
             self._watches[(id(admission.state), id(owner))] = w
             if self._thread is None:
                 self._start_thread()
@@ -102,7 +105,7 @@ class LeaseKeeper:
 
     def unwatch(self, owner: object, admission: Any) -> None:
         """The owner ended the call itself: stop watching it (no ``on_stop``)."""
-        with self._cond:
+        with self._lock:
             self._watches.pop((id(admission.state), id(owner)), None)
 
     def touch(self, owner: object, admission: Any) -> None:
@@ -182,7 +185,8 @@ class LeaseKeeper:
         """In a forked child: the parent's calls are not this process's to renew or
         end (their threads and tasks are not here)."""
         self._watches = {}
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._thread = None
         self._idle = False
 

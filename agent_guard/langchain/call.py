@@ -289,6 +289,22 @@ def read_answer(prompts: Iterable[Sequence[Any]], llm_output: Mapping[str, Any] 
     ``Generation`` or ``AIMessage``). The answer is only counted (with ``counter``, a
     :class:`~agent_guard.tokens.TokenCounter`) when the provider reported no usage, or
     "0 tokens" for a call that may have produced output."""
+    if type(prompts) is list and len(prompts) == 1 and len(prompts[0]) == 1:
+        # one prompt, one choice (nearly every call): its usage as reported, if any
+        message = _message(prompts[0][0])
+        if message is not None:
+            um = message.usage_metadata
+            if um is not None and um.get("total_cost") != 0:
+                try:
+                    one = Usage.from_usage_metadata(um)
+                except MalformedUsage:  # the general path below logs it, once
+                    one = None
+                if one is not None and one.total_tokens > 0:
+                    meta = message.response_metadata or {}
+                    found = meta.get("model_name") or meta.get("model")
+                    if found is None and llm_output:
+                        found = llm_output.get("model_name")
+                    return Answer(one, found, False, streamed)
     usage: Usage | None = None
     response_model: str | None = None
     cache_hit = False
@@ -439,15 +455,16 @@ def annotate(generations: Iterable[Any], guard: Any, record: Any,
         message = _message(generation)
         if message is None:
             continue
-        cost_usd = record.cost_usd
         if message.usage_metadata is not None and split is not None:
             message.usage_metadata = CostedUsage(message.usage_metadata, {  # type: ignore[assignment]
                 "input_cost": float(split[0]), "output_cost": float(split[1]),
-                "total_cost": float(cost_usd)})
+                # the exact dollars to the nearest float: int / int rounds correctly,
+                # as float(Decimal(nano) / 10**9) does
+                "total_cost": record.cost_nano / 1_000_000_000})
         cap = guard.limits.max_cost_usd
         message.response_metadata["agent_guard"] = {
             "session": record.session, "tier": record.tier, "route": record.route,
-            "cost_usd": str(cost_usd), "usage_estimated": record.usage_estimated,
+            "cost_usd": str(record.cost_usd), "usage_estimated": record.usage_estimated,
             "cap_usd": None if cap is None else str(cap),
         }
         return  # one answer per call: LangChain's tracer adds the answers' usage up

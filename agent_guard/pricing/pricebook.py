@@ -142,6 +142,9 @@ class Rates:
 # ModelPrice._memo key of the one set of rates of a model without prompt-size
 # thresholds or ranges at the standard tier
 _FLAT = ("flat",)
+# ModelPrice._memo key of (usage, its integer parts) of the last usage priced (a frozen
+# Usage: the same object is priced again for its prompt/completion split)
+_LAST_PARTS = ("last parts",)
 _INT_FIELDS = ("input", "output", "cache_read", "cache_write", "cache_write_1h", "reasoning",
                "audio_input", "audio_output", "image_input", "image_output")
 # the most decimal digits below a nano-USD a rate may have to be priced with integers
@@ -535,6 +538,17 @@ class ModelPrice:
                    ) -> tuple[int, int, int] | None:
         """``(scale, prompt side, completion side)``: the cost times 10**(9 + scale) as
         exact integers; None when the rates are not integers at any small scale."""
+        if self.off_peak is None:  # the last usage's parts (a settle, then its split)
+            last = self._memo.get(_LAST_PARTS)
+            if last is not None and last[0] is usage:
+                return last[1]  # type: ignore[no-any-return]
+            parts = self._int_parts_at(usage, None)
+            self._memo[_LAST_PARTS] = (usage, parts)  # one tuple: read whole by any thread
+            return parts
+        return self._int_parts_at(usage, during)
+
+    def _int_parts_at(self, usage: Usage, during: tuple[float, float] | None
+                      ) -> tuple[int, int, int] | None:
         r = self._at(self.rates(usage.input_tokens, usage.service_tier), during)
         scale, ints = _integer_rates(r)
         if ints is None:
