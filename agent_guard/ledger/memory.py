@@ -61,16 +61,23 @@ class _Counters:
         return ScopeTotals(scope, self.spent, self.reserved, self.extra)
 
 
-def _first_denial_live(scopes: Sequence[ScopeCaps], live: Sequence[_Counters],
-                       amounts: Mapping[str, int]) -> Denial | None:
-    """:func:`~agent_guard.ledger.base.first_denial` over the live counters of scopes
-    without a history (the same rule, without a ScopeTotals per scope and call)."""
+def _first_denial_live(
+    scopes: Sequence[ScopeCaps], live: Sequence[_Counters], amounts: Mapping[str, int],
+    past: Mapping[str, tuple[Mapping[str, int], Mapping[str, int]]] | None,
+) -> Denial | None:
+    """:func:`~agent_guard.ledger.base.first_denial` over the live counters of the
+    scopes and the summed (spent, reserved) of each history (``MemoryLedger._past``):
+    the same rule, without a ScopeTotals per scope and call."""
     for sc, counters in zip(scopes, live, strict=True):
+        sums = past.get(sc.scope) if past is not None and sc.history else None
         for dim, cap in sc.caps.items():
             want = amounts.get(dim, 0)
             if want <= 0:
                 continue
             spent, held = counters.spent.get(dim, 0), counters.reserved.get(dim, 0)
+            if sums is not None:
+                spent += sums[0].get(dim, 0)
+                held += sums[1].get(dim, 0)
             extra = counters.extra.get(dim, 0)
             if spent + held + want > cap + extra:
                 return Denial(sc.scope, dim, cap + extra, spent, held, want)
@@ -268,11 +275,7 @@ class MemoryLedger(Ledger):
             if rid in self._open or rid in self._done:
                 raise ValueError(f"reservation id {rid!r} was already used")
             live = [self._scope(sc.scope, now) for sc in scopes]
-            if any(sc.history for sc in scopes):
-                totals = {sc.scope: c.view(sc.scope) for sc, c in zip(scopes, live, strict=True)}
-                denial = first_denial(scopes, amounts, totals, self._past(scopes, now))
-            else:
-                denial = _first_denial_live(scopes, live, amounts)
+            denial = _first_denial_live(scopes, live, amounts, self._past(scopes, now))
             if denial is not None:
                 return denial
             res = Reservation(rid, tuple([sc.scope for sc in scopes]), dict(amounts),
