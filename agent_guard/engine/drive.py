@@ -18,9 +18,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Generator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..ledger import Ledger
+
+if TYPE_CHECKING:
+    from .admission import _Ready
 
 __all__ = ["Op", "Steps", "Wait", "adrive", "drive"]
 
@@ -49,7 +52,7 @@ class Wait(Op):
 
     __slots__ = ("event", "timeout")
 
-    def __init__(self, event: threading.Event, timeout: float) -> None:
+    def __init__(self, event: threading.Event | _Ready, timeout: float) -> None:
         super().__init__("wait")
         self.event, self.timeout = event, timeout
 
