@@ -344,6 +344,8 @@ def read_answer(prompts: Iterable[Sequence[Any]], llm_output: Mapping[str, Any] 
 
 
 def _message(item: Any) -> AIMessage | None:
+    if type(item) is ChatGeneration and type(item.message) is AIMessage:
+        return item.message  # the common case, without pydantic's ABC isinstance checks
     if isinstance(item, AIMessage):
         return item
     message = item.message if isinstance(item, ChatGeneration) else None
