@@ -22,6 +22,7 @@ from pydantic import Field
 from agent_guard import Guard, GuardCallbackHandler, GuardMiddleware, Limits
 from agent_guard.engine.admission import Admission
 from agent_guard.engine.records import CallRecord
+from agent_guard.errors import StepLimitExceeded
 from agent_guard.ledger import Ledger, MemoryLedger
 from agent_guard.testing import FakeOpenAIServer, FakeReply
 
@@ -286,7 +287,12 @@ def test_the_strict_ledger_catches_a_sync_op_on_the_loop() -> None:
     ledger.totals("x")  # and the sync op off the loop
 
 
-def test_the_async_agent_uses_async_ledger_ops_only() -> None:
+@pytest.mark.parametrize("extra", ["none", "telemetry", "fallback", "refused"])
+def test_the_async_agent_uses_async_ledger_ops_only(extra: str) -> None:
+    """Also with telemetry (the agent span ends with the session's usage), with an inner
+    ModelFallbackMiddleware whose fallback is admitted at its own price, and with a
+    refusal raised to the caller (it ends the agent span)."""
+    from langchain.agents.middleware import ModelFallbackMiddleware
     from langchain_core.tools import tool
 
     @tool
@@ -295,19 +301,42 @@ def test_the_async_agent_uses_async_ledger_ops_only() -> None:
         return f"{city}: 2M people"
 
     ledger = LoopStrictLedger()
-    guard = Guard(Limits(max_cost_usd=1, max_tool_calls=5), ledger=ledger)
+    guard = Guard(Limits(max_cost_usd=1, max_tool_calls=5,
+                         max_model_calls=1 if extra == "refused" else None), ledger=ledger)
     replies = [FakeReply(tool_calls=[{"name": "lookup", "arguments": {"city": "Paris"}}]),
                FakeReply("Paris has 2M people.")]
+    if extra == "fallback":
+        replies = [FakeReply(status=500), *replies[:1], FakeReply(status=500), replies[1]]
     with FakeOpenAIServer(replies) as server:
-        model = ChatOpenAI(model="gpt-4o", base_url=server.base_url, api_key="x",
-                           max_retries=0, max_tokens=100)
-        agent = create_agent(model, tools=[lookup], middleware=[GuardMiddleware(guard)])
-        asyncio.run(agent.ainvoke({"messages": [HumanMessage("Paris?")]},
-                                  {"configurable": {"thread_id": SESSION}}))
-        assert len(server.requests) == 2
+        def model(name: str) -> ChatOpenAI:
+            return ChatOpenAI(model=name, base_url=server.base_url, api_key="x",
+                              max_retries=0, max_tokens=100)
+
+        options: dict[str, Any] = {}
+        if extra in ("telemetry", "refused"):
+            from opentelemetry.sdk.metrics import MeterProvider
+            from opentelemetry.sdk.trace import TracerProvider
+
+            from agent_guard.telemetry import GuardTelemetry
+
+            options["telemetry"] = GuardTelemetry(TracerProvider(), MeterProvider())
+        inner = [ModelFallbackMiddleware(model("gpt-4o-mini"))] if extra == "fallback" else []
+        agent = create_agent(model("gpt-4o"), tools=[lookup], middleware=[
+            GuardMiddleware(guard, **options), *inner])
+        run = agent.ainvoke({"messages": [HumanMessage("Paris?")]},
+                            {"configurable": {"thread_id": SESSION}})
+        if extra == "refused":
+            with pytest.raises(StepLimitExceeded):
+                asyncio.run(run)
+        else:
+            asyncio.run(run)
+        assert len(server.requests) == {"fallback": 4, "refused": 1}.get(extra, 2)
     assert ledger.blocked == []
     usage = guard.usage(SESSION)
-    assert usage.model_calls == 2 and usage.tool_calls == 1 and usage.reserved_nano == 0
+    assert usage.model_calls == (1 if extra == "refused" else 2)
+    assert usage.tool_calls == 1 and usage.reserved_nano == 0
+    if "telemetry" in options:
+        assert options["telemetry"].open_spans() == 0
 
 
 def test_the_router_ainvoke_uses_async_ledger_ops_only() -> None:

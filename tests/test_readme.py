@@ -68,3 +68,11 @@ HISTORY = re.compile(r"\bissue \d+|\bearlier (?:session|run)s?\b|\bprevious (?:s
 def test_no_history_of_earlier_runs(page: Path):
     found = [m.group(0) for m in HISTORY.finditer(page.read_text(encoding="utf-8"))]
     assert not found, f"{page.name} tells history ({found}); say what commands print now"
+
+
+def test_the_readme_shows_how_to_reach_a_guarded_graphs_guard():
+    """``guarded_graph()`` builds the guard from ``limits=``: the README's graph example
+    shows where the user finds it (``app.guard``) to read a session's spend."""
+    example = README.read_text(encoding="utf-8").split("**3. A guarded graph**")[1]
+    example = example.split("```python")[1].split("```")[0]
+    assert "app.guard.usage(" in example
