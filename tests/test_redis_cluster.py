@@ -398,3 +398,26 @@ def test_cells_refuse_a_shared_scope_at_its_cap_from_any_cell(redis_cluster_url:
         assert ledger.totals("global").get_spent("calls") == 10
     finally:
         ledger.close()
+
+
+def test_cells_deferred_settles_read_back_the_spend_over_every_cell(
+        redis_cluster_url: str) -> None:
+    """A deferred settle's callback gets a shared scope's spend summed over the cells
+    (from the read-back thread), by the time flush returns; a session's from its script."""
+    ledger = from_url(redis_cluster_url + "?cells=12", namespace=ns(), settle_delay=30)
+    landed: list = []
+    try:
+        team = ScopeCaps("team:t", {"usd": 1000})
+        for s in range(24):
+            res = ledger.reserve([ScopeCaps(f"session:s{s}", {"usd": 100}), team], {"usd": 10},
+                                 lease_seconds=60)
+            assert res, res
+            ledger.settle_later(res, {"usd": 7}, then=landed.append)  # type: ignore[arg-type]
+        ledger.flush()
+        assert len(landed) == 24 and all(landed)
+        assert max(got.spent["team:t"]["usd"] for got in landed) == 24 * 7
+        assert all(got.spent[f"session:s{s}"]["usd"] == 7 for s, got in enumerate(landed)
+                   if f"session:s{s}" in got.spent)
+        assert ledger.totals("team:t").get_spent("usd") == 24 * 7
+    finally:
+        ledger.close()

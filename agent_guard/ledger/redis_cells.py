@@ -27,6 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
+import weakref
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -142,6 +145,8 @@ class CellsRedisLedger(RedisLedger):
         self._registered: set[tuple[str, int]] = set()
         #: read-backs computed for a landed batch, by id of their queued settle
         self._ready: dict[int, Settlement] = {}
+        self._readbacks = _ReadBacks(weakref.ref(self))
+        _CELL_LEDGERS.add(self)
         self._divisor = str(4 * cells)
 
     # -- layout ------------------------------------------------------------------------------
@@ -434,21 +439,27 @@ class CellsRedisLedger(RedisLedger):
         self._landed([item], self._run(self._cells.settle, keys, args))
 
     def _settled(self, reply: Reply, item: _Later) -> Settlement:  # type: ignore[override]
-        """A settle's reply: each read scope's spent (see :meth:`_settled_many`)."""
+        """A settle's reply: each read scope's spent, a scope with stripes in other cells
+        (or a stripe itself) read again over every cell."""
         ready = self._ready.pop(id(item), None)
-        return ready if ready is not None else self._settled_many([(reply, item)])[0]
+        if ready is not None:
+            return ready
+        spent, spread = self._parse([(reply, item)])[0]
+        if spent is None:
+            return Settlement(False)
+        self._read_back([(spent, spread)])
+        return Settlement(True, spent)
 
-    def _settled_many(self, landed: Sequence[tuple[Reply, _Later]], read: bool = True
-                      ) -> list[Settlement]:
-        """Settles' replies: each read scope's spent. A scope with stripes in other cells
-        (or a stripe itself) is read again over every cell: one pipeline for them all
-        (``read=False``: not read again). Debts the settles left are reported."""
-        spents: list[dict[str, dict[str, int]] | None] = []
-        spread: dict[str, set[str]] = {}
+    def _parse(self, landed: Sequence[tuple[Reply, _Later]]
+               ) -> list[tuple[dict[str, dict[str, int]] | None, dict[str, set[str]]]]:
+        """Each settle's read-back as its script answered it (None: not counted), with
+        the scopes and dimensions to read again over every cell; reports the debts the
+        settles left."""
+        out: list[tuple[dict[str, dict[str, int]] | None, dict[str, set[str]]]] = []
         debts: dict[tuple[str, int], list[str]] = {}
         for reply, item in landed:
             if not isinstance(reply, list):
-                spents.append(None)
+                out.append((None, {}))
                 continue
             r = item.reservation
             cell = self._cell_of(r.scopes)
@@ -459,37 +470,60 @@ class CellsRedisLedger(RedisLedger):
                 debts.setdefault((r.scopes[int(position) - 1], cell), []).extend(
                     (_text(dim), _text(debt)))
             spent: dict[str, dict[str, int]] = {}
+            spread: dict[str, set[str]] = {}
             for scope, dims, flag in zip(r.scopes, item.reads, flags, strict=True):
                 spent[scope] = {dim: int(next(values)) for dim in dims}
-                if read and dims and (self.home(scope) != cell or int(flag)):
+                if dims and (self.home(scope) != cell or int(flag)):
                     spread.setdefault(scope, set()).update(dims)
-            spents.append(spent)
+            out.append((spent, spread))
         for (scope, cell), flat in debts.items():
             self._report_debt(scope, cell, flat)
-        if spread:
-            try:
-                totals = self._spent_over_cells(spread)
-            except LedgerUnavailable as exc:  # the settles counted; the read back is a hint
-                logger.debug("agent-guard: spend read back from one cell only (%s)", exc)
-                totals = {}
-            for found in spents:
-                for scope, got in (found or {}).items():
-                    if scope in totals:
-                        got.update((d, totals[scope][d]) for d in got)
-        return [Settlement(False) if found is None else Settlement(True, found)
-                for found in spents]
+        return out
+
+    def _read_back(self, entries: Sequence[tuple[dict[str, dict[str, int]],
+                                                 dict[str, set[str]]]]) -> None:
+        """Replace, in each entry's read-back, the spread scopes' values by their spent
+        over every cell: one pipeline for every entry."""
+        union: dict[str, set[str]] = {}
+        for _, spread in entries:
+            for scope, dims in spread.items():
+                union.setdefault(scope, set()).update(dims)
+        if not union:
+            return
+        try:
+            totals = self._spent_over_cells(union)
+        except LedgerUnavailable as exc:  # the settles counted; the read back is a hint
+            logger.debug("agent-guard: spend read back from one cell only (%s)", exc)
+            return
+        for spent, spread in entries:
+            for scope in spread:
+                got = spent[scope]
+                got.update((d, totals[scope][d]) for d in got)
 
     def _landed(self, items: Sequence[_Later], replies: Reply | None) -> None:
-        """Settles landed: their read-backs first, in one read over the cells for the
-        whole batch, then the queue's bookkeeping and callbacks."""
+        """Deferred settles landed: their debts are reported; a callback whose read-back
+        has a spread scope gets it from the read-back thread (one read over the cells
+        for every settle landed meanwhile, off the caller's path); the others at once."""
         if replies is not None:
-            pairs = list(zip(replies, items, strict=True))
-            wanted = [(reply, item) for reply, item in pairs if item.then is not None]
-            for (_, item), settled in zip(wanted, self._settled_many(wanted), strict=True):
-                self._ready[id(item)] = settled
-            self._settled_many([(reply, item) for reply, item in pairs if item.then is None],
-                               read=False)  # their debts
+            parsed = self._parse(list(zip(replies, items, strict=True)))
+            later = []
+            passed: list[_Later] = []
+            for item, (spent, spread) in zip(items, parsed, strict=True):
+                if item.then is not None and spent is not None and spread:
+                    later.append((item.then, spent, spread))
+                    item = replace(item, then=None)
+                elif item.then is not None:
+                    self._ready[id(item)] = (Settlement(False) if spent is None
+                                             else Settlement(True, spent))
+                passed.append(item)
+            if later:
+                self._readbacks.put(later)
+            items = passed
         super()._landed(items, replies)
+
+    def _drain_read_backs(self) -> None:
+        """Deliver every queued read-back now (flush, totals, close)."""
+        self._readbacks.drain()
 
     def _report_debt(self, scope: str, cell: int, flat: list[str]) -> None:
         """A settle above its hold left ``scope``'s stripe in ``cell`` spent past its
@@ -636,6 +670,7 @@ class CellsRedisLedger(RedisLedger):
                 self._landed(batch, replies)
         if self._inflight:
             self._wait_idle()
+        self._drain_read_backs()
 
     # -- async twins: the sync methods in a worker thread ------------------------------------
 
@@ -686,3 +721,88 @@ def _sum(parts: Iterable[Mapping[str, int]]) -> dict[str, int]:
         for dim, value in part.items():
             out[dim] = out.get(dim, 0) + value
     return out
+
+
+Callback = Callable[[Settlement], Any]
+_Entry = tuple[Callback, dict[str, dict[str, int]], dict[str, set[str]]]
+
+
+class _ReadBacks:
+    """Deferred settles' callbacks waiting for their spread scopes' spend over every
+    cell: a daemon thread per ledger delivers them, one read for all that queued
+    meanwhile."""
+
+    def __init__(self, ledger: weakref.ref[CellsRedisLedger]) -> None:
+        self.ledger = ledger
+        self.cond = threading.Condition(threading.Lock())
+        self.queue: list[_Entry] = []
+        self.busy = 0  # entries taken and not delivered yet
+        self.thread: threading.Thread | None = None
+
+    def put(self, entries: list[_Entry]) -> None:
+        with self.cond:
+            self.queue.extend(entries)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._loop, daemon=True,
+                                               name="agent-guard-cell-reads")
+                self.thread.start()
+            self.cond.notify_all()
+
+    def _take(self) -> list[_Entry]:
+        with self.cond:
+            taken, self.queue = self.queue, []
+            self.busy += len(taken)
+        return taken
+
+    def _deliver(self, taken: list[_Entry]) -> None:
+        try:
+            ledger = self.ledger()
+            if ledger is not None:
+                ledger._read_back([(spent, spread) for _, spent, spread in taken])
+            for then, spent, _ in taken:
+                try:
+                    then(Settlement(True, spent))
+                except Exception:
+                    logger.exception("agent-guard: a settle callback failed")
+        finally:
+            with self.cond:
+                self.busy -= len(taken)
+                self.cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: bool(self.queue), timeout=60.0)
+                if not self.queue:
+                    self.thread = None
+                    return
+            self._deliver(self._take())
+
+    def drain(self) -> None:
+        """Deliver what is queued in this thread, and wait for what the thread took
+        (not from a callback the thread runs: it would wait for itself)."""
+        if threading.current_thread() is self.thread:
+            return
+        if self.queue:
+            taken = self._take()
+            if taken:
+                self._deliver(taken)
+        with self.cond:
+            self.cond.wait_for(lambda: not self.busy and not self.queue, timeout=30.0)
+
+    def after_fork(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.queue, self.busy, self.thread = [], 0, None
+
+
+#: every CellsRedisLedger of this process (a fork's child resets their read-back queues)
+_CELL_LEDGERS: weakref.WeakSet[CellsRedisLedger] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for ledger in list(_CELL_LEDGERS):
+        ledger._readbacks.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
