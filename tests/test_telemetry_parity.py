@@ -12,8 +12,9 @@ each call is charged once.
 from __future__ import annotations
 
 import asyncio
+import operator
 from collections import Counter
-from typing import Any
+from typing import Annotated, Any, TypedDict
 
 import pytest
 
@@ -22,6 +23,7 @@ pytest.importorskip("opentelemetry.sdk")
 from langchain.agents import create_agent
 from langchain_core.messages import AIMessage
 from langchain_core.tools import tool
+from langgraph.graph import END, START, StateGraph
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -29,6 +31,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from agent_guard import Guard, GuardCallbackHandler, GuardMiddleware, Limits
+from agent_guard.compat import RunnableCallable
 from agent_guard.errors import StepLimitExceeded
 from agent_guard.telemetry import Attr, GuardTelemetry
 from agent_guard.testing import ScriptedChatModel
@@ -169,3 +172,60 @@ def test_callback_and_middleware_together_give_one_span_per_run_and_one_charge(
     assert both.metrics() == alone.metrics()
     assert both_guard.usage("t-7").cost_usd == alone_guard.usage("t-7").cost_usd
     assert both_guard.usage("t-7").model_calls == alone_guard.usage("t-7").model_calls
+
+
+class Fan(TypedDict, total=False):
+    done: Annotated[list[str], operator.add]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_agents_in_parallel_nodes_get_a_span_each(mode: str) -> None:
+    """Two agents in parallel nodes of one graph share that graph's invocation: each agent
+    run still gets its own ``invoke_agent`` span (its namespace tells them apart), with
+    its own chat and tool spans under it, and every span ends. Their tool calls wait for
+    each other, so the two runs are open at once."""
+    import threading
+
+    both_running = threading.Barrier(2, timeout=10)
+
+    @tool("lookup")
+    def meeting(order: str) -> str:
+        """Look up an order (once both agents are in their tool call)."""
+        both_running.wait()
+        return f"order {order}: shipped"
+
+    run = Run()
+    guard = Guard(Limits(max_cost_usd=1))
+    # one middleware for both agents: its runs are told apart by their namespace
+    middleware = GuardMiddleware(guard, telemetry=run.telemetry, session_id="fan")
+    agents = {name: create_agent(conversation(False), [meeting], name=name,
+                                 middleware=[middleware]) for name in ("left", "right")}
+
+    builder = StateGraph(Fan)
+    for name, agent in agents.items():
+        def node(state: Fan, agent: Any = agent, name: str = name) -> Fan:
+            agent.invoke(INPUTS)
+            return {"done": [name]}
+
+        async def anode(state: Fan, agent: Any = agent, name: str = name) -> Fan:
+            await agent.ainvoke(INPUTS)
+            return {"done": [name]}
+
+        builder.add_node(name, RunnableCallable(node, anode))
+        builder.add_edge(START, name)
+        builder.add_edge(name, END)
+    graph = builder.compile()
+    if mode == "sync":
+        graph.invoke({})
+    else:
+        asyncio.run(graph.ainvoke({}))
+
+    assert run.telemetry.open_spans() == 0
+    spans = run.spans_out.get_finished_spans()
+    roots = {s.context.span_id: s.name for s in spans if s.name.startswith("invoke_agent")}
+    assert sorted(roots.values()) == ["invoke_agent left", "invoke_agent right"]
+    children = Counter((roots[s.parent.span_id], s.name.split()[0]) for s in spans
+                       if s.parent is not None)
+    assert children == {("invoke_agent left", "chat"): 2, ("invoke_agent left", "execute_tool"): 1,
+                        ("invoke_agent right", "chat"): 2,
+                        ("invoke_agent right", "execute_tool"): 1}
