@@ -218,6 +218,23 @@ def test_a_settle_above_its_hold_shrinks_the_room_of_every_later_call(ledger: Le
     assert isinstance(ledger.charge([team], {USD: 1}), Denial)
 
 
+def test_a_rolling_window_counts_its_past_buckets_from_every_caller(ledger: Ledger) -> None:
+    """A window's past bucket, spent from one session, counts against the current bucket
+    for calls from other sessions (on the cells layout: from cells other than the
+    team's, through allowances lent against the whole window)."""
+    past, now = "team:w@2h:b1", "team:w@2h:b2"
+    assert ledger.charge([session("w1"), ScopeCaps(past, {USD: 100})], {USD: 60}) is None
+    window = ScopeCaps(now, {USD: 100}, (past,))
+    refused = ledger.reserve([session("w4"), window], {USD: 50}, lease_seconds=60)
+    assert isinstance(refused, Denial) and refused.scope == now
+    fits = ledger.reserve([session("w5"), window], {USD: 40}, lease_seconds=60)
+    assert isinstance(fits, Reservation)
+    assert isinstance(ledger.charge([session("w6"), window], {USD: 1}), Denial)
+    ledger.release(fits)
+    assert ledger.charge([session("w6"), window], {USD: 40}) is None
+    assert ledger.totals(now).get_spent(USD) == 40
+
+
 def test_concurrent_reservations_never_overshoot(ledger: Ledger) -> None:
     """64 threads race for a $1.00 cap with $0.07 calls: exactly 14 fit."""
     cap, each = 1_000_000_000, 70_000_000
