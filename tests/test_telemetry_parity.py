@@ -229,3 +229,32 @@ def test_agents_in_parallel_nodes_get_a_span_each(mode: str) -> None:
     assert children == {("invoke_agent left", "chat"): 2, ("invoke_agent left", "execute_tool"): 1,
                         ("invoke_agent right", "chat"): 2,
                         ("invoke_agent right", "execute_tool"): 1}
+
+
+@pytest.mark.parametrize("on_exceed", ["interrupt", "end"])
+def test_a_pause_or_an_end_closes_the_runs_span(on_exceed: str) -> None:
+    """A pause at the cap ends the invocation's agent span (as the callback's root run
+    ends there); resuming opens the next invocation's. ``end`` closes it through the
+    agent's own end."""
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command
+
+    run = Run()
+    middleware = GuardMiddleware(limits=Limits(max_model_calls=2), on_exceed=on_exceed,
+                                 telemetry=run.telemetry)
+    agent = create_agent(conversation(True), [lookup], name="support",
+                         middleware=[middleware], checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "t-7"}}
+    out = agent.invoke(INPUTS, config)
+    assert run.telemetry.open_spans() == 0
+    invocations = 1
+    if on_exceed == "interrupt":
+        assert out["__interrupt__"]
+        agent.invoke(Command(resume={"stop": True}), config)
+        assert run.telemetry.open_spans() == 0
+        invocations = 2
+    names = Counter(s.name for s in run.spans_out.get_finished_spans())
+    assert names["invoke_agent support"] == invocations
+    # two answered calls; the third refused once ("end"), or at the pause and again when
+    # the resumed run asks for it before it stops ("interrupt")
+    assert names["chat gpt-4o"] == 2 + invocations
