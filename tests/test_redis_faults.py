@@ -46,9 +46,10 @@ from agent_guard.engine.admission import Admission, ModelCall
 from agent_guard.engine.records import CallRecord
 from agent_guard.engine.usage import Usage, usd_to_nano
 from agent_guard.errors import BudgetExceeded, LedgerUnavailable
+from agent_guard.ledger import ScopeCaps
 from agent_guard.ledger.failover import FailOpenLedger
 from agent_guard.ledger.redis import RedisLedger
-from agent_guard.ledger.redis_cells import cell_tags
+from agent_guard.ledger.redis_cells import CellsRedisLedger, cell_tags
 from agent_guard.testing.redis_cluster import ClusterUnavailable, LocalRedisCluster
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -554,3 +555,63 @@ def test_faults_during_reserve_and_settle(server: RedisServer, fail: str, fault:
     spent, calls, reserved = final_totals(url, ns)
     assert spent == sum(tally.costs) == 100 * 150 + 33 * 600  # counted exactly once
     assert (calls, reserved) == (1, 0)
+
+
+# -- cells: a node down stops only the cells it owns ----------------------------------------
+
+
+def owner(cluster: LocalRedisCluster, key: str) -> int:
+    """The index of the node that serves ``key``."""
+    for index, port in enumerate(cluster.ports):
+        with redis.Redis(port=port, socket_timeout=10) as client:
+            try:
+                client.get(key)
+            except redis.exceptions.ResponseError:
+                continue
+            return index
+    raise AssertionError(f"no node serves {key}")
+
+
+def test_cells_a_node_down_stops_only_its_cells_and_lent_allowance_still_admits(
+        fault_cluster: LocalRedisCluster) -> None:
+    """The node owning a team's home is killed: a session on another node spends the
+    team allowance its cell already holds, then is refused (LedgerUnavailable: it cannot
+    borrow), as is every call whose cell is on the dead node; after the restart (AOF)
+    the totals are exact and nothing is held."""
+    cells = 12
+    url = f"{fault_cluster.url}?cells={cells}"
+    ns = uuid.uuid4().hex
+    tags = cell_tags(ns, cells)
+    node_of_cell = [owner(fault_cluster, f"ag:{{{tag}}}:open") for tag in tags]
+    ledger = backend(url, ns)
+    assert isinstance(ledger, CellsRedisLedger)
+    team = ScopeCaps("team:t", {"usd": 1000})  # a loan is 1000 / 48 -> 21
+    dead = node_of_cell[ledger.home("team:t")]
+    away = next(f"session:a{i}" for i in range(200)
+                if node_of_cell[ledger.home(f"session:a{i}")] != dead)
+    near = next(f"session:b{i}" for i in range(200)
+                if node_of_cell[ledger.home(f"session:b{i}")] == dead
+                and ledger.home(f"session:b{i}") != ledger.home("team:t"))
+    assert ledger.charge([ScopeCaps(away), team], {"usd": 1}) is None  # borrows 21
+    fault_cluster.stop_node(dead)
+    try:
+        for _ in range(20):  # the rest of the loan, with the home down
+            assert ledger.charge([ScopeCaps(away), team], {"usd": 1}) is None
+        with pytest.raises(LedgerUnavailable):  # the loan is spent: it must borrow
+            ledger.charge([ScopeCaps(away), team], {"usd": 1})
+        with pytest.raises(LedgerUnavailable):  # its cell is on the dead node
+            ledger.charge([ScopeCaps(near), team], {"usd": 1})
+    finally:
+        fault_cluster.start_node(dead)
+    deadline = time.monotonic() + 20
+    while True:  # the restarted node may take a moment to serve again
+        try:
+            assert ledger.charge([ScopeCaps(away), team], {"usd": 1}) is None
+            break
+        except LedgerUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    totals = ledger.totals("team:t")
+    assert (totals.get_spent("usd"), totals.get_reserved("usd")) == (22, 0)
+    ledger.close()
