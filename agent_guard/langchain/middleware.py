@@ -834,7 +834,12 @@ class _ToolRunGate(BaseCallbackHandler):
     runs inside it): it moves itself before the run's other handlers when the run
     starts (:func:`go_first`), so the cost is on the run before LangChain's tracer sends
     it, on sync and async paths. A call whose arguments failed validation never ran:
-    released. An interrupt is left to the middleware (it runs again on resume)."""
+    released. An interrupt is left to the middleware (it runs again on resume).
+
+    Middleware inside ``GuardMiddleware`` may run the tool again within the one call
+    (``ToolRetryMiddleware`` after a failure that was billed): each further run is
+    admitted at the tool's price when it starts (its refusal raised before it runs) and
+    settled at its own end, as the callback handler charges each run."""
 
     @property  # LangChain declares a plain attribute; a property reads the moment it is read
     def run_inline(self) -> bool:  # type: ignore[override]
@@ -850,63 +855,104 @@ class _ToolRunGate(BaseCallbackHandler):
         self.request = request
         self.admission = admission
         self.hits = hits
-        self.run_id: UUID | None = None
-        self.metadata: dict[str, Any] | None = None
-        self.handlers: list[Any] | None = None  # the run's handlers (its tracers)
+        self.run_id: UUID | None = None  # the first run: settles the middleware's admission
+        # run -> (its admission, its metadata, its handlers (its tracers))
+        self.runs: dict[UUID, tuple[ToolAdmission, dict[str, Any] | None, Any]] = {}
 
-    def _start(self, run_id: UUID, metadata: dict[str, Any] | None) -> None:
+    def _further(self, run_id: UUID) -> bool:
+        """Whether ``run_id`` is another run of the tool in this call, to admit."""
         if self.run_id is None:
             self.run_id = run_id
-            self.metadata = metadata if isinstance(metadata, dict) else None
-            self.handlers = go_first(self, run_id)
+            return False
+        return run_id not in self.runs
+
+    def _started(self, run_id: UUID, admission: ToolAdmission,
+                 metadata: dict[str, Any] | None) -> None:
+        self.runs[run_id] = (admission, metadata if isinstance(metadata, dict) else None,
+                             go_first(self, run_id))
+
+    def _refused(self) -> None:
+        self.raise_error = True  # the refusal reaches the run: the tool does not run
+
+    def _admit(self) -> dict[str, Any]:
+        call = self.request.tool_call
+        return {"session": self.admission.session, "tool": call["name"],
+                "args": call.get("args", {}), "attributes": self.admission.attributes,
+                "price": self.admission.price}
 
     async def _aon_tool_start(self, serialized: dict[str, Any], input_str: str, *,
                               run_id: UUID, metadata: dict[str, Any] | None = None,
                               **kwargs: Any) -> None:
-        self._start(run_id, metadata)
+        admission = self.admission
+        if self._further(run_id):
+            try:
+                admission = await self.middleware.guard.abefore_tool_call(**self._admit())
+            except GuardError:
+                self._refused()
+                raise
+        self._started(run_id, admission, metadata)
 
     @async_twin(_aon_tool_start)
     def on_tool_start(self, serialized: dict[str, Any], input_str: str, *, run_id: UUID,
                       metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        self._start(run_id, metadata)
+        admission = self.admission
+        if self._further(run_id):
+            try:
+                admission = self.middleware.guard.before_tool_call(**self._admit())
+            except GuardError:
+                self._refused()
+                raise
+        self._started(run_id, admission, metadata)
 
-    def _ending(self, run_id: UUID, error: BaseException | None = None) -> bool:
-        """Whether this end is this gate's to settle (an interrupt is the middleware's)."""
-        return run_id == self.run_id and not self.admission.finished and \
-            not isinstance(error, GraphInterrupt)
+    def _ending(self, run_id: UUID, error: BaseException | None = None
+                ) -> ToolAdmission | None:
+        """The admission this end settles, if it is this gate's to settle (an interrupt
+        is the middleware's)."""
+        run = self.runs.get(run_id)
+        if run is None or run[0].finished or isinstance(error, GraphInterrupt):
+            return None
+        return run[0]
+
+    def _hits(self, admission: ToolAdmission) -> list[int] | None:
+        return self.hits if admission is self.admission else None
 
     async def _aon_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        if self._ending(run_id):
-            self._noted(await self.middleware._atool_done(
-                self.request, self.admission, _outcome(output), self.hits, output))
+        admission = self._ending(run_id)
+        if admission is not None:
+            self._noted(run_id, await self.middleware._atool_done(
+                self.request, admission, _outcome(output), self._hits(admission), output))
 
     @async_twin(_aon_tool_end)
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        if self._ending(run_id):
-            self._noted(self.middleware._tool_done(self.request, self.admission,
-                                                   _outcome(output), self.hits, output))
+        admission = self._ending(run_id)
+        if admission is not None:
+            self._noted(run_id, self.middleware._tool_done(
+                self.request, admission, _outcome(output), self._hits(admission), output))
 
     async def _aon_tool_error(self, error: BaseException, *, run_id: UUID,
                               **kwargs: Any) -> None:
-        if not self._ending(run_id, error):
+        admission = self._ending(run_id, error)
+        if admission is None:
             return
         if failed_before_running(error):
-            await self.middleware.guard.atool_call_not_run(self.admission)
+            await self.middleware.guard.atool_call_not_run(admission)
             return
-        self._noted(await self.middleware._atool_done(self.request, self.admission,
-                                                      "error"))
+        self._noted(run_id, await self.middleware._atool_done(self.request, admission,
+                                                              "error"))
 
     @async_twin(_aon_tool_error)
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        if not self._ending(run_id, error):
+        admission = self._ending(run_id, error)
+        if admission is None:
             return
         if failed_before_running(error):  # its arguments did not validate: never ran
-            self.middleware.guard.tool_call_not_run(self.admission)
+            self.middleware.guard.tool_call_not_run(admission)
             return
-        self._noted(self.middleware._tool_done(self.request, self.admission, "error"))
+        self._noted(run_id, self.middleware._tool_done(self.request, admission, "error"))
 
-    def _noted(self, record: CallRecord) -> None:
-        note_tool_cost(self.metadata, record, self.run_id, self.handlers)
+    def _noted(self, run_id: UUID, record: CallRecord) -> None:
+        _, metadata, handlers = self.runs[run_id]
+        note_tool_cost(metadata, record, run_id, handlers)
 
 
 _TOOL_ENDS = frozenset({"on_tool_end", "on_tool_error"})

@@ -1,0 +1,148 @@
+"""Red-team paths for paid tools: whenever a priced tool's body started, the guard
+charged at least its price (charged >= billed), on every path that can run it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from langchain.agents import create_agent
+from langchain.agents.middleware import ToolRetryMiddleware
+from langchain_core.messages import AIMessage
+from langchain_core.tools import tool
+
+from agent_guard import Guard, GuardCallbackHandler, GuardMiddleware, Limits
+from agent_guard.engine.records import CallRecord
+from agent_guard.langchain import priced_tool
+from agent_guard.pricing import ToolPrice
+from agent_guard.testing import ScriptedChatModel
+
+SESSION = "redteam-tools"
+PRICE_NANO = 10_000_000
+
+
+class FlakySearch:
+    """A paid search billed on every run, failing (after billing) the first ``fails``."""
+
+    def __init__(self, fails: int) -> None:
+        self.runs = 0
+
+        @tool
+        def web_search(query: str) -> str:
+            """Search the web."""
+            self.runs += 1
+            if self.runs <= fails:
+                raise RuntimeError("search API: 502 after billing")
+            return "found"
+
+        self.tool = priced_tool(web_search, ToolPrice("0.01"))
+
+
+def _agent(search: Any, middleware: list[Any]) -> Any:
+    answers = iter([AIMessage("", tool_calls=[{"name": "web_search", "args": {"query": "x"},
+                                               "id": "c1"}]), AIMessage("done")])
+    model = ScriptedChatModel(model_name="gpt-4o", respond=lambda m: next(answers))
+    return create_agent(model, [search], middleware=middleware)
+
+
+def _run(agent: Any, mode: str, config: Any = None) -> Any:
+    inputs = {"messages": [("user", "search")]}
+    if mode == "sync":
+        return agent.invoke(inputs, config=config)
+    return asyncio.run(agent.ainvoke(inputs, config=config))
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_tool_retries_inside_the_middleware_are_each_charged(mode: str) -> None:
+    """ToolRetryMiddleware inside GuardMiddleware runs the paid tool three times (two
+    failures after billing, then an answer): each run reached the paid API, so the
+    ledger holds three runs' price, as the callback path charges."""
+    search = FlakySearch(fails=2)
+    records: list[CallRecord] = []
+    guard = Guard(Limits(max_cost_usd=1), on_record=[records.append])
+    agent = _agent(search.tool, [GuardMiddleware(guard, session_id=SESSION),
+                                 ToolRetryMiddleware(max_retries=2, initial_delay=0,
+                                                     jitter=False)])
+    _run(agent, mode)
+    assert search.runs == 3
+    tools = [r for r in records if r.kind == "tool"]
+    usage = guard.usage(SESSION)
+    assert usage.reserved_nano == 0
+    assert sum(r.cost_nano for r in tools) >= search.runs * PRICE_NANO, \
+        [(r.outcome, r.cost_nano) for r in tools]
+    assert usage.cost_nano == sum(r.cost_nano for r in records)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_tool_retries_under_the_callback_are_each_charged(mode: str) -> None:
+    search = FlakySearch(fails=2)
+    records: list[CallRecord] = []
+    guard = Guard(Limits(max_cost_usd=1), on_record=[records.append])
+    agent = _agent(search.tool, [ToolRetryMiddleware(max_retries=2, initial_delay=0,
+                                                     jitter=False)])
+    _run(agent, mode, {"callbacks": [GuardCallbackHandler(guard, session_id=SESSION)]})
+    assert search.runs == 3
+    tools = [r for r in records if r.kind == "tool"]
+    assert sum(r.cost_nano for r in tools) >= search.runs * PRICE_NANO
+    assert guard.usage(SESSION).reserved_nano == 0
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_tool_retry_past_the_cap_is_refused_before_it_runs(mode: str) -> None:
+    """Two tool calls allowed: ToolRetryMiddleware inside GuardMiddleware asks for a
+    third run of the failing paid tool; it is refused before it runs (the refusal
+    reaches the caller, not retried), and the two runs that did are charged."""
+    from agent_guard import StepLimitExceeded
+
+    search = FlakySearch(fails=5)
+    records: list[CallRecord] = []
+    guard = Guard(Limits(max_cost_usd=1, max_tool_calls=2), on_record=[records.append])
+    agent = _agent(search.tool, [GuardMiddleware(guard, session_id=SESSION),
+                                 ToolRetryMiddleware(max_retries=4, initial_delay=0,
+                                                     jitter=False)])
+    with pytest.raises(StepLimitExceeded):
+        _run(agent, mode)
+    assert search.runs == 2
+    tools = [r for r in records if r.kind == "tool"]
+    assert sum(r.cost_nano for r in tools) == 2 * PRICE_NANO
+    usage = guard.usage(SESSION)
+    assert usage.reserved_nano == 0 and usage.cost_nano == sum(r.cost_nano for r in records)
+
+
+@pytest.mark.parametrize("case", ["priced", "invalid_args", "fails_inside", "retried",
+                                  "callback", "callback_invalid_args", "thresholds"])
+def test_async_paid_tool_paths_use_async_ledger_ops_only(case: str) -> None:
+    """The async paths touched by paid tools (the tool run's own settle, a release of
+    arguments that did not validate, a failure charged, a retried run admitted, the
+    callback handler's tool path, soft thresholds crossed) never run a sync ledger
+    operation on the running loop."""
+    from .test_adapters import LoopStrictLedger
+
+    ledger = LoopStrictLedger()
+    events: list[Any] = []
+    guard = Guard(Limits(max_cost_usd="0.018" if case == "thresholds" else 1),
+                  ledger=ledger, on_threshold=[events.append])
+    search = FlakySearch(fails=1 if case in ("fails_inside", "retried") else 0)
+    args = {"q": "typo"} if "invalid" in case else {"query": "x"}
+    answers = iter([AIMessage("", tool_calls=[{"name": "web_search", "args": args,
+                                               "id": "c1"}]), AIMessage("done")])
+    model = ScriptedChatModel(model_name="gpt-4o", respond=lambda m: next(answers))
+    middleware: list[Any] = [] if case.startswith("callback") else [
+        GuardMiddleware(guard, session_id=SESSION)]
+    if case == "retried":
+        middleware.append(ToolRetryMiddleware(max_retries=1, initial_delay=0, jitter=False))
+    config = {"callbacks": [GuardCallbackHandler(guard, session_id=SESSION)]} \
+        if case.startswith("callback") else None
+    agent = create_agent(model, [search.tool], middleware=middleware)
+    if case == "fails_inside":
+        with pytest.raises(RuntimeError, match="502"):
+            _run(agent, "async", config)
+    else:
+        _run(agent, "async", config)
+    assert ledger.blocked == []
+    usage = guard.usage(SESSION)
+    assert usage.reserved_nano == 0
+    assert usage.tool_calls >= search.runs
+    if case == "thresholds":
+        assert events
