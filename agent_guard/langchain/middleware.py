@@ -532,9 +532,9 @@ class GuardMiddleware(AgentMiddleware):
 
     async def _asettle(self, admission: Admission, response: Any) -> None:
         answer = self._read(admission, response)
-        await self.guard.aafter_model_call(
+        await asyncio.shield(self.guard.aafter_model_call(  # see _AttemptGate._aon_llm_end
             admission, answer.usage, output_tokens=answer.counted,
-            response_model=answer.model, cache_hit=answer.cache_hit)
+            response_model=answer.model, cache_hit=answer.cache_hit))
 
     def wrap_model_call(self, request: ModelRequest,
                         handler: Callable[[ModelRequest], Any]) -> Any:
@@ -812,9 +812,10 @@ class GuardMiddleware(AgentMiddleware):
                     raise
                 if where is not None:
                     await asyncio.to_thread(self._store, request, where, result)
+                # shielded: a cancellation now still settles and records the call
                 record = _run_record(admission) if admission.finished else \
-                    await self._atool_done(request, admission, _outcome(result), hits,
-                                           result)
+                    await asyncio.shield(self._atool_done(request, admission,
+                                                          _outcome(result), hits, result))
                 self._tool_span_end(span, record, result)
                 return result
             except GuardError as exc:
