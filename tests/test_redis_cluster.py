@@ -421,3 +421,44 @@ def test_cells_deferred_settles_read_back_the_spend_over_every_cell(
         assert ledger.totals("team:t").get_spent("usd") == 24 * 7
     finally:
         ledger.close()
+
+
+class _ClosedMidRead:
+    """A node's socket whose read lets another thread close the connection first, as
+    redis-py's sync cluster client does while a node restarts (its topology refresh
+    disconnects connections that other threads are reading from)."""
+
+    def __init__(self, sock: object, connection: redis.Connection) -> None:
+        self.sock, self.connection = sock, connection
+
+    def recv(self, size: int) -> bytes:
+        data = self.sock.recv(size)  # type: ignore[attr-defined]
+        self.connection.disconnect()  # the other thread, between the read and the parse
+        return data
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.sock, name)
+
+
+@pytest.mark.parametrize("cells", [None, 3])
+def test_a_connection_closed_mid_read_by_another_thread_is_ledger_unavailable(
+        redis_cluster_url: str, cells: int | None) -> None:
+    """redis-py's parser then raises ValueError("I/O operation on closed file"): the
+    ledger says LedgerUnavailable (so the guard's fail policy applies), plain or cells,
+    and the next call runs on a fresh connection."""
+    url = redis_cluster_url if cells is None else f"{redis_cluster_url}?cells={cells}"
+    ledger = from_url(url, namespace=ns())
+    try:
+        caps = [ScopeCaps("session:a", {"usd_nano": 100})]
+        assert ledger.reserve(caps, {"usd_nano": 1}, lease_seconds=30)
+        key = ledger.scope_key("session:a")  # type: ignore[attr-defined]
+        pool = ledger.client.get_node_from_key(key).redis_connection.connection_pool
+        connection = pool.get_connection()
+        buffer = connection._parser._buffer
+        buffer._sock = _ClosedMidRead(buffer._sock, connection)
+        pool.release(connection)
+        with pytest.raises(LedgerUnavailable):
+            ledger.reserve(caps, {"usd_nano": 1}, lease_seconds=30)
+        assert ledger.reserve(caps, {"usd_nano": 1}, lease_seconds=30)
+    finally:
+        ledger.close()

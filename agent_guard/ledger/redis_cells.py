@@ -73,10 +73,6 @@ MAX_CELLS = 1024
 #: scripts of one reserve or charge at most: short -> borrow (or recall) -> retry
 ATTEMPTS = 4
 _CELL_SCRIPTS = ("reserve", "charge", "settle", "borrow", "give", "grant")
-#: what a Redis call may raise: redis-py's sync cluster client, used from many threads
-#: while a node restarts, raised ValueError ("I/O operation on closed file") from a
-#: socket another thread closed mid-read (seen in tests/test_redis_faults.py)
-_FAILED: tuple[type[BaseException], ...] = (*_FAILURES, ValueError)
 
 
 def _dumps(value: Any) -> str:
@@ -192,7 +188,7 @@ class CellsRedisLedger(RedisLedger):
                 continue
             try:
                 self.client.hset(self.key(home, sc.scope), "n", "1")
-            except _FAILED as exc:
+            except _FAILURES as exc:
                 raise self._unavailable(exc) from exc
             if len(self._registered) >= 100_000:
                 self._registered.clear()
@@ -236,12 +232,6 @@ class CellsRedisLedger(RedisLedger):
             out.append([r.id, item.token, at(prefix + "done:" + r.id),
                         [at(self.key(cell, scope)) for scope in r.scopes], flat, item.reads])
         return _dumps(out)
-
-    def _run(self, script: Any, keys: list[str], args: list[str]) -> Reply:
-        try:
-            return super()._run(script, keys, args)
-        except ValueError as exc:  # see _FAILED
-            raise self._unavailable(exc) from exc
 
     # -- borrowing ------------------------------------------------------------------------
 
@@ -553,7 +543,7 @@ class CellsRedisLedger(RedisLedger):
                     for c in range(self.cells):
                         pipe.hmget(self.key(c, scope), ["s:" + d for d in dims])
                 raws = iter(pipe.execute())
-        except _FAILED as exc:
+        except _FAILURES as exc:
             raise self._unavailable(exc) from exc
         out: dict[str, dict[str, int]] = {}
         for scope, dims in wanted:
@@ -581,7 +571,7 @@ class CellsRedisLedger(RedisLedger):
         _int(amount, "extend amount")
         try:
             self.client.hincrby(self.scope_key(scope), "x:" + dimension, amount)
-        except _FAILED as exc:
+        except _FAILURES as exc:
             raise self._unavailable(exc) from exc
 
     def _read_totals(self, scopes: Sequence[str]) -> list[ScopeTotals]:
@@ -602,7 +592,7 @@ class CellsRedisLedger(RedisLedger):
                             if c != home:
                                 pipe.hgetall(self.key(c, scopes[i]))
                     stripes = pipe.execute()
-        except _FAILED as exc:
+        except _FAILURES as exc:
             raise self._unavailable(exc) from exc
         out = [_totals(scope, raw) for scope, raw in zip(scopes, homes, strict=True)]
         per = self.cells - 1

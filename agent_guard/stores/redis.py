@@ -13,11 +13,15 @@ Precedence: the profile's defaults, then the URL's query, then keyword arguments
 
 Errors: :data:`REDIS_ERRORS` is what a failed command raises (redis-py's errors and
 socket errors); the ledger turns them into ``LedgerUnavailable``, a cache into a
-miss, the usage store into a counted failure.
+miss, the usage store into a counted failure. A sync cluster client's connection closed
+by another thread while it reads (redis-py's topology refresh after a node fails
+disconnects the node's connections) raises redis-py's ``ConnectionError`` here, not the
+parser's ``ValueError("I/O operation on closed file")``.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -134,6 +138,27 @@ def redis_client(url: str, *, profile: RedisProfile = LEDGER, asynchronous: bool
     return client
 
 
+@functools.cache
+def _node_connection(base: type) -> type:
+    """``base`` (redis-py's ``Connection`` or ``SSLConnection``) for a sync cluster node:
+    a reply whose buffer another thread closed mid-read (``ValueError``) is a dropped
+    connection (``ConnectionError``), which the cluster client answers by refreshing its
+    slot map, and the stores by their fault policy."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    class NodeConnection(base):  # type: ignore[valid-type, misc]
+        def read_response(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().read_response(*args, **kwargs)
+            except ValueError as exc:  # read_response has disconnected it
+                raise RedisConnectionError(
+                    f"connection to {self.host}:{self.port} closed while reading: {exc}"
+                ) from exc
+
+    NodeConnection.__name__ = NodeConnection.__qualname__ = f"Node{base.__name__}"
+    return NodeConnection
+
+
 def _cluster_client(url: str, *, profile: RedisProfile, asynchronous: bool, retries: int,
                     max_connections: int | None, pool_timeout: float | None,
                     **options: Any) -> Any:
@@ -186,6 +211,8 @@ def _cluster_client(url: str, *, profile: RedisProfile, asynchronous: bool, retr
 
     # the url= path makes redis-py build each node's pool with connection_pool_class
     first = f"{'rediss' if tls else 'redis'}://{nodes[0][0]}:{nodes[0][1]}"
+    kwargs["connection_class"] = _node_connection(kwargs.get("connection_class",
+                                                             redis.Connection))
     return redis.RedisCluster(
         url=first, startup_nodes=[ClusterNode(h, p) for h, p in nodes[1:]],
         connection_pool_class=redis.BlockingConnectionPool, max_connections=size,
