@@ -1,6 +1,6 @@
 """What a Redis ledger costs a guarded model call, against one redis-py EVALSHA.
 
-    python benchmarks/bench_redis.py [--calls 2000] [--rounds 40] [--redis URL]
+    python benchmarks/bench_redis.py [--calls 2000] [--rounds 40] [--redis URL] [--instructions]
 
 Starts its own ``redis-server`` on a free loopback port (no persistence), so the
 server's ``INFO commandstats`` counts this benchmark's commands only (``--redis URL``
@@ -26,17 +26,20 @@ be equal (deferring a settle changes no charge).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from typing import Any
 
 import _checkout  # noqa: F401  (this checkout's agent_guard)
+import _instructions
 import redis
 from bench_overhead import PROMPT, make_model
 
@@ -185,6 +188,57 @@ def run(calls: int, rounds: int, url: str) -> dict[str, Any]:
     return out
 
 
+COUNTED = 200  # calls per row under callgrind
+
+
+def count_instructions(url: str) -> None:
+    """(In the callgrind child) this process's instructions per call: one EVALSHA, the
+    bare call, and the guard on memory:// and on redis:// (whose settle rides with the
+    next reserve: ``settle_delay`` long enough that no background flush takes it, as in
+    an agent loop). The server's work is not counted here (see the server time)."""
+    model = make_model()
+    big = Limits(max_cost_usd=10**6, max_tokens=10**12, max_model_calls=10**9)
+    ledger = RedisLedger.from_url(url, namespace=f"bench-{uuid.uuid4().hex[:8]}-c",
+                                  settle_delay=30)
+    plain = redis.Redis.from_url(url)
+    sha = plain.script_load("return 1")
+    rows: dict[str, Any] = {"EVALSHA round trip": lambda: plain.evalsha(sha, 0)}
+    for name, handlers in (("no callbacks", []),
+                           ("guard memory://", [GuardCallbackHandler(Guard(big, "memory://"),
+                                                                     session_id="b")]),
+                           ("guard redis://", [GuardCallbackHandler(Guard(big, ledger),
+                                                                    session_id="b")])):
+        cfg = {"callbacks": handlers}
+        rows[name] = lambda cfg=cfg: model.invoke(PROMPT, config=cfg)
+    for name, go in rows.items():
+        for _ in range(50):
+            go()
+        gc.collect()
+        gc.freeze()
+        with _instructions.region(name):
+            for _ in range(COUNTED):
+                go()
+    ledger.flush()  # the last call's settle lands before the server stops
+
+
+def show_instructions(argv: list[str]) -> None:
+    dumps = _instructions.rerun_under_callgrind(argv)
+    if dumps is None:
+        raise SystemExit("valgrind not available (x86-64 Linux)")
+    counts = {k: v[-1] / COUNTED for k, v in _instructions.read_regions(dumps).items()}
+    shutil.rmtree(dumps, ignore_errors=True)
+    parser_name = "hiredis" if redis.utils.HIREDIS_AVAILABLE else "pure Python (no hiredis)"
+    print(f"instructions per call (callgrind, main thread, {COUNTED} calls each; "
+          f"redis-py's parser: {parser_name}):")
+    for name, value in counts.items():
+        print(f"  {name:40s} {value:12,.0f}")
+    rt, base = counts["EVALSHA round trip"], counts["no callbacks"]
+    for name in ("guard memory://", "guard redis://"):
+        print(f"  {name + ' added / EVALSHA':52s} {(counts[name] - base) / rt:6.2f}x")
+    print(f"  {'guard redis:// - memory guard / EVALSHA':52s} "
+          f"{(counts['guard redis://'] - counts['guard memory://']) / rt:6.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000)
@@ -192,12 +246,21 @@ def main() -> None:
     parser.add_argument("--redis", default="", help="a running server's URL (default: "
                         "start a private redis-server)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--instructions", action="store_true",
+                        help="this process's instructions per call under callgrind instead "
+                        "of wall time (load-independent; the server's work is not in them)")
     args = parser.parse_args()
+    if args.instructions and not _instructions.active():
+        show_instructions([sys.argv[0], *sys.argv[1:]])
+        return
     proc = None
     url = args.redis
     if not url:
         proc, url = start_server()
     try:
+        if args.instructions:  # the callgrind child
+            count_instructions(url)
+            return
         result = run(args.calls, args.rounds, url)
     finally:
         if proc is not None:
@@ -206,8 +269,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
+    parser_name = "hiredis" if redis.utils.HIREDIS_AVAILABLE else "pure Python (no hiredis)"
     print(f"{result['calls_per_row']} calls per row in {result['rounds']} interleaved "
-          "rounds; per call (wall, and this process's CPU):")
+          f"rounds; redis-py's parser: {parser_name}; per call (wall, and this process's "
+          "CPU):")
     for stat in ("median", "fastest round"):
         row = result[stat]
         print(f" {stat}:")
