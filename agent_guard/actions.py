@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 
 from .compat import LANGCHAIN_CALLBACK_ERROR
+from .engine.drive import Op, Steps, adrive, drive
 from .engine.usage import nano_to_usd
 from .errors import GuardError, GuardStop
 
@@ -31,11 +32,13 @@ __all__ = [
     "PAYLOAD_MARKER",
     "OnExceed",
     "Stop",
+    "aapply_resume",
     "answer_tool_calls",
     "apply_resume",
     "check_on_exceed",
     "interrupt_payload",
     "is_guard_payload",
+    "resume_steps",
     "stop_message",
     "wants_stop",
 ]
@@ -153,18 +156,31 @@ def apply_resume(guard: Guard, session: str, resume: Any, dimension: str | None 
     ``dimension`` is the one that refused (from the pause's payload): after a
     per-tool refusal (``tool_calls:<tool>``), ``extend_tool_calls`` raises that
     tool's cap too, or the extension could never let the run go on."""
+    return drive(guard.ledger, resume_steps(guard, session, resume, dimension))
+
+
+async def aapply_resume(guard: Guard, session: str, resume: Any,
+                        dimension: str | None = None) -> bool:
+    """:func:`apply_resume` awaiting the ledger (on an event loop)."""
+    return await adrive(guard.ledger, resume_steps(guard, session, resume, dimension))
+
+
+def resume_steps(guard: Guard, session: str, resume: Any, dimension: str | None = None
+                 ) -> Steps[bool]:
+    """The ledger operations of :func:`apply_resume`, for a decision driven sync or
+    async (:mod:`agent_guard.engine.drive`)."""
     if not isinstance(resume, Mapping):
         return False
     asked = {k: resume[k] for k in _EXTENSIONS if resume.get(k) is not None}
     if asked:
-        guard.extend(session, usd=asked.get("extend_usd"), tokens=asked.get("extend_tokens"),
-                     steps=asked.get("extend_steps"),
-                     model_calls=asked.get("extend_model_calls"),
-                     tool_calls=asked.get("extend_tool_calls"))
+        yield from guard._extending(
+            session, usd=asked.get("extend_usd"), tokens=asked.get("extend_tokens"),
+            steps=asked.get("extend_steps"), model_calls=asked.get("extend_model_calls"),
+            tool_calls=asked.get("extend_tool_calls"))
         more = asked.get("extend_tool_calls")
         if more is not None and dimension and dimension.startswith("tool_calls:"):
             scope = guard.budgets.ref("session", session, guard.clock()).scope
-            guard.ledger.extend(scope, dimension, more)
+            yield Op("extend", scope, dimension, more)
     return bool(asked)
 
 

@@ -146,3 +146,108 @@ def test_async_paid_tool_paths_use_async_ledger_ops_only(case: str) -> None:
     assert usage.tool_calls >= search.runs
     if case == "thresholds":
         assert events
+
+
+def test_a_retried_run_cancelled_inside_the_middleware_is_charged() -> None:
+    """The retried run of a paid tool (ToolRetryMiddleware inside GuardMiddleware) is
+    cancelled while it runs: its run never ends through LangChain's callbacks, so the
+    middleware charges it its worst case with the first run (not left to its lease)."""
+    started = asyncio.Event()
+    runs: list[int] = []
+
+    @tool
+    async def web_search(query: str) -> str:
+        """Search the web."""
+        runs.append(1)
+        if len(runs) == 1:
+            raise RuntimeError("search API: 502 after billing")
+        started.set()
+        await asyncio.sleep(30)
+        return "found"
+
+    priced_tool(web_search, ToolPrice("0.01"))
+    records: list[CallRecord] = []
+    guard = Guard(Limits(max_cost_usd=1), on_record=[records.append])
+    agent = _agent(web_search, [GuardMiddleware(guard, session_id=SESSION),
+                                ToolRetryMiddleware(max_retries=2, initial_delay=0,
+                                                    jitter=False)])
+
+    async def cancelled() -> None:
+        task = asyncio.create_task(agent.ainvoke({"messages": [("user", "search")]}))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled())
+    assert len(runs) == 2
+    tools = [r for r in records if r.kind == "tool"]
+    usage = guard.usage(SESSION)
+    assert (usage.reserved_nano, sum(r.cost_nano for r in tools)) == (0, 2 * PRICE_NANO)
+
+
+@pytest.mark.parametrize("where", ["model", "tools"])
+def test_an_async_resume_extends_the_caps_with_async_ledger_ops(where: str) -> None:
+    """An async agent under GuardMiddleware(on_exceed="interrupt") pauses at a cap (a
+    model step, or a tool call refused) and is resumed with an extension: the
+    extension (Guard.extend) runs no sync ledger operation on the running loop."""
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command
+
+    from .test_adapters import LoopStrictLedger
+
+    ledger = LoopStrictLedger()
+    limits = Limits(max_model_calls=1) if where == "model" else Limits(max_tool_calls=0)
+    guard = Guard(limits, ledger=ledger)
+    search = FlakySearch(fails=0)
+    answers = iter([AIMessage("", tool_calls=[{"name": "web_search", "args": {"query": "x"},
+                                               "id": "c1"}]),
+                    AIMessage("", tool_calls=[{"name": "web_search", "args": {"query": "y"},
+                                               "id": "c2"}]),
+                    AIMessage("done")])
+    model = ScriptedChatModel(model_name="gpt-4o", respond=lambda m: next(answers))
+    agent = create_agent(model, [search.tool], checkpointer=InMemorySaver(), middleware=[
+        GuardMiddleware(guard, session_id=SESSION, on_exceed="interrupt")])
+    config: Any = {"configurable": {"thread_id": "t1"}}
+    extension = {"extend_model_calls": 5} if where == "model" else {"extend_tool_calls": 5}
+
+    async def paused_and_resumed() -> Any:
+        first = await agent.ainvoke({"messages": [("user", "search")]}, config)
+        assert "__interrupt__" in first
+        return await agent.ainvoke(Command(resume=extension), config)
+
+    out = asyncio.run(paused_and_resumed())
+    assert "__interrupt__" not in out
+    assert ledger.blocked == []
+
+
+@pytest.mark.parametrize("by_id", [False, True])
+def test_an_async_guarded_graph_resume_extends_with_async_ledger_ops(by_id: bool) -> None:
+    """guarded_graph(on_exceed="interrupt") run with ainvoke pauses at the dollar cap and
+    is resumed with an extension (a plain resume value, or one per interrupt id): no
+    sync ledger operation runs on the loop."""
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command
+
+    from agent_guard import guarded_graph
+
+    from .test_adapters import LoopStrictLedger
+    from .test_guarded_graph import CAP, Models, plan_and_execute, start
+
+    ledger = LoopStrictLedger()
+    guard = Guard(Limits(max_cost_usd=CAP), ledger=ledger)
+    app = guarded_graph(plan_and_execute(Models()), guard=guard,
+                        on_exceed="interrupt", checkpointer=InMemorySaver())
+    inputs, cfg = start("R")
+
+    async def paused_and_resumed() -> Any:
+        paused = await app.ainvoke(inputs, cfg)
+        assert paused["__interrupt__"]
+        extension = {"extend_usd": "0.5"}
+        resume: Any = {i.id: extension for i in paused["__interrupt__"]} if by_id \
+            else extension
+        return await app.ainvoke(Command(resume=resume), cfg)
+
+    out = asyncio.run(paused_and_resumed())
+    assert "__interrupt__" not in out
+    assert ledger.blocked == []

@@ -682,16 +682,33 @@ class Guard:
         tool_calls: int | None = None,
     ) -> None:
         """Raise this session's caps at run time (e.g. after a human approved more)."""
+        drive(self.ledger, self._extending(session, usd=usd, tokens=tokens, steps=steps,
+                                          model_calls=model_calls, tool_calls=tool_calls))
+
+    async def aextend(self, session: str, *, usd: Any = None, tokens: int | None = None,
+                      steps: int | None = None, model_calls: int | None = None,
+                      tool_calls: int | None = None) -> None:
+        """:meth:`extend` awaiting the ledger."""
+        await adrive(self.ledger, self._extending(
+            session, usd=usd, tokens=tokens, steps=steps, model_calls=model_calls,
+            tool_calls=tool_calls))
+
+    def _extending(self, session: str, *, usd: Any = None, tokens: int | None = None,
+                  steps: int | None = None, model_calls: int | None = None,
+                  tool_calls: int | None = None) -> Steps[None]:
+        """The ledger operations of :meth:`extend` (checked before any runs)."""
         scope = self.budgets.ref("session", session, self.clock()).scope
-        if usd is not None:
-            self.ledger.extend(scope, Dimension.USD_NANO, usd_to_nano(usd))
+        ops = [] if usd is None else [Op("extend", scope, Dimension.USD_NANO,
+                                         usd_to_nano(usd))]
         for dim, value in ((Dimension.TOKENS, tokens), (Dimension.STEPS, steps),
                            (Dimension.MODEL_CALLS, model_calls),
                            (Dimension.TOOL_CALLS, tool_calls)):
             if value is not None:
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise TypeError(f"extend {dim} must be an int, got {value!r}")
-                self.ledger.extend(scope, dim, value)
+                ops.append(Op("extend", scope, dim, value))
+        for op in ops:
+            _ = yield op  # (a ledger's extend may answer something: not a list's send)
 
     def close(self) -> None:
         """Settle what is pending (deferred settles land here too) and close the ledger

@@ -47,6 +47,7 @@ from langgraph.types import Command, interrupt
 
 from ..actions import (
     OnExceed,
+    aapply_resume,
     apply_resume,
     check_on_exceed,
     interrupt_payload,
@@ -167,6 +168,18 @@ def _traced(cls: type) -> type:
     return found
 
 
+#: the action ended the run (``on_exceed="end"``): no pause, no resume value
+_ENDED = object()
+
+
+def _end_or_go_on(exc: GuardError, resume: Any) -> dict[str, Any] | None:
+    """The end jump after a pending tool refusal, or None: an extension lets the run go
+    on."""
+    if resume is not _ENDED and not wants_stop(resume):
+        return None
+    return {"jump_to": "end", "messages": [stop_message(exc)]}
+
+
 def _outcome(result: Any) -> Outcome:
     failed = isinstance(result, ToolMessage) and result.status == "error"
     return "error" if failed else "ok"
@@ -249,6 +262,26 @@ class GuardMiddleware(AgentMiddleware):
         of its parallel tool calls were refused: LangGraph takes a single
         ``Command(resume=...)`` only for a single pending interrupt). After an
         extension the model runs again and sees which calls were not run."""
+        pending = self._pending_stop(session)
+        if pending is None:
+            return None
+        exc, resume = pending
+        if resume is not _ENDED:
+            apply_resume(self.guard, session, resume, getattr(exc, "dimension", None))
+        return _end_or_go_on(exc, resume)
+
+    async def _astop_pending(self, session: str) -> dict[str, Any] | None:
+        """:meth:`_stop_pending` with the extension awaited on the ledger."""
+        pending = self._pending_stop(session)
+        if pending is None:
+            return None
+        exc, resume = pending
+        if resume is not _ENDED:
+            await aapply_resume(self.guard, session, resume, getattr(exc, "dimension", None))
+        return _end_or_go_on(exc, resume)
+
+    def _pending_stop(self, session: str) -> tuple[GuardError, Any] | None:
+        """(the pending tool refusal, the resume value of its pause, or ``_ENDED``)."""
         with self._lock:
             exc = self._stopped.get(session)
         if exc is None:
@@ -260,14 +293,11 @@ class GuardMiddleware(AgentMiddleware):
             resume = self._pause(exc, session, "tools")
             with self._lock:
                 self._stopped.pop(session, None)
-            apply_resume(self.guard, session, resume, getattr(exc, "dimension", None))
-            if not wants_stop(resume):
-                return None
-        else:
-            with self._lock:
-                self._stopped.pop(session, None)
-            _log_end(exc, session)
-        return {"jump_to": "end", "messages": [stop_message(exc)]}
+            return exc, resume
+        with self._lock:
+            self._stopped.pop(session, None)
+        _log_end(exc, session)
+        return exc, _ENDED
 
     def _pause(self, exc: GuardError, session: str, node: str) -> Any:
         try:
@@ -309,7 +339,7 @@ class GuardMiddleware(AgentMiddleware):
 
     async def _abefore_model(self) -> dict[str, Any] | None:
         session = current_session(self.session_id)
-        pending = self._stop_pending(session)
+        pending = await self._astop_pending(session)
         if pending is not None:
             return pending
         while True:
@@ -317,19 +347,33 @@ class GuardMiddleware(AgentMiddleware):
                 await self.guard.abefore_step(session, attributes=self._attributes())
                 return None
             except GuardError as exc:
-                if not self._retry_after(exc, session):
+                if not await self._aretry_after(exc, session):
                     return {"jump_to": "end", "messages": [stop_message(exc)]}
 
     def _retry_after(self, exc: GuardError, session: str) -> bool:
         """Apply the action; True means the caps were raised and the call may go on."""
+        resume = self._resume_after(exc, session)
+        if resume is _ENDED:
+            return False
+        apply_resume(self.guard, session, resume)
+        return not wants_stop(resume)
+
+    async def _aretry_after(self, exc: GuardError, session: str) -> bool:
+        """:meth:`_retry_after` with the extension awaited on the ledger."""
+        resume = self._resume_after(exc, session)
+        if resume is _ENDED:
+            return False
+        await aapply_resume(self.guard, session, resume)
+        return not wants_stop(resume)
+
+    def _resume_after(self, exc: GuardError, session: str) -> Any:
+        """Raise, end (``_ENDED``) or pause: the resume value of the pause."""
         if self.on_exceed == "raise":
             raise exc
         if self.on_exceed == "end":
             _log_end(exc, session)
-            return False
-        resume = self._pause(exc, session, "model")
-        apply_resume(self.guard, session, resume)
-        return not wants_stop(resume)
+            return _ENDED
+        return self._pause(exc, session, "model")
 
     # -- the agent run's spans (what the callback handler's telemetry makes) -------------
 
@@ -491,6 +535,11 @@ class GuardMiddleware(AgentMiddleware):
             return None
         return ModelResponse(result=[stop_message(exc)])
 
+    async def _arefused(self, exc: GuardError, session: str) -> Any:
+        if await self._aretry_after(exc, session):
+            return None
+        return ModelResponse(result=[stop_message(exc)])
+
     def _admit(self, request: ModelRequest, session: str
                ) -> tuple[Admission | None, ModelRequest, Any]:
         """(admission, request to send, or the response to return instead)."""
@@ -515,7 +564,7 @@ class GuardMiddleware(AgentMiddleware):
                 break
             except GuardError as exc:
                 self._refused_span(request, call, exc)
-                instead = self._refused(exc, session)
+                instead = await self._arefused(exc, session)
                 if instead is not None:
                     return None, request, instead
         return admission, self._bounded(request, admission), None

@@ -48,11 +48,11 @@ from ..actions import (
     OnExceed,
     Stop,
     answer_tool_calls,
-    apply_resume,
     check_on_exceed,
     interrupt_payload,
     is_guard_payload,
     logger,
+    resume_steps,
     wants_stop,
 )
 from ..cache.node import NodeCache, astream_as_tenant, content_key, stream_as_tenant
@@ -62,6 +62,7 @@ from ..cache.serde import AllowListSerializer, UndecodableEntry, UnencodableValu
 from ..compat import BranchSpec, RunnableCallable
 from ..context import session_of
 from ..engine.budgets import Budgets, attributes_from_metadata
+from ..engine.drive import Steps, adrive, drive
 from ..engine.guard import Guard
 from ..engine.limits import Limits
 from ..engine.usage import usd_to_nano
@@ -203,6 +204,12 @@ class _NodeGuard:
 
     def _decide(self, exc: GuardError, run: _Run | None, session: str) -> Any:
         """``_RETRY`` to run the node again (caps raised), or what the node returns."""
+        return drive(self.guard.ledger, self._deciding(exc, run, session))
+
+    async def _adecide(self, exc: GuardError, run: _Run | None, session: str) -> Any:
+        return await adrive(self.guard.ledger, self._deciding(exc, run, session))
+
+    def _deciding(self, exc: GuardError, run: _Run | None, session: str) -> Steps[Any]:
         if isinstance(exc, RunHalted):
             if run is not None and run.paused is not None and run.stop is None:
                 exc = run.paused[0]  # a sibling paused: pause here too, for the same reason
@@ -215,7 +222,7 @@ class _NodeGuard:
         if isinstance(resume, Mapping) and _RESUME in resume:
             resume = resume[_RESUME]  # extensions were applied once, by the graph
         else:  # resumed by interrupt id
-            apply_resume(self.guard, session, resume, getattr(exc, "dimension", None))
+            yield from resume_steps(self.guard, session, resume, getattr(exc, "dimension", None))
         if wants_stop(resume):
             if run is not None:
                 run.end(exc, reraise=False)
@@ -261,7 +268,7 @@ class _NodeGuard:
                     config.get("metadata"), self.guard.attribute_names))
                 return await self.inner.ainvoke(state, config)
             except GuardError as exc:
-                outcome = self._decide(exc, run, session)
+                outcome = await self._adecide(exc, run, session)
                 if outcome is not _RETRY:
                     return outcome
 
@@ -547,9 +554,14 @@ class GuardedStateGraph(CompiledStateGraph):
         handler = _handler_of(self.config)
         return handler.guard if handler is not None else None
 
+    def _ledger(self) -> Any:
+        guard = self.guard
+        return guard.ledger if guard is not None else None
+
     def _normalise(self, input: Any, config: RunnableConfig | None, pending: tuple
-                   ) -> tuple[Any, Stop | None]:
-        """(the input to run, the stop a resume asks for)."""
+                   ) -> Steps[tuple[Any, Stop | None]]:
+        """(the input to run, the stop a resume asks for), applying the extensions it
+        asks for once (ledger operations: driven sync or async by the caller)."""
         if not isinstance(input, Command) or input.resume is None:
             return input, None
         ids = {i.id for i in pending}
@@ -562,8 +574,8 @@ class GuardedStateGraph(CompiledStateGraph):
         first = guard_pending[0].value
         handler = _handler_of(self.config)
         if handler is not None:
-            apply_resume(handler.guard, session_of(config, handler.session_id), resume,
-                         first.get("dimension"))
+            yield from resume_steps(handler.guard, session_of(config, handler.session_id),
+                                    resume, first.get("dimension"))
         value = {_RESUME: dict(resume) if isinstance(resume, Mapping) else resume}
         normalised = Command(graph=input.graph, update=input.update, goto=input.goto,
                              resume={i.id: value for i in guard_pending})
@@ -620,8 +632,8 @@ class GuardedStateGraph(CompiledStateGraph):
             yield from graph.stream(input, config, **kwargs)
         else:
             if isinstance(input, Command) and input.resume is not None and self.checkpointer:
-                input, stop = self._normalise(input, config,
-                                              self.get_state(config).interrupts)
+                input, stop = drive(self._ledger(), self._normalise(
+                    input, config, self.get_state(config).interrupts))
                 if stop is not None:
                     run.end_from(stop)
             parent: Any = super()
@@ -640,7 +652,8 @@ class GuardedStateGraph(CompiledStateGraph):
         else:
             if isinstance(input, Command) and input.resume is not None and self.checkpointer:
                 snapshot = await self.aget_state(config)
-                input, stop = self._normalise(input, config, snapshot.interrupts)
+                input, stop = await adrive(self._ledger(), self._normalise(
+                    input, config, snapshot.interrupts))
                 if stop is not None:
                     run.end_from(stop)
             parent: Any = super()
