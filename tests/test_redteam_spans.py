@@ -21,12 +21,11 @@ from agent_guard.testing import ScriptedChatModel
 
 SESSION = "redteam-spans"
 
-_LEAK = ("GuardMiddleware ends an agent run's invoke_agent span only from its after_agent "
-         "hook, a refusal or a pause: a run that fails with another error, a stream "
-         "broken off or a cancelled task leaves it open (until 1,024 later runs evict "
-         "it), and its chat / tool spans are exported under a parent that never is. "
-         "Ending it needs a signal at the end of the graph run, which middleware hooks "
-         "do not get")
+_LEAK = ("GuardMiddleware ends an agent run's invoke_agent span from its after_agent "
+         "hook, a pause, or an error leaving one of its hooks: a stream broken off "
+         "between two steps leaves it open (until 1,024 later runs evict it), and its "
+         "chat / tool spans are exported under a parent that never is. Ending it needs "
+         "a signal at the end of the graph run, which middleware hooks do not get")
 
 
 def _telemetry() -> tuple[GuardTelemetry, InMemorySpanExporter]:
@@ -80,7 +79,6 @@ def _check_tree(telemetry: GuardTelemetry, exporter: InMemorySpanExporter) -> No
     assert (telemetry.open_spans(), orphans, len(agents)) == (0, [], 1)
 
 
-@pytest.mark.xfail(strict=True, reason=_LEAK)
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_run_failing_in_a_tool_ends_its_agent_span(mode: str) -> None:
     telemetry, exporter = _telemetry()
@@ -104,7 +102,6 @@ def test_a_stream_broken_off_ends_its_agent_span() -> None:
     _check_tree(telemetry, exporter)
 
 
-@pytest.mark.xfail(strict=True, reason=_LEAK)
 def test_a_cancelled_run_ends_its_agent_span() -> None:
     telemetry, exporter = _telemetry()
     agent = _agent([slow], _model(1, "slow"), telemetry)

@@ -120,13 +120,15 @@ def _answer(response: Any) -> AIMessage | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _AgentRun:
     """An agent run the middleware traces: its ``invoke_agent`` span's key (the run id
-    the telemetry knows it by) and its session."""
+    the telemetry knows it by), its session, and whether an error ended its span (the
+    run may still go on: a retry or fallback middleware outside this one caught it)."""
 
     key: UUID
     session: str
+    failed: bool = False
 
 
 def _run_key() -> tuple[tuple[int, str], Any] | None:
@@ -410,7 +412,9 @@ class GuardMiddleware(AgentMiddleware):
             telemetry.chain_end(old.key)
         return run
 
-    def _agent_run_over(self) -> _AgentRun | None:
+    def _own_run(self, *, over: bool = False, failing: bool = False) -> _AgentRun | None:
+        """The running agent run this middleware traces: forgotten (``over``), or marked
+        failed (``failing``: None when its span ended already)."""
         key = _run_key() if self.telemetry is not None else None
         if key is None:
             return None
@@ -418,31 +422,58 @@ class GuardMiddleware(AgentMiddleware):
             found = self._agent_runs.get(key[0])
             if found is None or found[0] is not key[1]:
                 return None
-            del self._agent_runs[key[0]]
-        return found[1]
+            run = found[1]
+            if over:
+                del self._agent_runs[key[0]]
+            if failing:
+                if run.failed:
+                    return None
+                run.failed = True
+        return run
+
+    def _fail_agent_run(self, error: BaseException) -> None:
+        """An error left a hook: the run's span ends with it, as the callback's root run
+        ends on its error (its spans after this one, if the run goes on, stay under it)."""
+        run = self._own_run(failing=True)
+        if run is not None:
+            self.telemetry.chain_end(run.key, self.guard.usage(run.session), error,
+                                     keep_anchor=True)
+
+    async def _afail_agent_run(self, error: BaseException) -> None:
+        run = self._own_run(failing=True)
+        if run is not None:
+            try:
+                usage = await self.guard.ausage(run.session)
+            except Exception:  # the span still ends (a ledger down, a cancelled task)
+                usage = None
+            self.telemetry.chain_end(run.key, usage, error, keep_anchor=True)
 
     def _end_agent_run(self, error: BaseException | None = None) -> None:
         """End the run's ``invoke_agent`` span with the session's usage, as the callback
         handler's telemetry ends it (at the end of the run, on a stop, at a pause)."""
-        run = self._agent_run_over()
+        run = self._own_run(over=True)
         if run is not None:
-            self.telemetry.chain_end(run.key, self.guard.usage(run.session), error)
+            self.telemetry.chain_end(run.key, None if run.failed else self.guard.usage(
+                run.session), error)
 
     async def _aend_agent_run(self, error: BaseException | None = None) -> None:
-        run = self._agent_run_over()
+        run = self._own_run(over=True)
         if run is not None:
-            self.telemetry.chain_end(run.key, await self.guard.ausage(run.session), error)
+            self.telemetry.chain_end(run.key, None if run.failed else await self.guard.ausage(
+                run.session), error)
 
     @contextlib.contextmanager
     def _stops_end_the_run(self) -> Iterator[None]:
-        """A refusal raised to the caller, or a pause, ends the run's span."""
+        """A pause ends the run's span; an error leaving the hook (a refusal raised to
+        the caller, a tool's or the model's error, a cancellation) ends it with that
+        error."""
         try:
             yield
         except GraphInterrupt:
             self._end_agent_run()
             raise
-        except GuardError as exc:
-            self._end_agent_run(exc)
+        except BaseException as exc:
+            self._fail_agent_run(exc)
             raise
 
     @contextlib.asynccontextmanager
@@ -452,8 +483,8 @@ class GuardMiddleware(AgentMiddleware):
         except GraphInterrupt:
             await self._aend_agent_run()
             raise
-        except GuardError as exc:
-            await self._aend_agent_run(exc)
+        except BaseException as exc:
+            await self._afail_agent_run(exc)
             raise
 
     def _span_parent(self) -> Any:
@@ -781,6 +812,23 @@ class GuardMiddleware(AgentMiddleware):
     def wrap_tool_call(self, request: ToolCallRequest,
                        handler: Callable[[ToolCallRequest], ToolMessage | Command]
                        ) -> ToolMessage | Command:
+        if self.telemetry is None:
+            return self._wrap_tool_call(request, handler)
+        with self._stops_end_the_run():
+            return self._wrap_tool_call(request, handler)
+
+    async def awrap_tool_call(self, request: ToolCallRequest,
+                              handler: Callable[[ToolCallRequest],
+                                                Awaitable[ToolMessage | Command]]
+                              ) -> ToolMessage | Command:
+        if self.telemetry is None:
+            return await self._awrap_tool_call(request, handler)
+        async with self._astops_end_the_run():
+            return await self._awrap_tool_call(request, handler)
+
+    def _wrap_tool_call(self, request: ToolCallRequest,
+                        handler: Callable[[ToolCallRequest], ToolMessage | Command]
+                        ) -> ToolMessage | Command:
         session = current_session(self.session_id)
         attributes = self._attributes()
         call = request.tool_call
@@ -823,10 +871,10 @@ class GuardMiddleware(AgentMiddleware):
                 if answer is not None:
                     return answer
 
-    async def awrap_tool_call(self, request: ToolCallRequest,
-                              handler: Callable[[ToolCallRequest],
-                                                Awaitable[ToolMessage | Command]]
-                              ) -> ToolMessage | Command:
+    async def _awrap_tool_call(self, request: ToolCallRequest,
+                               handler: Callable[[ToolCallRequest],
+                                                 Awaitable[ToolMessage | Command]]
+                               ) -> ToolMessage | Command:
         session = current_session(self.session_id)
         attributes = self._attributes()
         call = request.tool_call

@@ -343,10 +343,13 @@ class GuardTelemetry:
             with self._lock:
                 self._anchor[run_id] = self._anchor.get(parent_run_id)
 
-    def chain_end(self, run_id: UUID, usage: Any = None, error: BaseException | None = None
-                  ) -> None:
+    def chain_end(self, run_id: UUID, usage: Any = None, error: BaseException | None = None,
+                  *, keep_anchor: bool = False) -> None:
+        """``keep_anchor``: spans started under the run after this keep going under its
+        (ended) span, until a ``chain_end`` without it."""
         with self._lock:
-            self._anchor.pop(run_id, None)
+            if not keep_anchor:
+                self._anchor.pop(run_id, None)
             span = self._spans.pop(run_id, None) if run_id in self._roots else None
             self._roots.pop(run_id, None)
         if span is None:
