@@ -228,13 +228,31 @@ class Guard:
         A call whose ``run_id`` is already open on this ledger (another handler or
         guard saw the same request first) gets that request's admission: one request
         is reserved and charged once."""
-        return drive(self.ledger, self._admit(call))
+        key, pending = claim(self._ledger_id, call.run_id)
+        if pending is not None or self._unsettled:
+            return drive(self.ledger, self._admit_claimed(call, key, pending))
+        # the common case without a generator (its start and end cost more than the
+        # rest of the driving): the same plan and first reserve, the ledger called directly
+        try:
+            plan = self._plan(call)
+            result = self.ledger.reserve(plan.scopes, plan.amounts,
+                                         lease_seconds=self.limits.lease_seconds)
+            if isinstance(result, Reservation):
+                return opened(key, plan.admit(result))
+        except BaseException as exc:
+            not_opened(key, exc)
+            raise
+        return drive(self.ledger, self._reserved(key, plan, result))
 
     async def abefore_model_call(self, call: ModelCall) -> Admission:
         return await adrive(self.ledger, self._admit(call))
 
     def _admit(self, call: ModelCall) -> Steps[Admission]:
         key, pending = claim(self._ledger_id, call.run_id)
+        return (yield from self._admit_claimed(call, key, pending))
+
+    def _admit_claimed(self, call: ModelCall, key: tuple[str, str] | None,
+                       pending: _Pending | None) -> Steps[Admission]:
         if pending is not None:
             if not pending.ready.is_set():
                 yield Wait(pending.ready, _JOIN_WAIT_SECONDS)
@@ -243,13 +261,24 @@ class Guard:
             if self._unsettled:
                 yield from self._settle_pending()
             plan = self._plan(call)
+            result = yield Op("reserve", plan.scopes, plan.amounts,
+                              lease_seconds=self.limits.lease_seconds)
+        except BaseException as exc:
+            not_opened(key, exc)
+            raise
+        return (yield from self._reserved(key, plan, result))
+
+    def _reserved(self, key: tuple[str, str] | None, plan: _Plan,
+                  result: Reservation | Denial) -> Steps[Admission]:
+        """After a reserve: the admission, or (after a denial) the next plan reserved
+        until one is admitted or the call is refused."""
+        try:
             shrinks = 0
-            while True:
+            while not isinstance(result, Reservation):
+                plan, shrinks = self._planner.after_denial(plan, result, shrinks)
                 result = yield Op("reserve", plan.scopes, plan.amounts,
                                   lease_seconds=self.limits.lease_seconds)
-                if isinstance(result, Reservation):
-                    return opened(key, plan.admit(result))
-                plan, shrinks = self._planner.after_denial(plan, result, shrinks)
+            return opened(key, plan.admit(result))
         except BaseException as exc:
             not_opened(key, exc)
             raise
@@ -281,8 +310,11 @@ class Guard:
         earlier attempts that may have been billed (the provider client retried
         after timeouts) are each charged one attempt's worst case, estimated.
         """
-        return drive(self.ledger, self._close(*self._settled(
-            admission, usage, output_tokens, response_model, cache_hit, retried)))
+        admission, record, amounts = self._settled(
+            admission, usage, output_tokens, response_model, cache_hit, retried)
+        if amounts is None or self.ledger.defers_settles:
+            return drive(self.ledger, self._close(admission, record, amounts))
+        return self._close_settled(admission, record, amounts)
 
     async def aafter_model_call(
         self,
@@ -400,6 +432,30 @@ class Guard:
         self._emit(record)
         if settled is not None and self._thresholds:  # no work when none is set
             yield from self._watch.check(record.session, admission.scopes, settled)
+        return record
+
+    def _close_settled(self, admission: Admission, record: CallRecord,
+                       amounts: dict[str, int]) -> CallRecord:
+        """:meth:`_close` of a settle on a ledger that does not defer it, called
+        directly: the same steps without a generator (its start and end cost more than
+        the rest of the driving)."""
+        first = finish(admission, record)
+        if first is not record:
+            return first
+        reservation = admission.reservation
+        settled = None
+        try:
+            try:
+                settled = self.ledger.settle(reservation, amounts)
+            except LedgerUnavailable as exc:
+                self._unsettled.keep(reservation, amounts, exc)
+            else:
+                self._planner.note_spent(settled)
+        finally:
+            forget(admission)
+        self._emit(record)
+        if settled is not None and self._thresholds:
+            self._check_thresholds(record.session, admission.scopes, settled)
         return record
 
     def _settle_later(self, admission: Admission | ToolAdmission,
@@ -789,7 +845,15 @@ class Guard:
 
     def _check_thresholds(self, session: str, refs: Sequence[ScopeRef],
                           settled: Settlement) -> None:
-        drive(self.ledger, self._watch.check(session, refs, settled))
+        watch = self._watch
+        if not settled or watch.unread_windows(refs, settled):
+            drive(self.ledger, watch.check(session, refs, settled))
+            return
+        # nothing to read first (nearly every settle): ThresholdWatch.check's marker
+        # charges, called directly (no generator when nothing was crossed)
+        for scope, marker, event in watch.crossed(session, refs, settled):
+            if self.ledger.charge([scope], {marker: 1}) is None:
+                watch.fire(event)
 
     async def _acheck_thresholds(self, session: str, refs: Sequence[ScopeRef],
                                  settled: Settlement) -> None:
