@@ -131,16 +131,25 @@ local function ag_cells_settle_all(keys, retention, batch)
     local reply = replies[i]
     if reply ~= 0 then
       local debts = {}
+      -- one HMGET per scope key: n, then g, b, s, r of each settled dim (dim a/2+1's
+      -- g at index 2a)
+      local fields = {'n'}
+      for a = 1, #s[5], 2 do
+        local dim = s[5][a]
+        fields[#fields + 1] = 'g:' .. dim
+        fields[#fields + 1] = 'b:' .. dim
+        fields[#fields + 1] = 's:' .. dim
+        fields[#fields + 1] = 'r:' .. dim
+      end
       for j, k in ipairs(s[4]) do
-        reply[#reply + 1] = ag_n(redis.call('HGET', keys[k], 'n'))
+        local v = redis.call('HMGET', keys[k], unpack(fields))
+        reply[#reply + 1] = ag_n(v[1])
         for a = 1, #s[5], 2 do
-          local dim = s[5][a]
-          local v = redis.call('HMGET', keys[k], 'g:' .. dim, 'b:' .. dim, 's:' .. dim,
-                               'r:' .. dim)
-          if v[1] then
-            local debt = ag_n(v[3]) + ag_n(v[4]) - (ag_n(v[1]) - ag_n(v[2]))
+          local o = 2 * a
+          if v[o] then
+            local debt = ag_n(v[o + 2]) + ag_n(v[o + 3]) - (ag_n(v[o]) - ag_n(v[o + 1]))
             if debt > 0 then
-              debts[#debts + 1] = {j, dim, ag_num(debt)}
+              debts[#debts + 1] = {j, s[5][a], ag_num(debt)}
             end
           end
         end
