@@ -29,6 +29,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -141,7 +142,7 @@ class CellsRedisLedger(RedisLedger):
         self._registered: set[tuple[str, int]] = set()
         #: read-backs computed for a landed batch, by id of their queued settle
         self._ready: dict[int, Settlement] = {}
-        self._readbacks = _ReadBacks(weakref.ref(self))
+        self._readbacks = _ReadBacks(weakref.ref(self), self.settle_delay)
         _CELL_LEDGERS.add(self)
         self._divisor = str(4 * cells)
 
@@ -719,11 +720,13 @@ _Entry = tuple[Callback, dict[str, dict[str, int]], dict[str, set[str]]]
 
 class _ReadBacks:
     """Deferred settles' callbacks waiting for their spread scopes' spend over every
-    cell: a daemon thread per ledger delivers them, one read for all that queued
-    meanwhile."""
+    cell: a daemon thread per ledger delivers them, one read for all that queued in
+    ``window`` seconds (the ledger's ``settle_delay``) from the first (``drain``
+    delivers at once)."""
 
-    def __init__(self, ledger: weakref.ref[CellsRedisLedger]) -> None:
+    def __init__(self, ledger: weakref.ref[CellsRedisLedger], window: float) -> None:
         self.ledger = ledger
+        self.window = window
         self.cond = threading.Condition(threading.Lock())
         self.queue: list[_Entry] = []
         self.busy = 0  # entries taken and not delivered yet
@@ -766,6 +769,8 @@ class _ReadBacks:
                 if not self.queue:
                     self.thread = None
                     return
+            if self.window:  # the settles landing meanwhile share the read
+                time.sleep(self.window)
             self._deliver(self._take())
 
     def drain(self) -> None:
