@@ -18,8 +18,13 @@ back every settled dimension of every scope) and ``settle_later`` (as the guard 
 deferred, reading back the capped dimension). Printed, for each: per cluster node, the
 commands it ran (the sum of ``calls`` in its ``INFO commandstats``, after ``CONFIG
 RESETSTAT``) and its share of the cluster's total, with whether the largest share is at
-most 45%, and the pairs per second; and the machine's load average. Results also go to
-benchmarks/results/cluster.json.
+most 45%, and the commands per pair; the pairs per second this client reached; and the
+server's capacity, independent of the client: per node, the CPU the redis-server spent
+per pair (``used_cpu_user + used_cpu_sys`` of ``INFO cpu``, before and after; and of
+that, the scripts' ``usec`` in ``INFO commandstats``), and the pairs per second at which the
+busiest node would be saturated (one second of CPU / the largest CPU per pair: one node
+bounds the one-slot layout and one Redis, the busiest of three bounds cells). And the
+machine's load average. Results also go to benchmarks/results/cluster.json.
 """
 
 from __future__ import annotations
@@ -98,11 +103,46 @@ def run(ledger: Ledger, sessions: int, tenants: int, pairs: int, threads: int,
     return pairs / elapsed
 
 
-def command_calls(port: int) -> int:
+_OWN = ("cmdstat_config", "cmdstat_info", "cmdstat_cluster")
+_SCRIPTS = ("cmdstat_evalsha", "cmdstat_eval")
+
+
+def server_stats(port: int) -> tuple[int, int, float]:
+    """A server's commands run (``INFO commandstats``, since ``CONFIG RESETSTAT``, without
+    the benchmark's own; a script's commands count too), the ``usec`` of its scripts
+    (``EVALSHA``, which includes the commands they run), and its CPU seconds so far
+    (``INFO cpu``)."""
     with redis.Redis(port=port) as client:
         stats = client.info("commandstats")
-    return sum(int(v["calls"]) for k, v in stats.items()
-               if k not in ("cmdstat_config", "cmdstat_info", "cmdstat_cluster"))
+        cpu = client.info("cpu")
+    calls = sum(int(v["calls"]) for k, v in stats.items() if k not in _OWN)
+    usec = sum(int(v["usec"]) for k, v in stats.items() if k in _SCRIPTS)
+    return calls, usec, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
+def measure(ledger: Ledger, ports: list[int], pairs: int, later: bool,
+            args: argparse.Namespace) -> dict[str, Any]:
+    """Run the workload on ``ledger``; its rate, and per server (``ports``) the commands,
+    their share and the CPU spent per pair, with the rate at which the busiest saturates."""
+    for port in ports:
+        with redis.Redis(port=port) as c:
+            c.config_resetstat()
+    before = {p: server_stats(p)[2] for p in ports}
+    rate = run(ledger, args.sessions, args.tenants, pairs, args.threads, later)
+    after = {p: server_stats(p) for p in ports}
+    calls = {f"127.0.0.1:{p}": after[p][0] for p in ports}
+    total = sum(calls.values()) or 1
+    shares = {k: round(v / total, 3) for k, v in calls.items()}
+    cpu_us = {f"127.0.0.1:{p}": round((after[p][2] - before[p]) * 1e6 / pairs, 1)
+              for p in ports}
+    usec = {f"127.0.0.1:{p}": round(after[p][1] / pairs, 1) for p in ports}
+    busiest = max(cpu_us.values()) or 1.0
+    return {"pairs_per_s": round(rate), "commands_per_node": calls,
+            "share_per_node": shares, "max_share": max(shares.values()),
+            "max_share_at_most_45pct": max(shares.values()) <= 0.45,
+            "commands_per_pair": round(total / pairs, 1),
+            "server_cpu_us_per_pair": cpu_us, "script_usec_per_pair": usec,
+            "saturates_at_pairs_per_s": round(1e6 / busiest)}
 
 
 def free_port() -> int:
@@ -148,22 +188,10 @@ def main() -> None:
             out["load_before"] = os.getloadavg()[0]
             for mode in ("settle", "settle_later"):
                 later = mode == "settle_later"
-                found: dict[str, Any] = {}
-                for name, ledger in layouts.items():
-                    for port in cluster.ports:
-                        with redis.Redis(port=port) as c:
-                            c.config_resetstat()
-                    rate = run(ledger, args.sessions, args.tenants, args.pairs, args.threads,
-                               later)
-                    calls = {f"127.0.0.1:{p}": command_calls(p) for p in cluster.ports}
-                    total = sum(calls.values()) or 1
-                    shares = {k: round(v / total, 3) for k, v in calls.items()}
-                    found[name] = {
-                        "pairs_per_s": round(rate), "commands_per_node": calls,
-                        "share_per_node": shares, "max_share": max(shares.values()),
-                        "max_share_at_most_45pct": max(shares.values()) <= 0.45}
-                found["one Redis"] = {"pairs_per_s": round(
-                    run(one, args.sessions, args.tenants, args.pairs, args.threads, later))}
+                found: dict[str, Any] = {
+                    name: measure(ledger, list(cluster.ports), args.pairs, later, args)
+                    for name, ledger in layouts.items()}
+                found["one Redis"] = measure(one, [single_port], args.pairs, later, args)
                 out[mode] = found
             out["load_after"] = os.getloadavg()[0]
             for ledger in (*layouts.values(), one):
@@ -178,14 +206,17 @@ def main() -> None:
     for mode in ("settle", "settle_later"):
         print(f"{mode}:")
         for name, layout in out[mode].items():
-            if "commands_per_node" not in layout:
-                print(f"  {name}: {layout['pairs_per_s']} pairs/s")
-                continue
+            where = name if name == "one Redis" else f"cluster, {name}"
             verdict = "yes" if layout["max_share_at_most_45pct"] else "NO"
-            print(f"  cluster, {name}: {layout['pairs_per_s']} pairs/s; largest share "
-                  f"{layout['max_share']:.1%} (at most 45%: {verdict})")
+            print(f"  {where}: client reached {layout['pairs_per_s']} pairs/s; servers "
+                  f"saturate at {layout['saturates_at_pairs_per_s']} pairs/s; "
+                  f"{layout['commands_per_pair']} commands/pair"
+                  + ("" if name == "one Redis" else
+                     f"; largest share {layout['max_share']:.1%} (at most 45%: {verdict})"))
             for node, n in layout["commands_per_node"].items():
-                print(f"    {node}: {n:>7} commands  {layout['share_per_node'][node]:6.1%}")
+                print(f"    {node}: {n:>7} commands {layout['share_per_node'][node]:6.1%}  "
+                      f"CPU {layout['server_cpu_us_per_pair'][node]:6.1f} us/pair  "
+                      f"(in scripts {layout['script_usec_per_pair'][node]:5.1f})")
     print(f"load average (1 min) {out['load_before']:.1f} before, {out['load_after']:.1f} after")
     results = Path(__file__).with_name("results")
     results.mkdir(exist_ok=True)
