@@ -251,3 +251,42 @@ def test_an_async_guarded_graph_resume_extends_with_async_ledger_ops(by_id: bool
     out = asyncio.run(paused_and_resumed())
     assert "__interrupt__" not in out
     assert ledger.blocked == []
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_retried_long_running_paid_tool_keeps_its_hold_under_the_middleware(mode: str
+                                                                              ) -> None:
+    """The run ToolRetryMiddleware makes again inside GuardMiddleware has its own hold:
+    the lease keeper renews it while that run goes on, as it renews the first run's."""
+    from agent_guard.engine.keeper import keeper
+
+    renewed: list[int] = []
+    runs: list[int] = []
+
+    @tool
+    def sandbox(code: str) -> str:
+        """Run code."""
+        runs.append(1)
+        if len(runs) == 1:
+            raise RuntimeError("sandbox: crashed after billing")
+        watches = [w for w in keeper._watches.values()
+                   if getattr(w.admission, "tool", None) == "sandbox"
+                   and not w.admission.finished]
+        for w in watches:
+            w.renew_at = 0.0
+        keeper.check()
+        renewed.extend(len(w.renewed) for w in watches)
+        return "ok"
+
+    priced_tool(sandbox, ToolPrice("0.01"))
+    guard = Guard(Limits(max_cost_usd=1))
+    answers = iter([AIMessage("", tool_calls=[{"name": "sandbox", "args": {"code": "1"},
+                                               "id": "c1"}]), AIMessage("done")])
+    model = ScriptedChatModel(model_name="gpt-4o", respond=lambda m: next(answers))
+    agent = create_agent(model, [sandbox], middleware=[
+        GuardMiddleware(guard, session_id=SESSION),
+        ToolRetryMiddleware(max_retries=1, initial_delay=0, jitter=False)])
+    _run(agent, mode)
+    assert len(runs) == 2 and renewed == [1]
+    assert guard.usage(SESSION).reserved_nano == 0
+    assert not [w for w in keeper._watches.values() if getattr(w.admission, "tool", None)]

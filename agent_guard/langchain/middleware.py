@@ -754,13 +754,14 @@ class GuardMiddleware(AgentMiddleware):
                 "result": tool_result(result)}
 
     def _settled_in_run(self, request: ToolCallRequest, admission: ToolAdmission,
-                        hits: list[int]) -> ToolCallRequest:
+                        hits: list[int], **running: Any) -> ToolCallRequest:
         """The request with a priced tool whose own run settles it (see
-        :class:`_ToolRunGate`); any other request as it is."""
+        :class:`_ToolRunGate`); any other request as it is. ``running``: what the lease
+        keeper watches while the call runs (its thread and frame, or its task)."""
         tool = request.tool
         if admission.reservation is None or tool is None:
             return request
-        gate = _ToolRunGate(self, request, admission, hits)
+        gate = _ToolRunGate(self, request, admission, hits, running)
         callbacks = tool.callbacks
         if isinstance(callbacks, BaseCallbackManager):
             callbacks = callbacks.copy()
@@ -845,10 +846,12 @@ class GuardMiddleware(AgentMiddleware):
                     self._tool_span_end(span, record, hit, saved=saved)
                     return hit
                 try:
+                    running: dict[str, Any] = {"thread_id": threading.get_ident(),
+                                               "frame": sys._getframe()}
                     with collecting_cache_hits() as hits, self._owning(call), _held(
-                            self, self.guard, admission, thread_id=threading.get_ident(),
-                            frame=sys._getframe()):
-                        result = handler(self._settled_in_run(request, admission, hits))
+                            self, self.guard, admission, **running):
+                        result = handler(self._settled_in_run(request, admission, hits,
+                                                              **running))
                 except GraphInterrupt as exc:  # paused before it ran: runs again on resume
                     self.guard.tool_call_not_run(admission)
                     self._tool_span_end(span, None, error=exc)
@@ -894,10 +897,11 @@ class GuardMiddleware(AgentMiddleware):
                     self._tool_span_end(span, record, hit, saved=saved)
                     return hit
                 try:
+                    task = asyncio.current_task()
                     with collecting_cache_hits() as hits, self._owning(call), _held(
-                            self, self.guard, admission, task=asyncio.current_task()):
+                            self, self.guard, admission, task=task):
                         result = await handler(self._settled_in_run(request, admission,
-                                                                    hits))
+                                                                    hits, task=task))
                 except GraphInterrupt as exc:
                     await self.guard.atool_call_not_run(admission)
                     self._tool_span_end(span, None, error=exc)
@@ -947,12 +951,14 @@ class _ToolRunGate(BaseCallbackHandler):
         return dispatching_async(_TOOL_ENDS)
 
     def __init__(self, middleware: GuardMiddleware, request: ToolCallRequest,
-                 admission: ToolAdmission, hits: list[int]) -> None:
+                 admission: ToolAdmission, hits: list[int], running: dict[str, Any]
+                 ) -> None:
         super().__init__()
         self.middleware = middleware
         self.request = request
         self.admission = admission
         self.hits = hits
+        self.running = running  # what the lease keeper watches (see _held)
         self.run_id: UUID | None = None  # the first run: settles the middleware's admission
         # run -> (its admission, its metadata, its handlers (its tracers))
         self.runs: dict[UUID, tuple[ToolAdmission, dict[str, Any] | None, Any]] = {}
@@ -968,6 +974,8 @@ class _ToolRunGate(BaseCallbackHandler):
                  metadata: dict[str, Any] | None) -> None:
         self.runs[run_id] = (admission, metadata if isinstance(metadata, dict) else None,
                              go_first(self, run_id))
+        if admission is not self.admission:  # its hold is renewed while the call runs
+            keeper.watch(self, self.middleware.guard, admission, **self.running)
 
     def _refused(self) -> None:
         self.raise_error = True  # the refusal reaches the run: the tool does not run
@@ -1009,6 +1017,8 @@ class _ToolRunGate(BaseCallbackHandler):
         run = self.runs.get(run_id)
         if run is None or run[0].finished or isinstance(error, GraphInterrupt):
             return None
+        if run[0] is not self.admission:
+            keeper.unwatch(self, run[0])
         return run[0]
 
     def _hits(self, admission: ToolAdmission) -> list[int] | None:
