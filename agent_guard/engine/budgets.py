@@ -364,11 +364,23 @@ def _per_value(kind: str, by: Mapping[str, Limits]) -> dict[str, Limits]:
     return out
 
 
+#: attribute names -> the metadata keys that can carry one of them
+_METADATA_KEYS: dict[frozenset[str], frozenset[str]] = {}
+
+
 def attributes_from_metadata(metadata: Mapping[str, object] | None,
                              names: frozenset[str]) -> dict[str, str]:
     """Scope values carried in a run's metadata: keys named after a scope kind
     (``team``; ``user_id`` for ``user``), or the dict ``metadata["agent_guard"]``."""
     if not metadata:
+        return {}
+    keys = _METADATA_KEYS.get(names)
+    if keys is None:
+        keys = _METADATA_KEYS[names] = names.union(
+            alias for alias, kind in ALIASES.items() if kind in names) | {"agent_guard"}
+        if len(_METADATA_KEYS) > 256:
+            _METADATA_KEYS.clear()
+    if keys.isdisjoint(metadata.keys()):  # most calls: no key names a scope value
         return {}
     out: dict[str, str] = {}
     for key, value in metadata.items():
