@@ -28,6 +28,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
 from uuid import UUID
@@ -93,6 +94,9 @@ __all__ = ["GuardMiddleware"]
 
 # agent runs whose span is open: beyond, the oldest is ended (a run that failed elsewhere)
 _MAX_OPEN_AGENT_RUNS = 1024
+# the tool call a traced middleware runs now: (its telemetry, its span's key)
+_TOOL_SPAN: ContextVar[tuple[Any, UUID] | None] = ContextVar("agent_guard_tool_span",
+                                                             default=None)
 
 
 def _parent_run_id() -> Any:
@@ -398,12 +402,16 @@ class GuardMiddleware(AgentMiddleware):
             return None
         meta = config.get("metadata") or {}
         run = _AgentRun(uuid.uuid4(), named_session(meta, self.session_id) or "")
+        # an agent run inside a tool call traced with this telemetry: its spans go under
+        # that call's span (no span of its own, as the callback's nested runs)
+        outer = _TOOL_SPAN.get()
+        inside = outer[1] if outer is not None and outer[0] is telemetry else None
         dropped = []
         with self._lock:
             found = self._agent_runs.get(key[0])
             if found is not None and found[0] is key[1]:
                 return found[1]
-            telemetry.chain_start(run.key, None, meta.get("lc_agent_name"), run.session,
+            telemetry.chain_start(run.key, inside, meta.get("lc_agent_name"), run.session,
                                   attributes_from_metadata(meta, self.guard.attribute_names))
             self._agent_runs[key[0]] = (key[1], run)
             while len(self._agent_runs) > _MAX_OPEN_AGENT_RUNS:
@@ -726,13 +734,17 @@ class GuardMiddleware(AgentMiddleware):
             self.cache.put_tool(call["name"], call.get("args", {}), result.content, **where)
 
     @contextlib.contextmanager
-    def _owning(self, call: Mapping[str, Any]) -> Iterator[None]:
+    def _owning(self, call: Mapping[str, Any], span: UUID | None = None) -> Iterator[None]:
         """While the tool runs: this middleware counted it (a callback handler on the same
-        ledger that sees it does not count it again)."""
+        ledger that sees it does not count it again), and an agent run inside it traced
+        with the same telemetry goes under its span."""
         token = OWNER.set(ToolOwner(self.guard, call.get("id")))
+        inside = _TOOL_SPAN.set((self.telemetry, span)) if span is not None else None
         try:
             yield
         finally:
+            if inside is not None:
+                _TOOL_SPAN.reset(inside)
             OWNER.reset(token)
 
     def _attributes(self) -> dict[str, str]:
@@ -848,7 +860,7 @@ class GuardMiddleware(AgentMiddleware):
                 try:
                     running: dict[str, Any] = {"thread_id": threading.get_ident(),
                                                "frame": sys._getframe()}
-                    with collecting_cache_hits() as hits, self._owning(call), _held(
+                    with collecting_cache_hits() as hits, self._owning(call, span), _held(
                             self, self.guard, admission, **running):
                         result = handler(self._settled_in_run(request, admission, hits,
                                                               **running))
@@ -898,7 +910,7 @@ class GuardMiddleware(AgentMiddleware):
                     return hit
                 try:
                     task = asyncio.current_task()
-                    with collecting_cache_hits() as hits, self._owning(call), _held(
+                    with collecting_cache_hits() as hits, self._owning(call, span), _held(
                             self, self.guard, admission, task=task):
                         result = await handler(self._settled_in_run(request, admission,
                                                                     hits, task=task))

@@ -425,6 +425,7 @@ class GuardTelemetry:
     def refused(self, run_id: UUID, exc: BaseException) -> None:
         with self._lock:
             span = self._spans.pop(run_id, None)
+            self._anchor.pop(run_id, None)
             chat = self._chats.pop(run_id, None)
         if chat is not None:
             span = chat[0]
@@ -589,6 +590,7 @@ class GuardTelemetry:
                                       kind=SpanKind.INTERNAL, attributes=attributes)
         with self._lock:
             self._spans[run_id] = span
+            self._anchor[run_id] = span  # runs inside the tool (an agent) go under it
 
     def tool_cache_hit(self, run_id: UUID, saved_nano: int) -> None:
         """The open tool run ``run_id`` was answered from agent-guard's result cache."""
@@ -626,6 +628,7 @@ class GuardTelemetry:
         a model call's span (what it cost, what was reserved, whether estimated)."""
         with self._lock:
             span = self._spans.pop(run_id, None)
+            self._anchor.pop(run_id, None)
         if span is None:
             return
         if record is not None and record.reserved_nano:
