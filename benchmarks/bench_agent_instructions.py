@@ -5,9 +5,10 @@ Wall time on a loaded machine says little; the instructions a run executes and t
 number of times it hands work to a thread (executor submissions: each is a wake-up of
 another thread and a wait for it) do not move with the load. Four agents, one model call
 per run (the ``bench_overhead.py`` agent): alone, with ``GuardCallbackHandler``, with
-``GuardMiddleware``, and with an empty middleware that only passes ``wrap_model_call``
+``GuardMiddleware``, with an empty middleware that only passes ``wrap_model_call``
 / ``awrap_model_call`` through (what LangChain itself adds for any middleware with that
-hook). Memory ledger.
+hook), and with one that also has an empty ``before_model`` hook (a graph node of its
+own, as GuardMiddleware's step count). Memory ledger.
 
     python benchmarks/bench_agent_instructions.py            # callgrind (x86-64 Linux)
     python benchmarks/bench_agent_instructions.py --no-callgrind   # hops only
@@ -51,6 +52,13 @@ def agents() -> dict[str, tuple[Any, dict[str, Any]]]:
         async def awrap_model_call(self, request: Any, handler: Any) -> Any:
             return await handler(request)
 
+    class PassThroughAndStep(PassThrough):
+        def before_model(self, state: Any, runtime: Any) -> None:
+            return None
+
+        async def abefore_model(self, state: Any, runtime: Any) -> None:
+            return None
+
     limits = Limits(max_cost_usd=1e6)
     handler = GuardCallbackHandler(Guard(limits), session_id="bench")
     return {
@@ -60,6 +68,8 @@ def agents() -> dict[str, tuple[Any, dict[str, Any]]]:
             GuardMiddleware(limits=limits, session_id="bench")]), {}),
         "agent + empty middleware": (create_agent(make_model(), [],
                                                   middleware=[PassThrough()]), {}),
+        "empty middleware + step": (create_agent(make_model(), [],
+                                                 middleware=[PassThroughAndStep()]), {}),
     }
 
 
