@@ -999,7 +999,7 @@ class Guard:
             tier=call.tier,
             route=call.route,
             attributes=admission.attributes,
-            scopes=tuple(r.scope for r in admission.scopes),
+            scopes=tuple([r.scope for r in admission.scopes]),
             record_id=admission.reservation.id,
         )
 
