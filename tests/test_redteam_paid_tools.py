@@ -290,3 +290,52 @@ def test_a_retried_long_running_paid_tool_keeps_its_hold_under_the_middleware(mo
     assert len(runs) == 2 and renewed == [1]
     assert guard.usage(SESSION).reserved_nano == 0
     assert not [w for w in keeper._watches.values() if getattr(w.admission, "tool", None)]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("path", ["callback", "middleware"])
+def test_a_paid_tool_that_pauses_after_billing_is_charged(path: str, mode: str) -> None:
+    """A priced tool calls its paid API, then asks a human (``interrupt()``) before it
+    answers; resumed, it runs again from the start and calls the API again. Both runs
+    reached the API: the ledger holds at least two runs' price, on both adapters."""
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command, interrupt
+
+    billed: list[int] = []
+
+    @tool
+    def draft(topic: str) -> str:
+        """Draft a text with a paid API, then ask for approval."""
+        billed.append(1)
+        approved = interrupt({"draft": topic})
+        return f"sent: {approved}"
+
+    priced_tool(draft, ToolPrice("0.01"))
+    records: list[CallRecord] = []
+    guard = Guard(Limits(max_cost_usd=1), on_record=[records.append])
+    answers = iter([AIMessage("", tool_calls=[{"name": "draft", "args": {"topic": "x"},
+                                               "id": "c1"}]), AIMessage("done")])
+    model = ScriptedChatModel(model_name="gpt-4o", respond=lambda m: next(answers))
+    middleware = [GuardMiddleware(guard, session_id=SESSION)] if path == "middleware" else []
+    agent = create_agent(model, [draft], middleware=middleware, checkpointer=InMemorySaver())
+    config: Any = {"configurable": {"thread_id": "t1"}}
+    if path == "callback":
+        config["callbacks"] = [GuardCallbackHandler(guard, session_id=SESSION)]
+
+    async def both() -> Any:
+        paused = await agent.ainvoke({"messages": [("user", "draft")]}, config)
+        assert "__interrupt__" in paused
+        return await agent.ainvoke(Command(resume="yes"), config)
+
+    if mode == "sync":
+        assert "__interrupt__" in agent.invoke({"messages": [("user", "draft")]}, config)
+        out = agent.invoke(Command(resume="yes"), config)
+    else:
+        out = asyncio.run(both())
+    assert "__interrupt__" not in out
+    assert len(billed) == 2
+    tools = [r for r in records if r.kind == "tool"]
+    usage = guard.usage("t1")
+    assert usage.reserved_nano == 0
+    assert sum(r.cost_nano for r in tools) >= len(billed) * PRICE_NANO, \
+        [(r.outcome, r.cost_nano) for r in tools]

@@ -864,9 +864,12 @@ class GuardMiddleware(AgentMiddleware):
                             self, self.guard, admission, **running):
                         result = handler(self._settled_in_run(request, admission, hits,
                                                               **running))
-                except GraphInterrupt as exc:  # paused before it ran: runs again on resume
-                    self.guard.tool_call_not_run(admission)
-                    self._tool_span_end(span, None, error=exc)
+                except GraphInterrupt as exc:
+                    # paused inside the tool (its run settled it: it may have spent), or
+                    # before it ran (released): either way it runs again on resume
+                    if not admission.finished:
+                        self.guard.tool_call_not_run(admission)
+                    self._tool_span_end(span, _run_record(admission), error=exc)
                     raise
                 except BaseException as exc:
                     # it may have reached the paid API: charged its worst case
@@ -915,8 +918,9 @@ class GuardMiddleware(AgentMiddleware):
                         result = await handler(self._settled_in_run(request, admission,
                                                                     hits, task=task))
                 except GraphInterrupt as exc:
-                    await self.guard.atool_call_not_run(admission)
-                    self._tool_span_end(span, None, error=exc)
+                    if not admission.finished:
+                        await self.guard.atool_call_not_run(admission)
+                    self._tool_span_end(span, _run_record(admission), error=exc)
                     raise
                 except BaseException as exc:
                     record = _run_record(admission) if admission.finished else \
@@ -1024,10 +1028,11 @@ class _ToolRunGate(BaseCallbackHandler):
 
     def _ending(self, run_id: UUID, error: BaseException | None = None
                 ) -> ToolAdmission | None:
-        """The admission this end settles, if it is this gate's to settle (an interrupt
-        is the middleware's)."""
+        """The admission this end settles, if it is this gate's to settle. A tool that
+        paused itself (``interrupt()`` in its body: a ``GraphInterrupt``) started, and
+        may have called its paid API before pausing: settled as a failed call."""
         run = self.runs.get(run_id)
-        if run is None or run[0].finished or isinstance(error, GraphInterrupt):
+        if run is None or run[0].finished:
             return None
         if run[0] is not self.admission:
             keeper.unwatch(self, run[0])
