@@ -25,7 +25,7 @@ from ..ledger import Ledger
 if TYPE_CHECKING:
     from .admission import _Ready
 
-__all__ = ["Op", "Steps", "Wait", "adrive", "drive"]
+__all__ = ["FINISHING", "Op", "Steps", "Wait", "adrive", "drive"]
 
 T = TypeVar("T")
 
@@ -82,16 +82,47 @@ def drive(ledger: Ledger, steps: Steps[T]) -> T:
         return done.value  # type: ignore[no-any-return]
 
 
+#: operations that end what was already held or spent: a cancellation of the caller
+#: waits for them (a settle cut off mid-await would leave a billed call's hold to run
+#: out its lease and be returned, and the call without a record)
+FINISHING = frozenset({"settle", "release", "flush", "close"})
+
+
 async def adrive(ledger: Ledger, steps: Steps[T]) -> T:
-    """Run ``steps`` awaiting the ledger's async methods."""
+    """Run ``steps`` awaiting the ledger's async methods.
+
+    A :data:`FINISHING` operation runs to its end even when the caller is cancelled;
+    the rest of the steps run too (the record is emitted), then the cancellation is
+    raised."""
+    cancelled: asyncio.CancelledError | None = None
     try:
         op = next(steps)
         while True:
             try:
-                result = await op.arun(ledger)
+                if op.name in FINISHING:
+                    result, cancel = await _to_the_end(op.arun(ledger))
+                    cancelled = cancel or cancelled
+                else:
+                    result = await op.arun(ledger)
             except BaseException as exc:
                 op = steps.throw(exc)
             else:
                 op = steps.send(result)
     except StopIteration as done:
+        if cancelled is not None:
+            raise cancelled from None
         return done.value  # type: ignore[no-any-return]
+
+
+async def _to_the_end(operation: Any) -> tuple[Any, asyncio.CancelledError | None]:
+    """Await ``operation`` to its end whatever cancels the caller meanwhile; return its
+    result and the caller's cancellation, if one came."""
+    task = asyncio.ensure_future(operation)
+    cancelled = None
+    while True:
+        try:
+            return await asyncio.shield(task), cancelled
+        except asyncio.CancelledError as exc:
+            if task.done():  # the operation itself was cancelled, not its caller
+                raise
+            cancelled = exc

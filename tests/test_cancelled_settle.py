@@ -1,0 +1,79 @@
+"""A task cancelled while its settle is in flight still settles and records the call.
+
+The provider has billed the call by the time the guard settles it; a cancellation that
+lands inside that await (``asyncio.timeout``, a cancelled agent run, a closed stream)
+must not leave the hold to run out its lease and be returned: that would charge less
+than was billed, and the call would leave no record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from agent_guard import Guard, Limits
+from agent_guard.engine.admission import ModelCall
+from agent_guard.engine.records import CallRecord
+from agent_guard.engine.usage import Usage
+from agent_guard.ledger import Reservation, Settlement
+from agent_guard.ledger.memory import MemoryLedger
+from agent_guard.ledger.redis import RedisLedger
+
+CALL = ModelCall(session="s", model="gpt-4o-mini", input_tokens=100, max_output_tokens=50)
+USAGE = Usage(input_tokens=80, output_tokens=20)
+
+
+class _SlowMemory(MemoryLedger):
+    async def asettle(self, reservation: Reservation, actual: Mapping[str, int]) -> Settlement:
+        await asyncio.sleep(0.05)
+        return await super().asettle(reservation, actual)
+
+    async def arelease(self, reservation: Reservation) -> bool:
+        await asyncio.sleep(0.05)
+        return await super().arelease(reservation)
+
+
+class _SlowRedis(RedisLedger):
+    async def asettle(self, reservation: Reservation, actual: Mapping[str, int]) -> Settlement:
+        await asyncio.sleep(0.05)
+        return await super().asettle(reservation, actual)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def ledger(request: pytest.FixtureRequest, redis_namespace: str) -> Iterator[Any]:
+    if request.param == "memory":
+        made: Any = _SlowMemory()
+    else:
+        made = _SlowRedis.from_url(request.getfixturevalue("redis_url") + "?settle_delay=0",
+                                   namespace=redis_namespace)
+    yield made
+    made.close()
+
+
+def _cancel_inside(coro: Any) -> None:
+    async def run() -> None:
+        task = asyncio.ensure_future(coro)
+        await asyncio.sleep(0.01)  # the task now awaits the ledger's settle
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("path", ["answer", "failure"])
+def test_a_cancel_inside_the_settle_still_charges_and_records(ledger: Any, path: str) -> None:
+    guard = Guard(Limits(max_cost_usd=1), ledger)
+    records: list[CallRecord] = []
+    guard.add_record_hook(records.append)
+    admission = asyncio.run(guard.abefore_model_call(CALL))
+    if path == "answer":
+        _cancel_inside(guard.aafter_model_call(admission, USAGE))
+    else:
+        _cancel_inside(guard.amodel_call_failed(admission, output_tokens=20))
+    usage = guard.usage("s")
+    assert usage.reserved_nano == 0, "the hold was left to its lease"
+    assert len(records) == 1 and usage.cost_nano == records[0].cost_nano > 0
