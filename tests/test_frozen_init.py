@@ -71,3 +71,36 @@ def test_engine_objects_keep_their_behaviour() -> None:
     assert pickle.loads(pickle.dumps(record)) == record
     assert Reservation("r", ("a",), {"usd_nano": 1}, 5.0).id == "r"
     assert not Settlement(False) and Settlement(True).spent == {}
+
+
+def test_an_object_is_of_its_own_class_and_a_subclass_keeps_its_class() -> None:
+    """Fields are filled in as a plain twin class's (then the class is set back): the
+    object ends as the class constructed, a subclass's included, and stays frozen."""
+
+    class Sub(_Fast):
+        __slots__ = ()
+
+    for cls in (_Fast, Sub):
+        obj = cls(1, "x", [2])
+        assert type(obj) is cls
+        assert (obj.a, obj.b, obj.c) == (1, "x", [2])
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            obj.a = 2  # type: ignore[misc]
+    for cls in (Usage, Reservation, CallRecord, ModelCall):
+        assert "_twin" in cls.__init__.__code__.co_names  # the twin path is taken
+
+
+def test_a_factory_that_raises_leaves_the_class_as_it_was() -> None:
+    def boom() -> list[int]:
+        raise RuntimeError("boom")
+
+    @fast_init
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Failing:
+        a: int
+        c: list[int] = dataclasses.field(default_factory=boom)
+
+    obj = object.__new__(Failing)
+    with pytest.raises(RuntimeError):
+        Failing.__init__(obj, 1)
+    assert type(obj) is Failing
