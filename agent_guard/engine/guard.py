@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -37,7 +36,7 @@ from ..errors import (
 from ..ledger import Denial, Ledger, Reservation, ScopeCaps, ScopeTotals, from_url, redact_url
 from ..ledger.base import Settlement
 from ..ledger.failover import FailOpenLedger
-from ..pricing import ModelPrice, PriceBook, ToolPrice, ToolUse
+from ..pricing import PriceBook, ToolPrice, ToolUse
 from ..tokens import TokenCounter
 from .admission import (
     _JOIN_WAIT_SECONDS,
@@ -56,9 +55,12 @@ from .admission import (
 )
 from .backlog import Backlog
 from .budgets import CALL_KINDS, STANDARD_ATTRIBUTES, Budgets, ScopeRef
+from .checks import check_attributes, check_ledger_retention, check_tool_prices, ledger_identity
 from .drive import Op, Steps, Wait, adrive, drive
 from .limits import Dimension, Limits, repeat_dimension, tool_dimension
 from .plan import BUDGET_DIMENSIONS, Planner, _Plan
+from .recording import Recorder, RecordHook
+from .recording import amounts_of as _amounts
 from .records import CallRecord, Outcome, SessionUsage
 from .thresholds import ThresholdEvent, ThresholdHook, ThresholdWatch
 from .usage import Usage, usd_to_nano
@@ -67,7 +69,6 @@ __all__ = ["Admission", "Guard", "ModelCall", "ThresholdEvent", "ToolAdmission"]
 
 logger = logging.getLogger("agent_guard")
 
-RecordHook = Callable[[CallRecord], None]
 _NO_ARGS = NO_ARGS
 # threshold checks of deferred settles that landed on an event loop's thread (Guard._landed)
 _THRESHOLD_TASKS: set[asyncio.Task[None]] = set()
@@ -142,7 +143,7 @@ class Guard:
             raise ValueError(f"fail must be 'closed' or 'open', got {fail!r}")
         self.budgets = Budgets.of(limits)
         self.limits = self.budgets.session
-        self.attributes: dict[str, str] = _check_attributes(attributes or {})
+        self.attributes: dict[str, str] = check_attributes(attributes or {})
         self.attribute_names = self.budgets.attribute_names() | STANDARD_ATTRIBUTES
         self.clock = clock
         self.ledger = from_url(ledger)
@@ -154,12 +155,18 @@ class Guard:
             self.ledger = FailOpenLedger(self.ledger, owns_inner=owned)
             owned = True
         self._owns_ledger = owned
-        _check_ledger_retention(self.budgets, self.ledger)
+        check_ledger_retention(self.budgets, self.ledger)
         self.prices = prices if prices is not None else PriceBook.default()
-        self.tool_prices: dict[str, ToolPrice] = _check_tool_prices(tool_prices or {})
+        self.tool_prices: dict[str, ToolPrice] = check_tool_prices(tool_prices or {})
         self._call_kinds = self.budgets.call_kinds()
         self.tokens = token_counter if token_counter is not None else TokenCounter()
-        self._hooks: list[RecordHook] = list(on_record)
+        # the records: built and emitted by the Recorder, its methods bound here (the
+        # settle path calls them once per call)
+        self._recorder = Recorder(self, on_record)
+        self._hooks = self._recorder.hooks
+        self._settlement = self._recorder.settlement
+        self._record = self._recorder.record
+        self._emit = self._recorder.emit
         self._caps = self.limits.caps()
         # a model without a price: reserved at the stated price, else refused under a
         # dollar cap of any scope (Limits.unknown_price)
@@ -167,11 +174,9 @@ class Guard:
         self._dollar_capped = any(
             lim.max_cost_usd is not None
             for lim in (self.budgets.session, *(lim for _, lim in self.budgets.all_limits())))
-        self._warned_no_usage: set[str] = set()
-        self._warn_lock = threading.Lock()  # the warned-of sets
         # finished calls whose settle found the ledger unavailable (settle_pending)
         self._unsettled = Backlog()
-        self._ledger_id = _ledger_identity(self.ledger)
+        self._ledger_id = ledger_identity(self.ledger)
         self._watch = ThresholdWatch(on_threshold, self._ledger_id)
         self._planner = Planner(self)
         # whether any budget has soft thresholds (else a settle checks none)
@@ -890,149 +895,6 @@ class Guard:
             hint=hint,
         )
 
-    def _cost_nano(self, price: ModelPrice | None, usage: Usage,
-                   during: tuple[float, float] | None = None) -> int:
-        """``during``: the call's start and end (off-peak rates apply to a call that ran
-        wholly inside an off-peak window)."""
-        return 0 if price is None else price.cost_nano(usage, during)
-
-    def _settlement(
-        self,
-        admission: Admission,
-        usage: Usage | None,
-        output_tokens: int | None,
-        response_model: str | None,
-        outcome: Outcome,
-    ) -> tuple[CallRecord, dict[str, int] | None]:
-        """The record of a finished call and the amounts to settle (None: release)."""
-        price = admission.price
-        if response_model and response_model != admission.call.model:
-            price = self.prices.resolve(response_model, admission.call.provider) or price
-        estimated = usage is None
-        if (usage is not None and usage.input_tokens == 0 and outcome != "cache_hit"
-                and admission.estimated_input_tokens > 0):
-            # a usage with 0 input for a non-empty prompt is not believed (an Anthropic-
-            # compatible server whose last stream event has only output_tokens): the
-            # prompt is settled at the guard's own count, the output as reported
-            input_tokens = admission.estimated_input_tokens
-            if admission.input_is_bound:
-                input_tokens = self._planner.exact_input(admission.call)
-            usage = replace(usage, input_tokens=input_tokens)
-            estimated = True
-        if usage is None:
-            if outcome == "error":  # failed before producing anything: nothing was paid
-                return self._record(admission, Usage(), 0, estimated=False,
-                                    outcome=outcome), None
-            input_tokens = admission.estimated_input_tokens
-            if admission.input_is_bound:  # reserved with a bound: settle with the count
-                input_tokens = self._planner.exact_input(admission.call)
-            usage = self._unreported_usage(admission, price, input_tokens,
-                                           max(0, int(output_tokens or 0)))
-        cost = self._cost_nano(price, usage, (admission.started_at, self.clock()))
-        priced = price is not None and price is not self._unknown_price
-        if outcome == "cache_hit":
-            return self._record(admission, usage, 0, estimated=estimated, outcome=outcome,
-                                saved_nano=cost, model=response_model, priced=priced), None
-        record = self._record(admission, usage, cost, estimated=estimated, outcome=outcome,
-                              model=response_model, priced=priced)
-        return record, _amounts(usage, cost)
-
-    def _unreported_usage(self, admission: Admission, price: ModelPrice | None,
-                          input_tokens: int, counted_output: int) -> Usage:
-        """The usage of a call whose provider reported none, from what was counted.
-
-        A model that bills hidden reasoning (LiteLLM's ``supports_reasoning``) may have
-        billed reasoning tokens that no stream shows: it is settled at no less than its
-        reserved output, the tokens beyond what was counted as reasoning."""
-        if price is None or not (price.supports_reasoning or (
-                admission.price is not None and admission.price.supports_reasoning)):
-            return Usage(input_tokens=input_tokens, output_tokens=counted_output)
-        output = max(counted_output, admission.max_output_tokens)
-        model = admission.call.model
-        with self._warn_lock:
-            first = model not in self._warned_no_usage
-            self._warned_no_usage.add(model)
-        if first:
-            logger.warning(
-                "agent-guard: %r reported no usage and may bill hidden reasoning tokens: "
-                "its calls are settled at their reserved output (%d tokens here). Ask the "
-                "provider for usage to be charged exactly (ChatOpenAI(stream_usage=True) "
-                "when streaming).", model, admission.max_output_tokens)
-        return Usage(input_tokens=input_tokens, output_tokens=output,
-                     reasoning_tokens=output - counted_output)
-
-    def _record(
-        self,
-        admission: Admission,
-        usage: Usage,
-        cost_nano: int,
-        *,
-        estimated: bool,
-        outcome: Outcome,
-        saved_nano: int = 0,
-        model: str | None = None,
-        priced: bool | None = None,
-    ) -> CallRecord:
-        """``priced``: whether the settled price was known (default: the admission's)."""
-        call = admission.call
-        return CallRecord(
-            session=call.session,
-            run_id=call.run_id,
-            model=model or call.model,
-            provider=call.provider,
-            # a frozen Usage is kept as is; a subclass is copied to the plain type
-            usage=usage if type(usage) is Usage else Usage(
-                usage.input_tokens, usage.output_tokens, usage.cache_read_tokens,
-                usage.cache_creation_tokens, usage.reasoning_tokens),
-            cost_nano=cost_nano,
-            reserved_nano=admission.reserved_nano,
-            usage_estimated=estimated,
-            outcome=outcome,
-            started_at=admission.started_at,
-            ended_at=self.clock(),
-            unpriced=(admission.price is None or admission.price is self._unknown_price)
-            if priced is None else not priced,
-            saved_nano=saved_nano,
-            max_output_tokens=admission.max_output_tokens,
-            node=call.node,
-            tags=call.tags,
-            tier=call.tier,
-            route=call.route,
-            attributes=admission.attributes,
-            scopes=tuple([r.scope for r in admission.scopes]),
-            record_id=admission.reservation.id,
-        )
-
-    def _emit(self, record: CallRecord) -> None:
-        for hook in self._hooks:
-            try:
-                hook(record)
-            except Exception:  # a reporting hook must never break the agent
-                logger.exception("agent-guard: record hook %r failed", hook)
-
-
-def _check_ledger_retention(budgets: Budgets, ledger: Ledger) -> None:
-    inner = getattr(ledger, "inner", ledger)  # FailOpenLedger wraps the backend
-    idle = getattr(inner, "max_idle_seconds", None)
-    budgets.check_retention(idle, f"{type(inner).__name__}(max_idle_seconds=...)")
-    ttl = getattr(inner, "scope_ttl_seconds", None)
-    budgets.check_retention(ttl, f"{type(inner).__name__}(scope_ttl_seconds=...)")
-    if getattr(inner, "max_scopes", None) is not None and budgets.kinds:
-        logger.warning(
-            "agent-guard: %s(max_scopes=...) may forget the least recently used scopes, "
-            "including a %s budget, which would then start again from zero",
-            type(inner).__name__, "/".join(budgets.kinds))
-
-
-def _ledger_identity(ledger: Ledger) -> str:
-    """Which budgets a ledger holds: its redacted URL and key namespace; an in-process
-    ledger is its own (two ``memory://`` ledgers are different budgets)."""
-    inner = getattr(ledger, "inner", ledger)  # a fail-open wrapper: the backend's
-    url = redact_url(getattr(inner, "url", "") or "")
-    if not url or url.startswith("memory:"):
-        return f"{url or type(inner).__name__}#{id(inner):x}"
-    return f"{url}#{getattr(inner, 'prefix', '')}"
-
 
 def _summed(scope: str, parts: Sequence[ScopeTotals]) -> ScopeTotals:
     """One scope's totals made of several (the buckets of a rolling window); extensions
@@ -1047,42 +909,5 @@ def _summed(scope: str, parts: Sequence[ScopeTotals]) -> ScopeTotals:
     return ScopeTotals(scope, spent, reserved, parts[0].extra)
 
 
-def _check_tool_prices(prices: Mapping[str, ToolPrice]) -> dict[str, ToolPrice]:
-    out: dict[str, ToolPrice] = {}
-    for name, price in prices.items():
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"Guard(tool_prices=...) keys must be tool names, got {name!r}")
-        if not isinstance(price, ToolPrice):
-            raise TypeError(f"Guard(tool_prices={{{name!r}: ...}}) must be a ToolPrice, "
-                            f"got {type(price).__name__}")
-        out[name] = price
-    return out
-
-
 def _usd_text(nano: int) -> str:
     return f"{Decimal(nano) / 1_000_000_000:f}"
-
-
-def _check_attributes(attributes: Mapping[str, str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in attributes.items():
-        if not isinstance(key, str) or not key:
-            raise TypeError(f"Guard(attributes=...) keys must be non-empty strings, got {key!r}")
-        if not isinstance(value, str | int) or isinstance(value, bool):
-            raise TypeError(f"Guard(attributes={{{key!r}: ...}}) must be a string, got "
-                            f"{value!r}")
-        out[key] = str(value)
-    return out
-
-
-def _amounts(usage: Usage, cost_nano: int) -> dict[str, int]:
-    return {
-        Dimension.USD_NANO: cost_nano,
-        Dimension.TOKENS: usage.total_tokens,
-        Dimension.INPUT_TOKENS: usage.input_tokens,
-        Dimension.OUTPUT_TOKENS: usage.output_tokens,
-        Dimension.CACHE_READ_TOKENS: usage.cache_read_tokens,
-        Dimension.CACHE_CREATION_TOKENS: usage.cache_creation_tokens,
-        Dimension.REASONING_TOKENS: usage.reasoning_tokens,
-        Dimension.MODEL_CALLS: 1,
-    }
