@@ -260,8 +260,12 @@ class Budgets:
         the session only."""
         if extra:
             return self._resolve(session, attributes, now, {**session_caps, **extra})[0]
-        key = (session, id(session_caps), *(attributes.get(kind) or None for kind in (
-            *self.kinds, *self.per_value) if kind != GLOBAL))
+        if self.kinds or self.per_value:
+            key: tuple[Any, ...] = (session, id(session_caps), *[
+                attributes.get(kind) or None for kind in (*self.kinds, *self.per_value)
+                if kind != GLOBAL])
+        else:  # session-only budgets: no generator per call
+            key = (session, id(session_caps))
         hit = self._refs.get(key)
         if hit is None:
             hit = self._refs_old.get(key)
