@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import queue
 import sys
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping
 from contextvars import ContextVar
@@ -133,6 +136,37 @@ class _AgentRun:
     key: UUID
     session: str
     failed: bool = False
+
+
+class AgentRunAbandoned(Exception):
+    """The status of an ``invoke_agent`` span whose run ended without a hook of the
+    middleware seeing it end: its stream was closed between two steps, or a node
+    without the middleware's hooks failed."""
+
+
+# True while a garbage collection pass runs: a finalizer it runs may have interrupted
+# code holding a lock a span's end takes, so that end waits for the next run
+_collecting = False
+
+
+def _gc_phase(phase: str, info: Any) -> None:
+    global _collecting
+    _collecting = phase == "start"
+
+
+gc.callbacks.append(_gc_phase)
+
+
+def _graph_run(config: Mapping[str, Any]) -> Any:
+    """The object LangGraph keeps for one graph run and lets go of when the run's
+    ``stream()`` ends, however it ends (finished, failed, closed between two steps):
+    its loop's background executor, which each task reaches through a weak method in
+    its ``__pregel_call``. None when LangGraph's internals differ."""
+    call = (config.get("configurable") or {}).get("__pregel_call")
+    submit = (getattr(call, "keywords", None) or {}).get("submit")
+    if isinstance(submit, weakref.WeakMethod):
+        submit = submit()
+    return getattr(submit, "__self__", None)
 
 
 def _run_key() -> tuple[tuple[int, str], Any] | None:
@@ -256,6 +290,9 @@ class GuardMiddleware(AgentMiddleware):
         # the agent runs this middleware traces: id(run control) -> (control, its span)
         self._agent_runs: OrderedDict[tuple[int, str], tuple[Any, _AgentRun]] = (
             OrderedDict())
+        # runs whose graph run LangGraph let go of, to end (see _abandoned)
+        self._orphans: queue.SimpleQueue[tuple[tuple[int, str], _AgentRun]] = (
+            queue.SimpleQueue())
 
     # -- steps and the end jump ------------------------------------------------------
 
@@ -397,6 +434,8 @@ class GuardMiddleware(AgentMiddleware):
             found = self._agent_runs.get(key[0])
         if found is not None and found[0] is key[1]:
             return found[1]
+        if not self._orphans.empty():
+            self._reap()
         config = current_config()
         if telemetry.traces(getattr(config.get("callbacks"), "parent_run_id", None)):
             return None
@@ -418,7 +457,37 @@ class GuardMiddleware(AgentMiddleware):
                 dropped.append(self._agent_runs.popitem(last=False)[1][1])
         for old in dropped:  # runs that ended elsewhere (an error in another node)
             telemetry.chain_end(old.key)
+        anchor = _graph_run(config)
+        if anchor is not None:  # no hook runs when a stream is closed between steps
+            with contextlib.suppress(TypeError):
+                weakref.finalize(anchor, self._abandoned, key[0], run).atexit = False
         return run
+
+    def _abandoned(self, key: tuple[int, str], run: _AgentRun) -> None:
+        """LangGraph let go of ``run``'s graph run: its span, if still open, ends as
+        abandoned. Called from a finalizer: at once when the run's last reference went
+        (its stream closed), else (a garbage collection pass, which may run inside a
+        lock the end takes) at the next run this middleware opens."""
+        self._orphans.put((key, run))  # SimpleQueue: safe inside a finalizer
+        if not _collecting:
+            self._reap()
+
+    def _reap(self) -> None:
+        """End the spans of the runs :meth:`_abandoned` noted (each once: a run that
+        ended by a hook is no longer listed)."""
+        while True:
+            try:
+                key, run = self._orphans.get_nowait()
+            except queue.Empty:
+                return
+            with self._lock:
+                found = self._agent_runs.get(key)
+                if found is None or found[1] is not run:
+                    continue
+                del self._agent_runs[key]
+            # a run whose span an error ended: only its anchor goes
+            self.telemetry.chain_end(run.key, None,
+                                     None if run.failed else AgentRunAbandoned())
 
     def _own_run(self, *, over: bool = False, failing: bool = False) -> _AgentRun | None:
         """The running agent run this middleware traces: forgotten (``over``), or marked
