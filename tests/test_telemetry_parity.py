@@ -258,3 +258,50 @@ def test_a_pause_or_an_end_closes_the_runs_span(on_exceed: str) -> None:
     # two answered calls; the third refused once ("end"), or at the pause and again when
     # the resumed run asks for it before it stops ("interrupt")
     assert names["chat gpt-4o"] == 2 + invocations
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_retried_paid_tool_has_a_span_per_run_as_under_the_callback(mode: str) -> None:
+    """ToolRetryMiddleware runs a paid tool twice (the first run fails after billing):
+    the callback makes an ``execute_tool`` span per run, each with its own cost and
+    status; the middleware alone makes the same spans, whose costs add up to what the
+    ledger charged for the call, and the same metric points."""
+    from langchain.agents.middleware import ToolRetryMiddleware
+
+    from .test_redteam_paid_tools import PRICE_NANO, FlakySearch
+
+    def run_with(adapter: str) -> tuple[Run, Guard]:
+        run = Run()
+        guard = Guard(Limits(max_cost_usd=1))
+        answers = iter([AIMessage("", tool_calls=[{"name": "web_search", "id": "c1",
+                                                   "args": {"query": "x"}}]),
+                        AIMessage("done")])
+        model = ScriptedChatModel(model_name="gpt-4o", max_tokens=100,
+                                  respond=lambda m: next(answers))
+        middleware: list[Any] = [ToolRetryMiddleware(max_retries=1, initial_delay=0,
+                                                     jitter=False)]
+        callbacks: list[Any] = []
+        if adapter == "middleware":
+            middleware.insert(0, GuardMiddleware(guard, telemetry=run.telemetry))
+        else:
+            callbacks.append(GuardCallbackHandler(guard, telemetry=run.telemetry))
+        agent = create_agent(model, [FlakySearch(fails=1).tool], name="support",
+                             middleware=middleware)
+        drive(agent, mode, None, callbacks=callbacks)
+        assert run.telemetry.open_spans() == 0
+        return run, guard
+
+    callback, callback_guard = run_with("callback")
+    middleware, middleware_guard = run_with("middleware")
+    tools = [s for s in middleware.spans_out.get_finished_spans()
+             if s.name == "execute_tool web_search"]
+    assert sorted((s.status.status_code.name, s.attributes["agent_guard.outcome"])
+                  for s in tools) == [("ERROR", "error"), ("UNSET", "ok")]
+    charged = middleware_guard.usage("t-7").cost_nano - sum(
+        round(s.attributes["gen_ai.usage.cost"] * 1e9)
+        for s in middleware.spans_out.get_finished_spans() if s.name.startswith("chat"))
+    assert round(sum(s.attributes["gen_ai.usage.cost"] for s in tools) * 1e9) == \
+        charged == 2 * PRICE_NANO
+    assert middleware.spans() == callback.spans()
+    assert middleware.metrics() == callback.metrics()
+    assert middleware_guard.usage("t-7").cost_usd == callback_guard.usage("t-7").cost_usd

@@ -835,14 +835,15 @@ class GuardMiddleware(AgentMiddleware):
                 "result": tool_result(result)}
 
     def _settled_in_run(self, request: ToolCallRequest, admission: ToolAdmission,
-                        hits: list[int], **running: Any) -> ToolCallRequest:
+                        hits: list[int], span: UUID | None = None, **running: Any
+                        ) -> ToolCallRequest:
         """The request with a priced tool whose own run settles it (see
         :class:`_ToolRunGate`); any other request as it is. ``running``: what the lease
         keeper watches while the call runs (its thread and frame, or its task)."""
         tool = request.tool
         if admission.reservation is None or tool is None:
             return request
-        gate = _ToolRunGate(self, request, admission, hits, running)
+        gate = _ToolRunGate(self, request, admission, hits, running, span)
         callbacks = tool.callbacks
         if isinstance(callbacks, BaseCallbackManager):
             callbacks = callbacks.copy()
@@ -931,7 +932,7 @@ class GuardMiddleware(AgentMiddleware):
                                                "frame": sys._getframe()}
                     with collecting_cache_hits() as hits, self._owning(call, span), _held(
                             self, self.guard, admission, **running):
-                        result = handler(self._settled_in_run(request, admission, hits,
+                        result = handler(self._settled_in_run(request, admission, hits, span,
                                                               **running))
                 except GraphInterrupt as exc:
                     # paused inside the tool (its run settled it: it may have spent), or
@@ -984,8 +985,8 @@ class GuardMiddleware(AgentMiddleware):
                     task = asyncio.current_task()
                     with collecting_cache_hits() as hits, self._owning(call, span), _held(
                             self, self.guard, admission, task=task):
-                        result = await handler(self._settled_in_run(request, admission,
-                                                                    hits, task=task))
+                        result = await handler(self._settled_in_run(
+                            request, admission, hits, span, task=task))
                 except GraphInterrupt as exc:
                     if not admission.finished:
                         await self.guard.atool_call_not_run(admission)
@@ -1026,7 +1027,10 @@ class _ToolRunGate(BaseCallbackHandler):
     Middleware inside ``GuardMiddleware`` may run the tool again within the one call
     (``ToolRetryMiddleware`` after a failure that was billed): each further run is
     admitted at the tool's price when it starts (its refusal raised before it runs) and
-    settled at its own end, as the callback handler charges each run."""
+    settled at its own end, as the callback handler charges each run. When the
+    middleware traces the call (``span``), each run has its ``execute_tool`` span, as
+    under the callback: the first run ends the middleware's span with what that run cost
+    (and its error), a further run opens its own beside it and ends it at its own end."""
 
     @property  # LangChain declares a plain attribute; a property reads the moment it is read
     def run_inline(self) -> bool:  # type: ignore[override]
@@ -1036,8 +1040,8 @@ class _ToolRunGate(BaseCallbackHandler):
         return dispatching_async(_TOOL_ENDS)
 
     def __init__(self, middleware: GuardMiddleware, request: ToolCallRequest,
-                 admission: ToolAdmission, hits: list[int], running: dict[str, Any]
-                 ) -> None:
+                 admission: ToolAdmission, hits: list[int], running: dict[str, Any],
+                 span: UUID | None = None) -> None:
         super().__init__()
         self.middleware = middleware
         self.request = request
@@ -1047,6 +1051,9 @@ class _ToolRunGate(BaseCallbackHandler):
         self.run_id: UUID | None = None  # the first run: settles the middleware's admission
         # run -> (its admission, its metadata, its handlers (its tracers))
         self.runs: dict[UUID, tuple[ToolAdmission, dict[str, Any] | None, Any]] = {}
+        # the middleware's span of the call (the first run's), and run -> its span
+        self.span = span
+        self.spans: dict[UUID, UUID] = {}
 
     def _further(self, run_id: UUID) -> bool:
         """Whether ``run_id`` is another run of the tool in this call, to admit."""
@@ -1061,6 +1068,25 @@ class _ToolRunGate(BaseCallbackHandler):
                              go_first(self, run_id))
         if admission is not self.admission:  # its hold is renewed while the call runs
             keeper.watch(self, self.middleware.guard, admission, **self.running)
+        if self.span is None:
+            return
+        if admission is self.admission:
+            self.spans[run_id] = self.span
+            return
+        run = self.middleware._agent_run()
+        if run is not None:  # a further run: its own span beside the first's
+            call = self.request.tool_call
+            span = self.spans[run_id] = uuid.uuid4()
+            self.middleware.telemetry.tool_start(
+                span, run.key, call["name"], call.get("id"), call.get("args", {}),
+                session=admission.session, attributes=admission.attributes)
+
+    def _span_end(self, run_id: UUID, record: CallRecord | None,
+                  error: BaseException | None = None, result: Any = None) -> None:
+        """End the run's ``execute_tool`` span with what the run cost."""
+        span = self.spans.pop(run_id, None)
+        if span is not None:
+            self.middleware.telemetry.tool_end(span, error, result=result, record=record)
 
     def _refused(self) -> None:
         self.raise_error = True  # the refusal reaches the run: the tool does not run
@@ -1114,14 +1140,16 @@ class _ToolRunGate(BaseCallbackHandler):
         admission = self._ending(run_id)
         if admission is not None:
             self._noted(run_id, await self.middleware._atool_done(
-                self.request, admission, _outcome(output), self._hits(admission), output))
+                self.request, admission, _outcome(output), self._hits(admission), output),
+                result=output)
 
     @async_twin(_aon_tool_end)
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         admission = self._ending(run_id)
         if admission is not None:
             self._noted(run_id, self.middleware._tool_done(
-                self.request, admission, _outcome(output), self._hits(admission), output))
+                self.request, admission, _outcome(output), self._hits(admission), output),
+                result=output)
 
     async def _aon_tool_error(self, error: BaseException, *, run_id: UUID,
                               **kwargs: Any) -> None:
@@ -1130,9 +1158,10 @@ class _ToolRunGate(BaseCallbackHandler):
             return
         if failed_before_running(error):
             await self.middleware.guard.atool_call_not_run(admission)
+            self._span_end(run_id, None, error)
             return
         self._noted(run_id, await self.middleware._atool_done(self.request, admission,
-                                                              "error"))
+                                                              "error"), error)
 
     @async_twin(_aon_tool_error)
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
@@ -1141,12 +1170,16 @@ class _ToolRunGate(BaseCallbackHandler):
             return
         if failed_before_running(error):  # its arguments did not validate: never ran
             self.middleware.guard.tool_call_not_run(admission)
+            self._span_end(run_id, None, error)
             return
-        self._noted(run_id, self.middleware._tool_done(self.request, admission, "error"))
+        self._noted(run_id, self.middleware._tool_done(self.request, admission, "error"),
+                    error)
 
-    def _noted(self, run_id: UUID, record: CallRecord) -> None:
+    def _noted(self, run_id: UUID, record: CallRecord, error: BaseException | None = None,
+               result: Any = None) -> None:
         _, metadata, handlers = self.runs[run_id]
         note_tool_cost(metadata, record, run_id, handlers)
+        self._span_end(run_id, record, error, result)
 
 
 _TOOL_ENDS = frozenset({"on_tool_end", "on_tool_error"})
