@@ -22,6 +22,7 @@ from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 
 from .compat import LANGCHAIN_CALLBACK_ERROR
 from .engine.drive import Op, Steps, adrive, drive
+from .engine.reads import extending
 from .engine.usage import nano_to_usd
 from .errors import GuardError, GuardStop
 
@@ -173,8 +174,8 @@ def resume_steps(guard: Guard, session: str, resume: Any, dimension: str | None 
         return False
     asked = {k: resume[k] for k in _EXTENSIONS if resume.get(k) is not None}
     if asked:
-        yield from guard._extending(
-            session, usd=asked.get("extend_usd"), tokens=asked.get("extend_tokens"),
+        yield from extending(
+            guard, session, usd=asked.get("extend_usd"), tokens=asked.get("extend_tokens"),
             steps=asked.get("extend_steps"), model_calls=asked.get("extend_model_calls"),
             tool_calls=asked.get("extend_tool_calls"))
         more = asked.get("extend_tool_calls")

@@ -7,10 +7,10 @@ own. :func:`drive` runs it with the ledger's blocking methods, :func:`adrive` aw
 ledger's ``a``-prefixed twins; each driver is a few lines::
 
     def usage(self, session):
-        return drive(self.ledger, self._usage(session))
+        return drive(self.ledger, reads.session_usage(self, session))
 
     async def ausage(self, session):
-        return await adrive(self.ledger, self._usage(session))
+        return await adrive(self.ledger, reads.session_usage(self, session))
 """
 
 from __future__ import annotations

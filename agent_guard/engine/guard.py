@@ -17,12 +17,10 @@ registry of :mod:`.admission` (one request, one admission).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from decimal import Decimal
 from typing import Any, Literal, cast
 
 from ..errors import (
@@ -33,14 +31,14 @@ from ..errors import (
     LoopDetected,
     StepLimitExceeded,
 )
-from ..ledger import Denial, Ledger, Reservation, ScopeCaps, ScopeTotals, from_url, redact_url
+from ..ledger import Denial, Ledger, Reservation, ScopeCaps, from_url, redact_url
 from ..ledger.base import Settlement
 from ..ledger.failover import FailOpenLedger
-from ..pricing import PriceBook, ToolPrice, ToolUse
+from ..pricing import PriceBook, ToolPrice
 from ..tokens import TokenCounter
+from . import reads
 from .admission import (
     _JOIN_WAIT_SECONDS,
-    _NOT_RUN,
     NO_ARGS,
     Admission,
     ModelCall,
@@ -57,13 +55,14 @@ from .backlog import Backlog
 from .budgets import CALL_KINDS, STANDARD_ATTRIBUTES, Budgets, ScopeRef
 from .checks import check_attributes, check_ledger_retention, check_tool_prices, ledger_identity
 from .drive import Op, Steps, Wait, adrive, drive
-from .limits import Dimension, Limits, repeat_dimension, tool_dimension
+from .limits import Dimension, Limits
 from .plan import BUDGET_DIMENSIONS, Planner, _Plan
 from .recording import Recorder, RecordHook
 from .recording import amounts_of as _amounts
 from .records import CallRecord, Outcome, SessionUsage
 from .thresholds import ThresholdEvent, ThresholdHook, ThresholdWatch
-from .usage import Usage, usd_to_nano
+from .tools import ToolCalls
+from .usage import Usage
 
 __all__ = ["Admission", "Guard", "ModelCall", "ThresholdEvent", "ToolAdmission"]
 
@@ -74,29 +73,6 @@ _NO_ARGS = NO_ARGS
 _THRESHOLD_TASKS: set[asyncio.Task[None]] = set()
 
 
-
-
-
-class _ToolPlan:
-    """What one tool call would reserve (or charge, when it is free)."""
-
-    __slots__ = ("amounts", "args", "attributes", "guard", "price", "refs", "repeat",
-                 "session", "tool", "worst")
-
-    def __init__(self, guard: Guard, session: str, tool: str | None, args: Any,
-                 attributes: Mapping[str, str] | None, refs: list[ScopeRef],
-                 amounts: dict[str, int], repeat: ScopeCaps | None,
-                 price: ToolPrice | None, worst: int) -> None:
-        self.guard, self.session, self.tool, self.args = guard, session, tool, args
-        self.attributes, self.refs, self.amounts, self.repeat = attributes, refs, amounts, repeat
-        self.price, self.worst = price, worst
-
-    def admit(self, reservation: Reservation | None) -> ToolAdmission:
-        return ToolAdmission(
-            session=self.session, tool=self.tool, args=self.args, price=self.price,
-            reservation=reservation, reserved_nano=self.worst if reservation else 0,
-            started_at=self.guard.clock(), scopes=tuple(self.refs),
-            attributes=self.guard.attributes_for(self.attributes))
 
 
 
@@ -179,6 +155,7 @@ class Guard:
         self._ledger_id = ledger_identity(self.ledger)
         self._watch = ThresholdWatch(on_threshold, self._ledger_id)
         self._planner = Planner(self)
+        self._tools = ToolCalls(self)
         # whether any budget has soft thresholds (else a settle checks none)
         self._thresholds = bool(self.limits.thresholds) or any(
             lim.thresholds for _, lim in self.budgets.all_limits())
@@ -500,9 +477,7 @@ class Guard:
         """The price of ``tool``'s calls: ``Guard(tool_prices=...)``, else the one the
         tool declares (``declared``: ``priced_tool``, its metadata), else the price book's
         ``tools`` table (the overrides file). None: the tool is free."""
-        if not tool:
-            return None
-        return self.tool_prices.get(tool) or declared or self.prices.tools.get(tool)
+        return self._tools.price(tool, declared)
 
     def before_tool_call(self, session: str, tool: str | None = None,
                          args: Any = _NO_ARGS, *,
@@ -518,37 +493,14 @@ class Guard:
         session scope only (team and global scopes would otherwise gain a counter per
         distinct call, forever): it is charged first, and given back if the tool caps
         then refuse the call."""
-        return drive(self.ledger, self._admit_tool(session, tool, args, attributes, price))
+        return drive(self.ledger, self._tools.admit(session, tool, args, attributes, price))
 
     async def abefore_tool_call(self, session: str, tool: str | None = None,
                                 args: Any = _NO_ARGS, *,
                                 attributes: Mapping[str, str] | None = None,
                                 price: ToolPrice | None = None) -> ToolAdmission:
         return await adrive(self.ledger,
-                            self._admit_tool(session, tool, args, attributes, price))
-
-    def _admit_tool(self, session: str, tool: str | None, args: Any,
-                    attributes: Mapping[str, str] | None, price: ToolPrice | None
-                    ) -> Steps[ToolAdmission]:
-        plan = self._tool_plan(session, tool, args, attributes, price)
-        if plan.repeat is not None:
-            denial = yield Op("charge", [plan.repeat], dict.fromkeys(plan.repeat.caps, 1))
-            if denial is not None:
-                raise self._refusal(session, denial, plan.refs)
-        reservation = None
-        if plan.worst:
-            result = yield Op("reserve", [r.caps for r in plan.refs], plan.amounts,
-                              lease_seconds=self.limits.lease_seconds)
-            denial, reservation = (result, None) if isinstance(result, Denial) else \
-                (None, result)
-        else:
-            denial = yield from self._charge(session, plan.refs, plan.amounts)
-        if denial is not None:
-            if plan.repeat is not None:
-                for dim in plan.repeat.caps:
-                    yield Op("extend", plan.repeat.scope, dim, 1)
-            raise self._refusal(session, denial, plan.refs)
-        return plan.admit(reservation)
+                            self._tools.admit(session, tool, args, attributes, price))
 
     def tool_call_done(
         self,
@@ -570,7 +522,7 @@ class Guard:
         (:meth:`ToolPrice.cost_nano` of its arguments, ``result`` and wall time; a call
         that failed, at its reserved worst case, marked estimated; a cache hit, at $0),
         and the guard emits its :class:`CallRecord` to ``on_record``."""
-        return drive(self.ledger, self._tool_done(admission, *self._tool_settlement(
+        return drive(self.ledger, self._tools.done(admission, *self._tools.settlement(
             session, tool, outcome, saved_nano, started_at, run_id, node, tags, attributes,
             admission, result)))
 
@@ -589,148 +541,41 @@ class Guard:
         admission: ToolAdmission | None = None,
         result: Any = None,
     ) -> CallRecord:
-        return await adrive(self.ledger, self._tool_done(admission, *self._tool_settlement(
+        return await adrive(self.ledger, self._tools.done(admission, *self._tools.settlement(
             session, tool, outcome, saved_nano, started_at, run_id, node, tags, attributes,
             admission, result)))
-
-    def _tool_done(self, admission: ToolAdmission | None, record: CallRecord,
-                   amounts: dict[str, int]) -> Steps[CallRecord]:
-        if admission is None or admission.reservation is None:
-            # an unpriced tool call (its counts were charged up front): report it once
-            if admission is None or finish(admission, record) is record:
-                self._emit(record)
-            return record
-        return (yield from self._close(admission, record, amounts))
 
     def tool_call_not_run(self, admission: ToolAdmission) -> None:
         """The admitted tool certainly did not run (another handler refused it, its
         arguments were invalid): its reservation is released. No record is emitted."""
-        drive(self.ledger, self._not_run(admission))
+        drive(self.ledger, self._tools.not_run(admission))
 
     async def atool_call_not_run(self, admission: ToolAdmission) -> None:
-        await adrive(self.ledger, self._not_run(admission))
-
-    @staticmethod
-    def _not_run(admission: ToolAdmission) -> Steps[None]:
-        if admission.reservation is not None and finish(
-                admission, _NOT_RUN) is _NOT_RUN:
-            yield Op("release", admission.reservation)
-
-    def _tool_plan(self, session: str, tool: str | None, args: Any,
-                   attributes: Mapping[str, str] | None, declared: ToolPrice | None
-                   ) -> _ToolPlan:
-        refs = self.scope_refs(session, attributes, tool=tool or None)
-        amounts, repeat = self._tool_amounts(tool, args, refs[0].scope)
-        price = self.tool_price(tool, declared)
-        worst = 0
-        if price is not None:
-            try:
-                worst = price.worst_nano(None if args is _NO_ARGS else args)
-            except ValueError as exc:
-                raise ValueError(f"agent-guard: the worst case of a {tool!r} call cannot "
-                                 f"be priced, so it is not run: {exc}") from exc
-        if worst:
-            amounts[Dimension.USD_NANO] = worst
-        return _ToolPlan(self, session, tool, args, attributes, refs, amounts, repeat,
-                         price, worst)
-
-    def _tool_settlement(
-        self, session: str, tool: str, outcome: Outcome, saved_nano: int,
-        started_at: float | None, run_id: str | None, node: str | None,
-        tags: Sequence[str], attributes: Mapping[str, str] | None,
-        admission: ToolAdmission | None, result: Any,
-    ) -> tuple[CallRecord, dict[str, int]]:
-        """The record of a finished tool call and the amounts its reservation settles."""
-        now = self.clock()
-        if admission is not None:
-            started_at = admission.started_at if started_at is None else started_at
-            scopes = admission.scopes
-            attrs = admission.attributes
-        else:
-            scopes = tuple(self.scope_refs(session, attributes, tool=tool or None))
-            attrs = self.attributes_for(attributes)
-        started = now if started_at is None else started_at
-        price = admission.price if admission is not None else None
-        reserved = admission.reserved_nano if admission is not None else 0
-        cost, estimated, units = 0, False, None
-        if admission is not None and admission.reservation is not None and price is not None:
-            args = None if admission.args is _NO_ARGS else admission.args
-            if outcome == "ok":
-                use = ToolUse(args, result, max(0.0, now - admission.started_at))
-                try:
-                    cost, units = price.charge(use)
-                except Exception:  # a price function that fails charges the worst case
-                    logger.exception("agent-guard: the price of a %r call could not be "
-                                     "computed; it is charged its worst case", tool)
-                    cost, estimated = reserved, True
-                if cost > reserved:
-                    logger.warning("agent-guard: a %r call cost $%s, above the worst case "
-                                   "its price declares ($%s): raise its max_units", tool,
-                                   _usd_text(cost), _usd_text(reserved))
-            elif outcome != "cache_hit":  # failed after it started: it may have billed
-                cost, estimated = reserved, True
-            if estimated:  # charged its worst case: its bound of units
-                with contextlib.suppress(Exception):
-                    units = price.worst_units(args)
-            if isinstance(units, Decimal):
-                units = float(units)
-        record = CallRecord(
-            session=session, run_id=run_id, model="",
-            provider=price.service if price is not None else None, usage=Usage(),
-            cost_nano=cost, reserved_nano=reserved, usage_estimated=estimated,
-            outcome=outcome, started_at=started, ended_at=now,
-            saved_nano=max(0, int(saved_nano)), node=node, tags=tuple(tags), kind="tool",
-            tool=tool, attributes=attrs, scopes=tuple(r.scope for r in scopes),
-            units=units, unit=price.unit if price is not None and units is not None else None,
-            unit_price_usd=price.unit_price_usd if price is not None and units is not None
-            else None,
-            **cast(dict[str, Any], {"record_id": admission.reservation.id}
-                   if admission is not None and admission.reservation is not None else {}),
-        )
-        amounts = dict(admission.reservation.amounts) if admission is not None and \
-            admission.reservation is not None else {}
-        amounts[Dimension.USD_NANO] = cost
-        return record, amounts
+        await adrive(self.ledger, self._tools.not_run(admission))
 
     def before_step(self, session: str, n: int = 1, *,
                     attributes: Mapping[str, str] | None = None) -> None:
         """Count ``n`` graph steps, or raise StepLimitExceeded."""
-        drive(self.ledger, self._step(session, n, attributes))
+        drive(self.ledger, self._tools.step(session, n, attributes))
 
     async def abefore_step(self, session: str, n: int = 1, *,
                            attributes: Mapping[str, str] | None = None) -> None:
-        await adrive(self.ledger, self._step(session, n, attributes))
-
-    def _step(self, session: str, n: int, attributes: Mapping[str, str] | None
-              ) -> Steps[None]:
-        refs = self.scope_refs(session, attributes)
-        denial = yield from self._charge(session, refs, {Dimension.STEPS: n})
-        if denial is not None:
-            raise self._refusal(session, denial, refs)
+        await adrive(self.ledger, self._tools.step(session, n, attributes))
 
     # -- reading -------------------------------------------------------------------------
 
     def usage(self, session: str) -> SessionUsage:
         """The session's spend, reservations and counts, as the ledger has them."""
-        return drive(self.ledger, self._usage(session))
+        return drive(self.ledger, reads.session_usage(self, session))
 
     async def ausage(self, session: str) -> SessionUsage:
-        return await adrive(self.ledger, self._usage(session))
-
-    def _usage(self, session: str) -> Steps[SessionUsage]:
-        ref = self.budgets.ref("session", session, self.clock())
-        totals = yield Op("totals", ref.scope)
-        return SessionUsage.from_totals(session, totals, self.limits.max_cost_nano)
+        return await adrive(self.ledger, reads.session_usage(self, session))
 
     def scope_usage(self, kind: str, value: str | None = None, *,
                     at: float | None = None) -> SessionUsage:
         """The spend of one budget scope (``scope_usage("team", "acme")``) in the window
         holding ``at`` (now by default); ``session`` of the result is the ledger scope."""
-        ref = self.budgets.ref(kind, value, self.clock() if at is None else at)
-        totals = self.ledger.totals(ref.scope)
-        if ref.caps.history:  # a rolling window: its buckets together
-            totals = _summed(ref.scope, [totals, *self.ledger.totals_many(ref.caps.history)])
-        return SessionUsage.from_totals(ref.scope, totals, ref.limits.max_cost_nano)
+        return reads.scope_usage(self, kind, value, at)
 
     def extend(
         self,
@@ -743,33 +588,17 @@ class Guard:
         tool_calls: int | None = None,
     ) -> None:
         """Raise this session's caps at run time (e.g. after a human approved more)."""
-        drive(self.ledger, self._extending(session, usd=usd, tokens=tokens, steps=steps,
-                                          model_calls=model_calls, tool_calls=tool_calls))
+        drive(self.ledger, reads.extending(self, session, usd=usd, tokens=tokens,
+                                           steps=steps, model_calls=model_calls,
+                                           tool_calls=tool_calls))
 
     async def aextend(self, session: str, *, usd: Any = None, tokens: int | None = None,
                       steps: int | None = None, model_calls: int | None = None,
                       tool_calls: int | None = None) -> None:
         """:meth:`extend` awaiting the ledger."""
-        await adrive(self.ledger, self._extending(
-            session, usd=usd, tokens=tokens, steps=steps, model_calls=model_calls,
+        await adrive(self.ledger, reads.extending(
+            self, session, usd=usd, tokens=tokens, steps=steps, model_calls=model_calls,
             tool_calls=tool_calls))
-
-    def _extending(self, session: str, *, usd: Any = None, tokens: int | None = None,
-                  steps: int | None = None, model_calls: int | None = None,
-                  tool_calls: int | None = None) -> Steps[None]:
-        """The ledger operations of :meth:`extend` (checked before any runs)."""
-        scope = self.budgets.ref("session", session, self.clock()).scope
-        ops = [] if usd is None else [Op("extend", scope, Dimension.USD_NANO,
-                                         usd_to_nano(usd))]
-        for dim, value in ((Dimension.TOKENS, tokens), (Dimension.STEPS, steps),
-                           (Dimension.MODEL_CALLS, model_calls),
-                           (Dimension.TOOL_CALLS, tool_calls)):
-            if value is not None:
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise TypeError(f"extend {dim} must be an int, got {value!r}")
-                ops.append(Op("extend", scope, dim, value))
-        for op in ops:
-            _ = yield op  # (a ledger's extend may answer something: not a list's send)
 
     def close(self) -> None:
         """Settle what is pending (deferred settles land here too) and close the ledger
@@ -823,31 +652,6 @@ class Guard:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _tool_amounts(self, tool: str | None, args: Any, session_scope: str
-                      ) -> tuple[dict[str, int], ScopeCaps | None]:
-        """The tool call's amounts, and its identical-call counter (session only)."""
-        amounts = {Dimension.TOOL_CALLS: 1}
-        repeat: ScopeCaps | None = None
-        if tool:
-            amounts[tool_dimension(tool)] = 1
-            if self.limits.max_repeats is not None and args is not _NO_ARGS:
-                repeat = ScopeCaps(session_scope,
-                                   {repeat_dimension(tool, args): self.limits.max_repeats})
-        return amounts, repeat
-
-    def _charge(self, session: str, refs: Sequence[ScopeRef], amounts: Mapping[str, int]
-                ) -> Steps[Denial | None]:
-        """Charge counts (steps, tool calls) to every scope; when a soft threshold watches
-        them, read the totals in the same step and fire what the charge crossed."""
-        scopes = [r.caps for r in refs]
-        if not self._watch.watched(refs, amounts):
-            return (yield Op("charge", scopes, amounts))
-        result = yield Op("charge_read", scopes, amounts)
-        if isinstance(result, Denial):
-            return result
-        yield from self._watch.check(session, refs, result)
-        return None
-
     def _check_thresholds(self, session: str, refs: Sequence[ScopeRef],
                           settled: Settlement) -> None:
         watch = self._watch
@@ -894,20 +698,3 @@ class Guard:
             requested=denial.requested,
             hint=hint,
         )
-
-
-def _summed(scope: str, parts: Sequence[ScopeTotals]) -> ScopeTotals:
-    """One scope's totals made of several (the buckets of a rolling window); extensions
-    are the current bucket's."""
-    spent: dict[str, int] = {}
-    reserved: dict[str, int] = {}
-    for part in parts:
-        for dim, v in part.spent.items():
-            spent[dim] = spent.get(dim, 0) + int(v)
-        for dim, v in part.reserved.items():
-            reserved[dim] = reserved.get(dim, 0) + int(v)
-    return ScopeTotals(scope, spent, reserved, parts[0].extra)
-
-
-def _usd_text(nano: int) -> str:
-    return f"{Decimal(nano) / 1_000_000_000:f}"
