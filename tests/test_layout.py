@@ -53,6 +53,8 @@ ENGINE_MODULES = ["agent_guard.engine.guard", "agent_guard.engine.admission",
                   "agent_guard.engine.backlog", "agent_guard.engine.limits",
                   "agent_guard.engine.budgets", "agent_guard.engine.usage",
                   "agent_guard.engine.records", "agent_guard.engine.keeper",
+                  "agent_guard.engine.tools", "agent_guard.engine.recording",
+                  "agent_guard.engine.reads", "agent_guard.engine.checks",
                   "agent_guard.ledger", "agent_guard.errors", "agent_guard.pricing"]
 
 

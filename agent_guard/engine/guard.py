@@ -10,8 +10,11 @@ that awaits the ledger instead of blocking on it: both drive the same decision
 
 ``Guard`` orchestrates its collaborators: :class:`~.plan.Planner` (a call's worst case
 and shrink-to-fit), :class:`~.thresholds.ThresholdWatch` (soft thresholds),
-:class:`~.backlog.Backlog` (settles that found the ledger away) and the request
-registry of :mod:`.admission` (one request, one admission).
+:class:`~.backlog.Backlog` (settles that found the ledger away), the request
+registry of :mod:`.admission` (one request, one admission),
+:class:`~.recording.Recorder` (a call's record, its hooks), :class:`~.tools.ToolCalls`
+(tool calls and steps), :mod:`.reads` (usage reads, extensions) and :mod:`.checks`
+(what the guard is given, checked once).
 """
 
 from __future__ import annotations
@@ -71,9 +74,6 @@ logger = logging.getLogger("agent_guard")
 _NO_ARGS = NO_ARGS
 # threshold checks of deferred settles that landed on an event loop's thread (Guard._landed)
 _THRESHOLD_TASKS: set[asyncio.Task[None]] = set()
-
-
-
 
 
 class Guard:
