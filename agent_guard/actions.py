@@ -15,7 +15,7 @@ call left open is answered (``docs/graph-control.md``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
@@ -100,8 +100,11 @@ def stop_message(exc: GuardError) -> AIMessage:
     return Stop.of(exc).message()
 
 
-def answer_tool_calls(messages: Sequence[Any], stop: Stop) -> list[ToolMessage]:
-    """A ``ToolMessage`` for each tool call of the last assistant turn that has none.
+def answer_tool_calls(messages: Sequence[Any], stop: Stop,
+                      started: Collection[str] = ()) -> list[ToolMessage]:
+    """A ``ToolMessage`` for each tool call of the last assistant turn that has none:
+    "Not run", but for a call whose tool ``started`` (its id in it): "Stopped", as the
+    tool may have run (a model call inside it was refused).
 
     Chat APIs refuse a history in which an assistant message's tool calls are not
     each answered by a tool message right after it (OpenAI: ``400 ... tool_call_ids
@@ -116,7 +119,8 @@ def answer_tool_calls(messages: Sequence[Any], stop: Stop) -> list[ToolMessage]:
                 return []
             answered = {m.tool_call_id for m in after}
             return [ToolMessage(
-                content=f"Not run: the run was stopped by agent-guard. {stop.text}",
+                content=f"{'Stopped' if call['id'] in started else 'Not run'}: the run "
+                        f"was stopped by agent-guard. {stop.text}",
                 tool_call_id=call["id"], name=call["name"], status="error",
                 id=f"agent-guard-{call['id']}")
                 for call in message.tool_calls

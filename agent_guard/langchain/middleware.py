@@ -751,13 +751,17 @@ class GuardMiddleware(AgentMiddleware):
 
     # -- tool calls ---------------------------------------------------------------------
 
-    def _tool_refused(self, exc: GuardError, request: ToolCallRequest, session: str
-                      ) -> ToolMessage | None:
-        """The ToolMessage to answer with; the action waits for ``before_model``."""
+    def _tool_refused(self, exc: GuardError, request: ToolCallRequest, session: str,
+                      started: bool = False) -> ToolMessage | None:
+        """The ToolMessage to answer with; the action waits for ``before_model``. "Not
+        run" only for a call refused before its tool was called; one refused after
+        (a model call inside the tool, a retry of it) is "Stopped": the tool may have
+        run, and done what it does."""
         with self._lock:
             self._stopped.setdefault(session, exc)  # before_model acts on it
         call = request.tool_call
-        return ToolMessage(content=f"Not run: {exc}", tool_call_id=call["id"] or "",
+        return ToolMessage(content=f"{'Stopped' if started else 'Not run'}: {exc}",
+                           tool_call_id=call["id"] or "",
                            name=call["name"], status="error")
 
     def _cached(self, request: ToolCallRequest, span: uuid.UUID | None = None
@@ -917,6 +921,7 @@ class GuardMiddleware(AgentMiddleware):
         call = request.tool_call
         while True:
             span = self._tool_span(request, session, attributes)
+            started = False  # the handler was called: the tool may have run
             try:
                 admission = self.guard.before_tool_call(
                     session, call["name"], call.get("args", {}), attributes=attributes,
@@ -932,6 +937,7 @@ class GuardMiddleware(AgentMiddleware):
                                                "frame": sys._getframe()}
                     with collecting_cache_hits() as hits, self._owning(call, span), _held(
                             self, self.guard, admission, **running):
+                        started = True
                         result = handler(self._settled_in_run(request, admission, hits, span,
                                                               **running))
                 except GraphInterrupt as exc:
@@ -955,7 +961,7 @@ class GuardMiddleware(AgentMiddleware):
             except GuardError as exc:
                 if span is not None:
                     self.telemetry.refused(span, exc)
-                answer = self._tool_refused(exc, request, session)
+                answer = self._tool_refused(exc, request, session, started)
                 if answer is not None:
                     return answer
 
@@ -968,6 +974,7 @@ class GuardMiddleware(AgentMiddleware):
         call = request.tool_call
         while True:
             span = self._tool_span(request, session, attributes)
+            started = False  # the handler was called: the tool may have run
             try:
                 admission = await self.guard.abefore_tool_call(
                     session, call["name"], call.get("args", {}), attributes=attributes,
@@ -985,6 +992,7 @@ class GuardMiddleware(AgentMiddleware):
                     task = asyncio.current_task()
                     with collecting_cache_hits() as hits, self._owning(call, span), _held(
                             self, self.guard, admission, task=task):
+                        started = True
                         result = await handler(self._settled_in_run(
                             request, admission, hits, span, task=task))
                 except GraphInterrupt as exc:
@@ -1008,7 +1016,7 @@ class GuardMiddleware(AgentMiddleware):
             except GuardError as exc:
                 if span is not None:
                     self.telemetry.refused(span, exc)
-                answer = self._tool_refused(exc, request, session)
+                answer = self._tool_refused(exc, request, session, started)
                 if answer is not None:
                     return answer
 

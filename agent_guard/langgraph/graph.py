@@ -97,6 +97,9 @@ class _Run:
         self.error: GuardError | None = None  # to raise at the end (on_exceed="raise")
         self.paused: tuple[GuardError, str] | None = None
         self.message_id = f"agent-guard-stop-{uuid.uuid4().hex}"
+        # the tool calls whose tool started (LangChain's on_tool_start): a stop answers
+        # them "Stopped", not "Not run"
+        self.started_tools: set[str] = set()
 
     @property
     def halted(self) -> bool:
@@ -162,8 +165,12 @@ class _RunGate(BaseCallbackHandler):
     def on_llm_start(self, *args: Any, **kwargs: Any) -> None:
         self._check()
 
-    def on_tool_start(self, *args: Any, **kwargs: Any) -> None:
+    def on_tool_start(self, *args: Any, tool_call_id: str | None = None, **kwargs: Any
+                      ) -> None:
         self._check()
+        run = _run_of(var_child_runnable_config.get())
+        if run is not None and tool_call_id:
+            run.started_tools.add(tool_call_id)
 
 
 _RETRY = object()
@@ -283,7 +290,7 @@ def _final_node(state: Any, config: RunnableConfig) -> Any:
         state, "messages", None)
     if not isinstance(messages, list):
         return None
-    return {"messages": [*answer_tool_calls(messages, run.stop),
+    return {"messages": [*answer_tool_calls(messages, run.stop, run.started_tools),
                          run.stop.message(id=run.message_id)]}
 
 
