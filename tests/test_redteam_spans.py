@@ -152,3 +152,42 @@ def test_an_agent_used_as_a_tool_is_traced_under_the_tool_call() -> None:
     [call] = [s for s in spans if s.name == "execute_tool ask_inner"]
     under = [s.name for s in spans if s.parent and s.parent.span_id == call.context.span_id]
     assert sorted(under) == ["chat gpt-4o", "chat gpt-4o", "execute_tool work"]
+
+
+def test_an_agent_inside_a_retried_paid_tool_goes_under_that_runs_span() -> None:
+    """ToolRetryMiddleware runs a priced tool that asks an inner agent twice (the first
+    run fails after asking): each run has its execute_tool span, and each inner agent
+    run's spans go under the span of the tool run it ran in (none orphaned)."""
+    from langchain.agents.middleware import ToolRetryMiddleware
+
+    from agent_guard.langchain import priced_tool
+    from agent_guard.pricing import ToolPrice
+
+    telemetry, exporter = _telemetry()
+    inner = _agent([work], _model(1), telemetry)
+    runs: list[int] = []
+
+    @tool
+    def ask_inner(x: int) -> str:
+        """Ask the inner agent."""
+        runs.append(1)
+        inner.invoke({"messages": [("user", "inner")]})
+        if len(runs) == 1:
+            raise RuntimeError("failed after asking")
+        return "ok"
+
+    priced_tool(ask_inner, ToolPrice("0.01"))
+    guard = Guard(Limits(max_cost_usd=1))
+    create_agent(_model(1, "ask_inner"), [ask_inner], middleware=[
+        GuardMiddleware(guard, session_id=SESSION, telemetry=telemetry),
+        ToolRetryMiddleware(max_retries=1, initial_delay=0, jitter=False)]).invoke(
+        {"messages": [("user", "go")]})
+    spans = exporter.get_finished_spans()
+    assert telemetry.open_spans() == 0
+    assert [s.name for s in spans if s.parent is None] == ["invoke_agent agent"]
+    calls = [s for s in spans if s.name == "execute_tool ask_inner"]
+    assert len(calls) == 2
+    for call in calls:
+        under = [s.name for s in spans
+                 if s.parent and s.parent.span_id == call.context.span_id]
+        assert sorted(under) == ["chat gpt-4o", "chat gpt-4o", "execute_tool work"]

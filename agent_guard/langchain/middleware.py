@@ -1085,16 +1085,21 @@ class _ToolRunGate(BaseCallbackHandler):
         if run is not None:  # a further run: its own span beside the first's
             call = self.request.tool_call
             span = self.spans[run_id] = uuid.uuid4()
-            self.middleware.telemetry.tool_start(
-                span, run.key, call["name"], call.get("id"), call.get("args", {}),
-                session=admission.session, attributes=admission.attributes)
+            telemetry = self.middleware.telemetry
+            telemetry.tool_start(span, run.key, call["name"], call.get("id"),
+                                 call.get("args", {}), session=admission.session,
+                                 attributes=admission.attributes)
+            # an agent run inside this run finds the call's span (_TOOL_SPAN): its
+            # spans go under this run's
+            telemetry.reanchor(self.span, span)
 
     def _span_end(self, run_id: UUID, record: CallRecord | None,
                   error: BaseException | None = None, result: Any = None) -> None:
         """End the run's ``execute_tool`` span with what the run cost."""
         span = self.spans.pop(run_id, None)
-        if span is not None:
-            self.middleware.telemetry.tool_end(span, error, result=result, record=record)
+        if span is not None:  # the call's span keeps its anchor until the call ends
+            self.middleware.telemetry.tool_end(span, error, result=result, record=record,
+                                               keep_anchor=span == self.span)
 
     def _refused(self) -> None:
         self.raise_error = True  # the refusal reaches the run: the tool does not run

@@ -592,6 +592,12 @@ class GuardTelemetry:
             self._spans[run_id] = span
             self._anchor[run_id] = span  # runs inside the tool (an agent) go under it
 
+    def reanchor(self, run_id: UUID, under: UUID) -> None:
+        """Runs started under ``run_id`` from now on go under ``under``'s span (a tool
+        call run again: the runs inside the new run go under its span)."""
+        with self._lock:
+            self._anchor[run_id] = self._anchor.get(under)
+
     def tool_cache_hit(self, run_id: UUID, saved_nano: int) -> None:
         """The open tool run ``run_id`` was answered from agent-guard's result cache."""
         span = self._spans.get(run_id)
@@ -623,12 +629,16 @@ class GuardTelemetry:
                                attributes=attributes).end()
 
     def tool_end(self, run_id: UUID, error: BaseException | None = None,
-                 result: Any = None, record: CallRecord | None = None) -> None:
+                 result: Any = None, record: CallRecord | None = None, *,
+                 keep_anchor: bool = False) -> None:
         """End a tool's span; a priced call's ``record`` gives it the cost attributes of
-        a model call's span (what it cost, what was reserved, whether estimated)."""
+        a model call's span (what it cost, what was reserved, whether estimated).
+        ``keep_anchor``: runs started under ``run_id`` after this still have a parent
+        (see :meth:`reanchor`), until a ``tool_end`` without it."""
         with self._lock:
             span = self._spans.pop(run_id, None)
-            self._anchor.pop(run_id, None)
+            if not keep_anchor:
+                self._anchor.pop(run_id, None)
         if span is None:
             return
         if record is not None and record.reserved_nano:
