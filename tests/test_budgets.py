@@ -292,8 +292,13 @@ def test_team_month_cap_shared_by_two_processes_holds_exactly_and_resets(
         assert nov.get_spent("usd_nano") == settled <= usd_to_nano(TEAM_CAP_USD)
         assert nov.get_reserved("usd_nano") == 0
         assert nov.get_spent("model_calls") == admitted < 160  # the cap stopped some
-        # the worst case ($0.0004575) no longer fits: the cap was reached, not undershot
-        assert usd_to_nano(TEAM_CAP_USD) - settled < 457_500
+        # the worst case ($0.0004575) no longer fits: the cap was reached, not undershot.
+        # Spread over cells (redis_cells), a stripe refused while another cell re-borrowed
+        # the room a recall freed leaves up to a few worst cases unspent near the cap
+        # (docs/redis-cluster.md, "Under-admission near a cap"): measured at most 1.6 in
+        # 10 runs; never more than one on a single namespace slot
+        undershoot = 4 if "cells=" in url else 1
+        assert usd_to_nano(TEAM_CAP_USD) - settled < undershoot * 457_500
         december = run_racing(team_race, [(url, namespace, f"q{p}", 2, 2, DEC_1, p)
                                           for p in range(2)], pool=pool, manager=manager)
     dec = ledger.totals("team:acme@2026-12")
