@@ -11,6 +11,7 @@ its users) and update :data:`CHECKED`.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable, Mapping
 from types import CodeType
 from typing import Any
@@ -39,9 +40,11 @@ __all__ = [
     "LANGCHAIN_SERIALIZE_VALUE_CODE",
     "LANGCHAIN_TOOL_ARGS_METHOD",
     "LANGCHAIN_TOOL_RUN_CODES",
+    "LANGGRAPH_CALL_KEY",
     "BranchSpec",
     "RunnableCallable",
     "default_params",
+    "graph_run_executor",
     "ls_params",
     "tiktoken_constructor",
 ]
@@ -121,6 +124,24 @@ LANGCHAIN_HANDLE_EVENT_CODE = _code_of(_lc_callback_manager, "handle_event")
 LANGCHAIN_AHANDLE_EVENT_CODE = _code_of(_lc_callback_manager, "ahandle_event")
 LANGCHAIN_AHANDLE_EVENT_FOR_HANDLER_CODE = _code_of(_lc_callback_manager,
                                                     "_ahandle_event_for_handler")
+
+
+#: langgraph: the ``configurable`` key under which each task of a graph run gets a
+#: ``functools.partial`` whose ``submit`` keyword is a weak method of the run loop's
+#: background executor. That executor is the one per-run object LangGraph lets go of when
+#: the run's ``stream()`` ends however it ends (finished, failed, closed between steps);
+#: the middleware ends an agent span that no hook ended when it is collected.
+LANGGRAPH_CALL_KEY = "__pregel_call"
+
+
+def graph_run_executor(config: Mapping[str, Any]) -> Any:
+    """The running graph's background executor (see :data:`LANGGRAPH_CALL_KEY`), or None
+    when LangGraph's internals differ (the caller then falls back to evicting old runs)."""
+    call = (config.get("configurable") or {}).get(LANGGRAPH_CALL_KEY)
+    submit = (getattr(call, "keywords", None) or {}).get("submit")
+    if isinstance(submit, weakref.WeakMethod):
+        submit = submit()
+    return getattr(submit, "__self__", None)
 
 
 def ls_params(model: Any, **settings: Any) -> dict[str, Any]:

@@ -258,3 +258,38 @@ def test_no_other_module_touches_private_names_of_other_libraries():
         found += [f"{path.relative_to(package)}:{hit}"
                   for hit in private_reach_ins(path.read_text(encoding="utf-8"))]
     assert not found, "move these into agent_guard/compat.py: " + "; ".join(found)
+
+
+def test_a_graph_task_reaches_its_runs_executor_which_is_freed_when_the_stream_closes():
+    import gc
+    import weakref
+    from typing import TypedDict
+
+    from langchain_core.runnables import RunnableConfig
+    from langgraph.graph import END, START, StateGraph
+
+    from agent_guard.compat import graph_run_executor
+
+    class State(TypedDict):
+        n: int
+
+    seen: list[weakref.ref[object]] = []
+
+    def step(state: State, config: RunnableConfig) -> State:
+        executor = graph_run_executor(config)
+        assert executor is not None, "LangGraph no longer hands tasks its run's executor"
+        seen.append(weakref.ref(executor))
+        return {"n": state["n"] + 1}
+
+    builder = StateGraph(State)
+    builder.add_node("a", step)
+    builder.add_node("b", step)
+    builder.add_edge(START, "a")
+    builder.add_edge("a", "b")
+    builder.add_edge("b", END)
+    stream = builder.compile().stream({"n": 0})
+    next(stream)  # "a" ran; the run is paused between two steps
+    assert len(seen) == 1 and seen[0]() is not None
+    stream.close()
+    gc.collect()
+    assert seen[0]() is None, "the executor outlives the closed stream"

@@ -60,7 +60,7 @@ from ..actions import (
     wants_stop,
 )
 from ..cache.result import MISS, ResultCache, collecting_cache_hits
-from ..compat import default_params, ls_params
+from ..compat import default_params, graph_run_executor, ls_params
 from ..context import current_config, current_session, named_session
 from ..engine.admission import _NOT_RUN, Admission, ModelCall, ToolAdmission
 from ..engine.budgets import Budgets, attributes_from_metadata
@@ -155,18 +155,6 @@ def _gc_phase(phase: str, info: Any) -> None:
 
 
 gc.callbacks.append(_gc_phase)
-
-
-def _graph_run(config: Mapping[str, Any]) -> Any:
-    """The object LangGraph keeps for one graph run and lets go of when the run's
-    ``stream()`` ends, however it ends (finished, failed, closed between two steps):
-    its loop's background executor, which each task reaches through a weak method in
-    its ``__pregel_call``. None when LangGraph's internals differ."""
-    call = (config.get("configurable") or {}).get("__pregel_call")
-    submit = (getattr(call, "keywords", None) or {}).get("submit")
-    if isinstance(submit, weakref.WeakMethod):
-        submit = submit()
-    return getattr(submit, "__self__", None)
 
 
 def _run_key() -> tuple[tuple[int, str], Any] | None:
@@ -457,7 +445,7 @@ class GuardMiddleware(AgentMiddleware):
                 dropped.append(self._agent_runs.popitem(last=False)[1][1])
         for old in dropped:  # runs that ended elsewhere (an error in another node)
             telemetry.chain_end(old.key)
-        anchor = _graph_run(config)
+        anchor = graph_run_executor(config)
         if anchor is not None:  # no hook runs when a stream is closed between steps
             with contextlib.suppress(TypeError):
                 weakref.finalize(anchor, self._abandoned, key[0], run).atexit = False
