@@ -260,39 +260,41 @@ def test_a_pause_or_an_end_closes_the_runs_span(on_exceed: str) -> None:
     assert names["chat gpt-4o"] == 2 + invocations
 
 
+def retried(adapter: str, mode: str, flaky: Any) -> tuple[Run, Guard]:
+    """One agent run whose one tool call ToolRetryMiddleware runs twice (``flaky`` fails
+    its first run), through ``adapter`` alone."""
+    from langchain.agents.middleware import ToolRetryMiddleware
+
+    run = Run()
+    guard = Guard(Limits(max_cost_usd=1))
+    answers = iter([AIMessage("", tool_calls=[{"name": flaky.name, "id": "c1",
+                                               "args": {"query": "x"}}]),
+                    AIMessage("done")])
+    model = ScriptedChatModel(model_name="gpt-4o", max_tokens=100,
+                              respond=lambda m: next(answers))
+    middleware: list[Any] = [ToolRetryMiddleware(max_retries=1, initial_delay=0,
+                                                 jitter=False)]
+    callbacks: list[Any] = []
+    if adapter == "middleware":
+        middleware.insert(0, GuardMiddleware(guard, telemetry=run.telemetry))
+    else:
+        callbacks.append(GuardCallbackHandler(guard, telemetry=run.telemetry))
+    agent = create_agent(model, [flaky], name="support", middleware=middleware)
+    drive(agent, mode, None, callbacks=callbacks)
+    assert run.telemetry.open_spans() == 0
+    return run, guard
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_retried_paid_tool_has_a_span_per_run_as_under_the_callback(mode: str) -> None:
     """ToolRetryMiddleware runs a paid tool twice (the first run fails after billing):
     the callback makes an ``execute_tool`` span per run, each with its own cost and
     status; the middleware alone makes the same spans, whose costs add up to what the
     ledger charged for the call, and the same metric points."""
-    from langchain.agents.middleware import ToolRetryMiddleware
-
     from .test_redteam_paid_tools import PRICE_NANO, FlakySearch
 
-    def run_with(adapter: str) -> tuple[Run, Guard]:
-        run = Run()
-        guard = Guard(Limits(max_cost_usd=1))
-        answers = iter([AIMessage("", tool_calls=[{"name": "web_search", "id": "c1",
-                                                   "args": {"query": "x"}}]),
-                        AIMessage("done")])
-        model = ScriptedChatModel(model_name="gpt-4o", max_tokens=100,
-                                  respond=lambda m: next(answers))
-        middleware: list[Any] = [ToolRetryMiddleware(max_retries=1, initial_delay=0,
-                                                     jitter=False)]
-        callbacks: list[Any] = []
-        if adapter == "middleware":
-            middleware.insert(0, GuardMiddleware(guard, telemetry=run.telemetry))
-        else:
-            callbacks.append(GuardCallbackHandler(guard, telemetry=run.telemetry))
-        agent = create_agent(model, [FlakySearch(fails=1).tool], name="support",
-                             middleware=middleware)
-        drive(agent, mode, None, callbacks=callbacks)
-        assert run.telemetry.open_spans() == 0
-        return run, guard
-
-    callback, callback_guard = run_with("callback")
-    middleware, middleware_guard = run_with("middleware")
+    callback, callback_guard = retried("callback", mode, FlakySearch(fails=1).tool)
+    middleware, middleware_guard = retried("middleware", mode, FlakySearch(fails=1).tool)
     tools = [s for s in middleware.spans_out.get_finished_spans()
              if s.name == "execute_tool web_search"]
     assert sorted((s.status.status_code.name, s.attributes["agent_guard.outcome"])
@@ -305,3 +307,24 @@ def test_a_retried_paid_tool_has_a_span_per_run_as_under_the_callback(mode: str)
     assert middleware.spans() == callback.spans()
     assert middleware.metrics() == callback.metrics()
     assert middleware_guard.usage("t-7").cost_usd == callback_guard.usage("t-7").cost_usd
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_retried_unpriced_tool_has_a_span_per_run_as_under_the_callback(mode: str
+                                                                          ) -> None:
+    """ToolRetryMiddleware runs an unpriced tool twice (it fails, then answers): the
+    callback makes an ``execute_tool`` span per run (ERROR, then UNSET) and counts two
+    tool calls; the middleware alone makes the same spans, metric points and counts."""
+    from .test_middleware_unpriced_retry import Flaky
+
+    callback_tool, middleware_tool = Flaky(fails=1), Flaky(fails=1)
+    callback, callback_guard = retried("callback", mode, callback_tool.tool)
+    middleware, middleware_guard = retried("middleware", mode, middleware_tool.tool)
+    assert callback_tool.runs == middleware_tool.runs == 2
+    tools = [s for s in middleware.spans_out.get_finished_spans()
+             if s.name == "execute_tool lookup"]
+    assert sorted(s.status.status_code.name for s in tools) == ["ERROR", "UNSET"]
+    assert middleware.spans() == callback.spans()
+    assert middleware.metrics() == callback.metrics()
+    assert middleware_guard.usage("t-7").tool_calls == \
+        callback_guard.usage("t-7").tool_calls == 2

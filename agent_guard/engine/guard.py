@@ -150,6 +150,12 @@ class Guard:
         self._dollar_capped = any(
             lim.max_cost_usd is not None
             for lim in (self.budgets.session, *(lim for _, lim in self.budgets.all_limits())))
+        # whether any budget counts tool calls against a cap (max_tool_calls of any
+        # scope, max_repeats): an adapter that sees a tool run again in one call counts
+        # each run only when a cap reads the count
+        self.tool_calls_capped = self.limits.max_repeats is not None or any(
+            lim.max_tool_calls is not None
+            for lim in (self.budgets.session, *(lim for _, lim in self.budgets.all_limits())))
         # finished calls whose settle found the ledger unavailable (settle_pending)
         self._unsettled = Backlog()
         self._ledger_id = ledger_identity(self.ledger)

@@ -829,11 +829,14 @@ class GuardMiddleware(AgentMiddleware):
     def _settled_in_run(self, request: ToolCallRequest, admission: ToolAdmission,
                         hits: list[int], span: UUID | None = None, **running: Any
                         ) -> ToolCallRequest:
-        """The request with a priced tool whose own run settles it (see
-        :class:`_ToolRunGate`); any other request as it is. ``running``: what the lease
-        keeper watches while the call runs (its thread and frame, or its task)."""
+        """The request with a tool whose own run settles it (see :class:`_ToolRunGate`):
+        a priced tool, or an unpriced one when a run again inside the call must be counted
+        (a tool-call cap reads the count) or traced (``span``); any other request as it
+        is: the common unpriced, uncapped call pays for no gate. ``running``: what the
+        lease keeper watches while the call runs (its thread and frame, or its task)."""
         tool = request.tool
-        if admission.reservation is None or tool is None:
+        if tool is None or (admission.reservation is None and span is None
+                            and not self.guard.tool_calls_capped):
             return request
         gate = _ToolRunGate(self, request, admission, hits, running, span)
         callbacks = tool.callbacks
@@ -1012,13 +1015,16 @@ class GuardMiddleware(AgentMiddleware):
 class _ToolRunGate(BaseCallbackHandler):
     """Settles a priced tool call admitted by :class:`GuardMiddleware` at the end of
     the tool's own run, and writes what it cost on that run, where LangSmith reads it
-    (``usage_metadata.total_cost`` of its metadata, :func:`note_tool_cost`).
+    (``usage_metadata.total_cost`` of its metadata, :func:`note_tool_cost`). An unpriced
+    call gets one only when a tool-call cap or the middleware's span needs its runs
+    (see ``_settled_in_run``): each run counted and recorded, nothing to write on it.
 
     A handler of that one tool call (given to a copy of the tool, not inherited by the
     runs inside it): it moves itself before the run's other handlers when the run
     starts (:func:`go_first`), so the cost is on the run before LangChain's tracer sends
     it, on sync and async paths. A call whose arguments failed validation never ran:
-    released. An interrupt is left to the middleware (it runs again on resume).
+    released (a priced one; an unpriced run stays counted and is recorded as failed,
+    as under the callback). An interrupt is left to the middleware (it runs again on resume).
 
     Middleware inside ``GuardMiddleware`` may run the tool again within the one call
     (``ToolRetryMiddleware`` after a failure that was billed): each further run is
@@ -1062,7 +1068,8 @@ class _ToolRunGate(BaseCallbackHandler):
                  metadata: dict[str, Any] | None) -> None:
         self.runs[run_id] = (admission, metadata if isinstance(metadata, dict) else None,
                              go_first(self, run_id))
-        if admission is not self.admission:  # its hold is renewed while the call runs
+        if admission is not self.admission and admission.reservation is not None:
+            # its hold is renewed while the call runs
             keeper.watch(self, self.middleware.guard, admission, **self.running)
         if self.span is None:
             return
@@ -1130,7 +1137,7 @@ class _ToolRunGate(BaseCallbackHandler):
         run = self.runs.get(run_id)
         if run is None or run[0].finished:
             return None
-        if run[0] is not self.admission:
+        if run[0] is not self.admission and run[0].reservation is not None:
             keeper.unwatch(self, run[0])
         return run[0]
 
@@ -1157,7 +1164,7 @@ class _ToolRunGate(BaseCallbackHandler):
         admission = self._ending(run_id, error)
         if admission is None:
             return
-        if failed_before_running(error):
+        if admission.reservation is not None and failed_before_running(error):
             await self.middleware.guard.atool_call_not_run(admission)
             self._span_end(run_id, None, error)
             return
@@ -1169,7 +1176,9 @@ class _ToolRunGate(BaseCallbackHandler):
         admission = self._ending(run_id, error)
         if admission is None:
             return
-        if failed_before_running(error):  # its arguments did not validate: never ran
+        # its arguments did not validate: never ran (released; an unpriced call's
+        # count stays charged, as the callback leaves it: recorded as failed)
+        if admission.reservation is not None and failed_before_running(error):
             self.middleware.guard.tool_call_not_run(admission)
             self._span_end(run_id, None, error)
             return
@@ -1178,8 +1187,9 @@ class _ToolRunGate(BaseCallbackHandler):
 
     def _noted(self, run_id: UUID, record: CallRecord, error: BaseException | None = None,
                result: Any = None) -> None:
-        _, metadata, handlers = self.runs[run_id]
-        note_tool_cost(metadata, record, run_id, handlers)
+        admission, metadata, handlers = self.runs[run_id]
+        if admission.price is not None:  # an unpriced call has no cost to show
+            note_tool_cost(metadata, record, run_id, handlers)
         self._span_end(run_id, record, error, result)
 
 
