@@ -23,7 +23,7 @@ from agent_guard.engine.admission import ModelCall
 from agent_guard.engine.usage import Usage
 from agent_guard.errors import BudgetExceeded, LedgerUnavailable
 from agent_guard.finops.store import UsageStore
-from agent_guard.ledger import ScopeCaps, from_url
+from agent_guard.ledger import Reservation, ScopeCaps, from_url
 from agent_guard.ledger.redis import RedisLedger
 from agent_guard.stores import parse_url, redis_client
 
@@ -460,5 +460,37 @@ def test_a_connection_closed_mid_read_by_another_thread_is_ledger_unavailable(
         with pytest.raises(LedgerUnavailable):
             ledger.reserve(caps, {"usd_nano": 1}, lease_seconds=30)
         assert ledger.reserve(caps, {"usd_nano": 1}, lease_seconds=30)
+    finally:
+        ledger.close()
+
+
+class _ClosedWhileChecked(_ClosedMidRead):
+    """A pooled node socket closed by another thread while the pool checks it before
+    handing it out (``can_read``): redis-py's buffer then raises ValueError from its
+    ``finally`` (as seen in CI under the fault tests, with EBADF underneath)."""
+
+    def recv(self, size: int) -> bytes:
+        self.connection.disconnect()  # the other thread, as the check reads
+        return self.sock.recv(size)  # type: ignore[attr-defined,no-any-return]
+
+
+@pytest.mark.parametrize("cells", [None, 3])
+def test_a_pooled_connection_closed_while_checked_is_replaced_not_raised(
+        redis_cluster_url: str, cells: int | None) -> None:
+    """The pool's check of a connection it hands out turns that ValueError into a
+    dropped connection, which the pool replaces: the call goes through."""
+    url = redis_cluster_url if cells is None else f"{redis_cluster_url}?cells={cells}"
+    ledger = from_url(url, namespace=ns())
+    try:
+        caps = [ScopeCaps("session:a", {"usd_nano": 100})]
+        assert ledger.reserve(caps, {"usd_nano": 1}, lease_seconds=30)
+        key = ledger.scope_key("session:a")  # type: ignore[attr-defined]
+        pool = ledger.client.get_node_from_key(key).redis_connection.connection_pool
+        connection = pool.get_connection()
+        buffer = connection._parser._buffer
+        buffer._sock = _ClosedWhileChecked(buffer._sock, connection)
+        pool.release(connection)
+        assert isinstance(ledger.reserve(caps, {"usd_nano": 1}, lease_seconds=30), Reservation)
+        assert isinstance(ledger.reserve(caps, {"usd_nano": 1}, lease_seconds=30), Reservation)
     finally:
         ledger.close()

@@ -141,19 +141,29 @@ def redis_client(url: str, *, profile: RedisProfile = LEDGER, asynchronous: bool
 @functools.cache
 def _node_connection(base: type) -> type:
     """``base`` (redis-py's ``Connection`` or ``SSLConnection``) for a sync cluster node:
-    a reply whose buffer another thread closed mid-read (``ValueError``) is a dropped
-    connection (``ConnectionError``), which the cluster client answers by refreshing its
-    slot map, and the stores by their fault policy."""
+    a buffer another thread closed mid-read (``ValueError``) is a dropped connection
+    (``ConnectionError``). Mid-reply, the cluster client answers it by refreshing its
+    slot map and the stores by their fault policy; in the pool's check of a connection
+    it hands out (``can_read``), the pool replaces the connection and the call goes on."""
     from redis.exceptions import ConnectionError as RedisConnectionError
 
     class NodeConnection(base):  # type: ignore[valid-type, misc]
+        def _closed(self, exc: ValueError, doing: str) -> RedisConnectionError:
+            self.disconnect()
+            return RedisConnectionError(
+                f"connection to {self.host}:{self.port} closed while {doing}: {exc}")
+
         def read_response(self, *args: Any, **kwargs: Any) -> Any:
             try:
                 return super().read_response(*args, **kwargs)
-            except ValueError as exc:  # read_response has disconnected it
-                raise RedisConnectionError(
-                    f"connection to {self.host}:{self.port} closed while reading: {exc}"
-                ) from exc
+            except ValueError as exc:
+                raise self._closed(exc, "reading") from exc
+
+        def can_read(self, *args: Any, **kwargs: Any) -> bool:
+            try:
+                return bool(super().can_read(*args, **kwargs))
+            except ValueError as exc:
+                raise self._closed(exc, "checked") from exc
 
     NodeConnection.__name__ = NodeConnection.__qualname__ = f"Node{base.__name__}"
     return NodeConnection
