@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 import uuid
+import zlib
 from collections import Counter
 
 import pytest
@@ -58,7 +59,7 @@ class WordEmbeddings(Embeddings):
         counts = Counter(re.findall(r"[a-z0-9]+", text.lower()))
         vec = [0.0] * 64
         for word, n in counts.items():
-            vec[hash(word) % 64] += n
+            vec[zlib.crc32(word.encode()) % 64] += n  # not hash(): seeded per process
         norm = math.sqrt(sum(v * v for v in vec)) or 1.0
         return [v / norm for v in vec]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
@@ -59,7 +60,7 @@ class SQLitePool:
                                  check_same_thread=False)
             if not self._memory:
                 db.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
-                db.execute("PRAGMA journal_mode=WAL")
+                _switch_to_wal(db, self.timeout)
                 db.execute("PRAGMA synchronous=NORMAL")
         except (sqlite3.Error, OSError) as exc:
             if self._open_error is not None:
@@ -109,3 +110,21 @@ class SQLitePool:
         for db in dbs:
             with suppress(sqlite3.Error):
                 db.close()
+
+
+def _switch_to_wal(db: sqlite3.Connection, timeout: float) -> None:
+    """``PRAGMA journal_mode=WAL``, retried within the busy timeout: while another
+    process opens the same new file and switches it, SQLite can answer "database is
+    locked" at once, without waiting on the busy handler (seen with two processes
+    opening one ledger file together)."""
+    deadline = time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
