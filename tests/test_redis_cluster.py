@@ -11,7 +11,10 @@ nodes, and the caches and usage store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -440,28 +443,39 @@ class _ClosedMidRead:
         return getattr(self.sock, name)
 
 
+CAPS_A = [ScopeCaps("session:a", {"usd_nano": 100})]
+
+
+@contextlib.contextmanager
+def _node_socket_replaced(cluster_url: str, cells: int | None,
+                          sock: type[_ClosedMidRead]) -> Iterator[Any]:
+    """A ledger (plain or cells) that reserved once, whose pooled connection to the
+    session's node now reads through ``sock``; closed afterwards."""
+    url = cluster_url if cells is None else f"{cluster_url}?cells={cells}"
+    ledger = from_url(url, namespace=ns())
+    try:
+        assert ledger.reserve(CAPS_A, {"usd_nano": 1}, lease_seconds=30)
+        key = ledger.scope_key("session:a")  # type: ignore[attr-defined]
+        pool = ledger.client.get_node_from_key(key).redis_connection.connection_pool
+        connection = pool.get_connection()
+        buffer = connection._parser._buffer
+        buffer._sock = sock(buffer._sock, connection)
+        pool.release(connection)
+        yield ledger
+    finally:
+        ledger.close()
+
+
 @pytest.mark.parametrize("cells", [None, 3])
 def test_a_connection_closed_mid_read_by_another_thread_is_ledger_unavailable(
         redis_cluster_url: str, cells: int | None) -> None:
     """redis-py's parser then raises ValueError("I/O operation on closed file"): the
     ledger says LedgerUnavailable (so the guard's fail policy applies), plain or cells,
     and the next call runs on a fresh connection."""
-    url = redis_cluster_url if cells is None else f"{redis_cluster_url}?cells={cells}"
-    ledger = from_url(url, namespace=ns())
-    try:
-        caps = [ScopeCaps("session:a", {"usd_nano": 100})]
-        assert ledger.reserve(caps, {"usd_nano": 1}, lease_seconds=30)
-        key = ledger.scope_key("session:a")  # type: ignore[attr-defined]
-        pool = ledger.client.get_node_from_key(key).redis_connection.connection_pool
-        connection = pool.get_connection()
-        buffer = connection._parser._buffer
-        buffer._sock = _ClosedMidRead(buffer._sock, connection)
-        pool.release(connection)
+    with _node_socket_replaced(redis_cluster_url, cells, _ClosedMidRead) as ledger:
         with pytest.raises(LedgerUnavailable):
-            ledger.reserve(caps, {"usd_nano": 1}, lease_seconds=30)
-        assert ledger.reserve(caps, {"usd_nano": 1}, lease_seconds=30)
-    finally:
-        ledger.close()
+            ledger.reserve(CAPS_A, {"usd_nano": 1}, lease_seconds=30)
+        assert ledger.reserve(CAPS_A, {"usd_nano": 1}, lease_seconds=30)
 
 
 class _ClosedWhileChecked(_ClosedMidRead):
@@ -479,18 +493,8 @@ def test_a_pooled_connection_closed_while_checked_is_replaced_not_raised(
         redis_cluster_url: str, cells: int | None) -> None:
     """The pool's check of a connection it hands out turns that ValueError into a
     dropped connection, which the pool replaces: the call goes through."""
-    url = redis_cluster_url if cells is None else f"{redis_cluster_url}?cells={cells}"
-    ledger = from_url(url, namespace=ns())
-    try:
-        caps = [ScopeCaps("session:a", {"usd_nano": 100})]
-        assert ledger.reserve(caps, {"usd_nano": 1}, lease_seconds=30)
-        key = ledger.scope_key("session:a")  # type: ignore[attr-defined]
-        pool = ledger.client.get_node_from_key(key).redis_connection.connection_pool
-        connection = pool.get_connection()
-        buffer = connection._parser._buffer
-        buffer._sock = _ClosedWhileChecked(buffer._sock, connection)
-        pool.release(connection)
-        assert isinstance(ledger.reserve(caps, {"usd_nano": 1}, lease_seconds=30), Reservation)
-        assert isinstance(ledger.reserve(caps, {"usd_nano": 1}, lease_seconds=30), Reservation)
-    finally:
-        ledger.close()
+    with _node_socket_replaced(redis_cluster_url, cells, _ClosedWhileChecked) as ledger:
+        assert isinstance(ledger.reserve(CAPS_A, {"usd_nano": 1}, lease_seconds=30),
+                          Reservation)
+        assert isinstance(ledger.reserve(CAPS_A, {"usd_nano": 1}, lease_seconds=30),
+                          Reservation)
