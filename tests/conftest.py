@@ -151,6 +151,22 @@ def redis_namespace() -> Iterator[str]:
         client.close()
 
 
+@pytest.fixture(params=["memory", "redis"])
+def memory_or_redis_ledger(request: pytest.FixtureRequest, redis_namespace: str
+                           ) -> Iterator[Ledger]:
+    """A memory ledger, then a Redis ledger in a fresh namespace (the provider-side
+    accounting suites run each path on both)."""
+    if request.param == "memory":
+        made: Ledger = MemoryLedger()
+    else:
+        require_redis()
+        from agent_guard.ledger.redis import RedisLedger
+
+        made = RedisLedger.from_url(REDIS_URL, namespace=redis_namespace)
+    yield made
+    made.close()
+
+
 #: cells of the spread ledger layout in the tests (agent_guard.ledger.redis_cells): few
 #: on one Redis, so that a call's scopes often sit in different cells
 CELLS_ONE_REDIS = 4

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any, TypedDict
 
 import httpx
@@ -35,8 +34,6 @@ from agent_guard.engine.records import CallRecord
 from agent_guard.ledger import Ledger
 from agent_guard.testing import FakeOpenAIServer, FakeReply
 
-from .conftest import REDIS_URL, require_redis
-
 SESSION = "money"
 MAX_TOKENS = 100
 ANSWER = FakeReply("Paris is the capital of France.", completion_tokens=60)
@@ -48,19 +45,9 @@ CUT_AFTER = 1.5
 # -- fixtures and checks -------------------------------------------------------------------
 
 
-@pytest.fixture(params=["memory", "redis"])
-def ledger(request: pytest.FixtureRequest, redis_namespace: str) -> Iterator[Ledger]:
-    from agent_guard.ledger import MemoryLedger
-
-    if request.param == "memory":
-        made: Ledger = MemoryLedger()
-    else:
-        require_redis()
-        from agent_guard.ledger.redis import RedisLedger
-
-        made = RedisLedger.from_url(REDIS_URL, namespace=redis_namespace)
-    yield made
-    made.close()
+@pytest.fixture
+def ledger(memory_or_redis_ledger: Ledger) -> Ledger:
+    return memory_or_redis_ledger
 
 
 class Books:

@@ -22,7 +22,6 @@ import pytest
 from langchain.agents import create_agent
 from langchain_core.messages import AnyMessage, HumanMessage, SystemMessage
 from langchain_core.tools import tool
-from langgraph._internal._runnable import RunnableCallable
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 
@@ -34,11 +33,10 @@ from agent_guard import (
     Limits,
     guarded_graph,
 )
+from agent_guard.compat import RunnableCallable
 from agent_guard.engine.records import CallRecord
 from agent_guard.ledger import Ledger
 from agent_guard.testing import AnthropicReply, FakeAnthropicServer
-
-from .conftest import REDIS_URL, require_redis
 
 pytest.importorskip("langchain_anthropic")
 from langchain_anthropic import ChatAnthropic, _client_utils
@@ -51,19 +49,9 @@ PROSE = ("The committee reviewed the quarterly figures and agreed that the budge
          "next release should stay within the limits set in spring. ")
 
 
-@pytest.fixture(params=["memory", "redis"])
-def ledger(request: pytest.FixtureRequest, redis_namespace: str) -> Iterator[Ledger]:
-    from agent_guard.ledger import MemoryLedger
-
-    if request.param == "memory":
-        made: Ledger = MemoryLedger()
-    else:
-        require_redis()
-        from agent_guard.ledger.redis import RedisLedger
-
-        made = RedisLedger.from_url(REDIS_URL, namespace=redis_namespace)
-    yield made
-    made.close()
+@pytest.fixture
+def ledger(memory_or_redis_ledger: Ledger) -> Ledger:
+    return memory_or_redis_ledger
 
 
 @pytest.fixture(autouse=True)

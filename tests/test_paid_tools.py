@@ -14,7 +14,6 @@ import asyncio
 import itertools
 import json
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -63,17 +62,9 @@ CAP_USD = Decimal("0.10")
 CAP_NANO = 100_000_000
 
 
-@pytest.fixture(params=["memory", "redis"])
-def ledger(request: pytest.FixtureRequest, redis_namespace: str) -> Iterator[Ledger]:
-    if request.param == "memory":
-        made: Ledger = MemoryLedger()
-    else:
-        require_redis()
-        from agent_guard.ledger.redis import RedisLedger
-
-        made = RedisLedger.from_url(REDIS_URL, namespace=redis_namespace)
-    yield made
-    made.close()
+@pytest.fixture
+def ledger(memory_or_redis_ledger: Ledger) -> Ledger:
+    return memory_or_redis_ledger
 
 
 class Search:
