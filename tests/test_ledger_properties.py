@@ -43,7 +43,14 @@ from hypothesis.stateful import (
 )
 
 from agent_guard.errors import LedgerUnavailable
-from agent_guard.ledger import Denial, Ledger, MemoryLedger, Reservation, ScopeCaps
+from agent_guard.ledger import (
+    Denial,
+    Ledger,
+    MemoryLedger,
+    Reservation,
+    ScopeCaps,
+    Settlement,
+)
 
 from .conftest import REDIS_URL, FakeClock, require_redis
 
@@ -470,19 +477,48 @@ def _one_call_of_each(ledger: Ledger) -> Callable[[], dict[str, Any]]:
 
 
 def _count_sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record the name of every command any sync connection writes (the ledger writes
-    its scripts on connections it keeps, not through ``execute_command``)."""
+    """Record the name of every command any sync connection writes (the ledger packs its
+    scripts and writes them on connections it keeps, not through ``execute_command``)."""
     import redis.connection
 
     sent: list[str] = []
-    send = redis.connection.AbstractConnection.send_command
+    send = redis.connection.AbstractConnection.send_packed_command
 
-    def counting(self: Any, *args: Any, **options: Any) -> Any:
-        sent.append(str(args[0]).upper())
-        return send(self, *args, **options)
+    def counting(self: Any, command: Any, *args: Any, **options: Any) -> Any:
+        packed = command if isinstance(command, bytes) else b"".join(command)
+        sent.append(packed.split(b"\r\n")[2].decode().upper())  # *N, $len, name
+        return send(self, command, *args, **options)
 
-    monkeypatch.setattr(redis.connection.AbstractConnection, "send_command", counting)
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
     return sent
+
+
+@pytest.mark.parametrize("args", [
+    ["", "600.0", "r1", '{"k":["ag:{ns}:s:session%3Ab"],"a":{"usd_nano":"1"}}', "0"],
+    ["", "coût", "日本", "\r\n$3\r\n"],  # not ASCII: redis-py packs it
+    [],
+])
+def test_the_ledgers_packed_evalsha_is_redis_pys(args: list[str]) -> None:
+    """The sync ledger packs its EVALSHA itself: the same bytes as redis-py's packer."""
+    import redis as redis_py
+
+    from agent_guard.ledger.redis import _Wire
+
+    conn = redis_py.Connection()  # packs without connecting
+    keys = ["ag:{ns}:open", "ag:{ns}:leases", "ag:{ns}:s:t%C3%A9"]
+    packed = _Wire(redis_py.BlockingConnectionPool())._pack(conn, "f" * 40, keys, args)
+    theirs = conn.pack_command("EVALSHA", "f" * 40, len(keys), *keys, *args)
+    assert b"".join(packed) == b"".join(theirs)
+
+
+def test_redis_a_dimension_not_ascii_round_trips(redis_ledger) -> None:
+    caps = [ScopeCaps("session:ü", {"coût": 10})]
+    read = redis_ledger.charge_read(caps, {"coût": 3})
+    assert read == Settlement(True, {"session:ü": {"coût": 3}})
+    res = redis_ledger.reserve(caps, {"coût": 7}, lease_seconds=60)
+    assert isinstance(res, Reservation)
+    assert isinstance(redis_ledger.reserve(caps, {"coût": 1}, lease_seconds=60), Denial)
+    assert redis_ledger.settle(res, {"coût": 2}) == Settlement(True, {"session:ü": {"coût": 5}})
 
 
 def test_redis_one_round_trip_per_operation(redis_ledger, monkeypatch) -> None:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import codecs
 import contextlib
 import json
 import logging
@@ -86,7 +87,9 @@ MAX_AMOUNT = 2**53
 RECLAIM_BATCH = 1000
 _SCRIPTS = ("reserve", "settle", "release", "charge", "reclaim", "renew")
 _FAILURES = REDIS_ERRORS
-_JSON: dict[str, Any] = {"separators": (",", ":")}
+# compact JSON, as json.dumps(value, separators=(",", ":")) writes it; one encoder for
+# every call (json.dumps builds a new JSONEncoder per call when given options)
+_json = json.JSONEncoder(separators=(",", ":")).encode
 # Deferred settles: the default bounded delay, and the most one script carries.
 SETTLE_DELAY_SECONDS = 0.05
 SETTLE_BATCH = 64
@@ -169,6 +172,11 @@ class _Wire:
     def __init__(self, pool: Any) -> None:
         self.pool = pool
         self.idle: list[Any] = []
+        # the command is packed here (redis-py's packer encodes and checks each argument
+        # alone: several times the cost) when its text is ASCII, which reads the same in
+        # the connections' encoding; otherwise redis-py packs it
+        encoding = pool.connection_kwargs.get("encoding", "utf-8")
+        self.packs = codecs.lookup(encoding).name in ("utf-8", "ascii", "iso8859-1")
 
     def call(self, script: Any, keys: list[str], args: list[str]) -> Reply:
         try:
@@ -184,13 +192,14 @@ class _Wire:
                 conn.disconnect()
         try:
             conn.connect()  # at once when connected; after close() or an error: again
+            packed = self._pack(conn, script.sha, keys, args)
             try:
-                conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                conn.send_packed_command(packed)
                 return conn.read_response()
             except redis.exceptions.NoScriptError:
                 conn.send_command("SCRIPT", "LOAD", script.script)
                 conn.read_response()
-                conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                conn.send_packed_command(packed)
                 return conn.read_response()
         except redis.exceptions.ResponseError:
             raise  # an error reply: the connection is still in step
@@ -202,6 +211,15 @@ class _Wire:
                 self.pool.release(conn)
             else:
                 self.idle.append(conn)
+
+    def _pack(self, conn: Any, sha: str, keys: list[str], args: list[str]) -> list[bytes]:
+        """``EVALSHA sha len(keys) *keys *args`` in the Redis protocol, for ``conn``."""
+        items = [str(len(keys)), *keys, *args]
+        text = "".join([f"${len(item)}\r\n{item}\r\n" for item in items])
+        if self.packs and text.isascii():  # one byte per character: the lengths hold
+            head = f"*{len(items) + 2}\r\n$7\r\nEVALSHA\r\n${len(sha)}\r\n{sha}\r\n"
+            return [(head + text).encode()]
+        return list(conn.pack_command("EVALSHA", sha, *items))
 
 
 class RedisLedger(Ledger):
@@ -339,14 +357,14 @@ class RedisLedger(Ledger):
                 out.append({"c": pairs, "h": list(range(first, len(keys) + 1))})
             else:
                 out.append(pairs)
-        return json.dumps(out, **_JSON)
+        return _json(out)
 
     def _reserve_call(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int],
                       lease_seconds: float, rid: str) -> tuple[list[str], list[str]]:
         scope_keys = [self.scope_key(sc.scope) for sc in scopes]
         token = _token()
-        record = json.dumps({"k": scope_keys, "a": {d: str(v) for d, v in amounts.items() if v},
-                             "t": token}, **_JSON)
+        record = _json({"k": scope_keys, "a": {d: str(v) for d, v in amounts.items() if v},
+                        "t": token})
         keys = [self._open, self._leases, self._done_key(rid), *scope_keys]
         return keys, [self._now(), repr(float(lease_seconds)), rid, token, record,
                       self._caps(scopes, keys), self._ttl]
@@ -357,7 +375,7 @@ class RedisLedger(Ledger):
         totals (a plain charge skips those reads)."""
         keys = [self._open, self._leases, *(self.scope_key(sc.scope) for sc in scopes)]
         spend = {d: str(v) for d, v in amounts.items() if v}
-        return keys, [self._now(), self._caps(scopes, keys), json.dumps(spend, **_JSON),
+        return keys, [self._now(), self._caps(scopes, keys), _json(spend),
                       self._ttl, "", "", *(spend if read else ())]
 
     @staticmethod
@@ -396,7 +414,7 @@ class RedisLedger(Ledger):
             out.append([r.id, item.token, at(self._done_key(r.id)),
                         [at(self.scope_key(scope)) for scope in r.scopes], flat,
                         item.reads])
-        return json.dumps(out, **_JSON)
+        return _json(out)
 
     def _settle_call(self, items: Sequence[_Later]) -> tuple[list[str], list[str]]:
         keys = [self._open, self._leases]

@@ -52,7 +52,6 @@ from .base import (
 )
 from .redis import (
     _FAILURES,
-    _JSON,
     RECLAIM_BATCH,
     SETTLE_BATCH,
     RedisLedger,
@@ -60,6 +59,7 @@ from .redis import (
     _check,
     _denial,
     _int,
+    _json,
     _Later,
     _text,
     _token,
@@ -74,12 +74,6 @@ MAX_CELLS = 1024
 #: scripts of one reserve or charge at most: short -> borrow (or recall) -> retry
 ATTEMPTS = 4
 _CELL_SCRIPTS = ("reserve", "charge", "settle", "borrow", "give", "grant")
-
-
-def _dumps(value: Any) -> str:
-    import json
-
-    return json.dumps(value, **_JSON)
 
 
 @cache
@@ -211,7 +205,7 @@ class CellsRedisLedger(RedisLedger):
                 if i in final:
                     entry["f"] = 1
             out.append(entry)
-        return _dumps(out)
+        return _json(out)
 
     def _cell_batch(self, cell: int, items: Sequence[_Later], keys: list[str]) -> str:
         index = {key: i for i, key in enumerate(keys, 1)}
@@ -232,7 +226,7 @@ class CellsRedisLedger(RedisLedger):
                 flat += (dim, str(amount))
             out.append([r.id, item.token, at(prefix + "done:" + r.id),
                         [at(self.key(cell, scope)) for scope in r.scopes], flat, item.reads])
-        return _dumps(out)
+        return _json(out)
 
     # -- borrowing ------------------------------------------------------------------------
 
@@ -247,7 +241,7 @@ class CellsRedisLedger(RedisLedger):
         _, _, keys = self._bank(sc)
         caps = [[dim, str(cap)] for dim, cap in sc.caps.items()]
         return self._run(self._cells.borrow, keys,
-                         [str(cell), _dumps(caps), need, _dumps(credits) if credits else "",
+                         [str(cell), _json(caps), need, _json(credits) if credits else "",
                           self._divisor])
 
     def _recall(self, sc: ScopeCaps, loans: Iterable[Sequence[Any]]) -> list[list[Any]]:
@@ -283,7 +277,7 @@ class CellsRedisLedger(RedisLedger):
                 final.add(i)
                 recalled = True
                 continue
-            need = _dumps([x for pair in pairs for x in pair])
+            need = _json([x for pair in pairs for x in pair])
             reply = self._borrow(sc, cell, need, [])
             if int(reply[0]) == 0:
                 reply = self._borrow(sc, cell, need, self._recall(sc, reply[1]))
@@ -359,8 +353,8 @@ class CellsRedisLedger(RedisLedger):
             token = _token()
             keys = [*self._open_keys(cell), prefix + "done:" + rid, *record_keys]
             args = [self._now(), repr(float(lease_seconds)), rid, token,
-                    _dumps({**record, "t": token}), self._cell_caps(cell, scopes, keys, final),
-                    _dumps(grants) if grants else ""]
+                    _json({**record, "t": token}), self._cell_caps(cell, scopes, keys, final),
+                    _json(grants) if grants else ""]
             items, carried[0] = carried[0], []
             if items:
                 args += (self._done_retention, self._cell_batch(cell, items, keys))
@@ -381,8 +375,8 @@ class CellsRedisLedger(RedisLedger):
 
         def send(grants: list[list[Any]], final: set[int]) -> Reply:
             keys = [*self._open_keys(cell), *(self.key(cell, sc.scope) for sc in scopes)]
-            args = [self._now(), self._cell_caps(cell, scopes, keys, final), _dumps(spend),
-                    _dumps(grants) if grants else "", "", ""]
+            args = [self._now(), self._cell_caps(cell, scopes, keys, final), _json(spend),
+                    _json(grants) if grants else "", "", ""]
             items, carried[0] = carried[0], []
             if items:
                 args[4:6] = (self._done_retention, self._cell_batch(cell, items, keys))
@@ -525,10 +519,10 @@ class CellsRedisLedger(RedisLedger):
         home = self.home(scope)
         try:
             reply = self._run(self._cells.borrow, [self.key(home, scope)],
-                              [str(cell), _dumps(flat), "debt", "", self._divisor])
+                              [str(cell), _json(flat), "debt", "", self._divisor])
             got = reply[1]
             grants = [[1, _text(d), _text(g)] for d, g in zip(got[::2], got[1::2], strict=True)]
-            self._run(self._cells.grant, [self.key(cell, scope)], [_dumps(grants)])
+            self._run(self._cells.grant, [self.key(cell, scope)], [_json(grants)])
         except LedgerUnavailable as exc:
             logger.warning("agent-guard: a spend above its hold on %r is not yet known to "
                            "its other cells (%s)", scope, exc)
