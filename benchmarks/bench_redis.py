@@ -17,10 +17,10 @@ Printed ratios, from this run (for the median round and for the fastest round, t
 one least disturbed by other load): each guard's added time over one EVALSHA round
 trip, and the Redis ledger's own share (redis guard - memory guard) over it; beside
 each row, this process's CPU time per call.
-Then per guarded call: the commands the server ran (``INFO commandstats`` deltas of
-every command a client sent, i.e. not counting those the Lua scripts run inside),
-EVALSHA calls and their server time; and the spend each ledger recorded, which must
-be equal (deferring a settle changes no charge).
+Then per call (the plain EVALSHA's, then each guarded call's): the commands the server
+ran (``INFO commandstats`` deltas of every command a client sent, i.e. not counting
+those the Lua scripts run inside), EVALSHA calls and their server time; and the spend
+each ledger recorded, which must be equal (deferring a settle changes no charge).
 """
 
 from __future__ import annotations
@@ -153,15 +153,18 @@ def run(calls: int, rounds: int, url: str) -> dict[str, Any]:
                 (t[name] - t["guard memory://"]) / rt, 2)
         out[stat] = row
 
-    # what the server ran per guarded call, for each Redis guard alone
+    # what the server ran per call, for the plain EVALSHA and each Redis guard alone
     n = 500
     out["per_call"] = {}
-    for name in ("guard redis://", "guard redis:// settle_delay=0"):
+    for name in ("EVALSHA round trip", "guard redis://", "guard redis:// settle_delay=0"):
         go = rows[name]
-        guards[name].ledger.flush()
+        ledger = guards[name].ledger if name in guards else None
+        if ledger is not None:
+            ledger.flush()
         before = commandstats(plain)
         go(n)
-        guards[name].ledger.flush()  # the last call's settle lands too
+        if ledger is not None:
+            ledger.flush()  # the last call's settle lands too
         d = delta(before, commandstats(plain))
         sent = {k: v for k, v in d.items() if k not in IN_SCRIPTS}
         evals = d.get("evalsha", (0, 0))
@@ -281,7 +284,7 @@ def main() -> None:
             print(f"  {name:40s} {us:8.1f} us" + (f"  (cpu {mine:.1f} us)" if mine else ""))
         for name, ratio in row["ratios"].items():
             print(f"  {name:52s} {ratio:6.2f}x")
-    print("per guarded call, counted by the server (INFO commandstats):")
+    print("per call, counted by the server (INFO commandstats):")
     for name, row in result["per_call"].items():
         print(f"  {name:30s} commands sent {row['commands sent']:g} "
               f"(EVALSHA {row['evalsha']:g}, {row['evalsha server us']:g} us of server "

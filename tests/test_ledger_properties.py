@@ -589,6 +589,33 @@ def test_redis_refuses_amounts_it_cannot_compare_exactly(redis_ledger) -> None:
     assert redis_ledger.totals("session:huge").spent == {}
 
 
+@pytest.mark.parametrize("value", [0, 7, 2**53 - 1, 2**53, -(2**53) + 1, -(2**53), -1,
+                                   True, 1.0, "1", None])
+def test_redis_amount_and_cap_checks_have_one_answer(value: Any) -> None:
+    """The Redis ledger's fast checks of amounts and caps answer (or raise) as the full
+    checks do: check_amounts, then _int of every amount; _int of every cap."""
+    from agent_guard.ledger.base import check_amounts
+    from agent_guard.ledger.redis import _cap_pairs, _check, _int
+
+    def outcome(run: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return run(*args)
+        except (TypeError, ValueError) as exc:
+            return type(exc), str(exc)
+
+    def full_check(amounts: dict[str, Any]) -> None:
+        check_amounts(amounts)
+        for dim, v in amounts.items():
+            _int(v, f"ledger amount for {dim!r}")
+
+    for amounts in ({USD: value}, {CALLS: 1, USD: value}, {USD: value, CALLS: -1}):
+        assert outcome(_check, amounts) == outcome(full_check, amounts)
+    sc = ScopeCaps("session:c", {CALLS: 3, USD: value})
+    assert outcome(lambda: _cap_pairs(sc)) == outcome(lambda: [
+        [dim, str(_int(cap, f"cap on {dim!r} of {sc.scope!r}"))]
+        for dim, cap in sc.caps.items()])
+
+
 def test_redis_keys_share_one_hash_slot_and_names_stay_apart(redis_url: str) -> None:
     from redis.crc import key_slot
 

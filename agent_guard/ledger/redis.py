@@ -113,9 +113,22 @@ def _int(value: int, what: str) -> int:
 
 
 def _check(amounts: Mapping[str, int]) -> None:
-    check_amounts(amounts)
-    for dim, value in amounts.items():
-        _int(value, f"ledger amount for {dim!r}")
+    for value in amounts.values():
+        # the common case (an int in range) without a call or an error text per amount;
+        # anything else takes the full checks, which raise their own errors in order
+        if type(value) is not int or not 0 <= value < MAX_AMOUNT:
+            check_amounts(amounts)
+            for dim, value_ in amounts.items():
+                _int(value_, f"ledger amount for {dim!r}")
+            return
+
+
+def _cap_pairs(sc: ScopeCaps) -> list[list[str]]:
+    """``[[dim, "cap"], ...]`` of ``sc``, the caps argument of the scripts' check (each
+    cap checked as by ``_int``, whose error text is built only for a cap it refuses)."""
+    return [[dim, str(cap) if type(cap) is int and -MAX_AMOUNT < cap < MAX_AMOUNT
+             else str(_int(cap, f"cap on {dim!r} of {sc.scope!r}"))]
+            for dim, cap in sc.caps.items()]
 
 
 def _text(value: bytes | str) -> str:
@@ -349,8 +362,7 @@ class RedisLedger(Ledger):
         to ``keys`` and named by their (1-based) index."""
         out: list[Any] = []
         for sc in scopes:
-            pairs = [[dim, str(_int(cap, f"cap on {dim!r} of {sc.scope!r}"))]
-                     for dim, cap in sc.caps.items()]
+            pairs = _cap_pairs(sc)
             if sc.history:
                 first = len(keys) + 1
                 keys.extend(self.scope_key(past) for past in sc.history)

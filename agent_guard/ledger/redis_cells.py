@@ -56,6 +56,7 @@ from .redis import (
     SETTLE_BATCH,
     RedisLedger,
     Reply,
+    _cap_pairs,
     _check,
     _denial,
     _int,
@@ -193,8 +194,7 @@ class CellsRedisLedger(RedisLedger):
                    final: set[int]) -> str:
         out: list[Any] = []
         for i, sc in enumerate(scopes, 1):
-            entry: dict[str, Any] = {"c": [[dim, str(_int(cap, f"cap on {dim!r} of {sc.scope!r}"))]
-                                           for dim, cap in sc.caps.items()]}
+            entry: dict[str, Any] = {"c": _cap_pairs(sc)}
             if self.home(sc.scope) != cell:
                 entry["s"] = 1
             else:
