@@ -225,11 +225,15 @@ _MEMO_CHARS = 8_000_000  # per generation
 class _TextCounts:
     """Token count of a text under one encoding, memoised."""
 
-    __slots__ = ("_chars", "_encode", "_lock", "_memo", "_old", "name", "stored")
+    __slots__ = ("_chars", "_encode", "_lock", "_memo", "_old", "name", "roles", "stored")
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.stored = 0  # how many counts were stored so far (a bound may be exact since)
+        # how many texts of BOUND_MIN_CHARS or more were stored so far: only such a text
+        # is ever sized by a bound, so a bound may be exact since this last changed
+        self.stored = 0
+        # the counts of role names ("user", "assistant"...), which every message has
+        self.roles: dict[str, int] = {}
         self._memo: dict[str, int] = {}  # the young generation
         self._old: dict[str, int] = {}
         self._chars = 0
@@ -275,7 +279,8 @@ class _TextCounts:
                 self._chars = 0
             self._memo[text] = n
             self._chars += size
-            self.stored += 1
+            if size >= BOUND_MIN_CHARS:
+                self.stored += 1
 
     def __len__(self) -> int:
         return len(self._memo) + len(self._old)
@@ -351,21 +356,21 @@ class _Estimate:
     """A count function for one estimate: the exact count of a text when it is memoised
     or short, else its UTF-8 upper bound (noting that the result is then a bound)."""
 
-    __slots__ = ("_counts", "exact", "name")
+    __slots__ = ("counts", "exact", "name")
 
     def __init__(self, counts: _TextCounts) -> None:
-        self._counts = counts
+        self.counts = counts
         self.name = counts.name  # tool schemas are still counted (and memoised) exactly
         self.exact = True
 
     def __call__(self, text: str) -> int:
         if len(text) < BOUND_MIN_CHARS:
-            return self._counts(text)
-        n = self._counts.get(text)
+            return self.counts(text)
+        n = self.counts.get(text)
         if n is not None:
             return n
         self.exact = False
-        return self._counts.bound(text)
+        return self.counts.bound(text)
 
 def _prompt_tokens(messages: Iterable[MessageLike],
                    tools: Sequence[Mapping[str, Any]] | None,
@@ -434,7 +439,7 @@ class _Conversation:
     """One version of a conversation: its first ``n`` messages, what they counted, the
     messages sized by a bound and where each flag of ``_FLAGS`` first appears."""
 
-    __slots__ = ("bounds", "buffers", "checked", "firsts", "n")
+    __slots__ = ("bounds", "buffers", "checked", "firsts", "n", "sums")
 
     def __init__(self, buffers: _Buffers, n: int, bounds: list[int], firsts: list[int]
                  ) -> None:
@@ -442,6 +447,8 @@ class _Conversation:
         # _TextCounts.stored when the bounds were last found still uncounted: no text
         # was counted since while it is unchanged, so they need no look
         self.checked = -1
+        # totals(), kept once asked: a version does not change after follow/add made it
+        self.sums: tuple[int, bool, bool, str | None, bool, bool] | None = None
 
     @classmethod
     def new(cls) -> _Conversation:
@@ -466,24 +473,38 @@ class _Conversation:
             # a long text sized by a bound may have been counted since (the guard counts
             # exactly near a cap and when it settles without usage)
             recount = False
+            # a value of counts.stored at which this version's bounds before ``start``
+            # were all uncounted: the new version's too (those it adds are new)
+            looked = self.checked if self.bounds else counts.stored
             if self.bounds and counts.stored != self.checked:
                 stored = counts.stored
                 recount = any(self._counted_now(i, counts, image_rule)
                               for i in self.bounds if i < start)
-                if not recount and start >= k:  # every bound looked at
-                    self.checked = stored
+                if not recount:
+                    looked = stored
+                    if start >= k:  # every bound looked at
+                        self.checked = stored
             if start == k == len(messages) and not recount:
                 return self
-            if start == len(buf.messages) and not recount:  # extends the buffers in place
+            held = buf.messages
+            if start == len(held) and not recount and (not start or messages[start - 1]
+                                                        is held[start - 1]):
+                # extends the buffers in place
                 conv = _Conversation(buf, start, list(self.bounds), list(self.firsts))
             else:
+                # The new version holds the caller's message objects (equal to the ones
+                # held, so counted alike): the next prompt, made of these objects, then
+                # matches them by identity, not by a (pydantic) __eq__ per message on
+                # every call.
                 conv = _Conversation(
-                    _Buffers(buf.messages[:start], buf.tokens[:start + 1],
+                    _Buffers(messages[:start], buf.tokens[:start + 1],
                              buf.inexact[:start + 1]),
                     start, [i for i in self.bounds if i < start],
                     [f if f < start else _NEVER for f in self.firsts])
                 if recount:
                     conv.recount_bounds(counts, image_rule)
+            if not recount:
+                conv.checked = looked
             if conv.buffers is buf:
                 conv.add(messages, start, counts, image_rule)
         if conv.buffers is not buf:
@@ -500,22 +521,30 @@ class _Conversation:
         for message in messages[start:] if start else messages:
             i = self.n
             count.exact = True
-            n = TOKENS_PER_MESSAGE + _message_tokens(message, count, image_rule)
+            plain = _plain_message_tokens(message, count)
+            if plain is not None:  # a LangChain message of text: only a system flag
+                n = plain
+                if firsts[0] == _NEVER and message.type == "system":
+                    firsts[0] = i
+            else:
+                n = TOKENS_PER_MESSAGE + _message_tokens(message, count, image_rule)
+                ttl, audio, image = _message_features(message)
+                for flag, has in enumerate((_is_system(message), ttl == "5m", ttl == "1h",
+                                            audio, image)):
+                    if has and firsts[flag] == _NEVER:
+                        firsts[flag] = i
             buf.messages.append(message)
             tokens.append(tokens[i] + n)
             inexact.append(inexact[i] + (not count.exact))
             if not count.exact:
                 self.bounds.append(i)
-            ttl, audio, image = _message_features(message)
-            for flag, has in enumerate((_is_system(message), ttl == "5m", ttl == "1h",
-                                        audio, image)):
-                if has and firsts[flag] == _NEVER:
-                    firsts[flag] = i
             self.n = i + 1
 
     def _counted_now(self, i: int, counts: _TextCounts, image_rule: _ImageRule) -> bool:
         count = _Estimate(counts)
-        _message_tokens(self.buffers.messages[i], count, image_rule)
+        message = self.buffers.messages[i]
+        if _plain_message_tokens(message, count) is None:
+            _message_tokens(message, count, image_rule)
         return count.exact
 
     def recount_bounds(self, counts: _TextCounts, image_rule: _ImageRule) -> None:
@@ -542,9 +571,11 @@ class _Conversation:
     def totals(self) -> tuple[int, bool, bool, str | None, bool, bool]:
         """(tokens, exact, has a system message, cache-write marker, audio, image)."""
         n = self.n
-        f = [first < n for first in self.firsts]
-        return (self.buffers.tokens[n], not self.bounds, f[0],
-                "1h" if f[2] else "5m" if f[1] else None, f[3], f[4])
+        system, cache_5m, cache_1h, audio, image = self.firsts  # _FLAGS
+        sums = self.sums = (self.buffers.tokens[n], not self.bounds, system < n,
+                            "1h" if cache_1h < n else "5m" if cache_5m < n else None,
+                            audio < n, image < n)
+        return sums
 
 
 def _common_start(a: list[Any], b: list[Any]) -> int:
@@ -578,20 +609,45 @@ class _Conversations:
     def get(self, key: Hashable) -> _Conversation | None:
         return self._items.get(key)
 
-    def keep(self, key: Hashable, conv: _Conversation) -> None:
+    def prompt(self, key: Hashable, messages: list[Any], counts: _TextCounts, model: str
+               ) -> tuple[int, bool, bool, str | None, bool, bool]:
+        """The totals (see _Conversation.totals) of a prompt of ``messages`` in the
+        conversation ``key``, which then remembers it as its last prompt."""
         items = self._items
-        with self._lock:
+        conv = items.get(key)
+        if conv is None:
+            conv = _Conversation.new()
+            conv.checked = counts.stored  # its bounds are all new (see follow)
+            conv.add(messages, 0, counts, _image_rule(model))
+        else:
+            # The same prompt again (an agent's retried or repeated call): this version
+            # as it is, when its messages are the prompt's (a list comparison that checks
+            # identity first, in C) and no bound of it needs a look (see follow). The
+            # buffers' message list only grows, and only past this version's end, so it
+            # is read without their lock: a list that grew meanwhile compares unequal and
+            # goes the way of follow.
+            k = conv.n
+            held = conv.buffers.messages
+            try:
+                same = (len(messages) == k
+                        and (not conv.bounds or counts.stored == conv.checked)
+                        and (held == messages if len(held) == k else held[:k] == messages))
+            except Exception:  # a message whose __eq__ fails: follow counts all
+                same = False
+            if not same:
+                conv = conv.follow(messages, counts, _image_rule(model))
+        with self._lock:  # kept as the conversation's last prompt, most recently used
             old = items.get(key)
-            if old is conv:
-                items.move_to_end(key)
-                return
-            self._held += conv.n - (old.n if old else 0)
-            items[key] = conv
+            if old is not conv:
+                self._held += conv.n - (old.n if old else 0)
+                items[key] = conv
             items.move_to_end(key)
             while items and (len(items) > _CONVERSATIONS_MAX
                              or self._held > _CONVERSATION_MESSAGES_MAX):
                 _, dropped = items.popitem(last=False)
                 self._held -= dropped.n
+        sums = conv.sums
+        return conv.totals() if sums is None else sums
 
     def clear(self) -> None:
         with self._lock:
@@ -840,24 +896,27 @@ class TokenCounter:
             return (self.count_messages(messages, model, tools, params), True,
                     request_features(messages, tools, params))
         counts = _TEXT_COUNTS[enc]
-        key = (conversation, model or "")
-        image_rule = _image_rule(model or "")
-        conv = _conversations.get(key) if conversation is not None else None
-        if conv is None:
+        model = model or ""
+        if conversation is None:
             conv = _Conversation.new()
-            conv.add(messages, 0, counts, image_rule)
+            conv.add(messages, 0, counts, _image_rule(model))
+            sums = conv.totals()
         else:
-            conv = conv.follow(messages, counts, image_rule)
-        if conversation is not None:
-            _conversations.keep(key, conv)
-        tokens, exact, system, ttl, audio, image = conv.totals()
+            sums = _conversations.prompt((conversation, model), messages, counts, model)
+        tokens, exact, system, ttl, audio, image = sums
         n = REPLY_PRIMING_TOKENS + tokens
         if tools:
-            n += _tools_tokens(tools, counts, model or "", system)
-        if params:
+            n += _tools_tokens(tools, counts, model, system)
+        # parameters (a dict) without the keys _params_tokens / _request_features read
+        # add nothing: their reads would all find None
+        plain_params = type(params) is dict and _PARAM_KEYS.isdisjoint(params)
+        if params and not plain_params:
             n += _params_tokens(params, counts)
-        features = _request_features(ttl, audio, image, tools, params)
-        return self._scaled(n, enc, exact_family), exact, features
+        if tools or ttl or audio or image or (params and not plain_params):
+            features = _request_features(ttl, audio, image, tools, params)
+        else:
+            features = _PLAIN
+        return n if exact_family else self._scaled(n, enc, False), exact, features
 
     def count_output(self, message: BaseMessage | Mapping[str, Any] | str,
                      model: str = "gpt-4o") -> int:
@@ -910,6 +969,12 @@ def _message_tokens(message: Any, count: _Count, image: _ImageRule = None) -> in
     kind = getattr(message, "type", "user")
     role = _ROLE_OF_TYPE.get(kind) or getattr(message, "role", None) or kind  # ChatMessage
     n = count(str(role)) + _content_tokens(getattr(message, "content", None), count, image)
+    return n + _named_tokens(message, role, count)
+
+
+def _named_tokens(message: Any, role: Any, count: _Count) -> int:
+    """A BaseMessage's name, an assistant's tool calls, a tool result's call id."""
+    n = 0
     name = getattr(message, "name", None)
     if name:
         n += TOKENS_PER_NAME + count(str(name))
@@ -919,6 +984,63 @@ def _message_tokens(message: Any, count: _Count, image: _ImageRule = None) -> in
         call_id = getattr(message, "tool_call_id", None)
         if call_id:
             n += count(str(call_id))
+    return n
+
+
+# LangChain's own message classes, by exact type (a subclass may override anything):
+# their fields are read directly by _plain_message_tokens. Learned per type on first
+# sight, so that langchain_core is not imported for a prompt of dicts or strings.
+_PLAIN_TYPES: dict[type, bool] = {}
+_PLAIN_TYPE_NAMES = frozenset({
+    "AIMessage", "AIMessageChunk", "HumanMessage", "HumanMessageChunk", "SystemMessage",
+    "SystemMessageChunk", "ToolMessage", "ToolMessageChunk", "ChatMessage",
+    "ChatMessageChunk", "FunctionMessage", "FunctionMessageChunk"})
+
+
+def _is_plain_type(kind: type) -> bool:
+    """Whether ``kind`` is one of LangChain's message classes (``_PLAIN_TYPE_NAMES``)."""
+    plain = False
+    if kind.__module__.startswith("langchain_core.messages"):
+        from langchain_core import messages as lc
+
+        plain = any(getattr(lc, name, None) is kind for name in _PLAIN_TYPE_NAMES)
+    if len(_PLAIN_TYPES) < 1024:
+        _PLAIN_TYPES[kind] = plain
+    return plain
+
+
+def _plain_message_tokens(message: Any, count: _Estimate) -> int | None:
+    """``TOKENS_PER_MESSAGE + _message_tokens(message, count)`` of a LangChain message
+    whose content is one string and which marks no cache write (so its
+    ``_message_features`` are all unset, and it is a system message when its ``type``
+    says so); None for any other message. The same reads as _message_tokens' BaseMessage
+    branch without its dict, str and tuple checks (``isinstance(message, Mapping)`` is a
+    Python-level ABC check) and without a call per part; property-tested equal to it."""
+    plain = _PLAIN_TYPES.get(type(message))
+    if plain is None:
+        plain = _is_plain_type(type(message))
+    if not plain:
+        return None
+    content = message.content
+    extra = message.additional_kwargs
+    if type(content) is not str or type(extra) is not dict or "cache_control" in extra:
+        return None
+    kind = message.type
+    role = _ROLE_OF_TYPE.get(kind) or getattr(message, "role", None) or kind
+    counts = count.counts
+    n = counts.roles.get(role)  # type: ignore[arg-type]
+    if n is None:
+        n = count(str(role))
+        if kind in _ROLE_OF_TYPE and len(counts.roles) < 64:  # a role name, not ChatMessage's
+            counts.roles[role] = n
+    # a short text is counted exactly by the estimate too: one call fewer
+    n += TOKENS_PER_MESSAGE + (counts(content) if len(content) < BOUND_MIN_CHARS
+                               else count(content))
+    # most messages have no name and no tool calls: nothing more to count then
+    if message.name or role == "tool" or (role == "assistant" and (
+            getattr(message, "tool_calls", None)
+            or getattr(message, "invalid_tool_calls", None))):
+        n += _named_tokens(message, role, count)
     return n
 
 
@@ -1385,6 +1507,9 @@ class RequestFeatures:
 
 
 _PLAIN = RequestFeatures()
+# the request parameters _params_tokens and _request_features read
+_PARAM_KEYS = frozenset({"response_format", "text", "tool_choice", "cache_control",
+                         "modalities", "audio", "service_tier"})
 _AUDIO_BLOCKS = frozenset({"input_audio", "audio"})
 
 

@@ -4,12 +4,20 @@ built once per window period. Work is counted (calls, constructions), never time
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 
 from agent_guard import tokens
 from agent_guard.tokens import TokenCounter, request_features
@@ -25,17 +33,25 @@ def _messages(n: int, tag: str = "") -> list[Any]:
 
 
 class _Counted:
-    """Counts the messages tokens._message_tokens is asked to count."""
+    """Counts the messages counted: by tokens._message_tokens, or by
+    tokens._plain_message_tokens (a LangChain message of text)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.n = 0
         inner = tokens._message_tokens
+        plain = tokens._plain_message_tokens
 
         def counting(*args: Any, **kwargs: Any) -> int:
             self.n += 1
             return inner(*args, **kwargs)
 
+        def counting_plain(*args: Any, **kwargs: Any) -> int | None:
+            n = plain(*args, **kwargs)
+            self.n += n is not None
+            return n
+
         monkeypatch.setattr(tokens, "_message_tokens", counting)
+        monkeypatch.setattr(tokens, "_plain_message_tokens", counting_plain)
 
 
 def _exact(messages: list[Any], model: str = "gpt-4o",
@@ -82,6 +98,31 @@ def test_equal_but_new_message_objects_are_not_recounted(monkeypatch):
     counted.n = 0
     COUNTER.estimate_prompt([*_messages(30, "eq"), HumanMessage("more")], conversation="s-eq")
     assert counted.n == 1
+
+
+@pytest.mark.parametrize("kept", [8, 10])  # trimmed and rebuilt / rebuilt whole
+def test_a_rebuilt_history_is_matched_by_identity_from_then_on(kept):
+    """Equal new message objects are taken as counted once; the conversation then holds
+    them, so the next prompt made of them needs no __eq__ per message."""
+    eqs = []
+
+    class Compared(HumanMessage):
+        def __eq__(self, other: object) -> bool:
+            eqs.append(1)
+            return super().__eq__(other)
+
+        __hash__ = HumanMessage.__hash__
+
+    key = object()
+    first = [Compared(f"rebuilt {i}") for i in range(10)]
+    COUNTER.estimate_prompt(first, conversation=key)
+    rebuilt = [*(Compared(f"rebuilt {i}") for i in range(kept)), HumanMessage("next")]
+    assert COUNTER.estimate_prompt(rebuilt, conversation=key) == _exact(rebuilt)
+    assert eqs
+    eqs.clear()
+    grown = [*rebuilt, AIMessage("answer")]
+    assert COUNTER.estimate_prompt(grown, conversation=key) == _exact(grown)
+    assert not eqs
 
 
 def test_conversations_are_apart_by_key_and_model():
@@ -141,6 +182,7 @@ _step = st.one_of(
     st.tuples(st.just("append"), st.lists(_message, max_size=4)),
     st.tuples(st.just("trim"), st.integers(0, 30)),
     st.tuples(st.just("replace"), st.integers(0, 30), _message),
+    st.tuples(st.just("copy"), st.integers(0, 30)),
 )
 
 
@@ -156,11 +198,54 @@ def test_estimate_prompt_equals_a_full_count_whatever_the_history_does(start, st
             history = history + step[1]
         elif step[0] == "trim":
             history = history[:step[1]]
+        elif step[0] == "copy":  # equal but new objects from a point on (rebuilt history)
+            history = [*history[:step[1]], *map(copy.copy, history[step[1]:])]
         elif history:
             history = list(history)
             history[step[1] % len(history)] = step[2]
         assert COUNTER.estimate_prompt(history, model, conversation=key) == \
             _exact(history, model)
+
+
+_long_texts = st.builds(lambda t, k: (t + " ") * k, _texts, st.integers(1, 60))
+_call = st.builds(lambda name, args: {"name": name, "args": {"q": args}, "id": "call_1"},
+                  _texts, _texts)
+_lc_message = st.one_of(
+    st.builds(HumanMessage, st.one_of(_texts, _long_texts), name=st.none() | _texts),
+    st.builds(SystemMessage, _texts),
+    st.builds(lambda t, calls: AIMessage(t, tool_calls=calls), _texts,
+              st.lists(_call, max_size=2)),
+    st.builds(lambda t: AIMessage(t, invalid_tool_calls=[
+        {"name": "f", "args": "{bad", "id": "c", "error": None, "type": "invalid_tool_call"}]),
+        _texts),
+    st.builds(AIMessageChunk, _texts),
+    st.builds(lambda t, i: ToolMessage(t, tool_call_id=i), _texts, _texts),
+    st.builds(lambda t, r: ChatMessage(t, role=r), _texts, st.sampled_from(["user", "critic"])),
+    st.builds(lambda t: HumanMessage(t, additional_kwargs={"cache_control": {"ttl": "1h"}}),
+              _texts),
+    st.builds(lambda t: HumanMessage([{"type": "text", "text": t}]), _texts),
+)
+
+
+class _Human(HumanMessage):
+    """Not one of LangChain's own classes: read the general way."""
+
+
+@settings(max_examples=300, deadline=None)
+@given(_lc_message, st.sampled_from(["o200k_base", "cl100k_base", tokens.CLAUDE_COUNTS]))
+def test_a_langchain_message_of_text_is_read_as_the_general_reader_reads_it(message, name):
+    counts = tokens._TEXT_COUNTS[name]
+    fast, general = tokens._Estimate(counts), tokens._Estimate(counts)
+    n = tokens._plain_message_tokens(message, fast)
+    expected = tokens.TOKENS_PER_MESSAGE + tokens._message_tokens(message, general)
+    if n is None:  # left to the general reader: other content or a cache-write marker
+        assert (type(message.content) is not str
+                or "cache_control" in message.additional_kwargs)
+    else:
+        assert (n, fast.exact) == (expected, general.exact)
+        assert tokens._message_features(message) == (None, False, False)
+        assert tokens._is_system(message) is (message.type == "system")
+    assert tokens._plain_message_tokens(_Human("hi"), fast) is None
 
 
 # -- rolling windows on the memory ledger: earlier buckets summed once, kept exact -----------

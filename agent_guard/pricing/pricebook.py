@@ -142,6 +142,9 @@ class Rates:
 # ModelPrice._memo key of the one set of rates of a model without prompt-size
 # thresholds or ranges at the standard tier
 _FLAT = ("flat",)
+# ModelPrice._memo key of _integer_rates of the _FLAT rates, set with them: a cost at the
+# standard tier then reads its integer rates in one lookup
+_FLAT_INTS = ("flat ints",)
 # ModelPrice._memo key of (usage, its integer parts) of the last usage priced (a frozen
 # Usage: the same object is priced again for its prompt/completion split)
 _LAST_PARTS = ("last parts",)
@@ -347,6 +350,7 @@ class ModelPrice:
             if len(self._memo) < 256:
                 self._memo[key] = hit
             if key == (None, "above", None) and not self.ranges and not self._thresholds(None):
+                self._memo[_FLAT_INTS] = _integer_rates(hit)
                 self._memo[_FLAT] = hit  # every standard-tier request bills at these
         return hit  # type: ignore[no-any-return]
 
@@ -549,8 +553,13 @@ class ModelPrice:
 
     def _int_parts_at(self, usage: Usage, during: tuple[float, float] | None
                       ) -> tuple[int, int, int] | None:
-        r = self._at(self.rates(usage.input_tokens, usage.service_tier), during)
-        scale, ints = _integer_rates(r)
+        # the standard tier's rates of a model without thresholds or ranges (see rates),
+        # not off-peak (_at keeps the rates without ``during``)
+        flat = None if during is not None or usage.service_tier else self._memo.get(_FLAT_INTS)
+        if flat is None:
+            flat = _integer_rates(self._at(self.rates(usage.input_tokens, usage.service_tier),
+                                           during))
+        scale, ints = flat
         if ints is None:
             return None
         (inp, out, read_rate, write_rate, write_1h_rate, reasoning_rate, audio_in_rate,
@@ -629,15 +638,17 @@ class ModelPrice:
         rates when the prompt has them), every output token at the dearest of the output,
         reasoning (and audio) rates. A requested tier is priced at the dearer of its
         rates and the standard ones (a provider may serve it at either)."""
-        tiers: list[str | None] = [None]
-        if service_tier and service_tier.lower() in _SERVICE_TIER_SUFFIX:
-            tiers.append(service_tier)
-        if len(tiers) == 1 and not (cache_write or audio_input or image_input or audio_output
-                                    or "output_cost_per_image_token" in self.fields):
-            scale, ints = _integer_rates(self.rates(input_tokens, None))
+        standard = not (service_tier and service_tier.lower() in _SERVICE_TIER_SUFFIX)
+        if standard and not (cache_write or audio_input or image_input or audio_output
+                             or "output_cost_per_image_token" in self.fields):
+            # the standard rates without thresholds in one lookup (see rates), else by size
+            flat = self._memo.get(_FLAT_INTS)
+            scale, ints = flat if flat is not None else _integer_rates(
+                self.rates(input_tokens, None))
             if ints is not None:  # input and output rates (and reasoning) as integers
                 total = input_tokens * ints[0] + output_tokens * max(ints[1], ints[5])
                 return -(-total // 10**scale)
+        tiers: list[str | None] = [None] if standard else [None, service_tier]
         in_rate = out_rate = _ZERO
         for tier in tiers:
             r = self.rates(input_tokens, tier)
