@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._frozen import fast_init
 from ..ledger import Reservation
@@ -20,6 +20,9 @@ from ..pricing import ModelPrice, ToolPrice
 from .budgets import ScopeRef
 from .records import CallRecord
 from .usage import Usage
+
+if TYPE_CHECKING:
+    from .plan import Resolved
 
 __all__ = ["Admission", "ModelCall", "ToolAdmission", "certainly_not_billed"]
 
@@ -70,24 +73,29 @@ class ModelCall:
 
 
 class _CallState:
-    """What every holder of one admission shares: it ends exactly once."""
+    """What every holder of one admission shares: it ends exactly once (:func:`finish`).
+    No ``__init__``: the class attributes are the defaults until set (a guarded call
+    makes one of these; an ``__init__`` and a lock of its own cost more than the rest)."""
 
-    __slots__ = ("key", "lock", "record")
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.record: CallRecord | None = None
-        self.key: tuple[str, str] | None = None
+    #: the record the admission ended with, once a holder ended it
+    record: CallRecord | None = None
+    #: the request's key in the registry, when other holders may join it (a run id)
+    key: tuple[str, str] | None = None
 
 
-class _Ready:
-    """``threading.Event``'s ``is_set``, ``set`` and ``wait``, whose Event is made only
-    when a second holder waits (rare: every guarded call makes one of these, and an
-    Event costs a Condition and its notification)."""
+class _Pending:
+    """A request being admitted or open, that other guards on its ledger may join: the
+    admission (or the refusal) of its first holder, and ``threading.Event``'s ``is_set``,
+    ``set`` and ``wait`` for the others, whose Event is made only when a second holder
+    waits (rare: every guarded call with a run id makes one of these, and an Event costs
+    a Condition and its notification)."""
 
-    __slots__ = ("_event", "_flag")
+    __slots__ = ("_event", "_flag", "admission", "error", "key")
 
-    def __init__(self) -> None:
+    def __init__(self, key: tuple[str, str]) -> None:
+        self.key = key
+        self.admission: Admission | None = None
+        self.error: BaseException | None = None
         self._flag = False
         self._event: threading.Event | None = None
 
@@ -95,9 +103,12 @@ class _Ready:
         return self._flag
 
     def set(self) -> None:
-        with _READY_LOCK:
+        _READY_LOCK.acquire()  # (not ``with``: its __enter__ and __exit__ cost the lock twice)
+        try:
             self._flag = True
             event = self._event
+        finally:
+            _READY_LOCK.release()
         if event is not None:
             event.set()
 
@@ -111,17 +122,6 @@ class _Ready:
         return event.wait(timeout)
 
 
-class _Pending:
-    """A request being admitted or open, that other guards on its ledger may join."""
-
-    __slots__ = ("admission", "error", "ready")
-
-    def __init__(self) -> None:
-        self.ready = _Ready()
-        self.admission: Admission | None = None
-        self.error: BaseException | None = None
-
-
 # (ledger identity, run id) -> the request's admission while it is open. A LangChain
 # model run executes in one process, so one process-wide registry sees every handler
 # and guard that sees the run; the ledger identity keeps guards of different budgets
@@ -129,15 +129,18 @@ class _Pending:
 _OPEN_REQUESTS: dict[tuple[str, str], _Pending] = {}
 _OPEN_LOCK = threading.Lock()
 _READY_LOCK = threading.Lock()
+# who ends an admission first (finish); shared: its hold is a few instructions
+_FINISH_LOCK = threading.Lock()
 # How long a second holder of a request waits for the first one's reservation.
 _JOIN_WAIT_SECONDS = 30.0
 
 
 def _forget_open_requests_after_fork() -> None:
-    global _OPEN_LOCK, _READY_LOCK
+    global _OPEN_LOCK, _READY_LOCK, _FINISH_LOCK
     _OPEN_REQUESTS.clear()  # the parent's requests are the parent's to end
     _OPEN_LOCK = threading.Lock()
     _READY_LOCK = threading.Lock()
+    _FINISH_LOCK = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -198,6 +201,9 @@ class Admission:
     input_is_bound: bool = False
     #: shared by every holder of this admission; set once the call is finished
     state: _CallState = field(default_factory=_CallState, compare=False, repr=False)
+    #: the planner's descriptor of the call (its scopes' names, their thresholds' triggers)
+    #: for the settle; None for an admission made elsewhere (the settle works them out)
+    resolved: Resolved | None = field(default=None, compare=False, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -238,58 +244,72 @@ _NOT_RUN = CallRecord(session="", run_id=None, model="", provider=None, usage=Us
                       started_at=0.0, ended_at=0.0, kind="tool")
 
 
-def claim(ledger_id: str, run_id: str | None
-          ) -> tuple[tuple[str, str] | None, _Pending | None]:
-    """(the request's key, the pending admission to join or None to open one)."""
+# The registry's and finish()'s locks are taken with acquire() and release(), not
+# ``with``: the context manager's __enter__ and __exit__ cost twice the lock itself, and a
+# guarded call with a run id takes them three times.
+
+
+def claim(ledger_id: str, run_id: str | None) -> tuple[_Pending | None, _Pending | None]:
+    """(the request's entry this holder opened, None) or (None, the entry to join);
+    (None, None) for a call without a run id."""
     if not run_id:
         return None, None
     key = (ledger_id, run_id)
-    with _OPEN_LOCK:
+    _OPEN_LOCK.acquire()
+    try:
         pending = _OPEN_REQUESTS.get(key)
         if pending is None:
-            _OPEN_REQUESTS[key] = _Pending()
-            return key, None
-        return key, pending
+            own = _OPEN_REQUESTS[key] = _Pending(key)
+            return own, None
+        return None, pending
+    finally:
+        _OPEN_LOCK.release()
 
 
-def opened(key: tuple[str, str] | None, admission: Admission) -> Admission:
-    """The first holder of ``key`` was admitted: the holders waiting on it join."""
-    if key is not None:
-        admission.state.key = key
-        with _OPEN_LOCK:
-            pending = _OPEN_REQUESTS.get(key)
-        if pending is not None:
-            pending.admission = admission
-            pending.ready.set()
+def opened(own: _Pending | None, admission: Admission) -> Admission:
+    """The first holder of a request was admitted: the holders waiting on it join."""
+    if own is not None:
+        admission.state.key = own.key
+        own.admission = admission
+        own.set()
     return admission
 
 
-def not_opened(key: tuple[str, str] | None, exc: BaseException) -> None:
-    """The first holder of ``key`` was refused: the holders waiting on it get ``exc``."""
-    if key is None:
+def not_opened(own: _Pending | None, exc: BaseException) -> None:
+    """The first holder of a request was refused: the holders waiting on it get ``exc``."""
+    if own is None:
         return
-    with _OPEN_LOCK:
-        pending = _OPEN_REQUESTS.pop(key, None)
-    if pending is not None:
-        pending.error = exc
-        pending.ready.set()
+    _OPEN_LOCK.acquire()
+    try:
+        if _OPEN_REQUESTS.get(own.key) is own:
+            del _OPEN_REQUESTS[own.key]
+    finally:
+        _OPEN_LOCK.release()
+    own.error = exc
+    own.set()
 
 
 def finish(admission: Admission | ToolAdmission, record: CallRecord) -> CallRecord:
     """Claim the end of ``admission`` for ``record``; the record it already ended
     with if another holder came first."""
     state = admission.state
-    with state.lock:
+    _FINISH_LOCK.acquire()
+    try:
         if state.record is None:
             state.record = record
         return state.record
+    finally:
+        _FINISH_LOCK.release()
 
 
 def forget(admission: Admission | ToolAdmission) -> None:
     """The request is over: a later handler of the same run id admits anew."""
     key = admission.state.key
     if key is not None:
-        with _OPEN_LOCK:
+        _OPEN_LOCK.acquire()
+        try:
             pending = _OPEN_REQUESTS.get(key)
             if pending is not None and pending.admission is admission:
                 del _OPEN_REQUESTS[key]
+        finally:
+            _OPEN_LOCK.release()

@@ -130,6 +130,11 @@ class ScopeRef:
         return who
 
 
+# A call's refs, the span of epoch seconds they hold for (start inclusive, end exclusive)
+# and the session caps they were built with (Budgets.resolve_span).
+RefsSpan = tuple[tuple[ScopeRef, ...], float, float, Mapping[str, int]]
+
+
 # The longest a calendar period lasts (a DST change adds an hour).
 _CALENDAR_SECONDS = {"hour": 7200, "day": 90000, "week": 608400, "month": 2682000,
                      "year": 31626000}
@@ -192,8 +197,8 @@ class Budgets:
             *kinds.values(), *(lim for by in per_value.values() for lim in by.values()))}
         # (session, session caps, attribute values) -> (refs, valid from, valid until,
         # session caps): the scopes of a call change only when its window periods do
-        self._refs: dict[tuple[Any, ...], tuple[Any, ...]] = {}
-        self._refs_old: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self._refs: dict[tuple[Any, ...], RefsSpan] = {}
+        self._refs_old: dict[tuple[Any, ...], RefsSpan] = {}
         self.timezone = timezone
         try:
             self._tz = ZoneInfo(timezone)
@@ -260,6 +265,12 @@ class Budgets:
         the session only."""
         if extra:
             return self._resolve(session, attributes, now, {**session_caps, **extra})[0]
+        return list(self.resolve_span(session, attributes, now, session_caps)[0])
+
+    def resolve_span(self, session: str, attributes: Mapping[str, str], now: float,
+                     session_caps: Mapping[str, int]) -> RefsSpan:
+        """:meth:`resolve`'s refs (shared between calls: a tuple), the span of time they
+        hold for (their window periods': ``start <= now < end``) and the session caps."""
         if self.kinds or self.per_value:
             key: tuple[Any, ...] = (session, id(session_caps), *[
                 attributes.get(kind) or None for kind in (*self.kinds, *self.per_value)
@@ -270,12 +281,12 @@ class Budgets:
         if hit is None:
             hit = self._refs_old.get(key)
         if hit is not None and hit[1] <= now < hit[2] and hit[3] is session_caps:
-            return list(hit[0])
+            return hit
         refs, start, end = self._resolve(session, attributes, now, session_caps)
         if len(self._refs) >= _REFS_MAX:  # two generations: the older one is dropped
             self._refs_old, self._refs = self._refs, {}
-        self._refs[key] = (refs, start, end, session_caps)
-        return list(refs)
+        hit = self._refs[key] = (tuple(refs), start, end, session_caps)
+        return hit
 
     def _resolve(self, session: str, attributes: Mapping[str, str], now: float,
                  caps: Mapping[str, int]) -> tuple[list[ScopeRef], float, float]:

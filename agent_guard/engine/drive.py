@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..ledger import Ledger
 
 if TYPE_CHECKING:
-    from .admission import _Ready
+    from .admission import _Pending
 
 __all__ = ["FINISHING", "Op", "Steps", "Wait", "adrive", "drive"]
 
@@ -52,7 +52,7 @@ class Wait(Op):
 
     __slots__ = ("event", "timeout")
 
-    def __init__(self, event: threading.Event | _Ready, timeout: float) -> None:
+    def __init__(self, event: threading.Event | _Pending, timeout: float) -> None:
         super().__init__("wait")
         self.event, self.timeout = event, timeout
 

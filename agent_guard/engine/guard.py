@@ -158,6 +158,8 @@ class Guard:
             for lim in (self.budgets.session, *(lim for _, lim in self.budgets.all_limits())))
         # finished calls whose settle found the ledger unavailable (settle_pending)
         self._unsettled = Backlog()
+        # its queue, tested before every model call (a deque's truth: no Python call)
+        self._unsettled_items = self._unsettled._items
         self._ledger_id = ledger_identity(self.ledger)
         self._watch = ThresholdWatch(on_threshold, self._ledger_id)
         self._planner = Planner(self)
@@ -186,16 +188,22 @@ class Guard:
         """The scopes a call is charged to: the session's, those its attributes select,
         and the budgets of its ``model``, ``provider`` or ``tool`` (built once per window
         period: Budgets.resolve)."""
+        selecting = self._scope_attributes(attributes, model, provider, tool)
+        return self.budgets.resolve(session, selecting, self.clock(), self._caps, extra_caps)
+
+    def _scope_attributes(self, attributes: Mapping[str, str] | None,
+                          model: str | None = None, provider: str | None = None,
+                          tool: str | None = None) -> Mapping[str, str]:
+        """The values that select a call's scopes: :meth:`attributes_for`, and the call
+        kinds' (model, provider, tool) when a budget has one: those are the call's own,
+        never read from metadata."""
         if self._call_kinds:
-            # the call kinds' values are the call's own: never read from metadata
             own = {k: v for k, v in (("model", model), ("provider", provider),
                                      ("tool", tool)) if v and k in self._call_kinds}
             merged = {k: v for k, v in self.attributes_for(attributes).items()
                       if k not in CALL_KINDS}
-            return self.budgets.resolve(session, {**merged, **own}, self.clock(),
-                                        self._caps, extra_caps)
-        return self.budgets.resolve(session, self.attributes_for(attributes), self.clock(),
-                                    self._caps, extra_caps)
+            return {**merged, **own}
+        return self.attributes_for(attributes)
 
     def attributes_for(self, attributes: Mapping[str, str] | None) -> Mapping[str, str]:
         """The guard's attributes overridden by a call's own."""
@@ -216,34 +224,35 @@ class Guard:
         A call whose ``run_id`` is already open on this ledger (another handler or
         guard saw the same request first) gets that request's admission: one request
         is reserved and charged once."""
-        key, pending = claim(self._ledger_id, call.run_id)
-        if pending is not None or self._unsettled:
-            return drive(self.ledger, self._admit_claimed(call, key, pending))
+        own, pending = claim(self._ledger_id, call.run_id)
+        if pending is not None or self._unsettled_items:
+            return drive(self.ledger, self._admit_claimed(call, own, pending))
         # the common case without a generator (its start and end cost more than the
         # rest of the driving): the same plan and first reserve, the ledger called directly
         try:
-            plan = self._plan(call)
+            plan = self._planner.plan(call)
             result = self.ledger.reserve(plan.scopes, plan.amounts,
                                          lease_seconds=self.limits.lease_seconds)
             if isinstance(result, Reservation):
-                return opened(key, plan.admit(result))
+                return opened(own, plan.admit(result))
         except BaseException as exc:
-            not_opened(key, exc)
+            not_opened(own, exc)
             raise
-        return drive(self.ledger, self._reserved(key, plan, result))
+        return drive(self.ledger, self._reserved(own, plan, result))
 
     async def abefore_model_call(self, call: ModelCall) -> Admission:
         return await adrive(self.ledger, self._admit(call))
 
     def _admit(self, call: ModelCall) -> Steps[Admission]:
-        key, pending = claim(self._ledger_id, call.run_id)
-        return (yield from self._admit_claimed(call, key, pending))
+        own, pending = claim(self._ledger_id, call.run_id)
+        return (yield from self._admit_claimed(call, own, pending))
 
-    def _admit_claimed(self, call: ModelCall, key: tuple[str, str] | None,
+    def _admit_claimed(self, call: ModelCall, own: _Pending | None,
                        pending: _Pending | None) -> Steps[Admission]:
+        """``own``: the request's entry this holder opened; ``pending``: the one it joins."""
         if pending is not None:
-            if not pending.ready.is_set():
-                yield Wait(pending.ready, _JOIN_WAIT_SECONDS)
+            if not pending.is_set():
+                yield Wait(pending, _JOIN_WAIT_SECONDS)
             return (yield from self._joined(call, pending))
         try:
             if self._unsettled:
@@ -252,11 +261,11 @@ class Guard:
             result = yield Op("reserve", plan.scopes, plan.amounts,
                               lease_seconds=self.limits.lease_seconds)
         except BaseException as exc:
-            not_opened(key, exc)
+            not_opened(own, exc)
             raise
-        return (yield from self._reserved(key, plan, result))
+        return (yield from self._reserved(own, plan, result))
 
-    def _reserved(self, key: tuple[str, str] | None, plan: _Plan,
+    def _reserved(self, own: _Pending | None, plan: _Plan,
                   result: Reservation | Denial) -> Steps[Admission]:
         """After a reserve: the admission, or (after a denial) the next plan reserved
         until one is admitted or the call is refused."""
@@ -266,9 +275,9 @@ class Guard:
                 plan, shrinks = self._planner.after_denial(plan, result, shrinks)
                 result = yield Op("reserve", plan.scopes, plan.amounts,
                                   lease_seconds=self.limits.lease_seconds)
-            return opened(key, plan.admit(result))
+            return opened(own, plan.admit(result))
         except BaseException as exc:
-            not_opened(key, exc)
+            not_opened(own, exc)
             raise
 
     def _joined(self, call: ModelCall, pending: _Pending) -> Steps[Admission]:
@@ -298,8 +307,10 @@ class Guard:
         earlier attempts that may have been billed (the provider client retried
         after timeouts) are each charged one attempt's worst case, estimated.
         """
-        admission, record, amounts = self._settled(
-            admission, usage, output_tokens, response_model, cache_hit, retried)
+        record, amounts = self._settlement(admission, usage, output_tokens, response_model,
+                                           "cache_hit" if cache_hit else "ok")
+        if retried:  # _with_retries has nothing to add to a call without retries
+            record, amounts = self._with_retries(admission, record, amounts, retried)
         if amounts is None or self.ledger.defers_settles:
             return drive(self.ledger, self._close(admission, record, amounts))
         return self._close_settled(admission, record, amounts)
@@ -426,7 +437,7 @@ class Guard:
                        amounts: dict[str, int]) -> CallRecord:
         """:meth:`_close` of a settle on a ledger that does not defer it, called
         directly: the same steps without a generator (its start and end cost more than
-        the rest of the driving)."""
+        the rest of the driving), the small ones inlined."""
         first = finish(admission, record)
         if first is not record:
             return first
@@ -440,10 +451,17 @@ class Guard:
             else:
                 self._planner.note_spent(settled)
         finally:
-            forget(admission)
-        self._emit(record)
-        if settled is not None and self._thresholds:
-            self._check_thresholds(record.session, admission.scopes, settled)
+            if admission.state.key is not None:  # only a request others may join is kept
+                forget(admission)
+        if self._hooks:
+            self._emit(record)
+        if settled is not None and settled.counted and self._thresholds:
+            resolved = admission.resolved
+            if resolved is None or resolved.refs is not admission.scopes:
+                self._check_thresholds(record.session, admission.scopes, settled)
+            elif resolved.triggers is not None and self._watch.may_fire(
+                    resolved.triggers, settled.spent):  # else nothing to read or fire
+                self._check_thresholds(record.session, resolved.refs, settled)
         return record
 
     def _settle_later(self, admission: Admission | ToolAdmission,

@@ -96,17 +96,25 @@ class LeaseKeeper:
         over or ended (one watch per ``owner`` and admission)."""
         w = _Watch(guard, admission, on_stop, task, thread_id, frame,
                    time.monotonic() + guard.limits.lease_seconds / 3)
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # (not ``with``: its __enter__ and __exit__ cost the lock twice)
+        try:
             self._watches[(id(admission.state), id(owner))] = w
             if self._thread is None:
                 self._start_thread()
             if self._idle:  # otherwise the keeper is polling already: no wake-up per call
                 self._cond.notify()
+        finally:
+            lock.release()
 
     def unwatch(self, owner: object, admission: Any) -> None:
         """The owner ended the call itself: stop watching it (no ``on_stop``)."""
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             self._watches.pop((id(admission.state), id(owner)), None)
+        finally:
+            lock.release()
 
     def touch(self, owner: object, admission: Any) -> None:
         """The call showed it is running (a streamed chunk arrived)."""

@@ -20,9 +20,10 @@ from ..ledger import Denial, Reservation
 from ..ledger.base import Settlement
 from ..pricing import ModelPrice
 from ..tokens import RequestFeatures, request_features
-from .admission import Admission, ModelCall
+from .admission import Admission, ModelCall, _CallState
 from .budgets import ScopeRef
 from .limits import Dimension
+from .thresholds import ThresholdWatch, Triggers
 
 if TYPE_CHECKING:
     from .guard import Guard
@@ -41,6 +42,38 @@ _SHRINK_ATTEMPTS = 3
 # this process last saw settled). Nearer a cap the prompt is counted exactly, and a
 # reservation with the bound that is denied is retried with the exact count.
 _BOUND_SHARE_OF_ROOM = 0.1
+# How many call descriptors (Planner.resolved) a planner keeps per generation (two).
+_RESOLVED_MAX = 4096
+
+
+class Resolved:
+    """What every model call of one session, model, provider and attributes shares while
+    its window periods last: the price, the scopes (refs, and their caps for the ledger),
+    their names for the record, and the parts of the bound and threshold checks that do
+    not depend on the amounts. Built by :meth:`Planner.resolved` on a call's first use
+    and again when a window period ends or the guard's attributes or price book change;
+    the call's admission carries it to the settle (each of these was a few small steps
+    on every call, several per scope)."""
+
+    __slots__ = ("bound_caps", "end", "guard_attributes", "names", "price", "prices", "refs",
+                 "scopes", "start", "triggers")
+
+    def __init__(self, guard: Guard, price: ModelPrice | None, refs: tuple[ScopeRef, ...],
+                 start: float, end: float) -> None:
+        self.price = price
+        self.refs = refs
+        self.start = start
+        self.end = end
+        self.prices = guard.prices
+        self.guard_attributes = dict(guard.attributes)
+        self.scopes = tuple([r.caps for r in refs])
+        self.names = tuple([r.scope for r in refs])
+        # each token and dollar cap, for Planner._bound_is_far_from_caps
+        self.bound_caps = tuple([(sc.scope, dim, cap) for sc in self.scopes
+                                 for dim in BUDGET_DIMENSIONS
+                                 if (cap := sc.caps.get(dim)) is not None])
+        # None: no scope has soft thresholds (a settle checks none)
+        self.triggers: Triggers | None = ThresholdWatch.triggers(refs) or None
 
 
 class Planner:
@@ -53,6 +86,42 @@ class Planner:
         self.spent_hint: dict[str, Mapping[str, int]] | None = None
         self._warned_unpriced: set[str] = set()
         self._lock = threading.Lock()
+        # (session, model, provider, *call attributes) -> Resolved, in two generations
+        self._resolved: dict[tuple[Any, ...], Resolved] = {}
+        self._resolved_old: dict[tuple[Any, ...], Resolved] = {}
+
+    def resolved(self, call: ModelCall) -> Resolved:
+        """The call's :class:`Resolved`: the one kept for its session, model, provider and
+        attributes while its window periods hold (checked against the clock, read once
+        per call as before) and the guard's price book and attributes are unchanged;
+        else built anew. The price comes first: an unpriced model under a dollar cap is
+        refused before the scopes are resolved."""
+        guard = self.guard
+        key = (call.session, call.model, call.provider, *call.attributes.items())
+        try:
+            found = self._resolved.get(key) or self._resolved_old.get(key)
+        except TypeError:  # an attribute value that cannot be hashed: resolved each call
+            return self._resolve(call, None, self.price_for(call), guard.clock())
+        if found is None:
+            return self._resolve(call, key, self.price_for(call), guard.clock())
+        now = guard.clock()
+        if (found.start <= now < found.end and found.prices is guard.prices
+                and found.guard_attributes == guard.attributes):
+            return found
+        return self._resolve(call, key, self.price_for(call), now)
+
+    def _resolve(self, call: ModelCall, key: tuple[Any, ...] | None,
+                 price: ModelPrice | None, now: float) -> Resolved:
+        guard = self.guard
+        refs, start, end, _ = guard.budgets.resolve_span(
+            call.session, guard._scope_attributes(call.attributes, call.model, call.provider),
+            now, guard._caps)
+        resolved = Resolved(guard, price, refs, start, end)
+        if key is not None:
+            if len(self._resolved) >= _RESOLVED_MAX:  # the older generation is dropped
+                self._resolved_old, self._resolved = self._resolved, {}
+            self._resolved[key] = resolved
+        return resolved
 
     def price_for(self, call: ModelCall) -> ModelPrice | None:
         """The call's price. A model without one is reserved at the stated
@@ -94,10 +163,9 @@ class Planner:
         requested_output = call.max_output_tokens
         if requested_output is None or requested_output <= 0:
             requested_output = guard.limits.default_max_output_tokens
-        price = self.price_for(call)
-        plan = _Plan(guard, call, price, estimated_input,
+        plan = _Plan(guard, call, self.resolved(call), estimated_input,
                      math.ceil(estimated_input * (1 + guard.limits.input_margin)),
-                     requested_output, features=features)
+                     requested_output, features)
         if is_bound:
             if not self._bound_is_far_from_caps(plan):
                 return self.plan(call, exact=True)
@@ -112,29 +180,25 @@ class Planner:
         """Whether a reservation sized by the prompt's upper bound stays a small share of
         the room under every token and dollar cap it is charged against."""
         hint = self.spent_hint
-        for sc in plan.scopes:
-            seen = hint.get(sc.scope) if hint else None
-            for dim in BUDGET_DIMENSIONS:
-                cap = sc.caps.get(dim)
-                if cap is None:
-                    continue
-                room = cap - (seen.get(dim, 0) if seen else 0)
-                if plan.amounts.get(dim, 0) > _BOUND_SHARE_OF_ROOM * room:
-                    return False
+        amounts = plan.amounts
+        for scope, dim, cap in plan.resolved.bound_caps:
+            seen = hint.get(scope) if hint else None
+            room = cap - (seen.get(dim, 0) if seen else 0)
+            if amounts.get(dim, 0) > _BOUND_SHARE_OF_ROOM * room:
+                return False
         return True
 
     def note_spent(self, settled: Settlement) -> None:
         """Remember each scope's spend as of this settle (a hint for planning only: other
         processes spend too, so a denial is still retried with the exact count)."""
-        if not settled or not settled.spent:
+        if not settled.counted or not settled.spent:
             return
         hint = self.spent_hint
         if hint is None:
             hint = self.spent_hint = {}
         elif len(hint) > 100_000:
             hint.clear()
-        for scope, spent in settled.spent.items():
-            hint[scope] = spent
+        hint.update(settled.spent)  # each scope's spent totals
 
     def after_denial(self, plan: _Plan, denial: Denial, shrinks: int) -> tuple[_Plan, int]:
         """The plan to try next after ``denial`` (and how many shrinks were tried), or
@@ -189,6 +253,7 @@ class _Plan:
         "price",
         "refs",
         "reserved_input",
+        "resolved",
         "scopes",
         "shrunk",
         "worst_nano",
@@ -198,18 +263,18 @@ class _Plan:
         self,
         guard: Guard,
         call: ModelCall,
-        price: ModelPrice | None,
+        resolved: Resolved,
         estimated_input: int,
         reserved_input: int,
         output_tokens: int,
-        refs: list[ScopeRef] | None = None,
         features: RequestFeatures | None = None,
     ) -> None:
         self.features = features if features is not None else request_features(
             call.messages, call.tools, call.params)
         self.guard = guard
         self.call = call
-        self.price = price
+        self.resolved = resolved
+        self.price = resolved.price
         self.estimated_input = estimated_input
         self.reserved_input = reserved_input
         self.output_tokens = output_tokens
@@ -218,13 +283,14 @@ class _Plan:
         # every attempt the provider client may send is reserved (ModelCall.attempts)
         self.attempts = max(1, int(call.attempts))
         self.worst_nano = self._worst_cost(output_tokens) * self.attempts
-        self.refs = refs if refs is not None else guard.scope_refs(
-            call.session, call.attributes, model=call.model, provider=call.provider)
-        self.scopes = [r.caps for r in self.refs]
+        self.refs = resolved.refs
+        self.scopes = list(resolved.scopes)  # a list of its own per call, as before
+        # Dimension's USD_NANO, TOKENS and MODEL_CALLS written out (constant keys: the
+        # dict is built in one step)
         self.amounts = {
-            Dimension.USD_NANO: self.worst_nano,
-            Dimension.TOKENS: (reserved_input + output_tokens) * self.attempts,
-            Dimension.MODEL_CALLS: 1,
+            "usd_nano": self.worst_nano,
+            "tokens": (reserved_input + output_tokens) * self.attempts,
+            "model_calls": 1,
         }
 
     def _worst_cost(self, output_tokens: int) -> int:
@@ -254,23 +320,30 @@ class _Plan:
         return lo
 
     def with_output(self, output_tokens: int) -> _Plan:
-        plan = _Plan(self.guard, self.call, self.price, self.estimated_input,
-                     self.reserved_input, output_tokens, self.refs, self.features)
+        plan = _Plan(self.guard, self.call, self.resolved, self.estimated_input,
+                     self.reserved_input, output_tokens, self.features)
         plan.shrunk = True
         plan.input_is_bound = self.input_is_bound
         return plan
 
     def admit(self, reservation: Reservation) -> Admission:
+        guard = self.guard
+        call = self.call
+        # positional: a call's keyword arguments are matched by name, one by one (about
+        # 400 instructions each), so every field is given in the order Admission declares
         return Admission(
-            call=self.call,
-            reservation=reservation,
-            price=self.price,
-            estimated_input_tokens=self.estimated_input,
-            max_output_tokens=self.output_tokens,
-            reserved_nano=self.worst_nano,
-            shrunk=self.shrunk,
-            started_at=self.guard.clock(),
-            scopes=tuple(self.refs),
-            attributes=self.guard.attributes_for(self.call.attributes),
-            input_is_bound=self.input_is_bound,
+            call,
+            reservation,
+            self.price,
+            self.estimated_input,  # estimated_input_tokens
+            self.output_tokens,  # max_output_tokens
+            self.worst_nano,  # reserved_nano
+            self.shrunk,
+            guard.clock(),  # started_at
+            self.refs,  # scopes
+            # attributes: Guard.attributes_for, inlined
+            {**guard.attributes, **call.attributes} if call.attributes else guard.attributes,
+            self.input_is_bound,
+            _CallState(),  # state
+            self.resolved,
         )

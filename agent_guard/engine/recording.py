@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 from ..pricing import ModelPrice
 from .admission import Admission
-from .limits import Dimension
 from .records import CallRecord, Outcome
 from .usage import Usage
 
@@ -71,13 +70,16 @@ class Recorder:
                 input_tokens = guard._planner.exact_input(admission.call)
             usage = self.unreported_usage(admission, price, input_tokens,
                                           max(0, int(output_tokens or 0)))
-        cost = cost_nano(price, usage, (admission.started_at, guard.clock()))
+        # cost_nano(), inlined
+        cost = 0 if price is None else price.cost_nano(usage, (admission.started_at,
+                                                              guard.clock()))
         priced = price is not None and price is not guard._unknown_price
         if outcome == "cache_hit":
             return self.record(admission, usage, 0, estimated=estimated, outcome=outcome,
                                saved_nano=cost, model=response_model, priced=priced), None
-        record = self.record(admission, usage, cost, estimated=estimated, outcome=outcome,
-                             model=response_model, priced=priced)
+        # (positional: the keywords' matching by name cost more than the rest of the call)
+        record = self.record(admission, usage, cost, estimated, outcome, 0, response_model,
+                             priced)
         return record, amounts_of(usage, cost)
 
     def unreported_usage(self, admission: Admission, price: ModelPrice | None,
@@ -109,7 +111,6 @@ class Recorder:
         admission: Admission,
         usage: Usage,
         cost_nano: int,
-        *,
         estimated: bool,
         outcome: Outcome,
         saved_nano: int = 0,
@@ -119,32 +120,42 @@ class Recorder:
         """``priced``: whether the settled price was known (default: the admission's)."""
         call = admission.call
         guard = self.guard
+        # the scopes' names: the planner's descriptor has them, unless the admission's
+        # scopes were replaced since
+        resolved = admission.resolved
+        names = resolved.names if resolved is not None and resolved.refs is admission.scopes \
+            else tuple([r.scope for r in admission.scopes])
+        # positional, in the order CallRecord declares its fields: a call's keyword
+        # arguments are matched by name, one by one (about 400 instructions each)
         return CallRecord(
-            session=call.session,
-            run_id=call.run_id,
-            model=model or call.model,
-            provider=call.provider,
-            # a frozen Usage is kept as is; a subclass is copied to the plain type
-            usage=usage if type(usage) is Usage else Usage(
+            call.session,
+            call.run_id,
+            model or call.model,
+            call.provider,
+            # usage: a frozen Usage is kept as is; a subclass is copied to the plain type
+            usage if type(usage) is Usage else Usage(
                 usage.input_tokens, usage.output_tokens, usage.cache_read_tokens,
                 usage.cache_creation_tokens, usage.reasoning_tokens),
-            cost_nano=cost_nano,
-            reserved_nano=admission.reserved_nano,
-            usage_estimated=estimated,
-            outcome=outcome,
-            started_at=admission.started_at,
-            ended_at=guard.clock(),
-            unpriced=(admission.price is None or admission.price is guard._unknown_price)
+            cost_nano,
+            admission.reserved_nano,
+            estimated,  # usage_estimated
+            outcome,
+            admission.started_at,
+            guard.clock(),  # ended_at
+            # unpriced
+            (admission.price is None or admission.price is guard._unknown_price)
             if priced is None else not priced,
-            saved_nano=saved_nano,
-            max_output_tokens=admission.max_output_tokens,
-            node=call.node,
-            tags=call.tags,
-            tier=call.tier,
-            route=call.route,
-            attributes=admission.attributes,
-            scopes=tuple([r.scope for r in admission.scopes]),
-            record_id=admission.reservation.id,
+            saved_nano,
+            admission.max_output_tokens,
+            call.node,
+            call.tags,
+            call.tier,
+            call.route,
+            "model",  # kind
+            None,  # tool
+            admission.attributes,
+            names,  # scopes
+            admission.reservation.id,  # record_id
         )
 
     def emit(self, record: CallRecord) -> None:
@@ -164,13 +175,15 @@ def cost_nano(price: ModelPrice | None, usage: Usage,
 
 def amounts_of(usage: Usage, cost_nano: int) -> dict[str, int]:
     """The amounts a model call's settle charges: its cost, its tokens, one call."""
+    # the Dimension names written out: constant keys build the dict in one step (a
+    # third fewer instructions than looking each name up on Dimension)
     return {
-        Dimension.USD_NANO: cost_nano,
-        Dimension.TOKENS: usage.total_tokens,
-        Dimension.INPUT_TOKENS: usage.input_tokens,
-        Dimension.OUTPUT_TOKENS: usage.output_tokens,
-        Dimension.CACHE_READ_TOKENS: usage.cache_read_tokens,
-        Dimension.CACHE_CREATION_TOKENS: usage.cache_creation_tokens,
-        Dimension.REASONING_TOKENS: usage.reasoning_tokens,
-        Dimension.MODEL_CALLS: 1,
+        "usd_nano": cost_nano,
+        "tokens": usage.input_tokens + usage.output_tokens,  # usage.total_tokens
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cache_read_tokens": usage.cache_read_tokens,
+        "cache_creation_tokens": usage.cache_creation_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "model_calls": 1,
     }

@@ -10,6 +10,7 @@ and fires the hooks; the guard's sync and async drivers read and charge the ledg
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -78,6 +79,18 @@ class ThresholdEvent:
 
 
 ThresholdHook = Callable[[ThresholdEvent], None]
+# (scope, rolling window, ((dimension, cap x lowest threshold), ...)) per scope with
+# thresholds: ThresholdWatch.triggers
+Triggers = tuple[tuple[str, bool, tuple[tuple[str, int], ...]], ...]
+
+
+def _reached_at(cap: int, threshold: float) -> int:
+    """The least integer total at or above ``cap * threshold``; 0 for a cap too large
+    for a float (every settle is then checked, as :meth:`ThresholdWatch.crossed` does)."""
+    try:
+        return math.ceil(cap * threshold)
+    except OverflowError:
+        return 0
 
 
 class ThresholdWatch:
@@ -122,6 +135,40 @@ class ThresholdWatch:
                 if unfired and used >= cap * min(unfired):
                     return False
         return True
+
+    @staticmethod
+    def triggers(refs: Sequence[ScopeRef]) -> Triggers:
+        """What :meth:`may_fire` compares a settlement with, for these refs (built once
+        per call descriptor, Planner.resolved): per scope with thresholds, whether it is a
+        rolling window, and each capped dimension with the lowest threshold's amount
+        (rounded up: an integer total reaches ``cap * lowest`` exactly when it reaches its
+        ceiling, and integers compare faster than an integer and a float)."""
+        return tuple(
+            (ref.scope, bool(ref.caps.history),
+             tuple([(dim, _reached_at(cap, min(ref.limits.thresholds)))
+                    for dim, cap in ref.caps.caps.items() if cap > 0]))
+            for ref in refs if ref.limits.thresholds)
+
+    def may_fire(self, triggers: Triggers, spent: Mapping[str, Mapping[str, int]]) -> bool:
+        """Whether :meth:`check` of a counted settlement (``spent``: its spent totals)
+        has anything to read (a rolling window's earlier buckets, :meth:`unread_windows`)
+        or may fire (a total at or above a scope's lowest threshold, :meth:`crossed`).
+        False for nearly every settle: the check is skipped, with its steps per scope."""
+        past_spent = self.past_spent
+        for scope, rolling, dims in triggers:
+            totals = spent.get(scope)
+            if totals is None:
+                continue
+            past = None
+            if rolling:
+                past = past_spent.get(scope)
+                if past is None:
+                    return True
+            for dim, lowest in dims:
+                used = totals.get(dim)
+                if used is not None and (used + past.get(dim, 0) if past else used) >= lowest:
+                    return True
+        return False
 
     def crossed(self, session: str, refs: Sequence[ScopeRef], settled: Settlement
                 ) -> list[tuple[ScopeCaps, str, ThresholdEvent]]:

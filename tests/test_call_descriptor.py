@@ -1,0 +1,180 @@
+"""The planner's call descriptor (Planner.resolved) and the thresholds' pre-check
+(ThresholdWatch.may_fire) are fast paths: each must give what the general path gives.
+
+- An admission's price, scopes and attributes, and its record's scope names, equal what
+  the guard's general helpers (``PriceBook.resolve``, ``Guard.scope_refs``,
+  ``Guard.attributes_for``) give at that moment, across window periods, sessions,
+  models, call attributes, a changed price book and changed guard attributes.
+- ``may_fire`` is False only when the general check would read nothing and fire nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent_guard import Budgets, Guard, Limits, PriceBook
+from agent_guard.engine.admission import ModelCall
+from agent_guard.engine.budgets import ScopeRef
+from agent_guard.engine.thresholds import ThresholdWatch
+from agent_guard.engine.usage import Usage
+from agent_guard.ledger import ScopeCaps
+from agent_guard.ledger.base import Settlement
+
+from .conftest import FakeClock
+
+START = datetime(2026, 11, 30, 22, 40, tzinfo=UTC).timestamp()
+DAY = Limits(max_cost_usd=50, window="24h")
+BUDGETS = {
+    "session-only": lambda: Limits(max_cost_usd=100),
+    "session-month": lambda: Limits(max_cost_usd=100, window="month"),
+    "four-scopes-24h": lambda: Budgets(Limits(max_cost_usd=100), user=DAY, team=DAY,
+                                       global_=DAY),
+    "per-model-hour": lambda: Budgets(Limits(max_cost_usd=100), model={
+        "gpt-4o-mini": Limits(max_cost_usd=20, window="hour"),
+        "*": Limits(max_tokens=10**6)}),
+}
+CALL_ATTRIBUTES = [{}, {"user": "u1"}, {"user": "u2", "team": "beta"},
+                   {"team": "beta", "user": "u2"}, {"feature": "search"},
+                   {"feature": ["not", "hashable"]}]
+
+step = st.one_of(
+    st.tuples(st.just("call"), st.sampled_from(["a", "b"]),
+              st.sampled_from(["gpt-4o-mini", "gpt-4o", "no-such-model"]),
+              st.sampled_from(range(len(CALL_ATTRIBUTES)))),
+    st.tuples(st.just("wait"), st.sampled_from([1, 600, 3600, 86_400, 40 * 86_400])),
+    st.tuples(st.just("attributes"), st.sampled_from([{}, {"team": "acme"},
+                                                      {"team": "beta", "user": "u9"}])),
+    st.tuples(st.just("prices"), st.sampled_from([0, 1])),
+)
+
+
+def _prices() -> list[PriceBook]:
+    base = PriceBook.default()
+    return [base, base.with_overrides({"gpt-4o-mini": {"input_cost_per_token": 1e-06,
+                                                       "output_cost_per_token": 2e-06}})]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budgets", list(BUDGETS))
+@settings(max_examples=40, deadline=None)
+@given(steps=st.lists(step, min_size=1, max_size=25))
+def test_admissions_carry_what_the_general_helpers_give(budgets: str,
+                                                       steps: list[tuple]) -> None:
+    clock = FakeClock(START)
+    prices = _prices()
+    guard = Guard(BUDGETS[budgets](), attributes={"team": "acme"}, clock=clock,
+                  prices=prices[0])
+    for op, *args in steps:
+        if op == "wait":
+            clock.advance(args[0])
+        elif op == "attributes":
+            guard.attributes.clear()
+            guard.attributes.update(args[0])
+        elif op == "prices":
+            guard.prices = prices[args[0]]
+        else:
+            session, model, which = args
+            attributes = CALL_ATTRIBUTES[which]
+            call = ModelCall(session=session, model=model, attributes=attributes,
+                             max_output_tokens=50, input_tokens=20)
+            if guard.prices.resolve(model) is None:
+                continue  # refused under a dollar cap (UnknownModelPrice): nothing to compare
+            admission = guard.before_model_call(call)
+            assert admission.price is guard.prices.resolve(model)
+            assert admission.scopes == tuple(guard.scope_refs(session, attributes,
+                                                              model=model))
+            assert admission.attributes == guard.attributes_for(attributes)
+            assert list(admission.attributes) == list(guard.attributes_for(attributes))
+            record = guard.after_model_call(admission, Usage(20, 10))
+            assert record.scopes == tuple(r.scope for r in admission.scopes)
+            assert record.attributes == guard.attributes_for(attributes)
+
+
+def test_a_replaced_scope_tuple_is_named_from_its_refs() -> None:
+    """An adapter that replaces an admission's scopes gets their names on the record, not
+    the descriptor's."""
+    guard = Guard(Limits(max_cost_usd=1))
+    admission = guard.before_model_call(ModelCall(session="s", model="gpt-4o-mini",
+                                                  input_tokens=10, max_output_tokens=10))
+    other = guard.scope_refs("t")
+    record = guard.after_model_call(replace(admission, scopes=tuple(other)), Usage(10, 5))
+    assert record.scopes == ("session:t",)
+
+
+def test_a_new_window_period_gives_new_scopes_to_the_same_session() -> None:
+    clock = FakeClock(datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC).timestamp())
+    guard = Guard(Budgets(Limits(), team=Limits(max_cost_usd=1, window="month")),
+                  attributes={"team": "acme"}, clock=clock)
+    call = ModelCall(session="s", model="gpt-4o-mini", input_tokens=10,
+                     max_output_tokens=10)
+    first = guard.after_model_call(guard.before_model_call(call), Usage(10, 5))
+    clock.advance(1)
+    second = guard.after_model_call(guard.before_model_call(call), Usage(10, 5))
+    assert first.scopes == ("session:s", "team:acme@2026-11")
+    assert second.scopes == ("session:s", "team:acme@2026-12")
+
+
+# -- ThresholdWatch.may_fire -----------------------------------------------------------------
+
+DIMS = ["usd_nano", "tokens", "model_calls", "steps"]
+ref_spec = st.tuples(
+    st.dictionaries(st.sampled_from(DIMS), st.integers(0, 8), max_size=4),  # caps
+    st.lists(st.sampled_from([0.25, 0.5, 0.8, 1.0]), max_size=3, unique=True),  # thresholds
+    st.booleans(),  # a rolling window
+)
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None)
+@given(specs=st.lists(ref_spec, min_size=1, max_size=4),
+       spent=st.lists(st.one_of(st.none(), st.dictionaries(st.sampled_from(DIMS),
+                                                           st.integers(0, 12), max_size=4)),
+                      min_size=4, max_size=4),
+       past=st.lists(st.one_of(st.none(), st.dictionaries(st.sampled_from(DIMS),
+                                                          st.integers(0, 6), max_size=4)),
+                     min_size=4, max_size=4),
+       fired=st.sets(st.tuples(st.integers(0, 3), st.sampled_from(DIMS),
+                               st.sampled_from([0.25, 0.5, 0.8, 1.0]))))
+def test_may_fire_is_false_only_when_the_check_has_nothing_to_do(
+        specs: list[tuple[dict[str, int], list[float], bool]],
+        spent: list[dict[str, int] | None], past: list[dict[str, int] | None],
+        fired: set[tuple[int, str, float]]) -> None:
+    refs = []
+    for i, (caps, thresholds, rolling) in enumerate(specs):
+        name = f"team:t{i}"
+        history = (f"{name}@3h:earlier",) if rolling else ()
+        refs.append(ScopeRef("team", f"t{i}", None, Limits(thresholds=tuple(thresholds)),
+                             ScopeCaps(name, caps, history)))
+    watch = ThresholdWatch([], "memory://")
+    watch.fired = {(f"team:t{i}", dim, t) for i, dim, t in fired}
+    watch.past_spent = {f"team:t{i}": p for i, p in enumerate(past) if p is not None}
+    settled = Settlement(True, {f"team:t{i}": s for i, s in enumerate(spent[:len(refs)])
+                                if s is not None})
+    if watch.may_fire(ThresholdWatch.triggers(refs), settled.spent):
+        return
+    assert watch.unread_windows(refs, settled) == []
+    assert watch.crossed("s", refs, settled) == []
+
+
+def test_the_amounts_written_out_are_dimension_names() -> None:
+    """amounts_of and a plan's amounts name their dimensions as string constants (one-step
+    dict building): they must be Dimension's names."""
+    from agent_guard.engine.limits import Dimension
+    from agent_guard.engine.recording import amounts_of
+
+    names = {value for name, value in vars(Dimension).items() if name.isupper()}
+    assert amounts_of(Usage(30, 20, 10, 5, 3), 7) == {
+        Dimension.USD_NANO: 7, Dimension.TOKENS: 50, Dimension.INPUT_TOKENS: 30,
+        Dimension.OUTPUT_TOKENS: 20, Dimension.CACHE_READ_TOKENS: 10,
+        Dimension.CACHE_CREATION_TOKENS: 5, Dimension.REASONING_TOKENS: 3,
+        Dimension.MODEL_CALLS: 1}
+    guard = Guard(Limits(max_cost_usd=1))
+    plan = guard._planner.plan(ModelCall(session="s", model="gpt-4o-mini", input_tokens=10,
+                                         max_output_tokens=10))
+    assert set(plan.amounts) == {Dimension.USD_NANO, Dimension.TOKENS,
+                                 Dimension.MODEL_CALLS} <= names
