@@ -115,6 +115,38 @@ def test_a_charge_carries_deferred_settles(url: str, redis_namespace: str) -> No
     ledger.close()
 
 
+@pytest.mark.parametrize("refused", [False, True])
+@pytest.mark.parametrize("carrier", ["reserve", "charge_read", "areserve", "acharge_read"])
+def test_settles_land_alike_whether_the_script_they_ride_with_is_admitted_or_refused(
+        url: str, redis_namespace: str, carrier: str, refused: bool) -> None:
+    """The script's own reply and those of the settles riding with it come back in one
+    reply (a string for an admission, a table for a refusal): both read alike."""
+    ledger = ledger_of(url, redis_namespace)
+    caps = [ScopeCaps("session:w", {"usd_nano": CAP}),
+            ScopeCaps("team:w", {"usd_nano": CAP, "tokens": CAP})]
+    res = ledger.reserve(caps, {"usd_nano": 500, "tokens": 10}, lease_seconds=60)
+    assert isinstance(res, Reservation)
+    landed: list[Any] = []
+    ledger.settle_later(res, {"usd_nano": 200, "tokens": 7}, then=landed.append)
+    ledger.settle_later(res, {"usd_nano": 1}, then=landed.append)  # settled already
+    ask = {"usd_nano": CAP - 199 if refused else 5}
+    options = {"lease_seconds": 60} if "reserve" in carrier else {}
+    run = getattr(ledger, carrier)
+    got = asyncio.run(run(caps, ask, **options)) if carrier[0] == "a" else run(caps, ask,
+                                                                                **options)
+    assert ledger.pending_settles == 0
+    assert landed[0].spent == {"session:w": {"usd_nano": 200, "tokens": 7},
+                               "team:w": {"usd_nano": 200, "tokens": 7}}
+    assert [bool(s) for s in landed] == [True, False]
+    if refused:
+        assert got == Denial("session:w", "usd_nano", CAP, 200, 0, CAP - 199)
+    elif "reserve" in carrier:
+        assert isinstance(got, Reservation) and got.expires_at > time.time()
+    else:
+        assert got.spent == {"session:w": {"usd_nano": 205}, "team:w": {"usd_nano": 205}}
+    ledger.close()
+
+
 def test_a_batch_sent_twice_counts_once(url: str, redis_namespace: str) -> None:
     """A queued settle keeps its token: a batch resent after an error (its reply lost,
     whether or not it ran) counts once."""

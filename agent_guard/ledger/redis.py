@@ -624,7 +624,7 @@ class RedisLedger(Ledger):
         if not items:
             return self._run(script, keys, args)
         try:
-            reply, replies = self._run(script, keys, args)
+            reply, replies = _with_settles(self._run(script, keys, args))
         except BaseException:
             self._landed(items, None)
             raise
@@ -636,7 +636,7 @@ class RedisLedger(Ledger):
         if not items:
             return await self._arun(script, keys, args)
         try:
-            reply, replies = await self._arun(script, keys, args)
+            reply, replies = _with_settles(await self._arun(script, keys, args))
         except BaseException:
             self._landed(items, None)
             raise
@@ -905,6 +905,16 @@ def _denial(reply: Reply, scopes: Sequence[ScopeCaps]) -> Denial:
     _, index, dim, cap, extra, spent, reserved, want = reply
     return Denial(scopes[int(index) - 1].scope, _text(dim), int(cap) + int(extra), int(spent),
                   int(reserved), int(want))
+
+
+def _with_settles(raw: Reply) -> tuple[Reply, Reply]:
+    """A script's own reply and its settles' replies (``ag_with_settles``): the table
+    ``{reply, settled}``, or a success as the string ``"1 v ...|s|s..."``, each ``s``
+    ``0`` or ``"1 spent ..."``, read here into the lists the table would hold."""
+    if isinstance(raw, list):
+        return raw[0], raw[1]
+    own, *settles = _text(raw).split("|")
+    return own.split(), [0 if s == "0" else s.split() for s in settles]
 
 
 def _totals(scope: str, raw: Mapping[bytes | str, bytes | str]) -> ScopeTotals:

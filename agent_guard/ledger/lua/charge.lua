@@ -8,8 +8,8 @@
 --       retention seconds of done:<id> and settle batch JSON (settle.lua; '' = none),
 --       then, to read them back, the charged dimensions' names (none: no reads)
 -- Reply: {1, spent after the charge of each scope (in KEYS order) and each named
---         dimension} | {0, ...denial, see ag_check}; with settles: {that reply,
---         {one ag_settle reply per settle}}
+--         dimension} | {0, ...denial, see ag_check}; with settles: that reply and one
+--         ag_settle reply per settle (ag_with_settles)
 
 ag_ttl = tonumber(ARGV[4])
 local settled = ag_settle_all(KEYS, ARGV[5], ARGV[6])
@@ -38,6 +38,6 @@ end
 
 local reply = charge()
 if settled then
-  return {reply, settled}
+  return ag_with_settles(reply, settled)
 end
 return reply

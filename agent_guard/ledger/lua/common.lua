@@ -189,3 +189,19 @@ local function ag_settle_all(keys, retention, batch)
   end
   return replies
 end
+
+-- A reserve's or charge's reply with the replies of the settles that rode along: a
+-- success ({1, ...}) as one string "1 v ...|s|s..." (each s: 0, or "1 spent ..." as
+-- ag_settle answers), which the client reads as one bulk string instead of a nested
+-- array of about ten elements (their parse was most of the client's cost of a reply);
+-- any other reply as the table {reply, settled}. Only numbers travel in the string.
+local function ag_with_settles(reply, settled)
+  if reply[1] ~= 1 then
+    return {reply, settled}
+  end
+  local parts = {table.concat(reply, ' ')}
+  for i, s in ipairs(settled) do
+    parts[i + 1] = s == 0 and '0' or table.concat(s, ' ')
+  end
+  return table.concat(parts, '|')
+end

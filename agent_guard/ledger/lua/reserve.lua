@@ -8,7 +8,7 @@
 --       caps JSON [[[dim, "cap"], ...] per scope], scope ttl seconds (0 = none),
 --       then, with settles: retention seconds of done:<id>, settle batch JSON (settle.lua)
 -- Reply: {1, expires_at} | {0, ...denial, see ag_check} | {-1} (id already used);
---        with settles: {that reply, {one ag_settle reply per settle}}
+--        with settles: that reply and one ag_settle reply per settle (ag_with_settles)
 -- The same call sent twice (a client retry after a lost reply) gets the same answer.
 
 ag_ttl = tonumber(ARGV[7])
@@ -50,6 +50,6 @@ end
 
 local reply = reserve()
 if settled then
-  return {reply, settled}
+  return ag_with_settles(reply, settled)
 end
 return reply
