@@ -460,10 +460,24 @@ class _Conversation:
         one (by identity, or equal) are taken as counted; the rest are counted."""
         buf, k = self.buffers, self.n
         with buf.lock:
-            prev = buf.messages if len(buf.messages) == k else buf.messages[:k]
+            held = buf.messages
+            prev = held if len(held) == k else held[:k]
             try:
                 if len(messages) == k:
                     start = k if messages == prev else _common_start(prev, messages)
+                elif len(messages) > k and prev is held:
+                    # Does the prompt extend this version? Compared as a whole with the
+                    # held list lengthened by the prompt's new messages for the while
+                    # (``messages[:k] == prev`` copied and freed the prefix on every
+                    # call). No version of these buffers is longer than k, so none reads
+                    # past k; a look without the lock (_Conversations.prompt) finds the
+                    # list longer than its version and compares a slice of it.
+                    held += messages[k:]
+                    try:
+                        extends = held == messages
+                    finally:
+                        del held[k:]
+                    start = k if extends else _common_start(prev, messages)
                 elif len(messages) > k and messages[:k] == prev:
                     start = k
                 else:
@@ -486,7 +500,6 @@ class _Conversation:
                         self.checked = stored
             if start == k == len(messages) and not recount:
                 return self
-            held = buf.messages
             if start == len(held) and not recount and (not start or messages[start - 1]
                                                         is held[start - 1]):
                 # extends the buffers in place
