@@ -28,7 +28,7 @@ from ..compat import (
     LANGCHAIN_TOOL_ARGS_METHOD,
     LANGCHAIN_TOOL_RUN_CODES,
 )
-from ..engine.usage import MalformedUsage, Usage
+from ..engine.usage import NANO_PER_USD, MalformedUsage, Usage, nano_to_usd
 from ..pricing.tools import METADATA_KEY, ToolPrice, tool_price_from_data
 
 __all__ = [
@@ -98,9 +98,17 @@ def model_name(params: Mapping[str, Any], meta: Mapping[str, Any],
 
 def max_output(params: Mapping[str, Any], meta: Mapping[str, Any]) -> int | None:
     """The call's worst-case output: its max tokens, times ``n`` choices."""
-    n = choices(params)
+    n = params.get("n")
+    # (a plain int is tested inline: this runs on every guarded call, and a call per key
+    # to _positive_int was most of its cost)
+    n = n if type(n) is int and n > 0 else 1 if n is None else _positive_int(n) or 1
     for key in MAX_OUTPUT_KEYS:
-        value = _positive_int(params.get(key))
+        value = params.get(key)
+        if value is None:
+            continue
+        if type(value) is int and value > 0:
+            return value * n
+        value = _positive_int(value)
         if value is not None:
             return value * n
     value = _positive_int(meta.get("ls_max_tokens"))
@@ -209,13 +217,17 @@ _SDK_DEFAULT_RETRIES = {"ChatOpenAI": 2, "AzureChatOpenAI": 2, "ChatDeepSeek": 2
 def attempts(serialized: Mapping[str, Any] | None) -> int:
     """Requests the provider client may send for one call: 1 + its own retries (the
     model's ``max_retries``, else its SDK's default)."""
-    kwargs = (serialized or {}).get("kwargs")
+    if not serialized:
+        return 1
+    kwargs = serialized.get("kwargs")
     retries = kwargs.get("max_retries") if kwargs and isinstance(kwargs, Mapping) else None
+    if retries is None:
+        ident = serialized.get("id")
+        if ident and isinstance(ident, (list, tuple)):  # (a tuple: no union made per call)
+            return 1 + _SDK_DEFAULT_RETRIES.get(str(ident[-1]), 0)
+        return 1
     if isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0:
         return 1 + retries
-    ident = (serialized or {}).get("id") or ()
-    if retries is None and ident and isinstance(ident, list | tuple):
-        return 1 + _SDK_DEFAULT_RETRIES.get(str(ident[-1]), 0)
     return 1
 
 
@@ -226,6 +238,26 @@ def _seconds(value: Any) -> float | None:
 
 
 _HTTPX_TIMEOUT = re.compile(r"\b(timeout|read)=([0-9.eE+-]+)")
+
+
+def client_retries(serialized: Mapping[str, Any] | None) -> tuple[int, float | None]:
+    """``(attempts(serialized), read_timeout(serialized))``, remembered per serialized
+    model: LangChain hands every call of a model the same dict (its ``_serialized``
+    is a cached property), so a model's calls read it once."""
+    if serialized is None:
+        return 1, None
+    key = id(serialized)
+    known = _CLIENT_RETRIES.get(key)
+    if known is not None and known[0] is serialized:
+        return known[1]
+    found = attempts(serialized), read_timeout(serialized)
+    if len(_CLIENT_RETRIES) >= 256:  # models made per call: forget them all
+        _CLIENT_RETRIES.clear()
+    _CLIENT_RETRIES[key] = (serialized, found)  # kept: its id is not reused meanwhile
+    return found
+
+
+_CLIENT_RETRIES: dict[int, tuple[Any, tuple[int, float | None]]] = {}
 
 
 def read_timeout(serialized: Mapping[str, Any] | None) -> float | None:
@@ -299,7 +331,8 @@ def read_answer(prompts: Iterable[Sequence[Any]], llm_output: Mapping[str, Any] 
                     one = Usage.from_usage_metadata(um)
                 except MalformedUsage:  # the general path below logs it, once
                     one = None
-                if one is not None and one.total_tokens > 0:
+                # (total_tokens, without the property's call)
+                if one is not None and one.input_tokens + one.output_tokens > 0:
                     meta = message.response_metadata or {}
                     found = meta.get("model_name") or meta.get("model")
                     if found is None and llm_output:
@@ -402,13 +435,13 @@ class CostedUsage(dict):  # type: ignore[type-arg]
     and ``copy`` keep both."""
 
     __slots__ = ("costs",)
+    costs: dict[str, float]
 
     def __init__(self, usage: Mapping[str, Any] = {},  # read, never kept
                  costs: Mapping[str, float] = {}) -> None:
         super().__init__(usage)
         if not COST_KEYS.isdisjoint(dict.keys(self)):
-            for key in COST_KEYS:
-                dict.pop(self, key, None)
+            _drop_costs(self)
         self.costs = dict(costs)
 
     def __getitem__(self, key: Any) -> Any:
@@ -440,9 +473,34 @@ class CostedUsage(dict):  # type: ignore[type-arg]
         return CostedUsage, (dict(dict.items(self)), self.costs)
 
 
-def with_costs(usage: Mapping[str, Any], costs: Mapping[str, float]) -> CostedUsage:
-    """``usage`` with ``costs`` (``input_cost``, ``output_cost``, ``total_cost``)."""
-    return CostedUsage(usage, costs)
+def with_costs(usage: Mapping[str, Any], costs: dict[str, float]) -> CostedUsage:
+    """``CostedUsage(usage, costs)``, keeping ``costs`` (not a copy): made without
+    ``type.__call__`` dispatching to a Python ``__init__`` (one per annotated answer)."""
+    out: CostedUsage = _new_dict(CostedUsage)
+    dict.update(out, usage)  # what dict.__init__ does
+    if not COST_KEYS.isdisjoint(dict.keys(out)):
+        _drop_costs(out)
+    out.costs = costs
+    return out
+
+
+_new_dict = dict.__new__
+
+
+def _drop_costs(usage: CostedUsage) -> None:
+    for key in COST_KEYS:
+        dict.pop(usage, key, None)
+
+
+def usd_text(nano: int) -> str:
+    """``str(nano_to_usd(nano))`` (a dollar amount as ``CallRecord.cost_usd`` prints it)
+    without Decimal arithmetic where the text is plain digits: the quotient by 10^9 is
+    exact, with no trailing zeros after the point (below 1,000 nano-USD Decimal prints
+    an exponent; beyond its 28 digits it would round)."""
+    if 1000 <= nano < 10**27:
+        dollars, rest = divmod(nano, NANO_PER_USD)
+        return f"{dollars}.{rest:09d}".rstrip("0").rstrip(".")
+    return str(nano_to_usd(nano))
 
 
 def annotate(generations: Iterable[Any], guard: Any, record: Any,
@@ -457,8 +515,9 @@ def annotate(generations: Iterable[Any], guard: Any, record: Any,
         message = _message(generation)
         if message is None:
             continue
-        if message.usage_metadata is not None and split is not None:
-            message.usage_metadata = CostedUsage(message.usage_metadata, {  # type: ignore[assignment]
+        usage = message.usage_metadata
+        if usage is not None and split is not None:
+            message.usage_metadata = with_costs(usage, {  # type: ignore[assignment]
                 "input_cost": float(split[0]), "output_cost": float(split[1]),
                 # the exact dollars to the nearest float: int / int rounds correctly,
                 # as float(Decimal(nano) / 10**9) does
@@ -466,7 +525,8 @@ def annotate(generations: Iterable[Any], guard: Any, record: Any,
         cap = guard.limits.max_cost_usd
         message.response_metadata["agent_guard"] = {
             "session": record.session, "tier": record.tier, "route": record.route,
-            "cost_usd": str(record.cost_usd), "usage_estimated": record.usage_estimated,
+            "cost_usd": usd_text(record.cost_nano),  # str(record.cost_usd)
+            "usage_estimated": record.usage_estimated,
             "cap_usd": None if cap is None else str(cap),
         }
         return  # one answer per call: LangChain's tracer adds the answers' usage up
@@ -521,12 +581,22 @@ def priced_tool(tool: BaseTool, price: ToolPrice | Mapping[str, Any]) -> BaseToo
     return tool
 
 
-def cost_breakdown(guard: Any, record: Any) -> tuple[float, float] | None:
+def cost_breakdown(guard: Any, record: Any, planned: Any = None) -> tuple[float, float] | None:
     """(prompt, completion) dollars of a settled call, for its run and span (the
-    callback's and the middleware's); None for a failed or free call."""
+    callback's and the middleware's); None for a failed or free call.
+
+    ``planned``: the call's admission when ``guard`` planned it (not one it joined):
+    its price is what ``guard.prices`` resolved for the call's model, so an answer from
+    that model is not looked up again (the stated ``unknown_price`` stands for a model
+    that resolved to no price)."""
     if record.outcome != "ok" or record.cost_nano == 0:
         return None
-    price = guard.prices.resolve(record.model, record.provider)
+    if planned is not None and record.model == planned.call.model:
+        price = planned.price
+        if price is guard._unknown_price:
+            return None
+    else:
+        price = guard.prices.resolve(record.model, record.provider)
     if price is None:
         return None
     return price.prompt_completion_usd(record.usage)  # type: ignore[no-any-return]

@@ -38,7 +38,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from types import FrameType
 from typing import Any, cast
 from uuid import UUID
@@ -57,27 +57,34 @@ from ..engine.guard import Guard
 from ..engine.keeper import keeper
 from ..engine.limits import Limits
 from ..engine.records import CallRecord, Outcome
-from ..engine.usage import Usage
 from ..errors import GuardError, OutputCapExceeded
 from ..ledger import Ledger
 from ..pricing.tools import declared_price
 from ..telemetry.langsmith import note_tool_cost
 from .call import (
+    OWNER,
     annotate,
-    attempts,
+    client_retries,
     cost_breakdown,
     failed_before_running,
     max_output,
     model_name,
     owning_gate,
     read_answer,
-    read_timeout,
     retried,
     tool_owned,
     tool_result,
     tool_run_frame,
 )
 from .dispatch import dispatching_async_end, ends_inline, go_first
+
+# _start builds a ModelCall with its fields by position, in this order
+_MODEL_CALL_FIELDS = ("session", "model", "provider", "messages", "tools", "max_output_tokens",
+                      "input_tokens", "run_id", "node", "tags", "can_shrink", "tier", "route",
+                      "attributes", "params", "attempts")
+if tuple(f.name for f in fields(ModelCall)) != _MODEL_CALL_FIELDS:  # pragma: no cover
+    raise ImportError("agent_guard.langchain.callback: ModelCall's fields changed; update "
+                      "_MODEL_CALL_FIELDS and GuardCallbackHandler._start")
 
 __all__ = ["GuardCallbackHandler", "OutputCapExceeded", "session_from_metadata"]
 
@@ -97,14 +104,21 @@ _DISPATCH_CORO_NAMES = LANGCHAIN_DISPATCH_CORO_NAMES
 
 
 class _Run:
-    """An open model run (a plain slotted object: one is made per guarded call)."""
+    """An open model run (a plain slotted object: one is made per guarded call). Called,
+    it is the lease keeper's ``on_stop`` for the run (no other object per call)."""
 
-    __slots__ = ("admission", "batch", "first_chunk", "parent", "started", "streamed_texts",
-                 "streamed_tokens", "streamed_unscaled", "timeout")
+    __slots__ = ("admission", "batch", "first_chunk", "handler", "parent", "planned",
+                 "run_id", "started", "streamed_texts", "streamed_tokens",
+                 "streamed_unscaled", "timeout")
 
-    def __init__(self, admission: Admission, parent: UUID | None, batch: Any,
-                 started: float, timeout: float | None) -> None:
+    def __init__(self, handler: GuardCallbackHandler, run_id: UUID, admission: Admission,
+                 parent: UUID | None, batch: Any, started: float, timeout: float | None,
+                 planned: bool) -> None:
+        self.handler = handler
+        self.run_id = run_id
         self.admission = admission
+        # the handler's guard planned the admission (not joined: its price is the guard's)
+        self.planned = planned
         self.streamed_tokens = 0  # streamed output as charged (tokenizer factor applied)
         self.streamed_unscaled = 0  # the same, counted without the factor
         self.parent = parent
@@ -116,6 +130,9 @@ class _Run:
         self.first_chunk = 0.0  # time.monotonic() of the first streamed chunk, 0 before
         # what was streamed, for an exact count when the per-chunk sum passes the cap
         self.streamed_texts: list[str] = []
+
+    def __call__(self) -> None:
+        self.handler._stopped(self.run_id)
 
 
 # streamed content blocks whose text is generated output (tool-call blocks are counted
@@ -267,23 +284,27 @@ class GuardCallbackHandler(BaseCallbackHandler):
         params: Mapping[str, Any] = kwargs.get("invocation_params") or {}
         meta = metadata or {}
         model = model_name(params, meta, serialized)
+        tries, timeout = client_retries(serialized)
+        # ModelCall's fields in order, passed by position: binding 16 keywords cost as much
+        # as the rest of building it (the order is checked when this module loads)
         call = ModelCall(
-            session=session_from_metadata(meta, self.session_id),
-            model=model,
-            provider=meta.get("ls_provider"),
-            messages=messages or (),
-            input_tokens=None if prompts is None else sum(
+            session_from_metadata(meta, self.session_id),  # session
+            model,  # model
+            meta.get("ls_provider"),  # provider
+            messages or (),  # messages
+            params.get("tools") or None,  # tools
+            max_output(params, meta),  # max_output_tokens
+            None if prompts is None else sum(  # input_tokens
                 self.guard.tokens.count_text(p, model) for p in prompts),
-            tools=params.get("tools") or None,
-            max_output_tokens=max_output(params, meta),
-            run_id=str(run_id),
-            node=meta.get("langgraph_node"),
-            tags=tuple(tags or ()),
-            tier=meta.get("agent_guard_tier"),
-            route=meta.get("agent_guard_route"),
-            attributes=attributes_from_metadata(meta, self.guard.attribute_names),
-            params=params,
-            attempts=attempts(serialized),
+            str(run_id),  # run_id
+            meta.get("langgraph_node"),  # node
+            tuple(tags or ()),  # tags
+            False,  # can_shrink
+            meta.get("agent_guard_tier"),  # tier
+            meta.get("agent_guard_route"),  # route
+            attributes_from_metadata(meta, self.guard.attribute_names),  # attributes
+            params,  # params
+            tries,  # attempts
         )
         batch_size = kwargs.get("batch_size")
         batch = params if isinstance(batch_size, int) and batch_size > 1 else None
@@ -293,21 +314,31 @@ class GuardCallbackHandler(BaseCallbackHandler):
                 max_tokens=call.max_output_tokens, session=call.session,
                 messages=(messages if messages is not None else prompts)
                 if self.telemetry.capture_content else None, attributes=call.attributes)
-        gate = owning_gate(self.guard) if messages is not None else None
+        # (OWNER is looked at first: no middleware runs the call in most runs)
+        gate = owning_gate(self.guard) if messages is not None and OWNER.get() is not None \
+            else None
         try:
             if batch is not None:
                 self._raise_if_batch_refused(batch)
             if gate is not None:  # GuardMiddleware admitted this call: join it
                 admission = gate.admission_for(run_id, serialized, messages, params, meta)
             else:
-                admission = self._admit(call, parent_run_id)
+                # most runs are inside no with_fallbacks run: one test, no call
+                fallbacks = self._refuse_inside_refused_fallbacks(parent_run_id) \
+                    if self._fallback_runs else None
+                try:
+                    admission = self.guard.before_model_call(call)
+                except GuardError as exc:
+                    self._fallbacks_refused(fallbacks, exc)
+                    raise
         except GuardError as exc:
             if self.telemetry is not None:
                 self.telemetry.refused(run_id, exc)
             if batch is not None:
                 self._refuse_batch(batch, exc)
             raise
-        run = _Run(admission, parent_run_id, batch, time.monotonic(), read_timeout(serialized))
+        run = _Run(self, run_id, admission, parent_run_id, batch, time.monotonic(), timeout,
+                   admission.call is call)
         refused: tuple[Any, GuardError] | None = None
         dropped: list[tuple[UUID, _Run]] = []
         with self._lock:
@@ -337,12 +368,11 @@ class GuardCallbackHandler(BaseCallbackHandler):
         """Hand the run to the lease keeper with how to tell it is still running: the
         stack frame of a synchronous call, else the asyncio task of an async one."""
         frame = _model_frame()
-        on_stop = _StopCallback(self, run_id)
         if frame is not None:
             if frame.f_code.co_flags & inspect.CO_GENERATOR:  # a stream between chunks
-                keeper.watch(self, self.guard, run.admission, on_stop=on_stop)
+                keeper.watch(self, self.guard, run.admission, on_stop=run)
             else:
-                keeper.watch(self, self.guard, run.admission, on_stop=on_stop,
+                keeper.watch(self, self.guard, run.admission, on_stop=run,
                              thread_id=threading.get_ident(), frame=frame)
             return
         ref = _CALLING_TASK.get()
@@ -351,11 +381,11 @@ class GuardCallbackHandler(BaseCallbackHandler):
             if ref is not None:  # the task is gone already: the call cannot be running
                 self._stopped(run_id)
                 return
-            keeper.watch(self, self.guard, run.admission, on_stop=on_stop)
+            keeper.watch(self, self.guard, run.admission, on_stop=run)
             return
         # a task already done (another handler raised while this one was reserving)
         # cannot be running the call: the keeper ends the run on its next look
-        keeper.watch(self, self.guard, run.admission, on_stop=on_stop, task=task)
+        keeper.watch(self, self.guard, run.admission, on_stop=run, task=task)
         with contextlib.suppress(RuntimeError):  # a closed loop: the keeper polls anyway
             task.get_loop().call_soon_threadsafe(task.add_done_callback, _poke_keeper)
 
@@ -422,14 +452,6 @@ class GuardCallbackHandler(BaseCallbackHandler):
                 del self._runs[rid]
         for _, run in siblings:
             self.guard.model_call_failed(run.admission)
-
-    def _admit(self, call: ModelCall, parent_run_id: UUID | None) -> Admission:
-        fallbacks = self._refuse_inside_refused_fallbacks(parent_run_id)
-        try:
-            return self.guard.before_model_call(call)
-        except GuardError as exc:
-            self._fallbacks_refused(fallbacks, exc)
-            raise
 
     def _refuse_inside_refused_fallbacks(self, parent_run_id: UUID | None) -> UUID | None:
         """The open ``with_fallbacks`` run a run belongs to (or None); raises the refusal
@@ -548,13 +570,16 @@ class GuardCallbackHandler(BaseCallbackHandler):
             run = self._runs.pop(run_id, None)
         if run is None:
             return None
-        keeper.unwatch(self, run.admission)
-        usage, response_model, cache_hit, counted = self._read_result(response, run)
+        admission = run.admission
+        keeper.unwatch(self, admission)
+        # read as the middleware reads its answers
+        answer = read_answer(response.generations, response.llm_output, admission.call.model,
+                             self.guard.tokens, run.streamed_tokens)
         record = self.guard.after_model_call(
-            run.admission, usage, output_tokens=counted, response_model=response_model,
-            cache_hit=cache_hit, retried=_retried(run),
+            admission, answer.usage, output_tokens=answer.counted, response_model=answer.model,
+            cache_hit=answer.cache_hit, retried=0 if run.timeout is None else _retried(run),
         )
-        split = cost_breakdown(self.guard, record) if (
+        split = cost_breakdown(self.guard, record, admission if run.planned else None) if (
             self.annotate_runs or self.telemetry is not None) else None
         if self.telemetry is not None:
             self.telemetry.chat_end(
@@ -562,7 +587,9 @@ class GuardCallbackHandler(BaseCallbackHandler):
                 output=[getattr(g, "message", None) or g.text for g in _generations(response)]
                 if self.telemetry.capture_content else None)
         if self.annotate_runs:
-            annotate(_generations(response), self.guard, record, split)
+            prompts = response.generations  # one prompt's answers, without a new list
+            annotate(prompts[0] if len(prompts) == 1 else _generations(response), self.guard,
+                     record, split)
         return record
 
     def on_llm_error(
@@ -645,7 +672,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         sandbox, a slow crawl may run longer than ``Limits.lease_seconds``): watched by
         the frame of a synchronous tool's run, else by the task of an async one. A tool
         whose run stopped without its end is charged as aborted (its worst case)."""
-        on_stop = _StopCallback(self, run_id, tool=True)
+        on_stop = _StopCallback(self, run_id)
         frame = tool_run_frame()
         if frame is not None:
             keeper.watch(self, self.guard, admission, on_stop=on_stop,
@@ -778,19 +805,6 @@ class GuardCallbackHandler(BaseCallbackHandler):
         usage = self.guard.usage(session) if session is not None else None
         self.telemetry.chain_end(run_id, usage, error)
 
-    # -- reading usage from a result ----------------------------------------------
-
-    def _read_result(
-        self, response: LLMResult, run: _Run
-    ) -> tuple[Usage | None, str | None, bool, int]:
-        """(reported usage or None, response model, LangChain cache hit, counted output),
-        read as the middleware reads its answers (:func:`agent_guard.langchain.call.
-        read_answer`)."""
-        return read_answer(response.generations, response.llm_output,
-                           run.admission.call.model, self.guard.tokens,
-                           run.streamed_tokens).as_tuple()
-
-
 def _is_fallbacks(serialized: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -> bool:
     ident: Sequence[Any] = (serialized or {}).get("id") or ()
     return (bool(ident) and ident[-1] == "RunnableWithFallbacks") or (
@@ -813,21 +827,17 @@ def _generations(response: LLMResult) -> list[Any]:
 
 
 class _StopCallback:
-    """``on_stop`` for the keeper (a small object, not a closure over the frame)."""
+    """``on_stop`` for the keeper of a priced tool's run (a small object, not a closure
+    over the frame; a model run's is the run itself)."""
 
-    __slots__ = ("handler", "run_id", "tool")
+    __slots__ = ("handler", "run_id")
 
-    def __init__(self, handler: GuardCallbackHandler, run_id: UUID, *,
-                 tool: bool = False) -> None:
+    def __init__(self, handler: GuardCallbackHandler, run_id: UUID) -> None:
         self.handler = handler
         self.run_id = run_id
-        self.tool = tool
 
     def __call__(self) -> None:
-        if self.tool:
-            self.handler._tool_stopped(self.run_id)
-        else:
-            self.handler._stopped(self.run_id)
+        self.handler._tool_stopped(self.run_id)
 
 
 def _poke_keeper(_: Any) -> None:
@@ -854,8 +864,12 @@ def _note_calling_task() -> None:
 def _model_frame() -> Any:
     """The frame of the synchronous model call this callback runs in (its
     ``generate`` or ``stream``), or None (an async call: the handler runs in an
-    executor thread)."""
-    frame: FrameType | None = sys._getframe(2)
+    executor thread). Called from ``_watch``: the frames below the callback's caller
+    (``_watch``, ``_start``, ``on_chat_model_start``) are the handler's own."""
+    try:
+        frame: FrameType | None = sys._getframe(4)  # (one frame object made, not four)
+    except ValueError:  # nothing called the callback from Python
+        return None
     for _ in range(32):
         if frame is None:
             return None

@@ -32,7 +32,7 @@ import asyncio
 import sys
 from collections.abc import Callable
 from contextvars import ContextVar
-from types import FrameType
+from types import FrameType, MethodType
 from typing import Any
 
 from ..compat import (
@@ -48,6 +48,9 @@ _HANDLE = LANGCHAIN_HANDLE_EVENT_CODE
 _AHANDLE = LANGCHAIN_AHANDLE_EVENT_CODE
 _AHANDLE_FOR_HANDLER = LANGCHAIN_AHANDLE_EVENT_FOR_HANDLER_CODE
 _ENABLED = _AHANDLE is not None and _AHANDLE_FOR_HANDLER is not None
+# the code that reads an ends_inline method on LangChain's async dispatch (a code object
+# no frame runs when the dispatch is not recognised)
+_AHANDLE_END_READER = _AHANDLE_FOR_HANDLER if _ENABLED else compile("", "<none>", "exec")
 
 
 def dispatching_async_end() -> bool:
@@ -140,12 +143,14 @@ class ends_inline:
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         if obj is None:
             return self.func
-        bound = self.func.__get__(obj, objtype)
-        if _ENABLED and sys._getframe(1).f_code is _AHANDLE_FOR_HANDLER:
-            async def in_a_thread(*args: Any, **kwargs: Any) -> Any:
-                return await asyncio.to_thread(bound, *args, **kwargs)
-            return in_a_thread
-        return bound
+        # (read on every sync dispatch too: one test of the caller, then the method)
+        if sys._getframe(1).f_code is not _AHANDLE_END_READER:
+            return MethodType(self.func, obj)
+        bound = MethodType(self.func, obj)
+
+        async def in_a_thread(*args: Any, **kwargs: Any) -> Any:
+            return await asyncio.to_thread(bound, *args, **kwargs)
+        return in_a_thread
 
 
 class async_twin:

@@ -1,0 +1,145 @@
+"""The callback layer's shortcuts on the hot path (issue 19) give what the general code
+gives: the dollar text, the costed usage, the client's retries per serialized model,
+the output cap, and the cost breakdown from the price the guard planned with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent_guard import Guard, Limits
+from agent_guard.engine.admission import ModelCall
+from agent_guard.engine.usage import Usage, nano_to_usd
+from agent_guard.langchain.call import (
+    CostedUsage,
+    _positive_int,
+    attempts,
+    client_retries,
+    cost_breakdown,
+    max_output,
+    read_timeout,
+    usd_text,
+    with_costs,
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(st.integers(-10**12, 10**6), st.integers(0, 10**30),
+                 st.integers(0, 10**6).map(lambda n: n * 10**9),
+                 st.integers(1, 10**8).map(lambda n: n * 10**5)))
+def test_usd_text_is_the_records_cost_usd_text(nano: int) -> None:
+    assert usd_text(nano) == str(nano_to_usd(nano))
+
+
+usages = st.dictionaries(
+    st.sampled_from(["input_tokens", "output_tokens", "total_tokens", "input_cost",
+                     "total_cost", "input_token_details"]),
+    st.one_of(st.integers(0, 100), st.floats(0, 1), st.just({"cache_read": 1})))
+costs = st.fixed_dictionaries({"input_cost": st.floats(0, 1), "output_cost": st.floats(0, 1),
+                               "total_cost": st.floats(0, 2)})
+
+
+@settings(max_examples=300, deadline=None)
+@given(usages, costs, st.booleans())
+def test_with_costs_is_the_costed_usage_constructor(usage: dict[str, Any],
+                                                    cost: dict[str, float],
+                                                    costed_input: bool) -> None:
+    given_usage: Any = CostedUsage(usage, {"total_cost": 9.0}) if costed_input else usage
+    fast, general = with_costs(given_usage, dict(cost)), CostedUsage(given_usage, cost)
+    assert type(fast) is CostedUsage
+    assert dict(dict.items(fast)) == dict(dict.items(general))
+    assert fast.costs == general.costs
+    assert {k: fast.get(k) for k in (*usage, *cost)} == \
+        {k: general.get(k) for k in (*usage, *cost)}
+
+
+serialized_models = st.one_of(
+    st.none(), st.just({}),
+    st.fixed_dictionaries({
+        "id": st.one_of(st.just(["langchain_openai", "ChatOpenAI"]),
+                        st.just(["x", "ChatAnthropic"]), st.just(["x", "Other"]),
+                        st.just("ChatOpenAI"), st.just([])),
+        "kwargs": st.one_of(st.none(), st.dictionaries(
+            st.sampled_from(["max_retries", "timeout", "request_timeout"]),
+            st.one_of(st.none(), st.integers(-1, 5), st.booleans(), st.floats(0, 10),
+                      st.just([3, 7]), st.just("x")))),
+    }))
+
+
+@settings(max_examples=300, deadline=None)
+@given(serialized_models)
+def test_client_retries_reads_the_serialized_model_as_attempts_and_read_timeout(
+        serialized: Any) -> None:
+    expected = attempts(serialized), read_timeout(serialized)
+    assert client_retries(serialized) == expected
+    assert client_retries(serialized) == expected  # remembered for the same dict
+
+
+def _max_output_reference(params: Any, meta: Any) -> int | None:
+    """max_output as written before its inline int test."""
+    n = _positive_int(params.get("n")) or 1
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens", "num_predict",
+                "maxOutputTokens", "max_new_tokens"):
+        value = _positive_int(params.get(key))
+        if value is not None:
+            return value * n
+    value = _positive_int(meta.get("ls_max_tokens"))
+    return None if value is None else value * n
+
+
+class _Int(int):
+    pass
+
+
+odd_values = st.one_of(st.none(), st.integers(-2, 300), st.booleans(), st.floats(0, 5),
+                       st.integers(1, 9).map(_Int), st.just("12"))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.dictionaries(st.sampled_from(["n", "max_tokens", "max_completion_tokens",
+                                        "num_predict", "max_new_tokens"]), odd_values),
+       st.dictionaries(st.just("ls_max_tokens"), odd_values))
+def test_max_output_is_the_general_reading(params: dict[str, Any],
+                                           meta: dict[str, Any]) -> None:
+    assert max_output(params, meta) == _max_output_reference(params, meta)
+
+
+def _attempts_reference(serialized: Any) -> int:
+    """attempts as written before its reordering."""
+    kwargs = (serialized or {}).get("kwargs")
+    retries = kwargs.get("max_retries") if kwargs and isinstance(kwargs, dict) else None
+    if isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0:
+        return 1 + retries
+    ident = (serialized or {}).get("id") or ()
+    if retries is None and ident and isinstance(ident, list | tuple):
+        return 1 + {"ChatOpenAI": 2, "ChatAnthropic": 2}.get(str(ident[-1]), 0)
+    return 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(serialized_models)
+def test_attempts_is_the_general_reading(serialized: Any) -> None:
+    assert attempts(serialized) == _attempts_reference(serialized)
+
+
+@pytest.mark.parametrize("unknown_price", ["allow", "stated"])
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "no-such-model"])
+@pytest.mark.parametrize("response_model", [None, "same", "gpt-4o", "other-unpriced"])
+def test_the_breakdown_from_the_planned_price_is_the_looked_up_one(
+        unknown_price: str, model: str, response_model: str | None) -> None:
+    limits = Limits(unknown_price="allow") if unknown_price == "allow" else Limits(
+        max_cost_usd=100, unknown_price={"input_cost_per_token": 1e-05,
+                                         "output_cost_per_token": 4e-05})
+    guard = Guard(limits, "memory://")
+    call = ModelCall(session="s", model=model, messages=["hello there"],
+                     max_output_tokens=50)
+    admission = guard.before_model_call(call)
+    record = guard.after_model_call(
+        admission, Usage(120, 30),
+        response_model=model if response_model == "same" else response_model)
+    split = cost_breakdown(guard, record, admission)
+    assert split == cost_breakdown(guard, record)
+    assert (split is not None) == (record.model in ("gpt-4o-mini", "gpt-4o"))
