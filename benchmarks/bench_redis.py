@@ -11,12 +11,17 @@ rounds, so machine noise hits every row alike, it times:
   plain ``redis.Redis`` (the floor of any ledger operation);
 - ``no callbacks``: the in-process chat model on a 5-message prompt;
 - ``guard memory://``, ``guard redis://`` (the settle rides with the next reserve),
-  ``guard redis:// settle_delay=0`` (reserve and settle: two scripts per call).
+  ``guard redis:// settle_delay=0`` (reserve and settle: two scripts per call);
+- ``guard memory:// + EVALSHA``: the memory guard's call followed by that plain
+  EVALSHA, the floor of any Redis ledger (the in-process guard and one round trip).
+  It takes longer than the two rows it is made of: after the process waited for a
+  reply, the Python work after it runs slower (the other process ran on the core:
+  caches and branch predictors start cold), which a round trip alone does not show.
 
 Printed ratios, from this run (for the median round and for the fastest round, the
 one least disturbed by other load): each guard's added time over one EVALSHA round
-trip, and the Redis ledger's own share (redis guard - memory guard) over it; beside
-each row, this process's CPU time per call.
+trip, and the Redis ledger's own share (redis guard - memory guard, and redis guard -
+the floor) over it; beside each row, this process's CPU time per call.
 Then per call (the plain EVALSHA's, then each guarded call's): the commands the server
 ran (``INFO commandstats`` deltas of every command a client sent, i.e. not counting
 those the Lua scripts run inside), EVALSHA calls and their server time; and the spend
@@ -96,6 +101,9 @@ def delta(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]
     return out
 
 
+FLOOR = "guard memory:// + EVALSHA"
+
+
 def run(calls: int, rounds: int, url: str) -> dict[str, Any]:
     model = make_model()
     big = Limits(max_cost_usd=10**6, max_tokens=10**12, max_model_calls=10**9)
@@ -123,6 +131,14 @@ def run(calls: int, rounds: int, url: str) -> dict[str, Any]:
     rows = {"EVALSHA round trip": evalsha, "no callbacks": invoking([])}
     for name, guard in guards.items():
         rows[name] = invoking([GuardCallbackHandler(guard, session_id="b")])
+    in_memory = invoking([GuardCallbackHandler(guards["guard memory://"], session_id="b")])
+
+    def floor(n: int) -> None:  # any Redis ledger's floor: one round trip per call
+        for _ in range(n):
+            in_memory(1)
+            plain.evalsha(sha, 0)
+
+    rows[FLOOR] = floor
     for go in rows.values():  # warm up: imports, encodings, scripts, connections
         go(100)
 
@@ -145,12 +161,13 @@ def run(calls: int, rounds: int, url: str) -> dict[str, Any]:
         for name in rows:
             row["us"][name] = round(t[name] * 1e6, 1)
             row["client cpu us"][name] = round(c[name] * 1e6, 1)
-        for name in guards:
+        for name in (*guards, FLOOR):
             row["us"][f"{name} added"] = round((t[name] - base) * 1e6, 1)
             row["ratios"][f"{name} added / EVALSHA"] = round((t[name] - base) / rt, 2)
         for name in ("guard redis://", "guard redis:// settle_delay=0"):
             row["ratios"][f"{name} - memory guard / EVALSHA"] = round(
                 (t[name] - t["guard memory://"]) / rt, 2)
+            row["ratios"][f"{name} - floor / EVALSHA"] = round((t[name] - t[FLOOR]) / rt, 2)
         out[stat] = row
 
     # what the server ran per call, for the plain EVALSHA and each Redis guard alone
@@ -158,13 +175,12 @@ def run(calls: int, rounds: int, url: str) -> dict[str, Any]:
     out["per_call"] = {}
     for name in ("EVALSHA round trip", "guard redis://", "guard redis:// settle_delay=0"):
         go = rows[name]
-        ledger = guards[name].ledger if name in guards else None
-        if ledger is not None:
-            ledger.flush()
+        for other in ("guard redis://", "guard redis:// settle_delay=0"):
+            guards[other].ledger.flush()  # none lands (in the background) inside this row
         before = commandstats(plain)
         go(n)
-        if ledger is not None:
-            ledger.flush()  # the last call's settle lands too
+        if name in guards:
+            guards[name].ledger.flush()  # the last call's settle lands too
         d = delta(before, commandstats(plain))
         sent = {k: v for k, v in d.items() if k not in IN_SCRIPTS}
         evals = d.get("evalsha", (0, 0))
