@@ -55,19 +55,33 @@ def new_reservation_id() -> str:
     """32 hex digits, unique across processes and hosts: 64 random bits drawn once per
     process (again in a forked child) and a 64-bit counter from a random start. One
     ``os.urandom`` per id made every call a system call that releases the GIL, so a
-    call waited for whichever thread took it meanwhile."""
-    return f"{_ID_PREFIX}{next(_ID_COUNTER) & _ID_MASK:016x}"
+    call waited for whichever thread took it meanwhile.
+
+    Formatting an int as hex costs more than the rest of a reservation, so the digits
+    of the counter's upper 56 bits are formatted once per 256 ids and kept with the
+    value they show (one tuple, read and replaced as a whole: a thread never pairs its
+    count with another run's digits); the last two come from a table."""
+    global _ID_HEAD
+    n = next(_ID_COUNTER) & _ID_MASK
+    high = n >> 8
+    head = _ID_HEAD
+    if head[0] != high:
+        head = _ID_HEAD = (high, f"{_ID_PREFIX}{high:014x}")
+    return head[1] + _HEX2[n & 0xFF]
 
 
 _ID_MASK = (1 << 64) - 1
 _ID_PREFIX = ""
 _ID_COUNTER: Iterator[int] = itertools.count()
+_ID_HEAD: tuple[int, str] = (-1, "")  # (the counter's upper 56 bits, the id's first 30 digits)
+_HEX2 = tuple(f"{i:02x}" for i in range(256))
 
 
 def _new_id_source() -> None:
-    global _ID_PREFIX, _ID_COUNTER
+    global _ID_PREFIX, _ID_COUNTER, _ID_HEAD
     _ID_PREFIX = os.urandom(8).hex()
     _ID_COUNTER = itertools.count(int.from_bytes(os.urandom(8), "big"))
+    _ID_HEAD = (-1, "")
 
 
 _new_id_source()

@@ -17,11 +17,15 @@ zero, so its budget resets; pick a horizon longer than any session lasts.
 from __future__ import annotations
 
 import heapq
+import math
+import sys
 import threading
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from operator import attrgetter
+from typing import Any
 
 from .base import (
     DONE_RETENTION_SECONDS,
@@ -32,7 +36,6 @@ from .base import (
     ScopeTotals,
     Settlement,
     check_amounts,
-    first_denial,
     new_reservation_id,
 )
 
@@ -41,6 +44,9 @@ __all__ = ["MemoryLedger"]
 
 _DONE_FLOOR = 4096  # finished ids are pruned only beyond this many
 _PAST_SUMS_MAX = 4096  # rolling windows whose earlier buckets' sums are kept
+_NEVER = float("inf")
+_AT_ONCE = float("-inf")  # as ``_due``: the next reserve or charge runs the upkeep
+_NO_BOUND = sys.maxsize
 
 
 class _Counters:
@@ -56,36 +62,41 @@ class _Counters:
     def snapshot(self, scope: str) -> ScopeTotals:
         return ScopeTotals(scope, dict(self.spent), dict(self.reserved), dict(self.extra))
 
-    def view(self, scope: str) -> ScopeTotals:
-        """The live counters, uncopied: only for reading under the ledger's lock."""
-        return ScopeTotals(scope, self.spent, self.reserved, self.extra)
+
+def _due_after(when: float, retention: float) -> float:
+    """The first clock reading ``now`` at which the upkeep drops a finished id of
+    ``when``: its test is ``when <= now - retention`` in floats, whose rounding
+    ``when + retention`` may miss by an ulp either way; stepping to the exact
+    boundary keeps "the upkeep is due" the same as "it would drop one"."""
+    due = when + retention
+    if not math.isfinite(due):
+        return due
+    while when <= math.nextafter(due, _AT_ONCE) - retention:
+        due = math.nextafter(due, _AT_ONCE)
+    while not when <= due - retention:
+        due = math.nextafter(due, _NEVER)
+    return due
 
 
-def _first_denial_live(
-    scopes: Sequence[ScopeCaps], live: Sequence[_Counters], amounts: Mapping[str, int],
-    past: Mapping[str, tuple[Mapping[str, int], Mapping[str, int]]] | None,
-) -> Denial | None:
-    """:func:`~agent_guard.ledger.base.first_denial` over the live counters of the
-    scopes and the summed (spent, reserved) of each history (``MemoryLedger._past``):
-    the same rule, without a ScopeTotals per scope and call."""
-    for sc, counters in zip(scopes, live, strict=True):
-        sums = past.get(sc.scope) if past is not None and sc.history else None
-        for dim, cap in sc.caps.items():
-            want = amounts.get(dim, 0)
-            if want <= 0:
-                continue
-            spent, held = counters.spent.get(dim, 0), counters.reserved.get(dim, 0)
-            if sums is not None:
-                spent += sums[0].get(dim, 0)
-                held += sums[1].get(dim, 0)
-            extra = counters.extra.get(dim, 0)
-            if spent + held + want > cap + extra:
-                return Denial(sc.scope, dim, cap + extra, spent, held, want)
-    return None
+def _policy(name: str) -> Any:
+    """A policy attribute kept in ``name``: setting it makes the upkeep due at once (it
+    then runs under the new policy on the next reserve or charge)."""
+    def set_(self: MemoryLedger, value: object) -> None:
+        setattr(self, name, value)
+        self._due = _AT_ONCE
+
+    return property(attrgetter(name), set_)
 
 
 class MemoryLedger(Ledger):
-    """In-process budgets; see the module docstring for the eviction policy."""
+    """In-process budgets; see the module docstring for the eviction policy.
+
+    Per reserve the upkeep (give back expired leases, evict, forget old finished ids)
+    runs only when it would change something: ``_due`` is the first clock reading at
+    which it would (the first lease's expiry, the next idle sweep, the oldest finished
+    id's retention; at once while scopes are over ``max_scopes``) and ``_done_bound``
+    the count of finished ids beyond which it prunes them. Running it on every reserve
+    (as a no-op nearly always) cost two calls per reserve."""
 
     def __init__(
         self,
@@ -101,6 +112,8 @@ class MemoryLedger(Ledger):
             raise ValueError(f"max_scopes must be >= 1, got {max_scopes}")
         self.url = url
         self._clock = clock
+        self._due = _AT_ONCE  # the first reserve or charge runs the upkeep
+        self._done_bound = _DONE_FLOOR
         self.max_idle_seconds = max_idle_seconds
         self.max_scopes = max_scopes
         self._lock = threading.Lock()
@@ -128,6 +141,12 @@ class MemoryLedger(Ledger):
         if parsed.backend != "memory":
             raise ValueError(f"not a memory:// URL: {parsed.redacted!r}")
         return cls(url, **{**parsed.kind_options, **options})  # type: ignore[arg-type]
+
+    _max_idle: float | None
+    _max_scopes: int | None
+    #: the policy (see the module docstring); either may be changed later
+    max_idle_seconds: float | None = _policy("_max_idle")
+    max_scopes: int | None = _policy("_max_scopes")
 
     @property
     def scope_count(self) -> int:
@@ -183,17 +202,57 @@ class MemoryLedger(Ledger):
         for history in self._past_of.pop(scope, ()):
             self._past_sums.pop(history, None)
 
+    def _new_scope(self, scope: str) -> _Counters:
+        """Keep counters for a scope not kept yet; beyond ``max_scopes``, the upkeep is
+        due at once (it evicts at the next reserve or charge)."""
+        counters = self._scopes[scope] = _Counters()
+        if self._max_scopes is not None and len(self._scopes) > self._max_scopes:
+            self._due = _AT_ONCE
+        return counters
+
     def _scope(self, scope: str, now: float) -> _Counters:
         """The counters of ``scope``, created if needed, marked as just used."""
-        counters = self._scopes.get(scope)
-        if counters is None:
-            counters = self._scopes[scope] = _Counters()
-        else:
-            self._scopes.move_to_end(scope)
+        counters = self._scopes.get(scope) or self._new_scope(scope)  # (always truthy)
+        self._scopes.move_to_end(scope)  # least recently used first
         counters.touched = now
         return counters
 
+    def _admit(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int], now: float
+               ) -> Denial | None:
+        """Keep and mark used the counters of every scope (each as :meth:`_scope`), then
+        the first denial: the rule of :func:`~agent_guard.ledger.base.first_denial`, over
+        the live counters and each history's summed (spent, reserved) (:meth:`_past`),
+        without a ScopeTotals per scope and call. (Counters are found again by name, not
+        paired by zip: a zip object costs more than a dict lookup per scope.)"""
+        kept = self._scopes
+        history = False
+        for sc in scopes:  # every scope is marked used (and created) before any check
+            name = sc.scope
+            counters = kept.get(name) or self._new_scope(name)  # (always truthy)
+            kept.move_to_end(name)  # least recently used first
+            counters.touched = now
+            if sc.history:
+                history = True
+        past = self._past(scopes, now) if history else None
+        for sc in scopes:
+            counters = kept[sc.scope]
+            sums = past.get(sc.scope) if past is not None and sc.history else None
+            spent_of, held_of, extra_of = counters.spent, counters.reserved, counters.extra
+            for dim, cap in sc.caps.items():
+                want = amounts.get(dim, 0)
+                if want <= 0:
+                    continue
+                spent, held = spent_of.get(dim, 0), held_of.get(dim, 0)
+                if sums is not None:
+                    spent += sums[0].get(dim, 0)
+                    held += sums[1].get(dim, 0)
+                extra = extra_of.get(dim, 0)
+                if spent + held + want > cap + extra:
+                    return Denial(sc.scope, dim, cap + extra, spent, held, want)
+        return None
+
     def _reclaim_locked(self, now: float) -> int:
+        """The upkeep: give back expired holds, apply the policy, note when it is due."""
         n = 0
         while self._leases and self._leases[0][0] <= now:
             _, rid = heapq.heappop(self._leases)
@@ -203,7 +262,23 @@ class MemoryLedger(Ledger):
                 self._unhold(res)
                 n += 1
         self._evict_locked(now)
+        self._note_due()
         return n
+
+    def _note_due(self) -> None:
+        """Set ``_due`` and ``_done_bound`` (see the class docstring) after the upkeep."""
+        due = self._leases[0][0] if self._leases else _NEVER
+        if self._max_idle is not None and self._next_sweep < due:
+            due = self._next_sweep
+        if self._max_scopes is not None and len(self._scopes) > self._max_scopes:
+            due = _AT_ONCE  # over the bound with holds: evict as soon as they end
+        done = self._done
+        if len(done) > _DONE_FLOOR:
+            due = min(due, _due_after(next(iter(done.values())), self._retention))
+            self._done_bound = _NO_BOUND if self._max_done is None else self._max_done
+        else:
+            self._done_bound = _DONE_FLOOR
+        self._due = due
 
     def _evict_locked(self, now: float) -> None:
         """Apply the policy: drop idle scopes without holds; bound the finished ids."""
@@ -216,17 +291,16 @@ class MemoryLedger(Ledger):
             while done and (next(iter(done.values())) <= horizon or (
                     self._max_done is not None and len(done) > self._max_done)):
                 done.popitem(last=False)
-        if self.max_idle_seconds is None and self.max_scopes is None:
+        if self._max_idle is None and self._max_scopes is None:
             return
-        over_count = self.max_scopes is not None and len(self._scopes) > self.max_scopes
+        over_count = self._max_scopes is not None and len(self._scopes) > self._max_scopes
         if not over_count and now < self._next_sweep:
             return
-        if self.max_idle_seconds is not None:
-            self._next_sweep = now + self.max_idle_seconds / 8
-        horizon = (now - self.max_idle_seconds if self.max_idle_seconds is not None
-                   else float("-inf"))
+        if self._max_idle is not None:
+            self._next_sweep = now + self._max_idle / 8
+        horizon = now - self._max_idle if self._max_idle is not None else float("-inf")
         for scope, counters in list(self._scopes.items()):  # least recently used first
-            over = self.max_scopes is not None and len(self._scopes) > self.max_scopes
+            over = self._max_scopes is not None and len(self._scopes) > self._max_scopes
             if counters.touched > horizon and not over:
                 break
             if counters.holds == 0:
@@ -258,6 +332,9 @@ class MemoryLedger(Ledger):
                 spent[dim] += amount
 
     # -- contract ----------------------------------------------------------------------
+    # One lock acquisition and as few calls as can be per operation: reserve and settle
+    # run on every guarded call (the common case is inline here, and amounts are checked
+    # by check_amounts only when one is not a plain int >= 0).
 
     def reserve(
         self,
@@ -267,46 +344,68 @@ class MemoryLedger(Ledger):
         lease_seconds: float,
         reservation_id: str | None = None,
     ) -> Reservation | Denial:
-        check_amounts(amounts)
+        for value in amounts.values():
+            if type(value) is not int or value < 0:
+                check_amounts(amounts)  # raises, naming the dimension (an int subclass passes)
+                break
         rid = reservation_id or new_reservation_id()
         with self._lock:
             now = self._clock()
-            self._reclaim_locked(now)
+            if now >= self._due or len(self._done) > self._done_bound:
+                self._reclaim_locked(now)
             if rid in self._open or rid in self._done:
                 raise ValueError(f"reservation id {rid!r} was already used")
-            live = [self._scope(sc.scope, now) for sc in scopes]
-            denial = _first_denial_live(scopes, live, amounts, self._past(scopes, now))
+            denial = self._admit(scopes, amounts, now)
             if denial is not None:
                 return denial
-            res = Reservation(rid, tuple([sc.scope for sc in scopes]), dict(amounts),
-                              now + lease_seconds)
-            past_of = self._past_of
-            for scope, counters in zip(res.scopes, live, strict=True):
-                if past_of and scope in past_of:
-                    self._changed(scope)
+            expires_at = now + lease_seconds  # before any hold: it may raise
+            kept, past_of = self._scopes, self._past_of
+            names = []
+            for sc in scopes:
+                name = sc.scope
+                names.append(name)
+                if past_of and name in past_of:
+                    self._changed(name)
+                counters = kept[name]
                 counters.holds += 1
                 reserved = counters.reserved
                 for dim, amount in amounts.items():
                     reserved[dim] += amount
-            self._open[rid] = res
-            heapq.heappush(self._leases, (res.expires_at, rid))
+            res = self._open[rid] = Reservation(rid, tuple(names), dict(amounts), expires_at)
+            heapq.heappush(self._leases, (expires_at, rid))
+            if expires_at < self._due:
+                self._due = expires_at
             return res
 
     def settle(self, reservation: Reservation, actual: Mapping[str, int]) -> Settlement:
-        check_amounts(actual)
+        for value in actual.values():
+            if type(value) is not int or value < 0:
+                check_amounts(actual)  # raises, naming the dimension (an int subclass passes)
+                break
+        rid = reservation.id
         with self._lock:
-            if reservation.id in self._done:
+            done = self._done
+            if rid in done:
                 return Settlement(False)
             now = self._clock()
-            held = self._open.pop(reservation.id, None)
+            held = self._open.pop(rid, None)
             if held is not None:
                 self._unhold(held)
-            self._add_spent(reservation.scopes, actual, now)
-            self._done[reservation.id] = now
+            # _add_spent, reading each scope's new spent on the way (for a scope named
+            # twice the last reading, after both, is the one kept)
+            kept, past_of = self._scopes, self._past_of
             after: dict[str, Mapping[str, int]] = {}
-            for scope in reservation.scopes:
-                spent = self._scopes[scope].spent
-                after[scope] = {dim: spent[dim] for dim in actual}
+            for name in reservation.scopes:
+                if past_of and name in past_of:
+                    self._changed(name)
+                counters = kept.get(name) or self._new_scope(name)  # (always truthy)
+                kept.move_to_end(name)  # least recently used first
+                counters.touched = now
+                spent = counters.spent
+                read = after[name] = {}
+                for dim, amount in actual.items():
+                    read[dim] = spent[dim] = spent[dim] + amount
+            done[rid] = now
             return Settlement(True, after)
 
     def release(self, reservation: Reservation) -> bool:
@@ -329,6 +428,8 @@ class MemoryLedger(Ledger):
             renewed = replace(held, expires_at=max(held.expires_at, now + lease_seconds))
             self._open[reservation.id] = renewed
             heapq.heappush(self._leases, (renewed.expires_at, reservation.id))
+            if renewed.expires_at < self._due:
+                self._due = renewed.expires_at
             return renewed
 
     def charge(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int]) -> Denial | None:
@@ -345,9 +446,9 @@ class MemoryLedger(Ledger):
         check_amounts(amounts)
         with self._lock:
             now = self._clock()
-            self._reclaim_locked(now)
-            totals = {sc.scope: self._scope(sc.scope, now).view(sc.scope) for sc in scopes}
-            denial = first_denial(scopes, amounts, totals, self._past(scopes, now))
+            if now >= self._due or len(self._done) > self._done_bound:
+                self._reclaim_locked(now)
+            denial = self._admit(scopes, amounts, now)
             if denial is not None:
                 return denial
             self._add_spent([sc.scope for sc in scopes], amounts, now)
