@@ -20,9 +20,10 @@ Python checks), about a third of the cost for a record's 27 fields.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["fast_init"]
+__all__ = ["fast_init", "fields_maker"]
 
 T = TypeVar("T")
 
@@ -72,7 +73,28 @@ def fast_init(cls: type[T]) -> type[T]:
     init.__qualname__ = f"{cls.__qualname__}.__init__"
     init.__doc__ = cls.__init__.__doc__  # type: ignore[misc]
     cls.__init__ = init  # type: ignore[method-assign]
+    # fields_maker(cls): made as the twin and turned into ``cls`` once (no try/finally:
+    # an object that fails half-filled is dropped), without __post_init__
+    make = ["self = _twin()", *plain, "_set_class(self, _cls)"] if twin is not None \
+        else ["self = _new(_cls)", *body]
+    namespace["_new"] = object.__new__
+    exec("def make({}):\n    {}\n    return self\n".format(", ".join(args),
+                                                           "\n    ".join(make)), namespace)
+    namespace["make"].__qualname__ = f"fields_maker({cls.__qualname__})"
+    _MAKERS[cls] = namespace["make"]
     return cls
+
+
+def fields_maker(cls: type[T]) -> Callable[..., T]:
+    """A function that builds a ``cls`` (decorated with :func:`fast_init`) from its
+    fields, as its ``__init__`` does (same parameters and defaults) but without its
+    ``__post_init__`` (for a caller whose values are valid by construction) and about a
+    quarter cheaper: the object is made as the plain twin and turned into a ``cls``
+    once, where ``__init__`` receives a ``cls`` and turns it twice."""
+    return _MAKERS[cls]
+
+
+_MAKERS: dict[type, Callable[..., Any]] = {}
 
 
 _SET_CLASS = object.__dict__["__class__"].__set__

@@ -104,3 +104,37 @@ def test_a_factory_that_raises_leaves_the_class_as_it_was() -> None:
     with pytest.raises(RuntimeError):
         Failing.__init__(obj, 1)
     assert type(obj) is Failing
+
+
+@pytest.mark.parametrize("args,kwargs", [((1,), {}), ((1, "x"), {}), ((), {"a": 2, "c": [3]}),
+                                         ((1,), {"b": "y", "c": [1, 2]})])
+def test_the_fields_maker_builds_what_init_builds(args, kwargs) -> None:
+    """fields_maker(cls) takes __init__'s parameters and defaults and builds an equal,
+    frozen object of the class itself, only without __post_init__."""
+    from agent_guard._frozen import fields_maker
+
+    made = fields_maker(_Fast)(*args, **kwargs)
+    assert type(made) is _Fast and made == _Fast(*args, **kwargs)
+    assert dataclasses.astuple(made) == dataclasses.astuple(_Plain(*args, **kwargs))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.a = 2  # type: ignore[misc]
+    assert pickle.loads(pickle.dumps(made)) == made
+    assert fields_maker(_Fast)(1).c is not fields_maker(_Fast)(1).c
+    with pytest.raises(TypeError):
+        fields_maker(_Fast)()
+
+
+def test_the_engine_objects_made_by_their_fields_maker_equal_their_init() -> None:
+    """The hot path's Usage (counts valid by construction), Admission and CallRecord."""
+    from agent_guard._frozen import fields_maker
+    from agent_guard.engine.admission import Admission
+
+    assert fields_maker(Usage)(10, 5) == Usage(10, 5)
+    assert fields_maker(Usage)(1, 2, 5) != Usage(1, 2)  # no validation: caller's duty
+    reservation = Reservation("r", ("session:s",), {"usd_nano": 1}, 5.0)
+    call = ModelCall(session="s", model="m")
+    fields = (call, reservation, None, 10, 20, 30, False, 1.0, (), {}, False)
+    assert fields_maker(Admission)(*fields) == Admission(*fields)
+    record = (("s", None, "m", None, Usage(1, 2), 1, 2, False, "ok", 0.0, 1.0, False, 0, 5,
+               None, (), None, None, "model", None, {}, ("session:s",), "rid"))
+    assert fields_maker(CallRecord)(*record) == CallRecord(*record)

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from .._frozen import fields_maker
 from ..errors import UnknownModelPrice
 from ..ledger import Denial, Reservation
 from ..ledger.base import Settlement
@@ -44,6 +45,10 @@ _SHRINK_ATTEMPTS = 3
 _BOUND_SHARE_OF_ROOM = 0.1
 # How many call descriptors (Planner.resolved) a planner keeps per generation (two).
 _RESOLVED_MAX = 4096
+_NOTHING: Mapping[str, Any] = {}
+
+
+_new_admission = fields_maker(Admission)
 
 
 class Resolved:
@@ -68,10 +73,11 @@ class Resolved:
         self.guard_attributes = dict(guard.attributes)
         self.scopes = tuple([r.caps for r in refs])
         self.names = tuple([r.scope for r in refs])
-        # each token and dollar cap, for Planner._bound_is_far_from_caps
-        self.bound_caps = tuple([(sc.scope, dim, cap) for sc in self.scopes
-                                 for dim in BUDGET_DIMENSIONS
-                                 if (cap := sc.caps.get(dim)) is not None])
+        # each scope's token and dollar caps, for Planner._bound_is_far_from_caps
+        self.bound_caps = tuple([
+            (sc.scope, tuple([(dim, sc.caps[dim]) for dim in BUDGET_DIMENSIONS
+                              if sc.caps.get(dim) is not None]))
+            for sc in self.scopes])
         # None: no scope has soft thresholds (a settle checks none)
         self.triggers: Triggers | None = ThresholdWatch.triggers(refs) or None
 
@@ -179,13 +185,13 @@ class Planner:
     def _bound_is_far_from_caps(self, plan: _Plan) -> bool:
         """Whether a reservation sized by the prompt's upper bound stays a small share of
         the room under every token and dollar cap it is charged against."""
-        hint = self.spent_hint
+        hint = self.spent_hint or _NOTHING
         amounts = plan.amounts
-        for scope, dim, cap in plan.resolved.bound_caps:
-            seen = hint.get(scope) if hint else None
-            room = cap - (seen.get(dim, 0) if seen else 0)
-            if amounts.get(dim, 0) > _BOUND_SHARE_OF_ROOM * room:
-                return False
+        for scope, caps in plan.resolved.bound_caps:
+            seen = hint.get(scope) or _NOTHING
+            for dim, cap in caps:
+                if amounts[dim] > _BOUND_SHARE_OF_ROOM * (cap - seen.get(dim, 0)):
+                    return False
         return True
 
     def note_spent(self, settled: Settlement) -> None:
@@ -330,8 +336,9 @@ class _Plan:
         guard = self.guard
         call = self.call
         # positional: a call's keyword arguments are matched by name, one by one (about
-        # 400 instructions each), so every field is given in the order Admission declares
-        return Admission(
+        # 400 instructions each), so every field is given in the order Admission declares;
+        # Admission has no __post_init__, so its fields_maker builds the same object
+        return _new_admission(
             call,
             reservation,
             self.price,

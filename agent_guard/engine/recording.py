@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from .._frozen import fields_maker
 from ..pricing import ModelPrice
 from .admission import Admission
 from .records import CallRecord, Outcome
@@ -23,6 +24,7 @@ __all__ = ["RecordHook", "Recorder", "amounts_of"]
 logger = logging.getLogger("agent_guard")
 
 RecordHook = Callable[[CallRecord], None]
+_new_record = fields_maker(CallRecord)
 
 
 class Recorder:
@@ -126,8 +128,9 @@ class Recorder:
         names = resolved.names if resolved is not None and resolved.refs is admission.scopes \
             else tuple([r.scope for r in admission.scopes])
         # positional, in the order CallRecord declares its fields: a call's keyword
-        # arguments are matched by name, one by one (about 400 instructions each)
-        return CallRecord(
+        # arguments are matched by name, one by one (about 400 instructions each);
+        # CallRecord has no __post_init__, so its fields_maker builds the same object
+        return _new_record(
             call.session,
             call.run_id,
             model or call.model,

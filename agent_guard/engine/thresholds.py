@@ -153,20 +153,24 @@ class ThresholdWatch:
         """Whether :meth:`check` of a counted settlement (``spent``: its spent totals)
         has anything to read (a rolling window's earlier buckets, :meth:`unread_windows`)
         or may fire (a total at or above a scope's lowest threshold, :meth:`crossed`).
-        False for nearly every settle: the check is skipped, with its steps per scope."""
+        False for nearly every settle: the check is skipped, with its steps per scope.
+        (A dimension this settle did not count is compared as 0: at worst a True that
+        the check then finds nothing in.)"""
         past_spent = self.past_spent
         for scope, rolling, dims in triggers:
             totals = spent.get(scope)
             if totals is None:
                 continue
-            past = None
-            if rolling:
-                past = past_spent.get(scope)
-                if past is None:
-                    return True
+            if not rolling:
+                for dim, lowest in dims:
+                    if totals.get(dim, 0) >= lowest:
+                        return True
+                continue
+            past = past_spent.get(scope)
+            if past is None:  # the earlier buckets are to be read first
+                return True
             for dim, lowest in dims:
-                used = totals.get(dim)
-                if used is not None and (used + past.get(dim, 0) if past else used) >= lowest:
+                if totals.get(dim, 0) + past.get(dim, 0) >= lowest:
                     return True
         return False
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
-from .._frozen import fast_init
+from .._frozen import fast_init, fields_maker
 
 NANO_PER_USD = 10**9
 
@@ -215,7 +215,9 @@ class Usage:
             if type(i) is int and type(o) is int and i >= 0 and o >= 0:
                 din, dout = um.get("input_token_details"), um.get("output_token_details")
                 if not din and not dout:
-                    return cls(i, o)
+                    # two counts checked above and zero details: nothing left for
+                    # __post_init__ to refuse, so the maker skips it
+                    return _new_usage(i, o) if cls is Usage else cls(i, o)
                 if _plain_details(din, _PLAIN_IN) and _plain_details(dout, _PLAIN_OUT):
                     din, dout = din or _NO_DETAILS, dout or _NO_DETAILS
                     return cls(i, o, din.get("cache_read") or 0,
@@ -306,3 +308,8 @@ class Usage:
             cache_creation_1h_tokens=one_hour,
             service_tier=tier if tier in _TIERS else None,
         )
+
+
+#: a Usage built from its fields without __post_init__ (fields_maker): for values valid
+#: by construction
+_new_usage = fields_maker(Usage)
