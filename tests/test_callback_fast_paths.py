@@ -9,21 +9,26 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from langchain_core.messages import AIMessage
+from langchain_core.outputs import ChatGeneration
 
 from agent_guard import Guard, Limits
 from agent_guard.engine.admission import ModelCall
 from agent_guard.engine.usage import Usage, nano_to_usd
 from agent_guard.langchain.call import (
     CostedUsage,
+    _message,
     _positive_int,
     attempts,
     client_retries,
     cost_breakdown,
     max_output,
+    read_answer,
     read_timeout,
     usd_text,
     with_costs,
 )
+from agent_guard.tokens import TokenCounter
 
 
 @settings(max_examples=2000, deadline=None)
@@ -143,3 +148,21 @@ def test_the_breakdown_from_the_planned_price_is_the_looked_up_one(
     split = cost_breakdown(guard, record, admission)
     assert split == cost_breakdown(guard, record)
     assert (split is not None) == (record.model in ("gpt-4o-mini", "gpt-4o"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 2), st.booleans(), st.booleans())
+def test_the_answer_read_names_the_message_annotate_writes_to(
+        prompts: int, choices: int, usage: bool, generation: bool) -> None:
+    """The callback annotates read_answer's message when it has one: the first answer,
+    the one annotate(generations) picks."""
+    def answer(i: int) -> Any:
+        message = AIMessage(content=f"a{i}", usage_metadata={
+            "input_tokens": 3, "output_tokens": 2, "total_tokens": 5} if usage else None)
+        return ChatGeneration(message=message) if generation else message
+
+    groups = [[answer(p * 10 + c) for c in range(choices)] for p in range(prompts)]
+    found = read_answer(groups, None, "gpt-4o-mini", TokenCounter()).message
+    if found is not None:
+        assert found is _message(groups[0][0])
+    assert (found is not None) == (prompts == choices == 1 and usage)

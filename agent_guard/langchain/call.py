@@ -36,6 +36,7 @@ __all__ = [
     "Answer",
     "ToolOwner",
     "annotate",
+    "annotate_message",
     "attempts",
     "cap_place",
     "choices",
@@ -300,16 +301,18 @@ def retried(started: float, first_chunk: float, timeout: float | None, attempts:
 class Answer:
     """What a model call's answer says: ``usage`` reported (or None), the response's
     model, whether LangChain's cache answered, and the output counted when the provider
-    reported no usage."""
+    reported no usage. ``message``: the one answer, when the answer was one prompt's
+    one choice with its usage (the message :func:`annotate` writes to), else None."""
 
-    __slots__ = ("cache_hit", "counted", "model", "usage")
+    __slots__ = ("cache_hit", "counted", "message", "model", "usage")
 
     def __init__(self, usage: Usage | None, model: str | None, cache_hit: bool,
-                 counted: int) -> None:
+                 counted: int, message: AIMessage | None = None) -> None:
         self.usage = usage
         self.model = model
         self.cache_hit = cache_hit
         self.counted = counted
+        self.message = message
 
     def as_tuple(self) -> tuple[Usage | None, str | None, bool, int]:
         return self.usage, self.model, self.cache_hit, self.counted
@@ -337,7 +340,7 @@ def read_answer(prompts: Iterable[Sequence[Any]], llm_output: Mapping[str, Any] 
                     found = meta.get("model_name") or meta.get("model")
                     if found is None and llm_output:
                         found = llm_output.get("model_name")
-                    return Answer(one, found, False, streamed)
+                    return Answer(one, found, False, streamed, message)
     usage: Usage | None = None
     response_model: str | None = None
     cache_hit = False
@@ -513,23 +516,28 @@ def annotate(generations: Iterable[Any], guard: Any, record: Any,
     same object, and no copy of it is made here."""
     for generation in generations:
         message = _message(generation)
-        if message is None:
-            continue
-        usage = message.usage_metadata
-        if usage is not None and split is not None:
-            message.usage_metadata = with_costs(usage, {  # type: ignore[assignment]
-                "input_cost": float(split[0]), "output_cost": float(split[1]),
-                # the exact dollars to the nearest float: int / int rounds correctly,
-                # as float(Decimal(nano) / 10**9) does
-                "total_cost": record.cost_nano / 1_000_000_000})
-        cap = guard.limits.max_cost_usd
-        message.response_metadata["agent_guard"] = {
-            "session": record.session, "tier": record.tier, "route": record.route,
-            "cost_usd": usd_text(record.cost_nano),  # str(record.cost_usd)
-            "usage_estimated": record.usage_estimated,
-            "cap_usd": None if cap is None else str(cap),
-        }
-        return  # one answer per call: LangChain's tracer adds the answers' usage up
+        if message is not None:
+            annotate_message(message, guard, record, split)
+            return  # one answer per call: LangChain's tracer adds the answers' usage up
+
+
+def annotate_message(message: AIMessage, guard: Any, record: Any,
+                     split: tuple[Any, Any] | None) -> None:
+    """:func:`annotate` the answer ``message`` (the first of the call's answers)."""
+    usage = message.usage_metadata
+    if usage is not None and split is not None:
+        message.usage_metadata = with_costs(usage, {  # type: ignore[assignment]
+            "input_cost": float(split[0]), "output_cost": float(split[1]),
+            # the exact dollars to the nearest float: int / int rounds correctly,
+            # as float(Decimal(nano) / 10**9) does
+            "total_cost": record.cost_nano / 1_000_000_000})
+    cap = guard.limits.max_cost_usd
+    message.response_metadata["agent_guard"] = {
+        "session": record.session, "tier": record.tier, "route": record.route,
+        "cost_usd": usd_text(record.cost_nano),  # str(record.cost_usd)
+        "usage_estimated": record.usage_estimated,
+        "cap_usd": None if cap is None else str(cap),
+    }
 
 
 def tool_result(output: Any) -> Any:

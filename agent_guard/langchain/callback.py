@@ -64,6 +64,7 @@ from ..telemetry.langsmith import note_tool_cost
 from .call import (
     OWNER,
     annotate,
+    annotate_message,
     client_retries,
     cost_breakdown,
     failed_before_running,
@@ -273,12 +274,12 @@ class GuardCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         self._start(serialized, run_id, parent_run_id, tags, metadata, kwargs,
-                    messages=messages[0] if len(messages) == 1 else
+                    messages[0] if len(messages) == 1 else
                     [m for prompt in messages for m in prompt])
 
     def _start(self, serialized: dict[str, Any] | None, run_id: UUID,
                parent_run_id: UUID | None, tags: list[str] | None,
-               metadata: dict[str, Any] | None, kwargs: Mapping[str, Any], *,
+               metadata: dict[str, Any] | None, kwargs: Mapping[str, Any],
                messages: list[Any] | None = None, prompts: list[str] | None = None) -> None:
         """Describe the call, ask the guard (raising on a refusal), remember the run."""
         params: Mapping[str, Any] = kwargs.get("invocation_params") or {}
@@ -587,9 +588,10 @@ class GuardCallbackHandler(BaseCallbackHandler):
                 output=[getattr(g, "message", None) or g.text for g in _generations(response)]
                 if self.telemetry.capture_content else None)
         if self.annotate_runs:
-            prompts = response.generations  # one prompt's answers, without a new list
-            annotate(prompts[0] if len(prompts) == 1 else _generations(response), self.guard,
-                     record, split)
+            if answer.message is not None:  # the one answer, found by read_answer
+                annotate_message(answer.message, self.guard, record, split)
+            else:
+                annotate(_generations(response), self.guard, record, split)
         return record
 
     def on_llm_error(
