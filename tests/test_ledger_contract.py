@@ -275,6 +275,28 @@ async def test_async_twins(ledger: Ledger) -> None:
     assert (t.get_spent(USD), t.get_reserved(USD)) == (210, 30)
 
 
+@pytest.mark.parametrize("scopes", [("session:a", "session:b"), ("session:b", "session:c")])
+def test_memory_ledger_settle_gives_the_hold_back_where_it_is_held(
+        scopes: tuple[str, ...]) -> None:
+    """A settle gives the hold back on the scopes the ledger holds it on and spends on
+    those of the reservation it is given: in one pass when they are the same (the
+    reservation handed out), in two when a copy names other scopes; the same totals."""
+    from dataclasses import replace
+
+    from agent_guard.ledger.memory import MemoryLedger
+
+    ledger = MemoryLedger(clock=FakeClock())
+    res = ledger.reserve([session("a"), session("b")], {USD: 100, CALLS: 1}, lease_seconds=30)
+    assert isinstance(res, Reservation)
+    settled = ledger.settle(replace(res, scopes=scopes), {USD: 40})
+    assert settled and settled.spent == {name: {USD: 40} for name in scopes}
+    for name in ("session:a", "session:b", "session:c"):
+        t = ledger.totals(name)
+        assert (t.get_spent(USD), t.get_reserved(USD), t.get_reserved(CALLS)) == (
+            40 if name in scopes else 0, 0, 0)
+    assert not ledger.release(res)
+
+
 def test_memory_ledger_forgets_finished_ids_after_retention_only() -> None:
     """Finished ids are remembered for DONE_RETENTION_SECONDS (a repeated settle stays a
     no-op) and then dropped from the oldest end, without rescanning the rest."""

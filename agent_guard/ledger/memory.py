@@ -47,6 +47,10 @@ _PAST_SUMS_MAX = 4096  # rolling windows whose earlier buckets' sums are kept
 _NEVER = float("inf")
 _AT_ONCE = float("-inf")  # as ``_due``: the next reserve or charge runs the upkeep
 _NO_BOUND = sys.maxsize
+_NO_USE: Mapping[str, int] = {}  # a scope without a history: nothing earlier counts
+
+# a history's (spent, reserved, spent + reserved), each summed over its buckets
+_Sums = tuple[dict[str, int], dict[str, int], dict[str, int]]
 
 
 class _Counters:
@@ -129,7 +133,7 @@ class MemoryLedger(Ledger):
         self.evicted = 0  # scopes dropped by the policy so far
         # a rolling window's earlier buckets -> their (spent, reserved) summed; and each
         # bucket -> the histories it is in (see _past)
-        self._past_sums: dict[tuple[str, ...], tuple[dict[str, int], dict[str, int]]] = {}
+        self._past_sums: dict[tuple[str, ...], _Sums] = {}
         self._past_of: dict[str, set[tuple[str, ...]]] = {}
 
     @classmethod
@@ -160,15 +164,15 @@ class MemoryLedger(Ledger):
         with self._lock:
             return scope in self._scopes
 
-    def _past(self, scopes: Sequence[ScopeCaps], now: float
-              ) -> dict[str, tuple[Mapping[str, int], Mapping[str, int]]] | None:
+    def _past(self, scopes: Sequence[ScopeCaps], now: float) -> dict[str, _Sums] | None:
         """Per scope with a history (a rolling window's earlier buckets): the history's
-        spent and reserved, summed. A sum is kept until one of its buckets changes (a
-        late settle, a release, an expired hold, an eviction), so a call reads a window
-        of 23 buckets in O(1); its buckets are marked used when it is summed (a bucket
-        is touched at least once per window length, so an idle horizon no shorter than
-        the window never drops one the window still reads)."""
-        out: dict[str, tuple[Mapping[str, int], Mapping[str, int]]] | None = None
+        spent and reserved, summed, and the two added (what admission reads). A sum is
+        kept until one of its buckets changes (a late settle, a release, an expired hold,
+        an eviction), so a call reads a window of 23 buckets in O(1); its buckets are
+        marked used when it is summed (a bucket is touched at least once per window
+        length, so an idle horizon no shorter than the window never drops one the window
+        still reads)."""
+        out: dict[str, _Sums] | None = None
         for sc in scopes:
             if not sc.history:
                 continue
@@ -191,7 +195,10 @@ class MemoryLedger(Ledger):
                     self._past_of.clear()
                     for name in sc.history:
                         self._past_of[name] = {sc.history}
-                sums = self._past_sums[sc.history] = (dict(spent), dict(reserved))
+                used = dict(spent)
+                for dim, v in reserved.items():
+                    used[dim] = used.get(dim, 0) + v
+                sums = self._past_sums[sc.history] = (dict(spent), dict(reserved), used)
             if out is None:
                 out = {}
             out[sc.scope] = sums
@@ -237,17 +244,19 @@ class MemoryLedger(Ledger):
         for sc in scopes:
             counters = kept[sc.scope]
             sums = past.get(sc.scope) if past is not None and sc.history else None
+            used = _NO_USE if sums is None else sums[2]
             spent_of, held_of, extra_of = counters.spent, counters.reserved, counters.extra
             for dim, cap in sc.caps.items():
                 want = amounts.get(dim, 0)
                 if want <= 0:
                     continue
-                spent, held = spent_of.get(dim, 0), held_of.get(dim, 0)
-                if sums is not None:
-                    spent += sums[0].get(dim, 0)
-                    held += sums[1].get(dim, 0)
-                extra = extra_of.get(dim, 0)
-                if spent + held + want > cap + extra:
+                if (spent_of.get(dim, 0) + held_of.get(dim, 0) + used.get(dim, 0) + want
+                        > cap + extra_of.get(dim, 0)):  # refused: say with what
+                    spent, held = spent_of.get(dim, 0), held_of.get(dim, 0)
+                    if sums is not None:
+                        spent += sums[0].get(dim, 0)
+                        held += sums[1].get(dim, 0)
+                    extra = extra_of.get(dim, 0)
                     return Denial(sc.scope, dim, cap + extra, spent, held, want)
         return None
 
@@ -389,16 +398,25 @@ class MemoryLedger(Ledger):
                 return Settlement(False)
             now = self._clock()
             held = self._open.pop(rid, None)
-            if held is not None:
-                self._unhold(held)
-            # _add_spent, reading each scope's new spent on the way (for a scope named
-            # twice the last reading, after both, is the one kept)
+            if held is not None and held is not reservation and held.scopes != reservation.scopes:
+                self._unhold(held)  # not the reservation handed out: its own scopes
+                held = None
+            # _unhold and _add_spent in one pass (each scope's hold and spend are its own),
+            # reading each scope's new spent on the way (for a scope named twice the last
+            # reading, after both, is the one kept)
             kept, past_of = self._scopes, self._past_of
             after: dict[str, Mapping[str, int]] = {}
             for name in reservation.scopes:
                 if past_of and name in past_of:
                     self._changed(name)
-                counters = kept.get(name) or self._new_scope(name)  # (always truthy)
+                counters = kept.get(name)
+                if counters is None:  # new (a scope with holds is never evicted)
+                    counters = self._new_scope(name)
+                elif held is not None:
+                    counters.holds -= 1
+                    reserved = counters.reserved
+                    for dim, amount in held.amounts.items():
+                        reserved[dim] -= amount
                 kept.move_to_end(name)  # least recently used first
                 counters.touched = now
                 spent = counters.spent
