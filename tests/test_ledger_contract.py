@@ -275,6 +275,34 @@ async def test_async_twins(ledger: Ledger) -> None:
     assert (t.get_spent(USD), t.get_reserved(USD)) == (210, 30)
 
 
+def test_the_hot_path_builds_the_same_reservation_and_settlement() -> None:
+    """make_reservation and counted_settlement (the memory ledger's hot path) build
+    what the class calls build, field by field and in every way they are used."""
+    import copy
+    import pickle
+    from dataclasses import FrozenInstanceError, fields, replace
+
+    from agent_guard.ledger.base import Settlement, counted_settlement, make_reservation
+
+    spent = {"session:a": {USD: 5}}
+    pairs = [(make_reservation("r1", ("session:a",), {USD: 5}, 12.5),
+              Reservation("r1", ("session:a",), {USD: 5}, 12.5)),
+             (counted_settlement(spent), Settlement(True, spent))]
+    for made, called in pairs:
+        cls = type(called)
+        assert type(made) is cls
+        assert ([getattr(made, f.name) for f in fields(cls)]
+                == [getattr(called, f.name) for f in fields(cls)])
+        assert made == called and repr(made) == repr(called) and bool(made) == bool(called)
+        assert pickle.loads(pickle.dumps(made)) == called and copy.copy(made) == called
+        assert replace(made) == replace(called)
+        for f in fields(cls):
+            with pytest.raises(FrozenInstanceError):
+                setattr(made, f.name, None)
+        with pytest.raises(TypeError):  # unhashable (a dict field), as the class call's
+            hash(made)
+
+
 @pytest.mark.parametrize("scopes", [("session:a", "session:b"), ("session:b", "session:c")])
 def test_memory_ledger_settle_gives_the_hold_back_where_it_is_held(
         scopes: tuple[str, ...]) -> None:

@@ -36,6 +36,8 @@ from .base import (
     ScopeTotals,
     Settlement,
     check_amounts,
+    counted_settlement,
+    make_reservation,
     new_reservation_id,
 )
 
@@ -380,7 +382,8 @@ class MemoryLedger(Ledger):
                 reserved = counters.reserved
                 for dim, amount in amounts.items():
                     reserved[dim] += amount
-            res = self._open[rid] = Reservation(rid, tuple(names), dict(amounts), expires_at)
+            res = self._open[rid] = make_reservation(rid, tuple(names), dict(amounts),
+                                                     expires_at)
             heapq.heappush(self._leases, (expires_at, rid))
             if expires_at < self._due:
                 self._due = expires_at
@@ -424,7 +427,7 @@ class MemoryLedger(Ledger):
                 for dim, amount in actual.items():
                     read[dim] = spent[dim] = spent[dim] + amount
             done[rid] = now
-            return Settlement(True, after)
+            return counted_settlement(after)
 
     def release(self, reservation: Reservation) -> bool:
         with self._lock:
