@@ -103,7 +103,9 @@ class Planner:
         else built anew. The price comes first: an unpriced model under a dollar cap is
         refused before the scopes are resolved."""
         guard = self.guard
-        key = (call.session, call.model, call.provider, *call.attributes.items())
+        attributes = call.attributes
+        key = (call.session, call.model, call.provider, *attributes.items()) if attributes \
+            else (call.session, call.model, call.provider)  # (most calls: no unpacking)
         try:
             found = self._resolved.get(key) or self._resolved_old.get(key)
         except TypeError:  # an attribute value that cannot be hashed: resolved each call
@@ -290,7 +292,7 @@ class _Plan:
         self.attempts = max(1, int(call.attempts))
         self.worst_nano = self._worst_cost(output_tokens) * self.attempts
         self.refs = resolved.refs
-        self.scopes = list(resolved.scopes)  # a list of its own per call, as before
+        self.scopes = resolved.scopes
         # Dimension's USD_NANO, TOKENS and MODEL_CALLS written out (constant keys: the
         # dict is built in one step)
         self.amounts = {
