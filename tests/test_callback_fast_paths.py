@@ -166,3 +166,22 @@ def test_the_answer_read_names_the_message_annotate_writes_to(
     if found is not None:
         assert found is _message(groups[0][0])
     assert (found is not None) == (prompts == choices == 1 and usage)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=5), st.sampled_from([None, "openai"]),
+       st.one_of(st.none(), st.integers(1, 500)), st.lists(st.text(max_size=3), max_size=2),
+       st.dictionaries(st.sampled_from(["team", "user"]), st.text(max_size=3)),
+       st.integers(1, 4))
+def test_the_handlers_model_call_is_the_dataclass_built_by_keyword(
+        model: str, provider: str | None, cap: int | None, tags: list[str],
+        attributes: dict[str, str], tries: int) -> None:
+    from agent_guard.langchain.callback import _MODEL_CALL_FIELDS, _new_call
+
+    values = dict(session="s", model=model, provider=provider, messages=("hi",), tools=None,
+                  max_output_tokens=cap, input_tokens=None, run_id="r", node=None,
+                  tags=tuple(tags), can_shrink=False, tier=None, route="cheap",
+                  attributes=attributes, params={"model": model}, attempts=tries)
+    made = _new_call(*(values[name] for name in _MODEL_CALL_FIELDS))
+    assert type(made) is ModelCall
+    assert made == ModelCall(**values)  # type: ignore[arg-type]

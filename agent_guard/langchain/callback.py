@@ -48,6 +48,7 @@ from langchain_core.messages import BaseMessage
 from langchain_core.outputs import LLMResult
 from langchain_core.runnables.config import var_child_runnable_config
 
+from .._frozen import fields_maker
 from ..cache.result import CACHE_HIT_EVENT
 from ..compat import LANGCHAIN_DISPATCH_CORO_NAMES, LANGCHAIN_MODEL_CODE_DIR
 from ..context import named_session, session_from_metadata
@@ -83,9 +84,13 @@ from .dispatch import dispatching_async_end, ends_inline, go_first
 _MODEL_CALL_FIELDS = ("session", "model", "provider", "messages", "tools", "max_output_tokens",
                       "input_tokens", "run_id", "node", "tags", "can_shrink", "tier", "route",
                       "attributes", "params", "attempts")
-if tuple(f.name for f in fields(ModelCall)) != _MODEL_CALL_FIELDS:  # pragma: no cover
+if tuple(f.name for f in fields(ModelCall)) != _MODEL_CALL_FIELDS or hasattr(
+        ModelCall, "__post_init__"):  # pragma: no cover
     raise ImportError("agent_guard.langchain.callback: ModelCall's fields changed; update "
                       "_MODEL_CALL_FIELDS and GuardCallbackHandler._start")
+# ModelCall has no __post_init__, so its fields_maker builds the same object as its
+# __init__, without type.__call__ and with one class switch instead of two
+_new_call = fields_maker(ModelCall)
 
 __all__ = ["GuardCallbackHandler", "OutputCapExceeded", "session_from_metadata"]
 
@@ -288,7 +293,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         tries, timeout = client_retries(serialized)
         # ModelCall's fields in order, passed by position: binding 16 keywords cost as much
         # as the rest of building it (the order is checked when this module loads)
-        call = ModelCall(
+        call = _new_call(
             session_from_metadata(meta, self.session_id),  # session
             model,  # model
             meta.get("ls_provider"),  # provider
