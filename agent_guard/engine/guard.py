@@ -429,9 +429,24 @@ class Guard:
         finally:
             forget(admission)
         self._emit(record)
-        if settled is not None and self._thresholds:  # no work when none is set
-            yield from self._watch.check(record.session, admission.scopes, settled)
+        if settled is not None and settled.counted and self._thresholds:
+            refs = self._threshold_refs(admission, settled)
+            if refs:
+                yield from self._watch.check(record.session, refs, settled)
         return record
+
+    def _threshold_refs(self, admission: Admission | ToolAdmission, settled: Settlement
+                        ) -> Sequence[ScopeRef]:
+        """The scopes whose soft thresholds a counted settle checks (reading and charging
+        the ledger): none when the admission's descriptor shows nothing can fire
+        (ThresholdWatch.may_fire), else all of them."""
+        resolved = admission.resolved if isinstance(admission, Admission) else None
+        if resolved is None or resolved.refs is not admission.scopes:
+            return admission.scopes
+        if resolved.triggers is not None and self._watch.may_fire(resolved.triggers,
+                                                                  settled.spent):
+            return resolved.refs
+        return ()
 
     def _close_settled(self, admission: Admission, record: CallRecord,
                        amounts: dict[str, int]) -> CallRecord:
@@ -456,7 +471,7 @@ class Guard:
         if self._hooks:
             self._emit(record)
         if settled is not None and settled.counted and self._thresholds:
-            resolved = admission.resolved
+            resolved = admission.resolved  # (_threshold_refs, inlined)
             if resolved is None or resolved.refs is not admission.scopes:
                 self._check_thresholds(record.session, admission.scopes, settled)
             elif resolved.triggers is not None and self._watch.may_fire(
@@ -481,9 +496,11 @@ class Guard:
         self._planner.note_spent(settled)
         if not settled or not any(ref.limits.thresholds for ref in admission.scopes):
             return
+        refs = self._threshold_refs(admission, settled)
+        if not refs:  # nothing can fire
+            return
         session = (admission.call.session if isinstance(admission, Admission)
                    else admission.session)  # a priced tool's deferred settle
-        refs = admission.scopes
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
