@@ -542,17 +542,12 @@ class ModelPrice:
                    ) -> tuple[int, int, int] | None:
         """``(scale, prompt side, completion side)``: the cost times 10**(9 + scale) as
         exact integers; None when the rates are not integers at any small scale."""
-        if self.off_peak is None:  # the last usage's parts (a settle, then its split)
+        kept = self.off_peak is None  # the last usage's parts (a settle, then its split)
+        if kept:
             last = self._memo.get(_LAST_PARTS)
             if last is not None and last[0] is usage:
                 return last[1]  # type: ignore[no-any-return]
-            parts = self._int_parts_at(usage, None)
-            self._memo[_LAST_PARTS] = (usage, parts)  # one tuple: read whole by any thread
-            return parts
-        return self._int_parts_at(usage, during)
-
-    def _int_parts_at(self, usage: Usage, during: tuple[float, float] | None
-                      ) -> tuple[int, int, int] | None:
+            during = None  # no off-peak rates: the standard ones whenever it ran
         # the standard tier's rates of a model without thresholds or ranges (see rates),
         # not off-peak (_at keeps the rates without ``during``)
         flat = None if during is not None or usage.service_tier else self._memo.get(_FLAT_INTS)
@@ -560,27 +555,38 @@ class ModelPrice:
             flat = _integer_rates(self._at(self.rates(usage.input_tokens, usage.service_tier),
                                            during))
         scale, ints = flat
-        if ints is None:
-            return None
-        (inp, out, read_rate, write_rate, write_1h_rate, reasoning_rate, audio_in_rate,
-         audio_out_rate, image_in_rate, image_out_rate) = ints
-        cached = usage.cache_read_tokens + usage.cache_creation_tokens
-        uncached = max(usage.input_tokens - cached, 0)
-        audio_in = min(usage.audio_input_tokens, uncached)
-        image_in = min(usage.image_input_tokens, uncached - audio_in)
-        write_1h = min(usage.cache_creation_1h_tokens, usage.cache_creation_tokens)
-        prompt = ((uncached - audio_in - image_in) * inp + audio_in * audio_in_rate
-                  + image_in * image_in_rate + usage.cache_read_tokens * read_rate
-                  + (usage.cache_creation_tokens - write_1h) * write_rate
-                  + write_1h * write_1h_rate)
-        special = usage.reasoning_tokens + usage.audio_output_tokens + usage.image_output_tokens
-        if not special:
-            return scale, prompt, usage.output_tokens * out
-        completion = (max(usage.output_tokens - special, 0) * out
-                      + usage.audio_output_tokens * audio_out_rate
-                      + usage.image_output_tokens * image_out_rate
-                      + usage.reasoning_tokens * reasoning_rate)
-        return scale, prompt, completion
+        parts: tuple[int, int, int] | None = None
+        if ints is not None:
+            (inp, out, read_rate, write_rate, write_1h_rate, reasoning_rate, audio_in_rate,
+             audio_out_rate, image_in_rate, image_out_rate) = ints
+            # min/max as comparisons: the builtins parse keywords on every call
+            read, writes = usage.cache_read_tokens, usage.cache_creation_tokens
+            uncached = usage.input_tokens - read - writes
+            if uncached < 0:
+                uncached = 0
+            audio_in, image_in = usage.audio_input_tokens, usage.image_input_tokens
+            if audio_in > uncached:
+                audio_in = uncached
+            if image_in > uncached - audio_in:
+                image_in = uncached - audio_in
+            write_1h = usage.cache_creation_1h_tokens
+            if write_1h > writes:
+                write_1h = writes
+            prompt = ((uncached - audio_in - image_in) * inp + audio_in * audio_in_rate
+                      + image_in * image_in_rate + read * read_rate
+                      + (writes - write_1h) * write_rate + write_1h * write_1h_rate)
+            special = (usage.reasoning_tokens + usage.audio_output_tokens
+                       + usage.image_output_tokens)
+            if not special:
+                parts = scale, prompt, usage.output_tokens * out
+            else:
+                parts = scale, prompt, (max(usage.output_tokens - special, 0) * out
+                                        + usage.audio_output_tokens * audio_out_rate
+                                        + usage.image_output_tokens * image_out_rate
+                                        + usage.reasoning_tokens * reasoning_rate)
+        if kept:
+            self._memo[_LAST_PARTS] = (usage, parts)  # one tuple: read whole by any thread
+        return parts
 
     def cost_nano(self, usage: Usage, during: tuple[float, float] | None = None) -> int:
         """``cost(usage).total_nano`` (the ledger amount) without building the breakdown:
@@ -646,8 +652,8 @@ class ModelPrice:
             scale, ints = flat if flat is not None else _integer_rates(
                 self.rates(input_tokens, None))
             if ints is not None:  # input and output rates (and reasoning) as integers
-                total = input_tokens * ints[0] + output_tokens * max(ints[1], ints[5])
-                return -(-total // 10**scale)
+                out_rate = ints[1] if ints[1] >= ints[5] else ints[5]  # max, without its call
+                return -(-(input_tokens * ints[0] + output_tokens * out_rate) // 10**scale)
         tiers: list[str | None] = [None] if standard else [None, service_tier]
         in_rate = out_rate = _ZERO
         for tier in tiers:
