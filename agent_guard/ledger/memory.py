@@ -277,8 +277,16 @@ class MemoryLedger(Ledger):
         return n
 
     def _note_due(self) -> None:
-        """Set ``_due`` and ``_done_bound`` (see the class docstring) after the upkeep."""
-        due = self._leases[0][0] if self._leases else _NEVER
+        """Set ``_due`` and ``_done_bound`` (see the class docstring) after the upkeep.
+
+        The leases of reservations no longer open (settled or released: nothing to give
+        back) are dropped from the front of the heap first; else, with calls spaced
+        closer than a lease, the lease of the call settled a lease ago would make the
+        upkeep due again at nearly every reserve."""
+        leases, open_ = self._leases, self._open
+        while leases and leases[0][1] not in open_:
+            heapq.heappop(leases)
+        due = leases[0][0] if leases else _NEVER
         if self._max_idle is not None and self._next_sweep < due:
             due = self._next_sweep
         if self._max_scopes is not None and len(self._scopes) > self._max_scopes:
