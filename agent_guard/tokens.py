@@ -1013,7 +1013,8 @@ _PLAIN_TYPE_NAMES = frozenset({
 def _is_plain_type(kind: type) -> bool:
     """Whether ``kind`` is one of LangChain's message classes (``_PLAIN_TYPE_NAMES``)."""
     plain = False
-    if kind.__module__.startswith("langchain_core.messages"):
+    module = getattr(kind, "__module__", None)
+    if isinstance(module, str) and module.startswith("langchain_core.messages"):
         from langchain_core import messages as lc
 
         plain = any(getattr(lc, name, None) is kind for name in _PLAIN_TYPE_NAMES)
