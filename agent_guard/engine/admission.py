@@ -90,14 +90,13 @@ class _Pending:
     waits (rare: every guarded call with a run id makes one of these, and an Event costs
     a Condition and its notification)."""
 
-    __slots__ = ("_event", "_flag", "admission", "error", "key")
-
-    def __init__(self, key: tuple[str, str]) -> None:
-        self.key = key
-        self.admission: Admission | None = None
-        self.error: BaseException | None = None
-        self._flag = False
-        self._event: threading.Event | None = None
+    # No ``__init__``: the class attributes are the defaults until set.
+    #: the request's key in the registry (set by claim)
+    key: tuple[str, str] = ("", "")
+    admission: Admission | None = None
+    error: BaseException | None = None
+    _flag = False
+    _event: threading.Event | None = None
 
     def is_set(self) -> bool:
         return self._flag
@@ -126,8 +125,13 @@ class _Pending:
 # model run executes in one process, so one process-wide registry sees every handler
 # and guard that sees the run; the ledger identity keeps guards of different budgets
 # apart. Entries leave when the call ends (settled, released or abandoned).
+#
+# No lock: an entry is added only where its key is absent (dict.setdefault, one step
+# under the GIL: the key is a tuple of strings, hashed and compared without Python code)
+# and removed at most once, by its opener (not_opened, or forget by the first holder to
+# end the admission). A claim that races a removal joins the request that is ending,
+# as it would had it come just before, or opens a new one just after.
 _OPEN_REQUESTS: dict[tuple[str, str], _Pending] = {}
-_OPEN_LOCK = threading.Lock()
 _READY_LOCK = threading.Lock()
 # who ends an admission first (finish); shared: its hold is a few instructions
 _FINISH_LOCK = threading.Lock()
@@ -136,9 +140,8 @@ _JOIN_WAIT_SECONDS = 30.0
 
 
 def _forget_open_requests_after_fork() -> None:
-    global _OPEN_LOCK, _READY_LOCK, _FINISH_LOCK
+    global _READY_LOCK, _FINISH_LOCK
     _OPEN_REQUESTS.clear()  # the parent's requests are the parent's to end
-    _OPEN_LOCK = threading.Lock()
     _READY_LOCK = threading.Lock()
     _FINISH_LOCK = threading.Lock()
 
@@ -244,9 +247,8 @@ _NOT_RUN = CallRecord(session="", run_id=None, model="", provider=None, usage=Us
                       started_at=0.0, ended_at=0.0, kind="tool")
 
 
-# The registry's and finish()'s locks are taken with acquire() and release(), not
-# ``with``: the context manager's __enter__ and __exit__ cost twice the lock itself, and a
-# guarded call with a run id takes them three times.
+# finish()'s and _Pending.set's locks are taken with acquire() and release(), not
+# ``with``: the context manager's __enter__ and __exit__ cost twice the lock itself.
 
 
 def claim(ledger_id: str, run_id: str | None) -> tuple[_Pending | None, _Pending | None]:
@@ -254,16 +256,12 @@ def claim(ledger_id: str, run_id: str | None) -> tuple[_Pending | None, _Pending
     (None, None) for a call without a run id."""
     if not run_id:
         return None, None
-    key = (ledger_id, run_id)
-    _OPEN_LOCK.acquire()
-    try:
-        pending = _OPEN_REQUESTS.get(key)
-        if pending is None:
-            own = _OPEN_REQUESTS[key] = _Pending(key)
-            return own, None
-        return None, pending
-    finally:
-        _OPEN_LOCK.release()
+    own = _Pending()
+    own.key = key = (ledger_id, run_id)
+    pending = _OPEN_REQUESTS.setdefault(key, own)
+    if pending is own:
+        return own, None
+    return None, pending
 
 
 def opened(own: _Pending | None, admission: Admission) -> Admission:
@@ -279,12 +277,8 @@ def not_opened(own: _Pending | None, exc: BaseException) -> None:
     """The first holder of a request was refused: the holders waiting on it get ``exc``."""
     if own is None:
         return
-    _OPEN_LOCK.acquire()
-    try:
-        if _OPEN_REQUESTS.get(own.key) is own:
-            del _OPEN_REQUESTS[own.key]
-    finally:
-        _OPEN_LOCK.release()
+    if _OPEN_REQUESTS.get(own.key) is own:
+        _OPEN_REQUESTS.pop(own.key, None)
     own.error = exc
     own.set()
 
@@ -306,10 +300,6 @@ def forget(admission: Admission | ToolAdmission) -> None:
     """The request is over: a later handler of the same run id admits anew."""
     key = admission.state.key
     if key is not None:
-        _OPEN_LOCK.acquire()
-        try:
-            pending = _OPEN_REQUESTS.get(key)
-            if pending is not None and pending.admission is admission:
-                del _OPEN_REQUESTS[key]
-        finally:
-            _OPEN_LOCK.release()
+        pending = _OPEN_REQUESTS.get(key)
+        if pending is not None and pending.admission is admission:
+            _OPEN_REQUESTS.pop(key, None)
