@@ -351,3 +351,17 @@ def test_memory_ledger_forgets_finished_ids_after_retention_only() -> None:
     ledger.reserve(caps, {CALLS: 1}, lease_seconds=30)
     assert list(ledger._done) == [recent.id]
     assert ledger.totals("session:s1").get_spent(CALLS) == 5001
+
+
+def test_reservation_ids_are_unique_across_blocks_and_threads() -> None:
+    """Ids come in blocks of 256 handed out by one iterator: across block ends and from
+    many threads at once, none repeats and each is 32 hex digits."""
+    from agent_guard.ledger.base import new_reservation_id
+
+    def draw(n: int) -> list[str]:
+        return [new_reservation_id() for _ in range(n)]
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = [rid for batch in pool.map(draw, [700] * 8) for rid in batch]
+    assert len(set(ids)) == len(ids)
+    assert all(len(rid) == 32 and int(rid, 16) >= 0 for rid in ids)

@@ -57,31 +57,40 @@ def new_reservation_id() -> str:
     ``os.urandom`` per id made every call a system call that releases the GIL, so a
     call waited for whichever thread took it meanwhile.
 
-    Formatting an int as hex costs more than the rest of a reservation, so the digits
-    of the counter's upper 56 bits are formatted once per 256 ids and kept with the
-    value they show (one tuple, read and replaced as a whole: a thread never pairs its
-    count with another run's digits); the last two come from a table."""
-    global _ID_HEAD
-    n = next(_ID_COUNTER) & _ID_MASK
-    high = n >> 8
-    head = _ID_HEAD
-    if head[0] != high:
-        head = _ID_HEAD = (high, f"{_ID_PREFIX}{high:014x}")
-    return head[1] + _HEX2[n & 0xFF]
+    Formatting an int as hex costs more than the rest of a reservation, so the counter's
+    upper 56 bits are formatted once per block of 256 ids and the block's ids are
+    handed out by one ``map`` iterator (the digits + each of the 256 two-digit tails):
+    its ``next`` runs in C, without a bytecode boundary, so two threads never get the
+    same id. A block used up is replaced by the next one (two threads that find it
+    used up at once each take a block of their own: a few ids are skipped, none
+    repeated)."""
+    rid = next(_ID_NEXT, None)
+    return rid if rid is not None else _next_id_block()
 
 
-_ID_MASK = (1 << 64) - 1
+def _next_id_block() -> str:
+    """The first id of a new block of 256, whose others :func:`new_reservation_id`
+    hands out."""
+    global _ID_NEXT
+    high = next(_ID_COUNTER) & _ID_MASK
+    ids = map(f"{_ID_PREFIX}{high:014x}".__add__, _HEX2)
+    first: str = next(ids)
+    _ID_NEXT = ids
+    return first
+
+
+_ID_MASK = (1 << 56) - 1  # the counter of blocks: the ids' upper 56 bits
 _ID_PREFIX = ""
 _ID_COUNTER: Iterator[int] = itertools.count()
-_ID_HEAD: tuple[int, str] = (-1, "")  # (the counter's upper 56 bits, the id's first 30 digits)
+_ID_NEXT: Iterator[str] = iter(())  # the ids left in the current block
 _HEX2 = tuple(f"{i:02x}" for i in range(256))
 
 
 def _new_id_source() -> None:
-    global _ID_PREFIX, _ID_COUNTER, _ID_HEAD
+    global _ID_PREFIX, _ID_COUNTER, _ID_NEXT
     _ID_PREFIX = os.urandom(8).hex()
-    _ID_COUNTER = itertools.count(int.from_bytes(os.urandom(8), "big"))
-    _ID_HEAD = (-1, "")
+    _ID_COUNTER = itertools.count(int.from_bytes(os.urandom(7), "big"))
+    _ID_NEXT = iter(())
 
 
 _new_id_source()
