@@ -26,6 +26,7 @@ from langgraph._internal._runnable import RunnableCallable
 # BranchSpec: a conditional edge of a StateGraph builder (path, ends, input_schema);
 # guarded_graph rewrites each so that a stopped run routes to its final node.
 from langgraph.graph._branch import BranchSpec
+from pydantic import main as _pydantic_main
 
 __all__ = [
     "CHECKED",
@@ -41,6 +42,7 @@ __all__ = [
     "LANGCHAIN_TOOL_ARGS_METHOD",
     "LANGCHAIN_TOOL_RUN_CODES",
     "LANGGRAPH_CALL_KEY",
+    "PYDANTIC_FIELD_SETATTR",
     "BranchSpec",
     "RunnableCallable",
     "default_params",
@@ -57,6 +59,7 @@ CHECKED = {
     "langchain-openai": "1.7.4",
     "langchain-anthropic": "1.7.10",
     "tiktoken": "0.14.0",
+    "pydantic": "2.14.4",
 }
 
 #: langchain-core: the directory of ``BaseChatModel`` / ``BaseLLM``'s code. A synchronous
@@ -124,6 +127,16 @@ LANGCHAIN_HANDLE_EVENT_CODE = _code_of(_lc_callback_manager, "handle_event")
 LANGCHAIN_AHANDLE_EVENT_CODE = _code_of(_lc_callback_manager, "ahandle_event")
 LANGCHAIN_AHANDLE_EVENT_FOR_HANDLER_CODE = _code_of(_lc_callback_manager,
                                                     "_ahandle_event_for_handler")
+
+
+#: pydantic (``main.py``): the handler ``BaseModel.__setattr__`` memoises (in the class's
+#: ``__pydantic_setattr_handlers__``) for a plain field of a model without assignment
+#: validation: it stores the value in ``__dict__`` and adds the name to
+#: ``__pydantic_fields_set__``. Where a class's memoised handler is this one, the
+#: callback handler does the same two steps itself when it writes an answer's usage
+#: (``agent_guard.langchain.call``); None when a release renames it (then it sets the
+#: attribute as usual).
+PYDANTIC_FIELD_SETATTR = getattr(_pydantic_main, "_model_field_setattr_handler", None)
 
 
 #: langgraph: the ``configurable`` key under which each task of a graph run gets a

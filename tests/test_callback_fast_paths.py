@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from langchain_core.messages import AIMessage
+from langchain_core.messages import AIMessage, AIMessageChunk
 from langchain_core.outputs import ChatGeneration
 
 from agent_guard import Guard, Limits
@@ -19,6 +19,7 @@ from agent_guard.langchain.call import (
     CostedUsage,
     _message,
     _positive_int,
+    annotate_message,
     attempts,
     client_retries,
     cost_breakdown,
@@ -185,3 +186,43 @@ def test_the_handlers_model_call_is_the_dataclass_built_by_keyword(
     made = _new_call(*(values[name] for name in _MODEL_CALL_FIELDS))
     assert type(made) is ModelCall
     assert made == ModelCall(**values)  # type: ignore[arg-type]
+
+
+class _OwnSetattr(AIMessage):
+    """A message class with its own __setattr__: annotated through it."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+
+
+@pytest.mark.parametrize("cls", [AIMessage, AIMessageChunk, _OwnSetattr])
+@pytest.mark.parametrize("set_before", [False, True])
+def test_annotating_an_answer_sets_its_usage_as_pydantic_does(
+        cls: type[AIMessage], set_before: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """annotate_message stores the costed usage itself where pydantic's memoised
+    handler would (a plain field): the message is the one setattr gives."""
+    import agent_guard.langchain.call as call_module
+
+    guard = Guard(limits=Limits(max_cost_usd="5"))
+    admission = guard.before_model_call(ModelCall(session="s", model="gpt-4o-mini",
+                                                  max_output_tokens=10, run_id="r1"))
+    record = guard.after_model_call(admission, Usage(input_tokens=3, output_tokens=2))
+    split = cost_breakdown(guard, record, admission)
+
+    def annotated(fast: bool) -> AIMessage:
+        usage = {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5}
+        message = cls(content="a", usage_metadata=usage)
+        if set_before:  # a field set once already (pydantic memoised its handler)
+            message.usage_metadata = dict(usage)  # type: ignore[assignment]
+        if not fast:
+            monkeypatch.setattr(call_module, "PYDANTIC_FIELD_SETATTR", None)
+        annotate_message(message, guard, record, split)
+        monkeypatch.undo()
+        return message
+
+    fast, general = annotated(True), annotated(False)
+    assert fast.__dict__ == general.__dict__
+    assert fast.model_fields_set == general.model_fields_set
+    assert type(fast.usage_metadata) is type(general.usage_metadata) is CostedUsage
+    assert fast.usage_metadata.costs == general.usage_metadata.costs  # type: ignore[union-attr]
+    assert fast.model_dump() == general.model_dump()

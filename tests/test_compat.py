@@ -293,3 +293,20 @@ def test_a_graph_task_reaches_its_runs_executor_which_is_freed_when_the_stream_c
     stream.close()
     gc.collect()
     assert seen[0]() is None, "the executor outlives the closed stream"
+
+
+def test_pydantic_memoises_the_field_setattr_handler_the_callback_uses():
+    """A plain field set on a message: pydantic memoises PYDANTIC_FIELD_SETATTR for it,
+    which stores the value in __dict__ and marks the field set (what annotate_message
+    does itself)."""
+    from langchain_core.messages import AIMessage
+
+    handler = compat.PYDANTIC_FIELD_SETATTR
+    assert handler is not None
+    message = AIMessage(content="a")
+    message.usage_metadata = {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2}
+    assert AIMessage.__pydantic_setattr_handlers__.get("usage_metadata") is handler
+    other = AIMessage(content="a")
+    handler(other, "usage_metadata", message.usage_metadata)
+    assert other.__dict__ == message.__dict__
+    assert other.model_fields_set == message.model_fields_set

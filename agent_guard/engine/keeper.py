@@ -36,7 +36,7 @@ from typing import Any
 
 from ..errors import LedgerUnavailable
 
-__all__ = ["LeaseKeeper", "keeper"]
+__all__ = ["LeaseKeeper", "Watch", "keeper"]
 
 logger = logging.getLogger("agent_guard")
 
@@ -44,8 +44,10 @@ logger = logging.getLogger("agent_guard")
 POLL_SECONDS = 0.05
 
 
-class _Watch:
-    """One watched call (a plain slotted object: one is made per guarded call)."""
+class Watch:
+    """One watched call (a plain slotted object). An adapter may subclass it with its
+    own record of the call (the callback handler's open run is its own watch: no second
+    object per call) and hand it to :meth:`LeaseKeeper.watch_as`."""
 
     __slots__ = ("_renewed", "admission", "frame", "guard", "on_stop", "renew_at", "task",
                  "thread_id", "touched")
@@ -73,13 +75,18 @@ class _Watch:
     def knows_liveness(self) -> bool:
         return self.task is not None or self.frame is not None or self.touched
 
+    def stopped(self) -> None:
+        """The call is over and nobody ended it through its owner: tell the owner."""
+        if self.on_stop is not None:
+            self.on_stop()
+
 
 class LeaseKeeper:
     """Renews the leases of watched calls while they run; ends those that stopped."""
 
     def __init__(self, poll_seconds: float = POLL_SECONDS) -> None:
         self.poll_seconds = poll_seconds
-        self._watches: dict[tuple[int, int], _Watch] = {}
+        self._watches: dict[tuple[int, int], Watch] = {}
         # the watches' lock, and the condition on it the keeper waits with (the hot path
         # takes the plain lock: a Condition's own ``with`` is a Python-level call)
         self._lock = threading.Lock()
@@ -94,12 +101,16 @@ class LeaseKeeper:
               thread_id: int | None = None, frame: FrameType | None = None) -> None:
         """Keep ``admission``'s hold while its call runs; ``on_stop()`` once the call is
         over or ended (one watch per ``owner`` and admission)."""
-        w = _Watch(guard, admission, on_stop, task, thread_id, frame,
-                   time.monotonic() + guard.limits.lease_seconds / 3)
+        self.watch_as(owner, Watch(guard, admission, on_stop, task, thread_id, frame))
+
+    def watch_as(self, owner: object, w: Watch) -> None:
+        """:meth:`watch` with the watch made by the caller (its ``guard``,
+        ``admission``, liveness and ``on_stop`` or ``stopped`` filled in)."""
+        w.renew_at = time.monotonic() + w.guard.limits.lease_seconds / 3
         lock = self._lock
         lock.acquire()  # (not ``with``: its __enter__ and __exit__ cost the lock twice)
         try:
-            self._watches[(id(admission.state), id(owner))] = w
+            self._watches[(id(w.admission.state), id(owner))] = w
             if self._thread is None:
                 self._start_thread()
             if self._idle:  # otherwise the keeper is polling already: no wake-up per call
@@ -108,13 +119,10 @@ class LeaseKeeper:
             lock.release()
 
     def unwatch(self, owner: object, admission: Any) -> None:
-        """The owner ended the call itself: stop watching it (no ``on_stop``)."""
-        lock = self._lock
-        lock.acquire()
-        try:
-            self._watches.pop((id(admission.state), id(owner)), None)
-        finally:
-            lock.release()
+        """The owner ended the call itself: stop watching it (no ``on_stop``). No lock:
+        ``dict.pop`` is one step under the GIL, and the keeper's own removal
+        (:meth:`_drop`) tolerates a watch already gone."""
+        self._watches.pop((id(admission.state), id(owner)), None)
 
     def touch(self, owner: object, admission: Any) -> None:
         """The call showed it is running (a streamed chunk arrived)."""
@@ -146,16 +154,15 @@ class LeaseKeeper:
                 over = not _executing(w.frame)
             if over:
                 self._drop(key, w)
-                if w.on_stop is not None:
-                    try:
-                        w.on_stop()
-                    except Exception:
-                        logger.exception("agent-guard: ending an abandoned call failed")
+                try:
+                    w.stopped()
+                except Exception:
+                    logger.exception("agent-guard: ending an abandoned call failed")
                 continue
             if now >= w.renew_at and w.knows_liveness():
                 self._renew(w, now)
 
-    def _renew(self, w: _Watch, now: float) -> None:
+    def _renew(self, w: Watch, now: float) -> None:
         lease = float(w.guard.limits.lease_seconds)
         w.renew_at = now + lease / 3
         if w.task is None and w.frame is None:
@@ -177,10 +184,11 @@ class LeaseKeeper:
                 getattr(w.admission, "session", None) or w.admission.call.session)
         w.renewed.append(now)
 
-    def _drop(self, key: tuple[int, int], w: _Watch) -> None:
+    def _drop(self, key: tuple[int, int], w: Watch) -> None:
         with self._cond:
             if self._watches.get(key) is w:
-                del self._watches[key]
+                # (pop, not del: an unwatch, which takes no lock, may have removed it)
+                self._watches.pop(key, None)
 
     def _start_thread(self) -> None:
         """Start the keeper's thread (once per process: a forked child's keeper starts

@@ -55,7 +55,7 @@ from ..context import named_session, session_from_metadata
 from ..engine.admission import Admission, ModelCall, ToolAdmission
 from ..engine.budgets import Budgets, attributes_from_metadata
 from ..engine.guard import Guard
-from ..engine.keeper import keeper
+from ..engine.keeper import Watch, keeper
 from ..engine.limits import Limits
 from ..engine.records import CallRecord, Outcome
 from ..errors import GuardError, OutputCapExceeded
@@ -109,13 +109,15 @@ _CALLING_TASK: ContextVar[Any] = ContextVar("agent_guard_calling_task", default=
 _DISPATCH_CORO_NAMES = LANGCHAIN_DISPATCH_CORO_NAMES
 
 
-class _Run:
-    """An open model run (a plain slotted object: one is made per guarded call). Called,
-    it is the lease keeper's ``on_stop`` for the run (no other object per call)."""
+class _Run(Watch):
+    """An open model run (a plain slotted object: one is made per guarded call). It is
+    also the lease keeper's watch of the run (no other object per call): its ``guard``,
+    ``admission`` and liveness (``task``, ``thread_id``, ``frame``) are the keeper's,
+    and :meth:`stopped` is what the keeper calls when the run's call is gone."""
 
-    __slots__ = ("admission", "batch", "first_chunk", "handler", "parent", "planned",
-                 "run_id", "started", "streamed_texts", "streamed_tokens",
-                 "streamed_unscaled", "timeout")
+    __slots__ = ("batch", "first_chunk", "handler", "parent", "planned", "run_id",
+                 "started", "streamed_texts", "streamed_tokens", "streamed_unscaled",
+                 "timeout")
 
     def __init__(self, handler: GuardCallbackHandler, run_id: UUID, admission: Admission,
                  parent: UUID | None, batch: Any, started: float, timeout: float | None,
@@ -136,8 +138,17 @@ class _Run:
         self.first_chunk = 0.0  # time.monotonic() of the first streamed chunk, 0 before
         # what was streamed, for an exact count when the per-chunk sum passes the cap
         self.streamed_texts: list[str] = []
+        # the keeper's fields (see Watch; GuardCallbackHandler._watch sets the liveness)
+        self.guard = handler.guard
+        self.on_stop = None
+        self.task = None
+        self.thread_id = None
+        self.frame = None
+        self.touched = False
+        self.renew_at = 0.0
+        self._renewed = None
 
-    def __call__(self) -> None:
+    def stopped(self) -> None:
         self.handler._stopped(self.run_id)
 
 
@@ -375,11 +386,10 @@ class GuardCallbackHandler(BaseCallbackHandler):
         stack frame of a synchronous call, else the asyncio task of an async one."""
         frame = _model_frame()
         if frame is not None:
-            if frame.f_code.co_flags & inspect.CO_GENERATOR:  # a stream between chunks
-                keeper.watch(self, self.guard, run.admission, on_stop=run)
-            else:
-                keeper.watch(self, self.guard, run.admission, on_stop=run,
-                             thread_id=threading.get_ident(), frame=frame)
+            if not frame.f_code.co_flags & inspect.CO_GENERATOR:  # not a stream between chunks
+                run.thread_id = threading.get_ident()
+                run.frame = frame
+            keeper.watch_as(self, run)
             return
         ref = _CALLING_TASK.get()
         task = ref() if ref is not None else None
@@ -387,11 +397,12 @@ class GuardCallbackHandler(BaseCallbackHandler):
             if ref is not None:  # the task is gone already: the call cannot be running
                 self._stopped(run_id)
                 return
-            keeper.watch(self, self.guard, run.admission, on_stop=run)
+            keeper.watch_as(self, run)
             return
         # a task already done (another handler raised while this one was reserving)
         # cannot be running the call: the keeper ends the run on its next look
-        keeper.watch(self, self.guard, run.admission, on_stop=run, task=task)
+        run.task = task
+        keeper.watch_as(self, run)
         with contextlib.suppress(RuntimeError):  # a closed loop: the keeper polls anyway
             task.get_loop().call_soon_threadsafe(task.add_done_callback, _poke_keeper)
 
