@@ -178,3 +178,26 @@ def test_the_amounts_written_out_are_dimension_names() -> None:
                                          max_output_tokens=10))
     assert set(plan.amounts) == {Dimension.USD_NANO, Dimension.TOKENS,
                                  Dimension.MODEL_CALLS} <= names
+
+
+@pytest.mark.parametrize("cost", [7, -1, 7.0, True])
+def test_a_settle_skips_the_amounts_check_only_for_a_plain_cost(cost: object) -> None:
+    """after_model_call settles by ``settle_valid`` (the memory ledger skips the check)
+    only when the cost, the one amount not from a validated Usage, is an int >= 0;
+    any other cost is still refused by the ledger's check, as by ``settle``."""
+    guard = Guard(Limits(max_cost_usd=1))
+    settlement = guard._settlement
+
+    def with_cost(*args: object) -> object:
+        record, amounts = settlement(*args)  # type: ignore[arg-type]
+        return record, {**amounts, "usd_nano": cost}
+
+    guard._settlement = with_cost  # type: ignore[assignment]
+    admission = guard.before_model_call(ModelCall(session="s", model="gpt-4o-mini",
+                                                  input_tokens=10, max_output_tokens=10))
+    if cost == 7 and type(cost) is int:
+        guard.after_model_call(admission, Usage(10, 5))
+        assert guard.ledger.totals("session:s").spent["usd_nano"] == 7
+    else:
+        with pytest.raises((TypeError, ValueError), match="usd_nano"):
+            guard.after_model_call(admission, Usage(10, 5))

@@ -150,14 +150,15 @@ class LedgerMachine(RuleBasedStateMachine):
                     return (s, d, cap + self.extra[s, d], spent, held, want)
         return None
 
-    def _finish(self, hold: Hold, actual: dict[str, int] | None) -> None:
-        """Settle (``actual``) or release (None) ``hold`` and check the reply."""
+    def _finish(self, hold: Hold, actual: dict[str, int] | None, valid: bool = False) -> None:
+        """Settle (``actual``) or release (None) ``hold`` and check the reply; ``valid``:
+        by ``settle_valid`` (the guard's settle of amounts known to be ints >= 0)."""
         res = hold.res
         event(f"{'release' if actual is None else 'settle'} after reclaim: {hold.reclaimed}")
         if actual is None:
             assert self.ledger.release(res) is (not hold.reclaimed)
         else:
-            settled = self.ledger.settle(res, actual)
+            settled = (self.ledger.settle_valid if valid else self.ledger.settle)(res, actual)
             assert settled
             for s in res.scopes:
                 for d, a in actual.items():
@@ -193,12 +194,14 @@ class LedgerMachine(RuleBasedStateMachine):
         return hold
 
     @rule(target=finished, hold=consumes(live), quarters=st.integers(0, 4),
-          over=st.integers(1, 300), overrun=st.sampled_from([False, False, False, True]))
-    def settle(self, hold: Hold, quarters: int, over: int, overrun: bool) -> Hold:
+          over=st.integers(1, 300), overrun=st.sampled_from([False, False, False, True]),
+          valid=st.booleans())
+    def settle(self, hold: Hold, quarters: int, over: int, overrun: bool, valid: bool
+               ) -> Hold:
         actual = {d: a * quarters // 4 for d, a in hold.res.amounts.items()}
         if overrun:  # the provider spent more than the worst case
             actual[USD] = hold.res.amounts[USD] + over
-        self._finish(hold, actual)
+        self._finish(hold, actual, valid)
         return hold
 
     @rule(target=finished, hold=consumes(live))

@@ -460,7 +460,11 @@ class Guard:
         settled = None
         try:
             try:
-                settled = self.ledger.settle(reservation, amounts)
+                # amounts_of's counts are a validated Usage's (ints >= 0): only the cost,
+                # a price's answer, is looked at before the ledger may skip its check
+                cost = amounts["usd_nano"]
+                settled = (self.ledger.settle_valid if type(cost) is int and cost >= 0
+                           else self.ledger.settle)(reservation, amounts)
             except LedgerUnavailable as exc:
                 self._unsettled.keep(reservation, amounts, exc)
             else:

@@ -290,6 +290,12 @@ class Ledger(ABC):
         """Replace the hold by what was actually spent. Truthy if counted now, falsy if
         this reservation was already settled or released."""
 
+    def settle_valid(self, reservation: Reservation, actual: Mapping[str, int]
+                     ) -> Settlement:
+        """:meth:`settle` of amounts known to be ints >= 0 (a model call's: its cost and
+        the counts of a validated ``Usage``): a ledger may skip checking them."""
+        return self.settle(reservation, actual)
+
     @abstractmethod
     def release(self, reservation: Reservation) -> bool:
         """Drop the hold without spending. True if released now."""

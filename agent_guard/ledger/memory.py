@@ -406,6 +406,12 @@ class MemoryLedger(Ledger):
             if type(value) is not int or value < 0:
                 check_amounts(actual)  # raises, naming the dimension (an int subclass passes)
                 break
+        return self.settle_valid(reservation, actual)
+
+    def settle_valid(self, reservation: Reservation, actual: Mapping[str, int]
+                     ) -> Settlement:
+        # (the guard's settle of a model call: checking its 8 amounts cost a tenth of
+        # the call's engine part)
         rid = reservation.id
         lock = self._lock
         lock.acquire()
