@@ -201,3 +201,15 @@ def test_a_settle_skips_the_amounts_check_only_for_a_plain_cost(cost: object) ->
     else:
         with pytest.raises((TypeError, ValueError), match="usd_nano"):
             guard.after_model_call(admission, Usage(10, 5))
+
+
+@pytest.mark.parametrize("attempts", [1, 3, 0, -2, True, 2.0, 3.7])
+def test_a_plans_attempts_are_the_general_rule(attempts: object) -> None:
+    """A plan's attempts (an exact int >= 1 taken as is) are max(1, int(attempts))."""
+    guard = Guard(Limits(max_cost_usd=1))
+    plan = guard._planner.plan(ModelCall(session="s", model="gpt-4o-mini", input_tokens=10,
+                                         max_output_tokens=10,
+                                         attempts=attempts))  # type: ignore[arg-type]
+    assert plan.attempts == max(1, int(attempts))  # type: ignore[call-overload]
+    assert type(plan.attempts) is int
+    assert plan.amounts["tokens"] == (plan.reserved_input + 10) * plan.attempts

@@ -289,7 +289,10 @@ class _Plan:
         self.shrunk = False
         self.input_is_bound = False
         # every attempt the provider client may send is reserved (ModelCall.attempts)
-        self.attempts = max(1, int(call.attempts))
+        attempts = call.attempts
+        if type(attempts) is not int or attempts < 1:  # (max and int: two calls, rarely
+            attempts = max(1, int(attempts))           # needed)
+        self.attempts = attempts
         self.worst_nano = self._worst_cost(output_tokens) * self.attempts
         self.refs = resolved.refs
         self.scopes = resolved.scopes

@@ -153,6 +153,8 @@ _INT_FIELDS = ("input", "output", "cache_read", "cache_write", "cache_write_1h",
 # the most decimal digits below a nano-USD a rate may have to be priced with integers
 _MAX_INT_SCALE = 12
 _NO_INTS = (0, None)
+# 10**scale for every scale of integer rates (an index costs less than the power)
+_POW10 = tuple(10**s for s in range(_MAX_INT_SCALE + 1))
 
 
 def _integer_rates(r: Rates) -> tuple[int, tuple[int, ...] | None]:
@@ -599,7 +601,7 @@ class ModelPrice:
         parts = self._int_parts(usage, during)
         if parts is not None:
             scale, prompt, completion = parts
-            return -(-(prompt + completion) // 10**scale)
+            return -(-(prompt + completion) // _POW10[scale])
         return self.decimal_cost_nano(usage, during)
 
     def prompt_completion_usd(self, usage: Usage) -> tuple[float, float]:
@@ -653,7 +655,7 @@ class ModelPrice:
                 self.rates(input_tokens, None))
             if ints is not None:  # input and output rates (and reasoning) as integers
                 out_rate = ints[1] if ints[1] >= ints[5] else ints[5]  # max, without its call
-                return -(-(input_tokens * ints[0] + output_tokens * out_rate) // 10**scale)
+                return -(-(input_tokens * ints[0] + output_tokens * out_rate) // _POW10[scale])
         tiers: list[str | None] = [None] if standard else [None, service_tier]
         in_rate = out_rate = _ZERO
         for tier in tiers:
