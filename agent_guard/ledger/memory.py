@@ -246,8 +246,17 @@ class MemoryLedger(Ledger):
         for sc in scopes:
             counters = kept[sc.scope]
             sums = past.get(sc.scope) if past is not None and sc.history else None
-            used = _NO_USE if sums is None else sums[2]
             spent_of, held_of, extra_of = counters.spent, counters.reserved, counters.extra
+            if sums is None and not extra_of:
+                # the common case (no history, no extension: both add 0), screened
+                # without their lookups; a refusal is found again, and told, below
+                for dim, cap in sc.caps.items():
+                    want = amounts.get(dim, 0)
+                    if want > 0 and spent_of.get(dim, 0) + held_of.get(dim, 0) + want > cap:
+                        break
+                else:
+                    continue
+            used = _NO_USE if sums is None else sums[2]
             for dim, cap in sc.caps.items():
                 want = amounts.get(dim, 0)
                 if want <= 0:
