@@ -5,6 +5,7 @@ the output cap, and the cost breakdown from the price the guard planned with."""
 from __future__ import annotations
 
 from typing import Any
+from uuid import UUID
 
 import pytest
 from hypothesis import given, settings
@@ -226,3 +227,17 @@ def test_annotating_an_answer_sets_its_usage_as_pydantic_does(
     assert type(fast.usage_metadata) is type(general.usage_metadata) is CostedUsage
     assert fast.usage_metadata.costs == general.usage_metadata.costs  # type: ignore[union-attr]
     assert fast.model_dump() == general.model_dump()
+
+
+class _OwnText(UUID):
+    def __str__(self) -> str:
+        return "own"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.uuids(), st.integers(0, 2**128 - 1))
+def test_a_run_ids_text_is_its_str(run_id: UUID, n: int) -> None:
+    from agent_guard.langchain.callback import _run_id_text
+
+    for value in (run_id, UUID(int=n), _OwnText(int=n)):
+        assert _run_id_text(value) == str(value)
