@@ -649,7 +649,9 @@ class _Conversations:
                 same = False
             if not same:
                 conv = conv.follow(messages, counts, _image_rule(model))
-        with self._lock:  # kept as the conversation's last prompt, most recently used
+        lock = self._lock  # (acquire and release: ``with``'s __exit__ call costs more)
+        lock.acquire()
+        try:  # kept as the conversation's last prompt, most recently used
             old = items.get(key)
             if old is not conv:
                 self._held += conv.n - (old.n if old else 0)
@@ -659,6 +661,8 @@ class _Conversations:
                              or self._held > _CONVERSATION_MESSAGES_MAX):
                 _, dropped = items.popitem(last=False)
                 self._held -= dropped.n
+        finally:
+            lock.release()
         sums = conv.sums
         return conv.totals() if sums is None else sums
 
