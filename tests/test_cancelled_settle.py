@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
 from typing import Any
 
 import pytest
@@ -74,6 +75,42 @@ def test_a_cancel_inside_the_settle_still_charges_and_records(ledger: Any, path:
         _cancel_inside(guard.aafter_model_call(admission, USAGE))
     else:
         _cancel_inside(guard.amodel_call_failed(admission, output_tokens=20))
+    usage = guard.usage("s")
+    assert usage.reserved_nano == 0, "the hold was left to its lease"
+    assert len(records) == 1 and usage.cost_nano == records[0].cost_nano > 0
+
+
+
+@pytest.mark.parametrize("path", ["answer", "failure"])
+@pytest.mark.parametrize("cancelled_by", ["sweep", "asyncio_run"])
+def test_a_settle_whose_own_task_is_cancelled_still_charges_and_records(
+        path: str, cancelled_by: str) -> None:
+    """``asyncio.run`` whose main task ends on an error (a refused branch of a
+    ``RunnableParallel`` fails the run) cancels every task left: the one settling a call
+    and the task its settle runs in. ``sweep`` cancels them as it does, before the settle
+    ran; ``asyncio_run`` lets it do so itself, as the settle has just run."""
+    guard = Guard(Limits(max_cost_usd=1), MemoryLedger())
+    records: list[CallRecord] = []
+    guard.add_record_hook(records.append)
+    admission = asyncio.run(guard.abefore_model_call(CALL))
+
+    async def run() -> None:
+        ending = asyncio.ensure_future(
+            guard.aafter_model_call(admission, USAGE) if path == "answer"
+            else guard.amodel_call_failed(admission, output_tokens=20))
+        while not admission.finished:  # its task claimed the end, its settle is scheduled
+            await asyncio.sleep(0)
+        assert guard.usage("s").reserved_nano > 0 and not records
+        if cancelled_by == "asyncio_run":
+            raise RuntimeError("a sibling branch was refused")
+        left = asyncio.all_tasks() - {asyncio.current_task()}
+        assert ending in left
+        for task in left:  # as asyncio.run cancels what is left of a run
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+
+    with pytest.raises(RuntimeError) if cancelled_by == "asyncio_run" else nullcontext():
+        asyncio.run(run())
     usage = guard.usage("s")
     assert usage.reserved_nano == 0, "the hold was left to its lease"
     assert len(records) == 1 and usage.cost_nano == records[0].cost_nano > 0

@@ -100,7 +100,7 @@ async def adrive(ledger: Ledger, steps: Steps[T]) -> T:
         while True:
             try:
                 if op.name in FINISHING:
-                    result, cancel = await _to_the_end(op.arun(ledger))
+                    result, cancel = await _to_the_end(op, ledger)
                     cancelled = cancel or cancelled
                 else:
                     result = await op.arun(ledger)
@@ -114,15 +114,31 @@ async def adrive(ledger: Ledger, steps: Steps[T]) -> T:
         return done.value  # type: ignore[no-any-return]
 
 
-async def _to_the_end(operation: Any) -> tuple[Any, asyncio.CancelledError | None]:
-    """Await ``operation`` to its end whatever cancels the caller meanwhile; return its
-    result and the caller's cancellation, if one came."""
-    task = asyncio.ensure_future(operation)
+async def _to_the_end(op: Op, ledger: Ledger) -> tuple[Any, asyncio.CancelledError | None]:
+    """Await ``op`` to its end whatever cancels the caller meanwhile; return its result
+    and the caller's cancellation, if one came.
+
+    The operation's own task is cancelled with its caller when every task of the loop
+    is: ``asyncio.run`` whose main task ends on an error (a refused branch of a
+    ``RunnableParallel``) cancels all it leaves, maybe before the operation ran. It is
+    run again then, once, in a task of its own made after that sweep (a settle or
+    release of a reservation already finished does nothing, a flush sends what is left):
+    otherwise the hold would wait out its lease and the call would have no record."""
+    task = asyncio.ensure_future(op.arun(ledger))
     cancelled = None
+    again = True
     while True:
         try:
             return await asyncio.shield(task), cancelled
         except asyncio.CancelledError as exc:
-            if task.done():  # the operation itself was cancelled, not its caller
-                raise
-            cancelled = exc
+            if not task.done():  # the caller was cancelled: wait on
+                cancelled = exc
+                continue
+            if not task.cancelled() and task.exception() is None:
+                return task.result(), exc  # it ended as the caller was cancelled
+            current = asyncio.current_task()
+            if not (again and task.cancelled() and current is not None
+                    and current.cancelling()):
+                raise  # the operation itself was cancelled (or failed), not its caller
+            cancelled, again = exc, False
+            task = asyncio.ensure_future(op.arun(ledger))
