@@ -241,3 +241,40 @@ def test_a_run_ids_text_is_its_str(run_id: UUID, n: int) -> None:
 
     for value in (run_id, UUID(int=n), _OwnText(int=n)):
         assert _run_id_text(value) == str(value)
+
+
+class _Described(Exception):
+    """Raised by a spy guard with the ModelCall the handler described."""
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(["thread_id", "session_id", "other"]),
+                       st.one_of(st.none(), st.just(""), st.sampled_from(["t", "s"]),
+                                 st.integers(0, 3))),
+       st.one_of(st.none(), st.just(""), st.just("d")))
+def test_the_handlers_session_is_session_from_metadata(meta: dict[str, Any],
+                                                      default: str | None) -> None:
+    from uuid import uuid4
+
+    from agent_guard.context import session_from_metadata
+    from agent_guard.errors import SessionRequired
+    from agent_guard.langchain.callback import GuardCallbackHandler
+
+    try:
+        expected: Any = session_from_metadata(meta, default)
+    except SessionRequired:
+        expected = SessionRequired
+    handler = GuardCallbackHandler(limits=Limits(max_cost_usd="5"), session_id=default)
+
+    def spy(call: ModelCall) -> Any:
+        raise _Described(call)
+
+    handler.guard.before_model_call = spy  # type: ignore[method-assign]
+    try:
+        handler.on_chat_model_start({}, [[]], run_id=uuid4(), metadata=meta,
+                                    invocation_params={"model": "gpt-4o-mini"})
+    except SessionRequired:
+        got: Any = SessionRequired
+    except _Described as described:
+        got = described.args[0].session
+    assert got == expected

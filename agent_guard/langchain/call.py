@@ -328,7 +328,10 @@ def read_answer(prompts: Iterable[Sequence[Any]], llm_output: Mapping[str, Any] 
     "0 tokens" for a call that may have produced output."""
     if type(prompts) is list and len(prompts) == 1 and len(prompts[0]) == 1:
         # one prompt, one choice (nearly every call): its usage as reported, if any
-        message = _message(prompts[0][0])
+        item = prompts[0][0]
+        # (_message's common case first, without its call)
+        message = item.message if type(item) is ChatGeneration and \
+            type(item.message) is AIMessage else _message(item)
         if message is not None:
             um = message.usage_metadata
             if um is not None and um.get("total_cost") != 0:

@@ -304,10 +304,18 @@ class GuardCallbackHandler(BaseCallbackHandler):
         meta = metadata or {}
         model = model_name(params, meta, serialized)
         tries, timeout = client_retries(serialized)
+        # session_from_metadata(meta, self.session_id) without its two calls in the
+        # common cases: a non-empty str thread_id (LangGraph), or neither key and the
+        # handler's own non-empty str session; anything else is read the general way
+        session = meta.get("thread_id")
+        if type(session) is not str or not session:
+            default = self.session_id
+            session = default if session is None and "session_id" not in meta and \
+                type(default) is str and default else session_from_metadata(meta, default)
         # ModelCall's fields in order, passed by position: binding 16 keywords cost as much
         # as the rest of building it (the order is checked when this module loads)
         call = _new_call(
-            session_from_metadata(meta, self.session_id),  # session
+            session,  # session
             model,  # model
             meta.get("ls_provider"),  # provider
             messages or (),  # messages
