@@ -213,3 +213,33 @@ def test_a_plans_attempts_are_the_general_rule(attempts: object) -> None:
     assert plan.attempts == max(1, int(attempts))  # type: ignore[call-overload]
     assert type(plan.attempts) is int
     assert plan.amounts["tokens"] == (plan.reserved_input + 10) * plan.attempts
+
+
+def test_an_admission_ends_once_with_the_first_record_of_many_threads() -> None:
+    """finish() keeps the first record set (one dict.setdefault, atomic under the GIL):
+    every holder ending the same admission at once gets that one record back."""
+    import threading
+
+    from agent_guard.engine.admission import finish
+
+    guard = Guard(Limits(max_cost_usd=1))
+    admission = guard.before_model_call(ModelCall(session="s", model="gpt-4o-mini",
+                                                  input_tokens=10, max_output_tokens=10))
+    assert not admission.finished
+    record = guard._settlement(admission, Usage(10, 5), None, None, "ok")[0]
+    records = [replace(record, cost_nano=i) for i in range(16)]
+    got: list[object] = [None] * 16
+    start = threading.Barrier(16)
+
+    def end(i: int) -> None:
+        start.wait()
+        got[i] = finish(admission, records[i])
+
+    threads = [threading.Thread(target=end, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert admission.finished
+    assert all(r is admission.state.record for r in got)
+    assert admission.state.record in records
