@@ -73,7 +73,7 @@ class Resolved:
         self.guard_attributes = dict(guard.attributes)
         self.scopes = tuple([r.caps for r in refs])
         self.names = tuple([r.scope for r in refs])
-        # each scope's token and dollar caps, for Planner._bound_is_far_from_caps
+        # each scope's token and dollar caps, for Planner.plan's check of a bound
         self.bound_caps = tuple([
             (sc.scope, tuple([(dim, sc.caps[dim]) for dim in BUDGET_DIMENSIONS
                               if sc.caps.get(dim) is not None]))
@@ -175,26 +175,22 @@ class Planner:
                      math.ceil(estimated_input * (1 + guard.limits.input_margin)),
                      requested_output, features)
         if is_bound:
-            if not self._bound_is_far_from_caps(plan):
-                return self.plan(call, exact=True)
+            # the reservation sized by the bound must stay a small share of the room under
+            # every token and dollar cap it is charged against, else the prompt is counted
+            # (inline: a call here cost a tenth of the plan)
+            hint = self.spent_hint or _NOTHING
+            amounts = plan.amounts
+            for scope, caps in plan.resolved.bound_caps:
+                seen = hint.get(scope) or _NOTHING
+                for dim, cap in caps:
+                    if amounts[dim] > _BOUND_SHARE_OF_ROOM * (cap - seen.get(dim, 0)):
+                        return self.plan(call, exact=True)
             plan.input_is_bound = True
         return plan
 
     def exact_input(self, call: ModelCall) -> int:
         return self.guard.tokens.count_messages(call.messages, call.model, tools=call.tools,
                                                 params=call.params)
-
-    def _bound_is_far_from_caps(self, plan: _Plan) -> bool:
-        """Whether a reservation sized by the prompt's upper bound stays a small share of
-        the room under every token and dollar cap it is charged against."""
-        hint = self.spent_hint or _NOTHING
-        amounts = plan.amounts
-        for scope, caps in plan.resolved.bound_caps:
-            seen = hint.get(scope) or _NOTHING
-            for dim, cap in caps:
-                if amounts[dim] > _BOUND_SHARE_OF_ROOM * (cap - seen.get(dim, 0)):
-                    return False
-        return True
 
     def note_spent(self, settled: Settlement) -> None:
         """Remember each scope's spend as of this settle (a hint for planning only: other
