@@ -9,6 +9,7 @@ than was billed, and the call would leave no record.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 from typing import Any
@@ -114,3 +115,63 @@ def test_a_settle_whose_own_task_is_cancelled_still_charges_and_records(
     usage = guard.usage("s")
     assert usage.reserved_nano == 0, "the hold was left to its lease"
     assert len(records) == 1 and usage.cost_nano == records[0].cost_nano > 0
+
+
+class _HeldSecondReserve(MemoryLedger):
+    """A memory ledger whose second reserve (a fallback attempt, admitted in a worker
+    thread) waits for ``go`` inside the reserve."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reserves = 0
+        self.entered, self.go, self.left = (threading.Event() for _ in range(3))
+
+    def reserve(self, *args: Any, **kwargs: Any) -> Any:
+        self.reserves += 1
+        if self.reserves != 2:
+            return super().reserve(*args, **kwargs)
+        self.entered.set()
+        self.go.wait(10)
+        try:
+            return super().reserve(*args, **kwargs)
+        finally:
+            self.left.set()
+
+
+def test_a_task_cancelled_while_a_fallback_attempt_is_admitted_leaves_no_hold() -> None:
+    """``ModelFallbackMiddleware`` inside ``GuardMiddleware`` on an async path: the
+    fallback attempt is admitted in a worker thread. A cancellation that lands while that
+    thread reserves used to end the wrapped call before the thread had registered its
+    attempt, so the attempt's hold waited out its lease; the gate now waits for the
+    thread, and the wrapped call's cleanup ends the attempt it admitted."""
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import ModelFallbackMiddleware
+
+    from agent_guard import GuardMiddleware
+    from agent_guard.testing import ScriptedChatModel
+
+    def fail(messages: Any) -> str:
+        raise RuntimeError("primary down")
+
+    ledger = _HeldSecondReserve()
+    guard = Guard(Limits(max_cost_usd=1), ledger)
+    agent = create_agent(
+        ScriptedChatModel(model_name="gpt-4o", respond=fail), tools=[],
+        middleware=[GuardMiddleware(guard, session_id="s"),
+                    ModelFallbackMiddleware(ScriptedChatModel(model_name="gpt-4o-mini",
+                                                              responses=["ok"]))])
+
+    async def run() -> None:
+        task = asyncio.ensure_future(agent.ainvoke({"messages": [("user", "hi")]}))
+        await asyncio.to_thread(ledger.entered.wait, 10)  # the fallback's reserve began
+        # the reserve goes on once the run has ended (as before the fix), or after a
+        # while if the run waits for it (the fix): either way it ends after the cancel
+        task.add_done_callback(lambda _: ledger.go.set())
+        asyncio.get_running_loop().call_later(0.3, ledger.go.set)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert ledger.left.wait(10)
+    assert guard.usage("s").reserved_nano == 0, "the fallback attempt's hold was left"

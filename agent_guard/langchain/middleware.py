@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import gc
 import queue
 import sys
@@ -1227,6 +1229,26 @@ def _request_params(model: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
 _INLINE_EVENTS = frozenset({"on_llm_end", "on_llm_new_token"})
 
 
+async def _thread_to_the_end(admit: Callable[[], None]) -> None:
+    """Run ``admit`` in a worker thread (as ``asyncio.to_thread``) and wait for it even
+    when the caller is cancelled meanwhile, then raise the cancellation. The thread
+    cannot be stopped: a reservation it makes after its caller gave up would be
+    registered after the wrapped call's cleanup ended the open attempts, and its hold
+    would wait out its lease. The executor's future is not a task, so the sweep of
+    ``asyncio.run`` (which cancels tasks) leaves it to be waited for."""
+    loop = asyncio.get_running_loop()
+    admitting = loop.run_in_executor(None, contextvars.copy_context().run, admit)
+    cancelled: asyncio.CancelledError | None = None
+    while not admitting.done():
+        try:
+            await asyncio.wait((admitting,))  # never cancels what it waits for
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if cancelled is not None:
+        raise cancelled
+    admitting.result()  # its refusal, if it refused
+
+
 class _AttemptGate(BaseCallbackHandler):
     """Admits each model attempt made inside one ``wrap_model_call`` at its own price.
 
@@ -1303,8 +1325,9 @@ class _AttemptGate(BaseCallbackHandler):
             self._on_chat_model_start(serialized, messages, run_id=run_id,
                                       metadata=metadata, **kwargs)
         else:
-            await asyncio.to_thread(self._on_chat_model_start, serialized, messages,
-                                    run_id=run_id, metadata=metadata, **kwargs)
+            await _thread_to_the_end(functools.partial(
+                self._on_chat_model_start, serialized, messages, run_id=run_id,
+                metadata=metadata, **kwargs))
 
     @async_twin(_aon_chat_model_start)
     def on_chat_model_start(self, serialized: dict[str, Any],
