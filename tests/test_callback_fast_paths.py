@@ -278,3 +278,47 @@ def test_the_handlers_session_is_session_from_metadata(meta: dict[str, Any],
     except _Described as described:
         got = described.args[0].session
     assert got == expected
+
+
+@pytest.mark.parametrize("kind", ["uuid", "str", "int"])
+def test_a_run_id_that_is_no_uuid_keys_its_run_as_a_uuid_does(kind: str) -> None:
+    """Open runs are keyed by a UUID run id's int; any other hashable run id (LangChain
+    passes UUIDs; other callers may not) is its own key: the run starts, streams, ends,
+    errors and is stopped by the keeper the same way."""
+    from uuid import uuid4
+
+    from langchain_core.messages import HumanMessage
+    from langchain_core.outputs import LLMResult
+
+    from agent_guard.langchain.callback import GuardCallbackHandler, _run_key
+
+    def make_id() -> Any:
+        u = uuid4()
+        return {"uuid": u, "str": str(u), "int": u.int}[kind]
+
+    handler = GuardCallbackHandler(limits=Limits(max_cost_usd="5"), session_id="s")
+    params = {"model": "gpt-4o-mini", "max_tokens": 20}
+
+    def start(run_id: Any) -> None:
+        handler.on_chat_model_start({}, [[HumanMessage("hi")]], run_id=run_id,
+                                    invocation_params=params)
+        assert handler.open_runs == 1
+
+    ended = make_id()
+    start(ended)
+    handler.on_llm_new_token("ab", run_id=ended)
+    answer = AIMessage(content="ok", usage_metadata={"input_tokens": 3, "output_tokens": 2,
+                                                     "total_tokens": 5})
+    record = handler.on_llm_end(LLMResult(generations=[[ChatGeneration(message=answer)]]),
+                                run_id=ended)
+    assert record is not None and record.outcome == "ok" and handler.open_runs == 0
+    assert record.run_id == str(ended)
+    failed = make_id()
+    start(failed)
+    handler.on_llm_error(RuntimeError("down"), run_id=failed)
+    assert handler.open_runs == 0
+    stopped = make_id()
+    start(stopped)
+    handler._stopped(stopped)
+    assert handler.open_runs == 0
+    assert _run_key(stopped) == (stopped.int if kind == "uuid" else stopped)

@@ -264,8 +264,9 @@ class GuardCallbackHandler(BaseCallbackHandler):
         self.telemetry = telemetry  # agent_guard.telemetry.GuardTelemetry, optional
         self.annotate_runs = annotate_runs
         # open model runs by their run id's int: a UUID's own hash is a Python call
-        # (uuid.UUID.__hash__ hashes its int), an int's is not
-        self._runs: dict[int, _Run] = {}
+        # (uuid.UUID.__hash__ hashes its int), an int's is not; a run id that is no
+        # UUID (LangChain always passes one) is its own key (see _run_key)
+        self._runs: dict[Any, _Run] = {}
         self._lock = threading.Lock()
         # open Runnable.with_fallbacks runs -> the refusal raised inside (or None): the
         # fallback model of a refused call is refused the same way
@@ -368,11 +369,15 @@ class GuardCallbackHandler(BaseCallbackHandler):
                    admission.call is call)
         refused: tuple[Any, GuardError] | None = None
         dropped: list[tuple[UUID, _Run]] = []
+        try:  # _run_key(run_id) inline (a try costs nothing when nothing is raised)
+            key: Any = run_id.int
+        except AttributeError:
+            key = run_id
         with self._lock:
             if batch is not None:
                 refused = self._refused_batches.get(id(batch))
             if refused is None:
-                self._runs[run_id.int] = run
+                self._runs[key] = run
                 while len(self._runs) > _MAX_OPEN_RUNS:  # runs nothing ever ended
                     oldest = self._runs.pop(next(iter(self._runs)))
                     dropped.append((oldest.run_id, oldest))
@@ -434,7 +439,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         """The keeper saw the run's call end or stop: forget it; if nothing ended it,
         end it as abandoned."""
         with self._lock:
-            run = self._runs.pop(run_id.int, None)
+            run = self._runs.pop(_run_key(run_id), None)
         if run is not None:
             self._end_abandoned(run_id, run)
 
@@ -560,7 +565,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         parent_run_id: UUID | None = None,
         **kwargs: Any,
     ) -> None:
-        run = self._runs.get(run_id.int)
+        run = self._runs.get(_run_key(run_id))
         if run is None:
             return
         if not run.first_chunk:
@@ -607,8 +612,12 @@ class GuardCallbackHandler(BaseCallbackHandler):
         parent_run_id: UUID | None = None,
         **kwargs: Any,
     ) -> CallRecord | None:
+        try:  # _run_key(run_id) inline (a try costs nothing when nothing is raised)
+            key: Any = run_id.int
+        except AttributeError:
+            key = run_id
         with self._lock:
-            run = self._runs.pop(run_id.int, None)
+            run = self._runs.pop(key, None)
         if run is None:
             return None
         admission = run.admission
@@ -643,7 +652,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         with self._lock:
-            run = self._runs.pop(run_id.int, None)
+            run = self._runs.pop(_run_key(run_id), None)
         if run is not None:
             keeper.unwatch(self, run.admission)
             record = self.guard.model_call_failed(run.admission,
@@ -901,6 +910,15 @@ def _note_calling_task() -> None:
     ref = _CALLING_TASK.get()
     if ref is None or ref() is not task:
         _CALLING_TASK.set(weakref.ref(task))
+
+
+def _run_key(run_id: Any) -> Any:
+    """The key of an open model run: its run id's int for a UUID (hashing an int is no
+    Python call), else the run id itself (any hashable id, e.g. a str)."""
+    try:
+        return run_id.int
+    except AttributeError:
+        return run_id
 
 
 def _run_id_text(run_id: UUID) -> str:
