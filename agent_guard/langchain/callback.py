@@ -373,7 +373,11 @@ class GuardCallbackHandler(BaseCallbackHandler):
             key: Any = run_id.int
         except AttributeError:
             key = run_id
-        with self._lock:
+        # acquire/release in a try/finally, not `with` (~1k instructions fewer: no
+        # __enter__/__exit__ lookups and calls); as exception-safe
+        lock = self._lock
+        lock.acquire()
+        try:
             if batch is not None:
                 refused = self._refused_batches.get(id(batch))
             if refused is None:
@@ -381,6 +385,8 @@ class GuardCallbackHandler(BaseCallbackHandler):
                 while len(self._runs) > _MAX_OPEN_RUNS:  # runs nothing ever ended
                     oldest = self._runs.pop(next(iter(self._runs)))
                     dropped.append((oldest.run_id, oldest))
+        finally:
+            lock.release()
         for old_id, old in dropped:
             self._end_abandoned(old_id, old)
         if refused is not None:  # a sibling prompt was refused meanwhile: never sent
@@ -616,8 +622,12 @@ class GuardCallbackHandler(BaseCallbackHandler):
             key: Any = run_id.int
         except AttributeError:
             key = run_id
-        with self._lock:
+        lock = self._lock  # acquire/release, not `with` (see _start)
+        lock.acquire()
+        try:
             run = self._runs.pop(key, None)
+        finally:
+            lock.release()
         if run is None:
             return None
         admission = run.admission
