@@ -27,18 +27,40 @@ from agent_guard.langchain.call import (
     max_output,
     read_answer,
     read_timeout,
-    usd_text,
-    with_costs,
 )
 from agent_guard.tokens import TokenCounter
+
+
+class _Record:
+    """The fields of a CallRecord annotate_message reads."""
+
+    def __init__(self, cost_nano: int) -> None:
+        self.cost_nano = cost_nano
+        self.session, self.tier, self.route, self.usage_estimated = "s", "t", "r", False
+
+
+_GUARD = Guard(limits=Limits(max_cost_usd="5"))
 
 
 @settings(max_examples=2000, deadline=None)
 @given(st.one_of(st.integers(-10**12, 10**6), st.integers(0, 10**30),
                  st.integers(0, 10**6).map(lambda n: n * 10**9),
-                 st.integers(1, 10**8).map(lambda n: n * 10**5)))
-def test_usd_text_is_the_records_cost_usd_text(nano: int) -> None:
-    assert usd_text(nano) == str(nano_to_usd(nano))
+                 st.integers(1, 10**8).map(lambda n: n * 10**5), st.integers(10**3, 10**9)))
+def test_the_annotated_cost_text_is_the_records_cost_usd_text(nano: int) -> None:
+    message = AIMessage(content="a")
+    annotate_message(message, _GUARD, _Record(nano), None)
+    assert message.response_metadata["agent_guard"]["cost_usd"] == str(nano_to_usd(nano))
+
+
+def test_the_annotated_cap_text_is_the_caps_str() -> None:
+    """The cap's text, reused while the cap is the same object, is str(cap)."""
+    for cap in ("5", None, "5", 0.1, "0.1", 10**6, 10**6):
+        for guard in (Guard(limits=Limits(max_cost_usd=cap)),) * 2:
+            message = AIMessage(content="a")
+            annotate_message(message, guard, _Record(1), None)
+            expected = guard.limits.max_cost_usd
+            assert message.response_metadata["agent_guard"]["cap_usd"] == \
+                (None if expected is None else str(expected))
 
 
 usages = st.dictionaries(
@@ -50,17 +72,28 @@ costs = st.fixed_dictionaries({"input_cost": st.floats(0, 1), "output_cost": st.
 
 
 @settings(max_examples=300, deadline=None)
-@given(usages, costs, st.booleans())
-def test_with_costs_is_the_costed_usage_constructor(usage: dict[str, Any],
-                                                    cost: dict[str, float],
-                                                    costed_input: bool) -> None:
+@given(usages, costs, st.booleans(), st.integers(0, 10**12))
+def test_the_annotated_usage_is_the_costed_usage_constructor(usage: dict[str, Any],
+                                                              cost: dict[str, float],
+                                                              costed_input: bool,
+                                                              cost_nano: int) -> None:
+    """annotate_message builds its CostedUsage without the constructor: the same."""
     given_usage: Any = CostedUsage(usage, {"total_cost": 9.0}) if costed_input else usage
-    fast, general = with_costs(given_usage, dict(cost)), CostedUsage(given_usage, cost)
+    message = AIMessage(content="a")
+    message.__dict__["usage_metadata"] = given_usage  # any mapping, unvalidated
+    annotate_message(message, Guard(limits=Limits(max_cost_usd="5")), _Record(cost_nano),
+                     (cost["input_cost"], cost["output_cost"]))
+    fast: Any = message.usage_metadata
+    general = CostedUsage(given_usage, {"input_cost": cost["input_cost"],
+                                        "output_cost": cost["output_cost"],
+                                        "total_cost": cost_nano / 1_000_000_000})
     assert type(fast) is CostedUsage
     assert dict(dict.items(fast)) == dict(dict.items(general))
     assert fast.costs == general.costs
     assert {k: fast.get(k) for k in (*usage, *cost)} == \
         {k: general.get(k) for k in (*usage, *cost)}
+    assert message.response_metadata["agent_guard"]["cost_usd"] == \
+        str(nano_to_usd(cost_nano))
 
 
 serialized_models = st.one_of(

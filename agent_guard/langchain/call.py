@@ -481,17 +481,6 @@ class CostedUsage(dict):  # type: ignore[type-arg]
         return CostedUsage, (dict(dict.items(self)), self.costs)
 
 
-def with_costs(usage: Mapping[str, Any], costs: dict[str, float]) -> CostedUsage:
-    """``CostedUsage(usage, costs)``, keeping ``costs`` (not a copy): made without
-    ``type.__call__`` dispatching to a Python ``__init__`` (one per annotated answer)."""
-    out: CostedUsage = _new_dict(CostedUsage)
-    dict.update(out, usage)  # what dict.__init__ does
-    if not COST_KEYS.isdisjoint(dict.keys(out)):
-        _drop_costs(out)
-    out.costs = costs
-    return out
-
-
 _new_dict = dict.__new__
 # pydantic's own __setattr__ (a message class that overrides it is set the usual way)
 _MODEL_SETATTR = BaseModel.__setattr__
@@ -500,19 +489,6 @@ _MODEL_SETATTR = BaseModel.__setattr__
 def _drop_costs(usage: CostedUsage) -> None:
     for key in COST_KEYS:
         dict.pop(usage, key, None)
-
-
-def usd_text(nano: int) -> str:
-    """``str(nano_to_usd(nano))`` (a dollar amount as ``CallRecord.cost_usd`` prints it)
-    without Decimal arithmetic where the text is plain digits: the quotient by 10^9 is
-    exact, with no trailing zeros after the point (below 1,000 nano-USD Decimal prints
-    an exponent; beyond its 28 digits it would round)."""
-    if 1000 <= nano < 10**27:
-        # (%-formatting the divmod pair: no unpacking, no format-spec parse; ~1.3k
-        # instructions fewer than an f-string)
-        text = "%d.%09d" % divmod(nano, NANO_PER_USD)  # noqa: UP031 - see above
-        return text.rstrip("0").rstrip(".")
-    return str(nano_to_usd(nano))
 
 
 def annotate(generations: Iterable[Any], guard: Any, record: Any,
@@ -533,13 +509,21 @@ def annotate(generations: Iterable[Any], guard: Any, record: Any,
 def annotate_message(message: AIMessage, guard: Any, record: Any,
                      split: tuple[Any, Any] | None) -> None:
     """:func:`annotate` the answer ``message`` (the first of the call's answers)."""
+    global _cap_text
+    nano = record.cost_nano
     usage = message.usage_metadata
     if usage is not None and split is not None:
-        costed = with_costs(usage, {
+        # CostedUsage(usage, costs), keeping the costs dict (not a copy), made here:
+        # no type.__call__ dispatching to a Python __init__, no helper's frame
+        costed: CostedUsage = _new_dict(CostedUsage)
+        dict.update(costed, usage)  # what dict.__init__ does
+        if not COST_KEYS.isdisjoint(costed):  # (its keys: CostedUsage iterates as a dict)
+            _drop_costs(costed)
+        costed.costs = {
             "input_cost": float(split[0]), "output_cost": float(split[1]),
             # the exact dollars to the nearest float: int / int rounds correctly,
             # as float(Decimal(nano) / 10**9) does
-            "total_cost": record.cost_nano / 1_000_000_000})
+            "total_cost": nano / 1_000_000_000}
         if PYDANTIC_FIELD_SETATTR is not None and type(message).__setattr__ is \
                 _MODEL_SETATTR and message.__pydantic_setattr_handlers__.get(
                     "usage_metadata") is PYDANTIC_FIELD_SETATTR:
@@ -549,13 +533,34 @@ def annotate_message(message: AIMessage, guard: Any, record: Any,
             message.__pydantic_fields_set__.add("usage_metadata")
         else:
             message.usage_metadata = costed  # type: ignore[assignment]
+    # str(record.cost_usd), i.e. str(nano_to_usd(nano)), without Decimal arithmetic
+    # where the text is plain digits (here, not in a helper: one call fewer per answer):
+    # the decimal digits cut at the point, no trailing zeros after it (below 1,000
+    # nano-USD Decimal prints an exponent; beyond its 28 digits it would round)
+    if 1000 <= nano < 10**27:
+        digits = str(nano)
+        if nano < NANO_PER_USD:  # (nano >= 1000: a digit stays after the strip)
+            cost_text = "0." + digits.rjust(9, "0").rstrip("0")
+        else:
+            fraction = digits[-9:].rstrip("0")
+            cost_text = f"{digits[:-9]}.{fraction}" if fraction else digits[:-9]
+    else:
+        cost_text = str(nano_to_usd(nano))
+    # str(cap): the guard's limits keep one Decimal, so the text of the last one is
+    # reused while the cap is that same object (one tuple, swapped whole: thread-safe)
     cap = guard.limits.max_cost_usd
+    known = _cap_text
+    if known[0] is not cap:
+        known = _cap_text = (cap, None if cap is None else str(cap))
     message.response_metadata["agent_guard"] = {
         "session": record.session, "tier": record.tier, "route": record.route,
-        "cost_usd": usd_text(record.cost_nano),  # str(record.cost_usd)
-        "usage_estimated": record.usage_estimated,
-        "cap_usd": None if cap is None else str(cap),
+        "cost_usd": cost_text, "usage_estimated": record.usage_estimated,
+        "cap_usd": known[1],
     }
+
+
+#: (cap, str(cap)) of the last answer annotate_message annotated
+_cap_text: tuple[Any, str | None] = (None, None)
 
 
 def tool_result(output: Any) -> Any:
