@@ -468,7 +468,14 @@ class Guard:
             except LedgerUnavailable as exc:
                 self._unsettled.keep(reservation, amounts, exc)
             else:
-                self._planner.note_spent(settled)
+                # _planner.note_spent(settled), its common case inlined: the hint kept and
+                # small, a counted settle's totals added to it
+                hint = self._planner.spent_hint
+                if hint is not None and len(hint) <= 100_000 and settled.counted:
+                    if settled.spent:
+                        hint.update(settled.spent)
+                else:
+                    self._planner.note_spent(settled)
         finally:
             if admission.state.key is not None:  # only a request others may join is kept
                 forget(admission)

@@ -35,13 +35,15 @@ from .base import (
     ScopeCaps,
     ScopeTotals,
     Settlement,
+    _ReservationSlots,
+    _SettlementSlots,
     check_amounts,
-    counted_settlement,
-    make_reservation,
     new_reservation_id,
 )
 
 __all__ = ["MemoryLedger"]
+
+_new_object = object.__new__
 
 
 _DONE_FLOOR = 4096  # finished ids are pruned only beyond this many
@@ -401,8 +403,14 @@ class MemoryLedger(Ledger):
                 reserved = counters.reserved
                 for dim, amount in amounts.items():
                     reserved[dim] += amount
-            res = self._open[rid] = make_reservation(rid, tuple(names), dict(amounts),
-                                                     expires_at)
+            # make_reservation(rid, tuple(names), dict(amounts), expires_at), inlined
+            res: Any = _new_object(_ReservationSlots)
+            res.id = rid
+            res.scopes = tuple(names)
+            res.amounts = dict(amounts)
+            res.expires_at = expires_at
+            res.__class__ = Reservation
+            self._open[rid] = res
             heapq.heappush(self._leases, (expires_at, rid))
             if expires_at < self._due:
                 self._due = expires_at
@@ -452,11 +460,17 @@ class MemoryLedger(Ledger):
                 kept.move_to_end(name)  # least recently used first
                 counters.touched = now
                 spent = counters.spent
-                read = after[name] = {}
+                read = after[name] = dict(actual)  # (its keys in place, sized once: each
+                # store below replaces a value, the dict never grows)
                 for dim, amount in actual.items():
                     read[dim] = spent[dim] = spent[dim] + amount
             done[rid] = now
-            return counted_settlement(after)
+            # counted_settlement(after), inlined (its frame cost as much as its body)
+            settled: Any = _new_object(_SettlementSlots)
+            settled.counted = True
+            settled.spent = after
+            settled.__class__ = Settlement
+            return settled  # type: ignore[no-any-return]
         finally:
             lock.release()
 
