@@ -355,3 +355,23 @@ def test_a_run_id_that_is_no_uuid_keys_its_run_as_a_uuid_does(kind: str) -> None
     handler._stopped(stopped)
     assert handler.open_runs == 0
     assert _run_key(stopped) == (stopped.int if kind == "uuid" else stopped)
+
+
+def test_an_open_run_sets_every_field_of_the_keepers_watch_as_watch_does() -> None:
+    """``_Run.__init__`` fills the lease keeper's ``Watch`` fields itself (a call of
+    ``Watch.__init__`` per guarded call costs a frame): it must set each of them, to what
+    ``Watch.__init__`` sets, or a field added to ``Watch`` would be unset on open runs."""
+    from agent_guard.engine.keeper import Watch
+    from agent_guard.langchain.callback import GuardCallbackHandler, _Run
+
+    guard = Guard(Limits(max_cost_usd=1), "memory://")
+    handler = GuardCallbackHandler(guard, session_id="s")
+    admission = guard.before_model_call(ModelCall(session="s", model="gpt-4o-mini",
+                                                  input_tokens=10, max_output_tokens=10))
+    run = _Run(handler, UUID(int=1), admission, None, None, 0.0, None, True)
+    watch = Watch(guard, admission, None)
+    for name in Watch.__slots__:
+        if name == "on_stop":  # the run's own stopped() tells its handler
+            assert run.on_stop is None
+            continue
+        assert getattr(run, name) == getattr(watch, name), name
