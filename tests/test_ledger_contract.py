@@ -276,18 +276,22 @@ async def test_async_twins(ledger: Ledger) -> None:
 
 
 def test_the_hot_path_builds_the_same_reservation_and_settlement() -> None:
-    """make_reservation and counted_settlement (the memory ledger's hot path) build
-    what the class calls build, field by field and in every way they are used."""
+    """The memory ledger's reserve and settle build their Reservation and Settlement
+    through plain slotted twins (its hot path): what they return is what the class calls
+    build, field by field and in every way they are used."""
     import copy
     import pickle
     from dataclasses import FrozenInstanceError, fields, replace
 
-    from agent_guard.ledger.base import Settlement, counted_settlement, make_reservation
+    from agent_guard.ledger.base import Settlement
+    from agent_guard.ledger.memory import MemoryLedger
 
-    spent = {"session:a": {USD: 5}}
-    pairs = [(make_reservation("r1", ("session:a",), {USD: 5}, 12.5),
-              Reservation("r1", ("session:a",), {USD: 5}, 12.5)),
-             (counted_settlement(spent), Settlement(True, spent))]
+    ledger = MemoryLedger(clock=FakeClock())
+    res = ledger.reserve([session("a")], {USD: 5}, lease_seconds=30)
+    assert isinstance(res, Reservation)
+    settled = ledger.settle_valid(res, {USD: 4})
+    pairs = [(res, Reservation(res.id, ("session:a",), {USD: 5}, res.expires_at)),
+             (settled, Settlement(True, {"session:a": {USD: 4}}))]
     for made, called in pairs:
         cls = type(called)
         assert type(made) is cls

@@ -175,10 +175,11 @@ class ScopeTotals:
 
 # The ledgers' hot path builds a Reservation and a Settlement per guarded call. A frozen
 # dataclass is filled through its slots' descriptors (fast_init makes that as cheap as a
-# class call allows: ~4k instructions here); these build the same object in about half:
-# an instance of a plain class with the same slots gets plain stores, then becomes the
-# dataclass (the layouts are the same, as Python checks on that assignment). Tested
-# equal, field by field, to the class call (tests/test_ledger_contract.py).
+# class call allows: ~4k instructions here); the memory ledger builds the same object in
+# about half: an instance of a plain class with the same slots gets plain stores, then
+# becomes the dataclass (the layouts are the same, as Python checks on that assignment).
+# What it returns is tested equal, field by field, to the class call
+# (tests/test_ledger_contract.py).
 
 
 class _ReservationSlots:
@@ -187,30 +188,6 @@ class _ReservationSlots:
 
 class _SettlementSlots:
     __slots__ = Settlement.__slots__
-
-
-_new = object.__new__
-
-
-def make_reservation(rid: str, scopes: tuple[str, ...], amounts: Mapping[str, int],
-                     expires_at: float) -> Reservation:
-    """``Reservation(rid, scopes, amounts, expires_at)``, in fewer steps."""
-    res: Any = _new(_ReservationSlots)
-    res.id = rid
-    res.scopes = scopes
-    res.amounts = amounts
-    res.expires_at = expires_at
-    res.__class__ = Reservation
-    return res  # type: ignore[no-any-return]
-
-
-def counted_settlement(spent: Mapping[str, Mapping[str, int]]) -> Settlement:
-    """``Settlement(True, spent)``, in fewer steps."""
-    settled: Any = _new(_SettlementSlots)
-    settled.counted = True
-    settled.spent = spent
-    settled.__class__ = Settlement
-    return settled  # type: ignore[no-any-return]
 
 
 def check_amounts(amounts: Mapping[str, int]) -> None:

@@ -403,7 +403,8 @@ class MemoryLedger(Ledger):
                 reserved = counters.reserved
                 for dim, amount in amounts.items():
                     reserved[dim] += amount
-            # make_reservation(rid, tuple(names), dict(amounts), expires_at), inlined
+            # Reservation(rid, tuple(names), dict(amounts), expires_at) through its
+            # slotted twin (see ledger.base._ReservationSlots)
             res: Any = _new_object(_ReservationSlots)
             res.id = rid
             res.scopes = tuple(names)
@@ -465,7 +466,7 @@ class MemoryLedger(Ledger):
                 for dim, amount in actual.items():
                     read[dim] = spent[dim] = spent[dim] + amount
             done[rid] = now
-            # counted_settlement(after), inlined (its frame cost as much as its body)
+            # Settlement(True, after) through its slotted twin
             settled: Any = _new_object(_SettlementSlots)
             settled.counted = True
             settled.spent = after
