@@ -270,10 +270,18 @@ class _OwnText(UUID):
 @settings(max_examples=500, deadline=None)
 @given(st.uuids(), st.integers(0, 2**128 - 1))
 def test_a_run_ids_text_is_its_str(run_id: UUID, n: int) -> None:
+    from agent_guard.langchain import callback
     from agent_guard.langchain.callback import _run_id_text
 
     for value in (run_id, UUID(int=n), _OwnText(int=n)):
         assert _run_id_text(value) == str(value)
+    # the fallback without uuid-utils formats the same text
+    rust, callback._uuid_text = callback._uuid_text, None
+    try:
+        for value in (run_id, UUID(int=n), _OwnText(int=n)):
+            assert _run_id_text(value) == str(value)
+    finally:
+        callback._uuid_text = rust
 
 
 class _Described(Exception):
@@ -368,10 +376,13 @@ def test_an_open_run_sets_every_field_of_the_keepers_watch_as_watch_does() -> No
     handler = GuardCallbackHandler(guard, session_id="s")
     admission = guard.before_model_call(ModelCall(session="s", model="gpt-4o-mini",
                                                   input_tokens=10, max_output_tokens=10))
-    run = _Run(handler, UUID(int=1), admission, None, None, 0.0, None, True)
+    run = _Run(handler, UUID(int=1), admission, None, None, 100.0, None, True)
     watch = Watch(guard, admission, None)
     for name in Watch.__slots__:
         if name == "on_stop":  # the run's own stopped() tells its handler
             assert run.on_stop is None
+            continue
+        if name == "renew_at":  # a first renewal a third of the lease after the start
+            assert run.renew_at == 100.0 + guard.limits.lease_seconds / 3
             continue
         assert getattr(run, name) == getattr(watch, name), name

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import time
+from typing import Any
 
 from agent_guard import Guard, Limits
 from agent_guard.engine.admission import ModelCall
-from agent_guard.engine.keeper import LeaseKeeper
+from agent_guard.engine.keeper import LeaseKeeper, Watch
 
 OWNER = object()
 
@@ -104,6 +106,72 @@ def test_an_ended_call_is_dropped_and_unwatch_forgets() -> None:
     keeper.unwatch(OWNER, other)
     keeper.check()
     assert stops == [1]
+
+
+class _Source:
+    """An adapter keeping its open calls' watches itself (as the callback handler does)."""
+
+    def __init__(self) -> None:
+        self.runs: dict[int, Watch] = {}
+        self.stopped: list[int] = []
+
+    def open_watches(self) -> list[Watch]:
+        return list(self.runs.values())
+
+    def open_count(self) -> int:
+        return len(self.runs)
+
+    def forked(self) -> None:
+        pass
+
+    def open(self, keeper: LeaseKeeper, guard: Guard, key: int, task: object) -> Watch:
+        w = Watch(guard, admitted(guard), lambda: self.stop(key), task=task)
+        self.runs[key] = w  # the call is open before the keeper is woken
+        if keeper._idle:
+            keeper.wake()
+        return w
+
+    def stop(self, key: int) -> None:
+        self.stopped.append(key)
+        self.runs.pop(key, None)
+
+
+class _Task:
+    def __init__(self) -> None:
+        self.over = False
+
+    def done(self) -> bool:
+        return self.over
+
+
+def _until(condition: Any, seconds: float = 5.0) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def test_a_source_s_calls_are_renewed_and_ended_and_wake_an_idle_keeper() -> None:
+    """A source's open calls are read on each pass (no watch per call): a call due is
+    renewed, a call whose task is done is stopped through its source; the keeper then
+    sleeps, and the source's next call wakes it (its thread, too, starts that way)."""
+    guard = Guard(Limits(max_cost_usd=1, lease_seconds=30))
+    keeper = LeaseKeeper(poll_seconds=0.01)
+    source = _Source()
+    keeper.add_source(source)
+    assert keeper._thread is None  # nothing open yet: no thread
+    for key in (1, 2):  # the second after the keeper went back to sleep
+        task = _Task()
+        w = source.open(keeper, guard, key, task)
+        assert keeper._thread is not None
+        assert _until(lambda w=w: bool(w.renewed)), "a due call was not renewed"
+        assert source.stopped == [1] if key == 2 else source.stopped == []
+        task.over = True
+        assert _until(lambda key=key: key in source.stopped), "an ended call was kept"
+        assert _until(lambda: keeper._idle), "the keeper kept polling with nothing open"
+    assert keeper.watching == 0
 
 
 def test_the_handler_bounds_its_open_runs(monkeypatch) -> None:

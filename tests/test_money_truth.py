@@ -445,10 +445,16 @@ def test_one_request_is_charged_once(ledger: Ledger, mode: str, shape: str) -> N
 # -- row 9: a call longer than its lease keeps its hold ----------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["sync", "async", "stream", "astream"])
 def test_a_long_call_keeps_its_hold_past_the_lease(ledger: Ledger, mode: str) -> None:
+    """A call running past its lease keeps its hold: the lease keeper renews it while its
+    frame (invoke), its task (ainvoke) or its streamed chunks (a stream between chunks
+    has neither) show it is running; a second call is refused meanwhile."""
     probe = Books(ledger)
-    with FakeOpenAIServer([slow(1.5), ANSWER]) as server:
+    # streams: 1.5 s of chunks, 0.1 s apart (each chunk a sign of life)
+    first = slow(1.5) if mode in ("sync", "async") else FakeReply(
+        "word " * 16, completion_tokens=ANSWER.completion_tokens, chunk_delay_s=0.1)
+    with FakeOpenAIServer([first, ANSWER]) as server:
         worst = probe.guard.estimate_model_call(_call(server, "hi"))
         books = Books(ledger, cap_usd=1.5 * worst / 1e9, lease_seconds=0.6)
         config = {"callbacks": [books.handler()]}
@@ -466,8 +472,15 @@ def test_a_long_call_keeps_its_hold_past_the_lease(ledger: Ledger, mode: str) ->
         thread.start()
         if mode == "sync":
             chat(server).invoke("hi", config)
-        else:
+        elif mode == "async":
             asyncio.run(chat(server).ainvoke("hi", config))
+        elif mode == "stream":  # (the stream's usage reported: charged as billed)
+            list(chat(server, stream_usage=True).stream("hi", config))
+        else:
+            async def consume() -> None:
+                async for _ in chat(server, stream_usage=True).astream("hi", config):
+                    pass
+            asyncio.run(consume())
         thread.join()
         assert isinstance(second[0], BudgetExceeded), "a second call was admitted"
         server.wait_billed(1)

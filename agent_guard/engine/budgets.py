@@ -383,19 +383,25 @@ def _per_value(kind: str, by: Mapping[str, Limits]) -> dict[str, Limits]:
 _METADATA_KEYS: dict[frozenset[str], frozenset[str]] = {}
 
 
-def attributes_from_metadata(metadata: Mapping[str, object] | None,
-                             names: frozenset[str]) -> dict[str, str]:
-    """Scope values carried in a run's metadata: keys named after a scope kind
-    (``team``; ``user_id`` for ``user``), or the dict ``metadata["agent_guard"]``."""
-    if not metadata:
-        return {}
+def metadata_keys(names: frozenset[str]) -> frozenset[str]:
+    """The metadata keys that can carry one of the attributes ``names`` (a metadata
+    without any of them carries none: :func:`attributes_from_metadata` is ``{}``)."""
     keys = _METADATA_KEYS.get(names)
     if keys is None:
         keys = _METADATA_KEYS[names] = names.union(
             alias for alias, kind in ALIASES.items() if kind in names) | {"agent_guard"}
         if len(_METADATA_KEYS) > 256:
             _METADATA_KEYS.clear()
-    if keys.isdisjoint(metadata.keys()):  # most calls: no key names a scope value
+    return keys
+
+
+def attributes_from_metadata(metadata: Mapping[str, object] | None,
+                             names: frozenset[str]) -> dict[str, str]:
+    """Scope values carried in a run's metadata: keys named after a scope kind
+    (``team``; ``user_id`` for ``user``), or the dict ``metadata["agent_guard"]``."""
+    if not metadata:
+        return {}
+    if metadata_keys(names).isdisjoint(metadata.keys()):  # most calls: none names one
         return {}
     out: dict[str, str] = {}
     for key, value in metadata.items():

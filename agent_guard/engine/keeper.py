@@ -22,6 +22,12 @@ it is over, or ended by anyone, the watch is dropped and ``on_stop`` is called: 
 adapter forgets the call, and charges it as abandoned
 (``Guard.model_call_abandoned``) if nobody ended it. A call with no way to tell is
 never renewed: its lease ends it, as before.
+
+An adapter that keeps its open calls itself (the callback handler's open runs, each its
+own :class:`Watch`) registers as a *source* once (:meth:`LeaseKeeper.add_source`)
+instead of watching and unwatching every call: the keeper reads the source's open
+watches on each pass, so a guarded call costs the keeper nothing but setting its
+watch's ``renew_at`` and, after a quiet spell, one wake-up (:meth:`LeaseKeeper.wake`).
 """
 
 from __future__ import annotations
@@ -30,13 +36,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import LedgerUnavailable
 
-__all__ = ["LeaseKeeper", "Watch", "keeper"]
+__all__ = ["LeaseKeeper", "Watch", "WatchSource", "keeper"]
 
 logger = logging.getLogger("agent_guard")
 
@@ -81,6 +88,19 @@ class Watch:
             self.on_stop()
 
 
+class WatchSource(Protocol):
+    """An adapter that keeps its open calls' watches itself (see the module doc)."""
+
+    def open_watches(self) -> Sequence[Watch]:
+        """The watches of its calls open now (a copy: the keeper iterates it unlocked)."""
+
+    def open_count(self) -> int:
+        """How many calls it has open (no lock needed: read to decide to sleep)."""
+
+    def forked(self) -> None:
+        """In a forked child: the open calls are the parent's (see _after_fork)."""
+
+
 class LeaseKeeper:
     """Renews the leases of watched calls while they run; ends those that stopped."""
 
@@ -92,9 +112,14 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
-        # the keeper waits for a first watch (not polling): only then does a watch wake it
-        # (waking a polling keeper on every call made the caller wait for the GIL)
-        self._idle = False
+        # adapters that keep their open calls' watches themselves (weakly: a handler
+        # made per request is not kept alive by the keeper)
+        self._sources: weakref.WeakSet[Any] = weakref.WeakSet()
+        # True while the keeper sleeps until woken (nothing is watched), and before its
+        # thread starts: only then does a new watch wake it (waking a polling keeper on
+        # every call made the caller wait for the GIL). Sources read it after opening a
+        # call (see _run for why no wake-up is lost)
+        self._idle = True
 
     def watch(self, owner: object, guard: Any, admission: Any, *,
               on_stop: Callable[[], Any] | None = None, task: Any = None,
@@ -117,6 +142,22 @@ class LeaseKeeper:
                 self._cond.notify()
         finally:
             lock.release()
+
+    def add_source(self, source: WatchSource) -> None:
+        """Watch the calls ``source`` keeps open, read from it on each pass (once per
+        source: a source's open call costs no watch_as / unwatch). A source sets each
+        open watch's ``renew_at`` itself and calls :meth:`wake` after opening a call
+        when ``keeper._idle`` is true."""
+        with self._cond:
+            self._sources.add(source)
+
+    def wake(self) -> None:
+        """A source opened a call while the keeper slept: start its thread if it has
+        none yet, and wake it."""
+        with self._cond:
+            if self._thread is None:
+                self._start_thread()
+            self._cond.notify()
 
     def unwatch(self, owner: object, admission: Any) -> None:
         """The owner ended the call itself: stop watching it (no ``on_stop``). No lock:
@@ -144,23 +185,38 @@ class LeaseKeeper:
         now = time.monotonic()
         with self._cond:
             watches = list(self._watches.items())
+            sources = list(self._sources)
         for key, w in watches:
-            over = bool(w.admission.finished)
-            if over:
-                pass
-            elif w.task is not None:
-                over = bool(w.task.done())
-            elif w.frame is not None:
-                over = not _executing(w.frame)
-            if over:
-                self._drop(key, w)
-                try:
-                    w.stopped()
-                except Exception:
-                    logger.exception("agent-guard: ending an abandoned call failed")
+            self._look(w, now, key)
+        for source in sources:
+            try:
+                kept = source.open_watches()
+            except Exception:
+                logger.exception("agent-guard: reading a source's open calls failed")
                 continue
-            if now >= w.renew_at and w.knows_liveness():
-                self._renew(w, now)
+            for w in kept:
+                self._look(w, now, None)
+
+    def _look(self, w: Watch, now: float, key: tuple[int, int] | None) -> None:
+        """End ``w``'s call if it is over (dropping a watch of ours: ``key``; a
+        source's watch is dropped by its ``stopped``), else renew it when due."""
+        over = bool(w.admission.finished)
+        if over:
+            pass
+        elif w.task is not None:
+            over = bool(w.task.done())
+        elif w.frame is not None:
+            over = not _executing(w.frame)
+        if over:
+            if key is not None:
+                self._drop(key, w)
+            try:
+                w.stopped()
+            except Exception:
+                logger.exception("agent-guard: ending an abandoned call failed")
+            return
+        if now >= w.renew_at and w.knows_liveness():
+            self._renew(w, now)
 
     def _renew(self, w: Watch, now: float) -> None:
         lease = float(w.guard.limits.lease_seconds)
@@ -204,13 +260,20 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._thread = None
-        self._idle = False
+        self._idle = True
+        for source in list(self._sources):  # (one thread now: no lock is taken)
+            source.forked()
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._watches:
+                # _idle is set before the look: a source opens a call, then reads
+                # _idle; either its call is seen here or it sees _idle and wakes the
+                # keeper (its wake() waits for this lock, released by wait())
+                while True:
                     self._idle = True
+                    if self._watches or self._sources_open():
+                        break
                     self._cond.wait()
                 self._idle = False
                 self._cond.wait(self.poll_seconds)
@@ -218,6 +281,16 @@ class LeaseKeeper:
                 self.check()
             except Exception:  # the keeper must outlive any one bad call
                 logger.exception("agent-guard: lease keeper pass failed")
+
+
+    def _sources_open(self) -> bool:
+        for source in list(self._sources):
+            try:
+                if source.open_count():
+                    return True
+            except Exception:
+                logger.exception("agent-guard: reading a source's open calls failed")
+        return False
 
 
 def _executing(frame: FrameType) -> bool:

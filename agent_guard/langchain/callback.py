@@ -36,7 +36,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, fields, replace
 from types import FrameType
@@ -53,7 +53,7 @@ from ..cache.result import CACHE_HIT_EVENT
 from ..compat import LANGCHAIN_DISPATCH_CORO_NAMES, LANGCHAIN_MODEL_CODE_DIR
 from ..context import named_session, session_from_metadata
 from ..engine.admission import Admission, ModelCall, ToolAdmission
-from ..engine.budgets import Budgets, attributes_from_metadata
+from ..engine.budgets import Budgets, attributes_from_metadata, metadata_keys
 from ..engine.guard import Guard
 from ..engine.keeper import Watch, keeper
 from ..engine.limits import Limits
@@ -91,6 +91,13 @@ if tuple(f.name for f in fields(ModelCall)) != _MODEL_CALL_FIELDS or hasattr(
 # ModelCall has no __post_init__, so its fields_maker builds the same object as its
 # __init__, without type.__call__ and with one class switch instead of two
 _new_call = fields_maker(ModelCall)
+
+try:  # uuid-utils: a UUID whose __str__ is Rust's (same text as uuid.UUID's)
+    from uuid_utils import UUID as _RustUUID
+
+    _uuid_text: Callable[[int], Any] | None = _RustUUID.from_int  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - langchain-core depends on it
+    _uuid_text = None
 
 __all__ = ["GuardCallbackHandler", "OutputCapExceeded", "session_from_metadata"]
 
@@ -138,14 +145,15 @@ class _Run(Watch):
         self.first_chunk = 0.0  # time.monotonic() of the first streamed chunk, 0 before
         # what was streamed, for an exact count when the per-chunk sum passes the cap
         self.streamed_texts: list[str] = []
-        # the keeper's fields (see Watch; GuardCallbackHandler._watch sets the liveness)
-        self.guard = handler.guard
+        # the keeper's fields (see Watch; GuardCallbackHandler._watch sets the liveness;
+        # the handler is the keeper's source of its open runs: nothing else registers it)
+        self.guard = guard = handler.guard
         self.on_stop = None
         self.task = None
         self.thread_id = None
         self.frame = None
         self.touched = False
-        self.renew_at = 0.0
+        self.renew_at = started + guard.limits.lease_seconds / 3
         self._renewed = None
 
     def stopped(self) -> None:
@@ -227,6 +235,10 @@ class GuardCallbackHandler(BaseCallbackHandler):
     raise_error: bool = True
     # set on the handler guarded_graph adds; it stands down for a per-run handler
     _graph_default: bool = False
+    # what BaseCallbackHandler's properties answer, as plain class attributes: LangChain
+    # reads one per event it dispatches (a property is a Python call each time)
+    ignore_llm = ignore_chat_model = ignore_chain = ignore_agent = False
+    ignore_retriever = ignore_retry = ignore_custom_event = False
 
     @property  # LangChain declares a plain attribute; a property reads the moment it is read
     def run_inline(self) -> bool:  # type: ignore[override]
@@ -278,6 +290,10 @@ class GuardCallbackHandler(BaseCallbackHandler):
         # that ended; generate() batches one of whose prompts was refused
         self._parents: OrderedDict[UUID, UUID | None] = OrderedDict()
         self._refused_batches: OrderedDict[int, tuple[Any, GuardError]] = OrderedDict()
+        # the lease keeper reads the open runs from here (open_watches): no watch per call
+        keeper.add_source(self)
+        # the metadata keys that can carry one of the guard's scope attributes
+        self._scope_keys = metadata_keys(guard.attribute_names)
 
     # -- model calls -------------------------------------------------------------
 
@@ -330,7 +346,10 @@ class GuardCallbackHandler(BaseCallbackHandler):
             False,  # can_shrink
             meta.get("agent_guard_tier"),  # tier
             meta.get("agent_guard_route"),  # route
-            attributes_from_metadata(meta, self.guard.attribute_names),  # attributes
+            # attributes_from_metadata(meta, names), its common case without its call:
+            # no metadata key can carry a scope value (_scope_keys: the guard's names')
+            {} if self._scope_keys.isdisjoint(meta) else  # attributes
+            attributes_from_metadata(meta, self.guard.attribute_names),
             params,  # params
             tries,  # attempts
         )
@@ -393,6 +412,8 @@ class GuardCallbackHandler(BaseCallbackHandler):
             self.guard.model_call_failed(admission)
             raise refused[1]
         self._watch(run_id, run)
+        if keeper._idle:  # (after the run is in _runs: see LeaseKeeper._run)
+            keeper.wake()
 
     # -- every run ends once ---------------------------------------------------------
 
@@ -402,18 +423,44 @@ class GuardCallbackHandler(BaseCallbackHandler):
         with self._lock:
             return len(self._runs)
 
+    def open_watches(self) -> list[_Run]:
+        """The open runs, for the lease keeper (this handler is its source of them)."""
+        with self._lock:
+            return list(self._runs.values())
+
+    def open_count(self) -> int:
+        return len(self._runs)
+
+    def forked(self) -> None:
+        """In a forked child (the keeper's at-fork hook, one thread: no lock): the open
+        runs are the parent's calls, not this process's to renew or end; they stay open
+        (a call the forking thread goes on with ends as it would) without liveness."""
+        for run in list(self._runs.values()):
+            run.task = run.frame = run.thread_id = None
+            run.touched = False
+
     def _watch(self, run_id: UUID, run: _Run) -> None:
-        """Hand the run to the lease keeper with how to tell it is still running: the
-        stack frame of a synchronous call, else the asyncio task of an async one."""
+        """Tell the lease keeper (which reads this handler's open runs) how to tell the
+        run is still running: the stack frame of a synchronous call, else the asyncio
+        task of an async one."""
         # the frame of the synchronous model call this callback runs in (its generate or
         # stream), or None (an async call: the handler runs in an executor thread); the
         # frames below _watch's caller's caller (_watch, _start, on_chat_model_start) are
         # the handler's own (sys._getframe(3): one frame object made, not four)
         frame: FrameType | None
         try:
-            frame = sys._getframe(3)
-        except ValueError:  # nothing called the callback from Python
-            frame = None
+            # LangChain's sync dispatch: the chat model's generate() (or stream())
+            # called CallbackManager.on_chat_model_start, which called handle_event:
+            # the model frame is 5 up, looked at directly (one frame object made);
+            # else it is the first of LangChain's model code from 3 up
+            frame = sys._getframe(5)
+            if _MODEL_CODE_DIR not in frame.f_code.co_filename:
+                frame = sys._getframe(3)
+        except ValueError:  # a shorter stack
+            try:
+                frame = sys._getframe(3)
+            except ValueError:  # nothing called the callback from Python
+                frame = None
         for _ in range(32):
             if frame is None or _MODEL_CODE_DIR in frame.f_code.co_filename:
                 break
@@ -424,20 +471,16 @@ class GuardCallbackHandler(BaseCallbackHandler):
             if not frame.f_code.co_flags & inspect.CO_GENERATOR:  # not a stream between chunks
                 run.thread_id = threading.get_ident()
                 run.frame = frame
-            keeper.watch_as(self, run)
             return
         ref = _CALLING_TASK.get()
         task = ref() if ref is not None else None
         if task is None:
             if ref is not None:  # the task is gone already: the call cannot be running
                 self._stopped(run_id)
-                return
-            keeper.watch_as(self, run)
             return
         # a task already done (another handler raised while this one was reserving)
         # cannot be running the call: the keeper ends the run on its next look
         run.task = task
-        keeper.watch_as(self, run)
         with contextlib.suppress(RuntimeError):  # a closed loop: the keeper polls anyway
             task.get_loop().call_soon_threadsafe(task.add_done_callback, _poke_keeper)
 
@@ -576,7 +619,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
             return
         if not run.first_chunk:
             run.first_chunk = time.monotonic()
-        keeper.touch(self, run.admission)
+        run.touched = True  # (the keeper's sign of life of a stream between chunks)
         model = run.admission.call.model
         # The chunk's message is what was streamed, whatever ``token`` is: a str, or
         # (``output_version="v1"``, the Responses API, Anthropic) a list of content blocks.
@@ -631,7 +674,6 @@ class GuardCallbackHandler(BaseCallbackHandler):
         if run is None:
             return None
         admission = run.admission
-        keeper.unwatch(self, admission)
         # read as the middleware reads its answers
         answer = read_answer(response.generations, response.llm_output, admission.call.model,
                              self.guard.tokens, run.streamed_tokens)
@@ -664,7 +706,6 @@ class GuardCallbackHandler(BaseCallbackHandler):
         with self._lock:
             run = self._runs.pop(_run_key(run_id), None)
         if run is not None:
-            keeper.unwatch(self, run.admission)
             record = self.guard.model_call_failed(run.admission,
                                                   output_tokens=run.streamed_tokens,
                                                   error=error)
@@ -932,10 +973,13 @@ def _run_key(run_id: Any) -> Any:
 
 
 def _run_id_text(run_id: UUID) -> str:
-    """``str(run_id)``: for a plain ``uuid.UUID`` formatted here the way its
-    ``__str__`` does, with one f-string in place of its ``%`` over a tuple of five
-    slices (about a third of its cost, once per guarded call)."""
+    """``str(run_id)``: for a plain ``uuid.UUID``, formatted by uuid-utils (a
+    langchain-core dependency, in Rust: less than half the cost of ``UUID.__str__``,
+    which formats in Python, once per guarded call); else as uuid does it, or the id's
+    own ``__str__``."""
     if type(run_id) is UUID:
+        if _uuid_text is not None:
+            return str(_uuid_text(run_id.int))
         h = "%032x" % run_id.int  # noqa: UP031 - as uuid does: faster than a format spec
         return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
     return str(run_id)
