@@ -114,6 +114,7 @@ class _Source:
     def __init__(self) -> None:
         self.runs: dict[int, Watch] = {}
         self.stopped: list[int] = []
+        self.kept = False
 
     def open_watches(self) -> list[Watch]:
         return list(self.runs.values())
@@ -126,9 +127,9 @@ class _Source:
 
     def open(self, keeper: LeaseKeeper, guard: Guard, key: int, task: object) -> Watch:
         w = Watch(guard, admitted(guard), lambda: self.stop(key), task=task)
-        self.runs[key] = w  # the call is open before the keeper is woken
-        if keeper._idle:
-            keeper.wake()
+        self.runs[key] = w  # the call is open before the keeper is told
+        if not self.kept:
+            keeper.keep(self)
         return w
 
     def stop(self, key: int) -> None:
@@ -155,23 +156,42 @@ def _until(condition: Any, seconds: float = 5.0) -> bool:
 
 def test_a_source_s_calls_are_renewed_and_ended_and_wake_an_idle_keeper() -> None:
     """A source's open calls are read on each pass (no watch per call): a call due is
-    renewed, a call whose task is done is stopped through its source; the keeper then
-    sleeps, and the source's next call wakes it (its thread, too, starts that way)."""
+    renewed, a call whose task is done is stopped through its source; a pass that finds
+    none lets the source go and the keeper sleeps; the source's next call wakes it."""
     guard = Guard(Limits(max_cost_usd=1, lease_seconds=30))
     keeper = LeaseKeeper(poll_seconds=0.01)
     source = _Source()
-    keeper.add_source(source)
-    assert keeper._thread is None  # nothing open yet: no thread
-    for key in (1, 2):  # the second after the keeper went back to sleep
+    for key in (1, 2):  # the second after the keeper let the source go and slept
         task = _Task()
         w = source.open(keeper, guard, key, task)
-        assert keeper._thread is not None
+        assert keeper._thread is not None and source.kept
         assert _until(lambda w=w: bool(w.renewed)), "a due call was not renewed"
         assert source.stopped == [1] if key == 2 else source.stopped == []
         task.over = True
         assert _until(lambda key=key: key in source.stopped), "an ended call was kept"
-        assert _until(lambda: keeper._idle), "the keeper kept polling with nothing open"
-    assert keeper.watching == 0
+        assert _until(lambda: keeper._idle and not source.kept), "the source was kept"
+    assert keeper.watching == 0 and not keeper._sources
+
+
+def test_a_source_opening_a_call_as_it_is_let_go_is_kept() -> None:
+    """The keeper lets a source go when a pass finds no open call; a call opened at that
+    moment is still read: the keeper looks again after clearing ``kept``."""
+    guard = Guard(Limits(max_cost_usd=1))
+    keeper = LeaseKeeper()
+    source = _Source()
+    source.open(keeper, guard, 1, _Task())
+    counts = iter([0, 1])  # none open at the pass's look; one opened just after
+
+    class Racing(_Source):
+        def open_count(self) -> int:
+            return next(counts, len(self.runs))
+
+    source.__class__ = Racing
+    keeper._let_go([source])
+    assert source.kept and source in keeper._sources
+    source.runs.clear()
+    keeper._let_go([source])
+    assert not source.kept and source not in keeper._sources
 
 
 def test_the_handler_bounds_its_open_runs(monkeypatch) -> None:
@@ -204,11 +224,25 @@ def test_a_forked_child_does_not_end_its_parents_calls() -> None:
     adm = guard.before_model_call(ModelCall(session="s", model="gpt-4o", input_tokens=10,
                                             max_output_tokens=10, run_id="forked"))
     keeper.watch(OWNER, guard, adm, task=None)
+    # a handler's open run (the handler is the keeper's source of it), run in this thread
+    from uuid import uuid4
+
+    from agent_guard import GuardCallbackHandler
+
+    handler = GuardCallbackHandler(guard, session_id="s")
+    handler.on_chat_model_start({}, [[]], run_id=uuid4(),
+                                invocation_params={"model": "gpt-4o", "max_tokens": 10})
+    [run] = handler._runs.values()
+    run.frame = sys._getframe()  # as a sync model call's frame would be
+    assert handler.kept and handler in keeper._sources
     pid = os.fork()
     if pid == 0:  # the child: nothing of the parent's is watched or open
         ok = keeper.watching == 0 and not guard_module._OPEN_REQUESTS
+        # the handler is no source of the child's keeper, its run has no liveness
+        ok = ok and not keeper._sources and not handler.kept and run.frame is None
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     keeper.unwatch(OWNER, adm)
     guard.model_call_failed(adm)  # type: ignore[arg-type]
+    handler._stopped(run.run_id)
     assert os.WEXITSTATUS(status) == 0

@@ -24,10 +24,12 @@ adapter forgets the call, and charges it as abandoned
 never renewed: its lease ends it, as before.
 
 An adapter that keeps its open calls itself (the callback handler's open runs, each its
-own :class:`Watch`) registers as a *source* once (:meth:`LeaseKeeper.add_source`)
-instead of watching and unwatching every call: the keeper reads the source's open
-watches on each pass, so a guarded call costs the keeper nothing but setting its
-watch's ``renew_at`` and, after a quiet spell, one wake-up (:meth:`LeaseKeeper.wake`).
+own :class:`Watch`) is a *source* instead of watching and unwatching every call: the
+keeper reads a source's open watches on each pass. A source is kept while it has open
+calls (``kept`` says so; :meth:`LeaseKeeper.keep` after opening a call when it is
+false), and let go on a pass that finds none, so a guarded call costs the keeper
+nothing but its watch's ``renew_at`` and one flag test, and a pass costs what the open
+calls do, whatever the number of idle handlers.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any, Protocol
@@ -91,6 +92,9 @@ class Watch:
 class WatchSource(Protocol):
     """An adapter that keeps its open calls' watches itself (see the module doc)."""
 
+    #: whether the keeper holds it now (set by the keeper only)
+    kept: bool
+
     def open_watches(self) -> Sequence[Watch]:
         """The watches of its calls open now (a copy: the keeper iterates it unlocked)."""
 
@@ -112,14 +116,11 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
-        # adapters that keep their open calls' watches themselves (weakly: a handler
-        # made per request is not kept alive by the keeper)
-        self._sources: weakref.WeakSet[Any] = weakref.WeakSet()
-        # True while the keeper sleeps until woken (nothing is watched), and before its
-        # thread starts: only then does a new watch wake it (waking a polling keeper on
-        # every call made the caller wait for the GIL). Sources read it after opening a
-        # call (see _run for why no wake-up is lost)
-        self._idle = True
+        # the sources with open calls (see the module doc): their ``kept`` is True
+        self._sources: set[Any] = set()
+        # the keeper waits for a first watch (not polling): only then does a watch wake it
+        # (waking a polling keeper on every call made the caller wait for the GIL)
+        self._idle = False
 
     def watch(self, owner: object, guard: Any, admission: Any, *,
               on_stop: Callable[[], Any] | None = None, task: Any = None,
@@ -143,21 +144,33 @@ class LeaseKeeper:
         finally:
             lock.release()
 
-    def add_source(self, source: WatchSource) -> None:
-        """Watch the calls ``source`` keeps open, read from it on each pass (once per
-        source: a source's open call costs no watch_as / unwatch). A source sets each
-        open watch's ``renew_at`` itself and calls :meth:`wake` after opening a call
-        when ``keeper._idle`` is true."""
+    def keep(self, source: WatchSource) -> None:
+        """Read ``source``'s open calls on each pass until a pass finds none. A source
+        calls it after opening a call (the call already in what ``open_watches``
+        returns) when its ``kept`` is false; see :meth:`_let_go` for why no call is
+        missed."""
         with self._cond:
             self._sources.add(source)
-
-    def wake(self) -> None:
-        """A source opened a call while the keeper slept: start its thread if it has
-        none yet, and wake it."""
-        with self._cond:
+            source.kept = True
             if self._thread is None:
                 self._start_thread()
-            self._cond.notify()
+            if self._idle:
+                self._cond.notify()
+
+    def _let_go(self, sources: list[Any]) -> None:
+        """Drop the sources with no open call. A source opens a call, then reads
+        ``kept``; here ``kept`` is cleared, then the count read again: either the call
+        is seen and the source kept, or the source sees ``kept`` false and calls
+        :meth:`keep` (which waits for this lock)."""
+        with self._cond:
+            for source in sources:
+                if source.open_count() or source not in self._sources:
+                    continue
+                source.kept = False
+                self._sources.discard(source)
+                if source.open_count():
+                    self._sources.add(source)
+                    source.kept = True
 
     def unwatch(self, owner: object, admission: Any) -> None:
         """The owner ended the call itself: stop watching it (no ``on_stop``). No lock:
@@ -196,6 +209,8 @@ class LeaseKeeper:
                 continue
             for w in kept:
                 self._look(w, now, None)
+        if sources:
+            self._let_go(sources)
 
     def _look(self, w: Watch, now: float, key: tuple[int, int] | None) -> None:
         """End ``w``'s call if it is over (dropping a watch of ours: ``key``; a
@@ -260,20 +275,17 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._thread = None
-        self._idle = True
-        for source in list(self._sources):  # (one thread now: no lock is taken)
+        self._idle = False
+        for source in self._sources:  # (one thread now: no lock is taken)
             source.forked()
+            source.kept = False  # its next call starts this process's keeper
+        self._sources = set()
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                # _idle is set before the look: a source opens a call, then reads
-                # _idle; either its call is seen here or it sees _idle and wakes the
-                # keeper (its wake() waits for this lock, released by wait())
-                while True:
+                while not self._watches and not self._sources:
                     self._idle = True
-                    if self._watches or self._sources_open():
-                        break
                     self._cond.wait()
                 self._idle = False
                 self._cond.wait(self.poll_seconds)
@@ -282,15 +294,6 @@ class LeaseKeeper:
             except Exception:  # the keeper must outlive any one bad call
                 logger.exception("agent-guard: lease keeper pass failed")
 
-
-    def _sources_open(self) -> bool:
-        for source in list(self._sources):
-            try:
-                if source.open_count():
-                    return True
-            except Exception:
-                logger.exception("agent-guard: reading a source's open calls failed")
-        return False
 
 
 def _executing(frame: FrameType) -> bool:

@@ -290,8 +290,9 @@ class GuardCallbackHandler(BaseCallbackHandler):
         # that ended; generate() batches one of whose prompts was refused
         self._parents: OrderedDict[UUID, UUID | None] = OrderedDict()
         self._refused_batches: OrderedDict[int, tuple[Any, GuardError]] = OrderedDict()
-        # the lease keeper reads the open runs from here (open_watches): no watch per call
-        keeper.add_source(self)
+        # whether the lease keeper reads the open runs from here now (open_watches: no
+        # watch per run; see engine.keeper)
+        self.kept = False
         # the metadata keys that can carry one of the guard's scope attributes
         self._scope_keys = metadata_keys(guard.attribute_names)
 
@@ -412,8 +413,8 @@ class GuardCallbackHandler(BaseCallbackHandler):
             self.guard.model_call_failed(admission)
             raise refused[1]
         self._watch(run_id, run)
-        if keeper._idle:  # (after the run is in _runs: see LeaseKeeper._run)
-            keeper.wake()
+        if not self.kept:  # (after the run is in _runs: see LeaseKeeper._let_go)
+            keeper.keep(self)
 
     # -- every run ends once ---------------------------------------------------------
 
