@@ -246,3 +246,40 @@ def test_a_forked_child_does_not_end_its_parents_calls() -> None:
     guard.model_call_failed(adm)  # type: ignore[arg-type]
     handler._stopped(run.run_id)
     assert os.WEXITSTATUS(status) == 0
+
+
+def test_a_legacy_text_model_s_sync_call_is_watched_by_its_generate_frame() -> None:
+    """A legacy text-completion model (``BaseLLM``) starts its runs from a list
+    comprehension in ``generate``: on Python 3.11 that comprehension is a frame of its own
+    in LangChain's model code, over as soon as the runs are started. The call's frame is
+    ``generate``'s: a call (one prompt, or a batch of two) running past several keeper
+    passes and past its lease keeps its hold and is charged as answered, not ended as
+    abandoned at its worst case while it runs."""
+    from langchain_core.language_models.fake import FakeListLLM
+
+    from agent_guard import GuardCallbackHandler
+
+    class SlowLLM(FakeListLLM):
+        def _call(self, prompt: str, stop: Any = None, run_manager: Any = None,
+                  **kwargs: Any) -> str:
+            time.sleep(0.4)  # past the lease
+            held.append(guard.usage("s").reserved_nano)
+            return super()._call(prompt, stop, run_manager, **kwargs)
+
+        @property
+        def _identifying_params(self) -> dict[str, Any]:
+            return {"model_name": "gpt-4o"}  # a priced model
+
+    records: list[Any] = []
+    held: list[int] = []  # the hold as each prompt's answer comes, past its lease
+    guard = Guard(Limits(max_cost_usd=1, lease_seconds=0.3), on_record=[records.append])
+    handler = GuardCallbackHandler(guard, session_id="s")
+    llm = SlowLLM(responses=["a completion of several words"])
+    llm.invoke("complete this", config={"callbacks": [handler]})
+    llm.generate(["one", "two"], callbacks=[handler])  # one call's batch: two prompts
+    assert [r.outcome for r in records] == ["ok"] * 3
+    assert all(r.usage.output_tokens < 50 for r in records)  # the answer, not the worst case
+    assert len(held) == 3 and all(held), "a running call lost its hold"
+    usage = guard.usage("s")
+    assert usage.reserved_nano == 0 and handler.open_runs == 0
+    assert usage.cost_nano == sum(r.cost_nano for r in records)

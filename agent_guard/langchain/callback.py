@@ -455,15 +455,21 @@ class GuardCallbackHandler(BaseCallbackHandler):
             # the model frame is 5 up, looked at directly (one frame object made);
             # else it is the first of LangChain's model code from 3 up
             frame = sys._getframe(5)
-            if _MODEL_CODE_DIR not in frame.f_code.co_filename:
+            code = frame.f_code
+            if _MODEL_CODE_DIR not in code.co_filename or code.co_name[0] == "<":
                 frame = sys._getframe(3)
         except ValueError:  # a shorter stack
             try:
                 frame = sys._getframe(3)
             except ValueError:  # nothing called the callback from Python
                 frame = None
+        # (not a comprehension's frame: on Python 3.11 BaseLLM.generate starts its runs
+        # from a list comprehension, a frame of its own that is over at once)
         for _ in range(32):
-            if frame is None or _MODEL_CODE_DIR in frame.f_code.co_filename:
+            if frame is None:
+                break
+            code = frame.f_code
+            if _MODEL_CODE_DIR in code.co_filename and code.co_name[0] != "<":
                 break
             frame = frame.f_back
         else:
