@@ -43,6 +43,7 @@ __all__ = [
     "LANGCHAIN_TOOL_RUN_CODES",
     "LANGGRAPH_CALL_KEY",
     "PYDANTIC_FIELD_SETATTR",
+    "STREAM_STEP_CORO_NAMES",
     "BranchSpec",
     "RunnableCallable",
     "default_params",
@@ -70,6 +71,15 @@ LANGCHAIN_MODEL_CODE_DIR = os.sep + os.path.join("langchain_core", "language_mod
 #: langchain-core (``callbacks/manager.py``): the coroutines that dispatch a callback
 #: event to async handlers; the task running one of them is not the model call's task.
 LANGCHAIN_DISPATCH_CORO_NAMES = frozenset({"ahandle_event", "_ahandle_event_for_handler"})
+
+#: what a task runs that steps an async stream once: langchain-core's
+#: ``RunnableParallel`` reads each branch's stream a chunk at a time in a task running
+#: ``get_next_chunk`` (``runnables/base.py``); ``wait_for(stream.__anext__())`` (Python
+#: 3.11) and ``create_task(anext(stream))`` run the generator's own step object (no
+#: ``__name__``: its type's name). The stream goes on in the next such task: the one that
+#: started it is not the model call's task either.
+STREAM_STEP_CORO_NAMES = frozenset({"get_next_chunk", "async_generator_asend",
+                                    "anext_awaitable"})
 
 #: langchain-core (``callbacks/manager.py``, ``handle_event``): the warning logged for
 #: every exception a callback handler raises, even with ``raise_error=True``; a refusal

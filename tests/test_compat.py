@@ -78,6 +78,14 @@ def test_callback_dispatch_coroutines_exist():
         assert inspect.iscoroutinefunction(getattr(callback_manager, name)), name
 
 
+def test_runnable_parallel_steps_its_streams_in_get_next_chunk_tasks():
+    from langchain_core.runnables import RunnableParallel
+
+    code = RunnableParallel._atransform.__code__
+    names = {c.co_name for c in code.co_consts if inspect.iscode(c)}
+    assert compat.STREAM_STEP_CORO_NAMES & names == {"get_next_chunk"}
+
+
 def test_callback_error_warning_has_the_filtered_format(caplog):
     class Boom(Exception):
         pass

@@ -487,6 +487,126 @@ def test_a_long_call_keeps_its_hold_past_the_lease(ledger: Ledger, mode: str) ->
         books.settle_check(server)
 
 
+@pytest.mark.parametrize("mode", ["sync", "async", "stream", "astream"])
+@pytest.mark.parametrize("shape", ["threads", "parallel"])
+def test_calls_at_once_past_their_lease_keep_their_holds(ledger: Ledger, mode: str,
+                                                         shape: str) -> None:
+    """Three calls running past their lease at once keep all three holds: ``threads``,
+    each in its own thread (task) with its own handler (each a source of the lease
+    keeper); ``parallel``, the branches of one RunnableParallel under one handler (one
+    source with three open runs). A fourth call, well past the lease, is refused (a
+    hold lost would make room for it), and the books end with nothing held and every
+    billed call charged as billed."""
+    from langchain_core.runnables import RunnableParallel
+
+    probe = Books(ledger)
+    long = slow(1.5) if mode in ("sync", "async") else FakeReply(
+        "word " * 16, completion_tokens=ANSWER.completion_tokens, chunk_delay_s=0.1)
+    with FakeOpenAIServer([long, long, long, ANSWER]) as server:
+        worst = probe.guard.estimate_model_call(_call(server, "hi"))
+        books = Books(ledger, cap_usd=3.5 * worst / 1e9, lease_seconds=0.6)
+        model = chat(server, stream_usage=True)
+        fourth: list[BaseException | None] = []
+
+        def later() -> None:
+            time.sleep(1.0)  # well past the lease into the three calls
+            try:
+                chat(server).invoke("hi", {"callbacks": [books.handler()]})
+                fourth.append(None)
+            except BudgetExceeded as exc:
+                fourth.append(exc)
+
+        def one() -> None:
+            config = {"callbacks": [books.handler()]}
+            if mode == "sync":
+                model.invoke("hi", config)
+            elif mode == "stream":
+                list(model.stream("hi", config))
+
+        async def aone() -> None:
+            config = {"callbacks": [books.handler()]}
+            if mode == "async":
+                await model.ainvoke("hi", config)
+            else:
+                async for _ in model.astream("hi", config):
+                    pass
+
+        thread = threading.Thread(target=later)
+        thread.start()
+        if shape == "parallel":
+            fan = RunnableParallel(a=model, b=model, c=model)
+            config = {"callbacks": [books.handler()]}
+            if mode == "sync":
+                fan.invoke("hi", config)
+            elif mode == "stream":
+                list(fan.stream("hi", config))
+            elif mode == "async":
+                asyncio.run(fan.ainvoke("hi", config))
+            else:
+                async def consume() -> None:
+                    async for _ in fan.astream("hi", config):
+                        pass
+                asyncio.run(consume())
+        elif mode in ("sync", "stream"):
+            threads = [threading.Thread(target=one) for _ in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        else:
+            async def three() -> None:
+                await asyncio.gather(aone(), aone(), aone())
+            asyncio.run(three())
+        thread.join()
+        assert isinstance(fourth[0], BudgetExceeded), "a fourth call was admitted"
+        server.wait_billed(3)
+        charged = books.settle_check(server)
+        assert charged == server.billed_nano(books.guard.prices)
+    assert [r.outcome for r in books.model_records()] == ["ok"] * 3
+
+
+def test_a_stream_read_a_chunk_at_a_time_by_wait_for_is_charged_as_billed(ledger: Ledger
+                                                                          ) -> None:
+    """``asyncio.wait_for`` around each chunk (an idle timeout) reads the stream in a task
+    per chunk on Python 3.11: the task that started the call is over at its first chunk
+    while the stream goes on. The stream keeps its hold past its lease (a second call is
+    refused meanwhile) and is charged as billed, not ended as abandoned at its worst case
+    after its first chunk."""
+    probe = Books(ledger)
+    long = FakeReply("word " * 16, completion_tokens=ANSWER.completion_tokens,
+                     chunk_delay_s=0.1)
+    with FakeOpenAIServer([long, ANSWER]) as server:
+        worst = probe.guard.estimate_model_call(_call(server, "hi"))
+        books = Books(ledger, cap_usd=1.5 * worst / 1e9, lease_seconds=0.6)
+        second: list[BaseException | None] = []
+
+        def later() -> None:
+            time.sleep(1.0)  # well past the lease into the stream
+            try:
+                chat(server).invoke("hi", {"callbacks": [books.handler()]})
+                second.append(None)
+            except BudgetExceeded as exc:
+                second.append(exc)
+
+        async def run() -> None:
+            stream = chat(server, stream_usage=True).astream(
+                "hi", {"callbacks": [books.handler()]})
+            while True:
+                try:
+                    await asyncio.wait_for(stream.__anext__(), 5)
+                except StopAsyncIteration:
+                    return
+
+        thread = threading.Thread(target=later)
+        thread.start()
+        asyncio.run(run())
+        thread.join()
+        assert isinstance(second[0], BudgetExceeded), "a second call was admitted"
+        server.wait_billed(1)
+        assert books.settle_check(server) == server.billed_nano(books.guard.prices)
+    assert [r.outcome for r in books.model_records()] == ["ok"]
+
+
 # -- what is released: only what the provider certainly did not bill --------------------------
 
 

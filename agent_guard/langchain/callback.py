@@ -50,7 +50,11 @@ from langchain_core.runnables.config import var_child_runnable_config
 
 from .._frozen import fields_maker
 from ..cache.result import CACHE_HIT_EVENT
-from ..compat import LANGCHAIN_DISPATCH_CORO_NAMES, LANGCHAIN_MODEL_CODE_DIR
+from ..compat import (
+    LANGCHAIN_DISPATCH_CORO_NAMES,
+    LANGCHAIN_MODEL_CODE_DIR,
+    STREAM_STEP_CORO_NAMES,
+)
 from ..context import named_session, session_from_metadata
 from ..engine.admission import Admission, ModelCall, ToolAdmission
 from ..engine.budgets import Budgets, attributes_from_metadata, metadata_keys
@@ -112,8 +116,11 @@ _MAX_REFUSED_BATCHES = 1024
 _MODEL_CODE_DIR = LANGCHAIN_MODEL_CODE_DIR
 # The asyncio task that dispatched a callback event (see GuardCallbackHandler.run_inline)
 _CALLING_TASK: ContextVar[Any] = ContextVar("agent_guard_calling_task", default=None)
-# LangChain's own dispatch tasks, which are not the task the model call runs in
-_DISPATCH_CORO_NAMES = LANGCHAIN_DISPATCH_CORO_NAMES
+# LangChain's own dispatch tasks, and the tasks that step a stream once (a stream read
+# by RunnableParallel.astream or a wait_for per chunk), which are not the task the model
+# call runs in: a call first seen in one keeps the task noted before (its caller's),
+# else is watched by its streamed chunks
+_DISPATCH_CORO_NAMES = LANGCHAIN_DISPATCH_CORO_NAMES | STREAM_STEP_CORO_NAMES
 
 
 class _Run(Watch):
@@ -962,7 +969,8 @@ def _note_calling_task() -> None:
         return
     if task is None:
         return
-    name = getattr(task.get_coro(), "__name__", "")
+    coro = task.get_coro()
+    name = getattr(coro, "__name__", None) or type(coro).__name__  # (an asend: its type's)
     if name in _DISPATCH_CORO_NAMES:
         return
     ref = _CALLING_TASK.get()
