@@ -498,3 +498,86 @@ def test_a_pooled_connection_closed_while_checked_is_replaced_not_raised(
                           Reservation)
         assert isinstance(ledger.reserve(CAPS_A, {"usd_nano": 1}, lease_seconds=30),
                           Reservation)
+
+
+def _closed_by_the_refresh_after(connection: Any, method: str) -> None:
+    """The next ``connection.<method>()`` (awaited by ``send_packed_command`` before it
+    writes) returns once another task has disconnected the connection, as redis-py's
+    asyncio cluster client does to a node's connections in a topology refresh while other
+    coroutines use them: the write then finds no ``_writer``."""
+    original = getattr(connection, method)
+
+    async def then_closed(*args: Any, **kwargs: Any) -> Any:
+        delattr(connection, method)  # once
+        result = await original(*args, **kwargs)
+        await asyncio.create_task(connection.disconnect())  # the refresh, in another task
+        return result
+
+    setattr(connection, method, then_closed)
+
+
+async def _async_node_connection(ledger: Any) -> Any:
+    """The async client's pooled connection to the session's node, after one call."""
+    assert isinstance(await ledger.areserve(CAPS_A, {"usd_nano": 1}, lease_seconds=30),
+                      Reservation)
+    node = ledger._async().client.get_node_from_key(ledger.scope_key("session:a"))
+    assert len(node._free) == 1, node._free  # one coroutine, one connection
+    return node._free[0]
+
+
+@pytest.mark.parametrize(("method", "options"), [
+    ("check_health", {}),  # after the check that it is connected, before the write
+    ("on_connect_check_health", {}),  # while it reconnects (the handshake's replies)
+    ("on_connect_check_health", {"socket_timeout": None}),  # a write without wait_for
+    ("_send_ping", {"socket_timeout": None, "health_check_interval": 30}),  # its PING's reply
+    ("check_health", {"retries": 1}),
+])
+def test_an_async_connection_closed_before_its_write_is_a_dropped_connection(
+        redis_cluster_url: str, method: str, options: dict[str, Any]) -> None:
+    """redis-py's write then raised AttributeError ('NoneType' object has no attribute
+    'writelines'), seen under the node-kill fault test: neither the ledger's fault policy
+    nor the cluster client's handling of a dropped connection applied. It is a dropped
+    connection: LedgerUnavailable, and the next call runs on a fresh one; with
+    ``retries``, the cluster client refreshes its slot map and resends, and the call goes
+    through. (A cells ledger's async calls run its sync client in a thread: tests above.)"""
+    ledger = from_url(redis_cluster_url, namespace=ns(), **options)
+
+    async def main() -> None:
+        connection = await _async_node_connection(ledger)
+        if method == "on_connect_check_health":
+            await connection.disconnect()  # the refresh left it to reconnect on next use
+        connection.next_health_check = -1  # a PING is due (with health_check_interval)
+        _closed_by_the_refresh_after(connection, method)
+        if not options.get("retries"):
+            with pytest.raises(LedgerUnavailable):
+                await ledger.areserve(CAPS_A, {"usd_nano": 1}, lease_seconds=30)
+        assert isinstance(await ledger.areserve(CAPS_A, {"usd_nano": 1}, lease_seconds=30),
+                          Reservation)
+
+    try:
+        asyncio.run(main())
+    finally:
+        ledger.close()
+
+
+def test_every_node_of_the_async_cluster_client_reports_a_closed_connection(
+        redis_cluster_url: str) -> None:
+    """The startup nodes (which it asks for the slot map) as well as the nodes it learns:
+    a write on a connection found closed is redis-py's ConnectionError."""
+    client = redis_client(redis_cluster_url, asynchronous=True)
+
+    async def main() -> None:
+        await client.initialize()
+        nodes = [*client.nodes_manager.startup_nodes.values(), *client.get_nodes()]
+        assert len(nodes) == 6
+        for node in nodes:
+            connection = node.acquire_connection()
+            try:
+                await connection.disconnect()  # as its topology refresh does
+                with pytest.raises(redis.ConnectionError):
+                    await connection._send_packed_command([b"PING\r\n"])
+            finally:
+                node.release(connection)
+        await client.aclose()
+
+    asyncio.run(main())

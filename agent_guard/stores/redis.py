@@ -16,7 +16,9 @@ socket errors); the ledger turns them into ``LedgerUnavailable``, a cache into a
 miss, the usage store into a counted failure. A sync cluster client's connection closed
 by another thread while it reads (redis-py's topology refresh after a node fails
 disconnects the node's connections) raises redis-py's ``ConnectionError`` here, not the
-parser's ``ValueError("I/O operation on closed file")``.
+parser's ``ValueError("I/O operation on closed file")``; so does an asyncio cluster
+client's connection closed by another coroutine before it writes, not an
+``AttributeError`` (``'NoneType' object has no attribute 'writelines'``).
 """
 
 from __future__ import annotations
@@ -169,6 +171,41 @@ def _node_connection(base: type) -> type:
     return NodeConnection
 
 
+@functools.cache
+def _async_node_connection(base: type) -> type:
+    """``base`` (redis-py's asyncio ``Connection`` or ``SSLConnection``) for an asyncio
+    cluster node: a connection another coroutine disconnected before this one wrote its
+    command (the cluster client's topology refresh disconnects a node's connections,
+    whoever is using them) is a dropped connection (``ConnectionError``), not the
+    ``AttributeError`` of a write on its cleared ``_writer``.
+
+    redis-py's ``send_packed_command`` checks the connection is open (or reconnects it: a
+    handshake), awaits ``check_health`` (a PING, with ``health_check_interval``), then
+    writes, in a task of its own when there is a ``socket_timeout`` (``asyncio.wait_for``,
+    which yields first before Python 3.12): the connection is checked after
+    ``check_health`` and in that task, after every yield before the write. Reads need
+    nothing: the parser keeps its stream, and reports a closed one as
+    ``ConnectionError``."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    class NodeConnection(base):  # type: ignore[valid-type, misc]
+        def _check_open(self, doing: str) -> None:
+            if self._writer is None:
+                raise RedisConnectionError(
+                    f"connection to {self.host}:{self.port} closed {doing}")
+
+        async def check_health(self) -> None:
+            await super().check_health()
+            self._check_open("while it was connected or checked")
+
+        async def _send_packed_command(self, command: Any) -> None:
+            self._check_open("before the write")
+            await super()._send_packed_command(command)
+
+    NodeConnection.__name__ = NodeConnection.__qualname__ = f"AsyncNode{base.__name__}"
+    return NodeConnection
+
+
 def _cluster_client(url: str, *, profile: RedisProfile, asynchronous: bool, retries: int,
                     max_connections: int | None, pool_timeout: float | None,
                     **options: Any) -> Any:
@@ -214,9 +251,16 @@ def _cluster_client(url: str, *, profile: RedisProfile, asynchronous: bool, retr
         from redis.asyncio.cluster import ClusterNode as AsyncNode
 
         kwargs.pop("connection_class", None)
-        return aredis.RedisCluster(
+        aclient = aredis.RedisCluster(
             startup_nodes=[AsyncNode(h, p) for h, p in nodes], max_connections=size,
             retry=AsyncRetry(backoff, retries), **kwargs)
+        # it takes no connection_class: its nodes read theirs from the kwargs it shares
+        # with its nodes manager (the nodes it discovers) or hold it (the startup nodes)
+        shared = aclient.nodes_manager.connection_kwargs
+        shared["connection_class"] = _async_node_connection(shared["connection_class"])
+        for node in aclient.nodes_manager.startup_nodes.values():
+            node.connection_class = shared["connection_class"]
+        return aclient
     from redis.cluster import ClusterNode
 
     # the url= path makes redis-py build each node's pool with connection_pool_class
