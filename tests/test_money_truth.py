@@ -607,6 +607,52 @@ def test_a_stream_read_a_chunk_at_a_time_by_wait_for_is_charged_as_billed(ledger
     assert [r.outcome for r in books.model_records()] == ["ok"]
 
 
+@pytest.mark.parametrize("mode", ["sync", "async", "stream", "astream"])
+def test_a_middleware_call_past_its_lease_keeps_its_hold(ledger: Ledger, mode: str) -> None:
+    """GuardMiddleware alone (no callback handler joining its admission): a model call
+    running past its lease keeps its hold, renewed while the wrapped call runs; a second
+    call (another prompt: not the same request) is refused meanwhile."""
+    from agent_guard import GuardMiddleware
+
+    probe = Books(ledger)
+    first = slow(1.5) if mode in ("sync", "async") else FakeReply(
+        "word " * 16, completion_tokens=ANSWER.completion_tokens, chunk_delay_s=0.1)
+    with FakeOpenAIServer([first, ANSWER]) as server:
+        worst = probe.guard.estimate_model_call(_call(server, "hi"))
+        books = Books(ledger, cap_usd=1.5 * worst / 1e9, lease_seconds=0.6)
+        agent = create_agent(chat(server, stream_usage=True), tools=[],
+                             middleware=[GuardMiddleware(books.guard)])
+        config: Any = {"configurable": {"thread_id": SESSION}}
+        inputs = {"messages": [HumanMessage("hi")]}
+        second: list[BaseException | None] = []
+
+        def later() -> None:
+            time.sleep(1.0)  # well past the lease into the first call
+            try:
+                chat(server).invoke("another question", {"callbacks": [books.handler()]})
+                second.append(None)
+            except BudgetExceeded as exc:
+                second.append(exc)
+
+        thread = threading.Thread(target=later)
+        thread.start()
+        if mode == "sync":
+            agent.invoke(inputs, config)
+        elif mode == "async":
+            asyncio.run(agent.ainvoke(inputs, config))
+        elif mode == "stream":
+            list(agent.stream(inputs, config, stream_mode="messages"))
+        else:
+            async def consume() -> None:
+                async for _ in agent.astream(inputs, config, stream_mode="messages"):
+                    pass
+            asyncio.run(consume())
+        thread.join()
+        assert isinstance(second[0], BudgetExceeded), "a second call was admitted"
+        server.wait_billed(1)
+        assert books.settle_check(server) == server.billed_nano(books.guard.prices)
+
+
 # -- what is released: only what the provider certainly did not bill --------------------------
 
 

@@ -704,8 +704,10 @@ class GuardMiddleware(AgentMiddleware):
         if admission is None:
             return instead
         gate = _AttemptGate(self, admission)
-        try:
-            with gate.installed():
+        try:  # (its hold renewed while the wrapped call runs: it may outrun its lease)
+            with gate.installed(), _held(gate, self.guard, admission,
+                                         thread_id=threading.get_ident(),
+                                         frame=sys._getframe()):
                 response = handler(request)
         except BaseException as exc:
             gate.end_open(exc)
@@ -724,8 +726,9 @@ class GuardMiddleware(AgentMiddleware):
         if admission is None:
             return instead
         gate = _AttemptGate(self, admission)
-        try:
-            with gate.installed():
+        try:  # (its hold renewed while the wrapped call runs: it may outrun its lease)
+            with gate.installed(), _held(gate, self.guard, admission,
+                                         task=asyncio.current_task()):
                 response = await handler(request)
         except BaseException as exc:
             if gate.open_attempts():
@@ -1206,10 +1209,11 @@ def _run_record(admission: ToolAdmission) -> CallRecord | None:
 
 
 @contextlib.contextmanager
-def _held(owner: object, guard: Guard, admission: ToolAdmission, **running: Any
-          ) -> Iterator[None]:
-    """A priced tool's hold is renewed by the lease keeper while the tool runs (a tool
-    may run longer than ``Limits.lease_seconds``: a sandbox, a slow crawl)."""
+def _held(owner: object, guard: Guard, admission: Admission | ToolAdmission,
+          **running: Any) -> Iterator[None]:
+    """A model call's or a priced tool's hold is renewed by the lease keeper while the
+    call runs (it may run longer than ``Limits.lease_seconds``: a slow model, a sandbox,
+    a slow crawl)."""
     if admission.reservation is None:
         yield
         return
