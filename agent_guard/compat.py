@@ -167,6 +167,21 @@ def graph_run_executor(config: Mapping[str, Any]) -> Any:
     return getattr(submit, "__self__", None)
 
 
+def provider_strategy_for(model: Any, tools: Any) -> bool:
+    """langchain ``create_agent``'s choice for a bare schema as ``response_format``
+    (``factory._supports_provider_strategy``): True when the model is asked for the
+    provider's structured output, False when for a tool call. True when that function is
+    gone: the schema is counted as a ``response_format``, the larger of the two forms."""
+    try:
+        from langchain.agents.factory import _supports_provider_strategy
+    except ImportError:
+        return True
+    try:
+        return bool(_supports_provider_strategy(model, tools=list(tools or ())))
+    except Exception:  # another provider's model profile that cannot be read
+        return True
+
+
 def ls_params(model: Any, **settings: Any) -> dict[str, Any]:
     """langchain-core ``BaseChatModel._get_ls_params``: the model's name, provider, type,
     temperature and max tokens as LangSmith reads them, for this call's settings."""

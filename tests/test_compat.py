@@ -318,3 +318,16 @@ def test_pydantic_memoises_the_field_setattr_handler_the_callback_uses():
     handler(other, "usage_metadata", message.usage_metadata)
     assert other.__dict__ == message.__dict__
     assert other.model_fields_set == message.model_fields_set
+
+
+def test_create_agent_picks_the_structured_output_strategy_with_the_named_function():
+    """The middleware reserves a bare schema as create_agent binds it: the provider's
+    structured output or a tool (``langchain.agents.factory._supports_provider_strategy``)."""
+    from langchain.agents import factory
+
+    assert callable(getattr(factory, "_supports_provider_strategy", None)), (
+        "langchain.agents.factory._supports_provider_strategy is gone")
+    openai = pytest.importorskip("langchain_openai")
+    assert compat.provider_strategy_for(openai.ChatOpenAI(model="gpt-4o", api_key="sk-test"),
+                                        [])
+    assert not compat.provider_strategy_for(ScriptedChatModel(model_name="local-model"), [])

@@ -40,6 +40,12 @@ from uuid import UUID
 
 from langchain.agents.middleware import AgentMiddleware, AgentState, ModelRequest, hook_config
 from langchain.agents.middleware.types import ModelResponse
+from langchain.agents.structured_output import (
+    AutoStrategy,
+    OutputToolBinding,
+    ProviderStrategy,
+    ToolStrategy,
+)
 from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import LLMResult
@@ -62,7 +68,7 @@ from ..actions import (
     wants_stop,
 )
 from ..cache.result import MISS, ResultCache, collecting_cache_hits
-from ..compat import default_params, graph_run_executor, ls_params
+from ..compat import default_params, graph_run_executor, ls_params, provider_strategy_for
 from ..context import current_config, current_session, named_session
 from ..engine.admission import _NOT_RUN, Admission, ModelCall, ToolAdmission
 from ..engine.budgets import Budgets, attributes_from_metadata
@@ -585,6 +591,8 @@ class GuardMiddleware(AgentMiddleware):
             request.messages)
         tools = [t if isinstance(t, dict) else convert_to_openai_tool(t)
                  for t in request.tools] or None
+        if request.response_format is not None:
+            params, tools = _with_structured_output(request, params, tools)
         name = model_name(params, ls)
         if name == "unknown":
             name = str(getattr(model, "model_name", None) or getattr(model, "model", None)
@@ -1224,6 +1232,26 @@ def _held(owner: object, guard: Guard, admission: Admission | ToolAdmission,
         keeper.unwatch(owner, admission)
 
 
+def _with_structured_output(request: ModelRequest, params: dict[str, Any],
+                            tools: list[Any] | None) -> tuple[dict[str, Any], list[Any] | None]:
+    """(params, tools) with what the agent binds for ``request.response_format`` after
+    the middleware (``create_agent``'s model node): the schema as a ``response_format``
+    (provider strategy), or as a tool per schema (tool strategy). The provider bills it
+    as prompt tokens: it is part of the call's worst case."""
+    fmt: Any = request.response_format
+    if not isinstance(fmt, ToolStrategy | ProviderStrategy | AutoStrategy):
+        fmt = AutoStrategy(schema=fmt)
+    if isinstance(fmt, AutoStrategy):
+        fmt = (ProviderStrategy(schema=fmt.schema)
+               if provider_strategy_for(request.model, request.tools)
+               else ToolStrategy(schema=fmt.schema))
+    if isinstance(fmt, ProviderStrategy):
+        return {**fmt.to_model_kwargs(), **params}, tools
+    schema_tools = [convert_to_openai_tool(OutputToolBinding.from_schema_spec(spec).tool)
+                    for spec in fmt.schema_specs]
+    return params, [*(tools or ()), *schema_tools]
+
+
 def _request_params(model: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The request's parameters as the provider gets them: the model's defaults
     (``service_tier``, ``response_format`` bound on it...) and this call's settings."""
@@ -1297,10 +1325,13 @@ class _AttemptGate(BaseCallbackHandler):
     def installed(self) -> Iterator[None]:
         config = var_child_runnable_config.get() or {}
         callbacks = config.get("callbacks")
-        # first: it settles and writes the cost before a tracer reads the answer
+        # first: it settles and writes the cost before a tracer reads the answer; and
+        # inherited: a model run nested in a chain inside the call (an inner middleware's
+        # with_structured_output) is one of its attempts too
         if isinstance(callbacks, BaseCallbackManager):
             manager: Any = callbacks.copy()
             manager.handlers.insert(0, self)
+            manager.inheritable_handlers.insert(0, self)
         elif isinstance(callbacks, list):
             manager = [self, *callbacks]
         else:
