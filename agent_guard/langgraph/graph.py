@@ -614,9 +614,10 @@ class GuardedStateGraph(CompiledStateGraph):
     def _finish(run: _Run, output: Any) -> Any:
         if run.error is not None:
             raise run.error
-        if run.stop is not None and isinstance(output, dict):
-            output = {**output, "__agent_guard__": {"message": run.stop.text,
-                                                    **run.stop.details}}
+        # a run ended before any node wrote the state: LangGraph's invoke returns None
+        if run.stop is not None and (output is None or isinstance(output, dict)):
+            output = {**(output or {}), "__agent_guard__": {"message": run.stop.text,
+                                                            **run.stop.details}}
         return output
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
