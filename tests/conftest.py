@@ -58,7 +58,7 @@ SLOW_MODULES = frozenset({
     "test_money_truth", "test_money_truth_anthropic", "test_money_truth_content",
     "test_money_truth_redteam",
     "test_notebooks", "test_phoenix", "test_price_conformance", "test_redis_cluster",
-    "test_redis_faults", "test_telemetry_examples", "test_telemetry_setup",
+    "test_redis_faults", "test_redis_tls", "test_telemetry_examples", "test_telemetry_setup",
 })
 SLOW_TESTS = (
     "tests/test_budgets.py::test_team_month_cap_shared_by_two_processes",

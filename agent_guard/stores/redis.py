@@ -250,7 +250,11 @@ def _cluster_client(url: str, *, profile: RedisProfile, asynchronous: bool, retr
     if asynchronous:
         from redis.asyncio.cluster import ClusterNode as AsyncNode
 
+        # parse_url's connection_class is the sync one; TLS is asked for by ssl=True,
+        # else the asyncio cluster client speaks plain text to a rediss+cluster:// URL
         kwargs.pop("connection_class", None)
+        if tls:
+            kwargs["ssl"] = True
         aclient = aredis.RedisCluster(
             startup_nodes=[AsyncNode(h, p) for h, p in nodes], max_connections=size,
             retry=AsyncRetry(backoff, retries), **kwargs)

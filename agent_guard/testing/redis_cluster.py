@@ -6,6 +6,10 @@
 and waits for ``cluster_state:ok`` on every node; ``stop()`` kills them. ``url`` is the
 ``redis+cluster://`` URL naming every node. Nothing persists (``--save ''``,
 ``--appendonly no``); each node's ``nodes-<port>.conf`` lives in ``workdir``.
+
+With ``tls=True`` the nodes speak TLS only (``--port 0 --tls-port``, the cluster bus too)
+with a self-signed certificate for 127.0.0.1 made by ``openssl`` in ``workdir``
+(``ca_file``); ``url`` is then ``rediss+cluster://...?ssl_ca_certs=<ca_file>``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["ClusterUnavailable", "LocalRedisCluster"]
+__all__ = ["ClusterUnavailable", "LocalRedisCluster", "make_certificate"]
 
 
 class ClusterUnavailable(RuntimeError):
@@ -64,24 +68,54 @@ def _free_ports(count: int) -> list[int]:
     raise ClusterUnavailable("no free loopback ports below the ephemeral range for a cluster")
 
 
+def make_certificate(directory: Path) -> Path:
+    """A self-signed certificate for 127.0.0.1 (``cert.pem``, its own CA, and ``key.pem``)
+    in ``directory``, made by ``openssl``; returns the certificate's path."""
+    openssl = shutil.which("openssl")
+    if not openssl:
+        raise ClusterUnavailable("openssl must be installed for a TLS Redis")
+    directory.mkdir(parents=True, exist_ok=True)
+    cert = directory / "cert.pem"
+    if not cert.exists():
+        made = subprocess.run(
+            [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-keyout", str(directory / "key.pem"), "-out", str(cert),
+             "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+            capture_output=True, text=True, timeout=60)
+        if made.returncode != 0:
+            raise ClusterUnavailable(f"openssl failed: {made.stderr[-500:]}")
+    return cert
+
+
 class LocalRedisCluster:
     def __init__(self, workdir: Path | str, *, nodes: int = 3,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), tls: bool = False) -> None:
         self.workdir = Path(workdir)
         self.nodes = nodes
+        self.tls = tls
+        self.ca_file = self.workdir / "tls" / "cert.pem"
         self.extra_args = extra_args  # e.g. ("--appendonly", "yes") to survive a restart
         self.ports: list[int] = []
         self.procs: list[subprocess.Popen[bytes]] = []
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.ports)
+        if self.tls:
+            return f"rediss+cluster://{hosts}?ssl_ca_certs={self.ca_file}"
+        return f"redis+cluster://{hosts}"
+
+    def _cli(self) -> list[str]:
+        cli = shutil.which("redis-cli") or "redis-cli"
+        return [cli, "--tls", "--cacert", str(self.ca_file)] if self.tls else [cli]
 
     def start(self, timeout: float = 30.0) -> LocalRedisCluster:
         server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
         if not server or not cli:
             raise ClusterUnavailable("redis-server and redis-cli must be installed")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.tls:
+            make_certificate(self.ca_file.parent)
         if not self.ports:  # preset ports: the URL was handed out before the start
             self.ports = _free_ports(self.nodes)
         try:
@@ -91,7 +125,7 @@ class LocalRedisCluster:
             for port in self.ports:
                 self._wait(port, deadline, lambda out: out.strip() == "PONG", "PING")
             created = subprocess.run(
-                [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                [*self._cli(), "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
                  "--cluster-replicas", "0", "--cluster-yes"],
                 capture_output=True, text=True, timeout=timeout)
             if created.returncode != 0:
@@ -108,7 +142,12 @@ class LocalRedisCluster:
     def _spawn(self, server: str, port: int) -> subprocess.Popen[bytes]:
         node_dir = self.workdir / str(port)
         node_dir.mkdir(exist_ok=True)
-        args = [server, "--port", str(port), "--bind", "127.0.0.1",
+        listen = ["--port", "0", "--tls-port", str(port), "--tls-cluster", "yes",
+                  "--tls-cert-file", str(self.ca_file.parent / "cert.pem"),
+                  "--tls-key-file", str(self.ca_file.parent / "key.pem"),
+                  "--tls-ca-cert-file", str(self.ca_file), "--tls-auth-clients", "no",
+                  ] if self.tls else ["--port", str(port)]
+        args = [server, *listen, "--bind", "127.0.0.1",
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", str(self.workdir / f"nodes-{port}.conf"),
                 "--dir", str(node_dir), "--save", "", "--appendonly", "no",
@@ -130,9 +169,8 @@ class LocalRedisCluster:
                    "CLUSTER", "INFO")
 
     def _wait(self, port: int, deadline: float, ready: object, *command: str) -> None:
-        cli = shutil.which("redis-cli") or "redis-cli"
         while True:
-            out = subprocess.run([cli, "-p", str(port), *command], capture_output=True,
+            out = subprocess.run([*self._cli(), "-p", str(port), *command], capture_output=True,
                                  text=True, timeout=10).stdout
             if ready(out):  # type: ignore[operator]
                 return
