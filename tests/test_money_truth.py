@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, TypedDict
 
 import httpx
@@ -452,39 +453,62 @@ def test_a_long_call_keeps_its_hold_past_the_lease(ledger: Ledger, mode: str) ->
     has neither) show it is running; a second call is refused meanwhile."""
     probe = Books(ledger)
     # streams: 1.5 s of chunks, 0.1 s apart (each chunk a sign of life)
-    first = slow(1.5) if mode in ("sync", "async") else FakeReply(
-        "word " * 16, completion_tokens=ANSWER.completion_tokens, chunk_delay_s=0.1)
-    with FakeOpenAIServer([first, ANSWER]) as server:
+    with FakeOpenAIServer([_long(mode), ANSWER]) as server:
         worst = probe.guard.estimate_model_call(_call(server, "hi"))
         books = Books(ledger, cap_usd=1.5 * worst / 1e9, lease_seconds=0.6)
-        config = {"callbacks": [books.handler()]}
-        second: list[BaseException | None] = []
-
-        def later() -> None:
-            time.sleep(1.0)  # well past the lease into the first call
-            try:
-                chat(server).invoke("hi", config)
-                second.append(None)
-            except BudgetExceeded as exc:
-                second.append(exc)
-
-        thread = threading.Thread(target=later)
-        thread.start()
-        if mode == "sync":
-            chat(server).invoke("hi", config)
-        elif mode == "async":
-            asyncio.run(chat(server).ainvoke("hi", config))
-        elif mode == "stream":  # (the stream's usage reported: charged as billed)
-            list(chat(server, stream_usage=True).stream("hi", config))
-        else:
-            async def consume() -> None:
-                async for _ in chat(server, stream_usage=True).astream("hi", config):
-                    pass
-            asyncio.run(consume())
-        thread.join()
-        assert isinstance(second[0], BudgetExceeded), "a second call was admitted"
+        config: Any = {"callbacks": [books.handler()]}
+        # (the stream's usage reported: charged as billed)
+        second = _beside_a_second_call(server, lambda: _drive(
+            chat(server, stream_usage=True), mode, "hi", config), "hi", config)
+        assert isinstance(second, BudgetExceeded), "a second call was admitted"
         server.wait_billed(1)
         books.settle_check(server)
+
+
+def _long(mode: str) -> FakeReply:
+    """An answer running 1.5 s: a slow first byte (invoke), or chunks 0.1 s apart."""
+    return slow(1.5) if mode in ("sync", "async") else FakeReply(
+        "word " * 16, completion_tokens=ANSWER.completion_tokens, chunk_delay_s=0.1)
+
+
+def _drive(runnable: Any, mode: str, inputs: Any, config: Any, **stream: Any) -> None:
+    """Run ``runnable`` to its end by invoke, ainvoke, stream or astream."""
+    if mode == "sync":
+        runnable.invoke(inputs, config)
+    elif mode == "async":
+        asyncio.run(runnable.ainvoke(inputs, config))
+    elif mode == "stream":
+        list(runnable.stream(inputs, config, **stream))
+    else:
+        async def consume() -> None:
+            async for _ in runnable.astream(inputs, config, **stream):
+                pass
+        asyncio.run(consume())
+
+
+def _beside_a_second_call(server: FakeOpenAIServer, run: Callable[[], Any], prompt: str,
+                          config: Any, sent: int = 1) -> BaseException | None:
+    """``run()`` while another caller makes a second call (``prompt`` with ``config``)
+    1 s after the ``sent``-th request reached the server, well past a 0.6 s lease; that
+    call's refusal, or None if it was admitted."""
+    second: list[BaseException | None] = []
+
+    def later() -> None:
+        deadline = time.monotonic() + 10
+        while server.request_count < sent and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the long request is sent
+        time.sleep(1.0)  # well past the lease into it
+        try:
+            chat(server).invoke(prompt, config)
+            second.append(None)
+        except BudgetExceeded as exc:
+            second.append(exc)
+
+    thread = threading.Thread(target=later)
+    thread.start()
+    run()
+    thread.join()
+    return second[0]
 
 
 @pytest.mark.parametrize("mode", ["sync", "async", "stream", "astream"])
@@ -607,6 +631,19 @@ def test_a_stream_read_a_chunk_at_a_time_by_wait_for_is_charged_as_billed(ledger
     assert [r.outcome for r in books.model_records()] == ["ok"]
 
 
+def _agent_beside_a_second_call(server: FakeOpenAIServer, books: Books, middleware: list[Any],
+                                mode: str, sent: int = 1) -> BaseException | None:
+    """A ``create_agent`` agent with ``middleware`` run to its end (streams in
+    ``messages`` mode) beside a second call of another caller (another prompt: not the
+    same request): see :func:`_beside_a_second_call`."""
+    agent = create_agent(chat(server, stream_usage=True), tools=[], middleware=middleware)
+    config: Any = {"configurable": {"thread_id": SESSION}}
+    inputs = {"messages": [HumanMessage("hi")]}
+    return _beside_a_second_call(
+        server, lambda: _drive(agent, mode, inputs, config, stream_mode="messages"),
+        "another question", {"callbacks": [books.handler()]}, sent)
+
+
 @pytest.mark.parametrize("mode", ["sync", "async", "stream", "astream"])
 def test_a_middleware_call_past_its_lease_keeps_its_hold(ledger: Ledger, mode: str) -> None:
     """GuardMiddleware alone (no callback handler joining its admission): a model call
@@ -615,42 +652,48 @@ def test_a_middleware_call_past_its_lease_keeps_its_hold(ledger: Ledger, mode: s
     from agent_guard import GuardMiddleware
 
     probe = Books(ledger)
-    first = slow(1.5) if mode in ("sync", "async") else FakeReply(
-        "word " * 16, completion_tokens=ANSWER.completion_tokens, chunk_delay_s=0.1)
-    with FakeOpenAIServer([first, ANSWER]) as server:
+    with FakeOpenAIServer([_long(mode), ANSWER]) as server:
         worst = probe.guard.estimate_model_call(_call(server, "hi"))
         books = Books(ledger, cap_usd=1.5 * worst / 1e9, lease_seconds=0.6)
-        agent = create_agent(chat(server, stream_usage=True), tools=[],
-                             middleware=[GuardMiddleware(books.guard)])
-        config: Any = {"configurable": {"thread_id": SESSION}}
-        inputs = {"messages": [HumanMessage("hi")]}
-        second: list[BaseException | None] = []
-
-        def later() -> None:
-            time.sleep(1.0)  # well past the lease into the first call
-            try:
-                chat(server).invoke("another question", {"callbacks": [books.handler()]})
-                second.append(None)
-            except BudgetExceeded as exc:
-                second.append(exc)
-
-        thread = threading.Thread(target=later)
-        thread.start()
-        if mode == "sync":
-            agent.invoke(inputs, config)
-        elif mode == "async":
-            asyncio.run(agent.ainvoke(inputs, config))
-        elif mode == "stream":
-            list(agent.stream(inputs, config, stream_mode="messages"))
-        else:
-            async def consume() -> None:
-                async for _ in agent.astream(inputs, config, stream_mode="messages"):
-                    pass
-            asyncio.run(consume())
-        thread.join()
-        assert isinstance(second[0], BudgetExceeded), "a second call was admitted"
+        second = _agent_beside_a_second_call(server, books, [GuardMiddleware(books.guard)],
+                                             mode)
+        assert isinstance(second, BudgetExceeded), "a second call was admitted"
         server.wait_billed(1)
         assert books.settle_check(server) == server.billed_nano(books.guard.prices)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "stream", "astream"])
+@pytest.mark.parametrize("order", ["guard_outer", "guard_inner"])
+@pytest.mark.parametrize("kind", ["retry", "fallback"])
+def test_a_retried_or_fallback_attempt_past_its_lease_keeps_its_hold(
+        ledger: Ledger, kind: str, order: str, mode: str) -> None:
+    """``ModelRetryMiddleware`` or ``ModelFallbackMiddleware`` inside GuardMiddleware
+    (``guard_outer``: each attempt after the first admitted at its own price inside the
+    one wrapped call) or outside it (``guard_inner``: each attempt a wrapped call of its
+    own). The first attempt fails before generating (a 500: released), the next runs past
+    its lease: its hold is renewed while it runs, so a second call (another caller) is
+    refused meanwhile, and the attempt is charged as billed."""
+    from langchain.agents.middleware import ModelFallbackMiddleware, ModelRetryMiddleware
+
+    from agent_guard import GuardMiddleware
+
+    probe = Books(ledger)
+    with FakeOpenAIServer([FakeReply(status=500), _long(mode), ANSWER]) as server:
+        worst = probe.guard.estimate_model_call(_call(server, "hi"))
+        books = Books(ledger, cap_usd=1.5 * worst / 1e9, lease_seconds=0.6)
+        # the fallback is the same model (another instance): its hold is the primary's size
+        other = (ModelRetryMiddleware(max_retries=1, initial_delay=0, jitter=False)
+                 if kind == "retry" else
+                 ModelFallbackMiddleware(chat(server, stream_usage=True, temperature=0.5)))
+        guard = GuardMiddleware(books.guard)
+        second = _agent_beside_a_second_call(
+            server, books, [guard, other] if order == "guard_outer" else [other, guard],
+            mode, sent=2)
+        assert len(server.requests) == 2 + (second is None)
+        assert isinstance(second, BudgetExceeded), "a second call was admitted"
+        server.wait_billed(1)
+        assert books.settle_check(server) == server.billed_nano(books.guard.prices)
+    assert [r.outcome for r in books.model_records()] == ["error", "ok"]
 
 
 # -- what is released: only what the provider certainly did not bill --------------------------

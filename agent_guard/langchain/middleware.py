@@ -711,11 +711,10 @@ class GuardMiddleware(AgentMiddleware):
         admission, request, instead = self._admit(request, session)
         if admission is None:
             return instead
-        gate = _AttemptGate(self, admission)
+        gate = _AttemptGate(self, admission, {"thread_id": threading.get_ident(),
+                                              "frame": sys._getframe()})
         try:  # (its hold renewed while the wrapped call runs: it may outrun its lease)
-            with gate.installed(), _held(gate, self.guard, admission,
-                                         thread_id=threading.get_ident(),
-                                         frame=sys._getframe()):
+            with gate.installed(), _held(gate, self.guard, admission, **gate.running):
                 response = handler(request)
         except BaseException as exc:
             gate.end_open(exc)
@@ -733,10 +732,9 @@ class GuardMiddleware(AgentMiddleware):
         admission, request, instead = await self._aadmit(request, session)
         if admission is None:
             return instead
-        gate = _AttemptGate(self, admission)
+        gate = _AttemptGate(self, admission, {"task": asyncio.current_task()})
         try:  # (its hold renewed while the wrapped call runs: it may outrun its lease)
-            with gate.installed(), _held(gate, self.guard, admission,
-                                         task=asyncio.current_task()):
+            with gate.installed(), _held(gate, self.guard, admission, **gate.running):
                 response = await handler(request)
         except BaseException as exc:
             if gate.open_attempts():
@@ -1304,11 +1302,18 @@ class _AttemptGate(BaseCallbackHandler):
         time)."""
         return dispatching_async(_INLINE_EVENTS)
 
-    def __init__(self, middleware: GuardMiddleware, admission: Admission) -> None:
+    def __init__(self, middleware: GuardMiddleware, admission: Admission,
+                 running: dict[str, Any]) -> None:
         super().__init__()
         self.middleware = middleware
         self.guard = middleware.guard
         self.admission = admission
+        # what the lease keeper watches while the wrapped call runs (see _held): each
+        # attempt admitted here is held while it runs, as the middleware's admission is.
+        # Forgotten when the call is over: the wrap's frame (or task) holds the gate, and
+        # a cycle through it would keep what the frame refers to (the graph run LangGraph
+        # lets go of when a stream is closed) until a garbage collection
+        self.running = running
         self.first_used = False
         self.runs: dict[UUID, Admission] = {}
         self.refused: dict[UUID, GuardError] = {}
@@ -1343,6 +1348,7 @@ class _AttemptGate(BaseCallbackHandler):
         finally:
             OWNER.reset(owner)
             var_child_runnable_config.reset(token)
+            self.running = {}  # (see __init__)
 
     def open_attempts(self) -> bool:
         return bool(self.runs)
@@ -1427,6 +1433,8 @@ class _AttemptGate(BaseCallbackHandler):
                 except GuardError as exc:
                     self.refused[run_id] = exc
                     raise
+                if admission.reservation is not None:  # it may outrun its lease too
+                    keeper.watch(self, self.guard, admission, **self.running)
             with self.lock:
                 self.runs[run_id] = admission
                 self.timing[run_id] = [time.monotonic(), read_timeout(serialized), 0.0]
@@ -1446,6 +1454,7 @@ class _AttemptGate(BaseCallbackHandler):
             timing = self.timing.pop(run_id, None)
         if admission is None or admission.finished:
             return None
+        self._unwatch(admission)
         answer = read_answer(response.generations, response.llm_output,
                              admission.call.model, self.guard.tokens)
         return admission, {
@@ -1492,9 +1501,16 @@ class _AttemptGate(BaseCallbackHandler):
             admission = self.runs.pop(run_id, None)
             self.timing.pop(run_id, None)
         if admission is not None and not admission.finished:
+            self._unwatch(admission)
             record = self.guard.model_call_failed(admission, error=error)
             if self.middleware.telemetry is not None:
                 self.middleware.telemetry.chat_end(run_id, record)
+
+    def _unwatch(self, admission: Admission) -> None:
+        """An attempt admitted here is ending: its hold is no longer renewed (the
+        middleware's own admission is unwatched when the wrapped call ends)."""
+        if admission is not self.admission and admission.reservation is not None:
+            keeper.unwatch(self, admission)
 
     def end_open(self, error: BaseException | None) -> None:
         """The wrapped call is over: an attempt still open got no end callback
@@ -1505,6 +1521,7 @@ class _AttemptGate(BaseCallbackHandler):
         for admission in open_:
             if admission.finished or admission is self.admission:
                 continue
+            self._unwatch(admission)
             if error is None:
                 self.guard.model_call_abandoned(admission)
             else:
