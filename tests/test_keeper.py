@@ -238,8 +238,8 @@ def test_a_forked_child_does_not_end_its_parents_calls() -> None:
     pid = os.fork()
     if pid == 0:  # the child: nothing of the parent's is watched or open
         ok = keeper.watching == 0 and not guard_module._OPEN_REQUESTS
-        # the handler is no source of the child's keeper, its run has no liveness
-        ok = ok and not keeper._sources and not handler.kept and run.frame is None
+        # the handler is no source of the child's keeper, and holds no run of the parent
+        ok = ok and not keeper._sources and not handler.kept and handler.open_runs == 0
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     keeper.unwatch(OWNER, adm)

@@ -696,6 +696,63 @@ def test_a_retried_or_fallback_attempt_past_its_lease_keeps_its_hold(
     assert [r.outcome for r in books.model_records()] == ["error", "ok"]
 
 
+def test_a_forked_child_lets_go_of_its_parents_open_runs(ledger: Ledger) -> None:
+    """A process forked while a handler has a run open (its parent's call, still running
+    in another thread): the child's copy of the handler holds no open run (the run is the
+    parent's), so once the child's own call through that handler is over the child's
+    lease keeper holds no source and sleeps (no 50 ms polling for the rest of the child's
+    life). The parent's call keeps its hold and is charged as billed."""
+    import json
+    import os
+
+    from agent_guard.engine.keeper import keeper
+    from agent_guard.ledger.memory import MemoryLedger
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no os.fork")
+    with FakeOpenAIServer([slow(1.0), ANSWER]) as server:
+        books = Books(ledger)
+        handler = books.handler()
+        config: Any = {"callbacks": [handler]}
+        parent = threading.Thread(target=lambda: chat(server).invoke("hi", config))
+        parent.start()
+        deadline = time.monotonic() + 10
+        while not (handler.open_runs and server.request_count) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the parent's call is open and sent
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child
+            seen: dict[str, Any] = {}
+            try:
+                seen["inherited"] = handler.open_runs
+                # its own call, through the inherited handler (a client of its own)
+                chat(server, http_client=httpx.Client()).invoke("another question", config)
+                seen["after"] = handler.open_runs
+                end = time.monotonic() + 5
+                while not (keeper._idle and not keeper._sources) and time.monotonic() < end:
+                    time.sleep(0.01)  # until the keeper's pass after the call
+                seen.update(sources=len(keeper._sources), kept=handler.kept,
+                            idle=keeper._idle)
+            except BaseException as exc:
+                seen["error"] = repr(exc)
+            finally:
+                os.write(write, json.dumps(seen).encode())
+                os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        with os.fdopen(read) as pipe:
+            seen = json.loads(pipe.read())
+        parent.join()
+        assert seen == {"inherited": 0, "after": 0, "sources": 0, "kept": False, "idle": True}
+        server.wait_billed(2)
+        usage = books.guard.usage(SESSION)
+        [own, _] = server.billed
+        # the child charged its call on a shared ledger, into its own copy of a memory one
+        billed = books.guard.prices.cost(own.model, own.usage()).total_nano if isinstance(
+            ledger, MemoryLedger) else server.billed_nano(books.guard.prices)
+        assert (usage.cost_nano, usage.reserved_nano) == (billed, 0)
+
+
 # -- what is released: only what the provider certainly did not bill --------------------------
 
 

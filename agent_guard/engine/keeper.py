@@ -102,7 +102,9 @@ class WatchSource(Protocol):
         """How many calls it has open (no lock needed: read to decide to sleep)."""
 
     def forked(self) -> None:
-        """In a forked child: the open calls are the parent's (see _after_fork)."""
+        """In a forked child: the open calls are the parent's; forget them (see
+        _after_fork), so the child's keeper lets the source go once the child's own
+        calls are over."""
 
 
 class LeaseKeeper:

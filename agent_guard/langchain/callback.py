@@ -441,11 +441,15 @@ class GuardCallbackHandler(BaseCallbackHandler):
 
     def forked(self) -> None:
         """In a forked child (the keeper's at-fork hook, one thread: no lock): the open
-        runs are the parent's calls, not this process's to renew or end; they stay open
-        (a call the forking thread goes on with ends as it would) without liveness."""
-        for run in list(self._runs.values()):
-            run.task = run.frame = run.thread_id = None
-            run.touched = False
+        runs and tool calls are the parent's, not this process's to renew, end or count
+        as open; the child's copy lets go of them (kept, a parent's run that nothing in
+        the child ever ends would hold this handler as the child keeper's source, polled
+        for the rest of the child's life). The parent ends and charges them. The lock
+        is a new one: another thread of the parent (the keeper reading the open runs)
+        may have held it at the fork."""
+        self._lock = threading.Lock()
+        self._runs = {}
+        self._tools = OrderedDict()
 
     def _watch(self, run_id: UUID, run: _Run) -> None:
         """Tell the lease keeper (which reads this handler's open runs) how to tell the
