@@ -32,6 +32,8 @@ __all__ = [
     "CHECKED",
     "LANGCHAIN_AHANDLE_EVENT_CODE",
     "LANGCHAIN_AHANDLE_EVENT_FOR_HANDLER_CODE",
+    "LANGCHAIN_ASYNC_MODEL_START_CODES",
+    "LANGCHAIN_ASYNC_MODEL_START_LOCALS",
     "LANGCHAIN_CALLBACK_ERROR",
     "LANGCHAIN_DISPATCH_CORO_NAMES",
     "LANGCHAIN_DISPATCH_HANDLERS_LOCAL",
@@ -137,6 +139,23 @@ LANGCHAIN_HANDLE_EVENT_CODE = _code_of(_lc_callback_manager, "handle_event")
 LANGCHAIN_AHANDLE_EVENT_CODE = _code_of(_lc_callback_manager, "ahandle_event")
 LANGCHAIN_AHANDLE_EVENT_FOR_HANDLER_CODE = _code_of(_lc_callback_manager,
                                                     "_ahandle_event_for_handler")
+
+
+def _async_model_start_codes() -> frozenset[CodeType]:
+    manager = _lc_callback_manager.AsyncCallbackManager
+    return frozenset(code for code in (_code_of(manager, "on_chat_model_start"),
+                                       _code_of(manager, "on_llm_start")) if code is not None)
+
+
+#: langchain-core (``callbacks/manager.py``): ``AsyncCallbackManager.on_chat_model_start``
+#: / ``on_llm_start`` make one ``ahandle_event`` coroutine per handler (per prompt) into
+#: the locals named here, then await the inline ones one by one and gather the others.
+#: When an inline handler raises, the coroutines not yet awaited are dropped unstarted
+#: (Python warns "coroutine 'ahandle_event' was never awaited"); the graph's run gate
+#: closes them before it raises (:func:`agent_guard.langchain.dispatch
+#: .close_unstarted_starts`). Empty when a release renames them (then nothing is closed).
+LANGCHAIN_ASYNC_MODEL_START_CODES = _async_model_start_codes()
+LANGCHAIN_ASYNC_MODEL_START_LOCALS = ("inline_tasks", "non_inline_tasks")
 
 
 #: pydantic (``main.py``): the handler ``BaseModel.__setattr__`` memoises (in the class's

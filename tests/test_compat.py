@@ -331,3 +331,15 @@ def test_create_agent_picks_the_structured_output_strategy_with_the_named_functi
     assert compat.provider_strategy_for(openai.ChatOpenAI(model="gpt-4o", api_key="sk-test"),
                                         [])
     assert not compat.provider_strategy_for(ScriptedChatModel(model_name="local-model"), [])
+
+
+def test_async_model_starts_make_the_handlers_coroutines_in_the_named_locals():
+    """``AsyncCallbackManager.on_chat_model_start`` / ``on_llm_start`` make the handlers'
+    ``ahandle_event`` coroutines into the locals the graph's run gate closes when it
+    refuses (``agent_guard.langchain.dispatch.close_unstarted_starts``)."""
+    manager = callback_manager.AsyncCallbackManager
+    codes = {manager.on_chat_model_start.__code__, manager.on_llm_start.__code__}
+    assert codes == set(compat.LANGCHAIN_ASYNC_MODEL_START_CODES)
+    for code in codes:
+        assert set(compat.LANGCHAIN_ASYNC_MODEL_START_LOCALS) <= set(code.co_varnames)
+        assert "ahandle_event" in code.co_names

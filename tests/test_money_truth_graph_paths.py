@@ -23,7 +23,9 @@ billed, charged <= what the calls reserved. The paths:
 from __future__ import annotations
 
 import asyncio
+import gc
 import operator
+import warnings
 from typing import Annotated, Any, TypedDict
 
 import pytest
@@ -36,6 +38,7 @@ from langgraph.types import Command, Send, interrupt
 
 from agent_guard import Guard, Limits, guarded_graph
 from agent_guard.compat import RunnableCallable
+from agent_guard.errors import GuardError
 from agent_guard.ledger import Ledger
 from agent_guard.ledger.memory import MemoryLedger
 from agent_guard.testing import FakeOpenAIServer, FakeReply
@@ -157,6 +160,48 @@ def test_a_concurrent_send_fan_out_ended_at_the_cap(ledger: Ledger, mode: str, c
             "usd_nano" if cap == "dollars" else "model_calls")
         assert len(server.billed) <= 3
         books.settle_check(server)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("call", ["invoke", "stream"])
+@pytest.mark.parametrize("on_exceed", ["raise", "end"])
+def test_a_refused_fan_out_leaves_no_callback_coroutine_unawaited(mode: str, call: str,
+                                                                  on_exceed: str) -> None:
+    """Three branches of two calls, a cap of two: the third branch's first call is
+    refused, which stops the run; the two admitted branches' second calls start after
+    that and are refused by the run's gate. On async paths LangChain had already made
+    every handler's start event as a coroutine; the gate's refusal left the guard's (and
+    LangGraph's stream handler's) unawaited: "RuntimeWarning: coroutine 'ahandle_event'
+    was never awaited" when collected. None now, and the run is charged as billed (the
+    answers are billed as what they send: streamed without usage, they are counted)."""
+    with FakeOpenAIServer([FakeReply("word " * 10, delay_s=0.3)]) as server:
+        books = Books(MemoryLedger(), max_model_calls=2)
+        app = guarded_graph(fan_out(chat(server), branches=3, calls=2), guard=books.guard,
+                            on_exceed=on_exceed)
+
+        async def astream() -> None:
+            async for _ in app.astream({}, CFG, stream_mode=["updates", "messages"]):
+                pass
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            refused = None
+            try:
+                if call == "invoke":
+                    run(app, {}, CFG, mode)
+                elif mode == "sync":
+                    list(app.stream({}, CFG, stream_mode=["updates", "messages"]))
+                else:
+                    asyncio.run(astream())
+            except GuardError as exc:
+                refused = type(exc).__name__  # the traceback (and its frames) let go
+            gc.collect()
+        assert (refused is not None) == (on_exceed == "raise")
+        assert len(server.billed) == 2
+        books.settle_check(server)
+    unawaited = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)
+                 and "never awaited" in str(w.message)]
+    assert unawaited == []
 
 
 # -- subgraphs ------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ tracer's whatever the order the callbacks were given in. With :class:`ends_inlin
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sys
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -38,11 +39,14 @@ from typing import Any
 from ..compat import (
     LANGCHAIN_AHANDLE_EVENT_CODE,
     LANGCHAIN_AHANDLE_EVENT_FOR_HANDLER_CODE,
+    LANGCHAIN_ASYNC_MODEL_START_CODES,
+    LANGCHAIN_ASYNC_MODEL_START_LOCALS,
     LANGCHAIN_DISPATCH_HANDLERS_LOCAL,
     LANGCHAIN_HANDLE_EVENT_CODE,
 )
 
-__all__ = ["async_twin", "dispatching_async", "dispatching_async_end", "ends_inline", "go_first"]
+__all__ = ["async_twin", "close_unstarted_starts", "dispatching_async", "dispatching_async_end",
+           "ends_inline", "go_first"]
 
 _HANDLE = LANGCHAIN_HANDLE_EVENT_CODE
 _AHANDLE = LANGCHAIN_AHANDLE_EVENT_CODE
@@ -128,6 +132,28 @@ def go_first(handler: Any, run_id: Any) -> list[Any] | None:
                 handlers.insert(0, handler)
             break
     return handlers
+
+
+def close_unstarted_starts() -> None:
+    """Called by an inline handler (``raise_error=True``) just before it raises from a
+    model's start: on LangChain's async dispatch, the start events of the handlers after
+    it were already made as coroutines that will now never run; close them, so Python
+    does not report them as never awaited when they are collected (they would not have
+    run either way). Anywhere else (sync dispatch, or a LangChain release that renamed
+    the dispatch) it does nothing."""
+    frame: FrameType | None = sys._getframe(1)
+    for _ in range(8):  # the handler, _ahandle_event_for_handler, ahandle_event, the manager
+        if frame is None:
+            return
+        if frame.f_code in LANGCHAIN_ASYNC_MODEL_START_CODES:
+            local = frame.f_locals
+            for name in LANGCHAIN_ASYNC_MODEL_START_LOCALS:
+                for coro in local.get(name) or ():
+                    if inspect.iscoroutine(coro) and \
+                            inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
+                        coro.close()
+            return
+        frame = frame.f_back
 
 
 class ends_inline:

@@ -68,6 +68,7 @@ from ..engine.limits import Limits
 from ..engine.usage import usd_to_nano
 from ..errors import GuardError
 from ..langchain.callback import GuardCallbackHandler
+from ..langchain.dispatch import close_unstarted_starts
 from ..ledger import Ledger
 
 __all__ = ["GuardedStateGraph", "budget_gate", "guarded_graph", "session_of"]
@@ -157,6 +158,7 @@ class _RunGate(BaseCallbackHandler):
     def _check() -> None:
         run = _run_of(var_child_runnable_config.get())
         if run is not None and run.halted:
+            close_unstarted_starts()  # the other handlers' starts, made on async paths
             raise RunHalted("the run was stopped or paused by agent-guard")
 
     def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
