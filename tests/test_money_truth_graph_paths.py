@@ -28,13 +28,17 @@ import operator
 import warnings
 from typing import Annotated, Any, TypedDict
 
+import openai
 import pytest
 from langchain_core.messages import HumanMessage
 from langchain_core.tools import tool
+from langgraph.cache.memory import InMemoryCache
 from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.config import get_store
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode, tools_condition
-from langgraph.types import Command, Send, interrupt
+from langgraph.store.memory import InMemoryStore
+from langgraph.types import CachePolicy, Command, RetryPolicy, Send, interrupt
 
 from agent_guard import Guard, Limits, guarded_graph
 from agent_guard.compat import RunnableCallable
@@ -245,6 +249,126 @@ def test_a_looping_subgraph_is_stopped_at_the_cap(ledger: Ledger, mode: str, sha
         # answers settle below their worst case: five fit the cap, the sixth is refused
         assert len(server.billed) == 5
         books.settle_check(server)
+
+
+# -- a compiled graph, wrapped, runs as the original ------------------------------------------
+
+
+def compiled_one_node(server: FakeOpenAIServer, **compile_kwargs: Any) -> Any:
+    return one_node(chat(server)).compile(**compile_kwargs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", ["graph", "subgraph"])
+def test_a_wrapped_graph_keeps_its_step_timeout(mode: str, shape: str) -> None:
+    """``app.step_timeout`` set after compiling (LangGraph reads it at each run, no
+    compile option sets it): a node whose answer takes 3 s times out at 0.5 s, wrapped
+    as unwrapped (it ran to the end before), and the call is charged as billed."""
+    books = Books(MemoryLedger())
+    with FakeOpenAIServer([slow(3.0)]) as server:
+        app = compiled_one_node(server)
+        app.step_timeout = 0.5
+        if shape == "subgraph":
+            outer = StateGraph(Q)
+            outer.add_node("sub", app)
+            outer.add_edge(START, "sub")
+            outer.add_edge("sub", END)
+            wrapped = guarded_graph(outer, guard=books.guard, session_id=SESSION)
+        else:
+            wrapped = guarded_graph(app, guard=books.guard, session_id=SESSION)
+            assert wrapped.step_timeout == 0.5
+        with pytest.raises(TimeoutError):
+            run(wrapped, {}, {}, mode)
+        server.wait_billed(1)
+        books.settle_check(server)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_wrapped_graph_keeps_its_retry_policy(mode: str) -> None:
+    """``app.retry_policy`` set after compiling: the node's first call gets a 500, the
+    policy runs the node again and it answers (wrapped, the 500 reached the caller)."""
+    books = Books(MemoryLedger())
+    with FakeOpenAIServer([FakeReply(status=500), ANSWER]) as server:
+        app = compiled_one_node(server)
+        app.retry_policy = (RetryPolicy(retry_on=openai.InternalServerError,
+                                        initial_interval=0.01, jitter=False),)
+        wrapped = guarded_graph(app, guard=books.guard, session_id=SESSION)
+        assert run(wrapped, {"question": "hi"}, {}, mode)["answer"] == ANSWER.content
+        assert len(server.requests) == 2
+        assert books.settle_check(server) == server.billed_nano(books.guard.prices)
+        assert books.guard.usage(SESSION).steps == 2  # each attempt is a node run
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_wrapped_graph_keeps_its_cache_policy(mode: str) -> None:
+    """``app.cache_policy`` (every node cached in the graph's cache): the same question
+    twice is answered once by the provider, wrapped as unwrapped."""
+    books = Books(MemoryLedger())
+    with FakeOpenAIServer([ANSWER]) as server:
+        app = compiled_one_node(server, cache=InMemoryCache())
+        app.cache_policy = CachePolicy()
+        wrapped = guarded_graph(app, guard=books.guard, session_id=SESSION)
+
+        async def twice() -> list[Any]:  # one loop: the model's async client is bound to it
+            return [await wrapped.ainvoke({"question": "hi"}) for _ in range(2)]
+
+        outs = ([wrapped.invoke({"question": "hi"}) for _ in range(2)] if mode == "sync"
+                else asyncio.run(twice()))
+        assert [o["answer"] for o in outs] == [ANSWER.content] * 2
+        assert len(server.billed) == 1
+        assert books.settle_check(server) == server.billed_nano(books.guard.prices)
+
+
+def test_a_wrapped_graph_keeps_its_stream_mode() -> None:
+    with FakeOpenAIServer([ANSWER]) as server:
+        app = compiled_one_node(server)
+        app.stream_mode = "values"
+        app.stream_eager = True
+        wrapped = guarded_graph(app, limits=Limits(), session_id=SESSION)
+        assert (wrapped.stream_mode, wrapped.stream_eager) == ("values", True)
+        chunks = list(wrapped.stream({"question": "hi"}))
+    assert chunks == [{"question": "hi"}, {"question": "hi", "answer": ANSWER.content}]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_wrapped_graph_keeps_what_it_was_compiled_with(mode: str) -> None:
+    """checkpointer, store, interrupt_before / interrupt_after, debug, name: the run
+    pauses before the node (nothing billed), goes on from the checkpoint, the node reads
+    the store, and pauses again after it."""
+    books = Books(MemoryLedger())
+    store = InMemoryStore()
+    store.put(("q",), "default", {"question": "from the store"})
+    with FakeOpenAIServer([ANSWER]) as server:
+        model = chat(server)
+
+        def ask(state: Q) -> Q:
+            item = get_store().get(("q",), "default")
+            return {"answer": str(model.invoke(item.value["question"]).content)}
+
+        async def aask(state: Q) -> Q:
+            item = await get_store().aget(("q",), "default")
+            return {"answer": str((await model.ainvoke(item.value["question"])).content)}
+
+        builder = StateGraph(Q)
+        builder.add_node("ask", RunnableCallable(ask, aask))
+        builder.add_node("after", lambda state: {"n": 1})
+        builder.add_edge(START, "ask")
+        builder.add_edge("ask", "after")
+        builder.add_edge("after", END)
+        app = builder.compile(checkpointer=InMemorySaver(), store=store,
+                              interrupt_before=["ask"], interrupt_after=["after"],
+                              debug=False, name="asker")
+        wrapped = guarded_graph(app, guard=books.guard)
+        assert (wrapped.get_name(), wrapped.debug) == ("asker", False)
+        assert guarded_graph(builder.compile(debug=True), guard=books.guard).debug is True
+
+        run(wrapped, {}, CFG, mode)
+        assert server.requests == [] and wrapped.get_state(CFG).next == ("ask",)
+        run(wrapped, None, CFG, mode)
+        assert wrapped.get_state(CFG).next == ()  # paused after "after", the last node
+        assert wrapped.get_state(CFG).values == {"answer": ANSWER.content, "n": 1}
+        assert "from the store" in str(server.requests[0])
+        assert books.settle_check(server) == server.billed_nano(books.guard.prices)
 
 
 # -- interrupt() and resume ---------------------------------------------------------------

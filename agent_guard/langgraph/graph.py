@@ -519,15 +519,37 @@ def _guard_subgraph(runnable: Any, guard: Guard, on_exceed: OnExceed,
     return inner.with_config(cast(RunnableConfig, config)) if config else inner
 
 
-def _compile(graph: CompiledStateGraph, guard: Guard, on_exceed: OnExceed,
-             session_id: str | None, compile_kwargs: dict[str, Any]) -> GuardedStateGraph:
+def _compile_kwargs_of(graph: CompiledStateGraph) -> dict[str, Any]:
+    """What ``graph`` was compiled with, to compile its guarded builder the same way."""
     kept = {"checkpointer": graph.checkpointer, "store": graph.store, "cache": graph.cache,
             "interrupt_before": graph.interrupt_before_nodes or None,
             "interrupt_after": graph.interrupt_after_nodes or None,
             "debug": graph.debug, "name": graph.name}
-    kwargs = {**{k: v for k, v in kept.items() if v is not None}, **compile_kwargs}
+    return {k: v for k, v in kept.items() if v is not None}
+
+
+# what a compiled graph carries that neither its builder nor compile() sets: LangGraph
+# reads them from the graph at each run (``app.step_timeout = 30`` after compile)
+_RUN_SETTINGS = ("step_timeout", "retry_policy", "cache_policy", "stream_mode",
+                 "stream_eager", "stream_transformers")
+
+
+def _carry_settings(graph: CompiledStateGraph, compiled: CompiledStateGraph,
+                    compile_kwargs: Mapping[str, Any]) -> None:
+    """Give ``compiled`` (``graph``'s builder, guarded) ``graph``'s run settings."""
+    for name in _RUN_SETTINGS:
+        if name == "stream_transformers" and compile_kwargs.get("transformers") is not None:
+            continue  # given to guarded_graph: they win
+        if hasattr(graph, name):
+            setattr(compiled, name, getattr(graph, name))
+
+
+def _compile(graph: CompiledStateGraph, guard: Guard, on_exceed: OnExceed,
+             session_id: str | None, compile_kwargs: dict[str, Any]) -> GuardedStateGraph:
+    kwargs = {**_compile_kwargs_of(graph), **compile_kwargs}
     compiled = _guard_builder(graph.builder, guard, on_exceed, session_id).compile(
         **_stop_aware(kwargs))
+    _carry_settings(graph, compiled, kwargs)
     compiled.__class__ = GuardedStateGraph
     return compiled  # type: ignore[return-value]
 
@@ -689,7 +711,8 @@ def guarded_graph(
     **compile_kwargs: Any,
 ) -> GuardedStateGraph:
     """Compile ``graph`` (a ``StateGraph`` builder, or a compiled graph whose builder,
-    checkpointer, store, cache and config are kept) with the guard on every node.
+    checkpointer, store, cache, interrupts, debug, name, config and run settings such as
+    ``step_timeout`` and ``retry_policy`` are kept) with the guard on every node.
 
     The session is the run's ``thread_id`` (else ``metadata["session_id"]``, else
     ``session_id``); caps hold across invocations of a thread. ``compile_kwargs``
@@ -712,11 +735,7 @@ def guarded_graph(
     base_config: dict[str, Any] = {}
     if isinstance(graph, CompiledStateGraph):
         builder = graph.builder
-        kept = {"checkpointer": graph.checkpointer, "store": graph.store, "cache": graph.cache,
-                "interrupt_before": graph.interrupt_before_nodes or None,
-                "interrupt_after": graph.interrupt_after_nodes or None,
-                "debug": graph.debug, "name": graph.name}
-        compile_kwargs = {**{k: v for k, v in kept.items() if v is not None}, **compile_kwargs}
+        compile_kwargs = {**_compile_kwargs_of(graph), **compile_kwargs}
         base_config = dict(graph.config or {})
     elif isinstance(graph, StateGraph):
         builder = graph
@@ -740,6 +759,8 @@ def guarded_graph(
                     cache_policy=CachePolicy(key_func=key_func, ttl=int(ttl) if ttl else None))
         compile_kwargs["cache"] = NodeCache(cache)
     compiled = wrapped.compile(**_stop_aware(compile_kwargs))
+    if isinstance(graph, CompiledStateGraph):
+        _carry_settings(graph, compiled, compile_kwargs)
     compiled.__class__ = GuardedStateGraph
     callbacks = list(base_config.get("callbacks") or [])
     own = GuardCallbackHandler(guard, session_id=session_id)
