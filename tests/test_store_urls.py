@@ -209,3 +209,120 @@ def test_the_redis_factory_refuses_options_it_does_not_know() -> None:
         RedisLedger("redis://127.0.0.1:1/0?namespace=x")  # from_url reads it; this does not
     with pytest.raises(ValueError, match=r"known: .*socket_timeout"):
         redis_client("redis://127.0.0.1:1/0?decode_responses=1")
+
+
+# -- Redis: a URL that would be misread, or fail only once connected, is refused at once -----
+
+#: each URL holds a password "SECRET" (or a part of one); {port} is a listener's
+BAD_REDIS_URLS = {
+    "a raw '/' in the password": ("redis://u:SECR/ET@127.0.0.1:{port}/0", "percent-encode"),
+    "a raw '?' in the password": ("rediss://u:SECR?ET@127.0.0.1:{port}/0", "percent-encode"),
+    "a raw '#' in the password": ("rediss+cluster://u:SECR#ET@127.0.0.1:{port}",
+                                  "percent-encode"),
+    "a port out of range": ("redis://:SECRET@127.0.0.1:99999/0", "port"),
+    "a port that is no number": ("redis://:SECRET@127.0.0.1:6x79/0", "port"),
+    "port 0 (redis-py reads 6379)": ("rediss://:SECRET@127.0.0.1:0/0", "port"),
+    "a database that is no number (redis-py reads 0)": (
+        "redis://:SECRET@127.0.0.1:{port}/1x", "database number"),
+    "a database on a cluster (path)": ("redis+cluster://:SECRET@127.0.0.1:{port}/2",
+                                       "one database"),
+    "a database on a cluster (query)": ("redis+cluster://:SECRET@127.0.0.1:{port}?db=2",
+                                        "one database"),
+    "no cluster node": ("rediss+cluster://u:SECRET@", "host:port"),
+    "an empty cluster node": ("redis+cluster://:SECRET@127.0.0.1:{port},,127.0.0.1:{port}",
+                              "host:port"),
+    "an unknown option": ("rediss://:SECRET@127.0.0.1:{port}/0?sokcet_timeout=1",
+                          "unknown"),
+    "a TLS option without TLS": ("redis://:SECRET@127.0.0.1:{port}/0?ssl_cert_reqs=none",
+                                 "need a TLS URL"),
+    "a TLS option on a plain cluster": (
+        "redis+cluster://:SECRET@127.0.0.1:{port}?ssl_ca_certs=/ca.pem", "need a TLS URL"),
+    "a TLS option on a unix socket": ("unix:///tmp/r.sock?ssl_ca_certs=/ca.pem&password=SECRET",
+                                      "need a TLS URL"),
+    "an ssl_cert_reqs redis-py refuses as it connects": (
+        "rediss://:SECRET@127.0.0.1:{port}/0?ssl_cert_reqs=maybe", "ssl_cert_reqs"),
+    "a protocol redis-py refuses as it connects": (
+        "redis://:SECRET@127.0.0.1:{port}/0?protocol=4", "protocol"),
+    "a unix socket with a host (redis-py drops it)": (
+        "unix://relative/r.sock?password=SECRET", "socket file"),
+    "a unix URL with no socket": ("unix://:SECRET@", "socket file"),
+}
+
+
+def _build_with(kind: str, url: str) -> None:
+    from agent_guard import Guard, Limits
+    from agent_guard.stores import redis_client
+
+    if kind == "ledger":
+        ledger_from_url(url)
+    elif kind == "guard":
+        Guard(Limits(max_cost_usd=1), ledger=url)
+    elif kind == "result cache":
+        ResultCache(url)
+    elif kind == "LLM cache":
+        LLMCache(url)
+    elif kind == "usage store":
+        UsageStore.from_url(url)
+    elif kind == "client":
+        redis_client(url)
+    else:
+        redis_client(url, asynchronous=True)
+
+
+@pytest.mark.parametrize("kind", ["ledger", "guard", "result cache", "LLM cache",
+                                  "usage store", "client", "async client"])
+@pytest.mark.parametrize("case", list(BAD_REDIS_URLS))
+def test_a_bad_redis_url_is_refused_before_connecting_without_its_password(
+        case: str, kind: str) -> None:
+    """Every store (and the client factory, sync and async) refuses the URL as it is
+    built, with an error that says what is wrong and shows no password; nothing
+    connected to the server it names (a listener counts connections)."""
+    import socket
+
+    template, says = BAD_REDIS_URLS[case]
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        url = template.format(port=listener.getsockname()[1])
+        with pytest.raises(ValueError, match=says) as refused:
+            _build_with(kind, url)
+        try:
+            listener.accept()
+            connected = True
+        except BlockingIOError:
+            connected = False
+    assert not connected
+    assert "SECR" not in str(refused.value)
+
+
+def test_tls_options_given_as_keywords_need_a_tls_url() -> None:
+    from agent_guard.stores import redis_client
+
+    with pytest.raises(ValueError, match="ssl_ca_certs need a TLS URL"):
+        redis_client("redis://127.0.0.1:1/0", ssl_ca_certs="/ca.pem")
+    with pytest.raises(ValueError, match="ssl_cert_reqs need a TLS URL"):
+        ledger_from_url("redis+cluster://127.0.0.1:1", ssl_cert_reqs="none")
+
+
+@pytest.mark.parametrize("url", ["unix:///var/run/redis.sock", "unix:///tmp/r.sock?db=2",
+                                 "unix://u:p%40w@/tmp/r.sock"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_unix_url_reaches_redis_py_as_a_unix_url(url: str, kind: str) -> None:
+    """``unix:///path`` (no host) keeps its ``//`` on its way to redis-py, which refuses
+    ``unix:/path``."""
+    parsed = parse_url(url + ("&" if "?" in url else "?") + "namespace=n", kind)
+    assert parsed.client_url.startswith("unix://")
+    assert "namespace" not in parsed.client_url
+    assert redis.connection.parse_url(parsed.client_url)["path"].endswith(".sock")
+
+
+def test_redaction_masks_a_password_the_parser_cannot_delimit() -> None:
+    from agent_guard.stores import redact_url
+
+    for url in ("redis://u:SECR/ET@h:1/0", "redis://:SECR#ET@h:1/0", "redis://u:SECR?ET@h:1",
+                "rediss+cluster://u:SE/CR?ET@h:1,h:2"):
+        shown = redact_url(url)
+        assert "SECR" not in shown and "ET" not in shown.replace("***", "")
+        assert shown.endswith(url.rpartition("@")[2])
+    assert redact_url("sqlite:///data/a@b.db") == "sqlite:///data/a@b.db"

@@ -112,8 +112,9 @@ def redis_client(url: str, *, profile: RedisProfile = LEDGER, asynchronous: bool
     from redis.connection import parse_url
     from redis.retry import Retry
 
-    from .url import REDIS, REDIS_CLUSTER_SCHEMES, redact_url
+    from .url import REDIS, REDIS_CLUSTER_SCHEMES, check_redis_url, redact_url
 
+    check_redis_url(url, options)
     if url.split("://", 1)[0].lower() in REDIS_CLUSTER_SCHEMES:
         return _cluster_client(url, profile=profile, asynchronous=asynchronous,
                                retries=retries, max_connections=max_connections,

@@ -26,7 +26,7 @@ kind of store.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -75,11 +75,26 @@ _SECRET_PARAMS = frozenset({"password", "pass", "pwd", "token", "secret", "key",
                             "api_key", "access_token", "auth", "ssl_password"})
 
 
+def _stray_at(parts: SplitResult) -> bool:
+    """An ``@`` after the host of a server URL: a user info whose password holds a ``/``,
+    ``?`` or ``#`` that was not percent-encoded, so the parser cut it in two."""
+    return parts.scheme.lower() not in _FILE_SCHEMES and "@" in (
+        parts.path + parts.query + parts.fragment)
+
+
+# schemes whose URL names a file, where an '@' in the path is only a file name
+_FILE_SCHEMES = frozenset({"sqlite", "memory"})
+
+
 def redact_url(url: str) -> str:
     """The URL without its password (in the user info or the query), safe for messages
-    and logs."""
+    and logs. A user info the parser cannot delimit (an ``@`` after the host: a password
+    with a raw ``/``, ``?`` or ``#``) is masked up to its last ``@``."""
     try:
         parts = urlsplit(url)
+        if _stray_at(parts):
+            scheme, _, rest = url.partition("://")
+            return f"{scheme}://***@{rest.rpartition('@')[2]}"
         netloc = parts.netloc
         if parts.password is not None:
             host = netloc.rpartition("@")[2]  # every host:port (a cluster names several)
@@ -205,6 +220,8 @@ def parse_url(url: str, kind: str) -> StoreURL:
     except ValueError as exc:
         raise ValueError(f"cannot parse the {_NOUN[kind]} URL {redact_url(url)!r}: {exc}"
                          ) from None
+    # the place first: a password cut by a raw '?' must not be echoed as an option name
+    path = backend.locate(parts, url)
     spec: dict[str, Converter] = {**backend.client_options, **entry.options}
     options: dict[str, Any] = {}
     kind_options: dict[str, Any] = {}
@@ -216,20 +233,32 @@ def parse_url(url: str, kind: str) -> StoreURL:
                 f"unknown {scheme}:// option {key!r} in the {_NOUN[kind]} URL "
                 f"{redact_url(url)!r}; "
                 f"known: {', '.join(sorted(spec)) or '(none)'}")
-        try:
-            options[key] = convert(value)
-        except (TypeError, ValueError) as exc:
-            shown = "***" if key.lower() in _SECRET_PARAMS else repr(value)
-            raise ValueError(f"option {key!r} of the {_NOUN[kind]} URL "
-                             f"{redact_url(url)!r} must be {_what(convert)}, got {shown}"
-                             f" ({exc})") from None
+        options[key] = _convert(convert, key, value, f"the {_NOUN[kind]} URL", url)
         if key in entry.options:
             kind_options[key] = options[key]
         else:
             client_query.append((key, value))
-    path = backend.locate(parts, url)
-    client_url = urlunsplit(parts._replace(query=urlencode(client_query)))
+    client_url = _unsplit(parts._replace(query=urlencode(client_query)))
     return StoreURL(kind, scheme, backend.name, url, path, options, kind_options, client_url)
+
+
+def _unsplit(parts: SplitResult) -> str:
+    """``urlunsplit`` that keeps the ``//`` of a URL with an empty host: it writes
+    ``unix:///tmp/redis.sock`` as ``unix:/tmp/redis.sock``, which redis-py refuses."""
+    text = urlunsplit(parts)
+    prefix = f"{parts.scheme}:"
+    if not parts.netloc and text.startswith(prefix) and not text.startswith(prefix + "//"):
+        text = f"{prefix}//{text[len(prefix):]}"
+    return text
+
+
+def _convert(convert: Converter, key: str, value: str, what: str, url: str) -> Any:
+    try:
+        return convert(value)
+    except (TypeError, ValueError) as exc:
+        shown = "***" if key.lower() in _SECRET_PARAMS else repr(value)
+        raise ValueError(f"option {key!r} of {what} {redact_url(url)!r} must be "
+                         f"{_what(convert)}, got {shown} ({exc})") from None
 
 
 def _what(convert: Converter) -> str:
@@ -271,9 +300,59 @@ def _locate_sqlite(parts: SplitResult, url: str) -> str:
 
 
 def _locate_redis(parts: SplitResult, url: str) -> None:
+    """Refuse, before anything connects, what redis-py would read as something else or
+    fail on only when it connects: a password cut by a raw ``/``, ``?`` or ``#``; a port
+    that is no port (redis-py takes port 0 as 6379); a database that is no number
+    (redis-py takes ``/1x`` as db 0); a ``unix://`` URL with a host or no socket; TLS
+    options on a URL without TLS (a ``TypeError`` at the first command)."""
+    if _stray_at(parts):
+        raise ValueError(
+            f"the {parts.scheme}:// URL has an '@' after its host: percent-encode "
+            f"'/', '?', '#', '@' and ':' in a user name or password (%2F, %3F, %23, %40, "
+            f"%3A); got {redact_url(url)!r}")
     if parts.fragment:
         raise ValueError(f"a Redis URL has no fragment, got {redact_url(url)!r}")
+    scheme = parts.scheme.lower()
+    host = parts.netloc.rpartition("@")[2]
+    if scheme == "unix":  # redis-py drops a host: unix://run/r.sock would be /r.sock
+        if host.lower() not in ("", "localhost") or not parts.path.strip("/"):
+            raise ValueError(f"a unix:// URL names a socket file and no host: "
+                             f"unix:///path/to/redis.sock[?db=N], got {redact_url(url)!r}")
+    elif not scheme.endswith("+cluster"):
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if port == 0 and ":" in host.rpartition("]")[2]:
+            raise ValueError(f"the port of a Redis URL is a number in 1-65535, got "
+                             f"{redact_url(url)!r}")
+        db = parts.path[1:]
+        if db and not db.isdigit():
+            raise ValueError(f"the path of a Redis URL is its database number "
+                             f"(redis://host:port/0), got {redact_url(url)!r}")
+    _need_tls(parts, url, [k for k, _ in parse_qsl(parts.query)])
     return None
+
+
+def _need_tls(parts: SplitResult, url: str, names: Iterable[str]) -> None:
+    """``ssl_*`` options on a URL without TLS: redis-py hands them to a plain connection,
+    which raises ``TypeError`` at the first command."""
+    ssl = sorted({name for name in names if name.startswith("ssl_")})
+    if ssl and not parts.scheme.lower().startswith("rediss"):
+        raise ValueError(f"{', '.join(ssl)} need a TLS URL (rediss:// or rediss+cluster://), "
+                         f"got {redact_url(url)!r}")
+
+
+def as_cert_reqs(text: str) -> str:
+    if text not in ("none", "optional", "required"):
+        raise ValueError("one of none, optional, required")
+    return text
+
+
+def as_protocol(text: str) -> int:
+    if text.strip() not in ("2", "3"):
+        raise ValueError("2 or 3")
+    return int(text)
 
 
 def _redis_client_options() -> dict[str, Converter]:
@@ -284,9 +363,12 @@ def _redis_client_options() -> dict[str, Converter]:
                                   for k, v in URL_QUERY_ARGUMENT_PARSERS.items()
                                   if k != "retry_on_error"}
     for name in ("username", "password", "client_name", "lib_name", "lib_version",
-                 "ssl_keyfile", "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs",
+                 "ssl_keyfile", "ssl_certfile", "ssl_ca_certs",
                  "ssl_ca_path", "ssl_ca_data", "ssl_password", "ssl_ciphers"):
         opts[name] = as_str
+    # redis-py checks these only as it connects
+    opts["ssl_cert_reqs"] = as_cert_reqs
+    opts["protocol"] = as_protocol
     return opts
 
 
@@ -317,6 +399,22 @@ def _locate_cluster(parts: SplitResult, url: str) -> None:
                          f"{parts.path!r}: {redact_url(url)!r}")
     cluster_nodes(url)  # raises ValueError on a malformed node list
     return None
+
+
+def check_redis_url(url: str, options: Mapping[str, Any] | None = None) -> None:
+    """``ValueError`` for a Redis or Redis Cluster URL (and the keyword options given
+    beside it) that a client would misread or fail on only as it connects."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise ValueError(f"cannot parse the Redis URL {redact_url(url)!r}: {exc}") from None
+    cluster = parts.scheme.lower() in REDIS_CLUSTER_SCHEMES
+    (_locate_cluster if cluster else _locate_redis)(parts, url)
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        convert = REDIS.client_options.get(key)
+        if convert is not None:
+            _convert(convert, key, value, "the Redis URL", url)
+    _need_tls(parts, url, options or ())
 
 
 def cluster_nodes(url: str) -> list[tuple[str, int]]:
