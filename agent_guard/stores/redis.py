@@ -251,20 +251,28 @@ def _cluster_client(url: str, *, profile: RedisProfile, asynchronous: bool, retr
     if asynchronous:
         from redis.asyncio.cluster import ClusterNode as AsyncNode
 
-        # parse_url's connection_class is the sync one; TLS is asked for by ssl=True,
-        # else the asyncio cluster client speaks plain text to a rediss+cluster:// URL
+        # parse_url's connection_class is the sync one. The asyncio cluster client takes
+        # no connection_class and only some ssl_* options (not ssl_ca_path, ssl_password):
+        # the TLS connection class and every ssl_* option go to its nodes' connections
+        # below, as a one-node client's get them (without them it speaks plain text to a
+        # rediss+cluster:// URL, or refuses the options with a TypeError).
         kwargs.pop("connection_class", None)
-        if tls:
-            kwargs["ssl"] = True
+        node_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("ssl_")}
+        # it retries after a timeout anyway (up to `retries`), as the sync one does with
+        # retry_on_timeout; the keyword itself it refuses
+        kwargs.pop("retry_on_timeout", None)
         aclient = aredis.RedisCluster(
             startup_nodes=[AsyncNode(h, p) for h, p in nodes], max_connections=size,
             retry=AsyncRetry(backoff, retries), **kwargs)
-        # it takes no connection_class: its nodes read theirs from the kwargs it shares
-        # with its nodes manager (the nodes it discovers) or hold it (the startup nodes)
-        shared = aclient.nodes_manager.connection_kwargs
-        shared["connection_class"] = _async_node_connection(shared["connection_class"])
+        # its nodes read their connection class and kwargs from the kwargs it shares
+        # with its nodes manager (the nodes it discovers) or hold them (the startup nodes)
+        node_kwargs["connection_class"] = _async_node_connection(
+            aredis.SSLConnection if tls else aredis.Connection)
+        aclient.nodes_manager.connection_kwargs.update(node_kwargs)
         for node in aclient.nodes_manager.startup_nodes.values():
-            node.connection_class = shared["connection_class"]
+            node.connection_class = node_kwargs["connection_class"]
+            node.connection_kwargs.update(
+                {k: v for k, v in node_kwargs.items() if k != "connection_class"})
         return aclient
     from redis.cluster import ClusterNode
 

@@ -10,6 +10,8 @@ and waits for ``cluster_state:ok`` on every node; ``stop()`` kills them. ``url``
 With ``tls=True`` the nodes speak TLS only (``--port 0 --tls-port``, the cluster bus too)
 with a self-signed certificate for 127.0.0.1 made by ``openssl`` in ``workdir``
 (``ca_file``); ``url`` is then ``rediss+cluster://...?ssl_ca_certs=<ca_file>``.
+With ``password`` the default user needs it (``--requirepass``); ``url`` carries it
+(``redis+cluster://:<password>@...``, percent-encoded).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 __all__ = ["ClusterUnavailable", "LocalRedisCluster", "make_certificate"]
 
@@ -89,8 +92,10 @@ def make_certificate(directory: Path) -> Path:
 
 class LocalRedisCluster:
     def __init__(self, workdir: Path | str, *, nodes: int = 3,
-                 extra_args: tuple[str, ...] = (), tls: bool = False) -> None:
+                 extra_args: tuple[str, ...] = (), tls: bool = False,
+                 password: str | None = None) -> None:
         self.workdir = Path(workdir)
+        self.password = password
         self.nodes = nodes
         self.tls = tls
         self.ca_file = self.workdir / "tls" / "cert.pem"
@@ -101,13 +106,17 @@ class LocalRedisCluster:
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.ports)
+        if self.password is not None:
+            hosts = f":{quote(self.password, safe='')}@{hosts}"
         if self.tls:
             return f"rediss+cluster://{hosts}?ssl_ca_certs={self.ca_file}"
         return f"redis+cluster://{hosts}"
 
     def _cli(self) -> list[str]:
-        cli = shutil.which("redis-cli") or "redis-cli"
-        return [cli, "--tls", "--cacert", str(self.ca_file)] if self.tls else [cli]
+        cli = [shutil.which("redis-cli") or "redis-cli"]
+        if self.password is not None:
+            cli += ["--no-auth-warning", "-a", self.password]
+        return [*cli, "--tls", "--cacert", str(self.ca_file)] if self.tls else cli
 
     def start(self, timeout: float = 30.0) -> LocalRedisCluster:
         server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
@@ -152,6 +161,8 @@ class LocalRedisCluster:
                 "--cluster-config-file", str(self.workdir / f"nodes-{port}.conf"),
                 "--dir", str(node_dir), "--save", "", "--appendonly", "no",
                 "--daemonize", "no", *self.extra_args]
+        if self.password is not None:
+            args += ["--requirepass", self.password]
         return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop_node(self, index: int, sig: int = 9) -> None:
