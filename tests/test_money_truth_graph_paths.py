@@ -326,6 +326,31 @@ def test_a_wrapped_graph_keeps_its_cache_policy(mode: str) -> None:
         assert books.settle_check(server) == server.billed_nano(books.guard.prices)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_graph_wide_cache_policy_never_replays_an_earlier_stop(mode: str) -> None:
+    """With ``app.cache_policy`` every node is cached, agent-guard's final node too: a
+    later run stopped on the same state got the earlier run's explanation back (another
+    reason, another run's message id) from the cache instead of its own."""
+    with FakeOpenAIServer([ANSWER]) as server:
+        model = chat(server)
+        builder = StateGraph(MessagesState)  # (async: the sync node runs in an executor)
+        builder.add_node("ask", lambda state: {"messages": [model.invoke(state["messages"])]})
+        builder.add_edge(START, "ask")
+        builder.add_edge("ask", END)
+        app = builder.compile(cache=InMemoryCache())
+        app.cache_policy = CachePolicy()
+        ends = []
+        for limits in (Limits(max_model_calls=0),) * 2 + (Limits(max_cost_usd=1e-9),):
+            wrapped = guarded_graph(app, limits=limits, on_exceed="end", session_id=SESSION)
+            out = run(wrapped, {"messages": [HumanMessage("hi", id="h1")]}, {}, mode)
+            said = out["messages"][-1]
+            ends.append((out["__agent_guard__"]["dimension"], said.id, said.content))
+        assert server.requests == []
+    assert [dimension for dimension, _, _ in ends] == ["model_calls", "model_calls", "usd_nano"]
+    assert len({said_id for _, said_id, _ in ends}) == 3  # each run's own explanation
+    assert "StepLimitExceeded" in ends[1][2] and "BudgetExceeded" in ends[2][2]
+
+
 def test_a_wrapped_graph_keeps_its_stream_mode() -> None:
     with FakeOpenAIServer([ANSWER]) as server:
         app = compiled_one_node(server)

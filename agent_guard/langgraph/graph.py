@@ -398,10 +398,15 @@ def _guard_builder(builder: StateGraph, guard: Guard, on_exceed: OnExceed,
 _STOP_ROUTE = f"branch:to:{FINAL_NODE}"
 
 
-def _storable(writes: Any) -> bool:
-    """A node's writes that may be cached: not empty, and not made in a stopped run (a
+def _storable(key: Any, writes: Any) -> bool:
+    """A node's writes that may be cached: not empty, not made in a stopped run (a
     skipped node's nothing, or a result routed to the final node, replayed by a later
-    run, would end that run without a refusal)."""
+    run, would end that run without a refusal), and not the final node's (a graph-wide
+    ``cache_policy`` caches every node: a later stop would say an earlier run's reason).
+    ``key`` is LangGraph's ``(namespace, key)``, the namespace ending in the node."""
+    namespace = key[0] if isinstance(key, tuple) and key else None
+    if isinstance(namespace, tuple) and namespace and namespace[-1] == FINAL_NODE:
+        return False
     try:
         return bool(writes) and not any(w[0] == _STOP_ROUTE for w in writes)
     except (TypeError, IndexError):
@@ -461,7 +466,7 @@ class _StopAwareCache(BaseCache[Any]):
         return found
 
     def set(self, pairs: Mapping[Any, tuple[Any, int | None]]) -> None:
-        kept = {k: v for k, v in pairs.items() if _storable(v[0])}
+        kept = {k: v for k, v in pairs.items() if _storable(k, v[0])}
         if not kept:
             return
         try:
@@ -476,7 +481,7 @@ class _StopAwareCache(BaseCache[Any]):
                     self._unstored(each)
 
     async def aset(self, pairs: Mapping[Any, tuple[Any, int | None]]) -> None:
-        kept = {k: v for k, v in pairs.items() if _storable(v[0])}
+        kept = {k: v for k, v in pairs.items() if _storable(k, v[0])}
         if not kept:
             return
         try:
