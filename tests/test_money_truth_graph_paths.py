@@ -650,7 +650,12 @@ def test_a_fan_out_cut_midway_is_charged_as_billed(ledger: Ledger, cut: str) -> 
         app = guarded_graph(fan_out(chat(server), branches=3), guard=books.guard,
                             on_exceed="end", checkpointer=InMemorySaver())
         asyncio.run(_cut(app, cut))
-        server.wait_billed(3)
+        # a break after three streamed items may come before the third branch sent its
+        # request: what was billed is what the server received, whatever the count
+        if "break" in cut:
+            assert server.wait_settled()
+        else:
+            server.wait_billed(3)
         books.settle_check(server)
     assert all(r.usage_estimated for r in books.model_records())
 
@@ -665,7 +670,7 @@ def test_a_sync_stream_of_messages_and_updates_closed_early(ledger: Ledger) -> N
             if i == 3:
                 break
         stream.close()
-        server.wait_billed(3)
+        assert server.wait_settled()
         books.settle_check(server)
 
 

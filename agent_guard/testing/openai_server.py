@@ -351,6 +351,25 @@ class FakeOpenAIServer(ServedInThread):
                 raise TimeoutError(f"{len(bills)} requests billed, expected {count}")
             time.sleep(0.005)
 
+    def wait_settled(self, quiet: float = 0.3, timeout: float = 5.0) -> list[BilledRequest]:
+        """The bills once no request has arrived and none been billed for ``quiet``
+        seconds: for a client cut off before it sent all it might have (how many requests
+        went out is then the client's race, not the test's to fix)."""
+        deadline = time.monotonic() + timeout
+        seen: tuple[int, int] = (-1, -1)
+        since = time.monotonic()
+        while True:
+            with self._lock:
+                now_seen, bills = (len(self._requests), len(self._billed)), list(self._billed)
+            now = time.monotonic()
+            if now_seen != seen:
+                seen, since = now_seen, now
+            elif now - since >= quiet:
+                return bills
+            if now >= deadline:
+                raise TimeoutError(f"requests still arriving: {now_seen} (received, billed)")
+            time.sleep(0.005)
+
     def billed_usage(self) -> Any:
         """The billed tokens summed over every request, as an ``agent_guard.engine.usage.Usage``."""
         from ..engine.usage import Usage
