@@ -41,6 +41,7 @@ __all__ = [
     "LANGCHAIN_MODEL_CODE_DIR",
     "LANGCHAIN_RUN_MANAGER_LOCAL",
     "LANGCHAIN_SERIALIZE_VALUE_CODE",
+    "LANGCHAIN_SHIELDED_CORO_NAMES",
     "LANGCHAIN_TOOL_ARGS_METHOD",
     "LANGCHAIN_TOOL_RUN_CODES",
     "LANGGRAPH_CALL_KEY",
@@ -73,6 +74,13 @@ LANGCHAIN_MODEL_CODE_DIR = os.sep + os.path.join("langchain_core", "language_mod
 #: langchain-core (``callbacks/manager.py``): the coroutines that dispatch a callback
 #: event to async handlers; the task running one of them is not the model call's task.
 LANGCHAIN_DISPATCH_CORO_NAMES = frozenset({"ahandle_event", "_ahandle_event_for_handler"})
+
+#: langchain-core (``callbacks/manager.py``): the async run managers' end events that
+#: LangChain runs in a task of their own (``@shielded``: ``create_task`` with a copy of
+#: the caller's context, then ``shield``); that task is not the model call's task either.
+LANGCHAIN_SHIELDED_CORO_NAMES = frozenset({"on_llm_end", "on_llm_error", "on_chain_end",
+                                           "on_chain_error", "on_retriever_end",
+                                           "on_retriever_error"})
 
 #: what a task runs that steps an async stream once: langchain-core's
 #: ``RunnableParallel`` reads each branch's stream a chunk at a time in a task running

@@ -376,7 +376,7 @@ def test_an_open_run_sets_every_field_of_the_keepers_watch_as_watch_does() -> No
     handler = GuardCallbackHandler(guard, session_id="s")
     admission = guard.before_model_call(ModelCall(session="s", model="gpt-4o-mini",
                                                   input_tokens=10, max_output_tokens=10))
-    run = _Run(handler, UUID(int=1), admission, None, None, 100.0, None, True)
+    run = _Run(handler, UUID(int=1), admission, None, None, 100.0, None, True, [])
     watch = Watch(guard, admission, None)
     for name in Watch.__slots__:
         if name == "on_stop":  # the run's own stopped() tells its handler

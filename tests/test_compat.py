@@ -78,6 +78,17 @@ def test_callback_dispatch_coroutines_exist():
         assert inspect.iscoroutinefunction(getattr(callback_manager, name)), name
 
 
+def test_the_shielded_end_events_run_in_tasks_of_their_own():
+    """Each name is an async run manager's end event wrapped by ``shielded`` (its own
+    task), and every shielded method is named."""
+    shielded = {name for cls in vars(callback_manager).values() if isinstance(cls, type)
+                and cls.__module__ == callback_manager.__name__
+                for name, func in vars(cls).items()
+                if getattr(getattr(func, "__code__", None), "co_qualname", None)
+                == "shielded.<locals>.wrapped"}
+    assert shielded == compat.LANGCHAIN_SHIELDED_CORO_NAMES
+
+
 def test_runnable_parallel_steps_its_streams_in_get_next_chunk_tasks():
     from langchain_core.runnables import RunnableParallel
 

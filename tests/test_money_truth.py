@@ -753,6 +753,52 @@ def test_a_forked_child_lets_go_of_its_parents_open_runs(ledger: Ledger) -> None
         assert (usage.cost_nano, usage.reserved_nano) == (billed, 0)
 
 
+@pytest.mark.parametrize("mode", ["sync", "async", "stream", "astream"])
+@pytest.mark.parametrize("shape", ["two_requests", "two_agent_runs", "handler_listed_twice"])
+def test_one_run_id_given_to_two_runs_charges_both(ledger: Ledger, shape: str,
+                                                   mode: str) -> None:
+    """The same ``run_id`` (a config reused by two callers) on two runs open at once under
+    one handler: two model requests (the second joined the first's admission: one charge
+    for two bills), or two agent runs (the end of the second ended the first's model call
+    as abandoned while it ran: its hold gone, charged its worst case). Each request is
+    reserved on its own and charged as billed. One request the handler sees twice (listed
+    twice in ``callbacks``) is still charged once."""
+    import uuid
+
+    with FakeOpenAIServer([FakeReply(ANSWER.content, completion_tokens=60, delay_s=1.0),
+                           FakeReply("Yes.", completion_tokens=5)]) as server:
+        books = Books(ledger)
+        handler = books.handler()
+        model = chat(server, stream_usage=True)
+        config: Any = {"callbacks": [handler] * (2 if shape == "handler_listed_twice" else 1),
+                       "run_id": uuid.uuid4()}
+        if shape == "two_agent_runs":
+            runnable: Any = create_agent(model, tools=[])
+            stream: dict[str, Any] = {"stream_mode": "messages"}
+        else:
+            runnable, stream = model, {}
+
+        def ask(text: str) -> None:
+            inputs = {"messages": [HumanMessage(text)]} if shape == "two_agent_runs" else text
+            _drive(runnable, mode, inputs, config, **stream)
+
+        def second() -> None:
+            deadline = time.monotonic() + 10
+            while not server.request_count and time.monotonic() < deadline:
+                time.sleep(0.01)  # the first request is sent, and open for 1 s
+            ask("another question")
+
+        thread = threading.Thread(target=second)
+        if shape != "handler_listed_twice":
+            thread.start()
+        ask("hi")
+        if thread.is_alive():
+            thread.join()
+        bills = len(server.wait_billed(1 if shape == "handler_listed_twice" else 2))
+        assert books.settle_check(server) == server.billed_nano(books.guard.prices)
+    assert [r.outcome for r in books.model_records()] == ["ok"] * bills
+
+
 # -- what is released: only what the provider certainly did not bill --------------------------
 
 

@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 from ..errors import LedgerUnavailable
 
-__all__ = ["LeaseKeeper", "Watch", "WatchSource", "keeper"]
+__all__ = ["LeaseKeeper", "Watch", "WatchSource", "executing", "keeper"]
 
 logger = logging.getLogger("agent_guard")
 
@@ -223,7 +223,7 @@ class LeaseKeeper:
         elif w.task is not None:
             over = bool(w.task.done())
         elif w.frame is not None:
-            over = not _executing(w.frame)
+            over = not executing(w.frame)
         if over:
             if key is not None:
                 self._drop(key, w)
@@ -298,7 +298,7 @@ class LeaseKeeper:
 
 
 
-def _executing(frame: FrameType) -> bool:
+def executing(frame: FrameType) -> bool:
     """Whether ``frame`` is still executing on some thread's stack.
 
     ``frame.clear()`` raises ``RuntimeError`` for an executing frame without touching

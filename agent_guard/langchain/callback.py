@@ -53,13 +53,14 @@ from ..cache.result import CACHE_HIT_EVENT
 from ..compat import (
     LANGCHAIN_DISPATCH_CORO_NAMES,
     LANGCHAIN_MODEL_CODE_DIR,
+    LANGCHAIN_SHIELDED_CORO_NAMES,
     STREAM_STEP_CORO_NAMES,
 )
 from ..context import named_session, session_from_metadata
 from ..engine.admission import Admission, ModelCall, ToolAdmission
 from ..engine.budgets import Budgets, attributes_from_metadata, metadata_keys
 from ..engine.guard import Guard
-from ..engine.keeper import Watch, keeper
+from ..engine.keeper import Watch, executing, keeper
 from ..engine.limits import Limits
 from ..engine.records import CallRecord, Outcome
 from ..errors import GuardError, OutputCapExceeded
@@ -120,7 +121,8 @@ _CALLING_TASK: ContextVar[Any] = ContextVar("agent_guard_calling_task", default=
 # by RunnableParallel.astream or a wait_for per chunk), which are not the task the model
 # call runs in: a call first seen in one keeps the task noted before (its caller's),
 # else is watched by its streamed chunks
-_DISPATCH_CORO_NAMES = LANGCHAIN_DISPATCH_CORO_NAMES | STREAM_STEP_CORO_NAMES
+_DISPATCH_CORO_NAMES = (LANGCHAIN_DISPATCH_CORO_NAMES | LANGCHAIN_SHIELDED_CORO_NAMES
+                        | STREAM_STEP_CORO_NAMES)
 
 
 class _Run(Watch):
@@ -129,16 +131,19 @@ class _Run(Watch):
     ``admission`` and liveness (``task``, ``thread_id``, ``frame``) are the keeper's,
     and :meth:`stopped` is what the keeper calls when the run's call is gone."""
 
-    __slots__ = ("batch", "first_chunk", "handler", "parent", "planned", "run_id",
+    __slots__ = ("asked", "batch", "first_chunk", "handler", "parent", "planned", "run_id",
                  "started", "streamed_texts", "streamed_tokens", "streamed_unscaled",
                  "timeout")
 
     def __init__(self, handler: GuardCallbackHandler, run_id: UUID, admission: Admission,
                  parent: UUID | None, batch: Any, started: float, timeout: float | None,
-                 planned: bool) -> None:
+                 planned: bool, asked: Any) -> None:
         self.handler = handler
         self.run_id = run_id
         self.admission = admission
+        # the prompt object LangChain dispatched the start with: one request's start
+        # reaching this handler twice (listed twice) passes the same object
+        self.asked = asked
         # the handler's guard planned the admission (not joined: its price is the guard's)
         self.planned = planned
         self.streamed_tokens = 0  # streamed output as charged (tokenizer factor applied)
@@ -164,7 +169,7 @@ class _Run(Watch):
         self._renewed = None
 
     def stopped(self) -> None:
-        self.handler._stopped(self.run_id)
+        self.handler._stopped(self.run_id, self)
 
 
 # streamed content blocks whose text is generated output (tool-call blocks are counted
@@ -286,6 +291,9 @@ class GuardCallbackHandler(BaseCallbackHandler):
         # (uuid.UUID.__hash__ hashes its int), an int's is not; a run id that is no
         # UUID (LangChain always passes one) is its own key (see _run_key)
         self._runs: dict[Any, _Run] = {}
+        # further requests started with a run id open already (a config with a run_id
+        # reused by two callers at once): run key -> those runs, each admitted on its own
+        self._twins: dict[Any, list[_Run]] = {}
         self._lock = threading.Lock()
         # open Runnable.with_fallbacks runs -> the refusal raised inside (or None): the
         # fallback model of a refused call is refused the same way
@@ -393,7 +401,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
                 self._refuse_batch(batch, exc)
             raise
         run = _Run(self, run_id, admission, parent_run_id, batch, time.monotonic(), timeout,
-                   admission.call is call)
+                   admission.call is call, messages if messages is not None else prompts)
         refused: tuple[Any, GuardError] | None = None
         dropped: list[tuple[UUID, _Run]] = []
         try:  # _run_key(run_id) inline (a try costs nothing when nothing is raised)
@@ -408,7 +416,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
             if batch is not None:
                 refused = self._refused_batches.get(id(batch))
             if refused is None:
-                self._runs[key] = run
+                open_ = self._runs.setdefault(key, run)
                 while len(self._runs) > _MAX_OPEN_RUNS:  # runs nothing ever ended
                     oldest = self._runs.pop(next(iter(self._runs)))
                     dropped.append((oldest.run_id, oldest))
@@ -419,9 +427,31 @@ class GuardCallbackHandler(BaseCallbackHandler):
         if refused is not None:  # a sibling prompt was refused meanwhile: never sent
             self.guard.model_call_failed(admission)
             raise refused[1]
+        if open_ is not run and not self._another_request(key, run, open_, call):
+            return  # the same request, seen again: one run
         self._watch(run_id, run)
         if not self.kept:  # (after the run is in _runs: see LeaseKeeper._let_go)
             keeper.keep(self)
+
+    def _another_request(self, key: Any, run: _Run, open_: _Run, call: ModelCall) -> bool:
+        """``run``'s id is open already (``open_``). The same request when LangChain
+        dispatched the same prompt object (this handler listed twice): False, one run.
+        Else another request given the same run id (a config with a ``run_id`` reused
+        while its first call runs): it joined the first's admission, and two bills would
+        meet one charge; it is admitted on its own (its refusal raised) and kept beside
+        the first (True)."""
+        if run.asked is open_.asked:
+            return False
+        try:
+            run.admission = self.guard.before_model_call(replace(call, run_id=None))
+        except GuardError as exc:
+            if self.telemetry is not None:
+                self.telemetry.refused(run.run_id, exc)
+            raise
+        run.planned = True
+        with self._lock:
+            self._twins.setdefault(key, []).append(run)
+        return True
 
     # -- every run ends once ---------------------------------------------------------
 
@@ -429,14 +459,19 @@ class GuardCallbackHandler(BaseCallbackHandler):
     def open_runs(self) -> int:
         """Model runs this handler holds a reservation for now (0 once a run is over)."""
         with self._lock:
-            return len(self._runs)
+            return self.open_count()
 
     def open_watches(self) -> list[_Run]:
         """The open runs, for the lease keeper (this handler is its source of them)."""
         with self._lock:
-            return list(self._runs.values())
+            runs = list(self._runs.values())
+            for twins in self._twins.values() if self._twins else ():
+                runs += twins
+            return runs
 
     def open_count(self) -> int:
+        if self._twins:
+            return len(self._runs) + sum(len(twins) for twins in self._twins.values())
         return len(self._runs)
 
     def forked(self) -> None:
@@ -449,6 +484,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         may have held it at the fork."""
         self._lock = threading.Lock()
         self._runs = {}
+        self._twins = {}
         self._tools = OrderedDict()
 
     def _watch(self, run_id: UUID, run: _Run) -> None:
@@ -494,7 +530,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         task = ref() if ref is not None else None
         if task is None:
             if ref is not None:  # the task is gone already: the call cannot be running
-                self._stopped(run_id)
+                self._stopped(run_id, run)
             return
         # a task already done (another handler raised while this one was reserving)
         # cannot be running the call: the keeper ends the run on its next look
@@ -502,13 +538,49 @@ class GuardCallbackHandler(BaseCallbackHandler):
         with contextlib.suppress(RuntimeError):  # a closed loop: the keeper polls anyway
             task.get_loop().call_soon_threadsafe(task.add_done_callback, _poke_keeper)
 
-    def _stopped(self, run_id: UUID) -> None:
-        """The keeper saw the run's call end or stop: forget it; if nothing ended it,
-        end it as abandoned."""
+    def _stopped(self, run_id: UUID, run: _Run | None = None) -> None:
+        """The keeper saw the run's call end or stop (``run``, else the run of
+        ``run_id``): forget it; if nothing ended it, end it as abandoned."""
+        key = _run_key(run_id)
         with self._lock:
-            run = self._runs.pop(_run_key(run_id), None)
-        if run is not None:
-            self._end_abandoned(run_id, run)
+            if key in self._twins:
+                found = self._take_twin(key, self._runs.pop(key, None), run)
+            elif run is None or self._runs.get(key) is run:
+                found = self._runs.pop(key, None)
+            else:
+                found = None
+        if found is not None:
+            self._end_abandoned(run_id, found)
+
+    def _take_twin(self, key: Any, first: _Run | None, run: _Run | None = None
+                   ) -> _Run | None:
+        """(lock held) Of the open runs of one run id (``first``, popped from the open
+        runs, and its twins), take ``run``, else the one whose call this thread or task
+        is making (:func:`_making`); the others stay open."""
+        runs = ([first] if first is not None else []) + self._twins.pop(key)
+        if run is None:
+            run = _making(runs)
+        elif run not in runs:
+            run = None
+        self._reopen(key, [r for r in runs if r is not run])
+        return run
+
+    def _reopen(self, key: Any, runs: list[_Run]) -> None:
+        """(lock held) ``runs``, of one run id, are open (after the open run of ``key``,
+        if any): the first in the open runs, the others its twins."""
+        if runs and key not in self._runs:
+            self._runs[key] = runs.pop(0)
+        if runs:
+            self._twins[key] = runs
+
+    def _mine(self, key: Any, first: _Run | None) -> _Run | None:
+        """The open run of ``key`` whose call this thread or task is making, left open
+        (``first``, the one in the open runs, when the run id has no twins)."""
+        with self._lock:
+            twins = self._twins.get(key)
+            if not twins:
+                return first
+            return _making(([first] if first is not None else []) + twins)
 
     def _end_abandoned(self, run_id: UUID, run: _Run) -> None:
         if run.admission.finished:
@@ -519,13 +591,24 @@ class GuardCallbackHandler(BaseCallbackHandler):
 
     def _end_runs_under(self, parent: UUID) -> None:
         """A chain or tool run ended: the model runs under it that are still open never
-        got their end callbacks (cancelled, or another handler raised). End them."""
+        got their end callbacks (cancelled, or another handler raised). End them; but
+        not a run whose call visibly goes on in another thread or task (a run id given
+        to two runs at once, e.g. a config's ``run_id`` reused by two agent runs: the one
+        that ended is not its parent; the lease keeper ends it if its end never comes)."""
         orphans: list[tuple[UUID, _Run]] = []
         with self._lock:
             if self._runs:
                 for key, run in list(self._runs.items()):
-                    if self._is_under(run.parent, parent):
+                    if self._is_under(run.parent, parent) and not _elsewhere(run):
                         orphans.append((run.run_id, self._runs.pop(key)))
+            for key in list(self._twins) if self._twins else ():
+                left = []
+                for run in self._twins.pop(key):
+                    if self._is_under(run.parent, parent) and not _elsewhere(run):
+                        orphans.append((run.run_id, run))
+                    else:
+                        left.append(run)
+                self._reopen(key, left)
             self._parents.pop(parent, None)
         for rid, run in orphans:
             self._end_abandoned(rid, run)
@@ -633,6 +716,8 @@ class GuardCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         run = self._runs.get(_run_key(run_id))
+        if self._twins:  # (a run id given to two requests at once: see _another_request)
+            run = self._mine(_run_key(run_id), run)
         if run is None:
             return
         if not run.first_chunk:
@@ -687,6 +772,8 @@ class GuardCallbackHandler(BaseCallbackHandler):
         lock.acquire()
         try:
             run = self._runs.pop(key, None)
+            if self._twins and key in self._twins:  # (see _another_request)
+                run = self._take_twin(key, run)
         finally:
             lock.release()
         if run is None:
@@ -721,8 +808,11 @@ class GuardCallbackHandler(BaseCallbackHandler):
         parent_run_id: UUID | None = None,
         **kwargs: Any,
     ) -> None:
+        key = _run_key(run_id)
         with self._lock:
-            run = self._runs.pop(_run_key(run_id), None)
+            run = self._runs.pop(key, None)
+            if key in self._twins:
+                run = self._take_twin(key, run)
         if run is not None:
             record = self.guard.model_call_failed(run.admission,
                                                   output_tokens=run.streamed_tokens,
@@ -980,6 +1070,32 @@ def _note_calling_task() -> None:
     ref = _CALLING_TASK.get()
     if ref is None or ref() is not task:
         _CALLING_TASK.set(weakref.ref(task))
+
+
+def _elsewhere(run: _Run) -> bool:
+    """Whether ``run``'s call is still running in another thread (its frame executing)
+    or another asyncio task (not done) than the one this callback comes from."""
+    if run.frame is not None and run.thread_id != threading.get_ident():
+        return executing(run.frame)
+    if run.task is not None and not run.task.done():
+        ref = _CALLING_TASK.get()
+        task = ref() if ref is not None else None
+        return task is not None and task is not run.task
+    return False
+
+
+def _making(runs: list[_Run]) -> _Run:
+    """Of open runs sharing a run id, the one whose call this thread (a sync call's
+    frame) or asyncio task (noted where LangChain dispatched the event) is making: its
+    end and its chunks come from there; else the oldest."""
+    ident = threading.get_ident()
+    ref = _CALLING_TASK.get()
+    task = ref() if ref is not None else None
+    for run in runs:
+        if (run.frame is not None and run.thread_id == ident) or (
+                task is not None and run.task is task):
+            return run
+    return runs[0]
 
 
 def _run_key(run_id: Any) -> Any:
