@@ -754,15 +754,18 @@ def test_a_forked_child_lets_go_of_its_parents_open_runs(ledger: Ledger) -> None
 
 
 @pytest.mark.parametrize("mode", ["sync", "async", "stream", "astream"])
-@pytest.mark.parametrize("shape", ["two_requests", "two_agent_runs", "handler_listed_twice"])
+@pytest.mark.parametrize("shape", ["two_requests", "two_agent_runs", "two_handlers",
+                                   "handler_listed_twice"])
 def test_one_run_id_given_to_two_runs_charges_both(ledger: Ledger, shape: str,
                                                    mode: str) -> None:
     """The same ``run_id`` (a config reused by two callers) on two runs open at once under
     one handler: two model requests (the second joined the first's admission: one charge
     for two bills), or two agent runs (the end of the second ended the first's model call
-    as abandoned while it ran: its hold gone, charged its worst case). Each request is
-    reserved on its own and charged as billed. One request the handler sees twice (listed
-    twice in ``callbacks``) is still charged once."""
+    as abandoned while it ran: its hold gone, charged its worst case); or two requests,
+    each under a handler of its own on the same ledger (the second joined the first's
+    admission too). Each request is reserved on its own and charged as billed. One
+    request the handler sees twice (listed twice in ``callbacks``) is still charged
+    once."""
     import uuid
 
     with FakeOpenAIServer([FakeReply(ANSWER.content, completion_tokens=60, delay_s=1.0),
@@ -778,7 +781,7 @@ def test_one_run_id_given_to_two_runs_charges_both(ledger: Ledger, shape: str,
         else:
             runnable, stream = model, {}
 
-        def ask(text: str) -> None:
+        def ask(text: str, config: Any = config) -> None:
             inputs = {"messages": [HumanMessage(text)]} if shape == "two_agent_runs" else text
             _drive(runnable, mode, inputs, config, **stream)
 
@@ -786,7 +789,8 @@ def test_one_run_id_given_to_two_runs_charges_both(ledger: Ledger, shape: str,
             deadline = time.monotonic() + 10
             while not server.request_count and time.monotonic() < deadline:
                 time.sleep(0.01)  # the first request is sent, and open for 1 s
-            ask("another question")
+            ask("another question", {**config, "callbacks": [books.handler()]}
+                if shape == "two_handlers" else config)
 
         thread = threading.Thread(target=second)
         if shape != "handler_listed_twice":

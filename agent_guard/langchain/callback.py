@@ -391,6 +391,13 @@ class GuardCallbackHandler(BaseCallbackHandler):
                     if self._fallback_runs else None
                 try:
                     admission = self.guard.before_model_call(call)
+                    if admission.call is not call and call.messages and \
+                            admission.call.messages is not call.messages:
+                        # it joined the open request of its run id, which LangChain
+                        # started with another prompt object: another request given the
+                        # same run id (see _another_request), admitted on its own
+                        call = replace(call, run_id=None)
+                        admission = self.guard.before_model_call(call)
                 except GuardError as exc:
                     self._fallbacks_refused(fallbacks, exc)
                     raise
@@ -437,18 +444,19 @@ class GuardCallbackHandler(BaseCallbackHandler):
         """``run``'s id is open already (``open_``). The same request when LangChain
         dispatched the same prompt object (this handler listed twice): False, one run.
         Else another request given the same run id (a config with a ``run_id`` reused
-        while its first call runs): it joined the first's admission, and two bills would
-        meet one charge; it is admitted on its own (its refusal raised) and kept beside
-        the first (True)."""
+        while its first call runs), admitted on its own (a chat prompt already was, see
+        _start; a text prompt joined the first's admission, and two bills would meet one
+        charge: admitted again, its refusal raised), kept beside the first (True)."""
         if run.asked is open_.asked:
             return False
-        try:
-            run.admission = self.guard.before_model_call(replace(call, run_id=None))
-        except GuardError as exc:
-            if self.telemetry is not None:
-                self.telemetry.refused(run.run_id, exc)
-            raise
-        run.planned = True
+        if run.admission is open_.admission:
+            try:
+                run.admission = self.guard.before_model_call(replace(call, run_id=None))
+            except GuardError as exc:
+                if self.telemetry is not None:
+                    self.telemetry.refused(run.run_id, exc)
+                raise
+            run.planned = True
         with self._lock:
             self._twins.setdefault(key, []).append(run)
         return True
