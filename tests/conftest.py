@@ -56,7 +56,7 @@ SLOW_MODULES = frozenset({
     "test_cache_faults", "test_cache_hostile", "test_crash_resume", "test_fuzz",
     "test_graph_control_matrix", "test_ledger_processes", "test_ledger_properties",
     "test_money_truth", "test_money_truth_anthropic", "test_money_truth_content",
-    "test_money_truth_redteam",
+    "test_money_truth_redteam", "test_money_truth_redteam2",
     "test_notebooks", "test_phoenix", "test_price_conformance", "test_redis_cluster",
     "test_redis_faults", "test_redis_tls", "test_telemetry_examples", "test_telemetry_setup",
 })

@@ -110,6 +110,8 @@ logger = logging.getLogger("agent_guard")
 
 # How many open model runs a handler remembers; beyond, the oldest is ended as abandoned
 _MAX_OPEN_RUNS = 10_000
+# how far up from the handler a sync stream's generator frame is looked for (see _making)
+_STREAM_EVENT_DEPTH = 16
 # How many chain/tool runs (for their parent links) and refused batches it remembers
 _MAX_PARENTS = 10_000
 _MAX_REFUSED_BATCHES = 1024
@@ -132,8 +134,8 @@ class _Run(Watch):
     and :meth:`stopped` is what the keeper calls when the run's call is gone."""
 
     __slots__ = ("asked", "batch", "first_chunk", "handler", "parent", "planned", "run_id",
-                 "started", "streamed_texts", "streamed_tokens", "streamed_unscaled",
-                 "timeout")
+                 "started", "stream", "streamed_texts", "streamed_tokens",
+                 "streamed_unscaled", "timeout")
 
     def __init__(self, handler: GuardCallbackHandler, run_id: UUID, admission: Admission,
                  parent: UUID | None, batch: Any, started: float, timeout: float | None,
@@ -164,6 +166,9 @@ class _Run(Watch):
         self.task = None
         self.thread_id = None
         self.frame = None
+        # a sync stream's generator frame (not liveness: suspended between chunks), to
+        # tell its chunks and end from another request's given the same run id
+        self.stream: FrameType | None = None
         self.touched = False
         self.renew_at = started + guard.limits.lease_seconds / 3
         self._renewed = None
@@ -533,6 +538,8 @@ class GuardCallbackHandler(BaseCallbackHandler):
             if not frame.f_code.co_flags & inspect.CO_GENERATOR:  # not a stream between chunks
                 run.thread_id = threading.get_ident()
                 run.frame = frame
+            else:
+                run.stream = frame
             return
         ref = _CALLING_TASK.get()
         task = ref() if ref is not None else None
@@ -1095,7 +1102,18 @@ def _elsewhere(run: _Run) -> bool:
 def _making(runs: list[_Run]) -> _Run:
     """Of open runs sharing a run id, the one whose call this thread (a sync call's
     frame) or asyncio task (noted where LangChain dispatched the event) is making: its
-    end and its chunks come from there; else the oldest."""
+    end and its chunks come from there; else the oldest. A sync stream's events come
+    from its generator, running on this thread's stack (two streams may be stepped by
+    one thread in turn: its frame tells them apart, the thread does not)."""
+    if any(run.stream is not None for run in runs):
+        frame: FrameType | None = sys._getframe(1)
+        for _ in range(_STREAM_EVENT_DEPTH):
+            if frame is None:
+                break
+            for run in runs:
+                if run.stream is frame:
+                    return run
+            frame = frame.f_back
     ident = threading.get_ident()
     ref = _CALLING_TASK.get()
     task = ref() if ref is not None else None
