@@ -702,11 +702,9 @@ def test_a_forked_child_lets_go_of_its_parents_open_runs(ledger: Ledger) -> None
     parent's), so once the child's own call through that handler is over the child's
     lease keeper holds no source and sleeps (no 50 ms polling for the rest of the child's
     life). The parent's call keeps its hold and is charged as billed."""
-    import json
     import os
 
     from agent_guard.engine.keeper import keeper
-    from agent_guard.ledger.memory import MemoryLedger
 
     if not hasattr(os, "fork"):
         pytest.skip("no os.fork")
@@ -719,38 +717,57 @@ def test_a_forked_child_lets_go_of_its_parents_open_runs(ledger: Ledger) -> None
         deadline = time.monotonic() + 10
         while not (handler.open_runs and server.request_count) and time.monotonic() < deadline:
             time.sleep(0.01)  # until the parent's call is open and sent
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child
-            seen: dict[str, Any] = {}
-            try:
-                seen["inherited"] = handler.open_runs
-                # its own call, through the inherited handler (a client of its own)
-                chat(server, http_client=httpx.Client()).invoke("another question", config)
-                seen["after"] = handler.open_runs
-                end = time.monotonic() + 5
-                while not (keeper._idle and not keeper._sources) and time.monotonic() < end:
-                    time.sleep(0.01)  # until the keeper's pass after the call
-                seen.update(sources=len(keeper._sources), kept=handler.kept,
-                            idle=keeper._idle)
-            except BaseException as exc:
-                seen["error"] = repr(exc)
-            finally:
-                os.write(write, json.dumps(seen).encode())
-                os._exit(0)
-        os.close(write)
-        os.waitpid(pid, 0)
-        with os.fdopen(read) as pipe:
-            seen = json.loads(pipe.read())
+
+        def child() -> dict[str, Any]:
+            seen: dict[str, Any] = {"inherited": handler.open_runs}
+            # its own call, through the inherited handler (a client of its own)
+            chat(server, http_client=httpx.Client()).invoke("another question", config)
+            seen["after"] = handler.open_runs
+            end = time.monotonic() + 5
+            while not (keeper._idle and not keeper._sources) and time.monotonic() < end:
+                time.sleep(0.01)  # until the keeper's pass after the call
+            return {**seen, "sources": len(keeper._sources), "kept": handler.kept,
+                    "idle": keeper._idle}
+
+        seen = in_a_fork(child)
         parent.join()
         assert seen == {"inherited": 0, "after": 0, "sources": 0, "kept": False, "idle": True}
-        server.wait_billed(2)
         usage = books.guard.usage(SESSION)
-        [own, _] = server.billed
-        # the child charged its call on a shared ledger, into its own copy of a memory one
-        billed = books.guard.prices.cost(own.model, own.usage()).total_nano if isinstance(
-            ledger, MemoryLedger) else server.billed_nano(books.guard.prices)
-        assert (usage.cost_nano, usage.reserved_nano) == (billed, 0)
+        assert (usage.cost_nano, usage.reserved_nano) == (billed_here(books, ledger, server), 0)
+
+
+def in_a_fork(child: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``child()`` in a forked process; what it returned (or the error it raised,
+    as ``{"error": repr}``), once the child is gone."""
+    import json
+    import os
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        seen: dict[str, Any] = {}
+        try:
+            seen = child()
+        except BaseException as exc:
+            seen = {"error": repr(exc)}
+        finally:
+            os.write(write, json.dumps(seen).encode())
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        return dict(json.loads(pipe.read()))
+
+
+def billed_here(books: Books, ledger: Ledger, server: FakeOpenAIServer) -> int:
+    """What this process's ledger should hold after a forked child made the second of
+    two billed requests: both on a shared ledger; on a memory one, the first only (the
+    child charged its own copy)."""
+    from agent_guard.ledger.memory import MemoryLedger
+
+    own, _ = server.wait_billed(2)
+    return books.guard.prices.cost(own.model, own.usage()).total_nano if isinstance(
+        ledger, MemoryLedger) else server.billed_nano(books.guard.prices)
 
 
 @pytest.mark.parametrize("mode", ["sync", "async", "stream", "astream"])
