@@ -447,10 +447,10 @@ CAPS_A = [ScopeCaps("session:a", {"usd_nano": 100})]
 
 
 @contextlib.contextmanager
-def _node_socket_replaced(cluster_url: str, cells: int | None,
-                          sock: type[_ClosedMidRead]) -> Iterator[Any]:
+def _node_connection_patched(cluster_url: str, cells: int | None,
+                             patch: Any) -> Iterator[Any]:
     """A ledger (plain or cells) that reserved once, whose pooled connection to the
-    session's node now reads through ``sock``; closed afterwards."""
+    session's node ``patch(connection)`` changed; closed afterwards."""
     url = cluster_url if cells is None else f"{cluster_url}?cells={cells}"
     ledger = from_url(url, namespace=ns())
     try:
@@ -458,12 +458,22 @@ def _node_socket_replaced(cluster_url: str, cells: int | None,
         key = ledger.scope_key("session:a")  # type: ignore[attr-defined]
         pool = ledger.client.get_node_from_key(key).redis_connection.connection_pool
         connection = pool.get_connection()
-        buffer = connection._parser._buffer
-        buffer._sock = sock(buffer._sock, connection)
+        patch(connection)
         pool.release(connection)
         yield ledger
     finally:
         ledger.close()
+
+
+def _node_socket_replaced(cluster_url: str, cells: int | None,
+                          sock: type[_ClosedMidRead]) -> Any:
+    """... whose pooled connection to the session's node now reads through ``sock``."""
+
+    def patch(connection: Any) -> None:
+        buffer = connection._parser._buffer
+        buffer._sock = sock(buffer._sock, connection)
+
+    return _node_connection_patched(cluster_url, cells, patch)
 
 
 @pytest.mark.parametrize("cells", [None, 3])
@@ -473,6 +483,30 @@ def test_a_connection_closed_mid_read_by_another_thread_is_ledger_unavailable(
     ledger says LedgerUnavailable (so the guard's fail policy applies), plain or cells,
     and the next call runs on a fresh connection."""
     with _node_socket_replaced(redis_cluster_url, cells, _ClosedMidRead) as ledger:
+        with pytest.raises(LedgerUnavailable):
+            ledger.reserve(CAPS_A, {"usd_nano": 1}, lease_seconds=30)
+        assert ledger.reserve(CAPS_A, {"usd_nano": 1}, lease_seconds=30)
+
+
+@pytest.mark.parametrize("cells", [None, 3])
+def test_a_connection_closed_between_write_and_read_is_ledger_unavailable(
+        redis_cluster_url: str, cells: int | None) -> None:
+    """Another thread's topology refresh disconnects the connection after this one wrote
+    its command and before it reads: redis-py's parser then has no buffer
+    (AttributeError: 'NoneType' object has no attribute 'readline', seen in CI under the
+    node-restart fault test, outside the fault policy). The ledger says
+    LedgerUnavailable, and the next call runs on a fresh connection."""
+    def patch(connection: Any) -> None:
+        send = connection.send_packed_command
+
+        def send_then_closed(*args: Any, **kwargs: Any) -> None:
+            del connection.send_packed_command  # once
+            send(*args, **kwargs)
+            connection.disconnect()  # the other thread's refresh
+
+        connection.send_packed_command = send_then_closed
+
+    with _node_connection_patched(redis_cluster_url, cells, patch) as ledger:
         with pytest.raises(LedgerUnavailable):
             ledger.reserve(CAPS_A, {"usd_nano": 1}, lease_seconds=30)
         assert ledger.reserve(CAPS_A, {"usd_nano": 1}, lease_seconds=30)

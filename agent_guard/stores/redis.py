@@ -144,28 +144,43 @@ def redis_client(url: str, *, profile: RedisProfile = LEDGER, asynchronous: bool
 @functools.cache
 def _node_connection(base: type) -> type:
     """``base`` (redis-py's ``Connection`` or ``SSLConnection``) for a sync cluster node:
-    a buffer another thread closed mid-read (``ValueError``) is a dropped connection
-    (``ConnectionError``). Mid-reply, the cluster client answers it by refreshing its
-    slot map and the stores by their fault policy; in the pool's check of a connection
-    it hands out (``can_read``), the pool replaces the connection and the call goes on."""
+    a connection another thread closed under this one is a dropped connection
+    (``ConnectionError``): its buffer closed mid-read (``ValueError``), or gone before the
+    read began or between the parts of a reply (the parser's ``AttributeError`` on its
+    ``None`` buffer). Mid-reply, the cluster client answers it by refreshing its slot map
+    and the stores by their fault policy; in the pool's check of a connection it hands
+    out (``can_read``), the pool replaces the connection and the call goes on."""
     from redis.exceptions import ConnectionError as RedisConnectionError
 
     class NodeConnection(base):  # type: ignore[valid-type, misc]
-        def _closed(self, exc: ValueError, doing: str) -> RedisConnectionError:
+        def _closed(self, exc: Exception, doing: str) -> RedisConnectionError:
             self.disconnect()
             return RedisConnectionError(
                 f"connection to {self.host}:{self.port} closed while {doing}: {exc}")
+
+        def _gone(self) -> bool:
+            """Whether another thread disconnected this connection (its parser has no
+            buffer): an AttributeError then is that, not a bug to hide."""
+            return getattr(self._parser, "_buffer", True) is None or self._sock is None
 
         def read_response(self, *args: Any, **kwargs: Any) -> Any:
             try:
                 return super().read_response(*args, **kwargs)
             except ValueError as exc:
                 raise self._closed(exc, "reading") from exc
+            except AttributeError as exc:
+                if not self._gone():
+                    raise
+                raise self._closed(exc, "reading") from exc
 
         def can_read(self, *args: Any, **kwargs: Any) -> bool:
             try:
                 return bool(super().can_read(*args, **kwargs))
             except ValueError as exc:
+                raise self._closed(exc, "checked") from exc
+            except AttributeError as exc:
+                if not self._gone():
+                    raise
                 raise self._closed(exc, "checked") from exc
 
     NodeConnection.__name__ = NodeConnection.__qualname__ = f"Node{base.__name__}"
