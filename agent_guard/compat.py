@@ -37,6 +37,7 @@ __all__ = [
     "LANGCHAIN_CALLBACK_ERROR",
     "LANGCHAIN_DISPATCH_CORO_NAMES",
     "LANGCHAIN_DISPATCH_HANDLERS_LOCAL",
+    "LANGCHAIN_GATHERED_START_CORO_NAMES",
     "LANGCHAIN_HANDLE_EVENT_CODE",
     "LANGCHAIN_MODEL_CODE_DIR",
     "LANGCHAIN_RUN_MANAGER_LOCAL",
@@ -90,6 +91,12 @@ LANGCHAIN_SHIELDED_CORO_NAMES = frozenset({"on_llm_end", "on_llm_error", "on_cha
 #: started it is not the model call's task either.
 STREAM_STEP_CORO_NAMES = frozenset({"get_next_chunk", "async_generator_asend",
                                     "anext_awaitable"})
+
+#: langchain-core (``language_models/llms.py``): ``BaseLLM.agenerate`` starts each
+#: prompt's run in a task of its own (``asyncio.gather`` over
+#: ``AsyncCallbackManager.on_llm_start``), over once the start is dispatched; the call
+#: runs in the task awaiting that gather.
+LANGCHAIN_GATHERED_START_CORO_NAMES = frozenset({"on_llm_start"})
 
 #: langchain-core (``callbacks/manager.py``, ``handle_event``): the warning logged for
 #: every exception a callback handler raises, even with ``raise_error=True``; a refusal

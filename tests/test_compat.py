@@ -97,6 +97,23 @@ def test_runnable_parallel_steps_its_streams_in_get_next_chunk_tasks():
     assert compat.STREAM_STEP_CORO_NAMES & names == {"get_next_chunk"}
 
 
+def test_a_legacy_models_async_starts_are_gathered_in_tasks_of_their_own():
+    """``BaseLLM.agenerate`` runs each ``AsyncCallbackManager.on_llm_start`` through
+    ``asyncio.gather`` (a task each): that coroutine's name is the one skipped."""
+    from langchain_core.language_models.llms import BaseLLM
+
+    names: set[str] = set()
+    codes = [BaseLLM.agenerate.__code__]
+    while codes:  # (the starts are made in a comprehension: a code of its own)
+        code = codes.pop()
+        names.update(code.co_names)
+        codes += [c for c in code.co_consts if inspect.iscode(c)]
+    assert {"gather", "on_llm_start"} <= names
+    start = callback_manager.AsyncCallbackManager.on_llm_start
+    assert inspect.iscoroutinefunction(start)
+    assert {start.__name__} == compat.LANGCHAIN_GATHERED_START_CORO_NAMES
+
+
 def test_callback_error_warning_has_the_filtered_format(caplog):
     class Boom(Exception):
         pass

@@ -424,3 +424,109 @@ def test_a_fork_while_a_middleware_attempt_is_open(ledger: Ledger) -> None:
         usage = books.guard.usage(truth.SESSION)
         assert (usage.cost_nano, usage.reserved_nano) == (
             truth.billed_here(books, ledger, server), 0)
+
+
+# -- legacy text models (BaseLLM) -----------------------------------------------------------
+
+
+def _text_model(server: FakeOpenAIServer) -> Any:
+    """A legacy text-completion model (``BaseLLM``) whose answers come from ``server``
+    (its chat endpoint, one user message per prompt), with the provider's usage in
+    ``llm_output["token_usage"]`` as langchain-openai's ``OpenAI`` gives it."""
+    import openai
+    from langchain_core.language_models.llms import BaseLLM
+    from langchain_core.outputs import Generation, LLMResult
+
+    class ServerLLM(BaseLLM):
+        base_url: str
+        model_name: str = "gpt-4o"
+        max_tokens: int = MAX_TOKENS
+
+        @property
+        def _llm_type(self) -> str:
+            return "server-llm"
+
+        @property
+        def _identifying_params(self) -> dict[str, Any]:
+            return {"model_name": self.model_name, "max_tokens": self.max_tokens}
+
+        def _request(self, prompt: str) -> dict[str, Any]:
+            return {"model": self.model_name, "max_tokens": self.max_tokens,
+                    "messages": [{"role": "user", "content": prompt}]}
+
+        @staticmethod
+        def _result(answers: list[Any]) -> LLMResult:
+            usage: dict[str, int] = {}
+            for answer in answers:
+                for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                    usage[key] = usage.get(key, 0) + getattr(answer.usage, key)
+            return LLMResult(
+                generations=[[Generation(text=a.choices[0].message.content or "")]
+                             for a in answers],
+                llm_output={"token_usage": usage, "model_name": answers[0].model})
+
+        def _generate(self, prompts: list[str], stop: Any = None, run_manager: Any = None,
+                      **kwargs: Any) -> LLMResult:
+            client = openai.OpenAI(base_url=self.base_url, api_key="test", max_retries=0)
+            return self._result([client.chat.completions.create(**self._request(p))
+                                 for p in prompts])
+
+        async def _agenerate(self, prompts: list[str], stop: Any = None,
+                             run_manager: Any = None, **kwargs: Any) -> LLMResult:
+            client = openai.AsyncOpenAI(base_url=self.base_url, api_key="test",
+                                        max_retries=0)
+            return self._result([await client.chat.completions.create(**self._request(p))
+                                 for p in prompts])
+
+    return ServerLLM(base_url=server.base_url)
+
+
+@pytest.mark.parametrize("mode", ["threads", "tasks"])
+def test_a_legacy_text_model_given_one_run_id_twice_at_once(ledger: Ledger, mode: str) -> None:
+    """A ``BaseLLM`` called twice at once with one ``run_id`` (two threads, or two tasks)
+    under one handler: each text prompt is admitted on its own and its run kept open
+    while its request runs (``agenerate`` dispatches each start in a task of its own,
+    over at once: the call's task is the one awaiting it); each request charged as
+    billed, nothing held."""
+    with FakeOpenAIServer([FakeReply(ANSWER.content, completion_tokens=60, delay_s=0.5),
+                           FakeReply("Yes.", completion_tokens=5)]) as server:
+        books = Books(ledger)
+        config: Any = {"callbacks": [books.handler()], "run_id": uuid.uuid4()}
+        llm = _text_model(server)
+        if mode == "threads":
+            second = threading.Thread(target=lambda: (
+                _wait(lambda: server.request_count), llm.invoke("another question", config)))
+            second.start()
+            llm.invoke("hi", config)
+            second.join()
+        else:
+            async def run() -> None:
+                first = asyncio.create_task(llm.ainvoke("hi", config))
+                await asyncio.to_thread(_wait, lambda: server.request_count)
+                await llm.ainvoke("another question", config)
+                await first
+
+            asyncio.run(run())
+        server.wait_billed(2)
+        assert books.settle_check(server) == server.billed_nano(books.guard.prices)
+    assert [r.outcome for r in books.model_records()] == ["ok", "ok"]
+
+
+def test_a_legacy_text_model_async_call_cut_by_a_timeout(ledger: Ledger) -> None:
+    """``asyncio.wait_for`` around a ``BaseLLM.ainvoke`` whose answer is slow: its end
+    never comes; the run is ended with the task that made the call, charged its worst
+    case (the provider billed it), nothing held."""
+    with FakeOpenAIServer([truth.slow(3.0)]) as server:
+        books = Books(ledger)
+        llm = _text_model(server)
+
+        async def run() -> None:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    llm.ainvoke("hi", {"callbacks": [books.handler()]}), truth.CUT_AFTER)
+
+        asyncio.run(run())
+        server.wait_billed(1)
+        books.settle_check(server)
+    [record] = books.model_records()
+    assert record.outcome == "aborted" and record.usage_estimated

@@ -52,6 +52,7 @@ from .._frozen import fields_maker
 from ..cache.result import CACHE_HIT_EVENT
 from ..compat import (
     LANGCHAIN_DISPATCH_CORO_NAMES,
+    LANGCHAIN_GATHERED_START_CORO_NAMES,
     LANGCHAIN_MODEL_CODE_DIR,
     LANGCHAIN_SHIELDED_CORO_NAMES,
     STREAM_STEP_CORO_NAMES,
@@ -1082,9 +1083,23 @@ def _note_calling_task() -> None:
     name = getattr(coro, "__name__", None) or type(coro).__name__  # (an asend: its type's)
     if name in _DISPATCH_CORO_NAMES:
         return
+    if name in LANGCHAIN_GATHERED_START_CORO_NAMES:  # a legacy model's start: its caller's
+        task = _gathering(task)
+        if task is None:
+            return
     ref = _CALLING_TASK.get()
     if ref is None or ref() is not task:
         _CALLING_TASK.set(weakref.ref(task))
+
+
+def _gathering(task: asyncio.Task[Any]) -> asyncio.Task[Any] | None:
+    """The task awaiting the ``asyncio.gather`` that runs ``task`` (its ``_fut_waiter``
+    is the gather's future, whose ``_children`` hold ``task``), or None."""
+    for other in asyncio.all_tasks(task.get_loop()):
+        waiter = getattr(other, "_fut_waiter", None)
+        if waiter is not None and task in (getattr(waiter, "_children", None) or ()):
+            return other
+    return None
 
 
 def _elsewhere(run: _Run) -> bool:
