@@ -10,8 +10,10 @@ rounds, so machine noise hits every row alike, it times:
 - ``EVALSHA round trip``: redis-py's ``client.evalsha(sha, 0)`` of ``return 1`` on a
   plain ``redis.Redis`` (the floor of any ledger operation);
 - ``no callbacks``: the in-process chat model on a 5-message prompt;
-- ``guard memory://``, ``guard redis://`` (the settle rides with the next reserve),
-  ``guard redis:// settle_delay=0`` (reserve and settle: two scripts per call);
+- ``guard memory://``, ``guard redis://`` (the settle rides with the next reserve;
+  the client polls for each reply, ``reply_spin_us``, before it would block),
+  ``guard redis:// reply_spin_us=0`` (the same, blocking for each reply as redis-py
+  does), ``guard redis:// settle_delay=0`` (reserve and settle: two scripts per call);
 - ``guard memory:// + EVALSHA``: the memory guard's call followed by that plain
   EVALSHA, the floor of any Redis ledger (the in-process guard and one round trip).
   It takes longer than the two rows it is made of: after the process waited for a
@@ -102,6 +104,8 @@ def delta(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]
 
 
 FLOOR = "guard memory:// + EVALSHA"
+BLOCKING = "guard redis:// reply_spin_us=0"
+REDIS_ROWS = ("guard redis://", BLOCKING, "guard redis:// settle_delay=0")
 
 
 def run(calls: int, rounds: int, url: str) -> dict[str, Any]:
@@ -109,9 +113,11 @@ def run(calls: int, rounds: int, url: str) -> dict[str, Any]:
     big = Limits(max_cost_usd=10**6, max_tokens=10**12, max_model_calls=10**9)
     ns = uuid.uuid4().hex[:8]
     deferred = RedisLedger.from_url(url, namespace=f"bench-{ns}-d")
+    blocking = RedisLedger.from_url(url, namespace=f"bench-{ns}-b", reply_spin_us=0)
     immediate = RedisLedger.from_url(url, namespace=f"bench-{ns}-i", settle_delay=0)
     guards = {"guard memory://": Guard(big, "memory://"),
               "guard redis://": Guard(big, deferred),
+              BLOCKING: Guard(big, blocking),
               "guard redis:// settle_delay=0": Guard(big, immediate)}
     plain = redis.Redis.from_url(url)
     sha = plain.script_load("return 1")
@@ -164,7 +170,7 @@ def run(calls: int, rounds: int, url: str) -> dict[str, Any]:
         for name in (*guards, FLOOR):
             row["us"][f"{name} added"] = round((t[name] - base) * 1e6, 1)
             row["ratios"][f"{name} added / EVALSHA"] = round((t[name] - base) / rt, 2)
-        for name in ("guard redis://", "guard redis:// settle_delay=0"):
+        for name in REDIS_ROWS:
             row["ratios"][f"{name} - memory guard / EVALSHA"] = round(
                 (t[name] - t["guard memory://"]) / rt, 2)
             row["ratios"][f"{name} - floor / EVALSHA"] = round((t[name] - t[FLOOR]) / rt, 2)
@@ -173,9 +179,9 @@ def run(calls: int, rounds: int, url: str) -> dict[str, Any]:
     # what the server ran per call, for the plain EVALSHA and each Redis guard alone
     n = 500
     out["per_call"] = {}
-    for name in ("EVALSHA round trip", "guard redis://", "guard redis:// settle_delay=0"):
+    for name in ("EVALSHA round trip", *REDIS_ROWS):
         go = rows[name]
-        for other in ("guard redis://", "guard redis:// settle_delay=0"):
+        for other in REDIS_ROWS:
             guards[other].ledger.flush()  # none lands (in the background) inside this row
         before = commandstats(plain)
         go(n)
@@ -192,7 +198,7 @@ def run(calls: int, rounds: int, url: str) -> dict[str, Any]:
         }
 
     spent = {}
-    for name in ("guard redis://", "guard redis:// settle_delay=0"):
+    for name in REDIS_ROWS:
         ledger = guards[name].ledger
         ledger.flush()
         scope = guards[name].scope_refs("b")[0].scope
@@ -214,11 +220,12 @@ def count_instructions(url: str) -> None:
     """(In the callgrind child) this process's instructions per call: one EVALSHA, the
     bare call, and the guard on memory:// and on redis:// (whose settle rides with the
     next reserve: ``settle_delay`` long enough that no background flush takes it, as in
-    an agent loop). The server's work is not counted here (see the server time)."""
+    an agent loop), blocking for each reply (``reply_spin_us=0``: polling would count
+    the wait). The server's work is not counted here (see the server time)."""
     model = make_model()
     big = Limits(max_cost_usd=10**6, max_tokens=10**12, max_model_calls=10**9)
     ledger = RedisLedger.from_url(url, namespace=f"bench-{uuid.uuid4().hex[:8]}-c",
-                                  settle_delay=30)
+                                  settle_delay=30, reply_spin_us=0)
     plain = redis.Redis.from_url(url)
     sha = plain.script_load("return 1")
     rows: dict[str, Any] = {"EVALSHA round trip": lambda: plain.evalsha(sha, 0)}

@@ -28,9 +28,10 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import pytest
-from hypothesis import HealthCheck, Phase, event, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -512,6 +513,65 @@ def test_the_ledgers_packed_evalsha_is_redis_pys(args: list[str]) -> None:
     packed = _Wire(redis_py.BlockingConnectionPool())._pack(conn, "f" * 40, keys, args)
     theirs = conn.pack_command("EVALSHA", "f" * 40, len(keys), *keys, *args)
     assert b"".join(packed) == b"".join(theirs)
+
+
+_DIMS = st.text(min_size=1, max_size=12)  # any name: quotes, backslashes, not ASCII
+
+
+@settings(max_examples=300, deadline=None)
+@given(amounts=st.dictionaries(_DIMS, st.integers(0, 2**53 - 1), max_size=6),
+       scopes=st.lists(st.text(max_size=10), min_size=1, max_size=4),
+       namespace=st.text(max_size=8))
+def test_the_reserve_record_is_the_json_it_stands_for(amounts: dict[str, int],
+                                                     scopes: list[str],
+                                                     namespace: str) -> None:
+    """The reserve's record is written directly, not by the JSON encoder: the same text."""
+    from agent_guard.ledger.redis import RedisLedger, _json, _record
+
+    ledger = RedisLedger.__new__(RedisLedger)  # the key names only: no connection
+    ledger.prefix = f"ag:{{{quote(namespace, safe='')}}}:"
+    ledger._scope_keys = {}
+    keys = [ledger.scope_key(scope) for scope in scopes]
+    token = "0123456789abcdef" * 2
+    assert _record(keys, amounts, token) == _json(
+        {"k": keys, "a": {d: str(v) for d, v in amounts.items() if v}, "t": token})
+
+
+@settings(max_examples=300, deadline=None)
+@given(items=st.lists(st.tuples(
+    st.one_of(st.text(max_size=10), st.just("0123456789abcdef0123456789abcdef")),
+    st.lists(st.text(max_size=6), min_size=1, max_size=3, unique=True),
+    st.dictionaries(_DIMS, st.integers(0, 2**53 - 1), max_size=5),
+    st.lists(st.lists(_DIMS, max_size=3), min_size=1, max_size=3)), max_size=4))
+def test_the_settle_batch_is_the_json_it_stands_for(items: list[Any]) -> None:
+    """The settle batch is written directly: it reads back as the list it stands for."""
+    import json
+
+    from agent_guard.ledger.redis import RedisLedger, _Later
+
+    ledger = RedisLedger.__new__(RedisLedger)
+    ledger.prefix = "ag:{ns}:"
+    ledger._scope_keys = {}
+    keys = ["ag:{ns}:open", "ag:{ns}:leases"]
+    later = [_Later(Reservation(rid, tuple(scopes), {}, 0.0), actual,
+                    tuple(tuple(r) for r in reads[:len(scopes)]), None, f"t{i}")
+             for i, (rid, scopes, actual, reads) in enumerate(items)]
+    text = ledger._batch(later, keys)
+    expected_keys = ["ag:{ns}:open", "ag:{ns}:leases"]
+    index = {}
+
+    def at(key: str) -> int:
+        if key not in index:
+            expected_keys.append(key)
+            index[key] = len(expected_keys)
+        return index[key]
+
+    expected = [[x.reservation.id, x.token, at(f"ag:{{ns}}:done:{x.reservation.id}"),
+                 [at(ledger.scope_key(s)) for s in x.reservation.scopes],
+                 [v for dim, n in x.actual.items() for v in (dim, str(n))],
+                 [list(r) for r in x.reads]] for x in later]
+    assert json.loads(text) == expected
+    assert keys == expected_keys
 
 
 def test_redis_a_dimension_not_ascii_round_trips(redis_ledger) -> None:

@@ -51,6 +51,7 @@ import json
 import logging
 import math
 import os
+import select
 import threading
 import time
 import weakref
@@ -96,6 +97,23 @@ SETTLE_BATCH = 64
 
 Reply = Any  # what a script call answers (lists, bytes, ints)
 
+_CAN_POLL = hasattr(select, "poll")
+# How long the sync ledger polls for a script's reply before it blocks (microseconds;
+# ``reply_spin_us``) where this process may run on two CPUs or more. Spins that find no
+# reply wait longer and longer (up to SPIN_BACKOFF replies) before the next spin.
+REPLY_SPIN_US = 200.0
+SPIN_BACKOFF = 1024
+
+
+def default_reply_spin_us() -> float:
+    """REPLY_SPIN_US, or 0 where this process may use one CPU only: there the server
+    (or the thread that would answer) may need the core the client would spin on."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    return REPLY_SPIN_US if cpus > 1 and _CAN_POLL else 0.0
+
 
 @cache
 def script_source(name: str) -> str:
@@ -129,6 +147,32 @@ def _cap_pairs(sc: ScopeCaps) -> list[list[str]]:
     return [[dim, str(cap) if type(cap) is int and -MAX_AMOUNT < cap < MAX_AMOUNT
              else str(_int(cap, f"cap on {dim!r} of {sc.scope!r}"))]
             for dim, cap in sc.caps.items()]
+
+
+_NAMES: dict[str, str] = {}  # a dimension name -> its JSON string literal
+
+
+def _name(dim: str) -> str:
+    """``dim`` as a JSON string literal, as ``_json`` writes it (kept per name)."""
+    text = _NAMES.get(dim)
+    if text is None:
+        if len(_NAMES) >= 4096:
+            _NAMES.clear()
+        text = _NAMES[dim] = _json(dim)
+    return text
+
+
+def _quoted(keys: Sequence[str]) -> str:
+    """``_json(list(keys))`` of keys this ledger built: percent-encoded names under a
+    prefix of safe characters, so no character in them needs an escape."""
+    return '["' + '","'.join(keys) + '"]'
+
+
+def _record(keys: Sequence[str], amounts: Mapping[str, int], token: str) -> str:
+    """A reserve's record, ``_json({"k": keys, "a": {dim: "amount" (non-zero)}, "t":
+    token})`` written directly (a test checks the two agree)."""
+    held = ",".join([_name(d) + ':"' + str(v) + '"' for d, v in amounts.items() if v])
+    return '{"k":' + _quoted(keys) + ',"a":{' + held + '},"t":"' + token + '"}'
 
 
 def _text(value: bytes | str) -> str:
@@ -182,9 +226,12 @@ class _Wire:
     ``NOSCRIPT`` loads the script and sends it again (it did not run); any other
     error drops the connection."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, spin_us: float = 0.0) -> None:
         self.pool = pool
         self.idle: list[Any] = []
+        self.spin_ns = int(spin_us * 1000) if _CAN_POLL else 0
+        self.skip = 0  # replies to wait for without a spin (after a spin found none)
+        self.backoff = 0  # what `skip` was last set to; 0 after a spin found its reply
         # the command is packed here (redis-py's packer encodes and checks each argument
         # alone: several times the cost) when its text is ASCII, which reads the same in
         # the connections' encoding; otherwise redis-py packs it
@@ -198,16 +245,21 @@ class _Wire:
             conn = self.pool.get_connection()  # waits up to pool_timeout, or raises
         else:
             try:  # as the pool checks: a socket the server closed meanwhile is readable
-                if conn.can_read():
+                if self._readable(conn):
                     conn.disconnect()
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                    OSError):
+                    OSError, ValueError):
                 conn.disconnect()
         try:
-            conn.connect()  # at once when connected; after close() or an error: again
+            if getattr(conn, "_sock", None) is None:  # new, or after close() or an error
+                conn.connect()
             packed = self._pack(conn, script.sha, keys, args)
             try:
                 conn.send_packed_command(packed)
+                if self.skip:
+                    self.skip -= 1
+                elif self.spin_ns:
+                    self._spin(conn)
                 return conn.read_response()
             except redis.exceptions.NoScriptError:
                 conn.send_command("SCRIPT", "LOAD", script.script)
@@ -224,6 +276,51 @@ class _Wire:
                 self.pool.release(conn)
             else:
                 self.idle.append(conn)
+
+    @staticmethod
+    def _poll(conn: Any) -> Any:
+        """A poll object on ``conn``'s socket (kept on the connection while its socket
+        lives), or None (not connected, or no ``select.poll`` here)."""
+        sock = getattr(conn, "_sock", None)
+        if sock is None or not _CAN_POLL:
+            return None
+        kept = getattr(conn, "_agent_guard_poll", None)
+        if kept is None or kept[0] is not sock:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            kept = conn._agent_guard_poll = (sock, poller)
+        return kept[1]
+
+    def _readable(self, conn: Any) -> bool:
+        """Whether a kept connection has bytes (or an end of stream) waiting: a reply
+        nobody asked for, or a server that closed it. One ``poll`` with no wait, instead
+        of redis-py's ``can_read`` (a read attempt between two timeout changes)."""
+        poller = self._poll(conn)
+        if poller is None:
+            return bool(conn.can_read())
+        return bool(poller.poll(0))
+
+    def _spin(self, conn: Any) -> None:
+        """Wait for the reply by polling, up to ``spin_ns``, before the blocking read.
+
+        A thread that blocks gives its core away: on the machines measured the wake-up
+        adds tens of microseconds to a loopback round trip, and the guard's own work
+        after it runs on cold caches (docs/redis-ledger.md, "Waiting for a reply").
+        Polling costs CPU only while the reply is on its way, about what the blocking
+        wait's system calls cost. When a spin ends with no reply (a remote or busy
+        server), the next 16 replies are waited for blocking, twice as many after each
+        further spin in vain, up to SPIN_BACKOFF; a spin that finds its reply resets
+        that."""
+        poller = self._poll(conn)
+        if poller is None:
+            return
+        end = time.perf_counter_ns() + self.spin_ns
+        while not poller.poll(0):
+            if time.perf_counter_ns() > end:
+                self.backoff = min(max(16, 2 * self.backoff), SPIN_BACKOFF)
+                self.skip = self.backoff
+                return
+        self.backoff = 0
 
     def _pack(self, conn: Any, sha: str, keys: list[str], args: list[str]) -> list[bytes]:
         """``EVALSHA sha len(keys) *keys *args`` in the Redis protocol, for ``conn``."""
@@ -251,6 +348,10 @@ class RedisLedger(Ledger):
     ``settle_delay`` (seconds, ``?settle_delay=`` in the URL; default 0.05): how long a
     :meth:`settle_later` may wait for a script to ride with before a background thread
     flushes it; 0 turns deferral off (``settle_later`` settles at once).
+
+    ``reply_spin_us`` (``?reply_spin_us=`` in the URL; default 200 where the process may
+    run on two or more CPUs, else 0): how long the sync client polls for a script's
+    reply before it blocks for it; 0 always blocks. See docs/redis-ledger.md.
     """
 
     def __init__(
@@ -265,8 +366,14 @@ class RedisLedger(Ledger):
         max_connections: int | None = None,
         pool_timeout: float | None = None,
         settle_delay: float | None = None,
+        reply_spin_us: float | None = None,
         **client_options: Any,
     ) -> None:
+        spin = default_reply_spin_us() if reply_spin_us is None else reply_spin_us
+        if isinstance(spin, bool) or not isinstance(spin, int | float) or not (
+                0 <= spin <= 100_000):
+            raise ValueError(f"reply_spin_us must be a number of microseconds in "
+                             f"[0, 100000], got {reply_spin_us!r}")
         delay = SETTLE_DELAY_SECONDS if settle_delay is None else settle_delay
         if isinstance(delay, bool) or not isinstance(delay, int | float) or not (
                 0 <= delay < 60):
@@ -307,7 +414,7 @@ class RedisLedger(Ledger):
         self.client: redis.Redis = client
         self._sync = _Scripts.on(self.client)
         pool = getattr(client, "connection_pool", None)
-        self._wire = _Wire(pool) if (
+        self._wire = _Wire(pool, float(spin)) if (
             retries == 0 and type(client) is redis.Redis
             and isinstance(pool, redis.BlockingConnectionPool)) else None
         self._async_by_loop: weakref.WeakKeyDictionary[
@@ -375,8 +482,7 @@ class RedisLedger(Ledger):
                       lease_seconds: float, rid: str) -> tuple[list[str], list[str]]:
         scope_keys = [self.scope_key(sc.scope) for sc in scopes]
         token = _token()
-        record = _json({"k": scope_keys, "a": {d: str(v) for d, v in amounts.items() if v},
-                        "t": token})
+        record = _record(scope_keys, amounts, token)
         keys = [self._open, self._leases, self._done_key(rid), *scope_keys]
         return keys, [self._now(), repr(float(lease_seconds)), rid, token, record,
                       self._caps(scopes, keys), self._ttl]
@@ -417,16 +523,18 @@ class RedisLedger(Ledger):
                 found = index[key] = len(keys)
             return found
 
-        out = []
+        out = []  # each item's _json([id, token, done, [scopes], [dim, "n", ...], reads])
         for item in items:
             r = item.reservation
-            flat: list[str] = []
-            for dim, amount in item.actual.items():
-                flat += (dim, str(amount))
-            out.append([r.id, item.token, at(self._done_key(r.id)),
-                        [at(self.scope_key(scope)) for scope in r.scopes], flat,
-                        item.reads])
-        return _json(out)
+            flat = ",".join([_name(dim) + ',"' + str(amount) + '"'
+                             for dim, amount in item.actual.items()])
+            reads = ",".join(["[" + ",".join([_name(d) for d in dims]) + "]"
+                              for dims in item.reads])
+            done = at(self._done_key(r.id))
+            scopes = ",".join([str(at(self.scope_key(scope))) for scope in r.scopes])
+            rid = f'"{r.id}"' if r.id.isascii() and r.id.isalnum() else _json(r.id)
+            out.append(f'[{rid},"{item.token}",{done},[{scopes}],[{flat}],[{reads}]]')
+        return "[" + ",".join(out) + "]"
 
     def _settle_call(self, items: Sequence[_Later]) -> tuple[list[str], list[str]]:
         keys = [self._open, self._leases]

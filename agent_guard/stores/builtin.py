@@ -62,7 +62,8 @@ register("ledger", "sqlite", _sqlite_ledger, options={})
 for _scheme in ALL_REDIS_SCHEMES:
     register("ledger", _scheme, _redis_ledger,
              options={"namespace": as_str, "scope_ttl_seconds": as_int,
-                      "settle_delay": as_float, "cells": as_int})
+                      "settle_delay": as_float, "reply_spin_us": as_float,
+                      "cells": as_int})
 
 
 # -- cache stores -----------------------------------------------------------------------------

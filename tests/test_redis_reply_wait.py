@@ -1,0 +1,185 @@
+"""How the sync Redis ledger waits for a script's reply: it polls for up to
+``reply_spin_us`` before it blocks, and backs off when replies take longer than that.
+
+Spinning changes when the client reads a reply, never what it reads: the same calls
+give the same answers and the same totals with and without it, including a reply that
+arrives long after the spin gave up (a server busy with another client's script).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from agent_guard.ledger import Denial, Reservation, ScopeCaps
+from agent_guard.ledger import redis as redis_ledger
+from agent_guard.ledger.redis import RedisLedger
+from agent_guard.stores import open_store
+
+CAPS = [ScopeCaps("session:w", {"usd_nano": 1_000, "model_calls": 5})]
+
+
+def ledger(url: str, ns: str, spin: float | None) -> RedisLedger:
+    return RedisLedger(url, namespace=ns, settle_delay=59.0, reply_spin_us=spin)
+
+
+@pytest.mark.parametrize("bad", [-1, True, "200", 100_001, float("nan")])
+def test_reply_spin_us_must_be_a_number_of_microseconds(redis_url: str, bad: object) -> None:
+    with pytest.raises(ValueError, match="reply_spin_us"):
+        RedisLedger(redis_url, reply_spin_us=bad)  # type: ignore[arg-type]
+
+
+def test_reply_spin_us_comes_from_the_url(redis_url: str, redis_namespace: str) -> None:
+    off = open_store(f"{redis_url}?reply_spin_us=0&namespace={redis_namespace}", "ledger")
+    on = open_store(f"{redis_url}?reply_spin_us=350&namespace={redis_namespace}", "ledger")
+    try:
+        assert isinstance(off, RedisLedger) and isinstance(on, RedisLedger)
+        assert off._wire is not None and off._wire.spin_ns == 0
+        assert on._wire is not None and on._wire.spin_ns == 350_000
+    finally:
+        off.close()
+        on.close()
+    with pytest.raises(ValueError, match="reply_spin_us"):
+        open_store(f"{redis_url}?reply_spin_us=soon", "ledger")
+
+
+def test_one_cpu_spins_by_default_never(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_ledger.os, "sched_getaffinity", lambda _pid: {0}, raising=False)
+    assert redis_ledger.default_reply_spin_us() == 0.0
+    monkeypatch.setattr(redis_ledger.os, "sched_getaffinity", lambda _pid: {0, 1},
+                        raising=False)
+    assert redis_ledger.default_reply_spin_us() == (
+        redis_ledger.REPLY_SPIN_US if redis_ledger._CAN_POLL else 0.0)
+
+
+def _run(led: RedisLedger) -> list[object]:
+    """A fixed sequence of admitted and refused reserves, deferred settles that ride
+    along, and a read: what each step answered. The last item also checks the totals
+    against the settles sent."""
+    out: list[object] = []
+    held: list[Reservation] = []
+    settled = 0
+
+    def settle(res: Reservation, usd: int) -> None:
+        nonlocal settled
+        settled += usd
+        led.settle_later(res, {"usd_nano": usd, "model_calls": 1})
+
+    for i in range(12):
+        res = led.reserve(CAPS, {"usd_nano": 150, "model_calls": 1}, lease_seconds=60)
+        if isinstance(res, Denial):
+            out.append(("denied", res.scope, res.dimension, res.spent, res.reserved))
+            if held:
+                settle(held.pop(0), 100 + i)
+            continue
+        out.append(("held", sorted(res.amounts.items())))
+        held.append(res)
+        if i % 3:
+            settle(held.pop(0), 90 + i)
+    for res in held:
+        settle(res, 7)
+    t = led.totals("session:w")
+    out.append((t.get_spent("usd_nano"), t.get_reserved("usd_nano"),
+                t.get_spent("model_calls")))
+    assert out[-1] == (settled, 0, 5)  # the model_calls cap (5) admits five
+    return out
+
+
+def test_spinning_or_blocking_the_answers_are_the_same(redis_url: str,
+                                                      redis_namespace: str) -> None:
+    blocking = ledger(redis_url, redis_namespace + "-b", 0)
+    spinning = ledger(redis_url, redis_namespace + "-s", 5_000)
+    try:
+        assert blocking._wire is not None and spinning._wire is not None
+        spins = 0
+        spin = spinning._wire._spin
+
+        def counted(conn: object) -> None:
+            nonlocal spins
+            spins += 1
+            spin(conn)
+
+        spinning._wire._spin = counted  # type: ignore[method-assign]
+        expected = _run(blocking)
+        assert _run(spinning) == expected
+        assert any(step[0] == "denied" for step in expected[:-1])
+        assert spins >= 12  # every reserve polled for its reply
+    finally:
+        blocking.close()
+        spinning.close()
+
+
+def _busy_server(url: str, seconds: float) -> threading.Thread:
+    """Keep the server busy with another client's script for ``seconds``: every
+    command sent meanwhile waits for it."""
+    host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    script = ("local t = redis.call('TIME') local t0 = t[1] + t[2] / 1e6 "
+              "repeat t = redis.call('TIME') until t[1] + t[2] / 1e6 - t0 > "
+              f"{seconds} return 1")
+    sock = socket.create_connection((host, int(port)))
+    parts = ["EVAL", script, "0"]
+    sock.sendall(("*3\r\n" + "".join(f"${len(p.encode())}\r\n{p}\r\n" for p in parts)
+                  ).encode())
+
+    def drain() -> None:
+        sock.settimeout(30)
+        sock.recv(64)
+        sock.close()
+
+    thread = threading.Thread(target=drain)
+    thread.start()
+    return thread
+
+
+def test_a_reply_slower_than_the_spin_is_read_and_the_spin_backs_off(
+        redis_url: str, redis_namespace: str) -> None:
+    led = ledger(redis_url, redis_namespace, 100)
+    wire = led._wire
+    assert wire is not None
+    try:
+        assert isinstance(led.reserve(CAPS, {"model_calls": 1}, lease_seconds=60),
+                          Reservation)
+        assert (wire.skip, wire.backoff) == (0, 0)
+        busy = _busy_server(redis_url, 0.3)
+        time.sleep(0.05)  # the busy script is running
+        started = time.monotonic()
+        res = led.reserve(CAPS, {"model_calls": 1}, lease_seconds=60)
+        waited = time.monotonic() - started
+        busy.join()
+        assert isinstance(res, Reservation)  # the spin gave up; the blocking read got it
+        assert waited > 0.1
+        assert (wire.skip, wire.backoff) == (16, 16)
+        for left in range(15, -1, -1):  # the next 16 replies: no spin
+            assert isinstance(led.reserve(CAPS, {"model_calls": 0, "usd_nano": 1},
+                                          lease_seconds=60), Reservation)
+            assert wire.skip == left
+        # a spin that finds its reply (generous budget) resets the back-off
+        wire.spin_ns = 1_000_000_000
+        led.reserve(CAPS, {"usd_nano": 1}, lease_seconds=60)
+        assert (wire.skip, wire.backoff) == (0, 0)
+        assert led.totals("session:w").get_reserved("model_calls") == 2
+    finally:
+        led.close()
+
+
+def test_spins_in_vain_back_off_longer_and_longer(redis_url: str,
+                                                  redis_namespace: str) -> None:
+    led = ledger(redis_url, redis_namespace, 100)
+    wire = led._wire
+    assert wire is not None
+    try:
+        led.reserve(CAPS, {"usd_nano": 1}, lease_seconds=60)  # connected, script loaded
+        seen = []
+        for _ in range(8):
+            wire.skip = 0  # spin at the next reply
+            busy = _busy_server(redis_url, 0.02)
+            time.sleep(0.005)
+            led.reserve(CAPS, {"usd_nano": 1}, lease_seconds=60)
+            busy.join()
+            seen.append(wire.backoff)
+        assert seen == [16, 32, 64, 128, 256, 512, 1024, 1024]
+    finally:
+        led.close()
