@@ -177,8 +177,10 @@ def bench_memory(n_sessions: int, calls: int, threads: int) -> dict[str, Any]:
 
 
 def redis_worker(url: str, namespace: str, sessions: list[str], calls: int, threads: int,
-                 mode: str, ttl: int, barrier: Any) -> tuple[float, list[float]]:
-    """One process: ``mode`` is "pairs" (the ledger) or "incrby" (the baseline)."""
+                 mode: str, ttl: int, barrier: Any, spin: float | None
+                 ) -> tuple[float, list[float], float]:
+    """One process: ``mode`` is "pairs" (the ledger) or "incrby" (the baseline).
+    Returns (wall seconds, latencies, CPU seconds of this process while it ran)."""
     import redis
 
     from agent_guard.ledger.redis import RedisLedger
@@ -193,13 +195,16 @@ def redis_worker(url: str, namespace: str, sessions: list[str], calls: int, thre
             return time.perf_counter() - t0
         closer: Callable[[], None] = client.close
     else:
-        ledger = RedisLedger(url, namespace=namespace, scope_ttl_seconds=ttl)
+        ledger = RedisLedger(url, namespace=namespace, scope_ttl_seconds=ttl,
+                             reply_spin_us=spin)
         op = lambda s: pair(ledger, s)  # noqa: E731
         closer = ledger.close
     op("warmup")  # connect, load the scripts
     barrier.wait()
     try:
-        return threaded(op, sessions, calls, threads)
+        cpu = time.process_time()
+        wall, lat = threaded(op, sessions, calls, threads)
+        return wall, lat, time.process_time() - cpu
     finally:
         closer()
 
@@ -213,7 +218,7 @@ def count_keys(client: Any, pattern: str) -> int:
 
 
 def bench_redis(url: str, n_sessions: int, calls: int, threads: int, processes: int,
-                ttl: int) -> dict[str, Any]:
+                ttl: int, spin: float | None = None) -> dict[str, Any]:
     import redis
 
     from agent_guard.ledger.redis import RedisLedger
@@ -224,14 +229,17 @@ def bench_redis(url: str, n_sessions: int, calls: int, threads: int, processes: 
     shares = [sessions[i::processes] for i in range(processes)]
     ctx = multiprocessing.get_context("spawn")
     out: dict[str, Any] = {"processes": processes, "threads_per_process": threads,
-                           "scope_ttl_seconds": ttl}
+                           "scope_ttl_seconds": ttl, "reply_spin_us": spin}
+    cpu: dict[str, float] = {}
 
     def run(mode: str) -> tuple[float, list[float]]:
         with ctx.Manager() as manager, ctx.Pool(processes) as pool:
             barrier = manager.Barrier(processes)
             results = pool.starmap(redis_worker, [
-                (url, ns, share, calls, threads, mode, ttl, barrier) for share in shares])
-        return max(w for w, _ in results), [x for _, lat in results for x in lat]
+                (url, ns, share, calls, threads, mode, ttl, barrier, spin)
+                for share in shares])
+        cpu[mode] = sum(c for _, _, c in results)
+        return max(w for w, _, _ in results), [x for _, lat, _ in results for x in lat]
 
     wall, lat = run("incrby")
     base = len(lat) / wall
@@ -240,9 +248,10 @@ def bench_redis(url: str, n_sessions: int, calls: int, threads: int, processes: 
     out["used_memory_mb_before"] = round(used_memory(admin) / 2**20, 2)
     wall, lat = run("pairs")
     out["threads"] = summary(n_sessions, wall, lat, base, "incrby")
+    out["threads"]["client_cpu_us_per_pair"] = round(cpu["pairs"] / len(lat) * 1e6, 1)
 
     async def async_run() -> tuple[float, list[float]]:
-        ledger = RedisLedger(url, namespace=ns, scope_ttl_seconds=ttl)
+        ledger = RedisLedger(url, namespace=ns, scope_ttl_seconds=ttl, reply_spin_us=spin)
         try:
             await ledger.areserve(caps("warmup"), RESERVE, lease_seconds=60)
             return await one_task_per_session(ledger, [f"ra{i}" for i in range(n_sessions)],
@@ -278,6 +287,8 @@ def main() -> None:
                         help="Redis scope_ttl_seconds for the eviction measurement")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/15",
                         help="Redis URL ('' to skip Redis)")
+    parser.add_argument("--reply-spin-us", type=float, default=None,
+                        help="RedisLedger reply_spin_us (default: the ledger's own; 0 blocks)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/load.json"))
     args = parser.parse_args()
 
@@ -286,7 +297,7 @@ def main() -> None:
     result["memory"] = bench_memory(args.sessions, args.calls, args.threads)
     if args.redis:
         result["redis"] = bench_redis(args.redis, args.sessions, args.calls, args.threads,
-                                      args.processes, args.ttl)
+                                      args.processes, args.ttl, args.reply_spin_us)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
