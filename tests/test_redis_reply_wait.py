@@ -8,6 +8,7 @@ arrives long after the spin gave up (a server busy with another client's script)
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -142,7 +143,7 @@ def test_a_reply_slower_than_the_spin_is_read_and_the_spin_backs_off(
     try:
         assert isinstance(led.reserve(CAPS, {"model_calls": 1}, lease_seconds=60),
                           Reservation)
-        assert (wire.skip, wire.backoff) == (0, 0)
+        wire.skip = wire.backoff = 0  # a cold first call may outlast a 100 us spin
         busy = _busy_server(redis_url, 0.3)
         time.sleep(0.05)  # the busy script is running
         started = time.monotonic()
@@ -172,6 +173,7 @@ def test_spins_in_vain_back_off_longer_and_longer(redis_url: str,
     assert wire is not None
     try:
         led.reserve(CAPS, {"usd_nano": 1}, lease_seconds=60)  # connected, script loaded
+        wire.backoff = 0  # a cold first call may outlast a 100 us spin
         seen = []
         for _ in range(8):
             wire.skip = 0  # spin at the next reply
@@ -182,4 +184,136 @@ def test_spins_in_vain_back_off_longer_and_longer(redis_url: str,
             seen.append(wire.backoff)
         assert seen == [16, 32, 64, 128, 256, 512, 1024, 1024]
     finally:
+        led.close()
+
+
+def test_no_spin_while_another_thread_of_the_ledger_waits_for_a_reply(
+        redis_url: str, redis_namespace: str) -> None:
+    """Threads sharing a ledger: a thread that would spin while another one waits for
+    its reply takes a core (and the GIL, between polls) the other needs when its reply
+    comes; with 32 threads on two cores, spinning cost about a third of the pairs per
+    second. So a call spins only while no other call of the ledger is on the wire."""
+    led = ledger(redis_url, redis_namespace, 100)
+    wire = led._wire
+    assert wire is not None
+    spins: list[str] = []
+    spin = wire._spin
+
+    def counted(conn: object) -> None:
+        spins.append(threading.current_thread().name)
+        spin(conn)
+
+    wire._spin = counted  # type: ignore[method-assign]
+    try:
+        led.reserve(CAPS, {"usd_nano": 1}, lease_seconds=60)  # connected, script loaded
+        assert spins == [threading.current_thread().name]
+        spins.clear()
+        wire.skip = wire.backoff = 0  # (a cold first call may outlast a 100 us spin)
+        wire.idle.append(wire.pool.get_connection())  # a second one, connected: a
+        # connection made while the server is busy would wait in its handshake
+        busy = _busy_server(redis_url, 0.3)
+        time.sleep(0.05)
+        wire.skip = 1  # the other thread's call waits blocking (no spin)
+        other = threading.Thread(
+            target=led.reserve, args=(CAPS, {"usd_nano": 1}), kwargs={"lease_seconds": 60},
+            name="other")
+        other.start()
+        time.sleep(0.05)  # it is waiting for its reply
+        assert wire.skip == 0
+        assert isinstance(led.reserve(CAPS, {"usd_nano": 1}, lease_seconds=60), Reservation)
+        other.join()
+        busy.join()
+        assert spins == []  # neither spun: this one because the other waited
+        assert (wire.skip, wire.backoff) == (0, 0)
+        assert isinstance(led.reserve(CAPS, {"usd_nano": 1}, lease_seconds=60), Reservation)
+        assert spins == [threading.current_thread().name]  # alone again: it spins
+        assert led.totals("session:w").get_reserved("usd_nano") == 4
+    finally:
+        led.close()
+
+
+class _RacedSkip(int):
+    """A ``skip`` of 1 that two threads both read as non-zero before either one takes
+    one off (as can happen between two bytecodes): the second takes it below zero."""
+
+    def __new__(cls, value: int, barrier: threading.Barrier) -> _RacedSkip:
+        made = super().__new__(cls, value)
+        made.barrier = barrier  # type: ignore[attr-defined]
+        return made
+
+    def __bool__(self) -> bool:
+        if self.barrier.wait() == 0:  # type: ignore[attr-defined]
+            time.sleep(0.05)  # the other thread stores its 0 first
+        return int(self) != 0
+
+    def __gt__(self, other: object) -> bool:
+        return bool(self) and int(self) > other  # type: ignore[operator]
+
+
+def test_a_raced_back_off_count_does_not_stop_spinning_for_good(
+        redis_url: str, redis_namespace: str) -> None:
+    """``skip`` is counted down without a lock; two threads that both see the last one
+    left must not take it below zero, where a spin would never come again."""
+    led = ledger(redis_url, redis_namespace, 100)
+    wire = led._wire
+    assert wire is not None
+    try:
+        led.reserve(CAPS, {"usd_nano": 1}, lease_seconds=60)
+        wire.skip = _RacedSkip(1, threading.Barrier(2))
+        threads = [threading.Thread(target=led.reserve, args=(CAPS, {"usd_nano": 1}),
+                                    kwargs={"lease_seconds": 60}) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        spins = 0
+        spin = wire._spin
+
+        def counted(conn: object) -> None:
+            nonlocal spins
+            spins += 1
+            spin(conn)
+
+        wire._spin = counted  # type: ignore[method-assign]
+        for _ in range(3):
+            led.reserve(CAPS, {"usd_nano": 1}, lease_seconds=60)
+        assert wire.skip >= 0
+        assert spins >= 1  # spinning came back
+    finally:
+        led.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
+def test_a_fork_child_spins_though_a_parent_thread_was_waiting_at_the_fork(
+        redis_url: str, redis_namespace: str) -> None:
+    """The calls on the wire at a fork are the parent's threads': none of them ends in
+    the child, which would otherwise never spin (never alone on the wire)."""
+    led = ledger(redis_url, redis_namespace, 5_000)
+    wire = led._wire
+    assert wire is not None
+    led.reserve(CAPS, {"usd_nano": 1}, lease_seconds=60)
+    wire.skip = wire.backoff = 0
+    spins = 0
+    spin = wire._spin
+
+    def counted(conn: object) -> None:
+        nonlocal spins
+        spins += 1
+        spin(conn)
+
+    wire._spin = counted  # type: ignore[method-assign]
+    wire.waiting.add(object())  # another thread's call, waiting for its reply
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports by its exit status
+            code = 3
+            try:
+                res = led.reserve(CAPS, {"usd_nano": 1}, lease_seconds=60)
+                code = 0 if isinstance(res, Reservation) and spins == 1 else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0  # 1: the child did not spin
+    finally:
+        wire.waiting.clear()
         led.close()

@@ -232,6 +232,9 @@ class _Wire:
         self.spin_ns = int(spin_us * 1000) if _CAN_POLL else 0
         self.skip = 0  # replies to wait for without a spin (after a spin found none)
         self.backoff = 0  # what `skip` was last set to; 0 after a spin found its reply
+        # the connections of this wire's calls between their send and their reply (set
+        # add and discard are atomic): a call spins only when it is alone there
+        self.waiting: set[Any] = set()
         # the command is packed here (redis-py's packer encodes and checks each argument
         # alone: several times the cost) when its text is ASCII, which reads the same in
         # the connections' encoding; otherwise redis-py packs it
@@ -250,15 +253,18 @@ class _Wire:
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                     OSError, ValueError):
                 conn.disconnect()
+        waiting = self.waiting
+        waiting.add(conn)
         try:
             if getattr(conn, "_sock", None) is None:  # new, or after close() or an error
                 conn.connect()
             packed = self._pack(conn, script.sha, keys, args)
             try:
                 conn.send_packed_command(packed)
-                if self.skip:
-                    self.skip -= 1
-                elif self.spin_ns:
+                skip = self.skip  # read once: threads race here (a lost count is harmless)
+                if skip > 0:
+                    self.skip = skip - 1
+                elif self.spin_ns and len(waiting) == 1:
                     self._spin(conn)
                 return conn.read_response()
             except redis.exceptions.NoScriptError:
@@ -272,6 +278,7 @@ class _Wire:
             conn.disconnect()
             raise
         finally:
+            waiting.discard(conn)
             if self.pool.pool.empty():
                 self.pool.release(conn)
             else:
@@ -310,7 +317,13 @@ class _Wire:
         wait's system calls cost. When a spin ends with no reply (a remote or busy
         server), the next 16 replies are waited for blocking, twice as many after each
         further spin in vain, up to SPIN_BACKOFF; a spin that finds its reply resets
-        that."""
+        that.
+
+        Only a call alone on the wire spins: while another thread of this ledger waits
+        for its reply, a spinning thread takes the core (and, between its polls, the
+        GIL) that thread needs when its reply comes; with 32 threads on two cores,
+        spinning cost about a third of the pairs per second (benchmarks/bench_load.py
+        ``--reply-spin-us``)."""
         poller = self._poll(conn)
         if poller is None:
             return
@@ -1097,7 +1110,8 @@ class _Flusher:
         _QUEUED.clear()
         for ledger in list(_LEDGERS):
             if ledger._wire is not None:  # the parent's sockets (the pool resets itself)
-                ledger._wire.idle = []
+                ledger._wire.idle = []  # and calls (of threads that do not run here)
+                ledger._wire.waiting = set()
             ledger._pending = []
             ledger._inflight = 0
             ledger._idle = threading.Condition(threading.Lock())
