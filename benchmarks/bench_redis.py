@@ -21,9 +21,10 @@ rounds, so machine noise hits every row alike, it times:
   caches and branch predictors start cold), which a round trip alone does not show.
 
 Printed ratios, from this run (for the median round and for the fastest round, the
-one least disturbed by other load): each guard's added time over one EVALSHA round
-trip, and the Redis ledger's own share (redis guard - memory guard, and redis guard -
-the floor) over it; beside each row, this process's CPU time per call.
+one least disturbed by other load; then each round's own ratio, its median over the
+rounds): each guard's added time over one EVALSHA round trip, and the Redis ledger's
+own share (redis guard - memory guard, and redis guard - the floor) over it; beside
+each row, this process's CPU time per call.
 Then per call (the plain EVALSHA's, then each guarded call's): the commands the server
 ran (``INFO commandstats`` deltas of every command a client sent, i.e. not counting
 those the Lua scripts run inside), EVALSHA calls and their server time; and the spend
@@ -175,6 +176,14 @@ def run(calls: int, rounds: int, url: str) -> dict[str, Any]:
                 (t[name] - t["guard memory://"]) / rt, 2)
             row["ratios"][f"{name} - floor / EVALSHA"] = round((t[name] - t[FLOOR]) / rt, 2)
         out[stat] = row
+    # each round's own ratio (rows timed moments apart share that round's machine state),
+    # then the median over rounds
+    paired: dict[str, float] = {}
+    for name in (*guards, FLOOR):
+        per_round = [(g - b) / e for g, b, e in zip(
+            times[name], times["no callbacks"], times["EVALSHA round trip"], strict=True)]
+        paired[f"{name} added / EVALSHA"] = round(statistics.median(per_round), 2)
+    out["per round"] = paired
 
     # what the server ran per call, for the plain EVALSHA and each Redis guard alone
     n = 500
@@ -307,6 +316,9 @@ def main() -> None:
             print(f"  {name:40s} {us:8.1f} us" + (f"  (cpu {mine:.1f} us)" if mine else ""))
         for name, ratio in row["ratios"].items():
             print(f"  {name:52s} {ratio:6.2f}x")
+    print(" median of the rounds' own ratios:")
+    for name, ratio in result["per round"].items():
+        print(f"  {name:52s} {ratio:6.2f}x")
     print("per call, counted by the server (INFO commandstats):")
     for name, row in result["per_call"].items():
         print(f"  {name:30s} commands sent {row['commands sent']:g} "

@@ -103,6 +103,7 @@ _CAN_POLL = hasattr(select, "poll")
 # reply wait longer and longer (up to SPIN_BACKOFF replies) before the next spin.
 REPLY_SPIN_US = 200.0
 SPIN_BACKOFF = 1024
+SPIN_FIRST_BACKOFF = 2
 
 
 def default_reply_spin_us() -> float:
@@ -315,9 +316,10 @@ class _Wire:
         after it runs on cold caches (docs/redis-ledger.md, "Waiting for a reply").
         Polling costs CPU only while the reply is on its way, about what the blocking
         wait's system calls cost. When a spin ends with no reply (a remote or busy
-        server), the next 16 replies are waited for blocking, twice as many after each
+        server), the next 2 replies are waited for blocking, twice as many after each
         further spin in vain, up to SPIN_BACKOFF; a spin that finds its reply resets
-        that.
+        that (a host that stalls now and then costs a few replies each time; a server
+        always slower than the spin, one spin in SPIN_BACKOFF replies).
 
         Only a call alone on the wire spins: while another thread of this ledger waits
         for its reply, a spinning thread takes the core (and, between its polls, the
@@ -330,7 +332,7 @@ class _Wire:
         end = time.perf_counter_ns() + self.spin_ns
         while not poller.poll(0):
             if time.perf_counter_ns() > end:
-                self.backoff = min(max(16, 2 * self.backoff), SPIN_BACKOFF)
+                self.backoff = min(max(SPIN_FIRST_BACKOFF, 2 * self.backoff), SPIN_BACKOFF)
                 self.skip = self.backoff
                 return
         self.backoff = 0
