@@ -421,6 +421,9 @@ class RedisLedger(Ledger):
         self._client_args: dict[str, Any] = {
             "profile": LEDGER, "retries": retries, "max_connections": max_connections,
             "pool_timeout": pool_timeout, **client_options}
+        # a client built here sends each script once (redis-py's retries off); one given
+        # may resend after a timeout, so every reserve then checks its id (_carrying)
+        self._sends_once = client is None and retries == 0
         if client is None:
             try:  # a cluster client learns the slot map here: it needs a node to answer
                 client = redis_client(url, **self._client_args)
@@ -551,6 +554,20 @@ class RedisLedger(Ledger):
             out.append(f'[{rid},"{item.token}",{done},[{scopes}],[{flat}],[{reads}]]')
         return "[" + ",".join(out) + "]"
 
+    def _carrying(self, items: Sequence[_Later], keys: list[str], args: list[str], *,
+                  fresh: bool) -> None:
+        """A reserve's last arguments: the settles riding along (if any), and whether its
+        id is fresh. An id this ledger made (unique by construction) on a client that
+        never resends a script (built here, ``retries=0``) cannot be in use: the script
+        then skips its two reads that answer a resent or reused id."""
+        fresh = fresh and self._sends_once
+        if items:
+            args += (self._done_retention, self._batch(items, keys))
+        elif fresh:
+            args += ("", "")
+        if fresh:
+            args.append("1")
+
     def _settle_call(self, items: Sequence[_Later]) -> tuple[list[str], list[str]]:
         keys = [self._open, self._leases]
         return keys, [self._ttl, self._done_retention, self._batch(items, keys)]
@@ -631,8 +648,7 @@ class RedisLedger(Ledger):
         rid = reservation_id or new_reservation_id()
         keys, args = self._reserve_call(scopes, amounts, lease_seconds, rid)
         items = self._take()
-        if items:
-            args += (self._done_retention, self._batch(items, keys))
+        self._carrying(items, keys, args, fresh=not reservation_id)
         reply = self._carry(items, self._sync.reserve, keys, args)
         return self._reserved(reply, scopes, amounts, rid)
 
@@ -903,8 +919,7 @@ class RedisLedger(Ledger):
         keys, args = self._reserve_call(scopes, amounts, lease_seconds, rid)
         scripts = await self._aready()
         items = self._take()
-        if items:
-            args += (self._done_retention, self._batch(items, keys))
+        self._carrying(items, keys, args, fresh=not reservation_id)
         reply = await self._acarry(items, scripts.reserve, keys, args)
         return self._reserved(reply, scopes, amounts, rid)
 

@@ -7,6 +7,9 @@
 --       record JSON {"k": [scope keys], "a": {dim: "amount" (non-zero)}, "t": token},
 --       caps JSON [[[dim, "cap"], ...] per scope], scope ttl seconds (0 = none),
 --       then, with settles: retention seconds of done:<id>, settle batch JSON (settle.lua)
+--       (or '', ''), then '1' when the id is fresh: made by this client (unique by
+--       construction) and sent once (no client retries), so the checks of a resent or
+--       reused id are skipped
 -- Reply: {1, expires_at} | {0, ...denial, see ag_check} | {-1} (id already used);
 --        with settles: that reply and one ag_settle reply per settle (ag_with_settles)
 -- The same call sent twice (a client retry after a lost reply) gets the same answer.
@@ -19,15 +22,17 @@ local function reserve()
   ag_reclaim(KEYS[1], KEYS[2], now, 100)
 
   local id, token = ARGV[3], ARGV[4]
-  local open = redis.call('HGET', KEYS[1], id)
-  if open then
-    if cjson.decode(open).t == token then
-      return {1, redis.call('ZSCORE', KEYS[2], id)}
+  if ARGV[10] ~= '1' then  -- '1': a fresh id the client made, never sent before
+    local open = redis.call('HGET', KEYS[1], id)
+    if open then
+      if cjson.decode(open).t == token then
+        return {1, redis.call('ZSCORE', KEYS[2], id)}
+      end
+      return {-1}
     end
-    return {-1}
-  end
-  if redis.call('EXISTS', KEYS[3]) == 1 then
-    return {-1}
+    if redis.call('EXISTS', KEYS[3]) == 1 then
+      return {-1}
+    end
   end
 
   local rec = cjson.decode(ARGV[5])
