@@ -8,7 +8,7 @@ kind     memory://                                 sqlite:///path.db   |   redis
 =======  ========================================  ==========================================
 ledger   ``max_idle_seconds``, ``max_scopes``      ``timeout``  |  ``namespace``,
                                                    ``scope_ttl_seconds``, ``settle_delay``,
-                                                   ``cells``
+                                                   ``reply_spin_us``, ``cells``
 cache    ``max_entries``, ``namespace``            ``timeout``, ``namespace``  |  ``namespace``
 usage    ``retention_days``                        ``timeout``, ``retention_days``  |
                                                    ``namespace``, ``retention_days``,
