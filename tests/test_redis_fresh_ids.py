@@ -10,10 +10,6 @@ private ``redis-server`` so nothing else moves the counts.
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 
@@ -23,36 +19,18 @@ import redis as redis_py
 from agent_guard.ledger import Reservation, ScopeCaps
 from agent_guard.ledger.redis import RedisLedger
 
+from .test_redis_faults import RedisServer, require_redis_server
+
 CAPS = [ScopeCaps("session:f", {"usd_nano": 10_000})]
 
 
 @pytest.fixture(scope="module")
-def private_url() -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = tempfile.mkdtemp(prefix="agent-guard-fresh-")
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir",
-                             workdir, "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            redis_py.Redis.from_url(url, socket_timeout=1).ping()
-            break
-        except redis_py.exceptions.ConnectionError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.05)
-    yield url
-    proc.kill()
-    proc.wait(timeout=10)
-    shutil.rmtree(workdir, ignore_errors=True)
+def private_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = RedisServer(require_redis_server(), tmp_path_factory.mktemp("fresh-ids"),
+                         persistent=False)
+    server.start()
+    yield server.url
+    server.stop()
 
 
 def reads_of(url: str, reserve: object) -> tuple[int, int]:

@@ -3,15 +3,15 @@
 
 Spinning changes when the client reads a reply, never what it reads: the same calls
 give the same answers and the same totals with and without it, including a reply that
-arrives long after the spin gave up (a server busy with another client's script).
+arrives long after the spin gave up (a server busy with another client's command).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -20,11 +20,39 @@ from agent_guard.ledger import redis as redis_ledger
 from agent_guard.ledger.redis import RedisLedger
 from agent_guard.stores import open_store
 
+from .test_redis_faults import RedisServer, require_redis_server, sleep_server
+
 CAPS = [ScopeCaps("session:w", {"usd_nano": 1_000, "model_calls": 5})]
 
 
 def ledger(url: str, ns: str, spin: float | None) -> RedisLedger:
     return RedisLedger(url, namespace=ns, settle_delay=59.0, reply_spin_us=spin)
+
+
+def count_spins(led: RedisLedger) -> list[str]:
+    """The name of the thread of each spin ``led``'s wire makes from now on."""
+    wire = led._wire
+    assert wire is not None
+    spins: list[str] = []
+    spin = wire._spin
+
+    def counted(conn: object) -> None:
+        spins.append(threading.current_thread().name)
+        spin(conn)
+
+    wire._spin = counted  # type: ignore[method-assign]
+    return spins
+
+
+@pytest.fixture(scope="module")
+def busy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private server that ``sleep_server`` can block (``DEBUG SLEEP``): every command
+    sent meanwhile waits, as behind another client's long script."""
+    server = RedisServer(require_redis_server(), tmp_path_factory.mktemp("reply-wait"),
+                         persistent=False)
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.mark.parametrize("bad", [-1, True, "200", 100_001, float("nan")])
@@ -95,57 +123,26 @@ def test_spinning_or_blocking_the_answers_are_the_same(redis_url: str,
     spinning = ledger(redis_url, redis_namespace + "-s", 100_000)  # 0.1 s: no reply misses it
     try:
         assert blocking._wire is not None and spinning._wire is not None
-        spins = 0
-        spin = spinning._wire._spin
-
-        def counted(conn: object) -> None:
-            nonlocal spins
-            spins += 1
-            spin(conn)
-
-        spinning._wire._spin = counted  # type: ignore[method-assign]
+        spins = count_spins(spinning)
         expected = _run(blocking)
         assert _run(spinning) == expected
         assert any(step[0] == "denied" for step in expected[:-1])
-        assert spins >= 12  # every reserve polled for its reply
+        assert len(spins) >= 12  # every reserve polled for its reply
     finally:
         blocking.close()
         spinning.close()
 
 
-def _busy_server(url: str, seconds: float) -> threading.Thread:
-    """Keep the server busy with another client's script for ``seconds``: every
-    command sent meanwhile waits for it."""
-    host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
-    script = ("local t = redis.call('TIME') local t0 = t[1] + t[2] / 1e6 "
-              "repeat t = redis.call('TIME') until t[1] + t[2] / 1e6 - t0 > "
-              f"{seconds} return 1")
-    sock = socket.create_connection((host, int(port)))
-    parts = ["EVAL", script, "0"]
-    sock.sendall(("*3\r\n" + "".join(f"${len(p.encode())}\r\n{p}\r\n" for p in parts)
-                  ).encode())
-
-    def drain() -> None:
-        sock.settimeout(30)
-        sock.recv(64)
-        sock.close()
-
-    thread = threading.Thread(target=drain)
-    thread.start()
-    return thread
-
-
 def test_a_reply_slower_than_the_spin_is_read_and_the_spin_backs_off(
-        redis_url: str, redis_namespace: str) -> None:
-    led = ledger(redis_url, redis_namespace, 100)
+        busy_server: RedisServer, redis_namespace: str) -> None:
+    led = ledger(busy_server.url, redis_namespace, 100)
     wire = led._wire
     assert wire is not None
     try:
         assert isinstance(led.reserve(CAPS, {"model_calls": 1}, lease_seconds=60),
                           Reservation)
         wire.skip = wire.backoff = 0  # a cold first call may outlast a 100 us spin
-        busy = _busy_server(redis_url, 0.3)
-        time.sleep(0.05)  # the busy script is running
+        busy = sleep_server(busy_server, 0.3)  # returns once the server sleeps
         started = time.monotonic()
         res = led.reserve(CAPS, {"model_calls": 1}, lease_seconds=60)
         waited = time.monotonic() - started
@@ -166,9 +163,9 @@ def test_a_reply_slower_than_the_spin_is_read_and_the_spin_backs_off(
         led.close()
 
 
-def test_spins_in_vain_back_off_longer_and_longer(redis_url: str,
+def test_spins_in_vain_back_off_longer_and_longer(busy_server: RedisServer,
                                                   redis_namespace: str) -> None:
-    led = ledger(redis_url, redis_namespace, 100)
+    led = ledger(busy_server.url, redis_namespace, 100)
     wire = led._wire
     assert wire is not None
     try:
@@ -177,8 +174,7 @@ def test_spins_in_vain_back_off_longer_and_longer(redis_url: str,
         seen = []
         for _ in range(11):
             wire.skip = 0  # spin at the next reply
-            busy = _busy_server(redis_url, 0.02)
-            time.sleep(0.005)
+            busy = sleep_server(busy_server, 0.15)  # asleep for 0.05 s more
             led.reserve(CAPS, {"usd_nano": 1}, lease_seconds=60)
             busy.join()
             seen.append(wire.backoff)
@@ -188,22 +184,15 @@ def test_spins_in_vain_back_off_longer_and_longer(redis_url: str,
 
 
 def test_no_spin_while_another_thread_of_the_ledger_waits_for_a_reply(
-        redis_url: str, redis_namespace: str) -> None:
+        busy_server: RedisServer, redis_namespace: str) -> None:
     """Threads sharing a ledger: a thread that would spin while another one waits for
     its reply takes a core (and the GIL, between polls) the other needs when its reply
     comes; with 32 threads on two cores, spinning cost about a third of the pairs per
     second. So a call spins only while no other call of the ledger is on the wire."""
-    led = ledger(redis_url, redis_namespace, 100)
+    led = ledger(busy_server.url, redis_namespace, 100)
     wire = led._wire
     assert wire is not None
-    spins: list[str] = []
-    spin = wire._spin
-
-    def counted(conn: object) -> None:
-        spins.append(threading.current_thread().name)
-        spin(conn)
-
-    wire._spin = counted  # type: ignore[method-assign]
+    spins = count_spins(led)
     try:
         led.reserve(CAPS, {"usd_nano": 1}, lease_seconds=60)  # connected, script loaded
         assert spins == [threading.current_thread().name]
@@ -211,8 +200,7 @@ def test_no_spin_while_another_thread_of_the_ledger_waits_for_a_reply(
         wire.skip = wire.backoff = 0  # (a cold first call may outlast a 100 us spin)
         wire.idle.append(wire.pool.get_connection())  # a second one, connected: a
         # connection made while the server is busy would wait in its handshake
-        busy = _busy_server(redis_url, 0.3)
-        time.sleep(0.05)
+        busy = sleep_server(busy_server, 0.3)  # returns once the server sleeps
         wire.skip = 1  # the other thread's call waits blocking (no spin)
         other = threading.Thread(
             target=led.reserve, args=(CAPS, {"usd_nano": 1}), kwargs={"lease_seconds": 60},
@@ -266,19 +254,11 @@ def test_a_raced_back_off_count_does_not_stop_spinning_for_good(
             thread.start()
         for thread in threads:
             thread.join()
-        spins = 0
-        spin = wire._spin
-
-        def counted(conn: object) -> None:
-            nonlocal spins
-            spins += 1
-            spin(conn)
-
-        wire._spin = counted  # type: ignore[method-assign]
+        spins = count_spins(led)
         for _ in range(3):
             led.reserve(CAPS, {"usd_nano": 1}, lease_seconds=60)
         assert wire.skip >= 0
-        assert spins >= 1  # spinning came back
+        assert len(spins) >= 1  # spinning came back
     finally:
         led.close()
 
@@ -293,15 +273,7 @@ def test_a_fork_child_spins_though_a_parent_thread_was_waiting_at_the_fork(
     assert wire is not None
     led.reserve(CAPS, {"usd_nano": 1}, lease_seconds=60)
     wire.skip = wire.backoff = 0
-    spins = 0
-    spin = wire._spin
-
-    def counted(conn: object) -> None:
-        nonlocal spins
-        spins += 1
-        spin(conn)
-
-    wire._spin = counted  # type: ignore[method-assign]
+    spins = count_spins(led)
     wire.waiting.add(object())  # another thread's call, waiting for its reply
     try:
         pid = os.fork()
@@ -309,7 +281,7 @@ def test_a_fork_child_spins_though_a_parent_thread_was_waiting_at_the_fork(
             code = 3
             try:
                 res = led.reserve(CAPS, {"usd_nano": 1}, lease_seconds=60)
-                code = 0 if isinstance(res, Reservation) and spins == 1 else 1
+                code = 0 if isinstance(res, Reservation) and len(spins) == 1 else 1
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)

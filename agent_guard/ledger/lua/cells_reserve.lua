@@ -17,16 +17,10 @@ local function reserve()
   local now = ag_now(ARGV[1])
   ag_reclaim(KEYS[1], KEYS[2], now, 100)
 
-  local id, token = ARGV[3], ARGV[4]
-  local open = redis.call('HGET', KEYS[1], id)
-  if open then
-    if cjson.decode(open).t == token then
-      return {1, redis.call('ZSCORE', KEYS[2], id)}
-    end
-    return {-1}
-  end
-  if redis.call('EXISTS', KEYS[3]) == 1 then
-    return {-1}
+  local id = ARGV[3]
+  local reused = ag_reused(KEYS, id, ARGV[4])
+  if reused then
+    return reused
   end
 
   local rec = cjson.decode(ARGV[5])

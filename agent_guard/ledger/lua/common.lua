@@ -128,6 +128,24 @@ local function ag_check(keys, first, caps, amounts)
   return nil
 end
 
+-- A reserve's answer when its id is already taken, else nil: the same call sent again (a
+-- client retry after a lost reply: same token) gets the first answer, {1, expires_at};
+-- any other use of an id held or finished, {-1}. keys[1], keys[2], keys[3]: the open
+-- hash, the leases zset, done:<id>.
+local function ag_reused(keys, id, token)
+  local open = redis.call('HGET', keys[1], id)
+  if open then
+    if cjson.decode(open).t == token then
+      return {1, redis.call('ZSCORE', keys[2], id)}
+    end
+    return {-1}
+  end
+  if redis.call('EXISTS', keys[3]) == 1 then
+    return {-1}
+  end
+  return nil
+end
+
 -- Settle one reservation: drop its hold (if its lease was not reclaimed yet) and add what
 -- was actually spent, once per reservation id (a settle after the lease expired still
 -- counts, once: the client names the scopes, so nothing depends on the stored record).
