@@ -526,14 +526,14 @@ def test_the_reserve_record_is_the_json_it_stands_for(amounts: dict[str, int],
                                                      scopes: list[str],
                                                      namespace: str) -> None:
     """The reserve's record is written directly, not by the JSON encoder: the same text."""
-    from agent_guard.ledger.redis import RedisLedger, _json, _record
+    from agent_guard.ledger.redis import RedisLedger, _json, _record, _record_head
 
     ledger = RedisLedger.__new__(RedisLedger)  # the key names only: no connection
     ledger.prefix = f"ag:{{{quote(namespace, safe='')}}}:"
     ledger._scope_keys = {}
     keys = [ledger.scope_key(scope) for scope in scopes]
     token = "0123456789abcdef" * 2
-    assert _record(keys, amounts, token) == _json(
+    assert _record(_record_head(keys), amounts, token) == _json(
         {"k": keys, "a": {d: str(v) for d, v in amounts.items() if v}, "t": token})
 
 

@@ -163,17 +163,38 @@ def _name(dim: str) -> str:
     return text
 
 
+_READS: dict[tuple[tuple[str, ...], ...], str] = {}  # a settle's reads -> their JSON
+
+
+def _reads(reads: tuple[tuple[str, ...], ...]) -> str:
+    """A settle's ``reads`` (dimensions per scope) as the JSON of a list of lists,
+    without its brackets (kept per value: a guard's settles repeat a few)."""
+    text = _READS.get(reads)
+    if text is None:
+        if len(_READS) >= 4096:
+            _READS.clear()
+        text = _READS[reads] = ",".join(["[" + ",".join([_name(d) for d in dims]) + "]"
+                                         for dims in reads])
+    return text
+
+
 def _quoted(keys: Sequence[str]) -> str:
     """``_json(list(keys))`` of keys this ledger built: percent-encoded names under a
     prefix of safe characters, so no character in them needs an escape."""
     return '["' + '","'.join(keys) + '"]'
 
 
-def _record(keys: Sequence[str], amounts: Mapping[str, int], token: str) -> str:
+def _record_head(keys: Sequence[str]) -> str:
+    """The start of a reserve's record on the scope keys ``keys`` (see ``_record``)."""
+    return '{"k":' + _quoted(keys) + ',"a":{'
+
+
+def _record(head: str, amounts: Mapping[str, int], token: str) -> str:
     """A reserve's record, ``_json({"k": keys, "a": {dim: "amount" (non-zero)}, "t":
-    token})`` written directly (a test checks the two agree)."""
-    held = ",".join([_name(d) + ':"' + str(v) + '"' for d, v in amounts.items() if v])
-    return '{"k":' + _quoted(keys) + ',"a":{' + held + '},"t":"' + token + '"}'
+    token})`` written directly from ``head = _record_head(keys)`` (a test checks the two
+    agree)."""
+    return head + ",".join([_name(d) + ':"' + str(v) + '"' for d, v in amounts.items()
+                            if v]) + '},"t":"' + token + '"}'
 
 
 def _text(value: bytes | str) -> str:
@@ -195,6 +216,21 @@ class _Later:
     reads: tuple[tuple[str, ...], ...]  # dimensions to read back, per scope
     then: Callable[[Settlement], Any] | None
     token: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Scoped:
+    """A reserve's arguments that depend on its scopes alone (``RedisLedger._scoped``):
+    its scope keys then the past buckets' keys, the head of its record up to the
+    amounts, and its caps argument."""
+
+    scopes: Sequence[ScopeCaps] | None
+    keys: tuple[str, ...]
+    record_head: str
+    caps: str
+
+
+_NO_SCOPED = _Scoped(None, (), "", "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,6 +480,7 @@ class RedisLedger(Ledger):
         self._open = self.prefix + "open"
         self._leases = self.prefix + "leases"
         self._scope_keys: dict[str, str] = {}
+        self._last_scoped = _NO_SCOPED
         _LEDGERS.add(self)
 
     @classmethod
@@ -497,14 +534,30 @@ class RedisLedger(Ledger):
                 out.append(pairs)
         return _json(out)
 
+    def _scoped(self, scopes: Sequence[ScopeCaps]) -> _Scoped:
+        """What a reserve on ``scopes`` sends that depends on them alone, kept for the
+        last ``scopes`` tuple (a guard passes the same tuple of frozen ScopeCaps on every
+        call while its window periods last, see engine.plan.Resolved): building it was
+        a fifth of the client's work of a reserve. A list is read each time (it may
+        change between calls)."""
+        kept = self._last_scoped  # read once: another thread may replace it
+        if kept.scopes is scopes:
+            return kept
+        scope_keys = [self.scope_key(sc.scope) for sc in scopes]
+        keys = [self._open, self._leases, "", *scope_keys]  # (done:<id> comes per call)
+        caps = self._caps(scopes, keys)
+        kept = _Scoped(scopes if type(scopes) is tuple else None, tuple(keys[3:]),
+                       _record_head(scope_keys), caps)
+        self._last_scoped = kept
+        return kept
+
     def _reserve_call(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int],
                       lease_seconds: float, rid: str) -> tuple[list[str], list[str]]:
-        scope_keys = [self.scope_key(sc.scope) for sc in scopes]
+        scoped = self._scoped(scopes)
         token = _token()
-        record = _record(scope_keys, amounts, token)
-        keys = [self._open, self._leases, self._done_key(rid), *scope_keys]
-        return keys, [self._now(), repr(float(lease_seconds)), rid, token, record,
-                      self._caps(scopes, keys), self._ttl]
+        return [self._open, self._leases, self._done_key(rid), *scoped.keys], [
+            self._now(), repr(float(lease_seconds)), rid, token,
+            _record(scoped.record_head, amounts, token), scoped.caps, self._ttl]
 
     def _charge_call(self, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int],
                      read: bool = False) -> tuple[list[str], list[str]]:
@@ -547,8 +600,7 @@ class RedisLedger(Ledger):
             r = item.reservation
             flat = ",".join([_name(dim) + ',"' + str(amount) + '"'
                              for dim, amount in item.actual.items()])
-            reads = ",".join(["[" + ",".join([_name(d) for d in dims]) + "]"
-                              for dims in item.reads])
+            reads = _reads(item.reads)
             done = at(self._done_key(r.id))
             scopes = ",".join([str(at(self.scope_key(scope))) for scope in r.scopes])
             rid = f'"{r.id}"' if r.id.isascii() and r.id.isalnum() else _json(r.id)
