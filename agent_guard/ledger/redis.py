@@ -64,6 +64,7 @@ from urllib.parse import quote
 
 import redis
 
+from .._frozen import fast_init, fields_maker
 from ..errors import LedgerUnavailable
 from ..stores.redis import LEDGER, REDIS_ERRORS, redis_client
 from ..stores.url import REDIS_BACKENDS, redact_url
@@ -163,6 +164,17 @@ def _name(dim: str) -> str:
     return text
 
 
+_PAIRS: dict[str, str] = {}  # a dimension name -> its JSON string literal, a comma, a quote
+
+
+def _pair(dim: str) -> str:
+    """``dim`` as the start of a ``dim, "amount"`` pair in JSON (kept per name)."""
+    if len(_PAIRS) >= 4096:
+        _PAIRS.clear()
+    text = _PAIRS[dim] = _name(dim) + ',"'
+    return text
+
+
 _READS: dict[tuple[tuple[str, ...], ...], str] = {}  # a settle's reads -> their JSON
 
 
@@ -206,6 +218,7 @@ def _token() -> str:
     return new_reservation_id()
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class _Later:
     """A settle waiting to ride with the next script: its token is fixed when queued, so
@@ -228,9 +241,14 @@ class _Scoped:
     keys: tuple[str, ...]
     record_head: str
     caps: str
+    names: tuple[str, ...]  # the scopes' names, a Reservation's ``scopes``
 
 
-_NO_SCOPED = _Scoped(None, (), "", "")
+_NO_SCOPED = _Scoped(None, (), "", "", ())
+# made from fields known valid, without __init__'s checks and twin switch
+_new_later = fields_maker(_Later)
+_new_reservation = fields_maker(Reservation)
+_new_settlement = fields_maker(Settlement)
 
 
 @dataclass(frozen=True, slots=True)
@@ -547,7 +565,7 @@ class RedisLedger(Ledger):
         keys = [self._open, self._leases, "", *scope_keys]  # (done:<id> comes per call)
         caps = self._caps(scopes, keys)
         kept = _Scoped(scopes if type(scopes) is tuple else None, tuple(keys[3:]),
-                       _record_head(scope_keys), caps)
+                       _record_head(scope_keys), caps, tuple([sc.scope for sc in scopes]))
         self._last_scoped = kept
         return kept
 
@@ -595,11 +613,13 @@ class RedisLedger(Ledger):
                 found = index[key] = len(keys)
             return found
 
+        pairs = _PAIRS
         out = []  # each item's _json([id, token, done, [scopes], [dim, "n", ...], reads])
         for item in items:
             r = item.reservation
-            flat = ",".join([_name(dim) + ',"' + str(amount) + '"'
-                             for dim, amount in item.actual.items()])
+            # (a zero adds nothing: the script skips it, so it is not sent)
+            flat = ",".join([(pairs.get(dim) or _pair(dim)) + str(amount) + '"'
+                             for dim, amount in item.actual.items() if amount])
             reads = _reads(item.reads)
             done = at(self._done_key(r.id))
             scopes = ",".join([str(at(self.scope_key(scope))) for scope in r.scopes])
@@ -632,8 +652,8 @@ class RedisLedger(Ledger):
         if reads is None:  # the contract's settle: every settled dimension of every scope
             per_scope = (tuple(actual),) * len(reservation.scopes)
         else:
-            per_scope = tuple(tuple(reads.get(scope, ())) for scope in reservation.scopes)
-        return _Later(reservation, actual, per_scope, then, _token())
+            per_scope = tuple([tuple(reads.get(scope, ())) for scope in reservation.scopes])
+        return _new_later(reservation, actual, per_scope, then, _token())
 
     def _renew_call(self, reservation: Reservation, lease_seconds: float
                     ) -> tuple[list[str], list[str]]:
@@ -645,25 +665,36 @@ class RedisLedger(Ledger):
 
     # -- replies ------------------------------------------------------------------------------
 
-    @staticmethod
-    def _reserved(reply: Reply, scopes: Sequence[ScopeCaps], amounts: Mapping[str, int],
-                  rid: str) -> Reservation | Denial:
-        status = int(reply[0])
-        if status == -1:
-            raise ValueError(f"reservation id {rid!r} was already used")
-        if status == 0:
-            return _denial(reply, scopes)
-        return Reservation(rid, tuple(sc.scope for sc in scopes), dict(amounts),
-                           float(reply[1]))
+    def _reserved(self, reply: Reply, scopes: Sequence[ScopeCaps],
+                  amounts: Mapping[str, int], rid: str) -> Reservation | Denial:
+        status = reply[0]
+        if status != "1" and status != b"1":  # (a success, as the scripts' two replies say it)
+            status = int(status)
+            if status == -1:
+                raise ValueError(f"reservation id {rid!r} was already used")
+            if status == 0:
+                return _denial(reply, scopes)
+        kept = self._last_scoped
+        names = kept.names if kept.scopes is scopes else tuple([sc.scope for sc in scopes])
+        return _new_reservation(rid, names, dict(amounts), float(reply[1]))
 
     @staticmethod
     def _settled(reply: Reply, item: _Later) -> Settlement:
+        """A settle's reply: 0 (it counted nothing), or 1 and the spent totals of
+        ``item.reads`` in order (an error if the count does not match)."""
         if not isinstance(reply, list):
             return Settlement(False)
-        values = iter(reply[1:])
-        return Settlement(True, {
-            scope: {dim: int(next(values)) for dim in dims}
-            for scope, dims in zip(item.reservation.scopes, item.reads, strict=True)})
+        scopes, reads = item.reservation.scopes, item.reads
+        if len(scopes) != len(reads) or len(reply) != 1 + sum(map(len, reads)):
+            raise ValueError(f"a settle's reply does not match its reads: {reply!r}")
+        if len(scopes) == 1:  # the common case, its dict built in C
+            return _new_settlement(True, {scopes[0]: dict(zip(
+                reads[0], map(int, reply[1:]), strict=True))})
+        spent, at = {}, 1
+        for scope, dims in zip(scopes, reads, strict=True):
+            spent[scope] = dict(zip(dims, map(int, reply[at:at + len(dims)]), strict=True))
+            at += len(dims)
+        return _new_settlement(True, spent)
 
     def _unavailable(self, exc: BaseException) -> LedgerUnavailable:
         if isinstance(exc, redis.exceptions.MovedError | redis.exceptions.AskError):
