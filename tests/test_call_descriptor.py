@@ -161,6 +161,38 @@ def test_may_fire_is_false_only_when_the_check_has_nothing_to_do(
     assert watch.crossed("s", refs, settled) == []
 
 
+@settings(max_examples=400, deadline=None)
+@given(specs=st.lists(ref_spec, min_size=1, max_size=4),
+       hint=st.lists(st.one_of(st.none(), st.dictionaries(st.sampled_from(DIMS),
+                                                          st.integers(0, 12), max_size=4)),
+                     min_size=4, max_size=4),
+       past=st.lists(st.one_of(st.none(), st.dictionaries(st.sampled_from(DIMS),
+                                                          st.integers(0, 6), max_size=4)),
+                     min_size=4, max_size=4),
+       amounts=st.dictionaries(st.sampled_from(DIMS), st.integers(0, 6), max_size=4),
+       fired=st.sets(st.tuples(st.integers(0, 3), st.sampled_from(DIMS),
+                               st.sampled_from([0.25, 0.5, 0.8, 1.0]))))
+def test_may_defer_answers_the_same_from_the_triggers(
+        specs: list[tuple[dict[str, int], list[float], bool]],
+        hint: list[dict[str, int] | None], past: list[dict[str, int] | None],
+        amounts: dict[str, int], fired: set[tuple[int, str, float]]) -> None:
+    """may_defer given the refs' triggers (its shortcut for a spend below every lowest
+    threshold) answers as it does from the refs alone."""
+    refs = []
+    for i, (caps, thresholds, rolling) in enumerate(specs):
+        name = f"team:t{i}"
+        history = (f"{name}@3h:earlier",) if rolling else ()
+        refs.append(ScopeRef("team", f"t{i}", None, Limits(thresholds=tuple(thresholds)),
+                             ScopeCaps(name, caps, history)))
+    watch = ThresholdWatch([], "memory://")
+    watch.fired = {(f"team:t{i}", dim, t) for i, dim, t in fired}
+    watch.past_spent = {f"team:t{i}": p for i, p in enumerate(past) if p is not None}
+    seen = {f"team:t{i}": h for i, h in enumerate(hint[:len(refs)]) if h is not None}
+    for spent_hint in (seen, None):
+        assert watch.may_defer(refs, amounts, spent_hint, ThresholdWatch.triggers(refs)) \
+            == watch.may_defer(refs, amounts, spent_hint)
+
+
 def test_the_amounts_written_out_are_dimension_names() -> None:
     """amounts_of and a plan's amounts name their dimensions as string constants (one-step
     dict building): they must be Dimension's names."""

@@ -63,7 +63,7 @@ from .plan import BUDGET_DIMENSIONS, Planner, _Plan
 from .recording import Recorder, RecordHook
 from .recording import amounts_of as _amounts
 from .records import CallRecord, Outcome, SessionUsage
-from .thresholds import ThresholdEvent, ThresholdHook, ThresholdWatch
+from .thresholds import ThresholdEvent, ThresholdHook, ThresholdWatch, Triggers
 from .tools import ToolCalls
 from .usage import Usage
 
@@ -417,7 +417,8 @@ class Guard:
             if amounts is None:
                 yield Op("release", reservation)
             elif self.ledger.defers_settles and self._watch.may_defer(
-                    admission.scopes, amounts, self._planner.spent_hint):
+                    admission.scopes, amounts, self._planner.spent_hint,
+                    _known_triggers(admission)):
                 self._settle_later(admission, amounts)
             else:
                 try:
@@ -505,7 +506,13 @@ class Guard:
         """A deferred settle landed (in the thread that carried it): note the spend and
         check the thresholds; on an event loop's thread, in a task of that loop."""
         self._planner.note_spent(settled)
-        if not settled or not any(ref.limits.thresholds for ref in admission.scopes):
+        if not settled:
+            return
+        resolved = admission.resolved if isinstance(admission, Admission) else None
+        if resolved is not None and resolved.refs is admission.scopes:
+            if resolved.triggers is None:  # none of its scopes has soft thresholds
+                return
+        elif not any(ref.limits.thresholds for ref in admission.scopes):
             return
         refs = self._threshold_refs(admission, settled)
         if not refs:  # nothing can fire
@@ -750,3 +757,12 @@ class Guard:
             requested=denial.requested,
             hint=hint,
         )
+
+
+def _known_triggers(admission: Admission | ToolAdmission) -> Triggers | None:
+    """The threshold triggers of ``admission``'s scopes when its call descriptor holds
+    them (ThresholdWatch.triggers), else None (not known here)."""
+    resolved = admission.resolved if isinstance(admission, Admission) else None
+    if resolved is not None and resolved.refs is admission.scopes:
+        return resolved.triggers
+    return None

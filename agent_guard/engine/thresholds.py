@@ -113,11 +113,17 @@ class ThresholdWatch:
                    for ref in refs)
 
     def may_defer(self, scopes: Sequence[ScopeRef], amounts: Mapping[str, int],
-                  hint: Mapping[str, Mapping[str, int]] | None) -> bool:
+                  hint: Mapping[str, Mapping[str, int]] | None,
+                  triggers: Triggers | None = None) -> bool:
         """Whether a settle may wait for the next script: no soft threshold this guard
         has not fired yet is within its reach, by the spend last seen settled on each
         scope (``hint``). Near one (or before any sight of a scope with thresholds) it
-        settles at once, so the event fires at the call's end as without deferral."""
+        settles at once, so the event fires at the call's end as without deferral.
+        ``triggers``: :meth:`triggers` of ``scopes``, if known: a spend below every
+        scope's lowest threshold (most settles) is answered from them alone."""
+        if triggers is not None and hint is not None and self._below_lowest(
+                triggers, amounts, hint):
+            return True
         for ref in scopes:
             thresholds = ref.limits.thresholds
             if not thresholds:
@@ -134,6 +140,26 @@ class ThresholdWatch:
                 used = seen.get(dim, 0) + (past.get(dim, 0) if past else 0) + amount
                 if unfired and used >= cap * min(unfired):
                     return False
+        return True
+
+    def _below_lowest(self, triggers: Triggers, amounts: Mapping[str, int],
+                      hint: Mapping[str, Mapping[str, int]]) -> bool:
+        """Whether, by ``hint``, every capped total after ``amounts`` stays below its
+        scope's lowest threshold (then no unfired one is within reach either)."""
+        past_spent = self.past_spent
+        for scope, rolling, dims in triggers:
+            seen = hint.get(scope)
+            if seen is None:
+                return False
+            past = past_spent.get(scope) if rolling else None
+            if rolling and past is None:
+                return False
+            for dim, lowest in dims:
+                amount = amounts.get(dim)
+                if amount:
+                    used = seen.get(dim, 0) + amount + (past.get(dim, 0) if past else 0)
+                    if used >= lowest:
+                        return False
         return True
 
     @staticmethod
