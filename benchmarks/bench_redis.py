@@ -1,6 +1,7 @@
 """What a Redis ledger costs a guarded model call, against one redis-py EVALSHA.
 
     python benchmarks/bench_redis.py [--calls 2000] [--rounds 40] [--redis URL] [--instructions]
+    python benchmarks/bench_redis.py --server-instructions
 
 Starts its own ``redis-server`` on a free loopback port (no persistence), so the
 server's ``INFO commandstats`` counts this benchmark's commands only (``--redis URL``
@@ -29,6 +30,10 @@ Then per call (the plain EVALSHA's, then each guarded call's): the commands the 
 ran (``INFO commandstats`` deltas of every command a client sent, i.e. not counting
 those the Lua scripts run inside), EVALSHA calls and their server time; and the spend
 each ledger recorded, which must be equal (deferring a settle changes no charge).
+
+``--instructions`` counts this process's instructions per call under callgrind;
+``--server-instructions`` the server's (a private ``redis-server`` under callgrind):
+both load-independent, unlike the wall times.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import shutil
 import socket
 import statistics
@@ -274,6 +280,73 @@ def show_instructions(argv: list[str]) -> None:
           f"{(counts['guard redis://'] - counts['guard memory://']) / rt:6.2f}x")
 
 
+def server_instructions(calls: int) -> None:
+    """The server's instructions per call (``--server-instructions``): a private
+    ``redis-server`` under callgrind, its counters zeroed before each row's calls and
+    read after them (``callgrind_control``); load-independent, like ``--instructions``
+    for the client."""
+    binary, control = shutil.which("redis-server"), shutil.which("callgrind_control")
+    if binary is None or shutil.which("valgrind") is None or control is None:
+        raise SystemExit("needs redis-server, valgrind and callgrind_control")
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="agent-guard-bench-redis-cg-")
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/cg",
+                             binary, "--port", str(port), "--bind", "127.0.0.1", "--dir",
+                             workdir, "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        plain = redis.Redis.from_url(url)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                plain.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("redis-server under callgrind did not start") from None
+                time.sleep(0.2)
+
+        def counted() -> int:  # instructions of every thread since the last zeroing
+            out = subprocess.run([control, "-e", "Ir", str(proc.pid)], capture_output=True,
+                                 text=True, check=True).stdout
+            return sum(int(n.replace(",", "")) for n in re.findall(r"Th \d+\s+([\d,]+)", out))
+
+        model = make_model()
+        big = Limits(max_cost_usd=10**6, max_tokens=10**12, max_model_calls=10**9)
+        sha = plain.script_load("return 1")
+        rows: dict[str, Any] = {"EVALSHA round trip": lambda: plain.evalsha(sha, 0)}
+        ledgers = []
+        for name, options in (("guard redis://", {}),
+                              ("guard redis:// settle_delay=0", {"settle_delay": 0})):
+            ledger = RedisLedger.from_url(url, namespace=f"bench-{uuid.uuid4().hex[:8]}-s",
+                                          **({"settle_delay": 30} | options))
+            ledgers.append(ledger)
+            cfg = {"callbacks": [GuardCallbackHandler(Guard(big, ledger), session_id="b")]}
+            rows[name] = lambda cfg=cfg: model.invoke(PROMPT, config=cfg)
+        per_call = {}
+        for name, go in rows.items():
+            for _ in range(20):
+                go()
+            subprocess.run([control, "-z", str(proc.pid)], capture_output=True, check=True)
+            for _ in range(calls):
+                go()
+            per_call[name] = counted() / calls
+        for ledger in ledgers:
+            ledger.close()
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"the server's instructions per call (redis-server under callgrind, {calls} calls "
+          "each, every thread):")
+    for name, value in per_call.items():
+        print(f"  {name:40s} {value:12,.0f}")
+    rt = per_call["EVALSHA round trip"]
+    for name in ("guard redis://", "guard redis:// settle_delay=0"):
+        print(f"  {name + ' / EVALSHA':52s} {per_call[name] / rt:6.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000)
@@ -284,7 +357,13 @@ def main() -> None:
     parser.add_argument("--instructions", action="store_true",
                         help="this process's instructions per call under callgrind instead "
                         "of wall time (load-independent; the server's work is not in them)")
+    parser.add_argument("--server-instructions", action="store_true",
+                        help="the server's instructions per call: a private redis-server "
+                        "under callgrind (load-independent)")
     args = parser.parse_args()
+    if args.server_instructions:
+        server_instructions(min(args.calls, 500))
+        return
     if args.instructions and not _instructions.active():
         show_instructions([sys.argv[0], *sys.argv[1:]])
         return
