@@ -190,6 +190,13 @@ def run(calls: int, rounds: int, url: str) -> dict[str, Any]:
             times[name], times["no callbacks"], times["EVALSHA round trip"], strict=True)]
         paired[f"{name} added / EVALSHA"] = round(statistics.median(per_round), 2)
     out["per round"] = paired
+    # the denominator's own spread: where idle CPUs sleep between requests a round trip
+    # pays two wake-ups; on busy ones it does not (on the 2-core VMs measured: ~35 us
+    # busy against 100-130 us idle), so every ratio above moves with it
+    trips = sorted(times["EVALSHA round trip"])
+    out["EVALSHA spread us"] = {"min": round(trips[0] * 1e6, 1),
+                                "median": round(statistics.median(trips) * 1e6, 1),
+                                "max": round(trips[-1] * 1e6, 1)}
 
     # what the server ran per call, for the plain EVALSHA and each Redis guard alone
     n = 500
@@ -398,6 +405,10 @@ def main() -> None:
     print(" median of the rounds' own ratios:")
     for name, ratio in result["per round"].items():
         print(f"  {name:52s} {ratio:6.2f}x")
+    spread = result["EVALSHA spread us"]
+    print(f" EVALSHA round trip over the rounds: min {spread['min']} us, median "
+          f"{spread['median']} us, max {spread['max']} us (idle CPUs: wake-ups in it; busy "
+          "ones: none; the ratios move with it)")
     print("per call, counted by the server (INFO commandstats):")
     for name, row in result["per_call"].items():
         print(f"  {name:30s} commands sent {row['commands sent']:g} "
