@@ -369,7 +369,8 @@ class _Wire:
         adds tens of microseconds to a loopback round trip, and the guard's own work
         after it runs on cold caches (docs/redis-ledger.md, "Waiting for a reply").
         Polling costs CPU while the reply is on its way, most of it while the server runs
-        the script (bench_redis: -41 us of wall time, +63 us of CPU per guarded call).
+        the script (bench_redis: 41-82 us less wall time, 6-63 us more CPU per guarded
+        call).
         When a spin ends with no reply (a remote or busy
         server), the next 2 replies are waited for blocking, twice as many after each
         further spin in vain, up to SPIN_BACKOFF; a spin that finds its reply resets
