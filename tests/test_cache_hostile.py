@@ -301,7 +301,9 @@ def test_a_hostile_entry_under_a_middleware_tool_key_is_a_miss(kind: str, payloa
 
         try:
             assert ask() == "It costs mug: $9.99" and runs == ["mug"]
-            keys = [k for k in keys_of(results.store) if ":tool:" in k]
+            # this test's own keys: the Redis database is shared with other tests (other
+            # pytest-xdist workers write cache keys of their own meanwhile)
+            keys = [k for k in keys_of(results.store) if redis_namespace in k and ":tool:" in k]
             assert len(keys) == 1
             if payload.startswith("valid-format"):  # well formed, not a tool's content
                 from agent_guard.cache.serde import dumps_value

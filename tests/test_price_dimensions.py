@@ -403,6 +403,17 @@ def test_what_the_provider_is_sent_reaches_the_worst_case(server, adapter: str, 
 
 # -- prices update ----------------------------------------------------------------------------
 
+def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Print the CLI's lines 200 columns wide, unwrapped. The CLI prints through one rich
+    ``Console`` made when ``agent_guard.cli`` is imported, which keeps the ``COLUMNS`` set
+    then: a ``CliRunner(env={"COLUMNS": ...})`` cannot widen it later (pytest-xdist's
+    workers, for one, start with ``COLUMNS=80``)."""
+    from rich.console import Console
+
+    from agent_guard import cli
+
+    monkeypatch.setattr(cli, "console", Console(width=200))
+
 def test_prices_update_writes_the_table_the_guard_reads(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import json as _json
 
@@ -444,7 +455,8 @@ def test_price_shows_the_age_of_the_prices_and_warns_when_old(tmp_path, monkeypa
     path.write_text(dump_snapshot({"gpt-4o": {"input_cost_per_token": D("2.5e-06"),
                                               "output_cost_per_token": D("1e-05")}},
                                   version="1.0.0", date="2025-01-01"))
-    old = CliRunner().invoke(app, ["price", "gpt-4o"], env={"COLUMNS": "200"})
+    wide_console(monkeypatch)
+    old = CliRunner().invoke(app, ["price", "gpt-4o"])
     assert "prices as of 2025-01-01" in old.output and "warning" in old.output
     assert "agent-guard prices update" in old.output
 
@@ -478,8 +490,8 @@ def test_prices_update_reads_a_url_and_dry_run_writes_nothing(tmp_path, monkeypa
         monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
         monkeypatch.delenv("AGENT_GUARD_PRICES", raising=False)
         url = f"http://127.0.0.1:{server.server_address[1]}/prices.json"
-        dry = CliRunner().invoke(app, ["prices", "update", "--from", url, "--dry-run"],
-                                 env={"COLUMNS": "200"})
+        wide_console(monkeypatch)
+        dry = CliRunner().invoke(app, ["prices", "update", "--from", url, "--dry-run"])
         assert dry.exit_code == 0, dry.output
         assert "input_cost_per_token 0.0000025 -> 0.000003" in dry.output  # what changed
         assert not PriceBook.user_prices_path().exists()
