@@ -82,6 +82,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow)
 
 
+# -- parallel runs (pytest-xdist) ---------------------------------------------------------------
+# pyproject's addopts say ``-n auto --dist loadfile``, and this hook is what "auto" means: a run
+# of the whole suite (no paths, or a directory) goes to 2 worker processes, one per core of
+# the CI machine: half the suite's time is waiting (leases running out, servers, other
+# processes), so two workers take about half the wall time. A run naming files or tests
+# stays in this process (starting workers costs more than a few tests take). ``-n N`` on
+# the command line (``-n 0``: no workers) or PYTEST_XDIST_AUTO_NUM_WORKERS overrides it.
+# ``loadfile`` keeps each test file on one worker, in its own order, so a module's servers
+# start once. No more workers than cores: a test that holds a 0.6 s lease past its end needs
+# the CPU promptly (with 4 workers on 2 cores one of them lost its hold).
+XDIST_WORKERS = 2
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook reads it
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    here = config.invocation_params.dir
+    whole = config.args_source is not pytest.Config.ArgsSource.ARGS or any(
+        (here / arg.split("::", 1)[0]).is_dir() for arg in config.args)
+    return min(XDIST_WORKERS, cpus or 1) if whole and (cpus or 1) > 1 else 0
+
+
 REDIS_URL = os.environ.get("AGENT_GUARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
