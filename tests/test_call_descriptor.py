@@ -128,22 +128,23 @@ ref_spec = st.tuples(
     st.booleans(),  # a rolling window
 )
 
+# fired thresholds: (scope index, dimension, threshold)
+fired_thresholds = st.sets(st.tuples(st.integers(0, 3), st.sampled_from(DIMS),
+                                     st.sampled_from([0.25, 0.5, 0.8, 1.0])))
 
-@pytest.mark.slow
-@settings(max_examples=400, deadline=None)
-@given(specs=st.lists(ref_spec, min_size=1, max_size=4),
-       spent=st.lists(st.one_of(st.none(), st.dictionaries(st.sampled_from(DIMS),
-                                                           st.integers(0, 12), max_size=4)),
-                      min_size=4, max_size=4),
-       past=st.lists(st.one_of(st.none(), st.dictionaries(st.sampled_from(DIMS),
-                                                          st.integers(0, 6), max_size=4)),
-                     min_size=4, max_size=4),
-       fired=st.sets(st.tuples(st.integers(0, 3), st.sampled_from(DIMS),
-                               st.sampled_from([0.25, 0.5, 0.8, 1.0]))))
-def test_may_fire_is_false_only_when_the_check_has_nothing_to_do(
-        specs: list[tuple[dict[str, int], list[float], bool]],
-        spent: list[dict[str, int] | None], past: list[dict[str, int] | None],
-        fired: set[tuple[int, str, float]]) -> None:
+
+def per_scope(most: int) -> st.SearchStrategy[list[dict[str, int] | None]]:
+    """Totals per scope (up to 4 scopes; None: none known), each from 0 to ``most``."""
+    return st.lists(st.one_of(st.none(), st.dictionaries(st.sampled_from(DIMS),
+                                                         st.integers(0, most), max_size=4)),
+                    min_size=4, max_size=4)
+
+
+def watched_refs(specs: list[tuple[dict[str, int], list[float], bool]],
+                 past: list[dict[str, int] | None], fired: set[tuple[int, str, float]]
+                 ) -> tuple[list[ScopeRef], ThresholdWatch]:
+    """Team scopes ``team:t<i>`` from ``specs`` (caps, thresholds, rolling) and a watch
+    that has fired ``fired`` and read ``past`` as their earlier buckets' spend."""
     refs = []
     for i, (caps, thresholds, rolling) in enumerate(specs):
         name = f"team:t{i}"
@@ -153,6 +154,18 @@ def test_may_fire_is_false_only_when_the_check_has_nothing_to_do(
     watch = ThresholdWatch([], "memory://")
     watch.fired = {(f"team:t{i}", dim, t) for i, dim, t in fired}
     watch.past_spent = {f"team:t{i}": p for i, p in enumerate(past) if p is not None}
+    return refs, watch
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None)
+@given(specs=st.lists(ref_spec, min_size=1, max_size=4),
+       spent=per_scope(12), past=per_scope(6), fired=fired_thresholds)
+def test_may_fire_is_false_only_when_the_check_has_nothing_to_do(
+        specs: list[tuple[dict[str, int], list[float], bool]],
+        spent: list[dict[str, int] | None], past: list[dict[str, int] | None],
+        fired: set[tuple[int, str, float]]) -> None:
+    refs, watch = watched_refs(specs, past, fired)
     settled = Settlement(True, {f"team:t{i}": s for i, s in enumerate(spent[:len(refs)])
                                 if s is not None})
     if watch.may_fire(ThresholdWatch.triggers(refs), settled.spent):
@@ -163,30 +176,16 @@ def test_may_fire_is_false_only_when_the_check_has_nothing_to_do(
 
 @settings(max_examples=400, deadline=None)
 @given(specs=st.lists(ref_spec, min_size=1, max_size=4),
-       hint=st.lists(st.one_of(st.none(), st.dictionaries(st.sampled_from(DIMS),
-                                                          st.integers(0, 12), max_size=4)),
-                     min_size=4, max_size=4),
-       past=st.lists(st.one_of(st.none(), st.dictionaries(st.sampled_from(DIMS),
-                                                          st.integers(0, 6), max_size=4)),
-                     min_size=4, max_size=4),
+       hint=per_scope(12), past=per_scope(6),
        amounts=st.dictionaries(st.sampled_from(DIMS), st.integers(0, 6), max_size=4),
-       fired=st.sets(st.tuples(st.integers(0, 3), st.sampled_from(DIMS),
-                               st.sampled_from([0.25, 0.5, 0.8, 1.0]))))
+       fired=fired_thresholds)
 def test_may_defer_answers_the_same_from_the_triggers(
         specs: list[tuple[dict[str, int], list[float], bool]],
         hint: list[dict[str, int] | None], past: list[dict[str, int] | None],
         amounts: dict[str, int], fired: set[tuple[int, str, float]]) -> None:
     """may_defer given the refs' triggers (its shortcut for a spend below every lowest
     threshold) answers as it does from the refs alone."""
-    refs = []
-    for i, (caps, thresholds, rolling) in enumerate(specs):
-        name = f"team:t{i}"
-        history = (f"{name}@3h:earlier",) if rolling else ()
-        refs.append(ScopeRef("team", f"t{i}", None, Limits(thresholds=tuple(thresholds)),
-                             ScopeCaps(name, caps, history)))
-    watch = ThresholdWatch([], "memory://")
-    watch.fired = {(f"team:t{i}", dim, t) for i, dim, t in fired}
-    watch.past_spent = {f"team:t{i}": p for i, p in enumerate(past) if p is not None}
+    refs, watch = watched_refs(specs, past, fired)
     seen = {f"team:t{i}": h for i, h in enumerate(hint[:len(refs)]) if h is not None}
     for spent_hint in (seen, None):
         assert watch.may_defer(refs, amounts, spent_hint, ThresholdWatch.triggers(refs)) \
