@@ -50,6 +50,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import _checkout  # noqa: F401  (this checkout's agent_guard)
@@ -71,17 +72,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server() -> tuple[subprocess.Popen[bytes], str]:
+def start_server(under: Sequence[str] = (), wait_seconds: float = 20
+                 ) -> tuple[subprocess.Popen[bytes], str]:
+    """A private ``redis-server`` on a free loopback port (run by the command ``under``,
+    if any, e.g. valgrind), once it answers a PING, and its URL."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server is not installed (or pass --redis URL)")
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="agent-guard-bench-redis-")
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir",
-                             workdir, "--save", "", "--appendonly", "no"],
+    proc = subprocess.Popen([*under, binary, "--port", str(port), "--bind", "127.0.0.1",
+                             "--dir", workdir, "--save", "", "--appendonly", "no"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + wait_seconds
     while True:
         try:
             redis.Redis.from_url(url, socket_timeout=1).ping()
@@ -292,27 +296,14 @@ def server_instructions(calls: int) -> None:
     ``redis-server`` under callgrind, its counters zeroed before each row's calls and
     read after them (``callgrind_control``); load-independent, like ``--instructions``
     for the client."""
-    binary, control = shutil.which("redis-server"), shutil.which("callgrind_control")
-    if binary is None or shutil.which("valgrind") is None or control is None:
-        raise SystemExit("needs redis-server, valgrind and callgrind_control")
-    port = free_port()
+    control = shutil.which("callgrind_control")
+    if shutil.which("valgrind") is None or control is None:
+        raise SystemExit("needs valgrind and callgrind_control")
     workdir = tempfile.mkdtemp(prefix="agent-guard-bench-redis-cg-")
-    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/cg",
-                             binary, "--port", str(port), "--bind", "127.0.0.1", "--dir",
-                             workdir, "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
+    proc, url = start_server(["valgrind", "--tool=callgrind",
+                              f"--callgrind-out-file={workdir}/cg"], wait_seconds=60)
     try:
         plain = redis.Redis.from_url(url)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                plain.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("redis-server under callgrind did not start") from None
-                time.sleep(0.2)
 
         def counted() -> int:  # instructions of every thread since the last zeroing
             out = subprocess.run([control, "-e", "Ir", str(proc.pid)], capture_output=True,
