@@ -506,13 +506,9 @@ class Guard:
         """A deferred settle landed (in the thread that carried it): note the spend and
         check the thresholds; on an event loop's thread, in a task of that loop."""
         self._planner.note_spent(settled)
-        if not settled:
-            return
-        resolved = admission.resolved if isinstance(admission, Admission) else None
-        if resolved is not None and resolved.refs is admission.scopes:
-            if resolved.triggers is None:  # none of its scopes has soft thresholds
-                return
-        elif not any(ref.limits.thresholds for ref in admission.scopes):
+        # (no triggers known: the refs are walked; a descriptor with no thresholds has none)
+        if not settled or (_known_triggers(admission) is None and not any(
+                ref.limits.thresholds for ref in admission.scopes)):
             return
         refs = self._threshold_refs(admission, settled)
         if not refs:  # nothing can fire
